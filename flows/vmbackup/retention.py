@@ -1,0 +1,98 @@
+"""Retention: which backups a keep-policy keeps, per VM.
+
+The rules are those backup users know from restic and Proxmox: ``last``
+keeps the newest N backups; ``hourly``/``daily``/``weekly``/``monthly``/
+``yearly`` keep the newest backup of each of the newest N hours, days, ISO
+weeks, months or years that have a backup. A backup kept by any rule is
+kept. Periods are in UTC, so every agent of a site agrees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Protocol
+
+from .errors import InvalidInputError
+
+
+class Dated(Protocol):
+    id: str
+    vm: str
+    created_unix: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in self.rules():
+            if value < 0:
+                raise InvalidInputError(f"--keep-{name} must not be negative")
+
+    def rules(self) -> list[tuple[str, int]]:
+        return [(n, getattr(self, n)) for n in ("last", "hourly", "daily", "weekly", "monthly", "yearly")]
+
+    def empty(self) -> bool:
+        return all(v == 0 for _, v in self.rules())
+
+
+def _period(rule: str) -> Callable[[datetime], object]:
+    return {
+        "hourly": lambda t: (t.year, t.month, t.day, t.hour),
+        "daily": lambda t: (t.year, t.month, t.day),
+        "weekly": lambda t: t.isocalendar()[:2],
+        "monthly": lambda t: (t.year, t.month),
+        "yearly": lambda t: t.year,
+    }[rule]
+
+
+@dataclass
+class Decision:
+    backup: Dated
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def keep(self) -> bool:
+        return bool(self.reasons)
+
+
+def apply(policy: Policy, backups: Iterable[Dated]) -> list[Decision]:
+    """Decides, for every backup, whether the policy keeps it and why.
+
+    Returns the decisions newest first within each VM, VMs in name order.
+    """
+    if policy.empty():
+        raise InvalidInputError("a retention policy needs at least one --keep-* rule")
+    by_vm: dict[str, list[Dated]] = {}
+    for b in backups:
+        by_vm.setdefault(b.vm, []).append(b)
+    out: list[Decision] = []
+    for vm in sorted(by_vm):
+        items = sorted(by_vm[vm], key=lambda b: (b.created_unix, b.id), reverse=True)
+        decisions = [Decision(b) for b in items]
+        for rule, count in policy.rules():
+            if count == 0:
+                continue
+            if rule == "last":
+                for d in decisions[:count]:
+                    d.reasons.append("last")
+                continue
+            key = _period(rule)
+            seen: set[object] = set()
+            for d in decisions:
+                k = key(datetime.fromtimestamp(d.backup.created_unix, tz=timezone.utc))
+                if k in seen:
+                    continue
+                if len(seen) >= count:
+                    break
+                seen.add(k)
+                d.reasons.append(rule)
+        out.extend(decisions)
+    return out

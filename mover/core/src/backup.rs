@@ -1,0 +1,343 @@
+//! Backing up disks into the repository.
+//!
+//! A `BackupSession` is one backup point: it takes a lease, backs up one or
+//! more disks, and on `commit` makes every chunk durable before it writes the
+//! manifest atomically. Dropped without commit, it leaves only chunks behind,
+//! which a later backup reuses or gc removes.
+//!
+//! The data path per disk: one reader thread reads the blocks to read, in
+//! order, into a fixed pool of buffers (memory stays bounded whatever the
+//! disk size); worker threads detect zero blocks, hash, skip chunks the
+//! repository already has, compress and write the rest; the calling thread
+//! collects block ids into the block map and reports progress.
+
+use crate::chunk::{self, ChunkId, Compression};
+use crate::chunk_store::ChunkStore;
+use crate::clock;
+use crate::error::{Error, Result};
+use crate::extents::{block_count, block_len, blocks_touched, normalize, Extent};
+use crate::lease::Lease;
+use crate::manifest::{DiskMeta, DiskStats, Manifest, Metadata};
+use crate::progress::{worker_threads, Cancel, Progress, Ticker};
+use crate::repository::{check_backup_id, write_atomic, Repository};
+use crate::source::DiskSource;
+use crossbeam_channel::bounded;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What to read of a disk.
+#[derive(Clone, Debug, Default)]
+pub struct DiskRequest {
+    /// The disk's name in the backup (`scsi0:0`, `disk0`, ...).
+    pub name: String,
+    /// Only these byte ranges changed since the parent (QueryChangedDiskAreas);
+    /// every other block comes from the parent's block map.
+    pub changed: Option<Vec<Extent>>,
+    /// The hypervisor's change id for this disk as of this backup (CBT).
+    pub change_id: Option<String>,
+}
+
+pub struct BackupSession {
+    repo: Repository,
+    store: ChunkStore,
+    id: String,
+    vm: String,
+    started: f64,
+    parent: Option<Manifest>,
+    disks: Vec<DiskMeta>,
+    maps: Vec<Vec<ChunkId>>,
+    /// Chunks this session already stored or found, so workers skip them.
+    claimed: Mutex<HashSet<ChunkId>>,
+    _lease: Lease,
+}
+
+enum Outcome {
+    Zero,
+    Reused,
+    New(u64),
+}
+
+fn check_name(kind: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control()) {
+        return Err(Error::InvalidInput(format!("{kind} name {name:?} must be 1-255 printable characters")));
+    }
+    Ok(())
+}
+
+impl BackupSession {
+    /// Starts a backup point of `vm`, optionally incremental to `parent`.
+    pub fn begin(repo: &Repository, vm: &str, parent: Option<&str>) -> Result<BackupSession> {
+        check_name("VM", vm)?;
+        let parent = match parent {
+            Some(pid) => {
+                check_backup_id(pid)?;
+                let m = Manifest::load(&repo.manifest_path(pid))?;
+                if m.meta.vm != vm {
+                    return Err(Error::InvalidInput(format!(
+                        "parent {pid} is a backup of VM {:?}, not {vm:?}",
+                        m.meta.vm
+                    )));
+                }
+                Some(m)
+            }
+            None => None,
+        };
+        let started = clock::now_unix();
+        let id = format!("{}-{:08x}", clock::compact(started), clock::random_u32());
+        let lease = Lease::acquire(repo, &id, started)?;
+        Ok(BackupSession {
+            repo: repo.clone(),
+            store: ChunkStore::new(repo),
+            id,
+            vm: vm.to_string(),
+            started,
+            parent,
+            disks: Vec::new(),
+            maps: Vec::new(),
+            claimed: Mutex::new(HashSet::new()),
+            _lease: lease,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Backs up one disk of the VM.
+    pub fn add_disk(
+        &mut self,
+        source: &dyn DiskSource,
+        req: &DiskRequest,
+        progress: &mut dyn Progress,
+        cancel: &Cancel,
+    ) -> Result<DiskMeta> {
+        check_name("disk", &req.name)?;
+        if self.disks.iter().any(|d| d.name == req.name) {
+            return Err(Error::InvalidInput(format!("disk {} is already in this backup", req.name)));
+        }
+        let t0 = Instant::now();
+        let size = source.size();
+        let bs = self.repo.chunk_size();
+        let n = block_count(size, bs) as usize;
+        let mut map = vec![ChunkId::ZERO; n];
+        let mut stats = DiskStats::default();
+        let allocated = normalize(&source.allocated()?, size)
+            .map_err(|e| Error::Source(format!("{}: allocation map: {e}", source.describe())))?;
+        let alloc = blocks_touched(&allocated, size, bs);
+
+        // From the parent, a block can be taken as is only if it has the same
+        // length there (a grown or shrunk disk re-reads its boundary block).
+        let parent_map: Option<(&Vec<ChunkId>, u64)> = match (&req.changed, &self.parent) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Error::InvalidInput("changed extents need a parent backup".into()));
+            }
+            (Some(_), Some(p)) => {
+                let i = p.meta.disks.iter().position(|d| d.name == req.name).ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "parent {} has no disk {:?}: back up the whole disk instead",
+                        p.meta.id, req.name
+                    ))
+                })?;
+                Some((&p.maps[i], p.meta.disks[i].size))
+            }
+        };
+        let changed = match &req.changed {
+            Some(c) => Some(blocks_touched(&normalize(c, size)?, size, bs)),
+            None => None,
+        };
+
+        let mut plan: Vec<u64> = Vec::new();
+        for i in 0..n {
+            let len = block_len(i as u64, size, bs);
+            if let (Some(changed), Some((pmap, psize))) = (&changed, &parent_map) {
+                let same_len = i < pmap.len() && block_len(i as u64, *psize, bs) == len;
+                if !changed[i] && same_len {
+                    map[i] = pmap[i];
+                    stats.parent_blocks += 1;
+                    continue;
+                }
+            }
+            if alloc[i] {
+                plan.push(i as u64);
+            } else {
+                stats.zero_blocks += 1;
+                stats.bytes_skipped += len;
+            }
+        }
+        let mode = if changed.is_some() {
+            "changed"
+        } else if stats.bytes_skipped > 0 {
+            "allocated"
+        } else {
+            "full"
+        };
+
+        self.run_pipeline(source, &plan, &mut map, &mut stats, progress, cancel)?;
+        stats.seconds = t0.elapsed().as_secs_f64();
+        let meta = DiskMeta {
+            name: req.name.clone(),
+            size,
+            blocks: n as u64,
+            mode: mode.into(),
+            source: source.describe(),
+            source_format: source.format().into(),
+            change_id: req.change_id.clone(),
+            stats,
+        };
+        self.disks.push(meta.clone());
+        self.maps.push(map);
+        Ok(meta)
+    }
+
+    fn run_pipeline(
+        &self,
+        source: &dyn DiskSource,
+        plan: &[u64],
+        map: &mut [ChunkId],
+        stats: &mut DiskStats,
+        progress: &mut dyn Progress,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let bs = self.repo.chunk_size();
+        let size = source.size();
+        let total: u64 = plan.iter().map(|i| block_len(*i, size, bs)).sum();
+        let mut ticker = Ticker::new(progress, cancel, total);
+        let threads = worker_threads();
+        let inflight = threads * 2 + 2;
+        let (job_tx, job_rx) = bounded::<(u64, Vec<u8>)>(inflight);
+        let (res_tx, res_rx) = bounded::<Result<(u64, u64, ChunkId, Outcome)>>(inflight);
+        let (buf_tx, buf_rx) = bounded::<Vec<u8>>(inflight);
+        for _ in 0..inflight {
+            buf_tx.send(Vec::with_capacity(bs as usize)).expect("pool has room");
+        }
+        let abort = AtomicBool::new(false);
+        let compression = self.repo.compression;
+        let mut first_error: Option<Error> = None;
+
+        std::thread::scope(|s| {
+            let res_tx_reader = res_tx.clone();
+            let (abort, buf_rx) = (&abort, &buf_rx);
+            s.spawn(move || {
+                for &i in plan {
+                    if abort.load(Ordering::Relaxed) || cancel.is_cancelled() {
+                        break;
+                    }
+                    let mut buf = match buf_rx.recv() {
+                        Ok(b) => b,
+                        Err(_) => break,
+                    };
+                    let len = block_len(i, size, bs) as usize;
+                    buf.resize(len, 0);
+                    if let Err(e) = source.read_at(&mut buf, i * bs) {
+                        let _ = res_tx_reader.send(Err(e));
+                        break;
+                    }
+                    if job_tx.send((i, buf)).is_err() {
+                        break;
+                    }
+                }
+                // job_tx dropped here: workers finish what is queued and stop.
+            });
+            for _ in 0..threads {
+                let (job_rx, res_tx, buf_tx) = (job_rx.clone(), res_tx.clone(), buf_tx.clone());
+                let store = &self.store;
+                let claimed = &self.claimed;
+                s.spawn(move || {
+                    for (i, buf) in job_rx.iter() {
+                        let len = buf.len() as u64;
+                        let r = if abort.load(Ordering::Relaxed) {
+                            Err(Error::Cancelled)
+                        } else {
+                            process_block(store, compression, claimed, &buf).map(|(id, o)| (i, len, id, o))
+                        };
+                        let _ = buf_tx.send(buf);
+                        if res_tx.send(r).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(res_tx);
+            drop(job_rx);
+            for r in res_rx.iter() {
+                if first_error.is_some() {
+                    continue; // drain so that no thread blocks
+                }
+                let step = r.and_then(|(i, len, id, outcome)| {
+                    map[i as usize] = id;
+                    stats.bytes_read += len;
+                    match outcome {
+                        Outcome::Zero => stats.zero_blocks += 1,
+                        Outcome::Reused => stats.reused_chunks += 1,
+                        Outcome::New(n) => {
+                            stats.new_chunks += 1;
+                            stats.bytes_stored += n;
+                        }
+                    }
+                    ticker.advance(len)
+                });
+                if let Err(e) = step {
+                    abort.store(true, Ordering::SeqCst);
+                    first_error = Some(e);
+                }
+            }
+        });
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        cancel.check()?;
+        ticker.finish()
+    }
+
+    /// Makes the backup point durable and visible; returns its metadata.
+    pub fn commit(self, config: serde_json::Value, attributes: serde_json::Value) -> Result<Metadata> {
+        if self.disks.is_empty() {
+            return Err(Error::InvalidInput("a backup needs at least one disk".into()));
+        }
+        let meta = Metadata {
+            id: self.id.clone(),
+            vm: self.vm.clone(),
+            created: clock::rfc3339(self.started),
+            created_unix: self.started,
+            parent: self.parent.as_ref().map(|p| p.meta.id.clone()),
+            repository: self.repo.config.id.clone(),
+            chunk_size: self.repo.chunk_size(),
+            disks: self.disks,
+            config,
+            attributes,
+        };
+        let manifest = Manifest { meta, maps: self.maps };
+        // Every chunk the manifest names must be durable before the manifest is.
+        self.repo.sync_all()?;
+        write_atomic(&self.repo.manifest_path(&self.id), &manifest.encode())?;
+        Ok(manifest.meta)
+    }
+}
+
+fn process_block(
+    store: &ChunkStore,
+    compression: Compression,
+    claimed: &Mutex<HashSet<ChunkId>>,
+    data: &[u8],
+) -> Result<(ChunkId, Outcome)> {
+    if chunk::is_all_zero(data) {
+        return Ok((ChunkId::ZERO, Outcome::Zero));
+    }
+    let id = ChunkId::of(data);
+    if id.is_zero() {
+        // 2^-128: the block map could not tell this block from a zero block.
+        return Err(Error::Repository("a block hashes to the reserved all-zero id".into()));
+    }
+    if !claimed.lock().expect("claimed set").insert(id) {
+        return Ok((id, Outcome::Reused));
+    }
+    if store.touch_existing(&id)? {
+        return Ok((id, Outcome::Reused));
+    }
+    let encoded = chunk::encode(data, compression)?;
+    let n = store.insert(&id, &encoded)?;
+    Ok((id, Outcome::New(n)))
+}

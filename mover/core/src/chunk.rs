@@ -1,0 +1,225 @@
+//! Chunk ids and the chunk blob format.
+//!
+//! A chunk id is the XXH3-128 hash of the chunk's plaintext, written as the
+//! 16-byte big-endian canonical form that `xxhsum -H2` prints (so anyone can
+//! recompute an id with standard tools). The id with all bits zero is reserved:
+//! in a block map it means "this block is all zeros, no chunk stored".
+//!
+//! A chunk file is a 12-byte header followed by the payload:
+//! `"VMBC"`, one byte encoding (0 = stored, 1 = zstd frame), three zero bytes,
+//! the plaintext length as u32 little-endian. A chunk that does not shrink
+//! under compression is stored as is.
+
+use crate::error::{Error, Result};
+use std::fmt;
+use xxhash_rust::xxh3::xxh3_128;
+
+/// Magic at the start of every chunk file.
+pub const CHUNK_MAGIC: &[u8; 4] = b"VMBC";
+pub const CHUNK_HEADER_LEN: usize = 12;
+const ENC_STORED: u8 = 0;
+const ENC_ZSTD: u8 = 1;
+
+/// The content address of a chunk.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 16]);
+
+impl ChunkId {
+    /// Marks an all-zero block in a block map.
+    pub const ZERO: ChunkId = ChunkId([0u8; 16]);
+
+    pub fn of(data: &[u8]) -> ChunkId {
+        ChunkId(xxh3_128(data).to_be_bytes())
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0u8; 16]
+    }
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(32);
+        for b in self.0 {
+            s.push_str(&format!("{:02x}", b));
+        }
+        s
+    }
+    pub fn from_hex(s: &str) -> Option<ChunkId> {
+        if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(ChunkId(out))
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// True if every byte of `data` is zero (word at a time).
+pub fn is_all_zero(data: &[u8]) -> bool {
+    let (head, body, tail) = unsafe {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets.
+        data.align_to::<u64>()
+    };
+    head.iter().all(|b| *b == 0) && body.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+/// How chunks are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd(i32),
+}
+
+impl Compression {
+    /// Parses `none` or `zstd:LEVEL` (`zstd` alone means level 3).
+    pub fn parse(s: &str) -> Result<Compression> {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "none" {
+            return Ok(Compression::None);
+        }
+        if s == "zstd" {
+            return Ok(Compression::Zstd(3));
+        }
+        if let Some(level) = s.strip_prefix("zstd:") {
+            let level: i32 = level
+                .parse()
+                .map_err(|_| Error::InvalidInput(format!("bad zstd level in {s:?}")))?;
+            if !(-7..=19).contains(&level) || level == 0 {
+                return Err(Error::InvalidInput(format!(
+                    "zstd level {level} is out of range (-7..-1 or 1..19)"
+                )));
+            }
+            return Ok(Compression::Zstd(level));
+        }
+        Err(Error::InvalidInput(format!(
+            "unsupported compression {s:?}: use none or zstd:LEVEL (e.g. zstd:3, or zstd:-1 for the fastest)"
+        )))
+    }
+    pub fn name(&self) -> String {
+        match self {
+            Compression::None => "none".into(),
+            Compression::Zstd(l) => format!("zstd:{l}"),
+        }
+    }
+}
+
+/// Encodes a chunk's plaintext into the chunk file format.
+pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + data.len() / 2);
+    out.extend_from_slice(CHUNK_MAGIC);
+    out.extend_from_slice(&[ENC_STORED, 0, 0, 0]);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    if let Compression::Zstd(level) = compression {
+        let compressed = zstd::bulk::compress(data, level)
+            .map_err(|e| Error::repo_io("compressing a chunk failed", e))?;
+        if compressed.len() < data.len() {
+            out[4] = ENC_ZSTD;
+            out.extend_from_slice(&compressed);
+            return Ok(out);
+        }
+    }
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+/// Decodes a chunk file and checks that its plaintext hashes to `id`.
+/// `max_len` bounds the plaintext size, so a hostile header cannot make us
+/// allocate without limit.
+pub fn decode(id: &ChunkId, file: &[u8], max_len: usize) -> Result<Vec<u8>> {
+    let corrupt = |reason: String| Error::CorruptChunk { id: id.to_hex(), reason };
+    if file.len() < CHUNK_HEADER_LEN {
+        return Err(corrupt(format!("file is {} bytes, shorter than its header", file.len())));
+    }
+    if &file[0..4] != CHUNK_MAGIC {
+        return Err(corrupt("bad magic".into()));
+    }
+    let plain_len = u32::from_le_bytes(file[8..12].try_into().unwrap()) as usize;
+    if plain_len > max_len {
+        return Err(corrupt(format!("plaintext length {plain_len} exceeds {max_len}")));
+    }
+    let payload = &file[CHUNK_HEADER_LEN..];
+    let data = match file[4] {
+        ENC_STORED => payload.to_vec(),
+        ENC_ZSTD => zstd::bulk::decompress(payload, plain_len)
+            .map_err(|e| corrupt(format!("zstd: {e}")))?,
+        other => return Err(corrupt(format!("unknown encoding {other}"))),
+    };
+    if data.len() != plain_len {
+        return Err(corrupt(format!("{} bytes of plaintext, header says {plain_len}", data.len())));
+    }
+    let actual = ChunkId::of(&data);
+    if actual != *id {
+        return Err(corrupt(format!("content hashes to {actual}")));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn roundtrip(data in prop::collection::vec(any::<u8>(), 0..5000), level in prop::sample::select(vec![0i32, 1, 3])) {
+            let c = if level == 0 { Compression::None } else { Compression::Zstd(level) };
+            let id = ChunkId::of(&data);
+            let enc = encode(&data, c).unwrap();
+            prop_assert!(enc.len() <= data.len() + CHUNK_HEADER_LEN);
+            prop_assert_eq!(decode(&id, &enc, 1 << 20).unwrap(), data);
+        }
+
+        #[test]
+        fn decode_never_panics(file in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&ChunkId::ZERO, &file, 1 << 20);
+        }
+
+        #[test]
+        fn hex_roundtrip(bytes in any::<[u8; 16]>()) {
+            let id = ChunkId(bytes);
+            prop_assert_eq!(ChunkId::from_hex(&id.to_hex()), Some(id));
+        }
+    }
+
+    #[test]
+    fn flipped_byte_is_caught() {
+        let data = vec![7u8; 4096];
+        let id = ChunkId::of(&data);
+        let mut enc = encode(&data, Compression::None).unwrap();
+        enc[100] ^= 1;
+        assert!(matches!(decode(&id, &enc, 1 << 20), Err(Error::CorruptChunk { .. })));
+    }
+
+    #[test]
+    fn hostile_length_is_refused() {
+        let mut enc = encode(b"abc", Compression::None).unwrap();
+        enc[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&ChunkId::of(b"abc"), &enc, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 10_001];
+        assert!(is_all_zero(&v[1..]));
+        v[10_000] = 1;
+        assert!(!is_all_zero(&v[3..]));
+    }
+
+    #[test]
+    fn compression_parsing() {
+        assert_eq!(Compression::parse("zstd:3").unwrap(), Compression::Zstd(3));
+        assert_eq!(Compression::parse("none").unwrap(), Compression::None);
+        assert!(Compression::parse("lz4").is_err());
+        assert!(Compression::parse("zstd:99").is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! The content-addressed chunk store under `chunks/`.
+//!
+//! A chunk lives at `chunks/<first two hex digits>/<32 hex digits>`. Writes go
+//! to a temporary name in the same directory and are renamed into place, so a
+//! reader never sees half a chunk and two writers of the same chunk (same id,
+//! same bytes) simply replace one another: inserts are idempotent.
+//!
+//! Durability is batched: chunk files are not fsynced one by one; the backup
+//! calls `Repository::sync_all` (syncfs) once before it writes the manifest
+//! that names them.
+//!
+//! The file's mtime says when a backup last wrote or reused the chunk; garbage
+//! collection never removes a chunk whose mtime is newer than its cutoff (see
+//! gc.rs).
+
+use crate::chunk::{self, ChunkId};
+use crate::error::{Error, Result};
+use crate::repository::Repository;
+use std::ffi::CString;
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Suffix of a chunk file that failed verification: kept for inspection,
+/// never used for restore or deduplication again.
+pub const QUARANTINE_SUFFIX: &str = ".bad";
+
+#[derive(Clone, Debug)]
+pub struct ChunkStore {
+    dir: PathBuf,
+    max_len: usize,
+}
+
+/// Sets a file's mtime to now. Ok(false) if it does not exist.
+pub fn touch(path: &Path) -> Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes()).expect("paths have no NUL");
+    let times = [
+        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+    ];
+    // SAFETY: `c` is a valid NUL-terminated path and `times` holds two timespecs.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.kind() == ErrorKind::NotFound {
+        Ok(false)
+    } else {
+        Err(Error::repo_io(format!("touching {}", path.display()), err))
+    }
+}
+
+impl ChunkStore {
+    pub fn new(repo: &Repository) -> ChunkStore {
+        ChunkStore { dir: repo.root.join("chunks"), max_len: repo.chunk_size() as usize }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join(&hex[0..2]).join(hex)
+    }
+
+    /// If the chunk is present, marks it as just used (for gc) and returns true.
+    pub fn touch_existing(&self, id: &ChunkId) -> Result<bool> {
+        touch(&self.path(id))
+    }
+
+    /// Stores an encoded chunk; returns the number of bytes written.
+    pub fn insert(&self, id: &ChunkId, encoded: &[u8]) -> Result<u64> {
+        let path = self.path(id);
+        let tmp = path.with_file_name(format!(
+            ".tmp-{}-{}-{:08x}",
+            id.to_hex(),
+            std::process::id(),
+            crate::clock::random_u32()
+        ));
+        let result = (|| {
+            let mut f = fs::File::create(&tmp)
+                .map_err(|e| Error::repo_io(format!("writing chunk {id}"), e))?;
+            f.write_all(encoded).map_err(|e| Error::repo_io(format!("writing chunk {id}"), e))?;
+            drop(f);
+            fs::rename(&tmp, &path).map_err(|e| Error::repo_io(format!("writing chunk {id}"), e))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|_| encoded.len() as u64)
+    }
+
+    /// Reads a chunk file as stored.
+    pub fn read_raw(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        fs::read(self.path(id)).map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                Error::CorruptChunk { id: id.to_hex(), reason: "missing".into() }
+            } else {
+                Error::repo_io(format!("reading chunk {id}"), e)
+            }
+        })
+    }
+
+    /// Reads, decodes and checks a chunk.
+    pub fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let raw = self.read_raw(id)?;
+        chunk::decode(id, &raw, self.max_len)
+    }
+
+    /// Moves a chunk that failed verification aside, so that the next backup
+    /// that needs it writes it again instead of trusting it.
+    pub fn quarantine(&self, id: &ChunkId) -> Result<()> {
+        let path = self.path(id);
+        let bad = path.with_file_name(format!("{}{QUARANTINE_SUFFIX}", id.to_hex()));
+        match fs::rename(&path, &bad) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::repo_io(format!("quarantining chunk {id}"), e)),
+        }
+    }
+
+    /// The size of a chunk file, or None if it is absent.
+    pub fn stat_len(&self, id: &ChunkId) -> Result<Option<u64>> {
+        match fs::metadata(self.path(id)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::repo_io(format!("checking chunk {id}"), e)),
+        }
+    }
+}

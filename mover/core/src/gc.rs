@@ -1,0 +1,147 @@
+//! Garbage collection: mark and sweep with a time cutoff.
+//!
+//! Mark: read every manifest (gc stops, removing nothing, if one cannot be
+//! read: it cannot know what that backup needs). Sweep: remove each chunk
+//! that no manifest names and whose mtime is older than the cutoff
+//! `min(gc start, start of the oldest running backup) - grace`.
+//!
+//! Why that is safe while backups run: a backup holds a lease from before it
+//! looks at any chunk; it touches (sets the mtime of) every chunk it reuses
+//! and writes new ones, so every chunk it will name has an mtime at or after
+//! its start, which is at or after the cutoff. A chunk is removed by renaming
+//! it to a trash name, checking its mtime again, and unlinking: a backup that
+//! touched it before the rename is seen (the chunk is put back); one that
+//! tries after the rename finds it absent and writes it again. The grace
+//! period covers clock skew between hosts sharing the repository.
+
+use crate::chunk::ChunkId;
+use crate::chunk_store::QUARANTINE_SUFFIX;
+use crate::clock::now_unix;
+use crate::error::{Error, Result};
+use crate::lease::active_leases;
+use crate::manifest::Manifest;
+use crate::progress::{Cancel, Progress, Ticker};
+use crate::repository::Repository;
+use std::collections::HashSet;
+use std::fs;
+use std::path::Path;
+use std::time::UNIX_EPOCH;
+
+#[derive(Clone, Debug, Default)]
+pub struct GcStats {
+    pub dry_run: bool,
+    pub backups: u64,
+    pub active_backups: u64,
+    pub stale_leases_removed: u64,
+    pub referenced_chunks: u64,
+    pub chunks_scanned: u64,
+    pub chunks_removed: u64,
+    pub bytes_removed: u64,
+    /// Unreferenced chunks kept because they are newer than the cutoff.
+    pub chunks_in_grace: u64,
+    pub temp_files_removed: u64,
+    pub cutoff_unix: f64,
+}
+
+fn mtime(meta: &fs::Metadata) -> f64 {
+    meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+pub fn gc(repo: &Repository, grace_seconds: f64, dry_run: bool, progress: &mut dyn Progress, cancel: &Cancel) -> Result<GcStats> {
+    let start = now_unix();
+    let (leases, stale) = active_leases(repo, dry_run)?;
+    let oldest = leases.iter().map(|l| l.started_unix).fold(start, f64::min);
+    let cutoff = oldest - grace_seconds.max(0.0);
+    let mut stats = GcStats {
+        dry_run,
+        active_backups: leases.len() as u64,
+        stale_leases_removed: if dry_run { 0 } else { stale },
+        cutoff_unix: cutoff,
+        ..Default::default()
+    };
+
+    let mut referenced: HashSet<ChunkId> = HashSet::new();
+    for id in repo.backup_ids()? {
+        cancel.check()?;
+        let m = Manifest::load(&repo.manifest_path(&id)).map_err(|e| {
+            Error::Repository(format!("gc stopped before removing anything: {e}; repair or forget backup {id} first"))
+        })?;
+        stats.backups += 1;
+        for map in &m.maps {
+            referenced.extend(map.iter().filter(|c| !c.is_zero()));
+        }
+    }
+    stats.referenced_chunks = referenced.len() as u64;
+
+    let mut ticker = Ticker::new(progress, cancel, 256);
+    let root = repo.root.join("chunks");
+    for prefix in 0..256 {
+        let dir = root.join(format!("{prefix:02x}"));
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::repo_io(format!("listing {}", dir.display()), e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::repo_io(format!("listing {}", dir.display()), e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            if name.starts_with(".tmp-") {
+                if mtime(&meta) < cutoff {
+                    if !dry_run {
+                        let _ = fs::remove_file(&path);
+                    }
+                    stats.temp_files_removed += 1;
+                }
+                continue;
+            }
+            let (hex, quarantined) = match name.strip_suffix(QUARANTINE_SUFFIX) {
+                Some(h) => (h, true),
+                None => (name.as_str(), false),
+            };
+            let id = match ChunkId::from_hex(hex) {
+                Some(id) => id,
+                None => continue,
+            };
+            if !quarantined {
+                stats.chunks_scanned += 1;
+            }
+            if referenced.contains(&id) {
+                continue;
+            }
+            if mtime(&meta) >= cutoff {
+                stats.chunks_in_grace += 1;
+                continue;
+            }
+            if dry_run || remove_if_still_old(&dir, &path, &name, cutoff)? {
+                stats.chunks_removed += 1;
+                stats.bytes_removed += meta.len();
+            }
+        }
+        ticker.advance(1)?;
+    }
+    ticker.finish()?;
+    Ok(stats)
+}
+
+/// Rename, re-check, unlink (see the module comment). True if removed.
+fn remove_if_still_old(dir: &Path, path: &Path, name: &str, cutoff: f64) -> Result<bool> {
+    let trash = dir.join(format!(".gc-{name}-{}", std::process::id()));
+    match fs::rename(path, &trash) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::repo_io(format!("removing {}", path.display()), e)),
+    }
+    let meta = fs::metadata(&trash).map_err(|e| Error::repo_io(format!("removing {}", path.display()), e))?;
+    if mtime(&meta) >= cutoff {
+        // A backup reused it between our look and the rename: put it back.
+        fs::rename(&trash, path).map_err(|e| Error::repo_io(format!("restoring {}", path.display()), e))?;
+        return Ok(false);
+    }
+    fs::remove_file(&trash).map_err(|e| Error::repo_io(format!("removing {}", path.display()), e))?;
+    Ok(true)
+}

@@ -1,0 +1,38 @@
+//! vmbackup's data mover: reads virtual disks block by block, deduplicates,
+//! compresses and stores them in a repository, and restores and verifies them.
+//!
+//! # Format
+//! A repository is a directory: `config.json` (chunk size, compression),
+//! `chunks/xx/<id>` content-addressed chunk files (id = XXH3-128 of the
+//! plaintext), `backups/<id>.tib` one manifest per backup point holding the
+//! complete block map of each disk, and `locks/` with the leases of running
+//! backups. docs/format.md specifies it byte by byte.
+//!
+//! # Crash safety
+//! Chunks are written under temporary names and renamed; a backup calls
+//! `syncfs` before it writes its manifest (fsync, rename, fsync of the
+//! directory). A crash at any point leaves only unreferenced chunks and
+//! temporary files, which gc removes; every earlier manifest stays valid.
+//!
+//! # Garbage collection and locking
+//! No lock is ever held on the data path. A running backup holds a lease
+//! (an flock'd file); gc keeps every chunk touched since the oldest live
+//! lease started (see gc.rs), so it can run while backups do.
+
+pub mod backup;
+pub mod catalog;
+pub mod chunk;
+pub mod chunk_store;
+pub mod clock;
+pub mod error;
+pub mod extents;
+pub mod gc;
+pub mod lease;
+pub mod manifest;
+pub mod progress;
+pub mod repository;
+pub mod restore;
+pub mod source;
+pub mod verify;
+
+pub use error::{Error, Result};

@@ -1,0 +1,276 @@
+//! The `.tib` manifest: one backup point (a VM at a point in time).
+//!
+//! Layout (all integers little-endian; see docs/format.md):
+//!
+//! | bytes            | content                                              |
+//! |------------------|------------------------------------------------------|
+//! | 8                | magic `VMBKTIB\0`                                    |
+//! | 4                | format version (1)                                   |
+//! | 4                | reserved, zero                                       |
+//! | 8                | length M of the metadata                             |
+//! | M                | metadata, UTF-8 JSON (`Metadata` below)              |
+//! | 16 × blocks, per disk in metadata order | block map: chunk ids, all-zero = zero block |
+//! | 16               | XXH3-128 (canonical big-endian) of every byte before |
+//!
+//! Every manifest holds the complete block map of every disk: a backup is
+//! logically full even when it was made incrementally, so restore never walks
+//! a chain and deleting a backup never touches another.
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+use crate::extents::block_count;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+use xxhash_rust::xxh3::xxh3_128;
+
+pub const MANIFEST_MAGIC: &[u8; 8] = b"VMBKTIB\0";
+pub const MANIFEST_VERSION: u32 = 1;
+const HEADER_LEN: usize = 24;
+/// Metadata larger than this is refused as corrupt (a VM config is kilobytes).
+const MAX_METADATA: u64 = 64 * 1024 * 1024;
+
+/// What happened to one disk during its backup.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DiskStats {
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes written to the chunk store (compressed chunk files).
+    pub bytes_stored: u64,
+    /// Chunks written by this backup.
+    pub new_chunks: u64,
+    /// Non-zero blocks whose chunk was already in the repository.
+    pub reused_chunks: u64,
+    /// Blocks that are all zeros (holes included): no chunk stored.
+    pub zero_blocks: u64,
+    /// Blocks taken from the parent's block map without reading (CBT).
+    pub parent_blocks: u64,
+    /// Bytes skipped because the source reported them unallocated.
+    pub bytes_skipped: u64,
+    /// Wall-clock seconds spent on the disk.
+    pub seconds: f64,
+}
+
+/// One disk of a backup point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DiskMeta {
+    pub name: String,
+    pub size: u64,
+    pub blocks: u64,
+    /// `full` (every block read), `allocated` (holes skipped) or `changed`
+    /// (only changed extents read, the rest from the parent).
+    pub mode: String,
+    pub source: String,
+    pub source_format: String,
+    #[serde(default)]
+    pub change_id: Option<String>,
+    #[serde(flatten)]
+    pub stats: DiskStats,
+}
+
+/// The JSON metadata of a manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Metadata {
+    pub id: String,
+    pub vm: String,
+    pub created: String,
+    pub created_unix: f64,
+    #[serde(default)]
+    pub parent: Option<String>,
+    pub repository: String,
+    pub chunk_size: u64,
+    pub disks: Vec<DiskMeta>,
+    /// The VM's configuration as the hypervisor described it (opaque here).
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Anything else the orchestrator records: consistency, transport, ...
+    #[serde(default)]
+    pub attributes: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Manifest {
+    pub meta: Metadata,
+    /// One block map per disk, in `meta.disks` order.
+    pub maps: Vec<Vec<ChunkId>>,
+}
+
+fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::Repository(format!("manifest {} is corrupt: {why}", path.display()))
+}
+
+fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<u64> {
+    if header.len() < HEADER_LEN || &header[0..8] != MANIFEST_MAGIC {
+        return Err(bad(path, "bad magic"));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    if version != MANIFEST_VERSION {
+        return Err(bad(path, format!("unsupported version {version}")));
+    }
+    let meta_len = u64::from_le_bytes(header[16..24].try_into().unwrap());
+    if meta_len > MAX_METADATA || meta_len + HEADER_LEN as u64 + 16 > file_len {
+        return Err(bad(path, format!("metadata length {meta_len} does not fit the file")));
+    }
+    Ok(meta_len)
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = serde_json::to_vec(&self.meta).expect("metadata serializes");
+        let blocks: usize = self.maps.iter().map(|m| m.len()).sum();
+        let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + 16 * blocks + 16);
+        out.extend_from_slice(MANIFEST_MAGIC);
+        out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+        out.extend_from_slice(&meta);
+        for map in &self.maps {
+            for id in map {
+                out.extend_from_slice(&id.0);
+            }
+        }
+        let sum = xxh3_128(&out).to_be_bytes();
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    /// Parses and fully checks a manifest's bytes.
+    pub fn decode(path: &Path, data: &[u8]) -> Result<Manifest> {
+        let meta_len = parse_header(path, data, data.len() as u64)? as usize;
+        let body = &data[..data.len() - 16];
+        if xxh3_128(body).to_be_bytes() != data[data.len() - 16..] {
+            return Err(bad(path, "checksum mismatch"));
+        }
+        let meta: Metadata = serde_json::from_slice(&data[HEADER_LEN..HEADER_LEN + meta_len])
+            .map_err(|e| bad(path, format!("metadata: {e}")))?;
+        let mut rest = &body[HEADER_LEN + meta_len..];
+        let mut maps = Vec::with_capacity(meta.disks.len());
+        for d in &meta.disks {
+            if meta.chunk_size == 0 || d.blocks != block_count(d.size, meta.chunk_size) {
+                return Err(bad(path, format!("disk {} has {} blocks for {} bytes", d.name, d.blocks, d.size)));
+            }
+            let need = d.blocks.checked_mul(16).filter(|n| *n <= rest.len() as u64)
+                .ok_or_else(|| bad(path, format!("block map of disk {} is truncated", d.name)))? as usize;
+            maps.push(rest[..need].chunks_exact(16).map(|c| ChunkId(c.try_into().unwrap())).collect());
+            rest = &rest[need..];
+        }
+        if !rest.is_empty() {
+            return Err(bad(path, format!("{} unexpected bytes after the block maps", rest.len())));
+        }
+        Ok(Manifest { meta, maps })
+    }
+
+    pub fn load(path: &Path) -> Result<Manifest> {
+        let data = std::fs::read(path).map_err(|e| not_found_or_io(path, e))?;
+        Manifest::decode(path, &data)
+    }
+
+    /// Reads only the header and metadata (no block maps, no checksum check):
+    /// cheap enough to list thousands of backups.
+    pub fn load_metadata(path: &Path) -> Result<Metadata> {
+        let mut f = File::open(path).map_err(|e| not_found_or_io(path, e))?;
+        let len = f.metadata().map_err(|e| Error::repo_io(format!("reading {}", path.display()), e))?.len();
+        let mut header = [0u8; HEADER_LEN];
+        f.read_exact(&mut header).map_err(|_| bad(path, "truncated header"))?;
+        let meta_len = parse_header(path, &header, len)?;
+        let mut meta = vec![0u8; meta_len as usize];
+        f.read_exact(&mut meta).map_err(|_| bad(path, "truncated metadata"))?;
+        serde_json::from_slice(&meta).map_err(|e| bad(path, format!("metadata: {e}")))
+    }
+
+    /// Index of the disk called `name`; with `None`, the only disk.
+    pub fn disk_index(&self, name: Option<&str>) -> Result<usize> {
+        find_disk(&self.meta, name)
+    }
+}
+
+pub fn find_disk(meta: &Metadata, name: Option<&str>) -> Result<usize> {
+    match name {
+        Some(n) => meta.disks.iter().position(|d| d.name == n).ok_or_else(|| {
+            let names: Vec<&str> = meta.disks.iter().map(|d| d.name.as_str()).collect();
+            Error::NotFound(format!("backup {} has no disk {n:?} (disks: {})", meta.id, names.join(", ")))
+        }),
+        None if meta.disks.len() == 1 => Ok(0),
+        None => {
+            let names: Vec<&str> = meta.disks.iter().map(|d| d.name.as_str()).collect();
+            Err(Error::InvalidInput(format!(
+                "backup {} has {} disks ({}); name one with --disk",
+                meta.id,
+                names.len(),
+                names.join(", ")
+            )))
+        }
+    }
+}
+
+fn not_found_or_io(path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Error::NotFound(format!("no backup {id} in the repository"))
+    } else {
+        Error::repo_io(format!("reading {}", path.display()), e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(blocks: &[u64]) -> Manifest {
+        let disks = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| DiskMeta {
+                name: format!("scsi0:{i}"),
+                size: b * 4096,
+                blocks: *b,
+                mode: "full".into(),
+                source: "/dev/null".into(),
+                source_format: "raw".into(),
+                change_id: None,
+                stats: DiskStats::default(),
+            })
+            .collect();
+        let maps = blocks.iter().map(|b| (0..*b).map(|j| ChunkId([j as u8; 16])).collect()).collect();
+        Manifest {
+            meta: Metadata {
+                id: "x".into(),
+                vm: "vm".into(),
+                created: "2026-01-01T00:00:00Z".into(),
+                created_unix: 0.0,
+                parent: None,
+                repository: "r".into(),
+                chunk_size: 4096,
+                disks,
+                config: serde_json::json!({"memory": 1}),
+                attributes: serde_json::Value::Null,
+            },
+            maps,
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_corruption() {
+        let m = sample(&[3, 0, 5]);
+        let enc = m.encode();
+        let p = Path::new("t.tib");
+        assert_eq!(Manifest::decode(p, &enc).unwrap(), m);
+        for i in [0usize, 9, 30, enc.len() - 20, enc.len() - 1] {
+            let mut e = enc.clone();
+            e[i] ^= 0x40;
+            assert!(Manifest::decode(p, &e).is_err(), "flip at {i} not caught");
+        }
+        assert!(Manifest::decode(p, &enc[..enc.len() - 17]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(data in prop::collection::vec(any::<u8>(), 0..300)) {
+            let mut d = data.clone();
+            if d.len() >= 8 { d[..8].copy_from_slice(MANIFEST_MAGIC); }
+            let _ = Manifest::decode(Path::new("x"), &d);
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Progress reporting and cancellation shared by every long operation.
+
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A cancellation flag that another thread can raise.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Receives (done, total) in bytes. Returning an error aborts the operation.
+pub trait Progress {
+    fn report(&mut self, done: u64, total: u64) -> Result<()>;
+}
+
+/// Discards progress.
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn report(&mut self, _done: u64, _total: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Calls a `Progress` at most once per interval and checks cancellation.
+pub struct Ticker<'a> {
+    sink: &'a mut dyn Progress,
+    cancel: &'a Cancel,
+    interval: Duration,
+    last: Instant,
+    pub total: u64,
+    pub done: u64,
+}
+
+impl<'a> Ticker<'a> {
+    pub fn new(sink: &'a mut dyn Progress, cancel: &'a Cancel, total: u64) -> Ticker<'a> {
+        Ticker { sink, cancel, interval: Duration::from_millis(1000), last: Instant::now(), total, done: 0 }
+    }
+
+    /// Adds `n` bytes of progress; reports if the interval has passed.
+    pub fn advance(&mut self, n: u64) -> Result<()> {
+        self.done += n;
+        self.cancel.check()?;
+        if self.last.elapsed() >= self.interval {
+            self.last = Instant::now();
+            self.sink.report(self.done, self.total)?;
+        }
+        Ok(())
+    }
+
+    /// Reports the final state once.
+    pub fn finish(&mut self) -> Result<()> {
+        self.sink.report(self.done, self.total)
+    }
+}
+
+/// Number of worker threads for the data path.
+pub fn worker_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 16)
+}

@@ -1,0 +1,202 @@
+//! A repository on a directory: `config.json`, `chunks/`, `backups/`, `locks/`.
+//! See docs/format.md for the specification.
+
+use crate::chunk::Compression;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Identifies a repository's config file.
+pub const FORMAT_NAME: &str = "vmbackup-repository";
+/// Version of the on-disk format this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MIN_CHUNK_SIZE: u64 = 256 * 1024;
+pub const MAX_CHUNK_SIZE: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u64 = 1024 * 1024;
+
+/// The contents of `config.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub chunk_size: u64,
+    pub compression: String,
+    pub created: String,
+}
+
+/// An open repository.
+#[derive(Clone, Debug)]
+pub struct Repository {
+    pub root: PathBuf,
+    pub config: Config,
+    pub compression: Compression,
+}
+
+fn check_chunk_size(chunk_size: u64) -> Result<()> {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) || !chunk_size.is_power_of_two() {
+        return Err(Error::InvalidInput(format!(
+            "chunk size {chunk_size} is not a power of two between 256 KiB and 8 MiB"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `data` to `path` atomically: a temporary file in the same
+/// directory, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".tmp-{name}-{}-{:08x}", std::process::id(), crate::clock::random_u32()));
+    let ctx = |what: &str| format!("{what} {}", path.display());
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(|e| Error::repo_io(ctx("creating"), e))?;
+        f.write_all(data).map_err(|e| Error::repo_io(ctx("writing"), e))?;
+        f.sync_all().map_err(|e| Error::repo_io(ctx("syncing"), e))?;
+        fs::rename(&tmp, path).map_err(|e| Error::repo_io(ctx("renaming into place"), e))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).map_err(|e| Error::repo_io(format!("opening {}", dir.display()), e))?;
+    d.sync_all().map_err(|e| Error::repo_io(format!("syncing {}", dir.display()), e))
+}
+
+impl Repository {
+    /// Creates a repository in `root`, which must not exist or be empty.
+    pub fn init(root: &Path, chunk_size: u64, compression: &str) -> Result<Repository> {
+        check_chunk_size(chunk_size)?;
+        let comp = Compression::parse(compression)?;
+        if root.exists() {
+            let mut entries = fs::read_dir(root)
+                .map_err(|e| Error::Repository(format!("cannot use {} as a repository: {e}", root.display())))?;
+            if entries.next().is_some() {
+                return Err(Error::InvalidInput(format!(
+                    "{} is not empty; a repository needs an empty or new directory",
+                    root.display()
+                )));
+            }
+        }
+        let mk = |p: &Path| fs::create_dir_all(p).map_err(|e| Error::repo_io(format!("creating {}", p.display()), e));
+        mk(root)?;
+        for sub in ["backups", "locks"] {
+            mk(&root.join(sub))?;
+        }
+        for i in 0..256 {
+            mk(&root.join("chunks").join(format!("{i:02x}")))?;
+        }
+        let now = crate::clock::now_unix();
+        let config = Config {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            id: format!("{:08x}{:08x}", crate::clock::random_u32(), crate::clock::random_u32()),
+            chunk_size,
+            compression: comp.name(),
+            created: crate::clock::rfc3339(now),
+        };
+        let text = serde_json::to_vec_pretty(&config).expect("config serializes");
+        // config.json is written last: a directory without it is not a repository,
+        // so an interrupted init leaves nothing that looks usable.
+        write_atomic(&root.join("config.json"), &text)?;
+        sync_dir(root)?;
+        Ok(Repository { root: root.to_path_buf(), config, compression: comp })
+    }
+
+    /// Opens an existing repository and checks its config.
+    pub fn open(root: &Path) -> Result<Repository> {
+        let path = root.join("config.json");
+        let text = fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::NotFound(format!("{} is not a vmbackup repository (no config.json)", root.display()))
+            } else {
+                Error::repo_io(format!("reading {}", path.display()), e)
+            }
+        })?;
+        let config: Config = serde_json::from_slice(&text)
+            .map_err(|e| Error::Repository(format!("{} is corrupt: {e}", path.display())))?;
+        if config.format != FORMAT_NAME {
+            return Err(Error::Repository(format!("{} is not a vmbackup repository config", path.display())));
+        }
+        if config.version != FORMAT_VERSION {
+            return Err(Error::Repository(format!(
+                "repository format version {} is not supported (this build reads {FORMAT_VERSION})",
+                config.version
+            )));
+        }
+        check_chunk_size(config.chunk_size)
+            .map_err(|e| Error::Repository(format!("{} is corrupt: {e}", path.display())))?;
+        let compression = Compression::parse(&config.compression)
+            .map_err(|e| Error::Repository(format!("{} is corrupt: {e}", path.display())))?;
+        for sub in ["chunks", "backups", "locks"] {
+            if !root.join(sub).is_dir() {
+                return Err(Error::Repository(format!("repository {} lacks its {sub}/ directory", root.display())));
+            }
+        }
+        Ok(Repository { root: root.to_path_buf(), config, compression })
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.config.chunk_size
+    }
+    pub fn backups_dir(&self) -> PathBuf {
+        self.root.join("backups")
+    }
+    pub fn locks_dir(&self) -> PathBuf {
+        self.root.join("locks")
+    }
+    pub fn manifest_path(&self, id: &str) -> PathBuf {
+        self.backups_dir().join(format!("{id}.tib"))
+    }
+
+    /// Makes everything written to the repository's filesystem durable: one
+    /// `syncfs` instead of an fsync per chunk file.
+    pub fn sync_all(&self) -> Result<()> {
+        let d = File::open(&self.root).map_err(|e| Error::repo_io(format!("opening {}", self.root.display()), e))?;
+        // SAFETY: the descriptor is valid for the lifetime of `d`.
+        let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
+        if rc != 0 {
+            return Err(Error::repo_io("syncing the repository", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Ids of every backup in the repository, sorted (ids sort by time).
+    pub fn backup_ids(&self) -> Result<Vec<String>> {
+        let dir = self.backups_dir();
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| Error::repo_io(format!("listing {}", dir.display()), e))? {
+            let entry = entry.map_err(|e| Error::repo_io(format!("listing {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name.strip_suffix(".tib") {
+                if !name.starts_with('.') {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+/// Checks that a backup id is well formed, so that it cannot name a path
+/// outside `backups/`.
+pub fn check_backup_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        && !id.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!("{id:?} is not a backup id")))
+    }
+}

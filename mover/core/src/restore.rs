@@ -1,0 +1,180 @@
+//! Restoring a disk of a backup to a raw file or a block device.
+//!
+//! Worker threads take blocks in turn, read and decompress their chunk,
+//! check its id (wrong bytes are never written silently) and write it at its
+//! offset. Zero blocks become holes in a file; on a block device they are
+//! written as zeros. A file is written under a temporary name and renamed
+//! when complete, so a failed restore never leaves a plausible-looking image.
+
+use crate::chunk::ChunkId;
+use crate::chunk_store::ChunkStore;
+use crate::error::{Error, Result};
+use crate::extents::block_len;
+use crate::manifest::Manifest;
+use crate::progress::{worker_threads, Cancel, Progress, Ticker};
+use crate::repository::{check_backup_id, Repository};
+use crossbeam_channel::bounded;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+#[derive(Clone, Debug, Default)]
+pub struct RestoreStats {
+    pub backup: String,
+    pub disk: String,
+    pub disk_size: u64,
+    /// Bytes of data written (zero blocks of a file are holes, not written).
+    pub bytes_written: u64,
+    pub zero_blocks: u64,
+    pub seconds: f64,
+}
+
+enum Target {
+    /// A new file written at `tmp`, renamed to `path` at the end.
+    File { tmp: PathBuf, path: PathBuf },
+    Device,
+}
+
+fn open_target(output: &Path, size: u64, overwrite: bool) -> Result<(File, Target)> {
+    let ctx = |what: &str| format!("{what} {}", output.display());
+    match fs::metadata(output) {
+        Ok(m) if m.file_type().is_block_device() => {
+            let f = OpenOptions::new().write(true).open(output).map_err(|e| Error::target(ctx("opening"), e))?;
+            let dev = crate::source::FileSource::open(output).map(|s| crate::source::DiskSource::size(&s)).unwrap_or(0);
+            if dev < size {
+                return Err(Error::InvalidInput(format!(
+                    "{} holds {dev} bytes, the disk needs {size}",
+                    output.display()
+                )));
+            }
+            Ok((f, Target::Device))
+        }
+        Ok(m) if m.is_file() && m.len() > 0 && !overwrite => Err(Error::InvalidInput(format!(
+            "{} exists and is not empty; refusing to overwrite it",
+            output.display()
+        ))),
+        Ok(m) if !m.is_file() => Err(Error::InvalidInput(format!(
+            "{} is neither a regular file nor a block device",
+            output.display()
+        ))),
+        _ => {
+            let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let tmp = dir.join(format!(".{name}.partial-{:08x}", crate::clock::random_u32()));
+            let f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| Error::target(ctx("creating"), e))?;
+            f.set_len(size).map_err(|e| Error::target(ctx("sizing"), e))?;
+            Ok((f, Target::File { tmp, path: output.to_path_buf() }))
+        }
+    }
+}
+
+/// Restores disk `disk` (or the only disk) of backup `id` to `output`.
+pub fn restore_disk(
+    repo: &Repository,
+    id: &str,
+    disk: Option<&str>,
+    output: &Path,
+    overwrite: bool,
+    progress: &mut dyn Progress,
+    cancel: &Cancel,
+) -> Result<RestoreStats> {
+    check_backup_id(id)?;
+    let t0 = Instant::now();
+    let manifest = Manifest::load(&repo.manifest_path(id))?;
+    let di = manifest.disk_index(disk)?;
+    let dmeta = &manifest.meta.disks[di];
+    let map = &manifest.maps[di];
+    let bs = manifest.meta.chunk_size;
+    let size = dmeta.size;
+    let (file, target) = open_target(output, size, overwrite)?;
+    let is_device = matches!(target, Target::Device);
+    let work: Vec<usize> = (0..map.len()).filter(|i| is_device || !map[*i].is_zero()).collect();
+    let total: u64 = work.iter().map(|i| block_len(*i as u64, size, bs)).sum();
+    let mut ticker = Ticker::new(progress, cancel, total);
+    let store = ChunkStore::new(repo);
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let (tx, rx) = bounded::<Result<(u64, bool)>>(64);
+    let mut first_error = None;
+    let mut stats = RestoreStats {
+        backup: id.into(),
+        disk: dmeta.name.clone(),
+        disk_size: size,
+        zero_blocks: map.iter().filter(|c| c.is_zero()).count() as u64,
+        ..Default::default()
+    };
+    let zeros = vec![0u8; bs as usize];
+
+    std::thread::scope(|s| {
+        for _ in 0..worker_threads() {
+            let tx = tx.clone();
+            let (work, next, abort, store, file, zeros) = (&work, &next, &abort, &store, &file, &zeros);
+            s.spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= work.len() || abort.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = work[k];
+                let off = i as u64 * bs;
+                let len = block_len(i as u64, size, bs) as usize;
+                let r = write_block(store, &map[i], file, off, len, zeros);
+                if tx.send(r.map(|_| (len as u64, map[i].is_zero()))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        for r in rx.iter() {
+            if first_error.is_some() {
+                continue;
+            }
+            let step = r.and_then(|(len, zero)| {
+                if !zero {
+                    stats.bytes_written += len;
+                }
+                ticker.advance(len)
+            });
+            if let Err(e) = step {
+                abort.store(true, Ordering::SeqCst);
+                first_error = Some(e);
+            }
+        }
+    });
+    let result = match first_error {
+        Some(e) => Err(e),
+        None => cancel.check().and_then(|_| ticker.finish()).and_then(|_| {
+            file.sync_all().map_err(|e| Error::target(format!("syncing {}", output.display()), e))
+        }),
+    };
+    match (&target, result) {
+        (Target::File { tmp, path }, Ok(())) => {
+            fs::rename(tmp, path).map_err(|e| Error::target(format!("renaming into {}", path.display()), e))?;
+        }
+        (Target::File { tmp, .. }, Err(e)) => {
+            let _ = fs::remove_file(tmp);
+            return Err(e);
+        }
+        (Target::Device, r) => r?,
+    }
+    stats.seconds = t0.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+fn write_block(store: &ChunkStore, id: &ChunkId, file: &File, off: u64, len: usize, zeros: &[u8]) -> Result<()> {
+    let data;
+    let bytes: &[u8] = if id.is_zero() {
+        &zeros[..len]
+    } else {
+        data = store.read(id)?;
+        if data.len() != len {
+            return Err(Error::CorruptChunk {
+                id: id.to_hex(),
+                reason: format!("{} bytes where the block map needs {len}", data.len()),
+            });
+        }
+        &data
+    };
+    file.write_all_at(bytes, off).map_err(|e| Error::target(format!("writing extent {off}+{len}"), e))
+}

@@ -1,0 +1,59 @@
+//! Disk sources: something with a size that can be read at an offset and can
+//! say which areas are allocated. The backup pipeline sees only this trait.
+
+mod file;
+
+pub use file::FileSource;
+
+use crate::error::{Error, Result};
+use crate::extents::Extent;
+
+pub trait DiskSource: Send + Sync {
+    /// Size of the virtual disk in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` with the disk's bytes at `offset` (past the end: error).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Areas that may hold data; everything else reads as zeros.
+    fn allocated(&self) -> Result<Vec<Extent>>;
+    /// The format name recorded in the manifest (`raw`, ...).
+    fn format(&self) -> &'static str;
+    /// What to call the source in messages and in the manifest.
+    fn describe(&self) -> String;
+}
+
+/// Formats we recognise by content but cannot read yet.
+fn sniff_unsupported(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"KDMV") || head.starts_with(b"COWD") {
+        Some("VMDK (sparse)")
+    } else if head.starts_with(b"# Disk DescriptorFile") {
+        Some("VMDK (descriptor)")
+    } else if head.starts_with(b"vhdxfile") {
+        Some("VHDX")
+    } else if head.starts_with(b"conectix") {
+        Some("VHD")
+    } else if head.starts_with(b"QFI\xfb") {
+        Some("qcow2")
+    } else {
+        None
+    }
+}
+
+/// Opens a source named by a path (file or block device). Formats are told
+/// apart by content, not by name.
+pub fn open(spec: &str) -> Result<Box<dyn DiskSource>> {
+    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds://") {
+        return Err(Error::Source(format!("{spec}: NBD sources are not supported by this version")));
+    }
+    let src = FileSource::open(std::path::Path::new(spec))?;
+    let mut head = [0u8; 32];
+    let n = head.len().min(src.size() as usize);
+    if n > 0 {
+        src.read_at(&mut head[..n], 0)?;
+        if let Some(kind) = sniff_unsupported(&head[..n]) {
+            return Err(Error::Source(format!(
+                "{spec} is a {kind} image; this version backs up raw images and block devices only"
+            )));
+        }
+    }
+    Ok(Box::new(src))
+}

@@ -1,0 +1,177 @@
+//! The functions and the backup session class exported to Python. Each one
+//! releases the GIL while data moves.
+
+use crate::convert::{cancel_of, CancelToken, PyProgress};
+use crate::errors::to_py;
+use crate::results::{DiskResult, GcResult, RestoreResult, VerifyResult};
+use pyo3::prelude::*;
+use std::path::Path;
+use vmbackup_mover::backup::{BackupSession as CoreSession, DiskRequest};
+use vmbackup_mover::extents::Extent;
+use vmbackup_mover::repository::Repository;
+use vmbackup_mover::{catalog, gc as core_gc, restore, source, verify as core_verify, Error};
+
+fn open(repo: &str) -> PyResult<Repository> {
+    Repository::open(Path::new(repo)).map_err(to_py)
+}
+
+fn parse_json(what: &str, text: Option<&str>) -> PyResult<serde_json::Value> {
+    match text {
+        None => Ok(serde_json::Value::Null),
+        Some(t) => serde_json::from_str(t).map_err(|e| to_py(Error::InvalidInput(format!("{what} is not valid JSON: {e}")))),
+    }
+}
+
+#[pyfunction(chunk_size = "1048576", compression = "\"zstd:3\"")]
+pub fn init_repository(path: &str, chunk_size: u64, compression: &str) -> PyResult<String> {
+    let repo = Repository::init(Path::new(path), chunk_size, compression).map_err(to_py)?;
+    Ok(serde_json::to_string(&repo.config).expect("config serializes"))
+}
+
+#[pyfunction]
+pub fn open_repository(path: &str) -> PyResult<String> {
+    Ok(serde_json::to_string(&open(path)?.config).expect("config serializes"))
+}
+
+#[pyclass(module = "vmbackup._mover")]
+pub struct BackupSession {
+    inner: Option<CoreSession>,
+}
+
+impl BackupSession {
+    fn session(&mut self) -> PyResult<&mut CoreSession> {
+        self.inner.as_mut().ok_or_else(|| to_py(Error::InvalidInput("this backup session is already closed".into())))
+    }
+}
+
+#[pymethods]
+impl BackupSession {
+    #[new]
+    #[args(parent = "None")]
+    fn new(repo: &str, vm: &str, parent: Option<&str>) -> PyResult<Self> {
+        let repo = open(repo)?;
+        Ok(BackupSession { inner: Some(CoreSession::begin(&repo, vm, parent).map_err(to_py)?) })
+    }
+
+    #[getter]
+    fn id(&mut self) -> PyResult<String> {
+        Ok(self.session()?.id().to_string())
+    }
+
+    #[args(changed_extents = "None", change_id = "None", progress = "None", cancel = "None")]
+    #[allow(clippy::too_many_arguments)]
+    fn add_disk(
+        &mut self,
+        py: Python,
+        source: &str,
+        name: &str,
+        changed_extents: Option<Vec<(u64, u64)>>,
+        change_id: Option<String>,
+        progress: Option<PyObject>,
+        cancel: Option<CancelToken>,
+    ) -> PyResult<DiskResult> {
+        let session = self.session()?;
+        let req = DiskRequest {
+            name: name.to_string(),
+            changed: changed_extents.map(|v| v.into_iter().map(|(s, l)| Extent::new(s, l)).collect()),
+            change_id,
+        };
+        let cancel = cancel_of(cancel);
+        let mut prog = PyProgress::new(progress);
+        let src_spec = source.to_string();
+        let r = py.allow_threads(|| {
+            let src = source::open(&src_spec)?;
+            session.add_disk(src.as_ref(), &req, &mut prog, &cancel)
+        });
+        prog.finish(r).map(DiskResult::from)
+    }
+
+    /// Writes the manifest; returns its metadata as JSON.
+    #[args(config = "None", attributes = "None")]
+    fn commit(&mut self, py: Python, config: Option<&str>, attributes: Option<&str>) -> PyResult<String> {
+        let config = parse_json("config", config)?;
+        let attributes = parse_json("attributes", attributes)?;
+        let session = self.inner.take().ok_or_else(|| to_py(Error::InvalidInput("this backup session is already closed".into())))?;
+        let meta = py.allow_threads(|| session.commit(config, attributes)).map_err(to_py)?;
+        Ok(serde_json::to_string(&meta).expect("metadata serializes"))
+    }
+
+    /// Abandons the backup; its chunks stay for reuse or gc.
+    fn abort(&mut self) {
+        self.inner = None;
+    }
+}
+
+#[pyfunction(disk = "None", overwrite = "false", progress = "None", cancel = "None")]
+#[allow(clippy::too_many_arguments)]
+pub fn restore_disk(
+    py: Python,
+    repo: &str,
+    backup_id: &str,
+    output: &str,
+    disk: Option<&str>,
+    overwrite: bool,
+    progress: Option<PyObject>,
+    cancel: Option<CancelToken>,
+) -> PyResult<RestoreResult> {
+    let repo = open(repo)?;
+    let cancel = cancel_of(cancel);
+    let mut prog = PyProgress::new(progress);
+    let r = py.allow_threads(|| restore::restore_disk(&repo, backup_id, disk, Path::new(output), overwrite, &mut prog, &cancel));
+    prog.finish(r).map(RestoreResult::from)
+}
+
+/// Returns (metadata JSON of every readable backup, messages for unreadable ones).
+#[pyfunction]
+pub fn list_backups(py: Python, repo: &str) -> PyResult<(Vec<String>, Vec<String>)> {
+    let repo = open(repo)?;
+    let (good, bad) = py.allow_threads(|| catalog::list_backups(&repo)).map_err(to_py)?;
+    Ok((good.iter().map(|m| serde_json::to_string(m).expect("metadata serializes")).collect(), bad))
+}
+
+#[pyfunction(ids = "None", read_data = "false", progress = "None", cancel = "None")]
+pub fn verify(
+    py: Python,
+    repo: &str,
+    ids: Option<Vec<String>>,
+    read_data: bool,
+    progress: Option<PyObject>,
+    cancel: Option<CancelToken>,
+) -> PyResult<VerifyResult> {
+    let repo = open(repo)?;
+    let cancel = cancel_of(cancel);
+    let mut prog = PyProgress::new(progress);
+    let ids = ids.unwrap_or_default();
+    let r = py.allow_threads(|| core_verify::verify(&repo, &ids, read_data, &mut prog, &cancel));
+    let report = prog.finish(r)?;
+    VerifyResult::new(py, report)
+}
+
+#[pyfunction]
+pub fn forget(py: Python, repo: &str, backup_id: &str) -> PyResult<()> {
+    let repo = open(repo)?;
+    py.allow_threads(|| catalog::forget(&repo, backup_id)).map_err(to_py)
+}
+
+#[pyfunction(grace_seconds = "900.0", dry_run = "false", progress = "None", cancel = "None")]
+pub fn gc(
+    py: Python,
+    repo: &str,
+    grace_seconds: f64,
+    dry_run: bool,
+    progress: Option<PyObject>,
+    cancel: Option<CancelToken>,
+) -> PyResult<GcResult> {
+    let repo = open(repo)?;
+    let cancel = cancel_of(cancel);
+    let mut prog = PyProgress::new(progress);
+    let r = py.allow_threads(|| core_gc::gc(&repo, grace_seconds, dry_run, &mut prog, &cancel));
+    prog.finish(r).map(GcResult::from)
+}
+
+/// The XXH3-128 chunk id of `data`, as 32 hex digits (for tests and tools).
+#[pyfunction]
+pub fn chunk_id(data: &[u8]) -> String {
+    vmbackup_mover::chunk::ChunkId::of(data).to_hex()
+}
+
