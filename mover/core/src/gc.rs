@@ -12,7 +12,8 @@
 //! it to a trash name, checking its mtime again, and unlinking: a backup that
 //! touched it before the rename is seen (the chunk is put back); one that
 //! tries after the rename finds it absent and writes it again. The grace
-//! period covers clock skew between hosts sharing the repository.
+//! period covers clock skew between hosts sharing the repository; a fixed
+//! slack of two seconds covers coarse file timestamps.
 
 use crate::chunk::ChunkId;
 use crate::chunk_store::QUARANTINE_SUFFIX;
@@ -26,6 +27,12 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 use std::time::UNIX_EPOCH;
+
+/// File timestamps come from the kernel's coarse clock (a few milliseconds
+/// behind the clock a process reads) or are whole seconds on some
+/// filesystems: a chunk touched just after a backup started can carry an
+/// mtime slightly before that start. The cutoff always allows this much more.
+pub const TIMESTAMP_SLACK_SECONDS: f64 = 2.0;
 
 #[derive(Clone, Debug, Default)]
 pub struct GcStats {
@@ -51,7 +58,7 @@ pub fn gc(repo: &Repository, grace_seconds: f64, dry_run: bool, progress: &mut d
     let start = now_unix();
     let (leases, stale) = active_leases(repo, dry_run)?;
     let oldest = leases.iter().map(|l| l.started_unix).fold(start, f64::min);
-    let cutoff = oldest - grace_seconds.max(0.0);
+    let cutoff = oldest - grace_seconds.max(0.0) - TIMESTAMP_SLACK_SECONDS;
     let mut stats = GcStats {
         dry_run,
         active_backups: leases.len() as u64,

@@ -124,6 +124,9 @@ pub fn verify(
                 Err(Error::CorruptChunk { reason, .. }) => {
                     let missing = reason == "missing";
                     let mut message = format!("chunk {id} is {}", if missing { "missing".to_string() } else { format!("corrupt: {reason}") });
+                    if missing && store.path(&id).with_file_name(format!("{}{}", id.to_hex(), crate::chunk_store::QUARANTINE_SUFFIX)).exists() {
+                        message.push_str(" (its corrupt copy was quarantined earlier; the next backup of this data stores it again)");
+                    }
                     if !missing {
                         match store.quarantine(&id) {
                             Ok(()) => message.push_str(" (quarantined; the next backup of this data stores it again)"),

@@ -1,0 +1,67 @@
+"""Shared fixtures: the real `vmbackup` command, real sparse images, real repositories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmbackup.diskimage import make_image
+
+MiB = 1024 * 1024
+
+
+def sha256(path: os.PathLike | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Cli:
+    """Runs `python -m vmbackup ...` as a user would, and checks the contract:
+    stdout is exactly one JSON document with --json, no traceback ever."""
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+
+    def run(self, *args: str, expect: int | None = 0, repo: bool = True, timeout: float = 120,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "vmbackup", *args]
+        if repo and "--repo" not in args:
+            cmd[4:4] = ["--repo", str(self.repo)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        assert "Traceback" not in p.stderr, p.stderr
+        if expect is not None:
+            assert p.returncode == expect, f"{cmd} -> {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
+        return p
+
+    def json(self, *args: str, **kw) -> object:
+        p = self.run(*args, "--json", **kw)
+        return json.loads(p.stdout)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    c = Cli(tmp_path / "repo")
+    subprocess.run([sys.executable, "-m", "vmbackup", "init", "--repo", str(c.repo)], check=True,
+                   capture_output=True)
+    return c
+
+
+@pytest.fixture
+def image(tmp_path: Path):
+    """A factory of deterministic sparse VM-like images."""
+
+    def make(name: str = "disk.img", size: int = 48 * MiB, seed: int = 1) -> Path:
+        p = tmp_path / name
+        make_image(str(p), size, seed=seed)
+        return p
+
+    return make
