@@ -8,7 +8,7 @@ RUST_SOURCES := $(shell find mover -name '*.rs' -o -name Cargo.toml) Cargo.toml
 
 .PHONY: dev test test-rust test-python demo bench clean
 
-dev: $(VENV)/.stamp-mover
+dev: $(VENV)/.stamp-mover $(VENV)/.stamp-lab
 
 $(VENV)/.stamp-setup: tools/setup-dev.sh
 	tools/setup-dev.sh
@@ -21,6 +21,12 @@ $(VENV)/.stamp-deps: $(VENV)/.stamp-setup pyproject.toml
 $(VENV)/.stamp-mover: $(VENV)/.stamp-deps $(RUST_SOURCES) pyproject.toml
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q
 	$(PY) -c "import vmbackup._mover"
+	@touch $@
+
+# The lab's vSphere simulator (Go, on govmomi's simulator; built offline in
+# GOPATH mode from Debian's packages when they are installed).
+$(VENV)/.stamp-lab: $(VENV)/.stamp-mover $(wildcard lab/vsphere/*.go) lab/vsphere/go.mod
+	$(PY) -m vmbackup.lab build
 	@touch $@
 
 test: dev test-rust test-python

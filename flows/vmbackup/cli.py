@@ -345,12 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dir", default="demo-output", help="where the image and repository go")
     sp.add_argument("--size", default="512MiB", help="size of the generated disk (default 512MiB)")
 
-    try:
-        from .lab.cli import add_parser as add_lab_parser
-    except ImportError:
-        add_lab_parser = None
-    if add_lab_parser is not None:
-        add_lab_parser(sub)
+    from .lab.cli import add_parser as add_lab_parser
+
+    add_lab_parser(sub)
     return p
 
 

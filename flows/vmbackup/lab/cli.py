@@ -1,0 +1,162 @@
+"""``vmbackup lab ...``: start, stop and drive the simulated datacenter.
+
+Exit codes: 0 success, 1 the operation failed, 2 bad input. With ``--json`` exactly
+one JSON object goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from .errors import LabError, LabInputError
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except LabInputError as e:
+            print(f"vmbackup lab: {e}", file=sys.stderr)
+            return 2
+        except LabError as e:
+            print(f"vmbackup lab: {e}", file=sys.stderr)
+            return 1
+    handler.__name__ = func.__name__
+    handler.__doc__ = func.__doc__
+    return handler
+
+
+@_guard
+def cmd_up(args: argparse.Namespace) -> int:
+    from .process import lab_up
+    lab = lab_up(args.state, args.topology)
+    s = lab.summary()
+    _emit(args, s, f"lab running: {s['vsphere']['url']} (user {s['vsphere']['user']}, CA {s['vsphere']['ca_file']})\n"
+                   f"agents: {', '.join(s['agents'])}")
+    return 0
+
+
+@_guard
+def cmd_down(args: argparse.Namespace) -> int:
+    from .process import lab_down
+    stopped = lab_down(args.state)
+    _emit(args, {"stopped": stopped}, "lab stopped" if stopped else "no lab was running")
+    return 0
+
+
+@_guard
+def cmd_status(args: argparse.Namespace) -> int:
+    from .process import load_lab
+    lab = load_lab(args.state)
+    st = lab.status()
+    st["vsphere"] = lab.summary()["vsphere"]
+    lines = [f"lab {st['vsphere']['url']} ({st['mode']}), hosts {', '.join(st['hosts'])}"]
+    for vm in st["vms"]:
+        disks = ", ".join(f"{d['name']} {d['capacity'] >> 20} MiB" for d in vm["disks"])
+        extra = f", {len(vm['snapshots'])} snapshot(s)" if vm["snapshots"] else ""
+        lines.append(f"  {vm['name']} on {vm['host']}: {vm['power']}, {disks}{extra}")
+    _emit(args, st, "\n".join(lines))
+    return 0
+
+
+@_guard
+def cmd_write(args: argparse.Namespace) -> int:
+    from .process import load_lab
+    if args.offset < 0 or args.length <= 0:
+        raise LabInputError("--offset must be >= 0 and --length > 0")
+    res = load_lab(args.state).write(args.vm, args.disk, args.offset, args.length, args.seed)
+    _emit(args, res, f"wrote {args.length} bytes at {args.offset} of {res['disk']} on {args.vm} ({res['file']})")
+    return 0
+
+
+@_guard
+def cmd_disk_image(args: argparse.Namespace) -> int:
+    from .process import load_lab
+    res = load_lab(args.state).disk_image(args.vm, args.disk, args.output, args.snapshot)
+    _emit(args, res, f"{res['output']}: {res['size']} bytes of {res['disk']} on {args.vm}")
+    return 0
+
+
+@_guard
+def cmd_fault(args: argparse.Namespace) -> int:
+    from .process import load_lab
+    if bool(args.vm) == bool(args.host):
+        raise LabInputError("give exactly one of --vm and --host")
+    faults: dict[str, Any] = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        faults[key.replace("-", "_")] = int(value) if value.isdigit() else value.lower() not in ("0", "false", "no")
+    res = load_lab(args.state).set_faults(vm=args.vm, host=args.host, **faults)
+    _emit(args, res, f"faults of {args.vm or args.host}: {json.dumps(res['faults'])}")
+    return 0
+
+
+@_guard
+def cmd_drop_sessions(args: argparse.Namespace) -> int:
+    from .process import load_lab
+    n = load_lab(args.state).drop_sessions()
+    _emit(args, {"dropped": n}, f"dropped {n} session(s)")
+    return 0
+
+
+@_guard
+def cmd_build(args: argparse.Namespace) -> int:
+    from .process import build_simulator
+    path = build_simulator(force=args.force)
+    _emit(args, {"binary": str(path)}, str(path))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``lab`` and its subcommands to the main parser's subparsers."""
+    lab = subparsers.add_parser("lab", help="the simulated vSphere datacenter (see docs/lab.md)")
+    sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.set_defaults(func=func)
+        return p
+
+    def state(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state", required=True, metavar="DIR", help="the lab's state directory")
+
+    p = command("up", cmd_up, "start the lab in the background")
+    state(p)
+    p.add_argument("--topology", metavar="FILE", help="topology JSON file (default: 2 hosts, 3 VMs)")
+    state(command("down", cmd_down, "stop the lab"))
+    state(command("status", cmd_status, "VMs, disks, snapshots, attachments, counters"))
+    p = command("write", cmd_write, "a guest write into a VM's disk")
+    state(p)
+    p.add_argument("--vm", required=True)
+    p.add_argument("--disk", required=True, help="scsi0:0, sata0:1, nvme0:0 or the device key")
+    p.add_argument("--offset", required=True, type=int)
+    p.add_argument("--length", required=True, type=int)
+    p.add_argument("--seed", type=int, default=1, help="pattern seed (docs/lab.md gives the pattern)")
+    p = command("disk-image", cmd_disk_image, "a disk's content as the guest sees it, as a raw file")
+    state(p)
+    p.add_argument("--vm", required=True)
+    p.add_argument("--disk", required=True)
+    p.add_argument("--snapshot", help="as of this snapshot (name or moref)")
+    p.add_argument("output")
+    p = command("fault", cmd_fault, "inject faults into a VM or a host (replaces its faults)")
+    state(p)
+    p.add_argument("--vm")
+    p.add_argument("--host")
+    p.add_argument("--set", action="append", metavar="NAME[=VALUE]",
+                   help="quiesce_fail, snapshot_fail, slow_ms=N, leave_consolidation, refuse_snapshots, "
+                        "tools_not_running; none clears all")
+    state(command("drop-sessions", cmd_drop_sessions, "drop every vSphere session (clients must log in again)"))
+    p = command("build", cmd_build, "build the simulator binary")
+    p.add_argument("--force", action="store_true")

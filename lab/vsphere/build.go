@@ -1,0 +1,262 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/vmware/govmomi/object"
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/simulator/esx"
+	"github.com/vmware/govmomi/vim25"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// build creates the topology through the vSphere API, over the lab's own TLS, as any
+// client would; then it gives every VM its disk contents.
+func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
+	hosts := map[string]*object.HostSystem{}
+	pools := map[string]*object.ResourcePool{}
+	var folders *object.DatacenterFolders
+	if l.topo.Mode == "esxi" {
+		name := l.topo.StandaloneHosts[0]
+		h := simulator.Map.Get(esx.HostSystem.Reference()).(*simulator.HostSystem)
+		h.Name = name
+		h.Summary.Config.Name = name
+		host := object.NewHostSystem(c, h.Self)
+		hosts[name] = host
+		dc := object.NewDatacenter(c, esx.Datacenter.Reference())
+		l.dc = dc.Reference()
+		var err error
+		if folders, err = dc.Folders(ctx); err != nil {
+			return err
+		}
+		if pools[name], err = host.ResourcePool(ctx); err != nil {
+			return err
+		}
+	} else {
+		dc, err := object.NewRootFolder(c).CreateDatacenter(ctx, l.topo.Datacenter)
+		if err != nil {
+			return err
+		}
+		l.dc = dc.Reference()
+		if folders, err = dc.Folders(ctx); err != nil {
+			return err
+		}
+		for _, cs := range l.topo.Clusters {
+			cluster, err := folders.HostFolder.CreateCluster(ctx, cs.Name, types.ClusterConfigSpecEx{})
+			if err != nil {
+				return err
+			}
+			pool, err := cluster.ResourcePool(ctx)
+			if err != nil {
+				return err
+			}
+			for _, name := range cs.Hosts {
+				task, err := cluster.AddHost(ctx, types.HostConnectSpec{HostName: name}, true, nil, nil)
+				if err != nil {
+					return err
+				}
+				info, err := task.WaitForResult(ctx, nil)
+				if err != nil {
+					return err
+				}
+				hosts[name] = object.NewHostSystem(c, info.Result.(types.ManagedObjectReference))
+				pools[name] = pool
+			}
+		}
+		for _, name := range l.topo.StandaloneHosts {
+			task, err := folders.HostFolder.AddStandaloneHost(ctx, types.HostConnectSpec{HostName: name}, true, nil, nil)
+			if err != nil {
+				return err
+			}
+			info, err := task.WaitForResult(ctx, nil)
+			if err != nil {
+				return err
+			}
+			host := object.NewHostSystem(c, info.Result.(types.ManagedObjectReference))
+			hosts[name] = host
+			if pools[name], err = host.ResourcePool(ctx); err != nil {
+				return err
+			}
+		}
+	}
+	for _, name := range l.topo.hosts() {
+		l.hostRefs[name] = hosts[name].Reference()
+		dss, err := hosts[name].ConfigManager().DatastoreSystem(ctx)
+		if err != nil {
+			return err
+		}
+		for _, ds := range append([]string{localDatastore(name)}, l.topo.SharedDatastores...) {
+			dir := filepath.Join(l.state, "datastores", ds)
+			if err := os.MkdirAll(dir, 0755); err != nil {
+				return err
+			}
+			obj, err := dss.CreateLocalDatastore(ctx, ds, dir)
+			if err != nil {
+				return fmt.Errorf("datastore %s on %s: %v", ds, name, err)
+			}
+			l.dsDirs[ds] = dir
+			l.dsRefs[ds] = obj.Reference()
+		}
+	}
+	// The stock simulator records only the first host's mount of a shared datastore.
+	for _, name := range l.topo.SharedDatastores {
+		ds := simulator.Map.Get(l.dsRefs[name]).(*simulator.Datastore)
+		for _, h := range l.topo.hosts() {
+			mounted := false
+			for _, m := range ds.Host {
+				mounted = mounted || m.Key == l.hostRefs[h]
+			}
+			if !mounted {
+				ds.Host = append(ds.Host, types.DatastoreHostMount{Key: l.hostRefs[h], MountInfo: types.HostMountInfo{
+					AccessMode: string(types.HostMountModeReadWrite), Mounted: types.NewBool(true), Accessible: types.NewBool(true)}})
+			}
+		}
+	}
+	for _, spec := range l.topo.VMs {
+		if err := l.createVM(ctx, c, folders.VmFolder, pools[spec.Host], hosts[spec.Host], spec, false); err != nil {
+			return fmt.Errorf("VM %s: %v", spec.Name, err)
+		}
+	}
+	for _, name := range l.topo.hosts() {
+		for i := 0; i < *l.topo.AgentsPerHost; i++ {
+			agent := "vmbackup-agent-" + name
+			if i > 0 {
+				agent = fmt.Sprintf("%s-%d", agent, i+1)
+			}
+			spec := VMSpec{Name: agent, Host: name, Datastore: localDatastore(name), Power: "on",
+				Disks: []DiskSpec{{Bus: "scsi", SizeMiB: l.topo.AgentDiskMiB, Datastore: localDatastore(name)}}}
+			if err := l.createVM(ctx, c, folders.VmFolder, pools[name], hosts[name], spec, true); err != nil {
+				return fmt.Errorf("agent %s: %v", agent, err)
+			}
+			l.agents = append(l.agents, AgentInfo{Name: agent, Host: name})
+		}
+	}
+	for name, f := range l.topo.Faults.VMs {
+		vm, err := l.findVM(name)
+		if err != nil {
+			return fmt.Errorf("topology faults: %v", err)
+		}
+		vm.faults = f
+		vm.syncGuest()
+	}
+	for name, f := range l.topo.Faults.Hosts {
+		if _, ok := hosts[name]; !ok {
+			return fmt.Errorf("topology faults: no host named %q", name)
+		}
+		x := f
+		l.hostFaults[name] = &x
+	}
+	return nil
+}
+
+var busKeys = map[string]struct{ ctrl, disk int32 }{
+	"scsi": {1000, 2000},
+	"sata": {15000, 16000},
+	"nvme": {31000, 32000},
+}
+
+func newController(bus string) types.BaseVirtualDevice {
+	key := busKeys[bus].ctrl
+	switch bus {
+	case "sata":
+		return &types.VirtualAHCIController{VirtualSATAController: types.VirtualSATAController{
+			VirtualController: types.VirtualController{VirtualDevice: types.VirtualDevice{Key: key}}}}
+	case "nvme":
+		return &types.VirtualNVMEController{VirtualController: types.VirtualController{VirtualDevice: types.VirtualDevice{Key: key}}}
+	}
+	return &types.ParaVirtualSCSIController{VirtualSCSIController: types.VirtualSCSIController{
+		VirtualController: types.VirtualController{VirtualDevice: types.VirtualDevice{Key: key}},
+		SharedBus:         types.VirtualSCSISharingNoSharing}}
+}
+
+func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Folder, pool *object.ResourcePool,
+	host *object.HostSystem, spec VMSpec, agent bool) error {
+	config := types.VirtualMachineConfigSpec{
+		Name: spec.Name, GuestId: string(types.VirtualMachineGuestOsIdentifierOtherLinux64Guest),
+		NumCPUs: 2, MemoryMB: 2048,
+		Files: &types.VirtualMachineFileInfo{VmPathName: fmt.Sprintf("[%s]", spec.Datastore)},
+	}
+	if agent {
+		config.ExtraConfig = []types.BaseOptionValue{&types.OptionValue{Key: "vmbackup.agent", Value: "true"}}
+	}
+	ctrls := map[string]bool{}
+	units := map[string]int32{}
+	for i, d := range spec.Disks {
+		if !ctrls[d.Bus] {
+			ctrls[d.Bus] = true
+			config.DeviceChange = append(config.DeviceChange, &types.VirtualDeviceConfigSpec{
+				Operation: types.VirtualDeviceConfigSpecOperationAdd, Device: newController(d.Bus)})
+		}
+		unit := units[d.Bus]
+		if d.Bus == "scsi" && unit == 7 {
+			unit++
+		}
+		units[d.Bus] = unit + 1
+		file := fmt.Sprintf("[%s] %s/%s.vmdk", d.Datastore, spec.Name, spec.Name)
+		if i > 0 {
+			file = fmt.Sprintf("[%s] %s/%s_%d.vmdk", d.Datastore, spec.Name, spec.Name, i)
+		}
+		if d.Datastore != spec.Datastore {
+			_ = os.MkdirAll(filepath.Join(l.dsDirs[d.Datastore], spec.Name), 0755)
+		}
+		u := unit
+		disk := &types.VirtualDisk{
+			VirtualDevice: types.VirtualDevice{
+				Key: busKeys[d.Bus].disk + unit, ControllerKey: busKeys[d.Bus].ctrl, UnitNumber: &u,
+				Backing: &types.VirtualDiskFlatVer2BackingInfo{
+					VirtualDeviceFileBackingInfo: types.VirtualDeviceFileBackingInfo{FileName: file},
+					DiskMode:                     string(types.VirtualDiskModePersistent), ThinProvisioned: types.NewBool(true)},
+			},
+			CapacityInKB: d.SizeMiB * 1024, CapacityInBytes: d.SizeMiB << 20,
+		}
+		config.DeviceChange = append(config.DeviceChange, &types.VirtualDeviceConfigSpec{
+			Operation: types.VirtualDeviceConfigSpecOperationAdd, FileOperation: types.VirtualDeviceConfigSpecFileOperationCreate, Device: disk})
+	}
+	task, err := folder.CreateVM(ctx, config, pool, host)
+	if err != nil {
+		return err
+	}
+	info, err := task.WaitForResult(ctx, nil)
+	if err != nil {
+		return err
+	}
+	ref := info.Result.(types.ManagedObjectReference)
+	tools := spec.Tools == nil || *spec.Tools
+	vm := l.adopt(simulator.Map.Get(ref).(*simulator.VirtualMachine), agent, tools)
+	for _, dev := range vm.Config.Hardware.Device {
+		disk, ok := dev.(*types.VirtualDisk)
+		if !ok {
+			continue
+		}
+		b := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		if _, err := l.newBaseDisk(vm, disk, b.FileName, vm.Name+"/"+b.FileName); err != nil {
+			return err
+		}
+	}
+	if spec.CBT {
+		l.setCBT(vm, true)
+	}
+	l.syncDevices(vm)
+	if spec.Power == "on" {
+		task, err := object.NewVirtualMachine(c, ref).PowerOn(ctx)
+		if err != nil {
+			return err
+		}
+		if err := task.Wait(ctx); err != nil {
+			return err
+		}
+	}
+	vm.syncGuest()
+	return nil
+}
+
+// adopt replaces the simulator's VirtualMachine by a LabVM with the same reference.
+func (l *Lab) adopt(obj *simulator.VirtualMachine, agent, tools bool) *LabVM {
+	vm := &LabVM{VirtualMachine: *obj, lab: l, agent: agent, tools: tools, hot: map[int32]*Attachment{}}
+	simulator.Map.Put(vm)
+	l.vms[vm.Name] = vm
+	return vm
+}

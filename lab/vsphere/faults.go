@@ -1,0 +1,103 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"log"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/vmware/govmomi/vim25/soap"
+)
+
+// Faults are injected per VM or per host (see docs/lab.md).
+type Faults struct {
+	QuiesceFail        bool `json:"quiesce_fail,omitempty"`        // VM: quiescing fails (ApplicationQuiesceFault)
+	SnapshotFail       bool `json:"snapshot_fail,omitempty"`       // VM or host: CreateSnapshot_Task fails (SnapshotFault)
+	SlowMs             int  `json:"slow_ms,omitempty"`             // VM or host: snapshot tasks run this long, asynchronously
+	LeaveConsolidation bool `json:"leave_consolidation,omitempty"` // VM: removing a snapshot leaves consolidationNeeded
+	RefuseSnapshots    bool `json:"refuse_snapshots,omitempty"`    // host: new snapshots fail (SnapshotDisabled)
+	ToolsNotRunning    bool `json:"tools_not_running,omitempty"`   // VM: VMware Tools stop running
+}
+
+// sessionGate drops sessions: every session cookie seen before a drop is refused
+// afterwards, so clients get NotAuthenticated as after a vCenter restart and must
+// log in again.
+type sessionGate struct {
+	mu      sync.Mutex
+	seen    map[string]time.Time
+	revoked map[string]bool
+}
+
+func newSessionGate() *sessionGate {
+	return &sessionGate{seen: map[string]time.Time{}, revoked: map[string]bool{}}
+}
+
+func (g *sessionGate) drop() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	n := 0
+	for id := range g.seen {
+		if !g.revoked[id] {
+			g.revoked[id] = true
+			n++
+		}
+	}
+	return n
+}
+
+func (g *sessionGate) wrap(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if c, err := r.Cookie(soap.SessionCookieName); err == nil {
+			g.mu.Lock()
+			revoked := g.revoked[c.Value]
+			if !revoked {
+				g.seen[c.Value] = time.Now()
+			}
+			g.mu.Unlock()
+			if revoked {
+				var kept []*http.Cookie
+				for _, x := range r.Cookies() {
+					if x.Name != soap.SessionCookieName {
+						kept = append(kept, x)
+					}
+				}
+				r.Header.Del("Cookie")
+				for _, x := range kept {
+					r.AddCookie(x)
+				}
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// fetchUnset answers pyVmomi's Fetch of an unset property (vm.snapshot without
+// snapshots, for example) with an empty result, as vSphere does; the stock
+// simulator panics there.
+func fetchUnset(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var body []byte
+		if r.Body != nil {
+			body, _ = io.ReadAll(r.Body)
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		defer func() {
+			if p := recover(); p != nil {
+				if !bytes.Contains(body, []byte("<Fetch")) {
+					panic(p)
+				}
+				log.Printf("lab: Fetch of an unset property answered empty")
+				w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+				w.WriteHeader(http.StatusOK)
+				_, _ = io.WriteString(w, `<?xml version="1.0" encoding="UTF-8"?>`+
+					`<soapenv:Envelope xmlns:soapenc="http://schemas.xmlsoap.org/soap/encoding/" `+
+					`xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" `+
+					`xmlns:xsd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">`+
+					`<soapenv:Body><FetchResponse xmlns="urn:vim25"></FetchResponse></soapenv:Body></soapenv:Envelope>`)
+			}
+		}()
+		next.ServeHTTP(w, r)
+	})
+}

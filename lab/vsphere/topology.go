@@ -1,0 +1,204 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+)
+
+// Topology is the lab's inventory, read from a small JSON file (see docs/lab.md).
+type Topology struct {
+	Mode             string        `json:"mode"` // "vcenter" (default) or "esxi"
+	Datacenter       string        `json:"datacenter"`
+	Clusters         []ClusterSpec `json:"clusters"`
+	StandaloneHosts  []string      `json:"standalone_hosts"`
+	SharedDatastores []string      `json:"shared_datastores"`
+	AgentsPerHost    *int          `json:"agents_per_host"`
+	AgentDiskMiB     int64         `json:"agent_disk_mib"`
+	VMs              []VMSpec      `json:"vms"`
+	User             string        `json:"user"`
+	CBTPageBytes     int64         `json:"cbt_page_bytes"`
+	CBTMaxAreas      int           `json:"cbt_max_areas"`
+	Faults           FaultsSpec    `json:"faults"`
+}
+
+type ClusterSpec struct {
+	Name  string   `json:"name"`
+	Hosts []string `json:"hosts"`
+}
+
+type VMSpec struct {
+	Name      string     `json:"name"`
+	Host      string     `json:"host"`
+	Datastore string     `json:"datastore"`
+	Power     string     `json:"power"` // "on" (default) or "off"
+	Tools     *bool      `json:"tools"` // VMware Tools running (default true when powered on)
+	CBT       bool       `json:"cbt"`
+	Disks     []DiskSpec `json:"disks"`
+}
+
+type DiskSpec struct {
+	Bus       string `json:"bus"` // scsi (default), sata, nvme
+	SizeMiB   int64  `json:"size_mib"`
+	Datastore string `json:"datastore"`
+}
+
+type FaultsSpec struct {
+	VMs   map[string]Faults `json:"vms"`
+	Hosts map[string]Faults `json:"hosts"`
+}
+
+func (t *Topology) hosts() []string {
+	var out []string
+	for _, c := range t.Clusters {
+		out = append(out, c.Hosts...)
+	}
+	return append(out, t.StandaloneHosts...)
+}
+
+func localDatastore(host string) string { return host + "-local" }
+
+func defaultTopology() *Topology {
+	return &Topology{
+		Mode:             "vcenter",
+		Datacenter:       "dc1",
+		Clusters:         []ClusterSpec{{Name: "cluster1", Hosts: []string{"esx1", "esx2"}}},
+		SharedDatastores: []string{"shared1"},
+		VMs: []VMSpec{
+			{Name: "web01", Host: "esx1", Datastore: "esx1-local", Disks: []DiskSpec{{Bus: "scsi", SizeMiB: 64}, {Bus: "scsi", SizeMiB: 32}}},
+			{Name: "db01", Host: "esx2", Datastore: "shared1", Disks: []DiskSpec{{Bus: "sata", SizeMiB: 64}}},
+			{Name: "app01", Host: "esx2", Datastore: "esx2-local", Disks: []DiskSpec{{Bus: "nvme", SizeMiB: 32}}},
+		},
+	}
+}
+
+func loadTopology(path string) (*Topology, error) {
+	t := defaultTopology()
+	if path != "" {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("reading topology %s: %v", path, err)
+		}
+		t = &Topology{}
+		if err := json.Unmarshal(data, t); err != nil {
+			return nil, fmt.Errorf("parsing topology %s: %v", path, err)
+		}
+	}
+	return t, t.normalize()
+}
+
+func (t *Topology) normalize() error {
+	if t.Mode == "" {
+		t.Mode = "vcenter"
+	}
+	if t.Mode != "vcenter" && t.Mode != "esxi" {
+		return fmt.Errorf("topology: mode must be vcenter or esxi, not %q", t.Mode)
+	}
+	if t.Datacenter == "" {
+		t.Datacenter = "dc1"
+	}
+	if t.User == "" {
+		if t.Mode == "esxi" {
+			t.User = "root"
+		} else {
+			t.User = "administrator@vsphere.local"
+		}
+	}
+	if t.AgentsPerHost == nil {
+		one := 1
+		t.AgentsPerHost = &one
+	}
+	if t.AgentDiskMiB == 0 {
+		t.AgentDiskMiB = 16
+	}
+	if t.CBTPageBytes == 0 {
+		t.CBTPageBytes = 16 << 20
+	}
+	if t.CBTMaxAreas == 0 {
+		t.CBTMaxAreas = 256
+	}
+	hosts := t.hosts()
+	if t.Mode == "esxi" {
+		if len(hosts) == 0 {
+			t.StandaloneHosts = []string{"esx1"}
+			hosts = t.StandaloneHosts
+		}
+		if len(hosts) != 1 || len(t.Clusters) != 0 {
+			return fmt.Errorf("topology: esxi mode has exactly one standalone host and no cluster")
+		}
+		t.SharedDatastores = nil
+	}
+	if len(hosts) == 0 {
+		return fmt.Errorf("topology: no hosts")
+	}
+	known := map[string]bool{}
+	for _, h := range hosts {
+		if known[h] {
+			return fmt.Errorf("topology: host %s listed twice", h)
+		}
+		known[h] = true
+	}
+	dss := map[string]bool{}
+	for _, h := range hosts {
+		dss[localDatastore(h)] = true
+	}
+	for _, d := range t.SharedDatastores {
+		dss[d] = true
+	}
+	names := map[string]bool{}
+	for i := range t.VMs {
+		vm := &t.VMs[i]
+		if vm.Name == "" || names[vm.Name] {
+			return fmt.Errorf("topology: VM name %q empty or repeated", vm.Name)
+		}
+		names[vm.Name] = true
+		if vm.Host == "" {
+			vm.Host = hosts[i%len(hosts)]
+		}
+		if !known[vm.Host] {
+			return fmt.Errorf("topology: VM %s on unknown host %s", vm.Name, vm.Host)
+		}
+		if vm.Datastore == "" {
+			vm.Datastore = localDatastore(vm.Host)
+		}
+		if vm.Power == "" {
+			vm.Power = "on"
+		}
+		if len(vm.Disks) == 0 {
+			vm.Disks = []DiskSpec{{}}
+		}
+		for j := range vm.Disks {
+			d := &vm.Disks[j]
+			if d.Bus == "" {
+				d.Bus = "scsi"
+			}
+			if d.Bus != "scsi" && d.Bus != "sata" && d.Bus != "nvme" {
+				return fmt.Errorf("topology: VM %s disk %d: bus must be scsi, sata or nvme", vm.Name, j)
+			}
+			if d.SizeMiB == 0 {
+				d.SizeMiB = 64
+			}
+			if d.Datastore == "" {
+				d.Datastore = vm.Datastore
+			}
+			for _, ds := range []string{vm.Datastore, d.Datastore} {
+				if !dss[ds] {
+					return fmt.Errorf("topology: VM %s uses unknown datastore %s", vm.Name, ds)
+				}
+				if ds != localDatastore(vm.Host) && !contains(t.SharedDatastores, ds) {
+					return fmt.Errorf("topology: VM %s on %s cannot use %s (local to another host)", vm.Name, vm.Host, ds)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

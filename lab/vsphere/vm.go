@@ -1,0 +1,462 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/vmware/govmomi/object"
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// LabVM extends the simulator's VirtualMachine (embedded by value, so that the
+// property collector still finds the managed object) with disk chains, snapshots
+// that freeze and merge, CBT, hot-add and linked clones.
+type LabVM struct {
+	simulator.VirtualMachine
+
+	lab    *Lab
+	disks  []*VDisk
+	snaps  []*SnapState
+	sid    int32
+	agent  bool
+	tools  bool
+	faults Faults
+	hot    map[int32]*Attachment
+}
+
+// LabSnapshot extends VirtualMachineSnapshot: removal merges the delta back.
+type LabSnapshot struct {
+	simulator.VirtualMachineSnapshot
+	lab *Lab
+}
+
+// Attachment is a disk file hot-added to an agent VM.
+type Attachment struct {
+	Agent     string `json:"agent"`
+	Host      string `json:"host"`
+	Key       int32  `json:"key"`
+	File      string `json:"file"`
+	UUID      string `json:"uuid"`
+	Device    string `json:"device"`
+	Datastore string `json:"datastore"`
+	extent    *Extent
+}
+
+func (vm *LabVM) toolsRunning() bool {
+	return vm.tools && !vm.faults.ToolsNotRunning && vm.Runtime.PowerState == types.VirtualMachinePowerStatePoweredOn
+}
+
+func (vm *LabVM) syncGuest() {
+	status := types.VirtualMachineToolsRunningStatusGuestToolsNotRunning
+	tools := types.VirtualMachineToolsStatusToolsNotRunning
+	if vm.toolsRunning() {
+		status = types.VirtualMachineToolsRunningStatusGuestToolsRunning
+		tools = types.VirtualMachineToolsStatusToolsOk
+	}
+	if !vm.tools {
+		tools = types.VirtualMachineToolsStatusToolsNotInstalled
+	}
+	vm.Guest.ToolsRunningStatus = string(status)
+	vm.Guest.ToolsStatus = tools
+	vm.Guest.ToolsVersion = "12352"
+	vm.Summary.Guest.ToolsRunningStatus = string(status)
+	vm.Summary.Guest.ToolsStatus = tools
+	simulator.Map.Update(vm, []types.PropertyChange{{Name: "guest", Val: vm.Guest}})
+}
+
+// runTask runs a lab task at once, or, with a slow fault, later in the background as
+// vCenter does, holding the VM's lock while it runs.
+func (l *Lab) runTask(vm *LabVM, task *simulator.Task) types.ManagedObjectReference {
+	l.mu.Lock()
+	slow := vm.faults.SlowMs
+	if hf := l.hostFaults[vm.hostName()]; hf != nil && hf.SlowMs > slow {
+		slow = hf.SlowMs
+	}
+	l.mu.Unlock()
+	if slow <= 0 {
+		return task.Run()
+	}
+	go func() {
+		time.Sleep(time.Duration(slow) * time.Millisecond)
+		simulator.Map.WithLock(vm, func() { task.Run() })
+	}()
+	return task.Self
+}
+
+func (vm *LabVM) CreateSnapshotTask(ctx *simulator.Context, req *types.CreateSnapshot_Task) soap.HasFault {
+	task := simulator.CreateTask(vm, "createSnapshot", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		return vm.lab.createSnapshot(vm, req)
+	})
+	return &methods.CreateSnapshot_TaskBody{Res: &types.CreateSnapshot_TaskResponse{Returnval: vm.lab.runTask(vm, task)}}
+}
+
+func (vm *LabVM) RemoveAllSnapshotsTask(ctx *simulator.Context, req *types.RemoveAllSnapshots_Task) soap.HasFault {
+	task := simulator.CreateTask(vm, "removeAllSnapshots", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		if len(vm.snaps) == 0 {
+			return nil, nil
+		}
+		return nil, vm.lab.removeSnapshot(vm.snaps[0], true)
+	})
+	return &methods.RemoveAllSnapshots_TaskBody{Res: &types.RemoveAllSnapshots_TaskResponse{Returnval: vm.lab.runTask(vm, task)}}
+}
+
+func (vm *LabVM) ConsolidateVMDisksTask(ctx *simulator.Context, req *types.ConsolidateVMDisks_Task) soap.HasFault {
+	task := simulator.CreateTask(vm, "consolidateVMDisks", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		l := vm.lab
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		ok := l.consolidate(vm)
+		l.syncDevices(vm)
+		if !ok {
+			return nil, &types.FileLocked{}
+		}
+		return nil, nil
+	})
+	return &methods.ConsolidateVMDisks_TaskBody{Res: &types.ConsolidateVMDisks_TaskResponse{Returnval: vm.lab.runTask(vm, task)}}
+}
+
+func (vm *LabVM) RevertToCurrentSnapshotTask(req *types.RevertToCurrentSnapshot_Task) soap.HasFault {
+	return &methods.RevertToCurrentSnapshot_TaskBody{Fault_: simulator.Fault("revert is not simulated by the lab", &types.NotSupported{})}
+}
+
+func (s *LabSnapshot) RevertToSnapshotTask(req *types.RevertToSnapshot_Task) soap.HasFault {
+	return &methods.RevertToSnapshot_TaskBody{Fault_: simulator.Fault("revert is not simulated by the lab", &types.NotSupported{})}
+}
+
+func (s *LabSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *types.RemoveSnapshot_Task) soap.HasFault {
+	l := s.lab
+	l.mu.Lock()
+	st := l.snaps[s.Self]
+	l.mu.Unlock()
+	if st == nil {
+		return &methods.RemoveSnapshot_TaskBody{Fault_: simulator.Fault("", &types.ManagedObjectNotFound{Obj: s.Self})}
+	}
+	vm := st.VM
+	// The task's entity is the VM, as in vSphere (a snapshot is not a ManagedEntity).
+	task := simulator.CreateTask(vm, "removeSnapshot", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		var fault types.BaseMethodFault
+		simulator.Map.WithLock(vm, func() { fault = l.removeSnapshot(st, req.RemoveChildren) })
+		return nil, fault
+	})
+	l.mu.Lock()
+	slow := vm.faults.SlowMs
+	if hf := l.hostFaults[vm.hostName()]; hf != nil && hf.SlowMs > slow {
+		slow = hf.SlowMs
+	}
+	l.mu.Unlock()
+	ref := task.Self
+	if slow > 0 {
+		go func() {
+			time.Sleep(time.Duration(slow) * time.Millisecond)
+			task.Run()
+		}()
+	} else {
+		ref = task.Run()
+	}
+	return &methods.RemoveSnapshot_TaskBody{Res: &types.RemoveSnapshot_TaskResponse{Returnval: ref}}
+}
+
+func (vm *LabVM) PowerOnVMTask(ctx *simulator.Context, req *types.PowerOnVM_Task) soap.HasFault {
+	res := vm.VirtualMachine.PowerOnVMTask(ctx, req)
+	vm.syncGuest()
+	return res
+}
+
+func (vm *LabVM) PowerOffVMTask(ctx *simulator.Context, req *types.PowerOffVM_Task) soap.HasFault {
+	res := vm.VirtualMachine.PowerOffVMTask(ctx, req)
+	vm.syncGuest()
+	return res
+}
+
+func (vm *LabVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault {
+	l := vm.lab
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	body := &methods.QueryChangedDiskAreasBody{}
+	var d *VDisk
+	for _, x := range vm.disks {
+		if x.Key == req.DeviceKey {
+			d = x
+		}
+	}
+	if d == nil {
+		body.Fault_ = simulator.Fault(fmt.Sprintf("VM %s has no disk with key %d", vm.Name, req.DeviceKey), &types.InvalidArgument{InvalidProperty: "deviceKey"})
+		return body
+	}
+	top, asOf := d.Top, d.changeID()
+	if req.Snapshot != nil {
+		st := l.snaps[*req.Snapshot]
+		if st == nil || st.VM != vm {
+			body.Fault_ = simulator.Fault("", &types.ManagedObjectNotFound{Obj: *req.Snapshot})
+			return body
+		}
+		sd := st.Disks[d.Key]
+		top, asOf = sd.Extent, sd.ChangeID
+	}
+	info, fault := l.changedAreas(d, top, asOf, req.ChangeId, req.StartOffset)
+	if fault != nil {
+		msg := fmt.Sprintf("QueryChangedDiskAreas on disk %d of VM %s: change id %q is not valid", d.Key, vm.Name, req.ChangeId)
+		if d.cbt == nil {
+			msg = fmt.Sprintf("changed block tracking is not enabled on VM %s", vm.Name)
+		}
+		body.Fault_ = simulator.Fault(msg, fault)
+		return body
+	}
+	body.Res = &types.QueryChangedDiskAreasResponse{Returnval: *info}
+	return body
+}
+
+// ReconfigVMTask adds hot-add/detach of existing disk files and CBT switching to the
+// stock reconfiguration, which handles everything else.
+func (vm *LabVM) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Task) soap.HasFault {
+	task := simulator.CreateTask(vm, "reconfigVm", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		return nil, vm.reconfigure(ctx, req)
+	})
+	return &methods.ReconfigVM_TaskBody{Res: &types.ReconfigVM_TaskResponse{Returnval: task.Run()}}
+}
+
+func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task) types.BaseMethodFault {
+	l := vm.lab
+	spec := req.Spec
+	var rest []types.BaseVirtualDeviceConfigSpec
+	var attach, detach []*types.VirtualDeviceConfigSpec
+	l.mu.Lock()
+	for _, c := range spec.DeviceChange {
+		dc := c.GetVirtualDeviceConfigSpec()
+		disk, isDisk := dc.Device.(*types.VirtualDisk)
+		if !isDisk {
+			rest = append(rest, c)
+			continue
+		}
+		switch dc.Operation {
+		case types.VirtualDeviceConfigSpecOperationAdd:
+			if dc.FileOperation == "" {
+				if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok && l.extentByPath(b.FileName) != nil {
+					attach = append(attach, dc)
+					continue
+				}
+			}
+		case types.VirtualDeviceConfigSpecOperationRemove:
+			if vm.hot[disk.Key] != nil {
+				if dc.FileOperation == types.VirtualDeviceConfigSpecFileOperationDestroy {
+					l.mu.Unlock()
+					return &types.FileLocked{FileFault: types.FileFault{File: vm.hot[disk.Key].File}}
+				}
+				detach = append(detach, dc)
+				continue
+			}
+			for _, d := range vm.disks {
+				if d.Key == disk.Key && len(vm.snaps) > 0 {
+					l.mu.Unlock()
+					return &types.InvalidState{}
+				}
+			}
+		}
+		rest = append(rest, c)
+	}
+	l.mu.Unlock()
+
+	cbtBefore := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
+	if len(rest) > 0 || !isDeviceOnly(spec) {
+		stock := spec
+		stock.DeviceChange = rest
+		res := vm.VirtualMachine.ReconfigVMTask(ctx, &types.ReconfigVM_Task{This: vm.Self, Spec: stock})
+		ref := res.(*methods.ReconfigVM_TaskBody).Res.Returnval
+		if t, ok := simulator.Map.Get(ref).(*simulator.Task); ok && t.Info.Error != nil {
+			return t.Info.Error.Fault
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if spec.ChangeTrackingEnabled != nil && *spec.ChangeTrackingEnabled != cbtBefore {
+		l.setCBT(vm, *spec.ChangeTrackingEnabled)
+	}
+	l.adoptNewDisks(vm)
+	for _, dc := range detach {
+		l.detach(vm, dc.Device.GetVirtualDevice().Key)
+	}
+	for _, dc := range attach {
+		if fault := l.attach(vm, dc); fault != nil {
+			l.syncDevices(vm)
+			return fault
+		}
+	}
+	l.syncDevices(vm)
+	return nil
+}
+
+func isDeviceOnly(spec types.VirtualMachineConfigSpec) bool {
+	spec.DeviceChange = nil
+	spec.ChangeTrackingEnabled = nil
+	return fmt.Sprintf("%+v", spec) == fmt.Sprintf("%+v", types.VirtualMachineConfigSpec{})
+}
+
+func (l *Lab) extentByPath(dsPath string) *Extent {
+	for _, vm := range l.vms {
+		for _, d := range vm.disks {
+			for e := d.Top; e != nil; e = e.Parent {
+				if e.DSPath() == dsPath {
+					return e
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// attach hot-adds an existing disk file to vm. The agent sees it as a read-only raw
+// image at STATE/agents/<vm>/devices/<uuid>, named after the backing's uuid that
+// its own configuration shows.
+func (l *Lab) attach(vm *LabVM, dc *types.VirtualDeviceConfigSpec) types.BaseMethodFault {
+	disk := dc.Device.(*types.VirtualDisk)
+	b := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+	e := l.extentByPath(b.FileName)
+	if owner := e.Owner.VM; !e.Frozen && owner != vm && owner.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+		return &types.FileLocked{FileFault: types.FileFault{File: b.FileName}}
+	}
+	for _, a := range vm.hot {
+		if a.extent == e {
+			return &types.FileLocked{FileFault: types.FileFault{File: b.FileName}}
+		}
+	}
+	devices := object.VirtualDeviceList(vm.Config.Hardware.Device)
+	ctrl, _ := devices.FindByKey(disk.ControllerKey).(types.BaseVirtualController)
+	if ctrl == nil {
+		c, err := devices.FindDiskController("scsi")
+		if err != nil {
+			return &types.InvalidDeviceSpec{InvalidVmConfig: types.InvalidVmConfig{Property: "controllerKey"}}
+		}
+		ctrl = c
+	}
+	unit := disk.UnitNumber
+	if unit == nil || unitTaken(devices, ctrl, *unit) {
+		if unit != nil {
+			return &types.InvalidDeviceSpec{InvalidVmConfig: types.InvalidVmConfig{Property: "unitNumber"}}
+		}
+		for u := int32(0); u < 64; u++ {
+			if u == 7 && isSCSI(ctrl) {
+				continue
+			}
+			if !unitTaken(devices, ctrl, u) {
+				unit = &u
+				break
+			}
+		}
+	}
+	key := devices.NewKey()
+	if key < 0 {
+		key = -key
+	}
+	for devices.FindByKey(key) != nil {
+		key++
+	}
+	dev := &types.VirtualDisk{
+		VirtualDevice: types.VirtualDevice{
+			Key: key, ControllerKey: ctrl.GetVirtualController().Key, UnitNumber: unit,
+			Backing:    l.backingFor(e, ""),
+			DeviceInfo: &types.Description{Label: fmt.Sprintf("Hard disk %d", len(vm.hot)+len(vm.disks)+1), Summary: fmt.Sprintf("%d KB", e.Capacity/1024)},
+		},
+		CapacityInKB:    e.Capacity / 1024,
+		CapacityInBytes: e.Capacity,
+	}
+	if b.DiskMode != "" {
+		dev.Backing.(*types.VirtualDiskFlatVer2BackingInfo).DiskMode = b.DiskMode
+	}
+	dir := filepath.Join(l.state, "agents", vm.Name, "devices")
+	if err := os.MkdirAll(dir, 0755); err != nil {
+		return &types.FileFault{File: dir}
+	}
+	path := filepath.Join(dir, e.UUID)
+	if err := e.materialize(path, 0444); err != nil {
+		return &types.FileFault{File: path}
+	}
+	ctrl.GetVirtualController().Device = append(ctrl.GetVirtualController().Device, key)
+	vm.Config.Hardware.Device = append(vm.Config.Hardware.Device, dev)
+	e.Attached++
+	a := &Attachment{Agent: vm.Name, Host: vm.hostName(), Key: key, File: e.DSPath(), UUID: e.UUID, Device: path, Datastore: e.Datastore, extent: e}
+	vm.hot[key] = a
+	l.counters.attach(a.Agent, a.Host, a.Datastore, 1)
+	return nil
+}
+
+// detach removes a hot-added disk without touching the file.
+func (l *Lab) detach(vm *LabVM, key int32) {
+	a := vm.hot[key]
+	delete(vm.hot, key)
+	a.extent.Attached--
+	_ = os.Remove(a.Device)
+	var kept []types.BaseVirtualDevice
+	for _, d := range vm.Config.Hardware.Device {
+		if d.GetVirtualDevice().Key == key {
+			continue
+		}
+		if c, ok := d.(types.BaseVirtualController); ok {
+			removeKey(&c.GetVirtualController().Device, key)
+		}
+		kept = append(kept, d)
+	}
+	vm.Config.Hardware.Device = kept
+	l.counters.attach(a.Agent, a.Host, a.Datastore, -1)
+}
+
+func removeKey(keys *[]int32, key int32) {
+	var kept []int32
+	for _, k := range *keys {
+		if k != key {
+			kept = append(kept, k)
+		}
+	}
+	*keys = kept
+}
+
+func unitTaken(devices object.VirtualDeviceList, ctrl types.BaseVirtualController, unit int32) bool {
+	for _, d := range devices {
+		v := d.GetVirtualDevice()
+		if v.ControllerKey == ctrl.GetVirtualController().Key && v.UnitNumber != nil && *v.UnitNumber == unit {
+			return true
+		}
+	}
+	return false
+}
+
+func isSCSI(c types.BaseVirtualController) bool {
+	_, ok := c.(types.BaseVirtualSCSIController)
+	return ok
+}
+
+// adoptNewDisks gives lab extents to disks the stock code created (fileOperation create).
+func (l *Lab) adoptNewDisks(vm *LabVM) {
+	devices := object.VirtualDeviceList(vm.Config.Hardware.Device)
+	known := map[int32]bool{}
+	for _, d := range vm.disks {
+		known[d.Key] = true
+	}
+	for k := range vm.hot {
+		known[k] = true
+	}
+	var kept []*VDisk
+	for _, d := range vm.disks {
+		if devices.FindByKey(d.Key) != nil {
+			kept = append(kept, d)
+		}
+	}
+	vm.disks = kept
+	for _, dev := range devices.SelectByType((*types.VirtualDisk)(nil)) {
+		disk := dev.(*types.VirtualDisk)
+		if known[disk.Key] {
+			continue
+		}
+		b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		if !ok {
+			continue
+		}
+		if _, err := l.newBaseDisk(vm, disk, b.FileName, ""); err != nil {
+			fmt.Fprintf(os.Stderr, "lab: adopting disk %d of %s: %v\n", disk.Key, vm.Name, err)
+		}
+	}
+}

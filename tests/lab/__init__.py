@@ -1,0 +1,1 @@
+"""Tests of the lab (the simulated vSphere datacenter)."""
