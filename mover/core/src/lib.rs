@@ -20,6 +20,7 @@
 //! lease started (see gc.rs), so it can run while backups do.
 
 pub mod backup;
+pub mod backup_reader;
 pub mod catalog;
 pub mod chunk;
 pub mod chunk_store;
