@@ -135,11 +135,13 @@ def restore_disk(
     backup_id: str,
     output: str,
     disk: Optional[str] = None,
+    format: str = "raw",
     overwrite: bool = False,
     progress: Optional[Progress] = None,
     cancel: Optional[CancelToken] = None,
 ) -> RestoreResult:
-    """Restores a disk to a raw file (sparse) or an existing block device.
+    """Restores a disk to a raw file (sparse) or an existing block device,
+    or (``format``) to an image file of another format.
 
     A file is written under a temporary name and renamed when complete.
     Every chunk is checked against its id before it is written.

@@ -160,12 +160,10 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
 def cmd_restore_disk(args: argparse.Namespace) -> int:
     from . import _mover
 
-    if args.format != "raw":
-        raise InvalidInputError(f"--format {args.format} is not supported by this version yet; use --format raw")
     progress = _Progress(f"restoring {args.id}", not args.json)
     try:
-        r = _mover.restore_disk(_repo(args), args.id, args.output, disk=args.disk, overwrite=args.force,
-                                progress=progress)
+        r = _mover.restore_disk(_repo(args), args.id, args.output, disk=args.disk, format=args.format,
+                                overwrite=args.force, progress=progress)
     finally:
         progress.close()
     result = {"id": r.backup, "disk": r.disk, "output": args.output, "format": args.format,

@@ -34,6 +34,7 @@ pub mod progress;
 pub mod repository;
 pub mod restore;
 pub mod source;
+pub mod target;
 pub mod verify;
 
 pub use error::{Error, Result};

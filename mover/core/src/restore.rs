@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::extents::block_len;
 use crate::manifest::Manifest;
 use crate::progress::{worker_threads, Cancel, Progress, Ticker};
+use crate::source::DiskSource;
 use crate::repository::{check_backup_id, Repository};
 use crossbeam_channel::bounded;
 use std::fs::{self, File, OpenOptions};
@@ -68,6 +69,52 @@ fn open_target(output: &Path, size: u64, overwrite: bool) -> Result<(File, Targe
             Ok((f, Target::File { tmp, path: output.to_path_buf() }))
         }
     }
+}
+
+/// Restores disk `disk` (or the only disk) of backup `id` to `output` as an
+/// image of `format` (`raw`, or one of `target::FORMATS`). The image is
+/// written under a temporary name and renamed when complete.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_disk_as(
+    repo: &Repository,
+    id: &str,
+    disk: Option<&str>,
+    output: &Path,
+    format: &str,
+    overwrite: bool,
+    progress: &mut dyn Progress,
+    cancel: &Cancel,
+) -> Result<RestoreStats> {
+    if format == "raw" {
+        return restore_disk(repo, id, disk, output, overwrite, progress, cancel);
+    }
+    let t0 = Instant::now();
+    let reader = crate::backup_reader::BackupReader::open(repo, id, disk)?;
+    if fs::symlink_metadata(output).map(|m| !m.is_file() || (m.len() > 0 && !overwrite)).unwrap_or(false) {
+        return Err(Error::InvalidInput(format!(
+            "{} exists and is not an empty file; refusing to overwrite it",
+            output.display()
+        )));
+    }
+    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.partial-{:08x}", crate::clock::random_u32()));
+    let written = crate::target::write_image(format, &reader, &tmp, progress, cancel).and_then(|n| {
+        fs::rename(&tmp, output).map_err(|e| Error::target(format!("renaming into {}", output.display()), e))?;
+        Ok(n)
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    let disk_name = reader.describe();
+    Ok(RestoreStats {
+        backup: id.into(),
+        disk: disk_name.rsplit(" disk ").next().unwrap_or_default().to_string(),
+        disk_size: crate::source::DiskSource::size(&reader),
+        bytes_written: written?,
+        zero_blocks: reader.block_map().iter().filter(|c| c.is_zero()).count() as u64,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// Restores disk `disk` (or the only disk) of backup `id` to `output`.

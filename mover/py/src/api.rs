@@ -102,7 +102,7 @@ impl BackupSession {
     }
 }
 
-#[pyfunction(disk = "None", overwrite = "false", progress = "None", cancel = "None")]
+#[pyfunction(disk = "None", format = "\"raw\"", overwrite = "false", progress = "None", cancel = "None")]
 #[allow(clippy::too_many_arguments)]
 pub fn restore_disk(
     py: Python,
@@ -110,6 +110,7 @@ pub fn restore_disk(
     backup_id: &str,
     output: &str,
     disk: Option<&str>,
+    format: &str,
     overwrite: bool,
     progress: Option<PyObject>,
     cancel: Option<CancelToken>,
@@ -117,7 +118,7 @@ pub fn restore_disk(
     let repo = open(repo)?;
     let cancel = cancel_of(cancel);
     let mut prog = PyProgress::new(progress);
-    let r = py.allow_threads(|| restore::restore_disk(&repo, backup_id, disk, Path::new(output), overwrite, &mut prog, &cancel));
+    let r = py.allow_threads(|| restore::restore_disk_as(&repo, backup_id, disk, Path::new(output), format, overwrite, &mut prog, &cancel));
     prog.finish(r).map(RestoreResult::from)
 }
 
