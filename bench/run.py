@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""vmbackup's benchmark against the peer tools, measured in one run.
+
+A deterministic 2 GiB image that looks like a VM disk (about 40% holes, 30%
+compressible text, 20% random, 10% duplicated blocks) and a copy with 5% of
+its 1 MiB blocks rewritten (plus the changed-extents file CBT would give).
+For each tool: full backup, incremental backup of the changed copy, restore;
+wall time (median of --runs), peak RSS of the process, stored size. Warm page
+cache for every tool. Usage: `make bench` or `bench/run.py [--size 2GiB]
+[--runs 3] [--dir bench-output]`. Prints a table, the ratios against the
+issue's targets, and writes DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
+from vmbackup.cli import fmt_bytes, parse_size  # noqa: E402
+from vmbackup.diskimage import make_image, rewrite_blocks, write_extents  # noqa: E402
+
+ENV = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+           BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", RESTIC_CACHE_DIR="", XDG_CACHE_HOME="")
+
+
+def run(cmd: list[str], cwd: str | None = None, stdout=subprocess.DEVNULL) -> tuple[float, int, str]:
+    """Runs a command; returns (seconds, peak RSS in bytes, stdout)."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate()
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
+    return dt, 0, out.decode()
+
+
+def run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, int, str]:
+    """Like run(), with the peak RSS of exactly this child (wait4)."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = p.stdout.read()
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
+    return dt, usage.ru_maxrss * 1024, out.decode()
+
+
+def du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+def warm(*paths: Path) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(16 << 20):
+                pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="2GiB")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default="bench-output")
+    ap.add_argument("--tools", default="vmbackup,zstd,restic,borg")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    tools = args.tools.split(",")
+    work = Path(args.dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    vmbackup = [sys.executable, "-m", "vmbackup"]
+
+    base, changed, ext = work / "base.img", work / "changed.img", work / "changed.json"
+    if not (base.exists() and changed.exists() and ext.exists() and base.stat().st_size == size):
+        print(f"generating {fmt_bytes(size)} images in {work} ...", file=sys.stderr)
+        make_image(str(base), size, seed=2026)
+        subprocess.run(["cp", "--sparse=always", str(base), str(changed)], check=True)
+        write_extents(str(ext), rewrite_blocks(str(changed), 0.05, seed=2027))
+    disk = work / "disk.img"  # the path every tool backs up; base or changed is renamed onto it
+
+    def use(which: Path) -> None:
+        if disk.exists():
+            os.unlink(disk)
+        os.link(which, disk)
+        warm(disk)
+
+    results: dict[str, dict[str, list[float]]] = {t: {} for t in tools}
+
+    def record(tool: str, what: str, value: float) -> None:
+        results[tool].setdefault(what, []).append(value)
+
+    for r in range(args.runs):
+        print(f"run {r + 1}/{args.runs}", file=sys.stderr)
+        for tool in tools:
+            repo = work / f"repo-{tool}"
+            out = work / f"out-{tool}"
+            for p in (repo, out):
+                if p.exists():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            use(base)
+            if tool == "vmbackup":
+                run(vmbackup + ["init", "--repo", str(repo)])
+                dt, rss, o = run_rss(vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json", str(disk)])
+                full_id = json.loads(o)["id"]
+                record(tool, "full_s", dt); record(tool, "full_rss", rss); record(tool, "stored", du(repo))
+                use(changed)
+                dt, rss, o = run_rss(vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json",
+                                                 "--parent", full_id, "--changed-extents", str(ext), str(disk)])
+                inc_id = json.loads(o)["id"]
+                record(tool, "incr_s", dt); record(tool, "incr_rss", rss)
+                dt, rss, _ = run_rss(vmbackup + ["restore-disk", "--repo", str(repo), inc_id, str(out)])
+                record(tool, "restore_s", dt); record(tool, "restore_rss", rss)
+            elif tool == "zstd":
+                dt, rss, _ = run_rss(["zstd", "-1", "-T0", "-q", "-f", str(disk), "-o", str(repo)])
+                record(tool, "full_s", dt); record(tool, "full_rss", rss); record(tool, "stored", du(repo))
+                dt, rss, _ = run_rss(["zstd", "-d", "-T0", "-q", "-f", str(repo), "-o", str(out)])
+                record(tool, "restore_s", dt); record(tool, "restore_rss", rss)
+                if r == 0:
+                    z3 = work / "zstd3.zst"
+                    run(["zstd", "-3", "-T0", "-q", "-f", str(disk), "-o", str(z3)])
+                    record(tool, "zstd3_stored", du(z3))
+                    z3.unlink()
+            elif tool == "restic":
+                run(["restic", "-r", str(repo), "init"])
+                dt, rss, _ = run_rss(["restic", "-r", str(repo), "backup", "--quiet", "disk.img"], cwd=str(work))
+                record(tool, "full_s", dt); record(tool, "full_rss", rss); record(tool, "stored", du(repo))
+                use(changed)
+                dt, rss, _ = run_rss(["restic", "-r", str(repo), "backup", "--quiet", "disk.img"], cwd=str(work))
+                record(tool, "incr_s", dt); record(tool, "incr_rss", rss)
+                dt, rss, _ = run_rss(["restic", "-r", str(repo), "restore", "latest", "--target", str(out)])
+                record(tool, "restore_s", dt); record(tool, "restore_rss", rss)
+            elif tool == "borg":
+                run(["borg", "init", "-e", "none", str(repo)])
+                create = ["borg", "create", "--chunker-params", "fixed,4194304", "-C", "lz4"]
+                dt, rss, _ = run_rss(create + [f"{repo}::full", "disk.img"], cwd=str(work))
+                record(tool, "full_s", dt); record(tool, "full_rss", rss); record(tool, "stored", du(repo))
+                use(changed)
+                dt, rss, _ = run_rss(create + [f"{repo}::incr", "disk.img"], cwd=str(work))
+                record(tool, "incr_s", dt); record(tool, "incr_rss", rss)
+                out.mkdir()
+                dt, rss, _ = run_rss(["borg", "extract", "--sparse", f"{repo}::incr"], cwd=str(out))
+                record(tool, "restore_s", dt); record(tool, "restore_rss", rss)
+            for p in (out,):
+                if p.exists():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in results.items()}
+    print(f"\n{fmt_bytes(size)} VM-like image, {args.runs} run(s), medians\n")
+    print(f"{'tool':<10} {'full':>8} {'incr':>8} {'restore':>8} {'stored':>11} {'peak RSS':>10}")
+    for t in tools:
+        m = med[t]
+        rss = max(v for k, v in m.items() if k.endswith("_rss"))
+        f = lambda k: f"{m[k]:7.2f}s" if k in m else "       -"
+        print(f"{t:<10} {f('full_s'):>8} {f('incr_s'):>8} {f('restore_s'):>8} {fmt_bytes(m['stored']):>11} "
+              f"{fmt_bytes(rss):>10}")
+
+    checks = []
+    ours = med.get("vmbackup")
+    if ours:
+        def ratio(tool: str, key: str) -> float | None:
+            return med[tool][key] / ours[key] if tool in med and key in med[tool] else None
+
+        def check(label: str, value: float | None, target: float, higher_is_better: bool = True) -> None:
+            if value is None:
+                return
+            ok = value >= target if higher_is_better else value <= target
+            checks.append({"target": label, "value": round(value, 2), "goal": target, "met": ok})
+
+        check("full backup vs restic (x faster)", ratio("restic", "full_s"), 5)
+        check("full backup vs borg (x faster)", ratio("borg", "full_s"), 2)
+        check("full backup vs zstd -1 -T0 (x faster)", ratio("zstd", "full_s"), 1.5)
+        check("CBT incremental vs restic incremental (x faster)", ratio("restic", "incr_s"), 10)
+        check("restore vs restic restore (x faster)", ratio("restic", "restore_s"), 2)
+        rss = max(v for k, v in ours.items() if k.endswith("_rss"))
+        check("mover peak RSS (MiB)", rss / 2**20, 256, higher_is_better=False)
+        if "zstd" in med:
+            check("stored size / zstd -3 size", ours["stored"] / med["zstd"]["zstd3_stored"], 1.0,
+                  higher_is_better=False)
+        print()
+        for c in checks:
+            print(f"{'MET ' if c['met'] else 'MISS'} {c['target']}: {c['value']} (goal {c['goal']})")
+    (work / "results.json").write_text(json.dumps({"size": size, "runs": args.runs, "medians": med,
+                                                   "samples": results, "targets": checks}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
