@@ -71,7 +71,7 @@ class GcResult:
     temp_files_removed: int
     cutoff_unix: float
 
-def init_repository(path: str, chunk_size: int = 1048576, compression: str = "zstd:3") -> str:
+def init_repository(path: str, chunk_size: int = 1048576, compression: str = "zstd:1") -> str:
     """Creates a repository in an empty or new directory.
 
     Args:

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("init", cmd_init, "create a repository")
     sp.add_argument("--chunk-size", default="1MiB", help="power of two, 256KiB to 8MiB (default 1MiB)")
-    sp.add_argument("--compression", default="zstd:3", help="zstd:LEVEL or none (default zstd:3)")
+    sp.add_argument("--compression", default="zstd:1", help="zstd:LEVEL or none (default zstd:1)")
 
     sp = command("backup-disk", cmd_backup_disk, "back up one disk image, block device or NBD export")
     sp.add_argument("--vm", required=True, help="the VM the disk belongs to")

@@ -39,7 +39,7 @@ def run_demo(directory: str, size: int = 512 << 20) -> int:
     before = _sha256(disk)
 
     _mover.init_repository(repo)
-    say(f"2. created repository {repo} (1 MiB chunks, zstd:3)")
+    say(f"2. created repository {repo} (1 MiB chunks, zstd:1)")
 
     s = _mover.BackupSession(repo, "web01")
     d = s.add_disk(disk, "scsi0:0", change_id="52 8e 1c-demo/1")

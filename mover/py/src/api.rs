@@ -22,7 +22,7 @@ fn parse_json(what: &str, text: Option<&str>) -> PyResult<serde_json::Value> {
     }
 }
 
-#[pyfunction(chunk_size = "1048576", compression = "\"zstd:3\"")]
+#[pyfunction(chunk_size = "1048576", compression = "\"zstd:1\"")]
 pub fn init_repository(path: &str, chunk_size: u64, compression: &str) -> PyResult<String> {
     let repo = Repository::init(Path::new(path), chunk_size, compression).map_err(to_py)?;
     Ok(serde_json::to_string(&repo.config).expect("config serializes"))
