@@ -223,5 +223,7 @@ fn write_block(store: &ChunkStore, id: &ChunkId, file: &File, off: u64, len: usi
         }
         &data
     };
-    file.write_all_at(bytes, off).map_err(|e| Error::target(format!("writing extent {off}+{len}"), e))
+    file.write_all_at(bytes, off).map_err(|e| Error::target(format!("writing extent {off}+{len}"), e))?;
+    crate::chunk_store::start_writeback(file, off, len as u64);
+    Ok(())
 }
