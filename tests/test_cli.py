@@ -117,3 +117,14 @@ def test_forget_and_gc_reclaim_space(cli, disk, tmp_path):
     g = cli.json("gc", "--grace", "0")
     assert g["chunks_removed"] == 1 and g["bytes_removed"] > 0
     assert cli.json("gc", "--grace", "0")["chunks_removed"] == 0
+
+
+def test_corrupt_repository_config_is_one_clear_line(cli, disk):
+    (cli.repo / "config.json").write_text('{"format": "vmbackup-repository", "version": 1, "chunk')
+    for args in (["snapshots"], ["backup-disk", "--vm", "v", str(disk)], ["verify"], ["gc"]):
+        p = cli.run(*args, expect=1)
+        assert p.stderr.count("\n") == 1 and "config.json is corrupt" in p.stderr, p.stderr
+    (cli.repo / "config.json").write_text(json.dumps({"format": "vmbackup-repository", "version": 9, "id": "x",
+                                                      "chunk_size": MiB, "compression": "none", "created": ""}))
+    p = cli.run("snapshots", expect=1)
+    assert "version 9 is not supported" in p.stderr
