@@ -146,7 +146,8 @@ impl VhdSource {
 
     fn open_chain(path: &Path, seen: &mut Vec<PathBuf>) -> Result<VhdSource> {
         let file = File::open(path).map_err(|e| Error::source_io(format!("opening {}", path.display()), e))?;
-        let len = file.metadata().map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?.len();
+        // Sized like a raw source, so an image copied onto a block device works too.
+        let len = super::FileSource::open(path)?.size();
         if len < FOOTER_SIZE as u64 {
             return Err(corrupt(path, "shorter than a footer"));
         }

@@ -119,7 +119,8 @@ impl VhdxSource {
             ErrorKind::NotFound => Error::Source(format!("source {} does not exist", path.display())),
             _ => Error::source_io(format!("opening {}", path.display()), e),
         })?;
-        let file_len = file.metadata().map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?.len();
+        // Sized like a raw source, so an image copied onto a block device works too.
+        let file_len = crate::source::FileSource::open(path)?.size();
         let mut img = Image { file, path: path.to_path_buf(), file_len, len: file_len, overlay: None };
         if file_len < 1024 * 1024 {
             return Err(corrupt(path, format!("{file_len} bytes is too small")));
