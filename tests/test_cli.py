@@ -43,7 +43,7 @@ BAD_INPUT = [
     ("chunk size too small", ["init", "--repo", "{tmp}/new", "--chunk-size", "64KiB"], "power of two"),
     ("bad compression", ["init", "--repo", "{tmp}/new", "--compression", "brotli"], "unsupported compression"),
     ("init non-empty", ["init", "--repo", "{tmp}"], "not empty"),
-    ("unsupported format", ["restore-disk", "--format", "vhdx", "{parent}", "{tmp}/out"], "not supported"),
+    ("corrupt vhdx", ["backup-disk", "--vm", "v", "{tmp}/x.vhdx"], "not a valid VHDX image"),
 ]
 
 
@@ -54,6 +54,7 @@ def test_bad_input_exits_2_with_one_clear_line(cli, disk, tmp_path, case, args, 
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "far.json").write_text(json.dumps([{"start": 0, "length": 10 * MiB}]))
     (tmp_path / "x.raw").write_bytes(b"KDMV" + bytes(4096))
+    (tmp_path / "x.vhdx").write_bytes(b"vhdxfile" + bytes(2 * MiB))
     args = [a.format(tmp=tmp_path, disk=disk, parent=parent) for a in args]
     before = sorted(os.listdir(cli.repo / "backups"))
     p = cli.run(*args, expect=2)

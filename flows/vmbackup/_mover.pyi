@@ -27,7 +27,7 @@ class DiskResult:
     disk_size: int
     mode: str  # "full", "allocated" (holes skipped) or "changed" (CBT)
     source: str
-    source_format: str
+    source_format: str  # "raw", "vhdx:dynamic", "vhd:fixed", ... (docs/formats.md)
     bytes_read: int
     bytes_stored: int
     bytes_skipped: int
@@ -110,7 +110,9 @@ class BackupSession:
         """Backs up one disk.
 
         Args:
-            source: a raw image file or block device (holes are not read).
+            source: a raw image file or block device (holes are not read), or
+                a VHD or VHDX image (told apart by content; only allocated areas
+                are read; a differencing disk is read through its parents).
             name: the disk's name in the backup, e.g. ``scsi0:0``.
             changed_extents: (start, length) byte ranges changed since the
                 parent (QueryChangedDiskAreas); other blocks come from the

@@ -2,8 +2,12 @@
 //! say which areas are allocated. The backup pipeline sees only this trait.
 
 mod file;
+pub mod vhd;
+pub mod vhdx;
 
 pub use file::FileSource;
+pub use vhd::VhdSource;
+pub use vhdx::VhdxSource;
 
 use crate::error::{Error, Result};
 use crate::extents::Extent;
@@ -27,10 +31,6 @@ fn sniff_unsupported(head: &[u8]) -> Option<&'static str> {
         Some("VMDK (sparse)")
     } else if head.starts_with(b"# Disk DescriptorFile") {
         Some("VMDK (descriptor)")
-    } else if head.starts_with(b"vhdxfile") {
-        Some("VHDX")
-    } else if head.starts_with(b"conectix") {
-        Some("VHD")
     } else if head.starts_with(b"QFI\xfb") {
         Some("qcow2")
     } else {
@@ -44,11 +44,28 @@ pub fn open(spec: &str) -> Result<Box<dyn DiskSource>> {
     if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds://") {
         return Err(Error::Source(format!("{spec}: NBD sources are not supported by this version")));
     }
-    let src = FileSource::open(std::path::Path::new(spec))?;
+    let path = std::path::Path::new(spec);
+    let src = FileSource::open(path)?;
     let mut head = [0u8; 32];
     let n = head.len().min(src.size() as usize);
     if n > 0 {
         src.read_at(&mut head[..n], 0)?;
+        if head[..n].starts_with(vhdx::FILE_SIGNATURE) {
+            return Ok(Box::new(VhdxSource::open(path)?));
+        }
+        // Dynamic and differencing VHDs keep a copy of their footer at 0; a
+        // fixed VHD is a raw disk with a footer after it, accepted only if
+        // its checksum, type and size agree (see vhd::is_fixed_footer).
+        if head[..n].starts_with(b"conectix") {
+            return Ok(Box::new(VhdSource::open(path)?));
+        }
+        if src.size() >= vhd::FOOTER_SIZE as u64 {
+            let mut tail = [0u8; vhd::FOOTER_SIZE];
+            src.read_at(&mut tail, src.size() - vhd::FOOTER_SIZE as u64)?;
+            if vhd::is_fixed_footer(&tail, src.size()) {
+                return Ok(Box::new(VhdSource::open(path)?));
+            }
+        }
         if let Some(kind) = sniff_unsupported(&head[..n]) {
             return Err(Error::Source(format!(
                 "{spec} is a {kind} image; this version backs up raw images and block devices only"
