@@ -2,8 +2,10 @@
 //! say which areas are allocated. The backup pipeline sees only this trait.
 
 mod file;
+pub mod vmdk;
 
 pub use file::FileSource;
+pub use vmdk::VmdkSource;
 
 use crate::error::{Error, Result};
 use crate::extents::Extent;
@@ -23,11 +25,7 @@ pub trait DiskSource: Send + Sync {
 
 /// Formats we recognise by content but cannot read yet.
 fn sniff_unsupported(head: &[u8]) -> Option<&'static str> {
-    if head.starts_with(b"KDMV") || head.starts_with(b"COWD") {
-        Some("VMDK (sparse)")
-    } else if head.starts_with(b"# Disk DescriptorFile") {
-        Some("VMDK (descriptor)")
-    } else if head.starts_with(b"vhdxfile") {
+    if head.starts_with(b"vhdxfile") {
         Some("VHDX")
     } else if head.starts_with(b"conectix") {
         Some("VHD")
@@ -49,6 +47,9 @@ pub fn open(spec: &str) -> Result<Box<dyn DiskSource>> {
     let n = head.len().min(src.size() as usize);
     if n > 0 {
         src.read_at(&mut head[..n], 0)?;
+        if vmdk::sniff(&head[..n]) {
+            return Ok(Box::new(VmdkSource::open(std::path::Path::new(spec))?));
+        }
         if let Some(kind) = sniff_unsupported(&head[..n]) {
             return Err(Error::Source(format!(
                 "{spec} is a {kind} image; this version backs up raw images and block devices only"
