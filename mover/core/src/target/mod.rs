@@ -7,17 +7,26 @@ use crate::progress::{Cancel, Progress};
 use crate::source::DiskSource;
 use std::path::Path;
 
+pub mod vmdk;
+
 /// Image formats a disk can be restored to besides raw.
-pub const FORMATS: &[&str] = &["raw"];
+/// `vmdk` is streamOptimized (what vSphere imports), `vmdk-sparse` is
+/// monolithicSparse (VMware Workstation, qemu).
+pub const FORMATS: &[&str] = &["raw", "vmdk", "vmdk-sparse"];
 
 /// Writes `src` to `output` as `format`; returns the bytes of the image file.
 pub fn write_image(
     format: &str,
-    _src: &dyn DiskSource,
-    _output: &Path,
-    _progress: &mut dyn Progress,
-    _cancel: &Cancel,
+    src: &dyn DiskSource,
+    output: &Path,
+    progress: &mut dyn Progress,
+    cancel: &Cancel,
 ) -> Result<u64> {
+    match format {
+        "vmdk" => return vmdk::write_vmdk(vmdk::Shape::StreamOptimized, src, output, progress, cancel),
+        "vmdk-sparse" => return vmdk::write_vmdk(vmdk::Shape::MonolithicSparse, src, output, progress, cancel),
+        _ => {}
+    }
     Err(Error::InvalidInput(format!(
         "restoring to {format} is not supported by this version; formats: {}",
         FORMATS.join(", ")
