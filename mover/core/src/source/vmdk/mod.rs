@@ -209,16 +209,24 @@ fn open_extents(path: &Path, d: &Descriptor) -> Result<Vec<Piece>> {
         if e.access == Access::NoAccess {
             return Err(Error::Source(format!("{}: extent {} ({}) is NOACCESS", path.display(), i + 1, name())));
         }
+        let fpath = dir.join(name());
+        if e.file.is_some() {
+            // VMware keeps a disk's extents next to its descriptor; a name
+            // leading elsewhere is not one of the image's own files.
+            let p = Path::new(e.file.as_deref().unwrap_or_default());
+            if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(Error::Source(format!(
+                    "{}: extent file {} is outside the descriptor's directory",
+                    path.display(),
+                    name()
+                )));
+            }
+            if !fpath.exists() {
+                return Err(Error::Source(format!("{}: extent file {} does not exist", path.display(), fpath.display())));
+            }
+        }
         let backing = match e.kind.as_str() {
             "FLAT" | "VMFS" => {
-                let fpath = dir.join(name());
-                if !fpath.exists() {
-                    return Err(Error::Source(format!(
-                        "{}: extent file {} does not exist",
-                        path.display(),
-                        fpath.display()
-                    )));
-                }
                 let file = FileSource::open(&fpath)?;
                 let offset = e.offset.checked_mul(SECTOR).filter(|o| o.checked_add(len).map_or(false, |end| end <= file.size()));
                 let offset = offset.ok_or_else(|| {
@@ -234,7 +242,7 @@ fn open_extents(path: &Path, d: &Descriptor) -> Result<Vec<Piece>> {
                 Backing::Flat { file, offset }
             }
             "ZERO" => Backing::Zero,
-            "SPARSE" => Backing::Sparse(SparseExtent::open(&dir.join(name()))?),
+            "SPARSE" => Backing::Sparse(SparseExtent::open(&fpath)?),
             "VMFSSPARSE" | "SESPARSE" => {
                 return Err(Error::Source(format!(
                     "{}: extent {} is a {} snapshot extent, which this version does not read; {TRANSPORT_HINT}",
