@@ -5,6 +5,7 @@ and compare equal; corrupt images fail with one clear line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -12,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import MiB
 
@@ -167,8 +169,11 @@ def make_chain(tmp_path: Path) -> tuple[Path, Path]:
     run("qemu-img", "create", "-q", "-f", "vmdk", str(base), str(SMALL))
     qemu_write(base, [(0x41, 0, 3 * MiB), (0x42, 30 * MiB + 5, 100_000), (0x43, 50 * MiB, 2 * MiB)])
     child = tmp_path / "child.vmdk"
-    run("qemu-img", "create", "-q", "-f", "vmdk", "-b", base.name, "-F", "vmdk", str(child))
+    # zeroed_grain: qemu marks grains written with zeros as zero grains
+    # (table entry 1), which hide the parent's data.
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", "-b", base.name, "-F", "vmdk", str(child))
     qemu_write(child, [(0x51, MiB + 77, 10_000), (0x52, 50 * MiB + MiB // 2, MiB), (0x53, 60 * MiB, 4096)])
+    run("qemu-io", "-f", "vmdk", "-c", f"write -z {2 * MiB} {MiB}", str(child))
     return base, child
 
 
@@ -178,6 +183,32 @@ def test_delta_disk_reads_through_its_parent(cli, tmp_path):
     b = check_round_trip(cli, tmp_path, child, ref, "vmdk:monolithicSparse")
     # The parent's areas are read too: the backup is of the whole disk.
     assert b["bytes_read"] >= 5 * MiB
+    with open(ref, "rb") as f:
+        f.seek(2 * MiB)
+        assert f.read(MiB) == bytes(MiB)  # the zero grains hid the parent's data
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(subformat=st.sampled_from(["monolithicSparse", "streamOptimized", "monolithicFlat"]),
+       writes=st.lists(st.tuples(st.integers(1, 255), st.integers(0, 16 * MiB - 1), st.integers(1, 300_000)),
+                       min_size=1, max_size=6))
+def test_random_guest_writes_round_trip(tmp_path_factory, subformat, writes):
+    d = tmp_path_factory.mktemp("vmdk")
+    size = 16 * MiB
+    writes = [(p, off, min(n, size - off)) for p, off, n in writes]
+    img = make_vmdk(d, subformat, size, writes)
+    ref = reference_raw(img, d / "ref.raw")
+    repo = str(d / "repo")
+    _mover.init_repository(repo, chunk_size=256 * 1024)
+    s = _mover.BackupSession(repo, "vm")
+    s.add_disk(str(img), "scsi0:0")
+    bid = json.loads(s.commit())["id"]
+    out = d / "out.raw"
+    _mover.restore_disk(repo, bid, str(out))
+    assert out.read_bytes() == ref.read_bytes()
+    vmdk = d / "out.vmdk"
+    _mover.restore_disk(repo, bid, str(vmdk), format="vmdk")
+    run("qemu-img", "compare", "-f", "vmdk", "-F", "raw", str(vmdk), str(ref))
 
 
 def test_delta_disk_without_its_parent_names_the_transport(cli, tmp_path):
