@@ -15,6 +15,7 @@ RUST_CRATE_PACKAGES=(
   librust-pyo3-dev librust-xxhash-rust-dev librust-zstd-dev librust-crossbeam-channel-dev
   librust-thiserror-dev librust-libc-dev librust-serde-dev librust-serde-derive-dev
   librust-serde-json-dev librust-proptest-dev librust-tempfile-dev
+  librust-flate2-dev librust-flate2+miniz-oxide-dev
 )
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

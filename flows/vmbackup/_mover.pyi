@@ -27,7 +27,7 @@ class DiskResult:
     disk_size: int
     mode: str  # "full", "allocated" (holes skipped) or "changed" (CBT)
     source: str
-    source_format: str  # "raw", "vhdx:dynamic", "vhd:fixed", ... (docs/formats.md)
+    source_format: str  # "raw", "vmdk:<createType>", "vhdx:dynamic", "vhd:fixed", ... (docs/formats.md)
     bytes_read: int
     bytes_stored: int
     bytes_skipped: int
@@ -143,7 +143,9 @@ def restore_disk(
     cancel: Optional[CancelToken] = None,
 ) -> RestoreResult:
     """Restores a disk to a raw file (sparse) or an existing block device,
-    or (``format``) to an image file of another format.
+    or (``format``) to an image file of another format: ``vmdk``
+    (streamOptimized, what vSphere imports) or ``vmdk-sparse``
+    (monolithicSparse); docs/formats.md describes them.
 
     A file is written under a temporary name and renamed when complete.
     Every chunk is checked against its id before it is written.

@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("restore-disk", cmd_restore_disk, "restore a disk of a backup")
     sp.add_argument("--disk", help="disk name (needed when the backup has several)")
-    sp.add_argument("--format", default="raw", choices=["raw", "vmdk", "vhdx"])
+    sp.add_argument("--format", default="raw", choices=["raw", "vmdk", "vmdk-sparse", "vhdx"])
     sp.add_argument("--force", action="store_true", help="overwrite a non-empty OUTPUT file")
     sp.add_argument("id", metavar="ID")
     sp.add_argument("output", metavar="OUTPUT")

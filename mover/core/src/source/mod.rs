@@ -4,10 +4,12 @@
 mod file;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 pub use file::FileSource;
 pub use vhd::VhdSource;
 pub use vhdx::VhdxSource;
+pub use vmdk::VmdkSource;
 
 use crate::error::{Error, Result};
 use crate::extents::Extent;
@@ -27,11 +29,7 @@ pub trait DiskSource: Send + Sync {
 
 /// Formats we recognise by content but cannot read yet.
 fn sniff_unsupported(head: &[u8]) -> Option<&'static str> {
-    if head.starts_with(b"KDMV") || head.starts_with(b"COWD") {
-        Some("VMDK (sparse)")
-    } else if head.starts_with(b"# Disk DescriptorFile") {
-        Some("VMDK (descriptor)")
-    } else if head.starts_with(b"QFI\xfb") {
+    if head.starts_with(b"QFI\xfb") {
         Some("qcow2")
     } else {
         None
@@ -66,9 +64,12 @@ pub fn open(spec: &str) -> Result<Box<dyn DiskSource>> {
                 return Ok(Box::new(VhdSource::open(path)?));
             }
         }
+        if vmdk::sniff(&head[..n]) {
+            return Ok(Box::new(VmdkSource::open(path)?));
+        }
         if let Some(kind) = sniff_unsupported(&head[..n]) {
             return Err(Error::Source(format!(
-                "{spec} is a {kind} image; this version backs up raw images and block devices only"
+                "{spec} is a {kind} image; vmbackup reads raw, VMDK, VHD and VHDX images, block devices and NBD exports"
             )));
         }
     }

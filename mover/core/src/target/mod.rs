@@ -9,8 +9,12 @@ use crate::progress::{Cancel, Progress};
 use crate::source::DiskSource;
 use std::path::Path;
 
+pub mod vmdk;
+
 /// Image formats a disk can be restored to besides raw.
-pub const FORMATS: &[&str] = &["raw", "vhdx"];
+/// `vmdk` is streamOptimized (what vSphere imports), `vmdk-sparse` is
+/// monolithicSparse (VMware Workstation, qemu), `vhdx` is a dynamic VHDX.
+pub const FORMATS: &[&str] = &["raw", "vmdk", "vmdk-sparse", "vhdx"];
 
 /// Writes `src` to `output` as `format`; returns the bytes of the image file.
 pub fn write_image(
@@ -20,8 +24,11 @@ pub fn write_image(
     progress: &mut dyn Progress,
     cancel: &Cancel,
 ) -> Result<u64> {
-    if format == "vhdx" {
-        return vhdx::write_vhdx(src, output, vhdx::DEFAULT_BLOCK_SIZE, progress, cancel);
+    match format {
+        "vmdk" => return vmdk::write_vmdk(vmdk::Shape::StreamOptimized, src, output, progress, cancel),
+        "vmdk-sparse" => return vmdk::write_vmdk(vmdk::Shape::MonolithicSparse, src, output, progress, cancel),
+        "vhdx" => return vhdx::write_vhdx(src, output, vhdx::DEFAULT_BLOCK_SIZE, progress, cancel),
+        _ => {}
     }
     Err(Error::InvalidInput(format!(
         "restoring to {format} is not supported by this version; formats: {}",
