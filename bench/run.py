@@ -28,7 +28,7 @@ from vmbackup.cli import fmt_bytes, parse_size  # noqa: E402
 from vmbackup.diskimage import make_image, rewrite_blocks, write_extents  # noqa: E402
 
 ENV = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-           BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", RESTIC_CACHE_DIR="", XDG_CACHE_HOME="")
+           BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
 
 
 def run(cmd: list[str], cwd: str | None = None, stdout=subprocess.DEVNULL) -> tuple[float, int, str]:
@@ -80,6 +80,8 @@ def main() -> int:
     tools = args.tools.split(",")
     work = Path(args.dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # The peers' caches go under the work directory, not the user's home.
+    ENV.update(RESTIC_CACHE_DIR=str(work / "cache"), BORG_BASE_DIR=str(work / "borg-base"))
     vmbackup = [sys.executable, "-m", "vmbackup"]
 
     base, changed, ext = work / "base.img", work / "changed.img", work / "changed.json"
