@@ -30,6 +30,7 @@ pub mod extents;
 pub mod gc;
 pub mod lease;
 pub mod manifest;
+pub mod nbd;
 pub mod progress;
 pub mod repository;
 pub mod restore;

@@ -2,8 +2,10 @@
 //! say which areas are allocated. The backup pipeline sees only this trait.
 
 mod file;
+pub mod nbd;
 
 pub use file::FileSource;
+pub use nbd::NbdSource;
 
 use crate::error::{Error, Result};
 use crate::extents::Extent;
@@ -19,6 +21,11 @@ pub trait DiskSource: Send + Sync {
     fn format(&self) -> &'static str;
     /// What to call the source in messages and in the manifest.
     fn describe(&self) -> String;
+    /// How many `read_at` calls the pipeline should keep in flight at once
+    /// (a network source hides its round trips this way).
+    fn parallel_reads(&self) -> usize {
+        1
+    }
 }
 
 /// Formats we recognise by content but cannot read yet.
@@ -38,11 +45,11 @@ fn sniff_unsupported(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Opens a source named by a path (file or block device). Formats are told
-/// apart by content, not by name.
+/// Opens a source named by a path (file or block device) or an NBD URI.
+/// Formats are told apart by content, not by name.
 pub fn open(spec: &str) -> Result<Box<dyn DiskSource>> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds://") {
-        return Err(Error::Source(format!("{spec}: NBD sources are not supported by this version")));
+    if crate::nbd::uri::NbdUri::is_nbd(spec) {
+        return Ok(Box::new(NbdSource::open(spec)?));
     }
     let src = FileSource::open(std::path::Path::new(spec))?;
     let mut head = [0u8; 32];
