@@ -505,10 +505,18 @@ fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<Stream> {
 pub struct NbdSource {
     label: String,
     neg: Negotiated,
-    conns: Vec<Arc<Conn>>,
+    /// Connections in use; more are added in the background when the
+    /// server allows several (`CAN_MULTI_CONN`).
+    conns: Arc<std::sync::RwLock<Vec<Arc<Conn>>>>,
     next: AtomicUsize,
     timeout: Duration,
+    wanted: usize,
 }
+
+/// Extra connections get this long for their handshake: a server at its
+/// client limit (qemu-nbd's default is one) leaves them waiting in its
+/// backlog, and they are only a bonus.
+const EXTRA_CONN_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl NbdSource {
     pub fn open(spec: &str) -> Result<NbdSource> {
@@ -525,29 +533,45 @@ impl NbdSource {
         let label = format!("NBD export {spec}");
         let first = open_conn(&uri, &label, opts.timeout)?;
         let neg = first.neg.clone();
-        let mut conns = vec![first];
-        if neg.flags & TF_CAN_MULTI_CONN != 0 {
-            for _ in 1..opts.max_connections.max(1) {
-                // Extra connections are a bonus: a server at its limit still serves one.
-                match open_conn(&uri, &label, opts.timeout) {
-                    Ok(c) if c.neg.size == neg.size => conns.push(c),
-                    _ => break,
+        let conns = Arc::new(std::sync::RwLock::new(vec![first]));
+        let wanted = if neg.flags & TF_CAN_MULTI_CONN != 0 { opts.max_connections.max(1) } else { 1 };
+        if wanted > 1 {
+            let weak = Arc::downgrade(&conns);
+            let (label, size, timeout) = (label.clone(), neg.size, opts.timeout.min(EXTRA_CONN_TIMEOUT));
+            let _ = std::thread::Builder::new().name("nbd-connect".into()).spawn(move || {
+                for _ in 1..wanted {
+                    let c = match open_conn(&uri, &label, timeout) {
+                        Ok(c) if c.neg.size == size => c,
+                        Ok(c) => {
+                            c.close();
+                            break;
+                        }
+                        Err(_) => break,
+                    };
+                    match weak.upgrade() {
+                        Some(v) => v.write().expect("nbd conns").push(c),
+                        None => {
+                            c.close(); // the source is gone already
+                            break;
+                        }
+                    }
                 }
-            }
+            });
         }
-        Ok(NbdSource { label, neg, conns, next: AtomicUsize::new(0), timeout: opts.timeout })
+        Ok(NbdSource { label, neg, conns, next: AtomicUsize::new(0), timeout: opts.timeout, wanted })
     }
 
     pub fn connections(&self) -> usize {
-        self.conns.len()
+        self.conns.read().expect("nbd conns").len()
     }
 
     pub fn negotiated(&self) -> &Negotiated {
         &self.neg
     }
 
-    fn conn(&self) -> &Arc<Conn> {
-        &self.conns[self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len()]
+    fn conn(&self) -> Arc<Conn> {
+        let v = self.conns.read().expect("nbd conns");
+        v[self.next.fetch_add(1, Ordering::Relaxed) % v.len()].clone()
     }
 
     fn fail(&self, what: String, e: io::Error) -> Error {
@@ -595,16 +619,22 @@ fn open_conn(uri: &NbdUri, label: &str, timeout: Duration) -> Result<Arc<Conn>> 
     Ok(conn)
 }
 
+impl Conn {
+    /// Says goodbye (`NBD_CMD_DISC` has no reply) and waits for the reader.
+    fn close(&self) {
+        let disc = Request { flags: 0, kind: CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode();
+        let _ = self.writer.lock().map(|mut w| w.write_all(&disc));
+        self.kill("the connection was closed".into());
+        if let Some(h) = self.reader.lock().expect("reader").take() {
+            let _ = h.join();
+        }
+    }
+}
+
 impl Drop for NbdSource {
     fn drop(&mut self) {
-        for c in &self.conns {
-            // NBD_CMD_DISC has no reply; then the reader sees the close.
-            let disc = Request { flags: 0, kind: CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode();
-            let _ = c.writer.lock().map(|mut w| w.write_all(&disc));
-            c.kill("the connection was closed".into());
-            if let Some(h) = c.reader.lock().expect("reader").take() {
-                let _ = h.join();
-            }
+        for c in self.conns.write().expect("nbd conns").drain(..) {
+            c.close();
         }
     }
 }
@@ -705,7 +735,7 @@ impl DiskSource for NbdSource {
 
     fn parallel_reads(&self) -> usize {
         // Several requests in flight per connection hide the round trip.
-        (self.conns.len() * 4).min(16)
+        (self.wanted * 4).min(16)
     }
 }
 
