@@ -136,11 +136,98 @@ impl Export {
     }
 }
 
+/// Decoded blocks shared by all connections, each loaded once even when
+/// several clients ask for it at the same moment (nbdcopy spreads adjacent
+/// requests over its connections; without this every one of them would
+/// decompress the same chunk).
+struct BlockCache {
+    base: Arc<dyn DiskSource>,
+    size: u64,
+    entries: Mutex<std::collections::VecDeque<(u64, Arc<CacheEntry>)>>,
+}
+
+#[derive(Default)]
+struct CacheEntry {
+    value: Mutex<Option<std::result::Result<Arc<Vec<u8>>, String>>>,
+    ready: std::sync::Condvar,
+}
+
+const CACHE_BLOCK: u64 = 1 << 20;
+const CACHE_BLOCKS: usize = 32;
+
+impl BlockCache {
+    fn block(&self, idx: u64) -> Result<Arc<Vec<u8>>> {
+        let (entry, load) = {
+            let mut e = self.entries.lock().expect("block cache");
+            match e.iter().find(|(i, _)| *i == idx) {
+                Some((_, x)) => (x.clone(), false),
+                None => {
+                    let x = Arc::new(CacheEntry::default());
+                    if e.len() == CACHE_BLOCKS {
+                        e.pop_front();
+                    }
+                    e.push_back((idx, x.clone()));
+                    (x, true)
+                }
+            }
+        };
+        if load {
+            let start = idx * CACHE_BLOCK;
+            let mut buf = vec![0u8; (self.size - start).min(CACHE_BLOCK) as usize];
+            let r = self.base.read_at(&mut buf, start).map(|_| Arc::new(buf)).map_err(|e| e.to_string());
+            if r.is_err() {
+                self.entries.lock().expect("block cache").retain(|(i, _)| *i != idx);
+            }
+            *entry.value.lock().expect("cache entry") = Some(r);
+            entry.ready.notify_all();
+        }
+        let mut v = entry.value.lock().expect("cache entry");
+        while v.is_none() {
+            v = entry.ready.wait(v).expect("cache entry");
+        }
+        match v.as_ref().expect("loaded") {
+            Ok(b) => Ok(b.clone()),
+            Err(e) => Err(Error::Source(e.clone())),
+        }
+    }
+}
+
+impl DiskSource for BlockCache {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / CACHE_BLOCK;
+            let b = self.block(idx)?;
+            let at = (pos - idx * CACHE_BLOCK) as usize;
+            let n = ((idx + 1) * CACHE_BLOCK).min(end) - pos;
+            let src = b.get(at..at + n as usize).ok_or_else(|| Error::Source("short block".into()))?;
+            buf[(pos - offset) as usize..(pos - offset + n) as usize].copy_from_slice(src);
+            pos += n;
+        }
+        Ok(())
+    }
+    fn allocated(&self) -> Result<Vec<Extent>> {
+        self.base.allocated()
+    }
+    fn format(&self) -> &'static str {
+        self.base.format()
+    }
+    fn describe(&self) -> String {
+        self.base.describe()
+    }
+}
+
 impl NbdServer {
     /// Binds the listener. A unix socket path must not exist yet.
     pub fn bind(source: Arc<dyn DiskSource>, listen: &Listen, opts: ServeOptions) -> Result<NbdServer> {
         let size = source.size();
         let allocated = normalize(&source.allocated()?, size)?;
+        let source: Arc<dyn DiskSource> =
+            Arc::new(BlockCache { base: source, size, entries: Mutex::new(Default::default()) });
         let overlay = match &opts.overlay_dir {
             Some(d) => Some(Overlay::create(source.clone(), d)?),
             None => None,
