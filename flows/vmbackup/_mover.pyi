@@ -180,3 +180,40 @@ def gc(
 
 def chunk_id(data: bytes) -> str:
     """The XXH3-128 id of ``data`` as 32 hex digits."""
+
+def serve(
+    repo: str,
+    backup_id: str,
+    disk: Optional[str] = None,
+    socket: Optional[str] = None,
+    listen: Optional[str] = None,
+    writable: bool = False,
+    ready: Optional[Callable[[str], object]] = None,
+    cancel: Optional[CancelToken] = None,
+    overlay_dir: Optional[str] = None,
+) -> None:
+    """Serves a backup's disk as an NBD export until cancelled or interrupted.
+
+    Fixed newstyle NBD with ``NBD_OPT_GO``, structured replies and
+    ``base:allocation`` block status (the backup's zero blocks are holes);
+    any number of clients at once (``NBD_FLAG_CAN_MULTI_CONN``).
+
+    Args:
+        repo: the repository.
+        backup_id: the backup to serve.
+        disk: its disk name (needed when the backup has several).
+        socket: a unix socket path to create (must not exist); removed on return.
+        listen: ``HOST:PORT`` to listen on instead (port 0 picks a free one).
+        writable: accept writes into a copy-on-write overlay, a temporary
+            file unlinked at once, so the backup itself never changes and
+            the writes vanish when serving stops.
+        ready: called with the export's URI (``nbd+unix:///?socket=...`` or
+            ``nbd://HOST:PORT/``) once clients can connect.
+        cancel: stops serving; so does a signal whose handler raises
+            (Ctrl-C), whose exception is then re-raised.
+        overlay_dir: where the overlay goes (default: the temporary directory).
+
+    Raises:
+        NotFoundError: no such backup or disk.
+        InvalidInputError: neither or both of ``socket`` and ``listen``, or the socket exists.
+    """

@@ -273,6 +273,40 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from . import _mover
+
+    if bool(args.socket) == bool(args.listen):
+        raise InvalidInputError("give exactly one of --socket PATH or --listen HOST:PORT")
+    if args.listen and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):\d+", args.listen):
+        raise InvalidInputError(f"--listen {args.listen!r} is not HOST:PORT")
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def ready(uri: str) -> None:
+        if args.json:
+            _emit(args, {"uri": uri}, "")
+            sys.stdout.flush()
+        else:
+            print(f"serving backup {args.id} on {uri}{' (writable overlay)' if args.writable else ''}; "
+                  "Ctrl-C stops", file=sys.stderr, flush=True)
+
+    # SIGTERM ends serving as cleanly as Ctrl-C: clients are disconnected,
+    # the socket and any overlay are removed, and the exit code is 0.
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        _mover.serve(_repo(args), args.id, disk=args.disk, socket=args.socket, listen=args.listen,
+                     writable=args.writable, ready=ready)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -337,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grace", type=float, default=900.0, metavar="SECONDS",
                     help="keep unreferenced chunks younger than this (default 900; running backups are always safe)")
     sp.add_argument("--dry-run", action="store_true")
+
+    sp = command("serve", cmd_serve, "serve a backup's disk as an NBD export (read-only unless --writable)")
+    sp.add_argument("--disk", help="disk name (needed when the backup has several)")
+    sp.add_argument("--socket", metavar="PATH", help="unix socket to create (removed on exit)")
+    sp.add_argument("--listen", metavar="HOST:PORT", help="TCP address to listen on (port 0: any free port)")
+    sp.add_argument("--writable", action="store_true",
+                    help="accept writes into a temporary copy-on-write overlay, discarded on exit")
+    sp.add_argument("id", metavar="ID")
 
     sp = command("demo", cmd_demo, "back up, verify and restore a generated disk image", json_flag=False,
                  repo=False)

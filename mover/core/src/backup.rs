@@ -5,9 +5,9 @@
 //! manifest atomically. Dropped without commit, it leaves only chunks behind,
 //! which a later backup reuses or gc removes.
 //!
-//! The data path per disk: one reader thread reads the blocks to read, in
-//! order, into a fixed pool of buffers (memory stays bounded whatever the
-//! disk size); worker threads detect zero blocks, hash, skip chunks the
+//! The data path per disk: reader threads (one, or as many as the source
+//! asks for) read the blocks to read, in ascending order, into a fixed pool
+//! of buffers (memory stays bounded whatever the disk size); worker threads detect zero blocks, hash, skip chunks the
 //! repository already has, compress and write the rest; the calling thread
 //! collects block ids into the block map and reports progress.
 
@@ -23,7 +23,7 @@ use crate::repository::{check_backup_id, write_atomic, Repository};
 use crate::source::DiskSource;
 use crossbeam_channel::bounded;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -206,7 +206,10 @@ impl BackupSession {
         let total: u64 = plan.iter().map(|i| block_len(*i, size, bs)).sum();
         let mut ticker = Ticker::new(progress, cancel, total);
         let threads = worker_threads();
-        let inflight = threads * 2 + 2;
+        // A network source asks for several reads in flight; each reader
+        // holds one buffer, so the pool grows with them (memory stays bounded).
+        let readers = source.parallel_reads().clamp(1, 16);
+        let inflight = threads * 2 + 2 + readers - 1;
         let (job_tx, job_rx) = bounded::<(u64, Vec<u8>)>(inflight);
         let (res_tx, res_rx) = bounded::<Result<(u64, u64, ChunkId, Outcome)>>(inflight);
         let (buf_tx, buf_rx) = bounded::<Vec<u8>>(inflight);
@@ -214,20 +217,27 @@ impl BackupSession {
             buf_tx.send(Vec::with_capacity(bs as usize)).expect("pool has room");
         }
         let abort = AtomicBool::new(false);
+        let next = AtomicUsize::new(0);
         let compression = self.repo.compression;
         let mut first_error: Option<Error> = None;
 
         std::thread::scope(|s| {
-            let res_tx_reader = res_tx.clone();
-            let (abort, buf_rx) = (&abort, &buf_rx);
-            s.spawn(move || {
-                for &i in plan {
+            let (abort, buf_rx, next) = (&abort, &buf_rx, &next);
+            // Readers take block indices from a shared counter: each block is
+            // read exactly once, in roughly ascending order.
+            for _ in 0..readers {
+                let (res_tx_reader, job_tx) = (res_tx.clone(), job_tx.clone());
+                s.spawn(move || loop {
                     if abort.load(Ordering::Relaxed) || cancel.is_cancelled() {
                         break;
                     }
                     let mut buf = match buf_rx.recv() {
                         Ok(b) => b,
                         Err(_) => break,
+                    };
+                    let i = match plan.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        Some(&i) => i,
+                        None => break,
                     };
                     let len = block_len(i, size, bs) as usize;
                     buf.resize(len, 0);
@@ -238,9 +248,10 @@ impl BackupSession {
                     if job_tx.send((i, buf)).is_err() {
                         break;
                     }
-                }
-                // job_tx dropped here: workers finish what is queued and stop.
-            });
+                    // job_tx dropped at the end: workers finish what is queued and stop.
+                });
+            }
+            drop(job_tx);
             for _ in 0..threads {
                 let (job_rx, res_tx, buf_tx) = (job_rx.clone(), res_tx.clone(), buf_tx.clone());
                 let store = &self.store;

@@ -176,3 +176,72 @@ pub fn chunk_id(data: &[u8]) -> String {
     vmbackup_mover::chunk::ChunkId::of(data).to_hex()
 }
 
+
+/// Serves a backup's disk over NBD until cancelled or interrupted.
+#[pyfunction(disk = "None", socket = "None", listen = "None", writable = "false", ready = "None", cancel = "None", overlay_dir = "None")]
+#[allow(clippy::too_many_arguments)]
+pub fn serve(
+    py: Python,
+    repo: &str,
+    backup_id: &str,
+    disk: Option<&str>,
+    socket: Option<&str>,
+    listen: Option<&str>,
+    writable: bool,
+    ready: Option<PyObject>,
+    cancel: Option<CancelToken>,
+    overlay_dir: Option<&str>,
+) -> PyResult<()> {
+    use std::sync::Arc;
+    use vmbackup_mover::backup_reader::BackupReader;
+    use vmbackup_mover::nbd_server::{default_overlay_dir, Listen, NbdServer, ServeOptions};
+
+    let where_ = match (socket, listen) {
+        (Some(s), None) => Listen::Unix(s.into()),
+        (None, Some(l)) => Listen::Tcp(l.into()),
+        _ => return Err(to_py(Error::InvalidInput("give exactly one of socket or listen".into()))),
+    };
+    let repo = open(repo)?;
+    let opts = ServeOptions {
+        overlay_dir: if writable { Some(overlay_dir.map(Into::into).unwrap_or_else(default_overlay_dir)) } else { None },
+        name: String::new(),
+    };
+    let server = py
+        .allow_threads(|| -> Result<NbdServer, Error> {
+            let reader = BackupReader::open(&repo, backup_id, disk)?;
+            NbdServer::bind(Arc::new(reader), &where_, opts)
+        })
+        .map_err(to_py)?;
+    let uri = server.uri();
+    let cancel = cancel_of(cancel);
+    let stop = cancel.clone();
+    let handle = std::thread::spawn(move || server.serve(&stop));
+    let mut pending: Option<PyErr> = None;
+    if let Some(cb) = ready {
+        if let Err(e) = cb.call1(py, (uri,)) {
+            pending = Some(e);
+        }
+    }
+    // Wake up a few times a second to let Python run signal handlers (Ctrl-C).
+    while pending.is_none() {
+        let finished = py.allow_threads(|| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            handle.is_finished()
+        });
+        if finished {
+            break;
+        }
+        if let Err(e) = py.check_signals() {
+            pending = Some(e);
+        }
+    }
+    cancel.cancel();
+    let r = py.allow_threads(|| handle.join());
+    if let Some(e) = pending {
+        return Err(e);
+    }
+    match r {
+        Ok(r) => r.map_err(to_py),
+        Err(_) => Err(to_py(Error::InvalidInput("the NBD server thread panicked".into()))),
+    }
+}

@@ -25,5 +25,6 @@ fn _mover(_py: Python, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(api::forget, m)?)?;
     m.add_function(wrap_pyfunction!(api::gc, m)?)?;
     m.add_function(wrap_pyfunction!(api::chunk_id, m)?)?;
+    m.add_function(wrap_pyfunction!(api::serve, m)?)?;
     Ok(())
 }

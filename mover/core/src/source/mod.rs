@@ -2,11 +2,13 @@
 //! say which areas are allocated. The backup pipeline sees only this trait.
 
 mod file;
+pub mod nbd;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
 pub use file::FileSource;
+pub use nbd::NbdSource;
 pub use vhd::VhdSource;
 pub use vhdx::VhdxSource;
 pub use vmdk::VmdkSource;
@@ -25,6 +27,11 @@ pub trait DiskSource: Send + Sync {
     fn format(&self) -> &'static str;
     /// What to call the source in messages and in the manifest.
     fn describe(&self) -> String;
+    /// How many `read_at` calls the pipeline should keep in flight at once
+    /// (a network source hides its round trips this way).
+    fn parallel_reads(&self) -> usize {
+        1
+    }
 }
 
 /// Formats we recognise by content but cannot read yet.
@@ -36,11 +43,11 @@ fn sniff_unsupported(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Opens a source named by a path (file or block device). Formats are told
-/// apart by content, not by name.
+/// Opens a source named by a path (file or block device) or an NBD URI.
+/// Formats are told apart by content, not by name.
 pub fn open(spec: &str) -> Result<Box<dyn DiskSource>> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds://") {
-        return Err(Error::Source(format!("{spec}: NBD sources are not supported by this version")));
+    if crate::nbd::uri::NbdUri::is_nbd(spec) {
+        return Ok(Box::new(NbdSource::open(spec)?));
     }
     let path = std::path::Path::new(spec);
     let src = FileSource::open(path)?;
