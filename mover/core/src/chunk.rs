@@ -11,6 +11,7 @@
 //! under compression is stored as is.
 
 use crate::error::{Error, Result};
+use std::cell::RefCell;
 use std::fmt;
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -113,6 +114,33 @@ impl Compression {
     }
 }
 
+thread_local! {
+    // One zstd context per thread, reused: a context per chunk costs an
+    // allocation and a table initialisation each time.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = RefCell::new(None);
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = RefCell::new(None);
+}
+
+fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l != level).unwrap_or(true) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        slot.as_mut().expect("just set").1.compress(data)
+    })
+}
+
+fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut().expect("just set").decompress(data, capacity)
+    })
+}
+
 /// Encodes a chunk's plaintext into the chunk file format.
 pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + data.len() / 2);
@@ -120,7 +148,7 @@ pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
     out.extend_from_slice(&[ENC_STORED, 0, 0, 0]);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     if let Compression::Zstd(level) = compression {
-        let compressed = zstd::bulk::compress(data, level)
+        let compressed = zstd_compress(data, level)
             .map_err(|e| Error::repo_io("compressing a chunk failed", e))?;
         if compressed.len() < data.len() {
             out[4] = ENC_ZSTD;
@@ -150,7 +178,7 @@ pub fn decode(id: &ChunkId, file: &[u8], max_len: usize) -> Result<Vec<u8>> {
     let payload = &file[CHUNK_HEADER_LEN..];
     let data = match file[4] {
         ENC_STORED => payload.to_vec(),
-        ENC_ZSTD => zstd::bulk::decompress(payload, plain_len)
+        ENC_ZSTD => zstd_decompress(payload, plain_len)
             .map_err(|e| corrupt(format!("zstd: {e}")))?,
         other => return Err(corrupt(format!("unknown encoding {other}"))),
     };
