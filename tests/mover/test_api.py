@@ -82,7 +82,8 @@ def test_the_gil_is_released_while_data_moves(repo, tmp_path):
     t.join()
     during = [x for x in ticks if start <= x <= end]
     # A thread holding the GIL for the whole call would leave no ticks inside it.
-    assert len(during) >= 10, (len(during), end - start)
+    # (held for the whole call, it would leave at most one.)
+    assert len(during) >= 3, (len(during), end - start)
 
 
 def test_source_errors_are_source_errors(repo, disk, tmp_path):
