@@ -56,6 +56,18 @@ def run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, int, str]:
     return dt, usage.ru_maxrss * 1024, out.decode()
 
 
+def settle() -> None:
+    """Flushes what earlier steps left dirty, so that no step pays for another's writeback."""
+    subprocess.run(["sync"], check=True)
+
+
+def flush_time(path: Path) -> float:
+    """Seconds to make the filesystem holding ``path`` durable (syncfs)."""
+    t = time.perf_counter()
+    subprocess.run(["sync", "-f", str(path)], check=True)
+    return time.perf_counter() - t
+
+
 def du(path: Path) -> int:
     if path.is_file():
         return path.stat().st_blocks * 512
@@ -103,6 +115,16 @@ def main() -> int:
     def record(tool: str, what: str, value: float) -> None:
         results[tool].setdefault(what, []).append(value)
 
+    def timed(tool: str, what: str, cmd: list[str], durable: Path, cwd: str | None = None) -> str:
+        """Runs one measured step: wall time and peak RSS as the tool runs, and the
+        time until its output is on stable storage (the tool plus a syncfs)."""
+        settle()
+        dt, rss, out = run_rss(cmd, cwd=cwd)
+        record(tool, f"{what}_s", dt)
+        record(tool, f"{what}_rss", rss)
+        record(tool, f"{what}_durable_s", dt + flush_time(durable))
+        return out
+
     for r in range(args.runs):
         print(f"run {r + 1}/{args.runs}", file=sys.stderr)
         for tool in tools:
@@ -114,21 +136,19 @@ def main() -> int:
             use(base)
             if tool == "vmbackup":
                 run(vmbackup + ["init", "--repo", str(repo)])
-                dt, rss, o = run_rss(vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json", str(disk)])
+                o = timed(tool, "full", vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json",
+                                                    str(disk)], repo)
                 full_id = json.loads(o)["id"]
-                record(tool, "full_s", dt); record(tool, "full_rss", rss); record(tool, "stored", du(repo))
+                record(tool, "stored", du(repo))
                 use(changed)
-                dt, rss, o = run_rss(vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json",
-                                                 "--parent", full_id, "--changed-extents", str(ext), str(disk)])
+                o = timed(tool, "incr", vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json",
+                                                    "--parent", full_id, "--changed-extents", str(ext), str(disk)], repo)
                 inc_id = json.loads(o)["id"]
-                record(tool, "incr_s", dt); record(tool, "incr_rss", rss)
-                dt, rss, _ = run_rss(vmbackup + ["restore-disk", "--repo", str(repo), inc_id, str(out)])
-                record(tool, "restore_s", dt); record(tool, "restore_rss", rss)
+                timed(tool, "restore", vmbackup + ["restore-disk", "--repo", str(repo), inc_id, str(out)], work)
             elif tool == "zstd":
-                dt, rss, _ = run_rss(["zstd", "-1", "-T0", "-q", "-f", str(disk), "-o", str(repo)])
-                record(tool, "full_s", dt); record(tool, "full_rss", rss); record(tool, "stored", du(repo))
-                dt, rss, _ = run_rss(["zstd", "-d", "-T0", "-q", "-f", str(repo), "-o", str(out)])
-                record(tool, "restore_s", dt); record(tool, "restore_rss", rss)
+                timed(tool, "full", ["zstd", "-1", "-T0", "-q", "-f", str(disk), "-o", str(repo)], work)
+                record(tool, "stored", du(repo))
+                timed(tool, "restore", ["zstd", "-d", "-T0", "-q", "-f", str(repo), "-o", str(out)], work)
                 if r == 0:
                     z3 = work / "zstd3.zst"
                     run(["zstd", "-3", "-T0", "-q", "-f", str(disk), "-o", str(z3)])
@@ -136,37 +156,37 @@ def main() -> int:
                     z3.unlink()
             elif tool == "restic":
                 run(["restic", "-r", str(repo), "init"])
-                dt, rss, _ = run_rss(["restic", "-r", str(repo), "backup", "--quiet", "disk.img"], cwd=str(work))
-                record(tool, "full_s", dt); record(tool, "full_rss", rss); record(tool, "stored", du(repo))
+                timed(tool, "full", ["restic", "-r", str(repo), "backup", "--quiet", "disk.img"], repo, cwd=str(work))
+                record(tool, "stored", du(repo))
                 use(changed)
-                dt, rss, _ = run_rss(["restic", "-r", str(repo), "backup", "--quiet", "disk.img"], cwd=str(work))
-                record(tool, "incr_s", dt); record(tool, "incr_rss", rss)
-                dt, rss, _ = run_rss(["restic", "-r", str(repo), "restore", "latest", "--target", str(out)])
-                record(tool, "restore_s", dt); record(tool, "restore_rss", rss)
+                timed(tool, "incr", ["restic", "-r", str(repo), "backup", "--quiet", "disk.img"], repo, cwd=str(work))
+                timed(tool, "restore", ["restic", "-r", str(repo), "restore", "latest", "--target", str(out)], work)
             elif tool == "borg":
                 run(["borg", "init", "-e", "none", str(repo)])
                 create = ["borg", "create", "--chunker-params", "fixed,4194304", "-C", "lz4"]
-                dt, rss, _ = run_rss(create + [f"{repo}::full", "disk.img"], cwd=str(work))
-                record(tool, "full_s", dt); record(tool, "full_rss", rss); record(tool, "stored", du(repo))
+                timed(tool, "full", create + [f"{repo}::full", "disk.img"], repo, cwd=str(work))
+                record(tool, "stored", du(repo))
                 use(changed)
-                dt, rss, _ = run_rss(create + [f"{repo}::incr", "disk.img"], cwd=str(work))
-                record(tool, "incr_s", dt); record(tool, "incr_rss", rss)
+                timed(tool, "incr", create + [f"{repo}::incr", "disk.img"], repo, cwd=str(work))
                 out.mkdir()
-                dt, rss, _ = run_rss(["borg", "extract", "--sparse", f"{repo}::incr"], cwd=str(out))
-                record(tool, "restore_s", dt); record(tool, "restore_rss", rss)
+                timed(tool, "restore", ["borg", "extract", "--sparse", f"{repo}::incr"], work, cwd=str(out))
             for p in (out,):
                 if p.exists():
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in results.items()}
     print(f"\n{fmt_bytes(size)} VM-like image, {args.runs} run(s), medians\n")
-    print(f"{'tool':<10} {'full':>8} {'incr':>8} {'restore':>8} {'stored':>11} {'peak RSS':>10}")
+    print(f"{'tool':<10} {'full':>8} {'incr':>8} {'restore':>8} {'stored':>11} {'peak RSS':>10}   "
+          f"{'durable: full':>13} {'incr':>6} {'restore':>8}")
     for t in tools:
         m = med[t]
         rss = max(v for k, v in m.items() if k.endswith("_rss"))
-        f = lambda k: f"{m[k]:7.2f}s" if k in m else "       -"
+        f = lambda k, w=8: (f"{m[k]:{w - 1}.2f}s" if k in m else " " * (w - 1) + "-")
         print(f"{t:<10} {f('full_s'):>8} {f('incr_s'):>8} {f('restore_s'):>8} {fmt_bytes(m['stored']):>11} "
-              f"{fmt_bytes(rss):>10}")
+              f"{fmt_bytes(rss):>10}   {f('full_durable_s', 13):>13} {f('incr_durable_s', 6):>6} "
+              f"{f('restore_durable_s'):>8}")
+    print("(durable: the tool, then a syncfs of the filesystem it wrote: the time until its output would "
+          "survive a power cut)")
 
     checks = []
     ours = med.get("vmbackup")
@@ -185,6 +205,8 @@ def main() -> int:
         check("full backup vs zstd -1 -T0 (x faster)", ratio("zstd", "full_s"), 1.5)
         check("CBT incremental vs restic incremental (x faster)", ratio("restic", "incr_s"), 10)
         check("restore vs restic restore (x faster)", ratio("restic", "restore_s"), 2)
+        check("durable full backup vs zstd -1 -T0 + sync (x faster)", ratio("zstd", "full_durable_s"), 1.5)
+        check("durable restore vs restic restore + sync (x faster)", ratio("restic", "restore_durable_s"), 2)
         rss = max(v for k, v in ours.items() if k.endswith("_rss"))
         check("mover peak RSS (MiB)", rss / 2**20, 256, higher_is_better=False)
         if "zstd" in med:
