@@ -9,11 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
 import pytest
 
 from vmbackup.diskimage import make_image
 
 MiB = 1024 * 1024
+
+# The real peers the tests run against. Missing ones are an installation
+# error (make dev installs them), never a reason to skip a test.
+REQUIRED_TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdkit", "nbdinfo", "nbdcopy", "xxh128sum", "unshare", "losetup"]
+
+
+def pytest_sessionstart(session):
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        raise pytest.UsageError(f"missing test tools: {', '.join(missing)}; run `make dev`")
 
 
 def sha256(path: os.PathLike | str) -> str:

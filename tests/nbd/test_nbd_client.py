@@ -5,7 +5,6 @@ without multi-conn), over unix sockets and loopback TCP."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -13,9 +12,6 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, sha256
-
-pytestmark = pytest.mark.skipif(not (shutil.which("qemu-nbd") and shutil.which("nbdkit")),
-                                reason="qemu-nbd and nbdkit are needed")
 
 
 def free_port() -> int:

@@ -14,10 +14,6 @@ from pathlib import Path
 import pytest
 from conftest import MiB, sha256
 
-pytestmark = pytest.mark.skipif(
-    not all(map(__import__("shutil").which, ["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"])),
-    reason="qemu-img, qemu-io, nbdinfo and nbdcopy are needed")
-
 
 class Serving:
     def __init__(self, cli, backup_id: str, *extra: str, env: dict | None = None):
