@@ -22,6 +22,8 @@ pub struct BackupReader {
     block: u64,
     label: String,
     cache: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
+    /// One all-zero block, shared by every zero block handed out.
+    zeros: Arc<Vec<u8>>,
 }
 
 impl BackupReader {
@@ -36,6 +38,7 @@ impl BackupReader {
             size: d.size,
             block: m.meta.chunk_size,
             label: format!("backup {id} disk {}", d.name),
+            zeros: Arc::new(vec![0u8; m.meta.chunk_size as usize]),
             map: m.maps.into_iter().nth(i).expect("disk index is valid"),
             cache: Mutex::new(VecDeque::with_capacity(CACHED_CHUNKS)),
         })
@@ -113,6 +116,28 @@ impl DiskSource for BackupReader {
 
     fn format(&self) -> &'static str {
         "backup"
+    }
+
+    fn shared_block_size(&self) -> Option<u64> {
+        Some(self.block)
+    }
+
+    fn shared_block(&self, index: u64) -> Result<Arc<Vec<u8>>> {
+        let id = self.map.get(index as usize).ok_or_else(|| {
+            Error::InvalidInput(format!("block {index} is past the end of {}", self.label))
+        })?;
+        if id.is_zero() {
+            return Ok(self.zeros.clone());
+        }
+        let data = Arc::new(self.store.read(id)?);
+        if data.len() as u64 != block_len(index, self.size, self.block) {
+            return Err(Error::CorruptChunk {
+                id: id.to_hex(),
+                reason: format!("{} bytes where block {index} of {} needs {}", data.len(), self.label,
+                                block_len(index, self.size, self.block)),
+            });
+        }
+        Ok(data)
     }
 
     fn describe(&self) -> String {

@@ -63,6 +63,8 @@ pub struct ServeOptions {
 
 struct Export {
     base: Arc<dyn DiskSource>,
+    /// The same blocks as `base`, for reads sent without a copy.
+    cache: Arc<BlockCache>,
     size: u64,
     name: String,
     /// The base's allocation, normalized, computed once.
@@ -143,6 +145,9 @@ impl Export {
 struct BlockCache {
     base: Arc<dyn DiskSource>,
     size: u64,
+    /// The base's own block size when it hands out shared blocks (a
+    /// backup's chunks: no copy at all), else CACHE_BLOCK.
+    block: u64,
     entries: Mutex<std::collections::VecDeque<(u64, Arc<CacheEntry>)>>,
 }
 
@@ -172,9 +177,14 @@ impl BlockCache {
             }
         };
         if load {
-            let start = idx * CACHE_BLOCK;
-            let mut buf = vec![0u8; (self.size - start).min(CACHE_BLOCK) as usize];
-            let r = self.base.read_at(&mut buf, start).map(|_| Arc::new(buf)).map_err(|e| e.to_string());
+            let r = if self.base.shared_block_size().is_some() {
+                self.base.shared_block(idx)
+            } else {
+                let start = idx * self.block;
+                let mut buf = vec![0u8; (self.size - start).min(self.block) as usize];
+                self.base.read_at(&mut buf, start).map(|_| Arc::new(buf))
+            };
+            let r = r.map_err(|e| e.to_string());
             if r.is_err() {
                 self.entries.lock().expect("block cache").retain(|(i, _)| *i != idx);
             }
@@ -192,21 +202,42 @@ impl BlockCache {
     }
 }
 
+impl BlockCache {
+    fn new(base: Arc<dyn DiskSource>) -> BlockCache {
+        let block = base.shared_block_size().filter(|b| *b > 0).unwrap_or(CACHE_BLOCK);
+        BlockCache { size: base.size(), base, block, entries: Mutex::new(Default::default()) }
+    }
+
+    /// The blocks covering `[offset, offset+len)`, as (block, start, length)
+    /// pieces to send without copying them.
+    fn pieces(&self, offset: u64, len: u64) -> Result<Vec<(Arc<Vec<u8>>, usize, usize)>> {
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / self.block;
+            let b = self.block(idx)?;
+            let at = (pos - idx * self.block) as usize;
+            let n = (((idx + 1) * self.block).min(end) - pos) as usize;
+            if b.len() < at + n {
+                return Err(Error::Source(format!("block {idx} is {} bytes, shorter than needed", b.len())));
+            }
+            out.push((b, at, n));
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+}
+
 impl DiskSource for BlockCache {
     fn size(&self) -> u64 {
         self.size
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let idx = pos / CACHE_BLOCK;
-            let b = self.block(idx)?;
-            let at = (pos - idx * CACHE_BLOCK) as usize;
-            let n = ((idx + 1) * CACHE_BLOCK).min(end) - pos;
-            let src = b.get(at..at + n as usize).ok_or_else(|| Error::Source("short block".into()))?;
-            buf[(pos - offset) as usize..(pos - offset + n) as usize].copy_from_slice(src);
-            pos += n;
+        let mut at = 0usize;
+        for (b, start, n) in self.pieces(offset, buf.len() as u64)? {
+            buf[at..at + n].copy_from_slice(&b[start..start + n]);
+            at += n;
         }
         Ok(())
     }
@@ -226,8 +257,8 @@ impl NbdServer {
     pub fn bind(source: Arc<dyn DiskSource>, listen: &Listen, opts: ServeOptions) -> Result<NbdServer> {
         let size = source.size();
         let allocated = normalize(&source.allocated()?, size)?;
-        let source: Arc<dyn DiskSource> =
-            Arc::new(BlockCache { base: source, size, entries: Mutex::new(Default::default()) });
+        let cache = Arc::new(BlockCache::new(source));
+        let source: Arc<dyn DiskSource> = cache.clone();
         let overlay = match &opts.overlay_dir {
             Some(d) => Some(Overlay::create(source.clone(), d)?),
             None => None,
@@ -250,7 +281,7 @@ impl NbdServer {
                 Listener::Tcp(l, local)
             }
         };
-        let export = Export { base: source, size, name: opts.name, allocated, overlay };
+        let export = Export { base: source, cache, size, name: opts.name, allocated, overlay };
         Ok(NbdServer { listener, export: Arc::new(export) })
     }
 
@@ -545,6 +576,22 @@ fn reply(s: &mut Stream, st: &ConnState, req: &Request, r: std::result::Result<O
     }
 }
 
+/// A successful read reply whose data is the concatenation of `slices`.
+fn reply_data(s: &mut Stream, st: &ConnState, req: &Request, slices: &[&[u8]]) -> io::Result<()> {
+    let total: usize = slices.iter().map(|x| x.len()).sum();
+    if st.structured {
+        let mut h = chunk_header(REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, req.cookie, 8 + total as u32).to_vec();
+        h.extend_from_slice(&req.offset.to_be_bytes());
+        s.write_all(&h)?;
+    } else {
+        s.write_all(&simple_reply(0, req.cookie))?;
+    }
+    for x in slices {
+        s.write_all(x)?;
+    }
+    Ok(())
+}
+
 fn transmission(s: &mut Stream, export: &Export, st: &mut ConnState) -> io::Result<()> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -563,6 +610,15 @@ fn transmission(s: &mut Stream, export: &Export, st: &mut ConnState) -> io::Resu
                     reply(s, st, &req, Err(EOVERFLOW))?;
                 } else if !in_range {
                     reply(s, st, &req, Err(EINVAL))?;
+                } else if export.overlay.is_none() {
+                    // Straight from the shared blocks to the socket.
+                    match export.cache.pieces(req.offset, req.length as u64) {
+                        Ok(p) => {
+                            let slices: Vec<&[u8]> = p.iter().map(|(b, at, n)| &b[*at..*at + *n]).collect();
+                            reply_data(s, st, &req, &slices)?
+                        }
+                        Err(_) => reply(s, st, &req, Err(EIO))?,
+                    }
                 } else {
                     buf.resize(req.length as usize, 0);
                     match export.read(&mut buf, req.offset) {

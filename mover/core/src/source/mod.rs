@@ -32,6 +32,16 @@ pub trait DiskSource: Send + Sync {
     fn parallel_reads(&self) -> usize {
         1
     }
+    /// The size of the blocks the source keeps its data in, if it can hand
+    /// them out whole without copying (a backup: its decoded chunks).
+    fn shared_block_size(&self) -> Option<u64> {
+        None
+    }
+    /// Block `index` of `shared_block_size()` bytes (the last may be
+    /// shorter), shared rather than copied: an NBD server sends it as is.
+    fn shared_block(&self, _index: u64) -> Result<std::sync::Arc<Vec<u8>>> {
+        Err(Error::InvalidInput("this source has no shared blocks".into()))
+    }
 }
 
 /// Formats we recognise by content but cannot read yet.

@@ -61,7 +61,12 @@ impl Default for NbdOptions {
             .filter(|t| *t > 0.0)
             .map(Duration::from_secs_f64)
             .unwrap_or(Duration::from_secs(60));
-        NbdOptions { timeout, max_connections: 4 }
+        let max_connections = std::env::var("VMBACKUP_NBD_CONNECTIONS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|n| (1..=16).contains(n))
+            .unwrap_or(4);
+        NbdOptions { timeout, max_connections }
     }
 }
 
