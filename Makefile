@@ -42,6 +42,7 @@ demo: dev
 
 bench: dev
 	$(PY) bench/run.py
+	$(PY) bench/nbd.py --dir $$([ -d /dev/shm ] && echo /dev/shm/vmbackup-bench/nbd || echo bench-output/nbd)
 
 clean:
 	rm -rf $(VENV) target demo-output bench-output
