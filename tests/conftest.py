@@ -19,7 +19,7 @@ MiB = 1024 * 1024
 
 # The real peers the tests run against. Missing ones are an installation
 # error (make dev installs them), never a reason to skip a test.
-REQUIRED_TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdkit", "nbdinfo", "nbdcopy", "xxh128sum", "unshare", "losetup"]
+REQUIRED_TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdkit", "nbdinfo", "nbdcopy", "xxh128sum", "unshare", "losetup", "openssl"]
 
 
 def pytest_sessionstart(session):

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   build-essential pkg-config libzstd-dev python3-venv curl
-  qemu-utils nbdkit libnbd-bin zstd xxhash restic borgbackup
+  qemu-utils nbdkit libnbd-bin openssl zstd xxhash restic borgbackup
   golang-go golang-github-vmware-govmomi-dev
 )
 # The Rust crates the mover uses, as the distribution packages them; used
@@ -16,6 +16,7 @@ RUST_CRATE_PACKAGES=(
   librust-thiserror-dev librust-libc-dev librust-serde-dev librust-serde-derive-dev
   librust-serde-json-dev librust-proptest-dev librust-tempfile-dev
   librust-flate2-dev librust-flate2+miniz-oxide-dev
+  librust-rustls-dev librust-rustls-pemfile-dev
 )
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

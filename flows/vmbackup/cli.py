@@ -120,7 +120,7 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
         if not args.parent:
             raise InvalidInputError("--changed-extents needs --parent: the unchanged areas come from the parent backup")
         extents = read_extents(args.changed_extents)
-    if not args.source.startswith(("nbd:", "nbd+", "nbds:")) and not os.path.exists(args.source):
+    if not args.source.startswith(("nbd:", "nbd+", "nbds:", "nbds+")) and not os.path.exists(args.source):
         raise InvalidInputError(f"source {args.source} does not exist")
     session = _mover.BackupSession(repo, args.vm, args.parent)
     progress = _Progress(f"backing up {args.source}", not args.json)

@@ -2,6 +2,7 @@
 //! wire protocol, URIs, and a socket that is either TCP or a unix socket.
 
 pub mod proto;
+pub mod tls;
 pub mod uri;
 
 use std::io::{self, Read, Write};

@@ -2,6 +2,13 @@
 //! defines them: `nbd://host[:port][/export]`, `nbds://...` (TLS),
 //! `nbd+unix:///export?socket=PATH` and `nbds+unix://...`. The export name is
 //! the path without its first `/`, percent-decoded; the default port is 10809.
+//!
+//! Of the TLS query parameters the specification lists, `tls-certificates`
+//! (a directory in libnbd's and nbdkit's layout: `ca-cert.pem`, optionally
+//! `client-cert.pem` and `client-key.pem`) and `tls-hostname` are used;
+//! `tls-verify-peer=false` and pre-shared keys (`tls-psk-file`,
+//! `tls-username`) are refused rather than ignored, since ignoring them would
+//! silently change what the connection trusts.
 
 use crate::error::{Error, Result};
 
@@ -17,7 +24,12 @@ pub enum Address {
 pub struct NbdUri {
     pub address: Address,
     pub export: String,
+    /// `nbds://` or `nbds+unix://`: TLS is required.
     pub tls: bool,
+    /// `?tls-certificates=DIR`, percent-decoded.
+    pub tls_certificates: Option<String>,
+    /// `?tls-hostname=NAME`: the name the server's certificate must carry.
+    pub tls_hostname: Option<String>,
 }
 
 fn bad(uri: &str, why: &str) -> Error {
@@ -72,12 +84,20 @@ impl NbdUri {
             return Err(bad(uri, "export name longer than 4096 bytes"));
         }
         let mut socket = None;
+        let (mut tls_certificates, mut tls_hostname) = (None, None);
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             match k {
                 "socket" => socket = Some(percent_decode(v, uri)?),
-                // TLS parameters only matter to nbds, which we refuse below.
-                "tls-certificates" | "tls-username" | "tls-psk-file" | "tls-hostname" => {}
+                "tls-certificates" => tls_certificates = Some(percent_decode(v, uri)?).filter(|d| !d.is_empty()),
+                "tls-hostname" => tls_hostname = Some(percent_decode(v, uri)?).filter(|h| !h.is_empty()),
+                "tls-verify-peer" => match v {
+                    "true" | "1" | "yes" | "on" => {}
+                    _ => return Err(bad(uri, "tls-verify-peer=false is not supported: the server is always verified")),
+                },
+                "tls-username" | "tls-psk-file" => {
+                    return Err(bad(uri, "TLS with pre-shared keys is not supported; use tls-certificates=DIR"))
+                }
                 _ => {}
             }
         }
@@ -110,7 +130,17 @@ impl NbdUri {
             let host = if host.is_empty() { "localhost".to_string() } else { percent_decode(&host, uri)? };
             Address::Tcp { host, port }
         };
-        Ok(NbdUri { address, export, tls })
+        Ok(NbdUri { address, export, tls, tls_certificates, tls_hostname })
+    }
+
+    /// The name the server's certificate must carry: `tls-hostname`, else
+    /// the URI's host, else (unix sockets) `localhost`.
+    pub fn tls_server_name(&self) -> &str {
+        match (&self.tls_hostname, &self.address) {
+            (Some(h), _) => h,
+            (None, Address::Tcp { host, .. }) => host,
+            (None, Address::Unix(_)) => "localhost",
+        }
     }
 }
 
@@ -155,6 +185,27 @@ mod tests {
     }
 
     #[test]
+    fn tls_query_parameters() {
+        let u = NbdUri::parse("nbds://localhost:1234/e?tls-certificates=/etc/pki/my%20certs&tls-verify-peer=true").unwrap();
+        assert_eq!(u.tls_certificates.as_deref(), Some("/etc/pki/my certs"));
+        assert_eq!((u.tls_hostname.as_deref(), u.tls_server_name()), (None, "localhost"));
+        let u = NbdUri::parse("nbds+unix:///?socket=/s&tls-certificates=/c&tls-hostname=nbd.example.com").unwrap();
+        assert_eq!((&u.address, u.tls), (&Address::Unix("/s".into()), true));
+        assert_eq!((u.tls_certificates.as_deref(), u.tls_server_name()), (Some("/c"), "nbd.example.com"));
+        let u = NbdUri::parse("nbds+unix:///?socket=/s&tls-certificates=/c").unwrap();
+        assert_eq!(u.tls_server_name(), "localhost");
+        let u = NbdUri::parse("nbds://[::1]/?tls-hostname=").unwrap();
+        assert_eq!((u.tls_certificates.as_deref(), u.tls_server_name()), (None, "::1"));
+        // Certificates on a plain URI: TLS only if the server requires it.
+        let u = NbdUri::parse("nbd://h/?tls-certificates=/c").unwrap();
+        assert_eq!((u.tls, u.tls_certificates.as_deref()), (false, Some("/c")));
+        for uri in ["nbds://h/?tls-verify-peer=false", "nbds://h/?tls-psk-file=/k", "nbds://h/?tls-username=u",
+                    "nbds://h/?tls-certificates=%zz"] {
+            assert!(NbdUri::parse(uri).is_err(), "{uri}");
+        }
+    }
+
+    #[test]
     fn refuses_what_it_cannot_use() {
         for uri in ["nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd://h:0/", "nbd://h:99999/", "nbd://h:x/",
                     "http://h/", "nbd+vsock:///", "nbd:/x", "nbd://h/%zz", "nbd://h?socket=/s"] {
@@ -172,7 +223,7 @@ mod tests {
 
         #[test]
         fn display_round_trips(host in "[a-z][a-z0-9.-]{0,20}", port in 1u16.., export in "[a-zA-Z0-9_.-]{0,20}") {
-            let u = NbdUri { address: Address::Tcp { host, port }, export, tls: false };
+            let u = NbdUri { address: Address::Tcp { host, port }, export, tls: false, tls_certificates: None, tls_hostname: None };
             prop_assert_eq!(NbdUri::parse(&u.to_string()).unwrap(), u);
         }
     }

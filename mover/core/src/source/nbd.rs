@@ -12,14 +12,22 @@
 //! Every reply is checked: its cookie must belong to an outstanding request,
 //! chunk types must fit the command, data must lie inside what was asked.
 //! Any violation kills the connection and fails every request on it; a
-//! request without a reply within the timeout does the same. TLS (`nbds://`,
-//! `NBD_OPT_STARTTLS`) is not supported: such URIs and servers that require
-//! TLS are refused with a clear error.
+//! request without a reply within the timeout does the same.
+//!
+//! TLS (`nbds://`, or `nbd://...?tls-certificates=DIR` to a server that
+//! answers `NBD_REP_ERR_TLS_REQD`; see `nbd::tls`): a rustls session cannot
+//! be read by one thread while another writes, so a TLS connection has no
+//! reader thread. A caller holds the session for its requests and their
+//! whole replies, parsed by the same code as on plaintext connections; the
+//! socket's timeouts bound every read and write. Parallelism then comes
+//! from several connections only. When TLS was asked for, nothing falls back
+//! to plaintext.
 
 use super::DiskSource;
 use crate::error::{Error, Result};
 use crate::extents::Extent;
 use crate::nbd::proto::*;
+use crate::nbd::tls::{TlsSetup, TlsStream};
 use crate::nbd::uri::{Address, NbdUri};
 use crate::nbd::Stream;
 use std::collections::HashMap;
@@ -85,7 +93,7 @@ pub struct Negotiated {
 fn opt_error(export: &str, what: &str, kind: u32, data: &[u8]) -> io::Error {
     let msg = String::from_utf8_lossy(data);
     let why = match kind {
-        REP_ERR_TLS_REQD => "the server requires TLS, which this version does not support".to_string(),
+        REP_ERR_TLS_REQD => "the server requires TLS".to_string(),
         REP_ERR_UNKNOWN => format!("the server has no export {export:?}"),
         REP_ERR_POLICY => "refused by the server's policy".to_string(),
         REP_ERR_UNSUP => "not supported by the server".to_string(),
@@ -99,9 +107,33 @@ fn opt_error(export: &str, what: &str, kind: u32, data: &[u8]) -> io::Error {
 /// Most option replies one option may get (each is bounded in size).
 const MAX_REPLIES_PER_OPTION: usize = 1024;
 
+/// `NBD_REP_ERR_TLS_REQD` to an option, told apart from other failures so
+/// that a client holding certificates can reconnect with TLS.
+#[derive(Debug)]
+pub struct TlsRequired;
+
+impl std::fmt::Display for TlsRequired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server requires TLS")
+    }
+}
+
+impl std::error::Error for TlsRequired {}
+
+fn is_tls_required(e: &io::Error) -> bool {
+    e.get_ref().map_or(false, |i| i.is::<TlsRequired>())
+}
+
 /// The fixed newstyle handshake on any byte stream, up to the transmission
 /// phase. Generic so that it can be fed arbitrary bytes in tests.
 pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotiated> {
+    let no_zeroes = greet(s)?;
+    negotiate(s, export, no_zeroes)
+}
+
+/// The server's greeting and our client flags; returns whether the server
+/// omits the 124 zero bytes after `NBD_OPT_EXPORT_NAME`.
+pub fn greet<S: Read + Write>(s: &mut S) -> io::Result<bool> {
     let magic = read_u64(s)?;
     if magic != NBDMAGIC {
         return Err(invalid(format!("not an NBD server (greeting {magic:#x})")));
@@ -120,7 +152,12 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotia
     let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
     let cflags = CLIENT_FIXED_NEWSTYLE | if no_zeroes { CLIENT_NO_ZEROES } else { 0 };
     s.write_all(&cflags.to_be_bytes())?;
+    Ok(no_zeroes)
+}
 
+/// The option haggling after the greeting (and after `NBD_OPT_STARTTLS`,
+/// inside TLS): structured replies, `base:allocation`, `NBD_OPT_GO`.
+pub fn negotiate<S: Read + Write>(s: &mut S, export: &str, no_zeroes: bool) -> io::Result<Negotiated> {
     let mut n = Negotiated { min_block: 1, max_request: DEFAULT_MAX_REQUEST, ..Default::default() };
 
     write_option(s, OPT_STRUCTURED_REPLY, &[])?;
@@ -146,7 +183,6 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> io::Result<Negotia
                     }
                 }
                 REP_ACK => break,
-                REP_ERR_TLS_REQD => return Err(opt_error(export, "setting the meta context", r.kind, &r.data)),
                 k if k & (1 << 31) != 0 => break, // no block status; everything counts as allocated
                 k => return Err(invalid(format!("unexpected reply {k:#x} to NBD_OPT_SET_META_CONTEXT"))),
             }
@@ -216,6 +252,9 @@ fn expect_reply<S: Read>(s: &mut S, option: u32) -> io::Result<OptReply> {
     if r.option != option {
         return Err(invalid(format!("reply to option {} while waiting for option {option}", r.option)));
     }
+    if r.kind == REP_ERR_TLS_REQD {
+        return Err(io::Error::new(io::ErrorKind::Other, TlsRequired));
+    }
     Ok(r)
 }
 
@@ -239,15 +278,24 @@ struct State {
     dead: Option<String>,
 }
 
+/// How requests reach the server and replies come back.
+enum Transport {
+    /// Writers share one handle of the socket; a reader thread reads
+    /// replies from another and hands them to the waiting requests.
+    Plain { writer: Mutex<Stream>, reader: Mutex<Option<JoinHandle<()>>> },
+    /// One TLS session: a caller sends its requests and reads their replies
+    /// while holding it (see the module doc).
+    Tls(Mutex<TlsStream>),
+}
+
 struct Conn {
     state: Mutex<State>,
     cond: Condvar,
-    writer: Mutex<Stream>,
+    transport: Transport,
     /// A handle to shut the socket down, which wakes the reader thread.
     control: Stream,
     cookie: AtomicU64,
     neg: Negotiated,
-    reader: Mutex<Option<JoinHandle<()>>>,
     /// Read buffers for reuse: a fresh large allocation per request costs
     /// page faults that show in the throughput.
     pool: Mutex<Vec<Vec<u8>>>,
@@ -277,7 +325,9 @@ impl Conn {
         }
     }
 
-    fn submit(&self, reqs: &[(u16, u64, u32)]) -> io::Result<Vec<u64>> {
+    /// Makes slots for the requests; returns their cookies and their bytes
+    /// on the wire.
+    fn register(&self, reqs: &[(u16, u64, u32)]) -> io::Result<(Vec<u64>, Vec<u8>)> {
         let mut cookies = Vec::with_capacity(reqs.len());
         let mut wire = Vec::with_capacity(28 * reqs.len());
         {
@@ -297,12 +347,45 @@ impl Conn {
                 cookies.push(cookie);
             }
         }
-        let r = self.writer.lock().expect("nbd writer").write_all(&wire);
-        if let Err(e) = r {
-            self.kill(format!("sending a request failed: {e}"));
-            return Err(e);
+        Ok((cookies, wire))
+    }
+
+    /// Sends the requests and waits for their replies; one result per
+    /// request, in order.
+    fn call(&self, reqs: &[(u16, u64, u32)], timeout: Duration) -> io::Result<Vec<io::Result<Slot>>> {
+        match &self.transport {
+            Transport::Plain { writer, .. } => {
+                let (cookies, wire) = self.register(reqs)?;
+                let r = writer.lock().expect("nbd writer").write_all(&wire);
+                if let Err(e) = r {
+                    self.kill(format!("sending a request failed: {e}"));
+                    return Err(e);
+                }
+                Ok(cookies.iter().map(|c| self.wait(*c, timeout)).collect())
+            }
+            Transport::Tls(session) => {
+                let mut s = session.lock().expect("nbd tls session");
+                let (cookies, wire) = self.register(reqs)?;
+                if let Err(e) = s.write_all(&wire).and_then(|_| s.flush()) {
+                    self.kill(format!("sending a request failed: {e}"));
+                    return Err(e);
+                }
+                let all_done = || {
+                    let st = self.state.lock().expect("nbd state");
+                    cookies.iter().all(|c| st.slots.get(c).map_or(true, |s| s.done))
+                };
+                while !all_done() {
+                    if let Err(e) = read_one_reply(self, &mut *s) {
+                        self.kill(reply_failure(&e, timeout));
+                        break;
+                    }
+                }
+                drop(s);
+                // Finished slots come back at once; after a failure, each
+                // request gets the connection's error.
+                Ok(cookies.iter().map(|c| self.wait(*c, timeout)).collect())
+            }
         }
-        Ok(cookies)
     }
 
     fn wait(&self, cookie: u64, timeout: Duration) -> io::Result<Slot> {
@@ -333,26 +416,32 @@ impl Conn {
     }
 }
 
+/// Why a connection ends when reading a reply failed.
+fn reply_failure(e: &io::Error, timeout: Duration) -> String {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+        // Only TLS connections read with a socket timeout.
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("no reply from the server within {} s", timeout.as_secs_f64())
+        }
+        _ => format!("bad reply from the server: {e}"),
+    }
+}
+
 /// Reads replies and hands them to the waiting requests until the
 /// connection ends or breaks.
 fn reader_loop(conn: Arc<Conn>, mut s: Stream) {
     loop {
-        match read_one_reply(&conn, &mut s) {
-            Ok(()) => {}
-            Err(e) => {
-                let why = if e.kind() == io::ErrorKind::UnexpectedEof {
-                    "the server closed the connection".to_string()
-                } else {
-                    format!("bad reply from the server: {e}")
-                };
-                conn.kill(why);
-                return;
-            }
+        if let Err(e) = read_one_reply(&conn, &mut s) {
+            conn.kill(reply_failure(&e, Duration::ZERO));
+            return;
         }
     }
 }
 
-fn read_one_reply(conn: &Conn, s: &mut Stream) -> io::Result<()> {
+/// Reads one reply (a simple reply or one structured chunk) and files it
+/// with its request. Plaintext and TLS connections share it.
+fn read_one_reply<S: Read>(conn: &Conn, s: &mut S) -> io::Result<()> {
     let h = read_reply_header(s)?;
     let cookie = h.cookie();
     // Look up the request; take its buffer out so the payload is read
@@ -532,6 +621,8 @@ pub struct NbdSource {
     next: AtomicUsize,
     timeout: Duration,
     wanted: usize,
+    /// Set when the connections use TLS.
+    tls: Option<Arc<TlsSetup>>,
 }
 
 /// Extra connections get this long for their handshake: a server at its
@@ -546,22 +637,43 @@ impl NbdSource {
 
     pub fn open_with(spec: &str, opts: &NbdOptions) -> Result<NbdSource> {
         let uri = NbdUri::parse(spec).map_err(|e| Error::Source(e.to_string()))?;
-        if uri.tls {
-            return Err(Error::Source(format!(
-                "{spec}: NBD over TLS (nbds://) is not supported by this version; use nbd:// on a trusted network"
-            )));
-        }
+        let load_tls = || -> Result<Arc<TlsSetup>> {
+            let dir = uri.tls_certificates.as_deref().ok_or_else(|| {
+                Error::Source(format!(
+                    "{spec}: TLS needs ?tls-certificates=DIR, a directory with {} (the CA that signed the server's certificate)",
+                    crate::nbd::tls::CA_CERT
+                ))
+            })?;
+            TlsSetup::load(dir, uri.tls_server_name()).map(Arc::new).map_err(|e| Error::Source(format!("{spec}: {e}")))
+        };
+        let mut tls = if uri.tls { Some(load_tls()?) } else { None };
         let label = format!("NBD export {spec}");
-        let first = open_conn(&uri, &label, opts.timeout)?;
+        let first = match open_conn(&uri, tls.as_deref(), &label, opts.timeout, opts.timeout) {
+            Err(Error::SourceIo { source, .. }) if tls.is_none() && is_tls_required(&source) => {
+                if uri.tls_certificates.is_none() {
+                    return Err(Error::Source(format!(
+                        "{label}: the server requires TLS; use nbds:// with ?tls-certificates=DIR (a directory with {})",
+                        crate::nbd::tls::CA_CERT
+                    )));
+                }
+                // Upgrade on a fresh connection: TLS from the first option
+                // on, so nothing haggled in plaintext carries over.
+                tls = Some(load_tls()?);
+                open_conn(&uri, tls.as_deref(), &label, opts.timeout, opts.timeout)?
+            }
+            r => r?,
+        };
         let neg = first.neg.clone();
         let conns = Arc::new(std::sync::RwLock::new(vec![first]));
         let wanted = if neg.flags & TF_CAN_MULTI_CONN != 0 { opts.max_connections.max(1) } else { 1 };
         if wanted > 1 {
             let weak = Arc::downgrade(&conns);
-            let (label, size, timeout) = (label.clone(), neg.size, opts.timeout.min(EXTRA_CONN_TIMEOUT));
+            let (label, size, reply_timeout) = (label.clone(), neg.size, opts.timeout);
+            let timeout = reply_timeout.min(EXTRA_CONN_TIMEOUT);
+            let tls = tls.clone();
             let _ = std::thread::Builder::new().name("nbd-connect".into()).spawn(move || {
                 for _ in 1..wanted {
-                    let c = match open_conn(&uri, &label, timeout) {
+                    let c = match open_conn(&uri, tls.as_deref(), &label, timeout, reply_timeout) {
                         Ok(c) if c.neg.size == size => c,
                         Ok(c) => {
                             c.close();
@@ -579,7 +691,12 @@ impl NbdSource {
                 }
             });
         }
-        Ok(NbdSource { label, neg, conns, next: AtomicUsize::new(0), timeout: opts.timeout, wanted })
+        Ok(NbdSource { label, neg, conns, next: AtomicUsize::new(0), timeout: opts.timeout, wanted, tls })
+    }
+
+    /// Whether the connections use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn connections(&self) -> usize {
@@ -601,8 +718,7 @@ impl NbdSource {
 
     fn block_status(&self, offset: u64, length: u32) -> io::Result<Vec<(u32, u32)>> {
         let conn = self.conn();
-        let c = conn.submit(&[(CMD_BLOCK_STATUS, offset, length)])?;
-        let slot = conn.wait(c[0], self.timeout)?;
+        let slot = conn.call(&[(CMD_BLOCK_STATUS, offset, length)], self.timeout)?.pop().expect("one reply")?;
         match slot.error {
             Some(e) => Err(io::Error::new(io::ErrorKind::Other, e)),
             None => Ok(slot.extents),
@@ -610,34 +726,50 @@ impl NbdSource {
     }
 }
 
-fn open_conn(uri: &NbdUri, label: &str, timeout: Duration) -> Result<Arc<Conn>> {
-    let mut s = connect(uri, timeout).map_err(|e| Error::source_io(format!("connecting to {label}"), e))?;
-    s.set_timeouts(Some(timeout)).map_err(|e| Error::source_io(format!("connecting to {label}"), e))?;
-    let neg = handshake(&mut s, &uri.export).map_err(|e| {
+/// Connects and negotiates within `timeout`; a TLS connection then waits
+/// at most `reply_timeout` for each read of a reply.
+fn open_conn(uri: &NbdUri, tls: Option<&TlsSetup>, label: &str, timeout: Duration, reply_timeout: Duration) -> Result<Arc<Conn>> {
+    let io_err = |e| Error::source_io(format!("connecting to {label}"), e);
+    let hs_err = |e: io::Error| {
         let e = if e.kind() == io::ErrorKind::WouldBlock { io::Error::new(io::ErrorKind::TimedOut, "handshake timed out") } else { e };
         Error::source_io(format!("handshake with {label}"), e)
-    })?;
-    // Replies are waited for with their own deadline; the reader blocks.
-    s.set_read_timeout(None).map_err(|e| Error::source_io(format!("handshake with {label}"), e))?;
-    let io_err = |e| Error::source_io(format!("connecting to {label}"), e);
-    let reader = s.try_clone().map_err(io_err)?;
+    };
+    let mut s = connect(uri, timeout).map_err(io_err)?;
+    s.set_timeouts(Some(timeout)).map_err(io_err)?;
+    let no_zeroes = greet(&mut s).map_err(hs_err)?;
     let control = s.try_clone().map_err(io_err)?;
-    let conn = Arc::new(Conn {
-        state: Mutex::new(State::default()),
-        cond: Condvar::new(),
-        writer: Mutex::new(s),
-        control,
-        cookie: AtomicU64::new(1),
-        neg,
-        reader: Mutex::new(None),
-        pool: Mutex::new(Vec::new()),
-    });
+    let new_conn = |neg, transport| {
+        Arc::new(Conn {
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+            transport,
+            control,
+            cookie: AtomicU64::new(1),
+            neg,
+            pool: Mutex::new(Vec::new()),
+        })
+    };
+    if let Some(tls) = tls {
+        let mut session = tls.start(s).map_err(hs_err)?;
+        let neg = negotiate(&mut session, &uri.export, no_zeroes).map_err(|e| hs_err(tls.session_error(e)))?;
+        // With no reader thread, the socket's timeouts are what bounds the
+        // wait for a reply.
+        session.sock.set_timeouts(Some(reply_timeout)).map_err(hs_err)?;
+        return Ok(new_conn(neg, Transport::Tls(Mutex::new(session))));
+    }
+    let neg = negotiate(&mut s, &uri.export, no_zeroes).map_err(hs_err)?;
+    // Replies are waited for with their own deadline; the reader blocks.
+    s.set_read_timeout(None).map_err(hs_err)?;
+    let reader = s.try_clone().map_err(io_err)?;
+    let conn = new_conn(neg, Transport::Plain { writer: Mutex::new(s), reader: Mutex::new(None) });
     let c2 = conn.clone();
     let h = std::thread::Builder::new()
         .name("nbd-reader".into())
         .spawn(move || reader_loop(c2, reader))
         .map_err(io_err)?;
-    *conn.reader.lock().expect("reader") = Some(h);
+    if let Transport::Plain { reader, .. } = &conn.transport {
+        *reader.lock().expect("reader") = Some(h);
+    }
     Ok(conn)
 }
 
@@ -645,10 +777,23 @@ impl Conn {
     /// Says goodbye (`NBD_CMD_DISC` has no reply) and waits for the reader.
     fn close(&self) {
         let disc = Request { flags: 0, kind: CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode();
-        let _ = self.writer.lock().map(|mut w| w.write_all(&disc));
+        match &self.transport {
+            Transport::Plain { writer, .. } => {
+                let _ = writer.lock().map(|mut w| w.write_all(&disc));
+            }
+            Transport::Tls(session) => {
+                if let Ok(mut s) = session.lock() {
+                    let _ = s.write_all(&disc);
+                    s.conn.send_close_notify();
+                    let _ = s.flush();
+                }
+            }
+        }
         self.kill("the connection was closed".into());
-        if let Some(h) = self.reader.lock().expect("reader").take() {
-            let _ = h.join();
+        if let Transport::Plain { reader, .. } = &self.transport {
+            if let Some(h) = reader.lock().expect("reader").take() {
+                let _ = h.join();
+            }
         }
     }
 }
@@ -680,10 +825,10 @@ impl DiskSource for NbdSource {
             .map(|i| (CMD_READ, offset + i * max, (len - i * max).min(max) as u32))
             .collect();
         let conn = self.conn();
-        let cookies = conn.submit(&pieces).map_err(|e| self.fail(what(), e))?;
+        let replies = conn.call(&pieces, self.timeout).map_err(|e| self.fail(what(), e))?;
         let mut first_err = None;
-        for (c, (_, off, n)) in cookies.iter().zip(&pieces) {
-            match conn.wait(*c, self.timeout) {
+        for (reply, (_, off, n)) in replies.into_iter().zip(&pieces) {
+            match reply {
                 Ok(slot) => match slot.error {
                     None => {
                         let at = (off - offset) as usize;
