@@ -120,7 +120,7 @@ impl ChunkStore {
     /// Reads, decodes and checks a chunk.
     pub fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let raw = self.read_raw(id)?;
-        chunk::decode(id, &raw, self.max_len)
+        chunk::decode_owned(id, raw, self.max_len)
     }
 
     /// Moves a chunk that failed verification aside, so that the next backup
