@@ -102,3 +102,13 @@ def test_commit_records_config_and_attributes(repo, disk):
     assert meta["disks"][0]["change_id"] == "52 de/7"
     listed = [json.loads(t) for t in _mover.list_backups(repo)[0]]
     assert listed == [meta]
+
+
+def test_a_cancelled_verify_gives_no_verdict(repo, disk):
+    s = _mover.BackupSession(repo, "v")
+    s.add_disk(disk, "scsi0:0")
+    s.commit()
+    token = _mover.CancelToken()
+    token.cancel()
+    with pytest.raises(CancelledError):
+        _mover.verify(repo, read_data=True, cancel=token)

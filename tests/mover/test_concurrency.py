@@ -83,3 +83,46 @@ def test_gc_in_a_loop_while_backups_run(cli, image, tmp_path):
     for i in ids:
         cli.json("restore-disk", "--force", i, str(tmp_path / "o"))
         assert sha256(tmp_path / "o") == sha256(disk)
+
+
+def test_gc_keeps_the_parent_chunks_an_unfinished_incremental_reuses(cli, image, tmp_path):
+    """CBT incremental B takes most blocks from parent P; P is forgotten and gc
+    runs (no grace) before B commits: B's manifest must still be whole."""
+    disk = image("d.img", 32 * MiB)
+    parent = cli.json("backup-disk", "--vm", "v", str(disk))
+    time.sleep(2.5)  # P's chunks are now older than any cutoff gc could pick for B
+    s = _mover.BackupSession(str(cli.repo), "v", parent=parent["id"])
+    d = s.add_disk(str(disk), "disk0", changed_extents=[(0, 4096)])
+    assert d.parent_blocks > 0
+    cli.json("forget", parent["id"])
+    g = _mover.gc(str(cli.repo), grace_seconds=0)
+    assert g.chunks_removed == 0, "gc removed chunks the running incremental names"
+    meta = json.loads(s.commit())
+    assert cli.json("verify", "--read-data")["ok"]
+    cli.json("restore-disk", meta["id"], str(tmp_path / "o"))
+    assert sha256(tmp_path / "o") == sha256(disk)
+
+
+def test_an_incremental_reads_again_what_its_parent_lost(cli, image, tmp_path):
+    disk = image("d.img", 16 * MiB)
+    parent = cli.json("backup-disk", "--vm", "v", str(disk))
+    chunks = sorted(p for d in (cli.repo / "chunks").iterdir() for p in d.iterdir())
+    chunks[0].unlink()  # lost (a disk error, or quarantined by verify)
+    ext = tmp_path / "e.json"
+    ext.write_text("[]")  # CBT says nothing changed
+    inc = cli.json("backup-disk", "--vm", "v", "--parent", parent["id"], "--changed-extents", str(ext), str(disk))
+    assert inc["new_chunks"] == 1 and inc["bytes_read"] > 0
+    cli.json("restore-disk", inc["id"], str(tmp_path / "o"))
+    assert sha256(tmp_path / "o") == sha256(disk)
+
+
+def test_gc_puts_back_what_a_crashed_gc_left_in_its_trash(cli, image):
+    disk = image("d.img", 8 * MiB)
+    b = cli.json("backup-disk", "--vm", "v", str(disk))
+    chunk = next(p for d in (cli.repo / "chunks").iterdir() for p in d.iterdir())
+    trash = chunk.with_name(f".gc-{chunk.name}-999999999")  # no such process
+    chunk.rename(trash)
+    assert cli.run("verify", expect=1)
+    cli.json("gc")
+    assert chunk.exists() and not trash.exists()
+    assert cli.json("verify", "--read-data", b["id"])["ok"]

@@ -72,3 +72,42 @@ def test_corrupt_manifest_is_reported_and_gc_refuses_to_guess(cli, tmp_path):
     p = cli.run("gc", "--grace", "0", expect=1)
     assert "nothing" in p.stderr.lower() or "before removing anything" in p.stderr
     assert len(_chunk_files(cli.repo)) == 2
+
+
+def test_a_chunk_cut_short_by_a_power_cut_is_stored_again(cli, tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(3 * MiB))
+    cli.json("backup-disk", "--vm", "v", str(disk))
+    torn = _chunk_files(cli.repo)[0]
+    torn.write_bytes(b"")  # what delayed allocation can leave after a crash
+    b = cli.json("backup-disk", "--vm", "v", str(disk))
+    assert b["new_chunks"] == 1 and b["reused_chunks"] == 2
+    assert cli.json("verify", "--read-data", b["id"])["ok"]
+
+
+def test_hostile_repository_files_are_errors_not_hangs(cli, tmp_path):
+    import json
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(2 * MiB))
+    b = cli.json("backup-disk", "--vm", "v", str(disk))
+    chunk = _chunk_files(cli.repo)[0]
+    chunk.unlink()
+    chunk.symlink_to("/dev/zero")  # reading it naively never ends
+    report = json.loads(cli.run("verify", "--read-data", "--json", expect=1, timeout=30).stdout)
+    assert report["problems"][0]["object"] == chunk.name
+    # A manifest (with a valid checksum) claiming a 4 EiB chunk size must not
+    # size an allocation: it is refused as corrupt.
+    from vmbackup import _mover
+
+    manifest = cli.repo / "backups" / f"{b['id']}.tib"
+    data = manifest.read_bytes()
+    n = int.from_bytes(data[16:24], "little")
+    head = json.loads(data[24:24 + n])
+    head["chunk_size"] = 1 << 62
+    head["disks"][0]["blocks"] = 1
+    meta = json.dumps(head).encode()
+    body = data[:16] + len(meta).to_bytes(8, "little") + meta + data[24 + n:24 + n + 16]
+    manifest.write_bytes(body + bytes.fromhex(_mover.chunk_id(body)))
+    p = cli.run("restore-disk", b["id"], str(tmp_path / "out"), expect=1)
+    assert "chunk size 4611686018427387904 where the repository uses 1048576" in p.stderr

@@ -22,7 +22,7 @@ use crate::progress::{worker_threads, Cancel, Progress, Ticker};
 use crate::repository::{check_backup_id, write_atomic, Repository};
 use crate::source::DiskSource;
 use crossbeam_channel::bounded;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -50,6 +50,10 @@ pub struct BackupSession {
     maps: Vec<Vec<ChunkId>>,
     /// Chunks this session already stored or found, so workers skip them.
     claimed: Mutex<HashSet<ChunkId>>,
+    /// The repository's root, opened before any chunk is written, so that
+    /// the syncfs at commit sees every writeback error since (see
+    /// `Repository::sync_since`).
+    root: std::fs::File,
     _lease: Lease,
 }
 
@@ -73,7 +77,7 @@ impl BackupSession {
         let parent = match parent {
             Some(pid) => {
                 check_backup_id(pid)?;
-                let m = Manifest::load(&repo.manifest_path(pid))?;
+                let m = repo.load_manifest(pid)?;
                 if m.meta.vm != vm {
                     return Err(Error::InvalidInput(format!(
                         "parent {pid} is a backup of VM {:?}, not {vm:?}",
@@ -86,6 +90,7 @@ impl BackupSession {
         };
         let started = clock::now_unix();
         let id = format!("{}-{:08x}", clock::compact(started), clock::random_u32());
+        let root = repo.open_root()?;
         let lease = Lease::acquire(repo, &id, started)?;
         Ok(BackupSession {
             repo: repo.clone(),
@@ -97,6 +102,7 @@ impl BackupSession {
             disks: Vec::new(),
             maps: Vec::new(),
             claimed: Mutex::new(HashSet::new()),
+            root,
             _lease: lease,
         })
     }
@@ -150,6 +156,7 @@ impl BackupSession {
         };
 
         let mut plan: Vec<u64> = Vec::new();
+        let mut from_parent: Vec<u64> = Vec::new();
         for i in 0..n {
             let len = block_len(i as u64, size, bs);
             if let (Some(changed), Some((pmap, psize))) = (&changed, &parent_map) {
@@ -157,6 +164,7 @@ impl BackupSession {
                 if !changed[i] && same_len {
                     map[i] = pmap[i];
                     stats.parent_blocks += 1;
+                    from_parent.push(i as u64);
                     continue;
                 }
             }
@@ -166,6 +174,40 @@ impl BackupSession {
                 stats.zero_blocks += 1;
                 stats.bytes_skipped += len;
             }
+        }
+        // Chunks taken from the parent are reused like any other: touched
+        // under this backup's lease, so gc keeps them even if the parent is
+        // forgotten before this backup commits. One that is gone (or was
+        // quarantined) is read from the source instead.
+        let mut present: HashMap<ChunkId, bool> = HashMap::new();
+        let mut reread = false;
+        for &i in &from_parent {
+            let id = map[i as usize];
+            if id.is_zero() {
+                continue;
+            }
+            let ok = match present.get(&id) {
+                Some(v) => *v,
+                None => {
+                    let v = reuse_existing(&self.store, &self.claimed, &id)?;
+                    present.insert(id, v);
+                    v
+                }
+            };
+            if !ok {
+                map[i as usize] = ChunkId::ZERO;
+                stats.parent_blocks -= 1;
+                reread = true;
+                if alloc[i as usize] {
+                    plan.push(i);
+                } else {
+                    stats.zero_blocks += 1;
+                    stats.bytes_skipped += block_len(i, size, bs);
+                }
+            }
+        }
+        if reread {
+            plan.sort_unstable();
         }
         let mode = if changed.is_some() {
             "changed"
@@ -322,7 +364,7 @@ impl BackupSession {
         };
         let manifest = Manifest { meta, maps: self.maps };
         // Every chunk the manifest names must be durable before the manifest is.
-        self.repo.sync_all()?;
+        self.repo.sync_since(&self.root)?;
         write_atomic(&self.repo.manifest_path(&self.id), &manifest.encode())?;
         Ok(manifest.meta)
     }
@@ -345,10 +387,32 @@ fn process_block(
     if !claimed.lock().expect("claimed set").insert(id) {
         return Ok((id, Outcome::Reused));
     }
-    if store.touch_existing(&id)? {
-        return Ok((id, Outcome::Reused));
+    let stored = (|| {
+        if store.reuse(&id)? {
+            return Ok(Outcome::Reused);
+        }
+        let encoded = chunk::encode(data, compression)?;
+        Ok(Outcome::New(store.insert(&id, &encoded)?))
+    })();
+    match stored {
+        Ok(outcome) => Ok((id, outcome)),
+        Err(e) => {
+            // Not stored after all: a later disk or retry must not take it as present.
+            claimed.lock().expect("claimed set").remove(&id);
+            Err(e)
+        }
     }
-    let encoded = chunk::encode(data, compression)?;
-    let n = store.insert(&id, &encoded)?;
-    Ok((id, Outcome::New(n)))
+}
+
+/// True if the chunk is present (and now marked as reused for gc); false if
+/// it must be stored again.
+fn reuse_existing(store: &ChunkStore, claimed: &Mutex<HashSet<ChunkId>>, id: &ChunkId) -> Result<bool> {
+    if claimed.lock().expect("claimed set").contains(id) {
+        return Ok(true);
+    }
+    if store.reuse(id)? {
+        claimed.lock().expect("claimed set").insert(*id);
+        return Ok(true);
+    }
+    Ok(false)
 }

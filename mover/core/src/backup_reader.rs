@@ -7,7 +7,6 @@ use crate::chunk::ChunkId;
 use crate::chunk_store::ChunkStore;
 use crate::error::{Error, Result};
 use crate::extents::{block_len, Extent};
-use crate::manifest::Manifest;
 use crate::repository::{check_backup_id, Repository};
 use crate::source::DiskSource;
 use std::collections::VecDeque;
@@ -30,7 +29,7 @@ impl BackupReader {
     /// Opens disk `disk` (or the only disk) of backup `id`.
     pub fn open(repo: &Repository, id: &str, disk: Option<&str>) -> Result<BackupReader> {
         check_backup_id(id)?;
-        let m = Manifest::load(&repo.manifest_path(id))?;
+        let m = repo.load_manifest(id)?;
         let i = m.disk_index(disk)?;
         let d = &m.meta.disks[i];
         Ok(BackupReader {
@@ -87,11 +86,14 @@ impl DiskSource for BackupReader {
                 out.fill(0);
             } else {
                 let data = self.chunk(&id)?;
-                let src = data.get(in_block as usize..in_block as usize + n).ok_or_else(|| Error::CorruptChunk {
-                    id: id.to_hex(),
-                    reason: format!("{} bytes, block {i} of {} needs more", data.len(), self.label),
-                })?;
-                out.copy_from_slice(src);
+                let want = block_len(i, self.size, self.block);
+                if data.len() as u64 != want {
+                    return Err(Error::CorruptChunk {
+                        id: id.to_hex(),
+                        reason: format!("{} bytes where block {i} of {} needs {want}", data.len(), self.label),
+                    });
+                }
+                out.copy_from_slice(&data[in_block as usize..in_block as usize + n]);
             }
             pos += n as u64;
         }

@@ -78,9 +78,24 @@ impl ChunkStore {
         self.dir.join(&hex[0..2]).join(hex)
     }
 
-    /// If the chunk is present, marks it as just used (for gc) and returns true.
-    pub fn touch_existing(&self, id: &ChunkId) -> Result<bool> {
-        touch(&self.path(id))
+    /// If the chunk is present, marks it as just used (for gc) and returns
+    /// true. A file too short to be a chunk (what a power cut can leave of a
+    /// chunk whose writeback had not finished) is quarantined and reported
+    /// absent, so the caller stores the chunk again.
+    pub fn reuse(&self, id: &ChunkId) -> Result<bool> {
+        let path = self.path(id);
+        if !touch(&path)? {
+            return Ok(false);
+        }
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() && m.len() >= chunk::CHUNK_HEADER_LEN as u64 => Ok(true),
+            Ok(_) => {
+                self.quarantine(id)?;
+                Ok(false)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::repo_io(format!("checking chunk {id}"), e)),
+        }
     }
 
     /// Stores an encoded chunk; returns the number of bytes written.
@@ -108,12 +123,13 @@ impl ChunkStore {
 
     /// Reads a chunk file as stored.
     pub fn read_raw(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        fs::read(self.path(id)).map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                Error::CorruptChunk { id: id.to_hex(), reason: "missing".into() }
-            } else {
-                Error::repo_io(format!("reading chunk {id}"), e)
-            }
+        // A chunk file holds at most its header and the plaintext (a
+        // compressed payload is only kept when it is shorter).
+        let max = (chunk::CHUNK_HEADER_LEN + self.max_len) as u64;
+        crate::repository::read_bounded(&self.path(id), max).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::CorruptChunk { id: id.to_hex(), reason: "missing".into() },
+            ErrorKind::InvalidData => Error::CorruptChunk { id: id.to_hex(), reason: e.to_string() },
+            _ => Error::repo_io(format!("reading chunk {id}"), e),
         })
     }
 

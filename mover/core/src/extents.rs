@@ -57,7 +57,7 @@ pub fn normalize(extents: &[Extent], disk_size: u64) -> Result<Vec<Extent>> {
 
 /// Number of blocks of `block_size` needed for `disk_size` bytes.
 pub fn block_count(disk_size: u64, block_size: u64) -> u64 {
-    (disk_size + block_size - 1) / block_size
+    disk_size / block_size + u64::from(disk_size % block_size != 0)
 }
 
 /// Length of block `index` (the last block of a disk may be shorter).

@@ -20,7 +20,6 @@ use crate::chunk_store::QUARANTINE_SUFFIX;
 use crate::clock::now_unix;
 use crate::error::{Error, Result};
 use crate::lease::active_leases;
-use crate::manifest::Manifest;
 use crate::progress::{Cancel, Progress, Ticker};
 use crate::repository::Repository;
 use std::collections::HashSet;
@@ -70,7 +69,7 @@ pub fn gc(repo: &Repository, grace_seconds: f64, dry_run: bool, progress: &mut d
     let mut referenced: HashSet<ChunkId> = HashSet::new();
     for id in repo.backup_ids()? {
         cancel.check()?;
-        let m = Manifest::load(&repo.manifest_path(&id)).map_err(|e| {
+        let m = repo.load_manifest(&id).map_err(|e| {
             Error::Repository(format!("gc stopped before removing anything: {e}; repair or forget backup {id} first"))
         })?;
         stats.backups += 1;
@@ -97,6 +96,22 @@ pub fn gc(repo: &Repository, grace_seconds: f64, dry_run: bool, progress: &mut d
                 Ok(m) => m,
                 Err(_) => continue,
             };
+            if let Some(rest) = name.strip_prefix(".gc-") {
+                // Left by a gc that died between its rename and its re-check:
+                // the chunk may still be needed, so it goes back.
+                if let Some((orig, pid)) = rest.rsplit_once('-') {
+                    let alive = pid.parse::<i32>().map(process_alive).unwrap_or(false);
+                    if !alive && !dry_run {
+                        let back = dir.join(orig);
+                        if back.exists() {
+                            let _ = fs::remove_file(&path);
+                        } else {
+                            let _ = fs::rename(&path, &back);
+                        }
+                    }
+                }
+                continue;
+            }
             if name.starts_with(".tmp-") {
                 if mtime(&meta) < cutoff {
                     if !dry_run {
@@ -131,8 +146,40 @@ pub fn gc(repo: &Repository, grace_seconds: f64, dry_run: bool, progress: &mut d
         }
         ticker.advance(1)?;
     }
+    // Temporary manifests and leases of writers that died before renaming them.
+    for dir in [repo.backups_dir(), repo.locks_dir()] {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => return Err(Error::repo_io(format!("listing {}", dir.display()), e)),
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let temporary = name.starts_with(".tmp-") || (name.starts_with('.') && name.ends_with(".lease.tmp"));
+            if !temporary {
+                continue;
+            }
+            if let Ok(meta) = fs::symlink_metadata(entry.path()) {
+                if mtime(&meta) < cutoff {
+                    if !dry_run {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                    stats.temp_files_removed += 1;
+                }
+            }
+        }
+    }
     ticker.finish()?;
     Ok(stats)
+}
+
+/// Whether a process with this id runs on this host.
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for the process; no memory is involved.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Rename, re-check, unlink (see the module comment). True if removed.

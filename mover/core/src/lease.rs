@@ -8,6 +8,7 @@ use crate::repository::Repository;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 
@@ -79,11 +80,20 @@ pub fn active_leases(repo: &Repository, dry_run: bool) -> Result<(Vec<LeaseInfo>
         if path.extension().map(|e| e != "lease").unwrap_or(true) {
             continue;
         }
-        let file = match File::open(&path) {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // A symlink or something else that is not a lease: not ours to judge.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => continue,
             Err(e) => return Err(Error::repo_io(format!("opening {}", path.display()), e)),
         };
+        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            continue;
+        }
         match flock(&file, libc::LOCK_SH | libc::LOCK_NB) {
             Ok(()) => {
                 // Nobody holds it: its backup died. Safe to drop.
@@ -93,11 +103,21 @@ pub fn active_leases(repo: &Repository, dry_run: bool) -> Result<(Vec<LeaseInfo>
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-                let text = fs::read(&path).unwrap_or_default();
+                let text = crate::repository::read_bounded(&path, 64 * 1024).unwrap_or_default();
                 match serde_json::from_slice::<LeaseInfo>(&text) {
                     Ok(info) => active.push(info),
-                    // Locked but not yet written: it started just now.
-                    Err(_) => active.push(LeaseInfo { id: String::new(), pid: 0, started_unix: crate::clock::now_unix() - 60.0 }),
+                    // Held but unreadable: trust the file's own age, the
+                    // lease was created when its backup started.
+                    Err(_) => {
+                        let mtime = file
+                            .metadata()
+                            .ok()
+                            .and_then(|m| m.modified().ok())
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0);
+                        active.push(LeaseInfo { id: String::new(), pid: 0, started_unix: mtime });
+                    }
                 }
             }
             Err(e) => return Err(Error::repo_io(format!("locking {}", path.display()), e)),

@@ -30,6 +30,9 @@ pub const MANIFEST_VERSION: u32 = 1;
 const HEADER_LEN: usize = 24;
 /// Metadata larger than this is refused as corrupt (a VM config is kilobytes).
 const MAX_METADATA: u64 = 64 * 1024 * 1024;
+/// A manifest larger than this is refused as corrupt: 4 GiB of block map is
+/// 256 million blocks, a 64 TiB disk at the smallest chunk size.
+const MAX_MANIFEST: u64 = 4 << 30;
 
 /// What happened to one disk during its backup.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -162,7 +165,10 @@ impl Manifest {
     }
 
     pub fn load(path: &Path) -> Result<Manifest> {
-        let data = std::fs::read(path).map_err(|e| not_found_or_io(path, e))?;
+        let data = crate::repository::read_bounded(path, MAX_MANIFEST).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => bad(path, e),
+            _ => not_found_or_io(path, e),
+        })?;
         Manifest::decode(path, &data)
     }
 

@@ -65,6 +65,41 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     result
 }
 
+/// Reads a repository file that must be a regular file of at most `max`
+/// bytes. Symlinks are not followed and opening never blocks, so a hostile
+/// repository (a link to /dev/zero, a FIFO) cannot hang or exhaust memory.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "a symbolic link, not a regular file")
+            } else {
+                e
+            }
+        })?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    if m.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} bytes, more than the {max} it can hold", m.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(m.len() as usize);
+    Read::by_ref(&mut f).take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "grew while being read"));
+    }
+    Ok(out)
+}
+
 pub fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| Error::repo_io(format!("opening {}", dir.display()), e))?;
     d.sync_all().map_err(|e| Error::repo_io(format!("syncing {}", dir.display()), e))
@@ -156,16 +191,40 @@ impl Repository {
         self.backups_dir().join(format!("{id}.tib"))
     }
 
+    /// Opens the repository's root directory, for `sync_since`.
+    pub fn open_root(&self) -> Result<File> {
+        File::open(&self.root).map_err(|e| Error::repo_io(format!("opening {}", self.root.display()), e))
+    }
+
     /// Makes everything written to the repository's filesystem durable: one
-    /// `syncfs` instead of an fsync per chunk file.
-    pub fn sync_all(&self) -> Result<()> {
-        let d = File::open(&self.root).map_err(|e| Error::repo_io(format!("opening {}", self.root.display()), e))?;
-        // SAFETY: the descriptor is valid for the lifetime of `d`.
-        let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
+    /// `syncfs` instead of an fsync per chunk file. `root` must have been
+    /// opened (`open_root`) before the writes it vouches for: the kernel
+    /// reports a writeback error through syncfs only to descriptors that were
+    /// open when it happened.
+    pub fn sync_since(&self, root: &File) -> Result<()> {
+        // SAFETY: the descriptor is valid for the lifetime of `root`.
+        let rc = unsafe { libc::syncfs(root.as_raw_fd()) };
         if rc != 0 {
             return Err(Error::repo_io("syncing the repository", std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// Loads and checks a backup's manifest, which must use this
+    /// repository's chunk size (a manifest that says otherwise is corrupt
+    /// or hostile, and its numbers must not size any allocation).
+    pub fn load_manifest(&self, id: &str) -> Result<crate::manifest::Manifest> {
+        let path = self.manifest_path(id);
+        let m = crate::manifest::Manifest::load(&path)?;
+        if m.meta.chunk_size != self.chunk_size() {
+            return Err(Error::Repository(format!(
+                "manifest {} is corrupt: chunk size {} where the repository uses {}",
+                path.display(),
+                m.meta.chunk_size,
+                self.chunk_size()
+            )));
+        }
+        Ok(m)
     }
 
     /// Ids of every backup in the repository, sorted (ids sort by time).

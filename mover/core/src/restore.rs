@@ -10,7 +10,6 @@ use crate::chunk::ChunkId;
 use crate::chunk_store::ChunkStore;
 use crate::error::{Error, Result};
 use crate::extents::block_len;
-use crate::manifest::Manifest;
 use crate::progress::{worker_threads, Cancel, Progress, Ticker};
 use crate::source::DiskSource;
 use crate::repository::{check_backup_id, Repository};
@@ -43,7 +42,9 @@ fn open_target(output: &Path, size: u64, overwrite: bool) -> Result<(File, Targe
     match fs::metadata(output) {
         Ok(m) if m.file_type().is_block_device() => {
             let f = OpenOptions::new().write(true).open(output).map_err(|e| Error::target(ctx("opening"), e))?;
-            let dev = crate::source::FileSource::open(output).map(|s| crate::source::DiskSource::size(&s)).unwrap_or(0);
+            let dev = crate::source::FileSource::open(output)
+                .map(|s| crate::source::DiskSource::size(&s))
+                .map_err(|e| Error::InvalidInput(format!("cannot size the target device: {e}")))?;
             if dev < size {
                 return Err(Error::InvalidInput(format!(
                     "{} holds {dev} bytes, the disk needs {size}",
@@ -129,7 +130,7 @@ pub fn restore_disk(
 ) -> Result<RestoreStats> {
     check_backup_id(id)?;
     let t0 = Instant::now();
-    let manifest = Manifest::load(&repo.manifest_path(id))?;
+    let manifest = repo.load_manifest(id)?;
     let di = manifest.disk_index(disk)?;
     let dmeta = &manifest.meta.disks[di];
     let map = &manifest.maps[di];
@@ -197,7 +198,10 @@ pub fn restore_disk(
     };
     match (&target, result) {
         (Target::File { tmp, path }, Ok(())) => {
-            fs::rename(tmp, path).map_err(|e| Error::target(format!("renaming into {}", path.display()), e))?;
+            if let Err(e) = fs::rename(tmp, path) {
+                let _ = fs::remove_file(tmp);
+                return Err(Error::target(format!("renaming into {}", path.display()), e));
+            }
         }
         (Target::File { tmp, .. }, Err(e)) => {
             let _ = fs::remove_file(tmp);

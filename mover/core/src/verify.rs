@@ -71,7 +71,7 @@ pub fn verify(
     for id in &ids {
         cancel.check()?;
         report.backups_checked += 1;
-        match Manifest::load(&repo.manifest_path(id)) {
+        match repo.load_manifest(id) {
             Ok(m) => {
                 for (d, map) in m.meta.disks.iter().zip(&m.maps) {
                     let who = Affected { backup: id.clone(), vm: m.meta.vm.clone(), disk: d.name.clone() };
@@ -158,6 +158,8 @@ pub fn verify(
     if let Some(e) = fatal {
         return Err(e);
     }
+    // Cancelled part-way: some chunks were never checked, so no verdict.
+    cancel.check()?;
     ticker.finish()?;
     Ok(report)
 }
