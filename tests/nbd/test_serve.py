@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,26 @@ def test_bad_usage_exits_2(cli, backup, tmp_path):
     existing = tmp_path / "exists"
     existing.write_text("")
     cli.run("serve", b["id"], "--socket", str(existing), expect=2)
+
+
+def test_a_flood_of_idle_connections_does_not_stop_the_export(backup, serving, tmp_path):
+    """More clients than the server takes at once: the extra ones are turned
+    away, the export stays up, and once the flood ends it serves again."""
+    import socket as socketlib
+
+    b, restored = backup
+    sock = tmp_path / "flood.sock"
+    srv = serving(b["id"], "--socket", str(sock))
+    flood = []
+    for _ in range(80):  # the server serves 64 at once
+        c = socketlib.socket(socketlib.AF_UNIX)
+        c.connect(str(sock))
+        flood.append(c)
+    time.sleep(0.5)
+    assert srv.proc.poll() is None, "the export went down"
+    for c in flood:
+        c.close()
+    time.sleep(0.5)
+    out = tmp_path / "after.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", srv.uri, "-O", "raw", str(out)], check=True, timeout=60)
+    assert sha256(out) == sha256(restored)

@@ -32,6 +32,8 @@ pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 const MAX_DESCRIPTORS: usize = 16 * 1024;
 /// The id of `base:allocation` in our replies.
 const ALLOCATION_ID: u32 = 1;
+/// Most clients served at once; more are refused (disconnected at once).
+const MAX_CLIENTS: usize = 64;
 /// A client has this long for each step of the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -177,13 +179,18 @@ impl BlockCache {
             }
         };
         if load {
-            let r = if self.base.shared_block_size().is_some() {
-                self.base.shared_block(idx)
-            } else {
-                let start = idx * self.block;
-                let mut buf = vec![0u8; (self.size - start).min(self.block) as usize];
-                self.base.read_at(&mut buf, start).map(|_| Arc::new(buf))
-            };
+            // A loader that panics must still wake the threads waiting for
+            // this block, or they would wait for ever.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if self.base.shared_block_size().is_some() {
+                    self.base.shared_block(idx)
+                } else {
+                    let start = idx * self.block;
+                    let mut buf = vec![0u8; (self.size - start).min(self.block) as usize];
+                    self.base.read_at(&mut buf, start).map(|_| Arc::new(buf))
+                }
+            }))
+            .unwrap_or_else(|_| Err(Error::Source(format!("reading block {idx} failed unexpectedly"))));
             let r = r.map_err(|e| e.to_string());
             if r.is_err() {
                 self.entries.lock().expect("block cache").retain(|(i, _)| *i != idx);
@@ -320,6 +327,15 @@ impl NbdServer {
                         Ok(c) => c,
                         Err(_) => continue,
                     };
+                    {
+                        let mut cl = clients.lock().expect("clients");
+                        cl.retain(|(_, h)| !h.is_finished());
+                        if cl.len() >= MAX_CLIENTS {
+                            // Refused, not queued: the export keeps serving the others.
+                            ctl.shutdown();
+                            continue;
+                        }
+                    }
                     let export = self.export.clone();
                     let h = std::thread::Builder::new()
                         .name("nbd-client".into())
@@ -335,7 +351,11 @@ impl NbdServer {
                         .map_err(|e| Error::target("starting a client thread", e));
                     let h = match h {
                         Ok(h) => h,
-                        Err(e) => break Err(e),
+                        Err(_) => {
+                            // Out of threads: this client goes, the others stay.
+                            ctl.shutdown();
+                            continue;
+                        }
                     };
                     let mut cl = clients.lock().expect("clients");
                     // Forget clients that have gone.
@@ -608,7 +628,8 @@ fn transmission(s: &mut Stream, export: &Export, st: &mut ConnState) -> io::Resu
             CMD_READ => {
                 if req.length > MAX_REQUEST {
                     reply(s, st, &req, Err(EOVERFLOW))?;
-                } else if !in_range {
+                } else if !in_range || req.length == 0 {
+                    // (a structured data chunk may not be empty)
                     reply(s, st, &req, Err(EINVAL))?;
                 } else if export.overlay.is_none() {
                     // Straight from the shared blocks to the socket.
@@ -630,6 +651,19 @@ fn transmission(s: &mut Stream, export: &Export, st: &mut ConnState) -> io::Resu
             CMD_WRITE => {
                 if req.length > MAX_REQUEST {
                     return bye("write larger than the maximum"); // its payload cannot be skipped safely
+                }
+                if export.overlay.is_none() {
+                    // Read-only: skip the payload in small pieces, never
+                    // holding a buffer of the size a client asks for.
+                    let mut left = req.length as u64;
+                    let mut scratch = [0u8; 64 * 1024];
+                    while left > 0 {
+                        let n = left.min(scratch.len() as u64) as usize;
+                        s.read_exact(&mut scratch[..n])?;
+                        left -= n as u64;
+                    }
+                    reply(s, st, &req, Err(EPERM))?;
+                    continue;
                 }
                 buf.resize(req.length as usize, 0);
                 s.read_exact(&mut buf)?;

@@ -81,6 +81,12 @@ fn descriptor_text(shape: Shape, capacity: u64, file: &str) -> String {
 /// bytes of the image file.
 pub fn write_vmdk(shape: Shape, src: &dyn DiskSource, output: &Path, progress: &mut dyn Progress, cancel: &Cancel) -> Result<u64> {
     let size = src.size();
+    if size % 512 != 0 {
+        // A VMDK counts whole sectors: rounding up would hand back a bigger disk.
+        return Err(Error::InvalidInput(format!(
+            "a VMDK disk must be a multiple of 512 bytes; this one has {size} bytes (restore it as raw)"
+        )));
+    }
     let capacity = sectors_for(size);
     let grain_bytes = GRAIN_SECTORS * SECTOR;
     let mut h = SparseHeader {

@@ -114,7 +114,7 @@ fn circular(log: &[u8], pos: u64, len: u64) -> Vec<u8> {
 }
 
 /// The valid entry at `pos`, if there is one.
-fn parse_entry(log: &[u8], pos: u64, guid: &Guid) -> Option<Entry> {
+fn parse_entry(log: &[u8], pos: u64, guid: &Guid, budget: &mut u64) -> Option<Entry> {
     let n = log.len() as u64;
     let head = circular(log, pos, 64);
     if &head[0..4] != b"loge" {
@@ -132,6 +132,12 @@ fn parse_entry(log: &[u8], pos: u64, guid: &Guid) -> Option<Entry> {
     if desc_sectors * SECTOR as u64 > len {
         return None;
     }
+    // Every candidate sector may claim a whole log's worth of entry: a
+    // budget bounds the bytes copied and checksummed over the whole scan.
+    if *budget < len {
+        return None;
+    }
+    *budget -= len;
     let bytes = circular(log, pos, len);
     if le32(&bytes, 4) != crc32c_with_zero_field(&bytes, 4) {
         return None;
@@ -180,9 +186,10 @@ pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<Overlay, String>
     }
     let n = log.len() as u64;
     let mut entries: HashMap<u64, Entry> = HashMap::new();
+    let mut scan_budget = 4 * n;
     for i in 0..n / SECTOR as u64 {
         let pos = i * SECTOR as u64;
-        if let Some(e) = parse_entry(log, pos, guid) {
+        if let Some(e) = parse_entry(log, pos, guid, &mut scan_budget) {
             entries.insert(pos, e);
         }
     }

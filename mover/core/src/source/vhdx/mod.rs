@@ -142,7 +142,8 @@ impl VhdxSource {
             }
             let bytes = img.read_vec(lo, ll)?;
             let ov = log::replay(&bytes, &header.log_guid, file_len).map_err(|e| corrupt(path, e))?;
-            img.len = file_len.max(ov.last_file_offset);
+            // The log can extend the file, but by no more than it carries.
+            img.len = file_len.max(ov.last_file_offset.min(file_len.saturating_add(ll)));
             img.overlay = Some(ov);
         }
         // Region tables are not logged either; use whichever is valid.

@@ -202,6 +202,9 @@ fn open_extents(path: &Path, d: &Descriptor) -> Result<Vec<Piece>> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut pieces = Vec::with_capacity(d.extents.len());
     let mut start = 0u64;
+    // VMware never lists one file twice; a hostile descriptor that does
+    // would make us load the same grain directory again and again.
+    let mut seen = std::collections::HashSet::new();
     for (i, e) in d.extents.iter().enumerate() {
         // Descriptor parsing checked that the sum fits in 64 bits of bytes.
         let len = e.sectors * SECTOR;
@@ -220,6 +223,9 @@ fn open_extents(path: &Path, d: &Descriptor) -> Result<Vec<Piece>> {
                     path.display(),
                     name()
                 )));
+            }
+            if !seen.insert(fpath.clone()) {
+                return Err(Error::Source(format!("{}: extent file {} is listed twice", path.display(), name())));
             }
             if !fpath.exists() {
                 return Err(Error::Source(format!("{}: extent file {} does not exist", path.display(), fpath.display())));
