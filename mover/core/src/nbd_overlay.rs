@@ -186,25 +186,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    struct Mem(Vec<u8>);
-    impl DiskSource for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-        fn allocated(&self) -> Result<Vec<Extent>> {
-            Ok(vec![Extent::new(0, self.size())])
-        }
-        fn format(&self) -> &'static str {
-            "mem"
-        }
-        fn describe(&self) -> String {
-            "memory".into()
-        }
-    }
+    use crate::source::MemSource as Mem;
 
     proptest! {
         #[test]

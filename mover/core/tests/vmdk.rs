@@ -4,32 +4,12 @@
 use proptest::prelude::*;
 use std::path::Path;
 use vmbackup_mover::error::Result;
-use vmbackup_mover::extents::Extent;
 use vmbackup_mover::progress::{Cancel, NoProgress};
 use vmbackup_mover::source::vmdk::header::{SparseHeader, GD_AT_END};
 use vmbackup_mover::source::{DiskSource, VmdkSource};
 use vmbackup_mover::target::vmdk::{write_vmdk, Shape};
 
-struct Mem(Vec<u8>);
-
-impl DiskSource for Mem {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-    fn allocated(&self) -> Result<Vec<Extent>> {
-        Ok(vec![Extent::new(0, self.0.len() as u64)])
-    }
-    fn format(&self) -> &'static str {
-        "raw"
-    }
-    fn describe(&self) -> String {
-        "memory".into()
-    }
-}
+use vmbackup_mover::source::MemSource as Mem;
 
 fn disk(len: usize, writes: &[(usize, usize, u8)]) -> Vec<u8> {
     let mut d = vec![0u8; len];

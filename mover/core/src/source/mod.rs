@@ -2,12 +2,14 @@
 //! say which areas are allocated. The backup pipeline sees only this trait.
 
 mod file;
+mod mem;
 pub mod nbd;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
 pub use file::FileSource;
+pub use mem::MemSource;
 pub use nbd::NbdSource;
 pub use vhd::VhdSource;
 pub use vhdx::VhdxSource;

@@ -3,27 +3,9 @@ use super::*;
 use crate::progress::{Cancel, NoProgress};
 use proptest::prelude::*;
 
-/// A 5 MiB disk with data in blocks 0 and 3 (1 MiB blocks).
-struct Mem(Vec<u8>);
-impl DiskSource for Mem {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        buf.copy_from_slice(&self.0[off as usize..off as usize + buf.len()]);
-        Ok(())
-    }
-    fn allocated(&self) -> Result<Vec<Extent>> {
-        Ok(vec![Extent::new(0, self.0.len() as u64)])
-    }
-    fn format(&self) -> &'static str {
-        "mem"
-    }
-    fn describe(&self) -> String {
-        "mem".into()
-    }
-}
+use crate::source::MemSource as Mem;
 
+/// A 5 MiB disk with data in blocks 0 and 3 (1 MiB blocks).
 fn disk() -> Vec<u8> {
     let mut d = vec![0u8; 5 * MIB as usize];
     for (i, b) in d[..MIB as usize].iter_mut().enumerate() {
