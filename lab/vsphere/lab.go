@@ -97,6 +97,16 @@ func (l *Lab) findVM(name string) (*LabVM, error) {
 	return vm, nil
 }
 
+// findVMDisk resolves a VM by name and one of its disks.
+func (l *Lab) findVMDisk(vmName, disk string) (*LabVM, *VDisk, error) {
+	vm, err := l.findVM(vmName)
+	if err != nil {
+		return nil, nil, err
+	}
+	d, err := vm.findDisk(disk)
+	return vm, d, err
+}
+
 // findDisk resolves a disk by its .vmx name (scsi0:0) or its device key.
 func (vm *LabVM) findDisk(name string) (*VDisk, error) {
 	for _, d := range vm.disks {
@@ -469,11 +479,7 @@ func (l *Lab) consolidate(vm *LabVM) bool {
 func (l *Lab) guestWrite(vmName, disk string, off, length int64, seed uint64) (map[string]interface{}, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	vm, err := l.findVM(vmName)
-	if err != nil {
-		return nil, err
-	}
-	d, err := vm.findDisk(disk)
+	vm, d, err := l.findVMDisk(vmName, disk)
 	if err != nil {
 		return nil, err
 	}
@@ -491,11 +497,7 @@ func (l *Lab) guestWrite(vmName, disk string, off, length int64, seed uint64) (m
 func (l *Lab) diskImage(vmName, disk, snapshot, output string) (map[string]interface{}, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	vm, err := l.findVM(vmName)
-	if err != nil {
-		return nil, err
-	}
-	d, err := vm.findDisk(disk)
+	vm, d, err := l.findVMDisk(vmName, disk)
 	if err != nil {
 		return nil, err
 	}
