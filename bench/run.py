@@ -27,8 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
 from vmbackup.cli import fmt_bytes, parse_size  # noqa: E402
 from vmbackup.diskimage import make_image, rewrite_blocks, write_extents  # noqa: E402
 
-ENV = dict(os.environ, RESTIC_PASSWORD="bench", BORG_PASSPHRASE="", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-           BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
+ENV = dict(
+    os.environ,
+    RESTIC_PASSWORD="bench",
+    BORG_PASSPHRASE="",
+    BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+    BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
+)
 
 
 def run(cmd: list[str], cwd: str | None = None, stdout=subprocess.DEVNULL) -> tuple[float, int, str]:
@@ -101,9 +106,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="2GiB")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dir", default=None,
-                    help="work directory (default: /dev/shm/vmbackup-bench when /dev/shm is a large enough "
-                         "tmpfs, else bench-output)")
+    ap.add_argument(
+        "--dir",
+        default=None,
+        help="work directory (default: /dev/shm/vmbackup-bench when /dev/shm is a large enough "
+        "tmpfs, else bench-output)",
+    )
     ap.add_argument("--tools", default="vmbackup,zstd,restic,borg")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -155,13 +163,34 @@ def main() -> int:
             use(base)
             if tool == "vmbackup":
                 run(vmbackup + ["init", "--repo", str(repo)])
-                o = timed(tool, "full", vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json",
-                                                    str(disk)], repo)
+                o = timed(
+                    tool,
+                    "full",
+                    vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json", str(disk)],
+                    repo,
+                )
                 full_id = json.loads(o)["id"]
                 record(tool, "stored", du(repo))
                 use(changed)
-                o = timed(tool, "incr", vmbackup + ["backup-disk", "--repo", str(repo), "--vm", "bench", "--json",
-                                                    "--parent", full_id, "--changed-extents", str(ext), str(disk)], repo)
+                o = timed(
+                    tool,
+                    "incr",
+                    vmbackup
+                    + [
+                        "backup-disk",
+                        "--repo",
+                        str(repo),
+                        "--vm",
+                        "bench",
+                        "--json",
+                        "--parent",
+                        full_id,
+                        "--changed-extents",
+                        str(ext),
+                        str(disk),
+                    ],
+                    repo,
+                )
                 inc_id = json.loads(o)["id"]
                 timed(tool, "restore", vmbackup + ["restore-disk", "--repo", str(repo), inc_id, str(out)], work)
             elif tool == "zstd":
@@ -195,21 +224,31 @@ def main() -> int:
 
     med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in results.items()}
     print(f"\n{fmt_bytes(size)} VM-like image, {args.runs} run(s), medians\n")
-    print(f"{'tool':<10} {'full':>8} {'incr':>8} {'restore':>8} {'stored':>11} {'peak RSS':>10}   "
-          f"{'durable: full':>13} {'incr':>6} {'restore':>8}")
+    print(
+        f"{'tool':<10} {'full':>8} {'incr':>8} {'restore':>8} {'stored':>11} {'peak RSS':>10}   "
+        f"{'durable: full':>13} {'incr':>6} {'restore':>8}"
+    )
     for t in tools:
         m = med[t]
         rss = max(v for k, v in m.items() if k.endswith("_rss"))
-        f = lambda k, w=8: (f"{m[k]:{w - 1}.2f}s" if k in m else " " * (w - 1) + "-")
-        print(f"{t:<10} {f('full_s'):>8} {f('incr_s'):>8} {f('restore_s'):>8} {fmt_bytes(m['stored']):>11} "
-              f"{fmt_bytes(rss):>10}   {f('full_durable_s', 13):>13} {f('incr_durable_s', 6):>6} "
-              f"{f('restore_durable_s'):>8}")
-    print("(durable: the tool, then a syncfs of the filesystem it wrote: the time until its output would "
-          "survive a power cut)")
+
+        def f(k, w=8, m=m):
+            return f"{m[k]:{w - 1}.2f}s" if k in m else " " * (w - 1) + "-"
+
+        print(
+            f"{t:<10} {f('full_s'):>8} {f('incr_s'):>8} {f('restore_s'):>8} {fmt_bytes(m['stored']):>11} "
+            f"{fmt_bytes(rss):>10}   {f('full_durable_s', 13):>13} {f('incr_durable_s', 6):>6} "
+            f"{f('restore_durable_s'):>8}"
+        )
+    print(
+        "(durable: the tool, then a syncfs of the filesystem it wrote: the time until its output would "
+        "survive a power cut)"
+    )
 
     checks = []
     ours = med.get("vmbackup")
     if ours:
+
         def ratio(tool: str, key: str) -> float | None:
             return med[tool][key] / ours[key] if tool in med and key in med[tool] else None
 
@@ -229,13 +268,15 @@ def main() -> int:
         rss = max(v for k, v in ours.items() if k.endswith("_rss"))
         check("mover peak RSS (MiB)", rss / 2**20, 256, higher_is_better=False)
         if "zstd" in med:
-            check("stored size / zstd -3 size", ours["stored"] / med["zstd"]["zstd3_stored"], 1.0,
-                  higher_is_better=False)
+            check(
+                "stored size / zstd -3 size", ours["stored"] / med["zstd"]["zstd3_stored"], 1.0, higher_is_better=False
+            )
         print()
         for c in checks:
             print(f"{'MET ' if c['met'] else 'MISS'} {c['target']}: {c['value']} (goal {c['goal']})")
-    (work / "results.json").write_text(json.dumps({"size": size, "runs": args.runs, "medians": med,
-                                                   "samples": results, "targets": checks}, indent=2))
+    (work / "results.json").write_text(
+        json.dumps({"size": size, "runs": args.runs, "medians": med, "samples": results, "targets": checks}, indent=2)
+    )
     return 0
 
 

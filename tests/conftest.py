@@ -5,21 +5,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import shutil
-
 import pytest
-
 from vmbackup.diskimage import make_image
 
 MiB = 1024 * 1024
 
 # The real peers the tests run against. Missing ones are an installation
 # error (make dev installs them), never a reason to skip a test.
-REQUIRED_TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdkit", "nbdinfo", "nbdcopy", "xxh128sum", "unshare", "losetup", "openssl"]
+REQUIRED_TOOLS = [
+    "qemu-img",
+    "qemu-io",
+    "qemu-nbd",
+    "nbdkit",
+    "nbdinfo",
+    "nbdcopy",
+    "xxh128sum",
+    "unshare",
+    "losetup",
+    "openssl",
+]
 
 
 def pytest_sessionstart(session):
@@ -43,8 +52,9 @@ class Cli:
     def __init__(self, repo: Path):
         self.repo = repo
 
-    def run(self, *args: str, expect: int | None = 0, repo: bool = True, timeout: float = 120,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, expect: int | None = 0, repo: bool = True, timeout: float = 120, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "vmbackup", *args]
         if repo and "--repo" not in args:
             cmd[4:4] = ["--repo", str(self.repo)]
@@ -62,8 +72,7 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     c = Cli(tmp_path / "repo")
-    subprocess.run([sys.executable, "-m", "vmbackup", "init", "--repo", str(c.repo)], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "vmbackup", "init", "--repo", str(c.repo)], check=True, capture_output=True)
     return c
 
 

@@ -22,14 +22,35 @@ def disk(tmp_path):
 BAD_INPUT = [
     ("missing source", ["backup-disk", "--vm", "v", "{tmp}/nope.img"], "does not exist"),
     ("source is a directory", ["backup-disk", "--vm", "v", "{tmp}"], "neither a file nor a block device"),
-    ("changed extents without parent", ["backup-disk", "--vm", "v", "--changed-extents", "{tmp}/e.json", "{disk}"],
-     "needs --parent"),
-    ("unknown parent", ["backup-disk", "--vm", "v", "--parent", "20260101T000000Z-00000000",
-                        "--changed-extents", "{tmp}/e.json", "{disk}"], "no backup"),
-    ("extents not JSON", ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents", "{tmp}/bad.json",
-                          "{disk}"], "not JSON"),
-    ("extent past the end", ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents",
-                             "{tmp}/far.json", "{disk}"], "past the end"),
+    (
+        "changed extents without parent",
+        ["backup-disk", "--vm", "v", "--changed-extents", "{tmp}/e.json", "{disk}"],
+        "needs --parent",
+    ),
+    (
+        "unknown parent",
+        [
+            "backup-disk",
+            "--vm",
+            "v",
+            "--parent",
+            "20260101T000000Z-00000000",
+            "--changed-extents",
+            "{tmp}/e.json",
+            "{disk}",
+        ],
+        "no backup",
+    ),
+    (
+        "extents not JSON",
+        ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents", "{tmp}/bad.json", "{disk}"],
+        "not JSON",
+    ),
+    (
+        "extent past the end",
+        ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents", "{tmp}/far.json", "{disk}"],
+        "past the end",
+    ),
     ("vmdk sniffed by content", ["backup-disk", "--vm", "v", "{tmp}/x.raw"], "VMDK"),
     ("unknown backup", ["restore-disk", "20260101T000000Z-00000000", "{tmp}/out"], "no backup"),
     ("hostile id", ["restore-disk", "../../etc/passwd", "{tmp}/out"], "not a backup id"),
@@ -67,8 +88,12 @@ def test_bad_input_exits_2_with_one_clear_line(cli, disk, tmp_path, case, args, 
 
 def test_repo_from_environment(cli, disk):
     env = dict(os.environ, VMBACKUP_REPO=str(cli.repo))
-    p = subprocess.run([sys.executable, "-m", "vmbackup", "backup-disk", "--vm", "v", "--json", str(disk)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "vmbackup", "backup-disk", "--vm", "v", "--json", str(disk)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["disk_size"] == 2 * MiB
     env.pop("VMBACKUP_REPO")
@@ -95,10 +120,16 @@ def test_usage_errors_exit_2(cli):
 
 
 def test_repository_commands_do_not_import_prefect(cli, disk):
-    code = ("import sys, vmbackup.cli as c; rc = c.main(sys.argv[1:]); "
-            "assert 'prefect' not in sys.modules, 'prefect was imported'; sys.exit(rc)")
-    for args in (["snapshots", "--repo", str(cli.repo)], ["backup-disk", "--repo", str(cli.repo), "--vm", "v", str(disk)],
-                 ["verify", "--repo", str(cli.repo)], ["gc", "--repo", str(cli.repo), "--dry-run"]):
+    code = (
+        "import sys, vmbackup.cli as c; rc = c.main(sys.argv[1:]); "
+        "assert 'prefect' not in sys.modules, 'prefect was imported'; sys.exit(rc)"
+    )
+    for args in (
+        ["snapshots", "--repo", str(cli.repo)],
+        ["backup-disk", "--repo", str(cli.repo), "--vm", "v", str(disk)],
+        ["verify", "--repo", str(cli.repo)],
+        ["gc", "--repo", str(cli.repo), "--dry-run"],
+    ):
         p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
 
@@ -125,7 +156,17 @@ def test_corrupt_repository_config_is_one_clear_line(cli, disk):
     for args in (["snapshots"], ["backup-disk", "--vm", "v", str(disk)], ["verify"], ["gc"]):
         p = cli.run(*args, expect=1)
         assert p.stderr.count("\n") == 1 and "config.json is corrupt" in p.stderr, p.stderr
-    (cli.repo / "config.json").write_text(json.dumps({"format": "vmbackup-repository", "version": 9, "id": "x",
-                                                      "chunk_size": MiB, "compression": "none", "created": ""}))
+    (cli.repo / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "vmbackup-repository",
+                "version": 9,
+                "id": "x",
+                "chunk_size": MiB,
+                "compression": "none",
+                "created": "",
+            }
+        )
+    )
     p = cli.run("snapshots", expect=1)
     assert "version 9 is not supported" in p.stderr

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given, strategies as st
-
+from hypothesis import given
+from hypothesis import strategies as st
 from vmbackup.errors import InvalidInputError
 from vmbackup.retention import Policy, apply
 
@@ -38,8 +38,11 @@ def test_rules_match_their_definition(ts, last, daily, monthly):
         assert [d.backup.id for d in mine] == [d.backup.id for d in newest_first]
         # last: exactly the newest N
         assert [d for d in mine if "last" in d.reasons] == newest_first[:last]
+
         # daily: the newest backup of each of the newest N days that have one
-        day = lambda d: datetime.fromtimestamp(d.backup.created_unix, tz=timezone.utc).date()
+        def day(d):
+            return datetime.fromtimestamp(d.backup.created_unix, tz=UTC).date()
+
         days = []
         for d in newest_first:
             if day(d) not in days:

@@ -24,6 +24,9 @@ sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 want=("${APT_PACKAGES[@]}" "${RUST_CRATE_PACKAGES[@]}")
 command -v cargo >/dev/null 2>&1 || want+=(cargo rustc)
+# The style gates of `make test`: rustup's components where rustup is there.
+cargo fmt --version >/dev/null 2>&1 || want+=(rustfmt)
+cargo clippy --version >/dev/null 2>&1 || want+=(rust-clippy)
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done

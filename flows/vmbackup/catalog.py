@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from . import _mover
 
@@ -15,13 +15,13 @@ class BackupInfo:
     vm: str
     created: str
     created_unix: float
-    parent: Optional[str]
+    parent: str | None
     disks: tuple[dict[str, Any], ...]
     config: Any
     attributes: Any
 
     @classmethod
-    def from_json(cls, text: str) -> "BackupInfo":
+    def from_json(cls, text: str) -> BackupInfo:
         m = json.loads(text)
         return cls(
             id=m["id"],
@@ -59,7 +59,7 @@ class BackupInfo:
         }
 
 
-def list_backups(repo: str, vm: Optional[str] = None) -> tuple[list[BackupInfo], list[str]]:
+def list_backups(repo: str, vm: str | None = None) -> tuple[list[BackupInfo], list[str]]:
     """Backups oldest first (optionally of one VM), and messages for unreadable manifests."""
     good, bad = _mover.list_backups(repo)
     infos = [BackupInfo.from_json(t) for t in good]

@@ -14,12 +14,24 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import BackupError, InvalidInputError
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
-          "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
 
 
 def parse_size(text: str) -> int:
@@ -57,7 +69,12 @@ def read_extents(path: str) -> list[tuple[int, int]]:
         if not isinstance(e, dict):
             raise InvalidInputError(f"changed extents {path}: item {i} is not an object")
         start, length = e.get("start"), e.get("length")
-        if not (isinstance(start, int) and isinstance(length, int)) or isinstance(start, bool) or start < 0 or length < 0:
+        if (
+            not (isinstance(start, int) and isinstance(length, int))
+            or isinstance(start, bool)
+            or start < 0
+            or length < 0
+        ):
             raise InvalidInputError(f"changed extents {path}: item {i} needs non-negative integer start and length")
         out.append((start, length))
     return out
@@ -101,13 +118,18 @@ def _repo(args: argparse.Namespace) -> str:
 
 # --- commands -------------------------------------------------------------
 
+
 def cmd_init(args: argparse.Namespace) -> int:
     from . import _mover
 
     config = json.loads(_mover.init_repository(_repo(args), parse_size(args.chunk_size), args.compression))
     config["path"] = os.path.abspath(_repo(args))
-    _emit(args, config, f"created repository {config['path']} (chunk size {fmt_bytes(config['chunk_size'])}, "
-                        f"compression {config['compression']})")
+    _emit(
+        args,
+        config,
+        f"created repository {config['path']} (chunk size {fmt_bytes(config['chunk_size'])}, "
+        f"compression {config['compression']})",
+    )
     return 0
 
 
@@ -149,11 +171,14 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
         "parent_blocks": disk.parent_blocks,
         "seconds": round(disk.seconds, 3),
     }
-    _emit(args, result,
-          f"backup {meta['id']} of {meta['vm']} disk {disk.name}: {fmt_bytes(disk.disk_size)} disk, "
-          f"read {fmt_bytes(disk.bytes_read)}, stored {fmt_bytes(disk.bytes_stored)} "
-          f"({disk.new_chunks} new chunks, {disk.reused_chunks} reused, {disk.zero_blocks} zero blocks, "
-          f"{disk.parent_blocks} from parent) in {disk.seconds:.2f} s")
+    _emit(
+        args,
+        result,
+        f"backup {meta['id']} of {meta['vm']} disk {disk.name}: {fmt_bytes(disk.disk_size)} disk, "
+        f"read {fmt_bytes(disk.bytes_read)}, stored {fmt_bytes(disk.bytes_stored)} "
+        f"({disk.new_chunks} new chunks, {disk.reused_chunks} reused, {disk.zero_blocks} zero blocks, "
+        f"{disk.parent_blocks} from parent) in {disk.seconds:.2f} s",
+    )
     return 0
 
 
@@ -162,15 +187,33 @@ def cmd_restore_disk(args: argparse.Namespace) -> int:
 
     progress = _Progress(f"restoring {args.id}", not args.json)
     try:
-        r = _mover.restore_disk(_repo(args), args.id, args.output, disk=args.disk, format=args.format,
-                                overwrite=args.force, progress=progress)
+        r = _mover.restore_disk(
+            _repo(args),
+            args.id,
+            args.output,
+            disk=args.disk,
+            format=args.format,
+            overwrite=args.force,
+            progress=progress,
+        )
     finally:
         progress.close()
-    result = {"id": r.backup, "disk": r.disk, "output": args.output, "format": args.format,
-              "disk_size": r.disk_size, "bytes_written": r.bytes_written, "zero_blocks": r.zero_blocks,
-              "seconds": round(r.seconds, 3)}
-    _emit(args, result, f"restored disk {r.disk} of {r.backup} to {args.output}: {fmt_bytes(r.disk_size)}, "
-                        f"{fmt_bytes(r.bytes_written)} written in {r.seconds:.2f} s")
+    result = {
+        "id": r.backup,
+        "disk": r.disk,
+        "output": args.output,
+        "format": args.format,
+        "disk_size": r.disk_size,
+        "bytes_written": r.bytes_written,
+        "zero_blocks": r.zero_blocks,
+        "seconds": round(r.seconds, 3),
+    }
+    _emit(
+        args,
+        result,
+        f"restored disk {r.disk} of {r.backup} to {args.output}: {fmt_bytes(r.disk_size)}, "
+        f"{fmt_bytes(r.bytes_written)} written in {r.seconds:.2f} s",
+    )
     return 0
 
 
@@ -182,8 +225,10 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         print(f"vmbackup: warning: {msg}", file=sys.stderr)
     lines = [f"{'ID':<26} {'VM':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>10} {'STORED':>10} PARENT"]
     for b in backups:
-        lines.append(f"{b.id:<26} {b.vm[:20]:<20} {b.created:<21} {len(b.disks):>5} {fmt_bytes(b.size):>10} "
-                     f"{fmt_bytes(b.bytes_stored):>10} {b.parent or '-'}")
+        lines.append(
+            f"{b.id:<26} {b.vm[:20]:<20} {b.created:<21} {len(b.disks):>5} {fmt_bytes(b.size):>10} "
+            f"{fmt_bytes(b.bytes_stored):>10} {b.parent or '-'}"
+        )
     _emit(args, [b.summary() for b in backups], "\n".join(lines) if backups else "no backups")
     return 0
 
@@ -197,19 +242,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     problems = [
-        {"kind": p.kind, "object": p.object, "message": p.message,
-         "affected": [{"backup": b, "vm": vm, "disk": d} for b, vm, d in p.affected]}
+        {
+            "kind": p.kind,
+            "object": p.object,
+            "message": p.message,
+            "affected": [{"backup": b, "vm": vm, "disk": d} for b, vm, d in p.affected],
+        }
         for p in r.problems
     ]
-    data = {"ok": r.ok, "read_data": args.read_data, "backups_checked": r.backups_checked,
-            "chunks_checked": r.chunks_checked, "bytes_checked": r.bytes_checked, "problems": problems}
+    data = {
+        "ok": r.ok,
+        "read_data": args.read_data,
+        "backups_checked": r.backups_checked,
+        "chunks_checked": r.chunks_checked,
+        "bytes_checked": r.bytes_checked,
+        "problems": problems,
+    }
     lines = []
     for p in problems:
         who = ", ".join(f"{a['backup']} (VM {a['vm']}, disk {a['disk'] or '?'})" for a in p["affected"])
         lines.append(f"PROBLEM {p['kind']}: {p['message']}; affects {who}")
     verdict = "ok" if r.ok else f"{len(problems)} problem(s)"
-    lines.append(f"verified {r.backups_checked} backup(s), {r.chunks_checked} chunk(s)"
-                 f"{' re-read, ' + fmt_bytes(r.bytes_checked) if args.read_data else ' present'}: {verdict}")
+    lines.append(
+        f"verified {r.backups_checked} backup(s), {r.chunks_checked} chunk(s)"
+        f"{' re-read, ' + fmt_bytes(r.bytes_checked) if args.read_data else ' present'}: {verdict}"
+    )
     _emit(args, data, "\n".join(lines))
     return 0 if r.ok else 1
 
@@ -225,8 +282,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"no backup {', '.join(missing)} in the repository; nothing was forgotten")
     for i in args.ids:
         _mover.forget(repo, i)
-    _emit(args, {"forgotten": args.ids}, "\n".join(f"forgot {i}" for i in args.ids) +
-          "\n(chunks are reclaimed by `vmbackup gc`)")
+    _emit(
+        args,
+        {"forgotten": args.ids},
+        "\n".join(f"forgot {i}" for i in args.ids) + "\n(chunks are reclaimed by `vmbackup gc`)",
+    )
     return 0
 
 
@@ -236,16 +296,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .retention import Policy, apply
 
     repo = _repo(args)
-    policy = Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
-                    weekly=args.keep_weekly, monthly=args.keep_monthly, yearly=args.keep_yearly)
+    policy = Policy(
+        last=args.keep_last,
+        hourly=args.keep_hourly,
+        daily=args.keep_daily,
+        weekly=args.keep_weekly,
+        monthly=args.keep_monthly,
+        yearly=args.keep_yearly,
+    )
     backups, bad = list_backups(repo, args.vm)
     for msg in bad:
         print(f"vmbackup: warning: {msg}", file=sys.stderr)
     decisions = apply(policy, backups)
-    kept = [{"id": d.backup.id, "vm": d.backup.vm, "created": d.backup.created, "reasons": d.reasons}
-            for d in decisions if d.keep]
-    removed = [{"id": d.backup.id, "vm": d.backup.vm, "created": d.backup.created}
-               for d in decisions if not d.keep]
+    kept = [
+        {"id": d.backup.id, "vm": d.backup.vm, "created": d.backup.created, "reasons": d.reasons}
+        for d in decisions
+        if d.keep
+    ]
+    removed = [{"id": d.backup.id, "vm": d.backup.vm, "created": d.backup.created} for d in decisions if not d.keep]
     if not args.dry_run:
         for r in removed:
             _mover.forget(repo, r["id"])
@@ -263,13 +331,30 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.grace < 0:
         raise InvalidInputError("--grace must not be negative")
     r = _mover.gc(_repo(args), grace_seconds=args.grace, dry_run=args.dry_run)
-    data = {k: getattr(r, k) for k in ("dry_run", "backups", "active_backups", "stale_leases_removed",
-                                      "referenced_chunks", "chunks_scanned", "chunks_removed", "bytes_removed",
-                                      "chunks_in_grace", "temp_files_removed", "cutoff_unix")}
+    data = {
+        k: getattr(r, k)
+        for k in (
+            "dry_run",
+            "backups",
+            "active_backups",
+            "stale_leases_removed",
+            "referenced_chunks",
+            "chunks_scanned",
+            "chunks_removed",
+            "bytes_removed",
+            "chunks_in_grace",
+            "temp_files_removed",
+            "cutoff_unix",
+        )
+    }
     verb = "would remove" if r.dry_run else "removed"
-    _emit(args, data, f"{verb} {r.chunks_removed} chunk(s), {fmt_bytes(r.bytes_removed)}; "
-                      f"{r.referenced_chunks} referenced by {r.backups} backup(s), {r.chunks_in_grace} unreferenced "
-                      f"kept in the grace period, {r.active_backups} backup(s) running")
+    _emit(
+        args,
+        data,
+        f"{verb} {r.chunks_removed} chunk(s), {fmt_bytes(r.bytes_removed)}; "
+        f"{r.referenced_chunks} referenced by {r.backups} backup(s), {r.chunks_in_grace} unreferenced "
+        f"kept in the grace period, {r.active_backups} backup(s) running",
+    )
     return 0
 
 
@@ -291,15 +376,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _emit(args, {"uri": uri}, "")
             sys.stdout.flush()
         else:
-            print(f"serving backup {args.id} on {uri}{' (writable overlay)' if args.writable else ''}; "
-                  "Ctrl-C stops", file=sys.stderr, flush=True)
+            print(
+                f"serving backup {args.id} on {uri}{' (writable overlay)' if args.writable else ''}; Ctrl-C stops",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # SIGTERM ends serving as cleanly as Ctrl-C: clients are disconnected,
     # the socket and any overlay are removed, and the exit code is 0.
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        _mover.serve(_repo(args), args.id, disk=args.disk, socket=args.socket, listen=args.listen,
-                     writable=args.writable, ready=ready)
+        _mover.serve(
+            _repo(args),
+            args.id,
+            disk=args.disk,
+            socket=args.socket,
+            listen=args.listen,
+            writable=args.writable,
+            ready=ready,
+        )
     except KeyboardInterrupt:
         pass
     finally:
@@ -315,14 +410,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmbackup", description="Hypervisor-level backup of virtual machines.")
     p.add_argument("--version", action="version", version="vmbackup 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, json_flag: bool = True,
-                repo: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str, json_flag: bool = True, repo: bool = True
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         if repo:
             sp.add_argument("--repo", help="repository directory (default: $VMBACKUP_REPO)")
@@ -339,8 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--vm", required=True, help="the VM the disk belongs to")
     sp.add_argument("--disk", default="disk0", help="the disk's name in the backup (default disk0)")
     sp.add_argument("--parent", help="backup id this one is incremental to")
-    sp.add_argument("--changed-extents", metavar="FILE",
-                    help="JSON list of {start, length} changed since --parent (QueryChangedDiskAreas)")
+    sp.add_argument(
+        "--changed-extents",
+        metavar="FILE",
+        help="JSON list of {start, length} changed since --parent (QueryChangedDiskAreas)",
+    )
     sp.add_argument("--change-id", help="the hypervisor's CBT change id to record")
     sp.add_argument("source", metavar="SOURCE")
 
@@ -368,20 +468,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
 
     sp = command("gc", cmd_gc, "remove chunks that no backup uses")
-    sp.add_argument("--grace", type=float, default=900.0, metavar="SECONDS",
-                    help="keep unreferenced chunks younger than this (default 900; running backups are always safe)")
+    sp.add_argument(
+        "--grace",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="keep unreferenced chunks younger than this (default 900; running backups are always safe)",
+    )
     sp.add_argument("--dry-run", action="store_true")
 
     sp = command("serve", cmd_serve, "serve a backup's disk as an NBD export (read-only unless --writable)")
     sp.add_argument("--disk", help="disk name (needed when the backup has several)")
     sp.add_argument("--socket", metavar="PATH", help="unix socket to create (removed on exit)")
     sp.add_argument("--listen", metavar="HOST:PORT", help="TCP address to listen on (port 0: any free port)")
-    sp.add_argument("--writable", action="store_true",
-                    help="accept writes into a temporary copy-on-write overlay, discarded on exit")
+    sp.add_argument(
+        "--writable",
+        action="store_true",
+        help="accept writes into a temporary copy-on-write overlay, discarded on exit",
+    )
     sp.add_argument("id", metavar="ID")
 
-    sp = command("demo", cmd_demo, "back up, verify and restore a generated disk image", json_flag=False,
-                 repo=False)
+    sp = command("demo", cmd_demo, "back up, verify and restore a generated disk image", json_flag=False, repo=False)
     sp.add_argument("--dir", default="demo-output", help="where the image and repository go")
     sp.add_argument("--size", default="512MiB", help="size of the generated disk (default 512MiB)")
 
@@ -391,8 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

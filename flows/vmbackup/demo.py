@@ -34,8 +34,10 @@ def run_demo(directory: str, size: int = 512 << 20) -> int:
 
     t = time.monotonic()
     layout = make_image(disk, size, seed=7)
-    say(f"1. generated {disk}: {fmt_bytes(size)} VM-like disk, {layout.holes} of {layout.blocks} MiB blocks "
-        f"unallocated, {layout.duplicates} duplicated ({time.monotonic() - t:.1f} s)")
+    say(
+        f"1. generated {disk}: {fmt_bytes(size)} VM-like disk, {layout.holes} of {layout.blocks} MiB blocks "
+        f"unallocated, {layout.duplicates} duplicated ({time.monotonic() - t:.1f} s)"
+    )
     before = _sha256(disk)
 
     _mover.init_repository(repo)
@@ -44,23 +46,30 @@ def run_demo(directory: str, size: int = 512 << 20) -> int:
     s = _mover.BackupSession(repo, "web01")
     d = s.add_disk(disk, "scsi0:0", change_id="52 8e 1c-demo/1")
     full = json.loads(s.commit(config=json.dumps({"name": "web01", "memoryMB": 2048, "numCPU": 2})))
-    say(f"3. full backup {full['id']}: read {fmt_bytes(d.bytes_read)} (skipped {fmt_bytes(d.bytes_skipped)} of holes), "
-        f"stored {fmt_bytes(d.bytes_stored)}, {d.reused_chunks} duplicate blocks deduplicated, {d.seconds:.2f} s")
+    say(
+        f"3. full backup {full['id']}: read {fmt_bytes(d.bytes_read)} (skipped {fmt_bytes(d.bytes_skipped)} of holes), "
+        f"stored {fmt_bytes(d.bytes_stored)}, {d.reused_chunks} duplicate blocks deduplicated, {d.seconds:.2f} s"
+    )
 
     changed = rewrite_blocks(disk, 0.05, seed=8)
     after = _sha256(disk)
     say(f"4. guest wrote {len(changed)} MiB blocks; CBT reports {len(changed)} changed areas")
 
     s = _mover.BackupSession(repo, "web01", parent=full["id"])
-    d = s.add_disk(disk, "scsi0:0", changed_extents=[(c["start"], c["length"]) for c in changed],
-                   change_id="52 8e 1c-demo/2")
+    d = s.add_disk(
+        disk, "scsi0:0", changed_extents=[(c["start"], c["length"]) for c in changed], change_id="52 8e 1c-demo/2"
+    )
     inc = json.loads(s.commit())
-    say(f"5. incremental backup {inc['id']}: read only {fmt_bytes(d.bytes_read)}, {d.parent_blocks} blocks "
-        f"taken from the parent, stored {fmt_bytes(d.bytes_stored)}, {d.seconds:.2f} s")
+    say(
+        f"5. incremental backup {inc['id']}: read only {fmt_bytes(d.bytes_read)}, {d.parent_blocks} blocks "
+        f"taken from the parent, stored {fmt_bytes(d.bytes_stored)}, {d.seconds:.2f} s"
+    )
 
     v = _mover.verify(repo, read_data=True)
-    say(f"6. verify --read-data: {v.backups_checked} backups, {v.chunks_checked} chunks re-hashed: "
-        f"{'ok' if v.ok else 'PROBLEMS'}")
+    say(
+        f"6. verify --read-data: {v.backups_checked} backups, {v.chunks_checked} chunks re-hashed: "
+        f"{'ok' if v.ok else 'PROBLEMS'}"
+    )
 
     ok = v.ok
     for label, meta, want in (("full", full, before), ("incremental", inc, after)):
@@ -68,8 +77,10 @@ def run_demo(directory: str, size: int = 512 << 20) -> int:
         r = _mover.restore_disk(repo, meta["id"], out)
         same = _sha256(out) == want
         ok &= same
-        say(f"7. restored the {label} backup to {out} in {r.seconds:.2f} s: "
-            f"{'identical to' if same else 'DIFFERENT FROM'} the disk as it was")
+        say(
+            f"7. restored the {label} backup to {out} in {r.seconds:.2f} s: "
+            f"{'identical to' if same else 'DIFFERENT FROM'} the disk as it was"
+        )
 
     g = _mover.gc(repo, grace_seconds=0)
     say(f"8. gc: {g.referenced_chunks} chunks in use, {g.chunks_removed} removed")

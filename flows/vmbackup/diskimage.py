@@ -22,10 +22,10 @@ _ALPHABET = b"eeeeeeettttaaaooiinnsshhrrdlcumwfgypbvk    \n\n.,ETAOINSHR01234567
 _TABLE = bytes(_ALPHABET[i % len(_ALPHABET)] for i in range(256))
 _PHRASES = [
     b"Nov 24 21:12:10 host kernel: [ 123.456789] EXT4-fs (sda1): mounted filesystem with ordered data mode\n",
-    b"<property name=\"service.port\" value=\"8443\"/>\n",
+    b'<property name="service.port" value="8443"/>\n',
     b"INFO  [main] org.example.Application - Started Application in 4.2 seconds\n",
     b"/usr/lib/x86_64-linux-gnu/libc.so.6 /usr/lib/x86_64-linux-gnu/libm.so.6\n",
-    b"GET /api/v1/items?page=2 HTTP/1.1\" 200 5120 \"-\" \"curl/7.88.1\"\n",
+    b'GET /api/v1/items?page=2 HTTP/1.1" 200 5120 "-" "curl/7.88.1"\n',
 ]
 
 

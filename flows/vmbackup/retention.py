@@ -9,9 +9,10 @@ kept. Periods are in UTC, so every agent of a site agrees.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable, Iterable, Protocol
+from datetime import UTC, datetime
+from typing import Protocol
 
 from .errors import InvalidInputError
 
@@ -87,7 +88,7 @@ def apply(policy: Policy, backups: Iterable[Dated]) -> list[Decision]:
             key = _period(rule)
             seen: set[object] = set()
             for d in decisions:
-                k = key(datetime.fromtimestamp(d.backup.created_unix, tz=timezone.utc))
+                k = key(datetime.fromtimestamp(d.backup.created_unix, tz=UTC))
                 if k in seen:
                     continue
                 if len(seen) >= count:

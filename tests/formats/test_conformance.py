@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, Cli
+from conftest import Cli, MiB
 
 SIZE = 40 * MiB + 3 * 65536  # not a multiple of the chunk size
-WRITES = [(0x11, 0, 4096), (0x22, 1 * MiB + 512, 70_000), (0x33, 7 * MiB - 4096, 2 * MiB + 8192),
-          (0x44, 20 * MiB + 12345, 1), (0x55, 33 * MiB, 3 * MiB), (0x66, SIZE - 65536, 65536)]
+WRITES = [
+    (0x11, 0, 4096),
+    (0x22, 1 * MiB + 512, 70_000),
+    (0x33, 7 * MiB - 4096, 2 * MiB + 8192),
+    (0x44, 20 * MiB + 12345, 1),
+    (0x55, 33 * MiB, 3 * MiB),
+    (0x66, SIZE - 65536, 65536),
+]
 
 
 def _sha(path: Path) -> str:
@@ -36,8 +41,11 @@ def world(tmp_path_factory):
     ref = d / "ref.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(ref), str(SIZE)], check=True)
     for pattern, off, length in WRITES:
-        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {off} {length}", str(ref)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {off} {length}", str(ref)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     cli = Cli(d / "repo")
     cli.run("init")
     raw = cli.json("backup-disk", "--vm", "ref", "--disk", "scsi0:0", str(ref))
@@ -87,8 +95,9 @@ def source(request, world, tmp_path):
     if kind == "raw-file":
         yield str(ref), True
     elif kind == "block-device":
-        dev = subprocess.run(["losetup", "--find", "--show", "--read-only", str(ref)], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", "--read-only", str(ref)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         try:
             yield dev, False
         finally:
@@ -99,14 +108,21 @@ def source(request, world, tmp_path):
     elif kind == "nbd-qemu-nbd-qcow2":
         img = _convert(ref, tmp_path / "disk.qcow2", "qcow2", None)
         sock = tmp_path / "q.sock"
-        procs.append(subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "-f", "qcow2", "-k", str(sock),
-                                       str(img)], stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                ["qemu-nbd", "--read-only", "--persistent", "-f", "qcow2", "-k", str(sock), str(img)],
+                stderr=subprocess.DEVNULL,
+            )
+        )
         _wait(procs[-1], sock.exists)
         yield f"nbd+unix:///?socket={sock}", True
     elif kind == "nbd-nbdkit-file-tcp":
         port = _free_port()
-        procs.append(subprocess.Popen(["nbdkit", "-f", "-r", "-i", "127.0.0.1", "-p", str(port), "file", str(ref)],
-                                      stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                ["nbdkit", "-f", "-r", "-i", "127.0.0.1", "-p", str(port), "file", str(ref)], stderr=subprocess.DEVNULL
+            )
+        )
 
         def up() -> bool:
             with socket.socket() as s:
@@ -151,6 +167,9 @@ def test_restored_images_are_valid_for_qemu(world, fmt, tmp_path):
     subprocess.run(["qemu-img", "check", "-q", "-f", qfmt, str(out)], check=True)
     p = subprocess.run(["qemu-img", "compare", "-q", "-f", qfmt, "-F", "raw", str(out), str(ref)])
     assert p.returncode == 0, "qemu-img compare found a difference"
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", qfmt, str(out)],
-                                     capture_output=True, text=True, check=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", "-f", qfmt, str(out)], capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert info["virtual-size"] == SIZE

@@ -11,7 +11,6 @@ qemu can not read, to the bytes the test put there).
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import uuid
@@ -23,8 +22,13 @@ from conftest import MiB, sha256
 GiB = 1024 * MiB
 
 # (pattern, offset, length): scattered, some unaligned, one touching the end.
-WRITES = [(1, 0, 4096), (2, 5 * MiB + 123, 300_000), (3, 17 * MiB - 1000, 2000), (4, 40 * MiB + 511, 1),
-          (5, 64 * MiB - 4096, 4096)]
+WRITES = [
+    (1, 0, 4096),
+    (2, 5 * MiB + 123, 300_000),
+    (3, 17 * MiB - 1000, 2000),
+    (4, 40 * MiB + 511, 1),
+    (5, 64 * MiB - 4096, 4096),
+]
 
 
 def run(*cmd: str) -> str:
@@ -40,7 +44,7 @@ def fill(path: Path, fmt: str, writes=WRITES) -> None:
 
 def apply(raw: bytearray, writes) -> bytearray:
     for pat, off, n in writes:
-        raw[off:off + n] = bytes([pat]) * n if isinstance(pat, int) else pat
+        raw[off : off + n] = bytes([pat]) * n if isinstance(pat, int) else pat
     return raw
 
 
@@ -56,6 +60,7 @@ def same(a: Path, b: Path) -> bool:
 
 
 # --- CRC-32C and small writers, from [MS-VHDX] and the VHD specification ----
+
 
 def _table():
     t = []
@@ -78,8 +83,8 @@ def crc32c(data: bytes) -> int:
 
 
 def with_crc(b: bytearray, at: int = 4) -> bytearray:
-    b[at:at + 4] = b"\0\0\0\0"
-    b[at:at + 4] = struct.pack("<I", crc32c(bytes(b)))
+    b[at : at + 4] = b"\0\0\0\0"
+    b[at : at + 4] = struct.pack("<I", crc32c(bytes(b)))
     return b
 
 
@@ -89,17 +94,21 @@ def guid_bytes(u: uuid.UUID) -> bytes:
 
 def vhdx_headers(path: Path) -> tuple[int, dict]:
     """(offset, fields) of the current header."""
-    data = path.read_bytes()[:192 * 1024]
+    data = path.read_bytes()[: 192 * 1024]
     best = None
     for off in (64 * 1024, 128 * 1024):
-        h = bytearray(data[off:off + 4096])
+        h = bytearray(data[off : off + 4096])
         crc = struct.unpack_from("<I", h, 4)[0]
-        if h[:4] != b"head" or with_crc(bytearray(h)) [4:8] != struct.pack("<I", crc):
+        if h[:4] != b"head" or with_crc(bytearray(h))[4:8] != struct.pack("<I", crc):
             continue
         seq = struct.unpack_from("<Q", h, 8)[0]
-        f = {"seq": seq, "data_write": uuid.UUID(bytes_le=bytes(h[32:48])),
-             "log_length": struct.unpack_from("<I", h, 68)[0], "log_offset": struct.unpack_from("<Q", h, 72)[0],
-             "raw": h}
+        f = {
+            "seq": seq,
+            "data_write": uuid.UUID(bytes_le=bytes(h[32:48])),
+            "log_length": struct.unpack_from("<I", h, 68)[0],
+            "log_offset": struct.unpack_from("<Q", h, 72)[0],
+            "raw": h,
+        }
         if best is None or seq > best[1]["seq"]:
             best = (off, f)
     assert best
@@ -113,7 +122,7 @@ def vhdx_regions(path: Path) -> dict:
     n = struct.unpack_from("<I", t, 8)[0]
     out = {}
     for i in range(n):
-        g = uuid.UUID(bytes_le=t[16 + 32 * i:32 + 32 * i])
+        g = uuid.UUID(bytes_le=t[16 + 32 * i : 32 + 32 * i])
         off, length = struct.unpack_from("<QI", t, 32 + 32 * i)
         out[str(g).upper()] = (off, length)
     return out
@@ -131,14 +140,15 @@ def metadata_item(path: Path, item: str) -> int:
         t = f.read(64 * 1024)
     n = struct.unpack_from("<H", t, 10)[0]
     for i in range(n):
-        e = t[32 + 32 * i:64 + 32 * i]
+        e = t[32 + 32 * i : 64 + 32 * i]
         if str(uuid.UUID(bytes_le=e[:16])).upper() == item:
             return moff + struct.unpack_from("<I", e, 16)[0]
     raise KeyError(item)
 
 
-def write_differencing_vhdx(path: Path, size: int, parent_linkage: uuid.UUID, locator: dict,
-                            sectors: dict[int, bytes], block: int = MiB) -> None:
+def write_differencing_vhdx(
+    path: Path, size: int, parent_linkage: uuid.UUID, locator: dict, sectors: dict[int, bytes], block: int = MiB
+) -> None:
     """A differencing VHDX (512-byte sectors) whose `sectors` (sector number ->
     512 bytes) are present; all other sectors come from the parent."""
     ratio = (1 << 23) * 512 // block
@@ -163,7 +173,7 @@ def write_differencing_vhdx(path: Path, size: int, parent_linkage: uuid.UUID, lo
         bat[c * (ratio + 1) + ratio] = 6 | (nxt // MiB) << 20
         body[nxt] = bytes(bits)
         nxt += MiB
-    kv = {"parent_linkage": "{%s}" % str(parent_linkage).upper(), **locator}
+    kv = {"parent_linkage": f"{{{str(parent_linkage).upper()}}}", **locator}
     loc = bytearray(guid_bytes(uuid.UUID("B04AEFB7-D19E-4A81-B789-25B8E9445913"))) + struct.pack("<HH", 0, len(kv))
     strings = bytearray()
     base = 20 + 12 * len(kv)
@@ -172,19 +182,21 @@ def write_differencing_vhdx(path: Path, size: int, parent_linkage: uuid.UUID, lo
         loc += struct.pack("<IIHH", base + len(strings), base + len(strings) + len(kb), len(kb), len(vb))
         strings += kb + vb
     loc += strings
-    items = [("CAA16737-FA36-4D43-B3B6-33F0AA44E76B", struct.pack("<II", block, 2), 4),
-             ("2FA54224-CD1B-4876-B211-5DBED83BF4B8", struct.pack("<Q", size), 6),
-             ("BECA12AB-B2E6-4523-93EF-C309E000C746", uuid.uuid4().bytes_le, 6),
-             ("8141BF1D-A96F-4709-BA47-F233A8FAAB5F", struct.pack("<I", 512), 6),
-             ("CDA348C7-445D-4471-9CC9-E9885251C556", struct.pack("<I", 4096), 6),
-             ("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C", bytes(loc), 4)]
+    items = [
+        ("CAA16737-FA36-4D43-B3B6-33F0AA44E76B", struct.pack("<II", block, 2), 4),
+        ("2FA54224-CD1B-4876-B211-5DBED83BF4B8", struct.pack("<Q", size), 6),
+        ("BECA12AB-B2E6-4523-93EF-C309E000C746", uuid.uuid4().bytes_le, 6),
+        ("8141BF1D-A96F-4709-BA47-F233A8FAAB5F", struct.pack("<I", 512), 6),
+        ("CDA348C7-445D-4471-9CC9-E9885251C556", struct.pack("<I", 4096), 6),
+        ("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C", bytes(loc), 4),
+    ]
     meta = bytearray(MiB)
     meta[:8] = b"metadata"
     struct.pack_into("<H", meta, 10, len(items))
     off = 64 * 1024
     for i, (g, data, flags) in enumerate(items):
         struct.pack_into("<16sIII", meta, 32 + 32 * i, uuid.UUID(g).bytes_le, off, len(data), flags)
-        meta[off:off + len(data)] = data
+        meta[off : off + len(data)] = data
         off += -(-len(data) // 8) * 8
     regions = bytearray(64 * 1024)
     regions[:4] = b"regi"
@@ -198,8 +210,9 @@ def write_differencing_vhdx(path: Path, size: int, parent_linkage: uuid.UUID, lo
         for seq, at in ((1, 64 * 1024), (2, 128 * 1024)):
             h = bytearray(4096)
             h[:4] = b"head"
-            struct.pack_into("<Q16s16s16sHHIQ", h, 8, seq, uuid.uuid4().bytes_le, uuid.uuid4().bytes_le, bytes(16),
-                             0, 1, MiB, MiB)
+            struct.pack_into(
+                "<Q16s16s16sHHIQ", h, 8, seq, uuid.uuid4().bytes_le, uuid.uuid4().bytes_le, bytes(16), 0, 1, MiB, MiB
+            )
             f.seek(at)
             f.write(with_crc(h))
         for at in (192 * 1024, 256 * 1024):
@@ -215,7 +228,7 @@ def write_differencing_vhdx(path: Path, size: int, parent_linkage: uuid.UUID, lo
 
 
 def vhd_checksum(b: bytes, at: int) -> int:
-    return ~(sum(b[:at]) + sum(b[at + 4:])) & 0xFFFFFFFF
+    return ~(sum(b[:at]) + sum(b[at + 4 :])) & 0xFFFFFFFF
 
 
 def vhd_footer(path: Path) -> bytearray:
@@ -224,8 +237,14 @@ def vhd_footer(path: Path) -> bytearray:
         return bytearray(f.read(512))
 
 
-def write_differencing_vhd(path: Path, parent: Path, sectors: dict[int, bytes], relative: str | None,
-                           absolute: str | None, block: int = 2 * MiB) -> None:
+def write_differencing_vhd(
+    path: Path,
+    parent: Path,
+    sectors: dict[int, bytes],
+    relative: str | None,
+    absolute: str | None,
+    block: int = 2 * MiB,
+) -> None:
     pf = vhd_footer(parent)
     size = struct.unpack_from(">Q", pf, 48)[0]
     footer = bytearray(pf)
@@ -254,12 +273,12 @@ def write_differencing_vhd(path: Path, parent: Path, sectors: dict[int, bytes], 
             blocks[b] = bytearray(bmp + block)
         within = s * 512 % block
         blocks[b][within // 512 // 8] |= 0x80 >> (within // 512 % 8)
-        blocks[b][bmp + within:bmp + within + 512] = data
+        blocks[b][bmp + within : bmp + within + 512] = data
     h = bytearray(1024)
     h[:8] = b"cxsparse"
     struct.pack_into(">QQIII", h, 8, 0xFFFFFFFFFFFFFFFF, table, 0x00010000, entries, block)
     h[40:56] = pf[68:84]
-    h[64:64 + 2 * len(parent.name)] = parent.name.encode("utf-16-be")
+    h[64 : 64 + 2 * len(parent.name)] = parent.name.encode("utf-16-be")
     for i, (code, at, data) in enumerate(locs):
         struct.pack_into(">4sIII Q", h, 576 + 24 * i, code, -(-len(data) // 512), len(data), 0, at)
     struct.pack_into(">I", h, 36, vhd_checksum(h, 36))
@@ -268,7 +287,7 @@ def write_differencing_vhd(path: Path, parent: Path, sectors: dict[int, bytes], 
         f.write(h)
         f.seek(table)
         f.write(b"".join(struct.pack(">I", e) for e in bat))
-        for code, at, data in locs:
+        for _code, at, data in locs:
             f.seek(at)
             f.write(data)
         for b, data in blocks.items():
@@ -305,9 +324,12 @@ def test_backup_of_qemu_image_restores_to_qemus_raw(cli, tmp_path, name):
     assert f'"source_format":"{kind}"'.encode() in (cli.repo / "backups" / f"{b['id']}.tib").read_bytes()
     if "dynamic" in kind:
         # Only the blocks the writes touched are read.
-        block = {"1M": MiB, "8M": 8 * MiB, "32M": 32 * MiB}.get(name.split("-")[2], 2 * MiB) if fmt == "vhdx" else 2 * MiB
-        touched = {o // block for _, off, n in writes for o in range(off, off + n, 4096)} | \
-                  {(off + n - 1) // block for _, off, n in writes}
+        block = (
+            {"1M": MiB, "8M": 8 * MiB, "32M": 32 * MiB}.get(name.split("-")[2], 2 * MiB) if fmt == "vhdx" else 2 * MiB
+        )
+        touched = {o // block for _, off, n in writes for o in range(off, off + n, 4096)} | {
+            (off + n - 1) // block for _, off, n in writes
+        }
         assert b["bytes_read"] <= len(touched) * block < b["disk_size"]
     out = tmp_path / "out.raw"
     cli.json("restore-disk", b["id"], str(out))
@@ -373,13 +395,23 @@ def test_differencing_vhdx_chain(cli, tmp_path):
     s1 = {10: b"\x11" * 512, 11: b"\x12" * 512, (5 * MiB + 512) // 512: b"\x13" * 512, (63 * MiB) // 512: b"\x14" * 512}
     s2 = {11: b"\x21" * 512, (30 * MiB) // 512: b"\x22" * 512}
     child, grandchild = tmp_path / "vm_1.avhdx", tmp_path / "vm_2.avhdx"
-    write_differencing_vhdx(child, 64 * MiB, vhdx_headers(base)[1]["data_write"],
-                            {"relative_path": ".\\base.vhdx", "absolute_win32_path": "D:\\gone\\base.vhdx"}, s1)
-    write_differencing_vhdx(grandchild, 64 * MiB, vhdx_headers(child)[1]["data_write"],
-                            {"absolute_win32_path": "C:\\ProgramData\\Hyper-V\\vm_1.avhdx"}, s2)
+    write_differencing_vhdx(
+        child,
+        64 * MiB,
+        vhdx_headers(base)[1]["data_write"],
+        {"relative_path": ".\\base.vhdx", "absolute_win32_path": "D:\\gone\\base.vhdx"},
+        s1,
+    )
+    write_differencing_vhdx(
+        grandchild,
+        64 * MiB,
+        vhdx_headers(child)[1]["data_write"],
+        {"absolute_win32_path": "C:\\ProgramData\\Hyper-V\\vm_1.avhdx"},
+        s2,
+    )
     for s in (s1, s2):
         for sec, data in s.items():
-            want[sec * 512:sec * 512 + 512] = data
+            want[sec * 512 : sec * 512 + 512] = data
     b = cli.json("backup-disk", "--vm", "v", str(grandchild))
     assert b["bytes_read"] < 64 * MiB // 2
     out = tmp_path / "out.raw"
@@ -408,7 +440,7 @@ def test_differencing_vhd_chain(cli, tmp_path):
     write_differencing_vhd(c2, c1, s2, None, "E:\\elsewhere\\c1.vhd")
     for s in (s1, s2):
         for sec, data in s.items():
-            want[sec * 512:sec * 512 + 512] = data
+            want[sec * 512 : sec * 512 + 512] = data
     b = cli.json("backup-disk", "--vm", "v", str(c2))
     assert b["disk_size"] == len(want)
     out = tmp_path / "out.raw"
@@ -432,8 +464,21 @@ def test_vhdx_log_is_replayed_in_memory_and_the_file_untouched(cli, tmp_path):
     log_guid, seq = uuid.uuid4(), 77
     sector = bytes((i * 5 + 1) & 0xFF for i in range(4096))
     entry = bytearray(8192)
-    struct.pack_into("<4sIIIQII16sQQ", entry, 0, b"loge", 0, 8192, 0, seq, 2, 0, log_guid.bytes_le,
-                     os.path.getsize(img), os.path.getsize(img))
+    struct.pack_into(
+        "<4sIIIQII16sQQ",
+        entry,
+        0,
+        b"loge",
+        0,
+        8192,
+        0,
+        seq,
+        2,
+        0,
+        log_guid.bytes_le,
+        os.path.getsize(img),
+        os.path.getsize(img),
+    )
     struct.pack_into("<4sIQQQ", entry, 64, b"zero", 0, 8192, block0 + 65536, seq)
     struct.pack_into("<4s4s8sQQ", entry, 96, b"desc", sector[-4:], sector[:8], block0 + 8192, seq)
     entry[4096:8192] = b"data" + struct.pack("<I", seq >> 32) + sector[8:-4] + struct.pack("<I", seq & 0xFFFFFFFF)
@@ -449,7 +494,7 @@ def test_vhdx_log_is_replayed_in_memory_and_the_file_untouched(cli, tmp_path):
         f.seek(other)
         f.write(hdr)
     want[8192:12288] = sector
-    want[65536:65536 + 8192] = bytes(8192)
+    want[65536 : 65536 + 8192] = bytes(8192)
     before = sha256(img)
     b = cli.json("backup-disk", "--vm", "v", str(img))
     assert sha256(img) == before
@@ -459,6 +504,7 @@ def test_vhdx_log_is_replayed_in_memory_and_the_file_untouched(cli, tmp_path):
 
 
 # --- hostile and corrupt input -----------------------------------------------
+
 
 def _corrupt_headers(img: Path) -> None:
     with open(img, "r+b") as f:
@@ -489,12 +535,15 @@ def _vhd_bat_past_eof(img: Path) -> None:
         f.write(struct.pack(">I", 0x7FFFFFF0))
 
 
-@pytest.mark.parametrize("fmt,damage,expect", [
-    ("vhdx", _corrupt_headers, "neither header is valid"),
-    ("vhdx", _bat_past_eof, "past the end of the file"),
-    ("vhdx", _absurd_size, "virtual disk size"),
-    ("vpc", _vhd_bat_past_eof, "past the end of the file"),
-])
+@pytest.mark.parametrize(
+    "fmt,damage,expect",
+    [
+        ("vhdx", _corrupt_headers, "neither header is valid"),
+        ("vhdx", _bat_past_eof, "past the end of the file"),
+        ("vhdx", _absurd_size, "virtual disk size"),
+        ("vpc", _vhd_bat_past_eof, "past the end of the file"),
+    ],
+)
 def test_corrupt_images_fail_with_one_clear_line(cli, tmp_path, fmt, damage, expect):
     img = tmp_path / f"bad.{fmt}"
     run("qemu-img", "create", "-q", "-f", fmt, str(img), str(16 * MiB))
@@ -509,8 +558,9 @@ def test_missing_parent_fails_with_one_clear_line(cli, tmp_path):
     base = tmp_path / "base.vhdx"
     run("qemu-img", "create", "-q", "-f", "vhdx", str(base), str(8 * MiB))
     child = tmp_path / "c.avhdx"
-    write_differencing_vhdx(child, 8 * MiB, vhdx_headers(base)[1]["data_write"], {"relative_path": "base.vhdx"},
-                            {0: b"x" * 512})
+    write_differencing_vhdx(
+        child, 8 * MiB, vhdx_headers(base)[1]["data_write"], {"relative_path": "base.vhdx"}, {0: b"x" * 512}
+    )
     base.unlink()
     p = cli.run("backup-disk", "--vm", "v", str(child), expect=2)
     lines = p.stderr.strip().splitlines()

@@ -13,10 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import MiB
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from vmbackup import _mover
 
 GiB = 1024 * MiB
@@ -142,11 +141,11 @@ def test_vmfs_descriptor_with_flat_and_zero_extents(cli, tmp_path):
         '# Disk DescriptorFile\nversion=1\nencoding="UTF-8"\nCID=fffffffe\nparentCID=ffffffff\n'
         'createType="vmfs"\n\n# Extent description\n'
         f'RW {32 * MiB // 512} VMFS "vm-flat.vmdk"\n'
-        f'RW {8 * MiB // 512} ZERO\n'
+        f"RW {8 * MiB // 512} ZERO\n"
         f'RW {12 * MiB // 512} FLAT "other.bin" {4 * MiB // 512}\n\n'
         '# The Disk Data Base\n#DDB\nddb.adapterType = "lsilogic"\n'
     )
-    want = bytearray(flat.read_bytes()) + bytes(8 * MiB) + other.read_bytes()[4 * MiB:]
+    want = bytearray(flat.read_bytes()) + bytes(8 * MiB) + other.read_bytes()[4 * MiB :]
     b = cli.json("backup-disk", "--vm", "vm", str(desc))
     assert b["disk_size"] == len(want)
     assert b["bytes_read"] < len(want) // 2
@@ -155,8 +154,11 @@ def test_vmfs_descriptor_with_flat_and_zero_extents(cli, tmp_path):
     assert out.read_bytes() == want
     # qemu reads the pure VMFS descriptor the same way.
     only_vmfs = tmp_path / "vmfs-only.vmdk"
-    only_vmfs.write_text(desc.read_text().replace(f'RW {8 * MiB // 512} ZERO\n', "").replace(
-        f'RW {12 * MiB // 512} FLAT "other.bin" {4 * MiB // 512}\n', ""))
+    only_vmfs.write_text(
+        desc.read_text()
+        .replace(f"RW {8 * MiB // 512} ZERO\n", "")
+        .replace(f'RW {12 * MiB // 512} FLAT "other.bin" {4 * MiB // 512}\n', "")
+    )
     ref = reference_raw(only_vmfs, tmp_path / "ref.raw")
     b2 = cli.json("backup-disk", "--vm", "vm2", str(only_vmfs))
     out2 = tmp_path / "out2.raw"
@@ -189,9 +191,12 @@ def test_delta_disk_reads_through_its_parent(cli, tmp_path):
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(subformat=st.sampled_from(["monolithicSparse", "streamOptimized", "monolithicFlat"]),
-       writes=st.lists(st.tuples(st.integers(1, 255), st.integers(0, 16 * MiB - 1), st.integers(1, 300_000)),
-                       min_size=1, max_size=6))
+@given(
+    subformat=st.sampled_from(["monolithicSparse", "streamOptimized", "monolithicFlat"]),
+    writes=st.lists(
+        st.tuples(st.integers(1, 255), st.integers(0, 16 * MiB - 1), st.integers(1, 300_000)), min_size=1, max_size=6
+    ),
+)
 def test_random_guest_writes_round_trip(tmp_path_factory, subformat, writes):
     d = tmp_path_factory.mktemp("vmdk")
     size = 16 * MiB

@@ -14,7 +14,6 @@ except ImportError:  # not installed: use the work tree
 
 from pyVim.connect import Disconnect  # noqa: E402
 from pyVmomi import vim  # noqa: E402
-
 from vmbackup.lab import Lab, lab_down, lab_up  # noqa: E402
 
 from .labkit import connect  # noqa: E402

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pyVim.connect import SmartConnect
 from pyVmomi import vim
-
 from vmbackup.lab import Lab
 
 
@@ -92,4 +91,4 @@ def pattern(seed: int, offset: int, length: int) -> bytes:
     out = bytearray()
     for w in range(start, offset + length, 8):
         out += splitmix64(((seed * 0x9E3779B97F4A7C15) & mask) ^ (w // 8)).to_bytes(8, "little")
-    return bytes(out[offset - start: offset - start + length])
+    return bytes(out[offset - start : offset - start + length])

@@ -45,8 +45,18 @@ def test_cbt_reports_exactly_the_blocks_written_across_pages(si, lab):
     wait(first.RemoveSnapshot_Task(removeChildren=False))
 
     # Writes in blocks, spread over several 16 MiB pages, some adjacent, one unaligned.
-    writes = [(0, BLOCK), (3 * BLOCK, 2 * BLOCK), (5 * BLOCK, BLOCK), (8 * BLOCK, 1), (12 * BLOCK, BLOCK), (17 << 20, BLOCK),
-              (30 << 20, 3 * BLOCK), (40 << 20, BLOCK), ((50 << 20) + 100, 10), (63 << 20, BLOCK)]
+    writes = [
+        (0, BLOCK),
+        (3 * BLOCK, 2 * BLOCK),
+        (5 * BLOCK, BLOCK),
+        (8 * BLOCK, 1),
+        (12 * BLOCK, BLOCK),
+        (17 << 20, BLOCK),
+        (30 << 20, 3 * BLOCK),
+        (40 << 20, BLOCK),
+        ((50 << 20) + 100, 10),
+        (63 << 20, BLOCK),
+    ]
     for i, (off, n) in enumerate(writes):
         lab.write("cbt02", "scsi0:0", off, n, seed=100 + i)
     second = snapshot(vm, "incr")
@@ -76,11 +86,11 @@ def test_star_reports_all_allocated_areas(si, lab, tmp_path):
         data = img.read_bytes()
         covered = bytearray(len(data))
         for s, n in areas:
-            covered[s:s + n] = b"\x01" * n
+            covered[s : s + n] = b"\x01" * n
         # Everything outside the allocated areas reads as zeros; the areas hold data.
         for off in range(0, len(data), BLOCK):
             if not covered[off]:
-                assert data[off:off + BLOCK].count(0) == BLOCK
+                assert data[off : off + BLOCK].count(0) == BLOCK
         assert sum(n for _, n in areas) < capacity
         assert data[:512].count(0) < 512
     finally:
@@ -123,4 +133,5 @@ def test_query_without_cbt_is_a_file_fault(si, lab):
 
 def vmodl_invalid_argument():
     from pyVmomi import vmodl
+
     return vmodl.fault.InvalidArgument

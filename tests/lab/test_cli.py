@@ -18,8 +18,9 @@ FLOWS = Path(__file__).resolve().parents[2] / "flows"
 def run(*args, check=True):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(FLOWS) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "vmbackup.lab", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmbackup.lab", *args], capture_output=True, text=True, env=env, timeout=120
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -40,8 +41,13 @@ def test_up_prints_connection_json_and_is_idempotent(esxi_lab):
     again = json.loads(run("up", "--state", str(state), "--json").stdout)
     assert again["pid"] == info["pid"]
     host, port = info["vsphere"]["url"].split("/")[2].rsplit(":", 1)
-    si = SmartConnect(host=host, port=int(port), user=info["vsphere"]["user"], pwd=info["vsphere"]["password"],
-                      sslContext=ssl.create_default_context(cafile=info["vsphere"]["ca_file"]))
+    si = SmartConnect(
+        host=host,
+        port=int(port),
+        user=info["vsphere"]["user"],
+        pwd=info["vsphere"]["password"],
+        sslContext=ssl.create_default_context(cafile=info["vsphere"]["ca_file"]),
+    )
     try:
         assert si.content.about.apiType == "HostAgent"
     finally:
@@ -54,8 +60,24 @@ def test_status_write_and_disk_image(esxi_lab, tmp_path):
     solo = next(vm for vm in status["vms"] if vm["name"] == "solo01")
     assert [d["name"] for d in solo["disks"]] == ["scsi0:0", "nvme0:0"] and solo["host"] == "esx9"
     key = str(solo["disks"][1]["key"])
-    res = json.loads(run("write", "--state", str(state), "--vm", "solo01", "--disk", key, "--offset", "12345",
-                         "--length", "1000", "--seed", "9", "--json").stdout)
+    res = json.loads(
+        run(
+            "write",
+            "--state",
+            str(state),
+            "--vm",
+            "solo01",
+            "--disk",
+            key,
+            "--offset",
+            "12345",
+            "--length",
+            "1000",
+            "--seed",
+            "9",
+            "--json",
+        ).stdout
+    )
     assert res["disk"] == "nvme0:0"
     out = tmp_path / "nvme.img"
     run("disk-image", "--state", str(state), "--vm", "solo01", "--disk", "nvme0:0", str(out))
@@ -63,12 +85,15 @@ def test_status_write_and_disk_image(esxi_lab, tmp_path):
     assert len(data) == 16 << 20 and data[12345:13345] == pattern(9, 12345, 1000)
 
 
-@pytest.mark.parametrize("args", [
-    ["write", "--vm", "nosuchvm", "--disk", "scsi0:0", "--offset", "0", "--length", "1"],
-    ["write", "--vm", "solo01", "--disk", "sata3:3", "--offset", "0", "--length", "1"],
-    ["write", "--vm", "solo01", "--disk", "scsi0:0", "--offset", str(16 << 20), "--length", "1"],
-    ["disk-image", "--vm", "solo01", "--disk", "scsi0:0", "--snapshot", "nosuch", "/tmp/never.img"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["write", "--vm", "nosuchvm", "--disk", "scsi0:0", "--offset", "0", "--length", "1"],
+        ["write", "--vm", "solo01", "--disk", "sata3:3", "--offset", "0", "--length", "1"],
+        ["write", "--vm", "solo01", "--disk", "scsi0:0", "--offset", str(16 << 20), "--length", "1"],
+        ["disk-image", "--vm", "solo01", "--disk", "scsi0:0", "--snapshot", "nosuch", "/tmp/never.img"],
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(esxi_lab, args):
     state, info = esxi_lab
     proc = run(*args[:1], "--state", str(state), *args[1:], check=False)

@@ -91,8 +91,12 @@ def test_linked_clone_from_snapshot_and_hot_add_of_its_disk(si, lab, tmp_path):
     snap = snapshot(vm, "for-clone")
     key = disks(vm)[0].key
     frozen = disk(snap.config, key).backing.fileName
-    spec = vim.vm.CloneSpec(snapshot=snap, powerOn=False, template=False,
-                            location=vim.vm.RelocateSpec(diskMoveType="createNewChildDiskBacking"))
+    spec = vim.vm.CloneSpec(
+        snapshot=snap,
+        powerOn=False,
+        template=False,
+        location=vim.vm.RelocateSpec(diskMoveType="createNewChildDiskBacking"),
+    )
     clone = wait(vm.CloneVM_Task(folder=vm.parent, name="clonesrc01-clone", spec=spec))
     assert clone.name == "clonesrc01-clone" and clone.runtime.powerState == "poweredOff"
     cdisk = disk(clone, key)

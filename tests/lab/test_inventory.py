@@ -29,25 +29,39 @@ def test_topology_has_cluster_hosts_datastores_vms_and_agents(si, lab):
         for d in disks(vm):
             ctrl = next(c for c in vm.config.hardware.device if c.key == d.controllerKey)
             buses[type(ctrl).__name__] = name
-    assert set(buses) == {"vim.vm.device.ParaVirtualSCSIController", "vim.vm.device.VirtualAHCIController",
-                          "vim.vm.device.VirtualNVMEController"}
+    assert set(buses) == {
+        "vim.vm.device.ParaVirtualSCSIController",
+        "vim.vm.device.VirtualAHCIController",
+        "vim.vm.device.VirtualNVMEController",
+    }
 
 
 def test_tls_is_verified_with_the_lab_ca(lab):
     host, port = lab.host.rsplit(":", 1)
     with pytest.raises(ssl.SSLError):
-        SmartConnect(host=host, port=int(port), user=lab.user, pwd=lab.password,
-                     sslContext=ssl.create_default_context())
-    si = SmartConnect(host=host, port=int(port), user=lab.user, pwd=lab.password,
-                      sslContext=ssl.create_default_context(cafile=lab.ca_file))
+        SmartConnect(
+            host=host, port=int(port), user=lab.user, pwd=lab.password, sslContext=ssl.create_default_context()
+        )
+    si = SmartConnect(
+        host=host,
+        port=int(port),
+        user=lab.user,
+        pwd=lab.password,
+        sslContext=ssl.create_default_context(cafile=lab.ca_file),
+    )
     assert si.content.about.apiType == "VirtualCenter"
 
 
 def test_wrong_password_is_refused_without_echoing_it(lab):
     host, port = lab.host.rsplit(":", 1)
     with pytest.raises(vim.fault.InvalidLogin) as err:
-        SmartConnect(host=host, port=int(port), user=lab.user, pwd="not-the-password",
-                     sslContext=ssl.create_default_context(cafile=lab.ca_file))
+        SmartConnect(
+            host=host,
+            port=int(port),
+            user=lab.user,
+            pwd="not-the-password",
+            sslContext=ssl.create_default_context(cafile=lab.ca_file),
+        )
     assert "not-the-password" not in str(err.value)
 
 
@@ -62,7 +76,7 @@ def test_disks_are_descriptor_plus_sparse_flat_with_os_like_content(si, lab):
     assert 0 < st.st_blocks * 512 < st.st_size  # sparse, but with data
     data = flat.read_bytes()
     assert data[510:512] == b"\x55\xaa" and data[446 + 4] == 0x83  # MBR, one Linux partition
-    assert data[1 << 20:(1 << 20) + 6] == b"LABFS1"
+    assert data[1 << 20 : (1 << 20) + 6] == b"LABFS1"
     other = flat_file(lab, disks(find(si, vim.VirtualMachine, "db01"))[0].backing.fileName).read_bytes()
     assert other[:512] != data[:512]  # every disk has its own content
 
@@ -75,8 +89,11 @@ def test_datastore_browser_and_folder_range(si, lab):
     assert {"web01.vmdk", "web01-flat.vmdk"} <= names
     host, port = lab.host.rsplit(":", 1)
     conn = http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(cafile=lab.ca_file))
-    conn.request("GET", "/folder/web01/web01-flat.vmdk?dcPath=dc1&dsName=esx1-local",
-                 headers={"Range": "bytes=446-511", "Cookie": si._stub.cookie})
+    conn.request(
+        "GET",
+        "/folder/web01/web01-flat.vmdk?dcPath=dc1&dsName=esx1-local",
+        headers={"Range": "bytes=446-511", "Cookie": si._stub.cookie},
+    )
     res = conn.getresponse()
     body = res.read()
     assert res.status == 206 and len(body) == 66 and body[-2:] == b"\x55\xaa"

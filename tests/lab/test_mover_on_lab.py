@@ -44,12 +44,35 @@ def test_full_from_the_datastore_then_cbt_incremental(si, lab, tmp_path):
     try:
         frozen = disk(s1.config, key).backing
         change1 = frozen.changeId
-        full = vmbackup("backup-disk", "--repo", repo, "--vm", "mover01", "--disk", DISK, "--change-id", change1,
-                        str(datastore_file(lab, frozen.fileName)))
+        full = vmbackup(
+            "backup-disk",
+            "--repo",
+            repo,
+            "--vm",
+            "mover01",
+            "--disk",
+            DISK,
+            "--change-id",
+            change1,
+            str(datastore_file(lab, frozen.fileName)),
+        )
         # The running disk is a delta now: read as is it would be wrong, so it is refused.
         delta = disk(vm, key).backing.fileName
-        p = subprocess.run([sys.executable, "-m", "vmbackup", "backup-disk", "--repo", repo, "--vm", "x",
-                            str(datastore_file(lab, delta))], capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vmbackup",
+                "backup-disk",
+                "--repo",
+                repo,
+                "--vm",
+                "x",
+                str(datastore_file(lab, delta)),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode == 2 and "hot-add or NBD" in p.stderr
         lab.write("mover01", DISK, 3 << 20, 200_000, seed=1)  # lands in the delta, not in the backup
         expected = tmp_path / "s1.img"
@@ -69,9 +92,22 @@ def test_full_from_the_datastore_then_cbt_incremental(si, lab, tmp_path):
         assert areas, "CBT saw the guest writes"
         extents = tmp_path / "changed.json"
         extents.write_text(json.dumps(areas))
-        inc = vmbackup("backup-disk", "--repo", repo, "--vm", "mover01", "--disk", DISK, "--parent", full["id"],
-                       "--changed-extents", str(extents), "--change-id", frozen.changeId,
-                       str(datastore_file(lab, frozen.fileName)))
+        inc = vmbackup(
+            "backup-disk",
+            "--repo",
+            repo,
+            "--vm",
+            "mover01",
+            "--disk",
+            DISK,
+            "--parent",
+            full["id"],
+            "--changed-extents",
+            str(extents),
+            "--change-id",
+            frozen.changeId,
+            str(datastore_file(lab, frozen.fileName)),
+        )
         expected = tmp_path / "s2.img"
         lab.disk_image("mover01", DISK, expected, snapshot="s2")
     finally:
@@ -87,16 +123,18 @@ def test_backup_from_a_hot_added_disk(si, lab, tmp_path):
     repo = str(tmp_path / "repo")
     vmbackup("init", "--repo", repo)
     vm = find(si, vim.VirtualMachine, "mover01")
-    agent = next(a for a in (find(si, vim.VirtualMachine, n) for n in lab.agents)
-                 if a.runtime.host == vm.runtime.host)  # the appliance on mover01's host
+    agent = next(
+        a for a in (find(si, vim.VirtualMachine, n) for n in lab.agents) if a.runtime.host == vm.runtime.host
+    )  # the appliance on mover01's host
     key = disks(vm)[0].key
     snap = snapshot(vm, "hot", quiesce=True)
     try:
         frozen = disk(snap.config, key).backing
         ctrl = next(d for d in agent.config.hardware.device if isinstance(d, vim.vm.device.VirtualSCSIController))
         backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=frozen.fileName, diskMode="persistent")
-        add = vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualDisk(
-            key=-1, controllerKey=ctrl.key, backing=backing))
+        add = vim.vm.device.VirtualDeviceSpec(
+            operation="add", device=vim.vm.device.VirtualDisk(key=-1, controllerKey=ctrl.key, backing=backing)
+        )
         wait(agent.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[add])))
         added = next(d for d in disks(agent) if d.backing.fileName == frozen.fileName)
         # The agent finds the device from the disk's uuid (docs/lab.md).

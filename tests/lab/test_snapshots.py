@@ -38,9 +38,9 @@ def test_snapshot_freezes_parent_and_guest_writes_go_to_the_delta(si, lab, tmp_p
     now = tmp_path / "now.img"
     lab.disk_image("web01", "scsi0:0", now)
     data = now.read_bytes()
-    assert data[5 << 20:(5 << 20) + 100_000] == pattern(7, 5 << 20, 100_000)
+    assert data[5 << 20 : (5 << 20) + 100_000] == pattern(7, 5 << 20, 100_000)
     old = before.read_bytes()
-    assert data[:5 << 20] == old[:5 << 20] and data[(5 << 20) + 100_000:] == old[(5 << 20) + 100_000:]
+    assert data[: 5 << 20] == old[: 5 << 20] and data[(5 << 20) + 100_000 :] == old[(5 << 20) + 100_000 :]
 
     delta_file = datastore_file(lab, d.backing.fileName)
     wait(snap.RemoveSnapshot_Task(removeChildren=False))

@@ -15,8 +15,9 @@ def loop_device(tmp_path):
     devices = []
 
     def attach(path) -> str:
-        dev = subprocess.run(["losetup", "--find", "--show", str(path)], capture_output=True, text=True,
-                             check=True).stdout.strip()
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", str(path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         devices.append(dev)
         return dev
 

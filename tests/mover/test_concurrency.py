@@ -10,7 +10,6 @@ import threading
 import time
 
 from conftest import MiB, sha256
-
 from vmbackup import _mover
 
 
@@ -21,17 +20,22 @@ def test_two_processes_back_up_into_one_repository(cli, image, tmp_path):
     with open(a, "rb") as src, open(b, "wb") as dst:
         dst.write(src.read(32 * MiB))
         dst.write(os.urandom(32 * MiB))
-    procs = [subprocess.Popen([sys.executable, "-m", "vmbackup", "backup-disk", "--repo", str(cli.repo),
-                               "--vm", vm, "--json", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-             for vm, path in (("vm-a", a), ("vm-b", b))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "vmbackup", "backup-disk", "--repo", str(cli.repo), "--vm", vm, "--json", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for vm, path in (("vm-a", a), ("vm-b", b))
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         results.append(json.loads(out))
     assert cli.json("verify", "--read-data")["ok"]
-    for r, path in zip(results, (a, b)):
+    for r, path in zip(results, (a, b), strict=False):
         out = tmp_path / f"{r['vm']}.out"
         cli.json("restore-disk", r["id"], str(out))
         assert sha256(out) == sha256(path)

@@ -15,7 +15,6 @@ import sys
 import time
 
 from conftest import Cli, MiB, sha256
-
 from vmbackup.diskimage import make_image
 
 
@@ -38,9 +37,22 @@ def test_kill_dash_nine_anywhere_loses_nothing(image, tmp_path):
         layout = make_image(str(disk), 128 * MiB, seed=200 + n)
         expected = layout.text + layout.random  # the distinct chunks this backup writes
         start = _chunks(cli.repo)
-        p = subprocess.Popen([sys.executable, "-m", "vmbackup", "backup-disk", "--repo", str(cli.repo),
-                              "--vm", "crashy", "--json", str(disk)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vmbackup",
+                "backup-disk",
+                "--repo",
+                str(cli.repo),
+                "--vm",
+                "crashy",
+                "--json",
+                str(disk),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 60
         manifests = len(list((cli.repo / "backups").glob("*.tib")))
         while p.poll() is None and time.monotonic() < deadline:

@@ -42,8 +42,23 @@ def test_full_disk_is_reported_cleanly_and_loses_nothing(tmp_path):
     out.mkdir()
     script = tmp_path / "s.sh"
     script.write_text(SCRIPT)
-    p = subprocess.run(["unshare", "--mount", "--map-root-user", "bash", str(script), str(mnt), sys.executable,
-                        str(small), str(big), str(out)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--map-root-user",
+            "bash",
+            str(script),
+            str(mnt),
+            sys.executable,
+            str(small),
+            str(big),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
 
     assert (out / "full.rc").read_text().strip() == "1"

@@ -7,8 +7,8 @@ import json
 import os
 
 from conftest import MiB, sha256
-from hypothesis import HealthCheck, given, settings, strategies as st
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from vmbackup import _mover
 from vmbackup.diskimage import rewrite_blocks, write_extents
 
@@ -27,8 +27,18 @@ def test_full_then_cbt_incremental_then_dedup_incremental(cli, image, tmp_path):
     extents = tmp_path / "changed.json"
     write_extents(str(extents), changed)
     inc_hash = sha256(disk)
-    inc = cli.json("backup-disk", "--vm", "web01", "--disk", "scsi0:0", "--parent", full["id"],
-                   "--changed-extents", str(extents), str(disk))
+    inc = cli.json(
+        "backup-disk",
+        "--vm",
+        "web01",
+        "--disk",
+        "scsi0:0",
+        "--parent",
+        full["id"],
+        "--changed-extents",
+        str(extents),
+        str(disk),
+    )
     assert inc["parent"] == full["id"] and inc["mode"] == "changed"
     assert inc["bytes_read"] == sum(c["length"] for c in changed)
     assert inc["parent_blocks"] == -(-full["disk_size"] // MiB) - len(changed)
@@ -78,8 +88,10 @@ def test_disk_grown_since_parent_rereads_the_boundary(cli, tmp_path):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(writes=st.lists(st.tuples(st.integers(0, 8 * MiB - 1), st.integers(1, 300_000)), min_size=1, max_size=8),
-       chunk=st.sampled_from([256 * 1024, MiB]))
+@given(
+    writes=st.lists(st.tuples(st.integers(0, 8 * MiB - 1), st.integers(1, 300_000)), min_size=1, max_size=8),
+    chunk=st.sampled_from([256 * 1024, MiB]),
+)
 def test_cbt_incremental_of_random_guest_writes(tmp_path_factory, writes, chunk):
     """Arbitrary guest writes plus their changed areas restore exactly."""
     d = tmp_path_factory.mktemp("cbt")

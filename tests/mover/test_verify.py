@@ -29,6 +29,7 @@ def test_flipped_byte_and_truncated_chunk(cli, tmp_path):
     # Without --read-data the truncated chunk is still caught (shorter than a header).
     quick = cli.run("verify", "--json", expect=1)
     import json
+
     quick = json.loads(quick.stdout)
     assert [p["object"] for p in quick["problems"]] == [truncated.name]
 
@@ -42,7 +43,9 @@ def test_flipped_byte_and_truncated_chunk(cli, tmp_path):
     assert bad[truncated.name]["kind"] == "missing_chunk" and "quarantined" in bad[truncated.name]["message"]
     for pr in bad.values():
         assert {(x["backup"], x["vm"], x["disk"]) for x in pr["affected"]} == {
-            (a["id"], "app01", "scsi0:0"), (b["id"], "app02", "sata0:1")}
+            (a["id"], "app01", "scsi0:0"),
+            (b["id"], "app02", "sata0:1"),
+        }
     # Quarantined: never trusted for dedup again.
     assert not flipped.exists() and flipped.with_name(flipped.name + ".bad").exists()
 
@@ -66,6 +69,7 @@ def test_corrupt_manifest_is_reported_and_gc_refuses_to_guess(cli, tmp_path):
     data[-20] ^= 0xFF
     manifest.write_bytes(bytes(data))
     import json
+
     report = json.loads(cli.run("verify", "--json", expect=1).stdout)
     assert report["problems"][0]["kind"] == "bad_manifest"
     assert report["problems"][0]["affected"][0]["vm"] == "v"
@@ -103,11 +107,11 @@ def test_hostile_repository_files_are_errors_not_hangs(cli, tmp_path):
     manifest = cli.repo / "backups" / f"{b['id']}.tib"
     data = manifest.read_bytes()
     n = int.from_bytes(data[16:24], "little")
-    head = json.loads(data[24:24 + n])
+    head = json.loads(data[24 : 24 + n])
     head["chunk_size"] = 1 << 62
     head["disks"][0]["blocks"] = 1
     meta = json.dumps(head).encode()
-    body = data[:16] + len(meta).to_bytes(8, "little") + meta + data[24 + n:24 + n + 16]
+    body = data[:16] + len(meta).to_bytes(8, "little") + meta + data[24 + n : 24 + n + 16]
     manifest.write_bytes(body + bytes.fromhex(_mover.chunk_id(body)))
     p = cli.run("restore-disk", b["id"], str(tmp_path / "out"), expect=1)
     assert "chunk size 4611686018427387904 where the repository uses 1048576" in p.stderr

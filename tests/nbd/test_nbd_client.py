@@ -65,12 +65,14 @@ def qemu_nbd(image: Path, fmt: str = "raw", shared: int = 4):
         if where[0] == "tcp":
             return base + ["-b", "127.0.0.1", "-p", str(where[1]), str(image)]
         return base + ["-k", str(where[1]), str(image)]
+
     return argv
 
 
 def nbdkit(*plugin: str, multi_conn: bool | None = None, log: Path | None = None):
     """nbdkit with a plugin; ``multi_conn`` forces NBD_FLAG_CAN_MULTI_CONN on
     or off (multi-conn filter), ``log`` records every connection (log filter)."""
+
     def argv(where):
         base = ["nbdkit", "-f", "-r"]
         if where[0] == "tcp":
@@ -85,6 +87,7 @@ def nbdkit(*plugin: str, multi_conn: bool | None = None, log: Path | None = None
             base += ["--filter=log"]
             params += [f"logfile={log}"]
         return base + list(plugin) + params
+
     return argv
 
 
@@ -165,7 +168,7 @@ def test_nbdkit_data_plugin_with_odd_size(cli, serve_nbd, tmp_path):
     b, out = backup_and_restore(cli, srv.uri, tmp_path)
     want = bytearray(12345678)
     want[4096:4100] = b"\x01\x02\x03\x04"
-    want[10485760:10485760 + 4096] = b"\xff" * 4096
+    want[10485760 : 10485760 + 4096] = b"\xff" * 4096
     assert out.read_bytes() == bytes(want)
     assert b["bytes_read"] <= 2 * MiB
 

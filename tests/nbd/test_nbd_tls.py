@@ -21,22 +21,65 @@ def openssl(*args: str) -> None:
 def make_ca(d: Path) -> None:
     """A throwaway CA in ``d``: ca-cert.pem and ca-key.pem."""
     d.mkdir(parents=True, exist_ok=True)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=vmbackup test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout", str(d / "ca-key.pem"), "-out", str(d / "ca-cert.pem"))
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=vmbackup test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        str(d / "ca-key.pem"),
+        "-out",
+        str(d / "ca-cert.pem"),
+    )
 
 
 def issue(d: Path, who: str, usage: str) -> None:
     """``who``-cert.pem and ``who``-key.pem for localhost, signed by the CA in ``d``
     (the names nbdkit-tls(1) and libnbd expect)."""
     ext = d / f"{who}.ext"
-    ext.write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                   f"keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n")
+    ext.write_text(
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        f"keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
+    )
     csr = d / f"{who}.csr"
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-            "-keyout", str(d / f"{who}-key.pem"), "-out", str(csr))
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(d / "ca-cert.pem"), "-CAkey", str(d / "ca-key.pem"),
-            "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(d / f"{who}-cert.pem"))
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        str(d / f"{who}-key.pem"),
+        "-out",
+        str(csr),
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(d / "ca-cert.pem"),
+        "-CAkey",
+        str(d / "ca-key.pem"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(d / f"{who}-cert.pem"),
+    )
 
 
 @pytest.fixture
@@ -54,6 +97,7 @@ def tls_nbdkit(pki: Path, *plugin: str, verify_peer: bool = False):
         a = inner(where)
         extra = ["--tls=require", f"--tls-certificates={pki}"] + (["--tls-verify-peer"] if verify_peer else [])
         return a[:3] + extra + a[3:]
+
     return argv
 
 
@@ -101,8 +145,10 @@ def test_refusals_are_one_clear_line(cli, serve_nbd, pki, tmp_path):
         # A CA that did not sign the server's certificate.
         (f"nbds://localhost:{srv.port}/?tls-certificates={other}", ["certificate verification", "not signed"]),
         # A name the certificate does not carry.
-        (f"nbds://localhost:{srv.port}/?tls-certificates={pki}&tls-hostname=nbd.example.com",
-         ["certificate verification", "nbd.example.com"]),
+        (
+            f"nbds://localhost:{srv.port}/?tls-certificates={pki}&tls-hostname=nbd.example.com",
+            ["certificate verification", "nbd.example.com"],
+        ),
         # Plaintext to a server that requires TLS: never a silent downgrade.
         (f"nbd://localhost:{srv.port}/", ["requires TLS", "nbds://", "tls-certificates"]),
         (f"nbds://localhost:{srv.port}/", ["tls-certificates=DIR"]),

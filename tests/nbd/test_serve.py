@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from conftest import MiB, sha256
@@ -67,15 +66,15 @@ def test_read_only_export_for_qemu_img_nbdinfo_and_nbdcopy(backup, serving, tmp_
     subprocess.run(["qemu-img", "convert", "-f", "raw", srv.uri, "-O", "raw", str(out)], check=True)
     assert sha256(out) == sha256(restored)
 
-    info = json.loads(subprocess.run(["nbdinfo", "--json", srv.uri], check=True, capture_output=True,
-                                     text=True).stdout)
+    info = json.loads(subprocess.run(["nbdinfo", "--json", srv.uri], check=True, capture_output=True, text=True).stdout)
     export = info["exports"][0]
     assert export["export-size"] == b["disk_size"]
     assert export["is_read_only"] is True and export["can_multi_conn"] is True
 
     # Block status: the backup's zero blocks are holes, its data is data.
-    mapping = json.loads(subprocess.run(["nbdinfo", "--map", "--json", srv.uri], check=True,
-                                        capture_output=True, text=True).stdout)
+    mapping = json.loads(
+        subprocess.run(["nbdinfo", "--map", "--json", srv.uri], check=True, capture_output=True, text=True).stdout
+    )
     holes = sum(e["length"] for e in mapping if e["type"] & 2)
     assert sum(e["length"] for e in mapping) == b["disk_size"]
     assert 0 < b["bytes_skipped"] <= holes <= b["zero_blocks"] * MiB < b["disk_size"]
@@ -122,14 +121,25 @@ def test_writable_overlay_reads_back_and_is_discarded(cli, backup, serving, tmp_
     overlay_dir.mkdir()
     sock = tmp_path / "rw.sock"
     srv = serving(b["id"], "--socket", str(sock), "--writable", env={**os.environ, "TMPDIR": str(overlay_dir)})
-    info = json.loads(subprocess.run(["nbdinfo", "--json", srv.uri], check=True, capture_output=True,
-                                     text=True).stdout)["exports"][0]
+    info = json.loads(
+        subprocess.run(["nbdinfo", "--json", srv.uri], check=True, capture_output=True, text=True).stdout
+    )["exports"][0]
     assert info["is_read_only"] is False and info["can_zero"] is True and info["can_trim"] is True
 
-    writes = ["write -P 0x61 1M 64k", "write -P 0x62 3000 5000", "write -z 8M 2M", "discard 12M 1M",
-              f"write -P 0x63 {b['disk_size'] - 512} 512"]
-    reads = ["read -P 0x61 1M 64k", "read -P 0x62 3000 5000", "read -P 0 8M 2M", "read -P 0 12M 1M",
-             f"read -P 0x63 {b['disk_size'] - 512} 512"]
+    writes = [
+        "write -P 0x61 1M 64k",
+        "write -P 0x62 3000 5000",
+        "write -z 8M 2M",
+        "discard 12M 1M",
+        f"write -P 0x63 {b['disk_size'] - 512} 512",
+    ]
+    reads = [
+        "read -P 0x61 1M 64k",
+        "read -P 0x62 3000 5000",
+        "read -P 0 8M 2M",
+        "read -P 0 12M 1M",
+        f"read -P 0x63 {b['disk_size'] - 512} 512",
+    ]
     args = [a for c in writes + reads for a in ("-c", c)]
     p = subprocess.run(["qemu-io", "-f", "raw", *args, srv.uri], capture_output=True, text=True)
     assert p.returncode == 0 and "Pattern verification failed" not in p.stdout, p.stdout + p.stderr
@@ -142,8 +152,8 @@ def test_writable_overlay_reads_back_and_is_discarded(cli, backup, serving, tmp_
     view = tmp_path / "view.raw"
     subprocess.run(["qemu-img", "convert", "-f", "raw", srv.uri, "-O", "raw", str(view)], check=True)
     got, want = view.read_bytes(), restored.read_bytes()
-    assert got[:3000] == want[:3000] and got[16 * MiB:20 * MiB] == want[16 * MiB:20 * MiB]
-    assert got[1 * MiB:1 * MiB + 65536] == b"\x61" * 65536
+    assert got[:3000] == want[:3000] and got[16 * MiB : 20 * MiB] == want[16 * MiB : 20 * MiB]
+    assert got[1 * MiB : 1 * MiB + 65536] == b"\x61" * 65536
 
     # The overlay was never visible in the temporary directory, and the
     # backup itself is unchanged after serving ends.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import LabError, LabInputError
 
@@ -31,6 +32,7 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         except LabError as e:
             print(f"vmbackup lab: {e}", file=sys.stderr)
             return 1
+
     handler.__name__ = func.__name__
     handler.__doc__ = func.__doc__
     return handler
@@ -39,16 +41,22 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 @_guard
 def cmd_up(args: argparse.Namespace) -> int:
     from .process import lab_up
+
     lab = lab_up(args.state, args.topology)
     s = lab.summary()
-    _emit(args, s, f"lab running: {s['vsphere']['url']} (user {s['vsphere']['user']}, CA {s['vsphere']['ca_file']})\n"
-                   f"agents: {', '.join(s['agents'])}")
+    _emit(
+        args,
+        s,
+        f"lab running: {s['vsphere']['url']} (user {s['vsphere']['user']}, CA {s['vsphere']['ca_file']})\n"
+        f"agents: {', '.join(s['agents'])}",
+    )
     return 0
 
 
 @_guard
 def cmd_down(args: argparse.Namespace) -> int:
     from .process import lab_down
+
     stopped = lab_down(args.state)
     _emit(args, {"stopped": stopped}, "lab stopped" if stopped else "no lab was running")
     return 0
@@ -57,6 +65,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 @_guard
 def cmd_status(args: argparse.Namespace) -> int:
     from .process import load_lab
+
     lab = load_lab(args.state)
     st = lab.status()
     st["vsphere"] = lab.summary()["vsphere"]
@@ -72,6 +81,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 @_guard
 def cmd_write(args: argparse.Namespace) -> int:
     from .process import load_lab
+
     if args.offset < 0 or args.length <= 0:
         raise LabInputError("--offset must be >= 0 and --length > 0")
     res = load_lab(args.state).write(args.vm, args.disk, args.offset, args.length, args.seed)
@@ -82,6 +92,7 @@ def cmd_write(args: argparse.Namespace) -> int:
 @_guard
 def cmd_disk_image(args: argparse.Namespace) -> int:
     from .process import load_lab
+
     res = load_lab(args.state).disk_image(args.vm, args.disk, args.output, args.snapshot)
     _emit(args, res, f"{res['output']}: {res['size']} bytes of {res['disk']} on {args.vm}")
     return 0
@@ -90,6 +101,7 @@ def cmd_disk_image(args: argparse.Namespace) -> int:
 @_guard
 def cmd_fault(args: argparse.Namespace) -> int:
     from .process import load_lab
+
     if bool(args.vm) == bool(args.host):
         raise LabInputError("give exactly one of --vm and --host")
     faults: dict[str, Any] = {}
@@ -104,6 +116,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
 @_guard
 def cmd_drop_sessions(args: argparse.Namespace) -> int:
     from .process import load_lab
+
     n = load_lab(args.state).drop_sessions()
     _emit(args, {"dropped": n}, f"dropped {n} session(s)")
     return 0
@@ -112,6 +125,7 @@ def cmd_drop_sessions(args: argparse.Namespace) -> int:
 @_guard
 def cmd_build(args: argparse.Namespace) -> int:
     from .process import build_simulator
+
     path = build_simulator(force=args.force)
     _emit(args, {"binary": str(path)}, str(path))
     return 0
@@ -154,9 +168,13 @@ def add_parser(subparsers: Any) -> None:
     state(p)
     p.add_argument("--vm")
     p.add_argument("--host")
-    p.add_argument("--set", action="append", metavar="NAME[=VALUE]",
-                   help="quiesce_fail, snapshot_fail, slow_ms=N, leave_consolidation, refuse_snapshots, "
-                        "tools_not_running; none clears all")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME[=VALUE]",
+        help="quiesce_fail, snapshot_fail, slow_ms=N, leave_consolidation, refuse_snapshots, "
+        "tools_not_running; none clears all",
+    )
     state(command("drop-sessions", cmd_drop_sessions, "drop every vSphere session (clients must log in again)"))
     p = command("build", cmd_build, "build the simulator binary")
     p.add_argument("--force", action="store_true")

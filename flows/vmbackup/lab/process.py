@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .errors import LabError, LabInputError
 
@@ -58,11 +58,13 @@ def build_simulator(force: bool = False) -> Path:
         env["GOCACHE"] = str(binary.parent / ".gocache")  # go refuses to build without a cache
     binary.parent.mkdir(parents=True, exist_ok=True)
     try:
-        proc = subprocess.run(["go", "build", "-o", str(binary), "."], cwd=src, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            ["go", "build", "-o", str(binary), "."], cwd=src, env=env, capture_output=True, text=True, timeout=600
+        )
     except FileNotFoundError as e:
-        raise LabError("building the lab simulator needs Go (apt-get install golang-go "
-                       "golang-github-vmware-govmomi-dev)") from e
+        raise LabError(
+            "building the lab simulator needs Go (apt-get install golang-go golang-github-vmware-govmomi-dev)"
+        ) from e
     if proc.returncode != 0:
         raise LabError(f"building the lab simulator failed:\n{proc.stderr.strip()}")
     return binary
@@ -116,13 +118,16 @@ class Lab:
             "pid": self.info["pid"],
         }
 
-    def call(self, op: str, body: Optional[dict] = None, timeout: float = 120) -> Any:
+    def call(self, op: str, body: dict | None = None, timeout: float = 120) -> Any:
         """Call the control endpoint (POST with a body, GET without)."""
         ctl = self.info["control"]
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(ctl["url"] + op, data=data, method="GET" if body is None else "POST",
-                                     headers={"Authorization": "Bearer " + ctl["token"],
-                                              "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            ctl["url"] + op,
+            data=data,
+            method="GET" if body is None else "POST",
+            headers={"Authorization": "Bearer " + ctl["token"], "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, context=self.ssl_context(), timeout=timeout) as res:
                 return json.load(res)
@@ -144,13 +149,13 @@ class Lab:
     def write(self, vm: str, disk: str, offset: int, length: int, seed: int = 1) -> dict:
         return self.call("write", {"vm": vm, "disk": disk, "offset": offset, "length": length, "seed": seed})
 
-    def disk_image(self, vm: str, disk: str, output: str | os.PathLike, snapshot: Optional[str] = None) -> dict:
+    def disk_image(self, vm: str, disk: str, output: str | os.PathLike, snapshot: str | None = None) -> dict:
         body = {"vm": vm, "disk": disk, "output": str(Path(output).resolve())}
         if snapshot:
             body["snapshot"] = snapshot
         return self.call("disk-image", body)
 
-    def set_faults(self, *, vm: Optional[str] = None, host: Optional[str] = None, **faults: Any) -> dict:
+    def set_faults(self, *, vm: str | None = None, host: str | None = None, **faults: Any) -> dict:
         body: dict = {"faults": faults}
         if vm:
             body["vm"] = vm
@@ -183,7 +188,9 @@ def load_lab(state: str | os.PathLike) -> Lab:
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
-        raise LabInputError(f"no lab is running in {state} (start one with `vmbackup lab up --state {state}`)") from None
+        raise LabInputError(
+            f"no lab is running in {state} (start one with `vmbackup lab up --state {state}`)"
+        ) from None
     except ValueError as e:
         raise LabError(f"{path} is damaged: {e}") from None
     if not _alive(info.get("pid", -1)):
@@ -191,7 +198,7 @@ def load_lab(state: str | os.PathLike) -> Lab:
     return Lab(state, info)
 
 
-def lab_up(state: str | os.PathLike, topology: Optional[str | os.PathLike] = None, timeout: float = 60) -> Lab:
+def lab_up(state: str | os.PathLike, topology: str | os.PathLike | None = None, timeout: float = 60) -> Lab:
     """Start the lab in the background (or return the one already running in STATE)."""
     state = Path(state).resolve()
     try:

@@ -73,7 +73,13 @@ impl DiskSource for BackupReader {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= self.size).ok_or_else(|| {
-            Error::InvalidInput(format!("read {}+{} is past the end of {} ({} bytes)", offset, buf.len(), self.label, self.size))
+            Error::InvalidInput(format!(
+                "read {}+{} is past the end of {} ({} bytes)",
+                offset,
+                buf.len(),
+                self.label,
+                self.size
+            ))
         })?;
         let mut pos = offset;
         while pos < end {
@@ -125,9 +131,10 @@ impl DiskSource for BackupReader {
     }
 
     fn shared_block(&self, index: u64) -> Result<Arc<Vec<u8>>> {
-        let id = self.map.get(index as usize).ok_or_else(|| {
-            Error::InvalidInput(format!("block {index} is past the end of {}", self.label))
-        })?;
+        let id = self
+            .map
+            .get(index as usize)
+            .ok_or_else(|| Error::InvalidInput(format!("block {index} is past the end of {}", self.label)))?;
         if id.is_zero() {
             return Ok(self.zeros.clone());
         }
@@ -135,8 +142,12 @@ impl DiskSource for BackupReader {
         if data.len() as u64 != block_len(index, self.size, self.block) {
             return Err(Error::CorruptChunk {
                 id: id.to_hex(),
-                reason: format!("{} bytes where block {index} of {} needs {}", data.len(), self.label,
-                                block_len(index, self.size, self.block)),
+                reason: format!(
+                    "{} bytes where block {index} of {} needs {}",
+                    data.len(),
+                    self.label,
+                    block_len(index, self.size, self.block)
+                ),
             });
         }
         Ok(data)

@@ -14,7 +14,9 @@ pub fn list_backups(repo: &Repository) -> Result<(Vec<Metadata>, Vec<String>)> {
             Err(e) => bad.push(e.to_string()),
         }
     }
-    good.sort_by(|a, b| a.created_unix.partial_cmp(&b.created_unix).unwrap_or(std::cmp::Ordering::Equal).then(a.id.cmp(&b.id)));
+    good.sort_by(|a, b| {
+        a.created_unix.partial_cmp(&b.created_unix).unwrap_or(std::cmp::Ordering::Equal).then(a.id.cmp(&b.id))
+    });
     Ok((good, bad))
 }
 
@@ -24,7 +26,9 @@ pub fn forget(repo: &Repository, id: &str) -> Result<()> {
     let path = repo.manifest_path(id);
     match std::fs::remove_file(&path) {
         Ok(()) => sync_dir(&repo.backups_dir()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(format!("no backup {id} in the repository"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::NotFound(format!("no backup {id} in the repository")))
+        }
         Err(e) => Err(Error::repo_io(format!("removing {}", path.display()), e)),
     }
 }

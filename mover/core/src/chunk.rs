@@ -92,13 +92,9 @@ impl Compression {
             return Ok(Compression::Zstd(3));
         }
         if let Some(level) = s.strip_prefix("zstd:") {
-            let level: i32 = level
-                .parse()
-                .map_err(|_| Error::InvalidInput(format!("bad zstd level in {s:?}")))?;
+            let level: i32 = level.parse().map_err(|_| Error::InvalidInput(format!("bad zstd level in {s:?}")))?;
             if !(-7..=19).contains(&level) || level == 0 {
-                return Err(Error::InvalidInput(format!(
-                    "zstd level {level} is out of range (-7..-1 or 1..19)"
-                )));
+                return Err(Error::InvalidInput(format!("zstd level {level} is out of range (-7..-1 or 1..19)")));
             }
             return Ok(Compression::Zstd(level));
         }
@@ -117,8 +113,8 @@ impl Compression {
 thread_local! {
     // One zstd context per thread, reused: a context per chunk costs an
     // allocation and a table initialisation each time.
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = RefCell::new(None);
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = RefCell::new(None);
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
 fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
@@ -148,8 +144,7 @@ pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
     out.extend_from_slice(&[ENC_STORED, 0, 0, 0]);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     if let Compression::Zstd(level) = compression {
-        let compressed = zstd_compress(data, level)
-            .map_err(|e| Error::repo_io("compressing a chunk failed", e))?;
+        let compressed = zstd_compress(data, level).map_err(|e| Error::repo_io("compressing a chunk failed", e))?;
         if compressed.len() < data.len() {
             out[4] = ENC_ZSTD;
             out.extend_from_slice(&compressed);
@@ -200,8 +195,7 @@ pub fn decode(id: &ChunkId, file: &[u8], max_len: usize) -> Result<Vec<u8>> {
     let payload = &file[CHUNK_HEADER_LEN..];
     let data = match file[4] {
         ENC_STORED => payload.to_vec(),
-        ENC_ZSTD => zstd_decompress(payload, plain_len)
-            .map_err(|e| corrupt(format!("zstd: {e}")))?,
+        ENC_ZSTD => zstd_decompress(payload, plain_len).map_err(|e| corrupt(format!("zstd: {e}")))?,
         other => return Err(corrupt(format!("unknown encoding {other}"))),
     };
     if data.len() != plain_len {

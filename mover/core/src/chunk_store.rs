@@ -108,8 +108,7 @@ impl ChunkStore {
             crate::clock::random_u32()
         ));
         let result = (|| {
-            let mut f = fs::File::create(&tmp)
-                .map_err(|e| Error::repo_io(format!("writing chunk {id}"), e))?;
+            let mut f = fs::File::create(&tmp).map_err(|e| Error::repo_io(format!("writing chunk {id}"), e))?;
             f.write_all(encoded).map_err(|e| Error::repo_io(format!("writing chunk {id}"), e))?;
             start_writeback(&f, 0, 0);
             drop(f);

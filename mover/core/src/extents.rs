@@ -30,9 +30,10 @@ pub fn normalize(extents: &[Extent], disk_size: u64) -> Result<Vec<Extent>> {
         if e.length == 0 {
             continue;
         }
-        let end = e.start.checked_add(e.length).ok_or_else(|| {
-            Error::InvalidInput(format!("extent {}+{} overflows", e.start, e.length))
-        })?;
+        let end = e
+            .start
+            .checked_add(e.length)
+            .ok_or_else(|| Error::InvalidInput(format!("extent {}+{} overflows", e.start, e.length)))?;
         if end > disk_size {
             return Err(Error::InvalidInput(format!(
                 "extent {}+{} reaches past the end of the disk ({} bytes)",

@@ -53,7 +53,13 @@ fn mtime(meta: &fs::Metadata) -> f64 {
     meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-pub fn gc(repo: &Repository, grace_seconds: f64, dry_run: bool, progress: &mut dyn Progress, cancel: &Cancel) -> Result<GcStats> {
+pub fn gc(
+    repo: &Repository,
+    grace_seconds: f64,
+    dry_run: bool,
+    progress: &mut dyn Progress,
+    cancel: &Cancel,
+) -> Result<GcStats> {
     let start = now_unix();
     let (leases, stale) = active_leases(repo, dry_run)?;
     let oldest = leases.iter().map(|l| l.started_unix).fold(start, f64::min);

@@ -41,10 +41,12 @@ impl Lease {
         // Locked and written under a temporary name, then renamed: gc never
         // sees an unlocked lease of a live backup.
         let result = (|| {
-            let mut file = OpenOptions::new().create_new(true).write(true).open(&tmp).map_err(|e| Error::repo_io(ctx(), e))?;
+            let mut file =
+                OpenOptions::new().create_new(true).write(true).open(&tmp).map_err(|e| Error::repo_io(ctx(), e))?;
             flock(&file, libc::LOCK_EX).map_err(|e| Error::repo_io(ctx(), e))?;
             let info = LeaseInfo { id: id.into(), pid: std::process::id(), started_unix };
-            file.write_all(&serde_json::to_vec(&info).expect("lease serializes")).map_err(|e| Error::repo_io(ctx(), e))?;
+            file.write_all(&serde_json::to_vec(&info).expect("lease serializes"))
+                .map_err(|e| Error::repo_io(ctx(), e))?;
             file.sync_all().map_err(|e| Error::repo_io(ctx(), e))?;
             fs::rename(&tmp, &path).map_err(|e| Error::repo_io(ctx(), e))?;
             crate::repository::sync_dir(&repo.locks_dir())?;

@@ -153,8 +153,12 @@ impl Manifest {
             if meta.chunk_size == 0 || d.blocks != block_count(d.size, meta.chunk_size) {
                 return Err(bad(path, format!("disk {} has {} blocks for {} bytes", d.name, d.blocks, d.size)));
             }
-            let need = d.blocks.checked_mul(16).filter(|n| *n <= rest.len() as u64)
-                .ok_or_else(|| bad(path, format!("block map of disk {} is truncated", d.name)))? as usize;
+            let need = d
+                .blocks
+                .checked_mul(16)
+                .filter(|n| *n <= rest.len() as u64)
+                .ok_or_else(|| bad(path, format!("block map of disk {} is truncated", d.name)))?
+                as usize;
             maps.push(rest[..need].chunks_exact(16).map(|c| ChunkId(c.try_into().unwrap())).collect());
             rest = &rest[need..];
         }

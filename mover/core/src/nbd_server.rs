@@ -26,6 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// A slice of a cached block: (block, start, length), sent without copying.
+type Piece = (Arc<Vec<u8>>, usize, usize);
+
 /// Largest READ or WRITE we accept, and what `NBD_INFO_BLOCK_SIZE` says.
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 /// Most extents in one block status reply.
@@ -217,7 +220,7 @@ impl BlockCache {
 
     /// The blocks covering `[offset, offset+len)`, as (block, start, length)
     /// pieces to send without copying them.
-    fn pieces(&self, offset: u64, len: u64) -> Result<Vec<(Arc<Vec<u8>>, usize, usize)>> {
+    fn pieces(&self, offset: u64, len: u64) -> Result<Vec<Piece>> {
         let end = offset + len;
         let mut out = Vec::new();
         let mut pos = offset;
@@ -273,7 +276,10 @@ impl NbdServer {
         let listener = match listen {
             Listen::Unix(p) => {
                 if p.exists() {
-                    return Err(Error::InvalidInput(format!("{} already exists; remove it or pick another socket", p.display())));
+                    return Err(Error::InvalidInput(format!(
+                        "{} already exists; remove it or pick another socket",
+                        p.display()
+                    )));
                 }
                 let l = UnixListener::bind(p).map_err(|e| Error::target(format!("listening on {}", p.display()), e))?;
                 Listener::Unix(l, p.clone())
@@ -622,7 +628,7 @@ fn transmission(s: &mut Stream, export: &Export, st: &mut ConnState) -> io::Resu
             Err(e) => return Err(e),
         }
         let req = Request::decode(&h)?;
-        let in_range = req.offset.checked_add(req.length as u64).map_or(false, |e| e <= export.size);
+        let in_range = req.offset.checked_add(req.length as u64).is_some_and(|e| e <= export.size);
         match req.kind {
             CMD_DISC => return Ok(()),
             CMD_READ => {
@@ -684,14 +690,17 @@ fn transmission(s: &mut Stream, export: &Export, st: &mut ConnState) -> io::Resu
             }
             CMD_FLUSH => reply(s, st, &req, Ok(None))?,
             CMD_BLOCK_STATUS => {
-                if !st.structured || !st.allocation {
-                    reply(s, st, &req, Err(EINVAL))?;
-                } else if !in_range || req.length == 0 {
+                if !st.structured || !st.allocation || !in_range || req.length == 0 {
                     reply(s, st, &req, Err(EINVAL))?;
                 } else {
                     let d = export.status(req.offset, req.length, req.flags & CMD_FLAG_REQ_ONE != 0);
                     let mut b = Vec::with_capacity(20 + 4 + 8 * d.len());
-                    b.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, CHUNK_BLOCK_STATUS, req.cookie, 4 + 8 * d.len() as u32));
+                    b.extend_from_slice(&chunk_header(
+                        REPLY_FLAG_DONE,
+                        CHUNK_BLOCK_STATUS,
+                        req.cookie,
+                        4 + 8 * d.len() as u32,
+                    ));
                     b.extend_from_slice(&ALLOCATION_ID.to_be_bytes());
                     for (len, flags) in d {
                         b.extend_from_slice(&len.to_be_bytes());

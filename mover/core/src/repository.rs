@@ -71,17 +71,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "a symbolic link, not a regular file")
-            } else {
-                e
-            }
-        })?;
+    let mut f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "a symbolic link, not a regular file")
+                } else {
+                    e
+                }
+            },
+        )?;
     let m = f.metadata()?;
     if !m.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));

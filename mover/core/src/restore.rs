@@ -11,8 +11,8 @@ use crate::chunk_store::ChunkStore;
 use crate::error::{Error, Result};
 use crate::extents::block_len;
 use crate::progress::{worker_threads, Cancel, Progress, Ticker};
-use crate::source::DiskSource;
 use crate::repository::{check_backup_id, Repository};
+use crate::source::DiskSource;
 use crossbeam_channel::bounded;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -33,7 +33,10 @@ pub struct RestoreStats {
 
 enum Target {
     /// A new file written at `tmp`, renamed to `path` at the end.
-    File { tmp: PathBuf, path: PathBuf },
+    File {
+        tmp: PathBuf,
+        path: PathBuf,
+    },
     Device,
 }
 
@@ -53,19 +56,21 @@ fn open_target(output: &Path, size: u64, overwrite: bool) -> Result<(File, Targe
             }
             Ok((f, Target::Device))
         }
-        Ok(m) if m.is_file() && m.len() > 0 && !overwrite => Err(Error::InvalidInput(format!(
-            "{} exists and is not empty; refusing to overwrite it",
-            output.display()
-        ))),
-        Ok(m) if !m.is_file() => Err(Error::InvalidInput(format!(
-            "{} is neither a regular file nor a block device",
-            output.display()
-        ))),
+        Ok(m) if m.is_file() && m.len() > 0 && !overwrite => {
+            Err(Error::InvalidInput(format!("{} exists and is not empty; refusing to overwrite it", output.display())))
+        }
+        Ok(m) if !m.is_file() => {
+            Err(Error::InvalidInput(format!("{} is neither a regular file nor a block device", output.display())))
+        }
         _ => {
             let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let tmp = dir.join(format!(".{name}.partial-{:08x}", crate::clock::random_u32()));
-            let f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| Error::target(ctx("creating"), e))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| Error::target(ctx("creating"), e))?;
             f.set_len(size).map_err(|e| Error::target(ctx("sizing"), e))?;
             Ok((f, Target::File { tmp, path: output.to_path_buf() }))
         }
@@ -192,9 +197,10 @@ pub fn restore_disk(
     });
     let result = match first_error {
         Some(e) => Err(e),
-        None => cancel.check().and_then(|_| ticker.finish()).and_then(|_| {
-            file.sync_all().map_err(|e| Error::target(format!("syncing {}", output.display()), e))
-        }),
+        None => cancel
+            .check()
+            .and_then(|_| ticker.finish())
+            .and_then(|_| file.sync_all().map_err(|e| Error::target(format!("syncing {}", output.display()), e))),
     };
     match (&target, result) {
         (Target::File { tmp, path }, Ok(())) => {

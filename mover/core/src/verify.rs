@@ -123,9 +123,19 @@ pub fn verify(
                 Ok(n) => report.bytes_checked += n,
                 Err(Error::CorruptChunk { reason, .. }) => {
                     let missing = reason == "missing";
-                    let mut message = format!("chunk {id} is {}", if missing { "missing".to_string() } else { format!("corrupt: {reason}") });
-                    if missing && store.path(&id).with_file_name(format!("{}{}", id.to_hex(), crate::chunk_store::QUARANTINE_SUFFIX)).exists() {
-                        message.push_str(" (its corrupt copy was quarantined earlier; the next backup of this data stores it again)");
+                    let mut message = format!(
+                        "chunk {id} is {}",
+                        if missing { "missing".to_string() } else { format!("corrupt: {reason}") }
+                    );
+                    if missing
+                        && store
+                            .path(&id)
+                            .with_file_name(format!("{}{}", id.to_hex(), crate::chunk_store::QUARANTINE_SUFFIX))
+                            .exists()
+                    {
+                        message.push_str(
+                            " (its corrupt copy was quarantined earlier; the next backup of this data stores it again)",
+                        );
                     }
                     if !missing {
                         match store.quarantine(&id) {
@@ -172,10 +182,9 @@ fn check_chunk(store: &ChunkStore, id: &ChunkId, read_data: bool, max_len: usize
     }
     match store.stat_len(id)? {
         None => Err(Error::CorruptChunk { id: id.to_hex(), reason: "missing".into() }),
-        Some(n) if (n as usize) < CHUNK_HEADER_LEN => Err(Error::CorruptChunk {
-            id: id.to_hex(),
-            reason: format!("file is {n} bytes, shorter than its header"),
-        }),
+        Some(n) if (n as usize) < CHUNK_HEADER_LEN => {
+            Err(Error::CorruptChunk { id: id.to_hex(), reason: format!("file is {n} bytes, shorter than its header") })
+        }
         Some(_) => Ok(0),
     }
 }

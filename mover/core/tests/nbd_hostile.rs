@@ -56,7 +56,7 @@ fn next_request(s: &mut UnixStream) -> Request {
     Request::decode(&b).unwrap()
 }
 
-fn open(path: &PathBuf) -> NbdSource {
+fn open(path: &std::path::Path) -> NbdSource {
     let uri = format!("nbd+unix:///?socket={}", path.display());
     NbdSource::open_with(&uri, &NbdOptions { timeout: Duration::from_millis(700), max_connections: 4 }).unwrap()
 }
@@ -201,7 +201,7 @@ fn good_replies_after_pipelining_out_of_order() {
             } else {
                 let mut h = chunk_header(REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, r.cookie, 8 + r.length).to_vec();
                 h.extend_from_slice(&r.offset.to_be_bytes());
-                h.extend(std::iter::repeat(i as u8 + 1).take(r.length as usize));
+                h.extend(std::iter::repeat_n(i as u8 + 1, r.length as usize));
                 s.write_all(&h).unwrap();
             }
         }

@@ -18,7 +18,9 @@ fn open(repo: &str) -> PyResult<Repository> {
 fn parse_json(what: &str, text: Option<&str>) -> PyResult<serde_json::Value> {
     match text {
         None => Ok(serde_json::Value::Null),
-        Some(t) => serde_json::from_str(t).map_err(|e| to_py(Error::InvalidInput(format!("{what} is not valid JSON: {e}")))),
+        Some(t) => {
+            serde_json::from_str(t).map_err(|e| to_py(Error::InvalidInput(format!("{what} is not valid JSON: {e}"))))
+        }
     }
 }
 
@@ -91,7 +93,10 @@ impl BackupSession {
     fn commit(&mut self, py: Python, config: Option<&str>, attributes: Option<&str>) -> PyResult<String> {
         let config = parse_json("config", config)?;
         let attributes = parse_json("attributes", attributes)?;
-        let session = self.inner.take().ok_or_else(|| to_py(Error::InvalidInput("this backup session is already closed".into())))?;
+        let session = self
+            .inner
+            .take()
+            .ok_or_else(|| to_py(Error::InvalidInput("this backup session is already closed".into())))?;
         let meta = py.allow_threads(|| session.commit(config, attributes)).map_err(to_py)?;
         Ok(serde_json::to_string(&meta).expect("metadata serializes"))
     }
@@ -118,7 +123,9 @@ pub fn restore_disk(
     let repo = open(repo)?;
     let cancel = cancel_of(cancel);
     let mut prog = PyProgress::new(progress);
-    let r = py.allow_threads(|| restore::restore_disk_as(&repo, backup_id, disk, Path::new(output), format, overwrite, &mut prog, &cancel));
+    let r = py.allow_threads(|| {
+        restore::restore_disk_as(&repo, backup_id, disk, Path::new(output), format, overwrite, &mut prog, &cancel)
+    });
     prog.finish(r).map(RestoreResult::from)
 }
 
@@ -176,9 +183,16 @@ pub fn chunk_id(data: &[u8]) -> String {
     vmbackup_mover::chunk::ChunkId::of(data).to_hex()
 }
 
-
 /// Serves a backup's disk over NBD until cancelled or interrupted.
-#[pyfunction(disk = "None", socket = "None", listen = "None", writable = "false", ready = "None", cancel = "None", overlay_dir = "None")]
+#[pyfunction(
+    disk = "None",
+    socket = "None",
+    listen = "None",
+    writable = "false",
+    ready = "None",
+    cancel = "None",
+    overlay_dir = "None"
+)]
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
     py: Python,
@@ -203,7 +217,11 @@ pub fn serve(
     };
     let repo = open(repo)?;
     let opts = ServeOptions {
-        overlay_dir: if writable { Some(overlay_dir.map(Into::into).unwrap_or_else(default_overlay_dir)) } else { None },
+        overlay_dir: if writable {
+            Some(overlay_dir.map(Into::into).unwrap_or_else(default_overlay_dir))
+        } else {
+            None
+        },
         name: String::new(),
     };
     let server = py

@@ -8,19 +8,32 @@ use vmbackup_mover::verify::{Problem, VerifyReport};
 
 #[pyclass(frozen, module = "vmbackup._mover")]
 pub struct DiskResult {
-    #[pyo3(get)] pub name: String,
-    #[pyo3(get)] pub disk_size: u64,
-    #[pyo3(get)] pub mode: String,
-    #[pyo3(get)] pub source: String,
-    #[pyo3(get)] pub source_format: String,
-    #[pyo3(get)] pub bytes_read: u64,
-    #[pyo3(get)] pub bytes_stored: u64,
-    #[pyo3(get)] pub bytes_skipped: u64,
-    #[pyo3(get)] pub new_chunks: u64,
-    #[pyo3(get)] pub reused_chunks: u64,
-    #[pyo3(get)] pub zero_blocks: u64,
-    #[pyo3(get)] pub parent_blocks: u64,
-    #[pyo3(get)] pub seconds: f64,
+    #[pyo3(get)]
+    pub name: String,
+    #[pyo3(get)]
+    pub disk_size: u64,
+    #[pyo3(get)]
+    pub mode: String,
+    #[pyo3(get)]
+    pub source: String,
+    #[pyo3(get)]
+    pub source_format: String,
+    #[pyo3(get)]
+    pub bytes_read: u64,
+    #[pyo3(get)]
+    pub bytes_stored: u64,
+    #[pyo3(get)]
+    pub bytes_skipped: u64,
+    #[pyo3(get)]
+    pub new_chunks: u64,
+    #[pyo3(get)]
+    pub reused_chunks: u64,
+    #[pyo3(get)]
+    pub zero_blocks: u64,
+    #[pyo3(get)]
+    pub parent_blocks: u64,
+    #[pyo3(get)]
+    pub seconds: f64,
 }
 
 impl From<DiskMeta> for DiskResult {
@@ -45,12 +58,18 @@ impl From<DiskMeta> for DiskResult {
 
 #[pyclass(frozen, module = "vmbackup._mover")]
 pub struct RestoreResult {
-    #[pyo3(get)] pub backup: String,
-    #[pyo3(get)] pub disk: String,
-    #[pyo3(get)] pub disk_size: u64,
-    #[pyo3(get)] pub bytes_written: u64,
-    #[pyo3(get)] pub zero_blocks: u64,
-    #[pyo3(get)] pub seconds: f64,
+    #[pyo3(get)]
+    pub backup: String,
+    #[pyo3(get)]
+    pub disk: String,
+    #[pyo3(get)]
+    pub disk_size: u64,
+    #[pyo3(get)]
+    pub bytes_written: u64,
+    #[pyo3(get)]
+    pub zero_blocks: u64,
+    #[pyo3(get)]
+    pub seconds: f64,
 }
 
 impl From<RestoreStats> for RestoreResult {
@@ -68,11 +87,15 @@ impl From<RestoreStats> for RestoreResult {
 
 #[pyclass(frozen, module = "vmbackup._mover")]
 pub struct VerifyProblem {
-    #[pyo3(get)] pub kind: String,
-    #[pyo3(get)] pub object: String,
-    #[pyo3(get)] pub message: String,
+    #[pyo3(get)]
+    pub kind: String,
+    #[pyo3(get)]
+    pub object: String,
+    #[pyo3(get)]
+    pub message: String,
     /// (backup id, VM, disk) triples.
-    #[pyo3(get)] pub affected: Vec<(String, String, String)>,
+    #[pyo3(get)]
+    pub affected: Vec<(String, String, String)>,
 }
 
 impl From<Problem> for VerifyProblem {
@@ -88,16 +111,22 @@ impl From<Problem> for VerifyProblem {
 
 #[pyclass(frozen, module = "vmbackup._mover")]
 pub struct VerifyResult {
-    #[pyo3(get)] pub ok: bool,
-    #[pyo3(get)] pub backups_checked: u64,
-    #[pyo3(get)] pub chunks_checked: u64,
-    #[pyo3(get)] pub bytes_checked: u64,
-    #[pyo3(get)] pub problems: Vec<Py<VerifyProblem>>,
+    #[pyo3(get)]
+    pub ok: bool,
+    #[pyo3(get)]
+    pub backups_checked: u64,
+    #[pyo3(get)]
+    pub chunks_checked: u64,
+    #[pyo3(get)]
+    pub bytes_checked: u64,
+    #[pyo3(get)]
+    pub problems: Vec<Py<VerifyProblem>>,
 }
 
 impl VerifyResult {
     pub fn new(py: Python, r: VerifyReport) -> PyResult<Self> {
-        let problems = r.problems.iter().cloned().map(|p| Py::new(py, VerifyProblem::from(p))).collect::<PyResult<_>>()?;
+        let problems =
+            r.problems.iter().cloned().map(|p| Py::new(py, VerifyProblem::from(p))).collect::<PyResult<_>>()?;
         Ok(VerifyResult {
             ok: r.ok(),
             backups_checked: r.backups_checked,
@@ -110,17 +139,28 @@ impl VerifyResult {
 
 #[pyclass(frozen, module = "vmbackup._mover")]
 pub struct GcResult {
-    #[pyo3(get)] pub dry_run: bool,
-    #[pyo3(get)] pub backups: u64,
-    #[pyo3(get)] pub active_backups: u64,
-    #[pyo3(get)] pub stale_leases_removed: u64,
-    #[pyo3(get)] pub referenced_chunks: u64,
-    #[pyo3(get)] pub chunks_scanned: u64,
-    #[pyo3(get)] pub chunks_removed: u64,
-    #[pyo3(get)] pub bytes_removed: u64,
-    #[pyo3(get)] pub chunks_in_grace: u64,
-    #[pyo3(get)] pub temp_files_removed: u64,
-    #[pyo3(get)] pub cutoff_unix: f64,
+    #[pyo3(get)]
+    pub dry_run: bool,
+    #[pyo3(get)]
+    pub backups: u64,
+    #[pyo3(get)]
+    pub active_backups: u64,
+    #[pyo3(get)]
+    pub stale_leases_removed: u64,
+    #[pyo3(get)]
+    pub referenced_chunks: u64,
+    #[pyo3(get)]
+    pub chunks_scanned: u64,
+    #[pyo3(get)]
+    pub chunks_removed: u64,
+    #[pyo3(get)]
+    pub bytes_removed: u64,
+    #[pyo3(get)]
+    pub chunks_in_grace: u64,
+    #[pyo3(get)]
+    pub temp_files_removed: u64,
+    #[pyo3(get)]
+    pub cutoff_unix: f64,
 }
 
 impl From<GcStats> for GcResult {

@@ -80,16 +80,16 @@ impl TlsSetup {
             let pk = read_pem(&key)?
                 .into_iter()
                 .find_map(|i| match i {
-                    rustls_pemfile::Item::PKCS8Key(k) | rustls_pemfile::Item::RSAKey(k) | rustls_pemfile::Item::ECKey(k) => {
-                        Some(PrivateKey(k))
-                    }
+                    rustls_pemfile::Item::PKCS8Key(k)
+                    | rustls_pemfile::Item::RSAKey(k)
+                    | rustls_pemfile::Item::ECKey(k) => Some(PrivateKey(k)),
                     _ => None,
                 })
                 .ok_or_else(|| format!("{} holds no private key", key.display()))?;
             // The error names the kind of problem only, never the key.
-            builder
-                .with_single_cert(chain, pk)
-                .map_err(|_| format!("{} and {} do not form a usable client certificate", cert.display(), key.display()))?
+            builder.with_single_cert(chain, pk).map_err(|_| {
+                format!("{} and {} do not form a usable client certificate", cert.display(), key.display())
+            })?
         } else {
             builder.with_no_client_auth()
         };
@@ -108,8 +108,7 @@ impl TlsSetup {
         match r.kind {
             REP_ACK => {}
             REP_ERR_UNSUP | REP_ERR_POLICY => {
-                return Err(io::Error::new(
-                    io::ErrorKind::Other,
+                return Err(io::Error::other(
                     "the server does not offer TLS (it refused NBD_OPT_STARTTLS); not continuing without it",
                 ))
             }
@@ -117,7 +116,7 @@ impl TlsSetup {
         }
         let name = ServerName::try_from(self.name.as_str()).map_err(|_| invalid("bad TLS server name"))?;
         let mut conn = ClientConnection::new(self.config.clone(), name)
-            .map_err(|e| io::Error::new(io::ErrorKind::Other, format!("TLS setup failed: {e}")))?;
+            .map_err(|e| io::Error::other(format!("TLS setup failed: {e}")))?;
         while conn.is_handshaking() {
             conn.complete_io(&mut s).map_err(|e| self.handshake_error(e))?;
         }
@@ -129,14 +128,13 @@ impl TlsSetup {
     /// handshake is done, so its refusal shows up here, as an alert or a
     /// reset connection.
     pub fn session_error(&self, e: io::Error) -> io::Error {
-        let tls_error = e.get_ref().map_or(false, |i| i.is::<rustls::Error>());
+        let tls_error = e.get_ref().is_some_and(|i| i.is::<rustls::Error>());
         if tls_error || matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof) {
             let why = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 Some(t) => t.to_string(),
                 None => e.to_string(),
             };
-            return io::Error::new(
-                io::ErrorKind::Other,
+            return io::Error::other(
                 format!(
                     "TLS handshake failed: the server ended the session ({why}; does it want a client certificate, {}/{CLIENT_CERT} and {CLIENT_KEY}?)",
                     self.dir
@@ -149,7 +147,10 @@ impl TlsSetup {
     fn handshake_error(&self, e: io::Error) -> io::Error {
         let why = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
             Some(rustls::Error::InvalidCertificateData(r)) if r.contains("UnknownIssuer") => {
-                format!("certificate verification failed: the server's certificate is not signed by the CA in {}/{CA_CERT}", self.dir)
+                format!(
+                    "certificate verification failed: the server's certificate is not signed by the CA in {}/{CA_CERT}",
+                    self.dir
+                )
             }
             Some(rustls::Error::InvalidCertificateData(r)) if r.contains("CertNotValidForName") => {
                 format!("certificate verification failed: the server's certificate is not valid for the name {} (tls-hostname=)", self.name)
@@ -171,6 +172,6 @@ impl TlsSetup {
             None if e.kind() == io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
             None => e.to_string(),
         };
-        io::Error::new(io::ErrorKind::Other, format!("TLS handshake failed: {why}"))
+        io::Error::other(format!("TLS handshake failed: {why}"))
     }
 }

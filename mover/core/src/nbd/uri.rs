@@ -186,7 +186,8 @@ mod tests {
 
     #[test]
     fn tls_query_parameters() {
-        let u = NbdUri::parse("nbds://localhost:1234/e?tls-certificates=/etc/pki/my%20certs&tls-verify-peer=true").unwrap();
+        let u =
+            NbdUri::parse("nbds://localhost:1234/e?tls-certificates=/etc/pki/my%20certs&tls-verify-peer=true").unwrap();
         assert_eq!(u.tls_certificates.as_deref(), Some("/etc/pki/my certs"));
         assert_eq!((u.tls_hostname.as_deref(), u.tls_server_name()), (None, "localhost"));
         let u = NbdUri::parse("nbds+unix:///?socket=/s&tls-certificates=/c&tls-hostname=nbd.example.com").unwrap();
@@ -199,16 +200,30 @@ mod tests {
         // Certificates on a plain URI: TLS only if the server requires it.
         let u = NbdUri::parse("nbd://h/?tls-certificates=/c").unwrap();
         assert_eq!((u.tls, u.tls_certificates.as_deref()), (false, Some("/c")));
-        for uri in ["nbds://h/?tls-verify-peer=false", "nbds://h/?tls-psk-file=/k", "nbds://h/?tls-username=u",
-                    "nbds://h/?tls-certificates=%zz"] {
+        for uri in [
+            "nbds://h/?tls-verify-peer=false",
+            "nbds://h/?tls-psk-file=/k",
+            "nbds://h/?tls-username=u",
+            "nbds://h/?tls-certificates=%zz",
+        ] {
             assert!(NbdUri::parse(uri).is_err(), "{uri}");
         }
     }
 
     #[test]
     fn refuses_what_it_cannot_use() {
-        for uri in ["nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd://h:0/", "nbd://h:99999/", "nbd://h:x/",
-                    "http://h/", "nbd+vsock:///", "nbd:/x", "nbd://h/%zz", "nbd://h?socket=/s"] {
+        for uri in [
+            "nbd+unix:///x",
+            "nbd+unix://host/x?socket=/s",
+            "nbd://h:0/",
+            "nbd://h:99999/",
+            "nbd://h:x/",
+            "http://h/",
+            "nbd+vsock:///",
+            "nbd:/x",
+            "nbd://h/%zz",
+            "nbd://h?socket=/s",
+        ] {
             assert!(NbdUri::parse(uri).is_err(), "{uri}");
         }
     }

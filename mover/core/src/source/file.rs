@@ -20,7 +20,9 @@ impl FileSource {
     pub fn open(path: &Path) -> Result<FileSource> {
         let file = File::open(path).map_err(|e| match e.kind() {
             ErrorKind::NotFound => Error::Source(format!("source {} does not exist", path.display())),
-            ErrorKind::PermissionDenied => Error::Source(format!("source {} is not readable: permission denied", path.display())),
+            ErrorKind::PermissionDenied => {
+                Error::Source(format!("source {} is not readable: permission denied", path.display()))
+            }
             _ => Error::source_io(format!("opening source {}", path.display()), e),
         })?;
         let meta = file.metadata().map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?;

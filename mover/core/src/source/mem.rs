@@ -14,10 +14,15 @@ impl DiskSource for MemSource {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|o| self.0.get(o..o.checked_add(buf.len())?))
-            .ok_or_else(|| Error::InvalidInput(format!("read {}+{} is past the end of a {}-byte disk", offset, buf.len(), self.0.len())))?;
+        let src =
+            usize::try_from(offset).ok().and_then(|o| self.0.get(o..o.checked_add(buf.len())?)).ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "read {}+{} is past the end of a {}-byte disk",
+                    offset,
+                    buf.len(),
+                    self.0.len()
+                ))
+            })?;
         buf.copy_from_slice(src);
         Ok(())
     }

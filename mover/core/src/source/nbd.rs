@@ -101,7 +101,7 @@ fn opt_error(export: &str, what: &str, kind: u32, data: &[u8]) -> io::Error {
         k => format!("error {k:#x}"),
     };
     let msg = if msg.is_empty() { why } else { format!("{why} ({msg})") };
-    io::Error::new(io::ErrorKind::Other, format!("{what}: {msg}"))
+    io::Error::other(format!("{what}: {msg}"))
 }
 
 /// Most option replies one option may get (each is bounded in size).
@@ -121,7 +121,7 @@ impl std::fmt::Display for TlsRequired {
 impl std::error::Error for TlsRequired {}
 
 fn is_tls_required(e: &io::Error) -> bool {
-    e.get_ref().map_or(false, |i| i.is::<TlsRequired>())
+    e.get_ref().is_some_and(|i| i.is::<TlsRequired>())
 }
 
 /// The fixed newstyle handshake on any byte stream, up to the transmission
@@ -139,7 +139,7 @@ pub fn greet<S: Read + Write>(s: &mut S) -> io::Result<bool> {
         return Err(invalid(format!("not an NBD server (greeting {magic:#x})")));
     }
     let style = read_u64(s)?;
-    if style == 0x0042_0281_8612_53 {
+    if style == 0x0000_4202_8186_1253 {
         return Err(invalid("the server speaks the oldstyle protocol, which is not supported"));
     }
     if style != IHAVEOPT {
@@ -253,7 +253,7 @@ fn expect_reply<S: Read>(s: &mut S, option: u32) -> io::Result<OptReply> {
         return Err(invalid(format!("reply to option {} while waiting for option {option}", r.option)));
     }
     if r.kind == REP_ERR_TLS_REQD {
-        return Err(io::Error::new(io::ErrorKind::Other, TlsRequired));
+        return Err(io::Error::other(TlsRequired));
     }
     Ok(r)
 }
@@ -285,7 +285,7 @@ enum Transport {
     Plain { writer: Mutex<Stream>, reader: Mutex<Option<JoinHandle<()>>> },
     /// One TLS session: a caller sends its requests and reads their replies
     /// while holding it (see the module doc).
-    Tls(Mutex<TlsStream>),
+    Tls(Box<Mutex<TlsStream>>),
 }
 
 struct Conn {
@@ -338,10 +338,20 @@ impl Conn {
             for &(kind, offset, length) in reqs {
                 let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
                 let buf = if kind == CMD_READ { self.buffer(length as usize) } else { Vec::new() };
-                st.slots.insert(cookie, Slot {
-                    kind, offset, length, buf, covered: Vec::new(), extents: Vec::new(),
-                    error: None, done: false, sent: Instant::now(),
-                });
+                st.slots.insert(
+                    cookie,
+                    Slot {
+                        kind,
+                        offset,
+                        length,
+                        buf,
+                        covered: Vec::new(),
+                        extents: Vec::new(),
+                        error: None,
+                        done: false,
+                        sent: Instant::now(),
+                    },
+                );
                 let flags = 0;
                 wire.extend_from_slice(&Request { flags, kind, cookie, offset, length }.encode());
                 cookies.push(cookie);
@@ -372,7 +382,7 @@ impl Conn {
                 }
                 let all_done = || {
                     let st = self.state.lock().expect("nbd state");
-                    cookies.iter().all(|c| st.slots.get(c).map_or(true, |s| s.done))
+                    cookies.iter().all(|c| st.slots.get(c).is_none_or(|s| s.done))
                 };
                 while !all_done() {
                     if let Err(e) = read_one_reply(self, &mut *s) {
@@ -394,10 +404,10 @@ impl Conn {
             let sent = match st.slots.get(&cookie) {
                 Some(s) if s.done => return Ok(st.slots.remove(&cookie).expect("present")),
                 Some(s) => s.sent,
-                None => return Err(io::Error::new(io::ErrorKind::Other, "request vanished")),
+                None => return Err(io::Error::other("request vanished")),
             };
             if let Some(d) = &st.dead {
-                let e = io::Error::new(io::ErrorKind::Other, d.clone());
+                let e = io::Error::other(d.clone());
                 st.slots.remove(&cookie);
                 return Err(e);
             }
@@ -448,9 +458,10 @@ fn read_one_reply<S: Read>(conn: &Conn, s: &mut S) -> io::Result<()> {
     // without holding the lock (other threads keep submitting meanwhile).
     let (kind, offset, length, mut buf) = {
         let mut st = conn.state.lock().expect("nbd state");
-        let slot = st.slots.get_mut(&cookie).ok_or_else(|| {
-            invalid(format!("reply for cookie {cookie:#x}, which no request is waiting for"))
-        })?;
+        let slot = st
+            .slots
+            .get_mut(&cookie)
+            .ok_or_else(|| invalid(format!("reply for cookie {cookie:#x}, which no request is waiting for")))?;
         if slot.done {
             return Err(invalid(format!("another reply for finished request {cookie:#x}")));
         }
@@ -533,8 +544,11 @@ fn read_one_reply<S: Read>(conn: &Conn, s: &mut S) -> io::Result<()> {
                     if e == 0 {
                         return Err(invalid("error chunk with error 0"));
                     }
-                    error = Some(format!("the server answered {}{at}{}", error_name(e),
-                                         if msg.is_empty() { String::new() } else { format!(": {msg}") }));
+                    error = Some(format!(
+                        "the server answered {}{at}{}",
+                        error_name(e),
+                        if msg.is_empty() { String::new() } else { format!(": {msg}") }
+                    ));
                 }
                 k => return Err(invalid(format!("chunk type {k} does not fit command {kind}"))),
             }
@@ -720,7 +734,7 @@ impl NbdSource {
         let conn = self.conn();
         let slot = conn.call(&[(CMD_BLOCK_STATUS, offset, length)], self.timeout)?.pop().expect("one reply")?;
         match slot.error {
-            Some(e) => Err(io::Error::new(io::ErrorKind::Other, e)),
+            Some(e) => Err(io::Error::other(e)),
             None => Ok(slot.extents),
         }
     }
@@ -728,10 +742,20 @@ impl NbdSource {
 
 /// Connects and negotiates within `timeout`; a TLS connection then waits
 /// at most `reply_timeout` for each read of a reply.
-fn open_conn(uri: &NbdUri, tls: Option<&TlsSetup>, label: &str, timeout: Duration, reply_timeout: Duration) -> Result<Arc<Conn>> {
+fn open_conn(
+    uri: &NbdUri,
+    tls: Option<&TlsSetup>,
+    label: &str,
+    timeout: Duration,
+    reply_timeout: Duration,
+) -> Result<Arc<Conn>> {
     let io_err = |e| Error::source_io(format!("connecting to {label}"), e);
     let hs_err = |e: io::Error| {
-        let e = if e.kind() == io::ErrorKind::WouldBlock { io::Error::new(io::ErrorKind::TimedOut, "handshake timed out") } else { e };
+        let e = if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")
+        } else {
+            e
+        };
         Error::source_io(format!("handshake with {label}"), e)
     };
     let mut s = connect(uri, timeout).map_err(io_err)?;
@@ -755,7 +779,7 @@ fn open_conn(uri: &NbdUri, tls: Option<&TlsSetup>, label: &str, timeout: Duratio
         // With no reader thread, the socket's timeouts are what bounds the
         // wait for a reply.
         session.sock.set_timeouts(Some(reply_timeout)).map_err(hs_err)?;
-        return Ok(new_conn(neg, Transport::Tls(Mutex::new(session))));
+        return Ok(new_conn(neg, Transport::Tls(Box::new(Mutex::new(session)))));
     }
     let neg = negotiate(&mut s, &uri.export, no_zeroes).map_err(hs_err)?;
     // Replies are waited for with their own deadline; the reader blocks.
@@ -763,10 +787,8 @@ fn open_conn(uri: &NbdUri, tls: Option<&TlsSetup>, label: &str, timeout: Duratio
     let reader = s.try_clone().map_err(io_err)?;
     let conn = new_conn(neg, Transport::Plain { writer: Mutex::new(s), reader: Mutex::new(None) });
     let c2 = conn.clone();
-    let h = std::thread::Builder::new()
-        .name("nbd-reader".into())
-        .spawn(move || reader_loop(c2, reader))
-        .map_err(io_err)?;
+    let h =
+        std::thread::Builder::new().name("nbd-reader".into()).spawn(move || reader_loop(c2, reader)).map_err(io_err)?;
     if let Transport::Plain { reader, .. } = &conn.transport {
         *reader.lock().expect("reader") = Some(h);
     }
@@ -814,16 +836,20 @@ impl DiskSource for NbdSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         let what = || format!("reading extent {offset}+{len}");
-        if offset.checked_add(len).map_or(true, |e| e > self.neg.size) {
-            return Err(Error::InvalidInput(format!("{} is past the end of {} ({} bytes)", what(), self.label, self.neg.size)));
+        if offset.checked_add(len).is_none_or(|e| e > self.neg.size) {
+            return Err(Error::InvalidInput(format!(
+                "{} is past the end of {} ({} bytes)",
+                what(),
+                self.label,
+                self.neg.size
+            )));
         }
         if buf.is_empty() {
             return Ok(());
         }
         let max = self.neg.max_request as u64;
-        let pieces: Vec<(u16, u64, u32)> = (0..(len + max - 1) / max)
-            .map(|i| (CMD_READ, offset + i * max, (len - i * max).min(max) as u32))
-            .collect();
+        let pieces: Vec<(u16, u64, u32)> =
+            (0..(len + max - 1) / max).map(|i| (CMD_READ, offset + i * max, (len - i * max).min(max) as u32)).collect();
         let conn = self.conn();
         let replies = conn.call(&pieces, self.timeout).map_err(|e| self.fail(what(), e))?;
         let mut first_err = None;
@@ -836,7 +862,7 @@ impl DiskSource for NbdSource {
                         conn.recycle(slot.buf);
                     }
                     Some(e) => {
-                        first_err.get_or_insert_with(|| io::Error::new(io::ErrorKind::Other, e));
+                        first_err.get_or_insert_with(|| io::Error::other(e));
                     }
                 },
                 Err(e) => {
@@ -864,9 +890,8 @@ impl DiskSource for NbdSource {
                 break;
             }
             let n = (size - pos).min(STATUS_PIECE / align * align) as u32;
-            let ext = self
-                .block_status(pos, n)
-                .map_err(|e| self.fail(format!("block status of extent {pos}+{n}"), e))?;
+            let ext =
+                self.block_status(pos, n).map_err(|e| self.fail(format!("block status of extent {pos}+{n}"), e))?;
             let start = pos;
             for (len, flags) in ext {
                 let len = (len as u64).min(size - pos);
@@ -887,7 +912,10 @@ impl DiskSource for NbdSource {
                 }
             }
             if pos == start {
-                return Err(Error::Source(format!("{}: block status of extent {pos}+{n} made no progress", self.label)));
+                return Err(Error::Source(format!(
+                    "{}: block status of extent {pos}+{n} made no progress",
+                    self.label
+                )));
             }
         }
         Ok(out)

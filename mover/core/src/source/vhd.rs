@@ -95,7 +95,8 @@ pub fn parse_dyn_header(b: &[u8]) -> std::result::Result<DynHeader, String> {
     }
     let mut parent_id = [0u8; 16];
     parent_id.copy_from_slice(&b[40..56]);
-    let units: Vec<u16> = b[64..576].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
+    let units: Vec<u16> =
+        b[64..576].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
     let locators = (0..8)
         .map(|i| &b[576 + 24 * i..600 + 24 * i])
         .filter(|e| be32(e, 0) != 0)
@@ -135,7 +136,8 @@ fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
 
 fn read(file: &File, path: &Path, off: u64, len: usize) -> Result<Vec<u8>> {
     let mut v = vec![0u8; len];
-    file.read_exact_at(&mut v, off).map_err(|e| Error::source_io(format!("reading {off}+{len} of {}", path.display()), e))?;
+    file.read_exact_at(&mut v, off)
+        .map_err(|e| Error::source_io(format!("reading {off}+{len} of {}", path.display()), e))?;
     Ok(v)
 }
 
@@ -155,17 +157,21 @@ impl VhdSource {
         let tail = read(&file, path, len - FOOTER_SIZE as u64, FOOTER_SIZE)?;
         let footer = match parse_footer(&tail) {
             Ok(f) => f,
-            Err(e) => parse_footer(&read(&file, path, 0, FOOTER_SIZE)?).map_err(|e2| corrupt(path, format!("{e}; copy at 0: {e2}")))?,
+            Err(e) => parse_footer(&read(&file, path, 0, FOOTER_SIZE)?)
+                .map_err(|e2| corrupt(path, format!("{e}; copy at 0: {e2}")))?,
         };
         if footer.disk_type == DISK_FIXED {
             if footer.current_size + FOOTER_SIZE as u64 > len {
-                return Err(corrupt(path, format!("a fixed disk of {} bytes needs a larger file", footer.current_size)));
+                return Err(corrupt(
+                    path,
+                    format!("a fixed disk of {} bytes needs a larger file", footer.current_size),
+                ));
             }
             let inner = FileSource::open(path)?;
             return Ok(VhdSource { path: path.into(), footer, layout: Layout::Fixed(inner) });
         }
         let hoff = footer.data_offset;
-        if hoff.checked_add(HEADER_SIZE as u64).map_or(true, |e| e > len) {
+        if hoff.checked_add(HEADER_SIZE as u64).is_none_or(|e| e > len) {
             return Err(corrupt(path, format!("dynamic header offset {hoff} is past the end of the file")));
         }
         let h = parse_dyn_header(&read(&file, path, hoff, HEADER_SIZE)?).map_err(|e| corrupt(path, e))?;
@@ -174,7 +180,7 @@ impl VhdSource {
         if (h.max_entries as u64) < blocks {
             return Err(corrupt(path, format!("the BAT has {} entries, the disk needs {blocks}", h.max_entries)));
         }
-        if h.table_offset.checked_add(4 * blocks).map_or(true, |e| e > len) {
+        if h.table_offset.checked_add(4 * blocks).is_none_or(|e| e > len) {
             return Err(corrupt(path, format!("the BAT at {} lies past the end of the file", h.table_offset)));
         }
         let raw = read(&file, path, h.table_offset, 4 * blocks as usize)?;
@@ -183,7 +189,10 @@ impl VhdSource {
         let bitmap = ((block / 512 + 7) / 8 + 511) / 512 * 512;
         for (i, s) in bat.iter().enumerate() {
             if *s != UNUSED && (*s as u64 * 512 + bitmap + block > len) {
-                return Err(corrupt(path, format!("BAT entry {i} points at sector {s}, past the end of the file ({len} bytes)")));
+                return Err(corrupt(
+                    path,
+                    format!("BAT entry {i} points at sector {s}, past the end of the file ({len} bytes)"),
+                ));
             }
         }
         let parent = if footer.disk_type == DISK_DIFFERENCING {
@@ -214,15 +223,16 @@ impl VhdSource {
             if (code != *b"W2ru" && code != *b"W2ku") || n == 0 || n > 64 * 1024 || n % 2 != 0 {
                 continue;
             }
-            if off.checked_add(n as u64).map_or(true, |e| e > len) {
+            if off.checked_add(n as u64).is_none_or(|e| e > len) {
                 continue;
             }
             let raw = read(file, path, off, n as usize)?;
-            let units: Vec<u16> = raw.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
+            let units: Vec<u16> =
+                raw.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
             let text = String::from_utf16_lossy(&units);
             let mut p = if code == *b"W2ru" { dir.to_path_buf() } else { PathBuf::new() };
             if code == *b"W2ru" {
-                for part in text.split(|c| c == '\\' || c == '/') {
+                for part in text.split(['\\', '/']) {
                     match part {
                         "" | "." => {}
                         x => p.push(x),
@@ -253,7 +263,8 @@ impl VhdSource {
                 }
                 return Err(Error::Source(format!(
                     "{} is not the parent of {}: its UniqueId differs from the child's ParentUniqueId",
-                    c.display(), path.display()
+                    c.display(),
+                    path.display()
                 )));
             }
         }
@@ -274,7 +285,12 @@ impl DiskSource for VhdSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let size = self.footer.current_size;
         let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= size).ok_or_else(|| {
-            Error::InvalidInput(format!("read {}+{} is past the end of {} ({size} bytes)", offset, buf.len(), self.path.display()))
+            Error::InvalidInput(format!(
+                "read {}+{} is past the end of {} ({size} bytes)",
+                offset,
+                buf.len(),
+                self.path.display()
+            ))
         })?;
         let (file, bat, block, bitmap, parent) = match &self.layout {
             Layout::Fixed(f) => return f.read_at(buf, offset),

@@ -48,7 +48,9 @@ impl Writer {
     }
 
     fn put(&self, data: &[u8], off: u64) -> Result<()> {
-        self.file.write_all_at(data, off).map_err(|e| Error::target(format!("writing {off}+{} of {}", data.len(), self.label), e))
+        self.file
+            .write_all_at(data, off)
+            .map_err(|e| Error::target(format!("writing {off}+{} of {}", data.len(), self.label), e))
     }
 
     /// Writes `data` at `off`, leaving all-zero MiBs as holes.
@@ -102,12 +104,14 @@ impl Writer {
 
 fn intersects(ext: &[Extent], start: u64, end: u64) -> bool {
     let i = ext.partition_point(|e| e.end() <= start);
-    ext.get(i).map_or(false, |e| e.start < end)
+    ext.get(i).is_some_and(|e| e.start < end)
 }
 
 fn check_block_size(block_size: u32) -> Result<()> {
     if !block_size.is_power_of_two() || !(1 << 20..=256 << 20).contains(&block_size) {
-        return Err(Error::InvalidInput(format!("VHDX block size {block_size} is not a power of two from 1 MiB to 256 MiB")));
+        return Err(Error::InvalidInput(format!(
+            "VHDX block size {block_size} is not a power of two from 1 MiB to 256 MiB"
+        )));
     }
     Ok(())
 }
@@ -131,7 +135,13 @@ fn metadata(size: u64, block_size: u32, locator: Vec<(String, String)>) -> Resul
 }
 
 /// Writes `src` as a new dynamic VHDX at `path`; returns the file's size.
-pub fn write_vhdx(src: &dyn DiskSource, path: &Path, block_size: u32, progress: &mut dyn Progress, cancel: &Cancel) -> Result<u64> {
+pub fn write_vhdx(
+    src: &dyn DiskSource,
+    path: &Path,
+    block_size: u32,
+    progress: &mut dyn Progress,
+    cancel: &Cancel,
+) -> Result<u64> {
     check_block_size(block_size)?;
     let size = src.size();
     let meta = metadata(size, block_size, Vec::new())?;
@@ -188,7 +198,9 @@ pub fn write_differencing(
     let mut bitmaps: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
     for &(off, len) in present {
         if off % 512 != 0 || len % 512 != 0 || off + len > size {
-            return Err(Error::InvalidInput(format!("present range {off}+{len} is not sector-aligned inside the disk")));
+            return Err(Error::InvalidInput(format!(
+                "present range {off}+{len} is not sector-aligned inside the disk"
+            )));
         }
         let mut data = vec![0u8; len as usize];
         src.read_at(&mut data, off)?;

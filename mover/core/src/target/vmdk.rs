@@ -79,7 +79,13 @@ fn descriptor_text(shape: Shape, capacity: u64, file: &str) -> String {
 
 /// Writes `src` to `output` (a new file) as a VMDK of `shape`; returns the
 /// bytes of the image file.
-pub fn write_vmdk(shape: Shape, src: &dyn DiskSource, output: &Path, progress: &mut dyn Progress, cancel: &Cancel) -> Result<u64> {
+pub fn write_vmdk(
+    shape: Shape,
+    src: &dyn DiskSource,
+    output: &Path,
+    progress: &mut dyn Progress,
+    cancel: &Cancel,
+) -> Result<u64> {
     let size = src.size();
     if size % 512 != 0 {
         // A VMDK counts whole sectors: rounding up would hand back a bigger disk.
@@ -178,7 +184,9 @@ pub fn write_vmdk(shape: Shape, src: &dyn DiskSource, output: &Path, progress: &
             let gt_start = h.gd_offset + gd_sectors;
             h.overhead = (gt_start + all_gts + GRAIN_SECTORS - 1) / GRAIN_SECTORS * GRAIN_SECTORS;
             if gt_start + all_gts > u32::MAX as u64 {
-                return Err(Error::InvalidInput(format!("a disk of {size} bytes is too large for a monolithicSparse VMDK")));
+                return Err(Error::InvalidInput(format!(
+                    "a disk of {size} bytes is too large for a monolithicSparse VMDK"
+                )));
             }
             out.put(&h.to_bytes())?;
             out.put(desc.as_bytes())?;
@@ -306,7 +314,9 @@ impl<'a> Out<'a> {
     /// The sector where the next byte goes (a table entry: 32 bits).
     fn sector(&self) -> Result<u32> {
         let s = (self.pos + self.buf.len() as u64) / SECTOR;
-        u32::try_from(s).map_err(|_| Error::InvalidInput(format!("{} would grow past 2 TiB of sectors a VMDK can address", self.path.display())))
+        u32::try_from(s).map_err(|_| {
+            Error::InvalidInput(format!("{} would grow past 2 TiB of sectors a VMDK can address", self.path.display()))
+        })
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -322,6 +332,8 @@ impl<'a> Out<'a> {
 
     /// Writes at a fixed place (tables), apart from the sequential stream.
     fn write_at(&self, b: &[u8], at: u64) -> Result<()> {
-        self.file.write_all_at(b, at).map_err(|e| Error::target(format!("writing {}+{} of {}", at, b.len(), self.path.display()), e))
+        self.file
+            .write_all_at(b, at)
+            .map_err(|e| Error::target(format!("writing {}+{} of {}", at, b.len(), self.path.display()), e))
     }
 }

@@ -3,7 +3,7 @@
 //! Parsers take bytes and return typed values or an error message; they never
 //! trust a count or a length further than the bytes they were given.
 
-use super::crc32c::{crc32c_with_zero_field, crc32c};
+use super::crc32c::{crc32c, crc32c_with_zero_field};
 use super::guid::Guid;
 
 pub const KIB: u64 = 1024;
@@ -151,7 +151,12 @@ pub fn parse_region_table(b: &[u8]) -> Result<Vec<Region>, String> {
     Ok((0..n as usize)
         .map(|i| {
             let e = &b[16 + 32 * i..16 + 32 * (i + 1)];
-            Region { guid: Guid::from_bytes(&e[0..16]), offset: le64(e, 16), length: le32(e, 24), required: le32(e, 28) & 1 != 0 }
+            Region {
+                guid: Guid::from_bytes(&e[0..16]),
+                offset: le64(e, 16),
+                length: le32(e, 24),
+                required: le32(e, 28) & 1 != 0,
+            }
         })
         .collect())
 }
@@ -215,10 +220,17 @@ pub fn parse_metadata(b: &[u8]) -> Result<Metadata, String> {
         };
         items.push((id, data, flags & 4 != 0));
     }
-    let known = [FILE_PARAMETERS, VIRTUAL_DISK_SIZE, VIRTUAL_DISK_ID, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE, PARENT_LOCATOR]
-        .iter()
-        .map(|g| guid(g))
-        .collect::<Vec<_>>();
+    let known = [
+        FILE_PARAMETERS,
+        VIRTUAL_DISK_SIZE,
+        VIRTUAL_DISK_ID,
+        LOGICAL_SECTOR_SIZE,
+        PHYSICAL_SECTOR_SIZE,
+        PARENT_LOCATOR,
+    ]
+    .iter()
+    .map(|g| guid(g))
+    .collect::<Vec<_>>();
     if let Some((id, _, _)) = items.iter().find(|(g, _, req)| *req && !known.contains(g)) {
         return Err(format!("metadata item {id} is required but unknown to this reader"));
     }
@@ -325,11 +337,15 @@ pub fn build_metadata(m: &Metadata) -> Vec<u8> {
     let mut b = vec![0u8; MIB as usize];
     b[0..8].copy_from_slice(b"metadata");
     let mut items: Vec<(Guid, Vec<u8>, u32)> = vec![
-        (guid(FILE_PARAMETERS), {
-            let mut v = m.block_size.to_le_bytes().to_vec();
-            v.extend_from_slice(&((m.leave_blocks_allocated as u32) | ((m.has_parent as u32) << 1)).to_le_bytes());
-            v
-        }, 4),
+        (
+            guid(FILE_PARAMETERS),
+            {
+                let mut v = m.block_size.to_le_bytes().to_vec();
+                v.extend_from_slice(&((m.leave_blocks_allocated as u32) | ((m.has_parent as u32) << 1)).to_le_bytes());
+                v
+            },
+            4,
+        ),
         (guid(VIRTUAL_DISK_SIZE), m.virtual_size.to_le_bytes().to_vec(), 2 | 4),
         (guid(VIRTUAL_DISK_ID), m.disk_id.0.to_vec(), 2 | 4),
         (guid(LOGICAL_SECTOR_SIZE), m.logical_sector.to_le_bytes().to_vec(), 2 | 4),

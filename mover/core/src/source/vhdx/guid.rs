@@ -62,7 +62,14 @@ impl fmt::Display for Guid {
             u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             u16::from_le_bytes([b[4], b[5]]),
             u16::from_le_bytes([b[6], b[7]]),
-            b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+            b[8],
+            b[9],
+            b[10],
+            b[11],
+            b[12],
+            b[13],
+            b[14],
+            b[15]
         )
     }
 }
@@ -82,7 +89,10 @@ mod tests {
     fn text_and_bytes_agree() {
         // The BAT region's GUID, [MS-VHDX] 2.2.3.2, and its on-disk bytes.
         let g = Guid::parse("2DC27766-F623-4200-9D64-115E9BFD4A08").unwrap();
-        assert_eq!(g.0, [0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42, 0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]);
+        assert_eq!(
+            g.0,
+            [0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42, 0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]
+        );
         assert_eq!(g.to_string(), "{2DC27766-F623-4200-9D64-115E9BFD4A08}");
         assert_eq!(Guid::parse("{2dc27766-f623-4200-9d64-115e9bfd4a08}"), Some(g));
         assert_eq!(Guid::parse("2DC27766-F623-4200-9D64-115E9BFD4A0"), None);

@@ -161,7 +161,10 @@ fn parse_entry(log: &[u8], pos: u64, guid: &Guid, budget: &mut u64) -> Option<En
             b"desc" => {
                 let s = bytes.get(data_at..data_at + SECTOR)?;
                 data_at += SECTOR;
-                if &s[0..4] != b"data" || le32(s, 4) as u64 != seq >> 32 || le32(s, SECTOR - 4) as u64 != seq & 0xffff_ffff {
+                if &s[0..4] != b"data"
+                    || le32(s, 4) as u64 != seq >> 32
+                    || le32(s, SECTOR - 4) as u64 != seq & 0xffff_ffff
+                {
                     return None;
                 }
                 off.checked_add(SECTOR as u64)?;
@@ -215,7 +218,7 @@ pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<Overlay, String>
                 Some(e) => e,
                 None => break,
             };
-            if prev_seq.map_or(false, |s| s.checked_add(1) != Some(e.seq)) {
+            if prev_seq.is_some_and(|s| s.checked_add(1) != Some(e.seq)) {
                 break;
             }
             chain.push(pos);
@@ -259,7 +262,14 @@ pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<Overlay, String>
 
 /// Builds one log entry (tests and fuzzing): data sectors and zero ranges.
 #[cfg(test)]
-pub fn build_entry(guid: &Guid, seq: u64, tail: u32, data: &[(u64, Vec<u8>)], zeros: &[(u64, u64)], last: u64) -> Vec<u8> {
+pub fn build_entry(
+    guid: &Guid,
+    seq: u64,
+    tail: u32,
+    data: &[(u64, Vec<u8>)],
+    zeros: &[(u64, u64)],
+    last: u64,
+) -> Vec<u8> {
     let count = data.len() + zeros.len();
     let desc_sectors = (64 + 32 * count + SECTOR - 1) / SECTOR;
     let len = (desc_sectors + data.len()) * SECTOR;

@@ -14,9 +14,11 @@ pub mod guid;
 mod log;
 mod parent;
 
-pub use format::{build_header, build_metadata, build_region_table, chunk_ratio, bat_entries, payload_index};
+pub use format::{bat_entries, build_header, build_metadata, build_region_table, chunk_ratio, payload_index};
+pub use format::{
+    guid as known_guid, Header, Metadata, Region, BAT_GUID, FILE_SIGNATURE, METADATA_GUID, MIB, PAYLOAD_FULLY_PRESENT,
+};
 pub use parent::file_name as file_name_of;
-pub use format::{FILE_SIGNATURE, guid as known_guid, Header, Metadata, Region, BAT_GUID, METADATA_GUID, MIB, PAYLOAD_FULLY_PRESENT};
 
 use super::DiskSource;
 use crate::error::{Error, Result};
@@ -51,9 +53,9 @@ impl Image {
         })?;
         let phys = end.min(self.file_len).saturating_sub(off) as usize;
         if phys > 0 {
-            self.file.read_exact_at(&mut buf[..phys], off).map_err(|e| {
-                Error::source_io(format!("reading {}+{} of {}", off, phys, self.path.display()), e)
-            })?;
+            self.file
+                .read_exact_at(&mut buf[..phys], off)
+                .map_err(|e| Error::source_io(format!("reading {}+{} of {}", off, phys, self.path.display()), e))?;
         }
         buf[phys..].fill(0);
         if let Some(ov) = &self.overlay {
@@ -103,10 +105,15 @@ impl VhdxSource {
             }
             let parent = parent::locate(path, &src.meta.parent_locator, seen)?;
             if parent.meta.virtual_size != src.meta.virtual_size {
-                return Err(corrupt(path, format!(
-                    "its parent {} has {} bytes where the child has {}",
-                    parent.img.path.display(), parent.meta.virtual_size, src.meta.virtual_size
-                )));
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "its parent {} has {} bytes where the child has {}",
+                        parent.img.path.display(),
+                        parent.meta.virtual_size,
+                        src.meta.virtual_size
+                    ),
+                ));
             }
             src.parent = Some(Box::new(parent));
         }
@@ -137,7 +144,7 @@ impl VhdxSource {
         }
         if !header.log_guid.is_zero() {
             let (lo, ll) = (header.log_offset, header.log_length as u64);
-            if ll > log::MAX_LOG || lo < MIB || lo.checked_add(ll).map_or(true, |e| e > file_len) {
+            if ll > log::MAX_LOG || lo < MIB || lo.checked_add(ll).is_none_or(|e| e > file_len) {
                 return Err(corrupt(path, format!("log {lo}+{ll} lies outside the file or is too large")));
             }
             let bytes = img.read_vec(lo, ll)?;
@@ -162,7 +169,7 @@ impl VhdxSource {
             let ok = r.offset >= MIB
                 && r.offset % MIB == 0
                 && (r.length as u64) <= MAX_TABLE
-                && r.offset.checked_add(r.length as u64).map_or(false, |e| e <= file_len);
+                && r.offset.checked_add(r.length as u64).is_some_and(|e| e <= file_len);
             if !ok {
                 return Err(corrupt(path, format!("{name} region {}+{} lies outside the file", r.offset, r.length)));
             }
@@ -174,9 +181,7 @@ impl VhdxSource {
         let n = bat_entries(meta.virtual_size, meta.block_size, ratio, meta.has_parent);
         let br = region(bat_guid, "BAT")?;
         if n * 8 > br.length as u64 {
-            return Err(corrupt(path, format!(
-                "the BAT region holds {} entries, the disk needs {n}", br.length / 8
-            )));
+            return Err(corrupt(path, format!("the BAT region holds {} entries, the disk needs {n}", br.length / 8)));
         }
         let raw = img.read_vec(br.offset, n * 8)?;
         let bat: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
@@ -195,10 +200,11 @@ impl VhdxSource {
                     s => return Err(corrupt(path, format!("BAT entry {i} has invalid state {s}"))),
                 }
             };
-            if present && (off < MIB || off.checked_add(len).map_or(true, |end| end > img.len)) {
-                return Err(corrupt(path, format!(
-                    "BAT entry {i} points at {off}+{len}, past the end of the file ({} bytes)", img.len
-                )));
+            if present && (off < MIB || off.checked_add(len).is_none_or(|end| end > img.len)) {
+                return Err(corrupt(
+                    path,
+                    format!("BAT entry {i} points at {off}+{len}, past the end of the file ({} bytes)", img.len),
+                ));
             }
         }
         let kind = if meta.has_parent {
@@ -293,7 +299,11 @@ impl DiskSource for VhdxSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= self.meta.virtual_size).ok_or_else(|| {
             Error::InvalidInput(format!(
-                "read {}+{} is past the end of {} ({} bytes)", offset, buf.len(), self.describe(), self.meta.virtual_size
+                "read {}+{} is past the end of {} ({} bytes)",
+                offset,
+                buf.len(),
+                self.describe(),
+                self.meta.virtual_size
             ))
         })?;
         let bs = self.meta.block_size as u64;

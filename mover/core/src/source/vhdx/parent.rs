@@ -17,7 +17,7 @@ fn get<'a>(kv: &'a [(String, String)], key: &str) -> Option<&'a str> {
 
 /// The last component of a Windows or POSIX path.
 pub fn file_name(p: &str) -> Option<&str> {
-    p.rsplit(|c| c == '\\' || c == '/').next().filter(|n| !n.is_empty() && *n != "." && *n != "..")
+    p.rsplit(['\\', '/']).next().filter(|n| !n.is_empty() && *n != "." && *n != "..")
 }
 
 /// Candidate paths for the parent, in the order Hyper-V tries them.
@@ -26,7 +26,7 @@ pub fn candidates(child: &Path, kv: &[(String, String)]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Some(rel) = get(kv, "relative_path") {
         let mut p = dir.to_path_buf();
-        for part in rel.split(|c| c == '\\' || c == '/') {
+        for part in rel.split(['\\', '/']) {
             match part {
                 "" | "." => {}
                 ".." => {
@@ -70,10 +70,15 @@ pub fn locate(child: &Path, kv: &[(String, String)], seen: &mut Vec<PathBuf>) ->
         if linkage.contains(&p.data_write) {
             return Ok(p);
         }
-        mismatch.get_or_insert_with(|| format!(
-            "{} is not the parent of {}: its DataWriteGuid is {}, the child expects {}",
-            c.display(), child.display(), p.data_write, linkage[0]
-        ));
+        mismatch.get_or_insert_with(|| {
+            format!(
+                "{} is not the parent of {}: its DataWriteGuid is {}, the child expects {}",
+                c.display(),
+                child.display(),
+                p.data_write,
+                linkage[0]
+            )
+        });
     }
     Err(Error::Source(mismatch.unwrap_or_else(|| {
         let names: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();

@@ -58,7 +58,6 @@ fn rewrite_header(p: &Path, which: usize, f: impl Fn(&mut Header)) {
     patch(p, off as u64, &build_header(&h));
 }
 
-
 #[test]
 fn both_headers_bad_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -81,7 +80,8 @@ fn log_replay_changes_content_in_memory_only() {
     let block0 = (s.bat[0] >> 20) * MIB;
     let g = Guid::random();
     let sector: Vec<u8> = (0..4096).map(|i| (i % 7) as u8 + 100).collect();
-    let entry = log::build_entry(&g, 42, 0, &[(block0 + 4096, sector.clone())], &[(block0 + 65536, 8192)], before.len() as u64);
+    let entry =
+        log::build_entry(&g, 42, 0, &[(block0 + 4096, sector.clone())], &[(block0 + 65536, 8192)], before.len() as u64);
     let h = parse_header(&before[HEADER_OFFSETS[1] as usize..][..HEADER_SIZE]).unwrap();
     patch(&p, h.log_offset, &entry);
     rewrite_header(&p, 1, |h| {

@@ -133,7 +133,7 @@ fn parse_extent(access: Access, rest: &str) -> Result<ExtentLine, String> {
     } else {
         return Err("the file name is not quoted".into());
     };
-    if kind != "ZERO" && file.as_deref().map_or(true, str::is_empty) {
+    if kind != "ZERO" && file.as_deref().is_none_or(str::is_empty) {
         return Err(format!("a {kind} extent needs a file name"));
     }
     let offset = match rest.split_whitespace().next() {

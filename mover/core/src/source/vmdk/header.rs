@@ -120,10 +120,16 @@ impl SparseHeader {
             return Err(format!("sparse header version {} is not 1, 2 or 3", self.version));
         }
         if self.grain_size == 0 || !self.grain_size.is_power_of_two() || self.grain_size > MAX_GRAIN_SECTORS {
-            return Err(format!("grain size {} sectors is not a power of two up to {MAX_GRAIN_SECTORS}", self.grain_size));
+            return Err(format!(
+                "grain size {} sectors is not a power of two up to {MAX_GRAIN_SECTORS}",
+                self.grain_size
+            ));
         }
         if self.num_gtes_per_gt == 0 || self.num_gtes_per_gt > MAX_GTES_PER_GT {
-            return Err(format!("{} entries per grain table is not between 1 and {MAX_GTES_PER_GT}", self.num_gtes_per_gt));
+            return Err(format!(
+                "{} entries per grain table is not between 1 and {MAX_GTES_PER_GT}",
+                self.num_gtes_per_gt
+            ));
         }
         if self.capacity.checked_mul(SECTOR).is_none() {
             return Err(format!("capacity {} sectors overflows 64 bits of bytes", self.capacity));

@@ -41,14 +41,19 @@ pub fn sniff(head: &[u8]) -> bool {
 pub(super) fn open_file(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| match e.kind() {
         ErrorKind::NotFound => Error::Source(format!("VMDK file {} does not exist", path.display())),
-        ErrorKind::PermissionDenied => Error::Source(format!("VMDK file {} is not readable: permission denied", path.display())),
+        ErrorKind::PermissionDenied => {
+            Error::Source(format!("VMDK file {} is not readable: permission denied", path.display()))
+        }
         _ => Error::source_io(format!("opening {}", path.display()), e),
     })
 }
 
 enum Backing {
     /// A raw file; the extent starts at this byte of it.
-    Flat { file: FileSource, offset: u64 },
+    Flat {
+        file: FileSource,
+        offset: u64,
+    },
     Zero,
     Sparse(SparseExtent),
 }
@@ -99,7 +104,10 @@ impl VmdkSource {
             return Err(Error::Source(format!("{} is its own ancestor in a VMDK parent chain", path.display())));
         }
         if seen.len() >= MAX_CHAIN {
-            return Err(Error::Source(format!("{}: the VMDK parent chain is longer than {MAX_CHAIN} disks", path.display())));
+            return Err(Error::Source(format!(
+                "{}: the VMDK parent chain is longer than {MAX_CHAIN} disks",
+                path.display()
+            )));
         }
         seen.push(canon);
         let file = open_file(path)?;
@@ -228,13 +236,18 @@ fn open_extents(path: &Path, d: &Descriptor) -> Result<Vec<Piece>> {
                 return Err(Error::Source(format!("{}: extent file {} is listed twice", path.display(), name())));
             }
             if !fpath.exists() {
-                return Err(Error::Source(format!("{}: extent file {} does not exist", path.display(), fpath.display())));
+                return Err(Error::Source(format!(
+                    "{}: extent file {} does not exist",
+                    path.display(),
+                    fpath.display()
+                )));
             }
         }
         let backing = match e.kind.as_str() {
             "FLAT" | "VMFS" => {
                 let file = FileSource::open(&fpath)?;
-                let offset = e.offset.checked_mul(SECTOR).filter(|o| o.checked_add(len).map_or(false, |end| end <= file.size()));
+                let offset =
+                    e.offset.checked_mul(SECTOR).filter(|o| o.checked_add(len).is_some_and(|end| end <= file.size()));
                 let offset = offset.ok_or_else(|| {
                     Error::Source(format!(
                         "{}: extent file {} holds {} bytes, the descriptor needs {} from sector {}",
@@ -312,7 +325,13 @@ impl DiskSource for VmdkSource {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= self.size).ok_or_else(|| {
-            Error::InvalidInput(format!("read {}+{} is past the end of {} ({} bytes)", offset, buf.len(), self.describe(), self.size))
+            Error::InvalidInput(format!(
+                "read {}+{} is past the end of {} ({} bytes)",
+                offset,
+                buf.len(),
+                self.describe(),
+                self.size
+            ))
         })?;
         let mut i = self.pieces.partition_point(|p| p.start + p.len <= offset);
         let mut pos = offset;

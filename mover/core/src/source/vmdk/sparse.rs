@@ -162,7 +162,6 @@ impl<'a> Raw<'a> {
         }
         Ok(tables)
     }
-
 }
 
 impl SparseExtent {
@@ -170,10 +169,7 @@ impl SparseExtent {
     /// footer of a streamOptimized file) and loads its grain tables.
     pub fn open(path: &Path) -> Result<SparseExtent> {
         let file = super::open_file(path)?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?
-            .len();
+        let file_len = file.metadata().map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?.len();
         let r = Raw { file: &file, path, file_len };
         let header = r.read_header()?;
         let tables = r.load_tables(&header)?;
@@ -213,7 +209,7 @@ impl SparseExtent {
         let start = h.descriptor_offset.checked_mul(SECTOR);
         let len = h.descriptor_size.checked_mul(SECTOR).filter(|l| *l <= super::descriptor::MAX_DESCRIPTOR_BYTES);
         let (start, len) = match (start, len) {
-            (Some(s), Some(l)) if s.checked_add(l).map_or(false, |e| e <= self.file_len) => (s, l),
+            (Some(s), Some(l)) if s.checked_add(l).is_some_and(|e| e <= self.file_len) => (s, l),
             _ => return Err(self.corrupt("the embedded descriptor is not inside the file or is too large")),
         };
         let mut b = vec![0u8; len as usize];
@@ -314,7 +310,10 @@ impl SparseExtent {
         let lba = u64::from_le_bytes(lba);
         let size = u32::from_le_bytes([m[8], m[9], m[10], m[11]]) as u64;
         if lba != g * self.header.grain_size {
-            return Err(self.corrupt(format!("the grain marker at {at} is for sector {lba}, the grain table says {}", g * self.header.grain_size)));
+            return Err(self.corrupt(format!(
+                "the grain marker at {at} is for sector {lba}, the grain table says {}",
+                g * self.header.grain_size
+            )));
         }
         // Deflate never grows data by more than a few bytes per block.
         if size == 0 || size > 2 * gb + 1024 || at + GRAIN_MARKER_LEN + size > self.file_len {
