@@ -267,6 +267,45 @@ mod tests {
     }
 
     #[test]
+    fn readers_hold_to_the_header_and_frame_rules() {
+        let data = vec![7u8; 4096];
+        let id = ChunkId::of(&data);
+        let file = encode(&data, Compression::Zstd(3)).unwrap();
+        assert_eq!(file[4], ENC_ZSTD);
+        assert_eq!(decode(&id, &file, 4096).unwrap(), data);
+        let refused = |f: &[u8], what: &str| {
+            let e = decode(&id, f, 4096).expect_err(what).to_string();
+            assert!(decode_owned(&id, f.to_vec(), 4096).is_err(), "{what}");
+            e
+        };
+        let mut reserved = file.clone();
+        reserved[6] = 1;
+        assert!(refused(&reserved, "reserved byte").contains("reserved"));
+        let mut stored = encode(&data, Compression::None).unwrap();
+        stored[7] = 1;
+        refused(&stored, "reserved byte of a stored chunk");
+        let mut trailing = file.clone();
+        trailing.push(0);
+        assert!(refused(&trailing, "trailing byte").contains("after the zstd frame"));
+        let frame = &file[CHUNK_HEADER_LEN..];
+        let mut two = file[..8].to_vec();
+        two.extend_from_slice(&2048u32.to_le_bytes());
+        let half = zstd::bulk::compress(&data[..2048], 3).unwrap();
+        two.extend_from_slice(&half);
+        two.extend_from_slice(&half);
+        refused(&two, "two frames");
+        // A frame without its content size (streaming) is refused.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, &data).unwrap();
+        let streamed = enc.finish().unwrap();
+        let mut nosize = file[..CHUNK_HEADER_LEN].to_vec();
+        nosize.extend_from_slice(&streamed);
+        assert!(refused(&nosize, "no content size").contains("content size"));
+        assert!(!frame.is_empty());
+    }
+
+    #[test]
     fn decode_owned_matches_decode() {
         for data in [vec![9u8; 3000], (0..3000u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<u8>>()] {
             for c in [Compression::None, Compression::Zstd(1)] {

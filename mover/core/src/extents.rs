@@ -115,7 +115,7 @@ impl BlockRanges {
 
     /// Whether block `i` is in a range; fastest when `i` only grows between calls.
     pub fn contains(&mut self, i: u64) -> bool {
-        if self.at > 0 && self.ranges.get(self.at - 1).map_or(false, |r| i < r.0) {
+        if self.at > 0 && self.ranges.get(self.at - 1).map_or(false, |r| i < r.1) {
             self.at = 0;
         }
         while self.at < self.ranges.len() && self.ranges[self.at].1 <= i {

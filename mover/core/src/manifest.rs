@@ -295,6 +295,57 @@ mod tests {
         assert!(Manifest::decode(p, &enc[..enc.len() - 17]).is_err());
     }
 
+    /// The version-1 layout: dense block maps, 16 bytes a block.
+    fn encode_v1(m: &Manifest) -> Vec<u8> {
+        let meta = serde_json::to_vec(&m.meta).unwrap();
+        let mut out = MANIFEST_MAGIC.to_vec();
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+        out.extend_from_slice(&meta);
+        for map in &m.maps {
+            for i in 0..map.len() {
+                out.extend_from_slice(&map.get(i).0);
+            }
+        }
+        let sum = xxh3_128(&out).to_be_bytes();
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    fn resum(mut e: Vec<u8>) -> Vec<u8> {
+        let n = e.len() - 16;
+        let sum = xxh3_128(&e[..n]).to_be_bytes();
+        e[n..].copy_from_slice(&sum);
+        e
+    }
+
+    #[test]
+    fn version_1_is_still_read() {
+        let mut m = sample(&[3, 0, 5]);
+        m.maps[2].set(1, ChunkId::ZERO);
+        let v1 = encode_v1(&m);
+        assert_eq!(Manifest::decode(Path::new("t.tib"), &v1).unwrap(), m);
+        assert!(m.encode().len() < v1.len());
+    }
+
+    #[test]
+    fn reserved_bytes_and_duplicate_disk_names_are_refused() {
+        let p = Path::new("t.tib");
+        let mut e = sample(&[2]).encode();
+        e[13] = 1;
+        let err = Manifest::decode(p, &resum(e)).unwrap_err().to_string();
+        assert!(err.contains("reserved"), "{err}");
+        let mut m = sample(&[2, 2]);
+        m.meta.disks[1].name = m.meta.disks[0].name.clone();
+        let err = Manifest::decode(p, &m.encode()).unwrap_err().to_string();
+        assert!(err.contains("appears twice"), "{err}");
+        // An unknown mode is informational.
+        let mut m = sample(&[2]);
+        m.meta.disks[0].mode = "future".into();
+        assert_eq!(Manifest::decode(p, &m.encode()).unwrap(), m);
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(data in prop::collection::vec(any::<u8>(), 0..300)) {
