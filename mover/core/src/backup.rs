@@ -11,11 +11,11 @@
 //! repository already has, compress and write the rest; the calling thread
 //! collects block ids into the block map and reports progress.
 
+use crate::block_map::BlockMap;
 use crate::chunk::{self, ChunkId, Compression};
 use crate::chunk_store::ChunkStore;
 use crate::clock;
 use crate::error::{Error, Result};
-use crate::block_map::BlockMap;
 use crate::extents::{block_count, block_len, normalize, BlockRanges, Extent};
 use crate::lease::Lease;
 use crate::manifest::{DiskMeta, DiskStats, Manifest, Metadata};

@@ -250,11 +250,7 @@ impl Repository {
             ));
         }
         if meta.chunk_size != self.chunk_size() {
-            return corrupt(format!(
-                "chunk size {} where the repository uses {}",
-                meta.chunk_size,
-                self.chunk_size()
-            ));
+            return corrupt(format!("chunk size {} where the repository uses {}", meta.chunk_size, self.chunk_size()));
         }
         Ok(())
     }

@@ -129,7 +129,8 @@ pub fn verify(
                     let wrong: BTreeSet<&Affected> =
                         users[&id].iter().filter(|(_, len)| *len != plain_len).map(|(a, _)| a).collect();
                     if !wrong.is_empty() {
-                        let lens: BTreeSet<u64> = users[&id].iter().map(|(_, l)| *l).filter(|l| *l != plain_len).collect();
+                        let lens: BTreeSet<u64> =
+                            users[&id].iter().map(|(_, l)| *l).filter(|l| *l != plain_len).collect();
                         let lens: Vec<String> = lens.iter().map(|l| l.to_string()).collect();
                         report.problems.push(Problem {
                             kind: "length_mismatch".into(),
@@ -168,7 +169,12 @@ pub fn verify(
                         kind: if missing { "missing_chunk" } else { "corrupt_chunk" }.into(),
                         object: id.to_hex(),
                         message,
-                        affected: users[&id].iter().map(|(a, _)| a.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+                        affected: users[&id]
+                            .iter()
+                            .map(|(a, _)| a.clone())
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect(),
                     });
                 }
                 Err(e) => {
@@ -224,17 +230,16 @@ fn check_chunk(store: &ChunkStore, id: &ChunkId, read_data: bool, max_len: usize
 fn read_header(path: &std::path::Path) -> std::io::Result<(u64, [u8; CHUNK_HEADER_LEN])> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "a symbolic link, not a regular file")
-            } else {
-                e
-            }
-        })?;
+    let mut f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "a symbolic link, not a regular file")
+                } else {
+                    e
+                }
+            },
+        )?;
     let m = f.metadata()?;
     if !m.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));

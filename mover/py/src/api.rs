@@ -137,9 +137,7 @@ pub fn list_backups(py: Python, repo: &str) -> PyResult<(Vec<String>, Vec<String
     let (good, bad) = py.allow_threads(|| catalog::list_backups(&repo)).map_err(to_py)?;
     let bad = bad
         .iter()
-        .map(|u| {
-            serde_json::json!({"file_id": u.file_id, "problem": u.problem, "metadata": u.meta}).to_string()
-        })
+        .map(|u| serde_json::json!({"file_id": u.file_id, "problem": u.problem, "metadata": u.meta}).to_string())
         .collect();
     Ok((good.iter().map(|m| serde_json::to_string(m).expect("metadata serializes")).collect(), bad))
 }
