@@ -165,7 +165,7 @@ impl BackupSession {
         for i in 0..n {
             let len = block_len(i, size, bs);
             if let (Some(changed), Some((pmap, psize)), Some(pids)) = (&mut changed, &parent_map, &mut parent_ids) {
-                while pids.peek().map_or(false, |e| e.0 < i) {
+                while pids.peek().is_some_and(|e| e.0 < i) {
                     pids.next();
                 }
                 let same_len = i < pmap.len() && block_len(i, *psize, bs) == len;

@@ -52,7 +52,7 @@ impl BlockMap {
     /// in roughly ascending order, as the backup pipeline does.
     pub fn set(&mut self, i: u64, id: ChunkId) {
         assert!(i < self.blocks, "block {i} past the end of a map of {}", self.blocks);
-        if self.entries.last().map_or(true, |e| e.0 < i) {
+        if self.entries.last().is_none_or(|e| e.0 < i) {
             if !id.is_zero() {
                 self.entries.push((i, id));
             }

@@ -115,13 +115,13 @@ impl BlockRanges {
 
     /// Whether block `i` is in a range; fastest when `i` only grows between calls.
     pub fn contains(&mut self, i: u64) -> bool {
-        if self.at > 0 && self.ranges.get(self.at - 1).map_or(false, |r| i < r.1) {
+        if self.at > 0 && self.ranges.get(self.at - 1).is_some_and(|r| i < r.1) {
             self.at = 0;
         }
         while self.at < self.ranges.len() && self.ranges[self.at].1 <= i {
             self.at += 1;
         }
-        self.ranges.get(self.at).map_or(false, |r| r.0 <= i)
+        self.ranges.get(self.at).is_some_and(|r| r.0 <= i)
     }
 }
 
