@@ -152,7 +152,12 @@ def restore_disk(
     """
 
 def list_backups(repo: str) -> tuple[list[str], list[str]]:
-    """Every backup's metadata as JSON (oldest first), and one message per unreadable manifest."""
+    """Every trusted backup's metadata as JSON (oldest by ``created_unix`` first), and every untrusted manifest.
+
+    A manifest is trusted if it loads whole (checksum, block maps), its id is its file name, its
+    repository id is this repository's and its chunk size the repository's. Each untrusted one is a
+    JSON object ``{"file_id": str, "problem": str, "metadata": dict | None}``.
+    """
 
 def verify(
     repo: str,

@@ -59,10 +59,46 @@ class BackupInfo:
         }
 
 
-def list_backups(repo: str, vm: str | None = None) -> tuple[list[BackupInfo], list[str]]:
-    """Backups oldest first (optionally of one VM), and messages for unreadable manifests."""
+@dataclass(frozen=True)
+class Untrusted:
+    """A manifest that cannot be trusted (damaged, unreadable, or not what its file name says).
+
+    It is never counted as a kept backup and never removed by retention.
+    """
+
+    file_id: str
+    problem: str
+    info: BackupInfo | None
+
+    @property
+    def vm(self) -> str | None:
+        return self.info.vm if self.info else None
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON shape `vmbackup snapshots --json` prints for it (id = its file name)."""
+        if self.info is None:
+            out: dict[str, Any] = {"id": self.file_id, "vm": None, "created": None}
+        else:
+            out = self.info.summary() | {"id": self.file_id}
+        return out | {"trusted": False, "problem": self.problem}
+
+
+def list_backups(repo: str, vm: str | None = None) -> tuple[list[BackupInfo], list[Untrusted]]:
+    """Trusted backups oldest first (optionally of one VM), and the untrusted manifests.
+
+    With ``vm``, untrusted manifests whose VM cannot be read are returned too:
+    they may be that VM's.
+    """
     good, bad = _mover.list_backups(repo)
     infos = [BackupInfo.from_json(t) for t in good]
+    untrusted = []
+    for text in bad:
+        u = json.loads(text)
+        meta = u.get("metadata")
+        untrusted.append(
+            Untrusted(u["file_id"], u["problem"], BackupInfo.from_json(json.dumps(meta)) if meta else None)
+        )
     if vm is not None:
         infos = [b for b in infos if b.vm == vm]
-    return infos, bad
+        untrusted = [u for u in untrusted if u.vm in (vm, None)]
+    return infos, untrusted

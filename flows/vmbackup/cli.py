@@ -221,15 +221,25 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     from .catalog import list_backups
 
     backups, bad = list_backups(_repo(args), args.vm)
-    for msg in bad:
-        print(f"vmbackup: warning: {msg}", file=sys.stderr)
-    lines = [f"{'ID':<26} {'VM':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>10} {'STORED':>10} PARENT"]
-    for b in backups:
+    for u in bad:
+        print(f"vmbackup: warning: not trusted: {u.problem}", file=sys.stderr)
+    # Untrusted manifests are listed too, marked "!" (and `trusted: false` with
+    # the `problem` in --json), so nobody takes them for restorable backups.
+    rows = [(b, None) for b in backups] + [(u.info, u) for u in bad]
+    lines = [f"  {'ID':<26} {'VM':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>10} {'STORED':>10} PARENT"]
+    for b, u in rows:
+        bid = u.file_id if u else b.id
+        if b is None:
+            lines.append(f"! {bid:<26} {'?':<20} {'?':<21} {'?':>5} {'?':>10} {'?':>10} -")
+            continue
         lines.append(
-            f"{b.id:<26} {b.vm[:20]:<20} {b.created:<21} {len(b.disks):>5} {fmt_bytes(b.size):>10} "
-            f"{fmt_bytes(b.bytes_stored):>10} {b.parent or '-'}"
+            f"{'!' if u else ' '} {bid:<26} {b.vm[:20]:<20} {b.created:<21} {len(b.disks):>5} "
+            f"{fmt_bytes(b.size):>10} {fmt_bytes(b.bytes_stored):>10} {b.parent or '-'}"
         )
-    _emit(args, [b.summary() for b in backups], "\n".join(lines) if backups else "no backups")
+    if bad:
+        lines.append(f"{len(bad)} manifest(s) marked ! are not trusted: damaged, or not what the file name says")
+    data = [b.summary() | {"trusted": True} for b in backups] + [u.summary() for u in bad]
+    _emit(args, data, "\n".join(lines) if rows else "no backups")
     return 0
 
 
@@ -276,7 +286,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from .catalog import list_backups
 
     repo = _repo(args)
-    known = {b.id for b in list_backups(repo)[0]}
+    good, bad = list_backups(repo)
+    # An untrusted manifest can be forgotten by its file name: that is how a
+    # damaged or duplicated one is cleaned up.
+    known = {b.id for b in good} | {u.file_id for u in bad}
     missing = [i for i in args.ids if i not in known]
     if missing:
         raise InvalidInputError(f"no backup {', '.join(missing)} in the repository; nothing was forgotten")
@@ -305,8 +318,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         yearly=args.keep_yearly,
     )
     backups, bad = list_backups(repo, args.vm)
-    for msg in bad:
-        print(f"vmbackup: warning: {msg}", file=sys.stderr)
+    # Untrusted manifests are neither kept by a rule (they must not stand in
+    # for a restorable backup) nor removed (they may be all that is left of one).
+    for u in bad:
+        print(f"vmbackup: warning: not trusted, neither kept nor removed: {u.problem}", file=sys.stderr)
     decisions = apply(policy, backups)
     kept = [
         {"id": d.backup.id, "vm": d.backup.vm, "created": d.backup.created, "reasons": d.reasons}
@@ -320,8 +335,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     lines = [f"keep   {k['id']} {k['vm']} ({', '.join(k['reasons'])})" for k in kept]
     lines += [f"{'remove' if args.dry_run else 'gone  '} {r['id']} {r['vm']}" for r in removed]
+    lines += [f"untrusted {u.file_id} (left alone: {u.problem})" for u in bad]
     lines.append(f"{verb} {len(removed)} backup(s), kept {len(kept)}")
-    _emit(args, {"dry_run": args.dry_run, "kept": kept, "removed": removed}, "\n".join(lines))
+    untrusted = [{"id": u.file_id, "vm": u.vm, "problem": u.problem} for u in bad]
+    _emit(args, {"dry_run": args.dry_run, "kept": kept, "removed": removed, "untrusted": untrusted}, "\n".join(lines))
     return 0
 
 

@@ -111,7 +111,8 @@ def test_hostile_repository_files_are_errors_not_hangs(cli, tmp_path):
     head["chunk_size"] = 1 << 62
     head["disks"][0]["blocks"] = 1
     meta = json.dumps(head).encode()
-    body = data[:16] + len(meta).to_bytes(8, "little") + meta + data[24 + n : 24 + n + 16]
+    one_zero_block = bytes([0]) + (1).to_bytes(8, "little")  # a run of one zero block (format.md §5.2)
+    body = data[:16] + len(meta).to_bytes(8, "little") + meta + one_zero_block
     manifest.write_bytes(body + bytes.fromhex(_mover.chunk_id(body)))
     p = cli.run("restore-disk", b["id"], str(tmp_path / "out"), expect=1)
     assert "chunk size 4611686018427387904 where the repository uses 1048576" in p.stderr

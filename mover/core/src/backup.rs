@@ -11,11 +11,12 @@
 //! repository already has, compress and write the rest; the calling thread
 //! collects block ids into the block map and reports progress.
 
+use crate::block_map::BlockMap;
 use crate::chunk::{self, ChunkId, Compression};
 use crate::chunk_store::ChunkStore;
 use crate::clock;
 use crate::error::{Error, Result};
-use crate::extents::{block_count, block_len, blocks_touched, normalize, Extent};
+use crate::extents::{block_count, block_len, normalize, BlockRanges, Extent};
 use crate::lease::Lease;
 use crate::manifest::{DiskMeta, DiskStats, Manifest, Metadata};
 use crate::progress::{worker_threads, Cancel, Progress, Ticker};
@@ -47,7 +48,7 @@ pub struct BackupSession {
     started: f64,
     parent: Option<Manifest>,
     disks: Vec<DiskMeta>,
-    maps: Vec<Vec<ChunkId>>,
+    maps: Vec<BlockMap>,
     /// Chunks this session already stored or found, so workers skip them.
     claimed: Mutex<HashSet<ChunkId>>,
     /// The repository's root, opened before any chunk is written, so that
@@ -126,16 +127,18 @@ impl BackupSession {
         let t0 = Instant::now();
         let size = source.size();
         let bs = self.repo.chunk_size();
-        let n = block_count(size, bs) as usize;
-        let mut map = vec![ChunkId::ZERO; n];
+        let n = block_count(size, bs);
+        // The block map and the plan grow with the data, not with the disk:
+        // a 64 TiB disk with little data costs little memory.
+        let mut map = BlockMap::zeros(n);
         let mut stats = DiskStats::default();
         let allocated = normalize(&source.allocated()?, size)
             .map_err(|e| Error::Source(format!("{}: allocation map: {e}", source.describe())))?;
-        let alloc = blocks_touched(&allocated, size, bs);
+        let mut alloc = BlockRanges::new(&allocated, size, bs);
 
         // From the parent, a block can be taken as is only if it has the same
         // length there (a grown or shrunk disk re-reads its boundary block).
-        let parent_map: Option<(&Vec<ChunkId>, u64)> = match (&req.changed, &self.parent) {
+        let parent_map: Option<(&BlockMap, u64)> = match (&req.changed, &self.parent) {
             (None, _) => None,
             (Some(_), None) => {
                 return Err(Error::InvalidInput("changed extents need a parent backup".into()));
@@ -150,26 +153,33 @@ impl BackupSession {
                 Some((&p.maps[i], p.meta.disks[i].size))
             }
         };
-        let changed = match &req.changed {
-            Some(c) => Some(blocks_touched(&normalize(c, size)?, size, bs)),
+        let mut changed = match &req.changed {
+            Some(c) => Some(BlockRanges::new(&normalize(c, size)?, size, bs)),
             None => None,
         };
 
         let mut plan: Vec<u64> = Vec::new();
-        let mut from_parent: Vec<u64> = Vec::new();
+        // Non-zero blocks taken from the parent.
+        let mut from_parent: Vec<(u64, ChunkId)> = Vec::new();
+        let mut parent_ids = parent_map.map(|(m, _)| m.stored().peekable());
         for i in 0..n {
-            let len = block_len(i as u64, size, bs);
-            if let (Some(changed), Some((pmap, psize))) = (&changed, &parent_map) {
-                let same_len = i < pmap.len() && block_len(i as u64, *psize, bs) == len;
-                if !changed[i] && same_len {
-                    map[i] = pmap[i];
+            let len = block_len(i, size, bs);
+            if let (Some(changed), Some((pmap, psize)), Some(pids)) = (&mut changed, &parent_map, &mut parent_ids) {
+                while pids.peek().is_some_and(|e| e.0 < i) {
+                    pids.next();
+                }
+                let same_len = i < pmap.len() && block_len(i, *psize, bs) == len;
+                if !changed.contains(i) && same_len {
                     stats.parent_blocks += 1;
-                    from_parent.push(i as u64);
+                    if let Some(&(_, id)) = pids.peek().filter(|e| e.0 == i) {
+                        map.set(i, id);
+                        from_parent.push((i, id));
+                    }
                     continue;
                 }
             }
-            if alloc[i] {
-                plan.push(i as u64);
+            if alloc.contains(i) {
+                plan.push(i);
             } else {
                 stats.zero_blocks += 1;
                 stats.bytes_skipped += len;
@@ -181,11 +191,7 @@ impl BackupSession {
         // quarantined) is read from the source instead.
         let mut present: HashMap<ChunkId, bool> = HashMap::new();
         let mut reread = false;
-        for &i in &from_parent {
-            let id = map[i as usize];
-            if id.is_zero() {
-                continue;
-            }
+        for &(i, id) in &from_parent {
             let ok = match present.get(&id) {
                 Some(v) => *v,
                 None => {
@@ -195,10 +201,10 @@ impl BackupSession {
                 }
             };
             if !ok {
-                map[i as usize] = ChunkId::ZERO;
+                map.set(i, ChunkId::ZERO);
                 stats.parent_blocks -= 1;
                 reread = true;
-                if alloc[i as usize] {
+                if alloc.contains(i) {
                     plan.push(i);
                 } else {
                     stats.zero_blocks += 1;
@@ -222,7 +228,7 @@ impl BackupSession {
         let meta = DiskMeta {
             name: req.name.clone(),
             size,
-            blocks: n as u64,
+            blocks: n,
             mode: mode.into(),
             source: source.describe(),
             source_format: source.format().into(),
@@ -238,7 +244,7 @@ impl BackupSession {
         &self,
         source: &dyn DiskSource,
         plan: &[u64],
-        map: &mut [ChunkId],
+        map: &mut BlockMap,
         stats: &mut DiskStats,
         progress: &mut dyn Progress,
         cancel: &Cancel,
@@ -320,7 +326,7 @@ impl BackupSession {
                     continue; // drain so that no thread blocks
                 }
                 let step = r.and_then(|(i, len, id, outcome)| {
-                    map[i as usize] = id;
+                    map.set(i, id);
                     stats.bytes_read += len;
                     match outcome {
                         Outcome::Zero => stats.zero_blocks += 1,

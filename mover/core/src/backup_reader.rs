@@ -3,6 +3,7 @@
 //! against its id when read; a few recently read chunks are kept decoded, so
 //! small sequential reads do not decompress the same chunk again and again.
 
+use crate::block_map::BlockMap;
 use crate::chunk::ChunkId;
 use crate::chunk_store::ChunkStore;
 use crate::error::{Error, Result};
@@ -16,7 +17,7 @@ const CACHED_CHUNKS: usize = 32;
 
 pub struct BackupReader {
     store: ChunkStore,
-    map: Vec<ChunkId>,
+    map: BlockMap,
     size: u64,
     block: u64,
     label: String,
@@ -48,7 +49,7 @@ impl BackupReader {
     }
 
     /// The chunk ids of the disk's blocks (all-zero id: a zero block).
-    pub fn block_map(&self) -> &[ChunkId] {
+    pub fn block_map(&self) -> &BlockMap {
         &self.map
     }
 
@@ -87,7 +88,7 @@ impl DiskSource for BackupReader {
             let in_block = pos - i * self.block;
             let n = (block_len(i, self.size, self.block) - in_block).min(end - pos) as usize;
             let out = &mut buf[(pos - offset) as usize..(pos - offset) as usize + n];
-            let id = self.map[i as usize];
+            let id = self.map.get(i);
             if id.is_zero() {
                 out.fill(0);
             } else {
@@ -108,12 +109,9 @@ impl DiskSource for BackupReader {
 
     fn allocated(&self) -> Result<Vec<Extent>> {
         let mut out: Vec<Extent> = Vec::new();
-        for (i, id) in self.map.iter().enumerate() {
-            if id.is_zero() {
-                continue;
-            }
-            let start = i as u64 * self.block;
-            let len = block_len(i as u64, self.size, self.block);
+        for (i, _) in self.map.stored() {
+            let start = i * self.block;
+            let len = block_len(i, self.size, self.block);
             match out.last_mut() {
                 Some(last) if last.end() == start => last.length += len,
                 _ => out.push(Extent::new(start, len)),
@@ -131,10 +129,10 @@ impl DiskSource for BackupReader {
     }
 
     fn shared_block(&self, index: u64) -> Result<Arc<Vec<u8>>> {
-        let id = self
-            .map
-            .get(index as usize)
-            .ok_or_else(|| Error::InvalidInput(format!("block {index} is past the end of {}", self.label)))?;
+        if index >= self.map.len() {
+            return Err(Error::InvalidInput(format!("block {index} is past the end of {}", self.label)));
+        }
+        let id = &self.map.get(index);
         if id.is_zero() {
             return Ok(self.zeros.clone());
         }

@@ -4,19 +4,42 @@ use crate::error::{Error, Result};
 use crate::manifest::{Manifest, Metadata};
 use crate::repository::{check_backup_id, sync_dir, Repository};
 
-/// Every backup's metadata, oldest first, and a message per unreadable manifest.
-pub fn list_backups(repo: &Repository) -> Result<(Vec<Metadata>, Vec<String>)> {
+/// A manifest that cannot be trusted: unreadable, damaged, or not what its
+/// file name says. Retention never counts it as a kept backup.
+#[derive(Clone, Debug)]
+pub struct Untrusted {
+    /// The id its file name gives (`backups/<file_id>.tib`).
+    pub file_id: String,
+    /// Its metadata, if the header and metadata could be read at all.
+    pub meta: Option<Metadata>,
+    pub problem: String,
+}
+
+fn by_time(a: &Metadata, b: &Metadata) -> std::cmp::Ordering {
+    a.created_unix.partial_cmp(&b.created_unix).unwrap_or(std::cmp::Ordering::Equal).then(a.id.cmp(&b.id))
+}
+
+/// Every trusted backup's metadata, oldest first (by `created_unix`, then
+/// id), and every manifest that cannot be trusted. A manifest is trusted
+/// only if it loads whole (checksum, block maps) and passes
+/// `Repository::check_manifest`.
+pub fn list_backups(repo: &Repository) -> Result<(Vec<Metadata>, Vec<Untrusted>)> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for id in repo.backup_ids()? {
-        match Manifest::load_metadata(&repo.manifest_path(&id)) {
-            Ok(m) => good.push(m),
-            Err(e) => bad.push(e.to_string()),
+        match repo.load_manifest(&id) {
+            Ok(m) => good.push(m.meta),
+            // Forgotten since the directory was listed.
+            Err(Error::NotFound(_)) => {}
+            // A failing disk or filesystem is not a verdict on the backup.
+            Err(e @ Error::RepositoryIo { .. }) => return Err(e),
+            Err(e) => {
+                let meta = Manifest::load_metadata(&repo.manifest_path(&id)).ok();
+                bad.push(Untrusted { file_id: id, meta, problem: e.to_string() });
+            }
         }
     }
-    good.sort_by(|a, b| {
-        a.created_unix.partial_cmp(&b.created_unix).unwrap_or(std::cmp::Ordering::Equal).then(a.id.cmp(&b.id))
-    });
+    good.sort_by(by_time);
     Ok((good, bad))
 }
 

@@ -18,8 +18,8 @@ use xxhash_rust::xxh3::xxh3_128;
 /// Magic at the start of every chunk file.
 pub const CHUNK_MAGIC: &[u8; 4] = b"VMBC";
 pub const CHUNK_HEADER_LEN: usize = 12;
-const ENC_STORED: u8 = 0;
-const ENC_ZSTD: u8 = 1;
+pub const ENC_STORED: u8 = 0;
+pub const ENC_ZSTD: u8 = 1;
 
 /// The content address of a chunk.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -158,7 +158,7 @@ pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
 /// Like `decode`, but takes the file's bytes by value: a stored chunk then
 /// becomes its plaintext in place, without a second allocation and copy.
 pub fn decode_owned(id: &ChunkId, mut file: Vec<u8>, max_len: usize) -> Result<Vec<u8>> {
-    if file.len() >= CHUNK_HEADER_LEN && &file[0..4] == CHUNK_MAGIC && file[4] == ENC_STORED {
+    if file.len() >= CHUNK_HEADER_LEN && &file[0..4] == CHUNK_MAGIC && file[4..8] == [ENC_STORED, 0, 0, 0] {
         let plain_len = u32::from_le_bytes(file[8..12].try_into().unwrap()) as usize;
         let corrupt = |reason: String| Error::CorruptChunk { id: id.to_hex(), reason };
         if plain_len > max_len {
@@ -177,25 +177,56 @@ pub fn decode_owned(id: &ChunkId, mut file: Vec<u8>, max_len: usize) -> Result<V
     decode(id, &file, max_len)
 }
 
+/// Checks a chunk file's 12-byte header (docs/format.md §4): magic, a known
+/// encoding, zero reserved bytes, a plaintext length of at most `max_len`.
+/// Returns the plaintext length.
+pub fn check_header(header: &[u8], max_len: usize) -> std::result::Result<usize, String> {
+    if header.len() < CHUNK_HEADER_LEN {
+        return Err(format!("file is {} bytes, shorter than its header", header.len()));
+    }
+    if &header[0..4] != CHUNK_MAGIC {
+        return Err("bad magic".into());
+    }
+    if header[4] != ENC_STORED && header[4] != ENC_ZSTD {
+        return Err(format!("unknown encoding {}", header[4]));
+    }
+    if header[5..8] != [0; 3] {
+        return Err("reserved header bytes are not zero".into());
+    }
+    let plain_len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+    if plain_len > max_len {
+        return Err(format!("plaintext length {plain_len} exceeds {max_len}"));
+    }
+    Ok(plain_len)
+}
+
+/// A zstd payload must be exactly one frame that declares its content size,
+/// equal to the header's plaintext length, with nothing after it.
+fn check_zstd_frame(payload: &[u8], plain_len: usize) -> std::result::Result<(), String> {
+    let frame = zstd::zstd_safe::find_frame_compressed_size(payload).map_err(|_| "not a zstd frame".to_string())?;
+    if frame != payload.len() {
+        return Err(format!("{} bytes after the zstd frame", payload.len() - frame.min(payload.len())));
+    }
+    match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(n)) if n == plain_len as u64 => Ok(()),
+        Ok(Some(n)) => Err(format!("zstd frame declares {n} bytes, header says {plain_len}")),
+        _ => Err("zstd frame does not declare its content size".into()),
+    }
+}
+
 /// Decodes a chunk file and checks that its plaintext hashes to `id`.
 /// `max_len` bounds the plaintext size, so a hostile header cannot make us
 /// allocate without limit.
 pub fn decode(id: &ChunkId, file: &[u8], max_len: usize) -> Result<Vec<u8>> {
     let corrupt = |reason: String| Error::CorruptChunk { id: id.to_hex(), reason };
-    if file.len() < CHUNK_HEADER_LEN {
-        return Err(corrupt(format!("file is {} bytes, shorter than its header", file.len())));
-    }
-    if &file[0..4] != CHUNK_MAGIC {
-        return Err(corrupt("bad magic".into()));
-    }
-    let plain_len = u32::from_le_bytes(file[8..12].try_into().unwrap()) as usize;
-    if plain_len > max_len {
-        return Err(corrupt(format!("plaintext length {plain_len} exceeds {max_len}")));
-    }
+    let plain_len = check_header(file, max_len).map_err(corrupt)?;
     let payload = &file[CHUNK_HEADER_LEN..];
     let data = match file[4] {
         ENC_STORED => payload.to_vec(),
-        ENC_ZSTD => zstd_decompress(payload, plain_len).map_err(|e| corrupt(format!("zstd: {e}")))?,
+        ENC_ZSTD => {
+            check_zstd_frame(payload, plain_len).map_err(|e| corrupt(format!("zstd: {e}")))?;
+            zstd_decompress(payload, plain_len).map_err(|e| corrupt(format!("zstd: {e}")))?
+        }
         other => return Err(corrupt(format!("unknown encoding {other}"))),
     };
     if data.len() != plain_len {
@@ -233,6 +264,45 @@ mod tests {
             let id = ChunkId(bytes);
             prop_assert_eq!(ChunkId::from_hex(&id.to_hex()), Some(id));
         }
+    }
+
+    #[test]
+    fn readers_hold_to_the_header_and_frame_rules() {
+        let data = vec![7u8; 4096];
+        let id = ChunkId::of(&data);
+        let file = encode(&data, Compression::Zstd(3)).unwrap();
+        assert_eq!(file[4], ENC_ZSTD);
+        assert_eq!(decode(&id, &file, 4096).unwrap(), data);
+        let refused = |f: &[u8], what: &str| {
+            let e = decode(&id, f, 4096).expect_err(what).to_string();
+            assert!(decode_owned(&id, f.to_vec(), 4096).is_err(), "{what}");
+            e
+        };
+        let mut reserved = file.clone();
+        reserved[6] = 1;
+        assert!(refused(&reserved, "reserved byte").contains("reserved"));
+        let mut stored = encode(&data, Compression::None).unwrap();
+        stored[7] = 1;
+        refused(&stored, "reserved byte of a stored chunk");
+        let mut trailing = file.clone();
+        trailing.push(0);
+        assert!(refused(&trailing, "trailing byte").contains("after the zstd frame"));
+        let frame = &file[CHUNK_HEADER_LEN..];
+        let mut two = file[..8].to_vec();
+        two.extend_from_slice(&2048u32.to_le_bytes());
+        let half = zstd::bulk::compress(&data[..2048], 3).unwrap();
+        two.extend_from_slice(&half);
+        two.extend_from_slice(&half);
+        refused(&two, "two frames");
+        // A frame without its content size (streaming) is refused.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, &data).unwrap();
+        let streamed = enc.finish().unwrap();
+        let mut nosize = file[..CHUNK_HEADER_LEN].to_vec();
+        nosize.extend_from_slice(&streamed);
+        assert!(refused(&nosize, "no content size").contains("content size"));
+        assert!(!frame.is_empty());
     }
 
     #[test]

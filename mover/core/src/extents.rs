@@ -85,6 +85,46 @@ pub fn blocks_touched(extents: &[Extent], disk_size: u64, block_size: u64) -> Ve
     touched
 }
 
+/// The blocks that overlap (normalized) extents, as ascending, disjoint,
+/// half-open ranges of block indices: memory grows with the number of
+/// extents, not with the disk (a bitmap of a 64 TiB disk is 64 MiB).
+#[derive(Clone, Debug, Default)]
+pub struct BlockRanges {
+    ranges: Vec<(u64, u64)>,
+    /// Cursor for `contains` with ascending queries.
+    at: usize,
+}
+
+impl BlockRanges {
+    pub fn new(extents: &[Extent], disk_size: u64, block_size: u64) -> BlockRanges {
+        let n = block_count(disk_size, block_size);
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(extents.len());
+        for e in extents.iter().filter(|e| e.length > 0) {
+            let first = e.start / block_size;
+            let end = ((e.end() - 1) / block_size + 1).min(n);
+            if first >= end {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(last) if first <= last.1 => last.1 = last.1.max(end),
+                _ => ranges.push((first, end)),
+            }
+        }
+        BlockRanges { ranges, at: 0 }
+    }
+
+    /// Whether block `i` is in a range; fastest when `i` only grows between calls.
+    pub fn contains(&mut self, i: u64) -> bool {
+        if self.at > 0 && self.ranges.get(self.at - 1).is_some_and(|r| i < r.1) {
+            self.at = 0;
+        }
+        while self.at < self.ranges.len() && self.ranges[self.at].1 <= i {
+            self.at += 1;
+        }
+        self.ranges.get(self.at).is_some_and(|r| r.0 <= i)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +141,19 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn block_ranges_equal_the_bitmap(raw in prop::collection::vec((0u64..5000, 0u64..700), 0..40), bs in 1u64..900) {
+            let disk = 6000u64;
+            let ext: Vec<Extent> = raw.iter().map(|(s, l)| Extent::new(*s, *l.min(&(disk - s)))).collect();
+            let norm = normalize(&ext, disk).unwrap();
+            let bitmap = blocks_touched(&norm, disk, bs);
+            let mut ranges = BlockRanges::new(&norm, disk, bs);
+            for (i, b) in bitmap.iter().enumerate() {
+                prop_assert_eq!(ranges.contains(i as u64), *b, "block {}", i);
+            }
+            prop_assert_eq!(ranges.contains(0), bitmap.first().copied().unwrap_or(false));
+        }
+
         #[test]
         fn normalize_preserves_coverage(raw in prop::collection::vec((0u64..5000, 0u64..700), 0..40)) {
             let disk = 6000u64;

@@ -80,7 +80,7 @@ pub fn gc(
         })?;
         stats.backups += 1;
         for map in &m.maps {
-            referenced.extend(map.iter().filter(|c| !c.is_zero()));
+            referenced.extend(map.stored().map(|(_, c)| c));
         }
     }
     stats.referenced_chunks = referenced.len() as u64;

@@ -21,6 +21,7 @@
 
 pub mod backup;
 pub mod backup_reader;
+pub mod block_map;
 pub mod catalog;
 pub mod chunk;
 pub mod chunk_store;

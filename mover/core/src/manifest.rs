@@ -5,18 +5,18 @@
 //! | bytes            | content                                              |
 //! |------------------|------------------------------------------------------|
 //! | 8                | magic `VMBKTIB\0`                                    |
-//! | 4                | format version (1)                                   |
+//! | 4                | format version (2; version 1 is still read)          |
 //! | 4                | reserved, zero                                       |
 //! | 8                | length M of the metadata                             |
 //! | M                | metadata, UTF-8 JSON (`Metadata` below)              |
-//! | 16 × blocks, per disk in metadata order | block map: chunk ids, all-zero = zero block |
+//! | runs, per disk in metadata order | block map (`block_map.rs`; v1: 16 bytes a block) |
 //! | 16               | XXH3-128 (canonical big-endian) of every byte before |
 //!
 //! Every manifest holds the complete block map of every disk: a backup is
 //! logically full even when it was made incrementally, so restore never walks
 //! a chain and deleting a backup never touches another.
 
-use crate::chunk::ChunkId;
+use crate::block_map::BlockMap;
 use crate::error::{Error, Result};
 use crate::extents::block_count;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,10 @@ use std::path::Path;
 use xxhash_rust::xxh3::xxh3_128;
 
 pub const MANIFEST_MAGIC: &[u8; 8] = b"VMBKTIB\0";
-pub const MANIFEST_VERSION: u32 = 1;
+/// The version this code writes: block maps as runs (`block_map.rs`).
+pub const MANIFEST_VERSION: u32 = 2;
+/// The first version (dense block maps, 16 bytes a block), still read.
+pub const MANIFEST_VERSION_DENSE: u32 = 1;
 const HEADER_LEN: usize = 24;
 /// Metadata larger than this is refused as corrupt (a VM config is kilobytes).
 const MAX_METADATA: u64 = 64 * 1024 * 1024;
@@ -96,42 +99,44 @@ pub struct Metadata {
 pub struct Manifest {
     pub meta: Metadata,
     /// One block map per disk, in `meta.disks` order.
-    pub maps: Vec<Vec<ChunkId>>,
+    pub maps: Vec<BlockMap>,
 }
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
     Error::Repository(format!("manifest {} is corrupt: {why}", path.display()))
 }
 
-fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<u64> {
+/// Checks the header; returns the metadata length and the version.
+fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<(u64, u32)> {
     if header.len() < HEADER_LEN || &header[0..8] != MANIFEST_MAGIC {
         return Err(bad(path, "bad magic"));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
-    if version != MANIFEST_VERSION {
+    if version != MANIFEST_VERSION && version != MANIFEST_VERSION_DENSE {
         return Err(bad(path, format!("unsupported version {version}")));
+    }
+    if header[12..16] != [0; 4] {
+        return Err(bad(path, "reserved header bytes are not zero"));
     }
     let meta_len = u64::from_le_bytes(header[16..24].try_into().unwrap());
     if meta_len > MAX_METADATA || meta_len + HEADER_LEN as u64 + 16 > file_len {
         return Err(bad(path, format!("metadata length {meta_len} does not fit the file")));
     }
-    Ok(meta_len)
+    Ok((meta_len, version))
 }
 
 impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let meta = serde_json::to_vec(&self.meta).expect("metadata serializes");
-        let blocks: usize = self.maps.iter().map(|m| m.len()).sum();
-        let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + 16 * blocks + 16);
+        let stored: u64 = self.maps.iter().map(|m| m.stored_count()).sum();
+        let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + 16 * stored as usize + 16);
         out.extend_from_slice(MANIFEST_MAGIC);
         out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
         out.extend_from_slice(&meta);
         for map in &self.maps {
-            for id in map {
-                out.extend_from_slice(&id.0);
-            }
+            map.encode_into(&mut out);
         }
         let sum = xxh3_128(&out).to_be_bytes();
         out.extend_from_slice(&sum);
@@ -140,7 +145,8 @@ impl Manifest {
 
     /// Parses and fully checks a manifest's bytes.
     pub fn decode(path: &Path, data: &[u8]) -> Result<Manifest> {
-        let meta_len = parse_header(path, data, data.len() as u64)? as usize;
+        let (meta_len, version) = parse_header(path, data, data.len() as u64)?;
+        let meta_len = meta_len as usize;
         let body = &data[..data.len() - 16];
         if xxh3_128(body).to_be_bytes() != data[data.len() - 16..] {
             return Err(bad(path, "checksum mismatch"));
@@ -149,18 +155,28 @@ impl Manifest {
             .map_err(|e| bad(path, format!("metadata: {e}")))?;
         let mut rest = &body[HEADER_LEN + meta_len..];
         let mut maps = Vec::with_capacity(meta.disks.len());
-        for d in &meta.disks {
+        for (k, d) in meta.disks.iter().enumerate() {
             if meta.chunk_size == 0 || d.blocks != block_count(d.size, meta.chunk_size) {
                 return Err(bad(path, format!("disk {} has {} blocks for {} bytes", d.name, d.blocks, d.size)));
             }
-            let need = d
-                .blocks
-                .checked_mul(16)
-                .filter(|n| *n <= rest.len() as u64)
-                .ok_or_else(|| bad(path, format!("block map of disk {} is truncated", d.name)))?
-                as usize;
-            maps.push(rest[..need].chunks_exact(16).map(|c| ChunkId(c.try_into().unwrap())).collect());
-            rest = &rest[need..];
+            if meta.disks[..k].iter().any(|o| o.name == d.name) {
+                return Err(bad(path, format!("disk name {:?} appears twice", d.name)));
+            }
+            if version == MANIFEST_VERSION_DENSE {
+                let need = d
+                    .blocks
+                    .checked_mul(16)
+                    .filter(|n| *n <= rest.len() as u64)
+                    .ok_or_else(|| bad(path, format!("block map of disk {} is truncated", d.name)))?
+                    as usize;
+                maps.push(BlockMap::decode_dense(&rest[..need]));
+                rest = &rest[need..];
+            } else {
+                let (map, used) = BlockMap::decode_runs(rest, d.blocks)
+                    .map_err(|e| bad(path, format!("block map of disk {}: {e}", d.name)))?;
+                maps.push(map);
+                rest = &rest[used..];
+            }
         }
         if !rest.is_empty() {
             return Err(bad(path, format!("{} unexpected bytes after the block maps", rest.len())));
@@ -183,7 +199,7 @@ impl Manifest {
         let len = f.metadata().map_err(|e| Error::repo_io(format!("reading {}", path.display()), e))?.len();
         let mut header = [0u8; HEADER_LEN];
         f.read_exact(&mut header).map_err(|_| bad(path, "truncated header"))?;
-        let meta_len = parse_header(path, &header, len)?;
+        let (meta_len, _) = parse_header(path, &header, len)?;
         let mut meta = vec![0u8; meta_len as usize];
         f.read_exact(&mut meta).map_err(|_| bad(path, "truncated metadata"))?;
         serde_json::from_slice(&meta).map_err(|e| bad(path, format!("metadata: {e}")))
@@ -226,6 +242,7 @@ fn not_found_or_io(path: &Path, e: std::io::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::ChunkId;
     use proptest::prelude::*;
 
     fn sample(blocks: &[u64]) -> Manifest {
@@ -243,7 +260,10 @@ mod tests {
                 stats: DiskStats::default(),
             })
             .collect();
-        let maps = blocks.iter().map(|b| (0..*b).map(|j| ChunkId([j as u8; 16])).collect()).collect();
+        let maps = blocks
+            .iter()
+            .map(|b| BlockMap::from_ids(&(0..*b).map(|j| ChunkId([j as u8; 16])).collect::<Vec<_>>()))
+            .collect();
         Manifest {
             meta: Metadata {
                 id: "x".into(),
@@ -273,6 +293,57 @@ mod tests {
             assert!(Manifest::decode(p, &e).is_err(), "flip at {i} not caught");
         }
         assert!(Manifest::decode(p, &enc[..enc.len() - 17]).is_err());
+    }
+
+    /// The version-1 layout: dense block maps, 16 bytes a block.
+    fn encode_v1(m: &Manifest) -> Vec<u8> {
+        let meta = serde_json::to_vec(&m.meta).unwrap();
+        let mut out = MANIFEST_MAGIC.to_vec();
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+        out.extend_from_slice(&meta);
+        for map in &m.maps {
+            for i in 0..map.len() {
+                out.extend_from_slice(&map.get(i).0);
+            }
+        }
+        let sum = xxh3_128(&out).to_be_bytes();
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    fn resum(mut e: Vec<u8>) -> Vec<u8> {
+        let n = e.len() - 16;
+        let sum = xxh3_128(&e[..n]).to_be_bytes();
+        e[n..].copy_from_slice(&sum);
+        e
+    }
+
+    #[test]
+    fn version_1_is_still_read() {
+        let mut m = sample(&[3, 0, 5]);
+        m.maps[2].set(1, ChunkId::ZERO);
+        let v1 = encode_v1(&m);
+        assert_eq!(Manifest::decode(Path::new("t.tib"), &v1).unwrap(), m);
+        assert!(m.encode().len() < v1.len());
+    }
+
+    #[test]
+    fn reserved_bytes_and_duplicate_disk_names_are_refused() {
+        let p = Path::new("t.tib");
+        let mut e = sample(&[2]).encode();
+        e[13] = 1;
+        let err = Manifest::decode(p, &resum(e)).unwrap_err().to_string();
+        assert!(err.contains("reserved"), "{err}");
+        let mut m = sample(&[2, 2]);
+        m.meta.disks[1].name = m.meta.disks[0].name.clone();
+        let err = Manifest::decode(p, &m.encode()).unwrap_err().to_string();
+        assert!(err.contains("appears twice"), "{err}");
+        // An unknown mode is informational.
+        let mut m = sample(&[2]);
+        m.meta.disks[0].mode = "future".into();
+        assert_eq!(Manifest::decode(p, &m.encode()).unwrap(), m);
     }
 
     proptest! {

@@ -16,6 +16,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MIN_CHUNK_SIZE: u64 = 256 * 1024;
 pub const MAX_CHUNK_SIZE: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_CHUNK_SIZE: u64 = 1024 * 1024;
+/// config.json larger than this is corrupt (it is about 200 bytes).
+pub const MAX_CONFIG: u64 = 64 * 1024;
 
 /// The contents of `config.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -147,9 +149,11 @@ impl Repository {
     /// Opens an existing repository and checks its config.
     pub fn open(root: &Path) -> Result<Repository> {
         let path = root.join("config.json");
-        let text = fs::read(&path).map_err(|e| {
+        let text = read_bounded(&path, MAX_CONFIG).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::NotFound(format!("{} is not a vmbackup repository (no config.json)", root.display()))
+            } else if e.kind() == std::io::ErrorKind::InvalidData {
+                Error::Repository(format!("{} is corrupt: {e}", path.display()))
             } else {
                 Error::repo_io(format!("reading {}", path.display()), e)
             }
@@ -169,9 +173,21 @@ impl Repository {
             .map_err(|e| Error::Repository(format!("{} is corrupt: {e}", path.display())))?;
         let compression = Compression::parse(&config.compression)
             .map_err(|e| Error::Repository(format!("{} is corrupt: {e}", path.display())))?;
-        for sub in ["chunks", "backups", "locks"] {
-            if !root.join(sub).is_dir() {
-                return Err(Error::Repository(format!("repository {} lacks its {sub}/ directory", root.display())));
+        // Real directories only: a symlink could lead readers and gc out of
+        // the repository (docs/format.md §7, rule 6).
+        let subs = ["chunks", "backups", "locks"].map(String::from).into_iter();
+        for sub in subs.chain((0..256).map(|i| format!("chunks/{i:02x}"))) {
+            match fs::symlink_metadata(root.join(&sub)) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Error::Repository(format!(
+                        "repository {}: {sub}/ is a symbolic link, not a directory",
+                        root.display()
+                    )));
+                }
+                _ => {
+                    return Err(Error::Repository(format!("repository {} lacks its {sub}/ directory", root.display())))
+                }
             }
         }
         Ok(Repository { root: root.to_path_buf(), config, compression })
@@ -209,21 +225,34 @@ impl Repository {
         Ok(())
     }
 
-    /// Loads and checks a backup's manifest, which must use this
-    /// repository's chunk size (a manifest that says otherwise is corrupt
-    /// or hostile, and its numbers must not size any allocation).
+    /// Loads and checks a backup's manifest (see `check_manifest`).
     pub fn load_manifest(&self, id: &str) -> Result<crate::manifest::Manifest> {
-        let path = self.manifest_path(id);
-        let m = crate::manifest::Manifest::load(&path)?;
-        if m.meta.chunk_size != self.chunk_size() {
-            return Err(Error::Repository(format!(
-                "manifest {} is corrupt: chunk size {} where the repository uses {}",
-                path.display(),
-                m.meta.chunk_size,
-                self.chunk_size()
-            )));
-        }
+        let m = crate::manifest::Manifest::load(&self.manifest_path(id))?;
+        self.check_manifest(id, &m.meta)?;
         Ok(m)
+    }
+
+    /// A manifest belongs here only if its id is its file name (a copy under
+    /// another name, or one that lies about its id, would let retention count
+    /// one backup twice), its repository id is this repository's (a foreign
+    /// manifest names chunks that are not ours), and it uses this repository's
+    /// chunk size (its numbers must not size any allocation).
+    pub fn check_manifest(&self, id: &str, meta: &crate::manifest::Metadata) -> Result<()> {
+        let path = self.manifest_path(id);
+        let corrupt = |why: String| Err(Error::Repository(format!("manifest {} is corrupt: {why}", path.display())));
+        if meta.id != id {
+            return corrupt(format!("it says it is backup {:?}, not {id}", meta.id));
+        }
+        if meta.repository != self.config.id {
+            return corrupt(format!(
+                "it belongs to repository {:?}, not this one ({})",
+                meta.repository, self.config.id
+            ));
+        }
+        if meta.chunk_size != self.chunk_size() {
+            return corrupt(format!("chunk size {} where the repository uses {}", meta.chunk_size, self.chunk_size()));
+        }
+        Ok(())
     }
 
     /// Ids of every backup in the repository, sorted (ids sort by time).

@@ -118,7 +118,7 @@ pub fn restore_disk_as(
         disk: disk_name.rsplit(" disk ").next().unwrap_or_default().to_string(),
         disk_size: crate::source::DiskSource::size(&reader),
         bytes_written: written?,
-        zero_blocks: reader.block_map().iter().filter(|c| c.is_zero()).count() as u64,
+        zero_blocks: reader.block_map().zero_count(),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -143,8 +143,10 @@ pub fn restore_disk(
     let size = dmeta.size;
     let (file, target) = open_target(output, size, overwrite)?;
     let is_device = matches!(target, Target::Device);
-    let work: Vec<usize> = (0..map.len()).filter(|i| is_device || !map[*i].is_zero()).collect();
-    let total: u64 = work.iter().map(|i| block_len(*i as u64, size, bs)).sum();
+    // A file gets only the stored blocks (zero blocks stay holes); a device every block.
+    let work: Vec<(u64, ChunkId)> =
+        if is_device { (0..map.len()).map(|i| (i, map.get(i))).collect() } else { map.stored().collect() };
+    let total: u64 = work.iter().map(|(i, _)| block_len(*i, size, bs)).sum();
     let mut ticker = Ticker::new(progress, cancel, total);
     let store = ChunkStore::new(repo);
     let next = AtomicUsize::new(0);
@@ -155,7 +157,7 @@ pub fn restore_disk(
         backup: id.into(),
         disk: dmeta.name.clone(),
         disk_size: size,
-        zero_blocks: map.iter().filter(|c| c.is_zero()).count() as u64,
+        zero_blocks: map.zero_count(),
         ..Default::default()
     };
     let zeros = vec![0u8; bs as usize];
@@ -169,11 +171,11 @@ pub fn restore_disk(
                 if k >= work.len() || abort.load(Ordering::Relaxed) {
                     break;
                 }
-                let i = work[k];
-                let off = i as u64 * bs;
-                let len = block_len(i as u64, size, bs) as usize;
-                let r = write_block(store, &map[i], file, off, len, zeros);
-                if tx.send(r.map(|_| (len as u64, map[i].is_zero()))).is_err() {
+                let (i, id) = work[k];
+                let off = i * bs;
+                let len = block_len(i, size, bs) as usize;
+                let r = write_block(store, &id, file, off, len, zeros);
+                if tx.send(r.map(|_| (len as u64, id.is_zero()))).is_err() {
                     break;
                 }
             });

@@ -7,6 +7,7 @@
 use crate::chunk::{ChunkId, CHUNK_HEADER_LEN};
 use crate::chunk_store::ChunkStore;
 use crate::error::{Error, Result};
+use crate::extents::block_len;
 use crate::manifest::Manifest;
 use crate::progress::{worker_threads, Cancel, Progress, Ticker};
 use crate::repository::{check_backup_id, Repository};
@@ -24,7 +25,8 @@ pub struct Affected {
 
 #[derive(Clone, Debug)]
 pub struct Problem {
-    /// `bad_manifest`, `missing_chunk` or `corrupt_chunk`.
+    /// `bad_manifest`, `missing_chunk`, `corrupt_chunk`, or `length_mismatch`
+    /// (a block whose length differs from its chunk's plaintext length).
     pub kind: String,
     /// The backup id or chunk id at fault.
     pub object: String,
@@ -66,8 +68,8 @@ pub fn verify(
         ids.to_vec()
     };
     let mut report = VerifyReport::default();
-    // chunk -> the (backup, vm, disk) that use it
-    let mut users: BTreeMap<ChunkId, BTreeSet<Affected>> = BTreeMap::new();
+    // chunk -> the (backup, vm, disk) that use it, with the length each needs
+    let mut users: BTreeMap<ChunkId, BTreeSet<(Affected, u64)>> = BTreeMap::new();
     for id in &ids {
         cancel.check()?;
         report.backups_checked += 1;
@@ -75,8 +77,9 @@ pub fn verify(
             Ok(m) => {
                 for (d, map) in m.meta.disks.iter().zip(&m.maps) {
                     let who = Affected { backup: id.clone(), vm: m.meta.vm.clone(), disk: d.name.clone() };
-                    for c in map.iter().filter(|c| !c.is_zero()) {
-                        users.entry(*c).or_default().insert(who.clone());
+                    for (i, c) in map.stored() {
+                        let len = block_len(i, d.size, m.meta.chunk_size);
+                        users.entry(c).or_default().insert((who.clone(), len));
                     }
                 }
             }
@@ -97,7 +100,7 @@ pub fn verify(
     let mut ticker = Ticker::new(progress, cancel, chunks.len() as u64);
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
-    let (tx, rx) = bounded::<(ChunkId, Result<u64>)>(64);
+    let (tx, rx) = bounded::<(ChunkId, Result<(u64, u64)>)>(64);
     let mut fatal = None;
     std::thread::scope(|s| {
         let threads = if read_data { worker_threads() } else { 1 };
@@ -120,7 +123,26 @@ pub fn verify(
         for (id, r) in rx.iter() {
             report.chunks_checked += 1;
             match r {
-                Ok(n) => report.bytes_checked += n,
+                Ok((n, plain_len)) => {
+                    report.bytes_checked += n;
+                    // Restore refuses a chunk whose plaintext is not exactly its block.
+                    let wrong: BTreeSet<&Affected> =
+                        users[&id].iter().filter(|(_, len)| *len != plain_len).map(|(a, _)| a).collect();
+                    if !wrong.is_empty() {
+                        let lens: BTreeSet<u64> =
+                            users[&id].iter().map(|(_, l)| *l).filter(|l| *l != plain_len).collect();
+                        let lens: Vec<String> = lens.iter().map(|l| l.to_string()).collect();
+                        report.problems.push(Problem {
+                            kind: "length_mismatch".into(),
+                            object: id.to_hex(),
+                            message: format!(
+                                "chunk {id} holds {plain_len} bytes where blocks of {} bytes name it",
+                                lens.join(" and ")
+                            ),
+                            affected: wrong.into_iter().cloned().collect(),
+                        });
+                    }
+                }
                 Err(Error::CorruptChunk { reason, .. }) => {
                     let missing = reason == "missing";
                     let mut message = format!(
@@ -147,7 +169,12 @@ pub fn verify(
                         kind: if missing { "missing_chunk" } else { "corrupt_chunk" }.into(),
                         object: id.to_hex(),
                         message,
-                        affected: users[&id].iter().cloned().collect(),
+                        affected: users[&id]
+                            .iter()
+                            .map(|(a, _)| a.clone())
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect(),
                     });
                 }
                 Err(e) => {
@@ -174,17 +201,56 @@ pub fn verify(
     Ok(report)
 }
 
-fn check_chunk(store: &ChunkStore, id: &ChunkId, read_data: bool, max_len: usize) -> Result<u64> {
+/// Checks one chunk; returns the bytes re-read and its plaintext length.
+fn check_chunk(store: &ChunkStore, id: &ChunkId, read_data: bool, max_len: usize) -> Result<(u64, u64)> {
     if read_data {
         let raw = store.read_raw(id)?;
-        crate::chunk::decode(id, &raw, max_len)?;
-        return Ok(raw.len() as u64);
+        let plain = crate::chunk::decode(id, &raw, max_len)?;
+        return Ok((raw.len() as u64, plain.len() as u64));
     }
-    match store.stat_len(id)? {
-        None => Err(Error::CorruptChunk { id: id.to_hex(), reason: "missing".into() }),
-        Some(n) if (n as usize) < CHUNK_HEADER_LEN => {
-            Err(Error::CorruptChunk { id: id.to_hex(), reason: format!("file is {n} bytes, shorter than its header") })
+    let corrupt = |reason: String| Error::CorruptChunk { id: id.to_hex(), reason };
+    let (file_len, header) = match read_header(&store.path(id)) {
+        Ok(h) => h,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(corrupt("missing".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(corrupt(e.to_string())),
+        Err(e) => return Err(Error::repo_io(format!("checking chunk {id}"), e)),
+    };
+    if (file_len as usize) < CHUNK_HEADER_LEN {
+        return Err(corrupt(format!("file is {file_len} bytes, shorter than its header")));
+    }
+    let plain_len = crate::chunk::check_header(&header, max_len).map_err(corrupt)?;
+    if header[4] == crate::chunk::ENC_STORED && file_len != (CHUNK_HEADER_LEN + plain_len) as u64 {
+        return Err(corrupt(format!("stored chunk file is {file_len} bytes for {plain_len} of plaintext")));
+    }
+    Ok((0, plain_len as u64))
+}
+
+/// The length and first `CHUNK_HEADER_LEN` bytes of a chunk file, which
+/// must be a regular file (a symlink or a directory is InvalidData).
+fn read_header(path: &std::path::Path) -> std::io::Result<(u64, [u8; CHUNK_HEADER_LEN])> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "a symbolic link, not a regular file")
+                } else {
+                    e
+                }
+            },
+        )?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    let mut header = [0u8; CHUNK_HEADER_LEN];
+    let mut got = 0;
+    while got < CHUNK_HEADER_LEN {
+        match f.read(&mut header[got..])? {
+            0 => break,
+            n => got += n,
         }
-        Some(_) => Ok(0),
     }
+    Ok((if got < CHUNK_HEADER_LEN { got as u64 } else { m.len() }, header))
 }

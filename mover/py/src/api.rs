@@ -129,11 +129,16 @@ pub fn restore_disk(
     prog.finish(r).map(RestoreResult::from)
 }
 
-/// Returns (metadata JSON of every readable backup, messages for unreadable ones).
+/// Returns (metadata JSON of every trusted backup, JSON of every untrusted
+/// manifest: `{"file_id", "problem", "metadata"}` with metadata or null).
 #[pyfunction]
 pub fn list_backups(py: Python, repo: &str) -> PyResult<(Vec<String>, Vec<String>)> {
     let repo = open(repo)?;
     let (good, bad) = py.allow_threads(|| catalog::list_backups(&repo)).map_err(to_py)?;
+    let bad = bad
+        .iter()
+        .map(|u| serde_json::json!({"file_id": u.file_id, "problem": u.problem, "metadata": u.meta}).to_string())
+        .collect();
     Ok((good.iter().map(|m| serde_json::to_string(m).expect("metadata serializes")).collect(), bad))
 }
 
