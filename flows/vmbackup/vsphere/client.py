@@ -96,6 +96,7 @@ class VSphereClient:
         self._stub = stub
         self._soap = soap
         self.pinned_pem = pinned_pem
+        self.ssl_context: ssl.SSLContext | None = None
         self.si = vim.ServiceInstance("ServiceInstance", stub)
         self._content: Any = None
         self._lock = threading.Lock()
@@ -124,6 +125,7 @@ class VSphereClient:
 
         stub = VimSessionOrientedStub(soap, login, retryDelay=0.2, retryCount=3)
         client = cls(conn, password, stub, soap, pem)
+        client.ssl_context = ctx
         try:
             client.content  # noqa: B018 (logs in)
         except vim.fault.InvalidLogin:

@@ -21,7 +21,6 @@ from ..errors import (
 _BUSY = (
     vim.fault.TaskInProgress,
     vim.fault.ResourceInUse,
-    vim.fault.HostCommunication,
     vim.fault.Timedout,
     vmodl.fault.HostCommunication,
 )
