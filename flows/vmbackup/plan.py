@@ -343,9 +343,7 @@ def resolve_password(conn: Connection) -> SecretStr:
     if conn.password_env is not None:
         value = os.environ.get(conn.password_env)
         if not value:
-            raise InvalidInputError(
-                f"connection.password_env: the environment variable {conn.password_env} is not set"
-            )
+            raise InvalidInputError(f"connection.password_env: the environment variable {conn.password_env} is not set")
         return SecretStr(value)
     try:
         from prefect.blocks.system import Secret  # only when the plan names a block

@@ -40,9 +40,8 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 @_guard
 def cmd_up(args: argparse.Namespace) -> int:
-    from .process import lab_up
-
     from .plan import PASSWORD_ENV, write_lab_plan
+    from .process import lab_up
 
     lab = lab_up(args.state, args.topology)
     s = lab.summary()

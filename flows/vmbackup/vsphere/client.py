@@ -129,7 +129,9 @@ class VSphereClient:
         try:
             client.content  # noqa: B018 (logs in)
         except vim.fault.InvalidLogin:
-            raise AuthenticationError(f"vSphere at {where} refused user {conn.user}: wrong user name or password") from None
+            raise AuthenticationError(
+                f"vSphere at {where} refused user {conn.user}: wrong user name or password"
+            ) from None
         except vmodl.MethodFault as e:
             raise hypervisor_error(f"logging in to {where}", e) from None
         except ssl.SSLError as e:

@@ -158,11 +158,14 @@ def backup_vm(
     run_id: str,
     cancel: Any = None,
     progress: Any = None,
+    on_snapshot: Any = None,
 ) -> VmResult:
     """Backs up one VM into one backup point in ``plan.repository``.
 
     Raises ``vmbackup.errors`` classes (``retryable`` set) on failure; cleanup
     (detach, remove the snapshot, consolidate) runs on every path.
+    ``on_snapshot(name)``, if given, is called once the snapshot exists and
+    before any disk is read (a hook for post-snapshot scripts, and for tests).
     """
     from .. import _mover
 
@@ -205,6 +208,8 @@ def backup_vm(
         entry.snapshot["moref"] = taken.snapshot._moId
         ledger.write(entry)
         result.consistency = taken.consistency
+        if on_snapshot is not None:
+            on_snapshot(snapshots.snapshot_name(run_id))
         frozen = frozen_disks(taken.snapshot, disks)
         plans, vm_reason = cbt.plan_disks(
             tuple(disks), previous, cbt_just_enabled=cbt_enabled, full_every_days=plan.full_every_days
@@ -239,7 +244,11 @@ def backup_vm(
             f = by_name[p.disk.name]
             with lock:
                 r = session.add_disk(
-                    sources[p.disk.name], p.disk.name, extents, f.change_id, progress=agg.for_disk(p.disk.name),
+                    sources[p.disk.name],
+                    p.disk.name,
+                    extents,
+                    f.change_id,
+                    progress=agg.for_disk(p.disk.name),
                     cancel=cancel,
                 )
             return {
@@ -278,7 +287,9 @@ def backup_vm(
             "consistency_note": taken.note or None,
             "last_full_unix": last_full,
             "excluded_disks": sorted(excluded),
-            "disks": [{k: d[k] for k in ("name", "key", "uuid", "file", "capacity", "change_id")} for d in disk_results],
+            "disks": [
+                {k: d[k] for k in ("name", "key", "uuid", "file", "capacity", "change_id")} for d in disk_results
+            ],
             "vmx": _vmx_text(client, obj),
         }
         meta = json.loads(session.commit(config=_vm_config_json(obj), attributes=json.dumps(attributes)))
@@ -299,7 +310,9 @@ def backup_vm(
         problems = transport.close() if transport is not None else []
         if taken is not None:
             try:
-                snapshots.remove(taken.snapshot, f"removing snapshot {taken.snapshot._moId} of VM {vm.name}", TASK_TIMEOUT)
+                snapshots.remove(
+                    taken.snapshot, f"removing snapshot {taken.snapshot._moId} of VM {vm.name}", TASK_TIMEOUT
+                )
             except BackupError as e:
                 problems.append(str(e))
             result.snapshot_seconds = time.monotonic() - snap_t0

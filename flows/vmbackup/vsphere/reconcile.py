@@ -138,7 +138,9 @@ def reconcile_vm(
             ok &= attempt(
                 "snapshot",
                 node.name,
-                lambda n=node: snapshots.remove(n.snapshot, f"removing leftover snapshot {n.name} of {vm_name}", timeout),
+                lambda n=node: snapshots.remove(
+                    n.snapshot, f"removing leftover snapshot {n.name} of {vm_name}", timeout
+                ),
             )
         if vm.runtime.consolidationNeeded:
             ok &= attempt(

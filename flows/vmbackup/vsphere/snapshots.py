@@ -98,7 +98,9 @@ def create(vm: Any, name: str, run_id: str, *, quiesce_policy: str, tools_runnin
         return Taken(take(False), "crash", "quiesce off by policy")
     if not tools_running:
         if quiesce_policy == "required":
-            raise QuiesceError(f"cannot quiesce VM {name}: VMware Tools are not running and the plan requires quiescing")
+            raise QuiesceError(
+                f"cannot quiesce VM {name}: VMware Tools are not running and the plan requires quiescing"
+            )
         return Taken(take(False), "crash", "VMware Tools not running")
     attempts = 1 if quiesce_policy == "required" else 2
     last: BackupError | None = None

@@ -228,7 +228,9 @@ class HotAdd(Transport):
         problems = []
         if self.agent_obj is not None and self.files:
             try:
-                detach_files(self.agent_obj, self.files, self.ctx.timeout, f"detaching disks from {self.agent_obj.name}")
+                detach_files(
+                    self.agent_obj, self.files, self.ctx.timeout, f"detaching disks from {self.agent_obj.name}"
+                )
                 self.files = set()
             except BackupError as e:
                 problems.append(str(e))
