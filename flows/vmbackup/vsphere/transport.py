@@ -173,12 +173,14 @@ class HotAdd(Transport):
         # Written down before the attach: a process killed during it leaves a trace to follow.
         self.ctx.entry.attachments += [{"agent": self.ctx.agent.name, "agent_vm": obj.name, "file": f} for f in files]
         self.ctx.ledger.write(self.ctx.entry)
-        self.files |= set(files)
         run_task(
             lambda: obj.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes)),
             f"attaching the disks of VM {self.ctx.vm_name} to agent VM {obj.name}",
             self.ctx.timeout,
         )
+        # Only now are they ours to detach: a refused attach (a file locked by
+        # another attachment) must not make close() detach someone else's disk.
+        self.files |= set(files)
         found = {dev.backing.fileName: dev.backing.uuid for _, dev in disks_of(list(obj.config.hardware.device))}
         out = {}
         for fname in files:
