@@ -81,3 +81,44 @@ def test_fallback_hotadd_impossible_then_direct_then_nbd(client, plan, checks, t
     result = _backup_and_capture(client, p2, checks, "fall01", tmp_path, "fb2")
     assert result.transport == "direct"
     checks.assert_clean(plan)
+
+
+def test_cancelled_backup_cleans_up_and_commits_nothing(client, plan, checks):
+    from vmbackup.errors import CancelledError
+
+    token = _mover.CancelToken()
+    token.cancel()
+    with pytest.raises(CancelledError):
+        backup(client, plan, "multi01", cancel=token)
+    assert _mover.list_backups(str(plan.repository))[0] == []
+    checks.assert_clean(plan)
+
+
+def test_a_failure_after_the_snapshot_cleans_up(client, plan, checks):
+    def boom(_name):
+        raise RuntimeError("post-snapshot script failed")
+
+    with pytest.raises(RuntimeError, match="post-snapshot"):
+        backup(client, plan, "multi01", on_snapshot=boom)
+    checks.assert_clean(plan)
+
+
+def test_progress_and_periodic_full(client, plan, checks):
+    from vmbackup.vsphere.cbt import plan_disks
+    from vmbackup.vsphere.procedure import latest_backup
+
+    seen = []
+    first = backup(client, plan, "sata01", progress=lambda done, total: seen.append((done, total)))
+    assert seen and all(total == sum(d["capacity"] for d in first.disks) for _, total in seen)
+    prev = latest_backup(str(plan.repository), "sata01")
+    disks = vm_info(client, "sata01").disks
+    _, reason = plan_disks(
+        disks, prev, cbt_just_enabled=False, full_every_days=7, now=prev["attributes"]["last_full_unix"] + 6 * 86400
+    )
+    assert reason is None
+    assert prev["attributes"]["last_full_unix"] == prev["attributes"]["snapshot_unix"]
+    plans, reason = plan_disks(
+        disks, prev, cbt_just_enabled=False, full_every_days=7, now=prev["attributes"]["last_full_unix"] + 7 * 86400
+    )
+    assert reason == "periodic full (every 7 days)" and all(p.full_reason == reason for p in plans)
+    checks.assert_clean(plan)

@@ -205,6 +205,7 @@ def backup_vm(
             timeout=TASK_TIMEOUT,
         )
         snap_t0 = time.monotonic()
+        snap_unix = time.time()  # the backup's point in time
         entry.snapshot["moref"] = taken.snapshot._moId
         ledger.write(entry)
         result.consistency = taken.consistency
@@ -272,8 +273,9 @@ def backup_vm(
             disk_results = list(pool.map(read, plans))
         mode = "incremental" if parent else "full"
         reasons = vm_reason or "; ".join(f"{d['name']}: {d['full_reason']}" for d in disk_results if d["full_reason"])
-        now = time.time()
-        last_full = now if mode == "full" else (previous or {}).get("attributes", {}).get("last_full_unix", now)
+        last_full = (
+            snap_unix if mode == "full" else (previous or {}).get("attributes", {}).get("last_full_unix", snap_unix)
+        )
         attributes = {
             "tool": "vmbackup vsphere",
             "run_id": run_id,
@@ -285,6 +287,7 @@ def backup_vm(
             "transport": transport.name,
             "consistency": taken.consistency,
             "consistency_note": taken.note or None,
+            "snapshot_unix": snap_unix,
             "last_full_unix": last_full,
             "excluded_disks": sorted(excluded),
             "disks": [
