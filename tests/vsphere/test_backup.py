@@ -122,3 +122,42 @@ def test_progress_and_periodic_full(client, plan, checks):
     )
     assert reason == "periodic full (every 7 days)" and all(p.full_reason == reason for p in plans)
     checks.assert_clean(plan)
+
+
+def test_hotadd_through_a_linked_clone_when_the_frozen_disk_cannot_be_attached(client, plan, checks, tmp_path):
+    from pyVmomi import vim
+    from vmbackup.vsphere import snapshots
+    from vmbackup.vsphere.inventory import disks_of
+    from vmbackup.vsphere.tasks import run_task
+    from vmbackup.vsphere.transport import detach_files, frozen_disks
+
+    from .helpers import agent_for
+
+    p = with_transports(plan, "hotadd")
+    info = vm_info(client, "xfer01")
+    agent = client.find_vm(agent_for(p, info).vm)
+    held = {}
+    expected = {}
+
+    def at_snapshot(name):
+        expected["d"] = checks.image("xfer01", "scsi0:0", tmp_path / "lc.img", name)
+        node = next(n for n in snapshots.walk(client.find_vm("xfer01")) if n.name == name)
+        (f,) = frozen_disks(node.snapshot, list(info.disks))
+        # Someone else holds the frozen file on the agent: attaching it again is FileLocked.
+        ctrl = next(d for d in agent.config.hardware.device if isinstance(d, vim.vm.device.VirtualSCSIController))
+        backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=f.file, diskMode="independent_nonpersistent")
+        dev = vim.vm.device.VirtualDisk(key=-1, controllerKey=ctrl.key, unitNumber=14, backing=backing)
+        add = vim.vm.device.VirtualDeviceSpec(operation="add", device=dev)
+        run_task(lambda: agent.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[add])), "hold")
+        held["file"] = f.file
+
+    def progress(done, total):
+        if "file" in held:  # let go before the snapshot is removed, so it merges
+            detach_files(agent, {held.pop("file")}, 60, "let go")
+
+    r = backup(client, p, "xfer01", on_snapshot=at_snapshot, progress=progress)
+    assert r.transport == "hotadd" and r.transport_detail.startswith("through linked clone vmbackup-clone-xfer01-")
+    assert "FileLocked" in r.transport_detail
+    assert restored_sha(p, r.backup_id, "scsi0:0", tmp_path / "lc.raw") == expected["d"]
+    assert len(disks_of(list(agent.config.hardware.device))) == 1
+    checks.assert_clean(p)

@@ -53,6 +53,7 @@ class VmResult:
     agent: str | None = None
     datastores: list[str] = field(default_factory=list)
     full_reason: str | None = None
+    transport_detail: str | None = None  # e.g. "through linked clone <name>"
     snapshot_seconds: float = 0.0
     read_seconds: float = 0.0
     disks: list[dict[str, Any]] = field(default_factory=list)
@@ -218,6 +219,7 @@ def backup_vm(
         ctx = Context(client, obj, vm.name, taken.snapshot, plan, agent, run_id, ledger, entry, TASK_TIMEOUT)
         transport, sources = _expose(ctx, frozen)
         result.transport = transport.name
+        result.transport_detail = transport.detail
 
         # What to read per disk: incrementals ask CBT; a rejected change id makes it a full.
         reads: dict[str, tuple[list[tuple[int, int]] | None, str | None]] = {}

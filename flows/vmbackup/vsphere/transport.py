@@ -90,6 +90,7 @@ class Context:
 
 class Transport:
     name = ""
+    detail: str | None = None
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -222,6 +223,7 @@ class HotAdd(Transport):
             cdisks = {dev.key: dev.backing.fileName for _, dev in disks_of(list(self.clone.config.hardware.device))}
             files = [cdisks[f.disk.key] for f in disks]
             by_file = self._attach(files)
+            self.detail = f"through linked clone {clone_name} ({first})"
             return {f.disk.name: by_file[cdisks[f.disk.key]] for f in disks}
         except (BackupError, KeyError) as e:
             raise TransportImpossible(f"attaching the frozen disks failed ({first}); the linked clone too ({e})") from e
