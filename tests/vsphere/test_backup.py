@@ -161,3 +161,19 @@ def test_hotadd_through_a_linked_clone_when_the_frozen_disk_cannot_be_attached(c
     assert restored_sha(p, r.backup_id, "scsi0:0", tmp_path / "lc.raw") == expected["d"]
     assert len(disks_of(list(agent.config.hardware.device))) == 1
     checks.assert_clean(p)
+
+
+def test_a_full_records_what_cbt_says_is_allocated(client, plan, checks, tmp_path):
+    seen = {}
+
+    def at_snapshot(name):
+        seen["img"] = tmp_path / "alloc.img"
+        checks.image("off03", "scsi0:0", seen["img"], name)
+
+    r = backup(client, plan, "off03", on_snapshot=at_snapshot)
+    (d,) = r.disks
+    assert d["mode"] == "full" and 0 < d["allocated_bytes"] < d["capacity"]
+    data = seen["img"].read_bytes()
+    nonzero = sum(1 for i in range(0, len(data), 65536) if data[i : i + 65536].count(0) != 65536)
+    assert nonzero * 65536 <= d["allocated_bytes"]  # every block with data is in CBT's allocated areas
+    checks.assert_clean(plan)

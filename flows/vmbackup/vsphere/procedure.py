@@ -234,6 +234,16 @@ def backup_vm(
 
         for p in plans:
             reads[p.disk.name] = areas(p)
+        # For a full, CBT's "*" gives the allocated areas as of the snapshot.
+        # Recorded per disk; the mover reads its source's own allocation map
+        # (holes of a file or device), as the binding takes extents only with a parent.
+        allocated: dict[str, int | None] = {}
+        for p in plans:
+            if reads[p.disk.name][0] is None:
+                try:
+                    allocated[p.disk.name] = sum(n for _, n in cbt.changed_areas(obj, taken.snapshot, p.disk, "*"))
+                except (cbt.ChangeIdRejected, BackupError):
+                    allocated[p.disk.name] = None
         incremental = any(extents is not None for extents, _ in reads.values())
         parent = previous["id"] if incremental and previous else None
         session = _mover.BackupSession(repo, vm.name, parent)
@@ -265,6 +275,7 @@ def backup_vm(
                 "mode": "incremental" if extents is not None else "full",
                 "full_reason": reason,
                 "changed_bytes": sum(n for _, n in extents) if extents is not None else None,
+                "allocated_bytes": allocated.get(p.disk.name),
                 "bytes_read": r.bytes_read,
                 "bytes_stored": r.bytes_stored,
                 "seconds": r.seconds,
