@@ -176,3 +176,30 @@ def test_selection_by_host_cluster_and_exclusions(client):
     names = [v.name for v in select_vms(client, Selection(clusters=["cluster1"], exclude=["*01"]))]
     assert names == ["notools03", "off03"]
     assert not any(n.startswith("vmbackup-agent") for n in [v.name for v in select_vms(client, Selection(vms=["*"]))])
+
+
+@pytest.mark.parametrize("transport", ["hotadd", "nbd"])
+def test_session_dropped_while_the_snapshot_exists(client, plan, checks, transport):
+    from .helpers import with_transports
+
+    before = client.logins
+    r = backup(client, with_transports(plan, transport), "sata01", on_snapshot=lambda _n: checks.lab.drop_sessions())
+    assert r.status == "ok" and r.transport == transport and client.logins == before + 1
+    checks.assert_clean(plan)
+
+
+def test_consolidation_left_by_a_snapshot_removal_is_done(client, plan, checks):
+    checks.lab.set_faults(vm="quiesce01", leave_consolidation=True)
+    vm = client.find_vm("quiesce01")
+    try:
+        # A crashed run's snapshot, removed without merging: reconcile consolidates first...
+        snap = run_task(lambda: vm.CreateSnapshot_Task(name="x", memory=False, quiesce=False), "s")
+        run_task(lambda: snap.RemoveSnapshot_Task(removeChildren=False), "r")
+        assert vm.runtime.consolidationNeeded is True
+        # ...and the backup's own snapshot removal leaves it again: consolidated at the end.
+        r = backup(client, plan, "quiesce01")
+        assert r.status == "ok"
+    finally:
+        checks.lab.set_faults(vm="quiesce01")
+    assert client.find_vm("quiesce01").runtime.consolidationNeeded is False
+    checks.assert_clean(plan)
