@@ -147,3 +147,21 @@ def test_a_live_run_holds_its_vm(client, plan, checks):
         child.wait()
     assert backup(client, plan, "crash01").status == "ok"
     checks.assert_clean(plan)
+
+
+def test_sweeper_removes_a_clone_whose_vm_is_gone(client, plan, checks):
+    vm = client.find_vm("crash01")
+    base = _user_snapshot(vm, "clone-base")
+    try:
+        spec = vim.vm.CloneSpec(
+            snapshot=base, powerOn=False, template=False,
+            location=vim.vm.RelocateSpec(diskMoveType="createNewChildDiskBacking"),
+        )  # fmt: skip
+        name = CLONE_PREFIX + "ghost01-deadrun3"  # made for a VM that no longer exists
+        run_task(lambda: vm.CloneVM_Task(folder=vm.parent, name=name, spec=spec), "clone")
+        found = sweep(client, plan, older_than_seconds=0)
+        assert [(x.kind, x.name, x.removed) for x in found] == [("clone", name, True)]
+        assert [n.name for n in snapshots.walk(vm)] == ["clone-base"]
+    finally:
+        run_task(lambda: base.RemoveSnapshot_Task(removeChildren=False), "remove user snapshot")
+    checks.assert_clean(plan)

@@ -49,6 +49,8 @@ def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftove
                 owner = _clone_owner(name, vms)
                 if owner is not None:
                     by_vm.setdefault(owner, [])
+                else:  # its VM is gone: the clone alone
+                    found += _remove_orphan_clone(client, plan, vm)
     young = {e.vm for e in ledger.entries() if now - e.created_unix < older_than_seconds}
     for name, vm_entries in sorted(by_vm.items()):
         vm = vms.get(name)
@@ -75,3 +77,18 @@ def _clone_owner(clone_name: str, vms: dict[str, Any]) -> str | None:
     rest = clone_name[len(CLONE_PREFIX) :]
     owners = [n for n in vms if rest.startswith(n + "-") and not n.startswith(CLONE_PREFIX)]
     return max(owners, key=len) if owners else None
+
+
+def _remove_orphan_clone(client: Any, plan: Plan, clone: Any) -> list[Leftover]:
+    from .reconcile import agent_objects, vm_files
+    from .transport import destroy_clone, detach_files
+
+    name = clone.name
+    try:
+        files = vm_files(clone)
+        for agent in agent_objects(client, plan):
+            detach_files(agent, files, 600, f"detaching {name}'s disks from {agent.name}")
+        destroy_clone(clone, 600)
+        return [Leftover("clone", name, name, True)]
+    except BackupError as err:
+        return [Leftover("clone", name, name, False, str(err))]
