@@ -177,3 +177,17 @@ def test_a_full_records_what_cbt_says_is_allocated(client, plan, checks, tmp_pat
     nonzero = sum(1 for i in range(0, len(data), 65536) if data[i : i + 65536].count(0) != 65536)
     assert nonzero * 65536 <= d["allocated_bytes"]  # every block with data is in CBT's allocated areas
     checks.assert_clean(plan)
+
+
+def test_vms_on_one_agent_at_once(client, plan, checks, tmp_path):
+    """Several VMs hot-added to the same agent at the same time, as the flow runs them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = with_transports(plan, "hotadd")
+    names = ["multi01", "xfer01", "fall01", "crash01"]  # all on esx1: one agent
+    checks.lab.reset_counters()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: backup(client, p, n), names))
+    assert [r.status for r in results] == ["ok"] * 4 and {r.agent for r in results} == {"vmbackup-agent-esx1"}
+    assert all(r.transport_detail is None for r in results)  # attached directly, no clone needed
+    checks.assert_clean(p)

@@ -84,7 +84,7 @@ def plan_disks(
         last_full = (previous.get("attributes") or {}).get("last_full_unix", previous.get("created_unix", 0))
         if now - float(last_full) >= full_every_days * 86400:
             vm_reason = f"periodic full (every {full_every_days} days)"
-    if vm_reason is not None:
+    if vm_reason is not None or previous is None:
         return [DiskPlan(d, vm_reason) for d in disks], vm_reason
     prev_disks = {d["name"]: d for d in previous.get("disks", [])}
     prev_attrs = {d.get("name"): d for d in (previous.get("attributes") or {}).get("disks", [])}

@@ -33,7 +33,8 @@ def wait_task(task: vim.Task, what: str, timeout: float = DEFAULT_TIMEOUT) -> An
         if info.state == vim.TaskInfo.State.success:
             return info.result
         if info.state == vim.TaskInfo.State.error:
-            raise hypervisor_error(what, info.error) from info.error
+            fault = info.error if info.error is not None else vmodl.MethodFault(msg="no fault given")
+            raise hypervisor_error(what, fault) from fault
         now = time.monotonic()
         if now >= deadline:
             raise TaskTimeoutError(f"{what} did not finish within {timeout:.0f} s (task {task._moId})")

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,18 @@ def destroy_clone(clone: Any, timeout: float) -> None:
     run_task(lambda: clone.Destroy_Task(), f"destroying linked clone {name}", timeout)
 
 
+# One attach at a time per agent VM in this process: the free SCSI units are
+# read from the agent's configuration, so two VMs attaching at once would pick
+# the same unit.
+_attach_locks: dict[str, threading.Lock] = {}
+_attach_locks_guard = threading.Lock()
+
+
+def _attach_lock(agent_moref: str) -> threading.Lock:
+    with _attach_locks_guard:
+        return _attach_locks.setdefault(agent_moref, threading.Lock())
+
+
 class HotAdd(Transport):
     name = "hotadd"
 
@@ -155,6 +168,10 @@ class HotAdd(Transport):
         return obj
 
     def _attach(self, files: list[str]) -> dict[str, str]:
+        with _attach_lock(self.agent_obj._moId):
+            return self._attach_locked(files)
+
+    def _attach_locked(self, files: list[str]) -> dict[str, str]:
         obj = self.agent_obj
         devices = list(obj.config.hardware.device)
         ctrl = next((d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)), None)
