@@ -53,3 +53,56 @@ class TargetError(MoverError):
 
 class CancelledError(MoverError):
     """The operation was cancelled."""
+
+
+# vSphere adapter errors (flows/vmbackup/vsphere). ``retryable`` tells the flow
+# whether trying the same VM again later can succeed.
+
+
+class VmNotFoundError(HypervisorError):
+    """A VM named in the plan does not exist (or is not visible to the user)."""
+
+    exit_code = 2
+    retryable = False
+
+
+class AuthenticationError(HypervisorError):
+    """The hypervisor refused the user name or password."""
+
+    retryable = False
+
+
+class CertificateError(HypervisorError):
+    """The server's TLS certificate is not trusted (CA file or pinned thumbprint)."""
+
+    retryable = False
+
+
+class QuiesceError(HypervisorError):
+    """The guest could not be quiesced and the plan requires it."""
+
+    retryable = False
+
+
+class SessionLostError(HypervisorError):
+    """The session was dropped and logging in again failed."""
+
+    retryable = True
+
+
+class HypervisorBusyError(HypervisorError):
+    """The hypervisor is busy (a task conflicts, the host is in maintenance...)."""
+
+    retryable = True
+
+
+class TaskTimeoutError(HypervisorError):
+    """A vSphere task did not finish within its time."""
+
+    retryable = True
+
+
+class SnapshotError(HypervisorError):
+    """The host refused the snapshot (snapshots disabled, a snapshot fault)."""
+
+    retryable = False

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
@@ -198,5 +199,57 @@ func copyContent(src, dst *Extent) error {
 		}
 		dst.grains[g] = true
 	}
+	return nil
+}
+
+// DestroyTask deletes a VM with the files of its own disks. A disk file hot-added to
+// an agent is FileLocked (as vSphere locks it); a VM with snapshots is refused
+// (InvalidState: not simulated). A linked clone's parent files stay with their owner,
+// which may then merge them again.
+func (vm *LabVM) DestroyTask(ctx *simulator.Context, req *types.Destroy_Task) soap.HasFault {
+	task := simulator.CreateTask(vm, "destroy", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		return nil, vm.lab.destroy(ctx, vm, req)
+	})
+	return &methods.Destroy_TaskBody{Res: &types.Destroy_TaskResponse{Returnval: task.Run()}}
+}
+
+func (l *Lab) destroy(ctx *simulator.Context, vm *LabVM, req *types.Destroy_Task) types.BaseMethodFault {
+	l.mu.Lock()
+	if len(vm.snaps) > 0 || len(vm.hot) > 0 {
+		l.mu.Unlock()
+		return &types.InvalidState{}
+	}
+	for _, d := range vm.disks {
+		for e := d.Top; e != nil && e.Owner == d; e = e.Parent {
+			if e.Attached > 0 {
+				l.mu.Unlock()
+				return &types.FileLocked{FileFault: types.FileFault{File: e.DSPath()}}
+			}
+		}
+	}
+	l.mu.Unlock()
+	res := vm.VirtualMachine.DestroyTask(ctx, req)
+	ref := res.(*methods.Destroy_TaskBody).Res.Returnval
+	if t, ok := simulator.Map.Get(ref).(*simulator.Task); ok {
+		for t.Info.State == types.TaskInfoStateQueued || t.Info.State == types.TaskInfoStateRunning {
+			time.Sleep(time.Millisecond)
+		}
+		if t.Info.Error != nil {
+			return t.Info.Error.Fault
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, d := range vm.disks {
+		e := d.Top
+		for ; e != nil && e.Owner == d; e = e.Parent {
+			e.remove()
+		}
+		if e != nil && e.Clones > 0 {
+			e.Clones--
+		}
+	}
+	vm.disks = nil
+	delete(l.vms, vm.Name)
 	return nil
 }

@@ -225,6 +225,7 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 	spec := req.Spec
 	var rest []types.BaseVirtualDeviceConfigSpec
 	var attach, detach []*types.VirtualDeviceConfigSpec
+	grow := map[*VDisk]int64{}
 	l.mu.Lock()
 	for _, c := range spec.DeviceChange {
 		dc := c.GetVirtualDeviceConfigSpec()
@@ -240,6 +241,16 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 					attach = append(attach, dc)
 					continue
 				}
+			}
+		case types.VirtualDeviceConfigSpecOperationEdit:
+			// Extending a disk: vSphere refuses it while snapshots exist.
+			if d := vm.diskByKey(disk.Key); d != nil && disk.CapacityInBytes > d.Capacity {
+				if len(vm.snaps) > 0 || d.Top.Parent != nil {
+					l.mu.Unlock()
+					return &types.InvalidState{}
+				}
+				grow[d] = disk.CapacityInBytes
+				continue
 			}
 		case types.VirtualDeviceConfigSpecOperationRemove:
 			if vm.hot[disk.Key] != nil {
@@ -277,6 +288,11 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 		l.setCBT(vm, *spec.ChangeTrackingEnabled)
 	}
 	l.adoptNewDisks(vm)
+	for d, capacity := range grow {
+		if err := d.grow(capacity); err != nil {
+			return &types.FileFault{File: d.Top.DSPath()}
+		}
+	}
 	for _, dc := range detach {
 		l.detach(vm, dc.Device.GetVirtualDevice().Key)
 	}
@@ -288,6 +304,31 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 	}
 	l.syncDevices(vm)
 	return nil
+}
+
+func (vm *LabVM) diskByKey(key int32) *VDisk {
+	for _, d := range vm.disks {
+		if d.Key == key {
+			return d
+		}
+	}
+	return nil
+}
+
+// grow extends a base disk (no snapshot) to capacity bytes; the new area reads zeros.
+func (d *VDisk) grow(capacity int64) error {
+	e := d.Top
+	if err := os.Truncate(e.dataPath(), capacity); err != nil {
+		return err
+	}
+	e.grains = append(e.grains, make([]bool, int((capacity+grainSize-1)/grainSize)-len(e.grains))...)
+	e.Capacity, d.Capacity = capacity, capacity
+	for _, dev := range d.VM.Config.Hardware.Device {
+		if disk, ok := dev.(*types.VirtualDisk); ok && disk.Key == d.Key {
+			disk.CapacityInBytes, disk.CapacityInKB = capacity, capacity/1024
+		}
+	}
+	return e.writeDescriptor(d.Adapter)
 }
 
 func isDeviceOnly(spec types.VirtualMachineConfigSpec) bool {

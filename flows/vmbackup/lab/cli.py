@@ -40,15 +40,19 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 @_guard
 def cmd_up(args: argparse.Namespace) -> int:
+    from .plan import PASSWORD_ENV, write_lab_plan
     from .process import lab_up
 
     lab = lab_up(args.state, args.topology)
     s = lab.summary()
+    s["plan"] = str(write_lab_plan(lab.state, s))
     _emit(
         args,
         s,
         f"lab running: {s['vsphere']['url']} (user {s['vsphere']['user']}, CA {s['vsphere']['ca_file']})\n"
-        f"agents: {', '.join(s['agents'])}",
+        f"agents: {', '.join(s['agents'])}\n"
+        f"plan: {s['plan']}\n"
+        f'export {PASSWORD_ENV}="$(cat {lab.state / "vsphere-password"})"',
     )
     return 0
 

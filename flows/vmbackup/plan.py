@@ -1,0 +1,361 @@
+"""The backup plan: what to back up, from where, to where, and how (docs/plan.md).
+
+A plan is a YAML file validated by pydantic models. Every mistake becomes one
+``InvalidInputError`` line that names the field's path, e.g.
+``agents[1].transports[0]: 'hotad' is not one of hotadd, direct, nbd``.
+Relative paths in a plan are relative to the plan file's directory.
+
+No Prefect here: a Prefect Secret block is read (lazily) only by
+``resolve_password`` when the plan names one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .errors import InvalidInputError
+
+Transport = Literal["hotadd", "direct", "nbd"]
+TRANSPORTS: tuple[str, ...] = ("hotadd", "direct", "nbd")
+
+# The lab's default: nbdkit's curl plugin over the datastore's HTTPS /folder URL,
+# authorised by the session cookie, which it reads from a file (never on a command line).
+DEFAULT_NBD_COMMAND = [
+    "nbdkit",
+    "--exit-with-parent",
+    "-r",
+    "-U",
+    "{socket}",
+    "-P",
+    "{pidfile}",
+    "curl",
+    "url={url}",
+    "cookie=+{cookie_file}",
+    "cainfo={ca_file}",
+]
+NBD_PLACEHOLDERS = ("socket", "pidfile", "url", "cookie", "cookie_file", "ca_file", "path", "vm", "disk", "snapshot")
+RETENTION_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Connection(_Model):
+    """How to reach vCenter or a standalone ESXi host."""
+
+    url: str
+    user: str = Field(min_length=1)
+    password_env: str | None = None
+    password_secret: str | None = None
+    ca_file: Path | None = None
+    thumbprint: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip()
+        if "://" not in v:
+            v = f"https://{v}/sdk"
+        parts = urlsplit(v)
+        if parts.scheme != "https":
+            raise ValueError(f"'{v}' must use https (the server's certificate is always verified)")
+        if not parts.hostname:
+            raise ValueError(f"'{v}' has no host name")
+        try:
+            parts.port  # noqa: B018 (validates the port)
+        except ValueError:
+            raise ValueError(f"'{v}' has a bad port") from None
+        return v
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _thumbprint(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        hexed = v.replace(":", "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", hexed):
+            raise ValueError("must be a SHA-256 fingerprint: 64 hex digits, with or without colons")
+        return hexed
+
+    @model_validator(mode="after")
+    def _one_password_and_trust(self) -> Connection:
+        if (self.password_env is None) == (self.password_secret is None):
+            raise ValueError("give exactly one of password_env and password_secret")
+        if self.ca_file is None and self.thumbprint is None:
+            raise ValueError("give ca_file or thumbprint: the server's certificate is always verified")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 443
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.url).path or "/sdk"
+
+
+class Agent(_Model):
+    """A machine that reads disks: an appliance VM (hot-add), a host with datastore mounts, an NBD client."""
+
+    name: str = Field(min_length=1)
+    vm: str | None = None
+    transports: list[Transport] = Field(default_factory=lambda: list(TRANSPORTS), min_length=1)
+    hosts: list[str] = Field(default_factory=list)
+    device_dir: Path | None = None
+    datastores: dict[str, Path] = Field(default_factory=dict)
+    nbd_command: list[str] | None = None
+
+    @field_validator("transports")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a transport twice")
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> Agent:
+        if "hotadd" in self.transports and (self.vm is None or self.device_dir is None):
+            raise ValueError("hotadd needs vm (the agent VM) and device_dir (where attached disks appear)")
+        if "direct" in self.transports and not self.datastores:
+            raise ValueError("direct needs datastores (datastore name -> local path)")
+        return self
+
+
+class Selection(_Model):
+    """Which VMs: the union of every criterion, minus ``exclude``."""
+
+    vms: list[str] = Field(default_factory=list)
+    folders: list[str] = Field(default_factory=list)
+    clusters: list[str] = Field(default_factory=list)
+    hosts: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    exclude_disks: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _something(self) -> Selection:
+        if not (self.vms or self.folders or self.clusters or self.hosts or self.tags):
+            raise ValueError("selects nothing: give vms, folders, clusters, hosts or tags (vms: ['*'] for all)")
+        return self
+
+    @field_validator("exclude_disks")
+    @classmethod
+    def _disk_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for vm, names in v.items():
+            for name in names:
+                if not re.fullmatch(r"(scsi|sata|ide|nvme)\d+:\d+", name):
+                    raise ValueError(f"{vm}: '{name}' is not a disk name like scsi0:1")
+        return v
+
+
+class Limits(_Model):
+    per_agent: int = Field(5, ge=1)
+    per_host: int = Field(4, ge=1)
+    per_datastore: int = Field(4, ge=1)
+    disks_per_vm: int = Field(2, ge=1)
+
+
+class Plan(_Model):
+    connection: Connection
+    repository: Path
+    agents: list[Agent] = Field(min_length=1)
+    selection: Selection
+    limits: Limits = Field(default_factory=Limits)
+    quiesce: Literal["required", "preferred", "off"] = "preferred"
+    transports: list[Transport] = Field(default_factory=lambda: list(TRANSPORTS), min_length=1)
+    nbd_command: list[str] = Field(default_factory=lambda: list(DEFAULT_NBD_COMMAND), min_length=1)
+    full_every_days: int | None = Field(None, ge=1)
+    retention: dict[str, int] | None = None
+
+    @field_validator("transports")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a transport twice")
+        return v
+
+    @field_validator("nbd_command")
+    @classmethod
+    def _template(cls, v: list[str]) -> list[str]:
+        return _check_template(v)
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is None:
+            return v
+        for rule, n in v.items():
+            if rule not in RETENTION_RULES:
+                raise ValueError(f"'{rule}' is not one of {', '.join(RETENTION_RULES)}")
+            if n < 0:
+                raise ValueError(f"{rule} must not be negative")
+        return v
+
+    @model_validator(mode="after")
+    def _agents(self) -> Plan:
+        names = [a.name for a in self.agents]
+        for i, a in enumerate(self.agents):
+            if names.index(a.name) != i:
+                raise ValueError(f"agents[{i}].name: '{a.name}' is used by agents[{names.index(a.name)}] too")
+            if a.nbd_command is not None:
+                try:
+                    _check_template(a.nbd_command)
+                except ValueError as e:
+                    raise ValueError(f"agents[{i}].nbd_command: {e}") from None
+            if not set(a.transports) & set(self.transports):
+                raise ValueError(f"agents[{i}].transports: none of them is in the plan's transports")
+        return self
+
+    def agent(self, name: str) -> Agent:
+        for a in self.agents:
+            if a.name == name:
+                return a
+        raise InvalidInputError(f"agent '{name}' is not in the plan")
+
+
+def _check_template(v: list[str]) -> list[str]:
+    if not v:
+        raise ValueError("must not be empty")
+    for arg in v:
+        for name in re.findall(r"\{([^{}]*)\}", arg):
+            if name not in NBD_PLACEHOLDERS:
+                raise ValueError(f"unknown placeholder {{{name}}} (known: {', '.join(NBD_PLACEHOLDERS)})")
+    if not any("{socket}" in arg for arg in v):
+        raise ValueError("must contain {socket}: the NBD server listens on that unix socket")
+    return v
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        return f"{value!r} is not one of {', '.join(choices)}"
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a known field"
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def plan_error(e: ValidationError) -> InvalidInputError:
+    """One line for the first mistake (pydantic reports them in the plan's order)."""
+    err = e.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+    where = _path(loc)
+    msg = _message(err)
+    more = len(e.errors()) - 1
+    suffix = f" (and {more} more mistake{'s' if more > 1 else ''})" if more else ""
+    return InvalidInputError(f"{where}: {msg}{suffix}" if where else f"{msg}{suffix}")
+
+
+def _resolve_paths(data: Any, base: Path) -> Any:
+    """Makes the plan's relative paths relative to the plan file."""
+    if not isinstance(data, dict):
+        return data
+
+    def rel(v: Any) -> Any:
+        return str(base / v) if isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v)) else v
+
+    data = dict(data)
+    if "repository" in data:
+        data["repository"] = rel(data["repository"])
+    conn = data.get("connection")
+    if isinstance(conn, dict) and "ca_file" in conn:
+        data["connection"] = {**conn, "ca_file": rel(conn["ca_file"])}
+    agents = data.get("agents")
+    if isinstance(agents, list):
+        fixed = []
+        for a in agents:
+            if isinstance(a, dict):
+                a = dict(a)
+                if "device_dir" in a:
+                    a["device_dir"] = rel(a["device_dir"])
+                if isinstance(a.get("datastores"), dict):
+                    a["datastores"] = {k: rel(v) for k, v in a["datastores"].items()}
+            fixed.append(a)
+        data["agents"] = fixed
+    return data
+
+
+def parse_plan(data: Any, base: Path | None = None) -> Plan:
+    """Validates a plan already parsed from YAML (a dict)."""
+    if not isinstance(data, dict):
+        raise InvalidInputError("the plan must be a mapping (connection, repository, agents, selection, ...)")
+    if base is not None:
+        data = _resolve_paths(data, base)
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as e:
+        raise plan_error(e) from None
+    ca = plan.connection.ca_file
+    if ca is not None and not ca.is_file():
+        raise InvalidInputError(f"connection.ca_file: {ca} does not exist")
+    return plan
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Reads and validates a plan file; ``InvalidInputError`` (one line) on any mistake."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InvalidInputError(f"plan {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"plan {path} cannot be read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InvalidInputError(f"plan {path}:{where}: not valid YAML: {problem}") from None
+    return parse_plan(data, path.resolve().parent)
+
+
+def resolve_password(conn: Connection) -> SecretStr:
+    """The connection's password, from its environment variable or Prefect Secret block."""
+    if conn.password_env is not None:
+        value = os.environ.get(conn.password_env)
+        if not value:
+            raise InvalidInputError(f"connection.password_env: the environment variable {conn.password_env} is not set")
+        return SecretStr(value)
+    try:
+        from prefect.blocks.system import Secret  # only when the plan names a block
+    except ImportError:
+        raise InvalidInputError(
+            f"connection.password_secret: reading Secret block '{conn.password_secret}' needs Prefect installed"
+        ) from None
+    try:
+        secret = Secret.load(conn.password_secret)
+    except ValueError:
+        raise InvalidInputError(
+            f"connection.password_secret: there is no Secret block named '{conn.password_secret}'"
+        ) from None
+    value = secret.get()
+    return value if isinstance(value, SecretStr) else SecretStr(str(value))

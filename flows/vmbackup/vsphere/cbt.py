@@ -1,0 +1,105 @@
+"""Changed block tracking: switch it on, ask what changed, decide full or incremental."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pyVmomi import vim, vmodl
+
+from .faults import hypervisor_error
+from .inventory import DiskInfo
+from .tasks import run_task
+
+
+def enable(vm: Any, name: str, timeout: float) -> bool:
+    """Switches CBT on if it is off. True if it was off (the next backup must be full)."""
+    if vm.config.changeTrackingEnabled:
+        return False
+    spec = vim.vm.ConfigSpec(changeTrackingEnabled=True)
+    run_task(lambda: vm.ReconfigVM_Task(spec=spec), f"enabling CBT on VM {name}", timeout)
+    return True
+
+
+class ChangeIdRejected(Exception):
+    """QueryChangedDiskAreas refused the change id (CBT was reset): take a full."""
+
+
+def changed_areas(vm: Any, snapshot: Any, disk: DiskInfo, change_id: str) -> list[tuple[int, int]]:
+    """The (start, length) areas changed since ``change_id`` (``*``: every allocated area), to the disk's end.
+
+    vSphere answers a window at a time (``startOffset`` + ``length``), so ask
+    again from the window's end until the capacity is covered.
+    """
+    areas: list[tuple[int, int]] = []
+    offset = 0
+    while offset < disk.capacity:
+        try:
+            info = vm.QueryChangedDiskAreas(
+                snapshot=snapshot, deviceKey=disk.key, startOffset=offset, changeId=change_id
+            )
+        except vim.fault.FileFault as e:
+            raise ChangeIdRejected(f"change id {change_id} rejected: {type(e).__name__}") from e
+        except vmodl.MethodFault as e:
+            raise hypervisor_error(f"QueryChangedDiskAreas for disk {disk.name} of VM {vm.name}", e) from e
+        areas += [(int(a.start), int(a.length)) for a in info.changedArea or []]
+        end = int(info.startOffset) + int(info.length)
+        if end <= offset:  # a server that makes no progress would loop forever
+            raise hypervisor_error(
+                f"QueryChangedDiskAreas for disk {disk.name}", RuntimeError(f"no progress at offset {offset}")
+            )
+        offset = end
+    return areas
+
+
+@dataclass
+class DiskPlan:
+    """How one disk is read: incremental from ``base_change_id``, or full (with the reason)."""
+
+    disk: DiskInfo
+    full_reason: str | None
+    base_change_id: str | None = None
+
+
+def plan_disks(
+    disks: tuple[DiskInfo, ...],
+    previous: dict[str, Any] | None,
+    *,
+    cbt_just_enabled: bool,
+    full_every_days: int | None,
+    now: float | None = None,
+) -> tuple[list[DiskPlan], str | None]:
+    """Decides per disk full or incremental; returns the plans and the VM-wide full reason, if any.
+
+    ``previous`` is the VM's latest backup metadata (manifest JSON) or None.
+    """
+    now = time.time() if now is None else now
+    vm_reason = None
+    if previous is None:
+        vm_reason = "first backup"
+    elif cbt_just_enabled:
+        vm_reason = "CBT was off and has been enabled"
+    elif full_every_days is not None:
+        last_full = (previous.get("attributes") or {}).get("last_full_unix", previous.get("created_unix", 0))
+        if now - float(last_full) >= full_every_days * 86400:
+            vm_reason = f"periodic full (every {full_every_days} days)"
+    if vm_reason is not None or previous is None:
+        return [DiskPlan(d, vm_reason) for d in disks], vm_reason
+    prev_disks = {d["name"]: d for d in previous.get("disks", [])}
+    prev_attrs = {d.get("name"): d for d in (previous.get("attributes") or {}).get("disks", [])}
+    plans = []
+    for d in disks:
+        p = prev_disks.get(d.name)
+        a = prev_attrs.get(d.name, {})
+        if p is None:
+            plans.append(DiskPlan(d, "new disk"))
+        elif int(p.get("size", 0)) != d.capacity:
+            plans.append(DiskPlan(d, f"disk resized from {p.get('size')} to {d.capacity} bytes"))
+        elif a.get("uuid") and d.uuid and a["uuid"] != d.uuid:
+            plans.append(DiskPlan(d, "disk replaced (another virtual disk uuid)"))
+        elif not p.get("change_id"):
+            plans.append(DiskPlan(d, "no change id in the previous backup"))
+        else:
+            plans.append(DiskPlan(d, None, p["change_id"]))
+    return plans, None

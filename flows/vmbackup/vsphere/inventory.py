@@ -1,0 +1,217 @@
+"""Inventory: what a VM is made of, and which VMs a plan's selection picks."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+from pyVmomi import vim
+
+from ..errors import VmNotFoundError
+from ..plan import Selection
+
+CLONE_PREFIX = "vmbackup-clone-"
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    key: int
+    name: str  # the .vmx name: scsi0:1, sata0:0, nvme0:0, ide0:1
+    file: str  # "[datastore] vm/vm.vmdk", the running top of the chain
+    datastore: str
+    capacity: int
+    uuid: str = ""
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    name: str
+    moref: str
+    host: str
+    cluster: str | None
+    datastores: tuple[str, ...]
+    disks: tuple[DiskInfo, ...]
+    power_state: str
+    tools_running: bool
+    cbt_enabled: bool
+    folder: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "moref": self.moref,
+            "host": self.host,
+            "cluster": self.cluster,
+            "datastores": list(self.datastores),
+            "disks": [d.__dict__ for d in self.disks],
+            "power_state": self.power_state,
+            "tools_running": self.tools_running,
+            "cbt_enabled": self.cbt_enabled,
+            "folder": self.folder,
+        }
+
+
+def _bus(ctrl: Any) -> str:
+    if isinstance(ctrl, vim.vm.device.VirtualSCSIController):
+        return "scsi"
+    if isinstance(ctrl, vim.vm.device.VirtualNVMEController):
+        return "nvme"
+    if isinstance(ctrl, vim.vm.device.VirtualSATAController):
+        return "sata"
+    if isinstance(ctrl, vim.vm.device.VirtualIDEController):
+        return "ide"
+    return "disk"
+
+
+def datastore_of(file_name: str) -> str:
+    """``[ds1] vm/vm.vmdk`` -> ``ds1``."""
+    return file_name[1:].split("]", 1)[0] if file_name.startswith("[") else ""
+
+
+def disks_of(devices: list[Any]) -> list[tuple[str, Any]]:
+    """The (name, VirtualDisk) pairs of a hardware device list."""
+    ctrls = {d.key: d for d in devices if isinstance(d, vim.vm.device.VirtualController)}
+    out = []
+    for dev in devices:
+        if isinstance(dev, vim.vm.device.VirtualDisk):
+            ctrl = ctrls.get(dev.controllerKey)
+            name = f"{_bus(ctrl)}{ctrl.busNumber}:{dev.unitNumber}" if ctrl is not None else str(dev.key)
+            out.append((name, dev))
+    return out
+
+
+def base_uuid(backing: Any) -> str:
+    """The uuid of the base disk of a backing chain: the disk's identity across snapshots."""
+    while getattr(backing, "parent", None) is not None:
+        backing = backing.parent
+    return getattr(backing, "uuid", "") or ""
+
+
+def chain_files(backing: Any) -> list[str]:
+    """Every file of a backing chain, top first."""
+    out = []
+    while backing is not None:
+        out.append(backing.fileName)
+        backing = getattr(backing, "parent", None)
+    return out
+
+
+def _folder_path(vm: Any) -> str:
+    names = []
+    obj = vm.parent
+    while obj is not None and isinstance(obj, vim.Folder):
+        names.append(obj.name)
+        obj = obj.parent
+    # up to (excluding) the datacenter: "vm/prod/web"
+    return "/".join(reversed(names))
+
+
+def vm_info(vm: Any) -> VmInfo:
+    """Everything the procedure and the planner need to know about a VM, read once."""
+    config = vm.config
+    runtime = vm.runtime
+    host = runtime.host
+    cluster = host.parent if host is not None else None
+    disks = []
+    for name, dev in disks_of(list(config.hardware.device)):
+        fname = dev.backing.fileName
+        disks.append(
+            DiskInfo(
+                key=dev.key,
+                name=name,
+                file=fname,
+                datastore=datastore_of(fname),
+                capacity=int(dev.capacityInBytes or dev.capacityInKB * 1024),
+                uuid=base_uuid(dev.backing),
+            )
+        )
+    guest = vm.guest
+    tools = getattr(guest, "toolsRunningStatus", None) == "guestToolsRunning"
+    return VmInfo(
+        name=vm.name,
+        moref=vm._moId,
+        host=host.name if host is not None else "",
+        cluster=cluster.name if isinstance(cluster, vim.ClusterComputeResource) else None,
+        datastores=tuple(sorted({d.datastore for d in disks})),
+        disks=tuple(disks),
+        power_state=str(runtime.powerState),
+        tools_running=bool(tools),
+        cbt_enabled=bool(config.changeTrackingEnabled),
+        folder=_folder_path(vm),
+    )
+
+
+def is_agent_or_ours(vm: Any, config: Any) -> bool:
+    """Agent appliances and our own linked clones are never backed up."""
+    if vm.name.startswith(CLONE_PREFIX):
+        return True
+    for opt in config.extraConfig or []:
+        if opt.key == "vmbackup.agent" and str(opt.value).lower() == "true":
+            return True
+    return bool(config.template)
+
+
+def _tags(client: Any, vm: Any) -> set[str]:
+    """Custom attributes as ``Name=Value`` and ``Name`` (vSphere tags need the REST API)."""
+    fields = {f.key: f.name for f in client.content.customFieldsManager.field or []} if _has_cfm(client) else {}
+    out: set[str] = set()
+    for cv in vm.customValue or []:
+        name = fields.get(cv.key)
+        if name:
+            out |= {name, f"{name}={cv.value}"}
+    return out
+
+
+def _has_cfm(client: Any) -> bool:
+    return client.content.customFieldsManager is not None
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def select_vms(client: Any, selection: Selection, agent_vms: set[str] | None = None) -> list[VmInfo]:
+    """The VMs the selection picks (any criterion), minus exclusions, agents and our clones, by name.
+
+    Raises VmNotFoundError for a plain name in ``selection.vms`` that does not exist.
+    """
+    agent_vms = agent_vms or set()
+    picked: dict[str, Any] = {}
+    seen: set[str] = set()
+    for vm in client.objects(vim.VirtualMachine):
+        try:
+            config = vm.config
+            name = vm.name
+        except vim.fault.NoPermission:
+            continue
+        if config is None:
+            continue
+        seen.add(name)
+        if name in agent_vms or is_agent_or_ours(vm, config):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in selection.exclude):
+            continue
+        hit = any(fnmatch.fnmatchcase(name, p) for p in selection.vms)
+        if not hit and selection.hosts:
+            host = vm.runtime.host
+            hit = host is not None and any(fnmatch.fnmatchcase(host.name, p) for p in selection.hosts)
+        if not hit and selection.clusters:
+            host = vm.runtime.host
+            cl = host.parent if host is not None else None
+            hit = isinstance(cl, vim.ClusterComputeResource) and any(
+                fnmatch.fnmatchcase(cl.name, p) for p in selection.clusters
+            )
+        if not hit and selection.folders:
+            path = _folder_path(vm)
+            parts = path.split("/")
+            hit = any(fnmatch.fnmatchcase(path, p) or p in parts for p in selection.folders)
+        if not hit and selection.tags:
+            tags = _tags(client, vm)
+            hit = any(t in tags for t in selection.tags)
+        if hit:
+            picked[name] = vm
+    missing = [p for p in selection.vms if not _is_glob(p) and p not in seen]
+    if missing:
+        raise VmNotFoundError(f"VM {', '.join(missing)} does not exist in {client.conn.host}")
+    return [vm_info(picked[n]) for n in sorted(picked)]

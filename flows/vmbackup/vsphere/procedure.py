@@ -1,0 +1,350 @@
+"""The whole backup of one VM, with cleanup on every path (docs/vsphere.md).
+
+1. reconcile what earlier runs left; 2. enable CBT if off; 3. snapshot
+(memory off, quiesce per policy); 4. expose the frozen disks by the first
+transport of the plan's order that can; 5. read every disk into one backup
+point with the VM's configuration; 6. detach, remove the snapshot,
+consolidate. Steps 4-6 undo themselves in ``finally``; the ledger holds what
+a killed process could not undo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from pyVmomi import vmodl
+
+from ..errors import BackupError, HypervisorError, VmNotFoundError
+from ..plan import Agent, Plan
+from . import cbt, snapshots
+from .faults import hypervisor_error
+from .inventory import VmInfo, vm_info
+from .ledger import Entry, Ledger
+from .reconcile import reconcile_vm
+from .transport import TRANSPORT_CLASSES, Context, Frozen, Transport, TransportImpossible, frozen_disks
+
+log = logging.getLogger(__name__)
+
+TASK_TIMEOUT = 600.0
+
+
+@dataclass
+class VmResult:
+    vm: str
+    status: str  # "ok" or "failed"
+    backup_id: str | None = None
+    repository: str = ""
+    mode: str | None = None  # "full" or "incremental"
+    transport: str | None = None
+    consistency: str | None = None  # "application" or "crash"
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    host: str | None = None
+    agent: str | None = None
+    datastores: list[str] = field(default_factory=list)
+    full_reason: str | None = None
+    transport_detail: str | None = None  # e.g. "through linked clone <name>"
+    snapshot_seconds: float = 0.0
+    read_seconds: float = 0.0
+    disks: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def failed(cls, vm: VmInfo, plan: Plan, agent: Agent | None, error: BaseException, seconds: float) -> VmResult:
+        return cls(
+            vm=vm.name,
+            status="failed",
+            repository=str(plan.repository),
+            error=str(error),
+            host=vm.host,
+            agent=agent.name if agent else None,
+            datastores=list(vm.datastores),
+            seconds=seconds,
+        )
+
+
+def latest_backup(repository: str, vm: str) -> dict[str, Any] | None:
+    """The newest backup of ``vm`` in the repository (manifest metadata), or None."""
+    from .. import _mover
+
+    metas, _bad = _mover.list_backups(repository)
+    mine = [m for m in (json.loads(t) for t in metas) if m.get("vm") == vm]
+    return max(mine, key=lambda m: m.get("created_unix", 0)) if mine else None
+
+
+class _Progress:
+    """Sums the disks' progress and calls ``progress`` about once a second."""
+
+    def __init__(self, progress: Any, total: int):
+        self.progress = progress
+        self.total = total
+        self.done: dict[str, int] = {}
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def for_disk(self, name: str) -> Any:
+        def cb(done: int, _total: int) -> None:
+            with self.lock:
+                self.done[name] = done
+                now = time.monotonic()
+                if self.progress is None or now - self.last < 1.0:
+                    return
+                self.last = now
+                value = sum(self.done.values())
+            self.progress(value, self.total)
+
+        return cb
+
+
+def _vm_config_json(vm: Any) -> str:
+    from pyVmomi.VmomiJSONEncoder import VmomiJSONEncoder
+
+    return json.dumps(vm.config, cls=VmomiJSONEncoder, sort_keys=True)
+
+
+def _vmx_text(client: Any, vm: Any) -> str | None:
+    """The .vmx file, from the datastore's HTTPS /folder access (None if it cannot be read)."""
+    path = vm.config.files.vmPathName  # "[ds] vm/vm.vmx"
+    if "] " not in path:
+        return None
+    ds, rel = path[1:].split("] ", 1)
+    dc = client.datacenter_of(vm)
+    url = f"{client.base_url}/folder/{quote(rel)}?dcPath={quote(dc.name if dc else '', safe='')}&dsName={quote(ds, safe='')}"
+    req = urllib.request.Request(url, headers={"Cookie": client.cookie})
+    try:
+        with urllib.request.urlopen(req, context=client.ssl_context, timeout=60) as res:
+            return res.read(4 << 20).decode("utf-8", errors="replace")
+    except OSError as e:
+        log.warning("reading %s failed: %s", path, e)
+        return None
+
+
+def _expose(ctx: Context, disks: list[Frozen]) -> tuple[Transport, dict[str, str]]:
+    reasons = []
+    order = [t for t in ctx.plan.transports if t in ctx.agent.transports]
+    for name in order:
+        t = TRANSPORT_CLASSES[name](ctx)
+        try:
+            return t, t.open(disks)
+        except TransportImpossible as e:
+            reasons.append(f"{name}: {e}")
+            log.info("VM %s: transport %s impossible: %s", ctx.vm_name, name, e)
+            problems = t.close()
+            if problems:
+                raise HypervisorError(f"undoing {name} for VM {ctx.vm_name} failed: {'; '.join(problems)}") from e
+        except BaseException:
+            t.close()
+            raise
+    raise HypervisorError(f"no transport reaches the disks of VM {ctx.vm_name}: " + "; ".join(reasons))
+
+
+def backup_vm(
+    client: Any,
+    vm: VmInfo,
+    plan: Plan,
+    agent: Agent,
+    *,
+    run_id: str,
+    cancel: Any = None,
+    progress: Any = None,
+    on_snapshot: Any = None,
+) -> VmResult:
+    """Backs up one VM into one backup point in ``plan.repository``.
+
+    Raises ``vmbackup.errors`` classes (``retryable`` set) on failure; cleanup
+    (detach, remove the snapshot, consolidate) runs on every path.
+    ``on_snapshot(name)``, if given, is called once the snapshot exists and
+    before any disk is read (a hook for post-snapshot scripts, and for tests).
+    """
+    from .. import _mover
+
+    t0 = time.monotonic()
+    repo = str(plan.repository)
+    ledger = Ledger(repo)
+    obj = client.vm_by_moref(vm.moref)
+    try:
+        obj.name  # noqa: B018 (is it still there?)
+    except vmodl.fault.ManagedObjectNotFound:
+        raise VmNotFoundError(f"VM {vm.name} does not exist any more") from None
+    reconcile_vm(client, obj, vm.name, plan, ledger, current_run=run_id, timeout=TASK_TIMEOUT)
+    cbt_enabled = cbt.enable(obj, vm.name, TASK_TIMEOUT)
+    info = vm_info(obj)
+    excluded = set(plan.selection.exclude_disks.get(vm.name, []))
+    disks = [d for d in info.disks if d.name not in excluded]
+    previous = latest_backup(repo, vm.name)
+
+    entry = Entry(run_id=run_id, vm=vm.name, vm_moref=vm.moref)
+    entry.snapshot = {"name": snapshots.snapshot_name(run_id)}
+    ledger.write(entry)
+    result = VmResult(
+        vm=vm.name, status="ok", repository=repo, host=info.host, agent=agent.name, datastores=list(info.datastores)
+    )
+    taken = None
+    snap_t0 = 0.0
+    transport: Transport | None = None
+    session = None
+    body_error: BaseException | None = None
+    try:
+        taken = snapshots.create(
+            obj,
+            vm.name,
+            run_id,
+            quiesce_policy=plan.quiesce,
+            tools_running=info.tools_running,
+            timeout=TASK_TIMEOUT,
+        )
+        snap_t0 = time.monotonic()
+        snap_unix = time.time()  # the backup's point in time
+        entry.snapshot["moref"] = taken.snapshot._moId
+        ledger.write(entry)
+        result.consistency = taken.consistency
+        if on_snapshot is not None:
+            on_snapshot(snapshots.snapshot_name(run_id))
+        frozen = frozen_disks(taken.snapshot, disks)
+        plans, vm_reason = cbt.plan_disks(
+            tuple(disks), previous, cbt_just_enabled=cbt_enabled, full_every_days=plan.full_every_days
+        )
+        ctx = Context(client, obj, vm.name, taken.snapshot, plan, agent, run_id, ledger, entry, TASK_TIMEOUT)
+        transport, sources = _expose(ctx, frozen)
+        result.transport = transport.name
+        result.transport_detail = transport.detail
+
+        # What to read per disk: incrementals ask CBT; a rejected change id makes it a full.
+        reads: dict[str, tuple[list[tuple[int, int]] | None, str | None]] = {}
+
+        def areas(p: cbt.DiskPlan) -> tuple[list[tuple[int, int]] | None, str | None]:
+            if p.full_reason is None:
+                try:
+                    return cbt.changed_areas(obj, taken.snapshot, p.disk, p.base_change_id or "*"), None
+                except cbt.ChangeIdRejected as e:
+                    return None, f"change id rejected, CBT was reset ({e})"
+            return None, p.full_reason
+
+        for p in plans:
+            reads[p.disk.name] = areas(p)
+        # For a full, CBT's "*" gives the allocated areas as of the snapshot.
+        # Recorded per disk; the mover reads its source's own allocation map
+        # (holes of a file or device), as the binding takes extents only with a parent.
+        allocated: dict[str, int | None] = {}
+        for p in plans:
+            if reads[p.disk.name][0] is None:
+                try:
+                    allocated[p.disk.name] = sum(n for _, n in cbt.changed_areas(obj, taken.snapshot, p.disk, "*"))
+                except (cbt.ChangeIdRejected, BackupError):
+                    allocated[p.disk.name] = None
+        incremental = any(extents is not None for extents, _ in reads.values())
+        parent = previous["id"] if incremental and previous else None
+        session = _mover.BackupSession(repo, vm.name, parent)
+        total = sum(d.capacity for d in disks)
+        agg = _Progress(progress, total)
+        lock = threading.Lock()  # the binding's add_disk takes the session exclusively
+        by_name = {f.disk.name: f for f in frozen}
+
+        def read(p: cbt.DiskPlan) -> dict[str, Any]:
+            extents, reason = reads[p.disk.name]
+            f = by_name[p.disk.name]
+            with lock:
+                r = session.add_disk(
+                    sources[p.disk.name],
+                    p.disk.name,
+                    extents,
+                    f.change_id,
+                    progress=agg.for_disk(p.disk.name),
+                    cancel=cancel,
+                )
+            return {
+                "name": p.disk.name,
+                "key": p.disk.key,
+                "uuid": p.disk.uuid,
+                "file": f.file,
+                "datastore": f.datastore,
+                "capacity": p.disk.capacity,
+                "change_id": f.change_id,
+                "mode": "incremental" if extents is not None else "full",
+                "full_reason": reason,
+                "changed_bytes": sum(n for _, n in extents) if extents is not None else None,
+                "allocated_bytes": allocated.get(p.disk.name),
+                "bytes_read": r.bytes_read,
+                "bytes_stored": r.bytes_stored,
+                "seconds": r.seconds,
+                "source_format": r.source_format,
+            }
+
+        with ThreadPoolExecutor(max_workers=plan.limits.disks_per_vm) as pool:
+            disk_results = list(pool.map(read, plans))
+        mode = "incremental" if parent else "full"
+        reasons = vm_reason or "; ".join(f"{d['name']}: {d['full_reason']}" for d in disk_results if d["full_reason"])
+        last_full = (
+            snap_unix if mode == "full" else (previous or {}).get("attributes", {}).get("last_full_unix", snap_unix)
+        )
+        attributes = {
+            "tool": "vmbackup vsphere",
+            "run_id": run_id,
+            "vm_moref": vm.moref,
+            "host": info.host,
+            "agent": agent.name,
+            "mode": mode,
+            "full_reason": reasons or None,
+            "transport": transport.name,
+            "consistency": taken.consistency,
+            "consistency_note": taken.note or None,
+            "snapshot_unix": snap_unix,
+            "last_full_unix": last_full,
+            "excluded_disks": sorted(excluded),
+            "disks": [
+                {k: d[k] for k in ("name", "key", "uuid", "file", "capacity", "change_id")} for d in disk_results
+            ],
+            "vmx": _vmx_text(client, obj),
+        }
+        meta = json.loads(session.commit(config=_vm_config_json(obj), attributes=json.dumps(attributes)))
+        session = None
+        result.backup_id = meta["id"]
+        result.mode = mode
+        result.full_reason = reasons or None
+        result.disks = disk_results
+        result.bytes_read = sum(d["bytes_read"] for d in disk_results)
+        result.bytes_stored = sum(d["bytes_stored"] for d in disk_results)
+        result.read_seconds = sum(d["seconds"] for d in disk_results)
+    except BaseException as e:
+        body_error = e
+        raise
+    finally:
+        if session is not None:
+            session.abort()
+        problems = transport.close() if transport is not None else []
+        if taken is not None:
+            try:
+                snapshots.remove(
+                    taken.snapshot, f"removing snapshot {taken.snapshot._moId} of VM {vm.name}", TASK_TIMEOUT
+                )
+            except BackupError as e:
+                problems.append(str(e))
+            result.snapshot_seconds = time.monotonic() - snap_t0
+        try:
+            snapshots.consolidate_if_needed(obj, vm.name, TASK_TIMEOUT)
+        except BackupError as e:
+            problems.append(str(e))
+        except vmodl.MethodFault as e:
+            problems.append(str(hypervisor_error(f"consolidating VM {vm.name}", e)))
+        if not problems:
+            ledger.remove(entry)
+        elif body_error is None:
+            raise HypervisorError(
+                f"VM {vm.name} was backed up ({result.backup_id}) but cleanup failed: {'; '.join(problems)}"
+            )
+        else:
+            log.error("VM %s: cleanup after a failure failed too: %s", vm.name, "; ".join(problems))
+    result.seconds = time.monotonic() - t0
+    return result

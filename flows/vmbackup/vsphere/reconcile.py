@@ -1,0 +1,161 @@
+"""Reconcile: remove what earlier runs left on a VM before backing it up again.
+
+In this order (each step makes the next possible): stop NBD servers they
+started, detach the VM's disk files from the plan's agent VMs (a hot-added
+file locks the chain), destroy their linked clones, remove their snapshots
+(name prefix and run id in the description; a user's snapshot is never
+touched), consolidate if vSphere says it is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyVmomi import vim
+
+from ..errors import BackupError, HypervisorBusyError
+from ..plan import Plan
+from . import snapshots
+from .inventory import CLONE_PREFIX, chain_files, disks_of
+from .ledger import Entry, Ledger
+from .tasks import run_task
+from .transport import agent_vm, destroy_clone, detach_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Leftover:
+    """Something a crashed run left behind, and whether it is gone now."""
+
+    kind: str  # "snapshot", "attachment", "clone", "nbd", "consolidation", "ledger"
+    vm: str
+    name: str
+    removed: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _stop_nbd(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if b"nbd" not in cmdline:  # the pid was reused by something else
+        return False
+    os.kill(pid, signal.SIGTERM)
+    return True
+
+
+def vm_files(vm: Any) -> set[str]:
+    """Every disk file of the VM: each disk's chain (the frozen files of its snapshots included)."""
+    files: set[str] = set()
+    for _, dev in disks_of(list(vm.config.hardware.device)):
+        files |= set(chain_files(dev.backing))
+    return files
+
+
+def clones_of(client: Any, vm_name: str) -> list[Any]:
+    prefix = f"{CLONE_PREFIX}{vm_name}-"
+    return [v for v in client.objects(vim.VirtualMachine) if v.name.startswith(prefix)]
+
+
+def agent_objects(client: Any, plan: Plan) -> list[Any]:
+    out = []
+    for a in plan.agents:
+        obj = agent_vm(client, a)
+        if obj is not None:
+            out.append(obj)
+    return out
+
+
+def reconcile_vm(
+    client: Any,
+    vm: Any,
+    vm_name: str,
+    plan: Plan,
+    ledger: Ledger,
+    *,
+    current_run: str | None,
+    timeout: float = 600.0,
+    entries: list[Entry] | None = None,
+    snapshot_filter: Any = None,
+) -> list[Leftover]:
+    """Removes what earlier runs left on one VM; returns what it found.
+
+    Raises HypervisorBusyError if a run that is still alive holds the VM.
+    """
+    everyone = ledger.entries(vm_name)
+    entries = [e for e in (entries if entries is not None else everyone) if e.run_id != current_run]
+    for e in everyone:
+        if e.run_id != current_run and e.alive_elsewhere():
+            raise HypervisorBusyError(f"VM {vm_name} is being backed up by run {e.run_id} (pid {e.pid})")
+    found: list[Leftover] = []
+
+    def attempt(kind: str, name: str, action: Any) -> bool:
+        try:
+            action()
+            found.append(Leftover(kind, vm_name, name, True))
+            return True
+        except BackupError as err:
+            found.append(Leftover(kind, vm_name, name, False, str(err)))
+            return False
+
+    for e in entries:
+        for n in e.nbd:
+            if _stop_nbd(int(n["pid"])):
+                found.append(Leftover("nbd", vm_name, f"pid {n['pid']}", True))
+
+    clones = clones_of(client, vm_name) if vm is not None else []
+    clones += [c for c in _ledger_clones(client, entries) if all(c._moId != x._moId for x in clones)]
+    files = {a["file"] for e in entries for a in e.attachments}
+    if vm is not None:
+        files |= vm_files(vm)
+    for c in clones:
+        files |= vm_files(c)
+    for agent in agent_objects(client, plan):
+        mine = {dev.backing.fileName for _, dev in disks_of(list(agent.config.hardware.device))} & files
+        for f in sorted(mine):
+            attempt(
+                "attachment",
+                f"{f} on {agent.name}",
+                lambda a=agent, f=f: detach_files(a, {f}, timeout, f"detaching {f} from {a.name}"),
+            )
+    for c in clones:
+        attempt("clone", c.name, lambda c=c: destroy_clone(c, timeout))
+    ok = all(x.removed for x in found)
+    if vm is not None:
+        for rid, node in snapshots.ours(vm):
+            if rid == current_run or (snapshot_filter is not None and not snapshot_filter(node)):
+                continue
+            ok &= attempt(
+                "snapshot",
+                node.name,
+                lambda n=node: snapshots.remove(
+                    n.snapshot, f"removing leftover snapshot {n.name} of {vm_name}", timeout
+                ),
+            )
+        if vm.runtime.consolidationNeeded:
+            ok &= attempt(
+                "consolidation",
+                vm_name,
+                lambda: run_task(lambda: vm.ConsolidateVMDisks_Task(), f"consolidating VM {vm_name}", timeout),
+            )
+    if ok:
+        for e in entries:
+            ledger.remove(e)
+    return found
+
+
+def _ledger_clones(client: Any, entries: list[Entry]) -> list[Any]:
+    names = {c.get("name") for e in entries for c in e.clones}
+    if not names:
+        return []
+    return [v for v in client.objects(vim.VirtualMachine) if v.name in names]

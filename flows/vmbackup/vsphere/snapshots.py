@@ -1,0 +1,130 @@
+"""Snapshots: taken with memory off and quiesce per policy, recognised and removed.
+
+Ours are named ``vmbackup-<run id>`` and carry ``vmbackup run-id=<run id>`` in
+their description; reconcile and the sweeper remove only snapshots with both,
+never a user's snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pyVmomi import vim
+
+from ..errors import BackupError, QuiesceError
+from .tasks import run_task
+
+log = logging.getLogger(__name__)
+
+PREFIX = "vmbackup-"
+_RUN = re.compile(r"\bvmbackup run-id=(\S+)")
+
+
+def snapshot_name(run_id: str) -> str:
+    return f"{PREFIX}{run_id}"
+
+
+def description(run_id: str) -> str:
+    return f"vmbackup run-id={run_id} pid={os.getpid()} machine={socket.gethostname()}"
+
+
+def run_id_of(tree: Any) -> str | None:
+    """The run id of one of our snapshots, or None for anyone else's."""
+    if not str(tree.name).startswith(PREFIX):
+        return None
+    m = _RUN.search(tree.description or "")
+    return m.group(1) if m else None
+
+
+def walk(vm: Any) -> Iterator[Any]:
+    """Every snapshot tree node of a VM, parents before children."""
+    info = vm.snapshot
+    stack = list(reversed(info.rootSnapshotList)) if info is not None else []
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(node.childSnapshotList or []))
+
+
+def ours(vm: Any) -> list[tuple[str, Any]]:
+    """(run id, snapshot tree node) of every snapshot this system made on the VM."""
+    return [(rid, n) for n in walk(vm) if (rid := run_id_of(n)) is not None]
+
+
+@dataclass
+class Taken:
+    snapshot: Any
+    consistency: str  # "application" or "crash"
+    note: str = ""
+
+
+_QUIESCE_FAULTS = (vim.fault.ApplicationQuiesceFault, vim.fault.ToolsUnavailable, vim.fault.GuestOperationsUnavailable)
+
+
+def _is_quiesce_failure(e: BackupError) -> bool:
+    cause = e.__cause__
+    return isinstance(cause, _QUIESCE_FAULTS) or "Quiesce" in str(e) or "ToolsUnavailable" in str(e)
+
+
+def create(vm: Any, name: str, run_id: str, *, quiesce_policy: str, tools_running: bool, timeout: float) -> Taken:
+    """Takes the backup snapshot (memory off) following the quiesce policy.
+
+    ``required``: a quiesce failure fails the VM (QuiesceError, permanent);
+    ``preferred``: one more quiesced attempt, then a crash-consistent snapshot;
+    ``off``: never quiesces. A powered-off VM needs no quiescing: its disks are
+    at rest, so the snapshot is application-consistent.
+    """
+    what = f"snapshot of VM {name}"
+
+    def take(quiesce: bool) -> Any:
+        return run_task(
+            lambda: vm.CreateSnapshot_Task(
+                name=snapshot_name(run_id), description=description(run_id), memory=False, quiesce=quiesce
+            ),
+            what,
+            timeout,
+        )
+
+    powered_on = str(vm.runtime.powerState) == "poweredOn"
+    if not powered_on:
+        return Taken(take(False), "application", "powered off")
+    if quiesce_policy == "off":
+        return Taken(take(False), "crash", "quiesce off by policy")
+    if not tools_running:
+        if quiesce_policy == "required":
+            raise QuiesceError(
+                f"cannot quiesce VM {name}: VMware Tools are not running and the plan requires quiescing"
+            )
+        return Taken(take(False), "crash", "VMware Tools not running")
+    attempts = 1 if quiesce_policy == "required" else 2
+    last: BackupError | None = None
+    for i in range(attempts):
+        try:
+            return Taken(take(True), "application")
+        except BackupError as e:
+            if not _is_quiesce_failure(e):
+                raise
+            last = e
+            log.warning("quiescing VM %s failed (attempt %d): %s", name, i + 1, e)
+    if quiesce_policy == "required":
+        raise QuiesceError(f"cannot quiesce VM {name}: {last}") from last
+    return Taken(take(False), "crash", f"quiescing failed twice ({last})")
+
+
+def remove(snapshot: Any, what: str, timeout: float) -> None:
+    """Removes one snapshot (its children stay), merging its delta into the parent."""
+    run_task(lambda: snapshot.RemoveSnapshot_Task(removeChildren=False), what, timeout)
+
+
+def consolidate_if_needed(vm: Any, name: str, timeout: float) -> bool:
+    """Consolidates the VM's disks if vSphere says it is needed; True if it did."""
+    if not vm.runtime.consolidationNeeded:
+        return False
+    run_task(lambda: vm.ConsolidateVMDisks_Task(), f"consolidating the disks of VM {name}", timeout)
+    return True

@@ -1,0 +1,94 @@
+"""The sweeper: find what crashed runs left (older than a threshold) and remove it.
+
+It looks in three places: the ledger (runs whose process is gone), every
+VM's snapshot tree (our prefix and a run id in the description), and the
+inventory (our linked clones). Anything younger than the threshold may
+belong to a run in progress and is left alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pyVmomi import vim
+
+from ..errors import BackupError
+from ..plan import Plan
+from . import snapshots
+from .inventory import CLONE_PREFIX
+from .ledger import Ledger
+from .reconcile import Leftover, reconcile_vm
+
+
+def _age(dt: Any, now: float) -> float:
+    return now - dt.timestamp() if dt is not None else float("inf")
+
+
+def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftover]:
+    """Removes leftovers older than ``older_than_seconds``; returns each one found (removed or not)."""
+    now = time.time()
+    ledger = Ledger(plan.repository)
+    found: list[Leftover] = []
+    entries = [e for e in ledger.entries() if now - e.created_unix >= older_than_seconds and not e.alive_elsewhere()]
+    by_vm: dict[str, list[Any]] = {}
+    for e in entries:
+        by_vm.setdefault(e.vm, []).append(e)
+    vms = {vm.name: vm for vm in client.objects(vim.VirtualMachine)}
+    # VMs with old snapshots of ours, or old clones of ours, even without a ledger entry.
+    for name, vm in vms.items():
+        if name.startswith(CLONE_PREFIX):
+            continue
+        old = [n for _, n in snapshots.ours(vm) if _age(n.createTime, now) >= older_than_seconds]
+        if old:
+            by_vm.setdefault(name, [])
+    for name, vm in vms.items():
+        if name.startswith(CLONE_PREFIX):
+            created = getattr(vm.config, "createDate", None)
+            if _age(created, now) >= older_than_seconds:
+                owner = _clone_owner(name, vms)
+                if owner is not None:
+                    by_vm.setdefault(owner, [])
+                else:  # its VM is gone: the clone alone
+                    found += _remove_orphan_clone(client, plan, vm)
+    young = {e.vm for e in ledger.entries() if now - e.created_unix < older_than_seconds}
+    for name, vm_entries in sorted(by_vm.items()):
+        vm = vms.get(name)
+        if name in young:  # a run may be at work on it: its leftovers wait for the next sweep
+            continue
+        try:
+            found += reconcile_vm(
+                client,
+                vm,
+                name,
+                plan,
+                ledger,
+                current_run=None,
+                entries=vm_entries,
+                snapshot_filter=lambda n: _age(n.createTime, now) >= older_than_seconds,
+            )
+        except BackupError as err:
+            found.append(Leftover("vm", name, name, False, str(err)))
+    return found
+
+
+def _clone_owner(clone_name: str, vms: dict[str, Any]) -> str | None:
+    """The VM a clone ``vmbackup-clone-<vm>-<run id>`` was made of (the longest matching name)."""
+    rest = clone_name[len(CLONE_PREFIX) :]
+    owners = [n for n in vms if rest.startswith(n + "-") and not n.startswith(CLONE_PREFIX)]
+    return max(owners, key=len) if owners else None
+
+
+def _remove_orphan_clone(client: Any, plan: Plan, clone: Any) -> list[Leftover]:
+    from .reconcile import agent_objects, vm_files
+    from .transport import destroy_clone, detach_files
+
+    name = clone.name
+    try:
+        files = vm_files(clone)
+        for agent in agent_objects(client, plan):
+            detach_files(agent, files, 600, f"detaching {name}'s disks from {agent.name}")
+        destroy_clone(clone, 600)
+        return [Leftover("clone", name, name, True)]
+    except BackupError as err:
+        return [Leftover("clone", name, name, False, str(err))]
