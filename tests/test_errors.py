@@ -44,7 +44,12 @@ def test_every_class_has_its_retryable_flag_and_exit_code():
     assert set(found) == set(EXPECTED)
     for name, (retryable, code) in EXPECTED.items():
         exc = found[name]("x")
-        assert (exc.retryable, exc.exit_code, is_retryable(exc), exit_code_of(exc)) == (retryable, code, retryable, code)
+        assert (exc.retryable, exc.exit_code, is_retryable(exc), exit_code_of(exc)) == (
+            retryable,
+            code,
+            retryable,
+            code,
+        )
         # Retryable means "the operation failed", never "bad input".
         assert not (retryable and code == 2)
     assert issubclass(SourceUnavailableError, errors.SourceError)

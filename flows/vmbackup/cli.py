@@ -484,8 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--nbd-timeout",
         metavar="SECONDS",
-        help="connect, handshake and wait for each NBD reply at most this long "
-        "(default $VMBACKUP_NBD_TIMEOUT or 60)",
+        help="connect, handshake and wait for each NBD reply at most this long (default $VMBACKUP_NBD_TIMEOUT or 60)",
     )
     sp.add_argument("source", metavar="SOURCE")
 

@@ -5,7 +5,6 @@ and compare equal; corrupt images fail with one clear line."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
