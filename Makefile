@@ -40,8 +40,6 @@ lint: dev
 	cargo clippy -q --workspace --all-targets -- $(CLIPPY_FLAGS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	# flows/vmbackup/_mover.pyi must match the built extension (names,
-	# parameters, defaults; text signatures come from mover/py).
 	$(PY) -m mypy.stubtest vmbackup._mover
 	cd lab/vsphere && if [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ]; then \
 	  GOPATH=/usr/share/gocode GO111MODULE=off go vet . ; else go vet . ; fi
