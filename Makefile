@@ -32,7 +32,7 @@ $(VENV)/.stamp-lab: $(VENV)/.stamp-mover $(wildcard lab/vsphere/*.go) lab/vspher
 test: dev lint test-rust test-python
 
 # Style gates: rustfmt and clippy (warnings are errors) for the Rust crates,
-# ruff (lint and format) for Python, go vet for the lab's simulator. The two
+# ruff (lint and format) for Python, mypy's stubtest for the extension's stub, go vet for the lab's simulator. The two
 # allowed clippy lints would ask for APIs newer than Debian's Rust 1.63.
 CLIPPY_FLAGS := -D warnings -A unknown_lints -A clippy::manual_div_ceil -A clippy::manual_is_multiple_of
 lint: dev
@@ -40,6 +40,7 @@ lint: dev
 	cargo clippy -q --workspace --all-targets -- $(CLIPPY_FLAGS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy.stubtest vmbackup._mover
 	cd lab/vsphere && if [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ]; then \
 	  GOPATH=/usr/share/gocode GO111MODULE=off go vet . ; else go vet . ; fi
 

@@ -97,8 +97,8 @@ def _backup(work: Path, source: str, tag: str, server_pid: int | None = None) ->
     s.add_disk(source, "disk0")
     elapsed = time.perf_counter() - t
     c1, k1 = _self_cpu(), (_cpu(server_pid) if server_pid else 0.0)
-    meta = json.loads(s.commit())
-    return elapsed, meta["id"], repo, c1 - c0, k1 - k0
+    meta = s.commit()
+    return elapsed, meta.id, repo, c1 - c0, k1 - k0
 
 
 def _nbdcopy(uri: str, server_pid: int) -> tuple[float, float]:

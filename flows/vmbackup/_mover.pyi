@@ -4,74 +4,223 @@ Every long call releases the GIL, calls ``progress(done, total)`` about once a
 second (bytes for backup and restore, chunks for verify, chunk directories for
 gc), and stops with ``CancelledError`` soon after ``cancel.cancel()`` or a
 Ctrl-C. An exception raised by ``progress`` stops the operation and is
-re-raised. Errors are the classes of ``vmbackup.errors``.
+re-raised. Errors are the classes of ``vmbackup.errors``, one per kind of
+failure; ``retryable`` on the class says whether a retry may cure it (e.g.
+``SourceUnavailableError``: the NBD connection was reset or timed out).
+Results are the frozen classes below, never JSON text.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, final
 
-Progress = Callable[[int, int], object]
+__all__ = [
+    "CancelToken",
+    "BackupSession",
+    "DiskResult",
+    "RestoreResult",
+    "VerifyProblem",
+    "VerifyResult",
+    "GcResult",
+    "RepositoryConfig",
+    "UntrustedManifest",
+    "BackupInfo",
+    "init_repository",
+    "open_repository",
+    "restore_disk",
+    "list_backups",
+    "verify",
+    "forget",
+    "gc",
+    "chunk_id",
+    "serve",
+]
 
+_Progress = Callable[[int, int], object]
+
+@final
 class CancelToken:
     """Cancels a running operation from any thread."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> CancelToken: ...
     def cancel(self) -> None:
         """Asks the operation to stop."""
     @property
     def cancelled(self) -> bool: ...
 
+@final
 class DiskResult:
-    """What one disk's backup did (frozen)."""
+    """What one disk's backup did, or a disk of a backup (frozen)."""
 
-    name: str
-    disk_size: int
-    mode: str  # "full", "allocated" (holes skipped) or "changed" (CBT)
-    source: str
-    source_format: str  # "raw", "vmdk:<createType>", "vhdx:dynamic", "vhd:fixed", ... (docs/formats.md)
-    bytes_read: int
-    bytes_stored: int
-    bytes_skipped: int
-    new_chunks: int
-    reused_chunks: int
-    zero_blocks: int
-    parent_blocks: int
-    seconds: float
+    @property
+    def name(self) -> str: ...
+    @property
+    def disk_size(self) -> int: ...
+    @property
+    def mode(self) -> str:
+        """``full``, ``allocated`` (holes skipped) or ``changed`` (CBT)."""
+    @property
+    def source(self) -> str: ...
+    @property
+    def source_format(self) -> str:
+        """``raw``, ``vmdk:<createType>``, ``vhdx:dynamic``, ``vhd:fixed``, ... (docs/formats.md)."""
+    @property
+    def change_id(self) -> Optional[str]:
+        """The hypervisor's CBT change id recorded for the disk."""
+    @property
+    def blocks(self) -> int: ...
+    @property
+    def bytes_read(self) -> int: ...
+    @property
+    def bytes_stored(self) -> int: ...
+    @property
+    def bytes_skipped(self) -> int: ...
+    @property
+    def new_chunks(self) -> int: ...
+    @property
+    def reused_chunks(self) -> int: ...
+    @property
+    def zero_blocks(self) -> int: ...
+    @property
+    def parent_blocks(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
 
+@final
+class RepositoryConfig:
+    """A repository's configuration (frozen)."""
+
+    @property
+    def format(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def compression(self) -> str: ...
+    @property
+    def created(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (the shape of ``config.json``)."""
+
+@final
+class UntrustedManifest:
+    """A manifest that cannot be trusted (frozen): damaged, unreadable, or not
+    what its file name says. Never counted as a kept backup."""
+
+    @property
+    def file_id(self) -> str:
+        """The id its file name gives (``backups/<file_id>.tib``)."""
+    @property
+    def problem(self) -> str: ...
+    @property
+    def info(self) -> Optional[BackupInfo]:
+        """Its metadata, if the header and metadata could be read at all."""
+
+@final
+class BackupInfo:
+    """A backup point's metadata (frozen): what ``commit`` wrote and
+    ``list_backups`` reads."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def vm(self) -> str: ...
+    @property
+    def created(self) -> str:
+        """UTC, ``YYYY-MM-DDTHH:MM:SSZ``."""
+    @property
+    def created_unix(self) -> float: ...
+    @property
+    def parent(self) -> Optional[str]: ...
+    @property
+    def repository(self) -> str:
+        """The id of the repository it was written to."""
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def disks(self) -> list[DiskResult]: ...
+    @property
+    def config(self) -> Any:
+        """The VM's configuration given to ``commit`` (a fresh copy each time)."""
+    @property
+    def attributes(self) -> Any:
+        """The attributes given to ``commit`` (a fresh copy each time)."""
+    @property
+    def size(self) -> int:
+        """The sum of the disks' sizes."""
+    @property
+    def bytes_stored(self) -> int:
+        """The sum of the bytes the disks' backups stored."""
+
+@final
 class RestoreResult:
-    backup: str
-    disk: str
-    disk_size: int
-    bytes_written: int
-    zero_blocks: int
-    seconds: float
+    @property
+    def backup(self) -> str: ...
+    @property
+    def disk(self) -> str: ...
+    @property
+    def disk_size(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def zero_blocks(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
 
+@final
 class VerifyProblem:
-    kind: str  # "bad_manifest", "missing_chunk" or "corrupt_chunk"
-    object: str  # the backup id or chunk id at fault
-    message: str
-    affected: list[tuple[str, str, str]]  # (backup id, VM, disk)
+    @property
+    def kind(self) -> str:
+        """``bad_manifest``, ``missing_chunk`` or ``corrupt_chunk``."""
+    @property
+    def object(self) -> str:
+        """The backup id or chunk id at fault."""
+    @property
+    def message(self) -> str: ...
+    @property
+    def affected(self) -> list[tuple[str, str, str]]:
+        """(backup id, VM, disk) of every disk the problem affects."""
 
+@final
 class VerifyResult:
-    ok: bool
-    backups_checked: int
-    chunks_checked: int
-    bytes_checked: int
-    problems: list[VerifyProblem]
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def backups_checked(self) -> int: ...
+    @property
+    def chunks_checked(self) -> int: ...
+    @property
+    def bytes_checked(self) -> int: ...
+    @property
+    def problems(self) -> list[VerifyProblem]: ...
 
+@final
 class GcResult:
-    dry_run: bool
-    backups: int
-    active_backups: int
-    stale_leases_removed: int
-    referenced_chunks: int
-    chunks_scanned: int
-    chunks_removed: int
-    bytes_removed: int
-    chunks_in_grace: int
-    temp_files_removed: int
-    cutoff_unix: float
+    @property
+    def dry_run(self) -> bool: ...
+    @property
+    def backups(self) -> int: ...
+    @property
+    def active_backups(self) -> int: ...
+    @property
+    def stale_leases_removed(self) -> int: ...
+    @property
+    def referenced_chunks(self) -> int: ...
+    @property
+    def chunks_scanned(self) -> int: ...
+    @property
+    def chunks_removed(self) -> int: ...
+    @property
+    def bytes_removed(self) -> int: ...
+    @property
+    def chunks_in_grace(self) -> int: ...
+    @property
+    def temp_files_removed(self) -> int: ...
+    @property
+    def cutoff_unix(self) -> float: ...
 
-def init_repository(path: str, chunk_size: int = 1048576, compression: str = "zstd:1") -> str:
+def init_repository(path: str, chunk_size: int = 1048576, compression: str = "zstd:1") -> RepositoryConfig:
     """Creates a repository in an empty or new directory.
 
     Args:
@@ -80,12 +229,13 @@ def init_repository(path: str, chunk_size: int = 1048576, compression: str = "zs
         compression: ``none`` or ``zstd:LEVEL`` (-7..-1, 1..19).
 
     Returns:
-        The repository's config as JSON.
+        The repository's config.
     """
 
-def open_repository(path: str) -> str:
-    """Checks a repository and returns its config as JSON."""
+def open_repository(path: str) -> RepositoryConfig:
+    """Checks a repository and returns its config."""
 
+@final
 class BackupSession:
     """One backup point of a VM: add its disks, then commit.
 
@@ -93,7 +243,7 @@ class BackupSession:
     collection never removes a chunk this backup may still name.
     """
 
-    def __init__(self, repo: str, vm: str, parent: Optional[str] = None) -> None:
+    def __new__(cls, repo: str, vm: str, parent: Optional[str] = None) -> BackupSession:
         """Starts a backup of ``vm``, incremental to backup ``parent`` if given."""
     @property
     def id(self) -> str:
@@ -104,8 +254,10 @@ class BackupSession:
         name: str,
         changed_extents: Optional[Sequence[tuple[int, int]]] = None,
         change_id: Optional[str] = None,
-        progress: Optional[Progress] = None,
+        progress: Optional[_Progress] = None,
         cancel: Optional[CancelToken] = None,
+        nbd_timeout: Optional[float] = None,
+        nbd_connections: Optional[int] = None,
     ) -> DiskResult:
         """Backs up one disk.
 
@@ -118,8 +270,19 @@ class BackupSession:
                 parent (QueryChangedDiskAreas); other blocks come from the
                 parent's disk of the same name without being read.
             change_id: the hypervisor's CBT change id, recorded for the next run.
+            nbd_timeout: for an NBD source, the most seconds to connect,
+                handshake and wait for each reply (above 0, at most 86400;
+                default 60).
+            nbd_connections: for an NBD source that allows several, the most
+                connections to open (1 to 16; default 4).
+
+        Raises:
+            InvalidInputError: an option out of range (refused, not clamped).
+            SourceError: the source is missing, corrupt or unsupported.
+            SourceUnavailableError: the source's connection was reset, closed
+                or timed out, or it answered EIO (retryable).
         """
-    def commit(self, config: Optional[str] = None, attributes: Optional[str] = None) -> str:
+    def commit(self, config: Optional[str] = None, attributes: Optional[str] = None) -> BackupInfo:
         """Makes every chunk durable, writes the manifest atomically.
 
         Args:
@@ -127,7 +290,7 @@ class BackupSession:
             attributes: anything else to record (consistency, transport...), JSON.
 
         Returns:
-            The backup's metadata as JSON.
+            The backup's metadata.
         """
     def abort(self) -> None:
         """Abandons the backup; its chunks stay for reuse or gc."""
@@ -139,7 +302,7 @@ def restore_disk(
     disk: Optional[str] = None,
     format: str = "raw",
     overwrite: bool = False,
-    progress: Optional[Progress] = None,
+    progress: Optional[_Progress] = None,
     cancel: Optional[CancelToken] = None,
 ) -> RestoreResult:
     """Restores a disk to a raw file (sparse) or an existing block device,
@@ -151,19 +314,18 @@ def restore_disk(
     Every chunk is checked against its id before it is written.
     """
 
-def list_backups(repo: str) -> tuple[list[str], list[str]]:
-    """Every trusted backup's metadata as JSON (oldest by ``created_unix`` first), and every untrusted manifest.
+def list_backups(repo: str) -> tuple[list[BackupInfo], list[UntrustedManifest]]:
+    """Every trusted backup (oldest by ``created_unix`` first), and every untrusted manifest.
 
     A manifest is trusted if it loads whole (checksum, block maps), its id is its file name, its
-    repository id is this repository's and its chunk size the repository's. Each untrusted one is a
-    JSON object ``{"file_id": str, "problem": str, "metadata": dict | None}``.
+    repository id is this repository's and its chunk size the repository's.
     """
 
 def verify(
     repo: str,
     ids: Optional[Sequence[str]] = None,
     read_data: bool = False,
-    progress: Optional[Progress] = None,
+    progress: Optional[_Progress] = None,
     cancel: Optional[CancelToken] = None,
 ) -> VerifyResult:
     """Checks manifests and chunk presence; with ``read_data`` re-reads and re-hashes every chunk.
@@ -178,7 +340,7 @@ def gc(
     repo: str,
     grace_seconds: float = 900.0,
     dry_run: bool = False,
-    progress: Optional[Progress] = None,
+    progress: Optional[_Progress] = None,
     cancel: Optional[CancelToken] = None,
 ) -> GcResult:
     """Removes chunks no backup names and no running backup may still name."""
@@ -196,6 +358,7 @@ def serve(
     ready: Optional[Callable[[str], object]] = None,
     cancel: Optional[CancelToken] = None,
     overlay_dir: Optional[str] = None,
+    handshake_timeout: Optional[float] = None,
 ) -> None:
     """Serves a backup's disk as an NBD export until cancelled or interrupted.
 
@@ -217,8 +380,15 @@ def serve(
         cancel: stops serving; so does a signal whose handler raises
             (Ctrl-C), whose exception is then re-raised.
         overlay_dir: where the overlay goes (default: the temporary directory).
+        handshake_timeout: seconds a client has for its whole handshake
+            before it is disconnected (default 10; above 0, at most 3600).
+            When all 64 client slots are taken, a new client takes the slot
+            of the oldest one still in its handshake, so idle connections
+            never lock clients out.
 
     Raises:
         NotFoundError: no such backup or disk.
-        InvalidInputError: neither or both of ``socket`` and ``listen``, or the socket exists.
+        InvalidInputError: neither or both of ``socket`` and ``listen``, the
+            socket exists, or the address cannot be listened on.
+        AddressInUseError: the address is in use (retryable).
     """

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import BackupError, InvalidInputError
+from .errors import BackupError, InvalidInputError, OutputError, exit_code_of
 
 _UNITS = {
     "": 1,
@@ -102,11 +102,35 @@ class _Progress:
 
 
 def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
-    if getattr(args, "json", False):
-        json.dump(data, sys.stdout, indent=None if not sys.stdout.isatty() else 2)
-        sys.stdout.write("\n")
-    elif human:
-        print(human)
+    try:
+        if getattr(args, "json", False):
+            json.dump(data, sys.stdout, indent=None if not sys.stdout.isatty() else 2)
+            sys.stdout.write("\n")
+        elif human:
+            print(human)
+        _flush_stdout()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _drop_stdout()
+        raise OutputError(f"writing to stdout failed: {e.strerror or e}") from e
+
+
+def _number(flag: str, env: str, value: str | None, kind: type[int] | type[float]) -> int | float | None:
+    """A number from a flag, else from the environment (read only here, at
+    the edge), else None (the mover's default). A value that is not a
+    number is refused with one line naming where it came from; the range is
+    checked by the mover, which refuses rather than clamps."""
+    where = flag
+    if value is None:
+        value, where = os.environ.get(env), env
+    if value is None or value == "":
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number of seconds"
+        raise InvalidInputError(f"{where}={value!r} is not {what}") from None
 
 
 def _repo(args: argparse.Namespace) -> str:
@@ -122,7 +146,7 @@ def _repo(args: argparse.Namespace) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     from . import _mover
 
-    config = json.loads(_mover.init_repository(_repo(args), parse_size(args.chunk_size), args.compression))
+    config = _mover.init_repository(_repo(args), parse_size(args.chunk_size), args.compression).to_dict()
     config["path"] = os.path.abspath(_repo(args))
     _emit(
         args,
@@ -144,22 +168,32 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
         extents = read_extents(args.changed_extents)
     if not args.source.startswith(("nbd:", "nbd+", "nbds:", "nbds+")) and not os.path.exists(args.source):
         raise InvalidInputError(f"source {args.source} does not exist")
+    nbd_timeout = _number("--nbd-timeout", "VMBACKUP_NBD_TIMEOUT", args.nbd_timeout, float)
+    nbd_connections = _number("--nbd-connections", "VMBACKUP_NBD_CONNECTIONS", args.nbd_connections, int)
     session = _mover.BackupSession(repo, args.vm, args.parent)
     progress = _Progress(f"backing up {args.source}", not args.json)
     try:
-        disk = session.add_disk(args.source, args.disk, extents, args.change_id, progress=progress)
-        meta = json.loads(session.commit(attributes=json.dumps({"tool": "vmbackup backup-disk"})))
+        disk = session.add_disk(
+            args.source,
+            args.disk,
+            extents,
+            args.change_id,
+            progress=progress,
+            nbd_timeout=nbd_timeout,
+            nbd_connections=int(nbd_connections) if nbd_connections is not None else None,
+        )
+        meta = session.commit(attributes=json.dumps({"tool": "vmbackup backup-disk"}))
     except BaseException:
         session.abort()
         raise
     finally:
         progress.close()
     result = {
-        "id": meta["id"],
-        "vm": meta["vm"],
+        "id": meta.id,
+        "vm": meta.vm,
         "disk": disk.name,
-        "created": meta["created"],
-        "parent": meta["parent"],
+        "created": meta.created,
+        "parent": meta.parent,
         "mode": disk.mode,
         "disk_size": disk.disk_size,
         "bytes_read": disk.bytes_read,
@@ -174,7 +208,7 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
     _emit(
         args,
         result,
-        f"backup {meta['id']} of {meta['vm']} disk {disk.name}: {fmt_bytes(disk.disk_size)} disk, "
+        f"backup {meta.id} of {meta.vm} disk {disk.name}: {fmt_bytes(disk.disk_size)} disk, "
         f"read {fmt_bytes(disk.bytes_read)}, stored {fmt_bytes(disk.bytes_stored)} "
         f"({disk.new_chunks} new chunks, {disk.reused_chunks} reused, {disk.zero_blocks} zero blocks, "
         f"{disk.parent_blocks} from parent) in {disk.seconds:.2f} s",
@@ -218,7 +252,7 @@ def cmd_restore_disk(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    from .catalog import list_backups
+    from .catalog import list_backups, summary, untrusted_summary
 
     backups, bad = list_backups(_repo(args), args.vm)
     for u in bad:
@@ -238,7 +272,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         )
     if bad:
         lines.append(f"{len(bad)} manifest(s) marked ! are not trusted: damaged, or not what the file name says")
-    data = [b.summary() | {"trusted": True} for b in backups] + [u.summary() for u in bad]
+    data = [summary(b) | {"trusted": True} for b in backups] + [untrusted_summary(u) for u in bad]
     _emit(args, data, "\n".join(lines) if rows else "no backups")
     return 0
 
@@ -337,7 +371,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     lines += [f"{'remove' if args.dry_run else 'gone  '} {r['id']} {r['vm']}" for r in removed]
     lines += [f"untrusted {u.file_id} (left alone: {u.problem})" for u in bad]
     lines.append(f"{verb} {len(removed)} backup(s), kept {len(kept)}")
-    untrusted = [{"id": u.file_id, "vm": u.vm, "problem": u.problem} for u in bad]
+    untrusted = [{"id": u.file_id, "vm": u.info.vm if u.info else None, "problem": u.problem} for u in bad]
     _emit(args, {"dry_run": args.dry_run, "kept": kept, "removed": removed, "untrusted": untrusted}, "\n".join(lines))
     return 0
 
@@ -459,6 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON list of {start, length} changed since --parent (QueryChangedDiskAreas)",
     )
     sp.add_argument("--change-id", help="the hypervisor's CBT change id to record")
+    sp.add_argument(
+        "--nbd-connections",
+        metavar="N",
+        help="most connections to an NBD export that allows several, 1-16 (default $VMBACKUP_NBD_CONNECTIONS or 4)",
+    )
+    sp.add_argument(
+        "--nbd-timeout",
+        metavar="SECONDS",
+        help="connect, handshake and wait for each NBD reply at most this long (default $VMBACKUP_NBD_TIMEOUT or 60)",
+    )
     sp.add_argument("source", metavar="SOURCE")
 
     sp = command("restore-disk", cmd_restore_disk, "restore a disk of a backup")
@@ -519,15 +563,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _flush_stdout()
+        return code
+    except BrokenPipeError as e:
+        # The reader of stdout went away (`vmbackup ... | head`): nothing
+        # to tell it. Python must not try to flush stdout again at exit.
+        _drop_stdout()
+        return exit_code_of(e)
     except BackupError as e:
         print(f"vmbackup: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
+        return exit_code_of(e)
+    except KeyboardInterrupt as e:
         print("vmbackup: interrupted", file=sys.stderr)
-        return 130
+        return exit_code_of(e)
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
     except BrokenPipeError:
-        return 1
+        raise
+    except OSError as e:
+        _drop_stdout()
+        raise OutputError(f"writing to stdout failed: {e.strerror or e}") from e
+
+
+def _drop_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

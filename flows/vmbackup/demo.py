@@ -45,9 +45,9 @@ def run_demo(directory: str, size: int = 512 << 20) -> int:
 
     s = _mover.BackupSession(repo, "web01")
     d = s.add_disk(disk, "scsi0:0", change_id="52 8e 1c-demo/1")
-    full = json.loads(s.commit(config=json.dumps({"name": "web01", "memoryMB": 2048, "numCPU": 2})))
+    full = s.commit(config=json.dumps({"name": "web01", "memoryMB": 2048, "numCPU": 2}))
     say(
-        f"3. full backup {full['id']}: read {fmt_bytes(d.bytes_read)} (skipped {fmt_bytes(d.bytes_skipped)} of holes), "
+        f"3. full backup {full.id}: read {fmt_bytes(d.bytes_read)} (skipped {fmt_bytes(d.bytes_skipped)} of holes), "
         f"stored {fmt_bytes(d.bytes_stored)}, {d.reused_chunks} duplicate blocks deduplicated, {d.seconds:.2f} s"
     )
 
@@ -55,13 +55,13 @@ def run_demo(directory: str, size: int = 512 << 20) -> int:
     after = _sha256(disk)
     say(f"4. guest wrote {len(changed)} MiB blocks; CBT reports {len(changed)} changed areas")
 
-    s = _mover.BackupSession(repo, "web01", parent=full["id"])
+    s = _mover.BackupSession(repo, "web01", parent=full.id)
     d = s.add_disk(
         disk, "scsi0:0", changed_extents=[(c["start"], c["length"]) for c in changed], change_id="52 8e 1c-demo/2"
     )
-    inc = json.loads(s.commit())
+    inc = s.commit()
     say(
-        f"5. incremental backup {inc['id']}: read only {fmt_bytes(d.bytes_read)}, {d.parent_blocks} blocks "
+        f"5. incremental backup {inc.id}: read only {fmt_bytes(d.bytes_read)}, {d.parent_blocks} blocks "
         f"taken from the parent, stored {fmt_bytes(d.bytes_stored)}, {d.seconds:.2f} s"
     )
 

@@ -5,7 +5,6 @@ and compare equal; corrupt images fail with one clear line."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -207,7 +206,7 @@ def test_random_guest_writes_round_trip(tmp_path_factory, subformat, writes):
     _mover.init_repository(repo, chunk_size=256 * 1024)
     s = _mover.BackupSession(repo, "vm")
     s.add_disk(str(img), "scsi0:0")
-    bid = json.loads(s.commit())["id"]
+    bid = s.commit().id
     out = d / "out.raw"
     _mover.restore_disk(repo, bid, str(out))
     assert out.read_bytes() == ref.read_bytes()

@@ -96,11 +96,18 @@ def test_source_errors_are_source_errors(repo, disk, tmp_path):
 def test_commit_records_config_and_attributes(repo, disk):
     s = _mover.BackupSession(repo, "v")
     s.add_disk(disk, "scsi0:0", change_id="52 de/7")
-    meta = json.loads(s.commit(config=json.dumps({"numCPU": 2}), attributes=json.dumps({"consistency": "crash"})))
-    assert meta["config"] == {"numCPU": 2} and meta["attributes"] == {"consistency": "crash"}
-    assert meta["disks"][0]["change_id"] == "52 de/7"
-    listed = [json.loads(t) for t in _mover.list_backups(repo)[0]]
-    assert listed == [meta]
+    meta = s.commit(config=json.dumps({"numCPU": 2}), attributes=json.dumps({"consistency": "crash"}))
+    assert isinstance(meta, _mover.BackupInfo)
+    assert meta.config == {"numCPU": 2} and meta.attributes == {"consistency": "crash"}
+    assert meta.vm == "v" and meta.parent is None and meta.size == meta.disks[0].disk_size
+    assert meta.disks[0].change_id == "52 de/7" and meta.disks[0].name == "scsi0:0"
+    meta.config["numCPU"] = 9  # a copy: the result stays as committed
+    assert meta.config == {"numCPU": 2}
+    (listed,), bad = _mover.list_backups(repo)
+    assert bad == [] and isinstance(listed, _mover.BackupInfo)
+    fields = ("id", "vm", "created", "created_unix", "parent", "repository", "chunk_size", "config", "attributes")
+    assert [getattr(listed, f) for f in fields] == [getattr(meta, f) for f in fields]
+    assert listed.repository == _mover.open_repository(repo).id
 
 
 def test_a_cancelled_verify_gives_no_verdict(repo, disk):

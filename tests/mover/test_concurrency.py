@@ -52,13 +52,13 @@ def test_gc_during_a_backup_keeps_what_the_backup_reuses(cli, image, tmp_path):
     cli.json("forget", old["id"])
     g = _mover.gc(str(cli.repo), grace_seconds=0)
     assert g.active_backups == 1 and g.chunks_removed == 0 and g.chunks_in_grace > 0
-    meta = json.loads(s.commit())
+    meta = s.commit()
     assert cli.json("verify", "--read-data")["ok"]
-    cli.json("restore-disk", meta["id"], str(tmp_path / "o"))
+    cli.json("restore-disk", meta.id, str(tmp_path / "o"))
     assert sha256(tmp_path / "o") == sha256(disk)
     # Once nothing runs and nothing names them, gc does remove chunks
     # (after the two seconds of slack for coarse file timestamps).
-    cli.json("forget", meta["id"])
+    cli.json("forget", meta.id)
     time.sleep(2.1)
     g = cli.json("gc", "--grace", "0")
     assert g["chunks_removed"] == g["chunks_scanned"] > 0 and g["bytes_removed"] > 0
@@ -101,9 +101,9 @@ def test_gc_keeps_the_parent_chunks_an_unfinished_incremental_reuses(cli, image,
     cli.json("forget", parent["id"])
     g = _mover.gc(str(cli.repo), grace_seconds=0)
     assert g.chunks_removed == 0, "gc removed chunks the running incremental names"
-    meta = json.loads(s.commit())
+    meta = s.commit()
     assert cli.json("verify", "--read-data")["ok"]
-    cli.json("restore-disk", meta["id"], str(tmp_path / "o"))
+    cli.json("restore-disk", meta.id, str(tmp_path / "o"))
     assert sha256(tmp_path / "o") == sha256(disk)
 
 

@@ -104,7 +104,7 @@ def test_cbt_incremental_of_random_guest_writes(tmp_path_factory, writes, chunk)
         f.write(os.urandom(2 * MiB))
     s = _mover.BackupSession(repo, "vm")
     s.add_disk(str(disk), "scsi0:0")
-    parent = json.loads(s.commit())["id"]
+    parent = s.commit().id
     extents = []
     with open(disk, "r+b") as f:
         for start, length in writes:
@@ -114,7 +114,7 @@ def test_cbt_incremental_of_random_guest_writes(tmp_path_factory, writes, chunk)
             extents.append((start, length))
     s = _mover.BackupSession(repo, "vm", parent=parent)
     s.add_disk(str(disk), "scsi0:0", changed_extents=extents)
-    inc = json.loads(s.commit())["id"]
+    inc = s.commit().id
     out = d / "out"
     _mover.restore_disk(repo, inc, str(out))
     assert out.read_bytes() == disk.read_bytes()
@@ -127,9 +127,9 @@ def test_multi_disk_backup_and_disk_selection(tmp_path, cli):
     s = _mover.BackupSession(str(cli.repo), "db01")
     s.add_disk(str(a), "scsi0:0")
     s.add_disk(str(b), "scsi0:1")
-    meta = json.loads(s.commit(config=json.dumps({"numCPU": 4})))
-    assert [d["name"] for d in meta["disks"]] == ["scsi0:0", "scsi0:1"]
-    p = cli.run("restore-disk", meta["id"], str(tmp_path / "x"), expect=2)
+    meta = s.commit(config=json.dumps({"numCPU": 4}))
+    assert [d.name for d in meta.disks] == ["scsi0:0", "scsi0:1"]
+    p = cli.run("restore-disk", meta.id, str(tmp_path / "x"), expect=2)
     assert "--disk" in p.stderr
-    cli.run("restore-disk", "--disk", "scsi0:1", meta["id"], str(tmp_path / "x"))
+    cli.run("restore-disk", "--disk", "scsi0:1", meta.id, str(tmp_path / "x"))
     assert (tmp_path / "x").read_bytes() == b.read_bytes()

@@ -4,8 +4,6 @@ transport alone and the fallback between them."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from vmbackup import _mover
 
@@ -48,10 +46,10 @@ def test_full_then_incremental_bit_exact_and_guest_writes_during_backup_do_not_l
     )
     assert inc.mode == "incremental" and inc.full_reason is None
     assert inc.bytes_read < full.bytes_read
-    meta = json.loads(_mover.list_backups(str(plan.repository))[0][-1])
-    assert meta["parent"] == full.backup_id
-    assert meta["attributes"]["consistency"] == "application" and meta["config"]["name"] == vm
-    assert {d["name"]: d["change_id"] for d in meta["attributes"]["disks"]} == {
+    meta = _mover.list_backups(str(plan.repository))[0][-1]
+    assert meta.parent == full.backup_id
+    assert meta.attributes["consistency"] == "application" and meta.config["name"] == vm
+    assert {d["name"]: d["change_id"] for d in meta.attributes["disks"]} == {
         d["name"]: d["change_id"] for d in inc.disks
     }
     checks.assert_clean(plan)

@@ -79,9 +79,17 @@ def latest_backup(repository: str, vm: str) -> dict[str, Any] | None:
     """The newest backup of ``vm`` in the repository (manifest metadata), or None."""
     from .. import _mover
 
-    metas, _bad = _mover.list_backups(repository)
-    mine = [m for m in (json.loads(t) for t in metas) if m.get("vm") == vm]
-    return max(mine, key=lambda m: m.get("created_unix", 0)) if mine else None
+    infos, _untrusted = _mover.list_backups(repository)
+    mine = [b for b in infos if b.vm == vm]
+    if not mine:
+        return None
+    b = max(mine, key=lambda b: b.created_unix)
+    return {
+        "id": b.id,
+        "created_unix": b.created_unix,
+        "attributes": b.attributes,
+        "disks": [{"name": d.name, "size": d.disk_size, "change_id": d.change_id} for d in b.disks],
+    }
 
 
 class _Progress:
@@ -308,9 +316,9 @@ def backup_vm(
             ],
             "vmx": _vmx_text(client, obj),
         }
-        meta = json.loads(session.commit(config=_vm_config_json(obj), attributes=json.dumps(attributes)))
+        info = session.commit(config=_vm_config_json(obj), attributes=json.dumps(attributes))
         session = None
-        result.backup_id = meta["id"]
+        result.backup_id = info.id
         result.mode = mode
         result.full_reason = reasons or None
         result.disks = disk_results

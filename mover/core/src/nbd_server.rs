@@ -24,7 +24,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A slice of a cached block: (block, start, length), sent without copying.
 type Piece = (Arc<Vec<u8>>, usize, usize);
@@ -35,10 +35,15 @@ pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 const MAX_DESCRIPTORS: usize = 16 * 1024;
 /// The id of `base:allocation` in our replies.
 const ALLOCATION_ID: u32 = 1;
-/// Most clients served at once; more are refused (disconnected at once).
+/// Most clients served at once. When all slots are taken, a new client
+/// takes the slot of the oldest one still in its handshake (so idle
+/// connections cannot lock clients out); if every client is past its
+/// handshake, the new one is refused (disconnected at once).
 const MAX_CLIENTS: usize = 64;
-/// A client has this long for each step of the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default for `ServeOptions::handshake_timeout`: qemu-nbd and nbdkit
+/// finish their handshake in milliseconds; a connection that has not after
+/// this long is idle or hostile.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where to listen.
 #[derive(Clone, Debug)]
@@ -57,6 +62,7 @@ enum Listener {
 pub struct NbdServer {
     listener: Listener,
     export: Arc<Export>,
+    handshake_timeout: Duration,
 }
 
 pub struct ServeOptions {
@@ -64,6 +70,30 @@ pub struct ServeOptions {
     pub overlay_dir: Option<PathBuf>,
     /// The export's name (`""` is accepted too).
     pub name: String,
+    /// A client must finish the whole handshake (up to `NBD_OPT_GO`)
+    /// within this long, or it is disconnected and its slot freed.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { overlay_dir: None, name: String::new(), handshake_timeout: HANDSHAKE_TIMEOUT }
+    }
+}
+
+/// A client being served: a handle to shut its socket down, its thread,
+/// and whether and when its handshake finished.
+struct Client {
+    control: Stream,
+    thread: JoinHandle<()>,
+    handshaken: Arc<std::sync::atomic::AtomicBool>,
+    since: Instant,
+}
+
+impl Client {
+    fn in_handshake(&self) -> bool {
+        !self.handshaken.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 struct Export {
@@ -193,7 +223,7 @@ impl BlockCache {
                     self.base.read_at(&mut buf, start).map(|_| Arc::new(buf))
                 }
             }))
-            .unwrap_or_else(|_| Err(Error::Source(format!("reading block {idx} failed unexpectedly"))));
+            .unwrap_or_else(|_| Err(Error::Internal(format!("reading block {idx} panicked"))));
             let r = r.map_err(|e| e.to_string());
             if r.is_err() {
                 self.entries.lock().expect("block cache").retain(|(i, _)| *i != idx);
@@ -281,7 +311,7 @@ impl NbdServer {
                         p.display()
                     )));
                 }
-                let l = UnixListener::bind(p).map_err(|e| Error::target(format!("listening on {}", p.display()), e))?;
+                let l = UnixListener::bind(p).map_err(|e| Error::listen(format!("listening on {}", p.display()), e))?;
                 Listener::Unix(l, p.clone())
             }
             Listen::Tcp(addr) => {
@@ -289,13 +319,13 @@ impl NbdServer {
                     .to_socket_addrs()
                     .map_err(|e| Error::InvalidInput(format!("{addr} is not a HOST:PORT to listen on: {e}")))?
                     .collect();
-                let l = TcpListener::bind(&addrs[..]).map_err(|e| Error::target(format!("listening on {addr}"), e))?;
+                let l = TcpListener::bind(&addrs[..]).map_err(|e| Error::listen(format!("listening on {addr}"), e))?;
                 let local = l.local_addr().map_err(|e| Error::target(format!("listening on {addr}"), e))?;
                 Listener::Tcp(l, local)
             }
         };
         let export = Export { base: source, cache, size, name: opts.name, allocated, overlay };
-        Ok(NbdServer { listener, export: Arc::new(export) })
+        Ok(NbdServer { listener, export: Arc::new(export), handshake_timeout: opts.handshake_timeout })
     }
 
     /// The URI clients connect to.
@@ -315,10 +345,20 @@ impl NbdServer {
             Listener::Tcp(l, _) => l.set_nonblocking(true),
         };
         set_nb.map_err(|e| Error::target("listening", e))?;
-        let clients: Mutex<Vec<(Stream, JoinHandle<()>)>> = Mutex::new(Vec::new());
+        let mut clients: Vec<Client> = Vec::new();
         let result = loop {
             if cancel.is_cancelled() {
                 break Ok(());
+            }
+            // Forget clients that have gone; disconnect those whose
+            // handshake ran out of time (their thread then ends).
+            let (done, live): (Vec<_>, Vec<_>) = clients.drain(..).partition(|c| c.thread.is_finished());
+            for c in done {
+                let _ = c.thread.join();
+            }
+            clients = live;
+            for c in clients.iter().filter(|c| c.in_handshake() && c.since.elapsed() >= self.handshake_timeout) {
+                c.control.shutdown();
             }
             let accepted = match &self.listener {
                 Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
@@ -333,44 +373,41 @@ impl NbdServer {
                         Ok(c) => c,
                         Err(_) => continue,
                     };
-                    {
-                        let mut cl = clients.lock().expect("clients");
-                        cl.retain(|(_, h)| !h.is_finished());
-                        if cl.len() >= MAX_CLIENTS {
-                            // Refused, not queued: the export keeps serving the others.
-                            ctl.shutdown();
-                            continue;
+                    if clients.len() >= MAX_CLIENTS {
+                        // Make room by dropping the oldest client still in
+                        // its handshake; with none, refuse the newcomer:
+                        // the export keeps serving the others.
+                        let oldest =
+                            clients.iter().enumerate().filter(|(_, c)| c.in_handshake()).min_by_key(|(_, c)| c.since);
+                        match oldest.map(|(i, _)| i) {
+                            Some(i) => {
+                                let c = clients.swap_remove(i);
+                                c.control.shutdown();
+                                let _ = c.thread.join();
+                            }
+                            None => {
+                                ctl.shutdown();
+                                continue;
+                            }
                         }
                     }
                     let export = self.export.clone();
-                    let h = std::thread::Builder::new()
-                        .name("nbd-client".into())
-                        .spawn(move || {
-                            // The clone kept for cancellation holds the socket
-                            // open: shut it down so the client sees the close.
-                            let ctl = s.try_clone();
-                            let _ = serve_client(s, &export);
-                            if let Ok(c) = ctl {
-                                c.shutdown();
-                            }
-                        })
-                        .map_err(|e| Error::target("starting a client thread", e));
-                    let h = match h {
-                        Ok(h) => h,
-                        Err(_) => {
-                            // Out of threads: this client goes, the others stay.
-                            ctl.shutdown();
-                            continue;
+                    let handshaken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let flag = handshaken.clone();
+                    let h = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
+                        // The clone kept for cancellation holds the socket
+                        // open: shut it down so the client sees the close.
+                        let ctl = s.try_clone();
+                        let _ = serve_client(s, &export, &flag);
+                        if let Ok(c) = ctl {
+                            c.shutdown();
                         }
-                    };
-                    let mut cl = clients.lock().expect("clients");
-                    // Forget clients that have gone.
-                    let (done, live): (Vec<_>, Vec<_>) = cl.drain(..).partition(|(_, h)| h.is_finished());
-                    for (_, h) in done {
-                        let _ = h.join();
+                    });
+                    match h {
+                        Ok(thread) => clients.push(Client { control: ctl, thread, handshaken, since: Instant::now() }),
+                        // Out of threads: this client goes, the others stay.
+                        Err(_) => ctl.shutdown(),
                     }
-                    *cl = live;
-                    cl.push((ctl, h));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -378,9 +415,9 @@ impl NbdServer {
                 Err(e) => break Err(Error::target("accepting a client", e)),
             }
         };
-        for (s, h) in clients.lock().expect("clients").drain(..) {
-            s.shutdown();
-            let _ = h.join();
+        for c in clients.drain(..) {
+            c.control.shutdown();
+            let _ = c.thread.join();
         }
         result
     }
@@ -399,7 +436,11 @@ fn bye<T>(msg: &str) -> io::Result<T> {
     Err(invalid(msg.to_string()))
 }
 
-fn serve_client(mut s: Stream, export: &Export) -> io::Result<()> {
+/// Serves one client; sets `handshaken` once the handshake is over (until
+/// then the accept loop may disconnect it, see `NbdServer::serve`).
+fn serve_client(mut s: Stream, export: &Export, handshaken: &std::sync::atomic::AtomicBool) -> io::Result<()> {
+    // Writes to a stuck client time out; the whole handshake's deadline is
+    // kept by the accept loop.
     s.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
@@ -415,9 +456,10 @@ fn serve_client(mut s: Stream, export: &Export) -> io::Result<()> {
         Some(c) => c,
         None => return Ok(()),
     };
-    // Idle clients may stay as long as they like; writes to a stuck client
-    // still time out.
+    // Idle clients may stay as long as they like once past the handshake;
+    // writes to a stuck client still time out.
     s.set_read_timeout(None)?;
+    handshaken.store(true, std::sync::atomic::Ordering::Release);
     transmission(&mut s, export, &mut conn)
 }
 

@@ -53,7 +53,11 @@ pub struct Ticker<'a> {
 
 impl<'a> Ticker<'a> {
     pub fn new(sink: &'a mut dyn Progress, cancel: &'a Cancel, total: u64) -> Ticker<'a> {
-        Ticker { sink, cancel, interval: Duration::from_millis(1000), last: Instant::now(), total, done: 0 }
+        let interval = Duration::from_millis(1000);
+        // The first advance reports at once (so a caller sees the operation
+        // under way, e.g. to cancel it mid-way), later ones once per interval.
+        let last = Instant::now().checked_sub(interval).unwrap_or_else(Instant::now);
+        Ticker { sink, cancel, interval, last, total, done: 0 }
     }
 
     /// Adds `n` bytes of progress; reports if the interval has passed.

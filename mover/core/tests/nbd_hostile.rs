@@ -61,8 +61,23 @@ fn open(path: &std::path::Path) -> NbdSource {
     NbdSource::open_with(&uri, &NbdOptions { timeout: Duration::from_millis(700), max_connections: 4 }).unwrap()
 }
 
-/// Reads 64 KiB at 4096 and returns the error, checking it came quickly.
+/// Reads 64 KiB at 4096 and returns the error, checking it came quickly and
+/// is permanent (a protocol violation: retrying will not help).
 fn read_error(behave: impl FnOnce(&mut UnixStream) + Send + 'static) -> String {
+    let e = read_failure(behave);
+    assert!(matches!(e, Error::SourceIo { .. }) && !e.is_transient(), "{e:?}");
+    e.to_string()
+}
+
+/// Like `read_error`, for failures a retry may cure (the connection broke,
+/// timed out, or the server answered EIO).
+fn transient_read_error(behave: impl FnOnce(&mut UnixStream) + Send + 'static) -> String {
+    let e = read_failure(behave);
+    assert!(matches!(e, Error::SourceUnavailable { .. }) && e.is_transient(), "{e:?}");
+    e.to_string()
+}
+
+fn read_failure(behave: impl FnOnce(&mut UnixStream) + Send + 'static) -> Error {
     let (_dir, path) = hostile(behave);
     let src = open(&path);
     assert_eq!(src.size(), SIZE);
@@ -70,10 +85,9 @@ fn read_error(behave: impl FnOnce(&mut UnixStream) + Send + 'static) -> String {
     let mut buf = vec![0u8; 65536];
     let e = src.read_at(&mut buf, 4096).expect_err("the read must fail");
     assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
-    assert!(matches!(e, Error::SourceIo { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(msg.contains("reading extent 4096+65536 of NBD export nbd+unix:///?socket="), "{msg}");
-    msg
+    e
 }
 
 #[test]
@@ -132,7 +146,7 @@ fn short_read_reply() {
 
 #[test]
 fn eof_mid_reply() {
-    let msg = read_error(|s| {
+    let msg = transient_read_error(|s| {
         let r = next_request(s);
         let mut h = chunk_header(REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, r.cookie, 8 + r.length).to_vec();
         h.extend_from_slice(&r.offset.to_be_bytes());
@@ -145,7 +159,7 @@ fn eof_mid_reply() {
 
 #[test]
 fn silence_times_out() {
-    let msg = read_error(|s| {
+    let msg = transient_read_error(|s| {
         next_request(s);
     });
     assert!(msg.contains("no reply from the server within"), "{msg}");
@@ -162,7 +176,7 @@ fn garbage_reply_magic() {
 
 #[test]
 fn server_error_is_reported_with_its_name() {
-    let msg = read_error(|s| {
+    let msg = transient_read_error(|s| {
         let r = next_request(s);
         let mut h = chunk_header(REPLY_FLAG_DONE, CHUNK_ERROR, r.cookie, 6 + 4).to_vec();
         h.extend_from_slice(&EIO.to_be_bytes());
@@ -171,6 +185,18 @@ fn server_error_is_reported_with_its_name() {
         s.write_all(&h).unwrap();
     });
     assert!(msg.contains("EIO") && msg.contains("oops"), "{msg}");
+}
+
+#[test]
+fn server_einval_is_permanent() {
+    let msg = read_error(|s| {
+        let r = next_request(s);
+        let mut h = chunk_header(REPLY_FLAG_DONE, CHUNK_ERROR, r.cookie, 6).to_vec();
+        h.extend_from_slice(&EINVAL.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&h).unwrap();
+    });
+    assert!(msg.contains("EINVAL"), "{msg}");
 }
 
 #[test]
@@ -185,6 +211,7 @@ fn silent_handshake_times_out() {
         .expect("must fail");
     assert!(t.elapsed() < Duration::from_secs(3));
     assert!(e.to_string().contains("handshake"), "{e}");
+    assert!(e.is_transient(), "a server that does not answer may later: {e:?}");
 }
 
 #[test]

@@ -3,12 +3,15 @@
 
 use crate::convert::{cancel_of, CancelToken, PyProgress};
 use crate::errors::to_py;
-use crate::results::{DiskResult, GcResult, RestoreResult, VerifyResult};
+use crate::results::{
+    BackupInfo, DiskResult, GcResult, RepositoryConfig, RestoreResult, UntrustedManifest, VerifyResult,
+};
 use pyo3::prelude::*;
 use std::path::Path;
 use vmbackup_mover::backup::{BackupSession as CoreSession, DiskRequest};
 use vmbackup_mover::extents::Extent;
 use vmbackup_mover::repository::Repository;
+use vmbackup_mover::source::nbd::NbdOptions;
 use vmbackup_mover::{catalog, gc as core_gc, restore, source, verify as core_verify, Error};
 
 fn open(repo: &str) -> PyResult<Repository> {
@@ -25,17 +28,19 @@ fn parse_json(what: &str, text: Option<&str>) -> PyResult<serde_json::Value> {
 }
 
 #[pyfunction(chunk_size = "1048576", compression = "\"zstd:1\"")]
-pub fn init_repository(path: &str, chunk_size: u64, compression: &str) -> PyResult<String> {
+#[pyo3(text_signature = "(path, chunk_size=1048576, compression='zstd:1')")]
+pub fn init_repository(path: &str, chunk_size: u64, compression: &str) -> PyResult<RepositoryConfig> {
     let repo = Repository::init(Path::new(path), chunk_size, compression).map_err(to_py)?;
-    Ok(serde_json::to_string(&repo.config).expect("config serializes"))
+    Ok(repo.config.into())
 }
 
 #[pyfunction]
-pub fn open_repository(path: &str) -> PyResult<String> {
-    Ok(serde_json::to_string(&open(path)?.config).expect("config serializes"))
+#[pyo3(text_signature = "(path)")]
+pub fn open_repository(path: &str) -> PyResult<RepositoryConfig> {
+    Ok(open(path)?.config.into())
 }
 
-#[pyclass(module = "vmbackup._mover")]
+#[pyclass(module = "vmbackup._mover", text_signature = "(repo, vm, parent=None)")]
 pub struct BackupSession {
     inner: Option<CoreSession>,
 }
@@ -60,7 +65,17 @@ impl BackupSession {
         Ok(self.session()?.id().to_string())
     }
 
-    #[args(changed_extents = "None", change_id = "None", progress = "None", cancel = "None")]
+    #[pyo3(
+        text_signature = "($self, source, name, changed_extents=None, change_id=None, progress=None, cancel=None, nbd_timeout=None, nbd_connections=None)"
+    )]
+    #[args(
+        changed_extents = "None",
+        change_id = "None",
+        progress = "None",
+        cancel = "None",
+        nbd_timeout = "None",
+        nbd_connections = "None"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn add_disk(
         &mut self,
@@ -71,7 +86,10 @@ impl BackupSession {
         change_id: Option<String>,
         progress: Option<PyObject>,
         cancel: Option<CancelToken>,
+        nbd_timeout: Option<f64>,
+        nbd_connections: Option<usize>,
     ) -> PyResult<DiskResult> {
+        let nbd = NbdOptions::new(nbd_timeout, nbd_connections).map_err(to_py)?;
         let session = self.session()?;
         let req = DiskRequest {
             name: name.to_string(),
@@ -82,15 +100,16 @@ impl BackupSession {
         let mut prog = PyProgress::new(progress);
         let src_spec = source.to_string();
         let r = py.allow_threads(|| {
-            let src = source::open(&src_spec)?;
+            let src = source::open_with(&src_spec, &nbd)?;
             session.add_disk(src.as_ref(), &req, &mut prog, &cancel)
         });
         prog.finish(r).map(DiskResult::from)
     }
 
-    /// Writes the manifest; returns its metadata as JSON.
+    /// Writes the manifest; returns its metadata.
+    #[pyo3(text_signature = "($self, config=None, attributes=None)")]
     #[args(config = "None", attributes = "None")]
-    fn commit(&mut self, py: Python, config: Option<&str>, attributes: Option<&str>) -> PyResult<String> {
+    fn commit(&mut self, py: Python, config: Option<&str>, attributes: Option<&str>) -> PyResult<BackupInfo> {
         let config = parse_json("config", config)?;
         let attributes = parse_json("attributes", attributes)?;
         let session = self
@@ -98,16 +117,20 @@ impl BackupSession {
             .take()
             .ok_or_else(|| to_py(Error::InvalidInput("this backup session is already closed".into())))?;
         let meta = py.allow_threads(|| session.commit(config, attributes)).map_err(to_py)?;
-        Ok(serde_json::to_string(&meta).expect("metadata serializes"))
+        BackupInfo::new(py, meta)
     }
 
     /// Abandons the backup; its chunks stay for reuse or gc.
+    #[pyo3(text_signature = "($self)")]
     fn abort(&mut self) {
         self.inner = None;
     }
 }
 
 #[pyfunction(disk = "None", format = "\"raw\"", overwrite = "false", progress = "None", cancel = "None")]
+#[pyo3(
+    text_signature = "(repo, backup_id, output, disk=None, format='raw', overwrite=False, progress=None, cancel=None)"
+)]
 #[allow(clippy::too_many_arguments)]
 pub fn restore_disk(
     py: Python,
@@ -129,20 +152,23 @@ pub fn restore_disk(
     prog.finish(r).map(RestoreResult::from)
 }
 
-/// Returns (metadata JSON of every trusted backup, JSON of every untrusted
-/// manifest: `{"file_id", "problem", "metadata"}` with metadata or null).
+/// What `list_backups` returns: trusted backups, untrusted manifests.
+type Listing = (Vec<Py<BackupInfo>>, Vec<Py<UntrustedManifest>>);
+
+/// Returns (the metadata of every trusted backup, oldest first; every
+/// untrusted manifest with its problem and whatever metadata could be read).
 #[pyfunction]
-pub fn list_backups(py: Python, repo: &str) -> PyResult<(Vec<String>, Vec<String>)> {
+#[pyo3(text_signature = "(repo)")]
+pub fn list_backups(py: Python, repo: &str) -> PyResult<Listing> {
     let repo = open(repo)?;
     let (good, bad) = py.allow_threads(|| catalog::list_backups(&repo)).map_err(to_py)?;
-    let bad = bad
-        .iter()
-        .map(|u| serde_json::json!({"file_id": u.file_id, "problem": u.problem, "metadata": u.meta}).to_string())
-        .collect();
-    Ok((good.iter().map(|m| serde_json::to_string(m).expect("metadata serializes")).collect(), bad))
+    let good = good.into_iter().map(|m| Py::new(py, BackupInfo::new(py, m)?)).collect::<PyResult<_>>()?;
+    let bad = bad.into_iter().map(|u| Py::new(py, UntrustedManifest::new(py, u)?)).collect::<PyResult<_>>()?;
+    Ok((good, bad))
 }
 
 #[pyfunction(ids = "None", read_data = "false", progress = "None", cancel = "None")]
+#[pyo3(text_signature = "(repo, ids=None, read_data=False, progress=None, cancel=None)")]
 pub fn verify(
     py: Python,
     repo: &str,
@@ -161,12 +187,14 @@ pub fn verify(
 }
 
 #[pyfunction]
+#[pyo3(text_signature = "(repo, backup_id)")]
 pub fn forget(py: Python, repo: &str, backup_id: &str) -> PyResult<()> {
     let repo = open(repo)?;
     py.allow_threads(|| catalog::forget(&repo, backup_id)).map_err(to_py)
 }
 
 #[pyfunction(grace_seconds = "900.0", dry_run = "false", progress = "None", cancel = "None")]
+#[pyo3(text_signature = "(repo, grace_seconds=900.0, dry_run=False, progress=None, cancel=None)")]
 pub fn gc(
     py: Python,
     repo: &str,
@@ -184,6 +212,7 @@ pub fn gc(
 
 /// The XXH3-128 chunk id of `data`, as 32 hex digits (for tests and tools).
 #[pyfunction]
+#[pyo3(text_signature = "(data)")]
 pub fn chunk_id(data: &[u8]) -> String {
     vmbackup_mover::chunk::ChunkId::of(data).to_hex()
 }
@@ -196,7 +225,11 @@ pub fn chunk_id(data: &[u8]) -> String {
     writable = "false",
     ready = "None",
     cancel = "None",
-    overlay_dir = "None"
+    overlay_dir = "None",
+    handshake_timeout = "None"
+)]
+#[pyo3(
+    text_signature = "(repo, backup_id, disk=None, socket=None, listen=None, writable=False, ready=None, cancel=None, overlay_dir=None, handshake_timeout=None)"
 )]
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
@@ -210,6 +243,7 @@ pub fn serve(
     ready: Option<PyObject>,
     cancel: Option<CancelToken>,
     overlay_dir: Option<&str>,
+    handshake_timeout: Option<f64>,
 ) -> PyResult<()> {
     use std::sync::Arc;
     use vmbackup_mover::backup_reader::BackupReader;
@@ -228,6 +262,15 @@ pub fn serve(
             None
         },
         name: String::new(),
+        handshake_timeout: match handshake_timeout {
+            None => vmbackup_mover::nbd_server::HANDSHAKE_TIMEOUT,
+            Some(t) if t > 0.0 && t <= 3600.0 => std::time::Duration::from_secs_f64(t),
+            Some(t) => {
+                return Err(to_py(Error::InvalidInput(format!(
+                    "the handshake timeout must be above 0 and at most 3600 seconds, not {t}"
+                ))))
+            }
+        },
     };
     let server = py
         .allow_threads(|| -> Result<NbdServer, Error> {
@@ -265,6 +308,6 @@ pub fn serve(
     }
     match r {
         Ok(r) => r.map_err(to_py),
-        Err(_) => Err(to_py(Error::InvalidInput("the NBD server thread panicked".into()))),
+        Err(_) => Err(to_py(Error::Internal("the NBD server thread panicked".into()))),
     }
 }

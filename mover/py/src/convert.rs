@@ -5,7 +5,7 @@ use vmbackup_mover::progress::{Cancel, Progress};
 use vmbackup_mover::Error;
 
 /// A token that cancels a running operation from any thread.
-#[pyclass(module = "vmbackup._mover")]
+#[pyclass(module = "vmbackup._mover", text_signature = "()")]
 #[derive(Clone, Default)]
 pub struct CancelToken {
     pub inner: Cancel,
@@ -18,6 +18,7 @@ impl CancelToken {
         CancelToken::default()
     }
     /// Asks the operation to stop; it raises `CancelledError` soon after.
+    #[pyo3(text_signature = "($self)")]
     fn cancel(&self) {
         self.inner.cancel()
     }

@@ -1,5 +1,7 @@
 //! One mapping from the mover's errors to vmbackup's Python exceptions
-//! (defined in `vmbackup/errors.py`, so Python code can catch them).
+//! (defined in `vmbackup/errors.py`, so Python code can catch them). Each
+//! variant has exactly one class; whether it is retryable and the exit code
+//! belong to the class.
 
 use pyo3::prelude::*;
 use vmbackup_mover::Error;
@@ -7,11 +9,15 @@ use vmbackup_mover::Error;
 fn class_name(e: &Error) -> &'static str {
     match e {
         Error::Source(_) | Error::SourceIo { .. } => "SourceError",
+        Error::SourceUnavailable { .. } => "SourceUnavailableError",
         Error::Repository(_) | Error::RepositoryIo { .. } => "RepositoryError",
+        Error::RepositoryUnavailable { .. } => "RepositoryUnavailableError",
         Error::CorruptChunk { .. } => "CorruptChunkError",
         Error::Target { .. } => "TargetError",
+        Error::AddressInUse { .. } => "AddressInUseError",
         Error::NotFound(_) => "NotFoundError",
         Error::InvalidInput(_) => "InvalidInputError",
+        Error::Internal(_) => "InternalError",
         Error::Cancelled => "CancelledError",
     }
 }

@@ -17,6 +17,9 @@ fn _mover(_py: Python, m: &PyModule) -> PyResult<()> {
     m.add_class::<results::VerifyProblem>()?;
     m.add_class::<results::VerifyResult>()?;
     m.add_class::<results::GcResult>()?;
+    m.add_class::<results::RepositoryConfig>()?;
+    m.add_class::<results::BackupInfo>()?;
+    m.add_class::<results::UntrustedManifest>()?;
     m.add_function(wrap_pyfunction!(api::init_repository, m)?)?;
     m.add_function(wrap_pyfunction!(api::open_repository, m)?)?;
     m.add_function(wrap_pyfunction!(api::restore_disk, m)?)?;

@@ -129,7 +129,12 @@ impl TlsSetup {
     /// reset connection.
     pub fn session_error(&self, e: io::Error) -> io::Error {
         let tls_error = e.get_ref().is_some_and(|i| i.is::<rustls::Error>());
-        if tls_error || matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof) {
+        if tls_error
+            || matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+            )
+        {
             let why = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 Some(t) => t.to_string(),
                 None => e.to_string(),

@@ -58,8 +58,13 @@ fn sniff_unsupported(head: &[u8]) -> Option<&'static str> {
 /// Opens a source named by a path (file or block device) or an NBD URI.
 /// Formats are told apart by content, not by name.
 pub fn open(spec: &str) -> Result<Box<dyn DiskSource>> {
+    open_with(spec, &nbd::NbdOptions::default())
+}
+
+/// [`open`] with the options for an NBD export.
+pub fn open_with(spec: &str, nbd: &nbd::NbdOptions) -> Result<Box<dyn DiskSource>> {
     if crate::nbd::uri::NbdUri::is_nbd(spec) {
-        return Ok(Box::new(NbdSource::open(spec)?));
+        return Ok(Box::new(NbdSource::open_with(spec, nbd)?));
     }
     let path = std::path::Path::new(spec);
     let src = FileSource::open(path)?;

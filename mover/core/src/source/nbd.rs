@@ -52,7 +52,9 @@ const MAX_EXTENTS: usize = 1 << 22;
 /// Most data chunks one read reply may be split into.
 const MAX_CHUNKS_PER_READ: usize = 4096;
 
-/// How to talk to the server.
+/// How to talk to the server. The caller decides (the command line reads
+/// them from its flags or the environment); nothing here reads the
+/// environment.
 #[derive(Clone, Debug)]
 pub struct NbdOptions {
     /// Connect, handshake, and wait for each reply at most this long.
@@ -61,20 +63,38 @@ pub struct NbdOptions {
     pub max_connections: usize,
 }
 
+/// The range `NbdOptions::max_connections` must lie in.
+pub const MAX_CONNECTIONS: usize = 16;
+
 impl Default for NbdOptions {
     fn default() -> Self {
-        let timeout = std::env::var("VMBACKUP_NBD_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse::<f64>().ok())
-            .filter(|t| *t > 0.0)
-            .map(Duration::from_secs_f64)
-            .unwrap_or(Duration::from_secs(60));
-        let max_connections = std::env::var("VMBACKUP_NBD_CONNECTIONS")
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-            .filter(|n| (1..=16).contains(n))
-            .unwrap_or(4);
-        NbdOptions { timeout, max_connections }
+        NbdOptions { timeout: Duration::from_secs(60), max_connections: 4 }
+    }
+}
+
+impl NbdOptions {
+    /// Options from optional values, each refused (not clamped) when out
+    /// of range: a timeout in seconds above 0 (at most a day), 1 to 16
+    /// connections.
+    pub fn new(timeout_seconds: Option<f64>, max_connections: Option<usize>) -> Result<NbdOptions> {
+        let mut o = NbdOptions::default();
+        if let Some(t) = timeout_seconds {
+            if !(t > 0.0 && t <= 86400.0) {
+                return Err(Error::InvalidInput(format!(
+                    "the NBD timeout must be above 0 and at most 86400 seconds, not {t}"
+                )));
+            }
+            o.timeout = Duration::from_secs_f64(t);
+        }
+        if let Some(n) = max_connections {
+            if !(1..=MAX_CONNECTIONS).contains(&n) {
+                return Err(Error::InvalidInput(format!(
+                    "the number of NBD connections must be from 1 to {MAX_CONNECTIONS}, not {n}"
+                )));
+            }
+            o.max_connections = n;
+        }
+        Ok(o)
     }
 }
 
@@ -267,7 +287,8 @@ struct Slot {
     /// Byte ranges (relative to `offset`) that data or hole chunks filled.
     covered: Vec<(u64, u64)>,
     extents: Vec<(u32, u32)>,
-    error: Option<String>,
+    /// The server's error answer: its NBD error value and the message.
+    error: Option<(u32, String)>,
     done: bool,
     sent: Instant,
 }
@@ -275,7 +296,9 @@ struct Slot {
 #[derive(Default)]
 struct State {
     slots: HashMap<u64, Slot>,
-    dead: Option<String>,
+    /// Why the connection ended: the kind says whether a retry may cure it
+    /// (a reset, a hang-up or a timeout) or not (a protocol violation).
+    dead: Option<(io::ErrorKind, String)>,
 }
 
 /// How requests reach the server and replies come back.
@@ -302,10 +325,10 @@ struct Conn {
 }
 
 impl Conn {
-    fn kill(&self, why: String) {
+    fn kill(&self, kind: io::ErrorKind, why: String) {
         let mut st = self.state.lock().expect("nbd state");
         if st.dead.is_none() {
-            st.dead = Some(why);
+            st.dead = Some((kind, why));
         }
         drop(st);
         self.control.shutdown();
@@ -332,8 +355,8 @@ impl Conn {
         let mut wire = Vec::with_capacity(28 * reqs.len());
         {
             let mut st = self.state.lock().expect("nbd state");
-            if let Some(d) = &st.dead {
-                return Err(io::Error::new(io::ErrorKind::BrokenPipe, d.clone()));
+            if let Some((kind, why)) = &st.dead {
+                return Err(io::Error::new(*kind, why.clone()));
             }
             for &(kind, offset, length) in reqs {
                 let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
@@ -368,7 +391,7 @@ impl Conn {
                 let (cookies, wire) = self.register(reqs)?;
                 let r = writer.lock().expect("nbd writer").write_all(&wire);
                 if let Err(e) = r {
-                    self.kill(format!("sending a request failed: {e}"));
+                    self.kill(e.kind(), format!("sending a request failed: {e}"));
                     return Err(e);
                 }
                 Ok(cookies.iter().map(|c| self.wait(*c, timeout)).collect())
@@ -377,7 +400,7 @@ impl Conn {
                 let mut s = session.lock().expect("nbd tls session");
                 let (cookies, wire) = self.register(reqs)?;
                 if let Err(e) = s.write_all(&wire).and_then(|_| s.flush()) {
-                    self.kill(format!("sending a request failed: {e}"));
+                    self.kill(e.kind(), format!("sending a request failed: {e}"));
                     return Err(e);
                 }
                 let all_done = || {
@@ -386,7 +409,8 @@ impl Conn {
                 };
                 while !all_done() {
                     if let Err(e) = read_one_reply(self, &mut *s) {
-                        self.kill(reply_failure(&e, timeout));
+                        let (kind, why) = reply_failure(&e, timeout);
+                        self.kill(kind, why);
                         break;
                     }
                 }
@@ -406,8 +430,8 @@ impl Conn {
                 Some(s) => s.sent,
                 None => return Err(io::Error::other("request vanished")),
             };
-            if let Some(d) = &st.dead {
-                let e = io::Error::other(d.clone());
+            if let Some((kind, why)) = &st.dead {
+                let e = io::Error::new(*kind, why.clone());
                 st.slots.remove(&cookie);
                 return Err(e);
             }
@@ -417,7 +441,7 @@ impl Conn {
                     st.slots.remove(&cookie);
                     drop(st);
                     let why = format!("no reply from the server within {} s", timeout.as_secs_f64());
-                    self.kill(why.clone());
+                    self.kill(io::ErrorKind::TimedOut, why.clone());
                     return Err(io::Error::new(io::ErrorKind::TimedOut, why));
                 }
             };
@@ -426,15 +450,20 @@ impl Conn {
     }
 }
 
-/// Why a connection ends when reading a reply failed.
-fn reply_failure(e: &io::Error, timeout: Duration) -> String {
+/// Why a connection ends when reading a reply failed, and the kind of
+/// error its requests get. A server that hangs up mid-reply is reported as
+/// `ConnectionAborted`, not as end of file: for a network source it is a
+/// failure a retry may cure, not a truncated image.
+fn reply_failure(e: &io::Error, timeout: Duration) -> (io::ErrorKind, String) {
+    use io::ErrorKind as K;
     match e.kind() {
-        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+        K::UnexpectedEof => (K::ConnectionAborted, "the server closed the connection".to_string()),
         // Only TLS connections read with a socket timeout.
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            format!("no reply from the server within {} s", timeout.as_secs_f64())
+        K::WouldBlock | K::TimedOut => {
+            (K::TimedOut, format!("no reply from the server within {} s", timeout.as_secs_f64()))
         }
-        _ => format!("bad reply from the server: {e}"),
+        K::InvalidData => (K::InvalidData, format!("bad reply from the server: {e}")),
+        k => (k, format!("the connection failed: {e}")),
     }
 }
 
@@ -443,7 +472,8 @@ fn reply_failure(e: &io::Error, timeout: Duration) -> String {
 fn reader_loop(conn: Arc<Conn>, mut s: Stream) {
     loop {
         if let Err(e) = read_one_reply(&conn, &mut s) {
-            conn.kill(reply_failure(&e, Duration::ZERO));
+            let (kind, why) = reply_failure(&e, Duration::ZERO);
+            conn.kill(kind, why);
             return;
         }
     }
@@ -469,13 +499,13 @@ fn read_one_reply<S: Read>(conn: &Conn, s: &mut S) -> io::Result<()> {
     };
     let mut covered: Option<(u64, u64)> = None;
     let mut extents: Vec<(u32, u32)> = Vec::new();
-    let mut error: Option<String> = None;
+    let mut error: Option<(u32, String)> = None;
     let done;
     match h {
         ReplyHeader::Simple { error: e, .. } => {
             done = true;
             if e != 0 {
-                error = Some(format!("the server answered {}", error_name(e)));
+                error = Some((e, format!("the server answered {}", error_name(e))));
             } else if kind == CMD_READ {
                 if conn.neg.structured {
                     return Err(invalid("simple reply with data to a read after structured replies were agreed"));
@@ -544,10 +574,13 @@ fn read_one_reply<S: Read>(conn: &Conn, s: &mut S) -> io::Result<()> {
                     if e == 0 {
                         return Err(invalid("error chunk with error 0"));
                     }
-                    error = Some(format!(
-                        "the server answered {}{at}{}",
-                        error_name(e),
-                        if msg.is_empty() { String::new() } else { format!(": {msg}") }
+                    error = Some((
+                        e,
+                        format!(
+                            "the server answered {}{at}{}",
+                            error_name(e),
+                            if msg.is_empty() { String::new() } else { format!(": {msg}") }
+                        ),
                     ));
                 }
                 k => return Err(invalid(format!("chunk type {k} does not fit command {kind}"))),
@@ -663,7 +696,9 @@ impl NbdSource {
         let mut tls = if uri.tls { Some(load_tls()?) } else { None };
         let label = format!("NBD export {spec}");
         let first = match open_conn(&uri, tls.as_deref(), &label, opts.timeout, opts.timeout) {
-            Err(Error::SourceIo { source, .. }) if tls.is_none() && is_tls_required(&source) => {
+            Err(Error::SourceIo { source, .. } | Error::SourceUnavailable { source, .. })
+                if tls.is_none() && is_tls_required(&source) =>
+            {
                 if uri.tls_certificates.is_none() {
                     return Err(Error::Source(format!(
                         "{label}: the server requires TLS; use nbds:// with ?tls-certificates=DIR (a directory with {})",
@@ -730,11 +765,27 @@ impl NbdSource {
         Error::source_io(format!("{what} of {}", self.label), e)
     }
 
-    fn block_status(&self, offset: u64, length: u32) -> io::Result<Vec<(u32, u32)>> {
+    /// The server answered a request with an error. EIO (its own read
+    /// failed, e.g. nbdkit's curl plugin lost its HTTP connection), ENOMEM
+    /// and ESHUTDOWN (it is going away) may pass; the others (EINVAL,
+    /// EPERM, ENOTSUP, ...) will not.
+    fn server_failed(&self, what: String, errno: u32, msg: String) -> Error {
+        let ctx = format!("{what} of {}", self.label);
+        match errno {
+            EIO | ENOMEM | ESHUTDOWN => Error::source_unavailable(ctx, io::Error::other(msg)),
+            _ => Error::SourceIo { context: ctx, source: io::Error::other(msg) },
+        }
+    }
+
+    fn block_status(&self, offset: u64, length: u32) -> Result<Vec<(u32, u32)>> {
         let conn = self.conn();
-        let slot = conn.call(&[(CMD_BLOCK_STATUS, offset, length)], self.timeout)?.pop().expect("one reply")?;
+        let what = || format!("block status of extent {offset}+{length}");
+        let reply = conn
+            .call(&[(CMD_BLOCK_STATUS, offset, length)], self.timeout)
+            .and_then(|mut r| r.pop().expect("one reply"));
+        let slot = reply.map_err(|e| self.fail(what(), e))?;
         match slot.error {
-            Some(e) => Err(io::Error::other(e)),
+            Some((errno, msg)) => Err(self.server_failed(what(), errno, msg)),
             None => Ok(slot.extents),
         }
     }
@@ -811,7 +862,7 @@ impl Conn {
                 }
             }
         }
-        self.kill("the connection was closed".into());
+        self.kill(io::ErrorKind::ConnectionAborted, "the connection was closed".into());
         if let Transport::Plain { reader, .. } = &self.transport {
             if let Some(h) = reader.lock().expect("reader").take() {
                 let _ = h.join();
@@ -861,18 +912,18 @@ impl DiskSource for NbdSource {
                         buf[at..at + *n as usize].copy_from_slice(&slot.buf);
                         conn.recycle(slot.buf);
                     }
-                    Some(e) => {
-                        first_err.get_or_insert_with(|| io::Error::other(e));
+                    Some((errno, msg)) => {
+                        first_err.get_or_insert_with(|| self.server_failed(what(), errno, msg));
                     }
                 },
                 Err(e) => {
-                    first_err.get_or_insert(e);
+                    first_err.get_or_insert_with(|| self.fail(what(), e));
                 }
             }
         }
         match first_err {
             None => Ok(()),
-            Some(e) => Err(self.fail(what(), e)),
+            Some(e) => Err(e),
         }
     }
 
@@ -890,8 +941,7 @@ impl DiskSource for NbdSource {
                 break;
             }
             let n = (size - pos).min(STATUS_PIECE / align * align) as u32;
-            let ext =
-                self.block_status(pos, n).map_err(|e| self.fail(format!("block status of extent {pos}+{n}"), e))?;
+            let ext = self.block_status(pos, n)?;
             let start = pos;
             for (len, flags) in ext {
                 let len = (len as u64).min(size - pos);

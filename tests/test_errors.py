@@ -1,0 +1,187 @@
+"""The one error map: every class says whether it is retryable and what the
+command line exits with; docs/operations.md says the same; the mover raises
+the transient classes for failures a retry may cure."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import MiB
+from vmbackup import _mover, errors
+from vmbackup.errors import InvalidInputError, SourceUnavailableError, exit_code_of, is_retryable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# class -> (retryable, exit code)
+EXPECTED = {
+    "BackupError": (False, 1),
+    "TransientError": (True, 1),
+    "InvalidInputError": (False, 2),
+    "OutputError": (False, 1),
+    "HypervisorError": (False, 1),
+    "MoverError": (False, 1),
+    "InternalError": (False, 1),
+    "SourceError": (False, 2),
+    "SourceUnavailableError": (True, 1),
+    "RepositoryError": (False, 1),
+    "RepositoryUnavailableError": (True, 1),
+    "NotFoundError": (False, 2),
+    "CorruptChunkError": (False, 1),
+    "TargetError": (False, 1),
+    "AddressInUseError": (True, 1),
+    "CancelledError": (False, 1),
+    "VmNotFoundError": (False, 2),
+    "AuthenticationError": (False, 1),
+    "CertificateError": (False, 1),
+    "QuiesceError": (False, 1),
+    "SnapshotError": (False, 1),
+    "SessionLostError": (True, 1),
+    "HypervisorBusyError": (True, 1),
+    "TaskTimeoutError": (True, 1),
+}
+
+
+def test_every_class_has_its_retryable_flag_and_exit_code():
+    found = {n: c for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.BackupError)}
+    assert set(found) == set(EXPECTED)
+    for name, (retryable, code) in EXPECTED.items():
+        exc = found[name]("x")
+        assert (exc.retryable, exc.exit_code, is_retryable(exc), exit_code_of(exc)) == (
+            retryable,
+            code,
+            retryable,
+            code,
+        )
+        # Retryable means "the operation failed", never "bad input".
+        assert not (retryable and code == 2)
+    assert issubclass(SourceUnavailableError, errors.SourceError)
+    assert exit_code_of(KeyboardInterrupt()) == 130 and not is_retryable(ValueError())
+
+
+def test_every_class_the_mover_raises_exists():
+    rust = (ROOT / "mover/py/src/errors.rs").read_text()
+    for name in set(re.findall(r'=> "(\w+)"', rust)):
+        assert name in EXPECTED, name
+
+
+def test_the_docs_table_says_the_same():
+    text = (ROOT / "docs/operations.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \|[^|]*\| (yes|no) \| ([12]) \|", text, re.M)
+    assert {n: (r == "yes", int(c)) for n, r, c in rows} == EXPECTED
+
+
+def test_invalid_nbd_options_are_refused_in_one_line(cli, tmp_path):
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(b"\1" * MiB)
+    for args, env, words in [
+        (["--nbd-connections", "0"], {}, "1 to 16, not 0"),
+        (["--nbd-connections", "17"], {}, "1 to 16, not 17"),
+        (["--nbd-timeout", "-1"], {}, "above 0"),
+        (["--nbd-timeout", "nan"], {}, "above 0"),
+        ([], {"VMBACKUP_NBD_CONNECTIONS": "many"}, "VMBACKUP_NBD_CONNECTIONS='many' is not a whole number"),
+        ([], {"VMBACKUP_NBD_TIMEOUT": "soon"}, "VMBACKUP_NBD_TIMEOUT='soon' is not a number"),
+        ([], {"VMBACKUP_NBD_CONNECTIONS": "99"}, "1 to 16, not 99"),
+    ]:
+        import os
+
+        p = cli.run("backup-disk", "--vm", "v", *args, str(disk), expect=2, env={**os.environ, **env})
+        assert words in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert cli.json("snapshots") == []
+    with pytest.raises(InvalidInputError):
+        _mover.BackupSession(str(cli.repo), "v").add_disk(str(disk), "d", nbd_connections=0)
+
+
+def test_a_failed_write_to_stdout_is_one_line_and_exit_1(cli):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(
+            [*cli_cmd(), "snapshots", "--repo", str(cli.repo), "--json"], stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert p.returncode == 1 and "writing to stdout failed" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def cli_cmd() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "vmbackup"]
+
+
+class ResettingProxy:
+    """A TCP proxy in front of an NBD server that, once `after` bytes of
+    replies have passed on a connection, resets it (RST, SO_LINGER 0):
+    what a server crash or a network failure looks like mid-read."""
+
+    def __init__(self, upstream: tuple[str, int], after: int):
+        self.upstream, self.after = upstream, after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.resets = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        passed = 0
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                passed += len(data)
+                if replies and passed >= self.after:
+                    dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    self.resets += 1
+                    dst.close()
+                    src.close()
+                    return
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def nbdkit_pattern(tmp_path):
+    port_sock = socket.socket()
+    port_sock.bind(("127.0.0.1", 0))
+    port = port_sock.getsockname()[1]
+    port_sock.close()
+    pidfile = tmp_path / "nbdkit.pid"
+    # -P: nbdkit writes the pid file once it listens (no polling on a clock).
+    subprocess.run(
+        [shutil.which("nbdkit"), "-r", "-i", "127.0.0.1", "-p", str(port), "-P", str(pidfile), "pattern", "size=64M"],
+        check=True,
+    )
+    yield ("127.0.0.1", port)
+    subprocess.run(["kill", pidfile.read_text().strip()], check=False)
+
+
+def test_an_nbd_reset_mid_read_is_retryable_and_exits_1(cli, nbdkit_pattern):
+    proxy = ResettingProxy(nbdkit_pattern, after=4 * MiB)
+    uri = f"nbd://127.0.0.1:{proxy.port}/"
+    try:
+        p = cli.run("backup-disk", "--vm", "v", "--nbd-connections", "1", uri, expect=1)
+        assert "reading extent" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        s = _mover.BackupSession(str(cli.repo), "v")
+        with pytest.raises(SourceUnavailableError) as e:
+            s.add_disk(uri, "d", nbd_connections=1)
+        s.abort()
+        assert e.value.retryable and proxy.resets >= 2
+    finally:
+        proxy.close()
+    assert cli.json("snapshots") == []
+    # The same export without the failure backs up: retrying was right.
+    b = cli.json("backup-disk", "--vm", "v", f"nbd://{nbdkit_pattern[0]}:{nbdkit_pattern[1]}/")
+    assert b["disk_size"] == 64 * MiB
