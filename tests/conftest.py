@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vmbackup.diskimage import make_image
+from vmbackup_lab.diskimage import make_image
 
 MiB = 1024 * 1024
 

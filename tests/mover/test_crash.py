@@ -15,7 +15,7 @@ import sys
 import time
 
 from conftest import Cli, MiB, sha256
-from vmbackup.diskimage import make_image
+from vmbackup_lab.diskimage import make_image
 
 
 def _chunks(repo) -> int:
