@@ -24,8 +24,9 @@ $(VENV)/.stamp-mover: $(VENV)/.stamp-deps $(RUST_SOURCES) pyproject.toml
 	@touch $@
 
 # The lab's Python (package vmbackup_lab, never imported by the product),
-# installed editable; setuptools comes from the venv, so no network is needed.
+# installed editable with the venv's setuptools and wheel (no isolated build env).
 $(VENV)/.stamp-labpy: $(VENV)/.stamp-mover lab/python/pyproject.toml
+	$(VENV)/bin/pip install -q "setuptools>=64" wheel
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e lab/python
 	@touch $@
 

@@ -1,6 +1,5 @@
 """Fault injection and the peak counters."""
 
-
 import pytest
 from pyVmomi import vim
 

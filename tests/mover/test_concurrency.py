@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 from conftest import MiB, backdate, sha256
 from vmbackup import _mover

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from ..errors import CancelledError, InvalidInputError
-from .interrupt import Interrupted, Interruptible
+from .interrupt import Interruptible
 from .output import Progress, emit, fmt_bytes, warn
 from .output import emit as _emit
 from .parsing import read_extents, repo, shown_path, utf8
@@ -180,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
 
 def add_parsers(command: Callable[..., argparse.ArgumentParser]) -> None:
     """Adds this module's commands through ``main``'s ``command`` helper."""

@@ -34,7 +34,9 @@ def _open_dir(raw: bytes, what: str) -> int:
     try:
         return os.open(raw or b".", os.O_PATH | os.O_DIRECTORY)
     except OSError as e:
-        raise InvalidInputError(f"{what} directory {shown_path(os.fsdecode(raw))} cannot be opened: {e.strerror}") from e
+        raise InvalidInputError(
+            f"{what} directory {shown_path(os.fsdecode(raw))} cannot be opened: {e.strerror}"
+        ) from e
 
 
 _kept_open: list[int] = []

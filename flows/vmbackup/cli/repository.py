@@ -34,6 +34,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     )
     return 0
 
+
 def cmd_snapshots(args: argparse.Namespace) -> int:
     from ..catalog import list_backups
 
@@ -48,6 +49,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         )
     _emit(args, [b.summary() for b in backups], "\n".join(lines) if backups else "no backups")
     return 0
+
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .. import _mover
@@ -86,6 +88,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _emit(args, data, "\n".join(lines))
     return 0 if r.ok else 1
 
+
 def cmd_forget(args: argparse.Namespace) -> int:
     from .. import _mover
     from ..catalog import list_backups
@@ -103,6 +106,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         "\n".join(f"forgot {i}" for i in args.ids) + "\n(chunks are reclaimed by `vmbackup gc`)",
     )
     return 0
+
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .. import _mover
@@ -137,6 +141,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     lines.append(f"{verb} {len(removed)} backup(s), kept {len(kept)}")
     _emit(args, {"dry_run": args.dry_run, "kept": kept, "removed": removed}, "\n".join(lines))
     return 0
+
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from .. import _mover
