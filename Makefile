@@ -23,10 +23,17 @@ $(VENV)/.stamp-mover: $(VENV)/.stamp-deps $(RUST_SOURCES) pyproject.toml
 	$(PY) -c "import vmbackup._mover"
 	@touch $@
 
+# The lab's Python (package vmbackup_lab, never imported by the product),
+# installed editable with the venv's setuptools and wheel (no isolated build env).
+$(VENV)/.stamp-labpy: $(VENV)/.stamp-mover lab/python/pyproject.toml
+	$(VENV)/bin/pip install -q "setuptools>=64" wheel
+	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e lab/python
+	@touch $@
+
 # The lab's vSphere simulator (Go, on govmomi's simulator; built offline in
 # GOPATH mode from Debian's packages when they are installed).
-$(VENV)/.stamp-lab: $(VENV)/.stamp-mover $(wildcard lab/vsphere/*.go) lab/vsphere/go.mod
-	$(PY) -m vmbackup.lab build
+$(VENV)/.stamp-lab: $(VENV)/.stamp-labpy $(wildcard lab/vsphere/*.go) lab/vsphere/go.mod
+	$(PY) -m vmbackup_lab build
 	@touch $@
 
 test: dev lint test-rust test-python

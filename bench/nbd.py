@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from vmbackup import _mover
-from vmbackup.cli import parse_size
-from vmbackup.diskimage import make_image
+from vmbackup.cli.parsing import parse_size
+from vmbackup_lab.diskimage import make_image
 
 
 def _wait_socket(proc: subprocess.Popen, sock: Path) -> None:

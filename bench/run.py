@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
-from vmbackup.cli import fmt_bytes, parse_size  # noqa: E402
-from vmbackup.diskimage import make_image, rewrite_blocks, write_extents  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab" / "python"))
+from vmbackup.cli.output import fmt_bytes  # noqa: E402
+from vmbackup.cli.parsing import parse_size  # noqa: E402
+from vmbackup_lab.diskimage import make_image, rewrite_blocks, write_extents  # noqa: E402
 
 ENV = dict(
     os.environ,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MiB
+from conftest import MiB, backdate
 
 
 @pytest.fixture
@@ -65,6 +65,34 @@ BAD_INPUT = [
     ("bad compression", ["init", "--repo", "{tmp}/new", "--compression", "brotli"], "unsupported compression"),
     ("init non-empty", ["init", "--repo", "{tmp}"], "not empty"),
     ("corrupt vhdx", ["backup-disk", "--vm", "v", "{tmp}/x.vhdx"], "not a valid VHDX image"),
+    # Usage errors: one line that points to --help, not the usage block.
+    ("missing arguments", ["backup-disk", "{disk}"], "see `vmbackup backup-disk --help`"),
+    ("unknown option", ["snapshots", "--frobnicate"], "unrecognized arguments"),
+    ("bad format choice", ["restore-disk", "--format", "qcow2", "{parent}", "{tmp}/out"], "invalid choice"),
+    # Numbers beyond 64 bits.
+    (
+        "extent beyond 64 bits",
+        ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents", "{tmp}/huge.json", "{disk}"],
+        "ends beyond",
+    ),
+    (
+        "chunk size beyond 64 bits",
+        ["init", "--repo", "{tmp}/new", "--chunk-size", "99999999999999999999999MiB"],
+        "too large",
+    ),
+    ("keep count beyond 64 bits", ["prune", "--keep-last", "99999999999999999999999"], "not a count"),
+    ("grace beyond any number", ["gc", "--grace", "1e400"], "not a number of seconds"),
+    ("grace not a number", ["gc", "--grace", "nan"], "not a number of seconds"),
+    # Deeply nested JSON.
+    (
+        "deeply nested extents",
+        ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents", "{tmp}/deep.json", "{disk}"],
+        "nested too deeply",
+    ),
+    # Names that are not UTF-8 where the repository stores text.
+    ("VM name not UTF-8", ["backup-disk", "--vm", "v\udcff", "{disk}"], "not valid UTF-8"),
+    ("backup id not UTF-8", ["restore-disk", "\udcff", "{tmp}/out"], "not valid UTF-8"),
+    ("missing source not UTF-8", ["backup-disk", "--vm", "v", "{tmp}/n\udcffpe.img"], "n\\xffpe.img does not exist"),
 ]
 
 
@@ -76,6 +104,8 @@ def test_bad_input_exits_2_with_one_clear_line(cli, disk, tmp_path, case, args, 
     (tmp_path / "far.json").write_text(json.dumps([{"start": 0, "length": 10 * MiB}]))
     (tmp_path / "x.raw").write_bytes(b"KDMV" + bytes(4096))
     (tmp_path / "x.vhdx").write_bytes(b"vhdxfile" + bytes(2 * MiB))
+    (tmp_path / "huge.json").write_text(json.dumps([{"start": 2**70, "length": 1}]))
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     args = [a.format(tmp=tmp_path, disk=disk, parent=parent) for a in args]
     before = sorted(os.listdir(cli.repo / "backups"))
     p = cli.run(*args, expect=2)
@@ -113,10 +143,79 @@ def test_json_results_have_the_contract_fields(cli, disk, tmp_path):
     assert v["ok"] is True and v["backups_checked"] == 1
 
 
-def test_usage_errors_exit_2(cli):
-    p = cli.run("backup-disk", expect=2)
-    assert "usage" in p.stderr
-    cli.run("frobnicate", expect=2, repo=False)
+def test_usage_errors_exit_2_with_one_line(cli):
+    for args in (["backup-disk"], ["frobnicate"], [], ["lab"], ["lab", "frobnicate"]):
+        p = cli.run(*args, expect=2, repo=False)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--help`" in lines[0] and "usage:" not in p.stderr, p.stderr
+
+
+def test_names_that_are_not_utf8_are_backed_up_and_restored(cli, tmp_path):
+    """Linux names are bytes: a source, an output and a repository whose
+    names are not UTF-8 work like any other (docs/operations.md)."""
+    base = os.fsencode(tmp_path)
+    data = os.urandom(MiB) + bytes(MiB) + os.urandom(MiB // 2)
+    weird_dir = os.path.join(base, b"dir-\xfe")
+    os.mkdir(weird_dir)
+    sources = [os.path.join(base, b"disk-\xff.img"), os.path.join(weird_dir, b"disk.img")]
+    for s in sources:
+        with open(s, "wb") as f:
+            f.write(data)
+    repo = os.fsdecode(os.path.join(base, b"repo-\xfc"))
+    cli.run("init", "--repo", repo)
+    outputs = [
+        os.path.join(base, b"out-\xfd.img"),
+        os.path.join(weird_dir, b"out.img"),
+        os.path.join(base, b"plain.img"),
+    ]
+    for s, out in zip(sources + sources[:1], outputs, strict=True):
+        b = cli.json("backup-disk", "--repo", repo, "--vm", "v", os.fsdecode(s))
+        r = cli.json("restore-disk", "--repo", repo, b["id"], os.fsdecode(out))
+        assert r["bytes_written"] > 0 and "\\x" in r["output"] or out.endswith(b"plain.img")
+        with open(out, "rb") as f:
+            assert f.read() == data
+    # The name the mover could not record is in the backup's attributes.
+    snaps = cli.json("snapshots", "--repo", repo)
+    assert snaps[0]["attributes"]["source"].endswith("disk-\\xff.img")
+    # Refused like any other: overwriting, and no temporary file is left behind.
+    p = cli.run("restore-disk", "--repo", repo, b["id"], os.fsdecode(outputs[0]), expect=2)
+    assert "refusing to overwrite" in p.stderr and p.stderr.count("\n") == 1
+    cli.json("restore-disk", "--repo", repo, "--force", b["id"], os.fsdecode(outputs[0]))
+    left = [n for d in (base, weird_dir) for n in os.listdir(d) if n.startswith(b".")]
+    assert left == []
+
+
+def test_an_unwritable_stdout_does_not_undo_the_work(cli, disk):
+    """`> /dev/full`: the backup is committed and the exit code says so, with
+    one line on stderr; a listing, whose only work is its output, fails."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vmbackup",
+                "backup-disk",
+                "--repo",
+                str(cli.repo),
+                "--vm",
+                "v",
+                "--json",
+                str(disk),
+            ],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert p.returncode == 0, p.stderr
+        assert p.stderr.count("\n") == 1 and "could not write to stdout" in p.stderr, p.stderr
+        assert len(cli.json("snapshots")) == 1
+        p = subprocess.run(
+            [sys.executable, "-m", "vmbackup", "snapshots", "--repo", str(cli.repo)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
 
 
 def test_repository_commands_do_not_import_prefect(cli, disk):
@@ -135,14 +234,13 @@ def test_repository_commands_do_not_import_prefect(cli, disk):
 
 
 def test_forget_and_gc_reclaim_space(cli, disk, tmp_path):
-    import time
-
     a = cli.json("backup-disk", "--vm", "v", str(disk))
     dry = cli.json("gc", "--grace", "0", "--dry-run")
     assert dry["chunks_removed"] == 0
     cli.json("forget", a["id"])
     assert cli.json("snapshots") == []
-    time.sleep(2.1)
+    # Written a minute ago: past gc's two seconds of slack, within an hour's grace.
+    assert backdate(cli.repo / "chunks", 60) > 0
     dry = cli.json("gc", "--grace", "0", "--dry-run")
     assert dry["chunks_removed"] == 1 and dry["dry_run"] is True
     assert cli.json("gc", "--grace", "3600")["chunks_removed"] == 0  # within the grace period

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 try:
-    import vmbackup.lab  # noqa: F401
-except ImportError:  # not installed: use the work tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "flows"))
+    import vmbackup_lab  # noqa: F401
+except ImportError:  # not installed (make dev installs it): use the work tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lab" / "python"))
 
 from pyVim.connect import Disconnect  # noqa: E402
 from pyVmomi import vim  # noqa: E402
-from vmbackup.lab import Lab, lab_down, lab_up  # noqa: E402
+from vmbackup_lab import Lab, lab_down, lab_up  # noqa: E402
 
 from .labkit import connect  # noqa: E402
 

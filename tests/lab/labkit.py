@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pyVim.connect import SmartConnect
 from pyVmomi import vim
-from vmbackup.lab import Lab
+from vmbackup_lab import Lab
 
 
 def connect(lab: Lab):

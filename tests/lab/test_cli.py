@@ -19,7 +19,7 @@ def run(*args, check=True):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(FLOWS) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "vmbackup.lab", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "vmbackup_lab", *args], capture_output=True, text=True, env=env, timeout=120
     )
     if check:
         assert proc.returncode == 0, proc.stderr

@@ -7,9 +7,8 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
-from conftest import MiB, sha256
+from conftest import MiB, backdate, sha256
 from vmbackup import _mover
 
 
@@ -59,7 +58,7 @@ def test_gc_during_a_backup_keeps_what_the_backup_reuses(cli, image, tmp_path):
     # Once nothing runs and nothing names them, gc does remove chunks
     # (after the two seconds of slack for coarse file timestamps).
     cli.json("forget", meta.id)
-    time.sleep(2.1)
+    backdate(cli.repo / "chunks")
     g = cli.json("gc", "--grace", "0")
     assert g["chunks_removed"] == g["chunks_scanned"] > 0 and g["bytes_removed"] > 0
 
@@ -94,7 +93,7 @@ def test_gc_keeps_the_parent_chunks_an_unfinished_incremental_reuses(cli, image,
     runs (no grace) before B commits: B's manifest must still be whole."""
     disk = image("d.img", 32 * MiB)
     parent = cli.json("backup-disk", "--vm", "v", str(disk))
-    time.sleep(2.5)  # P's chunks are now older than any cutoff gc could pick for B
+    backdate(cli.repo / "chunks")  # P's chunks are now older than any cutoff gc could pick for B
     s = _mover.BackupSession(str(cli.repo), "v", parent=parent["id"])
     d = s.add_disk(str(disk), "disk0", changed_extents=[(0, 4096)])
     assert d.parent_blocks > 0

@@ -10,7 +10,7 @@ from conftest import MiB, sha256
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vmbackup import _mover
-from vmbackup.diskimage import rewrite_blocks, write_extents
+from vmbackup_lab.diskimage import rewrite_blocks, write_extents
 
 
 def test_full_then_cbt_incremental_then_dedup_incremental(cli, image, tmp_path):

@@ -188,6 +188,7 @@ def test_a_flood_of_idle_connections_does_not_lock_clients_out(backup, serving, 
     flood = []
     for _ in range(80):
         c = socketlib.socket(socketlib.AF_UNIX)
+        c.settimeout(60)
         c.connect(str(sock))
         flood.append(c)
     info = json.loads(subprocess.run(["nbdinfo", "--json", srv.uri], check=True, capture_output=True, text=True).stdout)

@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 
 try:
-    import vmbackup.lab  # noqa: F401
-except ImportError:  # not installed: use the work tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "flows"))
+    import vmbackup_lab  # noqa: F401
+except ImportError:  # not installed (make dev installs it): use the work tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lab" / "python"))
 
 from pyVmomi import vim  # noqa: E402
 from vmbackup import _mover  # noqa: E402
-from vmbackup.lab import lab_down, lab_up  # noqa: E402
-from vmbackup.lab.plan import PASSWORD_ENV, write_lab_plan  # noqa: E402
 from vmbackup.plan import load_plan, resolve_password  # noqa: E402
 from vmbackup.vsphere.client import VSphereClient  # noqa: E402
 from vmbackup.vsphere.inventory import CLONE_PREFIX, disks_of  # noqa: E402
 from vmbackup.vsphere.snapshots import PREFIX  # noqa: E402
+from vmbackup_lab import lab_down, lab_up  # noqa: E402
+from vmbackup_lab.plan import PASSWORD_ENV, write_lab_plan  # noqa: E402
 
 TOPOLOGY = Path(__file__).with_name("topology.json")
 

@@ -30,7 +30,7 @@ def source_dir() -> Path:
     env = os.environ.get("VMBACKUP_LAB_SRC")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "lab" / "vsphere"
+    return Path(__file__).resolve().parents[2] / "vsphere"
 
 
 def binary_path() -> Path:

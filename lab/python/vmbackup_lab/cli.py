@@ -135,6 +135,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``vmbackup lab ARGS`` (also ``python -m vmbackup_lab ARGS``, with or without ``lab``)."""
+    from vmbackup.cli.parsing import Parser
+
+    parser = Parser(prog="vmbackup")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["lab"]:
+        argv.insert(0, "lab")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
 def add_parser(subparsers: Any) -> None:
     """Add ``lab`` and its subcommands to the main parser's subparsers."""
     lab = subparsers.add_parser("lab", help="the simulated vSphere datacenter (see docs/lab.md)")

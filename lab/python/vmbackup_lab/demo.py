@@ -1,4 +1,4 @@
-"""`make demo` until the lab exists: a generated VM-like disk is backed up in
+"""`vmbackup demo` (what `make demo` runs), until it runs on the lab's simulator: a generated VM-like disk is backed up in
 full, changed as a guest would change it, backed up again incrementally from
 its changed areas (as CBT reports them), verified by re-reading every chunk,
 and both backups are restored and compared byte for byte."""
@@ -11,8 +11,9 @@ import os
 import shutil
 import time
 
-from . import _mover
-from .cli import fmt_bytes
+from vmbackup import _mover
+from vmbackup.cli.output import fmt_bytes
+
 from .diskimage import make_image, rewrite_blocks
 
 
