@@ -54,7 +54,7 @@ pub struct BackupSession {
     /// the syncfs at commit sees every writeback error since (see
     /// `Repository::sync_since`).
     root: std::fs::File,
-    _lease: Lease,
+    lease: Lease,
 }
 
 enum Outcome {
@@ -103,7 +103,7 @@ impl BackupSession {
             maps: Vec::new(),
             claimed: Mutex::new(HashSet::new()),
             root,
-            _lease: lease,
+            lease,
         })
     }
 
@@ -365,6 +365,8 @@ impl BackupSession {
         let manifest = Manifest { meta, maps: self.maps };
         // Every chunk the manifest names must be durable before the manifest is.
         self.repo.sync_since(&self.root)?;
+        // And still present: not if a gc took this backup's lease for stale.
+        self.lease.check()?;
         write_atomic(&self.repo.manifest_path(&self.id), &manifest.encode())?;
         Ok(manifest.meta)
     }

@@ -8,7 +8,7 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
-pub use file::FileSource;
+pub use file::{open_image, FileSource};
 pub use mem::MemSource;
 pub use nbd::NbdSource;
 pub use vhd::VhdSource;
