@@ -76,7 +76,7 @@ def test_a_fifo_as_config_json(cli):
 def test_an_oversized_config_json(cli):
     config = cli.repo / "config.json"
     with open(config, "r+b") as f:
-        f.truncate(8 << 30)  # sparse: 8 GiB that must not be read into memory
+        f.truncate(1 << 40)  # sparse: 1 TiB that must not be read into memory
     p = cli.run("snapshots", expect=1, timeout=60)
     assert "config.json" in one_line(p.stderr)
 

@@ -20,7 +20,6 @@ use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::extents::block_count;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 use xxhash_rust::xxh3::xxh3_128;
