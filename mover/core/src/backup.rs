@@ -124,6 +124,8 @@ impl BackupSession {
             return Err(Error::InvalidInput(format!("disk {} is already in this backup", req.name)));
         }
         let t0 = Instant::now();
+        // Before the size sizes anything (the block map below).
+        crate::source::check_size(source)?;
         let size = source.size();
         let bs = self.repo.chunk_size();
         let n = block_count(size, bs) as usize;
