@@ -243,9 +243,7 @@ pub fn active_leases(repo: &Repository, dry_run: bool) -> Result<(Vec<LeaseInfo>
             }
             continue;
         }
-        active.push(
-            info.unwrap_or(LeaseInfo { id: String::new(), pid: 0, started_unix: 0.0, host: String::new() }),
-        );
+        active.push(info.unwrap_or(LeaseInfo { id: String::new(), pid: 0, started_unix: 0.0, host: String::new() }));
     }
     Ok((active, stale))
 }

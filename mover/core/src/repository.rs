@@ -71,15 +71,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// symlinks or blocking (a FIFO in its place would hang a plain open).
 pub fn open_regular(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
-        |e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "a symbolic link, not a regular file")
-            } else {
-                e
-            }
-        },
-    )?;
+    let f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "a symbolic link, not a regular file")
+                } else {
+                    e
+                }
+            },
+        )?;
     if !f.metadata()?.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
     }

@@ -22,14 +22,14 @@ pub struct FileSource {
 /// be one; an extent or a parent named inside an image may not). Returns the
 /// file, in blocking mode again, its size, and whether it is a block device.
 pub fn open_image(path: &Path, what: &str, block_ok: bool) -> Result<(File, u64, bool)> {
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| {
-        match e.kind() {
-            ErrorKind::NotFound => Error::Source(format!("{what} {} does not exist", path.display())),
-            ErrorKind::PermissionDenied => {
-                Error::Source(format!("{what} {} is not readable: permission denied", path.display()))
-            }
-            _ => Error::source_io(format!("opening {what} {}", path.display()), e),
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| match e
+        .kind()
+    {
+        ErrorKind::NotFound => Error::Source(format!("{what} {} does not exist", path.display())),
+        ErrorKind::PermissionDenied => {
+            Error::Source(format!("{what} {} is not readable: permission denied", path.display()))
         }
+        _ => Error::source_io(format!("opening {what} {}", path.display()), e),
     })?;
     let meta = file.metadata().map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?;
     let ft = meta.file_type();
