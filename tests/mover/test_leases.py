@@ -95,3 +95,12 @@ def test_a_backup_whose_lease_was_taken_for_stale_does_not_commit(cli, image):
     with pytest.raises(RepositoryError, match="lease"):
         s.commit()
     assert list((cli.repo / "backups").glob("*.tib")) == []
+
+
+def test_a_live_lease_that_cannot_be_read_keeps_every_chunk(cli, image):
+    """Its start is unknown: gc removes nothing while its heartbeat is fresh."""
+    files = unreferenced_chunks(cli, image, touched_ago=7 * 86400)
+    (cli.repo / "locks" / "20260101T000000Z-0badf00d.lease").write_text("{not json")
+    g = cli.json("gc", "--grace", "0")
+    assert g["active_backups"] == 1 and g["chunks_removed"] == 0 and g["cutoff_unix"] < 0
+    assert all(p.exists() for p in files)
