@@ -7,8 +7,10 @@
 //!
 //! A chunk file is a 12-byte header followed by the payload:
 //! `"VMBC"`, one byte encoding (0 = stored, 1 = zstd frame), the payload
-//! length as a 24-bit little-endian number (0 in chunks written before it was
-//! recorded), the plaintext length as u32 little-endian. A chunk that does
+//! length of a compressed chunk as a 24-bit little-endian number (0 in
+//! stored chunks, whose payload is as long as the plaintext, and in
+//! compressed chunks written before it was recorded), the plaintext length
+//! as u32 little-endian. A chunk that does
 //! not shrink under compression is stored as is.
 //!
 //! The payload length lets a writer tell a whole chunk file from one that a
@@ -161,12 +163,12 @@ pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
         }
     }
     out.extend_from_slice(data);
-    record_payload_len(&mut out);
     Ok(out)
 }
 
-/// Writes the payload's length into header bytes 5..8 (left 0 if it could
-/// not fit, which no chunk of a valid repository reaches).
+/// Writes a compressed payload's length into header bytes 5..8 (left 0 if
+/// it could not fit, which no chunk of a valid repository reaches). A stored
+/// chunk leaves them 0: its payload is as long as its plaintext.
 fn record_payload_len(file: &mut [u8]) {
     let n = file.len() - CHUNK_HEADER_LEN;
     if n <= MAX_RECORDED_PAYLOAD {
@@ -339,6 +341,8 @@ mod tests {
             for data in [Vec::new(), sample(1 << 20)] {
                 let enc = encode(&data, c).unwrap();
                 assert_eq!(whole_file_len(&enc, 1 << 20).unwrap(), Some(enc.len() as u64));
+                // Only a compressed payload's length is recorded.
+                assert_eq!(enc[5..8] != [0; 3], enc[4] == ENC_ZSTD);
                 for cut in [CHUNK_HEADER_LEN, enc.len() / 2, enc.len().saturating_sub(1)] {
                     if cut < enc.len() && cut >= CHUNK_HEADER_LEN {
                         assert!(decode(&ChunkId::of(&data), &enc[..cut], 1 << 20).is_err());
