@@ -577,3 +577,23 @@ def test_raw_disk_ending_in_a_broken_footer_stays_raw(cli, tmp_path):
     out = tmp_path / "out"
     cli.json("restore-disk", b["id"], str(out))
     assert out.read_bytes() == bytes(data)
+
+
+def test_a_fifo_in_place_of_a_parent_is_refused(cli, tmp_path):
+    """No hang: a parent named inside a child must be a regular file."""
+    base = tmp_path / "base.vhdx"
+    run("qemu-img", "create", "-q", "-f", "vhdx", str(base), str(8 * MiB))
+    child = tmp_path / "c.avhdx"
+    write_differencing_vhdx(
+        child, 8 * MiB, vhdx_headers(base)[1]["data_write"], {"relative_path": "base.vhdx"}, {0: b"x" * 512}
+    )
+    vbase = tmp_path / "base.vhd"
+    run("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", str(vbase), str(8 * MiB))
+    vchild = tmp_path / "c.vhd"
+    write_differencing_vhd(vchild, vbase, {0: b"y" * 512}, ".\\base.vhd", None)
+    for parent, disk in ((base, child), (vbase, vchild)):
+        parent.unlink()
+        os.mkfifo(parent)
+        p = cli.run("backup-disk", "--vm", "v", str(disk), expect=2, timeout=60)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and ("not a regular file" in lines[0] or "not found" in lines[0]), p.stderr

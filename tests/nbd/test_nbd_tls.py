@@ -168,3 +168,14 @@ def test_nbds_to_a_server_without_tls_is_refused(cli, serve_nbd, pki):
     srv = serve_nbd(nbdkit("memory", "size=1M"), tcp=True)  # --tls off: STARTTLS refused
     p = cli.run("backup-disk", "--vm", "v", f"nbds://localhost:{srv.port}/?tls-certificates={pki}", expect=2)
     assert "does not offer TLS" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_a_fifo_in_the_certificates_directory_is_refused(cli, tmp_path):
+    """No hang: certificates must be regular files (links to them are fine)."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    os.mkfifo(d / "ca-cert.pem")
+    uri = f"nbds+unix:///?socket={tmp_path / 'none.sock'}&tls-certificates={d}&tls-hostname=localhost"
+    p = cli.run("backup-disk", "--vm", "v", uri, expect=2, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ca-cert.pem" in lines[0] and "not a regular file" in lines[0], p.stderr

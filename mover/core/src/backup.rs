@@ -55,7 +55,7 @@ pub struct BackupSession {
     /// the syncfs at commit sees every writeback error since (see
     /// `Repository::sync_since`).
     root: std::fs::File,
-    _lease: Lease,
+    lease: Lease,
 }
 
 enum Outcome {
@@ -104,7 +104,7 @@ impl BackupSession {
             maps: Vec::new(),
             claimed: Mutex::new(HashSet::new()),
             root,
-            _lease: lease,
+            lease,
         })
     }
 
@@ -125,6 +125,8 @@ impl BackupSession {
             return Err(Error::InvalidInput(format!("disk {} is already in this backup", req.name)));
         }
         let t0 = Instant::now();
+        // Before the size sizes anything (the block map below).
+        crate::source::check_size(source)?;
         let size = source.size();
         let bs = self.repo.chunk_size();
         let n = block_count(size, bs);
@@ -371,6 +373,8 @@ impl BackupSession {
         let manifest = Manifest { meta, maps: self.maps };
         // Every chunk the manifest names must be durable before the manifest is.
         self.repo.sync_since(&self.root)?;
+        // And still present: not if a gc took this backup's lease for stale.
+        self.lease.check()?;
         write_atomic(&self.repo.manifest_path(&self.id), &manifest.encode())?;
         Ok(manifest.meta)
     }

@@ -6,9 +6,16 @@
 //! in a block map it means "this block is all zeros, no chunk stored".
 //!
 //! A chunk file is a 12-byte header followed by the payload:
-//! `"VMBC"`, one byte encoding (0 = stored, 1 = zstd frame), three zero bytes,
-//! the plaintext length as u32 little-endian. A chunk that does not shrink
-//! under compression is stored as is.
+//! `"VMBC"`, one byte encoding (0 = stored, 1 = zstd frame), the payload
+//! length of a compressed chunk as a 24-bit little-endian number (0 in
+//! stored chunks, whose payload is as long as the plaintext, and in
+//! compressed chunks written before it was recorded), the plaintext length
+//! as u32 little-endian. A chunk that does
+//! not shrink under compression is stored as is.
+//!
+//! The payload length lets a writer tell a whole chunk file from one that a
+//! power cut tore, by its header and its size alone (`whole_file_len`),
+//! before it reuses the chunk instead of storing it again.
 
 use crate::error::{Error, Result};
 use std::cell::RefCell;
@@ -18,6 +25,9 @@ use xxhash_rust::xxh3::xxh3_128;
 /// Magic at the start of every chunk file.
 pub const CHUNK_MAGIC: &[u8; 4] = b"VMBC";
 pub const CHUNK_HEADER_LEN: usize = 12;
+/// The largest payload length bytes 5..8 of the header can record; every
+/// payload fits (chunks are at most 8 MiB, see repository::MAX_CHUNK_SIZE).
+const MAX_RECORDED_PAYLOAD: usize = (1 << 24) - 1;
 pub const ENC_STORED: u8 = 0;
 pub const ENC_ZSTD: u8 = 1;
 
@@ -148,11 +158,66 @@ pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
         if compressed.len() < data.len() {
             out[4] = ENC_ZSTD;
             out.extend_from_slice(&compressed);
+            record_payload_len(&mut out);
             return Ok(out);
         }
     }
     out.extend_from_slice(data);
     Ok(out)
+}
+
+/// Writes a compressed payload's length into header bytes 5..8 (left 0 if
+/// it could not fit, which no chunk of a valid repository reaches). A stored
+/// chunk leaves them 0: its payload is as long as its plaintext.
+fn record_payload_len(file: &mut [u8]) {
+    let n = file.len() - CHUNK_HEADER_LEN;
+    if n <= MAX_RECORDED_PAYLOAD {
+        file[5..8].copy_from_slice(&(n as u32).to_le_bytes()[..3]);
+    }
+}
+
+/// The payload length a header records (0: not recorded).
+fn recorded_payload_len(header: &[u8]) -> usize {
+    u32::from_le_bytes([header[5], header[6], header[7], 0]) as usize
+}
+
+/// The length a whole chunk file with this header has, from the header
+/// alone: `Ok(Some(len))`; `Ok(None)` for a compressed chunk written before
+/// the payload length was recorded (its length shows only by walking its
+/// zstd frame, see `zstd_frame_is_whole`); `Err(reason)` if the header
+/// cannot start a chunk of at most `max_len` bytes of plaintext.
+pub fn whole_file_len(header: &[u8], max_len: usize) -> std::result::Result<Option<u64>, String> {
+    if header.len() < CHUNK_HEADER_LEN {
+        return Err(format!("{} bytes, shorter than a chunk header", header.len()));
+    }
+    if &header[0..4] != CHUNK_MAGIC {
+        return Err("bad magic".into());
+    }
+    let plain_len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+    if plain_len > max_len {
+        return Err(format!("plaintext length {plain_len} exceeds {max_len}"));
+    }
+    let recorded = recorded_payload_len(header);
+    let payload = match header[4] {
+        ENC_STORED if recorded != 0 => {
+            return Err(format!("stored payload of {recorded} bytes, plaintext of {plain_len}"));
+        }
+        ENC_STORED => plain_len,
+        // A compressed payload is kept only when shorter than its plaintext.
+        ENC_ZSTD if recorded >= plain_len => {
+            return Err(format!("compressed payload of {recorded} bytes, plaintext of {plain_len}"));
+        }
+        ENC_ZSTD if recorded == 0 => return Ok(None),
+        ENC_ZSTD => recorded,
+        other => return Err(format!("unknown encoding {other}")),
+    };
+    Ok(Some((CHUNK_HEADER_LEN + payload) as u64))
+}
+
+/// Whether `payload` is exactly one complete zstd frame (walks the frame's
+/// block headers; decompresses nothing).
+pub fn zstd_frame_is_whole(payload: &[u8]) -> bool {
+    matches!(zstd::zstd_safe::find_frame_compressed_size(payload), Ok(n) if n == payload.len())
 }
 
 /// Like `decode`, but takes the file's bytes by value: a stored chunk then
@@ -178,8 +243,9 @@ pub fn decode_owned(id: &ChunkId, mut file: Vec<u8>, max_len: usize) -> Result<V
 }
 
 /// Checks a chunk file's 12-byte header (docs/format.md §4): magic, a known
-/// encoding, zero reserved bytes, a plaintext length of at most `max_len`.
-/// Returns the plaintext length.
+/// encoding, bytes 5..8 zero for a stored chunk and zero or a payload length
+/// shorter than the plaintext for a compressed one, a plaintext length of at
+/// most `max_len`. Returns the plaintext length.
 pub fn check_header(header: &[u8], max_len: usize) -> std::result::Result<usize, String> {
     if header.len() < CHUNK_HEADER_LEN {
         return Err(format!("file is {} bytes, shorter than its header", header.len()));
@@ -190,10 +256,14 @@ pub fn check_header(header: &[u8], max_len: usize) -> std::result::Result<usize,
     if header[4] != ENC_STORED && header[4] != ENC_ZSTD {
         return Err(format!("unknown encoding {}", header[4]));
     }
-    if header[5..8] != [0; 3] {
-        return Err("reserved header bytes are not zero".into());
-    }
     let plain_len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+    let recorded = recorded_payload_len(header);
+    if header[4] == ENC_STORED && recorded != 0 {
+        return Err("header bytes 5..8 of a stored chunk are not zero".into());
+    }
+    if header[4] == ENC_ZSTD && recorded != 0 && recorded >= plain_len {
+        return Err(format!("compressed payload of {recorded} bytes, plaintext of {plain_len}"));
+    }
     if plain_len > max_len {
         return Err(format!("plaintext length {plain_len} exceeds {max_len}"));
     }
@@ -221,6 +291,10 @@ pub fn decode(id: &ChunkId, file: &[u8], max_len: usize) -> Result<Vec<u8>> {
     let corrupt = |reason: String| Error::CorruptChunk { id: id.to_hex(), reason };
     let plain_len = check_header(file, max_len).map_err(corrupt)?;
     let payload = &file[CHUNK_HEADER_LEN..];
+    let recorded = recorded_payload_len(file);
+    if recorded != 0 && recorded != payload.len() {
+        return Err(corrupt(format!("payload of {} bytes, header says {recorded}", payload.len())));
+    }
     let data = match file[4] {
         ENC_STORED => payload.to_vec(),
         ENC_ZSTD => {
@@ -278,15 +352,19 @@ mod tests {
             assert!(decode_owned(&id, f.to_vec(), 4096).is_err(), "{what}");
             e
         };
-        let mut reserved = file.clone();
-        reserved[6] = 1;
-        assert!(refused(&reserved, "reserved byte").contains("reserved"));
+        // Bytes 5..8 of a compressed chunk record its payload length.
+        let mut wrong = file.clone();
+        wrong[6] = 1;
+        assert!(refused(&wrong, "wrong payload length").contains("header says"));
         let mut stored = encode(&data, Compression::None).unwrap();
         stored[7] = 1;
         refused(&stored, "reserved byte of a stored chunk");
         let mut trailing = file.clone();
         trailing.push(0);
-        assert!(refused(&trailing, "trailing byte").contains("after the zstd frame"));
+        refused(&trailing, "trailing byte");
+        // Without a recorded length (chunks of older writers) the frame rule catches it.
+        trailing[5..8].copy_from_slice(&[0; 3]);
+        assert!(refused(&trailing, "trailing byte, old header").contains("after the zstd frame"));
         let frame = &file[CHUNK_HEADER_LEN..];
         let mut two = file[..8].to_vec();
         two.extend_from_slice(&2048u32.to_le_bytes());
@@ -301,6 +379,7 @@ mod tests {
         let streamed = enc.finish().unwrap();
         let mut nosize = file[..CHUNK_HEADER_LEN].to_vec();
         nosize.extend_from_slice(&streamed);
+        record_payload_len(&mut nosize);
         assert!(refused(&nosize, "no content size").contains("content size"));
         assert!(!frame.is_empty());
     }
@@ -328,6 +407,63 @@ mod tests {
         let mut enc = encode(&data, Compression::None).unwrap();
         enc[100] ^= 1;
         assert!(matches!(decode(&id, &enc, 1 << 20), Err(Error::CorruptChunk { .. })));
+    }
+
+    /// Compressible but not trivially: several zstd blocks.
+    fn sample(n: usize) -> Vec<u8> {
+        (0..n as u32).map(|i| (i.wrapping_mul(2654435761) >> 29) as u8).collect()
+    }
+
+    #[test]
+    fn header_records_the_payload_length() {
+        for c in [Compression::None, Compression::Zstd(1)] {
+            for data in [Vec::new(), sample(1 << 20)] {
+                let enc = encode(&data, c).unwrap();
+                assert_eq!(whole_file_len(&enc, 1 << 20).unwrap(), Some(enc.len() as u64));
+                // Only a compressed payload's length is recorded.
+                assert_eq!(enc[5..8] != [0; 3], enc[4] == ENC_ZSTD);
+                for cut in [CHUNK_HEADER_LEN, enc.len() / 2, enc.len().saturating_sub(1)] {
+                    if cut < enc.len() && cut >= CHUNK_HEADER_LEN {
+                        assert!(decode(&ChunkId::of(&data), &enc[..cut], 1 << 20).is_err());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_without_a_recorded_length_still_read() {
+        // As written before bytes 5..8 held the payload length.
+        for c in [Compression::None, Compression::Zstd(1)] {
+            let data = sample(300_000);
+            let mut enc = encode(&data, c).unwrap();
+            enc[5..8].fill(0);
+            let id = ChunkId::of(&data);
+            assert_eq!(decode(&id, &enc, 1 << 20).unwrap(), data);
+            assert_eq!(decode_owned(&id, enc.clone(), 1 << 20).unwrap(), data);
+            match c {
+                Compression::None => assert_eq!(whole_file_len(&enc, 1 << 20).unwrap(), Some(enc.len() as u64)),
+                Compression::Zstd(_) => {
+                    assert_eq!(whole_file_len(&enc, 1 << 20).unwrap(), None);
+                    assert!(zstd_frame_is_whole(&enc[CHUNK_HEADER_LEN..]));
+                    for cut in [CHUNK_HEADER_LEN, CHUNK_HEADER_LEN + 20, enc.len() / 2, enc.len() - 1] {
+                        assert!(!zstd_frame_is_whole(&enc[CHUNK_HEADER_LEN..cut]), "cut at {cut}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_recorded_length_that_disagrees_is_corrupt() {
+        let data = sample(100_000);
+        let mut enc = encode(&data, Compression::Zstd(1)).unwrap();
+        enc[5] ^= 1;
+        assert!(decode(&ChunkId::of(&data), &enc, 1 << 20).is_err());
+        let mut stored = encode(&data, Compression::None).unwrap();
+        stored[6] ^= 1;
+        assert!(whole_file_len(&stored, 1 << 20).is_err());
+        assert!(decode_owned(&ChunkId::of(&data), stored, 1 << 20).is_err());
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub fn touch(path: &Path) -> Result<bool> {
         libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
     ];
     // SAFETY: `c` is a valid NUL-terminated path and `times` holds two timespecs.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
     if rc == 0 {
         return Ok(true);
     }
@@ -78,23 +78,55 @@ impl ChunkStore {
         self.dir.join(&hex[0..2]).join(hex)
     }
 
-    /// If the chunk is present, marks it as just used (for gc) and returns
-    /// true. A file too short to be a chunk (what a power cut can leave of a
-    /// chunk whose writeback had not finished) is quarantined and reported
-    /// absent, so the caller stores the chunk again.
+    /// If the chunk is present and whole, marks it as just used (for gc) and
+    /// returns true. A torn file (what a power cut can leave of a chunk whose
+    /// writeback had not finished: shorter than its header says, at any
+    /// length) or anything else that is not a chunk file is quarantined and
+    /// reported absent, so the caller stores the chunk again.
     pub fn reuse(&self, id: &ChunkId) -> Result<bool> {
         let path = self.path(id);
+        // Touched before the check, so that gc's re-check after its rename
+        // sees the reuse (see gc.rs).
         if !touch(&path)? {
             return Ok(false);
         }
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() && m.len() >= chunk::CHUNK_HEADER_LEN as u64 => Ok(true),
-            Ok(_) => {
+        match self.is_whole(&path) {
+            Ok(true) => Ok(true),
+            Ok(false) => {
                 self.quarantine(id)?;
                 Ok(false)
             }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::repo_io(format!("checking chunk {id}"), e)),
+        }
+    }
+
+    /// Whether the file at `path` is a regular file exactly as long as its
+    /// header says: one read of 12 bytes and an fstat. Compressed chunks
+    /// written before headers recorded the payload length are read whole
+    /// and their zstd frame walked (not decompressed).
+    fn is_whole(&self, path: &Path) -> std::io::Result<bool> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let f = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let m = f.metadata()?;
+        let max_file = (chunk::CHUNK_HEADER_LEN + self.max_len) as u64;
+        if !m.is_file() || m.len() < chunk::CHUNK_HEADER_LEN as u64 || m.len() > max_file {
+            return Ok(false);
+        }
+        let mut header = [0u8; chunk::CHUNK_HEADER_LEN];
+        f.read_exact_at(&mut header, 0)?;
+        match chunk::whole_file_len(&header, self.max_len) {
+            Err(_) => Ok(false),
+            Ok(Some(len)) => Ok(len == m.len()),
+            Ok(None) => {
+                let mut payload = vec![0u8; m.len() as usize - chunk::CHUNK_HEADER_LEN];
+                f.read_exact_at(&mut payload, chunk::CHUNK_HEADER_LEN as u64)?;
+                Ok(chunk::zstd_frame_is_whole(&payload))
+            }
         }
     }
 

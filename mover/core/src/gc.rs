@@ -3,23 +3,25 @@
 //! Mark: read every manifest (gc stops, removing nothing, if one cannot be
 //! read: it cannot know what that backup needs). Sweep: remove each chunk
 //! that no manifest names and whose mtime is older than the cutoff
-//! `min(gc start, start of the oldest running backup) - grace`.
+//! `min(gc start, start of the oldest running backup - clock skew) - grace`.
 //!
 //! Why that is safe while backups run: a backup holds a lease from before it
 //! looks at any chunk; it touches (sets the mtime of) every chunk it reuses
 //! and writes new ones, so every chunk it will name has an mtime at or after
 //! its start, which is at or after the cutoff. A chunk is removed by renaming
 //! it to a trash name, checking its mtime again, and unlinking: a backup that
-//! touched it before the rename is seen (the chunk is put back); one that
-//! tries after the rename finds it absent and writes it again. The grace
-//! period covers clock skew between hosts sharing the repository; a fixed
-//! slack of two seconds covers coarse file timestamps.
+//! tries after the rename finds it absent and writes it again. A lease's
+//! start time is read from its holder's clock, perhaps on another host, so
+//! it counts `lease::CLOCK_SKEW_SECONDS` earlier; the grace period covers
+//! the skew between gc's own clock and the file server's (chunk mtimes); a
+//! fixed slack of two seconds covers coarse file timestamps. Which leases
+//! are live (lock or heartbeat) is told in lease.rs.
 
 use crate::chunk::ChunkId;
 use crate::chunk_store::QUARANTINE_SUFFIX;
 use crate::clock::now_unix;
 use crate::error::{Error, Result};
-use crate::lease::active_leases;
+use crate::lease::{active_leases, CLOCK_SKEW_SECONDS};
 use crate::progress::{Cancel, Progress, Ticker};
 use crate::repository::Repository;
 use std::collections::HashSet;
@@ -62,7 +64,9 @@ pub fn gc(
 ) -> Result<GcStats> {
     let start = now_unix();
     let (leases, stale) = active_leases(repo, dry_run)?;
-    let oldest = leases.iter().map(|l| l.started_unix).fold(start, f64::min);
+    // A lease's start comes from its holder's clock, perhaps another host's;
+    // chunk mtimes from the file server's: allow for their skew.
+    let oldest = leases.iter().map(|l| l.started_unix - CLOCK_SKEW_SECONDS).fold(start, f64::min);
     let cutoff = oldest - grace_seconds.max(0.0) - TIMESTAMP_SLACK_SECONDS;
     let mut stats = GcStats {
         dry_run,
@@ -179,7 +183,7 @@ pub fn gc(
 }
 
 /// Whether a process with this id runs on this host.
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }

@@ -16,8 +16,10 @@
 //!
 //! # Garbage collection and locking
 //! No lock is ever held on the data path. A running backup holds a lease
-//! (an flock'd file); gc keeps every chunk touched since the oldest live
-//! lease started (see gc.rs), so it can run while backups do.
+//! (an flock'd file whose mtime a heartbeat thread refreshes, so that hosts
+//! sharing the repository over NFS or SMB see it live, see lease.rs); gc
+//! keeps every chunk touched since the oldest live lease started (see
+//! gc.rs), so it can run while backups do.
 
 pub mod backup;
 pub mod backup_reader;

@@ -20,7 +20,6 @@ use crate::block_map::BlockMap;
 use crate::error::{Error, Result};
 use crate::extents::block_count;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 use xxhash_rust::xxh3::xxh3_128;
@@ -195,7 +194,10 @@ impl Manifest {
     /// Reads only the header and metadata (no block maps, no checksum check):
     /// cheap enough to list thousands of backups.
     pub fn load_metadata(path: &Path) -> Result<Metadata> {
-        let mut f = File::open(path).map_err(|e| not_found_or_io(path, e))?;
+        let mut f = crate::repository::open_regular(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => bad(path, e),
+            _ => not_found_or_io(path, e),
+        })?;
         let len = f.metadata().map_err(|e| Error::repo_io(format!("reading {}", path.display()), e))?.len();
         let mut header = [0u8; HEADER_LEN];
         f.read_exact(&mut header).map_err(|_| bad(path, "truncated header"))?;

@@ -16,8 +16,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MIN_CHUNK_SIZE: u64 = 256 * 1024;
 pub const MAX_CHUNK_SIZE: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_CHUNK_SIZE: u64 = 1024 * 1024;
-/// config.json larger than this is corrupt (it is about 200 bytes).
-pub const MAX_CONFIG: u64 = 64 * 1024;
+/// `config.json` is a few hundred bytes; anything larger is not one.
+pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
 
 /// The contents of `config.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,13 +67,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     result
 }
 
-/// Reads a repository file that must be a regular file of at most `max`
-/// bytes. Symlinks are not followed and opening never blocks, so a hostile
-/// repository (a link to /dev/zero, a FIFO) cannot hang or exhaust memory.
-pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
+/// Opens a repository file that must be a regular file, without following
+/// symlinks or blocking (a FIFO in its place would hang a plain open).
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f =
+    let f =
         std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
             |e| {
                 if e.raw_os_error() == Some(libc::ELOOP) {
@@ -83,10 +81,19 @@ pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
                 }
             },
         )?;
-    let m = f.metadata()?;
-    if !m.is_file() {
+    if !f.metadata()?.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
     }
+    Ok(f)
+}
+
+/// Reads a repository file that must be a regular file of at most `max`
+/// bytes. Symlinks are not followed and opening never blocks, so a hostile
+/// repository (a link to /dev/zero, a FIFO) cannot hang or exhaust memory.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = open_regular(path)?;
+    let m = f.metadata()?;
     if m.len() > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -149,14 +156,12 @@ impl Repository {
     /// Opens an existing repository and checks its config.
     pub fn open(root: &Path) -> Result<Repository> {
         let path = root.join("config.json");
-        let text = read_bounded(&path, MAX_CONFIG).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
+        let text = read_bounded(&path, MAX_CONFIG_BYTES).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
                 Error::NotFound(format!("{} is not a vmbackup repository (no config.json)", root.display()))
-            } else if e.kind() == std::io::ErrorKind::InvalidData {
-                Error::Repository(format!("{} is corrupt: {e}", path.display()))
-            } else {
-                Error::repo_io(format!("reading {}", path.display()), e)
             }
+            std::io::ErrorKind::InvalidData => Error::Repository(format!("{} is corrupt: {e}", path.display())),
+            _ => Error::repo_io(format!("reading {}", path.display()), e),
         })?;
         let config: Config = serde_json::from_slice(&text)
             .map_err(|e| Error::Repository(format!("{} is corrupt: {e}", path.display())))?;

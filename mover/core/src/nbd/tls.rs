@@ -35,9 +35,29 @@ pub struct TlsSetup {
     pub dir: String,
 }
 
+/// A PEM file of certificates or a key is a few KiB; a chain of many
+/// certificates stays far below this.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
 fn read_pem(path: &Path) -> Result<Vec<rustls_pemfile::Item>, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    rustls_pemfile::read_all(&mut BufReader::new(f)).map_err(|_| format!("{} is not a PEM file", path.display()))
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Regular files only (symlinks to them are fine: certbot keeps its
+    // certificates that way), opened without blocking: a FIFO or /dev/zero
+    // in the certificates directory must not hang us or fill memory.
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| cannot(&e))?;
+    let m = f.metadata().map_err(|e| cannot(&e))?;
+    if !m.is_file() {
+        return Err(cannot(&"not a regular file"));
+    }
+    if m.len() > MAX_PEM_BYTES {
+        return Err(cannot(&format!("{} bytes, more than a PEM file holds", m.len())));
+    }
+    let mut text = Vec::new();
+    f.take(MAX_PEM_BYTES).read_to_end(&mut text).map_err(|e| cannot(&e))?;
+    rustls_pemfile::read_all(&mut BufReader::new(&text[..]))
+        .map_err(|_| format!("{} is not a PEM file", path.display()))
 }
 
 impl TlsSetup {

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::extents::Extent;
 use std::fs::File;
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -16,31 +16,53 @@ pub struct FileSource {
     block_device: bool,
 }
 
+/// Opens a disk image file for reading without blocking (a plain open of a
+/// FIFO waits for a writer forever) and checks what it is: a regular file,
+/// or a block device where `block_ok` (a disk named on the command line may
+/// be one; an extent or a parent named inside an image may not). Returns the
+/// file, in blocking mode again, its size, and whether it is a block device.
+pub fn open_image(path: &Path, what: &str, block_ok: bool) -> Result<(File, u64, bool)> {
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| match e
+        .kind()
+    {
+        ErrorKind::NotFound => Error::Source(format!("{what} {} does not exist", path.display())),
+        ErrorKind::PermissionDenied => {
+            Error::Source(format!("{what} {} is not readable: permission denied", path.display()))
+        }
+        _ => Error::source_io(format!("opening {what} {}", path.display()), e),
+    })?;
+    let meta = file.metadata().map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?;
+    let ft = meta.file_type();
+    let block_device = ft.is_block_device();
+    let size = if block_device && block_ok {
+        // The size of a block device is where its end is.
+        // SAFETY: valid descriptor; lseek has no memory effects.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(Error::source_io(format!("sizing {}", path.display()), std::io::Error::last_os_error()));
+        }
+        end as u64
+    } else if ft.is_file() {
+        meta.len()
+    } else if block_ok {
+        return Err(Error::Source(format!("{what} {} is neither a file nor a block device", path.display())));
+    } else {
+        return Err(Error::Source(format!("{what} {} is not a regular file", path.display())));
+    };
+    // SAFETY: valid descriptor; F_SETFL only changes the descriptor's flags.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) };
+    Ok((file, size, block_device))
+}
+
 impl FileSource {
+    /// A raw image or block device named by the user.
     pub fn open(path: &Path) -> Result<FileSource> {
-        let file = File::open(path).map_err(|e| match e.kind() {
-            ErrorKind::NotFound => Error::Source(format!("source {} does not exist", path.display())),
-            ErrorKind::PermissionDenied => {
-                Error::Source(format!("source {} is not readable: permission denied", path.display()))
-            }
-            _ => Error::source_io(format!("opening source {}", path.display()), e),
-        })?;
-        let meta = file.metadata().map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?;
-        let ft = meta.file_type();
-        let block_device = ft.is_block_device();
-        let size = if block_device {
-            // The size of a block device is where its end is.
-            // SAFETY: valid descriptor; lseek has no memory effects.
-            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
-            if end < 0 {
-                return Err(Error::source_io(format!("sizing {}", path.display()), std::io::Error::last_os_error()));
-            }
-            end as u64
-        } else if ft.is_file() {
-            meta.len()
-        } else {
-            return Err(Error::Source(format!("source {} is neither a file nor a block device", path.display())));
-        };
+        Self::open_as(path, "source", true)
+    }
+
+    /// `open_image` as a source.
+    pub fn open_as(path: &Path, what: &str, block_ok: bool) -> Result<FileSource> {
+        let (file, size, block_device) = open_image(path, what, block_ok)?;
         Ok(FileSource { file, path: path.to_path_buf(), size, block_device })
     }
 }

@@ -8,7 +8,7 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
-pub use file::FileSource;
+pub use file::{open_image, FileSource};
 pub use mem::MemSource;
 pub use nbd::NbdSource;
 pub use vhd::VhdSource;
@@ -44,6 +44,25 @@ pub trait DiskSource: Send + Sync {
     fn shared_block(&self, _index: u64) -> Result<std::sync::Arc<Vec<u8>>> {
         Err(Error::InvalidInput("this source has no shared blocks".into()))
     }
+}
+
+/// The largest virtual disk vmbackup backs up: 64 TiB, the largest VHDX
+/// (vSphere's VMDKs stop at 62 TB). A source may claim any size up to 2^64
+/// (an image's header, an NBD server's handshake); a larger one is refused
+/// before anything is sized by it: the block map alone of a 2^64-byte disk
+/// would not fit in memory.
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// Refuses a source larger than `MAX_DISK_SIZE`, in one line.
+pub fn check_size(source: &dyn DiskSource) -> Result<()> {
+    if source.size() > MAX_DISK_SIZE {
+        return Err(Error::Source(format!(
+            "{} claims a disk of {} bytes, more than the 64 TiB ({MAX_DISK_SIZE} bytes) vmbackup backs up",
+            source.describe(),
+            source.size()
+        )));
+    }
+    Ok(())
 }
 
 /// Formats we recognise by content but cannot read yet.

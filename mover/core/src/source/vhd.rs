@@ -147,9 +147,11 @@ impl VhdSource {
     }
 
     fn open_chain(path: &Path, seen: &mut Vec<PathBuf>) -> Result<VhdSource> {
-        let file = File::open(path).map_err(|e| Error::source_io(format!("opening {}", path.display()), e))?;
-        // Sized like a raw source, so an image copied onto a block device works too.
-        let len = super::FileSource::open(path)?.size();
+        // Sized like a raw source, so an image copied onto a block device
+        // works too; a parent (named inside a child) must be a regular file.
+        let top = seen.is_empty();
+        let what = if top { "source" } else { "VHD parent" };
+        let (file, len, _) = super::open_image(path, what, top)?;
         if len < FOOTER_SIZE as u64 {
             return Err(corrupt(path, "shorter than a footer"));
         }
@@ -167,7 +169,7 @@ impl VhdSource {
                     format!("a fixed disk of {} bytes needs a larger file", footer.current_size),
                 ));
             }
-            let inner = FileSource::open(path)?;
+            let inner = FileSource::open_as(path, what, top)?;
             return Ok(VhdSource { path: path.into(), footer, layout: Layout::Fixed(inner) });
         }
         let hoff = footer.data_offset;

@@ -26,7 +26,6 @@ use crate::extents::{normalize, Extent};
 use format::*;
 use guid::Guid;
 use std::fs::File;
-use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -93,7 +92,9 @@ impl VhdxSource {
     }
 
     fn open_chain(path: &Path, seen: &mut Vec<PathBuf>) -> Result<VhdxSource> {
-        let mut src = Self::open_one(path)?;
+        // A parent (named inside a child) must be a regular file; the disk
+        // named by the user may be an image copied onto a block device.
+        let mut src = Self::open_one(path, seen.is_empty())?;
         if src.meta.has_parent {
             let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
             if seen.contains(&canon) {
@@ -121,13 +122,10 @@ impl VhdxSource {
     }
 
     /// Opens one file of a chain, without its parent.
-    fn open_one(path: &Path) -> Result<VhdxSource> {
-        let file = File::open(path).map_err(|e| match e.kind() {
-            ErrorKind::NotFound => Error::Source(format!("source {} does not exist", path.display())),
-            _ => Error::source_io(format!("opening {}", path.display()), e),
-        })?;
+    fn open_one(path: &Path, block_ok: bool) -> Result<VhdxSource> {
         // Sized like a raw source, so an image copied onto a block device works too.
-        let file_len = crate::source::FileSource::open(path)?.size();
+        let what = if block_ok { "source" } else { "VHDX parent" };
+        let (file, file_len, _) = crate::source::open_image(path, what, block_ok)?;
         let mut img = Image { file, path: path.to_path_buf(), file_len, len: file_len, overlay: None };
         if file_len < 1024 * 1024 {
             return Err(corrupt(path, format!("{file_len} bytes is too small")));

@@ -23,7 +23,6 @@ use descriptor::{Access, Descriptor};
 use header::SECTOR;
 use sparse::SparseExtent;
 use std::fs::File;
-use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -38,14 +37,11 @@ pub fn sniff(head: &[u8]) -> bool {
     head.starts_with(header::MAGIC) || head.starts_with(b"COWD") || head.starts_with(descriptor::SIGNATURE.as_bytes())
 }
 
-pub(super) fn open_file(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => Error::Source(format!("VMDK file {} does not exist", path.display())),
-        ErrorKind::PermissionDenied => {
-            Error::Source(format!("VMDK file {} is not readable: permission denied", path.display()))
-        }
-        _ => Error::source_io(format!("opening {}", path.display()), e),
-    })
+/// Opens a file of a VMDK: the disk named by the user may be a block device
+/// holding an image (`block_ok`); descriptors, extents and parents named
+/// inside an image must be regular files.
+pub(super) fn open_file(path: &Path, block_ok: bool) -> Result<File> {
+    Ok(super::open_image(path, "VMDK file", block_ok)?.0)
 }
 
 enum Backing {
@@ -99,6 +95,8 @@ impl VmdkSource {
     }
 
     fn open_chain(path: &Path, seen: &mut Vec<PathBuf>) -> Result<VmdkSource> {
+        // The disk named by the user, not a parent named by a descriptor.
+        let top = seen.is_empty();
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         if seen.contains(&canon) {
             return Err(Error::Source(format!("{} is its own ancestor in a VMDK parent chain", path.display())));
@@ -110,12 +108,12 @@ impl VmdkSource {
             )));
         }
         seen.push(canon);
-        let file = open_file(path)?;
+        let file = open_file(path, top)?;
         let mut head = [0u8; 32];
         let n = read_head(&file, &mut head).map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?;
         let head = &head[..n];
         let (desc, pieces, create_type) = if head.starts_with(header::MAGIC) {
-            let ext = SparseExtent::open(path)?;
+            let ext = SparseExtent::open(path, top)?;
             let desc = match ext.embedded_descriptor()? {
                 Some(text) => Some(descriptor::parse(&text).map_err(|e| {
                     Error::Source(format!("{}: the embedded VMDK descriptor is malformed: {e}", path.display()))
@@ -242,10 +240,22 @@ fn open_extents(path: &Path, d: &Descriptor) -> Result<Vec<Piece>> {
                     fpath.display()
                 )));
             }
+            // A symbolic link that leads out of the folder is refused like `../`.
+            let inside = match (std::fs::canonicalize(&fpath), std::fs::canonicalize(dir)) {
+                (Ok(f), Ok(d)) => f.starts_with(d),
+                _ => false,
+            };
+            if !inside {
+                return Err(Error::Source(format!(
+                    "{}: extent file {} leads outside the descriptor's directory",
+                    path.display(),
+                    name()
+                )));
+            }
         }
         let backing = match e.kind.as_str() {
             "FLAT" | "VMFS" => {
-                let file = FileSource::open(&fpath)?;
+                let file = FileSource::open_as(&fpath, "VMDK extent", false)?;
                 let offset =
                     e.offset.checked_mul(SECTOR).filter(|o| o.checked_add(len).is_some_and(|end| end <= file.size()));
                 let offset = offset.ok_or_else(|| {
@@ -261,7 +271,7 @@ fn open_extents(path: &Path, d: &Descriptor) -> Result<Vec<Piece>> {
                 Backing::Flat { file, offset }
             }
             "ZERO" => Backing::Zero,
-            "SPARSE" => Backing::Sparse(SparseExtent::open(&fpath)?),
+            "SPARSE" => Backing::Sparse(SparseExtent::open(&fpath, false)?),
             "VMFSSPARSE" | "SESPARSE" => {
                 return Err(Error::Source(format!(
                     "{}: extent {} is a {} snapshot extent, which this version does not read; {TRANSPORT_HINT}",

@@ -167,8 +167,9 @@ impl<'a> Raw<'a> {
 impl SparseExtent {
     /// Opens a sparse extent file: reads and checks its header (or the
     /// footer of a streamOptimized file) and loads its grain tables.
-    pub fn open(path: &Path) -> Result<SparseExtent> {
-        let file = super::open_file(path)?;
+    /// `block_ok`: see `open_file`.
+    pub fn open(path: &Path, block_ok: bool) -> Result<SparseExtent> {
+        let file = super::open_file(path, block_ok)?;
         let file_len = file.metadata().map_err(|e| Error::source_io(format!("reading {}", path.display()), e))?.len();
         let r = Raw { file: &file, path, file_len };
         let header = r.read_header()?;
