@@ -56,8 +56,12 @@ def run(cmd: list[str], cwd: str | None = None, stdout=subprocess.DEVNULL) -> tu
     return dt, 0, out.decode()
 
 
+LAST_CPU = [0.0]  # user + system seconds of the last run_rss child
+
+
 def run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, int, str]:
-    """Like run(), with the peak RSS of exactly this child (wait4)."""
+    """Like run(), with the peak RSS of exactly this child (wait4); its CPU
+    time (user + system) is left in LAST_CPU[0]."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = p.stdout.read()
@@ -65,6 +69,7 @@ def run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, int, str]:
     _, status, usage = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t
     p.returncode = os.waitstatus_to_exitcode(status)
+    LAST_CPU[0] = usage.ru_utime + usage.ru_stime
     if p.returncode != 0:
         raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
     return dt, usage.ru_maxrss * 1024, out.decode()
@@ -201,6 +206,7 @@ def main() -> int:
         dt, rss, out = run_rss(cmd, cwd=cwd)
         record(tool, f"{what}_s", dt)
         record(tool, f"{what}_rss", rss)
+        record(tool, f"{what}_cpu_s", LAST_CPU[0])
         record(tool, f"{what}_durable_s", dt + flush_time(durable))
         return out
 
@@ -318,6 +324,11 @@ def main() -> int:
         print(
             f"vmbackup full backup / floor: {fm['full_vs_floor']:.2f}x "
             f"(durable {fm['full_durable_vs_floor']:.2f}x; medians of the per-run ratios)"
+        )
+        print(
+            f"CPU accounts: vmbackup full backup {fm['full_cpu_s']:.2f}s (user + system, the whole "
+            f"command), hash+compress alone {fm['floor_compute_cpu_s']:.2f}s; on a busy machine wall "
+            f"times follow CPU time, so compare these when the ratio looks noisy"
         )
 
     checks = []
