@@ -60,8 +60,12 @@ test-python:
 demo: dev
 	$(VENV)/bin/vmbackup demo --dir demo-output
 
+# The main benchmark twice: in memory (tmpfs, the tools' own speed) and on
+# the disk under the work tree (what durability costs there); each prints the
+# floor of vmbackup's full backup beside the figures.
 bench: dev
 	$(PY) bench/run.py
+	$(PY) bench/run.py --dir bench-output/disk
 	$(PY) bench/nbd.py --dir $$([ -d /dev/shm ] && echo /dev/shm/vmbackup-bench/nbd || echo bench-output/nbd)
 
 clean:

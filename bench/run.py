@@ -9,6 +9,15 @@ wall time (median of --runs), peak RSS of the process, stored size. Warm page
 cache for every tool. Usage: `make bench` or `bench/run.py [--size 2GiB]
 [--runs 3] [--dir DIR]` (default DIR: a tmpfs, see default_dir). Prints a table, the ratios against the
 issue's targets, and writes DIR/results.json.
+
+Beside vmbackup's full backup it measures, in the same run, the floor that
+backup cannot beat on this machine and filesystem: the larger of (a) the
+mover's own hashing and compression of the image's blocks on all cores with
+no I/O (`mover/core/examples/compute_floor.rs`) and (b) `dd bs=1M
+conv=fsync` of as many bytes as the backup stored into a new file in the
+same directory. The ratio full backup / floor is taken per run, then the
+median: the machine is shared, and a floor measured in another minute would
+not be comparable.
 """
 
 from __future__ import annotations
@@ -49,8 +58,12 @@ def run(cmd: list[str], cwd: str | None = None, stdout=subprocess.DEVNULL) -> tu
     return dt, 0, out.decode()
 
 
+LAST_CPU = [0.0]  # user + system seconds of the last run_rss child
+
+
 def run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, int, str]:
-    """Like run(), with the peak RSS of exactly this child (wait4)."""
+    """Like run(), with the peak RSS of exactly this child (wait4); its CPU
+    time (user + system) is left in LAST_CPU[0]."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = p.stdout.read()
@@ -58,6 +71,7 @@ def run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, int, str]:
     _, status, usage = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t
     p.returncode = os.waitstatus_to_exitcode(status)
+    LAST_CPU[0] = usage.ru_utime + usage.ru_stime
     if p.returncode != 0:
         raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
     return dt, usage.ru_maxrss * 1024, out.decode()
@@ -73,6 +87,44 @@ def flush_time(path: Path) -> float:
     t = time.perf_counter()
     subprocess.run(["sync", "-f", str(path)], check=True)
     return time.perf_counter() - t
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compute_floor_tool() -> str:
+    """Builds (if needed) and returns the compute-floor helper."""
+    subprocess.run(
+        ["cargo", "build", "-q", "--release", "-p", "vmbackup-mover", "--example", "compute_floor"],
+        cwd=ROOT,
+        check=True,
+    )
+    return str(ROOT / "target" / "release" / "examples" / "compute_floor")
+
+
+def write_floor(stored: Path, target: Path) -> float:
+    """Seconds for `dd bs=1M conv=fsync` of ``stored`` into a new file ``target``."""
+    settle()
+    t = time.perf_counter()
+    subprocess.run(
+        ["dd", f"if={stored}", f"of={target}", "bs=1M", "conv=fsync"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    dt = time.perf_counter() - t
+    target.unlink()
+    return dt
+
+
+def concat_chunks(repo: Path, out: Path) -> int:
+    """Writes every chunk file of ``repo`` into one file: the bytes a backup stored."""
+    n = 0
+    with open(out, "wb") as w:
+        for f in sorted((repo / "chunks").rglob("*")):
+            if f.is_file():
+                n += w.write(f.read_bytes())
+    return n
 
 
 def du(path: Path) -> int:
@@ -124,6 +176,11 @@ def main() -> int:
     # The peers' caches go under the work directory, not the user's home.
     ENV.update(RESTIC_CACHE_DIR=str(work / "cache"), BORG_BASE_DIR=str(work / "borg-base"))
     vmbackup = [sys.executable, "-m", "vmbackup"]
+    floor_tool = compute_floor_tool() if "vmbackup" in tools else None
+    # The stored bytes that dd writes are read from memory where possible, so
+    # that (b) measures writing them, not reading them.
+    shm = Path("/dev/shm")
+    stored_copy = (shm if shm.is_dir() else work) / f"vmbackup-bench-stored-{os.getpid()}.bin"
 
     base, changed, ext = work / "base.img", work / "changed.img", work / "changed.json"
     if not (base.exists() and changed.exists() and ext.exists() and base.stat().st_size == size):
@@ -151,6 +208,7 @@ def main() -> int:
         dt, rss, out = run_rss(cmd, cwd=cwd)
         record(tool, f"{what}_s", dt)
         record(tool, f"{what}_rss", rss)
+        record(tool, f"{what}_cpu_s", LAST_CPU[0])
         record(tool, f"{what}_durable_s", dt + flush_time(durable))
         return out
 
@@ -173,6 +231,18 @@ def main() -> int:
                 )
                 full_id = json.loads(o)["id"]
                 record(tool, "stored", du(repo))
+                # The floor of this very run: (a) compute with no I/O, (b) dd of the stored bytes.
+                record(tool, "stored_bytes", concat_chunks(repo, stored_copy))
+                _, _, fo = run([floor_tool, str(disk)])
+                fl = json.loads(fo)
+                record(tool, "floor_compute_s", fl["seconds"])
+                record(tool, "floor_compute_cpu_s", fl["cpu_seconds"])
+                record(tool, "floor_write_s", write_floor(stored_copy, work / "floor-dd.bin"))
+                stored_copy.unlink()
+                floor = max(results[tool]["floor_compute_s"][-1], results[tool]["floor_write_s"][-1])
+                record(tool, "floor_s", floor)
+                record(tool, "full_vs_floor", results[tool]["full_s"][-1] / floor)
+                record(tool, "full_durable_vs_floor", results[tool]["full_durable_s"][-1] / floor)
                 use(changed)
                 o = timed(
                     tool,
@@ -246,6 +316,22 @@ def main() -> int:
         "(durable: the tool, then a syncfs of the filesystem it wrote: the time until its output would "
         "survive a power cut)"
     )
+    fm = med.get("vmbackup", {})
+    if "floor_s" in fm:
+        print(
+            f"\nfloor of the full backup in {work}: {fm['floor_s']:.2f}s = max(hash+compress on "
+            f"{os.cpu_count()} cores {fm['floor_compute_s']:.2f}s [cpu {fm['floor_compute_cpu_s']:.2f}s], "
+            f"dd conv=fsync of the {fmt_bytes(int(fm['stored_bytes']))} stored {fm['floor_write_s']:.2f}s)"
+        )
+        print(
+            f"vmbackup full backup / floor: {fm['full_vs_floor']:.2f}x "
+            f"(durable {fm['full_durable_vs_floor']:.2f}x; medians of the per-run ratios)"
+        )
+        print(
+            f"CPU accounts: vmbackup full backup {fm['full_cpu_s']:.2f}s (user + system, the whole "
+            f"command), hash+compress alone {fm['floor_compute_cpu_s']:.2f}s; on a busy machine wall "
+            f"times follow CPU time, so compare these when the ratio looks noisy"
+        )
 
     checks = []
     ours = med.get("vmbackup")
@@ -269,6 +355,7 @@ def main() -> int:
         check("durable restore vs restic restore + sync (x faster)", ratio("restic", "restore_durable_s"), 2)
         rss = max(v for k, v in ours.items() if k.endswith("_rss"))
         check("mover peak RSS (MiB)", rss / 2**20, 256, higher_is_better=False)
+        check("full backup / its floor (x)", ours.get("full_vs_floor"), 1.3, higher_is_better=False)
         if "zstd" in med:
             check(
                 "stored size / zstd -3 size", ours["stored"] / med["zstd"]["zstd3_stored"], 1.0, higher_is_better=False

@@ -7,9 +7,13 @@
 //!
 //! The data path per disk: reader threads (one, or as many as the source
 //! asks for) read the blocks to read, in ascending order, into a fixed pool
-//! of buffers (memory stays bounded whatever the disk size); worker threads detect zero blocks, hash, skip chunks the
-//! repository already has, compress and write the rest; the calling thread
-//! collects block ids into the block map and reports progress.
+//! of buffers (memory stays bounded whatever the disk size); worker threads
+//! (one per core) detect zero blocks, hash, skip chunks the repository
+//! already has and compress the rest; two writer threads store the new
+//! chunks, starting their writeback at once, so that computing, writing and
+//! the flush to storage overlap and the `syncfs` at commit finds little
+//! left to do; the calling thread collects block ids into the block map and
+//! reports progress.
 
 use crate::block_map::BlockMap;
 use crate::chunk::{self, ChunkId, Compression};
@@ -63,6 +67,18 @@ enum Outcome {
     Reused,
     New(u64),
 }
+
+/// What a worker made of a block: its final outcome, or an encoded chunk
+/// for the writers to store.
+enum Processed {
+    Done(ChunkId, Outcome),
+    Store(ChunkId, Vec<u8>),
+}
+
+/// Threads that write new chunks. They mostly wait on the filesystem, so
+/// they cost little CPU; two keep a create or a throttled write in one from
+/// holding up the other.
+const WRITER_THREADS: usize = 2;
 
 fn check_name(kind: &str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control()) {
@@ -266,6 +282,14 @@ impl BackupSession {
         for _ in 0..inflight {
             buf_tx.send(Vec::with_capacity(bs as usize)).expect("pool has room");
         }
+        // New chunks go from the workers to writer threads through a short
+        // queue: a worker never waits on the filesystem (a create, a write
+        // throttled by dirty-page limits, writeback started on a full device
+        // queue), so hashing and compressing overlap with the writes instead
+        // of alternating with them. The writers hold at most `threads * 2`
+        // queued chunks plus one each in hand: memory stays bounded.
+        let writers = WRITER_THREADS;
+        let (store_tx, store_rx) = bounded::<(u64, u64, ChunkId, Vec<u8>)>(threads * 2);
         let abort = AtomicBool::new(false);
         let next = AtomicUsize::new(0);
         let compression = self.repo.compression;
@@ -303,7 +327,8 @@ impl BackupSession {
             }
             drop(job_tx);
             for _ in 0..threads {
-                let (job_rx, res_tx, buf_tx) = (job_rx.clone(), res_tx.clone(), buf_tx.clone());
+                let (job_rx, res_tx, buf_tx, store_tx) =
+                    (job_rx.clone(), res_tx.clone(), buf_tx.clone(), store_tx.clone());
                 let store = &self.store;
                 let claimed = &self.claimed;
                 s.spawn(move || {
@@ -312,15 +337,47 @@ impl BackupSession {
                         let r = if abort.load(Ordering::Relaxed) {
                             Err(Error::Cancelled)
                         } else {
-                            process_block(store, compression, claimed, &buf).map(|(id, o)| (i, len, id, o))
+                            process_block(store, compression, claimed, &buf)
                         };
                         let _ = buf_tx.send(buf);
+                        let sent = match r {
+                            Ok(Processed::Done(id, o)) => res_tx.send(Ok((i, len, id, o))).is_ok(),
+                            Ok(Processed::Store(id, encoded)) => store_tx.send((i, len, id, encoded)).is_ok(),
+                            Err(e) => res_tx.send(Err(e)).is_ok(),
+                        };
+                        if !sent {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(store_tx);
+            for _ in 0..writers {
+                let (store_rx, res_tx) = (store_rx.clone(), res_tx.clone());
+                let store = &self.store;
+                let claimed = &self.claimed;
+                s.spawn(move || {
+                    for (i, len, id, encoded) in store_rx.iter() {
+                        let r = if abort.load(Ordering::Relaxed) {
+                            Err(Error::Cancelled)
+                        } else {
+                            store.insert(&id, &encoded)
+                        };
+                        let r = match r {
+                            Ok(n) => Ok((i, len, id, Outcome::New(n))),
+                            Err(e) => {
+                                // Not stored after all: a later disk or retry must not take it as present.
+                                claimed.lock().expect("claimed set").remove(&id);
+                                Err(e)
+                            }
+                        };
                         if res_tx.send(r).is_err() {
                             break;
                         }
                     }
                 });
             }
+            drop(store_rx);
             drop(res_tx);
             drop(job_rx);
             for r in res_rx.iter() {
@@ -385,9 +442,9 @@ fn process_block(
     compression: Compression,
     claimed: &Mutex<HashSet<ChunkId>>,
     data: &[u8],
-) -> Result<(ChunkId, Outcome)> {
+) -> Result<Processed> {
     if chunk::is_all_zero(data) {
-        return Ok((ChunkId::ZERO, Outcome::Zero));
+        return Ok(Processed::Done(ChunkId::ZERO, Outcome::Zero));
     }
     let id = ChunkId::of(data);
     if id.is_zero() {
@@ -395,17 +452,17 @@ fn process_block(
         return Err(Error::Repository("a block hashes to the reserved all-zero id".into()));
     }
     if !claimed.lock().expect("claimed set").insert(id) {
-        return Ok((id, Outcome::Reused));
+        return Ok(Processed::Done(id, Outcome::Reused));
     }
-    let stored = (|| {
+    let encoded = (|| {
         if store.reuse(&id)? {
-            return Ok(Outcome::Reused);
+            return Ok(None);
         }
-        let encoded = chunk::encode(data, compression)?;
-        Ok(Outcome::New(store.insert(&id, &encoded)?))
+        chunk::encode(data, compression).map(Some)
     })();
-    match stored {
-        Ok(outcome) => Ok((id, outcome)),
+    match encoded {
+        Ok(None) => Ok(Processed::Done(id, Outcome::Reused)),
+        Ok(Some(encoded)) => Ok(Processed::Store(id, encoded)),
         Err(e) => {
             // Not stored after all: a later disk or retry must not take it as present.
             claimed.lock().expect("claimed set").remove(&id);
