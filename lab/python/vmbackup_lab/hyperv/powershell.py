@@ -325,7 +325,8 @@ def _plain(value, depth: int, level: int = 0):
     if isinstance(value, (list, tuple)):
         if level >= depth:
             return " ".join(str(_plain(v, 0, 1)) for v in value)
-        return [_plain(v, depth, level + 1) for v in value]
+        # an array's elements are at the array's own depth, as in PowerShell
+        return [_plain(v, depth, level) for v in value]
     return value
 
 

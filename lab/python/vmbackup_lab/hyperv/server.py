@@ -93,13 +93,14 @@ class LabWinRM:
             srv.server_close()
         self.drop_sessions()
 
-    def drop_sessions(self) -> None:
-        """Forget every shell and close every connection (and its NTLM context)."""
+    def drop_sessions(self, keep: socket.socket | None = None) -> None:
+        """Forget every shell and close every connection (and its NTLM context)
+        but `keep` (the control request asking for it)."""
         with self.lock:
             self.shells.clear()
             self.generation += 1
             self.counters["dropped"] += 1
-            conns = list(self.connections)
+            conns = [c for c in self.connections if c is not keep]
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -182,7 +183,7 @@ class LabWinRM:
 
     # --- the lab's control endpoint ---------------------------------------------------
 
-    def control(self, path: str, body: dict) -> tuple[int, dict]:
+    def control(self, path: str, body: dict, conn: socket.socket | None = None) -> tuple[int, dict]:
         h = self.host
         try:
             if path == "/lab/status":
@@ -202,7 +203,7 @@ class LabWinRM:
                 h.set_faults(body.get("vm"), dict(body.get("faults") or {}))
                 return 200, {}
             if path == "/lab/drop-sessions":
-                self.drop_sessions()
+                self.drop_sessions(keep=conn)
                 return 200, {}
         except (HostError, KeyError, ValueError, TypeError) as e:
             return 400, {"error": str(e) if not isinstance(e, KeyError) else f"missing field {e}"}
@@ -367,7 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         if not self.tls or not hmac.compare_digest(auth, f"Bearer {lab.token}"):
             return self._send(403, b'{"error": "forbidden"}', {"Content-Type": "application/json"})
-        status, answer = lab.control(self.path, body)
+        status, answer = lab.control(self.path, body, self.request)
         self._send(status, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 
 
