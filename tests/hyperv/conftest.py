@@ -40,7 +40,9 @@ def lab(hvlab: HypervLab) -> HypervLab:
 
 def client(lab: HypervLab, transport: str, password: str | None = None, ca_file: str | None = None) -> HypervClient:
     _, attr, auth = next(t for t in TRANSPORTS if t[0] == transport)
-    return HypervClient(getattr(lab, attr), lab.user, password or lab.password, auth=auth, ca_file=ca_file or lab.ca_file)
+    return HypervClient(
+        getattr(lab, attr), lab.user, password or lab.password, auth=auth, ca_file=ca_file or lab.ca_file
+    )
 
 
 @pytest.fixture(params=[t[0] for t in TRANSPORTS])

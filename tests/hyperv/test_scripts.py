@@ -4,17 +4,28 @@ shadow copies that hold their point in time while the guests keep writing."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path, PureWindowsPath
 
 import pytest
 from conftest import sha256
-from vmbackup.errors import HypervQuiesceError, HypervScriptError, HypervVmNotFoundError, InvalidInputError, WinRMSessionLostError
+from vmbackup.errors import (
+    HypervQuiesceError,
+    HypervScriptError,
+    HypervVmNotFoundError,
+    InvalidInputError,
+    WinRMSessionLostError,
+)
 from vmbackup.hyperv import scripts
 
 from .conftest import client
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture
+def hv1(lab):
+    """One transport, for what does not depend on it (the others run in test_winrm)."""
+    return client(lab, "https-ntlm")
 
 
 def test_every_script_is_readable_powershell_with_a_param_block():
@@ -81,7 +92,8 @@ def test_get_vm_lists_chains(hv):
 
 def _new(hv, run_id, vms, quiesce="preferred", volumes=("D:\\",), **extra):
     return hv.run_script(
-        "New-VmbackupShadowCopy.ps1", {"RunId": run_id, "VMName": list(vms), "Volumes": list(volumes), "Quiesce": quiesce, **extra}
+        "New-VmbackupShadowCopy.ps1",
+        {"RunId": run_id, "VMName": list(vms), "Volumes": list(volumes), "Quiesce": quiesce, **extra},
     )
 
 
@@ -103,57 +115,69 @@ def test_application_consistent_backup_completes_and_cleans_up(lab, hv):
     assert not lab.local_path(made["ShadowCopies"][0]["ExposedPath"]).exists()
 
 
-def test_failed_backup_gets_no_backup_complete(lab, hv):
+def test_failed_backup_gets_no_backup_complete(lab, hv1):
     before = {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}["win01"]
-    _new(hv, "fail1", ["win01"])
-    assert _complete(hv, "fail1", False)["BackupComplete"] is False
+    _new(hv1, "fail1", ["win01"])
+    assert _complete(hv1, "fail1", False)["BackupComplete"] is False
     st = lab.status()
     assert st["shadow_copies"] == [] and {v["name"]: v["backup_complete"] for v in st["vms"]}["win01"] == before
 
 
 # (fault on host, fault on VM, VM) -> the reason the writer could not quiesce
 CRASH_CASES = [
-    pytest.param({"writer_failed": True}, {}, "win01", "the Hyper-V VSS writer failed: Non-retryable error", id="writer-failed"),
-    pytest.param({}, {"backup_off": True}, "win01", "win01 has its Backup integration service off", id="backup-service-off"),
-    pytest.param({}, {"backup_no_contact": True}, "win01", "win01's Backup integration service does not answer", id="backup-no-contact"),
+    pytest.param(
+        {"writer_failed": True}, {}, "win01", "the Hyper-V VSS writer failed: Non-retryable error", id="writer-failed"
+    ),
+    pytest.param(
+        {}, {"backup_off": True}, "win01", "win01 has its Backup integration service off", id="backup-service-off"
+    ),
+    pytest.param(
+        {},
+        {"backup_no_contact": True},
+        "win01",
+        "win01's Backup integration service does not answer",
+        id="backup-no-contact",
+    ),
     pytest.param({}, {}, "legacy01", "legacy01 has its Backup integration service off", id="topology-backup-off"),
     pytest.param({}, {}, "off01", "off01 is not running", id="vm-off"),
 ]
 
 
 @pytest.mark.parametrize("host_faults, vm_faults, vm, reason", CRASH_CASES)
-def test_no_quiesce_means_crash_under_preferred_and_an_error_under_required(lab, hv, host_faults, vm_faults, vm, reason):
+def test_no_quiesce_means_crash_under_preferred_and_an_error_under_required(
+    lab, hv1, host_faults, vm_faults, vm, reason
+):
     lab.set_faults(**host_faults)
     lab.set_faults(vm, **vm_faults)
     volume = "E:\\" if vm == "off01" else "D:\\"
     with pytest.raises(HypervQuiesceError) as e:
-        _new(hv, "req1", [vm], quiesce="required", volumes=[volume])
+        _new(hv1, "req1", [vm], quiesce="required", volumes=[volume])
     assert e.value.code == "QuiesceUnavailable" and reason in str(e.value) and "\n" not in str(e.value)
     assert lab.status()["shadow_copies"] == [] and lab.status()["runs"] == []
-    made = _new(hv, "pref1", [vm], quiesce="preferred", volumes=[volume])
+    made = _new(hv1, "pref1", [vm], quiesce="preferred", volumes=[volume])
     assert made["Consistency"] == "crash" and reason in made["Reasons"]
     assert len(lab.status()["shadow_copies"]) == 1
-    _complete(hv, "pref1", True)
+    _complete(hv1, "pref1", True)
     assert lab.status()["shadow_copies"] == []
 
 
-def test_quiesce_off_never_involves_the_writer(lab, hv):
+def test_quiesce_off_never_involves_the_writer(lab, hv1):
     lab.set_faults(writer_failed=True)
-    made = _new(hv, "off1", ["win01"], quiesce="off")
+    made = _new(hv1, "off1", ["win01"], quiesce="off")
     assert (made["Consistency"], made["Reasons"]) == ("crash", ["quiesce is off"])
-    assert _complete(hv, "off1", True)["BackupComplete"] is True
+    assert _complete(hv1, "off1", True)["BackupComplete"] is True
 
 
-def test_shadow_copy_creation_failing_leaves_a_ledger_entry_the_sweeper_removes(lab, hv):
+def test_shadow_copy_creation_failing_leaves_a_ledger_entry_the_sweeper_removes(lab, hv1):
     lab.set_faults(shadow_fail=True)
     with pytest.raises(HypervScriptError) as e:
-        _new(hv, "sf1", ["win01"])
+        _new(hv1, "sf1", ["win01"])
     assert e.value.code == "ShadowCopyFailed" and e.value.retryable is False
     assert lab.status()["shadow_copies"] == []
-    assert [r["RunId"] for r in hv.run_script("Get-VmbackupHost.ps1")["Runs"]] == ["sf1"]
-    removed = hv.run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0})["Removed"]
+    assert [r["RunId"] for r in hv1.run_script("Get-VmbackupHost.ps1")["Runs"]] == ["sf1"]
+    removed = hv1.run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0})["Removed"]
     assert [(r["RunId"], r["Deleted"]) for r in removed] == [("sf1", [])]
-    assert hv.run_script("Get-VmbackupHost.ps1")["Runs"] == []
+    assert hv1.run_script("Get-VmbackupHost.ps1")["Runs"] == []
 
 
 def test_session_dropped_during_shadow_copy_creation(lab):
@@ -175,14 +199,10 @@ def test_session_dropped_during_shadow_copy_creation(lab):
     assert lab.status()["shadow_copies"] == []
 
 
-def test_unknown_vm(hv):
+def test_unknown_vm(hv1):
     with pytest.raises(HypervVmNotFoundError) as e:
-        hv.run_script("Get-VmbackupVm.ps1", {"VMName": "nope"})
+        hv1.run_script("Get-VmbackupVm.ps1", {"VMName": "nope"})
     assert e.value.exit_code == 2 and "nope" in str(e.value)
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def test_shadow_copy_holds_its_point_in_time_and_restores_bit_exact(lab, cli, tmp_path):

@@ -12,7 +12,6 @@ from vmbackup.errors import (
     InvalidInputError,
     WinRMAuthenticationError,
     WinRMCertificateError,
-    WinRMSessionLostError,
     WinRMUnreachableError,
 )
 from vmbackup.hyperv.client import HypervClient
@@ -49,7 +48,10 @@ def test_get_vm_text_shows_enum_names(hv):
 
 
 def test_get_vmharddiskdrive(hv):
-    disks = _ps(hv, "Get-VMHardDiskDrive -VMName win01 | Select-Object ControllerType, ControllerNumber, ControllerLocation, Path | ConvertTo-Json")
+    disks = _ps(
+        hv,
+        "Get-VMHardDiskDrive -VMName win01 | Select-Object ControllerType, ControllerNumber, ControllerLocation, Path | ConvertTo-Json",
+    )
     assert [(d["ControllerType"], d["ControllerLocation"]) for d in disks] == [(1, 0), (1, 1)]
     assert disks[0]["Path"] == "D:\\Hyper-V\\win01\\Virtual Hard Disks\\win01.vhdx"
     assert disks[1]["Path"].endswith(".avhdx")
@@ -58,14 +60,20 @@ def test_get_vmharddiskdrive(hv):
 def test_get_vmintegrationservice(hv):
     svc = _ps(hv, "Get-VMIntegrationService -VMName legacy01 -Name VSS | ConvertTo-Json")
     assert svc["Enabled"] is False and svc["PrimaryOperationalStatus"] is None
-    svc = _ps(hv, "Get-VMIntegrationService -VMName win01 | Select-Object Name, Enabled, PrimaryOperationalStatus | ConvertTo-Json")
+    svc = _ps(
+        hv,
+        "Get-VMIntegrationService -VMName win01 | Select-Object Name, Enabled, PrimaryOperationalStatus | ConvertTo-Json",
+    )
     assert {"Name": "VSS", "Enabled": True, "PrimaryOperationalStatus": 2} in svc
 
 
 def test_get_ciminstance_win32_shadowcopy(lab, hv):
     assert hv.run_ps("Get-CimInstance Win32_ShadowCopy | ConvertTo-Json").stdout.strip() == ""
     made = hv.run_script("New-VmbackupShadowCopy.ps1", {"RunId": "cim", "VMName": ["win01"], "Volumes": ["D:\\"]})
-    copies = _ps(hv, "Get-CimInstance -ClassName Win32_ShadowCopy | Select-Object ID, SetID, DeviceObject, InstallDate, Persistent | ConvertTo-Json")
+    copies = _ps(
+        hv,
+        "Get-CimInstance -ClassName Win32_ShadowCopy | Select-Object ID, SetID, DeviceObject, InstallDate, Persistent | ConvertTo-Json",
+    )
     assert copies["ID"] == made["ShadowCopies"][0]["ShadowId"] and copies["SetID"] == made["SetId"]
     assert copies["DeviceObject"].startswith("\\\\?\\GLOBALROOT\\Device\\HarddiskVolumeShadowCopy")
     assert copies["Persistent"] is True and copies["InstallDate"].startswith("/Date(")
@@ -87,7 +95,13 @@ def test_plain_pywinrm_sessions(lab):
 
 
 def test_http_refuses_unsealed_messages(lab):
-    s = winrm.Session(lab.http_url, auth=(lab.user, lab.password), transport="ntlm", message_encryption="never")
+    s = winrm.Session(
+        lab.http_url,
+        auth=(lab.user, lab.password),
+        transport="ntlm",
+        message_encryption="never",
+        ca_trust_path=lab.ca_file,
+    )
     with pytest.raises(winrm.exceptions.WinRMTransportError) as e:
         s.run_cmd("hostname")
     assert e.value.code == 400
@@ -96,7 +110,7 @@ def test_http_refuses_unsealed_messages(lab):
 def test_basic_over_http_is_refused_by_client_and_server(lab):
     with pytest.raises(InvalidInputError):
         HypervClient(lab.http_url, lab.user, lab.password, auth="basic")
-    s = winrm.Session(lab.http_url, auth=(lab.user, lab.password), transport="basic")
+    s = winrm.Session(lab.http_url, auth=(lab.user, lab.password), transport="basic", ca_trust_path=lab.ca_file)
     with pytest.raises(winrm.exceptions.InvalidCredentialsError):
         s.run_cmd("hostname")
 

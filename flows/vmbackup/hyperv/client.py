@@ -97,7 +97,9 @@ class HypervClient:
         if auth not in AUTHS:
             raise InvalidInputError(f"WinRM auth {auth!r} is not one of {', '.join(AUTHS)}")
         if parts.scheme == "http" and auth == "basic":
-            raise InvalidInputError(f"{url}: Basic authentication would send the password in clear over HTTP; use HTTPS")
+            raise InvalidInputError(
+                f"{url}: Basic authentication would send the password in clear over HTTP; use HTTPS"
+            )
         if ca_file is not None and not Path(ca_file).is_file():
             raise InvalidInputError(f"CA file {ca_file} does not exist")
         self.url = url
@@ -134,12 +136,12 @@ class HypervClient:
     def run_script(self, name: str, params: dict | None = None) -> Any:
         """Run adapter script `name` with `params` (JSON-able) and return its JSON answer."""
         r = self.run_ps(scripts.wrap(name, params or {}))
-        answer: Any = None
         try:
-            answer = json.loads(r.stdout) if r.stdout.strip() else None
+            answer: Any = json.loads(r.stdout) if r.stdout.strip() else None
         except ValueError:
-            pass
-        if r.status == 0 and answer is not None or r.status == 0 and r.stdout.strip() in ("", "null"):
+            first = (r.stdout.strip().splitlines() or [""])[0][:200]
+            raise HypervScriptError(f"{name} on {self.host} did not answer JSON (exit status {r.status}): {first}") from None
+        if r.status == 0:
             return answer
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):
             text = answer["error"]
@@ -176,7 +178,9 @@ class HypervClient:
         except wexc.WinRMError as e:
             raise WinRMError(f"{where}: {e}") from None
         return Result(
-            stdout=r.std_out.decode("utf-8", "replace"), stderr=r.std_err.decode("utf-8", "replace"), status=r.status_code
+            stdout=r.std_out.decode("utf-8", "replace"),
+            stderr=r.std_err.decode("utf-8", "replace"),
+            status=r.status_code,
         )
 
 
@@ -184,7 +188,11 @@ def _reason(e: Exception) -> str:
     """The innermost cause of a requests error, on one line."""
     inner: BaseException = e
     while True:
-        nxt = inner.__cause__ or inner.__context__ or (inner.args[0] if inner.args and isinstance(inner.args[0], BaseException) else None)
+        nxt = (
+            inner.__cause__
+            or inner.__context__
+            or (inner.args[0] if inner.args and isinstance(inner.args[0], BaseException) else None)
+        )
         if nxt is None or nxt is inner:
             break
         inner = nxt
@@ -195,4 +203,7 @@ def _reason(e: Exception) -> str:
 
 def _reset(e: Exception) -> bool:
     text = repr(e).lower()
-    return any(k in text for k in ("connection reset", "connectionreset", "remote end closed", "connection aborted", "broken pipe"))
+    return any(
+        k in text
+        for k in ("connection reset", "connectionreset", "remote end closed", "connection aborted", "broken pipe")
+    )

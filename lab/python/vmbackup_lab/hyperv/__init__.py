@@ -47,7 +47,9 @@ class HypervLab:
         if topology is not None:
             cmd += ["--topology", str(topology)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2])] + [p for p in [env.get("PYTHONPATH")] if p]
+        )
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         # the child prints one line when it serves; a bound on waiting for it
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -96,8 +98,16 @@ class HypervLab:
 
     def describe(self) -> dict:
         """What `vmbackup lab up --json` shows under `hyperv`."""
-        return {"url": self.url, "http_url": self.http_url, "user": self.user, "password": self.password,
-                "ca_file": self.ca_file, "transport": self.transport, "host": self.host, "share_root": str(self.share_root)}
+        return {
+            "url": self.url,
+            "http_url": self.http_url,
+            "user": self.user,
+            "password": self.password,
+            "ca_file": self.ca_file,
+            "transport": self.transport,
+            "host": self.host,
+            "share_root": str(self.share_root),
+        }
 
     # --- control ----------------------------------------------------------------
 

@@ -46,7 +46,9 @@ def _ledger(host: Host, run_id: str):
 
 def _run_id(run_id) -> str:
     if not isinstance(run_id, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,64}", run_id):
-        raise ScriptFailure(f"ScriptFailed: Cannot validate argument on parameter 'RunId'. {run_id!r} does not match the pattern")
+        raise ScriptFailure(
+            f"ScriptFailed: Cannot validate argument on parameter 'RunId'. {run_id!r} does not match the pattern"
+        )
     return run_id
 
 
@@ -59,7 +61,12 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
         "ComputerName": host.name.upper(),
         "Writer": host.writer(),
         "Volumes": [
-            {"DriveLetter": f"{v}:", "DeviceID": f"\\\\?\\Volume{{{host.volume_guids[v]}}}\\", "Capacity": 1 << 40, "FreeSpace": 1 << 39}
+            {
+                "DriveLetter": f"{v}:",
+                "DeviceID": f"\\\\?\\Volume{{{host.volume_guids[v]}}}\\",
+                "Capacity": 1 << 40,
+                "FreeSpace": 1 << 39,
+            }
             for v in host.volumes
         ],
         "Runs": runs,
@@ -165,7 +172,7 @@ def new_shadow_copy(
     host.local(run_dir).mkdir(parents=True, exist_ok=True)
     entry = {
         "RunId": run_id,
-        "Created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "Created": datetime.datetime.now(datetime.UTC).isoformat(),
         "ProcessId": 4000 + len(host.runs),
         "SetId": None,
         "ShadowIds": [],
@@ -224,7 +231,9 @@ def _remove_run(host: Host, entry: dict) -> list[str]:
     return deleted
 
 
-def complete_shadow_copy(host: Host, runid: str, succeeded: bool = False, timeoutseconds: int = 300, workdir: str = WORK_DIR) -> dict:
+def complete_shadow_copy(
+    host: Host, runid: str, succeeded: bool = False, timeoutseconds: int = 300, workdir: str = WORK_DIR
+) -> dict:
     run_id = _run_id(runid)
     ledger = _ledger(host, run_id)
     if not ledger.exists():
@@ -243,7 +252,7 @@ def complete_shadow_copy(host: Host, runid: str, succeeded: bool = False, timeou
 def remove_shadow_copies(host: Host, olderthanseconds: int = 3600, workdir: str = WORK_DIR) -> dict:
     removed = []
     ledger_dir = host.local(f"{WORK_DIR}\\ledger")
-    cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=int(olderthanseconds))
+    cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=int(olderthanseconds))
     for p in sorted(ledger_dir.glob("*.json")) if ledger_dir.is_dir() else []:
         entry = json.loads(p.read_text())
         if datetime.datetime.fromisoformat(entry["Created"]) > cutoff:

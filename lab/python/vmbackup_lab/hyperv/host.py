@@ -213,7 +213,9 @@ class Host:
                 self._regenerate(child, size)
                 top = child
                 # each level changes a little of what is below it
-                self._write_top(Disk(d["controller"], 0, 0, size, top), MiB // 2 * (level + 1), 96 * 1024, seed + 100 + level)
+                self._write_top(
+                    Disk(d["controller"], 0, 0, size, top), MiB // 2 * (level + 1), 96 * 1024, seed + 100 + level
+                )
             vm.disks.append(Disk(d["controller"], d.get("number", 0), d.get("location", 0), size, top))
         self.vms[name] = vm
 
@@ -266,12 +268,22 @@ class Host:
         self._present_save(top, _merge(present + [(start, end - start)]))
         self._regenerate(top, disk.size)
 
-    def _read(self, disk: Disk, offset: int, length: int, from_level: int = 0, base: Path | None = None, model: Path | None = None) -> bytes:
+    def _read(
+        self,
+        disk: Disk,
+        offset: int,
+        length: int,
+        from_level: int = 0,
+        base: Path | None = None,
+        model: Path | None = None,
+    ) -> bytes:
         """Bytes of the guest's view composed from chain level `from_level` down."""
         out = bytearray(self._compose(disk, base, model, from_level, offset, length))
         return bytes(out)
 
-    def _compose(self, disk: Disk, base: Path | None, model: Path | None, from_level: int, offset: int, length: int) -> bytes:
+    def _compose(
+        self, disk: Disk, base: Path | None, model: Path | None, from_level: int, offset: int, length: int
+    ) -> bytes:
         chain = disk.chain()[from_level:]
         bottom = chain[-1]
         with tempfile.TemporaryDirectory(prefix="hvimg-") as tmp:
@@ -283,7 +295,7 @@ class Host:
                 return f.read(length)
 
     def _base_raw(self, f: DiskFile, out: Path, base: Path | None) -> None:
-        src = self.local(f.winpath, _volume_root(self, f.winpath, base))
+        src = self.local(f.winpath, base)
         _run("qemu-img", "convert", "-f", "vhdx" if f.fmt == "vhdx" else "vpc", "-O", "raw", str(src), str(out))
 
     def _apply_overlays(self, chain: list[DiskFile], raw: Path, model: Path | None) -> None:
@@ -370,7 +382,15 @@ class Host:
                             {
                                 "name": d.name,
                                 "size": d.size,
-                                "chain": [{"path": f.winpath, "local": str(self.local(f.winpath)), "format": f.fmt, "differencing": f.differencing} for f in d.chain()],
+                                "chain": [
+                                    {
+                                        "path": f.winpath,
+                                        "local": str(self.local(f.winpath)),
+                                        "format": f.fmt,
+                                        "differencing": f.differencing,
+                                    }
+                                    for f in d.chain()
+                                ],
                             }
                             for d in v.disks
                         ],
@@ -396,8 +416,20 @@ class Host:
 
     def writer(self) -> dict:
         if self.faults.get("writer_failed"):
-            return {"Name": "Microsoft Hyper-V VSS Writer", "Id": HYPERV_WRITER, "State": 8, "StateText": "Failed", "LastError": "Non-retryable error"}
-        return {"Name": "Microsoft Hyper-V VSS Writer", "Id": HYPERV_WRITER, "State": 1, "StateText": "Stable", "LastError": "No error"}
+            return {
+                "Name": "Microsoft Hyper-V VSS Writer",
+                "Id": HYPERV_WRITER,
+                "State": 8,
+                "StateText": "Failed",
+                "LastError": "Non-retryable error",
+            }
+        return {
+            "Name": "Microsoft Hyper-V VSS Writer",
+            "Id": HYPERV_WRITER,
+            "State": 1,
+            "StateText": "Stable",
+            "LastError": "No error",
+        }
 
     def create_shadow_set(self, volumes: list[str]) -> tuple[str, list[ShadowCopy]]:
         """A shadow copy of each volume, all at one instant (the host's lock)."""
@@ -415,7 +447,7 @@ class Host:
                 dst = self.root / "shadows" / str(n)
                 _copy_tree(self.volumes[letter], dst)
                 _copy_tree(self.root / "model", self.root / "shadows" / f"{n}.model")
-                sc = ShadowCopy("{" + str(uuid.uuid4()) + "}", set_id, n, letter, datetime.datetime.now(datetime.timezone.utc))
+                sc = ShadowCopy("{" + str(uuid.uuid4()) + "}", set_id, n, letter, datetime.datetime.now(datetime.UTC))
                 self.shadows[sc.id] = sc
                 made.append(sc)
             c = self.counters["shadow_copies"]
@@ -464,10 +496,6 @@ def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append([o, n])
     return [(o, n) for o, n in out]
-
-
-def _volume_root(host: Host, winpath: str, base: Path | None) -> Path | None:
-    return base
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

@@ -81,7 +81,9 @@ def _powershell(host: Host, argv: list[str]) -> Outcome:
     try:
         text = base64.b64decode(encoded, validate=True).decode("utf-16-le")
     except (binascii.Error, UnicodeDecodeError):
-        return _ps_error("Cannot process the command because the value specified with -EncodedCommand is not properly encoded.")
+        return _ps_error(
+            "Cannot process the command because the value specified with -EncodedCommand is not properly encoded."
+        )
     if text.startswith("# vmbackup: "):
         return _adapter(host, text)
     return _query(host, text.strip())
@@ -228,7 +230,9 @@ def _get_hdd(host: Host, name: str | None) -> list[dict]:
                     "VMName": v.name,
                     "VMId": v.id.lower(),
                     "ComputerName": host.name.upper(),
-                    "Name": "Hard Drive on " + ("IDE" if d.controller == "ide" else "SCSI") + f" controller number {d.number} at location {d.location}",
+                    "Name": "Hard Drive on "
+                    + ("IDE" if d.controller == "ide" else "SCSI")
+                    + f" controller number {d.number} at location {d.location}",
                     "ControllerType": ct,
                     "ControllerNumber": d.number,
                     "ControllerLocation": d.location,
@@ -241,7 +245,14 @@ def _get_hdd(host: Host, name: str | None) -> list[dict]:
     return out
 
 
-SERVICES = ("Guest Service Interface", "Heartbeat", "Key-Value Pair Exchange", "Shutdown", "Time Synchronization", "VSS")
+SERVICES = (
+    "Guest Service Interface",
+    "Heartbeat",
+    "Key-Value Pair Exchange",
+    "Shutdown",
+    "Time Synchronization",
+    "VSS",
+)
 OP_STATUS = {2: "OK", 12: "No Contact"}
 
 

@@ -160,7 +160,9 @@ class LabWinRM:
             with self.lock:
                 shell.commands.pop(cid, None)
             return wsman.signal_response(req), False
-        raise wsman.Fault("a:ActionNotSupported", wsman.ACTION_NOT_SUPPORTED, f"The action {req.action} is not supported.")
+        raise wsman.Fault(
+            "a:ActionNotSupported", wsman.ACTION_NOT_SUPPORTED, f"The action {req.action} is not supported."
+        )
 
     def _shell(self, req: wsman.Request) -> Shell:
         sid = req.selectors.get("ShellId", "")
@@ -178,7 +180,9 @@ class LabWinRM:
         with self.lock:
             c = shell.commands.get(cid)
         if c is None:
-            raise wsman.Fault("w:InvalidSelectors", wsman.SHELL_NOT_FOUND, f"The command {cid} was not found in shell {shell.id}.")
+            raise wsman.Fault(
+                "w:InvalidSelectors", wsman.SHELL_NOT_FOUND, f"The command {cid} was not found in shell {shell.id}."
+            )
         return c
 
     # --- the lab's control endpoint ---------------------------------------------------
@@ -191,7 +195,13 @@ class LabWinRM:
                 st["winrm"] = dict(self.counters, shells=len(self.shells))
                 return 200, st
             if path == "/lab/write":
-                h.write(str(body["vm"]), str(body["disk"]), int(body["offset"]), int(body["length"]), int(body.get("seed", 1)))
+                h.write(
+                    str(body["vm"]),
+                    str(body["disk"]),
+                    int(body["offset"]),
+                    int(body["length"]),
+                    int(body.get("seed", 1)),
+                )
                 return 200, {}
             if path == "/lab/disk-image":
                 out = Path(body["output"])
@@ -328,7 +338,9 @@ class _Handler(BaseHTTPRequestHandler):
                 user, _, password = base64.b64decode(value).decode().partition(":")
             except ValueError:
                 return self._challenge()
-            if not (hmac.compare_digest(user.lower(), lab.user.lower()) and hmac.compare_digest(password, lab.password)):
+            if not (
+                hmac.compare_digest(user.lower(), lab.user.lower()) and hmac.compare_digest(password, lab.password)
+            ):
                 return self._challenge()
         elif not self.authenticated:
             return self._challenge()
@@ -355,7 +367,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if sealed:
             body = _seal(self.ntlm, answer)
-            headers = {"Content-Type": f'multipart/encrypted;protocol="{SPNEGO_ENCRYPTED}";boundary="Encrypted Boundary"'}
+            headers = {
+                "Content-Type": f'multipart/encrypted;protocol="{SPNEGO_ENCRYPTED}";boundary="Encrypted Boundary"'
+            }
             return self._send(status, body, headers)
         self._send(status, answer, {"Content-Type": "application/soap+xml;charset=UTF-8"})
 
@@ -400,9 +414,17 @@ def _seal(ctx, message: bytes) -> bytes:
     return (
         BOUNDARY + b"\r\n"
         b"\tContent-Type: " + SPNEGO_ENCRYPTED.encode() + b"\r\n"
-        b"\tOriginalContent: type=application/soap+xml;charset=UTF-8;Length=" + str(len(message)).encode() + b"\r\n"
-        + BOUNDARY + b"\r\n"
-        b"\tContent-Type: application/octet-stream\r\n" + struct.pack("<I", len(sig)) + sig + sealed + BOUNDARY + b"--\r\n"
+        b"\tOriginalContent: type=application/soap+xml;charset=UTF-8;Length="
+        + str(len(message)).encode()
+        + b"\r\n"
+        + BOUNDARY
+        + b"\r\n"
+        b"\tContent-Type: application/octet-stream\r\n"
+        + struct.pack("<I", len(sig))
+        + sig
+        + sealed
+        + BOUNDARY
+        + b"--\r\n"
     )
 
 

@@ -36,7 +36,9 @@ DEFAULT = {
             "backup": True,
             "volume": "E",
             "generation": 2,
-            "disks": [{"controller": "scsi", "number": 0, "location": 0, "format": "vhdx", "size_mib": 16, "differencing": 2}],
+            "disks": [
+                {"controller": "scsi", "number": 0, "location": 0, "format": "vhdx", "size_mib": 16, "differencing": 2}
+            ],
         },
     ],
     "faults": {"host": {}, "vms": {}},

@@ -65,7 +65,9 @@ def data_write_guid(path: Path) -> uuid.UUID:
         for off in (64 * KiB, 128 * KiB):
             f.seek(off)
             h = bytearray(f.read(4 * KiB))
-            if h[:4] != b"head" or struct.unpack_from("<I", h, 4)[0] != crc32c(bytes(h[:4]) + b"\0\0\0\0" + bytes(h[8:])):
+            if h[:4] != b"head" or struct.unpack_from("<I", h, 4)[0] != crc32c(
+                bytes(h[:4]) + b"\0\0\0\0" + bytes(h[8:])
+            ):
                 continue
             seq = struct.unpack_from("<Q", h, 8)[0]
             if best is None or seq > best[0]:
