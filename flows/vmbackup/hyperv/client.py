@@ -140,7 +140,9 @@ class HypervClient:
             answer: Any = json.loads(r.stdout) if r.stdout.strip() else None
         except ValueError:
             first = (r.stdout.strip().splitlines() or [""])[0][:200]
-            raise HypervScriptError(f"{name} on {self.host} did not answer JSON (exit status {r.status}): {first}") from None
+            raise HypervScriptError(
+                f"{name} on {self.host} did not answer JSON (exit status {r.status}): {first}"
+            ) from None
         if r.status == 0:
             return answer
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):
