@@ -167,3 +167,15 @@ def test_a_shell_lost_mid_command_is_retryable(lab):
     with pytest.raises(winrm.exceptions.WSManFaultError) as e:
         s.protocol.get_command_output(shell, cid)
     assert e.value.wsman_fault_code == 2150858843
+
+
+@pytest.mark.parametrize("auth, needs", [("kerberos", "pykerberos"), ("credssp", "requests-credssp")])
+def test_kerberos_and_credssp_are_selectable_and_say_what_they_need(lab, auth, needs):
+    """Neither extra is installed here: the choice reaches pywinrm and comes
+    back as one line naming what is missing (with it, pywinrm authenticates)."""
+    from vmbackup.errors import WinRMError
+
+    hv = HypervClient(lab.url, lab.user, lab.password, auth=auth, ca_file=lab.ca_file)
+    with pytest.raises(WinRMError) as e:
+        hv.run_cmd("hostname")
+    assert needs in str(e.value) and "\n" not in str(e.value) and lab.password not in str(e.value)
