@@ -72,4 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, RuntimeError) as e:  # a missing tool, an unwritable state directory
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -135,7 +135,8 @@ class LabWinRM:
             return wsman.delete_response(req), False
         if req.action == wsman.ACTION_COMMAND:
             cmd, args = wsman.command_line(req.body)
-            out = powershell.run(self.host, cmd, args)
+            with self.host.lock:  # one command at a time sees and changes the model
+                out = powershell.run(self.host, cmd, args)
             cid = str(uuid.uuid4()).upper()
             with self.lock:
                 self.counters["commands"] += 1
