@@ -44,6 +44,14 @@ EXPECTED = {
     "SessionLostError": (True, 1),
     "HypervisorBusyError": (True, 1),
     "TaskTimeoutError": (True, 1),
+    "WinRMError": (False, 1),
+    "WinRMAuthenticationError": (False, 1),
+    "WinRMCertificateError": (False, 1),
+    "WinRMUnreachableError": (True, 1),
+    "WinRMSessionLostError": (True, 1),
+    "HypervScriptError": (False, 1),
+    "HypervVmNotFoundError": (False, 2),
+    "HypervQuiesceError": (False, 1),
 }
 
 

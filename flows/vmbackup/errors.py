@@ -179,3 +179,57 @@ class SnapshotError(HypervisorError):
     """The host refused the snapshot (snapshots disabled, a snapshot fault)."""
 
     retryable = False
+
+
+# --- WinRM (the Hyper-V adapter's transport) ---------------------------------
+# `retryable` says whether the same call may succeed if repeated later.
+
+
+class WinRMError(HypervisorError):
+    """A WinRM call to a Hyper-V host failed."""
+
+    retryable = False
+
+
+class WinRMAuthenticationError(WinRMError, AuthenticationError):
+    """The Hyper-V host refused the credentials."""
+
+    retryable = False
+
+
+class WinRMCertificateError(WinRMError, CertificateError):
+    """The Hyper-V host's certificate is not trusted or does not match its name."""
+
+    retryable = False
+
+
+class WinRMUnreachableError(WinRMError, TransientError):
+    """Nothing answers WinRM at the host's address (refused, timed out, no route)."""
+
+    retryable = True
+
+
+class WinRMSessionLostError(WinRMError, SessionLostError):
+    """The WinRM shell or the authenticated connection went away mid-call."""
+
+    retryable = True
+
+
+class HypervScriptError(HypervisorError):
+    """An adapter script ran and reported a failure (`code` names which)."""
+
+    retryable = False
+
+    def __init__(self, message: str, code: str = "ScriptFailed"):
+        super().__init__(message)
+        self.code = code
+
+
+class HypervVmNotFoundError(HypervScriptError, VmNotFoundError):
+    """The Hyper-V host has no VM of that name."""
+
+    exit_code = 2
+
+
+class HypervQuiesceError(HypervScriptError, QuiesceError):
+    """Application consistency was required but the Hyper-V writer or the guest could not give it."""

@@ -1,0 +1,45 @@
+<#
+.SYNOPSIS
+    End a backup started by New-VmbackupShadowCopy.ps1 and delete its shadow copies.
+.DESCRIPTION
+    With -Succeeded (the data is durable in the repository) diskshadow is let go
+    on to 'end backup', which tells the writers BackupComplete, so guest
+    applications may truncate their logs. Without it diskshadow is aborted
+    before 'end backup' and the writers are never told the backup completed.
+    Then, on every path, the shares, mount points and shadow copies recorded in
+    the ledger are removed, and the ledger entry with them. Shadow copies that
+    are not in vmbackup's ledger are never touched.
+    Run by hand:  .\Complete-VmbackupShadowCopy.ps1 -RunId test1 -Succeeded $true
+#>
+param(
+    [Parameter(Mandatory = $true)][ValidatePattern('^[A-Za-z0-9-]{1,64}$')][string]$RunId,
+    [bool]$Succeeded = $false,
+    [int]$TimeoutSeconds = 300,
+    [string]$WorkDir = "$env:ProgramData\vmbackup"
+)
+$ErrorActionPreference = 'Stop'
+$ledgerFile = Join-Path $WorkDir "ledger\$RunId.json"
+if (-not (Test-Path $ledgerFile)) { throw "RunNotFound: no backup run '$RunId' in $WorkDir\ledger" }
+$entry = Get-Content -Raw -Path $ledgerFile | ConvertFrom-Json
+$run = $entry.RunDir
+
+Set-Content -Path (Join-Path $run $(if ($Succeeded) { 'durable' } else { 'abort' })) -Value ([DateTime]::UtcNow.ToString('o'))
+$deadline = [DateTime]::UtcNow.AddSeconds($TimeoutSeconds)
+while (-not (Test-Path "$run\exitcode") -and (Get-Process -Id $entry.ProcessId -ErrorAction SilentlyContinue) -and [DateTime]::UtcNow -lt $deadline) {
+    Start-Sleep -Milliseconds 500
+}
+$exit = if (Test-Path "$run\exitcode") { [int](Get-Content -Raw "$run\exitcode") } else { -1 }
+if ($exit -eq -1 -and $entry.ProcessId) { Stop-Process -Id $entry.ProcessId -Force -ErrorAction SilentlyContinue }
+$complete = $Succeeded -and $exit -eq 0
+
+foreach ($share in $entry.Shares) { Remove-SmbShare -Name $share -Force -ErrorAction SilentlyContinue }
+$setId = if ($entry.SetId) { $entry.SetId } elseif (Test-Path "$run\created") { (Get-Content -Raw "$run\created").Trim() } else { $null }
+$deleted = @()
+foreach ($copy in @(Get-CimInstance -ClassName Win32_ShadowCopy | Where-Object { $entry.ShadowIds -contains $_.ID -or ($setId -and $_.SetID -eq $setId) })) {
+    Remove-CimInstance -InputObject $copy
+    $deleted += $copy.ID
+}
+Remove-Item -Recurse -Force -Path $run -ErrorAction SilentlyContinue
+Remove-Item -Force -Path $ledgerFile
+
+[pscustomobject]@{ RunId = $RunId; BackupComplete = $complete; Deleted = $deleted }

@@ -1,0 +1,149 @@
+<#
+.SYNOPSIS
+    Create a persistent VSS shadow copy set of the volumes that hold some VMs'
+    files, with the Hyper-V VSS writer included, and keep the backup open until
+    Complete-VmbackupShadowCopy.ps1 says the data is durable.
+.DESCRIPTION
+    vmbackup is the VSS requestor through diskshadow.exe (Windows Server): this
+    script writes a diskshadow script and starts it outside the WinRM shell
+    (Win32_Process.Create, so it survives the end of this command):
+
+        set context persistent              # the copy outlives diskshadow; it can be exposed
+        set metadata <run>\backup.cab
+        writer verify {66841cd4-...}        # Hyper-V writer (or 'writer exclude' for crash consistency)
+        begin backup                        # a full backup: writers are told BackupComplete at 'end backup'
+        add volume D: alias vmbk_1          # one per volume
+        create                              # writers freeze/thaw; the guests are quiesced here
+        expose %vmbk_1% <run>\mnt\1         # a local mount point per volume
+        exec <run>\wait.cmd                 # blocks until the data is durable (or abort/timeout)
+        end backup                          # BackupComplete: guest apps may truncate their logs
+
+    The exec step holds the backup open while vmbackup reads the files from the
+    mount points (or an SMB share of them). If it ends with an error (abort or
+    timeout) diskshadow stops before 'end backup', so writers are never told the
+    backup completed. The shadow copies are persistent either way: they are
+    deleted by Complete-VmbackupShadowCopy.ps1 or, after a crash, by
+    Remove-VmbackupShadowCopies.ps1, which only touch copies recorded in
+    vmbackup's ledger (<WorkDir>\ledger\<RunId>.json).
+
+    Consistency: 'application' when the Hyper-V writer is included and every VM
+    is running with its Backup (VSS) integration service enabled and healthy and
+    the writer is stable; otherwise 'crash' when -Quiesce is 'preferred' (the
+    reason is returned), or an error when it is 'required'. -Quiesce off always
+    excludes the writer.
+    Run by hand:  .\New-VmbackupShadowCopy.ps1 -RunId test1 -VMName web01 -Volumes D:\
+.PARAMETER RunId
+    Names this backup's files, ledger entry, mount points and shares.
+.PARAMETER VMName
+    The VMs being backed up (their Backup service decides the consistency).
+.PARAMETER Volumes
+    Volume roots holding the VMs' files, as Get-VmbackupVm.ps1 lists them ('D:\').
+.PARAMETER Quiesce
+    required | preferred | off.
+.PARAMETER ShareTo
+    If set, each mount point is also shared read-only to this account as
+    \\<host>\vmbk-<RunId>-<n>$ (for an agent that is not the host).
+.PARAMETER HoldSeconds
+    How long diskshadow keeps the backup open waiting for completion.
+#>
+param(
+    [Parameter(Mandatory = $true)][ValidatePattern('^[A-Za-z0-9-]{1,64}$')][string]$RunId,
+    [Parameter(Mandatory = $true)][string[]]$VMName,
+    [Parameter(Mandatory = $true)][string[]]$Volumes,
+    [ValidateSet('required', 'preferred', 'off')][string]$Quiesce = 'preferred',
+    [string]$ShareTo = '',
+    [int]$HoldSeconds = 86400,
+    [int]$CreateTimeoutSeconds = 600,
+    [string]$WorkDir = "$env:ProgramData\vmbackup"
+)
+$ErrorActionPreference = 'Stop'
+$hyperVWriter = '{66841cd4-6ded-4f4b-8f17-fd23f8ddc3de}'
+
+# --- which consistency can we get? ---
+$reasons = @()
+if ($Quiesce -eq 'off') { $reasons += 'quiesce is off' }
+else {
+    foreach ($name in $VMName) {
+        $vm = Get-VM -Name $name -ErrorAction SilentlyContinue
+        if (-not $vm) { throw "VmNotFound: no VM named '$name' on $env:COMPUTERNAME" }
+        if ([int]$vm.State -ne 2) { $reasons += "$name is not running" ; continue }
+        $svc = Get-VMIntegrationService -VM $vm | Where-Object { $_.Name -eq 'VSS' -or $_.Name -like 'Backup*' } | Select-Object -First 1
+        if (-not $svc -or -not $svc.Enabled) { $reasons += "$name has its Backup integration service off" }
+        elseif ([int]$svc.PrimaryOperationalStatus -ne 2) { $reasons += "$name's Backup integration service does not answer" }
+    }
+    $state = $null
+    $block = $null
+    foreach ($line in (vssadmin list writers)) {
+        if ($line -match "Writer name: '(.+)'") { $block = $Matches[1] }
+        elseif ($block -eq 'Microsoft Hyper-V VSS Writer' -and $line -match 'State: \[(\d+)\]') { $state = [int]$Matches[1] }
+        elseif ($block -eq 'Microsoft Hyper-V VSS Writer' -and $line -match 'Last error: (.+)' -and $Matches[1].Trim() -ne 'No error') { $reasons += "the Hyper-V VSS writer failed: $($Matches[1].Trim())" }
+    }
+    if ($state -ne 1) { $reasons += "the Hyper-V VSS writer is not stable (state $state)" }
+}
+$consistency = if ($reasons.Count -eq 0) { 'application' } else { 'crash' }
+if ($consistency -eq 'crash' -and $Quiesce -eq 'required') { throw "QuiesceUnavailable: $($reasons -join '; ')" }
+
+# --- the run's files and the ledger entry (written before anything exists) ---
+$run = Join-Path $WorkDir "runs\$RunId"
+$ledgerDir = Join-Path $WorkDir 'ledger'
+New-Item -ItemType Directory -Force -Path $run, $ledgerDir, (Join-Path $run 'mnt') | Out-Null
+$ledgerFile = Join-Path $ledgerDir "$RunId.json"
+$entry = [ordered]@{ RunId = $RunId; Created = [DateTime]::UtcNow.ToString('o'); ProcessId = $null; SetId = $null; ShadowIds = @(); Shares = @(); RunDir = $run }
+$entry | ConvertTo-Json | Set-Content -Path $ledgerFile
+
+$lines = @('set context persistent', "set metadata `"$run\backup.cab`"", 'set verbose on')
+$lines += if ($consistency -eq 'application') { "writer verify $hyperVWriter" } else { "writer exclude $hyperVWriter" }
+$lines += 'begin backup'
+for ($i = 0; $i -lt $Volumes.Count; $i++) { $lines += "add volume $($Volumes[$i].TrimEnd('\')) alias vmbk_$i" }
+$lines += 'create'
+for ($i = 0; $i -lt $Volumes.Count; $i++) {
+    New-Item -ItemType Directory -Force -Path "$run\mnt\$i" | Out-Null
+    $lines += "expose %vmbk_$i% `"$run\mnt\$i`""
+}
+$lines += "exec `"$run\wait.cmd`"", 'end backup'
+$lines | Set-Content -Encoding ASCII -Path "$run\backup.dsh"
+
+# wait.cmd runs inside diskshadow after 'create': it records the shadow set id
+# (diskshadow sets VSS_SHADOW_SET) and waits for 'durable' or 'abort'.
+@"
+@echo off
+echo %VSS_SHADOW_SET%> "$run\created"
+powershell.exe -NoProfile -NonInteractive -Command "`$t = [DateTime]::UtcNow.AddSeconds($HoldSeconds); while (-not (Test-Path '$run\durable') -and -not (Test-Path '$run\abort') -and [DateTime]::UtcNow -lt `$t) { Start-Sleep -Seconds 1 }; if (Test-Path '$run\durable') { exit 0 } else { exit 1 }"
+"@ | Set-Content -Encoding ASCII -Path "$run\wait.cmd"
+@"
+& diskshadow.exe /s '$run\backup.dsh' *> '$run\diskshadow.log'
+Set-Content -Path '$run\exitcode' -Value `$LASTEXITCODE
+"@ | Set-Content -Path "$run\run.ps1"
+
+$proc = Invoke-CimMethod -ClassName Win32_Process -MethodName Create -Arguments @{ CommandLine = "powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File `"$run\run.ps1`"" }
+if ($proc.ReturnValue -ne 0) { throw "ShadowCopyFailed: could not start diskshadow (Win32_Process.Create returned $($proc.ReturnValue))" }
+$entry.ProcessId = $proc.ProcessId
+$entry | ConvertTo-Json | Set-Content -Path $ledgerFile
+
+$deadline = [DateTime]::UtcNow.AddSeconds($CreateTimeoutSeconds)
+while (-not (Test-Path "$run\created")) {
+    if (Test-Path "$run\exitcode") { throw "ShadowCopyFailed: diskshadow ended before the shadow copy existed: $((Get-Content -Raw "$run\diskshadow.log") -replace '\s+', ' ')" }
+    if ([DateTime]::UtcNow -gt $deadline) { throw "ShadowCopyFailed: no shadow copy after $CreateTimeoutSeconds s" }
+    Start-Sleep -Milliseconds 500
+}
+$setId = (Get-Content -Raw "$run\created").Trim()
+$copies = @(Get-CimInstance -ClassName Win32_ShadowCopy | Where-Object { $_.SetID -eq $setId })
+$entry.SetId = $setId
+$entry.ShadowIds = @($copies | ForEach-Object { $_.ID })
+
+$out = @()
+for ($i = 0; $i -lt $Volumes.Count; $i++) {
+    $volumeName = (Get-CimInstance -ClassName Win32_Volume | Where-Object { $_.Name -eq $Volumes[$i] }).DeviceID
+    $copy = $copies | Where-Object { $_.VolumeName -eq $volumeName } | Select-Object -First 1
+    $share = $null
+    if ($ShareTo) {
+        $shareName = "vmbk-$RunId-$i`$"
+        New-SmbShare -Name $shareName -Path "$run\mnt\$i" -ReadAccess $ShareTo | Out-Null
+        $entry.Shares += $shareName
+        $share = "\\$env:COMPUTERNAME\$shareName"
+    }
+    $out += [pscustomobject]@{ Volume = $Volumes[$i]; ShadowId = $copy.ID; DeviceObject = $copy.DeviceObject; ExposedPath = "$run\mnt\$i"; SharePath = $share }
+}
+$entry | ConvertTo-Json | Set-Content -Path $ledgerFile
+
+[pscustomobject]@{ RunId = $RunId; SetId = $setId; Consistency = $consistency; Reasons = @($reasons); ShadowCopies = $out }

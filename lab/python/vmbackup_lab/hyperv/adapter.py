@@ -1,0 +1,272 @@
+"""The adapter's scripts as the lab host carries them out.
+
+Each function gives the answer the script in flows/vmbackup/hyperv/scripts
+gives on a real host (the same fields, enums as numbers), acting on the model:
+the ledger files are written under C:\\ProgramData\\vmbackup as the scripts
+write them; diskshadow's open backup is a `Run` that ends with
+Complete-VmbackupShadowCopy.ps1 (BackupComplete only with -Succeeded).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from pathlib import PureWindowsPath
+
+from .host import VM_RUNNING, WORK_DIR, Host, HostError, Run, ScriptFailure
+
+
+def run(host: Host, name: str, params: dict):
+    fn = SCRIPTS.get(name)
+    if fn is None:
+        raise ScriptFailure(f"ScriptFailed: the lab host has no model of {name}")
+    import inspect
+
+    args = _params(name, params)
+    known = inspect.signature(fn).parameters
+    for k in args:
+        if k not in known or k == "host":
+            raise ScriptFailure(f"ScriptFailed: A parameter cannot be found that matches parameter name '{k}'.")
+    for k, p in known.items():
+        if k != "host" and p.default is inspect.Parameter.empty and k not in args:
+            raise ScriptFailure(f"ScriptFailed: Cannot process command because of a missing mandatory parameter: {k}.")
+    with host.lock:
+        return fn(host, **args)
+
+
+def _params(name: str, params: dict) -> dict:
+    # Parameter names are case-insensitive in PowerShell.
+    return {k.lower(): v for k, v in params.items()}
+
+
+def _ledger(host: Host, run_id: str):
+    return host.local(f"{WORK_DIR}\\ledger\\{run_id}.json")
+
+
+def _run_id(run_id) -> str:
+    if not isinstance(run_id, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,64}", run_id):
+        raise ScriptFailure(
+            f"ScriptFailed: Cannot validate argument on parameter 'RunId'. {run_id!r} does not match the pattern"
+        )
+    return run_id
+
+
+def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
+    runs = []
+    ledger = host.local(f"{WORK_DIR}\\ledger")
+    if ledger.is_dir():
+        runs = [json.loads(p.read_text()) for p in sorted(ledger.glob("*.json"))]
+    return {
+        "ComputerName": host.name.upper(),
+        "Writer": host.writer(),
+        "Volumes": [
+            {
+                "DriveLetter": f"{v}:",
+                "DeviceID": f"\\\\?\\Volume{{{host.volume_guids[v]}}}\\",
+                "Capacity": 1 << 40,
+                "FreeSpace": 1 << 39,
+            }
+            for v in host.volumes
+        ],
+        "Runs": runs,
+    }
+
+
+def get_vm(host: Host, vmname: str) -> dict:
+    if vmname not in host.vms:
+        raise ScriptFailure(f"VmNotFound: no VM named '{vmname}' on {host.name.upper()}")
+    v = host.vms[vmname]
+    enabled, status = v.backup_service()
+    volumes = {PureWindowsPath(v.config_location).anchor}
+    disks = []
+    for d in v.disks:
+        chain = []
+        for f in d.chain():
+            local = host.local(f.winpath)
+            chain.append(
+                {
+                    "Path": f.winpath,
+                    "VhdFormat": 3 if f.fmt == "vhdx" else 2,
+                    "VhdType": 4 if f.differencing else 3,
+                    "Size": d.size,
+                    "FileSize": local.stat().st_size,
+                    "ParentPath": f.parent.winpath if f.parent else None,
+                }
+            )
+            volumes.add(PureWindowsPath(f.winpath).anchor)
+        disks.append(
+            {
+                "Name": d.name,
+                "ControllerType": 0 if d.controller == "ide" else 1,
+                "ControllerNumber": d.number,
+                "ControllerLocation": d.location,
+                "Path": d.top.winpath,
+                "Chain": chain,
+            }
+        )
+    return {
+        "Name": v.name,
+        "Id": v.id.lower(),
+        "State": v.state,
+        "Backup": {"Name": "VSS", "Enabled": enabled, "PrimaryOperationalStatus": status if status else 0},
+        "ConfigurationLocation": v.config_location,
+        "ConfigFiles": v.config_files(),
+        "Disks": disks,
+        "Volumes": sorted(volumes),
+    }
+
+
+def new_shadow_copy(
+    host: Host,
+    runid: str,
+    vmname: list,
+    volumes: list,
+    quiesce: str = "preferred",
+    shareto: str = "",
+    holdseconds: int = 86400,
+    createtimeoutseconds: int = 600,
+    workdir: str = WORK_DIR,
+) -> dict:
+    run_id = _run_id(runid)
+    if quiesce not in ("required", "preferred", "off"):
+        raise ScriptFailure(f"ScriptFailed: Cannot validate argument on parameter 'Quiesce'. {quiesce!r}")
+    if isinstance(vmname, str):
+        vmname = [vmname]
+    if isinstance(volumes, str):
+        volumes = [volumes]
+    reasons = []
+    if quiesce == "off":
+        reasons.append("quiesce is off")
+    else:
+        for name in vmname:
+            if name not in host.vms:
+                raise ScriptFailure(f"VmNotFound: no VM named '{name}' on {host.name.upper()}")
+            v = host.vms[name]
+            enabled, status = v.backup_service()
+            if v.state != VM_RUNNING:
+                reasons.append(f"{name} is not running")
+            elif not enabled:
+                reasons.append(f"{name} has its Backup integration service off")
+            elif status != 2:
+                reasons.append(f"{name}'s Backup integration service does not answer")
+        w = host.writer()
+        if w["LastError"] != "No error":
+            reasons.append(f"the Hyper-V VSS writer failed: {w['LastError']}")
+        if w["State"] != 1:
+            reasons.append(f"the Hyper-V VSS writer is not stable (state {w['State']})")
+    consistency = "application" if not reasons else "crash"
+    if consistency == "crash" and quiesce == "required":
+        raise ScriptFailure(f"QuiesceUnavailable: {'; '.join(reasons)}")
+    letters = []
+    for vol in volumes:
+        letter = PureWindowsPath(vol).drive.rstrip(":").upper()
+        if letter not in host.volumes:
+            raise ScriptFailure(f"ShadowCopyFailed: the volume {vol} does not exist on {host.name.upper()}")
+        letters.append(letter)
+    run_dir = f"{WORK_DIR}\\runs\\{run_id}"
+    ledger = _ledger(host, run_id)
+    if ledger.exists():
+        raise ScriptFailure(f"ScriptFailed: a backup run '{run_id}' is already open on {host.name.upper()}")
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    host.local(run_dir).mkdir(parents=True, exist_ok=True)
+    entry = {
+        "RunId": run_id,
+        "Created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "ProcessId": 4000 + len(host.runs),
+        "SetId": None,
+        "ShadowIds": [],
+        "Shares": [],
+        "RunDir": run_dir,
+    }
+    ledger.write_text(json.dumps(entry))
+    # From here a failure leaves the ledger entry, as on Windows; Complete or
+    # the sweeper removes it.
+    set_id, copies = host.create_shadow_set(letters)
+    entry["SetId"] = set_id
+    entry["ShadowIds"] = [c.id for c in copies]
+    out = []
+    for i, (vol, sc) in enumerate(zip(volumes, copies, strict=True)):
+        exposed = f"{run_dir}\\mnt\\{i}"
+        host.expose(sc, exposed)
+        share = None
+        if shareto:
+            share_name = f"vmbk-{run_id}-{i}$"
+            host.share(share_name, exposed)
+            entry["Shares"].append(share_name)
+            share = f"\\\\{host.name.upper()}\\{share_name}"
+        out.append(
+            {
+                "Volume": vol,
+                "ShadowId": sc.id,
+                "DeviceObject": f"\\\\?\\GLOBALROOT\\Device\\HarddiskVolumeShadowCopy{sc.number}",
+                "ExposedPath": exposed,
+                "SharePath": share,
+            }
+        )
+    ledger.write_text(json.dumps(entry))
+    host.runs[run_id] = Run(run_id, set_id, entry["ShadowIds"], entry["Shares"], consistency, list(vmname))
+    return {"RunId": run_id, "SetId": set_id, "Consistency": consistency, "Reasons": reasons, "ShadowCopies": out}
+
+
+def _remove_run(host: Host, entry: dict) -> list[str]:
+    for share in entry.get("Shares") or []:
+        host.unshare(share)
+    deleted = []
+    for sid in list(host.shadows):
+        sc = host.shadows[sid]
+        if sid in (entry.get("ShadowIds") or []) or (entry.get("SetId") and sc.set_id == entry["SetId"]):
+            host.delete_shadow(sid)
+            deleted.append(sid)
+    run_dir = host.local(entry["RunDir"])
+    if run_dir.exists():
+        import shutil
+
+        for p in sorted(run_dir.rglob("*"), reverse=True):
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    _ledger(host, entry["RunId"]).unlink(missing_ok=True)
+    host.runs.pop(entry["RunId"], None)
+    return deleted
+
+
+def complete_shadow_copy(
+    host: Host, runid: str, succeeded: bool = False, timeoutseconds: int = 300, workdir: str = WORK_DIR
+) -> dict:
+    run_id = _run_id(runid)
+    ledger = _ledger(host, run_id)
+    if not ledger.exists():
+        raise ScriptFailure(f"RunNotFound: no backup run '{run_id}' in {WORK_DIR}\\ledger")
+    entry = json.loads(ledger.read_text())
+    r = host.runs.get(run_id)
+    complete = bool(succeeded) and r is not None
+    if complete and r.consistency == "application":
+        for name in r.vms:
+            if name in host.vms:
+                host.vms[name].backup_complete += 1
+    deleted = _remove_run(host, entry)
+    return {"RunId": run_id, "BackupComplete": complete, "Deleted": deleted}
+
+
+def remove_shadow_copies(host: Host, olderthanseconds: int = 3600, workdir: str = WORK_DIR) -> dict:
+    removed = []
+    ledger_dir = host.local(f"{WORK_DIR}\\ledger")
+    cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=int(olderthanseconds))
+    for p in sorted(ledger_dir.glob("*.json")) if ledger_dir.is_dir() else []:
+        entry = json.loads(p.read_text())
+        if datetime.datetime.fromisoformat(entry["Created"]) > cutoff:
+            continue
+        removed.append({"RunId": entry["RunId"], "Created": entry["Created"], "Deleted": _remove_run(host, entry)})
+    return {"Removed": removed}
+
+
+SCRIPTS = {
+    "Get-VmbackupHost.ps1": get_host,
+    "Get-VmbackupVm.ps1": get_vm,
+    "New-VmbackupShadowCopy.ps1": new_shadow_copy,
+    "Complete-VmbackupShadowCopy.ps1": complete_shadow_copy,
+    "Remove-VmbackupShadowCopies.ps1": remove_shadow_copies,
+}
+
+__all__ = ["run", "SCRIPTS", "HostError"]

@@ -1,0 +1,524 @@
+"""The model of one Hyper-V host behind the lab's WinRM server.
+
+Volumes are directories (`<root>/volumes/<letter>`); Windows paths map onto
+them one to one (`D:\\Hyper-V\\x` is `<root>/volumes/D/Hyper-V/x`). VM disks
+are real VHDX/VHD files made with qemu-img; differencing disks (.avhdx) are
+written by `vhdx.write_differencing` from an overlay kept in `<root>/model`.
+A shadow copy is a point-in-time copy of a volume's directory (reflink when
+the file system can, else a sparse copy) plus the model files of that moment,
+under `<root>/shadows/<n>`. Guest writes change the live files only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
+
+from . import vhdx
+from .pattern import pattern
+
+MiB = 1024 * 1024
+HYPERV_WRITER = "{66841cd4-6ded-4f4b-8f17-fd23f8ddc3de}"
+SOFTWARE_PROVIDER = "{b5946137-7b9f-4925-af80-51abd60b20d5}"
+WORK_DIR = "C:\\ProgramData\\vmbackup"
+VM_RUNNING, VM_OFF = 2, 3
+CONTROLLER_TYPE = {"ide": 0, "scsi": 1}
+HOST_FAULTS = ("writer_failed", "shadow_fail", "drop_during")
+VM_FAULTS = ("backup_off", "backup_no_contact")
+
+
+class HostError(Exception):
+    """Bad input to the model (unknown VM or disk, a write outside the disk)."""
+
+
+class ScriptFailure(Exception):
+    """An adapter script failed on the host; the text is '<Code>: <message>'."""
+
+
+@dataclass
+class DiskFile:
+    winpath: str
+    fmt: str  # vhdx | vhd
+    differencing: bool
+    parent: DiskFile | None = None
+
+
+@dataclass
+class Disk:
+    controller: str
+    number: int
+    location: int
+    size: int
+    top: DiskFile
+
+    @property
+    def name(self) -> str:
+        return f"{self.controller}{self.number}:{self.location}"
+
+    def chain(self) -> list[DiskFile]:
+        out, f = [], self.top
+        while f is not None:
+            out.append(f)
+            f = f.parent
+        return out
+
+
+@dataclass
+class Vm:
+    name: str
+    id: str
+    state: int
+    backup: bool
+    generation: int
+    volume: str
+    disks: list[Disk]
+    faults: dict = field(default_factory=dict)
+    backup_complete: int = 0  # BackupComplete events the guest received
+
+    @property
+    def config_location(self) -> str:
+        return f"{self.volume}:\\Hyper-V\\{self.name}"
+
+    def config_files(self) -> list[str]:
+        base = f"{self.config_location}\\Virtual Machines\\{self.id.upper()}"
+        return [base + ".vmcx", base + ".vmrs"] + ([base + ".vmgs"] if self.generation == 2 else [])
+
+    def backup_service(self) -> tuple[bool, int | None]:
+        """(Enabled, PrimaryOperationalStatus) of the VSS integration service."""
+        enabled = self.backup and not self.faults.get("backup_off")
+        if not enabled:
+            return False, None
+        if self.state != VM_RUNNING or self.faults.get("backup_no_contact"):
+            return True, 12  # No Contact
+        return True, 2  # OK
+
+
+@dataclass
+class ShadowCopy:
+    id: str
+    set_id: str
+    number: int
+    volume: str
+    created: datetime.datetime
+    exposed_path: str | None = None
+    exposed_name: str | None = None
+
+
+@dataclass
+class Run:
+    run_id: str
+    set_id: str | None
+    shadow_ids: list[str]
+    shares: list[str]
+    consistency: str
+    vms: list[str]
+
+
+class Host:
+    """One Hyper-V host; every method holds the host's lock."""
+
+    def __init__(self, root: Path, topology: dict):
+        self.root = root
+        self.name = topology["host"]
+        self.user = topology["user"]
+        self.lock = threading.RLock()
+        self.volumes = {v: root / "volumes" / v for v in topology["volumes"]}
+        self.volume_guids = {v: str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.name}/{v}")) for v in self.volumes}
+        self.faults: dict = dict(topology.get("faults", {}).get("host", {}))
+        self.vms: dict[str, Vm] = {}
+        self.shadows: dict[str, ShadowCopy] = {}
+        self.runs: dict[str, Run] = {}
+        self.shadow_number = 0
+        self.counters = {"shadow_copies": {"now": 0, "peak": 0}}
+        for d in ("volumes", "model", "shadows", "shares"):
+            if (root / d).exists():
+                shutil.rmtree(root / d)
+        for p in self.volumes.values():
+            p.mkdir(parents=True)
+        (root / "model").mkdir()
+        (root / "shadows").mkdir()
+        (root / "shares").mkdir()
+        vm_faults = topology.get("faults", {}).get("vms", {})
+        for spec in topology["vms"]:
+            self._make_vm(spec, vm_faults.get(spec["name"], {}))
+
+    # --- paths ---------------------------------------------------------------
+
+    def local(self, winpath: str, base: Path | None = None) -> Path:
+        """The file behind a Windows path on this host (or inside a shadow copy's root)."""
+        p = PureWindowsPath(winpath)
+        letter = p.drive.rstrip(":").upper()
+        if letter not in self.volumes:
+            raise HostError(f"no volume {p.drive} on {self.name}")
+        return (base if base is not None else self.volumes[letter]).joinpath(*p.parts[1:])
+
+    def _model(self, f: DiskFile, base: Path | None = None) -> Path:
+        key = f.winpath.replace(":", "").replace("\\", "_").replace(" ", "_")
+        return (base if base is not None else self.root / "model") / key
+
+    # --- making VMs -------------------------------------------------------------
+
+    def _make_vm(self, spec: dict, faults: dict) -> None:
+        name = spec["name"]
+        vm = Vm(
+            name=name,
+            id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.name}/vm/{name}")).upper(),
+            state=VM_RUNNING if spec["state"] == "running" else VM_OFF,
+            backup=bool(spec["backup"]),
+            generation=int(spec["generation"]),
+            volume=spec["volume"],
+            disks=[],
+            faults=dict(faults),
+        )
+        for i, cfg in enumerate(vm.config_files()):
+            p = self.local(cfg)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(f"<!-- vmbackup lab: {name} configuration file {i} ({vm.id}) -->\n".encode())
+        for i, d in enumerate(spec.get("disks", [])):
+            size = d["size_mib"] * MiB
+            stem = name if i == 0 else f"{name}-disk{i}"
+            ext = "vhdx" if d["format"] == "vhdx" else "vhd"
+            base = DiskFile(f"{vm.config_location}\\Virtual Hard Disks\\{stem}.{ext}", d["format"], False)
+            local = self.local(base.winpath)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            qfmt = "vhdx" if d["format"] == "vhdx" else "vpc"
+            opts = "subformat=dynamic,block_size=1M" if qfmt == "vhdx" else "subformat=dynamic"
+            _run("qemu-img", "create", "-q", "-f", qfmt, "-o", opts, str(local), str(size))
+            seed = zlib.crc32(f"{name}/{i}".encode())
+            writes = [(0, 64 * 1024), (MiB, 256 * 1024)] + [(size * k // 7 + 4096 * k, 192 * 1024) for k in range(1, 6)]
+            for k, (off, length) in enumerate(writes):
+                length = min(length, size - off)
+                self._qemu_write(local, qfmt, off, pattern(seed + k, off, length))
+            top = base
+            for level in range(d["differencing"]):
+                child = DiskFile(
+                    f"{vm.config_location}\\Virtual Hard Disks\\{stem}_{str(uuid.uuid4()).upper()}.avhdx",
+                    "vhdx",
+                    True,
+                    top,
+                )
+                ov = self._model(child)
+                with open(ov, "wb") as f:
+                    f.truncate(size)
+                self._present_save(child, [])
+                self._regenerate(child, size)
+                top = child
+                # each level changes a little of what is below it
+                self._write_top(
+                    Disk(d["controller"], 0, 0, size, top), MiB // 2 * (level + 1), 96 * 1024, seed + 100 + level
+                )
+            vm.disks.append(Disk(d["controller"], d.get("number", 0), d.get("location", 0), size, top))
+        self.vms[name] = vm
+
+    # --- disk content --------------------------------------------------------------
+
+    @staticmethod
+    def _qemu_write(path: Path, qfmt: str, offset: int, data: bytes) -> None:
+        with tempfile.NamedTemporaryFile(prefix="hvwrite-") as t:
+            t.write(data)
+            t.flush()
+            _run("qemu-io", "-f", qfmt, "-c", f"write -q -s {t.name} {offset} {len(data)}", str(path))
+
+    def _present_load(self, f: DiskFile, base: Path | None = None) -> list[tuple[int, int]]:
+        return [tuple(x) for x in json.loads(self._model(f, base).with_suffix(".present").read_text())]
+
+    def _present_save(self, f: DiskFile, present: list[tuple[int, int]]) -> None:
+        self._model(f).with_suffix(".present").write_text(json.dumps(present))
+
+    def _regenerate(self, f: DiskFile, size: int) -> None:
+        parent = f.parent
+        assert parent is not None and parent.fmt == "vhdx"
+        name = PureWindowsPath(parent.winpath).name
+        vhdx.write_differencing(
+            self.local(f.winpath),
+            size,
+            self._model(f),
+            self._present_load(f),
+            vhdx.data_write_guid(self.local(parent.winpath)),
+            {"relative_path": ".\\" + name, "absolute_win32_path": parent.winpath},
+        )
+
+    def _write_top(self, disk: Disk, offset: int, length: int, seed: int) -> None:
+        data = pattern(seed, offset, length)
+        top = disk.top
+        if not top.differencing:
+            self._qemu_write(self.local(top.winpath), "vhdx" if top.fmt == "vhdx" else "vpc", offset, data)
+            return
+        start, end = offset // 512 * 512, -(-(offset + length) // 512) * 512
+        present = self._present_load(top)
+        ov = self._model(top)
+        with open(ov, "r+b") as f:
+            # sectors only partly written take the rest from what the guest saw
+            for s in {start, end - 512}:
+                partial = s < offset or s + 512 > offset + length
+                if partial and not _covered(present, s, 512):
+                    f.seek(s)
+                    f.write(self._read(disk, s, 512, from_level=1))
+            f.seek(offset)
+            f.write(data)
+        self._present_save(top, _merge(present + [(start, end - start)]))
+        self._regenerate(top, disk.size)
+
+    def _read(
+        self,
+        disk: Disk,
+        offset: int,
+        length: int,
+        from_level: int = 0,
+        base: Path | None = None,
+        model: Path | None = None,
+    ) -> bytes:
+        """Bytes of the guest's view composed from chain level `from_level` down."""
+        out = bytearray(self._compose(disk, base, model, from_level, offset, length))
+        return bytes(out)
+
+    def _compose(
+        self, disk: Disk, base: Path | None, model: Path | None, from_level: int, offset: int, length: int
+    ) -> bytes:
+        chain = disk.chain()[from_level:]
+        bottom = chain[-1]
+        with tempfile.TemporaryDirectory(prefix="hvimg-") as tmp:
+            raw = Path(tmp) / "raw"
+            self._base_raw(bottom, raw, base)
+            self._apply_overlays(chain, raw, model)
+            with open(raw, "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+
+    def _base_raw(self, f: DiskFile, out: Path, base: Path | None) -> None:
+        src = self.local(f.winpath, base)
+        _run("qemu-img", "convert", "-f", "vhdx" if f.fmt == "vhdx" else "vpc", "-O", "raw", str(src), str(out))
+
+    def _apply_overlays(self, chain: list[DiskFile], raw: Path, model: Path | None) -> None:
+        with open(raw, "r+b") as dst:
+            for f in reversed(chain[:-1]):
+                with open(self._model(f, model), "rb") as ov:
+                    for off, length in self._present_load(f, model):
+                        ov.seek(off)
+                        dst.seek(off)
+                        dst.write(ov.read(length))
+
+    # --- the lab's control operations ---------------------------------------------
+
+    def vm(self, name: str) -> Vm:
+        if name not in self.vms:
+            raise HostError(f"no VM named {name!r} on {self.name}")
+        return self.vms[name]
+
+    def disk(self, vm: str, name: str) -> Disk:
+        v = self.vm(vm)
+        for d in v.disks:
+            if d.name == name:
+                return d
+        raise HostError(f"VM {vm} has no disk {name!r} (it has {', '.join(d.name for d in v.disks)})")
+
+    def write(self, vm: str, disk: str, offset: int, length: int, seed: int) -> None:
+        """A guest write into the disk's current top file."""
+        with self.lock:
+            d = self.disk(vm, disk)
+            if offset < 0 or length <= 0 or offset + length > d.size:
+                raise HostError(f"write {offset}+{length} is outside disk {disk} of {d.size} bytes")
+            self._write_top(d, offset, length, seed)
+
+    def disk_image(self, vm: str, disk: str, output: Path, shadow: str | None = None) -> None:
+        """The guest's view of a disk (now, or as of a shadow copy) as a raw file."""
+        with self.lock:
+            d = self.disk(vm, disk)
+            base = model = None
+            if shadow is not None:
+                sc = self._shadow(shadow)
+                base = self.root / "shadows" / str(sc.number)
+                model = self.root / "shadows" / f"{sc.number}.model"
+            chain = d.chain()
+            if shadow is not None and any(PureWindowsPath(f.winpath).drive.rstrip(":") != sc.volume for f in chain):
+                raise HostError(f"disk {disk} of {vm} is not on the volume of shadow copy {shadow}")
+            tmp = output.with_name(output.name + ".tmp")
+            self._base_raw(chain[-1], tmp, base)
+            self._apply_overlays(chain, tmp, model)
+            os.replace(tmp, output)
+
+    def set_faults(self, vm: str | None, faults: dict) -> None:
+        with self.lock:
+            allowed = VM_FAULTS if vm else HOST_FAULTS
+            bad = [k for k in faults if k not in allowed]
+            if bad:
+                raise HostError(f"unknown fault {bad[0]!r} (known: {', '.join(allowed)})")
+            if vm:
+                self.vm(vm).faults = dict(faults)
+            else:
+                self.faults = dict(faults)
+
+    def _shadow(self, sid: str) -> ShadowCopy:
+        for sc in self.shadows.values():
+            if sid in (sc.id, sc.id.strip("{}"), str(sc.number)):
+                return sc
+        raise HostError(f"no shadow copy {sid!r} on {self.name}")
+
+    def status(self) -> dict:
+        with self.lock:
+            return {
+                "host": self.name,
+                "faults": self.faults,
+                "writer": self.writer(),
+                "vms": [
+                    {
+                        "name": v.name,
+                        "id": v.id,
+                        "state": "running" if v.state == VM_RUNNING else "off",
+                        "backup": v.backup_service()[0],
+                        "faults": v.faults,
+                        "backup_complete": v.backup_complete,
+                        "config_files": [{"path": p, "local": str(self.local(p))} for p in v.config_files()],
+                        "disks": [
+                            {
+                                "name": d.name,
+                                "size": d.size,
+                                "chain": [
+                                    {
+                                        "path": f.winpath,
+                                        "local": str(self.local(f.winpath)),
+                                        "format": f.fmt,
+                                        "differencing": f.differencing,
+                                    }
+                                    for f in d.chain()
+                                ],
+                            }
+                            for d in v.disks
+                        ],
+                    }
+                    for v in self.vms.values()
+                ],
+                "shadow_copies": [
+                    {
+                        "id": s.id,
+                        "set_id": s.set_id,
+                        "volume": s.volume + ":\\",
+                        "local": str(self.root / "shadows" / str(s.number)),
+                        "exposed_path": s.exposed_path,
+                        "created": s.created.isoformat(),
+                    }
+                    for s in self.shadows.values()
+                ],
+                "runs": sorted(self.runs),
+                "counters": self.counters,
+            }
+
+    # --- VSS ---------------------------------------------------------------------
+
+    def writer(self) -> dict:
+        if self.faults.get("writer_failed"):
+            return {
+                "Name": "Microsoft Hyper-V VSS Writer",
+                "Id": HYPERV_WRITER,
+                "State": 8,
+                "StateText": "Failed",
+                "LastError": "Non-retryable error",
+            }
+        return {
+            "Name": "Microsoft Hyper-V VSS Writer",
+            "Id": HYPERV_WRITER,
+            "State": 1,
+            "StateText": "Stable",
+            "LastError": "No error",
+        }
+
+    def create_shadow_set(self, volumes: list[str]) -> tuple[str, list[ShadowCopy]]:
+        """A shadow copy of each volume, all at one instant (the host's lock)."""
+        with self.lock:
+            if self.faults.get("shadow_fail"):
+                raise ScriptFailure(
+                    "ShadowCopyFailed: diskshadow ended before the shadow copy existed: "
+                    "VSS_E_UNEXPECTED_PROVIDER_ERROR (0x8004230F) while creating the shadow copy set"
+                )
+            set_id = "{" + str(uuid.uuid4()) + "}"
+            made = []
+            for letter in volumes:
+                self.shadow_number += 1
+                n = self.shadow_number
+                dst = self.root / "shadows" / str(n)
+                _copy_tree(self.volumes[letter], dst)
+                _copy_tree(self.root / "model", self.root / "shadows" / f"{n}.model")
+                sc = ShadowCopy("{" + str(uuid.uuid4()) + "}", set_id, n, letter, datetime.datetime.now(datetime.UTC))
+                self.shadows[sc.id] = sc
+                made.append(sc)
+            c = self.counters["shadow_copies"]
+            c["now"] = len(self.shadows)
+            c["peak"] = max(c["peak"], c["now"])
+            return set_id, made
+
+    def delete_shadow(self, sid: str) -> None:
+        with self.lock:
+            sc = self.shadows.pop(sid)
+            for p in (self.root / "shadows" / str(sc.number), self.root / "shadows" / f"{sc.number}.model"):
+                _make_writable(p)
+                shutil.rmtree(p, ignore_errors=True)
+            if sc.exposed_path:
+                link = self.local(sc.exposed_path)
+                if link.is_symlink():
+                    link.unlink()
+            self.counters["shadow_copies"]["now"] = len(self.shadows)
+
+    def expose(self, sc: ShadowCopy, winpath: str) -> None:
+        link = self.local(winpath)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() and not link.is_symlink():
+            link.rmdir()
+        link.symlink_to(self.root / "shadows" / str(sc.number), target_is_directory=True)
+        sc.exposed_path = winpath
+
+    def share(self, name: str, winpath: str) -> None:
+        (self.root / "shares" / name).symlink_to(self.local(winpath), target_is_directory=True)
+
+    def unshare(self, name: str) -> None:
+        p = self.root / "shares" / name
+        if p.is_symlink():
+            p.unlink()
+
+
+def _covered(present: list[tuple[int, int]], off: int, length: int) -> bool:
+    return any(o <= off and off + length <= o + n for o, n in present)
+
+
+def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for o, n in sorted(extents):
+        if out and o <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], o + n - out[-1][0])
+        else:
+            out.append([o, n])
+    return [(o, n) for o, n in out]
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """A point-in-time copy: reflinks where the file system has them, else sparse copies."""
+    _run("cp", "-a", "--reflink=auto", "--sparse=always", str(src), str(dst))
+    # a shadow copy is read-only
+    for dirpath, _dirs, files in os.walk(dst):
+        for f in files:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                p.chmod(0o444)
+
+
+def _make_writable(root: Path) -> None:
+    for dirpath, dirs, files in os.walk(root):
+        for f in files + dirs:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def _run(*cmd: str) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout

@@ -1,0 +1,264 @@
+"""The adapter's scripts through the client against the lab host: answers,
+consistency under each fault and quiesce policy, cleanup on every path, and
+shadow copies that hold their point in time while the guests keep writing."""
+
+from __future__ import annotations
+
+from pathlib import Path, PureWindowsPath
+
+import pytest
+from conftest import sha256
+from vmbackup.errors import (
+    HypervQuiesceError,
+    HypervScriptError,
+    HypervVmNotFoundError,
+    InvalidInputError,
+    WinRMSessionLostError,
+)
+from vmbackup.hyperv import scripts
+
+from .conftest import client
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def hv1(lab):
+    """One transport, for what does not depend on it (the others run in test_winrm)."""
+    return client(lab, "https-ntlm")
+
+
+def test_every_script_is_readable_powershell_with_a_param_block():
+    assert scripts.names() == [
+        "Complete-VmbackupShadowCopy.ps1",
+        "Get-VmbackupHost.ps1",
+        "Get-VmbackupVm.ps1",
+        "New-VmbackupShadowCopy.ps1",
+        "Remove-VmbackupShadowCopies.ps1",
+    ]
+    for name in scripts.names():
+        text = scripts.text(name)
+        assert text.startswith("<#") and ".SYNOPSIS" in text and "\nparam(" in text
+
+
+def test_parameters_travel_as_data(hv):
+    """A parameter that looks like code stays a string: the wrapper carries it base64-encoded."""
+    hostile = "x'; Remove-VM * -Force; '"
+    wrapped = scripts.wrap("Get-VmbackupVm.ps1", {"VMName": hostile})
+    assert hostile not in wrapped
+    with pytest.raises(HypervVmNotFoundError) as e:
+        hv.run_script("Get-VmbackupVm.ps1", {"VMName": hostile})
+    assert e.value.code == "VmNotFound" and hostile in str(e.value)
+
+
+def test_unknown_script_is_refused_before_sending():
+    with pytest.raises(InvalidInputError):
+        scripts.wrap("Format-Disk.ps1", {})
+
+
+def test_a_modified_script_is_not_run_by_the_lab(lab):
+    hv = client(lab, "https-ntlm")
+    text = scripts.wrap("Get-VmbackupHost.ps1", {}).replace("vssadmin list writers", "vssadmin delete shadows /all")
+    r = hv.run_ps(text)
+    assert r.status == 1 and "only the adapter's own scripts" in r.stderr
+
+
+def test_get_host(hv):
+    h = hv.run_script("Get-VmbackupHost.ps1")
+    assert h["ComputerName"] == "HV1"
+    assert h["Writer"] == {
+        "Name": "Microsoft Hyper-V VSS Writer",
+        "Id": "{66841cd4-6ded-4f4b-8f17-fd23f8ddc3de}",
+        "State": 1,
+        "StateText": "Stable",
+        "LastError": "No error",
+    }
+    assert [v["DriveLetter"] for v in h["Volumes"]] == ["C:", "D:", "E:"]
+
+
+def test_get_vm_lists_chains(hv):
+    vm = hv.run_script("Get-VmbackupVm.ps1", {"VMName": "win01"})
+    assert vm["State"] == 2 and vm["Backup"] == {"Name": "VSS", "Enabled": True, "PrimaryOperationalStatus": 2}
+    assert [d["Name"] for d in vm["Disks"]] == ["scsi0:0", "scsi0:1"]
+    base, diff = vm["Disks"]
+    assert [(f["VhdFormat"], f["VhdType"]) for f in base["Chain"]] == [(3, 3)]
+    assert [(f["VhdFormat"], f["VhdType"]) for f in diff["Chain"]] == [(3, 4), (3, 3)]
+    assert diff["Chain"][0]["ParentPath"] == diff["Chain"][1]["Path"]
+    assert vm["Volumes"] == ["D:\\"] and all(p.startswith("D:\\Hyper-V\\win01\\") for p in vm["ConfigFiles"])
+    legacy = hv.run_script("Get-VmbackupVm.ps1", {"VMName": "legacy01"})
+    assert legacy["Disks"][0]["Name"] == "ide0:0" and legacy["Disks"][0]["Chain"][0]["VhdFormat"] == 2
+    assert legacy["Backup"]["Enabled"] is False
+
+
+def _new(hv, run_id, vms, quiesce="preferred", volumes=("D:\\",), **extra):
+    return hv.run_script(
+        "New-VmbackupShadowCopy.ps1",
+        {"RunId": run_id, "VMName": list(vms), "Volumes": list(volumes), "Quiesce": quiesce, **extra},
+    )
+
+
+def _complete(hv, run_id, ok):
+    return hv.run_script("Complete-VmbackupShadowCopy.ps1", {"RunId": run_id, "Succeeded": ok})
+
+
+def test_application_consistent_backup_completes_and_cleans_up(lab, hv):
+    before = {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}
+    made = _new(hv, "app1", ["win01"], quiesce="required")
+    assert made["Consistency"] == "application" and made["Reasons"] == []
+    assert len(lab.status()["shadow_copies"]) == 1
+    assert hv.run_script("Get-VmbackupHost.ps1")["Runs"][0]["RunId"] == "app1"
+    done = _complete(hv, "app1", True)
+    assert done["BackupComplete"] is True and done["Deleted"] == [made["ShadowCopies"][0]["ShadowId"]]
+    st = lab.status()
+    assert st["shadow_copies"] == [] and st["runs"] == []
+    assert {v["name"]: v["backup_complete"] for v in st["vms"]}["win01"] == before["win01"] + 1
+    assert not lab.local_path(made["ShadowCopies"][0]["ExposedPath"]).exists()
+
+
+def test_failed_backup_gets_no_backup_complete(lab, hv1):
+    before = {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}["win01"]
+    _new(hv1, "fail1", ["win01"])
+    assert _complete(hv1, "fail1", False)["BackupComplete"] is False
+    st = lab.status()
+    assert st["shadow_copies"] == [] and {v["name"]: v["backup_complete"] for v in st["vms"]}["win01"] == before
+
+
+# (fault on host, fault on VM, VM) -> the reason the writer could not quiesce
+CRASH_CASES = [
+    pytest.param(
+        {"writer_failed": True}, {}, "win01", "the Hyper-V VSS writer failed: Non-retryable error", id="writer-failed"
+    ),
+    pytest.param(
+        {}, {"backup_off": True}, "win01", "win01 has its Backup integration service off", id="backup-service-off"
+    ),
+    pytest.param(
+        {},
+        {"backup_no_contact": True},
+        "win01",
+        "win01's Backup integration service does not answer",
+        id="backup-no-contact",
+    ),
+    pytest.param({}, {}, "legacy01", "legacy01 has its Backup integration service off", id="topology-backup-off"),
+    pytest.param({}, {}, "off01", "off01 is not running", id="vm-off"),
+]
+
+
+@pytest.mark.parametrize("host_faults, vm_faults, vm, reason", CRASH_CASES)
+def test_no_quiesce_means_crash_under_preferred_and_an_error_under_required(
+    lab, hv1, host_faults, vm_faults, vm, reason
+):
+    lab.set_faults(**host_faults)
+    lab.set_faults(vm, **vm_faults)
+    volume = "E:\\" if vm == "off01" else "D:\\"
+    with pytest.raises(HypervQuiesceError) as e:
+        _new(hv1, "req1", [vm], quiesce="required", volumes=[volume])
+    assert e.value.code == "QuiesceUnavailable" and reason in str(e.value) and "\n" not in str(e.value)
+    assert lab.status()["shadow_copies"] == [] and lab.status()["runs"] == []
+    made = _new(hv1, "pref1", [vm], quiesce="preferred", volumes=[volume])
+    assert made["Consistency"] == "crash" and reason in made["Reasons"]
+    assert len(lab.status()["shadow_copies"]) == 1
+    _complete(hv1, "pref1", True)
+    assert lab.status()["shadow_copies"] == []
+
+
+def test_quiesce_off_never_involves_the_writer(lab, hv1):
+    lab.set_faults(writer_failed=True)
+    made = _new(hv1, "off1", ["win01"], quiesce="off")
+    assert (made["Consistency"], made["Reasons"]) == ("crash", ["quiesce is off"])
+    assert _complete(hv1, "off1", True)["BackupComplete"] is True
+
+
+def test_shadow_copy_creation_failing_leaves_a_ledger_entry_the_sweeper_removes(lab, hv1):
+    lab.set_faults(shadow_fail=True)
+    with pytest.raises(HypervScriptError) as e:
+        _new(hv1, "sf1", ["win01"])
+    assert e.value.code == "ShadowCopyFailed" and e.value.retryable is False
+    assert lab.status()["shadow_copies"] == []
+    assert [r["RunId"] for r in hv1.run_script("Get-VmbackupHost.ps1")["Runs"]] == ["sf1"]
+    removed = hv1.run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0})["Removed"]
+    assert [(r["RunId"], r["Deleted"]) for r in removed] == [("sf1", [])]
+    assert hv1.run_script("Get-VmbackupHost.ps1")["Runs"] == []
+
+
+def test_session_dropped_during_shadow_copy_creation(lab):
+    """The WinRM session dies while New-VmbackupShadowCopy.ps1 runs: the client
+    gets one retryable error; the shadow copy it made is on the host, in the
+    ledger; the sweeper removes it, and a younger run it leaves alone."""
+    hv = client(lab, "https-ntlm")
+    lab.set_faults(drop_during="New-VmbackupShadowCopy.ps1")
+    with pytest.raises(WinRMSessionLostError) as e:
+        _new(hv, "drop1", ["win01"])
+    assert e.value.retryable is True and "\n" not in str(e.value)
+    lab.set_faults()
+    assert len(lab.status()["shadow_copies"]) == 1
+    _new(hv, "young1", ["win01"])
+    assert hv.run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 3600})["Removed"] == []
+    assert len(lab.status()["shadow_copies"]) == 2
+    removed = hv.run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0})["Removed"]
+    assert sorted(r["RunId"] for r in removed) == ["drop1", "young1"]
+    assert lab.status()["shadow_copies"] == []
+
+
+def test_unknown_vm(hv1):
+    with pytest.raises(HypervVmNotFoundError) as e:
+        hv1.run_script("Get-VmbackupVm.ps1", {"VMName": "nope"})
+    assert e.value.exit_code == 2 and "nope" in str(e.value)
+
+
+def test_shadow_copy_holds_its_point_in_time_and_restores_bit_exact(lab, cli, tmp_path):
+    """Guests keep writing after the shadow copy; the files in the shadow copy
+    stay as they were, the mover reads them (VHDX, differencing AVHDX over its
+    base, VHD) and every disk restores to the lab's own image of that moment."""
+    hv = client(lab, "http-ntlm")
+    disks = {("win01", "scsi0:0"), ("win01", "scsi0:1"), ("legacy01", "ide0:0")}
+    at_shadow = {}
+    for vm, disk in disks:
+        at_shadow[vm, disk] = sha256(lab.disk_image(vm, disk, tmp_path / f"{vm}-{disk}.before.raw"))
+    info = {vm: hv.run_script("Get-VmbackupVm.ps1", {"VMName": vm}) for vm in ("win01", "legacy01")}
+    made = _new(hv, "pit1", ["win01", "legacy01"], ShareTo="HV1\\vmbackup-agent")
+    copy = made["ShadowCopies"][0]
+    mount = lab.local_path(copy["ExposedPath"])
+    share = lab.local_path(copy["SharePath"])
+    assert copy["SharePath"].startswith("\\\\HV1\\vmbk-pit1-0$")
+    shadow_files = {p: sha256(p) for p in mount.rglob("*") if p.is_file()}
+    assert any(p.suffix == ".avhdx" for p in shadow_files) and any(p.suffix == ".vhd" for p in shadow_files)
+
+    # the guests write on: into the base VHDX, through the AVHDX top, into the VHD
+    lab.write("win01", "scsi0:0", 5 * MiB + 123, 300_000, seed=71)
+    lab.write("win01", "scsi0:1", 3 * MiB + 7, 70_000, seed=72)
+    lab.write("legacy01", "ide0:0", 0, 4096, seed=73)
+    for vm, disk in disks:
+        now = sha256(lab.disk_image(vm, disk, tmp_path / f"{vm}-{disk}.now.raw"))
+        assert now != at_shadow[vm, disk], f"{vm} {disk}: the guest write did not land"
+        as_of = sha256(lab.disk_image(vm, disk, tmp_path / f"{vm}-{disk}.shadow.raw", shadow=copy["ShadowId"]))
+        assert as_of == at_shadow[vm, disk], f"{vm} {disk}: the lab's image as of the shadow copy moved"
+    assert {p: sha256(p) for p in mount.rglob("*") if p.is_file()} == shadow_files
+
+    for vm, disk in sorted(disks):
+        top = next(d for d in info[vm]["Disks"] if d["Name"] == disk)["Path"]
+        rel = PureWindowsPath(top).relative_to("D:\\")
+        for root in (mount, share):
+            src = Path(root, *rel.parts)
+            b = cli.json("backup-disk", "--vm", vm, "--disk", disk, str(src))
+            out = tmp_path / f"{vm}-{disk}.restored.raw"
+            out.unlink(missing_ok=True)
+            cli.json("restore-disk", "--disk", disk, b["id"], str(out))
+            assert sha256(out) == at_shadow[vm, disk], f"{vm} {disk} from {root}"
+    assert _complete(hv, "pit1", True)["BackupComplete"] is True
+    assert not mount.exists() and not share.exists()
+
+
+def test_off_vm_two_level_chain_restores(lab, cli, tmp_path):
+    hv = client(lab, "https-basic")
+    info = hv.run_script("Get-VmbackupVm.ps1", {"VMName": "off01"})
+    chain = info["Disks"][0]["Chain"]
+    assert [f["VhdType"] for f in chain] == [4, 4, 3]
+    want = sha256(lab.disk_image("off01", "scsi0:0", tmp_path / "want.raw"))
+    made = _new(hv, "off1", ["off01"], volumes=["E:\\"])
+    assert made["Consistency"] == "crash" and made["Reasons"] == ["off01 is not running"]
+    mount = lab.local_path(made["ShadowCopies"][0]["ExposedPath"])
+    src = Path(mount, *PureWindowsPath(chain[0]["Path"]).relative_to("E:\\").parts)
+    b = cli.json("backup-disk", "--vm", "off01", str(src))
+    cli.json("restore-disk", b["id"], str(tmp_path / "out.raw"))
+    assert sha256(tmp_path / "out.raw") == want
+    _complete(hv, "off1", True)
