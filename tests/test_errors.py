@@ -5,8 +5,10 @@ the transient classes for failures a retry may cure."""
 from __future__ import annotations
 
 import re
+import selectors
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -121,59 +123,107 @@ def cli_cmd() -> list[str]:
 
 
 class ResettingProxy:
-    """A TCP proxy in front of an NBD server that, once `after` bytes of
-    replies have passed on a connection, resets it (RST, SO_LINGER 0):
-    what a server crash or a network failure looks like mid-read."""
+    """A TCP proxy in front of an NBD server on a unix socket that, once
+    `after` bytes of replies have passed on a connection, resets it (RST,
+    SO_LINGER 0): what a server crash or a network failure looks like
+    mid-read.
 
-    def __init__(self, upstream: tuple[str, int], after: int):
+    One thread serves every socket. With a thread per direction, the reset
+    was a `close()` from one thread while the other sat in `recv()` on the
+    same socket, and Linux releases (and resets) a socket only when its last
+    user lets go: the client saw nothing until it sent another request, and
+    when its last requests had already passed, it waited out its 60 s
+    reply timeout."""
+
+    def __init__(self, upstream: Path, after: int):
         self.upstream, self.after = upstream, after
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.resets = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._wake, self._waker = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        sel.register(self._wake, selectors.EVENT_READ)
+        # socket -> [its peer, whether it carries replies, reply bytes passed]
+        pipes: dict[socket.socket, list] = {}
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
-        passed = 0
+        def drop(*socks: socket.socket, reset: bool = False) -> None:
+            for s in socks:
+                if s in pipes:
+                    sel.unregister(s)
+                    del pipes[s]
+                if reset:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+
         try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                passed += len(data)
-                if replies and passed >= self.after:
-                    dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                    self.resets += 1
-                    dst.close()
-                    src.close()
-                    return
-        except OSError:
-            pass
+            while True:
+                for key, _ in sel.select():
+                    sock = key.fileobj
+                    if sock is self._wake:
+                        drop(*list(pipes))
+                        return
+                    if sock is self.listener:
+                        client, _ = self.listener.accept()
+                        server = socket.socket(socket.AF_UNIX)
+                        try:
+                            server.connect(str(self.upstream))
+                        except OSError:
+                            # The server is gone: the client hears so at
+                            # once instead of waiting for a handshake.
+                            server.close()
+                            drop(client, reset=True)
+                            continue
+                        pipes[client] = [server, False, 0]
+                        pipes[server] = [client, True, 0]
+                        sel.register(client, selectors.EVENT_READ)
+                        sel.register(server, selectors.EVENT_READ)
+                        continue
+                    if sock not in pipes:
+                        continue  # closed earlier in this round
+                    peer, replies, passed = pipes[sock]
+                    try:
+                        data = sock.recv(65536)
+                        if data:
+                            peer.sendall(data)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        drop(sock, peer)
+                    elif replies and passed + len(data) >= self.after:
+                        # Counted first: the client may look as soon as it
+                        # sees the RST. Nothing else holds the client's
+                        # socket, so closing it sends the RST now.
+                        self.resets += 1
+                        drop(sock)
+                        drop(peer, reset=True)
+                    else:
+                        pipes[sock][2] = passed + len(data)
+        finally:
+            sel.close()
 
     def close(self) -> None:
-        self.listener.close()
+        self._waker.send(b"x")
+        self._thread.join()
+        for s in (self.listener, self._wake, self._waker):
+            s.close()
 
 
 @pytest.fixture
 def nbdkit_pattern(tmp_path):
-    port_sock = socket.socket()
-    port_sock.bind(("127.0.0.1", 0))
-    port = port_sock.getsockname()[1]
-    port_sock.close()
-    pidfile = tmp_path / "nbdkit.pid"
-    # -P: nbdkit writes the pid file once it listens (no polling on a clock).
+    """nbdkit's pattern plugin on a unix socket: no port to pick, so no race
+    with other processes for one. Without -f nbdkit returns once it listens
+    (and has written its pid file)."""
+    sock, pidfile = tmp_path / "nbdkit.sock", tmp_path / "nbdkit.pid"
     subprocess.run(
-        [shutil.which("nbdkit"), "-r", "-i", "127.0.0.1", "-p", str(port), "-P", str(pidfile), "pattern", "size=64M"],
+        [shutil.which("nbdkit"), "-r", "-U", str(sock), "-P", str(pidfile), "pattern", "size=64M"],
         check=True,
     )
-    yield ("127.0.0.1", port)
+    yield sock
     subprocess.run(["kill", pidfile.read_text().strip()], check=False)
 
 
@@ -183,14 +233,18 @@ def test_an_nbd_reset_mid_read_is_retryable_and_exits_1(cli, nbdkit_pattern):
     try:
         p = cli.run("backup-disk", "--vm", "v", "--nbd-connections", "1", uri, expect=1)
         assert "reading extent" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        # The reset itself failed the read, not the reply timeout (60 s) that
+        # a connection which merely went quiet would run into.
+        assert "no reply from the server" not in p.stderr, p.stderr
         s = _mover.BackupSession(str(cli.repo), "v")
         with pytest.raises(SourceUnavailableError) as e:
             s.add_disk(uri, "d", nbd_connections=1)
         s.abort()
         assert e.value.retryable and proxy.resets >= 2
+        assert "no reply from the server" not in str(e.value), e.value
     finally:
         proxy.close()
     assert cli.json("snapshots") == []
     # The same export without the failure backs up: retrying was right.
-    b = cli.json("backup-disk", "--vm", "v", f"nbd://{nbdkit_pattern[0]}:{nbdkit_pattern[1]}/")
+    b = cli.json("backup-disk", "--vm", "v", f"nbd+unix:///?socket={nbdkit_pattern}")
     assert b["disk_size"] == 64 * MiB
