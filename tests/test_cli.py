@@ -89,6 +89,17 @@ BAD_INPUT = [
         ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents", "{tmp}/deep.json", "{disk}"],
         "nested too deeply",
     ),
+    # A FIFO where a file is expected (it would block a plain open), and a directory.
+    (
+        "changed extents from a FIFO",
+        ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents", "{tmp}/fifo", "{disk}"],
+        "is not a regular file",
+    ),
+    (
+        "changed extents from a directory",
+        ["backup-disk", "--vm", "v", "--parent", "{parent}", "--changed-extents", "{tmp}", "{disk}"],
+        "is not a regular file",
+    ),
     # Names that are not UTF-8 where the repository stores text.
     ("VM name not UTF-8", ["backup-disk", "--vm", "v\udcff", "{disk}"], "not valid UTF-8"),
     ("backup id not UTF-8", ["restore-disk", "\udcff", "{tmp}/out"], "not valid UTF-8"),
@@ -106,6 +117,7 @@ def test_bad_input_exits_2_with_one_clear_line(cli, disk, tmp_path, case, args, 
     (tmp_path / "x.vhdx").write_bytes(b"vhdxfile" + bytes(2 * MiB))
     (tmp_path / "huge.json").write_text(json.dumps([{"start": 2**70, "length": 1}]))
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(tmp_path / "fifo")
     args = [a.format(tmp=tmp_path, disk=disk, parent=parent) for a in args]
     before = sorted(os.listdir(cli.repo / "backups"))
     p = cli.run(*args, expect=2)

@@ -66,13 +66,36 @@ def seconds(text: str) -> float:
     return value
 
 
+# A list of areas as QueryChangedDiskAreas returns them: far below this even
+# for a 64 TiB disk written all over in 64 KiB pieces, merged.
+MAX_EXTENTS_FILE = 256 * 1024 * 1024
+
+
+def _read_regular(path: str, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes. A FIFO, a device
+    or a directory is refused without blocking on it (O_NONBLOCK), as is a
+    file too large to be what it claims."""
+    import stat
+
+    fd = os.open(os.fsencode(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInputError(f"{what} {shown_path(path)} is not a regular file")
+        if st.st_size > limit:
+            raise InvalidInputError(f"{what} {shown_path(path)} is {st.st_size} bytes, more than {limit}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
 def read_extents(path: str) -> list[tuple[int, int]]:
     """Reads a changed-extents file: a JSON list of ``{"start", "length"}``,
     or vSphere's DiskChangeInfo object with a ``changedArea`` list."""
     shown = shown_path(path)
     try:
-        with open(os.fsencode(path), "rb") as f:
-            data = json.load(f)
+        data = json.loads(_read_regular(path, MAX_EXTENTS_FILE, "changed extents"))
     except OSError as e:
         raise InvalidInputError(f"cannot read changed extents {shown}: {e.strerror}") from e
     except ValueError as e:
