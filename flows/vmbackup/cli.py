@@ -495,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .lab.cli import add_parser as add_lab_parser
 
     add_lab_parser(sub)
+    # `backup` and `server`: the flows; they import Prefect only when run.
+    from .orchestration.command import add_parser as add_orchestration_parser
+
+    add_orchestration_parser(sub)
     return p
 
 

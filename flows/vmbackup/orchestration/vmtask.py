@@ -209,6 +209,7 @@ def run_vm_tasks(
             if state.is_completed():
                 row = dict.fromkeys(ROW_FIELDS)
                 row.update(job.row)
+                row["vm"] = job.vm
                 row.update(future.result())
                 rows.append(row)
             else:
