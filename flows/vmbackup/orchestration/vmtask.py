@@ -169,6 +169,17 @@ def failed_row(job: VmJob, error: str, seconds: float) -> dict:
     return row
 
 
+def _run_seconds(future: Any, fallback: float) -> float:
+    """How long a task ran, over all its attempts, as the server counted it."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_task_run(future.task_run_id).total_run_time.total_seconds()
+    except Exception:
+        return fallback
+
+
 def run_vm_tasks(
     jobs: Sequence[VmJob],
     *,
@@ -215,5 +226,5 @@ def run_vm_tasks(
             else:
                 exc = state.result(raise_on_failure=False)
                 err = exc if isinstance(exc, BaseException) else RuntimeError(state.message or state.name)
-                rows.append(failed_row(job, one_line(err, secrets), time.monotonic() - t0))
+                rows.append(failed_row(job, one_line(err, secrets), _run_seconds(future, time.monotonic() - t0)))
     return rows
