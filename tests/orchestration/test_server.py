@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import child_env, session_ids, vmbackup
+from .procs import child_env, session_ids, vmbackup
 
 ENSURE = "import json; from vmbackup.orchestration import server; print(json.dumps(server.ensure_server().to_dict()))"
 
