@@ -96,3 +96,14 @@ def test_server_start_reuse_crashed_holder_restart_and_stop(tmp_path):
     assert json.loads(vmbackup("server", "stop", "--json", env=env).stdout)["stopped"] is True
     assert session_ids(restarted["pid"]) == []
     assert json.loads(vmbackup("server", "stop", "--json", env=env).stdout)["stopped"] is False
+
+
+def test_prefect_api_url_is_used_and_nothing_is_started(tmp_path):
+    state = tmp_path / "state"
+    env = {**child_env(state), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    p = subprocess.run([sys.executable, "-c", ENSURE], env=env, capture_output=True, text=True)
+    info = json.loads(p.stdout)
+    assert info["managed"] is False and info["api_url"] == "http://127.0.0.1:9/api" and info["pid"] is None
+    assert not state.exists()
+    status = json.loads(vmbackup("server", "status", "--json", env=env).stdout)
+    assert status == {"managed": False, "running": False, "api_url": "http://127.0.0.1:9/api", "state_dir": str(state)}

@@ -49,7 +49,7 @@ def add_parser(sub: Any) -> None:
     sp.set_defaults(func=run_backup)
 
     sp = sub.add_parser("server", help="the local Prefect server vmbackup keeps", description=_server_doc())
-    ssub = sp.add_subparsers(dest="server_command", metavar="ACTION")
+    ssub = sp.add_subparsers(dest="server_command")
     ssub.required = True
     for name, helptext in (("status", "is it running, where, its UI"), ("stop", "stop it (the next backup starts it)")):
         p = ssub.add_parser(name, help=helptext, description=helptext)
@@ -128,10 +128,10 @@ def table(rows: list[dict]) -> str:
 
 
 def run_backup(args: argparse.Namespace) -> int:
-    from ..plan import load_plan
-
     if args.vm_timeout < 0:
         raise InvalidInputError("--vm-timeout must not be negative")
+    from ..plan import load_plan
+
     # A bad plan is reported before any server is started (one line, exit 2).
     load_plan(args.plan)
 
