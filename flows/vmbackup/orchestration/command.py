@@ -49,7 +49,7 @@ def add_parser(sub: Any) -> None:
     sp.set_defaults(func=run_backup)
 
     sp = sub.add_parser("server", help="the local Prefect server vmbackup keeps", description=_server_doc())
-    ssub = sp.add_subparsers(dest="server_command")
+    ssub = sp.add_subparsers(dest="server_command", metavar="{status,stop}")
     ssub.required = True
     for name, helptext in (("status", "is it running, where, its UI"), ("stop", "stop it (the next backup starts it)")):
         p = ssub.add_parser(name, help=helptext, description=helptext)
