@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .procs import child_env, session_ids, vmbackup
 
@@ -107,3 +108,32 @@ def test_prefect_api_url_is_used_and_nothing_is_started(tmp_path):
     assert not state.exists()
     status = json.loads(vmbackup("server", "status", "--json", env=env).stdout)
     assert status == {"managed": False, "running": False, "api_url": "http://127.0.0.1:9/api", "state_dir": str(state)}
+
+
+def accept_backlog(port: int) -> int:
+    """Connections waiting on the server's listening socket (/proc/net/tcp)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and f[3] == "0A":
+            return int(f[4].split(":")[1], 16)
+    return 0
+
+
+def test_a_slow_server_is_waited_for_not_replaced(prefect_server):
+    # A server busy with another run (here: stopped) answers late; a second
+    # backup must wait for it, not kill it under the first run's feet.
+    env = child_env(Path(prefect_server.state_dir))
+    os.kill(prefect_server.pid, signal.SIGSTOP)
+    try:
+        starter = subprocess.Popen([sys.executable, "-c", ENSURE], env=env, stdout=subprocess.PIPE, text=True)
+        # Two health probes queued: the first one went unanswered and the
+        # starter asked again instead of replacing the server.
+        deadline = time.monotonic() + 300
+        while accept_backlog(prefect_server.port) < 2 and starter.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert starter.poll() is None, "the starter gave up on a server that was only slow"
+    finally:
+        os.kill(prefect_server.pid, signal.SIGCONT)
+    out, _ = starter.communicate(timeout=300)
+    info = json.loads(out)
+    assert info["pid"] == prefect_server.pid and info["started"] is False

@@ -144,6 +144,15 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _wait_healthy(api_url: str, pid: int) -> bool:
+    deadline = time.monotonic() + _startup_timeout()
+    while not healthy(api_url, timeout=10.0):
+        if time.monotonic() > deadline or _start_time(pid) is None:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def _free_port(preferred: int | None) -> int:
     for port in ([preferred] if preferred else []) + [0]:
         with socket.socket() as s:
@@ -251,10 +260,11 @@ def ensure_server() -> ServerInfo:
         record = _read_record(state)
         if _alive(record):
             info = _info(state, record, started=False)
-            if healthy(info.api_url):
+            # A server busy with another run may answer slowly, and one whose
+            # starter was killed may still be migrating: wait for it as for
+            # a start. Only one that never answers is replaced.
+            if _wait_healthy(info.api_url, record["pid"]):
                 return info
-            # Ours but not answering (hung, or half started by a killed
-            # starter): replace it rather than wait on it forever.
             _terminate(record["pid"])
         return _start(state, record.get("port"))
 
