@@ -21,14 +21,18 @@ def prefect_server(tmp_path_factory):
     os.environ["VMBACKUP_STATE_DIR"] = str(state)
     try:
         info = server.ensure_server()
-        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: info.api_url, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}):
-            yield info
-            from prefect.logging.handlers import APILogHandler
+            with temporary_settings(
+                updates={PREFECT_API_URL: info.api_url, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+            ):
+                yield info
+                from prefect.logging.handlers import APILogHandler
 
-            APILogHandler().flush()  # the runs' last log lines, before the server goes
-        server.stop_server()
+                APILogHandler().flush()  # the runs' last log lines, before the server goes
+        finally:
+            server.stop_server()  # whatever happened: never leave a server behind
         assert session_ids(info.pid) == [], "the server left processes behind"
     finally:
         if old is None:

@@ -36,6 +36,13 @@ def active_slots(env: dict, name: str) -> int:
 def test_server_start_reuse_crashed_holder_restart_and_stop(tmp_path):
     state = tmp_path / "state"
     env = child_env(state)
+    try:
+        _start_reuse_crash_restart_stop(state, env)
+    finally:
+        subprocess.run([sys.executable, "-m", "vmbackup", "server", "stop"], env=env, capture_output=True)
+
+
+def _start_reuse_crash_restart_stop(state, env):
 
     # Two backups starting at once on a fresh machine: one server.
     starters = [
