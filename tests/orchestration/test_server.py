@@ -16,13 +16,25 @@ from .procs import child_env, session_ids, vmbackup
 
 ENSURE = "import json; from vmbackup.orchestration import server; print(json.dumps(server.ensure_server().to_dict()))"
 
+# A flow process whose per-VM task holds a limit slot (the task's work
+# blocks until the process is killed).
 HOLDER = """
 import sys
-from vmbackup.orchestration import limits
-limits.ensure_limits({"vmbackup-test-crash": 1})
-with limits.hold(["vmbackup-test-crash"], lease_duration=60):
+from prefect import flow
+from vmbackup.orchestration import limits, vmtask
+
+def work(token):
     print("held", flush=True)
-    sys.stdin.read()  # until killed
+    sys.stdin.read()
+    return {"status": "ok"}
+
+@flow(validate_parameters=False)
+def holder():
+    limits.ensure_limits({"vmbackup-test-crash": 1})
+    job = vmtask.VmJob("crash", ["vmbackup-test-crash"], work)
+    return vmtask.run_vm_tasks([job], max_workers=1, lease_seconds=60, retries=0)
+
+holder()
 """
 
 
@@ -66,8 +78,8 @@ def _start_reuse_crash_restart_stop(state, env):
     again = json.loads(subprocess.run([sys.executable, "-c", ENSURE], env=env, capture_output=True, text=True).stdout)
     assert again["pid"] == pid and again["started"] is False
 
-    # A run holding a limit slot is killed with -9, in its own session so we
-    # can see that it left no process behind.
+    # A flow run holding a limit slot is killed with -9, in its own session
+    # so we can see that it left no process behind (no temporary server).
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER],
         env=child_env(state, api),
