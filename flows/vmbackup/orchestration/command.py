@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -159,16 +160,24 @@ def run_backup(args: argparse.Namespace) -> int:
     from .backup_vsphere import backup_vsphere_vms
     from .vmtask import one_line
 
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM ends a run as Ctrl-C does: every running VM is cancelled and
+    # cleaned up (snapshot removed, disks detached) before the exit.
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         rows = backup_vsphere_vms(
             plan_path=os.path.abspath(args.plan),
             vms=args.vm,
             vm_deadline_seconds=args.vm_timeout or None,
         )
-    except BackupError:
+    except (BackupError, KeyboardInterrupt):
         raise
     except Exception as e:  # a bug or an unexpected library error: one line, the UI has the traceback
         raise BackupError(f"the backup flow failed: {one_line(e)} (details in the Prefect UI: {info.ui_url})") from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _emit(args, {"vms": rows}, table(rows))
     print(f"Prefect UI: {info.ui_url}", file=sys.stderr)
     return 1 if any(r.get("status") != "ok" for r in rows) else 0

@@ -18,7 +18,9 @@ the task fails with :class:`VmTimeoutError`, which is never retried.
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -59,6 +61,39 @@ class VmTimeoutError(BackupError):
     """A VM's backup ran past its deadline and was cancelled."""
 
     retryable = False
+
+
+class RunInterruptedError(BackupError):
+    """The run was interrupted (Ctrl-C, SIGTERM) before or while this VM ran."""
+
+    retryable = False
+
+
+class StopSignal:
+    """Cancels the token of every VM running now, and stops VMs from
+    starting, when the run is interrupted: each VM's cleanup then runs
+    (the adapter's ``finally``) before the process ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: set[Any] = set()
+        self.stopped = False
+
+    def register(self, token: Any) -> None:
+        with self._lock:
+            self._tokens.add(token)
+            if self.stopped:
+                token.cancel()
+
+    def unregister(self, token: Any) -> None:
+        with self._lock:
+            self._tokens.discard(token)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            for token in self._tokens:
+                token.cancel()
 
 
 @dataclass
@@ -139,23 +174,35 @@ def backup_vm_task(
     work: Work,
     deadline_seconds: float | None = None,
     lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    stop: StopSignal | None = None,
 ) -> dict:
     """Back up one VM: hold its limits, run the work with a cancel token
-    that the deadline cancels, return the work's row."""
+    that the deadline (or the run's interruption) cancels, return the
+    work's row."""
     from .. import _mover
 
+    stop = stop or StopSignal()
     log = get_run_logger()
+    if stop.stopped:
+        raise RunInterruptedError(f"backup of {vm} was not started: the run was interrupted")
     log.info("waiting for limits %s", ", ".join(limit_names))
     with limits.hold(limit_names, lease_seconds):
+        if stop.stopped:
+            raise RunInterruptedError(f"backup of {vm} was not started: the run was interrupted")
         log.info("limits held; backing up %s", vm)
         token = _mover.CancelToken()
+        stop.register(token)
         with _Deadline(token, deadline_seconds) as deadline:
             try:
                 row = work(token)
             except BaseException as e:
                 if deadline.expired.is_set():
                     raise VmTimeoutError(f"backup of {vm} exceeded {deadline_seconds:g} s and was cancelled") from e
+                if stop.stopped:
+                    raise RunInterruptedError(f"backup of {vm} was cancelled: the run was interrupted") from e
                 raise
+            finally:
+                stop.unregister(token)
         if deadline.expired.is_set() and row.get("status") != "ok":
             raise VmTimeoutError(f"backup of {vm} exceeded {deadline_seconds:g} s and was cancelled")
     log.info("%s: %s", vm, row.get("status"))
@@ -167,6 +214,36 @@ def failed_row(job: VmJob, error: str, seconds: float) -> dict:
     row.update(job.row)
     row.update(vm=job.vm, status="failed", error=error, bytes_read=0, bytes_stored=0, seconds=round(seconds, 3))
     return row
+
+
+def _run_pending_signal_handlers() -> None:
+    """Run the Python handlers of signals that have arrived, now.
+
+    Python 3.11 can lose track of a pending signal while worker threads
+    take and drop the GIL (a mover call does so a few times a second): the
+    flag that makes the main thread run the handler is recomputed by a
+    thread that may not handle signals, and the main thread, waiting on a
+    future, never raises KeyboardInterrupt. ``signal.signal`` runs pending
+    handlers before it changes one, so setting SIGINT's handler to itself
+    makes them run here, in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is not None:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _wait_all(futures: Sequence[Any]) -> None:
+    """Wait for every future, in short waits that let the main thread run
+    the handlers of signals that arrived meanwhile (Ctrl-C, SIGTERM)."""
+    pending = [f.wrapped_future for f in futures]
+    while pending:
+        _, not_done = concurrent.futures.wait(pending, timeout=0.2)
+        pending = list(not_done)
+        _run_pending_signal_handlers()
+    for future in futures:
+        future.wait()
 
 
 def _run_seconds(future: Any, fallback: float) -> float:
@@ -200,6 +277,7 @@ def run_vm_tasks(
     )
     t0 = time.monotonic()
     rows = []
+    stop = StopSignal()
     with ThreadPoolTaskRunner(max_workers=max(1, max_workers)) as runner:
         futures = [
             runner.submit(
@@ -210,12 +288,21 @@ def run_vm_tasks(
                     "work": quote(job.work),
                     "deadline_seconds": deadline_seconds,
                     "lease_seconds": lease_seconds,
+                    "stop": quote(stop),
                 },
             )
             for job in jobs
         ]
+        try:
+            _wait_all(futures)
+        except BaseException:
+            # Ctrl-C or SIGTERM: the mover calls on worker threads would go
+            # on; cancel them so every VM's cleanup runs, wait for that,
+            # then let the interruption end the run.
+            stop.stop()
+            _wait_all(futures)  # a second Ctrl-C abandons the wait
+            raise
         for job, future in zip(jobs, futures, strict=True):
-            future.wait()
             state = future.state
             if state.is_completed():
                 row = dict.fromkeys(ROW_FIELDS)
