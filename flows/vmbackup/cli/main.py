@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     disks.add_parsers(command)
     demo.add_parser(command)
     lab.add_parser(sub)
+    # `backup` and `server`: the flows; they import Prefect only when run.
+    from ..orchestration.command import add_parser as add_orchestration_parser
+
+    add_orchestration_parser(sub)
     return p
 
 

@@ -1,0 +1,195 @@
+"""The vSphere flows: ``backup_vsphere_vms`` and ``sweep_vsphere``.
+
+Orchestration only: the plan, the selection, the per-VM procedure and the
+sweep are the vSphere adapter's (``vmbackup.plan``, ``vmbackup.vsphere``);
+here is what runs where, under which limits, with which retries, and the
+report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+
+from .. import planning
+from . import limits, vmtask
+
+DEFAULT_VM_DEADLINE = 6 * 3600.0
+
+
+def _vm_datastores(vm: Any) -> list[str]:
+    """Every datastore the VM has disks (or its configuration) on."""
+    names = set(getattr(vm, "datastores", ()) or ())
+    names |= {d.datastore for d in getattr(vm, "disks", ()) or () if getattr(d, "datastore", None)}
+    return sorted(names)
+
+
+def _selection(plan: Any, vms: Sequence[str] | None) -> Any:
+    """The plan's selection, or exactly the named VMs (the plan's
+    exclusions of disks still apply)."""
+    if not vms:
+        return plan.selection
+    return plan.selection.model_copy(
+        update={"vms": list(vms), "folders": [], "clusters": [], "hosts": [], "tags": [], "exclude": []}
+    )
+
+
+def _work(client: Any, vm: Any, plan: Any, agent: Any, run_id: str, token: Any) -> dict:
+    """The task body's only call: the adapter's per-VM procedure."""
+    from ..vsphere import procedure
+
+    log = get_run_logger()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        # One line per 10% at most: the UI keeps every log line.
+        pct = 100.0 * done / total if total else 100.0
+        if pct >= last[0] + 10 or done == total:
+            last[0] = pct
+            log.info("%s: %.0f%% of %d bytes", vm.name, pct, total)
+
+    result = procedure.backup_vm(client, vm, plan, agent, run_id=run_id, cancel=token, progress=progress)
+    return result.to_dict()
+
+
+def _report(rows: list[dict]) -> None:
+    columns = ["vm", "status", "mode", "transport", "consistency", "bytes_read", "bytes_stored", "seconds", "error"]
+    try:
+        create_table_artifact(
+            key="vmbackup-vsphere-report",
+            table=[{c: r.get(c) for c in columns} for r in rows],
+            description=f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} VM(s) backed up",
+        )
+    except Exception as e:  # a report that cannot be stored must not fail the backups
+        get_run_logger().warning("could not store the report artifact: %s", e)
+
+
+@flow(name="backup_vsphere_vms", log_prints=False, validate_parameters=True)
+def backup_vsphere_vms(
+    plan_path: str,
+    vms: list[str] | None = None,
+    vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
+    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+) -> list[dict]:
+    """Back up the plan's VMs (or only ``vms``), one task per VM.
+
+    Returns a row per VM (``vmbackup backup`` prints them): failures are
+    rows with ``status: failed`` and a one-line ``error``, not exceptions.
+    Raises only when nothing can start: a bad plan, a refused connection,
+    an unknown VM name.
+    """
+    from ..plan import load_plan, resolve_password
+    from ..vsphere.client import VSphereClient
+    from ..vsphere.inventory import select_vms
+
+    log = get_run_logger()
+    plan = load_plan(plan_path)
+    password = resolve_password(plan.connection)
+    run_id = str(flow_run.get_id() or "local")
+    with VSphereClient.connect(plan.connection, password) as client:
+        selected = select_vms(client, _selection(plan, vms))
+        agent_plan = planning.assign_agents(selected, plan.agents)
+        by_vm = {v.name: v for v in selected}
+        agents = {a.name: a for a in plan.agents}
+        order = planning.submission_order(selected, agent_plan)
+        log.info(
+            "%d VM(s) selected, %d assigned over %d agent(s), %d unassignable",
+            len(selected),
+            len(order),
+            len(agents),
+            len(agent_plan.unassignable),
+        )
+
+        used_agents = sorted(set(agent_plan.assigned.values()))
+        limits.ensure_limits(
+            limits.limit_values(
+                used_agents,
+                sorted({by_vm[v].host for v in order}),
+                sorted({d for v in order for d in _vm_datastores(by_vm[v])}),
+                per_agent=plan.limits.per_agent,
+                per_host=plan.limits.per_host,
+                per_datastore=plan.limits.per_datastore,
+            )
+        )
+
+        jobs = []
+        for name in order:
+            vm, agent = by_vm[name], agents[agent_plan.assigned[name]]
+            jobs.append(
+                vmtask.VmJob(
+                    vm=name,
+                    limits=limits.vm_limit_names(agent.name, vm.host, _vm_datastores(vm)),
+                    work=functools.partial(_work, client, vm, plan, agent, run_id),
+                    row={
+                        "repository": str(plan.repository),
+                        "host": vm.host,
+                        "agent": agent.name,
+                        "datastores": _vm_datastores(vm),
+                    },
+                )
+            )
+        # Enough threads for every slot the agents' limits allow, and some
+        # more for VMs that wait on a host or datastore limit meanwhile.
+        capacity = max(1, len(used_agents) * plan.limits.per_agent)
+        rows = vmtask.run_vm_tasks(
+            jobs,
+            max_workers=min(len(jobs), 2 * capacity) or 1,
+            deadline_seconds=vm_deadline_seconds,
+            lease_seconds=lease_seconds,
+            secrets=[password.get_secret_value()],
+        )
+
+    for name, why in sorted(agent_plan.unassignable.items()):
+        row = dict.fromkeys(vmtask.ROW_FIELDS)
+        row.update(
+            vm=name,
+            status="failed",
+            repository=str(plan.repository),
+            host=by_vm[name].host,
+            bytes_read=0,
+            bytes_stored=0,
+            seconds=0.0,
+            error=why,
+        )
+        rows.append(row)
+    _report(rows)
+    failed = [r["vm"] for r in rows if r["status"] != "ok"]
+    if failed:
+        log.warning("%d VM(s) failed: %s", len(failed), ", ".join(failed))
+    return rows
+
+
+def _leftover_dict(item: Any) -> dict:
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return dataclasses.asdict(item)
+    return dict(vars(item))
+
+
+@flow(name="sweep_vsphere", log_prints=False)
+def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0) -> list[dict]:
+    """Find what crashed runs left (our snapshots, linked clones, attached
+    disks) older than the threshold, remove it, and report each item."""
+    from ..plan import load_plan, resolve_password
+    from ..vsphere.client import VSphereClient
+    from ..vsphere.sweep import sweep
+
+    log = get_run_logger()
+    plan = load_plan(plan_path)
+    password = resolve_password(plan.connection)
+    with VSphereClient.connect(plan.connection, password) as client:
+        leftovers = [_leftover_dict(x) for x in sweep(client, plan, older_than_seconds=older_than_seconds)]
+    for item in leftovers:
+        log.info(
+            "%s %s of %s: %s",
+            item.get("kind"),
+            item.get("name"),
+            item.get("vm"),
+            "removed" if item.get("removed") else f"NOT removed ({item.get('error')})",
+        )
+    return leftovers

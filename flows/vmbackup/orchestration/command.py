@@ -1,0 +1,183 @@
+"""``vmbackup backup`` (runs the vSphere flow) and ``vmbackup server``
+(the embedded Prefect server: status, stop).
+
+Prefect is imported only inside :func:`run_backup`, after the server's
+address is in the environment (Prefect reads its settings at import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from ..errors import BackupError, InvalidInputError
+
+TABLE = [
+    ("vm", "VM", 20),
+    ("status", "STATUS", 6),
+    ("backup_id", "BACKUP", 26),
+    ("mode", "MODE", 11),
+    ("transport", "TRANSPORT", 9),
+    ("consistency", "CONSISTENCY", 11),
+    ("bytes_read", "READ", 10),
+    ("bytes_stored", "STORED", 10),
+    ("seconds", "SECONDS", 7),
+]
+
+
+def add_parser(sub: Any) -> None:
+    """Adds ``backup`` and ``server`` to the command line's subparsers."""
+    sp = sub.add_parser(
+        "backup",
+        help="back up the VMs of a plan as a Prefect flow",
+        description="Back up the plan's VMs (or only --vm NAME ...) with the backup_vsphere_vms flow, on "
+        "$PREFECT_API_URL or on the local Prefect server vmbackup starts and keeps.",
+    )
+    sp.add_argument("--plan", required=True, metavar="FILE", help="the plan (YAML, see docs/plan.md)")
+    sp.add_argument("--vm", action="append", metavar="NAME", help="only this VM (repeat for more)")
+    sp.add_argument(
+        "--vm-timeout",
+        type=float,
+        default=6 * 3600.0,
+        metavar="SECONDS",
+        help="cancel a VM's backup after this long (default 21600; 0: never)",
+    )
+    sp.add_argument("--json", action="store_true", help='print one JSON document {"vms": [...]} on stdout')
+    sp.set_defaults(func=run_backup)
+
+    sp = sub.add_parser("server", help="the local Prefect server vmbackup keeps", description=_server_doc())
+    ssub = sp.add_subparsers(dest="server_command", metavar="{status,stop}")
+    ssub.required = True
+    for name, helptext in (("status", "is it running, where, its UI"), ("stop", "stop it (the next backup starts it)")):
+        p = ssub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        p.set_defaults(func=run_server)
+
+
+def _server_doc() -> str:
+    return (
+        "The embedded default Prefect server: started by `vmbackup backup` when PREFECT_API_URL is unset, kept "
+        "for later runs, state in $VMBACKUP_STATE_DIR (default ~/.local/state/vmbackup)."
+    )
+
+
+def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
+    if args.json:
+        json.dump(data, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(human)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from . import server
+
+    if args.server_command == "status":
+        st = server.server_status()
+        if not st["managed"]:
+            human = f"PREFECT_API_URL={st['api_url']} ({'answering' if st['running'] else 'NOT answering'})"
+        elif st["running"]:
+            human = (
+                f"running: pid {st['pid']}, UI {st['ui_url']} , API {st['api_url']}"
+                f"{'' if st['healthy'] else ' (NOT answering)'}; state {st['state_dir']}, log {st['log']}"
+            )
+        else:
+            human = f"not running (state {st['state_dir']})"
+        _emit(args, st, human)
+        return 0
+    result = server.stop_server()
+    _emit(args, result, f"stopped the Prefect server (pid {result['pid']})" if result["stopped"] else "not running")
+    return 0
+
+
+def _fmt_bytes(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a table for people; errors below it, one line per VM."""
+    lines = [" ".join(f"{title:<{w}}" for _, title, w in TABLE).rstrip()]
+    for r in rows:
+        cells = []
+        for key, _, w in TABLE:
+            v = r.get(key)
+            if key.startswith("bytes_"):
+                text = _fmt_bytes(v)
+            elif key == "seconds" and isinstance(v, int | float):
+                text = f"{v:.1f}"
+            else:
+                text = "-" if v is None else str(v)
+            cells.append(f"{text[:w]:<{w}}")
+        lines.append(" ".join(cells).rstrip())
+    repos = sorted({str(r["repository"]) for r in rows if r.get("repository")})
+    if repos:
+        lines.append(f"repository: {', '.join(repos)}")
+    ok = sum(r.get("status") == "ok" for r in rows)
+    lines.append(f"{ok} of {len(rows)} VM(s) backed up")
+    lines += [f"FAILED {r['vm']}: {r.get('error') or 'unknown error'}" for r in rows if r.get("status") != "ok"]
+    return "\n".join(lines)
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    if args.vm_timeout < 0:
+        raise InvalidInputError("--vm-timeout must not be negative")
+    from ..plan import load_plan
+
+    # A bad plan is reported before any server is started (one line, exit 2).
+    load_plan(args.plan)
+
+    import importlib.util
+
+    if importlib.util.find_spec("prefect") is None:
+        raise BackupError("`vmbackup backup` needs Prefect: pip install 'vmbackup[prefect]'")
+    from . import server
+
+    info = server.ensure_server()
+    if info.managed:
+        how = "started" if info.started else "running"
+        print(
+            f"Prefect UI: {info.ui_url} (local server {how}, pid {info.pid}; `vmbackup server stop` stops it)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"Prefect UI: {info.ui_url} (PREFECT_API_URL)", file=sys.stderr)
+    os.environ.update(server.client_env(info))
+    # The run's logs (the adapter's too) go to the server, where the UI shows
+    # them per VM; the terminal gets the table, not Prefect's tracebacks.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+    from .backup_vsphere import backup_vsphere_vms
+    from .vmtask import one_line
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM ends a run as Ctrl-C does: every running VM is cancelled and
+    # cleaned up (snapshot removed, disks detached) before the exit.
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        rows = backup_vsphere_vms(
+            plan_path=os.path.abspath(args.plan),
+            vms=args.vm,
+            vm_deadline_seconds=args.vm_timeout or None,
+        )
+    except (BackupError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a bug or an unexpected library error: one line, the UI has the traceback
+        raise BackupError(f"the backup flow failed: {one_line(e)} (details in the Prefect UI: {info.ui_url})") from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _emit(args, {"vms": rows}, table(rows))
+    print(f"Prefect UI: {info.ui_url}", file=sys.stderr)
+    return 1 if any(r.get("status") != "ok" for r in rows) else 0

@@ -1,0 +1,344 @@
+"""The embedded default: a local Prefect server that vmbackup starts and keeps.
+
+With ``PREFECT_API_URL`` set, that server is used and nothing is started.
+Without it, vmbackup runs ``prefect server start`` on 127.0.0.1, detached
+(its own session, so neither Ctrl-C nor kill -9 of a backup takes it down and
+it is never an orphan of a run: it belongs to no run), and reuses it for
+later runs. Everything it keeps is under the state directory
+(``$VMBACKUP_STATE_DIR``, else ``$XDG_STATE_HOME/vmbackup``, else
+``~/.local/state/vmbackup``)::
+
+    server.json      pid, process start time, port, URL of the running server
+    server.lock      flock: one starter at a time across processes
+    server.log       the server's output
+    prefect/         PREFECT_HOME: prefect.db (SQLite), concurrency_leases/
+
+Why these settings: leases go to files (the in-memory store lost them on a
+restart, and a crashed run's slot stayed held for good); analytics off (an
+offline machine logs a telemetry error on every run); the UI is told its API
+port (else it calls 4200); the start-up wait is generous because migrations
+on a fresh database took ~19 s here. Flows always get ``PREFECT_API_URL``
+pointing at this server, so Prefect never starts its per-process ephemeral
+server (which outlives a killed run and never frees a crashed run's slots).
+
+This module does not import Prefect: the health check is plain HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import BackupError
+
+DEFAULT_STARTUP_TIMEOUT = 180.0
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+
+
+class ServerError(BackupError):
+    """The embedded Prefect server could not be started or reached."""
+
+
+@dataclass
+class ServerInfo:
+    """A Prefect API to run flows against."""
+
+    api_url: str
+    ui_url: str
+    managed: bool  # started and kept by vmbackup (False: $PREFECT_API_URL)
+    pid: int | None = None
+    port: int | None = None
+    started: bool = False  # started by this call
+    state_dir: str | None = None
+    log: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def state_dir() -> Path:
+    env = os.environ.get("VMBACKUP_STATE_DIR")
+    if env:
+        return Path(env).expanduser().absolute()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return (base / "vmbackup").absolute()
+
+
+def _startup_timeout() -> float:
+    text = os.environ.get("VMBACKUP_SERVER_STARTUP_TIMEOUT")
+    try:
+        return float(text) if text else DEFAULT_STARTUP_TIMEOUT
+    except ValueError:
+        return DEFAULT_STARTUP_TIMEOUT
+
+
+def server_env(state: Path, port: int) -> dict[str, str]:
+    """The environment of the managed server process."""
+    home = state / "prefect"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=LEASE_STORAGE,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_UI_ENABLED="true",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+    )
+    return env
+
+
+def client_env(info: ServerInfo) -> dict[str, str]:
+    """Settings for a process that runs flows against ``info``; set them
+    before Prefect is imported (its settings are read at import)."""
+    env = {
+        "PREFECT_API_URL": info.api_url,
+        "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    if info.managed and info.state_dir:
+        env["PREFECT_HOME"] = str(Path(info.state_dir) / "prefect")
+    return env
+
+
+# --- processes --------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (/proc/PID/stat field 22),
+    so a recycled pid is not mistaken for our server."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
+
+
+def _alive(record: dict) -> bool:
+    pid = record.get("pid")
+    return isinstance(pid, int) and _start_time(pid) is not None and _start_time(pid) == record.get("start_time")
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200 and json.load(r) is True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _wait_healthy(api_url: str, pid: int) -> bool:
+    deadline = time.monotonic() + _startup_timeout()
+    while not healthy(api_url, timeout=10.0):
+        if time.monotonic() > deadline or _start_time(pid) is None:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _free_port(preferred: int | None) -> int:
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise ServerError("no free local port for the Prefect server")
+
+
+def _read_record(state: Path) -> dict:
+    try:
+        data = json.loads((state / "server.json").read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(state: Path, record: dict) -> None:
+    tmp = state / "server.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, state / "server.json")
+
+
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "server.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _info(state: Path, record: dict, started: bool) -> ServerInfo:
+    port = record["port"]
+    return ServerInfo(
+        api_url=f"http://127.0.0.1:{port}/api",
+        ui_url=f"http://127.0.0.1:{port}/",
+        managed=True,
+        pid=record["pid"],
+        port=port,
+        started=started,
+        state_dir=str(state),
+        log=str(state / "server.log"),
+    )
+
+
+def _log_tail(state: Path, lines: int = 5) -> str:
+    try:
+        text = (state / "server.log").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])
+
+
+def _terminate(pid: int, grace: float = 20.0) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it lingers."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    # Reap it if it is our child (a server started by this process).
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # A zombie leader we have not reaped still counts for killpg; check /proc.
+    return _start_time(pgid) is not None or any(
+        _pgid_of(p) == pgid for p in Path("/proc").iterdir() if p.name.isdigit()
+    )
+
+
+def _pgid_of(proc: Path) -> int | None:
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[2]) if fields[0] != "Z" else None
+
+
+# --- the public operations ---------------------------------------------------
+
+
+def ensure_server() -> ServerInfo:
+    """The server to run flows against: ``$PREFECT_API_URL``, or the managed
+    one, started (and waited for) when none of ours is running."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        ui = url[: -len("/api")] if url.rstrip("/").endswith("/api") else url
+        return ServerInfo(api_url=url, ui_url=ui.rstrip("/") + "/", managed=False)
+    state = state_dir()
+    with _locked(state):
+        record = _read_record(state)
+        if _alive(record):
+            info = _info(state, record, started=False)
+            # A server busy with another run may answer slowly, and one whose
+            # starter was killed may still be migrating: wait for it as for
+            # a start. Only one that never answers is replaced.
+            if _wait_healthy(info.api_url, record["pid"]):
+                return info
+            _terminate(record["pid"])
+        return _start(state, record.get("port"))
+
+
+def _start(state: Path, preferred_port: int | None) -> ServerInfo:
+    port = _free_port(preferred_port)
+    (state / "prefect").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with open(state / "server.log", "ab") as log:
+        log.write(f"--- vmbackup starts the Prefect server on port {port}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            env=server_env(state, port),
+            cwd=state,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own session: not killed with a run
+        )
+    record = {"pid": proc.pid, "start_time": _start_time(proc.pid), "port": port, "started": time.time()}
+    _write_record(state, record)
+    info = _info(state, record, started=True)
+    deadline = time.monotonic() + _startup_timeout()
+    while not healthy(info.api_url):
+        if proc.poll() is not None:
+            raise ServerError(
+                f"the Prefect server exited with {proc.returncode} while starting; see {state / 'server.log'}: "
+                f"{_log_tail(state, 2)}"
+            )
+        if time.monotonic() > deadline:
+            _terminate(proc.pid)
+            raise ServerError(
+                f"the Prefect server did not answer within {_startup_timeout():.0f} s "
+                f"(VMBACKUP_SERVER_STARTUP_TIMEOUT); see {state / 'server.log'}"
+            )
+        time.sleep(0.25)
+    return info
+
+
+def server_status() -> dict:
+    """What ``vmbackup server status`` reports."""
+    url = os.environ.get("PREFECT_API_URL")
+    state = state_dir()
+    if url:
+        return {"managed": False, "running": healthy(url), "api_url": url, "state_dir": str(state)}
+    record = _read_record(state)
+    if not _alive(record):
+        return {"managed": True, "running": False, "state_dir": str(state)}
+    info = _info(state, record, started=False)
+    return {
+        "managed": True,
+        "running": True,
+        "healthy": healthy(info.api_url),
+        "pid": info.pid,
+        "port": info.port,
+        "api_url": info.api_url,
+        "ui_url": info.ui_url,
+        "state_dir": str(state),
+        "log": info.log,
+    }
+
+
+def stop_server() -> dict:
+    """Stop the managed server (its whole process group); what it did."""
+    state = state_dir()
+    with _locked(state):
+        record = _read_record(state)
+        if not _alive(record):
+            with contextlib.suppress(FileNotFoundError):
+                (state / "server.json").unlink()
+            return {"stopped": False, "state_dir": str(state)}
+        _terminate(record["pid"])
+        if _group_alive(record["pid"]):
+            raise ServerError(f"the Prefect server (pid {record['pid']}) did not stop")
+        (state / "server.json").unlink()
+        return {"stopped": True, "pid": record["pid"], "state_dir": str(state)}

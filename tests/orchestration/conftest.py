@@ -1,0 +1,41 @@
+"""A real Prefect server for the orchestration tests: the one vmbackup
+manages (the embedded default), in a state directory of its own."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .procs import session_ids
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """The managed server, started once for the session; this process's
+    Prefect settings point at it. Stopped at the end, leaving no process."""
+    from vmbackup.orchestration import server
+
+    state = tmp_path_factory.mktemp("vmbackup-state")
+    old = os.environ.get("VMBACKUP_STATE_DIR")
+    os.environ["VMBACKUP_STATE_DIR"] = str(state)
+    try:
+        info = server.ensure_server()
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
+
+            with temporary_settings(
+                updates={PREFECT_API_URL: info.api_url, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+            ):
+                yield info
+                from prefect.logging.handlers import APILogHandler
+
+                APILogHandler().flush()  # the runs' last log lines, before the server goes
+        finally:
+            server.stop_server()  # whatever happened: never leave a server behind
+        assert session_ids(info.pid) == [], "the server left processes behind"
+    finally:
+        if old is None:
+            os.environ.pop("VMBACKUP_STATE_DIR", None)
+        else:
+            os.environ["VMBACKUP_STATE_DIR"] = old
