@@ -302,15 +302,19 @@ def backup_vm(
 
         with ThreadPoolExecutor(max_workers=plan.limits.disks_per_vm) as pool:
             futures = [pool.submit(read, p) for p in plans]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f in done and f.exception() is not None), None)
-            if failed is not None:
-                # One disk failed: the backup point is lost, so stop the others
-                # (they raise CancelledError) rather than read them to the end.
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                error = next((e for f in futures if f in done and (e := f.exception()) is not None), None)
+                if error is not None:
+                    raise error
+            except BaseException:
+                # A disk failed (or this thread was interrupted): the backup
+                # point is lost, so stop the other disks (they raise
+                # CancelledError) rather than read them to the end.
                 for f in futures:
                     f.cancel()
                 session.abort()
-                raise failed.exception()
+                raise
             disk_results = [f.result() for f in futures]
         mode = "incremental" if parent else "full"
         reasons = vm_reason or "; ".join(f"{d['name']}: {d['full_reason']}" for d in disk_results if d["full_reason"])
