@@ -241,6 +241,10 @@ class BackupSession:
 
     Holds a lease in the repository until committed or dropped, so garbage
     collection never removes a chunk this backup may still name.
+
+    Several threads may call ``add_disk`` on one session at once (each disk's
+    data moves without the GIL and without a lock on the session); ``commit``
+    refuses while one runs, ``abort`` cancels those under way.
     """
 
     def __new__(cls, repo: str, vm: str, parent: Optional[str] = None) -> BackupSession:
@@ -258,8 +262,9 @@ class BackupSession:
         cancel: Optional[CancelToken] = None,
         nbd_timeout: Optional[float] = None,
         nbd_connections: Optional[int] = None,
+        allocated_extents: Optional[Sequence[tuple[int, int]]] = None,
     ) -> DiskResult:
-        """Backs up one disk.
+        """Backs up one disk; callable from several threads at once.
 
         Args:
             source: a raw image file or block device (holes are not read), or
@@ -275,9 +280,18 @@ class BackupSession:
                 default 60).
             nbd_connections: for an NBD source that allows several, the most
                 connections to open (1 to 16; default 4).
+            allocated_extents: (start, length) byte ranges that hold data
+                (QueryChangedDiskAreas with change id ``*``), for a backup
+                without a parent: only blocks touching them are read, every
+                other block is recorded as zeros (mode ``allocated``). Sorted,
+                merged like ``changed_extents``; not together with it.
 
         Raises:
-            InvalidInputError: an option out of range (refused, not clamped).
+            InvalidInputError: an option out of range (refused, not clamped);
+                extents past the end of the disk; changed and allocated
+                extents together; a disk of this name already added or
+                being added.
+            CancelledError: ``cancel`` or ``abort`` stopped it.
             SourceError: the source is missing, corrupt or unsupported.
             SourceUnavailableError: the source's connection was reset, closed
                 or timed out, or it answered EIO (retryable).
@@ -285,15 +299,25 @@ class BackupSession:
     def commit(self, config: Optional[str] = None, attributes: Optional[str] = None) -> BackupInfo:
         """Makes every chunk durable, writes the manifest atomically.
 
+        The disks are recorded in the order their ``add_disk`` began.
+
         Args:
             config: the VM's configuration, JSON.
             attributes: anything else to record (consistency, transport...), JSON.
 
         Returns:
             The backup's metadata.
+
+        Raises:
+            InvalidInputError: an ``add_disk`` is still running (the session
+                stays open: commit again once it has returned), or no disk.
         """
     def abort(self) -> None:
-        """Abandons the backup; its chunks stay for reuse or gc."""
+        """Abandons the backup; its chunks stay for reuse or gc.
+
+        An ``add_disk`` still running is cancelled and raises
+        ``CancelledError``; the lease is released when the last has returned.
+        """
 
 def restore_disk(
     repo: str,

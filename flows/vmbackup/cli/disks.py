@@ -35,6 +35,11 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
         if not parent:
             raise InvalidInputError("--changed-extents needs --parent: the unchanged areas come from the parent backup")
         extents = read_extents(args.changed_extents)
+    allocated = None
+    if args.allocated_extents:
+        if args.changed_extents:
+            raise InvalidInputError("give --changed-extents or --allocated-extents, not both")
+        allocated = read_extents(args.allocated_extents, "allocated extents")
     nbd_timeout = env_number("--nbd-timeout", "VMBACKUP_NBD_TIMEOUT", args.nbd_timeout, float)
     nbd_connections = env_number("--nbd-connections", "VMBACKUP_NBD_CONNECTIONS", args.nbd_connections, int)
     nbd = args.source.startswith(_NBD_SCHEMES)
@@ -58,6 +63,7 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
                 cancel=interrupt.token,
                 nbd_timeout=nbd_timeout,
                 nbd_connections=nbd_connections,
+                allocated_extents=allocated,
             )
             # A signal that came while the last blocks were stored stops here,
             # before anything is committed.
@@ -203,6 +209,12 @@ def add_parsers(command: Callable[..., argparse.ArgumentParser]) -> None:
         "--changed-extents",
         metavar="FILE",
         help="JSON list of {start, length} changed since --parent (QueryChangedDiskAreas)",
+    )
+    sp.add_argument(
+        "--allocated-extents",
+        metavar="FILE",
+        help="JSON list of {start, length} that hold data (QueryChangedDiskAreas with change id *); "
+        "the rest is recorded as zeros without being read",
     )
     sp.add_argument("--change-id", help="the hypervisor's CBT change id to record")
     sp.add_argument(

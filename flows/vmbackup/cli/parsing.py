@@ -90,26 +90,27 @@ def _read_regular(path: str, limit: int, what: str) -> bytes:
         os.close(fd)
 
 
-def read_extents(path: str) -> list[tuple[int, int]]:
-    """Reads a changed-extents file: a JSON list of ``{"start", "length"}``,
-    or vSphere's DiskChangeInfo object with a ``changedArea`` list."""
+def read_extents(path: str, what: str = "changed extents") -> list[tuple[int, int]]:
+    """Reads an extents file (``what`` names it in errors): a JSON list of
+    ``{"start", "length"}``, or vSphere's DiskChangeInfo object with a
+    ``changedArea`` list."""
     shown = shown_path(path)
     try:
-        data = json.loads(_read_regular(path, MAX_EXTENTS_FILE, "changed extents"))
+        data = json.loads(_read_regular(path, MAX_EXTENTS_FILE, what))
     except OSError as e:
-        raise InvalidInputError(f"cannot read changed extents {shown}: {e.strerror}") from e
+        raise InvalidInputError(f"cannot read {what} {shown}: {e.strerror}") from e
     except ValueError as e:
-        raise InvalidInputError(f"changed extents {shown} is not JSON: {e}") from e
+        raise InvalidInputError(f"{what} {shown} is not JSON: {e}") from e
     except RecursionError:
-        raise InvalidInputError(f"changed extents {shown} is nested too deeply to be a list of extents") from None
+        raise InvalidInputError(f"{what} {shown} is nested too deeply to be a list of extents") from None
     if isinstance(data, dict) and isinstance(data.get("changedArea"), list):
         data = data["changedArea"]
     if not isinstance(data, list):
-        raise InvalidInputError(f"changed extents {shown} must be a JSON list of {{start, length}}")
+        raise InvalidInputError(f"{what} {shown} must be a JSON list of {{start, length}}")
     out = []
     for i, e in enumerate(data):
         if not isinstance(e, dict):
-            raise InvalidInputError(f"changed extents {shown}: item {i} is not an object")
+            raise InvalidInputError(f"{what} {shown}: item {i} is not an object")
         start, length = e.get("start"), e.get("length")
         if (
             not (isinstance(start, int) and isinstance(length, int))
@@ -118,9 +119,9 @@ def read_extents(path: str) -> list[tuple[int, int]]:
             or start < 0
             or length < 0
         ):
-            raise InvalidInputError(f"changed extents {shown}: item {i} needs non-negative integer start and length")
+            raise InvalidInputError(f"{what} {shown}: item {i} needs non-negative integer start and length")
         if start + length > MAX_OFFSET:
-            raise InvalidInputError(f"changed extents {shown}: item {i} ends beyond {MAX_OFFSET}")
+            raise InvalidInputError(f"{what} {shown}: item {i} ends beyond {MAX_OFFSET}")
         out.append((start, length))
     return out
 

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -242,36 +242,46 @@ def backup_vm(
 
         for p in plans:
             reads[p.disk.name] = areas(p)
-        # For a full, CBT's "*" gives the allocated areas as of the snapshot.
-        # Recorded per disk; the mover reads its source's own allocation map
-        # (holes of a file or device), as the binding takes extents only with a parent.
-        allocated: dict[str, int | None] = {}
+        # For a full, CBT's "*" gives the allocated areas as of the snapshot:
+        # the mover reads only those (within its source's own allocation map),
+        # the rest is recorded as zeros. Without them (the query failed), the
+        # source's map alone decides (an NBD export without block status is
+        # then read whole).
+        allocated: dict[str, list[tuple[int, int]] | None] = {}
         for p in plans:
             if reads[p.disk.name][0] is None:
                 try:
-                    allocated[p.disk.name] = sum(n for _, n in cbt.changed_areas(obj, taken.snapshot, p.disk, "*"))
-                except (cbt.ChangeIdRejected, BackupError):
+                    allocated[p.disk.name] = cbt.changed_areas(obj, taken.snapshot, p.disk, "*")
+                except (cbt.ChangeIdRejected, BackupError) as e:
+                    log.warning(
+                        "VM %s disk %s: no allocated areas from CBT, reading by the source's map: %s",
+                        vm.name,
+                        p.disk.name,
+                        e,
+                    )
                     allocated[p.disk.name] = None
         incremental = any(extents is not None for extents, _ in reads.values())
         parent = previous["id"] if incremental and previous else None
         session = _mover.BackupSession(repo, vm.name, parent)
         total = sum(d.capacity for d in disks)
         agg = _Progress(progress, total)
-        lock = threading.Lock()  # the binding's add_disk takes the session exclusively
         by_name = {f.disk.name: f for f in frozen}
 
         def read(p: cbt.DiskPlan) -> dict[str, Any]:
             extents, reason = reads[p.disk.name]
+            areas = allocated.get(p.disk.name)
             f = by_name[p.disk.name]
-            with lock:
-                r = session.add_disk(
-                    sources[p.disk.name],
-                    p.disk.name,
-                    extents,
-                    f.change_id,
-                    progress=agg.for_disk(p.disk.name),
-                    cancel=cancel,
-                )
+            # The disks of one session are read at once (the binding's add_disk
+            # runs without the GIL and without holding the session).
+            r = session.add_disk(
+                sources[p.disk.name],
+                p.disk.name,
+                extents,
+                f.change_id,
+                progress=agg.for_disk(p.disk.name),
+                cancel=cancel,
+                allocated_extents=areas,
+            )
             return {
                 "name": p.disk.name,
                 "key": p.disk.key,
@@ -283,7 +293,7 @@ def backup_vm(
                 "mode": "incremental" if extents is not None else "full",
                 "full_reason": reason,
                 "changed_bytes": sum(n for _, n in extents) if extents is not None else None,
-                "allocated_bytes": allocated.get(p.disk.name),
+                "allocated_bytes": sum(n for _, n in areas) if areas is not None else None,
                 "bytes_read": r.bytes_read,
                 "bytes_stored": r.bytes_stored,
                 "seconds": r.seconds,
@@ -291,7 +301,21 @@ def backup_vm(
             }
 
         with ThreadPoolExecutor(max_workers=plan.limits.disks_per_vm) as pool:
-            disk_results = list(pool.map(read, plans))
+            futures = [pool.submit(read, p) for p in plans]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                error = next((e for f in futures if f in done and (e := f.exception()) is not None), None)
+                if error is not None:
+                    raise error
+            except BaseException:
+                # A disk failed (or this thread was interrupted): the backup
+                # point is lost, so stop the other disks (they raise
+                # CancelledError) rather than read them to the end.
+                for f in futures:
+                    f.cancel()
+                session.abort()
+                raise
+            disk_results = [f.result() for f in futures]
         mode = "incremental" if parent else "full"
         reasons = vm_reason or "; ".join(f"{d['name']}: {d['full_reason']}" for d in disk_results if d["full_reason"])
         last_full = (

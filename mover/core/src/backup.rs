@@ -14,13 +14,20 @@
 //! the flush to storage overlap and the `syncfs` at commit finds little
 //! left to do; the calling thread collects block ids into the block map and
 //! reports progress.
+//!
+//! Several disks of one session can be added at once, from several threads:
+//! `add_disk` takes `&self`. Only the small shared state is behind locks
+//! (the disks collected so far, the set of chunks claimed by this session);
+//! each disk's data path runs on its own threads without holding either.
+//! `commit` takes the session by value, so it cannot run while a disk is
+//! being added; `abort` cancels the disks under way.
 
 use crate::block_map::BlockMap;
 use crate::chunk::{self, ChunkId, Compression};
 use crate::chunk_store::ChunkStore;
 use crate::clock;
 use crate::error::{Error, Result};
-use crate::extents::{block_count, block_len, normalize, BlockRanges, Extent};
+use crate::extents::{block_count, block_len, intersect, normalize, BlockRanges, Extent};
 use crate::lease::Lease;
 use crate::manifest::{DiskMeta, DiskStats, Manifest, Metadata};
 use crate::progress::{worker_threads, Cancel, Progress, Ticker};
@@ -42,6 +49,10 @@ pub struct DiskRequest {
     pub changed: Option<Vec<Extent>>,
     /// The hypervisor's change id for this disk as of this backup (CBT).
     pub change_id: Option<String>,
+    /// Only these byte ranges hold data (QueryChangedDiskAreas with change
+    /// id `*`); every other block is recorded as a zero block without being
+    /// read. No parent needed; not together with `changed`.
+    pub allocated: Option<Vec<Extent>>,
 }
 
 pub struct BackupSession {
@@ -51,15 +62,64 @@ pub struct BackupSession {
     vm: String,
     started: f64,
     parent: Option<Manifest>,
-    disks: Vec<DiskMeta>,
-    maps: Vec<BlockMap>,
+    /// The disks in the order their `add_disk` began, done or under way.
+    disks: Mutex<Vec<Slot>>,
     /// Chunks this session already stored or found, so workers skip them.
-    claimed: Mutex<HashSet<ChunkId>>,
+    claims: Claims,
+    /// Raised by `abort`: every disk under way stops.
+    aborted: Cancel,
     /// The repository's root, opened before any chunk is written, so that
     /// the syncfs at commit sees every writeback error since (see
     /// `Repository::sync_since`).
     root: std::fs::File,
     lease: Lease,
+}
+
+/// A disk of the session: its name from the start of its `add_disk`, its
+/// metadata and block map once done.
+struct Slot {
+    name: String,
+    done: Option<(DiskMeta, BlockMap)>,
+}
+
+/// Removes a disk's slot unless it was filled: a failed, cancelled or
+/// panicking `add_disk` leaves nothing behind, so the name can be retried.
+struct SlotGuard<'a> {
+    disks: &'a Mutex<Vec<Slot>>,
+    name: &'a str,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        disks.retain(|d| d.name != self.name || d.done.is_some());
+    }
+}
+
+/// The chunks this session has stored or found present. A worker that finds
+/// an id here takes it as stored, even while another disk's writer is still
+/// storing it; should that write fail, the id is released (a later block
+/// stores it again) and remembered, so that `commit` can check that no
+/// block map names a chunk that was never stored.
+#[derive(Default)]
+struct Claims {
+    claimed: Mutex<HashSet<ChunkId>>,
+    released: Mutex<HashSet<ChunkId>>,
+}
+
+impl Claims {
+    /// True if the caller is the first to claim `id`.
+    fn claim(&self, id: ChunkId) -> bool {
+        self.claimed.lock().expect("claimed set").insert(id)
+    }
+    fn contains(&self, id: &ChunkId) -> bool {
+        self.claimed.lock().expect("claimed set").contains(id)
+    }
+    /// Not stored after all: a later block or disk must not take it as present.
+    fn release(&self, id: &ChunkId) {
+        self.claimed.lock().expect("claimed set").remove(id);
+        self.released.lock().expect("released set").insert(*id);
+    }
 }
 
 enum Outcome {
@@ -116,9 +176,9 @@ impl BackupSession {
             vm: vm.to_string(),
             started,
             parent,
-            disks: Vec::new(),
-            maps: Vec::new(),
-            claimed: Mutex::new(HashSet::new()),
+            disks: Mutex::new(Vec::new()),
+            claims: Claims::default(),
+            aborted: Cancel::new(),
             root,
             lease,
         })
@@ -128,17 +188,62 @@ impl BackupSession {
         &self.id
     }
 
-    /// Backs up one disk of the VM.
+    /// The names of the disks whose `add_disk` is under way.
+    pub fn running(&self) -> Vec<String> {
+        let disks = self.disks.lock().expect("disk list");
+        disks.iter().filter(|d| d.done.is_none()).map(|d| d.name.clone()).collect()
+    }
+
+    /// Cancels every `add_disk` under way (they fail with `Cancelled`); the
+    /// session is dropped by its owner once they have returned.
+    pub fn abort(&self) {
+        self.aborted.cancel();
+    }
+
+    /// Backs up one disk of the VM. Several disks may be added at once from
+    /// several threads; a name already added or under way is refused.
     pub fn add_disk(
-        &mut self,
+        &self,
         source: &dyn DiskSource,
         req: &DiskRequest,
         progress: &mut dyn Progress,
         cancel: &Cancel,
     ) -> Result<DiskMeta> {
         check_name("disk", &req.name)?;
-        if self.disks.iter().any(|d| d.name == req.name) {
-            return Err(Error::InvalidInput(format!("disk {} is already in this backup", req.name)));
+        self.aborted.check()?;
+        {
+            let mut disks = self.disks.lock().expect("disk list");
+            match disks.iter().find(|d| d.name == req.name) {
+                Some(d) if d.done.is_some() => {
+                    return Err(Error::InvalidInput(format!("disk {} is already in this backup", req.name)))
+                }
+                Some(_) => {
+                    return Err(Error::InvalidInput(format!("disk {} is already being added to this backup", req.name)))
+                }
+                None => disks.push(Slot { name: req.name.clone(), done: None }),
+            }
+        }
+        let _slot = SlotGuard { disks: &self.disks, name: &req.name };
+        let cancel = cancel.or(&self.aborted);
+        let (meta, map) = self.back_up(source, req, progress, &cancel)?;
+        let mut disks = self.disks.lock().expect("disk list");
+        if let Some(slot) = disks.iter_mut().find(|d| d.name == req.name) {
+            slot.done = Some((meta.clone(), map));
+        }
+        Ok(meta)
+    }
+
+    fn back_up(
+        &self,
+        source: &dyn DiskSource,
+        req: &DiskRequest,
+        progress: &mut dyn Progress,
+        cancel: &Cancel,
+    ) -> Result<(DiskMeta, BlockMap)> {
+        if req.changed.is_some() && req.allocated.is_some() {
+            return Err(Error::InvalidInput(
+                "give changed extents (with a parent) or allocated extents, not both".into(),
+            ));
         }
         let t0 = Instant::now();
         // Before the size sizes anything (the block map below).
@@ -150,8 +255,13 @@ impl BackupSession {
         // a 64 TiB disk with little data costs little memory.
         let mut map = BlockMap::zeros(n);
         let mut stats = DiskStats::default();
-        let allocated = normalize(&source.allocated()?, size)
+        let mut allocated = normalize(&source.allocated()?, size)
             .map_err(|e| Error::Source(format!("{}: allocation map: {e}", source.describe())))?;
+        // The caller's areas narrow the source's own map: a block outside
+        // either reads as zeros.
+        if let Some(given) = &req.allocated {
+            allocated = intersect(&allocated, &normalize(given, size)?);
+        }
         let mut alloc = BlockRanges::new(&allocated, size, bs);
 
         // From the parent, a block can be taken as is only if it has the same
@@ -213,7 +323,7 @@ impl BackupSession {
             let ok = match present.get(&id) {
                 Some(v) => *v,
                 None => {
-                    let v = reuse_existing(&self.store, &self.claimed, &id)?;
+                    let v = reuse_existing(&self.store, &self.claims, &id)?;
                     present.insert(id, v);
                     v
                 }
@@ -235,7 +345,7 @@ impl BackupSession {
         }
         let mode = if changed.is_some() {
             "changed"
-        } else if stats.bytes_skipped > 0 {
+        } else if req.allocated.is_some() || stats.bytes_skipped > 0 {
             "allocated"
         } else {
             "full"
@@ -253,9 +363,7 @@ impl BackupSession {
             change_id: req.change_id.clone(),
             stats,
         };
-        self.disks.push(meta.clone());
-        self.maps.push(map);
-        Ok(meta)
+        Ok((meta, map))
     }
 
     fn run_pipeline(
@@ -330,14 +438,14 @@ impl BackupSession {
                 let (job_rx, res_tx, buf_tx, store_tx) =
                     (job_rx.clone(), res_tx.clone(), buf_tx.clone(), store_tx.clone());
                 let store = &self.store;
-                let claimed = &self.claimed;
+                let claims = &self.claims;
                 s.spawn(move || {
                     for (i, buf) in job_rx.iter() {
                         let len = buf.len() as u64;
                         let r = if abort.load(Ordering::Relaxed) {
                             Err(Error::Cancelled)
                         } else {
-                            process_block(store, compression, claimed, &buf)
+                            process_block(store, compression, claims, &buf)
                         };
                         let _ = buf_tx.send(buf);
                         let sent = match r {
@@ -355,7 +463,7 @@ impl BackupSession {
             for _ in 0..writers {
                 let (store_rx, res_tx) = (store_rx.clone(), res_tx.clone());
                 let store = &self.store;
-                let claimed = &self.claimed;
+                let claims = &self.claims;
                 s.spawn(move || {
                     for (i, len, id, encoded) in store_rx.iter() {
                         let r = if abort.load(Ordering::Relaxed) {
@@ -366,8 +474,7 @@ impl BackupSession {
                         let r = match r {
                             Ok(n) => Ok((i, len, id, Outcome::New(n))),
                             Err(e) => {
-                                // Not stored after all: a later disk or retry must not take it as present.
-                                claimed.lock().expect("claimed set").remove(&id);
+                                claims.release(&id);
                                 Err(e)
                             }
                         };
@@ -412,8 +519,28 @@ impl BackupSession {
 
     /// Makes the backup point durable and visible; returns its metadata.
     pub fn commit(self, config: serde_json::Value, attributes: serde_json::Value) -> Result<Metadata> {
-        if self.disks.is_empty() {
+        // Taking `self` by value, commit runs after every add_disk returned:
+        // each slot left is a disk done.
+        let slots = self.disks.into_inner().unwrap_or_else(|e| e.into_inner());
+        let (disks, maps): (Vec<DiskMeta>, Vec<BlockMap>) = slots.into_iter().filter_map(|s| s.done).unzip();
+        if disks.is_empty() {
             return Err(Error::InvalidInput("a backup needs at least one disk".into()));
+        }
+        // A chunk whose write failed may have been taken as stored by another
+        // disk running at the same time: the manifest must not name it unless
+        // it was stored after all.
+        let released = self.claims.released.into_inner().unwrap_or_else(|e| e.into_inner());
+        if !released.is_empty() {
+            for (d, map) in disks.iter().zip(&maps) {
+                for (i, id) in map.stored().filter(|(_, id)| released.contains(id)) {
+                    if !self.store.reuse(&id)? {
+                        return Err(Error::Repository(format!(
+                            "block {i} of disk {} names chunk {id}, whose write failed: back up the disk again",
+                            d.name
+                        )));
+                    }
+                }
+            }
         }
         let meta = Metadata {
             id: self.id.clone(),
@@ -423,11 +550,11 @@ impl BackupSession {
             parent: self.parent.as_ref().map(|p| p.meta.id.clone()),
             repository: self.repo.config.id.clone(),
             chunk_size: self.repo.chunk_size(),
-            disks: self.disks,
+            disks,
             config,
             attributes,
         };
-        let manifest = Manifest { meta, maps: self.maps };
+        let manifest = Manifest { meta, maps };
         // Every chunk the manifest names must be durable before the manifest is.
         self.repo.sync_since(&self.root)?;
         // And still present: not if a gc took this backup's lease for stale.
@@ -437,12 +564,7 @@ impl BackupSession {
     }
 }
 
-fn process_block(
-    store: &ChunkStore,
-    compression: Compression,
-    claimed: &Mutex<HashSet<ChunkId>>,
-    data: &[u8],
-) -> Result<Processed> {
+fn process_block(store: &ChunkStore, compression: Compression, claims: &Claims, data: &[u8]) -> Result<Processed> {
     if chunk::is_all_zero(data) {
         return Ok(Processed::Done(ChunkId::ZERO, Outcome::Zero));
     }
@@ -451,7 +573,7 @@ fn process_block(
         // 2^-128: the block map could not tell this block from a zero block.
         return Err(Error::Repository("a block hashes to the reserved all-zero id".into()));
     }
-    if !claimed.lock().expect("claimed set").insert(id) {
+    if !claims.claim(id) {
         return Ok(Processed::Done(id, Outcome::Reused));
     }
     let encoded = (|| {
@@ -464,8 +586,7 @@ fn process_block(
         Ok(None) => Ok(Processed::Done(id, Outcome::Reused)),
         Ok(Some(encoded)) => Ok(Processed::Store(id, encoded)),
         Err(e) => {
-            // Not stored after all: a later disk or retry must not take it as present.
-            claimed.lock().expect("claimed set").remove(&id);
+            claims.release(&id);
             Err(e)
         }
     }
@@ -473,12 +594,12 @@ fn process_block(
 
 /// True if the chunk is present (and now marked as reused for gc); false if
 /// it must be stored again.
-fn reuse_existing(store: &ChunkStore, claimed: &Mutex<HashSet<ChunkId>>, id: &ChunkId) -> Result<bool> {
-    if claimed.lock().expect("claimed set").contains(id) {
+fn reuse_existing(store: &ChunkStore, claims: &Claims, id: &ChunkId) -> Result<bool> {
+    if claims.contains(id) {
         return Ok(true);
     }
     if store.reuse(id)? {
-        claimed.lock().expect("claimed set").insert(*id);
+        claims.claim(*id);
         return Ok(true);
     }
     Ok(false)

@@ -56,6 +56,26 @@ pub fn normalize(extents: &[Extent], disk_size: u64) -> Result<Vec<Extent>> {
     Ok(out)
 }
 
+/// The bytes in both `a` and `b` (each normalized), normalized.
+pub fn intersect(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        let start = a[i].start.max(b[j].start);
+        let end = a[i].end().min(b[j].end());
+        if start < end {
+            out.push(Extent::new(start, end - start));
+        }
+        // The one that ends first cannot overlap anything further.
+        if a[i].end() <= b[j].end() {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
 /// Number of blocks of `block_size` needed for `disk_size` bytes.
 pub fn block_count(disk_size: u64, block_size: u64) -> u64 {
     disk_size / block_size + u64::from(disk_size % block_size != 0)
@@ -176,6 +196,20 @@ mod tests {
                 .map(|(s, l)| Extent::new(*s, (*l).min(disk - s))).collect();
             let norm = normalize(&ext, disk).unwrap();
             prop_assert_eq!(blocks_touched(&norm, disk, bs), model_touched(&ext, disk, bs));
+        }
+
+        #[test]
+        fn intersect_matches_bytes(ra in prop::collection::vec((0u64..2000, 0u64..300), 0..12),
+                                   rb in prop::collection::vec((0u64..2000, 0u64..300), 0..12)) {
+            let disk = 2300u64;
+            let a = normalize(&ra.iter().map(|(s, l)| Extent::new(*s, *l)).collect::<Vec<_>>(), disk).unwrap();
+            let b = normalize(&rb.iter().map(|(s, l)| Extent::new(*s, *l)).collect::<Vec<_>>(), disk).unwrap();
+            let both = intersect(&a, &b);
+            prop_assert_eq!(normalize(&both, disk).unwrap(), both.clone());
+            for x in 0..disk {
+                let inside = |v: &[Extent]| v.iter().any(|e| e.start <= x && x < e.end());
+                prop_assert_eq!(inside(&both), inside(&a) && inside(&b), "byte {}", x);
+            }
         }
 
         #[test]

@@ -5,19 +5,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A cancellation flag that another thread can raise.
+/// A cancellation flag that another thread can raise; optionally linked to
+/// a second flag (`or`) that cancels it too.
 #[derive(Clone, Debug, Default)]
-pub struct Cancel(Arc<AtomicBool>);
+pub struct Cancel {
+    flag: Arc<AtomicBool>,
+    linked: Option<Arc<AtomicBool>>,
+}
 
 impl Cancel {
     pub fn new() -> Cancel {
         Cancel::default()
     }
+    /// A token that is cancelled when `self` or `other` is; cancelling it
+    /// cancels `self` (a backup session links each disk's token to its own,
+    /// so that aborting the session stops the disks under way).
+    pub fn or(&self, other: &Cancel) -> Cancel {
+        Cancel { flag: self.flag.clone(), linked: Some(other.flag.clone()) }
+    }
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst)
+        self.flag.store(true, Ordering::SeqCst)
     }
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.flag.load(Ordering::Relaxed) || self.linked.as_ref().is_some_and(|l| l.load(Ordering::Relaxed))
     }
     pub fn check(&self) -> Result<()> {
         if self.is_cancelled() {

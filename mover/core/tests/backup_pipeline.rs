@@ -25,7 +25,7 @@ fn a_failed_chunk_write_is_stored_again_by_the_same_session() {
     std::fs::write(&sub, b"not a directory").unwrap();
 
     let src = MemSource(data.clone());
-    let mut s = BackupSession::begin(&repo, "vm", None).unwrap();
+    let s = BackupSession::begin(&repo, "vm", None).unwrap();
     let a = DiskRequest { name: "a".into(), ..Default::default() };
     assert!(s.add_disk(&src, &a, &mut NoProgress, &Cancel::new()).is_err());
     assert!(store.stat_len(&first).is_err() || store.stat_len(&first).unwrap().is_none());

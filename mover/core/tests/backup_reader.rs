@@ -33,7 +33,7 @@ proptest! {
         let img = dir.path().join("img");
         std::fs::File::create(&img).unwrap().write_all(&data).unwrap();
         let repo = Repository::init(&dir.path().join("repo"), 256 * 1024, "zstd:1").unwrap();
-        let mut s = BackupSession::begin(&repo, "vm", None).unwrap();
+        let s = BackupSession::begin(&repo, "vm", None).unwrap();
         let src = FileSource::open(&img).unwrap();
         let req = DiskRequest { name: "d".into(), ..Default::default() };
         s.add_disk(&src, &req, &mut NoProgress, &Cancel::new()).unwrap();

@@ -81,7 +81,7 @@ fn a_backup_over_a_torn_chunk_stores_it_again() {
     let data = sample(1 << 20, 7);
     let src = MemSource(data.clone());
     let backup = |repo: &Repository| {
-        let mut s = BackupSession::begin(repo, "vm", None).unwrap();
+        let s = BackupSession::begin(repo, "vm", None).unwrap();
         s.add_disk(&src, &DiskRequest { name: "d0".into(), ..Default::default() }, &mut NoProgress, &Cancel::new())
             .unwrap();
         s.commit(serde_json::Value::Null, serde_json::Value::Null).unwrap().id

@@ -8,6 +8,7 @@ use crate::results::{
 };
 use pyo3::prelude::*;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use vmbackup_mover::backup::{BackupSession as CoreSession, DiskRequest};
 use vmbackup_mover::extents::Extent;
 use vmbackup_mover::repository::Repository;
@@ -40,14 +41,25 @@ pub fn open_repository(path: &str) -> PyResult<RepositoryConfig> {
     Ok(open(path)?.config.into())
 }
 
+/// Every method takes `&self`, so that several Python threads can add disks
+/// to one session at once (pyo3 refuses a second `&mut` borrow with "Already
+/// borrowed"). Each `add_disk` holds a clone of the `Arc` while it runs:
+/// `commit` takes the session only when it holds the last one.
 #[pyclass(module = "vmbackup._mover", text_signature = "(repo, vm, parent=None)")]
 pub struct BackupSession {
-    inner: Option<CoreSession>,
+    inner: Mutex<Option<Arc<CoreSession>>>,
+}
+
+fn closed() -> PyErr {
+    to_py(Error::InvalidInput("this backup session is already closed".into()))
 }
 
 impl BackupSession {
-    fn session(&mut self) -> PyResult<&mut CoreSession> {
-        self.inner.as_mut().ok_or_else(|| to_py(Error::InvalidInput("this backup session is already closed".into())))
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<CoreSession>>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn session(&self) -> PyResult<Arc<CoreSession>> {
+        self.slot().clone().ok_or_else(closed)
     }
 }
 
@@ -57,16 +69,17 @@ impl BackupSession {
     #[args(parent = "None")]
     fn new(repo: &str, vm: &str, parent: Option<&str>) -> PyResult<Self> {
         let repo = open(repo)?;
-        Ok(BackupSession { inner: Some(CoreSession::begin(&repo, vm, parent).map_err(to_py)?) })
+        let session = CoreSession::begin(&repo, vm, parent).map_err(to_py)?;
+        Ok(BackupSession { inner: Mutex::new(Some(Arc::new(session))) })
     }
 
     #[getter]
-    fn id(&mut self) -> PyResult<String> {
+    fn id(&self) -> PyResult<String> {
         Ok(self.session()?.id().to_string())
     }
 
     #[pyo3(
-        text_signature = "($self, source, name, changed_extents=None, change_id=None, progress=None, cancel=None, nbd_timeout=None, nbd_connections=None)"
+        text_signature = "($self, source, name, changed_extents=None, change_id=None, progress=None, cancel=None, nbd_timeout=None, nbd_connections=None, allocated_extents=None)"
     )]
     #[args(
         changed_extents = "None",
@@ -74,11 +87,12 @@ impl BackupSession {
         progress = "None",
         cancel = "None",
         nbd_timeout = "None",
-        nbd_connections = "None"
+        nbd_connections = "None",
+        allocated_extents = "None"
     )]
     #[allow(clippy::too_many_arguments)]
     fn add_disk(
-        &mut self,
+        &self,
         py: Python,
         source: &str,
         name: &str,
@@ -88,13 +102,16 @@ impl BackupSession {
         cancel: Option<CancelToken>,
         nbd_timeout: Option<f64>,
         nbd_connections: Option<usize>,
+        allocated_extents: Option<Vec<(u64, u64)>>,
     ) -> PyResult<DiskResult> {
         let nbd = NbdOptions::new(nbd_timeout, nbd_connections).map_err(to_py)?;
         let session = self.session()?;
+        let extents = |v: Vec<(u64, u64)>| v.into_iter().map(|(s, l)| Extent::new(s, l)).collect();
         let req = DiskRequest {
             name: name.to_string(),
-            changed: changed_extents.map(|v| v.into_iter().map(|(s, l)| Extent::new(s, l)).collect()),
+            changed: changed_extents.map(extents),
             change_id,
+            allocated: allocated_extents.map(extents),
         };
         let cancel = cancel_of(cancel);
         let mut prog = PyProgress::new(progress);
@@ -109,21 +126,38 @@ impl BackupSession {
     /// Writes the manifest; returns its metadata.
     #[pyo3(text_signature = "($self, config=None, attributes=None)")]
     #[args(config = "None", attributes = "None")]
-    fn commit(&mut self, py: Python, config: Option<&str>, attributes: Option<&str>) -> PyResult<BackupInfo> {
+    fn commit(&self, py: Python, config: Option<&str>, attributes: Option<&str>) -> PyResult<BackupInfo> {
         let config = parse_json("config", config)?;
         let attributes = parse_json("attributes", attributes)?;
-        let session = self
-            .inner
-            .take()
-            .ok_or_else(|| to_py(Error::InvalidInput("this backup session is already closed".into())))?;
+        let session = {
+            let mut slot = self.slot();
+            let arc = slot.take().ok_or_else(closed)?;
+            // Clones are made only under this lock: holding the last one here,
+            // no add_disk runs and none can start.
+            match Arc::try_unwrap(arc) {
+                Ok(s) => s,
+                Err(arc) => {
+                    let running = arc.running();
+                    *slot = Some(arc);
+                    let which = if running.is_empty() { "a disk".to_string() } else { running.join(", ") };
+                    return Err(to_py(Error::InvalidInput(format!(
+                        "{which} is still being added to this backup: commit after every add_disk has returned"
+                    ))));
+                }
+            }
+        };
         let meta = py.allow_threads(|| session.commit(config, attributes)).map_err(to_py)?;
         BackupInfo::new(py, meta)
     }
 
-    /// Abandons the backup; its chunks stay for reuse or gc.
+    /// Abandons the backup; its chunks stay for reuse or gc. An add_disk
+    /// under way is cancelled (it raises CancelledError); the lease goes
+    /// when the last of them has returned.
     #[pyo3(text_signature = "($self)")]
-    fn abort(&mut self) {
-        self.inner = None;
+    fn abort(&self) {
+        if let Some(arc) = self.slot().take() {
+            arc.abort();
+        }
     }
 }
 
@@ -245,7 +279,6 @@ pub fn serve(
     overlay_dir: Option<&str>,
     handshake_timeout: Option<f64>,
 ) -> PyResult<()> {
-    use std::sync::Arc;
     use vmbackup_mover::backup_reader::BackupReader;
     use vmbackup_mover::nbd_server::{default_overlay_dir, Listen, NbdServer, ServeOptions};
 
