@@ -62,7 +62,12 @@ def _run(args: list[str], env: dict[str, str], what: str, show: bool = True) -> 
     """Runs `vmbackup ARGS`; its stderr goes to the terminal, stdout is returned."""
     if show:
         print(f"   $ vmbackup {' '.join(args)}", flush=True)
-    p = subprocess.run(_vmbackup() + args, env=env, stdout=subprocess.PIPE, text=True)
+    p = subprocess.run(_vmbackup() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # What vmbackup says on stderr: the Prefect UI's address (said once at
+    # the end instead) unless something went wrong.
+    said = [line for line in p.stderr.splitlines() if p.returncode != 0 or "local server started" in line]
+    for line in said:
+        print(f"   {line}", flush=True)
     if p.returncode not in (0, 1):
         raise DemoFailed(f"{what}: `vmbackup {' '.join(args)}` exited {p.returncode}")
     return p
@@ -207,11 +212,13 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     say(f"   {len(full)} VMs backed up in {full_s:.1f} s")
 
     writes = 0
+    seed = 100
     for r in full:
         for d in r.get("disks") or []:
-            for i, (offset, length) in enumerate(WRITES):
+            for offset, length in WRITES:
                 if offset + length <= d["capacity"]:
-                    lab.write(r["vm"], d["name"], offset, length, seed=100 + i)
+                    seed += 1  # data of its own per write, so the repository stores it
+                    lab.write(r["vm"], d["name"], offset, length, seed=seed)
                     writes += length
     say(f"4. the guests wrote {_fmt_bytes(writes)} over {sum(len(r['disks']) for r in full)} disks (Lab.write)")
 
