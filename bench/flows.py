@@ -58,9 +58,7 @@ def task_runs(api_url: str, n: int) -> dict[str, float]:
     flow_run = api(api_url, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]
     out: dict[str, float] = {}
     for _ in range(50):  # task states reach the server as events, shortly after the run
-        runs = api(
-            api_url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}, "limit": 200}
-        )
+        runs = api(api_url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}, "limit": 200})
         done = [r for r in runs if r["state_type"] == "COMPLETED" and r["start_time"] and r["end_time"]]
         if len(done) >= n:
             break
@@ -159,7 +157,9 @@ def main() -> int:
         cells = []
         for r in results:
             v = r[k]
-            cells.append(f"{v:>16.2f}" if isinstance(v, float) else f"{', '.join(v) if isinstance(v, list) else v!s:>16}")
+            cells.append(
+                f"{v:>16.2f}" if isinstance(v, float) else f"{', '.join(v) if isinstance(v, list) else v!s:>16}"
+            )
         print(f"{k:30}" + "".join(cells))
     load = os.getloadavg()
     print(f"load average (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")

@@ -19,6 +19,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
-    sp = command("demo", cmd_demo, "back up the lab's VMs as Prefect flows, verify and restore them", json_flag=False, repo=False)
+    sp = command(
+        "demo", cmd_demo, "back up the lab's VMs as Prefect flows, verify and restore them", json_flag=False, repo=False
+    )
     sp.add_argument("--dir", default="demo-output", help="where the lab (and its repository) goes")
     sp.add_argument("--size", help="size of every disk of the lab's VMs (default: the lab's default topology)")

@@ -62,7 +62,7 @@ def _run(args: list[str], env: dict[str, str], what: str, show: bool = True) -> 
     """Runs `vmbackup ARGS`; its stderr goes to the terminal, stdout is returned."""
     if show:
         print(f"   $ vmbackup {' '.join(args)}", flush=True)
-    p = subprocess.run(_vmbackup() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(_vmbackup() + args, env=env, capture_output=True, text=True)
     # What vmbackup says on stderr: the Prefect UI's address (said once at
     # the end instead) unless something went wrong.
     said = [line for line in p.stderr.splitlines() if p.returncode != 0 or "local server started" in line]
@@ -135,7 +135,11 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
                 f"{r.get('snapshot_seconds') or 0:.1f} s",
                 f"{r.get('seconds') or 0:.1f}",
             ]
-            lines.append("  ".join(f"{str('-' if c is None else c)[:w]:<{w}}" for c, (_, w) in zip(cells, cols)).rstrip())
+            lines.append(
+                "  ".join(
+                    f"{str('-' if c is None else c)[:w]:<{w}}" for c, (_, w) in zip(cells, cols, strict=True)
+                ).rstrip()
+            )
     for label, rows, secs in (("run 1 (full)", full, full_s), ("run 2 (incremental)", inc, inc_s)):
         ok = sum(r.get("status") == "ok" for r in rows)
         lines.append(
@@ -150,7 +154,7 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
 
 
 def run_demo(directory: str, size: int | None = None) -> int:
-    from .process import lab_down, lab_up
+    from .process import lab_down
 
     out = Path(directory).resolve()
     state = out / "lab"
@@ -237,9 +241,7 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     if v.returncode != 0:
         problems.append(f"vmbackup verify exited {v.returncode}: {v.stdout.strip()[:300]}")
     else:
-        say(
-            f"   {verified.get('backups_checked', '?')} backups, {verified.get('chunks_checked', '?')} chunks: sound"
-        )
+        say(f"   {verified.get('backups_checked', '?')} backups, {verified.get('chunks_checked', '?')} chunks: sound")
 
     say("7. restoring every disk of the incremental backups and comparing it with the disk in the lab")
     restored = out / "restored"
@@ -283,5 +285,7 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     say("\nThe Prefect UI shows both runs, a flow run each with a task run per VM (backup-<vm>) and its logs:")
     say(f"   open {server.get('ui_url', 'the URL printed above')}  (runs: Runs; the per-VM table: Artifacts)")
     if server.get("managed"):
-        say(f"   the server keeps running for later runs (state {server.get('state_dir')}): `vmbackup server stop` stops it")
+        say(
+            f"   the server keeps running for later runs (state {server.get('state_dir')}): `vmbackup server stop` stops it"
+        )
     return not problems
