@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUST_SOURCES := $(shell find mover -name '*.rs' -o -name Cargo.toml) Cargo.toml
 
-.PHONY: dev test lint test-rust test-python demo bench clean
+.PHONY: dev test lint test-rust test-python demo bench bench-flows clean
 
 dev: $(VENV)/.stamp-mover $(VENV)/.stamp-lab
 
@@ -67,6 +67,10 @@ bench: dev
 	$(PY) bench/run.py
 	$(PY) bench/run.py --dir bench-output/disk
 	$(PY) bench/nbd.py --dir $$([ -d /dev/shm ] && echo /dev/shm/vmbackup-bench/nbd || echo bench-output/nbd)
+
+# The flows on the lab: 30 VMs over 3 hosts and 2 agents (docs/flows.md).
+bench-flows: dev
+	$(PY) bench/flows.py
 
 clean:
 	rm -rf $(VENV) target demo-output bench-output

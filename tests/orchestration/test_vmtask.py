@@ -248,3 +248,28 @@ def test_ctrl_c_cancels_running_mover_calls_and_their_cleanup_runs(prefect_serve
     assert p.returncode == 130
     assert not sock.exists()
     assert limits_active("vmbackup-test-interrupt") == 0
+
+
+def test_rows_say_how_long_the_vm_waited_for_its_limits_and_held_them(prefect_server):
+    """The benchmark's fields (bench/flows.py): the wait for the limits, and
+    the time they were held, which covers the work's own time."""
+    import hashlib
+    import time
+
+    from vmbackup.orchestration import limits, vmtask
+
+    names = ["vmbackup-test-timing"]
+    limits.ensure_limits({names[0]: 1})
+
+    def work(token):
+        t = time.monotonic()
+        hashlib.sha256(bytes(8 << 20)).hexdigest()
+        return {"status": "ok", "seconds": time.monotonic() - t}
+
+    rows = run_in_flow(
+        [vmtask.VmJob("a", names, work, {}), vmtask.VmJob("b", names, work, {})], max_workers=2, retries=0
+    )
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["held_seconds"] >= r["seconds"] > 0
+        assert r["limit_wait_seconds"] >= 0

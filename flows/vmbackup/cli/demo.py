@@ -1,5 +1,5 @@
-"""``vmbackup demo``: what ``make demo`` runs. The demo and its generated
-disk images live with the lab (``vmbackup_lab.demo``), loaded only here."""
+"""``vmbackup demo``: what ``make demo`` runs. The demo lives with the lab
+(``vmbackup_lab.demo``), loaded only here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .parsing import parse_size
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    size = parse_size(args.size)
+    size = parse_size(args.size) if args.size else None
     load_lab()
     from vmbackup_lab.demo import run_demo
 
@@ -19,6 +19,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
-    sp = command("demo", cmd_demo, "back up, verify and restore a generated disk image", json_flag=False, repo=False)
-    sp.add_argument("--dir", default="demo-output", help="where the image and repository go")
-    sp.add_argument("--size", default="512MiB", help="size of the generated disk (default 512MiB)")
+    sp = command(
+        "demo", cmd_demo, "back up the lab's VMs as Prefect flows, verify and restore them", json_flag=False, repo=False
+    )
+    sp.add_argument("--dir", default="demo-output", help="where the lab (and its repository) goes")
+    sp.add_argument("--size", help="size of every disk of the lab's VMs (default: the lab's default topology)")

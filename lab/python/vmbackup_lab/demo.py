@@ -1,7 +1,16 @@
-"""`vmbackup demo` (what `make demo` runs), until it runs on the lab's simulator: a generated VM-like disk is backed up in
-full, changed as a guest would change it, backed up again incrementally from
-its changed areas (as CBT reports them), verified by re-reading every chunk,
-and both backups are restored and compared byte for byte."""
+"""`vmbackup demo` (what `make demo` runs): the main job on the lab.
+
+The lab (a simulated vCenter, its state under DIR/lab) is started, every VM
+of its plan is backed up with `vmbackup backup --plan` (the backup_vsphere_vms
+Prefect flow on the local Prefect server that vmbackup starts and keeps), the
+guests write, a second run backs up incrementally, `vmbackup verify
+--read-data` checks the repository, every disk of the incremental backup is
+restored and compared with the disk as it is now, and a report says, per VM,
+how it went. Exit 0 only if every step worked.
+
+The demo drives the product only through its command line, as a person
+would; the lab's own calls (guest writes, disk images) go to the lab.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +18,33 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
-from vmbackup import _mover
-from vmbackup.cli.output import fmt_bytes
+from .errors import LabError
 
-from .diskimage import make_image, rewrite_blocks
+# Where the guests write between the two runs (per disk: offset, length).
+WRITES = ((1 << 20, 2 << 20), (24 << 20, 1 << 20))
 
 
-def _sha256(path: str) -> str:
+class DemoFailed(Exception):
+    pass
+
+
+def _fmt_bytes(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(4 << 20):
@@ -25,65 +52,240 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def run_demo(directory: str, size: int = 512 << 20) -> int:
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.makedirs(directory)
-    disk = os.path.join(directory, "web01-disk0.img")
-    repo = os.path.join(directory, "repo")
-    say = print
+def _vmbackup() -> list[str]:
+    """The `vmbackup` command of this interpreter's environment."""
+    script = Path(sys.executable).with_name("vmbackup")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vmbackup.cli.main"]
 
+
+def _run(args: list[str], env: dict[str, str], what: str, show: bool = True) -> subprocess.CompletedProcess:
+    """Runs `vmbackup ARGS`; its stderr goes to the terminal, stdout is returned."""
+    if show:
+        print(f"   $ vmbackup {' '.join(args)}", flush=True)
+    p = subprocess.run(_vmbackup() + args, env=env, capture_output=True, text=True)
+    # What vmbackup says on stderr: the Prefect UI's address (said once at
+    # the end instead) unless something went wrong.
+    said = [line for line in p.stderr.splitlines() if p.returncode != 0 or "local server started" in line]
+    for line in said:
+        print(f"   {line}", flush=True)
+    if p.returncode not in (0, 1):
+        raise DemoFailed(f"{what}: `vmbackup {' '.join(args)}` exited {p.returncode}")
+    return p
+
+
+def _backup(plan: Path, env: dict[str, str], label: str) -> tuple[list[dict], float]:
     t = time.monotonic()
-    layout = make_image(disk, size, seed=7)
-    say(
-        f"1. generated {disk}: {fmt_bytes(size)} VM-like disk, {layout.holes} of {layout.blocks} MiB blocks "
-        f"unallocated, {layout.duplicates} duplicated ({time.monotonic() - t:.1f} s)"
-    )
-    before = _sha256(disk)
+    p = _run(["backup", "--plan", str(plan), "--json"], env, label)
+    seconds = time.monotonic() - t
+    try:
+        rows = json.loads(p.stdout)["vms"]
+    except (ValueError, KeyError, TypeError):
+        raise DemoFailed(f"{label}: `vmbackup backup` printed no report (exit {p.returncode})") from None
+    return rows, seconds
 
-    _mover.init_repository(repo)
-    say(f"2. created repository {repo} (1 MiB chunks, zstd:1)")
 
-    s = _mover.BackupSession(repo, "web01")
-    d = s.add_disk(disk, "scsi0:0", change_id="52 8e 1c-demo/1")
-    full = s.commit(config=json.dumps({"name": "web01", "memoryMB": 2048, "numCPU": 2}))
-    say(
-        f"3. full backup {full.id}: read {fmt_bytes(d.bytes_read)} (skipped {fmt_bytes(d.bytes_skipped)} of holes), "
-        f"stored {fmt_bytes(d.bytes_stored)}, {d.reused_chunks} duplicate blocks deduplicated, {d.seconds:.2f} s"
-    )
+def _topology(directory: Path, size: int | None) -> Path | None:
+    """The lab's default topology, every disk `size` bytes (None: as it is)."""
+    if size is None:
+        return None
+    default = Path(__file__).resolve().parents[2] / "topologies" / "default.json"
+    topo = json.loads(default.read_text())
+    for vm in topo["vms"]:
+        for d in vm["disks"]:
+            d["size_mib"] = max(32, size >> 20)
+    path = directory / "topology.json"
+    path.write_text(json.dumps(topo, indent=1))
+    return path
 
-    changed = rewrite_blocks(disk, 0.05, seed=8)
-    after = _sha256(disk)
-    say(f"4. guest wrote {len(changed)} MiB blocks; CBT reports {len(changed)} changed areas")
 
-    s = _mover.BackupSession(repo, "web01", parent=full.id)
-    d = s.add_disk(
-        disk, "scsi0:0", changed_extents=[(c["start"], c["length"]) for c in changed], change_id="52 8e 1c-demo/2"
-    )
-    inc = s.commit()
-    say(
-        f"5. incremental backup {inc.id}: read only {fmt_bytes(d.bytes_read)}, {d.parent_blocks} blocks "
-        f"taken from the parent, stored {fmt_bytes(d.bytes_stored)}, {d.seconds:.2f} s"
-    )
+def _server_is_running(env: dict[str, str]) -> bool:
+    p = subprocess.run(_vmbackup() + ["server", "status", "--json"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        return bool(json.loads(p.stdout).get("running"))
+    except ValueError:
+        return False
 
-    v = _mover.verify(repo, read_data=True)
-    say(
-        f"6. verify --read-data: {v.backups_checked} backups, {v.chunks_checked} chunks re-hashed: "
-        f"{'ok' if v.ok else 'PROBLEMS'}"
-    )
 
-    ok = v.ok
-    for label, meta, want in (("full", full, before), ("incremental", inc, after)):
-        out = os.path.join(directory, f"restored-{label}.img")
-        r = _mover.restore_disk(repo, meta["id"], out)
-        same = _sha256(out) == want
-        ok &= same
-        say(
-            f"7. restored the {label} backup to {out} in {r.seconds:.2f} s: "
-            f"{'identical to' if same else 'DIFFERENT FROM'} the disk as it was"
+def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> str:
+    """The per-VM report a person reads: both runs side by side, then totals."""
+    cols = [
+        ("VM", 8),
+        ("RUN", 5),
+        ("MODE", 11),
+        ("TRANSPORT", 9),
+        ("CONSISTENCY", 11),
+        ("DISKS", 5),
+        ("READ", 10),
+        ("STORED", 10),
+        ("SNAPSHOT", 8),
+        ("SECONDS", 7),
+    ]
+    lines = ["  ".join(f"{t:<{w}}" for t, w in cols).rstrip()]
+    for label, rows in (("1", full), ("2", inc)):
+        for r in rows:
+            cells = [
+                r.get("vm"),
+                label,
+                r.get("mode") if r.get("status") == "ok" else "FAILED",
+                r.get("transport"),
+                r.get("consistency"),
+                len(r.get("disks") or []),
+                _fmt_bytes(r.get("bytes_read")),
+                _fmt_bytes(r.get("bytes_stored")),
+                f"{r.get('snapshot_seconds') or 0:.1f} s",
+                f"{r.get('seconds') or 0:.1f}",
+            ]
+            lines.append(
+                "  ".join(
+                    f"{str('-' if c is None else c)[:w]:<{w}}" for c, (_, w) in zip(cells, cols, strict=True)
+                ).rstrip()
+            )
+    for label, rows, secs in (("run 1 (full)", full, full_s), ("run 2 (incremental)", inc, inc_s)):
+        ok = sum(r.get("status") == "ok" for r in rows)
+        lines.append(
+            f"{label}: {ok} of {len(rows)} VMs ok, read {_fmt_bytes(sum(r.get('bytes_read') or 0 for r in rows))}, "
+            f"stored {_fmt_bytes(sum(r.get('bytes_stored') or 0 for r in rows))}, {secs:.1f} s for the whole command"
         )
+    reasons = [f"{r['vm']}: {r['full_reason']}" for r in full + inc if r.get("full_reason")]
+    if reasons:
+        lines.append("why full: " + "; ".join(dict.fromkeys(reasons)))
+    lines += [f"FAILED {r.get('vm')}: {r.get('error')}" for r in full + inc if r.get("status") != "ok"]
+    return "\n".join(lines)
 
-    g = _mover.gc(repo, grace_seconds=0)
-    say(f"8. gc: {g.referenced_chunks} chunks in use, {g.chunks_removed} removed")
+
+def run_demo(directory: str, size: int | None = None) -> int:
+    from .process import lab_down
+
+    out = Path(directory).resolve()
+    state = out / "lab"
+    if (state / "lab.json").exists():
+        lab_down(state)  # a lab left by an earlier demo
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    say = print
+    ok = True
+    try:
+        ok = _demo(out, state, size, say)
+    except DemoFailed as e:
+        say(f"demo FAILED: {e}")
+        ok = False
+    except LabError as e:
+        say(f"demo FAILED: the lab: {e}")
+        ok = False
+    finally:
+        if (state / "lab.json").exists():
+            say(f"\nThe lab keeps running, for you to look at: stop it with `vmbackup lab down --state {state}`.")
     say("demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
+    from .plan import PASSWORD_ENV, write_lab_plan
+    from .process import lab_up
+
+    t = time.monotonic()
+    lab = lab_up(state, _topology(out, size))
+    summary = lab.summary()
+    plan = write_lab_plan(lab.state, summary)
+    say(
+        f"1. started the lab in {state} ({time.monotonic() - t:.1f} s): a simulated vCenter at "
+        f"{summary['vsphere']['url']}, hosts {', '.join(summary['hosts'])}, agents {', '.join(summary['agents'])}"
+    )
+    say(f"   its backup plan: {plan} (repository {lab.state / 'repository'})")
+    env = dict(os.environ)
+    env[PASSWORD_ENV] = lab.password
+    say(f"   the password reaches vmbackup through ${PASSWORD_ENV}, never the plan")
+
+    if "PREFECT_API_URL" in env:
+        say(f"2. Prefect: the server at PREFECT_API_URL={env['PREFECT_API_URL']}")
+    elif _server_is_running(env):
+        say("2. Prefect: the local server vmbackup started earlier is running; this run uses it")
+    else:
+        say(
+            "2. Prefect: vmbackup now starts its local Prefect server (kept for later runs). The first start on "
+            "a machine creates its database: allow up to a minute, it prints the UI's address when it is up."
+        )
+
+    say("3. backing up every VM of the plan (full: the allocated areas of every disk)")
+    full, full_s = _backup(plan, env, "the first backup")
+    failed = [r for r in full if r.get("status") != "ok"]
+    if failed or not full:
+        say(report(full, [], full_s, 0.0))
+        raise DemoFailed(f"{len(failed)} of {len(full)} VMs failed in the first backup")
+    say(f"   {len(full)} VMs backed up in {full_s:.1f} s")
+
+    writes = 0
+    seed = 100
+    for r in full:
+        for d in r.get("disks") or []:
+            for offset, length in WRITES:
+                if offset + length <= d["capacity"]:
+                    seed += 1  # data of its own per write, so the repository stores it
+                    lab.write(r["vm"], d["name"], offset, length, seed=seed)
+                    writes += length
+    say(f"4. the guests wrote {_fmt_bytes(writes)} over {sum(len(r['disks']) for r in full)} disks (Lab.write)")
+
+    say("5. backing up every VM again (incremental: only the areas CBT reports as changed)")
+    inc, inc_s = _backup(plan, env, "the second backup")
+    problems = [f"{r['vm']}: {r.get('error')}" for r in inc if r.get("status") != "ok"]
+    problems += [f"{r['vm']}: {r.get('mode')} backup, not incremental" for r in inc if r.get("mode") != "incremental"]
+
+    say("6. verifying the repository (every chunk re-read and re-hashed)")
+    repo = str(lab.state / "repository")
+    v = _run(["verify", "--read-data", "--repo", repo, "--json"], env, "verify")
+    try:
+        verified = json.loads(v.stdout)
+    except ValueError:
+        verified = {}
+    if v.returncode != 0:
+        problems.append(f"vmbackup verify exited {v.returncode}: {v.stdout.strip()[:300]}")
+    else:
+        say(f"   {verified.get('backups_checked', '?')} backups, {verified.get('chunks_checked', '?')} chunks: sound")
+
+    say("7. restoring every disk of the incremental backups and comparing it with the disk in the lab")
+    restored = out / "restored"
+    restored.mkdir()
+    same = 0
+    for r in inc:
+        if r.get("status") != "ok":
+            continue
+        for d in r.get("disks") or []:
+            name = d["name"].replace(":", "_")
+            got, want = restored / f"{r['vm']}-{name}.img", restored / f"{r['vm']}-{name}.lab.img"
+            p = _run(
+                ["restore-disk", "--repo", repo, "--disk", d["name"], r["backup_id"], str(got)],
+                env,
+                "restore",
+                show=False,
+            )
+            if p.returncode != 0:
+                problems.append(f"{r['vm']} {d['name']}: restore-disk exited {p.returncode}")
+                continue
+            lab.disk_image(r["vm"], d["name"], want)
+            if _sha256(got) == _sha256(want):
+                same += 1
+            else:
+                problems.append(f"{r['vm']} {d['name']}: the restored disk differs from the lab's")
+            got.unlink()
+            want.unlink()
+    say(f"   {same} disks restored, identical to the lab's")
+
+    say("\nReport (run 1: full, run 2: incremental; SNAPSHOT: how long the VM's snapshot stayed open)")
+    say(report(full, inc, full_s, inc_s))
+    say(f"repository: {repo}   `vmbackup snapshots --repo {repo}` lists its backups")
+    for p in problems:
+        say(f"PROBLEM {p}")
+
+    st = subprocess.run(_vmbackup() + ["server", "status", "--json"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        server = json.loads(st.stdout)
+    except ValueError:
+        server = {}
+    say("\nThe Prefect UI shows both runs, a flow run each with a task run per VM (backup-<vm>) and its logs:")
+    say(f"   open {server.get('ui_url', 'the URL printed above')}  (runs: Runs; the per-VM table: Artifacts)")
+    if server.get("managed"):
+        say(
+            f"   the server keeps running for later runs (state {server.get('state_dir')}): `vmbackup server stop` stops it"
+        )
+    return not problems
