@@ -6,9 +6,7 @@ import subprocess
 
 import pytest
 
-from vmbackup_lab.plan import PASSWORD_ENV
-
-from .conftest import run
+from .conftest import PASSWORD_ENV, run
 
 
 def _other_ca(tmp_path) -> str:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .conftest import backup, base_env, leftovers
-from vmbackup_lab.plan import PASSWORD_ENV
+from .conftest import PASSWORD_ENV, backup, base_env, leftovers
 
 LIMITS = {"per_agent": 3, "per_host": 2, "per_datastore": 2, "disks_per_vm": 2}
 
