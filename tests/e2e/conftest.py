@@ -1,0 +1,167 @@
+"""End to end: `vmbackup lab up` and `vmbackup backup` as a user runs them.
+
+Real pyVmomi, the real lab, real nbdkit, and the real Prefect server that
+`vmbackup backup` starts itself (the embedded default) in a state directory
+of this test session, stopped at the end. One small lab (tests/e2e/
+topology.json) and one 30-VM lab (topology-30.json, other host and datastore
+names, so the two never share a Prefect limit) serve the whole session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    import vmbackup_lab  # noqa: F401
+except ImportError:  # not installed (make dev installs it): use the work tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lab" / "python"))
+
+from vmbackup_lab import Lab, lab_down, load_lab  # noqa: E402
+from vmbackup_lab.plan import PASSWORD_ENV  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def run(*args: str, env: dict[str, str], expect: int | None = 0, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``vmbackup ARGS`` in a child process; never a traceback."""
+    p = subprocess.run(
+        [sys.executable, "-m", "vmbackup", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr
+    if expect is not None:
+        assert p.returncode == expect, f"{args} -> {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+@dataclass
+class E2ELab:
+    lab: Lab
+    plan: Path  # the plan `vmbackup lab up --json` wrote
+    password: str
+
+    def write_plan(self, path: Path, **changes) -> Path:
+        """A copy of the lab's plan with top-level ``changes`` (repository, limits, agents...)."""
+        data = yaml.safe_load(self.plan.read_text())
+        data.update({k: (str(v) if isinstance(v, Path) else v) for k, v in changes.items()})
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def plan_data(self) -> dict:
+        return yaml.safe_load(self.plan.read_text())
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory):
+    """VMBACKUP_STATE_DIR of this session: its own Prefect server, stopped at the end."""
+    state = tmp_path_factory.mktemp("e2e-state")
+    yield state
+    env = base_env(state)
+    run("server", "stop", env=env)
+    assert not (state / "server.json").exists() or not run("server", "status", "--json", env=env).stdout.count(
+        '"running": true'
+    )
+
+
+def base_env(state: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != PASSWORD_ENV}
+    env.update(VMBACKUP_STATE_DIR=str(state), DO_NOT_TRACK="1")
+    return env
+
+
+def _lab(tmp_path_factory, topology: str):
+    state = tmp_path_factory.mktemp(Path(topology).stem)
+    env = base_env(state / "unused")
+    p = run("lab", "up", "--state", str(state), "--topology", str(HERE / topology), "--json", env=env)
+    summary = json.loads(p.stdout)
+    try:
+        yield E2ELab(load_lab(state), Path(summary["plan"]), summary["vsphere"]["password"])
+    finally:
+        lab_down(state)
+
+
+@pytest.fixture(scope="session")
+def small_lab(tmp_path_factory):
+    yield from _lab(tmp_path_factory, "topology.json")
+
+
+@pytest.fixture(scope="session")
+def lab30(tmp_path_factory):
+    yield from _lab(tmp_path_factory, "topology-30.json")
+
+
+@pytest.fixture
+def env(state_dir, small_lab):
+    """A user's environment: the password in the variable the lab's plan names."""
+    e = base_env(state_dir)
+    e[PASSWORD_ENV] = small_lab.password
+    return e
+
+
+def backup(*args: str, env: dict[str, str], expect: int = 0) -> list[dict]:
+    p = run("backup", *args, "--json", env=env, expect=expect)
+    return json.loads(p.stdout)["vms"]
+
+
+def sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def leftovers(lab: Lab) -> dict:
+    """What this system has now in the lab: snapshot and attached-disk counters
+    (``now``), our snapshots and linked clones by VM."""
+    st = lab.status()
+    now = {
+        f"{kind}.{scope}.{name}": c["now"]
+        for kind in ("snapshots", "attached_disks")
+        for scope, names in st["counters"][kind].items()
+        for name, c in names.items()
+        if c["now"]
+    }
+    snaps = {
+        vm["name"]: [s["name"] if isinstance(s, dict) else s for s in vm["snapshots"]]
+        for vm in st["vms"]
+        if vm["snapshots"]
+    }
+    clones = [vm["name"] for vm in st["vms"] if vm["name"].startswith("vmbackup-clone")]
+    return {"counters": now, "snapshots": snaps, "clones": clones}
+
+
+def pyvmomi_leftovers(e2e: E2ELab) -> list[str]:
+    """Our snapshots and linked clones as vSphere's API shows them."""
+    from pydantic import SecretStr
+    from pyVmomi import vim
+    from vmbackup.plan import load_plan
+    from vmbackup.vsphere.client import VSphereClient
+    from vmbackup.vsphere.inventory import CLONE_PREFIX
+    from vmbackup.vsphere.snapshots import PREFIX
+
+    found = []
+    plan = load_plan(e2e.plan)
+    with VSphereClient.connect(plan.connection, SecretStr(e2e.password)) as client:
+        for vm in client.objects(vim.VirtualMachine):
+            if vm.name.startswith(CLONE_PREFIX):
+                found.append(f"clone {vm.name}")
+            stack = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
+            while stack:
+                node = stack.pop()
+                if node.name.startswith(PREFIX):
+                    found.append(f"snapshot {node.name} of {vm.name}")
+                stack += node.childSnapshotList or []
+            if vm.name in e2e.lab.agents and len(vm.config.hardware.device) and vm.runtime is not None:
+                disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+                if len(disks) != 1:
+                    found.append(f"{len(disks) - 1} disk(s) attached to agent {vm.name}")
+    return found
