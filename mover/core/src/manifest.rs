@@ -348,6 +348,22 @@ mod tests {
         assert_eq!(Manifest::decode(p, &m.encode()).unwrap(), m);
     }
 
+    #[test]
+    fn times_read_back_exactly_as_written() {
+        // Seen once: 1795627226.4063761 came back as ...406376 without
+        // serde_json's float_roundtrip, and the listing disagreed with commit.
+        for t in [1795627226.4063761f64, 1795627409.1393921, 0.1, 1e-7, f64::MAX] {
+            assert_eq!(serde_json::from_str::<f64>(&serde_json::to_string(&t).unwrap()).unwrap(), t);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_time_reads_back_exactly(t in 0f64..4e9) {
+            prop_assert_eq!(serde_json::from_str::<f64>(&serde_json::to_string(&t).unwrap()).unwrap(), t);
+        }
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(data in prop::collection::vec(any::<u8>(), 0..300)) {
