@@ -7,21 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vmbackup.plan import DEFAULT_NBD_COMMAND
+
 PASSWORD_ENV = "VMBACKUP_VSPHERE_PASSWORD"
 
-NBD_COMMAND = [
-    "nbdkit",
-    "--exit-with-parent",
-    "-r",
-    "-U",
-    "{socket}",
-    "-P",
-    "{pidfile}",
-    "curl",
-    "url={url}",
-    "cookie=+{cookie_file}",
-    "cainfo={ca_file}",
-]
+# The product's default (nbdkit's curl plugin over the datastore's /folder
+# URL), written out in the plan so a reader sees the transport's command.
+NBD_COMMAND = list(DEFAULT_NBD_COMMAND)
 
 
 def _write_private(path: Path, text: str) -> None:
