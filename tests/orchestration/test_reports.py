@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 from prefect import flow
-
 from vmbackup.orchestration import reports
 
 from .procs import child_env
