@@ -355,9 +355,26 @@ _installed: set[str] = set()
 _install_lock = threading.Lock()
 
 
+def _task_run_context() -> str | None:
+    """The VM context of the Prefect task run on this thread, from its
+    parameters (``vm``, ``context``: host, agent), if it is a VM's task."""
+    try:
+        from prefect.context import TaskRunContext
+
+        trc = TaskRunContext.get()
+    except Exception:
+        return None
+    params = getattr(trc, "parameters", None) or {}
+    if not isinstance(params.get("vm"), str):
+        return None
+    extra = params.get("context") if isinstance(params.get("context"), dict) else {}
+    return " ".join(f"{k}={v}" for k, v in [("vm", params["vm"]), *extra.items()] if v)
+
+
 def install_context_filter(prefix: str = "vmbackup") -> None:
     """Lines of the loggers named ``prefix`` or ``prefix.*`` logged on a
-    thread inside :func:`vm_context` get its ``[vm=... host=... agent=...]``
+    thread inside :func:`vm_context`, and every line of a VM's task run
+    (Prefect's own included), get the ``[vm=... host=... agent=...]``
     prefix. Done in the log record factory: a filter on the ``vmbackup``
     logger would not see its children's records, and the handlers are
     Prefect's."""
@@ -369,9 +386,15 @@ def install_context_filter(prefix: str = "vmbackup") -> None:
 
         def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous(*args, **kwargs)
-            ctx = getattr(_context, "value", None)
             name = record.name
-            if ctx and (name == prefix or name.startswith(prefix + ".")) and not hasattr(record, "vmbackup_vm"):
+            ours = name == prefix or name.startswith(prefix + ".")
+            if not (ours or name.startswith("prefect.task_runs")):
+                return record
+            if isinstance(record.msg, str) and record.msg.startswith("[vm="):
+                return record
+            ctx = getattr(_context, "value", None) if ours else None
+            ctx = ctx or _task_run_context()
+            if ctx:
                 record.msg = f"[{ctx}] {record.msg}"
                 record.vmbackup_vm = ctx
             return record
