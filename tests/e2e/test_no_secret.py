@@ -23,7 +23,6 @@ import threading
 from pathlib import Path
 
 import yaml
-
 from vmbackup_lab import lab_down, load_lab
 
 from .conftest import PASSWORD_ENV, base_env, run
@@ -162,9 +161,23 @@ def test_a_canary_password_appears_nowhere(tmp_path):
         api_url = json.loads(run("server", "status", "--json", env=base_env(state)).stdout)["api_url"]
         held = _server_holdings(api_url)
         assert {r["name"] for r in held["task_runs"]} >= {"backup-canary-web", "backup-canary-db"}
-        assert any(a["key"] == "vmbackup-vsphere-summary" for a in held["artifacts"])
-        assert any(a["key"] == "vmbackup-vsphere-progress" for a in held["artifacts"])
-        assert {e["event"] for e in held["events"]} >= {"vmbackup.vm.backed-up", "vmbackup.vm.failed"}
+        # What people see of the first run: its table, summary, progress and events.
+        by_key = {a["key"]: a for a in held["artifacts"]}
+        table = {r["vm"]: r for r in json.loads(by_key["vmbackup-vsphere-report"]["data"])}
+        assert table["canary-web"]["mb_per_s"] > 0 and table["canary-web"]["full_reason"] == "first backup"
+        assert table["canary-web"]["dedup_ratio"] >= 1 and table["canary-db"]["error"] == rows["canary-db"]["error"]
+        summary = by_key["vmbackup-vsphere-summary"]["data"]
+        assert "**1 of 2 VM(s) backed up**" in summary and "| repository growth |" in summary
+        assert f"| canary-db | esxc2 | vmbackup-agent-esxc2 | {rows['canary-db']['error']} |" in summary
+        assert float(by_key["vmbackup-vsphere-progress"]["data"]) == 100.0
+        events = {e["event"]: e for e in held["events"] if e["event"].startswith("vmbackup.vm.")}
+        assert events["vmbackup.vm.backed-up"]["resource"]["prefect.resource.id"] == "vmbackup.vm.canary-web"
+        assert events["vmbackup.vm.failed"]["payload"]["error"] == rows["canary-db"]["error"]
+        related = {
+            (r["prefect.resource.role"], r["prefect.resource.id"]) for r in events["vmbackup.vm.failed"]["related"]
+        }
+        assert {("host", "vmbackup.host.esxc2"), ("datastore", "vmbackup.datastore.sharedc"),
+                ("agent", "vmbackup.agent.vmbackup-agent-esxc2")} <= related, related  # fmt: skip
         assert any(fr["parameters"].get("plan_path") == str(plan) for fr in held["flow_runs"])
         failed_states = [t["state"]["message"] or "" for t in held["task_runs"] if t["name"] == "backup-canary-db"]
         assert any("quiesc" in m.lower() for m in failed_states), failed_states
