@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from .. import planning
-from . import limits, vmtask
+from . import limits, reports, vmtask
 
 DEFAULT_VM_DEADLINE = 6 * 3600.0
 
@@ -40,34 +39,52 @@ def _selection(plan: Any, vms: Sequence[str] | None) -> Any:
     )
 
 
-def _work(client: Any, vm: Any, plan: Any, agent: Any, run_id: str, token: Any) -> dict:
-    """The task body's only call: the adapter's per-VM procedure."""
+def _work(
+    client: Any, vm: Any, plan: Any, agent: Any, run_id: str, progress: reports.Progress | None, token: Any
+) -> dict:
+    """The task body's only call: the adapter's per-VM procedure, its
+    log lines carrying the VM's context, its progress summed into the run's."""
     from ..vsphere import procedure
 
-    log = get_run_logger()
+    ctx = {"vm": vm.name, "host": vm.host, "agent": agent.name}
+    log = reports.vm_logger(get_run_logger(), ctx)
     last = [0.0]
 
-    def progress(done: int, total: int) -> None:
+    def on_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress.update(vm.name, done, total)
         # One line per 10% at most: the UI keeps every log line.
         pct = 100.0 * done / total if total else 100.0
         if pct >= last[0] + 10 or done == total:
             last[0] = pct
-            log.info("%s: %.0f%% of %d bytes", vm.name, pct, total)
+            log.info("%.0f%% of %d bytes", pct, total)
 
-    result = procedure.backup_vm(client, vm, plan, agent, run_id=run_id, cancel=token, progress=progress)
+    try:
+        with reports.vm_context(ctx):
+            result = procedure.backup_vm(client, vm, plan, agent, run_id=run_id, cancel=token, progress=on_progress)
+    finally:
+        if progress is not None:
+            progress.finish(vm.name)
+    log.info("%s: %s", result.status, result.mode or result.error)
     return result.to_dict()
 
 
-def _report(rows: list[dict]) -> None:
-    columns = ["vm", "status", "mode", "transport", "consistency", "bytes_read", "bytes_stored", "seconds", "error"]
-    try:
-        create_table_artifact(
-            key="vmbackup-vsphere-report",
-            table=[{c: r.get(c) for c in columns} for r in rows],
-            description=f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} VM(s) backed up",
-        )
-    except Exception as e:  # a report that cannot be stored must not fail the backups
-        get_run_logger().warning("could not store the report artifact: %s", e)
+def _report(rows: list[dict], repository: str, size_before: int | None) -> None:
+    """The run's table and summary artifacts and one event per VM."""
+    ok = sum(r["status"] == "ok" for r in rows)
+    reports.publish_table(
+        "vmbackup-vsphere-report", reports.table_rows(rows), description=f"{ok} of {len(rows)} VM(s) backed up"
+    )
+    reports.publish_markdown(
+        "vmbackup-vsphere-summary",
+        f"vSphere backup: {ok} of {len(rows)} VM(s) backed up",
+        reports.summary_markdown(
+            rows,
+            repository_before=size_before,
+            repository_after=reports.directory_size(repository),
+        ),
+    )
+    reports.emit_vm_events(rows)
 
 
 @flow(name="backup_vsphere_vms", log_prints=False, validate_parameters=True)
@@ -92,6 +109,8 @@ def backup_vsphere_vms(
     plan = load_plan(plan_path)
     password = resolve_password(plan.connection)
     run_id = str(flow_run.get_id() or "local")
+    reports.install_context_filter()
+    size_before = reports.directory_size(str(plan.repository))
     with VSphereClient.connect(plan.connection, password) as client:
         selected = select_vms(client, _selection(plan, vms))
         agent_plan = planning.assign_agents(selected, plan.agents)
@@ -118,6 +137,11 @@ def backup_vsphere_vms(
             )
         )
 
+        progress_id = reports.create_progress("vmbackup-vsphere-progress", f"reading the disks of {len(order)} VM(s)")
+        progress = reports.Progress(lambda pct: reports.update_progress(progress_id, pct))
+        for name in order:
+            progress.expect(name, sum(d.capacity for d in by_vm[name].disks))
+
         jobs = []
         for name in order:
             vm, agent = by_vm[name], agents[agent_plan.assigned[name]]
@@ -125,7 +149,7 @@ def backup_vsphere_vms(
                 vmtask.VmJob(
                     vm=name,
                     limits=limits.vm_limit_names(agent.name, vm.host, _vm_datastores(vm)),
-                    work=functools.partial(_work, client, vm, plan, agent, run_id),
+                    work=functools.partial(_work, client, vm, plan, agent, run_id, progress),
                     row={
                         "repository": str(plan.repository),
                         "host": vm.host,
@@ -158,7 +182,8 @@ def backup_vsphere_vms(
             error=why,
         )
         rows.append(row)
-    _report(rows)
+    reports.update_progress(progress_id, 100.0)
+    _report(rows, str(plan.repository), size_before)
     failed = [r["vm"] for r in rows if r["status"] != "ok"]
     if failed:
         log.warning("%d VM(s) failed: %s", len(failed), ", ".join(failed))

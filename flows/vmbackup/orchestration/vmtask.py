@@ -175,14 +175,16 @@ def backup_vm_task(
     deadline_seconds: float | None = None,
     lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
     stop: StopSignal | None = None,
+    context: dict | None = None,
 ) -> dict:
     """Back up one VM: hold its limits, run the work with a cancel token
     that the deadline (or the run's interruption) cancels, return the
-    work's row."""
+    work's row. ``context`` (host, agent) goes on every log line with the VM."""
     from .. import _mover
+    from .reports import vm_logger
 
     stop = stop or StopSignal()
-    log = get_run_logger()
+    log = vm_logger(get_run_logger(), {**(context or {}), "vm": vm})
     if stop.stopped:
         raise RunInterruptedError(f"backup of {vm} was not started: the run was interrupted")
     log.info("waiting for limits %s", ", ".join(limit_names))
@@ -191,7 +193,7 @@ def backup_vm_task(
         t_held = time.monotonic()
         if stop.stopped:
             raise RunInterruptedError(f"backup of {vm} was not started: the run was interrupted")
-        log.info("limits held; backing up %s", vm)
+        log.info("limits held; backing up")
         token = _mover.CancelToken()
         stop.register(token)
         with _Deadline(token, deadline_seconds) as deadline:
@@ -207,7 +209,7 @@ def backup_vm_task(
                 stop.unregister(token)
         if deadline.expired.is_set() and row.get("status") != "ok":
             raise VmTimeoutError(f"backup of {vm} exceeded {deadline_seconds:g} s and was cancelled")
-    log.info("%s: %s", vm, row.get("status"))
+    log.info("%s", row.get("status"))
     # Timing for the benchmark (bench/flows.py): the wait for the limits
     # and the time they were held, around the work's own ``seconds``.
     row = dict(row, limit_wait_seconds=round(t_held - t_wait, 3), held_seconds=round(time.monotonic() - t_held, 3))
@@ -294,6 +296,7 @@ def run_vm_tasks(
                     "deadline_seconds": deadline_seconds,
                     "lease_seconds": lease_seconds,
                     "stop": quote(stop),
+                    "context": {k: job.row[k] for k in ("host", "agent") if job.row.get(k)},
                 },
             )
             for job in jobs

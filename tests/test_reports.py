@@ -1,0 +1,103 @@
+"""The reports' pure half (no Prefect): table rows, summary, events, progress, log context."""
+
+from __future__ import annotations
+
+import logging
+
+from vmbackup.orchestration import reports
+
+OK = {
+    "vm": "web01", "status": "ok", "backup_id": "B1", "repository": "/r", "mode": "full",
+    "full_reason": "first backup", "transport": "hotadd", "consistency": "application",
+    "bytes_read": 40_000_000, "bytes_stored": 10_000_000, "seconds": 5.0, "error": None,
+    "host": "esx1", "agent": "agent1", "datastores": ["ds1", "nfs/a"],
+    "disks": [{"name": "scsi0:0", "seconds": 2.0}, {"name": "scsi0:1", "seconds": 4.0}],
+}  # fmt: skip
+FAILED = {
+    "vm": "db|01", "status": "failed", "repository": "/r", "bytes_read": 0, "bytes_stored": 0,
+    "seconds": 1.0, "error": "snapshot refused", "host": "esx2", "agent": "agent2", "datastores": ["ds2"],
+}  # fmt: skip
+
+
+def test_table_rows_add_speed_dedup_and_why_full():
+    rows = reports.table_rows([OK, FAILED])
+    assert list(rows[0]) == list(reports.TABLE_COLUMNS)
+    # 40 MB over the slowest disk's 4 s (disks are read at once), 40 MB read for 10 MB stored.
+    assert rows[0]["mb_per_s"] == 10.0 and rows[0]["dedup_ratio"] == 4.0
+    assert rows[0]["full_reason"] == "first backup"
+    assert rows[1]["mb_per_s"] is None and rows[1]["dedup_ratio"] is None and rows[1]["error"] == "snapshot refused"
+
+
+def test_summary_has_totals_failures_fulls_removed_and_growth():
+    md = reports.summary_markdown(
+        [OK, FAILED],
+        repository_before=1 << 20,
+        repository_after=3 << 20,
+        removed=[{"kind": "snapshot", "name": "vmbackup-x", "vm": "web01", "removed": True}],
+    )
+    assert "**1 of 2 VM(s) backed up**, 1 failed." in md
+    assert "| db\\|01 | esx2 | agent2 | snapshot refused |" in md
+    assert "| web01 | first backup |" in md
+    assert "| repository size | 3.0 MiB |" in md and "| repository growth | 2.0 MiB |" in md
+    assert "| snapshot | vmbackup-x | web01 | removed |" in md
+    assert "| dedup ratio | 4.0 |" in md
+    assert "Removed leftovers" not in reports.summary_markdown([OK])
+    assert "Failures" not in reports.summary_markdown([OK])
+
+
+def test_vm_event_names_related_resources_and_figures():
+    ev = reports.vm_event(OK)
+    assert ev["event"] == "vmbackup.vm.backed-up"
+    assert ev["resource"]["prefect.resource.id"] == "vmbackup.vm.web01"
+    assert [(r["prefect.resource.role"], r["prefect.resource.id"]) for r in ev["related"]] == [
+        ("host", "vmbackup.host.esx1"),
+        ("datastore", "vmbackup.datastore.ds1"),
+        ("datastore", "vmbackup.datastore.nfs/a"),
+        ("agent", "vmbackup.agent.agent1"),
+        ("repository", "vmbackup.repository./r"),
+    ]
+    assert ev["payload"]["bytes_read"] == 40_000_000 and ev["payload"]["mb_per_s"] == 10.0
+    assert ev["payload"]["mode"] == "full" and ev["payload"]["backup_id"] == "B1"
+    bad = reports.vm_event(FAILED)
+    assert bad["event"] == "vmbackup.vm.failed" and bad["payload"]["error"] == "snapshot refused"
+
+
+def test_progress_is_throttled_and_reaches_100():
+    now = [0.0]
+    seen = []
+    p = reports.Progress(seen.append, min_interval=2.0, min_step=1.0, clock=lambda: now[0])
+    p.expect("a", 100)
+    p.expect("b", 100)
+    p.update("a", 10)  # first: published
+    p.update("a", 50)  # too soon
+    now[0] = 1.0
+    p.update("a", 60)  # still too soon
+    now[0] = 3.0
+    p.update("a", 60)  # due, moved 25 points
+    now[0] = 10.0
+    p.update("a", 60)  # due but did not move
+    p.finish("a")  # 50%: due? no, 0 s since the last... interval counted from 3.0: due
+    p.finish("b")  # 100%: always
+    assert seen == [5.0, 30.0, 50.0, 100.0]
+    assert p.percent() == 100.0
+
+
+def test_vm_log_lines_carry_the_context(caplog):
+    logger = logging.getLogger("vmbackup.test_reports.child")
+    reports.install_context_filter("vmbackup.test_reports")
+    with caplog.at_level(logging.INFO, logger="vmbackup.test_reports"):
+        reports.vm_logger(logger, {"vm": "web01", "host": "esx1", "agent": "a1"}).info("hello %d", 1)
+        with reports.vm_context({"vm": "db01", "host": "esx2", "agent": "a2"}):
+            logger.info("from the adapter")
+        logger.info("outside")
+    assert [r.getMessage() for r in caplog.records] == [
+        "[vm=web01 host=esx1 agent=a1] hello 1",
+        "[vm=db01 host=esx2 agent=a2] from the adapter",
+        "outside",
+    ]
+    assert caplog.records[0].vmbackup_vm == "web01"
+
+
+def test_artifact_keys_and_scrub():
+    assert reports.artifact_key("vmbackup", "Verify_Repo /x") == "vmbackup-verify-repo-x"
+    assert reports.scrub("pw=hunter2!", ["hunter2", ""]) == "pw=***!"
