@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
+import urllib.request
+
 from vmbackup import _mover
 
-from .conftest import backup, leftovers, pyvmomi_leftovers, sha
+from .conftest import backup, leftovers, pyvmomi_leftovers, run, sha
 
 
 def test_every_vm_full_then_incremental_restores_bit_exact(small_lab, env, tmp_path):
@@ -43,3 +47,13 @@ def test_every_vm_full_then_incremental_restores_bit_exact(small_lab, env, tmp_p
         assert sha(restored) == sha(image), disk
     assert leftovers(lab) == {"counters": {}, "snapshots": {}, "clones": []}
     assert pyvmomi_leftovers(small_lab) == []
+
+    # The UI lists the runs under names a person reads: backup-<plan>-<when>.
+    url = json.loads(run("server", "status", "--json", env=env).stdout)["api_url"]
+    req = urllib.request.Request(
+        f"{url}/flow_runs/filter",
+        data=json.dumps({"limit": 2, "sort": "START_TIME_DESC"}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    names = [r["name"] for r in json.load(urllib.request.urlopen(req, timeout=60))]
+    assert len(names) == 2 and all(re.fullmatch(rf"backup-{plan.stem}-\d{{8}}-\d{{6}}", n) for n in names), names

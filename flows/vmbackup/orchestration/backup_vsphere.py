@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -87,7 +89,21 @@ def _report(rows: list[dict], repository: str, size_before: int | None) -> None:
     reports.emit_vm_events(rows)
 
 
-@flow(name="backup_vsphere_vms", log_prints=False, validate_parameters=True)
+def _run_name(verb: str) -> Callable[[], str]:
+    """A flow run name a person can read in the UI's list of runs:
+    ``backup-<plan>-<when>`` (``-<vm>`` when one to three VMs were asked for)."""
+
+    def name() -> str:
+        params = flow_run.parameters or {}
+        stem = Path(str(params.get("plan_path") or "plan")).stem
+        vms = params.get("vms") or []
+        who = "-" + "-".join(vms) if 0 < len(vms) <= 3 else ""
+        return f"{verb}-{stem}{who}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    return name
+
+
+@flow(name="backup_vsphere_vms", flow_run_name=_run_name("backup"), log_prints=False, validate_parameters=True)
 def backup_vsphere_vms(
     plan_path: str,
     vms: list[str] | None = None,
@@ -196,7 +212,7 @@ def _leftover_dict(item: Any) -> dict:
     return dict(vars(item))
 
 
-@flow(name="sweep_vsphere", log_prints=False)
+@flow(name="sweep_vsphere", flow_run_name=_run_name("sweep"), log_prints=False)
 def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0) -> list[dict]:
     """Find what crashed runs left (our snapshots, linked clones, attached
     disks) older than the threshold, remove it, and report each item."""
