@@ -82,14 +82,18 @@ def test_newest_damaged_keeps_the_last_good_and_says_why():
 
 @given(
     st.lists(st.tuples(st.sampled_from("abcde"), st.integers(0, 10_000)), max_size=60),
-    st.one_of(st.integers(1, 70).map(lambda n: Sample(count=n)), st.floats(0.01, 1.0).map(lambda f: Sample(fraction=f))),
+    st.one_of(
+        st.integers(1, 70).map(lambda n: Sample(count=n)), st.floats(0.01, 1.0).map(lambda f: Sample(fraction=f))
+    ),
     st.integers(0, 2**32),
 )
 def test_the_sample_has_every_vms_newest_and_the_size_asked(items, sample, seed):
     bs = [B(f"{i:04d}", vm, float(t)) for i, (vm, t) in enumerate(items)]
     ids = choose_sample(bs, sample, random.Random(seed))
     assert len(ids) == len(set(ids)) and set(ids) <= {b.id for b in bs}
-    newest = {vm: max((b for b in bs if b.vm == vm), key=lambda b: (b.created_unix, b.id)).id for vm in {b.vm for b in bs}}
+    newest = {
+        vm: max((b for b in bs if b.vm == vm), key=lambda b: (b.created_unix, b.id)).id for vm in {b.vm for b in bs}
+    }
     assert set(newest.values()) <= set(ids)
     assert len(ids) == max(len(newest), sample.size(len(bs)))
 

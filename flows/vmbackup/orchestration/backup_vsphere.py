@@ -1,4 +1,5 @@
-"""The vSphere flows: ``backup_vsphere_vms`` and ``sweep_vsphere``.
+"""The vSphere backup flow: ``backup_vsphere_vms`` (``sweep_vsphere`` is in
+``maintenance``, and importable from here).
 
 Orchestration only: the plan, the selection, the per-VM procedure and the
 sweep are the vSphere adapter's (``vmbackup.plan``, ``vmbackup.vsphere``);
@@ -8,7 +9,6 @@ report.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -165,31 +165,7 @@ def backup_vsphere_vms(
     return rows
 
 
-def _leftover_dict(item: Any) -> dict:
-    if dataclasses.is_dataclass(item) and not isinstance(item, type):
-        return dataclasses.asdict(item)
-    return dict(vars(item))
+# The sweep is a maintenance flow now (maintenance.py); it is still importable from here.
+from .maintenance import sweep_vsphere  # noqa: E402
 
-
-@flow(name="sweep_vsphere", log_prints=False)
-def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0) -> list[dict]:
-    """Find what crashed runs left (our snapshots, linked clones, attached
-    disks) older than the threshold, remove it, and report each item."""
-    from ..plan import load_plan, resolve_password
-    from ..vsphere.client import VSphereClient
-    from ..vsphere.sweep import sweep
-
-    log = get_run_logger()
-    plan = load_plan(plan_path)
-    password = resolve_password(plan.connection)
-    with VSphereClient.connect(plan.connection, password) as client:
-        leftovers = [_leftover_dict(x) for x in sweep(client, plan, older_than_seconds=older_than_seconds)]
-    for item in leftovers:
-        log.info(
-            "%s %s of %s: %s",
-            item.get("kind"),
-            item.get("name"),
-            item.get("vm"),
-            "removed" if item.get("removed") else f"NOT removed ({item.get('error')})",
-        )
-    return leftovers
+__all__ = ["backup_vsphere_vms", "sweep_vsphere"]
