@@ -143,7 +143,7 @@ def test_a_sample_always_holds_every_vms_newest(prefect_server, site):
     for vm in ("a", "b"):
         for _ in range(3):
             newest[vm] = site.backup(vm, os.urandom(MiB))
-    r = verify_repository(plan_path=site.plan(), sample="1", read_data=False, seed=7)
+    r = verify_repository(plan_path=site.plan(), sample=1, read_data=False, seed=7)  # as a deployment passes it
     assert r["ok"] and r["sample"] == "1" and r["backups_total"] == 6
     assert sorted(r["verified"]) == sorted(newest.values()) and r["backups_checked"] == 2
     half = verify_repository(plan_path=site.plan(), sample="50%", seed=7)
@@ -185,6 +185,29 @@ def test_retention_keeps_the_last_good_backup_when_the_newest_are_damaged_and_gc
     assert ev.payload["bytes_removed"] == r["gc"]["bytes_removed"]
     md = artifact("vmbackup-apply-retention")
     assert good in md and "newest good" in md and bad[0] in md
+
+
+def test_an_untrusted_manifest_never_stands_in_for_the_good_backup(prefect_server, site):
+    from vmbackup.orchestration.maintenance import GcRefusedError, apply_retention
+
+    old = site.backup("solo", os.urandom(MiB))
+    good = site.backup("solo", os.urandom(MiB))
+    newer = site.backup("solo", os.urandom(MiB))
+    manifest = site.repo / "backups" / f"{newer}.tib"
+    data = bytearray(manifest.read_bytes())
+    data[-20] ^= 0x01  # its checksum fails: not trusted
+    manifest.write_bytes(bytes(data))
+
+    state = apply_retention(plan_path=site.plan({"last": 1}), read_data=False, return_state=True)
+    # gc refuses to run beside a manifest it cannot read: the run fails, with its report
+    err = state.result(raise_on_failure=False)
+    assert state.is_failed() and isinstance(err, GcRefusedError) and "gc refused" in str(err)
+    r = err.report
+    assert [(k["id"], k["reasons"]) for k in r["kept"]] == [(good, ["last"])]
+    assert [x["id"] for x in r["removed"]] == [old] and r["gc"] is None and "corrupt" in r["gc_error"]
+    assert [u["id"] for u in r["untrusted"]] == [newer] and manifest.exists()
+    assert r["vms_without_good_backup"] == []
+    assert "gc refused" in artifact("vmbackup-apply-retention")
 
 
 def test_maintain_commands_print_the_report_and_exit_by_it(prefect_server, site):

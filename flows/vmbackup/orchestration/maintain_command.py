@@ -114,6 +114,8 @@ def _retention_text(r: dict[str, Any]) -> str:
         lines.append(f"NO GOOD BACKUP: {', '.join(r['vms_without_good_backup'])}")
     gc = r["gc"]
     tail = f"; gc reclaimed {gc['bytes_removed']} bytes in {gc['chunks_removed']} chunk(s)" if gc else ""
+    if r.get("gc_error"):
+        tail = f"; GC REFUSED: {r['gc_error']}"
     lines.append(
         f"{'would remove' if r['dry_run'] else 'removed'} {len(r['removed'])} backup(s), kept {len(r['kept'])}{tail}"
     )
@@ -156,8 +158,11 @@ def run_maintain(args: argparse.Namespace) -> int:
         flow_fn, kw = maintenance.sweep_vsphere, {"older_than_seconds": args.older_than}
     state = flow_fn(plan_path=plan, return_state=True, **kw)
     result = state.result(raise_on_failure=False)
-    if isinstance(result, maintenance.RepositoryDamagedError):
-        _print(args, result.report, _verify_text(result.report))
+    if isinstance(result, maintenance.MaintenanceError):
+        text = _verify_text if args.maintain_command == "verify" else _retention_text
+        _print(args, result.report, text(result.report))
+        if not args.json or args.maintain_command != "verify":
+            print(f"vmbackup: error: {result}", file=sys.stderr)
         return 1
     if isinstance(result, BaseException):
         if isinstance(result, BackupError):

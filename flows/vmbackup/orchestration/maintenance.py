@@ -27,8 +27,8 @@ RETENTION_KEY = "vmbackup-apply-retention"
 SWEEP_KEY = "vmbackup-sweep-vsphere"
 
 
-class RepositoryDamagedError(BackupError):
-    """verify_repository found problems; ``report`` is the flow's report."""
+class MaintenanceError(BackupError):
+    """A maintenance flow did its report but failed; ``report`` is it."""
 
     def __init__(self, message: str, report: dict[str, Any]):
         super().__init__(message)
@@ -36,6 +36,15 @@ class RepositoryDamagedError(BackupError):
 
     def __reduce__(self) -> tuple:  # Prefect may pickle a flow's exception
         return (type(self), (str(self), self.report))
+
+
+class RepositoryDamagedError(MaintenanceError):
+    """verify_repository found problems."""
+
+
+class GcRefusedError(MaintenanceError):
+    """apply_retention removed backups, but gc refused to run (a manifest
+    it cannot read: the space stays taken until it is repaired or forgotten)."""
 
 
 # --- small local publishing helpers (to be unified with reports.py) ---------
@@ -193,7 +202,7 @@ def verify_report(repo: str, sample: str | float | int | None, read_data: bool, 
 
 @flow(name="verify_repository", log_prints=False)
 def verify_repository(
-    plan_path: str, sample: str | None = None, read_data: bool = True, seed: int | None = None
+    plan_path: str, sample: str | int | float | None = None, read_data: bool = True, seed: int | None = None
 ) -> dict[str, Any]:
     """Verify the plan's repository: every backup, or a sample (``"20"``
     backups, ``"10%"``, ``"all"``) that always holds every VM's newest.
@@ -248,6 +257,8 @@ def _retention_markdown(r: dict[str, Any]) -> str:
         f"{'data re-read' if r['read_data'] else 'chunks present'}; damaged: {len(r['damaged'])}",
         f"- gc: {gc['chunks_removed']} chunk(s), {gc['bytes_removed']} bytes reclaimed"
         if gc
+        else f"- **gc refused:** {r['gc_error']}"
+        if r["gc_error"]
         else "- gc: not run (dry run)",
         f"- chunk store: {r['repository_bytes_before']} -> {r['repository_bytes_after']} bytes",
         "\n## Kept, and why\n",
@@ -296,11 +307,16 @@ def retention_report(
     kept = [row(d) | {"reasons": d.reasons} for d in decisions if d.keep]
     removed = [row(d) for d in decisions if not d.keep]
     gc: dict[str, Any] | None = None
+    gc_error: str | None = None
     if not dry_run:
         for x in removed:
             _mover.forget(repo, x["id"])
-        g = _mover.gc(repo, grace_seconds=gc_grace_seconds)
-        gc = {k: getattr(g, k) for k in ("chunks_removed", "bytes_removed", "chunks_in_grace", "referenced_chunks")}
+        try:
+            g = _mover.gc(repo, grace_seconds=gc_grace_seconds)
+        except BackupError as e:  # e.g. an untrusted manifest: gc removes nothing then
+            gc_error = str(e)
+        else:
+            gc = {k: getattr(g, k) for k in ("chunks_removed", "bytes_removed", "chunks_in_grace", "referenced_chunks")}
     vms = sorted({b.vm for b in backups})
     good_vms = {d.backup.vm for d in decisions if d.keep and d.good}
     return {
@@ -316,6 +332,7 @@ def retention_report(
         "vms": vms,
         "vms_without_good_backup": [vm for vm in vms if vm not in good_vms],
         "gc": gc,
+        "gc_error": gc_error,
         "repository_bytes_before": before,
         "repository_bytes_after": repository_bytes(repo),
     }
@@ -330,7 +347,9 @@ def apply_retention(
     Every trusted backup is verified first (``read_data``: re-read its
     chunks); the newest good backup of each VM is always kept, untrusted
     manifests are neither counted as kept nor removed. Returns the report
-    (what was kept and why, what was removed, what gc reclaimed).
+    (what was kept and why, what was removed, what gc reclaimed). When gc
+    refuses (it does while an untrusted manifest is in the repository) the
+    flow fails with :class:`GcRefusedError` after the report and event.
     """
     from ..plan import load_plan
 
@@ -363,12 +382,17 @@ def apply_retention(
         "untrusted": len(r["untrusted"]),
         "kept_for_newest_good": [k["id"] for k in r["kept"] if "newest good" in k["reasons"]],
         "vms_without_good_backup": r["vms_without_good_backup"],
+        "gc_error": r["gc_error"],
         "chunks_removed": gc.get("chunks_removed", 0),
         "bytes_removed": gc.get("bytes_removed", 0),
         "repository_bytes_before": r["repository_bytes_before"],
         "repository_bytes_after": r["repository_bytes_after"],
     }
     _emit_maintenance_event("vmbackup.retention.applied", _repository_resource(repo), payload, r["vms"])
+    if r["gc_error"]:
+        # The backups are gone but their space is not: fail the run so that
+        # somebody looks (a repository that never gets gc fills up).
+        raise GcRefusedError(f"removed {len(r['removed'])} backup(s) but gc refused: {r['gc_error']}", r)
     return r
 
 
