@@ -97,3 +97,43 @@ def apply(policy: Policy, backups: Iterable[Dated]) -> list[Decision]:
                 d.reasons.append(rule)
         out.extend(decisions)
     return out
+
+
+NEWEST_GOOD = "newest good"
+
+
+@dataclass
+class GuardedDecision(Decision):
+    """A decision that knows whether its backup is good (trusted and verified
+    sound); ``damaged`` holds the verify problem when it is not."""
+
+    good: bool = True
+    damaged: str | None = None
+
+
+def apply_guarded(policy: Policy, backups: Iterable[Dated], damaged: dict[str, str]) -> list[GuardedDecision]:
+    """The policy's decisions, with one guarantee on top: the newest good
+    backup of every VM that has one is kept.
+
+    ``backups`` are the trusted backups (untrusted manifests are never
+    passed in, so they never count as kept); ``damaged`` maps the id of a
+    backup that failed verify to its problem. A policy with any rule keeps
+    a VM's newest backup; when that one (and maybe more) is damaged, the
+    newest backup that is not is kept too, with the reason ``newest good``,
+    so a VM whose latest backups are broken still has the one it can be
+    restored from. Damaged backups that a rule keeps stay kept (they may be
+    partly restorable); those no rule keeps are removed like any other.
+    """
+    out: list[GuardedDecision] = []
+    for d in apply(policy, backups):
+        bad = damaged.get(d.backup.id)
+        out.append(GuardedDecision(d.backup, list(d.reasons), good=bad is None, damaged=bad))
+    by_vm: dict[str, list[GuardedDecision]] = {}
+    for g in out:
+        by_vm.setdefault(g.backup.vm, []).append(g)
+    for decisions in by_vm.values():
+        # Decisions come newest first within a VM.
+        newest_good = next((g for g in decisions if g.good), None)
+        if newest_good is not None and not newest_good.keep:
+            newest_good.reasons.append(NEWEST_GOOD)
+    return out

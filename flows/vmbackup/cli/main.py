@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ..orchestration.command import add_parser as add_orchestration_parser
 
     add_orchestration_parser(sub)
+    from ..orchestration.maintain_command import add_parser as add_maintain_parser
+
+    add_maintain_parser(sub)
     return p
 
 

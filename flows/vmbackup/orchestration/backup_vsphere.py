@@ -1,4 +1,5 @@
-"""The vSphere flows: ``backup_vsphere_vms`` and ``sweep_vsphere``.
+"""The vSphere backup flow: ``backup_vsphere_vms`` (``sweep_vsphere`` is in
+``maintenance``, and importable from here).
 
 Orchestration only: the plan, the selection, the per-VM procedure and the
 sweep are the vSphere adapter's (``vmbackup.plan``, ``vmbackup.vsphere``);
@@ -8,11 +9,8 @@ report.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -89,21 +87,7 @@ def _report(rows: list[dict], repository: str, size_before: int | None) -> None:
     reports.emit_vm_events(rows)
 
 
-def _run_name(verb: str) -> Callable[[], str]:
-    """A flow run name a person can read in the UI's list of runs:
-    ``backup-<plan>-<when>`` (``-<vm>`` when one to three VMs were asked for)."""
-
-    def name() -> str:
-        params = flow_run.parameters or {}
-        stem = Path(str(params.get("plan_path") or "plan")).stem
-        vms = params.get("vms") or []
-        who = "-" + "-".join(vms) if 0 < len(vms) <= 3 else ""
-        return f"{verb}-{stem}{who}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-    return name
-
-
-@flow(name="backup_vsphere_vms", flow_run_name=_run_name("backup"), log_prints=False, validate_parameters=True)
+@flow(name="backup_vsphere_vms", flow_run_name=reports.run_name("backup"), log_prints=False, validate_parameters=True)
 def backup_vsphere_vms(
     plan_path: str,
     vms: list[str] | None = None,
@@ -206,31 +190,7 @@ def backup_vsphere_vms(
     return rows
 
 
-def _leftover_dict(item: Any) -> dict:
-    if dataclasses.is_dataclass(item) and not isinstance(item, type):
-        return dataclasses.asdict(item)
-    return dict(vars(item))
+# The sweep is a maintenance flow now (maintenance.py); it is still importable from here.
+from .maintenance import sweep_vsphere  # noqa: E402
 
-
-@flow(name="sweep_vsphere", flow_run_name=_run_name("sweep"), log_prints=False)
-def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0) -> list[dict]:
-    """Find what crashed runs left (our snapshots, linked clones, attached
-    disks) older than the threshold, remove it, and report each item."""
-    from ..plan import load_plan, resolve_password
-    from ..vsphere.client import VSphereClient
-    from ..vsphere.sweep import sweep
-
-    log = get_run_logger()
-    plan = load_plan(plan_path)
-    password = resolve_password(plan.connection)
-    with VSphereClient.connect(plan.connection, password) as client:
-        leftovers = [_leftover_dict(x) for x in sweep(client, plan, older_than_seconds=older_than_seconds)]
-    for item in leftovers:
-        log.info(
-            "%s %s of %s: %s",
-            item.get("kind"),
-            item.get("name"),
-            item.get("vm"),
-            "removed" if item.get("removed") else f"NOT removed ({item.get('error')})",
-        )
-    return leftovers
+__all__ = ["backup_vsphere_vms", "sweep_vsphere"]

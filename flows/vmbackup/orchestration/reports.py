@@ -25,6 +25,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 EVENT_BACKED_UP = "vmbackup.vm.backed-up"
@@ -479,3 +480,19 @@ def emit(
 def emit_vm_events(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     """One ``vmbackup.vm.backed-up`` or ``vmbackup.vm.failed`` per row."""
     return [emit(**vm_event(r)) for r in rows]
+
+
+def run_name(verb: str) -> Callable[[], str]:
+    """A flow run name a person can read in the UI's list of runs:
+    ``backup-<plan>-<when>`` (``-<vm>`` when one to three VMs were asked for)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run as runtime_flow_run
+
+        params = runtime_flow_run.parameters or {}
+        stem = Path(str(params.get("plan_path") or "plan")).stem
+        vms = params.get("vms") or []
+        who = "-" + "-".join(vms) if 0 < len(vms) <= 3 else ""
+        return f"{verb}-{stem}{who}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    return name

@@ -1,0 +1,178 @@
+"""``vmbackup maintain verify|retention|sweep``: the maintenance flows run
+in this process, on ``$PREFECT_API_URL`` or the embedded server, as
+``vmbackup backup`` runs the backup flow.
+
+Prefect is imported only when a command runs, after the server's address
+is in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ..errors import BackupError, InvalidInputError
+from ..sampling import parse_sample
+
+
+def add_parser(sub: Any) -> None:
+    """Adds ``maintain`` and its three commands to the command line."""
+    sp = sub.add_parser(
+        "maintain",
+        help="maintenance flows: verify the repository, apply retention, sweep vSphere",
+        description="Run a maintenance flow of a plan (verify_repository, apply_retention, sweep_vsphere) "
+        "on $PREFECT_API_URL or on the local Prefect server vmbackup starts and keeps.",
+    )
+    msub = sp.add_subparsers(dest="maintain_command", metavar="{verify,retention,sweep}")
+    msub.required = True
+
+    def cmd(name: str, helptext: str) -> argparse.ArgumentParser:
+        p = msub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--plan", required=True, metavar="FILE", help="the plan (YAML, see docs/plan.md)")
+        p.add_argument("--json", action="store_true", help="print the flow's report as one JSON document on stdout")
+        p.set_defaults(func=run_maintain)
+        return p
+
+    p = cmd("verify", "verify the plan's repository (a sample or all); exit 0 only if sound")
+    p.add_argument(
+        "--sample",
+        metavar="N|F|all",
+        help="N backups, a fraction (0.1 or 10%%) or all (default); every VM's newest is always verified",
+    )
+    p.add_argument("--no-read-data", action="store_true", help="check chunks are present, do not re-read them")
+    p.add_argument("--seed", type=int, help="seed of the random sample (default: random)")
+
+    p = cmd("retention", "verify, prune by the plan's retention (never a VM's only good backup), then gc")
+    p.add_argument("--no-read-data", action="store_true", help="verify by presence only before deciding")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing, no gc")
+    p.add_argument(
+        "--grace", type=float, default=900.0, metavar="SECONDS", help="gc keeps unreferenced chunks this young"
+    )
+
+    p = cmd("sweep", "remove what crashed runs left in vSphere (snapshots, clones, attached disks)")
+    p.add_argument(
+        "--older-than", type=float, default=3600.0, metavar="SECONDS", help="only leftovers this old (default 3600)"
+    )
+
+
+def _prepare(args: argparse.Namespace) -> str:
+    """Checks the input, then points this process at a Prefect server;
+    returns the UI's address."""
+    from ..plan import load_plan
+    from ..retention import Policy
+
+    # A bad plan: one line, exit 2, before any server starts.
+    plan = load_plan(args.plan)
+    if args.maintain_command == "retention" and (not plan.retention or Policy(**plan.retention).empty()):
+        raise InvalidInputError(f"plan {args.plan} has no retention rules (retention: {{daily: 7, ...}})")
+    import importlib.util
+
+    if importlib.util.find_spec("prefect") is None:
+        raise BackupError("`vmbackup maintain` needs Prefect: pip install 'vmbackup[prefect]'")
+    from . import server
+
+    info = server.ensure_server()
+    print(f"Prefect UI: {info.ui_url}", file=sys.stderr)
+    os.environ.update(server.client_env(info))
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    return info.ui_url
+
+
+def _print(args: argparse.Namespace, data: Any, human: str) -> None:
+    if args.json:
+        json.dump(data, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(human)
+
+
+def _verify_text(r: dict[str, Any]) -> str:
+    lines = []
+    for p in r["problems"]:
+        who = ", ".join(f"{a['backup']} (VM {a['vm']}, disk {a['disk'] or '?'})" for a in p["affected"])
+        lines.append(f"PROBLEM {p['kind']}: {p['message']}; affects {who}")
+    verdict = "sound" if r["ok"] else f"{len(r['problems'])} problem(s); VMs affected: {', '.join(r['vms_affected'])}"
+    lines.append(
+        f"verified {r['backups_checked']} of {r['backups_total']} backup(s) (sample {r['sample']}), "
+        f"{r['chunks_checked']} chunk(s) {'re-read' if r['read_data'] else 'present'}: {verdict}"
+    )
+    return "\n".join(lines)
+
+
+def _retention_text(r: dict[str, Any]) -> str:
+    lines = [
+        f"keep   {k['id']} {k['vm']} ({', '.join(k['reasons'])}){' DAMAGED: ' + k['damaged'] if k['damaged'] else ''}"
+        for k in r["kept"]
+    ]
+    lines += [f"{'remove' if r['dry_run'] else 'gone  '} {x['id']} {x['vm']}" for x in r["removed"]]
+    lines += [f"untrusted {u['id']} (left alone: {u['problem']})" for u in r["untrusted"]]
+    if r["vms_without_good_backup"]:
+        lines.append(f"NO GOOD BACKUP: {', '.join(r['vms_without_good_backup'])}")
+    gc = r["gc"]
+    tail = f"; gc reclaimed {gc['bytes_removed']} bytes in {gc['chunks_removed']} chunk(s)" if gc else ""
+    if r.get("gc_error"):
+        tail = f"; GC REFUSED: {r['gc_error']}"
+    lines.append(
+        f"{'would remove' if r['dry_run'] else 'removed'} {len(r['removed'])} backup(s), kept {len(r['kept'])}{tail}"
+    )
+    return "\n".join(lines)
+
+
+def _sweep_text(items: list[dict]) -> str:
+    lines = [
+        f"{i.get('kind')} {i.get('name')} of {i.get('vm')}: "
+        + ("removed" if i.get("removed") else f"NOT removed ({i.get('error')})")
+        for i in items
+    ]
+    lines.append(f"{sum(bool(i.get('removed')) for i in items)} of {len(items)} leftover(s) removed")
+    return "\n".join(lines)
+
+
+def run_maintain(args: argparse.Namespace) -> int:
+    sample = getattr(args, "sample", None)
+    if sample is not None:
+        parse_sample(sample)  # bad input: exit 2 before any server starts
+    for flag in ("grace", "older_than"):
+        if getattr(args, flag, 0) < 0:
+            raise InvalidInputError(f"--{flag.replace('_', '-')} must not be negative")
+    ui = _prepare(args)
+    from . import maintenance
+    from .vmtask import one_line
+
+    plan = os.path.abspath(args.plan)
+    if args.maintain_command == "verify":
+        flow_fn, kw = (
+            maintenance.verify_repository,
+            {"sample": sample, "read_data": not args.no_read_data, "seed": args.seed},
+        )
+    elif args.maintain_command == "retention":
+        flow_fn, kw = (
+            maintenance.apply_retention,
+            {"read_data": not args.no_read_data, "dry_run": args.dry_run, "gc_grace_seconds": args.grace},
+        )
+    else:
+        flow_fn, kw = maintenance.sweep_vsphere, {"older_than_seconds": args.older_than}
+    state = flow_fn(plan_path=plan, return_state=True, **kw)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, maintenance.MaintenanceError):
+        text = _verify_text if args.maintain_command == "verify" else _retention_text
+        _print(args, result.report, text(result.report))
+        if not args.json or args.maintain_command != "verify":
+            print(f"vmbackup: error: {result}", file=sys.stderr)
+        return 1
+    if isinstance(result, BaseException):
+        if isinstance(result, BackupError):
+            raise result
+        raise BackupError(f"the {args.maintain_command} flow failed: {one_line(result)} (details: {ui})")
+    if args.maintain_command == "verify":
+        _print(args, result, _verify_text(result))
+        return 0
+    if args.maintain_command == "retention":
+        _print(args, result, _retention_text(result))
+        return 0
+    _print(args, {"leftovers": result}, _sweep_text(result))
+    return 0 if all(i.get("removed") for i in result) else 1
