@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,40 @@ from .. import planning
 from . import limits, vmtask
 
 DEFAULT_VM_DEADLINE = 6 * 3600.0
+# Set on a worker that serves one agent's work pool (the systemd unit in
+# deployments/ does): a run for another agent is refused there, since the
+# hot-added disks would appear on the other agent's machine.
+AGENT_ENV = "VMBACKUP_AGENT"
+REPORT_KEY = "vmbackup-vsphere-report"
+
+
+class AgentMismatchError(Exception):
+    """A per-agent run landed on a worker of another agent."""
+
+
+def _with_secret(plan: Any, password_secret: str | None) -> Any:
+    """The plan, reading its password from the Secret block ``password_secret``
+    when one is named (a deployment's parameters hold block names, never secrets)."""
+    if not password_secret:
+        return plan
+    conn = plan.connection.model_copy(update={"password_secret": password_secret, "password_env": None})
+    return plan.model_copy(update={"connection": conn})
+
+
+def _only_agent(plan: Any, agent: str | None) -> list[Any]:
+    """The agents this run may use: all of the plan's, or only ``agent``
+    (a per-agent deployment run on that agent's worker)."""
+    if agent is None:
+        return list(plan.agents)
+    found = [a for a in plan.agents if a.name == agent]
+    if not found:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"the plan has no agent named '{agent}'")
+    here = os.environ.get(AGENT_ENV)
+    if here and here != agent:
+        raise AgentMismatchError(f"this worker serves agent '{here}', not '{agent}': check the deployment's work pool")
+    return found
 
 
 def _vm_datastores(vm: Any) -> list[str]:
@@ -62,7 +97,7 @@ def _report(rows: list[dict]) -> None:
     columns = ["vm", "status", "mode", "transport", "consistency", "bytes_read", "bytes_stored", "seconds", "error"]
     try:
         create_table_artifact(
-            key="vmbackup-vsphere-report",
+            key=REPORT_KEY,
             table=[{c: r.get(c) for c in columns} for r in rows],
             description=f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} VM(s) backed up",
         )
@@ -76,27 +111,36 @@ def backup_vsphere_vms(
     vms: list[str] | None = None,
     vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
     lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    agent: str | None = None,
+    password_secret: str | None = None,
+    fail_on_error: bool = False,
 ) -> list[dict]:
     """Back up the plan's VMs (or only ``vms``), one task per VM.
 
     Returns a row per VM (``vmbackup backup`` prints them): failures are
-    rows with ``status: failed`` and a one-line ``error``, not exceptions.
-    Raises only when nothing can start: a bad plan, a refused connection,
-    an unknown VM name.
+    rows with ``status: failed`` and a one-line ``error``, not exceptions
+    (with ``fail_on_error``, the run then ends Failed after its report, for
+    deployments whose state people and CI watch). Raises when nothing can
+    start: a bad plan, a refused connection, an unknown VM name.
+
+    ``agent``: only this agent of the plan backs up (a per-agent deployment
+    run, on the worker of that agent's pool). ``password_secret``: the name of
+    a Prefect Secret block holding the vSphere password, instead of the plan's.
     """
     from ..plan import load_plan, resolve_password
     from ..vsphere.client import VSphereClient
     from ..vsphere.inventory import select_vms
 
     log = get_run_logger()
-    plan = load_plan(plan_path)
+    plan = _with_secret(load_plan(plan_path), password_secret)
+    usable = _only_agent(plan, agent)
     password = resolve_password(plan.connection)
     run_id = str(flow_run.get_id() or "local")
     with VSphereClient.connect(plan.connection, password) as client:
         selected = select_vms(client, _selection(plan, vms))
-        agent_plan = planning.assign_agents(selected, plan.agents)
+        agent_plan = planning.assign_agents(selected, usable)
         by_vm = {v.name: v for v in selected}
-        agents = {a.name: a for a in plan.agents}
+        agents = {a.name: a for a in usable}
         order = planning.submission_order(selected, agent_plan)
         log.info(
             "%d VM(s) selected, %d assigned over %d agent(s), %d unassignable",
@@ -162,7 +206,13 @@ def backup_vsphere_vms(
     failed = [r["vm"] for r in rows if r["status"] != "ok"]
     if failed:
         log.warning("%d VM(s) failed: %s", len(failed), ", ".join(failed))
+        if fail_on_error:
+            raise VmsFailedError(f"{len(failed)} of {len(rows)} VM(s) failed: {', '.join(failed)}")
     return rows
+
+
+class VmsFailedError(Exception):
+    """Some VMs of a deployment run failed (their rows are in the report)."""
 
 
 def _leftover_dict(item: Any) -> dict:
@@ -172,15 +222,16 @@ def _leftover_dict(item: Any) -> dict:
 
 
 @flow(name="sweep_vsphere", log_prints=False)
-def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0) -> list[dict]:
+def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0, password_secret: str | None = None) -> list[dict]:
     """Find what crashed runs left (our snapshots, linked clones, attached
-    disks) older than the threshold, remove it, and report each item."""
+    disks) older than the threshold, remove it, and report each item.
+    ``password_secret`` as for ``backup_vsphere_vms``."""
     from ..plan import load_plan, resolve_password
     from ..vsphere.client import VSphereClient
     from ..vsphere.sweep import sweep
 
     log = get_run_logger()
-    plan = load_plan(plan_path)
+    plan = _with_secret(load_plan(plan_path), password_secret)
     password = resolve_password(plan.connection)
     with VSphereClient.connect(plan.connection, password) as client:
         leftovers = [_leftover_dict(x) for x in sweep(client, plan, older_than_seconds=older_than_seconds)]
