@@ -94,7 +94,18 @@ def _work(client: Any, vm: Any, plan: Any, agent: Any, run_id: str, token: Any) 
 
 
 def _report(rows: list[dict]) -> None:
-    columns = ["vm", "status", "mode", "transport", "consistency", "bytes_read", "bytes_stored", "seconds", "error"]
+    columns = [
+        "vm",
+        "status",
+        "backup_id",
+        "mode",
+        "transport",
+        "consistency",
+        "bytes_read",
+        "bytes_stored",
+        "seconds",
+        "error",
+    ]
     try:
         create_table_artifact(
             key=REPORT_KEY,

@@ -136,7 +136,7 @@ def backup_vsphere_site(
     for name, why in sorted(agent_plan.unassignable.items()):
         rows.append({"vm": name, "status": "failed", "agent": None, "flow_run": None, "error": why})
 
-    columns = ["vm", "status", "agent", "mode", "bytes_read", "bytes_stored", "seconds", "error"]
+    columns = ["vm", "status", "agent", "backup_id", "mode", "bytes_read", "bytes_stored", "seconds", "error"]
     create_table_artifact(
         key="vmbackup-vsphere-site-report",
         table=[{c: r.get(c) for c in columns} for r in rows],
