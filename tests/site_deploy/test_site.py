@@ -56,6 +56,20 @@ def _stop(p: subprocess.Popen) -> None:
     p.wait(timeout=60)
 
 
+def _start_worker(env: dict[str, str], pool: str, agent: str | None, log: Path) -> tuple[subprocess.Popen, Path]:
+    """``prefect worker start`` for one pool, as the systemd unit runs it."""
+    wenv = dict(env, VMBACKUP_AGENT=agent) if agent else dict(env)
+    w = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", pool, "--name", f"worker-{pool}", "--type", "process"],
+        env=wenv,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd="/",
+    )
+    return w, log
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The lab, a Prefect server with the Secret block, the work pools and the deployments."""
@@ -149,16 +163,7 @@ def site(tmp_path_factory):
 
         workers = {}
         for pool, agent in [("vmbackup-control", None), *((a, a) for a in AGENTS)]:
-            wenv = dict(env, VMBACKUP_AGENT=agent) if agent else dict(env)
-            log = tmp / f"worker-{pool}.log"
-            w = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", pool, "--name", f"worker-{pool}", "--type", "process"],
-                env=wenv,
-                stdout=open(log, "w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd="/",
-            )
+            w, log = _start_worker(env, pool, agent, tmp / f"worker-{pool}.log")
             procs.append(w)
             workers[pool] = (w, log)
         yield {
@@ -168,6 +173,7 @@ def site(tmp_path_factory):
             "workers": workers,
             "repository": plan["repository"],
             "password": summary["vsphere"]["password"],
+            "procs": procs,
             "vms": sorted(v["name"] for v in json.loads((HERE / "topology.json").read_text())["vms"]),
         }
     finally:
@@ -268,3 +274,118 @@ def _sha(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found through /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _holding(lab, agent: str) -> bool:
+    counters = lab.status()["counters"]
+    return counters["attached_disks"]["agent"].get(agent, {}).get("now", 0) > 0
+
+
+def _read_limits(env: dict[str, str], names: list[str]) -> dict[str, tuple[int, int]]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from vmbackup.orchestration import limits
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return limits.read_limits(names)
+
+
+def _set_final(env: dict[str, str], flow_run_id) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Crashed(message="its worker was killed"), force=True)
+
+
+def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(site):
+    from vmbackup.orchestration import limits
+
+    lab, env = site["lab"], site["env"]
+    killed = AGENTS[0]  # esx1's agent: it has s-big01, whose read takes a while
+    lab.write("s-big01", "scsi0:0", 0, 320 << 20, seed=7)
+    seen = {str(r.id) for a in AGENTS for r in _flow_runs(env, a)}
+    out = Path(site["plan"]).parent / "watch-killed.log"
+    watch = subprocess.Popen(
+        [PREFECT, "deployment", "run", "backup_vsphere_site/vsphere-nightly", "--param", "lease_seconds=60", "--watch"],
+        env=env,
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        cwd="/",
+    )
+    site["procs"].append(watch)
+    worker, log = site["workers"][killed]
+    # Watch the lab's counters until the agent holds a hot-added disk, then
+    # kill its worker and the run it started, as if the machine died.
+    while watch.poll() is None and not _holding(lab, killed):
+        pass
+    assert watch.poll() is None, out.read_text()
+    victims = [worker.pid, *_descendants(worker.pid)]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    worker.wait()
+    assert lab.status()["counters"]["attached_disks"]["agent"][killed]["now"] > 0
+    t_kill = time.monotonic()
+
+    # Its limit slots come back when the lease (60 s) expires.
+    names = [limits.limit_name("agent", killed), limits.limit_name("host", "esx1")]
+    while any(active for _, active in _read_limits(env, names).values()):
+        time.sleep(1)  # a pause between polls of the condition, not a wait for it
+    print(f"slots back {time.monotonic() - t_kill:.1f} s after the kill")
+
+    # Nothing marks the dead run Crashed on its own (docs/flows.md): an
+    # operator (or an automation) does; the planner then ends, failing.
+    dead = [r for r in _flow_runs(env, killed) if str(r.id) not in seen]
+    assert len(dead) == 1 and dead[0].state.is_running(), dead
+    other = [r for r in _flow_runs(env, AGENTS[1]) if str(r.id) not in seen]
+    assert len(other) == 1
+    _set_final(env, dead[0].id)
+    assert watch.wait(timeout=600) == 1, out.read_text()
+    planner = [r for r in _flow_runs(env, "vsphere-nightly") if r.state.is_failed()]
+    rows = _site_rows(env, planner[-1].id)
+    lost = sorted(r["vm"] for r in rows if r["status"] != "ok")
+    assert lost and set(lost) <= set(dead[0].parameters["vms"]), rows
+    assert all(r["status"] == "ok" for r in rows if r["agent"] == AGENTS[1]), rows
+
+    # The sweeper removes the snapshot and the attachment the dead run left.
+    assert any(c["now"] for c in lab.status()["counters"]["snapshots"]["host"].values())
+    p = _run(
+        [PREFECT, "deployment", "run", "sweep_vsphere/vsphere-sweep", "--param", "older_than_seconds=0", "--watch"], env
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    counters = lab.status()["counters"]
+    assert all(
+        c["now"] == 0
+        for kind in ("snapshots", "attached_disks")
+        for scope in counters[kind].values()
+        for c in scope.values()
+    ), counters
+
+    # The agent's worker comes back (systemd restarts it); the next run backs those VMs up.
+    w, log = _start_worker(env, killed, killed, log)
+    site["procs"].append(w)
+    site["workers"][killed] = (w, log)
+    p = _run([PREFECT, "deployment", "run", "backup_vsphere_site/vsphere-nightly", "--watch"], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    planner = [r for r in _flow_runs(env, "vsphere-nightly") if r.state.is_completed()]
+    rows = {r["vm"]: r for r in _site_rows(env, max(planner, key=lambda r: r.start_time).id)}
+    assert all(rows[vm]["status"] == "ok" for vm in lost), rows
