@@ -10,6 +10,7 @@ report.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,40 @@ from .. import planning
 from . import limits, reports, vmtask
 
 DEFAULT_VM_DEADLINE = 6 * 3600.0
+# Set on a worker that serves one agent's work pool (the systemd unit in
+# deployments/ does): a run for another agent is refused there, since the
+# hot-added disks would appear on the other agent's machine.
+AGENT_ENV = "VMBACKUP_AGENT"
+REPORT_KEY = "vmbackup-vsphere-report"
+
+
+class AgentMismatchError(Exception):
+    """A per-agent run landed on a worker of another agent."""
+
+
+def _with_secret(plan: Any, password_secret: str | None) -> Any:
+    """The plan, reading its password from the Secret block ``password_secret``
+    when one is named (a deployment's parameters hold block names, never secrets)."""
+    if not password_secret:
+        return plan
+    conn = plan.connection.model_copy(update={"password_secret": password_secret, "password_env": None})
+    return plan.model_copy(update={"connection": conn})
+
+
+def _only_agent(plan: Any, agent: str | None) -> list[Any]:
+    """The agents this run may use: all of the plan's, or only ``agent``
+    (a per-agent deployment run on that agent's worker)."""
+    if agent is None:
+        return list(plan.agents)
+    found = [a for a in plan.agents if a.name == agent]
+    if not found:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"the plan has no agent named '{agent}'")
+    here = os.environ.get(AGENT_ENV)
+    if here and here != agent:
+        raise AgentMismatchError(f"this worker serves agent '{here}', not '{agent}': check the deployment's work pool")
+    return found
 
 
 def _vm_datastores(vm: Any) -> list[str]:
@@ -72,9 +107,7 @@ def _work(
 def _report(rows: list[dict], repository: str, size_before: int | None) -> None:
     """The run's table and summary artifacts and one event per VM."""
     ok = sum(r["status"] == "ok" for r in rows)
-    reports.publish_table(
-        "vmbackup-vsphere-report", reports.table_rows(rows), description=f"{ok} of {len(rows)} VM(s) backed up"
-    )
+    reports.publish_table(REPORT_KEY, reports.table_rows(rows), description=f"{ok} of {len(rows)} VM(s) backed up")
     reports.publish_markdown(
         "vmbackup-vsphere-summary",
         f"vSphere backup: {ok} of {len(rows)} VM(s) backed up",
@@ -93,29 +126,38 @@ def backup_vsphere_vms(
     vms: list[str] | None = None,
     vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
     lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    agent: str | None = None,
+    password_secret: str | None = None,
+    fail_on_error: bool = False,
 ) -> list[dict]:
     """Back up the plan's VMs (or only ``vms``), one task per VM.
 
     Returns a row per VM (``vmbackup backup`` prints them): failures are
-    rows with ``status: failed`` and a one-line ``error``, not exceptions.
-    Raises only when nothing can start: a bad plan, a refused connection,
-    an unknown VM name.
+    rows with ``status: failed`` and a one-line ``error``, not exceptions
+    (with ``fail_on_error``, the run then ends Failed after its report, for
+    deployments whose state people and CI watch). Raises when nothing can
+    start: a bad plan, a refused connection, an unknown VM name.
+
+    ``agent``: only this agent of the plan backs up (a per-agent deployment
+    run, on the worker of that agent's pool). ``password_secret``: the name of
+    a Prefect Secret block holding the vSphere password, instead of the plan's.
     """
     from ..plan import load_plan, resolve_password
     from ..vsphere.client import VSphereClient
     from ..vsphere.inventory import select_vms
 
     log = get_run_logger()
-    plan = load_plan(plan_path)
+    plan = _with_secret(load_plan(plan_path), password_secret)
+    usable = _only_agent(plan, agent)
     password = resolve_password(plan.connection)
     run_id = str(flow_run.get_id() or "local")
     reports.install_context_filter()
     size_before = reports.directory_size(str(plan.repository))
     with VSphereClient.connect(plan.connection, password) as client:
         selected = select_vms(client, _selection(plan, vms))
-        agent_plan = planning.assign_agents(selected, plan.agents)
+        agent_plan = planning.assign_agents(selected, usable)
         by_vm = {v.name: v for v in selected}
-        agents = {a.name: a for a in plan.agents}
+        agents = {a.name: a for a in usable}
         order = planning.submission_order(selected, agent_plan)
         log.info(
             "%d VM(s) selected, %d assigned over %d agent(s), %d unassignable",
@@ -187,7 +229,13 @@ def backup_vsphere_vms(
     failed = [r["vm"] for r in rows if r["status"] != "ok"]
     if failed:
         log.warning("%d VM(s) failed: %s", len(failed), ", ".join(failed))
+        if fail_on_error:
+            raise VmsFailedError(f"{len(failed)} of {len(rows)} VM(s) failed: {', '.join(failed)}")
     return rows
+
+
+class VmsFailedError(Exception):
+    """Some VMs of a deployment run failed (their rows are in the report)."""
 
 
 # The sweep is a maintenance flow now (maintenance.py); it is still importable from here.

@@ -412,16 +412,18 @@ def _sweep_markdown(items: list[dict], older_than_seconds: float) -> str:
 
 
 @flow(name="sweep_vsphere", flow_run_name=reports.run_name("sweep"), log_prints=False)
-def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0) -> list[dict]:
+def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0, password_secret: str | None = None) -> list[dict]:
     """Find what crashed runs left (our snapshots, linked clones, attached
     disks) older than the threshold, remove it, and report each item (a
-    markdown artifact and a ``vmbackup.sweep.done`` event too)."""
+    markdown artifact and a ``vmbackup.sweep.done`` event too).
+    ``password_secret``: a Prefect Secret block's name, as for ``backup_vsphere_vms``."""
     from ..plan import load_plan, resolve_password
     from ..vsphere.client import VSphereClient
     from ..vsphere.sweep import sweep
+    from .backup_vsphere import _with_secret
 
     log = get_run_logger()
-    plan = load_plan(plan_path)
+    plan = _with_secret(load_plan(plan_path), password_secret)
     password = resolve_password(plan.connection)
     with VSphereClient.connect(plan.connection, password) as client:
         leftovers = [_leftover_dict(x) for x in sweep(client, plan, older_than_seconds=older_than_seconds)]

@@ -1,0 +1,148 @@
+"""The site's nightly backup: plan here, back up on each agent's worker.
+
+``backup_vsphere_site`` loads the plan, selects the VMs and assigns them to
+agents (``vmbackup.planning``, the same assignment ``vmbackup backup``
+makes), then starts one flow run per agent of the per-agent deployment
+``backup_vsphere_vms/<agent>`` (``agent_deployment``), which lives in that
+agent's work pool: the worker on that agent picks it up, so the per-VM work
+runs where the hot-added disks appear. The limits are Prefect's global
+concurrency limits on the server, shared by every worker.
+
+The per-agent runs are subflows of this run (the UI shows them under it);
+their reports (table artifacts) are read back into one report here, and this
+run fails when any VM failed or any agent's run did not complete, so
+``prefect deployment run backup_vsphere_site/vsphere-nightly --watch`` exits
+1 then.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from .. import planning
+from . import limits
+from .backup_vsphere import DEFAULT_VM_DEADLINE, REPORT_KEY, VmsFailedError, _selection, _vm_datastores, _with_secret
+
+DEFAULT_AGENT_DEPLOYMENT = "backup_vsphere_vms/{agent}"
+POLL_SECONDS = 2.0
+
+
+def _agent_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
+    """The rows of one agent's run, from its report artifact; a VM the
+    report does not have failed with the run's state as its reason."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    arts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[REPORT_KEY])
+        )
+    )
+    rows: dict[str, dict] = {}
+    for art in arts:
+        data = json.loads(art.data) if isinstance(art.data, str) else art.data
+        for r in data or []:
+            rows[r["vm"]] = r
+    state = run.state.name if run.state else "unknown"
+    for vm in vms:
+        rows.setdefault(
+            vm,
+            {"vm": vm, "status": "failed", "error": f"the agent's flow run {run.name} ended {state} without a report"},
+        )
+    return [rows[vm] for vm in vms]
+
+
+@flow(name="backup_vsphere_site", log_prints=False, validate_parameters=True)
+def backup_vsphere_site(
+    plan_path: str,
+    password_secret: str | None = None,
+    agent_deployment: str = DEFAULT_AGENT_DEPLOYMENT,
+    vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
+    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+) -> list[dict]:
+    """Assign the plan's VMs to agents and back them up, each agent's VMs in
+    a flow run of ``agent_deployment`` (``{agent}`` is the agent's name) on
+    that agent's worker. Returns every VM's row (with ``agent`` and
+    ``flow_run``); fails when any VM failed."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from ..plan import load_plan, resolve_password
+    from ..vsphere.client import VSphereClient
+    from ..vsphere.inventory import select_vms
+
+    log = get_run_logger()
+    plan = _with_secret(load_plan(plan_path), password_secret)
+    password = resolve_password(plan.connection)
+    with VSphereClient.connect(plan.connection, password) as vc:
+        selected = select_vms(vc, _selection(plan, None))
+    agent_plan = planning.assign_agents(selected, plan.agents)
+    by_vm = {v.name: v for v in selected}
+    order = planning.submission_order(selected, agent_plan)
+    per_agent: dict[str, list[str]] = {}
+    for name in order:
+        per_agent.setdefault(agent_plan.assigned[name], []).append(name)
+    # The limits exist before any agent's run asks for them.
+    limits.ensure_limits(
+        limits.limit_values(
+            sorted(per_agent),
+            sorted({by_vm[v].host for v in order}),
+            sorted({d for v in order for d in _vm_datastores(by_vm[v])}),
+            per_agent=plan.limits.per_agent,
+            per_host=plan.limits.per_host,
+            per_datastore=plan.limits.per_datastore,
+        )
+    )
+
+    runs = {}
+    for agent, vms in sorted(per_agent.items()):
+        name = agent_deployment.format(agent=agent)
+        # timeout=0: start it and go on; every agent's run goes at once.
+        runs[agent] = run_deployment(
+            name=name,
+            parameters={
+                "plan_path": plan_path,
+                "vms": vms,
+                "agent": agent,
+                "password_secret": password_secret,
+                "vm_deadline_seconds": vm_deadline_seconds,
+                "lease_seconds": lease_seconds,
+                "fail_on_error": True,
+            },
+            timeout=0,
+            flow_run_name=f"{agent}: {len(vms)} VM(s)",
+        )
+        log.info("%s: %d VM(s) in flow run %s of %s", agent, len(vms), runs[agent].name, name)
+
+    rows: list[dict] = []
+    with get_client(sync_client=True) as client:
+        pending = dict(runs)
+        while pending:
+            for agent, run in list(pending.items()):
+                run = client.read_flow_run(run.id)
+                if run.state is not None and run.state.is_final():
+                    runs[agent] = run
+                    del pending[agent]
+                    log.info("%s: flow run %s ended %s", agent, run.name, run.state.name)
+            if pending:
+                time.sleep(POLL_SECONDS)
+        for agent, run in sorted(runs.items()):
+            for r in _agent_rows(client, run, per_agent[agent]):
+                rows.append({**r, "agent": agent, "flow_run": str(run.id)})
+    for name, why in sorted(agent_plan.unassignable.items()):
+        rows.append({"vm": name, "status": "failed", "agent": None, "flow_run": None, "error": why})
+
+    columns = ["vm", "status", "agent", "backup_id", "mode", "bytes_read", "bytes_stored", "seconds", "error"]
+    create_table_artifact(
+        key="vmbackup-vsphere-site-report",
+        table=[{c: r.get(c) for c in columns} for r in rows],
+        description=f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} VM(s) backed up over {len(runs)} agent(s)",
+    )
+    failed = [r["vm"] for r in rows if r.get("status") != "ok"]
+    if failed:
+        raise VmsFailedError(f"{len(failed)} of {len(rows)} VM(s) failed: {', '.join(failed)}")
+    return rows

@@ -1,0 +1,378 @@
+"""The site: a Prefect server, one worker per agent, deployments/prefect.yaml,
+and a deployment run started from the command line the way CI does.
+
+Real processes only: `prefect server start` (SQLite, a temporary
+PREFECT_HOME), `prefect work-pool create`, `prefect deploy` of the shipped
+deployments/prefect.yaml, three `prefect worker start` (the control pool and
+one per lab agent, each with VMBACKUP_AGENT set as the systemd unit sets
+it), the lab (`vmbackup lab up`), and `prefect deployment run ... --watch`.
+The password reaches the runs only through a Secret block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).parent
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+SECRET = "vsphere-password-site"
+LIMITS = {"per_agent": 2, "per_host": 1, "per_datastore": 2, "disks_per_vm": 2}
+AGENTS = ["vmbackup-agent-esx1", "vmbackup-agent-esx2"]  # the lab's, and deployments/prefect.yaml's
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VMBACKUP_"))}
+    env.update(PREFECT_HOME=str(home), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd="/")
+
+
+def _stop(p: subprocess.Popen) -> None:
+    """Ends a process this test started, and its process group."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+
+
+def _start_worker(env: dict[str, str], pool: str, agent: str | None, log: Path) -> tuple[subprocess.Popen, Path]:
+    """``prefect worker start`` for one pool, as the systemd unit runs it."""
+    wenv = dict(env, VMBACKUP_AGENT=agent) if agent else dict(env)
+    w = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", pool, "--name", f"worker-{pool}", "--type", "process"],
+        env=wenv,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd="/",
+    )
+    return w, log
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The lab, a Prefect server with the Secret block, the work pools and the deployments."""
+    from vmbackup_lab import lab_down, load_lab
+
+    tmp = tmp_path_factory.mktemp("site")
+    procs: list[subprocess.Popen] = []
+    lab_state = tmp / "lab"
+    env0 = _base_env(tmp / "unused")
+    p = _run(
+        [
+            sys.executable,
+            "-m",
+            "vmbackup",
+            "lab",
+            "up",
+            "--state",
+            str(lab_state),
+            "--topology",
+            str(HERE / "topology.json"),
+            "--json",
+        ],
+        env0,
+    )
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    try:
+        plan = yaml.safe_load(Path(summary["plan"]).read_text())
+        plan["limits"] = LIMITS
+        assert sorted(a["name"] for a in plan["agents"]) == AGENTS
+        plan_path = tmp / "plan.yaml"
+        plan_path.write_text(yaml.safe_dump(plan))
+
+        port = _free_port()
+        env = _base_env(tmp / "prefect")
+        env.update(
+            PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+            PREFECT_SERVER_API_PORT=str(port),
+            PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false",
+            PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="1",
+            PREFECT_LOGGING_EXTRA_LOGGERS="vmbackup",
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30",  # as the worker's systemd unit sets it
+        )
+        t0 = time.monotonic()
+        server = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=open(tmp / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd="/",
+        )
+        procs.append(server)
+        while True:  # until it answers (or exits: then the test fails with its log)
+            assert server.poll() is None, (tmp / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        print(f"server healthy after {time.monotonic() - t0:.1f} s")
+
+        # The password goes into a Secret block, and only there.
+        code = (
+            "import os,sys; from prefect.blocks.system import Secret; Secret(value=os.environ['PW']).save(sys.argv[1])"
+        )
+        p = _run([sys.executable, "-c", code, SECRET], dict(env, PW=summary["vsphere"]["password"]))
+        assert p.returncode == 0, p.stderr
+        p = _run([PREFECT, "automation", "create", "--from-file", str(ROOT / "deployments" / "crashed-runs.yaml")], env)
+        assert p.returncode == 0 and "Failed" not in p.stdout, p.stdout + p.stderr
+        for pool in ["vmbackup-control", *AGENTS]:
+            p = _run([PREFECT, "work-pool", "create", pool, "--type", "process"], env)
+            assert p.returncode == 0, p.stdout + p.stderr
+
+        # Every deployment of the shipped file, non-interactively (`--all`).
+        spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+        names = [d["name"] for d in spec["deployments"]]
+        assert {"vsphere-nightly", "vsphere-sweep", "verify-weekly", "retention", *AGENTS} <= set(names)
+        denv = dict(env, VMBACKUP_PLAN=str(plan_path), VMBACKUP_PASSWORD_SECRET=SECRET)
+        t0 = time.monotonic()
+        args = [PREFECT, "--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml")]
+        args += ["--all"]
+        p = _run(args, denv)
+        assert p.returncode == 0, p.stdout + p.stderr
+        print(f"prefect deploy of {len(names)} deployments: {time.monotonic() - t0:.1f} s")
+
+        workers = {}
+        for pool, agent in [("vmbackup-control", None), *((a, a) for a in AGENTS)]:
+            w, log = _start_worker(env, pool, agent, tmp / f"worker-{pool}.log")
+            procs.append(w)
+            workers[pool] = (w, log)
+        yield {
+            "env": env,
+            "plan": plan_path,
+            "lab": load_lab(lab_state),
+            "workers": workers,
+            "repository": plan["repository"],
+            "password": summary["vsphere"]["password"],
+            "procs": procs,
+            "vms": sorted(v["name"] for v in json.loads((HERE / "topology.json").read_text())["vms"]),
+        }
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        lab_down(lab_state)
+
+
+def _flow_runs(env: dict[str, str], deployment: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
+            )
+
+
+def test_nightly_deployment_splits_vms_over_agent_workers(site):
+    from vmbackup import _mover
+
+    lab = site["lab"]
+    lab.reset_counters()
+    t0 = time.monotonic()
+    p = _run([PREFECT, "deployment", "run", "backup_vsphere_site/vsphere-nightly", "--watch"], site["env"])
+    elapsed = time.monotonic() - t0
+    print(f"prefect deployment run --watch: {elapsed:.1f} s for {len(site['vms'])} VMs")
+    assert p.returncode == 0, p.stdout + p.stderr
+
+    # One flow run per agent, in that agent's pool, run by that agent's worker.
+    backed_up = {}
+    for agent in AGENTS:
+        runs = _flow_runs(site["env"], agent)
+        assert len(runs) == 1, runs
+        run = runs[0]
+        assert run.state.is_completed(), run.state
+        assert run.work_pool_name == agent
+        assert run.parameters["agent"] == agent and run.parameters["password_secret"] == SECRET
+        backed_up[agent] = run.parameters["vms"]
+        mine = site["workers"][agent][1].read_text()
+        assert str(run.id) in mine, mine[-2000:]
+        for other in AGENTS:
+            if other != agent:
+                assert str(run.id) not in site["workers"][other][1].read_text()
+    assert all(backed_up.values()), backed_up
+    assert sorted(v for vms in backed_up.values() for v in vms) == site["vms"]
+    # A flow run's parameters hold the Secret block's name, never the password.
+    # (the deployment's schedule has added future runs: not those)
+    planner = [r for r in _flow_runs(site["env"], "vsphere-nightly") if not r.state.is_scheduled()]
+    assert len(planner) == 1 and planner[0].state.is_completed(), planner
+    assert site["password"] not in json.dumps([r.parameters for r in planner + _flow_runs(site["env"], AGENTS[0])])
+
+    # The limits held over both workers (the lab's peak counters), and each
+    # agent hot-added the disks of its VMs.
+    counters = lab.status()["counters"]
+    snaps, attached = counters["snapshots"], counters["attached_disks"]
+    assert all(c["peak"] <= LIMITS["per_host"] for c in snaps["host"].values()), snaps["host"]
+    assert all(c["peak"] <= LIMITS["per_datastore"] for c in snaps["datastore"].values()), snaps["datastore"]
+    assert sorted(a for a, c in attached["agent"].items() if c["peak"] >= 1) == AGENTS, attached["agent"]
+    assert all(c["peak"] <= LIMITS["per_agent"] for c in attached["agent"].values()), attached["agent"]
+    assert all(c["now"] == 0 for kind in (snaps, attached) for scope in kind.values() for c in scope.values())
+
+    # Every VM's backup restores bit-exact (no guest writes since).
+    rows = _site_rows(site["env"], planner[0].id)
+    assert sorted(r["vm"] for r in rows) == site["vms"] and all(r["status"] == "ok" for r in rows), rows
+    tmp = Path(site["plan"]).parent
+    for r in rows:
+        for d in _disks(lab, r["vm"]):
+            image, restored = tmp / f"lab-{r['vm']}.img", tmp / f"restored-{r['vm']}.img"
+            lab.disk_image(r["vm"], d, image)
+            _mover.restore_disk(site["repository"], r["backup_id"], str(restored), disk=d)
+            assert _sha(restored) == _sha(image), (r["vm"], d)
+
+
+def _disks(lab, vm: str) -> list[str]:
+    topo = json.loads((HERE / "topology.json").read_text())
+    spec = next(v for v in topo["vms"] if v["name"] == vm)
+    return [f"{d['bus']}0:0" for d in spec["disks"]]
+
+
+def _site_rows(env: dict[str, str], flow_run_id) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+            )
+    art = next(a for a in arts if a.key == "vmbackup-vsphere-site-report")
+    return json.loads(art.data) if isinstance(art.data, str) else art.data
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found through /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _holding(lab, agent: str) -> bool:
+    counters = lab.status()["counters"]
+    return counters["attached_disks"]["agent"].get(agent, {}).get("now", 0) > 0
+
+
+def _read_limits(env: dict[str, str], names: list[str]) -> dict[str, tuple[int, int]]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from vmbackup.orchestration import limits
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return limits.read_limits(names)
+
+
+def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(site):
+    from vmbackup.orchestration import limits
+
+    lab, env = site["lab"], site["env"]
+    killed = AGENTS[0]  # esx1's agent: it has s-big01, whose read takes a while
+    lab.write("s-big01", "scsi0:0", 0, 320 << 20, seed=7)
+    seen = {str(r.id) for a in AGENTS for r in _flow_runs(env, a)}
+    out = Path(site["plan"]).parent / "watch-killed.log"
+    watch = subprocess.Popen(
+        [PREFECT, "deployment", "run", "backup_vsphere_site/vsphere-nightly", "--param", "lease_seconds=60", "--watch"],
+        env=env,
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        cwd="/",
+    )
+    site["procs"].append(watch)
+    worker, log = site["workers"][killed]
+    # Watch the lab's counters until the agent holds a hot-added disk, then
+    # kill its worker and the run it started, as if the machine died.
+    while watch.poll() is None and not _holding(lab, killed):
+        pass
+    assert watch.poll() is None, out.read_text()
+    victims = [worker.pid, *_descendants(worker.pid)]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    worker.wait()
+    assert lab.status()["counters"]["attached_disks"]["agent"][killed]["now"] > 0
+    t_kill = time.monotonic()
+
+    # Its limit slots come back when the lease (60 s) expires.
+    names = [limits.limit_name("agent", killed), limits.limit_name("host", "esx1")]
+    while any(active for _, active in _read_limits(env, names).values()):
+        time.sleep(1)  # a pause between polls of the condition, not a wait for it
+    print(f"slots back {time.monotonic() - t_kill:.1f} s after the kill")
+
+    # Its run stops sending heartbeats: the automation of
+    # deployments/crashed-runs.yaml marks it Crashed, and the planner ends, failing.
+    dead = [r for r in _flow_runs(env, killed) if str(r.id) not in seen]
+    assert len(dead) == 1, dead
+    assert watch.wait(timeout=900) == 1, out.read_text()
+    print(f"planner ended {time.monotonic() - t_kill:.1f} s after the kill")
+    dead = [r for r in _flow_runs(env, killed) if r.id == dead[0].id]
+    assert dead[0].state.is_crashed(), dead[0].state
+    planner = [r for r in _flow_runs(env, "vsphere-nightly") if r.state.is_failed()]
+    rows = _site_rows(env, planner[-1].id)
+    lost = sorted(r["vm"] for r in rows if r["status"] != "ok")
+    assert lost and set(lost) <= set(dead[0].parameters["vms"]), rows
+    assert all(r["status"] == "ok" for r in rows if r["agent"] == AGENTS[1]), rows
+
+    # The sweeper removes the snapshot and the attachment the dead run left.
+    assert any(c["now"] for c in lab.status()["counters"]["snapshots"]["host"].values())
+    p = _run(
+        [PREFECT, "deployment", "run", "sweep_vsphere/vsphere-sweep", "--param", "older_than_seconds=0", "--watch"], env
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    counters = lab.status()["counters"]
+    assert all(
+        c["now"] == 0
+        for kind in ("snapshots", "attached_disks")
+        for scope in counters[kind].values()
+        for c in scope.values()
+    ), counters
+
+    # The agent's worker comes back (systemd restarts it); the next run backs those VMs up.
+    w, log = _start_worker(env, killed, killed, log)
+    site["procs"].append(w)
+    site["workers"][killed] = (w, log)
+    p = _run([PREFECT, "deployment", "run", "backup_vsphere_site/vsphere-nightly", "--watch"], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    planner = [r for r in _flow_runs(env, "vsphere-nightly") if r.state.is_completed()]
+    rows = {r["vm"]: r for r in _site_rows(env, max(planner, key=lambda r: r.start_time).id)}
+    assert all(rows[vm]["status"] == "ok" for vm in lost), rows
