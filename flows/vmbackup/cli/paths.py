@@ -55,17 +55,23 @@ def repository_path(path: str, create: bool = False) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+def _split(path: str) -> tuple[bytes, bytes, str | None]:
+    """The directory and file name of ``path`` as bytes, and the file name as
+    text if it is UTF-8 (None if not)."""
+    head, tail = os.path.split(os.fsencode(path))
+    try:
+        return head, tail, tail.decode("utf-8")
+    except UnicodeDecodeError:
+        return head, tail, None
+
+
 @contextmanager
 def source_path(path: str) -> Iterator[str]:
     """A name the mover can open for the source ``path``."""
     if is_utf8(path):
         yield path
         return
-    head, tail = os.path.split(os.fsencode(path))
-    try:
-        name = tail.decode("utf-8")
-    except UnicodeDecodeError:
-        name = None
+    head, tail, name = _split(path)
     if name is not None:
         fd = _open_dir(head, "source")
         try:
@@ -88,11 +94,7 @@ def output_path(path: str, overwrite: bool) -> Iterator[str]:
     if is_utf8(path):
         yield path
         return
-    head, tail = os.path.split(os.fsencode(path))
-    try:
-        name = tail.decode("utf-8")
-    except UnicodeDecodeError:
-        name = None
+    head, tail, name = _split(path)
     fd = _open_dir(head, "output")
     try:
         if name is not None:
