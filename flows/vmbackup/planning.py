@@ -20,9 +20,9 @@ first tasks spread over hosts instead of queuing on one host's limit.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class VmLike(Protocol):
@@ -61,12 +61,21 @@ def reaches(agent: AgentLike, host: str) -> bool:
     return not agent.hosts or host in agent.hosts
 
 
-def assign_agents(vms: Sequence[VmLike], agents: Sequence[AgentLike]) -> AgentPlan:
+def assign_agents(
+    vms: Sequence[VmLike],
+    agents: Sequence[AgentLike],
+    reach: Callable[[Any, Any], bool] | None = None,
+    unreachable: Callable[[Any], str] | None = None,
+) -> AgentPlan:
     """Assign every VM to one agent that reaches its host, balancing loads.
 
     Args:
         vms: the selected VMs (``name``, ``host``); names must be unique.
         agents: the plan's agents (``name``, ``hosts``); names must be unique.
+        reach: ``reach(agent, vm)``: may this agent take this VM (default:
+            :func:`reaches` of the VM's host; a Hyper-V VM needs its own test).
+        unreachable: ``unreachable(vm)``: why no agent takes it (default:
+            "no agent reaches host H").
 
     Returns:
         The assignment, and the VMs no agent can take with the reason.
@@ -78,11 +87,16 @@ def assign_agents(vms: Sequence[VmLike], agents: Sequence[AgentLike]) -> AgentPl
     host_of: dict[str, str] = {}
     for vm in sorted(vms, key=lambda v: v.name):
         host_of[vm.name] = vm.host
-        cands = [n for n in names if reaches(by_name[n], vm.host)]
+        if reach is None:
+            cands = [n for n in names if reaches(by_name[n], vm.host)]
+        else:
+            cands = [n for n in names if reach(by_name[n], vm)]
         if cands:
             candidates[vm.name] = cands
         elif not agents:
             plan.unassignable[vm.name] = "the plan has no agents"
+        elif unreachable is not None:
+            plan.unassignable[vm.name] = unreachable(vm)
         else:
             plan.unassignable[vm.name] = f"no agent reaches host {vm.host}"
 

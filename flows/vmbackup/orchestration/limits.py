@@ -3,6 +3,10 @@
 A VM's backup holds one slot of each of ``vmbackup-agent-<agent>``,
 ``vmbackup-host-<host>`` and ``vmbackup-datastore-<datastore>`` (every
 datastore the VM has disks on) for the whole per-VM call, snapshot included.
+A Hyper-V VM holds ``vmbackup-agent-<agent>``, ``vmbackup-host-<Hyper-V
+host>`` and ``vmbackup-volume-<volume key>`` for every volume (or cluster
+shared volume) its files are on (``hv1:D``, ``<cluster>:Volume1``), for the
+whole call, shadow copy included; volumes take the plan's ``per_datastore``.
 
 Every limit is created (or its value updated) before any task asks for it:
 Prefect ignores a name it does not know when other names in the same request
@@ -40,10 +44,12 @@ def limit_name(kind: str, name: str) -> str:
     return f"{PREFIX}-{kind}-{clean}"
 
 
-def vm_limit_names(agent: str, host: str, datastores: Iterable[str]) -> list[str]:
-    """The limits one VM's backup holds, sorted and without duplicates."""
+def vm_limit_names(agent: str, host: str, datastores: Iterable[str], volumes: Iterable[str] = ()) -> list[str]:
+    """The limits one VM's backup holds, sorted and without duplicates
+    (``volumes``: a Hyper-V VM's volume keys)."""
     names = {limit_name("agent", agent), limit_name("host", host)}
     names |= {limit_name("datastore", d) for d in datastores}
+    names |= {limit_name("volume", v) for v in volumes}
     return sorted(names)
 
 
@@ -55,11 +61,14 @@ def limit_values(
     per_agent: int,
     per_host: int,
     per_datastore: int,
+    volumes: Iterable[str] = (),
 ) -> dict[str, int]:
-    """Every limit a run needs with its value."""
+    """Every limit a run needs with its value (a Hyper-V volume takes
+    ``per_datastore``: it is the same kind of shared storage)."""
     values = {limit_name("agent", a): per_agent for a in agents}
     values.update({limit_name("host", h): per_host for h in hosts})
     values.update({limit_name("datastore", d): per_datastore for d in datastores})
+    values.update({limit_name("volume", v): per_datastore for v in volumes})
     return values
 
 

@@ -33,6 +33,7 @@ EVENT_FAILED = "vmbackup.vm.failed"
 
 TABLE_COLUMNS = (
     "vm",
+    "hypervisor",
     "status",
     "backup_id",
     "mode",
@@ -197,8 +198,10 @@ def vm_event(row: Mapping[str, Any]) -> dict:
     related = []
     if row.get("host"):
         related.append({"prefect.resource.id": resource_id("host", row["host"]), "prefect.resource.role": "host"})
+    # A Hyper-V row's "datastores" are its volume keys (hv1:D): related as volumes.
+    storage = "volume" if row.get("hypervisor") == "hyperv" else "datastore"
     for ds in row.get("datastores") or ():
-        related.append({"prefect.resource.id": resource_id("datastore", ds), "prefect.resource.role": "datastore"})
+        related.append({"prefect.resource.id": resource_id(storage, ds), "prefect.resource.role": storage})
     if row.get("agent"):
         related.append({"prefect.resource.id": resource_id("agent", row["agent"]), "prefect.resource.role": "agent"})
     if row.get("repository"):
@@ -211,6 +214,7 @@ def vm_event(row: Mapping[str, Any]) -> dict:
     payload = {
         k: row.get(k)
         for k in (
+            "hypervisor",
             "status",
             "backup_id",
             "mode",

@@ -44,6 +44,7 @@ RETRY_JITTER = 0.5  # back-off delays vary by up to +-50%, so retries of many VM
 # The fields every row has (docs/operations.md, `vmbackup backup`).
 ROW_FIELDS = (
     "vm",
+    "hypervisor",
     "status",
     "backup_id",
     "repository",

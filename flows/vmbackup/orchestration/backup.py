@@ -1,0 +1,626 @@
+"""The backup flow: ``backup_vms`` backs up the vSphere and Hyper-V VMs of a
+plan in one run, one task per VM under the shared limits, one report.
+(``backup_vsphere_vms``, in ``backup_vsphere``, is the same body limited to
+vSphere, for deployments made before Hyper-V.)
+
+Orchestration only: the plan, the selection and the per-VM procedures are
+the adapters' (``vmbackup.vsphere``, ``vmbackup.hyperv``); here is what runs
+where, under which limits, with which retries, and the report.
+
+What a run does with a hypervisor it cannot reach (wrong password, untrusted
+certificate, nothing answering): when the plan has another hypervisor that
+answers, the run goes on with it, and the one it could not reach gives ONE
+failed row, ``vm: "<host>:*"`` ("the VMs of this host"), whose ``error`` is
+the one-line reason; the run then exits 1 like any run with a failed row.
+When no hypervisor of the plan can be reached, nothing can run: the run
+fails with that one line (several: joined), as a vSphere-only run always did.
+
+Two selected VMs with the same name (on two hypervisors, or two Hyper-V
+hosts) are not backed up: the repository keys backups by VM name, so their
+incremental chains and retention would mix. Each gives a failed row that
+says where the other one is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from .. import planning
+from ..errors import BackupError, InvalidInputError
+from . import limits, reports, vmtask
+
+DEFAULT_VM_DEADLINE = 6 * 3600.0
+# Set on a worker that serves one agent's work pool (the systemd unit in
+# deployments/ does): a run for another agent is refused there, since the
+# hot-added disks would appear on the other agent's machine.
+AGENT_ENV = "VMBACKUP_AGENT"
+HYPERVISORS = ("vsphere", "hyperv")
+VSPHERE = "vsphere"
+HYPERV = "hyperv"
+
+
+class AgentMismatchError(Exception):
+    """A per-agent run landed on a worker of another agent."""
+
+
+class VmsFailedError(Exception):
+    """Some VMs of a deployment run failed (their rows are in the report)."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The artifact keys and title of one flow's report."""
+
+    report: str
+    summary: str
+    progress: str
+    title: str
+
+
+KEYS = Keys("vmbackup-backup-report", "vmbackup-backup-summary", "vmbackup-backup-progress", "Backup")
+
+
+@dataclass
+class Target:
+    """One selected VM, whichever its hypervisor: what planning, the limits
+    and the report need, and the adapter's own object (``vm``)."""
+
+    name: str
+    hypervisor: str
+    host: str
+    storage: list[str]  # vSphere datastores, or Hyper-V volume keys
+    capacity: int
+    vm: Any
+    hv_host: Any = None  # the plan's HypervHost of a Hyper-V VM
+
+
+@dataclass
+class Selected:
+    """What the run found: the VMs to back up, and the rows of what cannot
+    be backed up (an unreachable host, a duplicate name)."""
+
+    targets: list[Target] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    reached: list[str] = field(default_factory=list)  # "vcenter x", "Hyper-V host hv1"
+    errors: list[tuple[str, BaseException]] = field(default_factory=list)
+
+
+# --- the plan -------------------------------------------------------------------
+
+
+def with_secret(plan: Any, password_secret: str | None, hyperv_password_secret: str | None = None) -> Any:
+    """The plan, reading its passwords from the Secret blocks named (a
+    deployment's parameters hold block names, never secrets):
+    ``password_secret`` for vSphere, ``hyperv_password_secret`` for every
+    Hyper-V host."""
+    update: dict[str, Any] = {}
+    if password_secret and plan.connection is not None:
+        update["connection"] = plan.connection.model_copy(
+            update={"password_secret": password_secret, "password_env": None}
+        )
+    if hyperv_password_secret and plan.hyperv:
+        update["hyperv"] = [
+            h.model_copy(update={"password_secret": hyperv_password_secret, "password_env": None}) for h in plan.hyperv
+        ]
+    return plan.model_copy(update=update) if update else plan
+
+
+def only_agent(plan: Any, agent: str | None) -> list[Any]:
+    """The agents this run may use: all of the plan's, or only ``agent``
+    (a per-agent deployment run on that agent's worker)."""
+    if agent is None:
+        return list(plan.agents)
+    found = [a for a in plan.agents if a.name == agent]
+    if not found:
+        raise InvalidInputError(f"the plan has no agent named '{agent}'")
+    here = os.environ.get(AGENT_ENV)
+    if here and here != agent:
+        raise AgentMismatchError(f"this worker serves agent '{here}', not '{agent}': check the deployment's work pool")
+    return found
+
+
+def vm_datastores(vm: Any) -> list[str]:
+    """Every datastore a vSphere VM has disks (or its configuration) on."""
+    names = set(getattr(vm, "datastores", ()) or ())
+    names |= {d.datastore for d in getattr(vm, "disks", ()) or () if getattr(d, "datastore", None)}
+    return sorted(names)
+
+
+def selection_of(plan: Any, vms: Sequence[str] | None) -> Any:
+    """The plan's selection, or exactly the named VMs (the plan's
+    exclusions of disks still apply)."""
+    if not vms:
+        return plan.selection
+    return plan.selection.model_copy(
+        update={"vms": list(vms), "folders": [], "clusters": [], "hosts": [], "tags": [], "exclude": []}
+    )
+
+
+_GLOB = set("*?[")
+
+
+def _exact_pattern(name: str) -> str:
+    """A pattern that matches exactly ``name`` but is not a plain name: each
+    adapter raises "does not exist" for a plain name it does not have, and a
+    name of the shared selection may well be on the other hypervisor. The
+    run checks the plain names against every hypervisor's VMs itself."""
+    for i, ch in enumerate(name):
+        if ch.isalnum():
+            return f"{name[:i]}[{ch}]{name[i + 1 :]}"
+    return name
+
+
+def _per_adapter(selection: Any) -> tuple[Any, list[str]]:
+    """The selection each adapter gets (plain names turned into exact
+    patterns) and the plain names the run must find somewhere."""
+    plain = [n for n in selection.vms if not _GLOB & set(n)]
+    if not plain:
+        return selection, []
+    vms = [n if _GLOB & set(n) else _exact_pattern(n) for n in selection.vms]
+    return selection.model_copy(update={"vms": vms}), plain
+
+
+def hypervisor_names(plan: Any, hypervisors: Sequence[str]) -> list[str]:
+    """The plan's hypervisors this run backs up, by label."""
+    out = []
+    if VSPHERE in hypervisors and plan.connection is not None:
+        out.append(f"vCenter {plan.connection.host}")
+    if HYPERV in hypervisors:
+        out += [f"Hyper-V host {h.name}" for h in plan.hyperv]
+    return out
+
+
+def _reach(agent: Any, t: Target) -> bool:
+    if t.hypervisor == HYPERV:
+        return bool(agent.reaches_hyperv(t.host))
+    return planning.reaches(agent, t.host)
+
+
+def _unreachable(t: Target) -> str:
+    if t.hypervisor == HYPERV:
+        return (
+            f"no agent reaches Hyper-V host {t.host} (an agent needs a windows_paths key for it, "
+            f"'\\\\{t.host.upper()}\\' or a drive with hosts: [{t.host}])"
+        )
+    return f"no agent reaches host {t.host}"
+
+
+def _host_row(plan: Any, hypervisor: str, host: str, error: str) -> dict:
+    row = dict.fromkeys(vmtask.ROW_FIELDS)
+    row.update(
+        vm=f"{host}:*",
+        hypervisor=hypervisor,
+        status="failed",
+        repository=str(plan.repository),
+        host=host,
+        bytes_read=0,
+        bytes_stored=0,
+        seconds=0.0,
+        error=error,
+    )
+    return row
+
+
+def select(
+    plan: Any,
+    vms: Sequence[str] | None,
+    hypervisors: Sequence[str],
+    passwords: dict[str, Any],
+    stack: contextlib.ExitStack,
+    secrets: Sequence[str],
+) -> tuple[Selected, Any]:
+    """Connect to the plan's hypervisors and select their VMs.
+
+    Returns what was found and the vSphere client (kept open by ``stack``
+    for the tasks), or None. Raises when nothing can run: every hypervisor
+    failed (its own error when there is one), or a plain VM name exists on
+    none of them (``VmNotFoundError``, exit 2).
+    """
+    log = get_run_logger()
+    selection, plain = _per_adapter(selection_of(plan, vms))
+    found = Selected()
+    vclient = None
+    labels = hypervisor_names(plan, hypervisors)
+    if VSPHERE in hypervisors and plan.connection is not None:
+        from ..vsphere.client import VSphereClient
+        from ..vsphere.inventory import select_vms
+
+        label = f"vCenter {plan.connection.host}"
+        try:
+            vclient = stack.enter_context(VSphereClient.connect(plan.connection, passwords[VSPHERE]))
+            for vm in select_vms(vclient, selection):
+                found.targets.append(
+                    Target(
+                        vm.name,
+                        VSPHERE,
+                        vm.host,
+                        vm_datastores(vm),
+                        sum(d.capacity for d in vm.disks),
+                        vm,
+                    )
+                )
+            found.reached.append(label)
+        except Exception as e:
+            if isinstance(e, InvalidInputError) or len(labels) == 1:
+                raise
+            log.error("%s: %s", label, vmtask.one_line(e, secrets))
+            found.errors.append((label, e))
+            found.failed.append(
+                _host_row(
+                    plan,
+                    VSPHERE,
+                    plan.connection.host,
+                    f"{label} was not reached, none of its VMs were backed up: {vmtask.one_line(e, secrets)}",
+                )
+            )
+    if HYPERV in hypervisors:
+        for host in plan.hyperv:
+            label = f"Hyper-V host {host.name}"
+            try:
+                from ..hyperv import inventory
+
+                client = inventory.connect(host, passwords[f"{HYPERV}:{host.name}"])
+                for vm in inventory.select_vms(client, host, selection):
+                    found.targets.append(
+                        Target(
+                            vm.name,
+                            HYPERV,
+                            vm.host,
+                            list(vm.volume_keys),
+                            sum(d.size for d in vm.disks),
+                            vm,
+                            host,
+                        )
+                    )
+                found.reached.append(label)
+            except Exception as e:
+                if isinstance(e, InvalidInputError) or len(labels) == 1:
+                    raise
+                log.error("%s: %s", label, vmtask.one_line(e, secrets))
+                found.errors.append((label, e))
+                found.failed.append(
+                    _host_row(
+                        plan,
+                        HYPERV,
+                        host.name,
+                        f"{label} was not reached, none of its VMs were backed up: {vmtask.one_line(e, secrets)}",
+                    )
+                )
+    if labels and not found.reached:
+        if len(found.errors) == 1:
+            raise found.errors[0][1]
+        raise BackupError(
+            "no hypervisor of the plan could be reached: "
+            + "; ".join(f"{label}: {vmtask.one_line(e, secrets)}" for label, e in found.errors)
+        )
+    names = {t.name for t in found.targets if t.hypervisor == VSPHERE}
+    # Hyper-V VM names are case-insensitive, as on Windows.
+    names_ci = {t.name.casefold() for t in found.targets if t.hypervisor == HYPERV}
+    # A plain name none of the reached hypervisors has: bad input (exit 2),
+    # unless a hypervisor that was not reached may have it (its row says so).
+    missing = [
+        n
+        for n in plain
+        if n not in names
+        and n.casefold() not in names_ci
+        and not any(fnmatch.fnmatchcase(n, x) for x in (selection.exclude or ()))
+    ]
+    if missing and not found.errors:
+        from ..errors import VmNotFoundError
+
+        raise VmNotFoundError(f"VM {', '.join(missing)} does not exist in {' or '.join(found.reached)}")
+    _fail_duplicates(plan, found)
+    return found, vclient
+
+
+def _fail_duplicates(plan: Any, found: Selected) -> None:
+    """Two selected VMs with one name: a failed row each, out of the run."""
+    by_name: dict[str, list[Target]] = {}
+    for t in found.targets:
+        by_name.setdefault(t.name, []).append(t)
+    keep = []
+    for t in found.targets:
+        same = by_name[t.name]
+        if len(same) == 1:
+            keep.append(t)
+            continue
+        where = ", ".join(f"{o.hypervisor} host {o.host}" for o in same)
+        row = dict.fromkeys(vmtask.ROW_FIELDS)
+        row.update(
+            vm=t.name,
+            hypervisor=t.hypervisor,
+            status="failed",
+            repository=str(plan.repository),
+            host=t.host,
+            datastores=list(t.storage),
+            bytes_read=0,
+            bytes_stored=0,
+            seconds=0.0,
+            error=(
+                f"VM name {t.name} is selected {len(same)} times ({where}): backups are kept by VM name, "
+                "so none of them is backed up; exclude all but one in the plan's selection or rename them"
+            ),
+        )
+        found.failed.append(row)
+    found.targets = keep
+
+
+def passwords_of(plan: Any, hypervisors: Sequence[str]) -> dict[str, Any]:
+    """Every password the run needs, read before anything starts (a
+    missing environment variable or Secret block: one line, exit 2)."""
+    from ..plan import resolve_password
+
+    out: dict[str, Any] = {}
+    if VSPHERE in hypervisors and plan.connection is not None:
+        out[VSPHERE] = resolve_password(plan.connection)
+    if HYPERV in hypervisors:
+        for host in plan.hyperv:
+            out[f"{HYPERV}:{host.name}"] = resolve_password(host)
+    return out
+
+
+# --- the work of one VM ---------------------------------------------------------------
+
+
+def _run_procedure(
+    t: Target, agent: Any, progress: reports.Progress | None, call: Callable[[Callable, Any], Any]
+) -> dict:
+    """The task body's only call: an adapter's per-VM procedure (``call``
+    with the progress callback and a logger), its log lines carrying the
+    VM's context, its progress summed into the run's."""
+    ctx = {"vm": t.name, "host": t.host, "agent": agent.name}
+    log = reports.vm_logger(get_run_logger(), ctx)
+    last = [0.0]
+
+    def on_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress.update(t.name, done, total)
+        # One line per 10% at most: the UI keeps every log line.
+        pct = 100.0 * done / total if total else 100.0
+        if pct >= last[0] + 10 or done == total:
+            last[0] = pct
+            log.info("%.0f%% of %d bytes", pct, total)
+
+    try:
+        with reports.vm_context(ctx):
+            result = call(on_progress, log)
+    finally:
+        if progress is not None:
+            progress.finish(t.name)
+    log.info("%s: %s", result.status, result.mode or result.error)
+    row = result.to_dict()
+    row["hypervisor"] = t.hypervisor
+    return row
+
+
+def _work_vsphere(
+    client: Any, t: Target, plan: Any, agent: Any, run_id: str, progress: reports.Progress | None, token: Any
+) -> dict:
+    from ..vsphere import procedure
+
+    def call(on_progress: Callable, log: Any) -> Any:
+        return procedure.backup_vm(client, t.vm, plan, agent, run_id=run_id, cancel=token, progress=on_progress)
+
+    return _run_procedure(t, agent, progress, call)
+
+
+def _work_hyperv(
+    password: Any, t: Target, plan: Any, agent: Any, run_id: str, progress: reports.Progress | None, token: Any
+) -> dict:
+    from ..hyperv import inventory, procedure
+
+    def call(on_progress: Callable, log: Any) -> Any:
+        # A WinRM session of its own per VM: sealed NTLM messages carry
+        # sequence numbers, so one session is not shared between threads.
+        client = inventory.connect(t.hv_host, password)
+        return procedure.backup_vm(
+            client,
+            t.vm,
+            plan,
+            t.hv_host,
+            agent,
+            run_id=run_id,
+            cancel=token,
+            progress=on_progress,
+            on_shadow=lambda shadow: log.info("shadow copy %s made; reading the disks from it", shadow),
+        )
+
+    return _run_procedure(t, agent, progress, call)
+
+
+# --- the report ---------------------------------------------------------------------
+
+
+def _report(keys: Keys, rows: list[dict], repository: str, size_before: int | None) -> None:
+    """The run's table and summary artifacts and one event per VM."""
+    ok = sum(r["status"] == "ok" for r in rows)
+    reports.publish_table(keys.report, reports.table_rows(rows), description=f"{ok} of {len(rows)} VM(s) backed up")
+    reports.publish_markdown(
+        keys.summary,
+        f"{keys.title}: {ok} of {len(rows)} VM(s) backed up",
+        reports.summary_markdown(
+            rows,
+            title=keys.title,
+            repository_before=size_before,
+            repository_after=reports.directory_size(repository),
+        ),
+    )
+    reports.emit_vm_events(rows)
+
+
+# --- the body both flows run ------------------------------------------------------------
+
+
+def run_backup(
+    plan_path: str,
+    vms: list[str] | None,
+    vm_deadline_seconds: float | None,
+    lease_seconds: float,
+    agent: str | None,
+    password_secret: str | None,
+    fail_on_error: bool,
+    *,
+    hypervisors: Sequence[str] = HYPERVISORS,
+    hyperv_password_secret: str | None = None,
+    keys: Keys = KEYS,
+) -> list[dict]:
+    """The body of ``backup_vms`` and ``backup_vsphere_vms`` (inside a flow run)."""
+    from ..plan import load_plan
+
+    log = get_run_logger()
+    plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    usable = only_agent(plan, agent)
+    passwords = passwords_of(plan, hypervisors)
+    secrets = [p.get_secret_value() for p in passwords.values()]
+    run_id = str(flow_run.get_id() or "local")
+    reports.install_context_filter()
+    size_before = reports.directory_size(str(plan.repository))
+    with contextlib.ExitStack() as stack:
+        found, vclient = select(plan, vms, hypervisors, passwords, stack, secrets)
+        targets = found.targets
+        agent_plan = planning.assign_agents(targets, usable, reach=_reach, unreachable=_unreachable)
+        by_vm = {t.name: t for t in targets}
+        agents = {a.name: a for a in usable}
+        order = planning.submission_order(targets, agent_plan)
+        log.info(
+            "%d VM(s) selected (%s), %d assigned over %d agent(s), %d unassignable, %d failed before the start",
+            len(targets),
+            ", ".join(found.reached) or "-",
+            len(order),
+            len(agents),
+            len(agent_plan.unassignable),
+            len(found.failed),
+        )
+
+        used_agents = sorted(set(agent_plan.assigned.values()))
+        chosen = [by_vm[v] for v in order]
+        limits.ensure_limits(
+            limits.limit_values(
+                used_agents,
+                sorted({t.host for t in chosen}),
+                sorted({d for t in chosen if t.hypervisor == VSPHERE for d in t.storage}),
+                per_agent=plan.limits.per_agent,
+                per_host=plan.limits.per_host,
+                per_datastore=plan.limits.per_datastore,
+                volumes=sorted({v for t in chosen if t.hypervisor == HYPERV for v in t.storage}),
+            )
+        )
+
+        progress_id = reports.create_progress(keys.progress, f"reading the disks of {len(order)} VM(s)")
+        progress = reports.Progress(lambda pct: reports.update_progress(progress_id, pct))
+        for t in chosen:
+            progress.expect(t.name, t.capacity)
+
+        jobs = []
+        for t in chosen:
+            a = agents[agent_plan.assigned[t.name]]
+            if t.hypervisor == HYPERV:
+                names = limits.vm_limit_names(a.name, t.host, (), volumes=t.storage)
+                work = functools.partial(
+                    _work_hyperv, passwords[f"{HYPERV}:{t.hv_host.name}"], t, plan, a, run_id, progress
+                )
+            else:
+                names = limits.vm_limit_names(a.name, t.host, t.storage)
+                work = functools.partial(_work_vsphere, vclient, t, plan, a, run_id, progress)
+            jobs.append(
+                vmtask.VmJob(
+                    vm=t.name,
+                    limits=names,
+                    work=work,
+                    row={
+                        "hypervisor": t.hypervisor,
+                        "repository": str(plan.repository),
+                        "host": t.host,
+                        "agent": a.name,
+                        "datastores": list(t.storage),
+                    },
+                )
+            )
+        # Enough threads for every slot the agents' limits allow, and some
+        # more for VMs that wait on a host or datastore limit meanwhile.
+        capacity = max(1, len(used_agents) * plan.limits.per_agent)
+        rows = vmtask.run_vm_tasks(
+            jobs,
+            max_workers=min(len(jobs), 2 * capacity) or 1,
+            deadline_seconds=vm_deadline_seconds,
+            lease_seconds=lease_seconds,
+            secrets=secrets,
+        )
+
+    for name, why in sorted(agent_plan.unassignable.items()):
+        t = by_vm[name]
+        row = dict.fromkeys(vmtask.ROW_FIELDS)
+        row.update(
+            vm=name,
+            hypervisor=t.hypervisor,
+            status="failed",
+            repository=str(plan.repository),
+            host=t.host,
+            datastores=list(t.storage),
+            bytes_read=0,
+            bytes_stored=0,
+            seconds=0.0,
+            error=why,
+        )
+        rows.append(row)
+    rows += found.failed
+    reports.update_progress(progress_id, 100.0)
+    _report(keys, rows, str(plan.repository), size_before)
+    failed = [r["vm"] for r in rows if r["status"] != "ok"]
+    if failed:
+        log.warning("%d VM(s) failed: %s", len(failed), ", ".join(failed))
+        if fail_on_error:
+            raise VmsFailedError(f"{len(failed)} of {len(rows)} VM(s) failed: {', '.join(failed)}")
+    return rows
+
+
+@flow(name="backup_vms", flow_run_name=reports.run_name("backup"), log_prints=False, validate_parameters=True)
+def backup_vms(
+    plan_path: str,
+    vms: list[str] | None = None,
+    vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
+    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    agent: str | None = None,
+    password_secret: str | None = None,
+    fail_on_error: bool = False,
+    hyperv_password_secret: str | None = None,
+) -> list[dict]:
+    """Back up the plan's VMs, vSphere and Hyper-V (or only ``vms``), one
+    task per VM, in one run with one report.
+
+    Returns a row per VM (``vmbackup backup`` prints them), with
+    ``hypervisor`` (``vsphere`` or ``hyperv``): failures are rows with
+    ``status: failed`` and a one-line ``error``, not exceptions (with
+    ``fail_on_error``, the run then ends Failed after its report, for
+    deployments whose state people and CI watch). A hypervisor that cannot
+    be reached is one failed row ``<host>:*`` while another one works.
+    Raises when nothing can start: a bad plan, no hypervisor reached, an
+    unknown VM name.
+
+    ``agent``: only this agent of the plan backs up (a per-agent deployment
+    run, on the worker of that agent's pool). ``password_secret``: the name
+    of a Prefect Secret block holding the vSphere password, instead of the
+    plan's; ``hyperv_password_secret``: the same for every Hyper-V host.
+    """
+    return run_backup(
+        plan_path,
+        vms,
+        vm_deadline_seconds,
+        lease_seconds,
+        agent,
+        password_secret,
+        fail_on_error,
+        hyperv_password_secret=hyperv_password_secret,
+    )
+
+
+__all__ = ["backup_vms", "run_backup", "VmsFailedError", "AgentMismatchError"]
