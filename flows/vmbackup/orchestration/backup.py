@@ -149,10 +149,11 @@ _GLOB = set("*?[")
 
 
 def _exact_pattern(name: str) -> str:
-    """A pattern that matches exactly ``name`` but is not a plain name: each
-    adapter raises "does not exist" for a plain name it does not have, and a
-    name of the shared selection may well be on the other hypervisor. The
-    run checks the plain names against every hypervisor's VMs itself."""
+    """A pattern that matches exactly ``name`` but is not a plain name: the
+    vSphere adapter raises "does not exist" for a plain name it does not
+    have, and a name of the shared selection may well be on a Hyper-V host
+    (whose adapter takes ``strict=False`` instead). The run checks the plain
+    names against every hypervisor's VMs itself."""
     for i, ch in enumerate(name):
         if ch.isalnum():
             return f"{name[:i]}[{ch}]{name[i + 1 :]}"
@@ -179,13 +180,13 @@ def hypervisor_names(plan: Any, hypervisors: Sequence[str]) -> list[str]:
     return out
 
 
-def _reach(agent: Any, t: Target) -> bool:
+def agent_reaches(agent: Any, t: Target) -> bool:
     if t.hypervisor == HYPERV:
         return bool(agent.reaches_hyperv(t.host))
     return planning.reaches(agent, t.host)
 
 
-def _unreachable(t: Target) -> str:
+def unreachable_reason(t: Target) -> str:
     if t.hypervisor == HYPERV:
         return (
             f"no agent reaches Hyper-V host {t.host} (an agent needs a windows_paths key for it, "
@@ -226,7 +227,8 @@ def select(
     none of them (``VmNotFoundError``, exit 2).
     """
     log = get_run_logger()
-    selection, plain = _per_adapter(selection_of(plan, vms))
+    wanted = selection_of(plan, vms)
+    selection, plain = _per_adapter(wanted)
     found = Selected()
     vclient = None
     labels = hypervisor_names(plan, hypervisors)
@@ -269,7 +271,7 @@ def select(
                 from ..hyperv import inventory
 
                 client = inventory.connect(host, passwords[f"{HYPERV}:{host.name}"])
-                for vm in inventory.select_vms(client, host, selection):
+                for vm in inventory.select_vms(client, host, wanted, strict=False):
                     found.targets.append(
                         Target(
                             vm.name,
@@ -487,7 +489,7 @@ def run_backup(
     with contextlib.ExitStack() as stack:
         found, vclient = select(plan, vms, hypervisors, passwords, stack, secrets)
         targets = found.targets
-        agent_plan = planning.assign_agents(targets, usable, reach=_reach, unreachable=_unreachable)
+        agent_plan = planning.assign_agents(targets, usable, reach=agent_reaches, unreachable=unreachable_reason)
         by_vm = {t.name: t for t in targets}
         agents = {a.name: a for a in usable}
         order = planning.submission_order(targets, agent_plan)

@@ -1,4 +1,4 @@
-"""``vmbackup backup`` (runs the vSphere flow) and ``vmbackup server``
+"""``vmbackup backup`` (runs the ``backup_vms`` flow: vSphere and Hyper-V) and ``vmbackup server``
 (the embedded Prefect server: status, stop).
 
 Prefect is imported only inside :func:`run_backup`, after the server's
@@ -18,6 +18,7 @@ from ..errors import BackupError, InvalidInputError
 
 TABLE = [
     ("vm", "VM", 20),
+    ("hypervisor", "HYPERVISOR", 10),
     ("status", "STATUS", 6),
     ("backup_id", "BACKUP", 26),
     ("mode", "MODE", 11),
@@ -34,7 +35,8 @@ def add_parser(sub: Any) -> None:
     sp = sub.add_parser(
         "backup",
         help="back up the VMs of a plan as a Prefect flow",
-        description="Back up the plan's VMs (or only --vm NAME ...) with the backup_vsphere_vms flow, on "
+        description="Back up the plan's VMs, vSphere and Hyper-V, (or only --vm NAME ...) in one run of the "
+        "backup_vms flow, on "
         "$PREFECT_API_URL or on the local Prefect server vmbackup starts and keeps.",
     )
     sp.add_argument("--plan", required=True, metavar="FILE", help="the plan (YAML, see docs/plan.md)")
@@ -157,7 +159,7 @@ def run_backup(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
-    from .backup_vsphere import backup_vsphere_vms
+    from .backup import backup_vms
     from .vmtask import one_line
 
     def on_term(signum: int, frame: object) -> None:
@@ -167,7 +169,7 @@ def run_backup(args: argparse.Namespace) -> int:
     # cleaned up (snapshot removed, disks detached) before the exit.
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        rows = backup_vsphere_vms(
+        rows = backup_vms(
             plan_path=os.path.abspath(args.plan),
             vms=args.vm,
             vm_deadline_seconds=args.vm_timeout or None,

@@ -22,8 +22,9 @@ def add_parser(sub: Any) -> None:
     """Adds ``maintain`` and its three commands to the command line."""
     sp = sub.add_parser(
         "maintain",
-        help="maintenance flows: verify the repository, apply retention, sweep vSphere",
-        description="Run a maintenance flow of a plan (verify_repository, apply_retention, sweep_vsphere) "
+        help="maintenance flows: verify the repository, apply retention, sweep vSphere and Hyper-V",
+        description="Run a maintenance flow of a plan (verify_repository, apply_retention, sweep_vsphere, "
+        "sweep_hyperv) "
         "on $PREFECT_API_URL or on the local Prefect server vmbackup starts and keeps.",
     )
     msub = sp.add_subparsers(dest="maintain_command", metavar="{verify,retention,sweep}")
@@ -52,9 +53,22 @@ def add_parser(sub: Any) -> None:
         "--grace", type=float, default=900.0, metavar="SECONDS", help="gc keeps unreferenced chunks this young"
     )
 
-    p = cmd("sweep", "remove what crashed runs left in vSphere (snapshots, clones, attached disks)")
+    p = cmd(
+        "sweep",
+        "remove what crashed runs left: in vSphere (snapshots, clones, attached disks; sweep_vsphere) and on "
+        "the plan's Hyper-V hosts (shadow copies, their shares; sweep_hyperv)",
+    )
     p.add_argument(
-        "--older-than", type=float, default=3600.0, metavar="SECONDS", help="only leftovers this old (default 3600)"
+        "--older-than",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="only leftovers this old (default: 3600 in vSphere, 25200 on Hyper-V hosts, above the 6 h VM deadline)",
+    )
+    p.add_argument(
+        "--hypervisor",
+        choices=("vsphere", "hyperv"),
+        help="sweep only this hypervisor (default: every one the plan has)",
     )
 
 
@@ -123,11 +137,14 @@ def _retention_text(r: dict[str, Any]) -> str:
 
 
 def _sweep_text(items: list[dict]) -> str:
-    lines = [
-        f"{i.get('kind')} {i.get('name')} of {i.get('vm')}: "
-        + ("removed" if i.get("removed") else f"NOT removed ({i.get('error')})")
-        for i in items
-    ]
+    lines = []
+    for i in items:
+        what = f"{i.get('kind')} {i.get('name')}"
+        if i.get("vm"):
+            what += f" of {i.get('vm')}"
+        if i.get("hypervisor") == "hyperv" and i.get("kind") != "host":
+            what += f" on {i.get('host')}"
+        lines.append(f"{what}: " + ("removed" if i.get("removed") else f"NOT removed ({i.get('error')})"))
     lines.append(f"{sum(bool(i.get('removed')) for i in items)} of {len(items)} leftover(s) removed")
     return "\n".join(lines)
 
@@ -137,7 +154,7 @@ def run_maintain(args: argparse.Namespace) -> int:
     if sample is not None:
         parse_sample(sample)  # bad input: exit 2 before any server starts
     for flag in ("grace", "older_than"):
-        if getattr(args, flag, 0) < 0:
+        if (getattr(args, flag, None) or 0) < 0:
             raise InvalidInputError(f"--{flag.replace('_', '-')} must not be negative")
     ui = _prepare(args)
     from . import maintenance
@@ -155,7 +172,7 @@ def run_maintain(args: argparse.Namespace) -> int:
             {"read_data": not args.no_read_data, "dry_run": args.dry_run, "gc_grace_seconds": args.grace},
         )
     else:
-        flow_fn, kw = maintenance.sweep_vsphere, {"older_than_seconds": args.older_than}
+        return _run_sweeps(args, plan, ui)
     state = flow_fn(plan_path=plan, return_state=True, **kw)
     result = state.result(raise_on_failure=False)
     if isinstance(result, maintenance.MaintenanceError):
@@ -174,5 +191,33 @@ def run_maintain(args: argparse.Namespace) -> int:
     if args.maintain_command == "retention":
         _print(args, result, _retention_text(result))
         return 0
-    _print(args, {"leftovers": result}, _sweep_text(result))
-    return 0 if all(i.get("removed") for i in result) else 1
+    raise AssertionError(args.maintain_command)  # pragma: no cover
+
+
+def _run_sweeps(args: argparse.Namespace, plan_path: str, ui: str) -> int:
+    """``maintain sweep``: sweep_vsphere and/or sweep_hyperv, each as a flow
+    run of its own, one list of leftovers (each with ``hypervisor``)."""
+    from ..plan import load_plan
+    from . import maintenance
+    from .vmtask import one_line
+
+    plan = load_plan(plan_path)
+    runs = []
+    if plan.connection is not None and args.hypervisor in (None, "vsphere"):
+        runs.append(("vsphere", maintenance.sweep_vsphere))
+    if plan.hyperv and args.hypervisor in (None, "hyperv"):
+        runs.append(("hyperv", maintenance.sweep_hyperv))
+    if not runs:
+        raise InvalidInputError(f"plan {args.plan} has no {args.hypervisor} hypervisor to sweep")
+    items: list[dict] = []
+    for hypervisor, flow_fn in runs:
+        kw = {} if args.older_than is None else {"older_than_seconds": args.older_than}
+        state = flow_fn(plan_path=plan_path, return_state=True, **kw)
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            if isinstance(result, BackupError):
+                raise result
+            raise BackupError(f"the {flow_fn.name} flow failed: {one_line(result)} (details: {ui})")
+        items += [{"hypervisor": hypervisor, **i} for i in result]
+    _print(args, {"leftovers": items}, _sweep_text(items))
+    return 0 if all(i.get("removed") for i in items) else 1

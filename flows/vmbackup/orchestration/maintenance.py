@@ -1,9 +1,9 @@
 """The maintenance flows: ``verify_repository``, ``apply_retention``,
-``sweep_vsphere``.
+``sweep_vsphere``, ``sweep_hyperv``.
 
 Orchestration only: what to keep and what to sample is plain Python
 (``vmbackup.retention``, ``vmbackup.sampling``), the work is the mover's
-(verify, forget, gc) or the vSphere adapter's (the sweep). Each flow
+(verify, forget, gc) or the adapters' (the sweeps). Each flow
 returns a report (a dict; ``vmbackup maintain ...`` prints it), publishes
 it as a markdown artifact, and emits one Prefect event with the figures
 in its payload, so an automation can alert on it.
@@ -26,6 +26,11 @@ from . import reports
 VERIFY_KEY = "vmbackup-verify-repository"
 RETENTION_KEY = "vmbackup-apply-retention"
 SWEEP_KEY = "vmbackup-sweep-vsphere"
+SWEEP_HYPERV_KEY = "vmbackup-sweep-hyperv"
+# Above the backup flows' default VM deadline (6 h, after which a backup is
+# cancelled and deletes its shadow copy itself), so the sweeper never takes
+# a shadow copy from under a backup that is still reading it.
+DEFAULT_HYPERV_SWEEP_AGE = 7 * 3600.0
 
 
 class MaintenanceError(BackupError):
@@ -420,10 +425,12 @@ def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0, password_s
     from ..plan import load_plan, resolve_password
     from ..vsphere.client import VSphereClient
     from ..vsphere.sweep import sweep
-    from .backup_vsphere import _with_secret
+    from .backup import with_secret as _with_secret
 
     log = get_run_logger()
     plan = _with_secret(load_plan(plan_path), password_secret)
+    if plan.connection is None:
+        raise InvalidInputError(f"plan {plan_path} has no vSphere connection (connection: ...)")
     password = resolve_password(plan.connection)
     with VSphereClient.connect(plan.connection, password) as client:
         leftovers = [_leftover_dict(x) for x in sweep(client, plan, older_than_seconds=older_than_seconds)]
@@ -453,3 +460,96 @@ def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0, password_s
     }
     _emit_maintenance_event("vmbackup.sweep.done", resource, payload, [str(i.get("vm")) for i in leftovers])
     return leftovers
+
+
+# --- sweep_hyperv -------------------------------------------------------------
+
+
+@flow(name="sweep_hyperv", flow_run_name=reports.run_name("sweep-hyperv"), log_prints=False)
+def sweep_hyperv(
+    plan_path: str,
+    older_than_seconds: float = DEFAULT_HYPERV_SWEEP_AGE,
+    hyperv_password_secret: str | None = None,
+) -> list[dict]:
+    """On every Hyper-V host of the plan, remove the shadow copies (and
+    their shares, mount points and ledger entries) that this system's
+    crashed backups left and that are older than the threshold; report each
+    (a markdown artifact and a ``vmbackup.sweep.done`` event per host).
+
+    Only runs in vmbackup's ledger on the host are touched: shadow copies
+    that another product made are never removed. A host that cannot be
+    reached is one item with ``removed: false`` and the one-line reason (the
+    other hosts are still swept). ``hyperv_password_secret``: a Prefect
+    Secret block's name for every host's password, as for ``backup_vms``.
+    """
+    from ..hyperv import inventory
+    from ..hyperv.sweep import sweep_host
+    from ..plan import load_plan, resolve_password
+    from .backup import with_secret
+    from .vmtask import one_line
+
+    log = get_run_logger()
+    plan = with_secret(load_plan(plan_path), None, hyperv_password_secret)
+    if not plan.hyperv:
+        raise InvalidInputError(f"plan {plan_path} has no Hyper-V hosts (hyperv: [...])")
+    passwords = {h.name: resolve_password(h) for h in plan.hyperv}
+    secrets = [p.get_secret_value() for p in passwords.values()]
+    items: list[dict] = []
+    for host in plan.hyperv:
+        found: list[dict] = []
+        try:
+            client = inventory.connect(host, passwords[host.name])
+            for r in sweep_host(client, older_than_seconds=older_than_seconds):
+                found.append(
+                    {
+                        "hypervisor": "hyperv",
+                        "host": host.name,
+                        "kind": "shadow copy run",
+                        "name": r.get("RunId"),
+                        "vm": ", ".join(r["VMs"]) if isinstance(r.get("VMs"), list) else r.get("VMs"),
+                        "created": r.get("Created"),
+                        "shadow_copies": list(r.get("Deleted") or []),
+                        "removed": True,
+                        "error": None,
+                    }
+                )
+        except Exception as e:
+            found.append(
+                {
+                    "hypervisor": "hyperv",
+                    "host": host.name,
+                    "kind": "host",
+                    "name": host.name,
+                    "vm": None,
+                    "created": None,
+                    "shadow_copies": [],
+                    "removed": False,
+                    "error": f"Hyper-V host {host.name} was not swept: {one_line(e, secrets)}",
+                }
+            )
+        for item in found:
+            log.info(
+                "%s %s on %s: %s",
+                item["kind"],
+                item["name"],
+                host.name,
+                "removed" if item["removed"] else f"NOT removed ({item['error']})",
+            )
+        payload = {
+            "host": host.name,
+            "older_than_seconds": older_than_seconds,
+            "found": len(found),
+            "removed": sum(bool(i["removed"]) for i in found),
+            "not_removed": sum(not i["removed"] for i in found),
+            "items": [{k: i.get(k) for k in ("kind", "name", "vm", "removed", "error")} for i in found],
+        }
+        resource = {"prefect.resource.id": f"vmbackup.host.{host.name}", "prefect.resource.name": host.name}
+        _emit_maintenance_event("vmbackup.sweep.done", resource, payload, [str(i["vm"]) for i in found if i["vm"]])
+        items += found
+    removed = sum(bool(i["removed"]) for i in items)
+    _publish_markdown_report(
+        SWEEP_HYPERV_KEY,
+        _sweep_markdown(items, older_than_seconds),
+        f"{removed} of {len(items)} leftover(s) removed from {len(plan.hyperv)} Hyper-V host(s)",
+    )
+    return items

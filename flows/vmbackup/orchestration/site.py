@@ -1,24 +1,29 @@
 """The site's nightly backup: plan here, back up on each agent's worker.
 
-``backup_vsphere_site`` loads the plan, selects the VMs and assigns them to
-agents (``vmbackup.planning``, the same assignment ``vmbackup backup``
-makes), then starts one flow run per agent of the per-agent deployment
-``backup_vsphere_vms/<agent>`` (``agent_deployment``), which lives in that
-agent's work pool: the worker on that agent picks it up, so the per-VM work
-runs where the hot-added disks appear. The limits are Prefect's global
-concurrency limits on the server, shared by every worker.
+``backup_site`` loads the plan, selects the VMs (vSphere and Hyper-V, as
+``backup_vms`` does) and assigns them to agents (``vmbackup.planning``, the
+same assignment ``vmbackup backup`` makes), then starts one flow run per
+agent of the per-agent deployment ``backup_vms/<agent>``
+(``agent_deployment``), which lives in that agent's work pool: the worker
+on that agent picks it up, so the per-VM work runs where the hot-added
+disks appear (or where the Hyper-V shadow copies' shares are mounted). The
+limits are Prefect's global concurrency limits on the server, shared by
+every worker. ``backup_vsphere_site`` is the same for vSphere only, for the
+deployments made before Hyper-V (its agents' deployments are
+``backup_vsphere_vms/<agent>``).
 
 The per-agent runs are subflows of this run (the UI shows them under it);
 their reports (table artifacts) are read back into one report here, and this
 run fails when any VM failed or any agent's run did not complete, so
-``prefect deployment run backup_vsphere_site/vsphere-nightly --watch`` exits
-1 then.
+``prefect deployment run backup_site/nightly --watch`` exits 1 then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -26,9 +31,23 @@ from prefect.artifacts import create_table_artifact
 
 from .. import planning
 from . import limits
-from .backup_vsphere import DEFAULT_VM_DEADLINE, REPORT_KEY, VmsFailedError, _selection, _vm_datastores, _with_secret
+from .backup import (
+    DEFAULT_VM_DEADLINE,
+    HYPERV,
+    HYPERVISORS,
+    KEYS,
+    VSPHERE,
+    VmsFailedError,
+    agent_reaches,
+    passwords_of,
+    select,
+    unreachable_reason,
+    with_secret,
+)
+from .backup_vsphere import REPORT_KEY
 
-DEFAULT_AGENT_DEPLOYMENT = "backup_vsphere_vms/{agent}"
+DEFAULT_AGENT_DEPLOYMENT = "backup_vms/{agent}"
+VSPHERE_AGENT_DEPLOYMENT = "backup_vsphere_vms/{agent}"
 POLL_SECONDS = 2.0
 
 
@@ -39,7 +58,7 @@ def _agent_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
 
     arts = client.read_artifacts(
         artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[REPORT_KEY])
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[KEYS.report, REPORT_KEY])
         )
     )
     rows: dict[str, dict] = {}
@@ -56,65 +75,66 @@ def _agent_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
     return [rows[vm] for vm in vms]
 
 
-@flow(name="backup_vsphere_site", log_prints=False, validate_parameters=True)
-def backup_vsphere_site(
+def _site(
     plan_path: str,
-    password_secret: str | None = None,
-    agent_deployment: str = DEFAULT_AGENT_DEPLOYMENT,
-    vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
-    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    password_secret: str | None,
+    agent_deployment: str,
+    vm_deadline_seconds: float | None,
+    lease_seconds: float,
+    hypervisors: Sequence[str],
+    hyperv_password_secret: str | None = None,
+    report_key: str = "vmbackup-site-report",
 ) -> list[dict]:
-    """Assign the plan's VMs to agents and back them up, each agent's VMs in
-    a flow run of ``agent_deployment`` (``{agent}`` is the agent's name) on
-    that agent's worker. Returns every VM's row (with ``agent`` and
-    ``flow_run``); fails when any VM failed."""
+    """The body of both site flows."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from ..plan import load_plan, resolve_password
-    from ..vsphere.client import VSphereClient
-    from ..vsphere.inventory import select_vms
+    from ..plan import load_plan
 
     log = get_run_logger()
-    plan = _with_secret(load_plan(plan_path), password_secret)
-    password = resolve_password(plan.connection)
-    with VSphereClient.connect(plan.connection, password) as vc:
-        selected = select_vms(vc, _selection(plan, None))
-    agent_plan = planning.assign_agents(selected, plan.agents)
-    by_vm = {v.name: v for v in selected}
+    plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    passwords = passwords_of(plan, hypervisors)
+    secrets = [p.get_secret_value() for p in passwords.values()]
+    with contextlib.ExitStack() as stack:
+        found, _ = select(plan, None, hypervisors, passwords, stack, secrets)
+    selected = found.targets
+    agent_plan = planning.assign_agents(selected, plan.agents, reach=agent_reaches, unreachable=unreachable_reason)
+    by_vm = {t.name: t for t in selected}
     order = planning.submission_order(selected, agent_plan)
     per_agent: dict[str, list[str]] = {}
     for name in order:
         per_agent.setdefault(agent_plan.assigned[name], []).append(name)
+    chosen = [by_vm[v] for v in order]
     # The limits exist before any agent's run asks for them.
     limits.ensure_limits(
         limits.limit_values(
             sorted(per_agent),
-            sorted({by_vm[v].host for v in order}),
-            sorted({d for v in order for d in _vm_datastores(by_vm[v])}),
+            sorted({t.host for t in chosen}),
+            sorted({d for t in chosen if t.hypervisor == VSPHERE for d in t.storage}),
             per_agent=plan.limits.per_agent,
             per_host=plan.limits.per_host,
             per_datastore=plan.limits.per_datastore,
+            volumes=sorted({v for t in chosen if t.hypervisor == HYPERV for v in t.storage}),
         )
     )
 
     runs = {}
     for agent, vms in sorted(per_agent.items()):
         name = agent_deployment.format(agent=agent)
+        parameters = {
+            "plan_path": plan_path,
+            "vms": vms,
+            "agent": agent,
+            "password_secret": password_secret,
+            "vm_deadline_seconds": vm_deadline_seconds,
+            "lease_seconds": lease_seconds,
+            "fail_on_error": True,
+        }
+        if HYPERV in hypervisors:
+            parameters["hyperv_password_secret"] = hyperv_password_secret
         # timeout=0: start it and go on; every agent's run goes at once.
         runs[agent] = run_deployment(
-            name=name,
-            parameters={
-                "plan_path": plan_path,
-                "vms": vms,
-                "agent": agent,
-                "password_secret": password_secret,
-                "vm_deadline_seconds": vm_deadline_seconds,
-                "lease_seconds": lease_seconds,
-                "fail_on_error": True,
-            },
-            timeout=0,
-            flow_run_name=f"{agent}: {len(vms)} VM(s)",
+            name=name, parameters=parameters, timeout=0, flow_run_name=f"{agent}: {len(vms)} VM(s)"
         )
         log.info("%s: %d VM(s) in flow run %s of %s", agent, len(vms), runs[agent].name, name)
 
@@ -134,11 +154,26 @@ def backup_vsphere_site(
             for r in _agent_rows(client, run, per_agent[agent]):
                 rows.append({**r, "agent": agent, "flow_run": str(run.id)})
     for name, why in sorted(agent_plan.unassignable.items()):
-        rows.append({"vm": name, "status": "failed", "agent": None, "flow_run": None, "error": why})
+        t = by_vm[name]
+        rows.append(
+            {"vm": name, "hypervisor": t.hypervisor, "status": "failed", "agent": None, "flow_run": None, "error": why}
+        )
+    rows += [{**r, "agent": None, "flow_run": None} for r in found.failed]
 
-    columns = ["vm", "status", "agent", "backup_id", "mode", "bytes_read", "bytes_stored", "seconds", "error"]
+    columns = [
+        "vm",
+        "hypervisor",
+        "status",
+        "agent",
+        "backup_id",
+        "mode",
+        "bytes_read",
+        "bytes_stored",
+        "seconds",
+        "error",
+    ]
     create_table_artifact(
-        key="vmbackup-vsphere-site-report",
+        key=report_key,
         table=[{c: r.get(c) for c in columns} for r in rows],
         description=f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} VM(s) backed up over {len(runs)} agent(s)",
     )
@@ -146,3 +181,49 @@ def backup_vsphere_site(
     if failed:
         raise VmsFailedError(f"{len(failed)} of {len(rows)} VM(s) failed: {', '.join(failed)}")
     return rows
+
+
+@flow(name="backup_site", log_prints=False, validate_parameters=True)
+def backup_site(
+    plan_path: str,
+    password_secret: str | None = None,
+    agent_deployment: str = DEFAULT_AGENT_DEPLOYMENT,
+    vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
+    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    hyperv_password_secret: str | None = None,
+) -> list[dict]:
+    """Assign the plan's VMs (vSphere and Hyper-V) to agents and back them
+    up, each agent's VMs in a flow run of ``agent_deployment`` (``{agent}``
+    is the agent's name; a ``backup_vms`` deployment) on that agent's
+    worker. Returns every VM's row (with ``agent`` and ``flow_run``); fails
+    when any VM failed."""
+    return _site(
+        plan_path,
+        password_secret,
+        agent_deployment,
+        vm_deadline_seconds,
+        lease_seconds,
+        HYPERVISORS,
+        hyperv_password_secret,
+    )
+
+
+@flow(name="backup_vsphere_site", log_prints=False, validate_parameters=True)
+def backup_vsphere_site(
+    plan_path: str,
+    password_secret: str | None = None,
+    agent_deployment: str = VSPHERE_AGENT_DEPLOYMENT,
+    vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
+    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+) -> list[dict]:
+    """``backup_site`` for the plan's vSphere VMs only (the deployments made
+    before Hyper-V; ``agent_deployment`` defaults to ``backup_vsphere_vms/{agent}``)."""
+    return _site(
+        plan_path,
+        password_secret,
+        agent_deployment,
+        vm_deadline_seconds,
+        lease_seconds,
+        (VSPHERE,),
+        report_key="vmbackup-vsphere-site-report",
+    )
