@@ -47,6 +47,24 @@ class E2ELab:
     lab: Lab
     plan: Path  # the plan `vmbackup lab up --json` wrote
     password: str
+    summary: dict | None = None  # what `vmbackup lab up --json` printed
+
+    @property
+    def hyperv_password(self) -> str:
+        return self.summary["hyperv"]["password"]
+
+    @property
+    def hyperv_password_env(self) -> str:
+        return self.plan_data()["hyperv"][0]["password_env"]
+
+    def env(self, state: Path) -> dict[str, str]:
+        """A user's environment for this lab's plan: every password in the variable the plan names."""
+        e = base_env(state)
+        e[PASSWORD_ENV] = self.password
+        for h in self.plan_data().get("hyperv") or ():
+            e.pop(h["password_env"], None)
+            e[h["password_env"]] = self.hyperv_password
+        return e
 
     def write_plan(self, path: Path, **changes) -> Path:
         """A copy of the lab's plan with top-level ``changes`` (repository, limits, agents...)."""
@@ -77,13 +95,15 @@ def base_env(state: Path) -> dict[str, str]:
     return env
 
 
-def _lab(tmp_path_factory, topology: str):
-    state = tmp_path_factory.mktemp(Path(topology).stem)
+def _lab(tmp_path_factory, topology: str | Path | None):
+    """A lab of ``topology`` (a file here, a path, or None: the lab's built-in default)."""
+    state = tmp_path_factory.mktemp(Path(topology).stem if topology else "default-lab")
     env = base_env(state / "unused")
-    p = run("lab", "up", "--state", str(state), "--topology", str(HERE / topology), "--json", env=env)
+    args = ["--topology", str(HERE / topology)] if topology else []
+    p = run("lab", "up", "--state", str(state), *args, "--json", env=env)
     summary = json.loads(p.stdout)
     try:
-        yield E2ELab(load_lab(state), Path(summary["plan"]), summary["vsphere"]["password"])
+        yield E2ELab(load_lab(state), Path(summary["plan"]), summary["vsphere"]["password"], summary)
     finally:
         lab_down(state)
 
@@ -96,6 +116,28 @@ def small_lab(tmp_path_factory):
 @pytest.fixture(scope="session")
 def lab30(tmp_path_factory):
     yield from _lab(tmp_path_factory, "topology-30.json")
+
+
+@pytest.fixture(scope="session")
+def default_lab(tmp_path_factory):
+    """The lab as `vmbackup lab up` starts it: vSphere VMs and the Hyper-V host hv1."""
+    yield from _lab(tmp_path_factory, None)
+
+
+@pytest.fixture(scope="session")
+def hyperv20_lab(tmp_path_factory):
+    """Two Hyper-V hosts of ten VMs each (lab/topologies/hyperv-20.json)."""
+    yield from _lab(tmp_path_factory, HERE.parents[1] / "lab" / "topologies" / "hyperv-20.json")
+
+
+def hyperv_leftovers(e2e: E2ELab) -> dict:
+    """What this system has on the lab's Hyper-V hosts: shadow copies and ledger runs, by host."""
+    out = {}
+    for hv in e2e.lab.hyperv_hosts():
+        st = hv.status()
+        if st["shadow_copies"] or st["runs"]:
+            out[hv.host] = {"shadow_copies": [s["id"] for s in st["shadow_copies"]], "runs": st["runs"]}
+    return out
 
 
 @pytest.fixture

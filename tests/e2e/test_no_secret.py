@@ -163,13 +163,13 @@ def test_a_canary_password_appears_nowhere(tmp_path):
         assert {r["name"] for r in held["task_runs"]} >= {"backup-canary-web", "backup-canary-db"}
         # What people see of the first run: its table, summary, progress and events.
         by_key = {a["key"]: a for a in held["artifacts"]}
-        table = {r["vm"]: r for r in json.loads(by_key["vmbackup-vsphere-report"]["data"])}
+        table = {r["vm"]: r for r in json.loads(by_key["vmbackup-backup-report"]["data"])}
         assert table["canary-web"]["mb_per_s"] > 0 and table["canary-web"]["full_reason"] == "first backup"
         assert table["canary-web"]["dedup_ratio"] >= 1 and table["canary-db"]["error"] == rows["canary-db"]["error"]
-        summary = by_key["vmbackup-vsphere-summary"]["data"]
+        summary = by_key["vmbackup-backup-summary"]["data"]
         assert "**1 of 2 VM(s) backed up**" in summary and "| repository growth |" in summary
         assert f"| canary-db | esxc2 | vmbackup-agent-esxc2 | {rows['canary-db']['error']} |" in summary
-        assert float(by_key["vmbackup-vsphere-progress"]["data"]) == 100.0
+        assert float(by_key["vmbackup-backup-progress"]["data"]) == 100.0
         events = {e["event"]: e for e in held["events"] if e["event"].startswith("vmbackup.vm.")}
         assert events["vmbackup.vm.backed-up"]["resource"]["prefect.resource.id"] == "vmbackup.vm.canary-web"
         assert events["vmbackup.vm.failed"]["payload"]["error"] == rows["canary-db"]["error"]

@@ -1,0 +1,119 @@
+"""What backup_vms decides before any task runs (plain Python, no Prefect
+server): plain VM names shared by two hypervisors' selections, two selected
+VMs with one name, which agent reaches a Hyper-V VM, the limits a Hyper-V VM
+holds."""
+
+from __future__ import annotations
+
+import fnmatch
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from vmbackup import planning
+from vmbackup.orchestration import backup, limits
+from vmbackup.plan import Selection, load_plan
+
+
+def test_plain_names_become_exact_patterns():
+    per_adapter, plain = backup._per_adapter(Selection(vms=["web01", "db*", "x.y-1", "-"]))
+    assert plain == ["web01", "x.y-1", "-"]
+    assert per_adapter.vms[1] == "db*"
+    names = ["web01", "web011", "wEb01", "xweb01", "x.y-1", "xxy-1", "db7", "-"]
+    for name, pattern in zip(["web01", "x.y-1"], [per_adapter.vms[0], per_adapter.vms[2]], strict=True):
+        assert set(pattern) & set("*?[")  # the adapter does not raise "does not exist" for it
+        assert [n for n in names if fnmatch.fnmatchcase(n, pattern)] == [name]
+
+
+def _target(name, hypervisor, host, storage=("d1",)):
+    return backup.Target(name, hypervisor, host, list(storage), 1 << 20, None)
+
+
+def test_two_vms_with_one_name_fail_with_one_line_each():
+    plan = SimpleNamespace(repository="/repo")
+    found = backup.Selected(
+        targets=[
+            _target("web01", "vsphere", "esx1"),
+            _target("web01", "hyperv", "hv1", ("hv1:D",)),
+            _target("db01", "vsphere", "esx2"),
+            _target("app", "hyperv", "hv1", ("hv1:D",)),
+            _target("app", "hyperv", "hv2", ("hv2:E",)),
+        ]
+    )
+    backup._fail_duplicates(plan, found)
+    assert [t.name for t in found.targets] == ["db01"]
+    rows = {(r["vm"], r["host"]): r for r in found.failed}
+    assert sorted(rows) == [("app", "hv1"), ("app", "hv2"), ("web01", "esx1"), ("web01", "hv1")]
+    for r in found.failed:
+        assert r["status"] == "failed" and r["bytes_read"] == 0 and "\n" not in r["error"]
+        assert set(backup.vmtask.ROW_FIELDS) <= set(r)
+    assert rows[("web01", "hv1")]["hypervisor"] == "hyperv"
+    assert rows[("web01", "hv1")]["error"].startswith(
+        "VM name web01 is selected 2 times (vsphere host esx1, hyperv host hv1)"
+    )
+    assert rows[("app", "hv2")]["datastores"] == ["hv2:E"]
+
+
+@pytest.fixture
+def plan(tmp_path):
+    data = {
+        "connection": {"url": "vc.example.org", "user": "u", "password_env": "PW", "thumbprint": "ab" * 32},
+        "hyperv": [
+            {"name": "hv1", "url": "https://hv1:5986/wsman", "user": "u", "password_env": "HVPW"},
+            {"name": "hv2", "url": "https://hv2:5986/wsman", "user": "u", "password_env": "HVPW"},
+        ],
+        "repository": str(tmp_path / "repo"),
+        "agents": [
+            {"name": "esx-agent", "transports": ["nbd"], "hosts": ["esx1"]},
+            {
+                "name": "hv-agent",
+                "transports": ["nbd"],
+                "hosts": ["hv1"],
+                "windows_paths": {"\\\\HV1\\": str(tmp_path / "hv1")},
+                "share_account": "HV1\\vmbackup-agent",
+            },
+        ],
+        "selection": {"vms": ["*"]},
+    }
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_plan(path)
+
+
+def test_a_hyperv_vm_goes_to_an_agent_that_reaches_its_host(plan):
+    vms = [
+        _target("web01", "vsphere", "esx1"),
+        _target("win01", "hyperv", "hv1", ("hv1:D",)),
+        _target("win02", "hyperv", "hv2", ("hv2:D",)),
+    ]
+    got = planning.assign_agents(vms, plan.agents, reach=backup.agent_reaches, unreachable=backup.unreachable_reason)
+    assert got.assigned == {"web01": "esx-agent", "win01": "hv-agent"}
+    assert list(got.unassignable) == ["win02"]
+    assert got.unassignable["win02"].startswith("no agent reaches Hyper-V host hv2")
+
+
+def test_with_secret_names_the_blocks_of_every_host(plan):
+    p = backup.with_secret(plan, "vs-secret", "hv-secret")
+    assert p.connection.password_secret == "vs-secret" and p.connection.password_env is None
+    assert [(h.password_secret, h.password_env) for h in p.hyperv] == [("hv-secret", None)] * 2
+    assert backup.with_secret(plan, None, None) is plan
+
+
+def test_a_hyperv_vm_holds_its_agent_host_and_volume_limits():
+    names = limits.vm_limit_names("hv-agent", "hv1", (), volumes=["hv1:D", "cluster1:Volume1"])
+    assert names == [
+        "vmbackup-agent-hv-agent",
+        "vmbackup-host-hv1",
+        "vmbackup-volume-cluster1:Volume1",
+        "vmbackup-volume-hv1:D",
+    ]
+    values = limits.limit_values(
+        ["a"], ["esx1", "hv1"], ["ds1"], per_agent=5, per_host=4, per_datastore=2, volumes=["hv1:D"]
+    )
+    assert values == {
+        "vmbackup-agent-a": 5,
+        "vmbackup-host-esx1": 4,
+        "vmbackup-host-hv1": 4,
+        "vmbackup-datastore-ds1": 2,
+        "vmbackup-volume-hv1:D": 2,
+    }
