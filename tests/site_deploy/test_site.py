@@ -149,7 +149,7 @@ def site(tmp_path_factory):
         # Every deployment of the shipped file, non-interactively (`--all`).
         spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
         names = [d["name"] for d in spec["deployments"]]
-        assert {"vsphere-nightly", "vsphere-sweep", "verify-weekly", "retention", *AGENTS} <= set(names)
+        assert {"nightly", "vsphere-sweep", "hyperv-sweep", "verify-weekly", "retention", *AGENTS} <= set(names)
         denv = dict(env, VMBACKUP_PLAN=str(plan_path), VMBACKUP_PASSWORD_SECRET=SECRET)
         t0 = time.monotonic()
         args = [PREFECT, "--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml")]
@@ -197,7 +197,7 @@ def test_nightly_deployment_splits_vms_over_agent_workers(site):
     lab = site["lab"]
     lab.reset_counters()
     t0 = time.monotonic()
-    p = _run([PREFECT, "deployment", "run", "backup_vsphere_site/vsphere-nightly", "--watch"], site["env"])
+    p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], site["env"])
     elapsed = time.monotonic() - t0
     print(f"prefect deployment run --watch: {elapsed:.1f} s for {len(site['vms'])} VMs")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -221,7 +221,7 @@ def test_nightly_deployment_splits_vms_over_agent_workers(site):
     assert sorted(v for vms in backed_up.values() for v in vms) == site["vms"]
     # A flow run's parameters hold the Secret block's name, never the password.
     # (the deployment's schedule has added future runs: not those)
-    planner = [r for r in _flow_runs(site["env"], "vsphere-nightly") if not r.state.is_scheduled()]
+    planner = [r for r in _flow_runs(site["env"], "nightly") if not r.state.is_scheduled()]
     assert len(planner) == 1 and planner[0].state.is_completed(), planner
     assert site["password"] not in json.dumps([r.parameters for r in planner + _flow_runs(site["env"], AGENTS[0])])
 
@@ -263,7 +263,7 @@ def _site_rows(env: dict[str, str], flow_run_id) -> list[dict]:
             arts = client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
             )
-    art = next(a for a in arts if a.key == "vmbackup-vsphere-site-report")
+    art = next(a for a in arts if a.key == "vmbackup-site-report")
     return json.loads(art.data) if isinstance(art.data, str) else art.data
 
 
@@ -313,7 +313,7 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
     seen = {str(r.id) for a in AGENTS for r in _flow_runs(env, a)}
     out = Path(site["plan"]).parent / "watch-killed.log"
     watch = subprocess.Popen(
-        [PREFECT, "deployment", "run", "backup_vsphere_site/vsphere-nightly", "--param", "lease_seconds=60", "--watch"],
+        [PREFECT, "deployment", "run", "backup_site/nightly", "--param", "lease_seconds=60", "--watch"],
         env=env,
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
@@ -347,7 +347,7 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
     print(f"planner ended {time.monotonic() - t_kill:.1f} s after the kill")
     dead = [r for r in _flow_runs(env, killed) if r.id == dead[0].id]
     assert dead[0].state.is_crashed(), dead[0].state
-    planner = [r for r in _flow_runs(env, "vsphere-nightly") if r.state.is_failed()]
+    planner = [r for r in _flow_runs(env, "nightly") if r.state.is_failed()]
     rows = _site_rows(env, planner[-1].id)
     lost = sorted(r["vm"] for r in rows if r["status"] != "ok")
     assert lost and set(lost) <= set(dead[0].parameters["vms"]), rows
@@ -371,8 +371,8 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
     w, log = _start_worker(env, killed, killed, log)
     site["procs"].append(w)
     site["workers"][killed] = (w, log)
-    p = _run([PREFECT, "deployment", "run", "backup_vsphere_site/vsphere-nightly", "--watch"], env)
+    p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
     assert p.returncode == 0, p.stdout + p.stderr
-    planner = [r for r in _flow_runs(env, "vsphere-nightly") if r.state.is_completed()]
+    planner = [r for r in _flow_runs(env, "nightly") if r.state.is_completed()]
     rows = {r["vm"]: r for r in _site_rows(env, max(planner, key=lambda r: r.start_time).id)}
     assert all(rows[vm]["status"] == "ok" for vm in lost), rows
