@@ -1,12 +1,14 @@
 """`vmbackup demo` (what `make demo` runs): the main job on the lab.
 
-The lab (a simulated vCenter, its state under DIR/lab) is started, every VM
-of its plan is backed up with `vmbackup backup --plan` (the backup_vsphere_vms
-Prefect flow on the local Prefect server that vmbackup starts and keeps), the
-guests write, a second run backs up incrementally, `vmbackup verify
---read-data` checks the repository, every disk of the incremental backup is
-restored and compared with the disk as it is now, and a report says, per VM,
-how it went. Exit 0 only if every step worked.
+The lab (a simulated vCenter and a Hyper-V host, its state under DIR/lab) is
+started, every VM of its plan, vSphere and Hyper-V, is backed up with
+`vmbackup backup --plan` (one run of the backup_vms Prefect flow on the local
+Prefect server that vmbackup starts and keeps), the guests write, a second
+run backs up again (vSphere: incremental, only what CBT reports as changed;
+Hyper-V: the disks read again from a new shadow copy, only new chunks
+stored), `vmbackup verify --read-data` checks the repository, every disk of
+the second backups is restored and compared with the disk as it is now, and a
+report says, per VM, how it went. Exit 0 only if every step worked.
 
 The demo drives the product only through its command line, as a person
 would; the lab's own calls (guest writes, disk images) go to the lab.
@@ -98,6 +100,16 @@ def _topology(directory: Path, size: int | None) -> Path | None:
     return path
 
 
+def _plan_hyperv(plan: Path) -> list[dict]:
+    """The Hyper-V hosts of the lab's plan (their password variable)."""
+    import yaml
+
+    try:
+        return list(yaml.safe_load(plan.read_text()).get("hyperv") or [])
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+
+
 def _server_is_running(env: dict[str, str]) -> bool:
     p = subprocess.run(_vmbackup() + ["server", "status", "--json"], env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -110,6 +122,7 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
     """The per-VM report a person reads: both runs side by side, then totals."""
     cols = [
         ("VM", 8),
+        ("HYPERVISOR", 10),
         ("RUN", 5),
         ("MODE", 11),
         ("TRANSPORT", 9),
@@ -117,7 +130,7 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
         ("DISKS", 5),
         ("READ", 10),
         ("STORED", 10),
-        ("SNAPSHOT", 8),
+        ("SNAPSHOT", 8),  # a Hyper-V VM's: its shadow copy
         ("SECONDS", 7),
     ]
     lines = ["  ".join(f"{t:<{w}}" for t, w in cols).rstrip()]
@@ -125,6 +138,7 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
         for r in rows:
             cells = [
                 r.get("vm"),
+                r.get("hypervisor"),
                 label,
                 r.get("mode") if r.get("status") == "ok" else "FAILED",
                 r.get("transport"),
@@ -140,7 +154,7 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
                     f"{str('-' if c is None else c)[:w]:<{w}}" for c, (_, w) in zip(cells, cols, strict=True)
                 ).rstrip()
             )
-    for label, rows, secs in (("run 1 (full)", full, full_s), ("run 2 (incremental)", inc, inc_s)):
+    for label, rows, secs in (("run 1 (first)", full, full_s), ("run 2 (after the writes)", inc, inc_s)):
         ok = sum(r.get("status") == "ok" for r in rows)
         lines.append(
             f"{label}: {ok} of {len(rows)} VMs ok, read {_fmt_bytes(sum(r.get('bytes_read') or 0 for r in rows))}, "
@@ -192,10 +206,18 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
         f"1. started the lab in {state} ({time.monotonic() - t:.1f} s): a simulated vCenter at "
         f"{summary['vsphere']['url']}, hosts {', '.join(summary['hosts'])}, agents {', '.join(summary['agents'])}"
     )
+    hyperv = summary.get("hyperv_hosts") or []
+    for h in hyperv:
+        say(f"   and a simulated Hyper-V host {h['host']}, WinRM at {h['url']} ({h['transport']}, its own CA)")
     say(f"   its backup plan: {plan} (repository {lab.state / 'repository'})")
     env = dict(os.environ)
     env[PASSWORD_ENV] = lab.password
-    say(f"   the password reaches vmbackup through ${PASSWORD_ENV}, never the plan")
+    envs = [f"${PASSWORD_ENV}"]
+    for h in _plan_hyperv(plan):
+        if h.get("password_env") and hyperv:
+            env[h["password_env"]] = hyperv[0]["password"]
+            envs.append(f"${h['password_env']}")
+    say(f"   the passwords reach vmbackup through {' and '.join(dict.fromkeys(envs))}, never the plan")
 
     if "PREFECT_API_URL" in env:
         say(f"2. Prefect: the server at PREFECT_API_URL={env['PREFECT_API_URL']}")
@@ -207,13 +229,20 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
             "a machine creates its database: allow up to a minute, it prints the UI's address when it is up."
         )
 
-    say("3. backing up every VM of the plan (full: the allocated areas of every disk)")
+    say(
+        "3. backing up every VM of the plan in one run (full: the allocated areas of every disk; "
+        "Hyper-V VMs from a VSS shadow copy)"
+    )
     full, full_s = _backup(plan, env, "the first backup")
     failed = [r for r in full if r.get("status") != "ok"]
     if failed or not full:
         say(report(full, [], full_s, 0.0))
         raise DemoFailed(f"{len(failed)} of {len(full)} VMs failed in the first backup")
-    say(f"   {len(full)} VMs backed up in {full_s:.1f} s")
+    kinds = {}
+    for r in full:
+        kinds[r.get("hypervisor")] = kinds.get(r.get("hypervisor"), 0) + 1
+    split = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: str(kv[0])))
+    say(f"   {len(full)} VMs ({split}) backed up in {full_s:.1f} s")
 
     writes = 0
     seed = 100
@@ -226,10 +255,17 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
                     writes += length
     say(f"4. the guests wrote {_fmt_bytes(writes)} over {sum(len(r['disks']) for r in full)} disks (Lab.write)")
 
-    say("5. backing up every VM again (incremental: only the areas CBT reports as changed)")
+    say(
+        "5. backing up every VM again (vSphere: incremental, only the areas CBT reports as changed; "
+        "Hyper-V: every disk read again, only new chunks stored)"
+    )
     inc, inc_s = _backup(plan, env, "the second backup")
     problems = [f"{r['vm']}: {r.get('error')}" for r in inc if r.get("status") != "ok"]
-    problems += [f"{r['vm']}: {r.get('mode')} backup, not incremental" for r in inc if r.get("mode") != "incremental"]
+    problems += [
+        f"{r['vm']}: {r.get('mode')} backup, not incremental"
+        for r in inc
+        if r.get("status") == "ok" and r.get("hypervisor") != "hyperv" and r.get("mode") != "incremental"
+    ]
 
     say("6. verifying the repository (every chunk re-read and re-hashed)")
     repo = str(lab.state / "repository")
@@ -243,7 +279,7 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     else:
         say(f"   {verified.get('backups_checked', '?')} backups, {verified.get('chunks_checked', '?')} chunks: sound")
 
-    say("7. restoring every disk of the incremental backups and comparing it with the disk in the lab")
+    say("7. restoring every disk of the second backups and comparing it with the disk in the lab")
     restored = out / "restored"
     restored.mkdir()
     same = 0
@@ -271,7 +307,10 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
             want.unlink()
     say(f"   {same} disks restored, identical to the lab's")
 
-    say("\nReport (run 1: full, run 2: incremental; SNAPSHOT: how long the VM's snapshot stayed open)")
+    say(
+        "\nReport (run 1: full, run 2: after the guests wrote; SNAPSHOT: how long the VM's snapshot, or "
+        "Hyper-V shadow copy, stayed open)"
+    )
     say(report(full, inc, full_s, inc_s))
     say(f"repository: {repo}   `vmbackup snapshots --repo {repo}` lists its backups")
     for p in problems:
