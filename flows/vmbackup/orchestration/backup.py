@@ -319,7 +319,8 @@ def select(
     if missing and not found.errors:
         from ..errors import VmNotFoundError
 
-        raise VmNotFoundError(f"VM {', '.join(missing)} does not exist in {' or '.join(found.reached)}")
+        where = [("on " if label.startswith("Hyper-V") else "in ") + label for label in found.reached]
+        raise VmNotFoundError(f"VM {', '.join(missing)} does not exist {' or '.join(where)}")
     _fail_duplicates(plan, found)
     return found, vclient
 
