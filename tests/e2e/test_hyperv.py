@@ -265,3 +265,36 @@ def test_wrong_hyperv_password_or_ca_one_line(default_lab, state_dir, tmp_path, 
     for secret in (e2e.password, e2e.hyperv_password, wrong):
         assert secret not in p.stdout + p.stderr
     assert hv.status()["counters"] == before  # no shadow copy was made
+
+
+def test_backup_vsphere_vms_still_backs_up_the_vsphere_vms_only(default_lab, state_dir, tmp_path):
+    """The flow of the deployments made before Hyper-V: same behaviour, same report keys."""
+    e2e = default_lab
+    env = e2e.env(state_dir)
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    plan = e2e.write_plan(tmp_path / "plan.yaml", repository=repo)
+    expected = {vm for vm, kind in _expected(e2e).items() if kind == "vsphere"}
+    before = [r["id"] for r in _runs_since(env, "backup_vsphere_vms", [])]
+    code = (
+        "import json, sys; from vmbackup.orchestration.backup_vsphere import backup_vsphere_vms; "
+        "print(json.dumps(backup_vsphere_vms(plan_path=sys.argv[1]), default=str))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(plan)],
+        env=dict(env, PREFECT_API_URL=_api(env), PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout.splitlines()[-1])
+    assert {r["vm"] for r in rows} == expected
+    assert all(r["status"] == "ok" and r["hypervisor"] == "vsphere" for r in rows), rows
+    new = _runs_since(env, "backup_vsphere_vms", before)
+    assert len(new) == 1
+    table = json.loads(_artifacts(env, new[0]["id"])["vmbackup-vsphere-report"]["data"])
+    assert {r["vm"] for r in table} == expected
+    assert hyperv_leftovers(e2e) == {} and all(
+        hv.status()["counters"]["shadow_copies"]["now"] == 0 for hv in e2e.lab.hyperv_hosts()
+    )
