@@ -207,3 +207,9 @@ def pyvmomi_leftovers(e2e: E2ELab) -> list[str]:
                 if len(disks) != 1:
                     found.append(f"{len(disks) - 1} disk(s) attached to agent {vm.name}")
     return found
+
+
+@pytest.fixture(scope="session")
+def dup_lab(tmp_path_factory):
+    """A vSphere VM and a Hyper-V VM both named web01 (tests/e2e/topology-hyperv-dup.json)."""
+    yield from _lab(tmp_path_factory, "topology-hyperv-dup.json")

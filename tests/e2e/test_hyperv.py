@@ -299,3 +299,28 @@ def test_backup_vsphere_vms_still_backs_up_the_vsphere_vms_only(default_lab, sta
     assert {r["vm"] for r in table} == expected
     # No shadow copy was made on the Hyper-V host.
     assert [hv.status()["peak_shadow_copies"] for hv in e2e.lab.hyperv_hosts()] == [0]
+
+
+def test_two_selected_vms_with_one_name_are_failed_rows_the_others_run(dup_lab, state_dir, tmp_path):
+    e2e = dup_lab
+    env = e2e.env(state_dir)
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    plan = e2e.write_plan(tmp_path / "plan.yaml", repository=repo)
+
+    p = run("backup", "--plan", str(plan), "--json", env=env, expect=1)
+    rows = json.loads(p.stdout)["vms"]
+    assert sorted((r["vm"], r["hypervisor"], r["status"]) for r in rows) == [
+        ("solo01", "vsphere", "ok"),
+        ("web01", "hyperv", "failed"),
+        ("web01", "vsphere", "failed"),
+        ("win02", "hyperv", "ok"),
+    ], rows
+    for r in rows:
+        if r["vm"] == "web01":
+            assert r["error"].startswith("VM name web01 is selected 2 times (") and "\n" not in r["error"], r
+            assert "vsphere host esxd1" in r["error"] and "hyperv host hvd1" in r["error"], r
+            assert r["backup_id"] is None and r["bytes_read"] == 0, r
+    # Neither web01 was backed up: nothing of either is in the repository.
+    assert sorted(b.vm for b in _mover.list_backups(str(repo))[0]) == ["solo01", "win02"]
+    assert hyperv_leftovers(e2e) == {}
