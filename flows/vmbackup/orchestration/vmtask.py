@@ -2,16 +2,17 @@
 reaches the mover through its cancel token, retries only for retryable
 errors, and a result row for every VM whatever happened.
 
-The work itself (the vSphere adapter's per-VM procedure) is a callable that
-takes a :class:`vmbackup._mover.CancelToken` and returns the VM's result as
-a dict; this module knows nothing of vSphere, so it is tested with real
+The work itself (an adapter's per-VM procedure: vSphere's, or Hyper-V's
+with its shadow copy) is a callable that takes a
+:class:`vmbackup._mover.CancelToken` and returns the VM's result as a dict;
+this module knows nothing of either hypervisor, so it is tested with real
 Prefect and real mover calls on its own.
 
 Why not Prefect's ``timeout_seconds``: for a task on a worker thread Prefect
 enforces it by raising an exception asynchronously inside the thread
 (``PyThreadState_SetAsyncExc``), which cannot interrupt a call into the
 mover, and lands wherever Python code runs next, possibly in the adapter's
-cleanup (a snapshot left behind). Our deadline cancels the token instead:
+cleanup (a snapshot or shadow copy left behind). Our deadline cancels the token instead:
 the mover stops at its next block, the adapter's ``finally`` blocks run, and
 the task fails with :class:`VmTimeoutError`, which is never retried.
 """
