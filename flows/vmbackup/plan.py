@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -105,6 +105,70 @@ class Connection(_Model):
         return urlsplit(self.url).path or "/sdk"
 
 
+HypervAuth = Literal["ntlm", "basic", "kerberos", "credssp"]
+
+
+class HypervHost(_Model):
+    """How to reach one Hyper-V host over WinRM (docs/hyperv.md)."""
+
+    name: str = Field(min_length=1)
+    url: str
+    user: str = Field(min_length=1)
+    password_env: str | None = None
+    password_secret: str | None = None
+    auth: HypervAuth = "ntlm"
+    ca_file: Path | None = None
+    cluster: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", v):
+            raise ValueError(f"'{v}' is not a computer name (letters, digits, '-' and '.')")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip()
+        if "://" not in v:
+            v = f"https://{v}:5986/wsman"
+        parts = urlsplit(v)
+        if parts.scheme not in ("https", "http"):
+            raise ValueError(f"'{v}' must be https://host:5986/wsman (or http:// with a sealing auth)")
+        if not parts.hostname:
+            raise ValueError(f"'{v}' has no host name")
+        try:
+            parts.port  # noqa: B018 (validates the port)
+        except ValueError:
+            raise ValueError(f"'{v}' has a bad port") from None
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> HypervHost:
+        if (self.password_env is None) == (self.password_secret is None):
+            raise ValueError("give exactly one of password_env and password_secret")
+        if urlsplit(self.url).scheme == "http" and self.auth == "basic":
+            raise ValueError("basic over http would send the password in clear: use https")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+
+def _windows_key(key: str) -> str | None:
+    """A ``windows_paths`` key in canonical form: ``\\\\HOST\\`` or ``D:\\`` (upper case), or None."""
+    k = key.strip().replace("/", "\\")
+    m = re.fullmatch(r"\\\\([A-Za-z0-9][A-Za-z0-9.-]*)\\?", k)
+    if m:
+        return f"\\\\{m.group(1).upper()}\\"
+    m = re.fullmatch(r"([A-Za-z]):\\?", k)
+    if m:
+        return f"{m.group(1).upper()}:\\"
+    return None
+
+
 class Agent(_Model):
     """A machine that reads disks: an appliance VM (hot-add), a host with datastore mounts, an NBD client."""
 
@@ -115,6 +179,22 @@ class Agent(_Model):
     device_dir: Path | None = None
     datastores: dict[str, Path] = Field(default_factory=dict)
     nbd_command: list[str] | None = None
+    windows_paths: dict[str, Path] = Field(default_factory=dict)
+    share_account: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_transports(cls, data: Any) -> Any:
+        """Without ``transports``, an agent does what its fields allow:
+        hot-add with ``vm`` and ``device_dir``, direct with ``datastores``, NBD always."""
+        if isinstance(data, dict) and "transports" not in data:
+            can = []
+            if data.get("vm") and data.get("device_dir"):
+                can.append("hotadd")
+            if data.get("datastores"):
+                can.append("direct")
+            data = {**data, "transports": [*can, "nbd"]}
+        return data
 
     @field_validator("transports")
     @classmethod
@@ -123,12 +203,68 @@ class Agent(_Model):
             raise ValueError("lists a transport twice")
         return v
 
+    @field_validator("windows_paths")
+    @classmethod
+    def _windows_paths(cls, v: dict[str, Path]) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for key, local in v.items():
+            canon = _windows_key(key)
+            if canon is None:
+                raise ValueError(f"'{key}' is neither a host's share prefix (\\\\HOST\\) nor a drive (D:\\)")
+            if canon in out:
+                raise ValueError(f"'{key}' is given twice")
+            out[canon] = local
+        return out
+
+    def windows_hosts(self) -> list[str]:
+        """The Hyper-V hosts whose shares this agent mounts (upper case)."""
+        return sorted(k.strip("\\") for k in self.windows_paths if k.startswith("\\\\"))
+
+    def reaches_hyperv(self, host: str) -> bool:
+        """Can this agent read the shadow copies of Hyper-V host ``host``?
+
+        Through the host's shares (a ``\\\\HOST\\`` key), or locally when the
+        agent runs on that host (drive keys, and ``hosts`` is exactly that host)."""
+        if self.hosts and host not in self.hosts:
+            return False
+        if host.upper() in self.windows_hosts():
+            return True
+        drives = any(not k.startswith("\\\\") for k in self.windows_paths)
+        return drives and self.hosts == [host]
+
+    def map_windows_path(self, winpath: str) -> Path | None:
+        """Where a path on a Hyper-V host (``D:\\x``) or on its share
+        (``\\\\HV1\\share$\\x``) is on this agent: the longest matching
+        ``windows_paths`` prefix, case-insensitive; None when none matches."""
+        p = PureWindowsPath(winpath.replace("/", "\\"))
+        if p.drive.startswith("\\\\"):
+            host = p.drive.lstrip("\\").split("\\")[0].upper()
+            base = self.windows_paths.get(f"\\\\{host}\\")
+            if base is None:
+                return None
+            # \\HOST\share\rest -> base/share/rest
+            share = p.drive.lstrip("\\").split("\\", 1)[1]
+            return base.joinpath(share, *p.parts[1:])
+        base = self.windows_paths.get(f"{p.drive.upper()}\\")
+        if base is None or not p.drive:
+            return None
+        return base.joinpath(*p.parts[1:])
+
     @model_validator(mode="after")
     def _needs(self) -> Agent:
         if "hotadd" in self.transports and (self.vm is None or self.device_dir is None):
             raise ValueError("hotadd needs vm (the agent VM) and device_dir (where attached disks appear)")
         if "direct" in self.transports and not self.datastores:
             raise ValueError("direct needs datastores (datastore name -> local path)")
+        if self.windows_hosts() and not self.share_account:
+            raise ValueError(
+                "windows_paths with a share (\\\\HOST\\) needs share_account (the account shares grant read to)"
+            )
+        drives = [k for k in self.windows_paths if not k.startswith("\\\\")]
+        if drives and len(self.hosts) != 1:
+            raise ValueError(
+                "windows_paths with drives means the agent runs on a Hyper-V host: hosts must name that one host"
+            )
         return self
 
 
@@ -167,7 +303,8 @@ class Limits(_Model):
 
 
 class Plan(_Model):
-    connection: Connection
+    connection: Connection | None = None
+    hyperv: list[HypervHost] = Field(default_factory=list)
     repository: Path
     agents: list[Agent] = Field(min_length=1)
     selection: Selection
@@ -203,6 +340,16 @@ class Plan(_Model):
         return v
 
     @model_validator(mode="after")
+    def _hypervisors(self) -> Plan:
+        if self.connection is None and not self.hyperv:
+            raise ValueError("give connection (vCenter or ESXi) or hyperv (Hyper-V hosts), or both")
+        names = [h.name.upper() for h in self.hyperv]
+        for i, h in enumerate(self.hyperv):
+            if names.index(h.name.upper()) != i:
+                raise ValueError(f"hyperv[{i}].name: '{h.name}' is used by hyperv[{names.index(h.name.upper())}] too")
+        return self
+
+    @model_validator(mode="after")
     def _agents(self) -> Plan:
         names = [a.name for a in self.agents]
         for i, a in enumerate(self.agents):
@@ -213,9 +360,15 @@ class Plan(_Model):
                     _check_template(a.nbd_command)
                 except ValueError as e:
                     raise ValueError(f"agents[{i}].nbd_command: {e}") from None
-            if not set(a.transports) & set(self.transports):
+            if self.connection is not None and not set(a.transports) & set(self.transports):
                 raise ValueError(f"agents[{i}].transports: none of them is in the plan's transports")
         return self
+
+    def hyperv_host(self, name: str) -> HypervHost:
+        for h in self.hyperv:
+            if h.name.upper() == name.upper():
+                return h
+        raise InvalidInputError(f"Hyper-V host '{name}' is not in the plan")
 
     def agent(self, name: str) -> Agent:
         for a in self.agents:
@@ -286,6 +439,11 @@ def _resolve_paths(data: Any, base: Path) -> Any:
     conn = data.get("connection")
     if isinstance(conn, dict) and "ca_file" in conn:
         data["connection"] = {**conn, "ca_file": rel(conn["ca_file"])}
+    hosts = data.get("hyperv")
+    if isinstance(hosts, list):
+        data["hyperv"] = [
+            {**h, "ca_file": rel(h["ca_file"])} if isinstance(h, dict) and "ca_file" in h else h for h in hosts
+        ]
     agents = data.get("agents")
     if isinstance(agents, list):
         fixed = []
@@ -296,6 +454,8 @@ def _resolve_paths(data: Any, base: Path) -> Any:
                     a["device_dir"] = rel(a["device_dir"])
                 if isinstance(a.get("datastores"), dict):
                     a["datastores"] = {k: rel(v) for k, v in a["datastores"].items()}
+                if isinstance(a.get("windows_paths"), dict):
+                    a["windows_paths"] = {k: rel(v) for k, v in a["windows_paths"].items()}
             fixed.append(a)
         data["agents"] = fixed
     return data
@@ -311,9 +471,13 @@ def parse_plan(data: Any, base: Path | None = None) -> Plan:
         plan = Plan.model_validate(data)
     except ValidationError as e:
         raise plan_error(e) from None
-    ca = plan.connection.ca_file
-    if ca is not None and not ca.is_file():
-        raise InvalidInputError(f"connection.ca_file: {ca} does not exist")
+    if plan.connection is not None:
+        ca = plan.connection.ca_file
+        if ca is not None and not ca.is_file():
+            raise InvalidInputError(f"connection.ca_file: {ca} does not exist")
+    for i, h in enumerate(plan.hyperv):
+        if h.ca_file is not None and not h.ca_file.is_file():
+            raise InvalidInputError(f"hyperv[{i}].ca_file: {h.ca_file} does not exist")
     return plan
 
 
@@ -338,24 +502,28 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return parse_plan(data, path.resolve().parent)
 
 
-def resolve_password(conn: Connection) -> SecretStr:
-    """The connection's password, from its environment variable or Prefect Secret block."""
+def resolve_password(conn: Connection | HypervHost, where: str | None = None) -> SecretStr:
+    """The password of vSphere's connection or of a Hyper-V host, from its
+    environment variable or Prefect Secret block. ``where`` names the entry
+    in messages (default: ``connection`` or ``hyperv[<name>]``)."""
+    if where is None:
+        where = "connection" if isinstance(conn, Connection) else f"hyperv[{conn.name}]"
     if conn.password_env is not None:
         value = os.environ.get(conn.password_env)
         if not value:
-            raise InvalidInputError(f"connection.password_env: the environment variable {conn.password_env} is not set")
+            raise InvalidInputError(f"{where}.password_env: the environment variable {conn.password_env} is not set")
         return SecretStr(value)
     try:
         from prefect.blocks.system import Secret  # only when the plan names a block
     except ImportError:
         raise InvalidInputError(
-            f"connection.password_secret: reading Secret block '{conn.password_secret}' needs Prefect installed"
+            f"{where}.password_secret: reading Secret block '{conn.password_secret}' needs Prefect installed"
         ) from None
     try:
         secret = Secret.load(conn.password_secret)
     except ValueError:
         raise InvalidInputError(
-            f"connection.password_secret: there is no Secret block named '{conn.password_secret}'"
+            f"{where}.password_secret: there is no Secret block named '{conn.password_secret}'"
         ) from None
     value = secret.get()
     return value if isinstance(value, SecretStr) else SecretStr(str(value))

@@ -7,6 +7,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -44,7 +45,7 @@ def _set(path, value):
 
 CASES = [
     (_set(["agents", 1, "transports", 0], "hotad"), "agents[1].transports[0]: 'hotad' is not one of hotadd, direct, nbd"),
-    (_set(["connection"], KeyError), "connection: is required"),
+    (_set(["connection"], KeyError), "give connection (vCenter or ESXi) or hyperv (Hyper-V hosts), or both"),
     (_set(["connection", "password_secret"], "vc"), "connection: give exactly one of password_env and password_secret"),
     (_set(["connection", "ca_file"], KeyError),
      "connection: give ca_file or thumbprint: the server's certificate is always verified"),
@@ -77,6 +78,28 @@ CASES = [
     (_set(["full_every_days"], 0), "full_every_days: input should be greater than or equal to 1"),
     (_set(["retention"], {"forever": 1}), "retention: 'forever' is not one of last, hourly, daily, weekly, monthly, yearly"),
     (_set(["repository"], KeyError), "repository: is required"),
+    # Hyper-V hosts and the agents that read their shadow copies
+    (_set(["hyperv"], [{"name": "hv1", "url": "hv1", "user": "u"}]),
+     "hyperv[0]: give exactly one of password_env and password_secret"),
+    (_set(["hyperv"], [{"name": "hv1", "url": "http://hv1:5985/wsman", "user": "u", "password_env": "P", "auth": "basic"}]),
+     "hyperv[0]: basic over http would send the password in clear: use https"),
+    (_set(["hyperv"], [{"name": "hv1", "url": "hv1", "user": "u", "password_env": "P", "auth": "digest"}]),
+     "hyperv[0].auth: 'digest' is not one of ntlm, basic, kerberos, credssp"),
+    (_set(["hyperv"], [{"name": "hv 1", "url": "hv1", "user": "u", "password_env": "P"}]),
+     "hyperv[0].name: 'hv 1' is not a computer name (letters, digits, '-' and '.')"),
+    (_set(["hyperv"], [{"name": "hv1", "url": "ftp://hv1", "user": "u", "password_env": "P"}]),
+     "hyperv[0].url: 'ftp://hv1' must be https://host:5986/wsman (or http:// with a sealing auth)"),
+    (_set(["hyperv"], [{"name": "hv1", "url": "hv1", "user": "u", "password_env": "P"},
+                       {"name": "HV1", "url": "hv2", "user": "u", "password_env": "P"}]),
+     "hyperv[1].name: 'HV1' is used by hyperv[0] too"),
+    (_set(["hyperv"], [{"name": "hv1", "url": "hv1", "user": "u", "password_env": "P", "ca_file": "/nonexistent.pem"}]),
+     "hyperv[0].ca_file: /nonexistent.pem does not exist"),
+    (_set(["agents", 1, "windows_paths"], {"\\\\HV1\\": "/mnt/hv1"}),
+     "agents[1]: windows_paths with a share (\\\\HOST\\) needs share_account (the account shares grant read to)"),
+    (_set(["agents", 1, "windows_paths"], {"Hyper-V": "/mnt/hv1"}),
+     "agents[1].windows_paths: 'Hyper-V' is neither a host's share prefix (\\\\HOST\\) nor a drive (D:\\)"),
+    (_set(["agents", 1, "windows_paths"], {"D:\\": "/"}),
+     "agents[1]: windows_paths with drives means the agent runs on a Hyper-V host: hosts must name that one host"),
 ]  # fmt: skip
 
 
@@ -99,6 +122,62 @@ def test_the_base_plan_is_valid_and_defaults_are_the_documented_ones(base):
     thumb = ":".join(["AB"] * 32)
     p = parse_plan({**base, "connection": {**base["connection"], "thumbprint": thumb, "ca_file": None}})
     assert p.connection.thumbprint == "ab" * 32
+
+
+def test_a_hyperv_only_plan_and_how_agents_reach_hosts(tmp_path):
+    """No vCenter: Hyper-V hosts only. An agent without transports does what its fields allow."""
+    ca = tmp_path / "hv-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "plan.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "repository": "repo",
+                "hyperv": [
+                    {
+                        "name": "hv1",
+                        "url": "hv1.corp",
+                        "user": "CORP\\backup",
+                        "password_env": "HV_PW",
+                        "ca_file": "hv-ca.pem",
+                    },
+                    {"name": "hv2", "url": "http://hv2:5985/wsman", "user": "b", "password_secret": "hv2-pw"},
+                ],
+                "agents": [
+                    {"name": "remote", "windows_paths": {"\\\\hv1": "shares/hv1"}, "share_account": "CORP\\vmbk"},
+                    {"name": "onhost", "hosts": ["hv2"], "windows_paths": {"c:/": "/mnt/c", "D:": "/mnt/d"}},
+                ],
+                "selection": {"vms": ["*"], "exclude_disks": {"legacy01": ["ide0:1"]}},
+            }
+        )
+    )
+    p = load_plan(tmp_path / "plan.yaml")
+    assert p.connection is None and [h.name for h in p.hyperv] == ["hv1", "hv2"]
+    hv1 = p.hyperv_host("HV1")
+    assert hv1.url == "https://hv1.corp:5986/wsman" and hv1.auth == "ntlm" and hv1.ca_file == ca
+    assert p.hyperv_host("hv2").host == "hv2"
+    with pytest.raises(InvalidInputError, match="Hyper-V host 'hv3' is not in the plan"):
+        p.hyperv_host("hv3")
+    remote, onhost = p.agents
+    assert remote.transports == ["nbd"] and remote.windows_paths == {"\\\\HV1\\": tmp_path / "shares/hv1"}
+    assert remote.reaches_hyperv("hv1") and not remote.reaches_hyperv("hv2")
+    assert onhost.reaches_hyperv("hv2") and not onhost.reaches_hyperv("hv1")
+    share = "\\\\HV1\\vmbk-r1-0$\\Hyper-V\\win01\\Virtual Hard Disks\\win01.vhdx"
+    assert (
+        remote.map_windows_path(share) == tmp_path / "shares/hv1/vmbk-r1-0$/Hyper-V/win01/Virtual Hard Disks/win01.vhdx"
+    )
+    assert remote.map_windows_path("\\\\hv2\\x$\\a.vhdx") is None and remote.map_windows_path("C:\\a") is None
+    mount = "C:\\ProgramData\\vmbackup\\runs\\r1\\mnt\\0\\win01.vhdx"
+    assert onhost.map_windows_path(mount) == Path("/mnt/c/ProgramData/vmbackup/runs/r1/mnt/0/win01.vhdx")
+    assert onhost.map_windows_path("e:\\x") is None
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("HV_PW", "s3cret")
+    try:
+        assert resolve_password(hv1).get_secret_value() == "s3cret"
+        monkey.delenv("HV_PW")
+        with pytest.raises(InvalidInputError, match=r"^hyperv\[hv1\]\.password_env: the environment variable HV_PW"):
+            resolve_password(hv1)
+    finally:
+        monkey.undo()
 
 
 def test_several_mistakes_say_how_many_more(base):
