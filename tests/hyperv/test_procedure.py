@@ -127,8 +127,19 @@ def test_every_disk_restores_bit_exact_as_of_the_shadow_copy(lab, repo, tmp_path
                 # the lab host lives for the session)
                 lab.write(vm.name, d.name, 2 * MiB + 4096, 200_000, seed=91 + ["share", "local"].index(mapping))
 
-        r = backup_vm(client, vm, plan, host, plan.agents[0], run_id="run-a", on_shadow=at_shadow)
+        reported = []
+        r = backup_vm(
+            client,
+            vm,
+            plan,
+            host,
+            plan.agents[0],
+            run_id="run-a",
+            on_shadow=at_shadow,
+            progress=lambda done, total, reported=reported: reported.append((done, total)),
+        )
         assert len(seen) == 1
+        assert reported and all(total == sum(d.size for d in vm.disks) for _, total in reported)
         assert (r.status, r.mode, r.transport, r.host, r.agent) == ("ok", "full", mapping, "hv1", "agent1")
         assert r.datastores == (["hv1:E"] if vm.name == "off01" else ["hv1:D"])
         assert "Resilient Change Tracking" in r.full_reason

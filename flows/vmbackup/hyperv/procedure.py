@@ -138,7 +138,8 @@ def backup_vm(
     if not local:
         if not getattr(agent, "share_account", None):
             raise HypervisorError(
-                f"agent {agent.name} is not on Hyper-V host {host.name} and has no share_account to share the shadow copy to"
+                f"agent {agent.name} maps no path for {WORK_DIR} (where host {host.name} mounts shadow copies) "
+                "and has no share_account to share them to"
             )
         params["ShareTo"] = agent.share_account
     started = False

@@ -155,6 +155,7 @@ def backup_vm(
         entry.snapshot["moref"] = taken.snapshot._moId
         ledger.write(entry)
         result.consistency = taken.consistency
+        result.consistency_note = taken.note or None
         if on_snapshot is not None:
             on_snapshot(snapshots.snapshot_name(run_id))
         frozen = frozen_disks(taken.snapshot, disks)
