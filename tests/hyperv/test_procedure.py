@@ -19,6 +19,7 @@ from vmbackup.errors import (
     CancelledError,
     HypervisorError,
     HypervQuiesceError,
+    HypervScriptError,
     HypervVmNotFoundError,
     WinRMAuthenticationError,
     WinRMCertificateError,
@@ -346,3 +347,28 @@ def test_unknown_literal_vm_name(lab, repo):
         select_vms(client, host, plan.selection)
     assert e.value.exit_code == 2 and "nope" in str(e.value) and "\n" not in str(e.value)
     assert [v.name for v in select_vms(client, host, plan.selection, strict=False)] == ["win01"]
+
+
+@pytest.mark.parametrize(
+    "fault, error",
+    [
+        pytest.param({"shadow_fail": True}, HypervScriptError, id="shadow-copy-fails"),
+        pytest.param({"drop_during": "New-VmbackupShadowCopy.ps1"}, WinRMSessionLostError, id="dropped-during-new"),
+    ],
+)
+def test_shadow_copy_step_failing_leaves_nothing(lab, repo, fault, error):
+    """The shadow copy step fails after the script wrote its ledger entry (or
+    made the copy and lost the answer): Complete -Succeeded $false still runs
+    and removes it; no point, no BackupComplete."""
+    plan = make_plan(lab, repo)
+    host, client = _connect(lab, plan)
+    vm = _vm(client, host, plan, "win01")
+    before = _completes(lab)
+    lab.set_faults(**fault)
+    with pytest.raises(error) as e:
+        backup_vm(client, vm, plan, host, plan.agents[0], run_id="run-s", on_shadow=lambda _id: pytest.fail("no copy"))
+    assert "\n" not in str(e.value) and e.value.retryable is (error is WinRMSessionLostError)
+    lab.set_faults()
+    assert _completes(lab) == before
+    assert _mover.list_backups(str(repo))[0] == []
+    _nothing_left(lab, client)
