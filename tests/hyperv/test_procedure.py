@@ -372,3 +372,29 @@ def test_shadow_copy_step_failing_leaves_nothing(lab, repo, fault, error):
     assert _completes(lab) == before
     assert _mover.list_backups(str(repo))[0] == []
     _nothing_left(lab, client)
+
+
+@pytest.mark.parametrize(
+    "path, root, key",
+    [
+        ("D:\\Hyper-V\\win01\\x.vhdx", "D:\\", "hv1:D"),
+        ("d:\\x.vhdx", "D:\\", "hv1:D"),
+        ("C:\\ClusterStorage\\Volume1\\VMs\\a.vhdx", "C:\\ClusterStorage\\Volume1\\", "clu1:Volume1"),
+    ],
+)
+def test_volume_roots_and_limit_keys(lab, repo, path, root, key):
+    from vmbackup.hyperv.inventory import volume_key, volume_of
+
+    host = make_plan(lab, repo).hyperv_host("hv1").model_copy(update={"cluster": "clu1"})
+    assert volume_of(path) == root and volume_key(host, root) == key
+
+
+def test_shadow_run_ids_are_valid_and_unique_per_run_and_vm():
+    import re
+
+    names = ["win01", "WIN01", "a" * 200, "vm with spaces/and\\slashes", "ünïcödé", "-"]
+    runs = ["run-a", "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0" * 3, ""]
+    ids = {(r, n): shadow_run_id(r, n) for r in runs for n in names}
+    assert all(re.fullmatch(r"[A-Za-z0-9-]{1,64}", i) for i in ids.values())
+    assert len(set(ids.values())) == len(ids)
+    assert shadow_run_id("run-a", "win01") == shadow_run_id("run-a", "win01")  # a retried attempt
