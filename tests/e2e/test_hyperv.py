@@ -40,12 +40,12 @@ def _post(url: str, body: dict) -> list[dict]:
     return json.load(urllib.request.urlopen(req, timeout=60))
 
 
-def _runs_since(env: dict[str, str], flow_name: str, since: list[str]) -> list[dict]:
-    """The flow runs of ``flow_name`` that are not in ``since`` (ids)."""
+def _runs_of(env: dict[str, str], flow_name: str, plan) -> list[dict]:
+    """The flow runs of ``flow_name`` for the plan file ``plan`` (each test has its own)."""
     api = _api(env)
     flows = {f["id"]: f["name"] for f in _post(f"{api}/flows/filter", {"limit": 200})}
     runs = _post(f"{api}/flow_runs/filter", {"limit": 200, "sort": "START_TIME_DESC"})
-    return [r for r in runs if flows.get(r["flow_id"]) == flow_name and r["id"] not in since]
+    return [r for r in runs if flows.get(r["flow_id"]) == flow_name and r["parameters"].get("plan_path") == str(plan)]
 
 
 def _artifacts(env: dict[str, str], flow_run_id: str) -> dict[str, dict]:
@@ -71,7 +71,6 @@ def test_default_plan_vsphere_and_hyperv_in_one_run_restore_bit_exact(default_la
     expected = _expected(e2e)
     assert {"vsphere", "hyperv"} == set(expected.values()), expected
     hv = lab.hyperv_hosts()[0]
-    before = [r["id"] for r in _runs_since(env, "backup_vms", [])]
 
     t0 = time.monotonic()
     rows = backup("--plan", str(plan), env=env)
@@ -96,7 +95,7 @@ def test_default_plan_vsphere_and_hyperv_in_one_run_restore_bit_exact(default_la
     assert by_vm["legacy01"]["consistency"] == "crash" and by_vm["off01"]["consistency"] == "crash"
 
     # One run, one report: its table has every VM with its hypervisor.
-    new = _runs_since(env, "backup_vms", before)
+    new = _runs_of(env, "backup_vms", plan)
     assert len(new) == 1, [r["name"] for r in new]
     arts = _artifacts(env, new[0]["id"])
     table = json.loads(arts["vmbackup-backup-report"]["data"])
@@ -118,6 +117,45 @@ def test_default_plan_vsphere_and_hyperv_in_one_run_restore_bit_exact(default_la
             restored.unlink()
     assert hyperv_leftovers(e2e) == {}
     assert leftovers(lab) == CLEAN
+
+
+def test_twenty_vms_on_two_hyperv_hosts_never_exceed_the_limits(hyperv20_lab, state_dir, tmp_path):
+    e2e, lab = hyperv20_lab, hyperv20_lab.lab
+    hosts = lab.hyperv_hosts()
+    assert len(hosts) == 2
+    limits = {"per_agent": 6, "per_host": 3, "per_datastore": 2, "disks_per_vm": 1}
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    data = e2e.plan_data()
+    hv_vms = {v["name"] for hv in hosts for v in hv.status()["vms"]}
+    assert len(hv_vms) == 20
+    plan = e2e.write_plan(
+        tmp_path / "plan.yaml", repository=repo, limits=limits, selection=dict(data["selection"], vms=sorted(hv_vms))
+    )
+    env = e2e.env(state_dir)
+    for hv in hosts:
+        hv.reset_counters()
+
+    t0 = time.monotonic()
+    rows = backup("--plan", str(plan), env=env)
+    elapsed = time.monotonic() - t0
+    print(f"20 Hyper-V VMs on 2 hosts in {elapsed:.1f} s: {20 * 60 / elapsed:.1f} VMs/min")
+
+    assert sorted(r["vm"] for r in rows) == sorted(hv_vms)
+    assert all(r["status"] == "ok" and r["hypervisor"] == "hyperv" for r in rows), [
+        (r["vm"], r["error"]) for r in rows if r["status"] != "ok"
+    ]
+    peaks_host, peaks_volume = {}, {}
+    for hv in hosts:
+        st = hv.status()
+        assert st["shadow_copies"] == [] and st["runs"] == [], st["shadow_copies"]
+        peaks_host[hv.host] = st["peak_shadow_copies"]
+        peaks_volume.update({f"{hv.host}:{v}": n for v, n in st["peak_shadow_copies_per_volume"].items()})
+    assert all(n <= limits["per_host"] for n in peaks_host.values()), peaks_host
+    assert all(n <= limits["per_datastore"] for n in peaks_volume.values()), peaks_volume
+    # VMs did run at once (else the bounds above prove nothing).
+    assert max(peaks_volume.values()) == limits["per_datastore"], peaks_volume
+    assert min(peaks_host.values()) >= 2, peaks_host
 
 
 def _kill_while_shadow_open(e2e, plan, env, vm: str) -> None:
@@ -170,45 +208,6 @@ def test_killed_run_leaves_no_shadow_copy_after_reconcile_or_sweep(default_lab, 
     assert hyperv_leftovers(e2e) == {}
     st = hv.status()
     assert st["shadow_copies"] == [] and st["runs"] == []
-
-
-def test_twenty_vms_on_two_hyperv_hosts_never_exceed_the_limits(hyperv20_lab, state_dir, tmp_path):
-    e2e, lab = hyperv20_lab, hyperv20_lab.lab
-    hosts = lab.hyperv_hosts()
-    assert len(hosts) == 2
-    limits = {"per_agent": 6, "per_host": 3, "per_datastore": 2, "disks_per_vm": 1}
-    repo = tmp_path / "repo"
-    _mover.init_repository(str(repo))
-    data = e2e.plan_data()
-    hv_vms = {v["name"] for hv in hosts for v in hv.status()["vms"]}
-    assert len(hv_vms) == 20
-    plan = e2e.write_plan(
-        tmp_path / "plan.yaml", repository=repo, limits=limits, selection=dict(data["selection"], vms=sorted(hv_vms))
-    )
-    env = e2e.env(state_dir)
-    for hv in hosts:
-        hv.reset_counters()
-
-    t0 = time.monotonic()
-    rows = backup("--plan", str(plan), env=env)
-    elapsed = time.monotonic() - t0
-    print(f"20 Hyper-V VMs on 2 hosts in {elapsed:.1f} s: {20 * 60 / elapsed:.1f} VMs/min")
-
-    assert sorted(r["vm"] for r in rows) == sorted(hv_vms)
-    assert all(r["status"] == "ok" and r["hypervisor"] == "hyperv" for r in rows), [
-        (r["vm"], r["error"]) for r in rows if r["status"] != "ok"
-    ]
-    peaks_host, peaks_volume = {}, {}
-    for hv in hosts:
-        st = hv.status()
-        assert st["shadow_copies"] == [] and st["runs"] == [], st["shadow_copies"]
-        peaks_host[hv.host] = st["peak_shadow_copies"]
-        peaks_volume.update({f"{hv.host}:{v}": n for v, n in st["peak_shadow_copies_per_volume"].items()})
-    assert all(n <= limits["per_host"] for n in peaks_host.values()), peaks_host
-    assert all(n <= limits["per_datastore"] for n in peaks_volume.values()), peaks_volume
-    # VMs did run at once (else the bounds above prove nothing).
-    assert max(peaks_volume.values()) == limits["per_datastore"], peaks_volume
-    assert min(peaks_host.values()) >= 2, peaks_host
 
 
 def _hyperv_only(e2e, path):
@@ -275,7 +274,6 @@ def test_backup_vsphere_vms_still_backs_up_the_vsphere_vms_only(default_lab, sta
     _mover.init_repository(str(repo))
     plan = e2e.write_plan(tmp_path / "plan.yaml", repository=repo)
     expected = {vm for vm, kind in _expected(e2e).items() if kind == "vsphere"}
-    before = [r["id"] for r in _runs_since(env, "backup_vsphere_vms", [])]
     for hv in e2e.lab.hyperv_hosts():
         hv.reset_counters()
     code = (
@@ -293,7 +291,7 @@ def test_backup_vsphere_vms_still_backs_up_the_vsphere_vms_only(default_lab, sta
     rows = json.loads(p.stdout.splitlines()[-1])
     assert {r["vm"] for r in rows} == expected
     assert all(r["status"] == "ok" and r["hypervisor"] == "vsphere" for r in rows), rows
-    new = _runs_since(env, "backup_vsphere_vms", before)
+    new = _runs_of(env, "backup_vsphere_vms", plan)
     assert len(new) == 1
     table = json.loads(_artifacts(env, new[0]["id"])["vmbackup-vsphere-report"]["data"])
     assert {r["vm"] for r in table} == expected
