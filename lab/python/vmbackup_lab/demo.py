@@ -135,7 +135,8 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
     ]
     lines = ["  ".join(f"{t:<{w}}" for t, w in cols).rstrip()]
     for label, rows in (("1", full), ("2", inc)):
-        for r in rows:
+        # vSphere VMs, then Hyper-V VMs, by name (the runs list them as they finished).
+        for r in sorted(rows, key=lambda r: (str(r.get("hypervisor")), str(r.get("vm")))):
             cells = [
                 r.get("vm"),
                 r.get("hypervisor"),
@@ -160,11 +161,23 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
             f"{label}: {ok} of {len(rows)} VMs ok, read {_fmt_bytes(sum(r.get('bytes_read') or 0 for r in rows))}, "
             f"stored {_fmt_bytes(sum(r.get('bytes_stored') or 0 for r in rows))}, {secs:.1f} s for the whole command"
         )
-    reasons = [f"{r['vm']}: {r['full_reason']}" for r in full + inc if r.get("full_reason")]
-    if reasons:
-        lines.append("why full: " + "; ".join(dict.fromkeys(reasons)))
+    lines += _why("why full", "full_reason", full + inc)
+    lines += _why(
+        "why crash-consistent", "consistency_note", [r for r in full + inc if r.get("consistency") == "crash"]
+    )
     lines += [f"FAILED {r.get('vm')}: {r.get('error')}" for r in full + inc if r.get("status") != "ok"]
     return "\n".join(lines)
+
+
+def _why(title: str, key: str, rows: list[dict]) -> list[str]:
+    """One line per reason, with the VMs it applies to: ``title: reason (vm, vm)``."""
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get(key):
+            vms = by_reason.setdefault(str(r[key]), [])
+            if r.get("vm") not in vms:
+                vms.append(r.get("vm"))
+    return [f"{title}: {reason} ({', '.join(map(str, vms))})" for reason, vms in by_reason.items()]
 
 
 def run_demo(directory: str, size: int | None = None) -> int:
