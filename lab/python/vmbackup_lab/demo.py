@@ -136,7 +136,7 @@ def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> st
     lines = ["  ".join(f"{t:<{w}}" for t, w in cols).rstrip()]
     for label, rows in (("1", full), ("2", inc)):
         # vSphere VMs, then Hyper-V VMs, by name (the runs list them as they finished).
-        for r in sorted(rows, key=lambda r: (str(r.get("hypervisor")), str(r.get("vm")))):
+        for r in sorted(rows, key=lambda r: (r.get("hypervisor") != "vsphere", str(r.get("vm")))):
             cells = [
                 r.get("vm"),
                 r.get("hypervisor"),
