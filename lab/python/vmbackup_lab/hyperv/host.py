@@ -139,6 +139,8 @@ class Host:
         self.runs: dict[str, Run] = {}
         self.shadow_number = 0
         self.counters = {"shadow_copies": {"now": 0, "peak": 0}}
+        # most shadow copy sets open at once, on the host and per volume (the limits tests)
+        self.peaks: dict = {"sets": 0, "per_volume": {}}
         for d in ("volumes", "model", "shadows", "shares"):
             if (root / d).exists():
                 shutil.rmtree(root / d)
@@ -410,6 +412,7 @@ class Host:
                 ],
                 "runs": sorted(self.runs),
                 "counters": self.counters,
+                **self.peak_counters(),
             }
 
     # --- VSS ---------------------------------------------------------------------
@@ -453,7 +456,40 @@ class Host:
             c = self.counters["shadow_copies"]
             c["now"] = len(self.shadows)
             c["peak"] = max(c["peak"], c["now"])
+            self._note_peaks()
             return set_id, made
+
+    def open_sets(self) -> tuple[int, dict[str, int]]:
+        """Shadow copy sets open now: on the host, and per volume (sets holding a copy of it)."""
+        sets = {s.set_id for s in self.shadows.values()}
+        per_volume = {v: len({s.set_id for s in self.shadows.values() if s.volume == v}) for v in self.volumes}
+        return len(sets), per_volume
+
+    def _note_peaks(self) -> None:
+        # peaks only grow when a set is made, so this runs there (and at reset)
+        now, per_volume = self.open_sets()
+        self.peaks["sets"] = max(self.peaks.get("sets", 0), now)
+        pv = self.peaks.setdefault("per_volume", {})
+        for v, n in per_volume.items():
+            pv[v] = max(pv.get(v, 0), n)
+
+    def reset_counters(self) -> dict:
+        """Every peak becomes what is open now (as the vSphere lab's counters/reset)."""
+        with self.lock:
+            now, per_volume = self.open_sets()
+            self.peaks = {"sets": now, "per_volume": dict(per_volume)}
+            self.counters["shadow_copies"]["peak"] = self.counters["shadow_copies"]["now"] = len(self.shadows)
+            return self.peak_counters()
+
+    def peak_counters(self) -> dict:
+        with self.lock:
+            now, per_volume = self.open_sets()
+            return {
+                "shadow_sets_open": now,
+                "shadow_sets_open_per_volume": per_volume,
+                "peak_shadow_copies": self.peaks.get("sets", 0),
+                "peak_shadow_copies_per_volume": {v: self.peaks.get("per_volume", {}).get(v, 0) for v in self.volumes},
+            }
 
     def delete_shadow(self, sid: str) -> None:
         with self.lock:
