@@ -145,6 +145,29 @@ def test_write_changes_the_disk_image_by_exactly_the_written_range(built_in, tmp
         assert a[:offset] == b[:offset] and a[offset + length :] == b[offset + length :]
 
 
+def test_disk_image_as_of_a_shadow_copy_keeps_what_was_there_before_a_write(built_in, tmp_path):
+    state, s = built_in
+    c = client(s["hyperv"])
+    img = ["lab", "disk-image", "--state", str(state), "--vm", "win01", "--disk", "scsi0:0"]
+    vmbackup(*img, str(tmp_path / "before.raw"))
+    made = c.run_script(
+        "New-VmbackupShadowCopy.ps1", {"RunId": "shadow1", "VMName": ["win01"], "Volumes": ["D:\\"], "Quiesce": "off"}
+    )
+    try:
+        sid = made["ShadowCopies"][0]["ShadowId"]
+        vmbackup("lab", "write", "--state", str(state), "--vm", "win01", "--disk", "scsi0:0",
+                 "--offset", "0", "--length", "65536", "--seed", "77")  # fmt: skip
+        vmbackup(*img, "--shadow", sid, str(tmp_path / "shadow.raw"))
+        vmbackup(*img, str(tmp_path / "now.raw"))
+        before = (tmp_path / "before.raw").read_bytes()
+        assert (tmp_path / "shadow.raw").read_bytes() == before
+        assert (tmp_path / "now.raw").read_bytes()[:65536] == pattern(77, 0, 65536) != before[:65536]
+        p = vmbackup(*img, "--snapshot", "x", str(tmp_path / "no.raw"), expect=2)
+        assert "win01 is a Hyper-V VM" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    finally:
+        c.run_script("Complete-VmbackupShadowCopy.ps1", {"RunId": "shadow1", "Succeeded": False})
+
+
 def test_faults_set_by_the_command_line_take_effect_on_the_host(built_in):
     state, s = built_in
     c = client(s["hyperv"])
