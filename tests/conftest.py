@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,29 @@ def backdate(tree: os.PathLike | str, seconds: float = 3600) -> int:
             os.utime(p, ns=(st.st_atime_ns - int(seconds * 1e9), st.st_mtime_ns - int(seconds * 1e9)))
             n += 1
     return n
+
+
+def tcp_listener() -> socket.socket:
+    """A socket listening on a free loopback port. The test binds it and
+    hands it to the server (``socket_activated``), so no other process can
+    take the port between choosing it and the server listening on it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    return s
+
+
+def socket_activated(argv: list[str], listener: socket.socket) -> list[str]:
+    """``argv`` run with ``listener`` as its listening socket by systemd's
+    socket activation protocol (fd 3, ``LISTEN_FDS=1``, ``LISTEN_PID`` its
+    own pid), which nbdkit and qemu-nbd both follow when given no address.
+    Start it with ``pass_fds=(listener.fileno(),)``. (A Python trampoline,
+    since a shell's redirections take only one-digit descriptors.)"""
+    trampoline = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); os.execvp(sys.argv[2], sys.argv[2:])"
+    )
+    return [sys.executable, "-c", trampoline, str(listener.fileno()), *argv]
 
 
 def sha256(path: os.PathLike | str) -> str:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Cli, MiB
+from conftest import Cli, MiB, socket_activated, tcp_listener
 
 SIZE = 40 * MiB + 3 * 65536  # not a multiple of the chunk size
 WRITES = [
@@ -73,12 +72,6 @@ IMAGES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(proc: subprocess.Popen, ready) -> None:
     deadline = time.monotonic() + 15
     while not ready():
@@ -117,19 +110,20 @@ def source(request, world, tmp_path):
         _wait(procs[-1], sock.exists)
         yield f"nbd+unix:///?socket={sock}", True
     elif kind == "nbd-nbdkit-file-tcp":
-        port = _free_port()
+        # The socket listens before nbdkit starts (socket activation): no port race, no wait.
+        listener = tcp_listener()
+        port = listener.getsockname()[1]
         procs.append(
             subprocess.Popen(
-                ["nbdkit", "-f", "-r", "-i", "127.0.0.1", "-p", str(port), "file", str(ref)], stderr=subprocess.DEVNULL
+                socket_activated(["nbdkit", "-f", "-r", "file", str(ref)], listener),
+                stderr=subprocess.DEVNULL,
+                pass_fds=(listener.fileno(),),
             )
         )
-
-        def up() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        _wait(procs[-1], up)
-        yield f"nbd://127.0.0.1:{port}/", True
+        try:
+            yield f"nbd://127.0.0.1:{port}/", True
+        finally:
+            listener.close()
     else:
         raise AssertionError(kind)
     for p in procs:

@@ -33,6 +33,7 @@ def test_every_script_is_readable_powershell_with_a_param_block():
         "Complete-VmbackupShadowCopy.ps1",
         "Get-VmbackupHost.ps1",
         "Get-VmbackupVm.ps1",
+        "Get-VmbackupVmList.ps1",
         "New-VmbackupShadowCopy.ps1",
         "Remove-VmbackupShadowCopies.ps1",
     ]

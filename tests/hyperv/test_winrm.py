@@ -135,13 +135,12 @@ def test_untrusted_certificate(lab, transport, tmp_path):
 
 
 def test_unreachable_port(lab):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    hv = HypervClient(f"https://127.0.0.1:{port}/wsman", lab.user, lab.password, ca_file=lab.ca_file)
-    with pytest.raises(WinRMUnreachableError) as e:
-        hv.run_cmd("hostname")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused, and no one else gets the port
+        port = s.getsockname()[1]
+        hv = HypervClient(f"https://127.0.0.1:{port}/wsman", lab.user, lab.password, ca_file=lab.ca_file)
+        with pytest.raises(WinRMUnreachableError) as e:
+            hv.run_cmd("hostname")
     assert e.value.retryable is True and "\n" not in str(e.value)
 
 

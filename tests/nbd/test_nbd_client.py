@@ -5,31 +5,20 @@ without multi-conn), over unix sockets and loopback TCP."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, sha256
+from conftest import MiB, sha256, socket_activated, tcp_listener
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen, sock: Path | None = None, port: int | None = None) -> None:
+def wait_ready(proc: subprocess.Popen, sock: Path) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"server exited: {proc.stderr.read() if proc.stderr else ''}"
-        if sock is not None and sock.exists():
+        if sock.exists():
             return
-        if port is not None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
         time.sleep(0.05)
     raise AssertionError("NBD server did not come up")
 
@@ -39,11 +28,18 @@ class Server:
 
     def __init__(self, argv_for, tmp: Path, tcp: bool = False):
         self.tmp = tmp
+        self.listener = None
         if tcp:
-            self.port = free_port()
+            # The socket listens before the server starts: clients queue until it accepts.
+            self.listener = tcp_listener()
+            self.port = self.listener.getsockname()[1]
             argv, self.uri = argv_for(("tcp", self.port)), f"nbd://127.0.0.1:{self.port}/"
-            self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-            wait_ready(self.proc, port=self.port)
+            self.proc = subprocess.Popen(
+                socket_activated(argv, self.listener),
+                stderr=subprocess.PIPE,
+                text=True,
+                pass_fds=(self.listener.fileno(),),
+            )
         else:
             self.sock = tmp / f"nbd-{os.getpid()}-{time.monotonic_ns()}.sock"
             argv, self.uri = argv_for(("unix", self.sock)), f"nbd+unix:///?socket={self.sock}"
@@ -57,13 +53,15 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.listener is not None:
+            self.listener.close()
 
 
 def qemu_nbd(image: Path, fmt: str = "raw", shared: int = 4):
     def argv(where):
         base = ["qemu-nbd", "-f", fmt, "-r", "-t", "-e", str(shared)]
         if where[0] == "tcp":
-            return base + ["-b", "127.0.0.1", "-p", str(where[1]), str(image)]
+            return base + [str(image)]  # the listening socket is handed over (socket activation)
         return base + ["-k", str(where[1]), str(image)]
 
     return argv
@@ -75,9 +73,7 @@ def nbdkit(*plugin: str, multi_conn: bool | None = None, log: Path | None = None
 
     def argv(where):
         base = ["nbdkit", "-f", "-r"]
-        if where[0] == "tcp":
-            base += ["-i", "127.0.0.1", "-p", str(where[1])]
-        else:
+        if where[0] != "tcp":  # tcp: the listening socket is handed over (socket activation)
             base += ["-U", str(where[1])]
         params = []
         if multi_conn is not None:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +22,8 @@ from pyVmomi import vmodl
 
 from ..errors import BackupError, HypervisorError, VmNotFoundError
 from ..plan import Agent, Plan
+from ..results import DiskProgress as _Progress
+from ..results import VmResult
 from . import cbt, snapshots
 from .faults import hypervisor_error
 from .inventory import VmInfo, vm_info
@@ -34,45 +34,6 @@ from .transport import TRANSPORT_CLASSES, Context, Frozen, Transport, TransportI
 log = logging.getLogger(__name__)
 
 TASK_TIMEOUT = 600.0
-
-
-@dataclass
-class VmResult:
-    vm: str
-    status: str  # "ok" or "failed"
-    backup_id: str | None = None
-    repository: str = ""
-    mode: str | None = None  # "full" or "incremental"
-    transport: str | None = None
-    consistency: str | None = None  # "application" or "crash"
-    bytes_read: int = 0
-    bytes_stored: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-    host: str | None = None
-    agent: str | None = None
-    datastores: list[str] = field(default_factory=list)
-    full_reason: str | None = None
-    transport_detail: str | None = None  # e.g. "through linked clone <name>"
-    snapshot_seconds: float = 0.0
-    read_seconds: float = 0.0
-    disks: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def failed(cls, vm: VmInfo, plan: Plan, agent: Agent | None, error: BaseException, seconds: float) -> VmResult:
-        return cls(
-            vm=vm.name,
-            status="failed",
-            repository=str(plan.repository),
-            error=str(error),
-            host=vm.host,
-            agent=agent.name if agent else None,
-            datastores=list(vm.datastores),
-            seconds=seconds,
-        )
 
 
 def latest_backup(repository: str, vm: str) -> dict[str, Any] | None:
@@ -90,30 +51,6 @@ def latest_backup(repository: str, vm: str) -> dict[str, Any] | None:
         "attributes": b.attributes,
         "disks": [{"name": d.name, "size": d.disk_size, "change_id": d.change_id} for d in b.disks],
     }
-
-
-class _Progress:
-    """Sums the disks' progress and calls ``progress`` about once a second."""
-
-    def __init__(self, progress: Any, total: int):
-        self.progress = progress
-        self.total = total
-        self.done: dict[str, int] = {}
-        self.last = 0.0
-        self.lock = threading.Lock()
-
-    def for_disk(self, name: str) -> Any:
-        def cb(done: int, _total: int) -> None:
-            with self.lock:
-                self.done[name] = done
-                now = time.monotonic()
-                if self.progress is None or now - self.last < 1.0:
-                    return
-                self.last = now
-                value = sum(self.done.values())
-            self.progress(value, self.total)
-
-        return cb
 
 
 def _vm_config_json(vm: Any) -> str:
@@ -218,6 +155,7 @@ def backup_vm(
         entry.snapshot["moref"] = taken.snapshot._moId
         ledger.write(entry)
         result.consistency = taken.consistency
+        result.consistency_note = taken.note or None
         if on_snapshot is not None:
             on_snapshot(snapshots.snapshot_name(run_id))
         frozen = frozen_disks(taken.snapshot, disks)

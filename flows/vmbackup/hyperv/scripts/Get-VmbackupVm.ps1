@@ -6,7 +6,8 @@
     Read-only. Disks are named by controller type, number and location
     (`scsi0:0`, `ide0:1`), as vmbackup names them. Each disk's chain lists the
     file the VM writes to first (an .avhdx when checkpoints exist) down to the
-    base disk, from Get-VHD's ParentPath.
+    base disk, from Get-VHD's ParentPath. Volumes are drive roots ('D:\') or,
+    for a Cluster Shared Volume, its root ('C:\ClusterStorage\Volume1\').
     Run by hand:  .\Get-VmbackupVm.ps1 -VMName web01
 .PARAMETER VMName
     The VM's name as Get-VM shows it.
@@ -21,6 +22,12 @@ if (-not $vm) { throw "VmNotFound: no VM named '$VMName' on $env:COMPUTERNAME" }
 
 # The Backup integration service is named 'VSS' since Windows Server 2016 and
 # 'Backup (volume snapshot)' before; match either.
+# A CSV is a folder on the system drive but a volume of its own for VSS.
+function Get-VolumeRoot([string]$Path) {
+    if ($Path -match '^([A-Za-z]:\\ClusterStorage\\[^\\]+\\)') { return $Matches[1] }
+    return [IO.Path]::GetPathRoot($Path)
+}
+
 $backup = Get-VMIntegrationService -VM $vm | Where-Object { $_.Name -eq 'VSS' -or $_.Name -like 'Backup*' } | Select-Object -First 1
 
 $volumes = @{}
@@ -31,7 +38,7 @@ $disks = foreach ($d in Get-VMHardDiskDrive -VM $vm) {
     while ($path) {
         $vhd = Get-VHD -Path $path
         $chain += [pscustomobject]@{ Path = $vhd.Path; VhdFormat = [int]$vhd.VhdFormat; VhdType = [int]$vhd.VhdType; Size = $vhd.Size; FileSize = $vhd.FileSize; ParentPath = $vhd.ParentPath }
-        $volumes[[IO.Path]::GetPathRoot($vhd.Path)] = $true
+        $volumes[(Get-VolumeRoot $vhd.Path)] = $true
         $path = $vhd.ParentPath
     }
     [pscustomobject]@{
@@ -45,7 +52,7 @@ $disks = foreach ($d in Get-VMHardDiskDrive -VM $vm) {
 }
 $config = @(Get-ChildItem -Path (Join-Path $vm.ConfigurationLocation 'Virtual Machines') -Recurse -File -ErrorAction SilentlyContinue |
         Where-Object { $_.Name -like "$($vm.Id)*" } | ForEach-Object { $_.FullName })
-$volumes[[IO.Path]::GetPathRoot($vm.ConfigurationLocation)] = $true
+$volumes[(Get-VolumeRoot $vm.ConfigurationLocation)] = $true
 
 [pscustomobject]@{
     Name                  = $vm.Name

@@ -24,7 +24,8 @@
     backup completed. The shadow copies are persistent either way: they are
     deleted by Complete-VmbackupShadowCopy.ps1 or, after a crash, by
     Remove-VmbackupShadowCopies.ps1, which only touch copies recorded in
-    vmbackup's ledger (<WorkDir>\ledger\<RunId>.json).
+    vmbackup's ledger (<WorkDir>\ledger\<RunId>.json), which also names the
+    run's VMs (so the next backup of a VM removes what a crashed one left).
 
     Consistency: 'application' when the Hyper-V writer is included and every VM
     is running with its Backup (VSS) integration service enabled and healthy and
@@ -88,7 +89,7 @@ $run = Join-Path $WorkDir "runs\$RunId"
 $ledgerDir = Join-Path $WorkDir 'ledger'
 New-Item -ItemType Directory -Force -Path $run, $ledgerDir, (Join-Path $run 'mnt') | Out-Null
 $ledgerFile = Join-Path $ledgerDir "$RunId.json"
-$entry = [ordered]@{ RunId = $RunId; Created = [DateTime]::UtcNow.ToString('o'); ProcessId = $null; SetId = $null; ShadowIds = @(); Shares = @(); RunDir = $run }
+$entry = [ordered]@{ RunId = $RunId; Created = [DateTime]::UtcNow.ToString('o'); VMs = @($VMName); ProcessId = $null; SetId = $null; ShadowIds = @(); Shares = @(); RunDir = $run }
 $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
 
 $lines = @('set context persistent', "set metadata `"$run\backup.cab`"", 'set verbose on')

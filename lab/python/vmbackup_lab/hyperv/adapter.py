@@ -40,6 +40,14 @@ def _params(name: str, params: dict) -> dict:
     return {k.lower(): v for k, v in params.items()}
 
 
+def _find_vm(host: Host, name: str):
+    """Get-VM -Name: VM names are case-insensitive on Windows."""
+    for v in host.vms.values():
+        if isinstance(name, str) and v.name.lower() == name.lower():
+            return v
+    raise ScriptFailure(f"VmNotFound: no VM named '{name}' on {host.name.upper()}")
+
+
 def _ledger(host: Host, run_id: str):
     return host.local(f"{WORK_DIR}\\ledger\\{run_id}.json")
 
@@ -73,12 +81,26 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
     }
 
 
+def _volume_root(winpath: str) -> str:
+    """Get-VolumeRoot of Get-VmbackupVm.ps1: a CSV's root, else the drive's."""
+    m = re.match(r"^([A-Za-z]:\\ClusterStorage\\[^\\]+\\)", winpath)
+    return m.group(1) if m else PureWindowsPath(winpath).anchor
+
+
+def get_vm_list(host: Host) -> dict:
+    return {
+        "ComputerName": host.name.upper(),
+        "VMs": [
+            {"Name": v.name, "Id": v.id.lower(), "State": v.state}
+            for v in sorted(host.vms.values(), key=lambda v: v.name)
+        ],
+    }
+
+
 def get_vm(host: Host, vmname: str) -> dict:
-    if vmname not in host.vms:
-        raise ScriptFailure(f"VmNotFound: no VM named '{vmname}' on {host.name.upper()}")
-    v = host.vms[vmname]
+    v = _find_vm(host, vmname)
     enabled, status = v.backup_service()
-    volumes = {PureWindowsPath(v.config_location).anchor}
+    volumes = {_volume_root(v.config_location)}
     disks = []
     for d in v.disks:
         chain = []
@@ -94,7 +116,7 @@ def get_vm(host: Host, vmname: str) -> dict:
                     "ParentPath": f.parent.winpath if f.parent else None,
                 }
             )
-            volumes.add(PureWindowsPath(f.winpath).anchor)
+            volumes.add(_volume_root(f.winpath))
         disks.append(
             {
                 "Name": d.name,
@@ -140,9 +162,7 @@ def new_shadow_copy(
         reasons.append("quiesce is off")
     else:
         for name in vmname:
-            if name not in host.vms:
-                raise ScriptFailure(f"VmNotFound: no VM named '{name}' on {host.name.upper()}")
-            v = host.vms[name]
+            v = _find_vm(host, name)
             enabled, status = v.backup_service()
             if v.state != VM_RUNNING:
                 reasons.append(f"{name} is not running")
@@ -173,6 +193,7 @@ def new_shadow_copy(
     entry = {
         "RunId": run_id,
         "Created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "VMs": list(vmname),
         "ProcessId": 4000 + len(host.runs),
         "SetId": None,
         "ShadowIds": [],
@@ -245,17 +266,27 @@ def complete_shadow_copy(
         for name in r.vms:
             if name in host.vms:
                 host.vms[name].backup_complete += 1
+    if host.faults.get("drop_during") == "Complete-VmbackupShadowCopy.ps1":
+        # The shell dies while the script waits for diskshadow: diskshadow runs
+        # outside the shell and ends the backup, but nothing is removed; the
+        # ledger entry stays for the next run of the VM or the sweeper. The
+        # backup has ended: a second Complete must not count BackupComplete again.
+        if r is not None:
+            r.consistency = "ended"
+        return {"RunId": run_id, "BackupComplete": complete, "Deleted": []}
     deleted = _remove_run(host, entry)
     return {"RunId": run_id, "BackupComplete": complete, "Deleted": deleted}
 
 
-def remove_shadow_copies(host: Host, olderthanseconds: int = 3600, workdir: str = WORK_DIR) -> dict:
+def remove_shadow_copies(host: Host, olderthanseconds: int = 3600, vmname: str = "", workdir: str = WORK_DIR) -> dict:
     removed = []
     ledger_dir = host.local(f"{WORK_DIR}\\ledger")
     cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=int(olderthanseconds))
     for p in sorted(ledger_dir.glob("*.json")) if ledger_dir.is_dir() else []:
         entry = json.loads(p.read_text())
         if datetime.datetime.fromisoformat(entry["Created"]) > cutoff:
+            continue
+        if vmname and vmname.lower() not in [n.lower() for n in entry.get("VMs") or []]:
             continue
         removed.append({"RunId": entry["RunId"], "Created": entry["Created"], "Deleted": _remove_run(host, entry)})
     return {"Removed": removed}
@@ -264,6 +295,7 @@ def remove_shadow_copies(host: Host, olderthanseconds: int = 3600, workdir: str 
 SCRIPTS = {
     "Get-VmbackupHost.ps1": get_host,
     "Get-VmbackupVm.ps1": get_vm,
+    "Get-VmbackupVmList.ps1": get_vm_list,
     "New-VmbackupShadowCopy.ps1": new_shadow_copy,
     "Complete-VmbackupShadowCopy.ps1": complete_shadow_copy,
     "Remove-VmbackupShadowCopies.ps1": remove_shadow_copies,

@@ -1,0 +1,80 @@
+"""What one VM's backup gives back, for every hypervisor: a row of the report.
+
+`VmResult` is the same for vSphere and Hyper-V (docs/flows.md lists the
+fields); `DiskProgress` sums the progress of a VM's disks read at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class VmResult:
+    vm: str
+    status: str  # "ok" or "failed"
+    backup_id: str | None = None
+    repository: str = ""
+    mode: str | None = None  # "full" or "incremental"
+    transport: str | None = None  # vSphere: hotadd|direct|nbd; Hyper-V: local|share
+    consistency: str | None = None  # "application" or "crash"
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    host: str | None = None
+    agent: str | None = None
+    datastores: list[str] = field(default_factory=list)  # vSphere datastores; Hyper-V volume keys
+    full_reason: str | None = None
+    transport_detail: str | None = None  # e.g. "through linked clone <name>"
+    snapshot_seconds: float = 0.0  # how long the snapshot (or shadow copy) existed
+    read_seconds: float = 0.0
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    consistency_note: str | None = None  # why crash consistency, when it is
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def failed(cls, vm: Any, plan: Any, agent: Any, error: BaseException, seconds: float) -> VmResult:
+        """A failed row for ``vm`` (a vSphere ``VmInfo`` or a Hyper-V ``HvVm``)."""
+        keys = getattr(vm, "datastores", None)
+        if keys is None:
+            keys = getattr(vm, "volume_keys", ())
+        return cls(
+            vm=vm.name,
+            status="failed",
+            repository=str(plan.repository),
+            error=str(error),
+            host=vm.host,
+            agent=agent.name if agent else None,
+            datastores=list(keys),
+            seconds=seconds,
+        )
+
+
+class DiskProgress:
+    """Sums the disks' progress and calls ``progress(done, total)`` about once a second."""
+
+    def __init__(self, progress: Any, total: int):
+        self.progress = progress
+        self.total = total
+        self.done: dict[str, int] = {}
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def for_disk(self, name: str) -> Any:
+        def cb(done: int, _total: int) -> None:
+            with self.lock:
+                self.done[name] = done
+                now = time.monotonic()
+                if self.progress is None or now - self.last < 1.0:
+                    return
+                self.last = now
+                value = sum(self.done.values())
+            self.progress(value, self.total)
+
+        return cb
