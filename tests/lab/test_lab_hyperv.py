@@ -419,3 +419,64 @@ def test_hypervlab_attach_is_the_running_host(built_in):
     (h,) = load_lab(state).hyperv
     hv = HypervLab.attach(Path(h["root"]))
     assert hv.describe() == {**s["hyperv"], "http_url": hv.http_url} and hv.pid == h["pid"]
+
+
+def test_the_lab_plan_backs_up_a_hyperv_vm_of_each_host_through_their_shares(tmp_path, monkeypatch):
+    """The plan `lab up` writes, as written, with the adapter's procedure: each
+    agent reads each host's shadow copy through `windows_paths`, and every disk
+    restores equal to `lab disk-image --shadow` of that copy."""
+    from vmbackup import _mover
+    from vmbackup.hyperv.inventory import connect, select_vms
+    from vmbackup.hyperv.procedure import backup_vm
+
+    topo = tmp_path / "two.json"
+    disks = [
+        {"controller": "scsi", "size_mib": 4},
+        {"controller": "scsi", "location": 1, "size_mib": 3, "differencing": 1},
+    ]
+    topo.write_text(
+        json.dumps(
+            {
+                "mode": "esxi",
+                "standalone_hosts": ["esx9"],
+                "vms": [],
+                "agents_per_host": 2,
+                "hyperv": [
+                    {"host": "hva", "vms": [{"name": "a1", "disks": disks}]},
+                    {"host": "hvb", "vms": [{"name": "b1", "disks": disks}]},
+                ],
+            }
+        )
+    )
+    state = (tmp_path / "state").resolve()
+    try:
+        up(state, topo)
+        lab = load_lab(state)
+        monkeypatch.setenv("VMBACKUP_HYPERV_PASSWORD", (state / "hyperv-password").read_text().strip())
+        plan = load_plan(state / "plan.yaml")
+        repo = tmp_path / "repo"
+        _mover.init_repository(str(repo))
+        plan = plan.model_copy(update={"repository": repo})
+        for (host, vm_name), agent in zip([("hva", "a1"), ("hvb", "b1")], plan.agents, strict=True):
+            h = plan.hyperv_host(host)
+            client = connect(h, resolve_password(h))
+            (vm,) = select_vms(client, h, plan.selection)
+            assert vm.name == vm_name and vm.host == host
+            want = {}
+
+            def at_shadow(sid, vm=vm, want=want):
+                for d in vm.disks:
+                    out = tmp_path / f"{vm.name}-{d.name.replace(':', '_')}.shadow"
+                    lab.disk_image(vm.name, d.name, out, shadow=sid)
+                    want[d.name] = out.read_bytes()
+
+            r = backup_vm(client, vm, plan, h, agent, run_id="lab-plan", on_shadow=at_shadow)
+            assert (r.status, r.transport, r.host, r.agent) == ("ok", "share", host, agent.name), r.error
+            for d in vm.disks:
+                out = tmp_path / f"restored-{vm.name}-{d.name.replace(':', '_')}.raw"
+                _mover.restore_disk(str(repo), r.backup_id, str(out), disk=d.name)
+                assert out.read_bytes() == want[d.name]
+            st = lab.hyperv_host(host).status()
+            assert st["shadow_copies"] == [] and st["peak_shadow_copies"] == 1
+    finally:
+        lab_down(state)
