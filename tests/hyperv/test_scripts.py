@@ -17,7 +17,7 @@ from vmbackup.errors import (
 )
 from vmbackup.hyperv import scripts
 
-from .conftest import client
+from .conftest import TRANSPORTS, client
 
 MiB = 1024 * 1024
 
@@ -102,9 +102,17 @@ def _complete(hv, run_id, ok):
     return hv.run_script("Complete-VmbackupShadowCopy.ps1", {"RunId": run_id, "Succeeded": ok})
 
 
-def test_application_consistent_backup_completes_and_cleans_up(lab, hv):
+@pytest.mark.parametrize("transport", [t[0] for t in TRANSPORTS])
+def test_application_consistent_backup_completes_and_cleans_up(apart, transport):
+    """win01 alone on D: (legacy01 elsewhere): the writer quiesces it; the
+    guest's own VSS backup runs during create, the host's BackupComplete at the end."""
+    lab, hv = apart, client(apart, transport)
     before = {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}
+    guest = {v["name"]: v["guest_backups"] for v in lab.status()["vms"]}["win01"]
     made = _new(hv, "app1", ["win01"], quiesce="required")
+    # the guest's writers froze, thawed and completed inside create: its logs may be truncated now
+    assert {v["name"]: v["guest_backups"] for v in lab.status()["vms"]}["win01"] == guest + 1
+    assert {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}["win01"] == before["win01"]
     assert made["Consistency"] == "application" and made["Reasons"] == []
     assert len(lab.status()["shadow_copies"]) == 1
     assert hv.run_script("Get-VmbackupHost.ps1")["Runs"][0]["RunId"] == "app1"
@@ -140,6 +148,14 @@ CRASH_CASES = [
         id="backup-no-contact",
     ),
     pytest.param({}, {}, "legacy01", "legacy01 has its Backup integration service off", id="topology-backup-off"),
+    # every VM with files on the volume takes part in the writer's backup: legacy01 would be saved
+    pytest.param(
+        {},
+        {},
+        "win01",
+        "legacy01 is also on D:\\ and would be put into a saved state: its Backup integration service is off",
+        id="other-vm-on-the-volume",
+    ),
     pytest.param({}, {}, "off01", "off01 is not running", id="vm-off"),
 ]
 
@@ -160,6 +176,8 @@ def test_no_quiesce_means_crash_under_preferred_and_an_error_under_required(
     assert len(lab.status()["shadow_copies"]) == 1
     _complete(hv1, "pref1", True)
     assert lab.status()["shadow_copies"] == []
+    # the writer never took part, so no VM was put into a saved state
+    assert [v["saved"] for v in lab.status()["vms"]] == [0, 0, 0]
 
 
 def test_quiesce_off_never_involves_the_writer(lab, hv1):

@@ -27,11 +27,14 @@
     vmbackup's ledger (<WorkDir>\ledger\<RunId>.json), which also names the
     run's VMs (so the next backup of a VM removes what a crashed one left).
 
-    Consistency: 'application' when the Hyper-V writer is included and every VM
-    is running with its Backup (VSS) integration service enabled and healthy and
-    the writer is stable; otherwise 'crash' when -Quiesce is 'preferred' (the
-    reason is returned), or an error when it is 'required'. -Quiesce off always
-    excludes the writer.
+    Consistency: 'application' when the Hyper-V writer is included: every VM
+    asked for is running with its Backup (VSS) integration service enabled and
+    answering, so is every OTHER running VM with files on these volumes (the
+    writer takes part for all of them and would put one without a working
+    Backup service into a saved state), and the writer is stable. Otherwise
+    'crash' (the writer excluded) when -Quiesce is 'preferred' (the reasons are
+    returned), or an error when it is 'required'. -Quiesce off always excludes
+    the writer.
     Run by hand:  .\New-VmbackupShadowCopy.ps1 -RunId test1 -VMName web01 -Volumes D:\
 .PARAMETER RunId
     Names this backup's files, ledger entry, mount points and shares.
@@ -60,6 +63,21 @@ param(
 $ErrorActionPreference = 'Stop'
 $hyperVWriter = '{66841cd4-6ded-4f4b-8f17-fd23f8ddc3de}'
 
+# The Backup integration service is named 'VSS' since Windows Server 2016 and
+# 'Backup (volume snapshot)' before. '' when it is on and answering, else why not.
+function Get-BackupServiceProblem($Vm) {
+    $svc = Get-VMIntegrationService -VM $Vm | Where-Object { $_.Name -eq 'VSS' -or $_.Name -like 'Backup*' } | Select-Object -First 1
+    if (-not $svc -or -not $svc.Enabled) { return 'its Backup integration service is off' }
+    if ([int]$svc.PrimaryOperationalStatus -ne 2) { return 'its Backup integration service does not answer' }
+    return ''
+}
+# As in Get-VmbackupVm.ps1: a CSV is a volume of its own for VSS.
+function Get-VolumeRoot([string]$Path) {
+    if ($Path -match '^([A-Za-z]:\\ClusterStorage\\[^\\]+\\)') { return $Matches[1] }
+    return [IO.Path]::GetPathRoot($Path)
+}
+$volumeRoots = @($Volumes | ForEach-Object { $_.TrimEnd('\') + '\' })
+
 # --- which consistency can we get? ---
 $reasons = @()
 if ($Quiesce -eq 'off') { $reasons += 'quiesce is off' }
@@ -68,9 +86,22 @@ else {
         $vm = Get-VM -Name $name -ErrorAction SilentlyContinue
         if (-not $vm) { throw "VmNotFound: no VM named '$name' on $env:COMPUTERNAME" }
         if ([int]$vm.State -ne 2) { $reasons += "$name is not running" ; continue }
-        $svc = Get-VMIntegrationService -VM $vm | Where-Object { $_.Name -eq 'VSS' -or $_.Name -like 'Backup*' } | Select-Object -First 1
-        if (-not $svc -or -not $svc.Enabled) { $reasons += "$name has its Backup integration service off" }
-        elseif ([int]$svc.PrimaryOperationalStatus -ne 2) { $reasons += "$name's Backup integration service does not answer" }
+        $problem = Get-BackupServiceProblem $vm
+        if ($problem -eq 'its Backup integration service is off') { $reasons += "$name has its Backup integration service off" }
+        elseif ($problem) { $reasons += "$name's Backup integration service does not answer" }
+    }
+    # The Hyper-V writer backs up EVERY VM with files on the added volumes, not
+    # only ours; a running VM that cannot take its own (child) VSS snapshot is
+    # put into a saved state during 'create', and one VM failing fails the
+    # whole set ("Backing up and restoring virtual machines", Hyper-V WMI docs).
+    # So any such VM means: no writer (preferred) or no backup (required).
+    foreach ($other in @(Get-VM | Sort-Object -Property Name)) {
+        if ($VMName -contains $other.Name -or [int]$other.State -ne 2) { continue }
+        $paths = @($other.ConfigurationLocation, $other.SnapshotFileLocation) + @(Get-VMHardDiskDrive -VM $other | ForEach-Object { $_.Path })
+        $shared = @($paths | Where-Object { $_ } | ForEach-Object { Get-VolumeRoot $_ } | Where-Object { $volumeRoots -contains $_ } | Sort-Object -Unique)
+        if ($shared.Count -eq 0) { continue }
+        $problem = Get-BackupServiceProblem $other
+        if ($problem) { $reasons += "$($other.Name) is also on $($shared -join ', ') and would be put into a saved state: $problem" }
     }
     $state = $null
     $block = $null

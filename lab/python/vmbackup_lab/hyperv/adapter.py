@@ -170,6 +170,24 @@ def new_shadow_copy(
                 reasons.append(f"{name} has its Backup integration service off")
             elif status != 2:
                 reasons.append(f"{name}'s Backup integration service does not answer")
+        # Every other running VM on the volumes takes part too; one that cannot
+        # do its own VSS backup would be put into a saved state.
+        asked = {n.lower() for n in vmname}
+        letters = {PureWindowsPath(vol).drive.rstrip(":").upper() for vol in volumes}
+        for v in sorted(host.vms.values(), key=lambda v: v.name):
+            if v.name.lower() in asked or v.state != VM_RUNNING or v.volume not in letters:
+                continue
+            enabled, status = v.backup_service()
+            on = f"{v.volume}:\\"
+            if not enabled:
+                reasons.append(
+                    f"{v.name} is also on {on} and would be put into a saved state: its Backup integration service is off"
+                )
+            elif status != 2:
+                reasons.append(
+                    f"{v.name} is also on {on} and would be put into a saved state: "
+                    "its Backup integration service does not answer"
+                )
         w = host.writer()
         if w["LastError"] != "No error":
             reasons.append(f"the Hyper-V VSS writer failed: {w['LastError']}")
@@ -203,7 +221,7 @@ def new_shadow_copy(
     ledger.write_text(json.dumps(entry))
     # From here a failure leaves the ledger entry, as on Windows; Complete or
     # the sweeper removes it.
-    set_id, copies = host.create_shadow_set(letters)
+    set_id, copies = host.create_shadow_set(letters, writer=consistency == "application")
     entry["SetId"] = set_id
     entry["ShadowIds"] = [c.id for c in copies]
     out = []

@@ -9,6 +9,8 @@ DEFAULT = {
     "host": "hv1",
     "user": "labadmin",
     "volumes": ["C", "D", "E"],
+    # a volume's file system (Win32_Volume.FileSystem); any volume not named here is NTFS
+    "file_systems": {},
     "vms": [
         {
             "name": "win01",
@@ -46,6 +48,7 @@ DEFAULT = {
 
 CONTROLLERS = ("ide", "scsi")
 FORMATS = ("vhdx", "vhd")
+FILE_SYSTEMS = ("NTFS", "ReFS", "CSVFS")
 
 
 class TopologyError(ValueError):
@@ -63,6 +66,13 @@ def load(path: Path | None) -> dict:
         if not isinstance(given, dict):
             raise TopologyError(f"topology {path}: not a JSON object")
         topo.update(given)
+    if not isinstance(topo.get("file_systems"), dict):
+        raise TopologyError("file_systems: an object of volume letter to file system")
+    for letter, fs in topo["file_systems"].items():
+        if letter not in topo["volumes"]:
+            raise TopologyError(f"file_systems.{letter}: {letter!r} is not one of {topo['volumes']}")
+        if fs not in FILE_SYSTEMS:
+            raise TopologyError(f"file_systems.{letter}: {fs!r} is not one of {FILE_SYSTEMS}")
     names = set()
     for i, vm in enumerate(topo["vms"]):
         where = f"vms[{i}]"
