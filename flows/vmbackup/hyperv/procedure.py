@@ -8,7 +8,8 @@
    the agent's `windows_paths` into ONE backup point (the mover follows the
    differencing chain inside the copy), with the configuration files in the
    point's config; 5. commit, then `Complete-VmbackupShadowCopy.ps1
-   -Succeeded $true` (BackupComplete only after the data is durable); on every
+   -Succeeded $true` (the host's BackupComplete only after the data is
+   durable; the guest's own VSS backup ran inside step 3); on every
    other path `-Succeeded $false`. The host's ledger holds what a killed
    process could not undo; the next backup of the VM or the sweeper removes it.
 """

@@ -3,9 +3,11 @@
     End a backup started by New-VmbackupShadowCopy.ps1 and delete its shadow copies.
 .DESCRIPTION
     With -Succeeded (the data is durable in the repository) diskshadow is let go
-    on to 'end backup', which tells the writers BackupComplete, so guest
-    applications may truncate their logs. Without it diskshadow is aborted
-    before 'end backup' and the writers are never told the backup completed.
+    on to 'end backup', which tells the host's writers BackupComplete (the
+    guests' own VSS backups already ran inside 'create': their applications
+    may have truncated logs then; see docs/hyperv.md). Without it diskshadow
+    is aborted before 'end backup' and the writers are never told the backup
+    completed.
     Then, on every path, the shares, mount points and shadow copies recorded in
     the ledger are removed, and the ledger entry with them. Shadow copies that
     are not in vmbackup's ledger are never touched.

@@ -11,17 +11,26 @@
         set context persistent              # the copy outlives diskshadow; it can be exposed
         set metadata <run>\backup.cab
         writer verify {66841cd4-...}        # Hyper-V writer (or 'writer exclude' for crash consistency)
-        begin backup                        # a full backup: writers are told BackupComplete at 'end backup'
+        begin backup                        # a full backup (VSS_BT_FULL), not a copy backup
         add volume D: alias vmbk_1          # one per volume
-        create                              # writers freeze/thaw; the guests are quiesced here
+        create                              # the guests' own VSS backups run here (see below)
         expose %vmbk_1% <run>\mnt\1         # a local mount point per volume
         exec <run>\wait.cmd                 # blocks until the data is durable (or abort/timeout)
-        end backup                          # BackupComplete: guest apps may truncate their logs
+        end backup                          # BackupComplete to the HOST's writers
 
     The exec step holds the backup open while vmbackup reads the files from the
     mount points (or an SMB share of them). If it ends with an error (abort or
     timeout) diskshadow stops before 'end backup', so writers are never told the
-    backup completed. The shadow copies are persistent either way: they are
+    backup completed.
+
+    Log truncation (docs/hyperv.md, "Log truncation"): each quiesced guest
+    runs its whole VSS backup, its own BackupComplete included, inside
+    'create' (Microsoft: "All VSS events on the child virtual machine occur
+    during the host operating system processing of the PrepareForSnapshot
+    event"), so guest applications may truncate logs before our data is
+    durable. Only the host's writers wait for 'end backup'.
+
+    The shadow copies are persistent either way: they are
     deleted by Complete-VmbackupShadowCopy.ps1 or, after a crash, by
     Remove-VmbackupShadowCopies.ps1, which only touch copies recorded in
     vmbackup's ledger (<WorkDir>\ledger\<RunId>.json), which also names the
