@@ -459,3 +459,16 @@ def test_shadow_run_ids_are_valid_and_unique_per_run_and_vm():
     assert all(re.fullmatch(r"[A-Za-z0-9-]{1,64}", i) for i in ids.values())
     assert len(set(ids.values())) == len(ids)
     assert shadow_run_id("run-a", "win01") == shadow_run_id("run-a", "win01")  # a retried attempt
+
+
+def test_vm_on_a_refs_volume_fails_in_one_line_and_leaves_nothing(apart, repo):
+    plan = make_plan(apart, repo)
+    host, client = _connect(apart, plan)
+    vm = _vm(client, host, plan, "refs01")
+    assert list(vm.volumes) == ["F:\\"]
+    with pytest.raises(HypervScriptError) as e:
+        backup_vm(client, vm, plan, host, plan.agents[0], run_id="run-refs", on_shadow=lambda _id: pytest.fail("copy"))
+    assert e.value.code == "ShadowCopyFailed" and "ReFS" in str(e.value) and "NTFS" in str(e.value)
+    assert "\n" not in str(e.value) and e.value.retryable is False
+    assert _mover.list_backups(str(repo))[0] == []
+    _nothing_left(apart, client)

@@ -40,6 +40,10 @@ def test_every_script_is_readable_powershell_with_a_param_block():
     for name in scripts.names():
         text = scripts.text(name)
         assert text.startswith("<#") and ".SYNOPSIS" in text and "\nparam(" in text
+        # what is sent is the file without its help block, the rest verbatim, and fits a command line
+        sent = scripts.body(name)
+        assert text.endswith(sent) and sent.startswith("param(") and ".SYNOPSIS" not in sent
+        assert len(scripts.wrap(name, {}).encode("utf-16-le")) * 4 // 3 + 40 < 32767
 
 
 def test_parameters_travel_as_data(hv):
@@ -281,3 +285,22 @@ def test_off_vm_two_level_chain_restores(lab, cli, tmp_path):
     cli.json("restore-disk", b["id"], str(tmp_path / "out.raw"))
     assert sha256(tmp_path / "out.raw") == want
     _complete(hv, "off1", True)
+
+
+@pytest.mark.parametrize("quiesce", ["required", "preferred", "off"])
+def test_non_ntfs_volume_is_refused_up_front(apart, quiesce):
+    """Persistent shadow copies are NTFS only (VSS documentation): a ReFS volume
+    is refused before diskshadow starts, in one line that says why and what the
+    documented alternatives are; nothing is left on the host."""
+    hv = client(apart, "https-ntlm")
+    volumes = {v["DriveLetter"]: v["FileSystem"] for v in hv.run_script("Get-VmbackupHost.ps1")["Volumes"]}
+    assert volumes == {"C:": "NTFS", "D:": "NTFS", "E:": "NTFS", "F:": "ReFS"}
+    with pytest.raises(HypervScriptError) as e:
+        _new(hv, "refs1", ["refs01"], quiesce=quiesce, volumes=["F:\\"])
+    msg = str(e.value)
+    assert e.value.code == "ShadowCopyFailed" and "\n" not in msg
+    assert "F:\\ is ReFS" in msg and "only for NTFS" in msg and "set context volatile" in msg and "RCT" in msg
+    assert apart.status()["shadow_copies"] == [] and hv.run_script("Get-VmbackupHost.ps1")["Runs"] == []
+    # the NTFS volumes of the same host still work
+    assert _new(hv, "ntfs1", ["win01"], quiesce=quiesce)["Consistency"] in ("application", "crash")
+    _complete(hv, "ntfs1", False)

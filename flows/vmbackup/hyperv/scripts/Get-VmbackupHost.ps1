@@ -3,7 +3,8 @@
     What vmbackup needs to know about a Hyper-V host before a backup.
 .DESCRIPTION
     Reports the host's name, the state of the Hyper-V VSS writer (from
-    `vssadmin list writers`), the volumes, and the shadow copies that vmbackup
+    `vssadmin list writers`), the volumes with their file system (persistent
+    shadow copies need NTFS), and the shadow copies that vmbackup
     made and has not yet deleted (from its ledger, see New-VmbackupShadowCopy.ps1).
     Read-only. Run it by hand as an administrator:  .\Get-VmbackupHost.ps1
 .PARAMETER WorkDir
@@ -36,6 +37,6 @@ if (Test-Path $ledger) {
     ComputerName = $env:COMPUTERNAME
     Writer       = [pscustomobject]$writer
     Volumes      = @(Get-CimInstance -ClassName Win32_Volume | Where-Object { $_.DriveLetter } | ForEach-Object {
-            [pscustomobject]@{ DriveLetter = $_.DriveLetter; DeviceID = $_.DeviceID; Capacity = $_.Capacity; FreeSpace = $_.FreeSpace } })
+            [pscustomobject]@{ DriveLetter = $_.DriveLetter; DeviceID = $_.DeviceID; Capacity = $_.Capacity; FreeSpace = $_.FreeSpace; FileSystem = $_.FileSystem } })
     Runs         = @($ours)
 }

@@ -87,6 +87,21 @@ function Get-VolumeRoot([string]$Path) {
 }
 $volumeRoots = @($Volumes | ForEach-Object { $_.TrimEnd('\') + '\' })
 
+# --- persistent shadow copies can be made only for NTFS volumes ---
+# (VSS documentation, "Shadow Copy Context Configurations"): refuse ReFS and
+# CSVFS here, in one line, rather than let diskshadow fail at 'create'.
+$allVolumes = @(Get-CimInstance -ClassName Win32_Volume)
+foreach ($root in $volumeRoots) {
+    $volume = $allVolumes | Where-Object { $_.Name -eq $root } | Select-Object -First 1
+    if (-not $volume) { throw "ShadowCopyFailed: the volume $root does not exist on $env:COMPUTERNAME" }
+    if ($volume.FileSystem -ne 'NTFS') {
+        throw ("ShadowCopyFailed: volume $root is $($volume.FileSystem): persistent shadow copies (diskshadow 'set context persistent') " +
+            "can be made only for NTFS volumes (VSS documentation); the documented alternatives, not implemented " +
+            "by vmbackup, are a nonpersistent copy held open by diskshadow ('set context volatile' with exec) " +
+            "or Hyper-V's WMI recovery checkpoints with RCT")
+    }
+}
+
 # --- which consistency can we get? ---
 $reasons = @()
 if ($Quiesce -eq 'off') { $reasons += 'quiesce is off' }

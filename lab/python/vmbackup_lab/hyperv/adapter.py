@@ -74,6 +74,7 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
                 "DeviceID": f"\\\\?\\Volume{{{host.volume_guids[v]}}}\\",
                 "Capacity": 1 << 40,
                 "FreeSpace": 1 << 39,
+                "FileSystem": host.file_systems[v],
             }
             for v in host.volumes
         ],
@@ -157,6 +158,20 @@ def new_shadow_copy(
         vmname = [vmname]
     if isinstance(volumes, str):
         volumes = [volumes]
+    letters = []
+    for vol in volumes:
+        letter = PureWindowsPath(vol).drive.rstrip(":").upper()
+        if letter not in host.volumes:
+            raise ScriptFailure(f"ShadowCopyFailed: the volume {vol} does not exist on {host.name.upper()}")
+        fs = host.file_systems[letter]
+        if fs != "NTFS":
+            raise ScriptFailure(
+                f"ShadowCopyFailed: volume {vol} is {fs}: persistent shadow copies (diskshadow 'set context persistent') "
+                "can be made only for NTFS volumes (VSS documentation); the documented alternatives, not implemented "
+                "by vmbackup, are a nonpersistent copy held open by diskshadow ('set context volatile' with exec) "
+                "or Hyper-V's WMI recovery checkpoints with RCT"
+            )
+        letters.append(letter)
     reasons = []
     if quiesce == "off":
         reasons.append("quiesce is off")
@@ -196,12 +211,6 @@ def new_shadow_copy(
     consistency = "application" if not reasons else "crash"
     if consistency == "crash" and quiesce == "required":
         raise ScriptFailure(f"QuiesceUnavailable: {'; '.join(reasons)}")
-    letters = []
-    for vol in volumes:
-        letter = PureWindowsPath(vol).drive.rstrip(":").upper()
-        if letter not in host.volumes:
-            raise ScriptFailure(f"ShadowCopyFailed: the volume {vol} does not exist on {host.name.upper()}")
-        letters.append(letter)
     run_dir = f"{WORK_DIR}\\runs\\{run_id}"
     ledger = _ledger(host, run_id)
     if ledger.exists():
