@@ -304,3 +304,53 @@ def test_non_ntfs_volume_is_refused_up_front(apart, quiesce):
     # the NTFS volumes of the same host still work
     assert _new(hv, "ntfs1", ["win01"], quiesce=quiesce)["Consistency"] in ("application", "crash")
     _complete(hv, "ntfs1", False)
+
+
+def _processes(lab, run_id):
+    return {p["name"]: p for p in lab.status()["processes"] if p["run"] == run_id}
+
+
+@pytest.mark.parametrize("hangs", [False, True], ids=["diskshadow-quits-on-abort", "diskshadow-hangs"])
+def test_crash_cleanup_ends_the_held_vss_backup_before_deleting(lab, hv1, hangs):
+    """A run whose flow process died keeps diskshadow holding the VSS backup
+    open (exec wait.cmd, up to HoldSeconds). The sweeper writes the run's abort
+    file, so diskshadow quits without 'end backup' (no BackupComplete), or stops
+    diskshadow itself (not only the powershell.exe that started it) if it does
+    not quit; only then are the copies deleted."""
+    lab.set_faults(diskshadow_hangs=hangs)
+    before = {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}
+    made = _new(hv1, "crash1", ["win01"], quiesce="off")
+    procs = _processes(lab, "crash1")
+    runner, diskshadow = procs["powershell.exe"], procs["diskshadow.exe"]
+    assert runner["alive"] and diskshadow["alive"] and diskshadow["parent"] == runner["pid"]
+    # the ledger names diskshadow itself
+    assert hv1.run_script("Get-VmbackupHost.ps1")["Runs"][0]["ProcessId"] == diskshadow["pid"]
+    # ... the flow process is killed here; the sweeper runs
+    removed = hv1.run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0})["Removed"]
+    assert [r["RunId"] for r in removed] == ["crash1"]
+    st = lab.status()
+    procs = _processes(lab, "crash1")
+    assert not any(p["alive"] for p in procs.values())
+    ended = "stopped" if hangs else "exec failed"
+    assert procs["diskshadow.exe"]["ended"] == ended
+    events = st["events"]
+    gone = events.index(f"diskshadow.exe {diskshadow['pid']} of run crash1: {ended}")
+    assert gone < events.index(f"shadow copy {made['ShadowCopies'][0]['ShadowId']} deleted")
+    assert {v["name"]: v["backup_complete"] for v in st["vms"]} == before
+    assert st["shadow_copies"] == [] and st["runs"] == []
+
+
+@pytest.mark.parametrize("succeeded", [True, False])
+def test_complete_ends_diskshadow(lab, hv1, succeeded):
+    """Complete lets diskshadow reach 'end backup' (durable) or quit before it
+    (abort); a diskshadow that does not quit is stopped, not left holding the backup."""
+    for hangs in (False, True):
+        lab.set_faults(diskshadow_hangs=hangs)
+        _new(hv1, "done1", ["win01"], quiesce="off")
+        pid = _processes(lab, "done1")["diskshadow.exe"]["pid"]
+        done = _complete(hv1, "done1", succeeded)
+        ds = next(p for p in lab.status()["processes"] if p["pid"] == pid)
+        want = "stopped" if hangs else ("end backup" if succeeded else "exec failed")
+        assert (ds["alive"], ds["ended"]) == (False, want)
+        assert done["BackupComplete"] is (succeeded and not hangs)
+        assert lab.status()["shadow_copies"] == []

@@ -34,7 +34,9 @@
     deleted by Complete-VmbackupShadowCopy.ps1 or, after a crash, by
     Remove-VmbackupShadowCopies.ps1, which only touch copies recorded in
     vmbackup's ledger (<WorkDir>\ledger\<RunId>.json), which also names the
-    run's VMs (so the next backup of a VM removes what a crashed one left).
+    run's VMs (so the next backup of a VM removes what a crashed one left)
+    and diskshadow's own process id (ProcessId; RunnerProcessId is the
+    powershell.exe of run.ps1 that started it).
 
     Consistency: 'application' when the Hyper-V writer is included: every VM
     asked for is running with its Backup (VSS) integration service enabled and
@@ -144,7 +146,7 @@ $run = Join-Path $WorkDir "runs\$RunId"
 $ledgerDir = Join-Path $WorkDir 'ledger'
 New-Item -ItemType Directory -Force -Path $run, $ledgerDir, (Join-Path $run 'mnt') | Out-Null
 $ledgerFile = Join-Path $ledgerDir "$RunId.json"
-$entry = [ordered]@{ RunId = $RunId; Created = [DateTime]::UtcNow.ToString('o'); VMs = @($VMName); ProcessId = $null; SetId = $null; ShadowIds = @(); Shares = @(); RunDir = $run }
+$entry = [ordered]@{ RunId = $RunId; Created = [DateTime]::UtcNow.ToString('o'); VMs = @($VMName); ProcessId = $null; RunnerProcessId = $null; SetId = $null; ShadowIds = @(); Shares = @(); RunDir = $run }
 $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
 
 $lines = @('set context persistent', "set metadata `"$run\backup.cab`"", 'set verbose on')
@@ -160,28 +162,40 @@ $lines += "exec `"$run\wait.cmd`"", 'end backup'
 $lines | Set-Content -Encoding ASCII -Path "$run\backup.dsh"
 
 # wait.cmd runs inside diskshadow after 'create': it records the shadow set id
-# (diskshadow sets VSS_SHADOW_SET) and waits for 'durable' or 'abort'.
+# (diskshadow sets VSS_SHADOW_SET) and waits for 'durable' or 'abort' (or the
+# run's files being gone, after a cleanup).
 @"
 @echo off
 echo %VSS_SHADOW_SET%> "$run\created"
-powershell.exe -NoProfile -NonInteractive -Command "`$t = [DateTime]::UtcNow.AddSeconds($HoldSeconds); while (-not (Test-Path '$run\durable') -and -not (Test-Path '$run\abort') -and [DateTime]::UtcNow -lt `$t) { Start-Sleep -Seconds 1 }; if (Test-Path '$run\durable') { exit 0 } else { exit 1 }"
+powershell.exe -NoProfile -NonInteractive -Command "`$t = [DateTime]::UtcNow.AddSeconds($HoldSeconds); while ((Test-Path '$run\backup.dsh') -and -not (Test-Path '$run\durable') -and -not (Test-Path '$run\abort') -and [DateTime]::UtcNow -lt `$t) { Start-Sleep -Seconds 1 }; if (Test-Path '$run\durable') { exit 0 } else { exit 1 }"
 "@ | Set-Content -Encoding ASCII -Path "$run\wait.cmd"
+# run.ps1 starts diskshadow and records ITS process id: stopping run.ps1's
+# powershell.exe would not stop diskshadow (Windows does not stop children),
+# which would then hold the VSS backup open for up to -HoldSeconds.
 @"
-& diskshadow.exe /s '$run\backup.dsh' *> '$run\diskshadow.log'
-Set-Content -Path '$run\exitcode' -Value `$LASTEXITCODE
+`$ds = Start-Process -FilePath diskshadow.exe -ArgumentList '/s "$run\backup.dsh"' -RedirectStandardOutput '$run\diskshadow.log' -NoNewWindow -PassThru
+`$null = `$ds.Handle  # keeps ExitCode readable once it has ended
+Set-Content -Path '$run\diskshadow.pid' -Value `$ds.Id
+`$ds.WaitForExit()
+Set-Content -Path '$run\exitcode' -Value `$ds.ExitCode
 "@ | Set-Content -Path "$run\run.ps1"
 
 $proc = Invoke-CimMethod -ClassName Win32_Process -MethodName Create -Arguments @{ CommandLine = "powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File `"$run\run.ps1`"" }
 if ($proc.ReturnValue -ne 0) { throw "ShadowCopyFailed: could not start diskshadow (Win32_Process.Create returned $($proc.ReturnValue))" }
-$entry.ProcessId = $proc.ProcessId
+$entry.RunnerProcessId = $proc.ProcessId
 $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
 
 $deadline = [DateTime]::UtcNow.AddSeconds($CreateTimeoutSeconds)
 while (-not (Test-Path "$run\created")) {
+    if (-not $entry.ProcessId -and (Test-Path "$run\diskshadow.pid")) {
+        $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid")
+        $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
+    }
     if (Test-Path "$run\exitcode") { throw "ShadowCopyFailed: diskshadow ended before the shadow copy existed: $((Get-Content -Raw "$run\diskshadow.log") -replace '\s+', ' ')" }
     if ([DateTime]::UtcNow -gt $deadline) { throw "ShadowCopyFailed: no shadow copy after $CreateTimeoutSeconds s" }
     Start-Sleep -Milliseconds 500
 }
+if (-not $entry.ProcessId) { $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid") }
 $setId = (Get-Content -Raw "$run\created").Trim()
 $copies = @(Get-CimInstance -ClassName Win32_ShadowCopy | Where-Object { $_.SetID -eq $setId })
 $entry.SetId = $setId

@@ -217,11 +217,14 @@ def new_shadow_copy(
         raise ScriptFailure(f"ScriptFailed: a backup run '{run_id}' is already open on {host.name.upper()}")
     ledger.parent.mkdir(parents=True, exist_ok=True)
     host.local(run_dir).mkdir(parents=True, exist_ok=True)
+    runner = host.start_process("powershell.exe", run_id)
+    diskshadow = host.start_process("diskshadow.exe", run_id, parent=runner.pid)
     entry = {
         "RunId": run_id,
         "Created": datetime.datetime.now(datetime.UTC).isoformat(),
         "VMs": list(vmname),
-        "ProcessId": 4000 + len(host.runs),
+        "ProcessId": diskshadow.pid,  # diskshadow's own, from <run>\\diskshadow.pid
+        "RunnerProcessId": runner.pid,
         "SetId": None,
         "ShadowIds": [],
         "Shares": [],
@@ -230,7 +233,12 @@ def new_shadow_copy(
     ledger.write_text(json.dumps(entry))
     # From here a failure leaves the ledger entry, as on Windows; Complete or
     # the sweeper removes it.
-    set_id, copies = host.create_shadow_set(letters, writer=consistency == "application")
+    try:
+        set_id, copies = host.create_shadow_set(letters, writer=consistency == "application")
+    except ScriptFailure:
+        host.end_process(diskshadow.pid, "create failed")
+        host.end_process(runner.pid, "exited")
+        raise
     entry["SetId"] = set_id
     entry["ShadowIds"] = [c.id for c in copies]
     out = []
@@ -253,11 +261,32 @@ def new_shadow_copy(
             }
         )
     ledger.write_text(json.dumps(entry))
-    host.runs[run_id] = Run(run_id, set_id, entry["ShadowIds"], entry["Shares"], consistency, list(vmname))
+    host.runs[run_id] = Run(
+        run_id, set_id, entry["ShadowIds"], entry["Shares"], consistency, list(vmname), runner.pid, diskshadow.pid
+    )
     return {"RunId": run_id, "SetId": set_id, "Consistency": consistency, "Reasons": reasons, "ShadowCopies": out}
 
 
+def _end_diskshadow(host: Host, entry: dict, marker: str) -> bool:
+    """The scripts' ending of a run's diskshadow: write `durable` or `abort`; diskshadow
+    then runs or skips 'end backup' and quits, or (fault `diskshadow_hangs`) is
+    stopped after the wait. True when it ran 'end backup'."""
+    p = host.process(entry.get("ProcessId"))
+    if p is None or p.name != "diskshadow.exe":
+        return False
+    if host.faults.get("diskshadow_hangs"):
+        how = "stopped"
+    else:
+        how = "end backup" if marker == "durable" else "exec failed"
+    host.end_process(p.pid, how)
+    # run.ps1 records diskshadow's exit code and exits with it
+    host.end_process(p.parent, "exited")
+    return how == "end backup"
+
+
 def _remove_run(host: Host, entry: dict) -> list[str]:
+    # abort first: a crashed run's diskshadow still holds the VSS backup open
+    _end_diskshadow(host, entry, "abort")
     for share in entry.get("Shares") or []:
         host.unshare(share)
     deleted = []
@@ -288,7 +317,8 @@ def complete_shadow_copy(
         raise ScriptFailure(f"RunNotFound: no backup run '{run_id}' in {WORK_DIR}\\ledger")
     entry = json.loads(ledger.read_text())
     r = host.runs.get(run_id)
-    complete = bool(succeeded) and r is not None
+    ended = _end_diskshadow(host, entry, "durable" if succeeded else "abort")
+    complete = bool(succeeded) and r is not None and ended
     if complete and r.consistency == "application":
         for name in r.vms:
             if name in host.vms:
@@ -305,7 +335,9 @@ def complete_shadow_copy(
     return {"RunId": run_id, "BackupComplete": complete, "Deleted": deleted}
 
 
-def remove_shadow_copies(host: Host, olderthanseconds: int = 3600, vmname: str = "", workdir: str = WORK_DIR) -> dict:
+def remove_shadow_copies(
+    host: Host, olderthanseconds: int = 3600, vmname: str = "", stoptimeoutseconds: int = 30, workdir: str = WORK_DIR
+) -> dict:
     removed = []
     ledger_dir = host.local(f"{WORK_DIR}\\ledger")
     cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=int(olderthanseconds))

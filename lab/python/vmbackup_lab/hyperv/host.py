@@ -169,6 +169,8 @@ class Host:
         self.shadows: dict[str, ShadowCopy] = {}
         self.runs: dict[str, Run] = {}
         self.processes: dict[int, Process] = {}
+        # what happened to processes and shadow copies, in order (the last 200)
+        self.events: list[str] = []
         self.next_pid = 4000
         self.shadow_number = 0
         self.counters = {"shadow_copies": {"now": 0, "peak": 0}}
@@ -455,6 +457,7 @@ class Host:
                     }
                     for p in self.processes.values()
                 ],
+                "events": list(self.events),
                 "file_systems": {f"{v}:\\": fs for v, fs in self.file_systems.items()},
                 "counters": self.counters,
             }
@@ -521,6 +524,7 @@ class Host:
     def delete_shadow(self, sid: str) -> None:
         with self.lock:
             sc = self.shadows.pop(sid)
+            self.event(f"shadow copy {sid} deleted")
             for p in (self.root / "shadows" / str(sc.number), self.root / "shadows" / f"{sc.number}.model"):
                 _make_writable(p)
                 shutil.rmtree(p, ignore_errors=True)
@@ -549,6 +553,10 @@ class Host:
         p = self.process(pid)
         if p is not None:
             p.alive, p.ended = False, how
+            self.event(f"{p.name} {p.pid} of run {p.run_id}: {how}")
+
+    def event(self, text: str) -> None:
+        self.events = (self.events + [text])[-200:]
 
     def expose(self, sc: ShadowCopy, winpath: str) -> None:
         link = self.local(winpath)
