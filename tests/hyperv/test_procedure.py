@@ -472,3 +472,44 @@ def test_vm_on_a_refs_volume_fails_in_one_line_and_leaves_nothing(apart, repo):
     assert "\n" not in str(e.value) and e.value.retryable is False
     assert _mover.list_backups(str(repo))[0] == []
     _nothing_left(apart, client)
+
+
+@pytest.mark.parametrize("when", ["before-the-read", "mid-read"])
+def test_shadow_copy_vanishing_during_the_backup_is_one_clear_line(lab, repo, when):
+    """The guests write so much that the shadow storage fills and Windows
+    deletes the oldest shadow copy, ours, while the backup reads it: the backup
+    fails in one line that says so, no point is committed, nothing is left."""
+    plan = make_plan(lab, repo, quiesce="off")
+    host, client = _connect(lab, plan)
+    vm = _vm(client, host, plan, "win01")
+    made = []
+
+    def vanish():
+        if len(made) == 1:
+            lab.set_faults(shadow_vanish=True)
+            lab.write("win01", "scsi0:0", 0, 4096, seed=17)
+            assert lab.status()["shadow_copies"] == []
+            made.append("gone")
+
+    def on_shadow(shadow_id):
+        made.append(shadow_id)
+        if when == "before-the-read":
+            vanish()
+
+    with pytest.raises(HypervisorError) as e:
+        backup_vm(
+            client,
+            vm,
+            plan,
+            host,
+            plan.agents[0],
+            run_id="run-v",
+            on_shadow=on_shadow,
+            progress=lambda _done, _total: vanish() if when == "mid-read" else None,
+        )
+    msg = str(e.value)
+    assert made[1:] == ["gone"] and "\n" not in msg
+    assert f"shadow copy {made[0]} of D:\\ vanished" in msg and "shadow storage" in msg
+    assert _mover.list_backups(str(repo))[0] == []
+    lab.set_faults()
+    _nothing_left(lab, client)

@@ -65,6 +65,8 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
     ledger = host.local(f"{WORK_DIR}\\ledger")
     if ledger.is_dir():
         runs = [json.loads(p.read_text()) for p in sorted(ledger.glob("*.json"))]
+    for r in runs:
+        r["Existing"] = [sid for sid in r.get("ShadowIds") or [] if sid in host.shadows]
     return {
         "ComputerName": host.name.upper(),
         "Writer": host.writer(),

@@ -32,7 +32,7 @@ SOFTWARE_PROVIDER = "{b5946137-7b9f-4925-af80-51abd60b20d5}"
 WORK_DIR = "C:\\ProgramData\\vmbackup"
 VM_RUNNING, VM_OFF = 2, 3
 CONTROLLER_TYPE = {"ide": 0, "scsi": 1}
-HOST_FAULTS = ("writer_failed", "shadow_fail", "drop_during", "diskshadow_hangs")
+HOST_FAULTS = ("writer_failed", "shadow_fail", "drop_during", "diskshadow_hangs", "shadow_vanish")
 VM_FAULTS = ("backup_off", "backup_no_contact")
 
 
@@ -363,6 +363,14 @@ class Host:
             if offset < 0 or length <= 0 or offset + length > d.size:
                 raise HostError(f"write {offset}+{length} is outside disk {disk} of {d.size} bytes")
             self._write_top(d, offset, length, seed)
+            if self.faults.get("shadow_vanish"):
+                # The shadow storage (diff area) is full: Windows deletes the
+                # volume's shadow copies, oldest first ("What happens when I run
+                # out of space?", Volume Shadow Copy Service). One per write here.
+                volume = PureWindowsPath(d.top.winpath).drive.rstrip(":")
+                oldest = sorted((s for s in self.shadows.values() if s.volume == volume), key=lambda s: s.number)
+                if oldest:
+                    self.delete_shadow(oldest[0].id, why="the shadow storage is full")
 
     def disk_image(self, vm: str, disk: str, output: Path, shadow: str | None = None) -> None:
         """The guest's view of a disk (now, or as of a shadow copy) as a raw file."""
@@ -521,10 +529,10 @@ class Host:
             c["peak"] = max(c["peak"], c["now"])
             return set_id, made
 
-    def delete_shadow(self, sid: str) -> None:
+    def delete_shadow(self, sid: str, why: str = "") -> None:
         with self.lock:
             sc = self.shadows.pop(sid)
-            self.event(f"shadow copy {sid} deleted")
+            self.event(f"shadow copy {sid} deleted" + (f": {why}" if why else ""))
             for p in (self.root / "shadows" / str(sc.number), self.root / "shadows" / f"{sc.number}.model"):
                 _make_writable(p)
                 shutil.rmtree(p, ignore_errors=True)
