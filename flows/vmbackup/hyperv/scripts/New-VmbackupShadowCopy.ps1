@@ -50,9 +50,12 @@
 .PARAMETER RunId
     Names this backup's files, ledger entry, mount points and shares.
 .PARAMETER VMName
-    The VMs being backed up (their Backup service decides the consistency).
+    The VMs being backed up (their Backup service, and that of every other
+    running VM on the volumes, decides the consistency).
 .PARAMETER Volumes
-    Volume roots holding the VMs' files, as Get-VmbackupVm.ps1 lists them ('D:\').
+    Volume roots holding the VMs' files, as Get-VmbackupVm.ps1 lists them
+    ('D:\'). Each must be NTFS: persistent shadow copies can be made only for
+    NTFS volumes, so ReFS and CSVFS are refused before anything is made.
 .PARAMETER Quiesce
     required | preferred | off.
 .PARAMETER ShareTo
