@@ -29,10 +29,12 @@ $run = $entry.RunDir
 
 # 'durable' lets diskshadow go on to 'end backup'; 'abort' makes it quit before.
 Set-Content -Path (Join-Path $run $(if ($Succeeded) { 'durable' } else { 'abort' })) -Value ([DateTime]::UtcNow.ToString('o'))
-# ProcessId is diskshadow's own (see New-VmbackupShadowCopy.ps1); a process of
-# that id that is not diskshadow, or started before the run, is not ours.
+# ProcessId is diskshadow's own (see New-VmbackupShadowCopy.ps1; a run that
+# crashed before recording it left it in diskshadow.pid); a process of that id
+# that is not diskshadow, or started before the run, is not ours.
 $created = [DateTime]::Parse($entry.Created).ToUniversalTime()
-$ds = if ($entry.ProcessId) { Get-Process -Id $entry.ProcessId -ErrorAction SilentlyContinue | Where-Object { $_.ProcessName -eq 'diskshadow' -and $_.StartTime.ToUniversalTime() -ge $created.AddSeconds(-5) } }
+$dsId = if ($entry.ProcessId) { $entry.ProcessId } elseif (Test-Path "$run\diskshadow.pid") { [int](Get-Content -Raw "$run\diskshadow.pid").Trim() } else { $null }
+$ds = if ($dsId) { Get-Process -Id $dsId -ErrorAction SilentlyContinue | Where-Object { $_.ProcessName -eq 'diskshadow' -and $_.StartTime.ToUniversalTime() -ge $created.AddSeconds(-5) } }
 $deadline = [DateTime]::UtcNow.AddSeconds($TimeoutSeconds)
 while (-not (Test-Path "$run\exitcode") -and $ds -and -not $ds.HasExited -and [DateTime]::UtcNow -lt $deadline) {
     Start-Sleep -Milliseconds 500

@@ -191,14 +191,14 @@ $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
 $deadline = [DateTime]::UtcNow.AddSeconds($CreateTimeoutSeconds)
 while (-not (Test-Path "$run\created")) {
     if (-not $entry.ProcessId -and (Test-Path "$run\diskshadow.pid")) {
-        $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid")
+        $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid").Trim()
         $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
     }
     if (Test-Path "$run\exitcode") { throw "ShadowCopyFailed: diskshadow ended before the shadow copy existed: $((Get-Content -Raw "$run\diskshadow.log") -replace '\s+', ' ')" }
     if ([DateTime]::UtcNow -gt $deadline) { throw "ShadowCopyFailed: no shadow copy after $CreateTimeoutSeconds s" }
     Start-Sleep -Milliseconds 500
 }
-if (-not $entry.ProcessId) { $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid") }
+if (-not $entry.ProcessId) { $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid").Trim() }
 $setId = (Get-Content -Raw "$run\created").Trim()
 $copies = @(Get-CimInstance -ClassName Win32_ShadowCopy | Where-Object { $_.SetID -eq $setId })
 $entry.SetId = $setId

@@ -42,7 +42,7 @@ foreach ($f in @(Get-ChildItem -Path $ledgerDir -Filter '*.json' -ErrorAction Si
     if (Test-Path $run) { Set-Content -Path "$run\abort" -Value ([DateTime]::UtcNow.ToString('o')) }
     # diskshadow's own id (a run that crashed before recording it left it in diskshadow.pid);
     # a process of that id that is not diskshadow, or started before the run, is not ours.
-    $dsId = if ($entry.ProcessId) { $entry.ProcessId } elseif (Test-Path "$run\diskshadow.pid") { [int](Get-Content -Raw "$run\diskshadow.pid") } else { $null }
+    $dsId = if ($entry.ProcessId) { $entry.ProcessId } elseif (Test-Path "$run\diskshadow.pid") { [int](Get-Content -Raw "$run\diskshadow.pid").Trim() } else { $null }
     $ds = if ($dsId) { Get-Process -Id $dsId -ErrorAction SilentlyContinue | Where-Object { $_.ProcessName -eq 'diskshadow' -and $_.StartTime.ToUniversalTime() -ge $created.AddSeconds(-5) } }
     if ($ds -and -not $ds.WaitForExit($StopTimeoutSeconds * 1000)) { Stop-Process -InputObject $ds -Force }
 
