@@ -354,3 +354,14 @@ def test_complete_ends_diskshadow(lab, hv1, succeeded):
         assert (ds["alive"], ds["ended"]) == (False, want)
         assert done["BackupComplete"] is (succeeded and not hangs)
         assert lab.status()["shadow_copies"] == []
+
+
+def test_another_vm_whose_backup_service_does_not_answer_is_named(lab, hv1):
+    lab.set_faults("win01", backup_no_contact=True)
+    made = _new(hv1, "other1", ["legacy01"])
+    assert made["Consistency"] == "crash" and made["Reasons"] == [
+        "legacy01 has its Backup integration service off",
+        "win01 is also on D:\\ and would be put into a saved state: its Backup integration service does not answer",
+    ]
+    _complete(hv1, "other1", False)
+    assert [v["saved"] for v in lab.status()["vms"]] == [0, 0, 0]
