@@ -365,3 +365,22 @@ def test_another_vm_whose_backup_service_does_not_answer_is_named(lab, hv1):
     ]
     _complete(hv1, "other1", False)
     assert [v["saved"] for v in lab.status()["vms"]] == [0, 0, 0]
+
+
+def test_a_set_of_two_volumes_keeps_each_copy_with_its_volume(apart):
+    """One set over E: and D: (in that order): each answer's copy is of its
+    own volume; the writer's BackupComplete covers the VMs of both volumes."""
+    hv = client(apart, "https-ntlm")
+    before = {v["name"]: v["backup_complete"] for v in apart.status()["vms"]}
+    made = _new(hv, "two1", ["win01", "off01"], volumes=["E:\\", "D:\\"])
+    assert made["Reasons"] == ["off01 is not running"] and made["Consistency"] == "crash"
+    made = _new(hv, "two2", ["win01"], volumes=["E:\\", "D:\\"], quiesce="required")
+    for copy, vm in zip(made["ShadowCopies"], ["off01", "win01"], strict=True):
+        root = apart.local_path(copy["ExposedPath"])
+        assert sorted(p.name for p in (root / "Hyper-V").iterdir()) == [vm], copy["Volume"]
+    by_id = {s["id"]: s["volume"] for s in apart.status()["shadow_copies"]}
+    assert [by_id[c["ShadowId"]] for c in made["ShadowCopies"]] == ["E:\\", "D:\\"]
+    _complete(hv, "two1", True)
+    _complete(hv, "two2", True)
+    after = {v["name"]: v["backup_complete"] for v in apart.status()["vms"]}
+    assert {n: after[n] - before[n] for n in after} == {"win01": 1, "legacy01": 0, "off01": 1, "refs01": 0}

@@ -190,7 +190,6 @@ def new_shadow_copy(
         # Every other running VM on the volumes takes part too; one that cannot
         # do its own VSS backup would be put into a saved state.
         asked = {n.lower() for n in vmname}
-        letters = {PureWindowsPath(vol).drive.rstrip(":").upper() for vol in volumes}
         for v in sorted(host.vms.values(), key=lambda v: v.name):
             if v.name.lower() in asked or v.state != VM_RUNNING or v.volume not in letters:
                 continue
@@ -264,7 +263,15 @@ def new_shadow_copy(
         )
     ledger.write_text(json.dumps(entry))
     host.runs[run_id] = Run(
-        run_id, set_id, entry["ShadowIds"], entry["Shares"], consistency, list(vmname), runner.pid, diskshadow.pid
+        run_id,
+        set_id,
+        entry["ShadowIds"],
+        entry["Shares"],
+        consistency,
+        list(vmname),
+        runner.pid,
+        diskshadow.pid,
+        list(letters),
     )
     return {"RunId": run_id, "SetId": set_id, "Consistency": consistency, "Reasons": reasons, "ShadowCopies": out}
 
@@ -322,9 +329,10 @@ def complete_shadow_copy(
     ended = _end_diskshadow(host, entry, "durable" if succeeded else "abort")
     complete = bool(succeeded) and r is not None and ended
     if complete and r.consistency == "application":
-        for name in r.vms:
-            if name in host.vms:
-                host.vms[name].backup_complete += 1
+        # the Hyper-V writer's BackupComplete covers every VM of the set's volumes
+        for v in host.vms.values():
+            if v.volume in r.volumes:
+                v.backup_complete += 1
     if host.faults.get("drop_during") == "Complete-VmbackupShadowCopy.ps1":
         # The shell dies while the script waits for diskshadow: diskshadow runs
         # outside the shell and ends the backup, but nothing is removed; the

@@ -151,6 +151,7 @@ class Run:
     vms: list[str]
     runner_pid: int | None = None
     diskshadow_pid: int | None = None
+    volumes: list[str] = field(default_factory=list)  # the set's volume letters
 
 
 class Host:
