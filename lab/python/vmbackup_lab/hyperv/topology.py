@@ -10,6 +10,8 @@ DEFAULT = {
     "host": "hv1",
     "user": "labadmin",
     "volumes": ["C", "D", "E"],
+    # a volume's file system (Win32_Volume.FileSystem); any volume not named here is NTFS
+    "file_systems": {},
     "vms": [
         {
             "name": "win01",
@@ -50,6 +52,7 @@ CONTROLLERS = ("ide", "scsi")
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,14}")
 VOLUME = re.compile(r"[A-Z]")
 FORMATS = ("vhdx", "vhd")
+FILE_SYSTEMS = ("NTFS", "ReFS", "CSVFS")
 
 
 class TopologyError(ValueError):
@@ -87,6 +90,13 @@ def check(given: dict | None, where: str = "") -> dict:
         raise TopologyError(f'{where}volumes: a list of drive letters such as ["C", "D"]')
     if not isinstance(topo["vms"], list) or not all(isinstance(vm, dict) for vm in topo["vms"]):
         raise TopologyError(f"{where}vms: a list of objects")
+    if not isinstance(topo.get("file_systems"), dict):
+        raise TopologyError(f"{where}file_systems: an object of volume letter to file system")
+    for letter, fs in topo["file_systems"].items():
+        if letter not in topo["volumes"]:
+            raise TopologyError(f"{where}file_systems.{letter}: {letter!r} is not one of {topo['volumes']}")
+        if fs not in FILE_SYSTEMS:
+            raise TopologyError(f"{where}file_systems.{letter}: {fs!r} is not one of {FILE_SYSTEMS}")
     names = set()
     for i, vm in enumerate(topo["vms"]):
         where_vm = f"{where}vms[{i}]"
