@@ -127,7 +127,7 @@ def test_the_lab_plan_has_the_hyperv_host_and_the_agents_reach_it(built_in, monk
 def test_write_changes_the_disk_image_by_exactly_the_written_range(built_in, tmp_path):
     state, _ = built_in
     before, after = tmp_path / "before.raw", tmp_path / "after.raw"
-    for vm, disk in (("win01", "scsi0:1"), ("legacy01", "ide0:0")):  # through an .avhdx; a VHD
+    for vm, disk, volume in (("win01", "scsi0:1", "D"), ("legacy01", "ide0:0", "E")):  # through an .avhdx; a VHD
         img = ["lab", "disk-image", "--state", str(state), "--vm", vm, "--disk", disk]
         vmbackup(*img, str(before))
         offset, length = 3 * 1024 * 1024 + 5, 70_000
@@ -137,7 +137,7 @@ def test_write_changes_the_disk_image_by_exactly_the_written_range(built_in, tmp
                 "--offset", str(offset), "--length", str(length), "--seed", "9", "--json",
             ).stdout
         )  # fmt: skip
-        assert w["host"] == "hv1" and w["file"].startswith(f"D:\\Hyper-V\\{vm}\\")
+        assert w["host"] == "hv1" and w["file"].startswith(f"{volume}:\\Hyper-V\\{vm}\\")
         res = json.loads(vmbackup(*img, str(after), "--json").stdout)
         assert res["size"] == after.stat().st_size == before.stat().st_size
         a, b = after.read_bytes(), before.read_bytes()

@@ -315,7 +315,15 @@ def hyperv_topologies(topology: str | os.PathLike | None) -> list[dict]:
     from .hyperv.topology import DEFAULT, TopologyError, check
 
     if topology is None:
-        given: Any = [{"host": DEFAULT["host"]}]
+        # hv1 as in hyperv/topology.py, but legacy01 (Backup service off) on E:
+        # rather than next to win01 on D:, so that win01 can be quiesced (a
+        # running VM without a working Backup service on the same volume would
+        # make every backup of that volume crash-consistent: docs/hyperv.md)
+        vms = json.loads(json.dumps(DEFAULT["vms"]))
+        for vm in vms:
+            if vm["name"] == "legacy01":
+                vm["volume"] = "E"
+        given: Any = [{"host": DEFAULT["host"], "vms": vms}]
         where, vsphere_hosts = "the built-in topology", set()
     else:
         where = f"topology {topology}"
