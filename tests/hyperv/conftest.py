@@ -3,6 +3,7 @@ its own process, with clients over each transport pywinrm uses."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,15 +28,52 @@ def hvlab(tmp_path_factory) -> HypervLab:
     lab.stop()
 
 
+def _clean(lab: HypervLab) -> None:
+    lab.set_faults()
+    for vm in lab.status()["vms"]:
+        lab.set_faults(vm["name"])
+    client(lab, "https-ntlm").run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0})
+    assert lab.status()["shadow_copies"] == []
+
+
 @pytest.fixture
 def lab(hvlab: HypervLab) -> HypervLab:
-    """The session's host, with faults cleared and no run left open afterwards."""
+    """The session's host (the default topology: win01 and legacy01 share D:),
+    with faults cleared and no run left open afterwards."""
     yield hvlab
-    hvlab.set_faults()
-    for vm in hvlab.status()["vms"]:
-        hvlab.set_faults(vm["name"])
-    client(hvlab, "https-ntlm").run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0})
-    assert hvlab.status()["shadow_copies"] == []
+    _clean(hvlab)
+
+
+def apart_topology() -> dict:
+    """The default topology with legacy01 moved to C: (win01 alone on D:, so the
+    Hyper-V writer can quiesce it), plus refs01 on F:, a ReFS volume."""
+    from vmbackup_lab.hyperv.topology import DEFAULT
+
+    topo = json.loads(json.dumps(DEFAULT))
+    topo["volumes"] = ["C", "D", "E", "F"]
+    topo["file_systems"] = {"F": "ReFS"}
+    next(v for v in topo["vms"] if v["name"] == "legacy01")["volume"] = "C"
+    topo["vms"].append(
+        {"name": "refs01", "volume": "F", "disks": [{"controller": "scsi", "number": 0, "location": 0, "size_mib": 8}]}
+    )
+    return topo
+
+
+@pytest.fixture(scope="session")
+def hvlab_apart(tmp_path_factory) -> HypervLab:
+    state = tmp_path_factory.mktemp("hvlab-apart")
+    topology = state / "topology.json"
+    topology.write_text(json.dumps(apart_topology()))
+    lab = HypervLab.start(state / "state", topology)
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture
+def apart(hvlab_apart: HypervLab) -> HypervLab:
+    """A second host (`apart_topology`), cleaned up after each test like `lab`."""
+    yield hvlab_apart
+    _clean(hvlab_apart)
 
 
 def client(lab: HypervLab, transport: str, password: str | None = None, ca_file: str | None = None) -> HypervClient:

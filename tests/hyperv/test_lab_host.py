@@ -50,6 +50,8 @@ def test_pattern_is_the_vsphere_labs(seed, offset, length):
             },
             "differencing",
         ),
+        ({"file_systems": {"D": "FAT32"}}, "file_systems.D: 'FAT32' is not one of"),
+        ({"file_systems": {"Z": "ReFS"}}, "file_systems.Z: 'Z' is not one of"),
     ],
 )
 def test_bad_topology_is_one_line_and_exit_2(tmp_path, topology, message):

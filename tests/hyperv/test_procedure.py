@@ -54,7 +54,7 @@ def make_plan(lab, repo: Path, *, mapping: str = "share", quiesce: str = "prefer
         agent = {
             "name": "agent1",
             "hosts": ["hv1"],
-            "windows_paths": {f"{v}:\\": str(lab.root / "volumes" / v) for v in ("C", "D", "E")},
+            "windows_paths": {f"{v.name}:\\": str(v) for v in sorted((lab.root / "volumes").iterdir())},
         }
     return parse_plan(
         {
@@ -89,7 +89,13 @@ def _connect(lab, plan, password=None):
 
 
 def _completes(lab) -> dict[str, int]:
-    return {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}
+    return _counts(lab, "backup_complete")
+
+
+def _counts(lab, what: str) -> dict[str, int]:
+    """Per VM: `backup_complete` (the host's BackupComplete), `guest_backups`
+    (the guest's own VSS backup, during create), `saved` (put into a saved state)."""
+    return {v["name"]: v[what] for v in lab.status()["vms"]}
 
 
 def _nothing_left(lab, client) -> None:
@@ -146,7 +152,8 @@ def test_every_disk_restores_bit_exact_as_of_the_shadow_copy(lab, repo, tmp_path
         assert "Resilient Change Tracking" in r.full_reason
         assert r.bytes_read > 0 and [d["name"] for d in r.disks] == [d.name for d in vm.disks]
         expected = {
-            "win01": ("application", None),
+            # legacy01 (Backup off) shares D: with win01: the writer would save it, so it is left out
+            "win01": ("crash", OTHER_VM_SAVED),
             "legacy01": ("crash", "legacy01 has its Backup integration service off"),
             "off01": ("crash", "off01 is not running"),
         }[vm.name]
@@ -164,10 +171,64 @@ def test_every_disk_restores_bit_exact_as_of_the_shadow_copy(lab, repo, tmp_path
         for f in files:
             assert base64.b64decode(f["data_base64"]) == config_local[f["path"]].read_bytes()
         _nothing_left(lab, client)
-    after = _completes(lab)
-    # BackupComplete reached the guest whose writer quiesced it, once
-    assert after["win01"] == before["win01"] + 1
-    assert (after["legacy01"], after["off01"]) == (before["legacy01"], before["off01"])
+    # no VM was quiesced, none was put into a saved state, no BackupComplete
+    assert _completes(lab) == before
+    assert set(_counts(lab, "saved").values()) == {0}
+
+
+OTHER_VM_SAVED = "legacy01 is also on D:\\ and would be put into a saved state: its Backup integration service is off"
+
+
+def test_application_consistency_and_when_guest_logs_may_be_truncated(apart, repo, tmp_path):
+    """win01 alone on its volume: application-consistent, bit-exact. The
+    guest's own VSS backup (where its applications may truncate logs) runs
+    during create, before the data is durable; the host's BackupComplete only
+    after the commit (docs/hyperv.md)."""
+    lab = apart
+    plan = make_plan(lab, repo, quiesce="required")
+    host, client = _connect(lab, plan)
+    vm = _vm(client, host, plan, "win01")
+    guest, complete = _counts(lab, "guest_backups"), _completes(lab)
+    seen = {}
+
+    def on_shadow(shadow_id):
+        seen["guest"], seen["complete"] = _counts(lab, "guest_backups"), _completes(lab)
+        for d in vm.disks:
+            seen[d.name] = sha256(lab.disk_image(vm.name, d.name, tmp_path / "as-of.raw", shadow=shadow_id))
+
+    r = backup_vm(client, vm, plan, host, plan.agents[0], run_id="run-app", on_shadow=on_shadow)
+    assert (r.consistency, r.consistency_note) == ("application", None)
+    # before any byte was read: the guest had its backup already, the host's BackupComplete not yet
+    assert seen["guest"]["win01"] == guest["win01"] + 1 and seen["complete"] == complete
+    # after the commit: one BackupComplete, and no second guest backup
+    assert _completes(lab)["win01"] == complete["win01"] + 1
+    assert _counts(lab, "guest_backups")["win01"] == guest["win01"] + 1
+    assert set(_counts(lab, "saved").values()) == {0}
+    for d in vm.disks:
+        out = tmp_path / f"{d.name}.raw"
+        _mover.restore_disk(str(repo), r.backup_id, str(out), disk=d.name)
+        assert sha256(out) == seen[d.name]
+    _nothing_left(lab, client)
+
+
+@pytest.mark.parametrize("quiesce", ["required", "preferred"])
+def test_no_other_vm_on_the_volume_is_ever_saved(lab, repo, quiesce):
+    """win01's backup must not put legacy01 (Backup off, same volume D:) into a
+    saved state: the writer is left out (preferred) or the backup refused
+    (required), with legacy01 named."""
+    plan = make_plan(lab, repo, quiesce=quiesce)
+    host, client = _connect(lab, plan)
+    vm = _vm(client, host, plan, "win01")
+    saved, guest = _counts(lab, "saved"), _counts(lab, "guest_backups")
+    if quiesce == "required":
+        with pytest.raises(HypervQuiesceError) as e:
+            backup_vm(client, vm, plan, host, plan.agents[0], run_id="run-o")
+        assert OTHER_VM_SAVED in str(e.value) and "\n" not in str(e.value)
+    else:
+        r = backup_vm(client, vm, plan, host, plan.agents[0], run_id="run-o")
+        assert (r.consistency, r.consistency_note) == ("crash", OTHER_VM_SAVED)
+    assert _counts(lab, "saved") == saved and _counts(lab, "guest_backups") == guest
+    _nothing_left(lab, client)
 
 
 FAULTS = [
@@ -398,3 +459,57 @@ def test_shadow_run_ids_are_valid_and_unique_per_run_and_vm():
     assert all(re.fullmatch(r"[A-Za-z0-9-]{1,64}", i) for i in ids.values())
     assert len(set(ids.values())) == len(ids)
     assert shadow_run_id("run-a", "win01") == shadow_run_id("run-a", "win01")  # a retried attempt
+
+
+def test_vm_on_a_refs_volume_fails_in_one_line_and_leaves_nothing(apart, repo):
+    plan = make_plan(apart, repo)
+    host, client = _connect(apart, plan)
+    vm = _vm(client, host, plan, "refs01")
+    assert list(vm.volumes) == ["F:\\"]
+    with pytest.raises(HypervScriptError) as e:
+        backup_vm(client, vm, plan, host, plan.agents[0], run_id="run-refs", on_shadow=lambda _id: pytest.fail("copy"))
+    assert e.value.code == "ShadowCopyFailed" and "ReFS" in str(e.value) and "NTFS" in str(e.value)
+    assert "\n" not in str(e.value) and e.value.retryable is False
+    assert _mover.list_backups(str(repo))[0] == []
+    _nothing_left(apart, client)
+
+
+@pytest.mark.parametrize("when", ["before-the-read", "mid-read"])
+def test_shadow_copy_vanishing_during_the_backup_is_one_clear_line(lab, repo, when):
+    """The guests write so much that the shadow storage fills and Windows
+    deletes the oldest shadow copy, ours, while the backup reads it: the backup
+    fails in one line that says so, no point is committed, nothing is left."""
+    plan = make_plan(lab, repo, quiesce="off")
+    host, client = _connect(lab, plan)
+    vm = _vm(client, host, plan, "win01")
+    made = []
+
+    def vanish():
+        if len(made) == 1:
+            lab.set_faults(shadow_vanish=True)
+            lab.write("win01", "scsi0:0", 0, 4096, seed=17)
+            assert lab.status()["shadow_copies"] == []
+            made.append("gone")
+
+    def on_shadow(shadow_id):
+        made.append(shadow_id)
+        if when == "before-the-read":
+            vanish()
+
+    with pytest.raises(HypervisorError) as e:
+        backup_vm(
+            client,
+            vm,
+            plan,
+            host,
+            plan.agents[0],
+            run_id="run-v",
+            on_shadow=on_shadow,
+            progress=lambda _done, _total: vanish() if when == "mid-read" else None,
+        )
+    msg = str(e.value)
+    assert made[1:] == ["gone"] and "\n" not in msg
+    assert f"shadow copy {made[0]} of D:\\ vanished" in msg and "shadow storage" in msg
+    assert _mover.list_backups(str(repo))[0] == []
+    lab.set_faults()
+    _nothing_left(lab, client)

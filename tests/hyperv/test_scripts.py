@@ -17,7 +17,7 @@ from vmbackup.errors import (
 )
 from vmbackup.hyperv import scripts
 
-from .conftest import client
+from .conftest import TRANSPORTS, client
 
 MiB = 1024 * 1024
 
@@ -40,6 +40,10 @@ def test_every_script_is_readable_powershell_with_a_param_block():
     for name in scripts.names():
         text = scripts.text(name)
         assert text.startswith("<#") and ".SYNOPSIS" in text and "\nparam(" in text
+        # what is sent is the file without its help block, the rest verbatim, and fits a command line
+        sent = scripts.body(name)
+        assert text.endswith(sent) and sent.startswith("param(") and ".SYNOPSIS" not in sent
+        assert len(scripts.wrap(name, {}).encode("utf-16-le")) * 4 // 3 + 40 < 32767
 
 
 def test_parameters_travel_as_data(hv):
@@ -102,9 +106,17 @@ def _complete(hv, run_id, ok):
     return hv.run_script("Complete-VmbackupShadowCopy.ps1", {"RunId": run_id, "Succeeded": ok})
 
 
-def test_application_consistent_backup_completes_and_cleans_up(lab, hv):
+@pytest.mark.parametrize("transport", [t[0] for t in TRANSPORTS])
+def test_application_consistent_backup_completes_and_cleans_up(apart, transport):
+    """win01 alone on D: (legacy01 elsewhere): the writer quiesces it; the
+    guest's own VSS backup runs during create, the host's BackupComplete at the end."""
+    lab, hv = apart, client(apart, transport)
     before = {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}
+    guest = {v["name"]: v["guest_backups"] for v in lab.status()["vms"]}["win01"]
     made = _new(hv, "app1", ["win01"], quiesce="required")
+    # the guest's writers froze, thawed and completed inside create: its logs may be truncated now
+    assert {v["name"]: v["guest_backups"] for v in lab.status()["vms"]}["win01"] == guest + 1
+    assert {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}["win01"] == before["win01"]
     assert made["Consistency"] == "application" and made["Reasons"] == []
     assert len(lab.status()["shadow_copies"]) == 1
     assert hv.run_script("Get-VmbackupHost.ps1")["Runs"][0]["RunId"] == "app1"
@@ -140,6 +152,14 @@ CRASH_CASES = [
         id="backup-no-contact",
     ),
     pytest.param({}, {}, "legacy01", "legacy01 has its Backup integration service off", id="topology-backup-off"),
+    # every VM with files on the volume takes part in the writer's backup: legacy01 would be saved
+    pytest.param(
+        {},
+        {},
+        "win01",
+        "legacy01 is also on D:\\ and would be put into a saved state: its Backup integration service is off",
+        id="other-vm-on-the-volume",
+    ),
     pytest.param({}, {}, "off01", "off01 is not running", id="vm-off"),
 ]
 
@@ -160,6 +180,8 @@ def test_no_quiesce_means_crash_under_preferred_and_an_error_under_required(
     assert len(lab.status()["shadow_copies"]) == 1
     _complete(hv1, "pref1", True)
     assert lab.status()["shadow_copies"] == []
+    # the writer never took part, so no VM was put into a saved state
+    assert [v["saved"] for v in lab.status()["vms"]] == [0, 0, 0]
 
 
 def test_quiesce_off_never_involves_the_writer(lab, hv1):
@@ -263,3 +285,102 @@ def test_off_vm_two_level_chain_restores(lab, cli, tmp_path):
     cli.json("restore-disk", b["id"], str(tmp_path / "out.raw"))
     assert sha256(tmp_path / "out.raw") == want
     _complete(hv, "off1", True)
+
+
+@pytest.mark.parametrize("quiesce", ["required", "preferred", "off"])
+def test_non_ntfs_volume_is_refused_up_front(apart, quiesce):
+    """Persistent shadow copies are NTFS only (VSS documentation): a ReFS volume
+    is refused before diskshadow starts, in one line that says why and what the
+    documented alternatives are; nothing is left on the host."""
+    hv = client(apart, "https-ntlm")
+    volumes = {v["DriveLetter"]: v["FileSystem"] for v in hv.run_script("Get-VmbackupHost.ps1")["Volumes"]}
+    assert volumes == {"C:": "NTFS", "D:": "NTFS", "E:": "NTFS", "F:": "ReFS"}
+    with pytest.raises(HypervScriptError) as e:
+        _new(hv, "refs1", ["refs01"], quiesce=quiesce, volumes=["F:\\"])
+    msg = str(e.value)
+    assert e.value.code == "ShadowCopyFailed" and "\n" not in msg
+    assert "F:\\ is ReFS" in msg and "only for NTFS" in msg and "set context volatile" in msg and "RCT" in msg
+    assert apart.status()["shadow_copies"] == [] and hv.run_script("Get-VmbackupHost.ps1")["Runs"] == []
+    # the NTFS volumes of the same host still work
+    assert _new(hv, "ntfs1", ["win01"], quiesce=quiesce)["Consistency"] in ("application", "crash")
+    _complete(hv, "ntfs1", False)
+
+
+def _processes(lab, run_id):
+    return {p["name"]: p for p in lab.status()["processes"] if p["run"] == run_id}
+
+
+@pytest.mark.parametrize("hangs", [False, True], ids=["diskshadow-quits-on-abort", "diskshadow-hangs"])
+def test_crash_cleanup_ends_the_held_vss_backup_before_deleting(lab, hv1, hangs):
+    """A run whose flow process died keeps diskshadow holding the VSS backup
+    open (exec wait.cmd, up to HoldSeconds). The sweeper writes the run's abort
+    file, so diskshadow quits without 'end backup' (no BackupComplete), or stops
+    diskshadow itself (not only the powershell.exe that started it) if it does
+    not quit; only then are the copies deleted."""
+    lab.set_faults(diskshadow_hangs=hangs)
+    before = {v["name"]: v["backup_complete"] for v in lab.status()["vms"]}
+    made = _new(hv1, "crash1", ["win01"], quiesce="off")
+    procs = _processes(lab, "crash1")
+    runner, diskshadow = procs["powershell.exe"], procs["diskshadow.exe"]
+    assert runner["alive"] and diskshadow["alive"] and diskshadow["parent"] == runner["pid"]
+    # the ledger names diskshadow itself
+    assert hv1.run_script("Get-VmbackupHost.ps1")["Runs"][0]["ProcessId"] == diskshadow["pid"]
+    # ... the flow process is killed here; the sweeper runs
+    removed = hv1.run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0})["Removed"]
+    assert [r["RunId"] for r in removed] == ["crash1"]
+    st = lab.status()
+    procs = _processes(lab, "crash1")
+    assert not any(p["alive"] for p in procs.values())
+    ended = "stopped" if hangs else "exec failed"
+    assert procs["diskshadow.exe"]["ended"] == ended
+    events = st["events"]
+    gone = events.index(f"diskshadow.exe {diskshadow['pid']} of run crash1: {ended}")
+    assert gone < events.index(f"shadow copy {made['ShadowCopies'][0]['ShadowId']} deleted")
+    assert {v["name"]: v["backup_complete"] for v in st["vms"]} == before
+    assert st["shadow_copies"] == [] and st["runs"] == []
+
+
+@pytest.mark.parametrize("succeeded", [True, False])
+def test_complete_ends_diskshadow(lab, hv1, succeeded):
+    """Complete lets diskshadow reach 'end backup' (durable) or quit before it
+    (abort); a diskshadow that does not quit is stopped, not left holding the backup."""
+    for hangs in (False, True):
+        lab.set_faults(diskshadow_hangs=hangs)
+        _new(hv1, "done1", ["win01"], quiesce="off")
+        pid = _processes(lab, "done1")["diskshadow.exe"]["pid"]
+        done = _complete(hv1, "done1", succeeded)
+        ds = next(p for p in lab.status()["processes"] if p["pid"] == pid)
+        want = "stopped" if hangs else ("end backup" if succeeded else "exec failed")
+        assert (ds["alive"], ds["ended"]) == (False, want)
+        assert done["BackupComplete"] is (succeeded and not hangs)
+        assert lab.status()["shadow_copies"] == []
+
+
+def test_another_vm_whose_backup_service_does_not_answer_is_named(lab, hv1):
+    lab.set_faults("win01", backup_no_contact=True)
+    made = _new(hv1, "other1", ["legacy01"])
+    assert made["Consistency"] == "crash" and made["Reasons"] == [
+        "legacy01 has its Backup integration service off",
+        "win01 is also on D:\\ and would be put into a saved state: its Backup integration service does not answer",
+    ]
+    _complete(hv1, "other1", False)
+    assert [v["saved"] for v in lab.status()["vms"]] == [0, 0, 0]
+
+
+def test_a_set_of_two_volumes_keeps_each_copy_with_its_volume(apart):
+    """One set over E: and D: (in that order): each answer's copy is of its
+    own volume; the writer's BackupComplete covers the VMs of both volumes."""
+    hv = client(apart, "https-ntlm")
+    before = {v["name"]: v["backup_complete"] for v in apart.status()["vms"]}
+    made = _new(hv, "two1", ["win01", "off01"], volumes=["E:\\", "D:\\"])
+    assert made["Reasons"] == ["off01 is not running"] and made["Consistency"] == "crash"
+    made = _new(hv, "two2", ["win01"], volumes=["E:\\", "D:\\"], quiesce="required")
+    for copy, vm in zip(made["ShadowCopies"], ["off01", "win01"], strict=True):
+        root = apart.local_path(copy["ExposedPath"])
+        assert sorted(p.name for p in (root / "Hyper-V").iterdir()) == [vm], copy["Volume"]
+    by_id = {s["id"]: s["volume"] for s in apart.status()["shadow_copies"]}
+    assert [by_id[c["ShadowId"]] for c in made["ShadowCopies"]] == ["E:\\", "D:\\"]
+    _complete(hv, "two1", True)
+    _complete(hv, "two2", True)
+    after = {v["name"]: v["backup_complete"] for v in apart.status()["vms"]}
+    assert {n: after[n] - before[n] for n in after} == {"win01": 1, "legacy01": 0, "off01": 1, "refs01": 0}

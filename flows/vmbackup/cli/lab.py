@@ -15,7 +15,10 @@ NOT_INSTALLED = "the lab is not installed (`make dev` installs it: pip install -
 def add_parser(subparsers: Any) -> None:
     """``lab`` in the main help; ``main`` hands its arguments to ``run_lab``."""
     subparsers.add_parser(
-        "lab", help="the simulated vSphere datacenter (see docs/lab.md)", add_help=False, prefix_chars="\0"
+        "lab",
+        help="the simulated vSphere datacenter and Hyper-V hosts (see docs/lab.md)",
+        add_help=False,
+        prefix_chars="\0",
     ).add_argument("rest", nargs=argparse.REMAINDER)
 
 

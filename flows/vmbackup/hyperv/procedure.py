@@ -7,8 +7,10 @@
    on the host itself; 4. read every disk's chain top from the copy through
    the agent's `windows_paths` into ONE backup point (the mover follows the
    differencing chain inside the copy), with the configuration files in the
-   point's config; 5. commit, then `Complete-VmbackupShadowCopy.ps1
-   -Succeeded $true` (BackupComplete only after the data is durable); on every
+   point's config; 5. check that the copies still exist (Windows deletes the
+   oldest when the shadow storage fills), commit, then `Complete-VmbackupShadowCopy.ps1
+   -Succeeded $true` (the host's BackupComplete only after the data is
+   durable; the guest's own VSS backup ran inside step 3); on every
    other path `-Succeeded $false`. The host's ledger holds what a killed
    process could not undo; the next backup of the VM or the sweeper removes it.
 """
@@ -25,7 +27,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackupError, HypervisorError, HypervScriptError, WinRMError
+from ..errors import BackupError, HypervisorError, HypervScriptError, SnapshotError, WinRMError
 from ..results import DiskProgress, VmResult
 from .client import HypervClient
 from .inventory import HvVm, describe_vm, volume_of
@@ -105,7 +107,8 @@ def backup_vm(
     Raises:
         ``vmbackup.errors`` classes (``retryable`` set): `HypervQuiesceError`
         when the plan requires application consistency and it cannot be had,
-        `HypervVmNotFoundError`, WinRM errors, mover errors. The shadow copy is
+        `HypervVmNotFoundError`, `SnapshotError` when a shadow copy of the
+        set vanished before the commit, WinRM errors, mover errors. The shadow copy is
         ended and deleted on every path; when that fails after the backup point
         was committed, the error says so and keeps its class (a dropped
         session is retryable; the host's ledger keeps the run for the sweeper).
@@ -177,8 +180,28 @@ def backup_vm(
                 raise HypervisorError(f"VM {now.name}: agent {agent.name} has no windows_paths entry for {inside}")
             return Path(mapped)
 
-        sources = {d.name: str(in_copy(d.path)) for d in disks}
-        config = _config(now, host, in_copy)
+        def vanished(error: BaseException | None) -> BaseException | None:
+            """A clear error if a copy of the set is gone (else None): a read
+            from a deleted shadow copy fails, or on the lab reads on."""
+            try:
+                lost = _lost_copies(client, rid, copies)
+            except BackupError:
+                if error is None:
+                    raise
+                return None  # the check failed too: the original error says more
+            if not lost:
+                return None
+            return SnapshotError(
+                f"VM {now.name}: shadow copy {lost[0]['ShadowId']} of {lost[0]['Volume']} vanished during the backup "
+                "(Windows deletes a volume's oldest shadow copies when its shadow storage is full; "
+                "see vssadmin resize shadowstorage): no backup point was committed"
+            )
+
+        try:
+            sources = {d.name: str(in_copy(d.path)) for d in disks}
+            config = _config(now, host, in_copy)
+        except OSError as e:
+            raise vanished(e) or HypervisorError(f"VM {now.name}: reading the shadow copy failed: {e}") from None
         session = _mover.BackupSession(repo, now.name, None)
         agg = DiskProgress(progress, sum(d.size for d in disks))
 
@@ -206,13 +229,18 @@ def backup_vm(
                 error = next((e for f in futures if f in done and (e := f.exception()) is not None), None)
                 if error is not None:
                     raise error
-            except BaseException:
+            except BaseException as e:
                 # One disk failed: the point is lost, stop the others now.
                 for f in futures:
                     f.cancel()
                 session.abort()
+                if isinstance(e, (BackupError, OSError)) and (clear := vanished(e)) is not None:
+                    raise clear from None
                 raise
             disk_results = [f.result() for f in futures]
+        # The data is read; a copy deleted meanwhile means it may not be what the copy held.
+        if (clear := vanished(None)) is not None:
+            raise clear
         attributes = {
             "tool": "vmbackup hyperv",
             "hypervisor": "hyperv",
@@ -281,6 +309,14 @@ def _complete(client: HypervClient, rid: str, *, succeeded: bool) -> BackupError
     except (WinRMError, BackupError) as e:
         return e
     return None
+
+
+def _lost_copies(client: HypervClient, rid: str, copies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's shadow copies that no longer exist on the host (`Get-VmbackupHost.ps1`'s ``Existing``)."""
+    runs = _list((client.run_script("Get-VmbackupHost.ps1") or {}).get("Runs"))
+    run = next((r for r in runs if r.get("RunId") == rid), None)
+    existing = set(_list(run.get("Existing"))) if run else set()
+    return [c for c in copies if c.get("ShadowId") not in existing]
 
 
 def _config(vm: HvVm, host: Any, in_copy: Any) -> dict[str, Any]:

@@ -40,20 +40,23 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 @_guard
 def cmd_up(args: argparse.Namespace) -> int:
-    from .plan import PASSWORD_ENV, write_lab_plan
+    from .plan import HYPERV_PASSWORD_ENV, HYPERV_PASSWORD_FILE, PASSWORD_ENV, write_lab_plan
     from .process import lab_up
 
     lab = lab_up(args.state, args.topology)
     s = lab.summary()
     s["plan"] = str(write_lab_plan(lab.state, s))
-    _emit(
-        args,
-        s,
-        f"lab running: {s['vsphere']['url']} (user {s['vsphere']['user']}, CA {s['vsphere']['ca_file']})\n"
-        f"agents: {', '.join(s['agents'])}\n"
-        f"plan: {s['plan']}\n"
-        f'export {PASSWORD_ENV}="$(cat {lab.state / "vsphere-password"})"',
-    )
+    lines = [f"lab running: {s['vsphere']['url']} (user {s['vsphere']['user']}, CA {s['vsphere']['ca_file']})"]
+    for hv in s["hyperv_hosts"]:
+        lines.append(
+            f"Hyper-V host {hv['host']}: {hv['url']} (user {hv['user']}, {hv['transport']}, CA {hv['ca_file']}, "
+            f"shares in {hv['share_root']})"
+        )
+    lines += [f"agents: {', '.join(s['agents'])}", f"plan: {s['plan']}"]
+    lines.append(f'export {PASSWORD_ENV}="$(cat {lab.state / "vsphere-password"})"')
+    if s["hyperv_hosts"]:
+        lines.append(f'export {HYPERV_PASSWORD_ENV}="$(cat {lab.state / HYPERV_PASSWORD_FILE})"')
+    _emit(args, s, "\n".join(lines))
     return 0
 
 
@@ -72,14 +75,40 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     lab = load_lab(args.state)
     st = lab.status()
-    st["vsphere"] = lab.summary()["vsphere"]
+    summary = lab.summary()
+    st["vsphere"] = summary["vsphere"]
     lines = [f"lab {st['vsphere']['url']} ({st['mode']}), hosts {', '.join(st['hosts'])}"]
     for vm in st["vms"]:
         disks = ", ".join(f"{d['name']} {d['capacity'] >> 20} MiB" for d in vm["disks"])
         extra = f", {len(vm['snapshots'])} snapshot(s)" if vm["snapshots"] else ""
         lines.append(f"  {vm['name']} on {vm['host']}: {vm['power']}, {disks}{extra}")
+    urls = {h["host"]: h["url"] for h in summary["hyperv_hosts"]}
+    for hv in st["hyperv_hosts"]:
+        lines += _hyperv_status_lines(hv, urls.get(hv["host"], ""))
     _emit(args, st, "\n".join(lines))
     return 0
+
+
+def _hyperv_status_lines(hv: dict, url: str) -> list[str]:
+    faults = f", faults {json.dumps(hv['faults'])}" if hv["faults"] else ""
+    lines = [
+        f"Hyper-V host {hv['host']} {url}: writer {hv['writer']['StateText']}{faults}, "
+        f"{len(hv['shadow_copies'])} shadow copy(ies), peak {hv['peak_shadow_copies']} set(s) open at once"
+    ]
+    for vm in hv["vms"]:
+        disks = ", ".join(
+            f"{d['name']} {d['size'] >> 20} MiB" + (f" ({len(d['chain'])} files)" if len(d["chain"]) > 1 else "")
+            for d in vm["disks"]
+        )
+        backup = "Backup on" if vm["backup"] else "Backup off"
+        extra = f", faults {json.dumps(vm['faults'])}" if vm["faults"] else ""
+        lines.append(f"  {vm['name']} on {hv['host']}: {vm['state']}, {backup}, {disks}{extra}")
+    for sc in hv["shadow_copies"]:
+        where = f", exposed at {sc['exposed_path']}" if sc.get("exposed_path") else ""
+        lines.append(f"  shadow copy {sc['id']} of {sc['volume']} (set {sc['set_id']}){where}")
+    for run in hv["runs"]:
+        lines.append(f"  open run {run}")
+    return lines
 
 
 @_guard
@@ -88,7 +117,7 @@ def cmd_write(args: argparse.Namespace) -> int:
 
     if args.offset < 0 or args.length <= 0:
         raise LabInputError("--offset must be >= 0 and --length > 0")
-    res = load_lab(args.state).write(args.vm, args.disk, args.offset, args.length, args.seed)
+    res = load_lab(args.state).write(args.vm, args.disk, args.offset, args.length, args.seed, host=args.host)
     _emit(args, res, f"wrote {args.length} bytes at {args.offset} of {res['disk']} on {args.vm} ({res['file']})")
     return 0
 
@@ -97,9 +126,25 @@ def cmd_write(args: argparse.Namespace) -> int:
 def cmd_disk_image(args: argparse.Namespace) -> int:
     from .process import load_lab
 
-    res = load_lab(args.state).disk_image(args.vm, args.disk, args.output, args.snapshot)
+    res = load_lab(args.state).disk_image(
+        args.vm, args.disk, args.output, args.snapshot, shadow=args.shadow, host=args.host
+    )
     _emit(args, res, f"{res['output']}: {res['size']} bytes of {res['disk']} on {args.vm}")
     return 0
+
+
+# Faults whose value is a word, not a switch or a number.
+TEXT_FAULTS = ("drop_during",)
+
+
+def _fault_value(key: str, value: str | None) -> Any:
+    if value is None:
+        return True
+    if key in TEXT_FAULTS:
+        return value
+    if value.isdigit():
+        return int(value)
+    return value.lower() not in ("0", "false", "no", "off")
 
 
 @_guard
@@ -110,8 +155,9 @@ def cmd_fault(args: argparse.Namespace) -> int:
         raise LabInputError("give exactly one of --vm and --host")
     faults: dict[str, Any] = {}
     for item in args.set or []:
-        key, _, value = item.partition("=")
-        faults[key.replace("-", "_")] = int(value) if value.isdigit() else value.lower() not in ("0", "false", "no")
+        key, eq, value = item.partition("=")
+        key = key.replace("-", "_")
+        faults[key] = _fault_value(key, value if eq else None)
     res = load_lab(args.state).set_faults(vm=args.vm, host=args.host, **faults)
     _emit(args, res, f"faults of {args.vm or args.host}: {json.dumps(res['faults'])}")
     return 0
@@ -121,8 +167,13 @@ def cmd_fault(args: argparse.Namespace) -> int:
 def cmd_drop_sessions(args: argparse.Namespace) -> int:
     from .process import load_lab
 
-    n = load_lab(args.state).drop_sessions()
-    _emit(args, {"dropped": n}, f"dropped {n} session(s)")
+    per = load_lab(args.state).drop_all_sessions()
+    n = sum(per.values())
+    hosts = {k: v for k, v in per.items() if k != "vsphere"}
+    text = f"dropped {per['vsphere']} vSphere session(s)" + "".join(
+        f", {v} WinRM shell(s) on {k}" for k, v in hosts.items()
+    )
+    _emit(args, {"dropped": n, "vsphere": per["vsphere"], "hyperv": hosts}, text)
     return 0
 
 
@@ -152,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Add ``lab`` and its subcommands to the main parser's subparsers."""
-    lab = subparsers.add_parser("lab", help="the simulated vSphere datacenter (see docs/lab.md)")
+    lab = subparsers.add_parser("lab", help="the simulated vSphere datacenter and Hyper-V hosts (see docs/lab.md)")
     sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
     sub.required = True
 
@@ -167,7 +218,9 @@ def add_parser(subparsers: Any) -> None:
 
     p = command("up", cmd_up, "start the lab in the background")
     state(p)
-    p.add_argument("--topology", metavar="FILE", help="topology JSON file (default: 2 hosts, 3 VMs)")
+    p.add_argument(
+        "--topology", metavar="FILE", help="topology JSON file (default: 2 ESXi hosts, 3 VMs; Hyper-V host hv1, 3 VMs)"
+    )
     state(command("down", cmd_down, "stop the lab"))
     state(command("status", cmd_status, "VMs, disks, snapshots, attachments, counters"))
     p = command("write", cmd_write, "a guest write into a VM's disk")
@@ -177,11 +230,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--offset", required=True, type=int)
     p.add_argument("--length", required=True, type=int)
     p.add_argument("--seed", type=int, default=1, help="pattern seed (docs/lab.md gives the pattern)")
+    p.add_argument("--host", help="the Hyper-V host, when VMs of several have this name")
     p = command("disk-image", cmd_disk_image, "a disk's content as the guest sees it, as a raw file")
     state(p)
     p.add_argument("--vm", required=True)
-    p.add_argument("--disk", required=True)
-    p.add_argument("--snapshot", help="as of this snapshot (name or moref)")
+    p.add_argument("--disk", required=True, help="scsi0:0, sata0:1, nvme0:0, ide0:1 or the device key")
+    p.add_argument("--snapshot", help="as of this snapshot (name or moref; vSphere)")
+    p.add_argument("--shadow", help="as of this shadow copy (its id; Hyper-V)")
+    p.add_argument("--host", help="the Hyper-V host, when VMs of several have this name")
     p.add_argument("output")
     p = command("fault", cmd_fault, "inject faults into a VM or a host (replaces its faults)")
     state(p)
@@ -191,9 +247,16 @@ def add_parser(subparsers: Any) -> None:
         "--set",
         action="append",
         metavar="NAME[=VALUE]",
-        help="quiesce_fail, snapshot_fail, slow_ms=N, leave_consolidation, refuse_snapshots, "
-        "tools_not_running; none clears all",
+        help="vSphere: quiesce_fail, snapshot_fail, slow_ms=N, leave_consolidation, refuse_snapshots, "
+        "tools_not_running; Hyper-V host: writer_failed, shadow_fail, drop_during=SCRIPT.ps1; "
+        "Hyper-V VM: backup_off, backup_no_contact; none clears all",
     )
-    state(command("drop-sessions", cmd_drop_sessions, "drop every vSphere session (clients must log in again)"))
+    state(
+        command(
+            "drop-sessions",
+            cmd_drop_sessions,
+            "drop every vSphere session and every Hyper-V WinRM shell (clients must log in again)",
+        )
+    )
     p = command("build", cmd_build, "build the simulator binary")
     p.add_argument("--force", action="store_true")

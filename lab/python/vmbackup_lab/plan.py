@@ -10,6 +10,10 @@ from typing import Any
 from vmbackup.plan import DEFAULT_NBD_COMMAND
 
 PASSWORD_ENV = "VMBACKUP_VSPHERE_PASSWORD"
+HYPERV_PASSWORD_ENV = "VMBACKUP_HYPERV_PASSWORD"
+HYPERV_PASSWORD_FILE = "hyperv-password"
+# The account the Hyper-V hosts share a shadow copy to (New-VmbackupShadowCopy.ps1 -ShareTo).
+SHARE_ACCOUNT = "vmbackup-agent"
 
 # The product's default (nbdkit's curl plugin over the datastore's /folder
 # URL), written out in the plan so a reader sees the transport's command.
@@ -33,6 +37,13 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
     the environment variable VMBACKUP_VSPHERE_PASSWORD, which
     ``export VMBACKUP_VSPHERE_PASSWORD="$(cat STATE/vsphere-password)"`` sets.
     The repository STATE/repository is created if missing.
+
+    With Hyper-V hosts (``summary["hyperv_hosts"]``) the plan lists them under
+    ``hyperv`` (HTTPS URL, NTLM, the host's CA, password from
+    VMBACKUP_HYPERV_PASSWORD, file STATE/hyperv-password, 0600), and every
+    agent reaches every one of them through its shares: ``windows_paths``
+    maps ``\\\\HOST\\`` to the host's share directory, ``share_account`` is
+    ``HOST\\vmbackup-agent`` (one host) or ``LAB\\vmbackup-agent`` (several).
     """
     import yaml
 
@@ -41,27 +52,47 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
         hosts_of = {a["name"]: a.get("host") for a in json.loads((state / "lab.json").read_text())["agents"]}
     except (OSError, ValueError, KeyError, TypeError):
         hosts_of = {}
+    hyperv = summary.get("hyperv_hosts") or []
     agents = []
     for name in summary["agents"]:
         host = hosts_of.get(name)
-        agents.append(
-            {
-                "name": name,
-                "vm": name,
-                "transports": ["hotadd", "direct", "nbd"],
-                "hosts": [host] if host else [],
-                "device_dir": str(state / "agents" / name / "devices"),
-                "datastores": dict(summary["datastores"]),
-            }
-        )
+        agent = {
+            "name": name,
+            "vm": name,
+            "transports": ["hotadd", "direct", "nbd"],
+            "hosts": [host] if host else [],
+            "device_dir": str(state / "agents" / name / "devices"),
+            "datastores": dict(summary["datastores"]),
+        }
+        if hyperv:
+            if agent["hosts"]:
+                agent["hosts"] += [h["host"] for h in hyperv]
+            agent["windows_paths"] = {f"\\\\{h['host'].upper()}\\": h["share_root"] for h in hyperv}
+            domain = hyperv[0]["host"].upper() if len(hyperv) == 1 else "LAB"
+            agent["share_account"] = f"{domain}\\{SHARE_ACCOUNT}"
+        agents.append(agent)
     repository = state / "repository"
-    plan = {
+    plan: dict[str, Any] = {
         "connection": {
             "url": summary["vsphere"]["url"],
             "user": summary["vsphere"]["user"],
             "password_env": PASSWORD_ENV,
             "ca_file": summary["vsphere"]["ca_file"],
         },
+    }
+    if hyperv:
+        plan["hyperv"] = [
+            {
+                "name": h["host"],
+                "url": h["url"],
+                "user": h["user"],
+                "password_env": HYPERV_PASSWORD_ENV,
+                "auth": h["transport"],
+                "ca_file": h["ca_file"],
+            }
+            for h in hyperv
+        ]
+    plan |= {
         "repository": str(repository),
         "agents": agents,
         "selection": {"vms": ["*"]},
@@ -71,11 +102,17 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
         "nbd_command": NBD_COMMAND,
     }
     _write_private(state / "vsphere-password", summary["vsphere"]["password"] + "\n")
-    path = state / "plan.yaml"
     header = (
         "# The lab's backup plan, written by `vmbackup lab up` (docs/plan.md).\n"
         f'# export {PASSWORD_ENV}="$(cat {state / "vsphere-password"})"\n'
     )
+    if hyperv:
+        # all Hyper-V hosts of a lab share one password
+        _write_private(state / HYPERV_PASSWORD_FILE, hyperv[0]["password"] + "\n")
+        header += f'# export {HYPERV_PASSWORD_ENV}="$(cat {state / HYPERV_PASSWORD_FILE})"\n'
+    else:
+        (state / HYPERV_PASSWORD_FILE).unlink(missing_ok=True)
+    path = state / "plan.yaml"
     tmp = path.with_name(".plan.yaml.tmp")
     tmp.write_text(header + yaml.safe_dump(plan, sort_keys=False))
     os.replace(tmp, path)

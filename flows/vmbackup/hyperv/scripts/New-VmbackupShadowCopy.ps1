@@ -11,34 +11,51 @@
         set context persistent              # the copy outlives diskshadow; it can be exposed
         set metadata <run>\backup.cab
         writer verify {66841cd4-...}        # Hyper-V writer (or 'writer exclude' for crash consistency)
-        begin backup                        # a full backup: writers are told BackupComplete at 'end backup'
+        begin backup                        # a full backup (VSS_BT_FULL), not a copy backup
         add volume D: alias vmbk_1          # one per volume
-        create                              # writers freeze/thaw; the guests are quiesced here
+        create                              # the guests' own VSS backups run here (see below)
         expose %vmbk_1% <run>\mnt\1         # a local mount point per volume
         exec <run>\wait.cmd                 # blocks until the data is durable (or abort/timeout)
-        end backup                          # BackupComplete: guest apps may truncate their logs
+        end backup                          # BackupComplete to the HOST's writers
 
     The exec step holds the backup open while vmbackup reads the files from the
     mount points (or an SMB share of them). If it ends with an error (abort or
     timeout) diskshadow stops before 'end backup', so writers are never told the
-    backup completed. The shadow copies are persistent either way: they are
+    backup completed.
+
+    Log truncation (docs/hyperv.md, "Log truncation"): each quiesced guest
+    runs its whole VSS backup, its own BackupComplete included, inside
+    'create' (Microsoft: "All VSS events on the child virtual machine occur
+    during the host operating system processing of the PrepareForSnapshot
+    event"), so guest applications may truncate logs before our data is
+    durable. Only the host's writers wait for 'end backup'.
+
+    The shadow copies are persistent either way: they are
     deleted by Complete-VmbackupShadowCopy.ps1 or, after a crash, by
     Remove-VmbackupShadowCopies.ps1, which only touch copies recorded in
     vmbackup's ledger (<WorkDir>\ledger\<RunId>.json), which also names the
-    run's VMs (so the next backup of a VM removes what a crashed one left).
+    run's VMs (so the next backup of a VM removes what a crashed one left)
+    and diskshadow's own process id (ProcessId; RunnerProcessId is the
+    powershell.exe of run.ps1 that started it).
 
-    Consistency: 'application' when the Hyper-V writer is included and every VM
-    is running with its Backup (VSS) integration service enabled and healthy and
-    the writer is stable; otherwise 'crash' when -Quiesce is 'preferred' (the
-    reason is returned), or an error when it is 'required'. -Quiesce off always
-    excludes the writer.
+    Consistency: 'application' when the Hyper-V writer is included: every VM
+    asked for is running with its Backup (VSS) integration service enabled and
+    answering, so is every OTHER running VM with files on these volumes (the
+    writer takes part for all of them and would put one without a working
+    Backup service into a saved state), and the writer is stable. Otherwise
+    'crash' (the writer excluded) when -Quiesce is 'preferred' (the reasons are
+    returned), or an error when it is 'required'. -Quiesce off always excludes
+    the writer.
     Run by hand:  .\New-VmbackupShadowCopy.ps1 -RunId test1 -VMName web01 -Volumes D:\
 .PARAMETER RunId
     Names this backup's files, ledger entry, mount points and shares.
 .PARAMETER VMName
-    The VMs being backed up (their Backup service decides the consistency).
+    The VMs being backed up (their Backup service, and that of every other
+    running VM on the volumes, decides the consistency).
 .PARAMETER Volumes
-    Volume roots holding the VMs' files, as Get-VmbackupVm.ps1 lists them ('D:\').
+    Volume roots holding the VMs' files, as Get-VmbackupVm.ps1 lists them
+    ('D:\'). Each must be NTFS: persistent shadow copies can be made only for
+    NTFS volumes, so ReFS and CSVFS are refused before anything is made.
 .PARAMETER Quiesce
     required | preferred | off.
 .PARAMETER ShareTo
@@ -60,6 +77,36 @@ param(
 $ErrorActionPreference = 'Stop'
 $hyperVWriter = '{66841cd4-6ded-4f4b-8f17-fd23f8ddc3de}'
 
+# The Backup integration service is named 'VSS' since Windows Server 2016 and
+# 'Backup (volume snapshot)' before. '' when it is on and answering, else why not.
+function Get-BackupServiceProblem($Vm) {
+    $svc = Get-VMIntegrationService -VM $Vm | Where-Object { $_.Name -eq 'VSS' -or $_.Name -like 'Backup*' } | Select-Object -First 1
+    if (-not $svc -or -not $svc.Enabled) { return 'its Backup integration service is off' }
+    if ([int]$svc.PrimaryOperationalStatus -ne 2) { return 'its Backup integration service does not answer' }
+    return ''
+}
+# As in Get-VmbackupVm.ps1: a CSV is a volume of its own for VSS.
+function Get-VolumeRoot([string]$Path) {
+    if ($Path -match '^([A-Za-z]:\\ClusterStorage\\[^\\]+\\)') { return $Matches[1] }
+    return [IO.Path]::GetPathRoot($Path)
+}
+$volumeRoots = @($Volumes | ForEach-Object { $_.TrimEnd('\') + '\' })
+
+# --- persistent shadow copies can be made only for NTFS volumes ---
+# (VSS documentation, "Shadow Copy Context Configurations"): refuse ReFS and
+# CSVFS here, in one line, rather than let diskshadow fail at 'create'.
+$allVolumes = @(Get-CimInstance -ClassName Win32_Volume)
+foreach ($root in $volumeRoots) {
+    $volume = $allVolumes | Where-Object { $_.Name -eq $root } | Select-Object -First 1
+    if (-not $volume) { throw "ShadowCopyFailed: the volume $root does not exist on $env:COMPUTERNAME" }
+    if ($volume.FileSystem -ne 'NTFS') {
+        throw ("ShadowCopyFailed: volume $root is $($volume.FileSystem): persistent shadow copies (diskshadow 'set context persistent') " +
+            "can be made only for NTFS volumes (VSS documentation); the documented alternatives, not implemented " +
+            "by vmbackup, are a nonpersistent copy held open by diskshadow ('set context volatile' with exec) " +
+            "or Hyper-V's WMI recovery checkpoints with RCT")
+    }
+}
+
 # --- which consistency can we get? ---
 $reasons = @()
 if ($Quiesce -eq 'off') { $reasons += 'quiesce is off' }
@@ -68,9 +115,22 @@ else {
         $vm = Get-VM -Name $name -ErrorAction SilentlyContinue
         if (-not $vm) { throw "VmNotFound: no VM named '$name' on $env:COMPUTERNAME" }
         if ([int]$vm.State -ne 2) { $reasons += "$name is not running" ; continue }
-        $svc = Get-VMIntegrationService -VM $vm | Where-Object { $_.Name -eq 'VSS' -or $_.Name -like 'Backup*' } | Select-Object -First 1
-        if (-not $svc -or -not $svc.Enabled) { $reasons += "$name has its Backup integration service off" }
-        elseif ([int]$svc.PrimaryOperationalStatus -ne 2) { $reasons += "$name's Backup integration service does not answer" }
+        $problem = Get-BackupServiceProblem $vm
+        if ($problem -eq 'its Backup integration service is off') { $reasons += "$name has its Backup integration service off" }
+        elseif ($problem) { $reasons += "$name's Backup integration service does not answer" }
+    }
+    # The Hyper-V writer backs up EVERY VM with files on the added volumes, not
+    # only ours; a running VM that cannot take its own (child) VSS snapshot is
+    # put into a saved state during 'create', and one VM failing fails the
+    # whole set ("Backing up and restoring virtual machines", Hyper-V WMI docs).
+    # So any such VM means: no writer (preferred) or no backup (required).
+    foreach ($other in @(Get-VM | Sort-Object -Property Name)) {
+        if ($VMName -contains $other.Name -or [int]$other.State -ne 2) { continue }
+        $paths = @($other.ConfigurationLocation, $other.SnapshotFileLocation) + @(Get-VMHardDiskDrive -VM $other | ForEach-Object { $_.Path })
+        $shared = @($paths | Where-Object { $_ } | ForEach-Object { Get-VolumeRoot $_ } | Where-Object { $volumeRoots -contains $_ } | Sort-Object -Unique)
+        if ($shared.Count -eq 0) { continue }
+        $problem = Get-BackupServiceProblem $other
+        if ($problem) { $reasons += "$($other.Name) is also on $($shared -join ', ') and would be put into a saved state: $problem" }
     }
     $state = $null
     $block = $null
@@ -89,7 +149,7 @@ $run = Join-Path $WorkDir "runs\$RunId"
 $ledgerDir = Join-Path $WorkDir 'ledger'
 New-Item -ItemType Directory -Force -Path $run, $ledgerDir, (Join-Path $run 'mnt') | Out-Null
 $ledgerFile = Join-Path $ledgerDir "$RunId.json"
-$entry = [ordered]@{ RunId = $RunId; Created = [DateTime]::UtcNow.ToString('o'); VMs = @($VMName); ProcessId = $null; SetId = $null; ShadowIds = @(); Shares = @(); RunDir = $run }
+$entry = [ordered]@{ RunId = $RunId; Created = [DateTime]::UtcNow.ToString('o'); VMs = @($VMName); ProcessId = $null; RunnerProcessId = $null; SetId = $null; ShadowIds = @(); Shares = @(); RunDir = $run }
 $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
 
 $lines = @('set context persistent', "set metadata `"$run\backup.cab`"", 'set verbose on')
@@ -105,28 +165,40 @@ $lines += "exec `"$run\wait.cmd`"", 'end backup'
 $lines | Set-Content -Encoding ASCII -Path "$run\backup.dsh"
 
 # wait.cmd runs inside diskshadow after 'create': it records the shadow set id
-# (diskshadow sets VSS_SHADOW_SET) and waits for 'durable' or 'abort'.
+# (diskshadow sets VSS_SHADOW_SET) and waits for 'durable' or 'abort' (or the
+# run's files being gone, after a cleanup).
 @"
 @echo off
 echo %VSS_SHADOW_SET%> "$run\created"
-powershell.exe -NoProfile -NonInteractive -Command "`$t = [DateTime]::UtcNow.AddSeconds($HoldSeconds); while (-not (Test-Path '$run\durable') -and -not (Test-Path '$run\abort') -and [DateTime]::UtcNow -lt `$t) { Start-Sleep -Seconds 1 }; if (Test-Path '$run\durable') { exit 0 } else { exit 1 }"
+powershell.exe -NoProfile -NonInteractive -Command "`$t = [DateTime]::UtcNow.AddSeconds($HoldSeconds); while ((Test-Path '$run\backup.dsh') -and -not (Test-Path '$run\durable') -and -not (Test-Path '$run\abort') -and [DateTime]::UtcNow -lt `$t) { Start-Sleep -Seconds 1 }; if (Test-Path '$run\durable') { exit 0 } else { exit 1 }"
 "@ | Set-Content -Encoding ASCII -Path "$run\wait.cmd"
+# run.ps1 starts diskshadow and records ITS process id: stopping run.ps1's
+# powershell.exe would not stop diskshadow (Windows does not stop children),
+# which would then hold the VSS backup open for up to -HoldSeconds.
 @"
-& diskshadow.exe /s '$run\backup.dsh' *> '$run\diskshadow.log'
-Set-Content -Path '$run\exitcode' -Value `$LASTEXITCODE
+`$ds = Start-Process -FilePath diskshadow.exe -ArgumentList '/s "$run\backup.dsh"' -RedirectStandardOutput '$run\diskshadow.log' -NoNewWindow -PassThru
+`$null = `$ds.Handle  # keeps ExitCode readable once it has ended
+Set-Content -Path '$run\diskshadow.pid' -Value `$ds.Id
+`$ds.WaitForExit()
+Set-Content -Path '$run\exitcode' -Value `$ds.ExitCode
 "@ | Set-Content -Path "$run\run.ps1"
 
 $proc = Invoke-CimMethod -ClassName Win32_Process -MethodName Create -Arguments @{ CommandLine = "powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File `"$run\run.ps1`"" }
 if ($proc.ReturnValue -ne 0) { throw "ShadowCopyFailed: could not start diskshadow (Win32_Process.Create returned $($proc.ReturnValue))" }
-$entry.ProcessId = $proc.ProcessId
+$entry.RunnerProcessId = $proc.ProcessId
 $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
 
 $deadline = [DateTime]::UtcNow.AddSeconds($CreateTimeoutSeconds)
 while (-not (Test-Path "$run\created")) {
+    if (-not $entry.ProcessId -and (Test-Path "$run\diskshadow.pid")) {
+        $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid").Trim()
+        $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
+    }
     if (Test-Path "$run\exitcode") { throw "ShadowCopyFailed: diskshadow ended before the shadow copy existed: $((Get-Content -Raw "$run\diskshadow.log") -replace '\s+', ' ')" }
     if ([DateTime]::UtcNow -gt $deadline) { throw "ShadowCopyFailed: no shadow copy after $CreateTimeoutSeconds s" }
     Start-Sleep -Milliseconds 500
 }
+if (-not $entry.ProcessId) { $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid").Trim() }
 $setId = (Get-Content -Raw "$run\created").Trim()
 $copies = @(Get-CimInstance -ClassName Win32_ShadowCopy | Where-Object { $_.SetID -eq $setId })
 $entry.SetId = $setId

@@ -65,6 +65,8 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
     ledger = host.local(f"{WORK_DIR}\\ledger")
     if ledger.is_dir():
         runs = [json.loads(p.read_text()) for p in sorted(ledger.glob("*.json"))]
+    for r in runs:
+        r["Existing"] = [sid for sid in r.get("ShadowIds") or [] if sid in host.shadows]
     return {
         "ComputerName": host.name.upper(),
         "Writer": host.writer(),
@@ -74,6 +76,7 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
                 "DeviceID": f"\\\\?\\Volume{{{host.volume_guids[v]}}}\\",
                 "Capacity": 1 << 40,
                 "FreeSpace": 1 << 39,
+                "FileSystem": host.file_systems[v],
             }
             for v in host.volumes
         ],
@@ -157,6 +160,20 @@ def new_shadow_copy(
         vmname = [vmname]
     if isinstance(volumes, str):
         volumes = [volumes]
+    letters = []
+    for vol in volumes:
+        letter = PureWindowsPath(vol).drive.rstrip(":").upper()
+        if letter not in host.volumes:
+            raise ScriptFailure(f"ShadowCopyFailed: the volume {vol} does not exist on {host.name.upper()}")
+        fs = host.file_systems[letter]
+        if fs != "NTFS":
+            raise ScriptFailure(
+                f"ShadowCopyFailed: volume {vol} is {fs}: persistent shadow copies (diskshadow 'set context persistent') "
+                "can be made only for NTFS volumes (VSS documentation); the documented alternatives, not implemented "
+                "by vmbackup, are a nonpersistent copy held open by diskshadow ('set context volatile' with exec) "
+                "or Hyper-V's WMI recovery checkpoints with RCT"
+            )
+        letters.append(letter)
     reasons = []
     if quiesce == "off":
         reasons.append("quiesce is off")
@@ -170,6 +187,23 @@ def new_shadow_copy(
                 reasons.append(f"{name} has its Backup integration service off")
             elif status != 2:
                 reasons.append(f"{name}'s Backup integration service does not answer")
+        # Every other running VM on the volumes takes part too; one that cannot
+        # do its own VSS backup would be put into a saved state.
+        asked = {n.lower() for n in vmname}
+        for v in sorted(host.vms.values(), key=lambda v: v.name):
+            if v.name.lower() in asked or v.state != VM_RUNNING or v.volume not in letters:
+                continue
+            enabled, status = v.backup_service()
+            on = f"{v.volume}:\\"
+            if not enabled:
+                reasons.append(
+                    f"{v.name} is also on {on} and would be put into a saved state: its Backup integration service is off"
+                )
+            elif status != 2:
+                reasons.append(
+                    f"{v.name} is also on {on} and would be put into a saved state: "
+                    "its Backup integration service does not answer"
+                )
         w = host.writer()
         if w["LastError"] != "No error":
             reasons.append(f"the Hyper-V VSS writer failed: {w['LastError']}")
@@ -178,23 +212,20 @@ def new_shadow_copy(
     consistency = "application" if not reasons else "crash"
     if consistency == "crash" and quiesce == "required":
         raise ScriptFailure(f"QuiesceUnavailable: {'; '.join(reasons)}")
-    letters = []
-    for vol in volumes:
-        letter = PureWindowsPath(vol).drive.rstrip(":").upper()
-        if letter not in host.volumes:
-            raise ScriptFailure(f"ShadowCopyFailed: the volume {vol} does not exist on {host.name.upper()}")
-        letters.append(letter)
     run_dir = f"{WORK_DIR}\\runs\\{run_id}"
     ledger = _ledger(host, run_id)
     if ledger.exists():
         raise ScriptFailure(f"ScriptFailed: a backup run '{run_id}' is already open on {host.name.upper()}")
     ledger.parent.mkdir(parents=True, exist_ok=True)
     host.local(run_dir).mkdir(parents=True, exist_ok=True)
+    runner = host.start_process("powershell.exe", run_id)
+    diskshadow = host.start_process("diskshadow.exe", run_id, parent=runner.pid)
     entry = {
         "RunId": run_id,
         "Created": datetime.datetime.now(datetime.UTC).isoformat(),
         "VMs": list(vmname),
-        "ProcessId": 4000 + len(host.runs),
+        "ProcessId": diskshadow.pid,  # diskshadow's own, from <run>\\diskshadow.pid
+        "RunnerProcessId": runner.pid,
         "SetId": None,
         "ShadowIds": [],
         "Shares": [],
@@ -203,7 +234,12 @@ def new_shadow_copy(
     ledger.write_text(json.dumps(entry))
     # From here a failure leaves the ledger entry, as on Windows; Complete or
     # the sweeper removes it.
-    set_id, copies = host.create_shadow_set(letters)
+    try:
+        set_id, copies = host.create_shadow_set(letters, writer=consistency == "application")
+    except ScriptFailure:
+        host.end_process(diskshadow.pid, "create failed")
+        host.end_process(runner.pid, "exited")
+        raise
     entry["SetId"] = set_id
     entry["ShadowIds"] = [c.id for c in copies]
     out = []
@@ -226,11 +262,40 @@ def new_shadow_copy(
             }
         )
     ledger.write_text(json.dumps(entry))
-    host.runs[run_id] = Run(run_id, set_id, entry["ShadowIds"], entry["Shares"], consistency, list(vmname))
+    host.runs[run_id] = Run(
+        run_id,
+        set_id,
+        entry["ShadowIds"],
+        entry["Shares"],
+        consistency,
+        list(vmname),
+        runner.pid,
+        diskshadow.pid,
+        list(letters),
+    )
     return {"RunId": run_id, "SetId": set_id, "Consistency": consistency, "Reasons": reasons, "ShadowCopies": out}
 
 
+def _end_diskshadow(host: Host, entry: dict, marker: str) -> bool:
+    """The scripts' ending of a run's diskshadow: write `durable` or `abort`; diskshadow
+    then runs or skips 'end backup' and quits, or (fault `diskshadow_hangs`) is
+    stopped after the wait. True when it ran 'end backup'."""
+    p = host.process(entry.get("ProcessId"))
+    if p is None or p.name != "diskshadow.exe":
+        return False
+    if host.faults.get("diskshadow_hangs"):
+        how = "stopped"
+    else:
+        how = "end backup" if marker == "durable" else "exec failed"
+    host.end_process(p.pid, how)
+    # run.ps1 records diskshadow's exit code and exits with it
+    host.end_process(p.parent, "exited")
+    return how == "end backup"
+
+
 def _remove_run(host: Host, entry: dict) -> list[str]:
+    # abort first: a crashed run's diskshadow still holds the VSS backup open
+    _end_diskshadow(host, entry, "abort")
     for share in entry.get("Shares") or []:
         host.unshare(share)
     deleted = []
@@ -261,11 +326,13 @@ def complete_shadow_copy(
         raise ScriptFailure(f"RunNotFound: no backup run '{run_id}' in {WORK_DIR}\\ledger")
     entry = json.loads(ledger.read_text())
     r = host.runs.get(run_id)
-    complete = bool(succeeded) and r is not None
+    ended = _end_diskshadow(host, entry, "durable" if succeeded else "abort")
+    complete = bool(succeeded) and r is not None and ended
     if complete and r.consistency == "application":
-        for name in r.vms:
-            if name in host.vms:
-                host.vms[name].backup_complete += 1
+        # the Hyper-V writer's BackupComplete covers every VM of the set's volumes
+        for v in host.vms.values():
+            if v.volume in r.volumes:
+                v.backup_complete += 1
     if host.faults.get("drop_during") == "Complete-VmbackupShadowCopy.ps1":
         # The shell dies while the script waits for diskshadow: diskshadow runs
         # outside the shell and ends the backup, but nothing is removed; the
@@ -278,7 +345,9 @@ def complete_shadow_copy(
     return {"RunId": run_id, "BackupComplete": complete, "Deleted": deleted}
 
 
-def remove_shadow_copies(host: Host, olderthanseconds: int = 3600, vmname: str = "", workdir: str = WORK_DIR) -> dict:
+def remove_shadow_copies(
+    host: Host, olderthanseconds: int = 3600, vmname: str = "", stoptimeoutseconds: int = 30, workdir: str = WORK_DIR
+) -> dict:
     removed = []
     ledger_dir = host.local(f"{WORK_DIR}\\ledger")
     cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=int(olderthanseconds))

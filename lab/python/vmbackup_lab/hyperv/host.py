@@ -32,7 +32,7 @@ SOFTWARE_PROVIDER = "{b5946137-7b9f-4925-af80-51abd60b20d5}"
 WORK_DIR = "C:\\ProgramData\\vmbackup"
 VM_RUNNING, VM_OFF = 2, 3
 CONTROLLER_TYPE = {"ide": 0, "scsi": 1}
-HOST_FAULTS = ("writer_failed", "shadow_fail", "drop_during")
+HOST_FAULTS = ("writer_failed", "shadow_fail", "drop_during", "diskshadow_hangs", "shadow_vanish")
 VM_FAULTS = ("backup_off", "backup_no_contact")
 
 
@@ -82,7 +82,18 @@ class Vm:
     volume: str
     disks: list[Disk]
     faults: dict = field(default_factory=dict)
-    backup_complete: int = 0  # BackupComplete events the guest received
+    # What the Hyper-V writer did to this VM, as Microsoft documents it
+    # (docs/hyperv.md): during the host's PrepareForSnapshot (diskshadow's
+    # `create`) a running VM with a working Backup integration service runs a
+    # whole VSS backup of its own ("Child VM Snapshot": the guest's writers
+    # freeze, thaw and get their BackupComplete then, so guest applications may
+    # truncate their logs at that moment); a running VM without one is put into
+    # a saved state instead ("Saved State" method). `backup_complete` counts the
+    # host's BackupComplete to the Hyper-V writer for this VM (diskshadow's
+    # `end backup`, after our data is durable), which the guest does not see.
+    guest_backups: int = 0
+    saved: int = 0
+    backup_complete: int = 0
 
     @property
     def config_location(self) -> str:
@@ -114,6 +125,23 @@ class ShadowCopy:
 
 
 @dataclass
+class Process:
+    """A process the scripts start on the host: run.ps1's powershell.exe and its child diskshadow.exe.
+
+    As on Windows, stopping a process does not stop its children. diskshadow
+    holds the VSS backup open (`exec wait.cmd`) until the run's `durable` or
+    `abort` file appears, or it is stopped.
+    """
+
+    pid: int
+    name: str
+    run_id: str
+    parent: int | None = None
+    alive: bool = True
+    ended: str | None = None  # 'end backup' | 'exec failed' (abort: no end backup) | 'stopped'
+
+
+@dataclass
 class Run:
     run_id: str
     set_id: str | None
@@ -121,6 +149,9 @@ class Run:
     shares: list[str]
     consistency: str
     vms: list[str]
+    runner_pid: int | None = None
+    diskshadow_pid: int | None = None
+    volumes: list[str] = field(default_factory=list)  # the set's volume letters
 
 
 class Host:
@@ -132,13 +163,20 @@ class Host:
         self.user = topology["user"]
         self.lock = threading.RLock()
         self.volumes = {v: root / "volumes" / v for v in topology["volumes"]}
+        self.file_systems = {v: topology.get("file_systems", {}).get(v, "NTFS") for v in self.volumes}
         self.volume_guids = {v: str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.name}/{v}")) for v in self.volumes}
         self.faults: dict = dict(topology.get("faults", {}).get("host", {}))
         self.vms: dict[str, Vm] = {}
         self.shadows: dict[str, ShadowCopy] = {}
         self.runs: dict[str, Run] = {}
+        self.processes: dict[int, Process] = {}
+        # what happened to processes and shadow copies, in order (the last 200)
+        self.events: list[str] = []
+        self.next_pid = 4000
         self.shadow_number = 0
         self.counters = {"shadow_copies": {"now": 0, "peak": 0}}
+        # most shadow copy sets open at once, on the host and per volume (the limits tests)
+        self.peaks: dict = {"sets": 0, "per_volume": {}}
         for d in ("volumes", "model", "shadows", "shares"):
             if (root / d).exists():
                 shutil.rmtree(root / d)
@@ -328,6 +366,14 @@ class Host:
             if offset < 0 or length <= 0 or offset + length > d.size:
                 raise HostError(f"write {offset}+{length} is outside disk {disk} of {d.size} bytes")
             self._write_top(d, offset, length, seed)
+            if self.faults.get("shadow_vanish"):
+                # The shadow storage (diff area) is full: Windows deletes the
+                # volume's shadow copies, oldest first ("What happens when I run
+                # out of space?", Volume Shadow Copy Service). One per write here.
+                volume = PureWindowsPath(d.top.winpath).drive.rstrip(":")
+                oldest = sorted((s for s in self.shadows.values() if s.volume == volume), key=lambda s: s.number)
+                if oldest:
+                    self.delete_shadow(oldest[0].id, why="the shadow storage is full")
 
     def disk_image(self, vm: str, disk: str, output: Path, shadow: str | None = None) -> None:
         """The guest's view of a disk (now, or as of a shadow copy) as a raw file."""
@@ -376,6 +422,8 @@ class Host:
                         "state": "running" if v.state == VM_RUNNING else "off",
                         "backup": v.backup_service()[0],
                         "faults": v.faults,
+                        "guest_backups": v.guest_backups,
+                        "saved": v.saved,
                         "backup_complete": v.backup_complete,
                         "config_files": [{"path": p, "local": str(self.local(p))} for p in v.config_files()],
                         "disks": [
@@ -409,7 +457,21 @@ class Host:
                     for s in self.shadows.values()
                 ],
                 "runs": sorted(self.runs),
+                "processes": [
+                    {
+                        "pid": p.pid,
+                        "name": p.name,
+                        "parent": p.parent,
+                        "run": p.run_id,
+                        "alive": p.alive,
+                        "ended": p.ended,
+                    }
+                    for p in self.processes.values()
+                ],
+                "events": list(self.events),
+                "file_systems": {f"{v}:\\": fs for v, fs in self.file_systems.items()},
                 "counters": self.counters,
+                **self.peak_counters(),
             }
 
     # --- VSS ---------------------------------------------------------------------
@@ -431,14 +493,30 @@ class Host:
             "LastError": "No error",
         }
 
-    def create_shadow_set(self, volumes: list[str]) -> tuple[str, list[ShadowCopy]]:
-        """A shadow copy of each volume, all at one instant (the host's lock)."""
+    def create_shadow_set(self, volumes: list[str], writer: bool = False) -> tuple[str, list[ShadowCopy]]:
+        """A shadow copy of each volume, all at one instant (the host's lock).
+
+        With the Hyper-V writer taking part (`writer`), every VM with files on
+        those volumes takes part, not only the ones being backed up (Microsoft,
+        "Backing up and restoring virtual machines"): each running VM whose
+        Backup integration service answers runs its own VSS backup now (its
+        guest applications may truncate their logs now); each other running VM
+        is put into a saved state during the copy.
+        """
         with self.lock:
             if self.faults.get("shadow_fail"):
                 raise ScriptFailure(
                     "ShadowCopyFailed: diskshadow ended before the shadow copy existed: "
                     "VSS_E_UNEXPECTED_PROVIDER_ERROR (0x8004230F) while creating the shadow copy set"
                 )
+            if writer:
+                for v in self.vms.values():
+                    if v.volume not in volumes or v.state != VM_RUNNING:
+                        continue
+                    if v.backup_service() == (True, 2):
+                        v.guest_backups += 1
+                    else:
+                        v.saved += 1
             set_id = "{" + str(uuid.uuid4()) + "}"
             made = []
             for letter in volumes:
@@ -453,11 +531,45 @@ class Host:
             c = self.counters["shadow_copies"]
             c["now"] = len(self.shadows)
             c["peak"] = max(c["peak"], c["now"])
+            self._note_peaks()
             return set_id, made
 
-    def delete_shadow(self, sid: str) -> None:
+    def open_sets(self) -> tuple[int, dict[str, int]]:
+        """Shadow copy sets open now: on the host, and per volume (sets holding a copy of it)."""
+        sets = {s.set_id for s in self.shadows.values()}
+        per_volume = {v: len({s.set_id for s in self.shadows.values() if s.volume == v}) for v in self.volumes}
+        return len(sets), per_volume
+
+    def _note_peaks(self) -> None:
+        # peaks only grow when a set is made, so this runs there (and at reset)
+        now, per_volume = self.open_sets()
+        self.peaks["sets"] = max(self.peaks.get("sets", 0), now)
+        pv = self.peaks.setdefault("per_volume", {})
+        for v, n in per_volume.items():
+            pv[v] = max(pv.get(v, 0), n)
+
+    def reset_counters(self) -> dict:
+        """Every peak becomes what is open now (as the vSphere lab's counters/reset)."""
+        with self.lock:
+            now, per_volume = self.open_sets()
+            self.peaks = {"sets": now, "per_volume": dict(per_volume)}
+            self.counters["shadow_copies"]["peak"] = self.counters["shadow_copies"]["now"] = len(self.shadows)
+            return self.peak_counters()
+
+    def peak_counters(self) -> dict:
+        with self.lock:
+            now, per_volume = self.open_sets()
+            return {
+                "shadow_sets_open": now,
+                "shadow_sets_open_per_volume": per_volume,
+                "peak_shadow_copies": self.peaks.get("sets", 0),
+                "peak_shadow_copies_per_volume": {v: self.peaks.get("per_volume", {}).get(v, 0) for v in self.volumes},
+            }
+
+    def delete_shadow(self, sid: str, why: str = "") -> None:
         with self.lock:
             sc = self.shadows.pop(sid)
+            self.event(f"shadow copy {sid} deleted" + (f": {why}" if why else ""))
             for p in (self.root / "shadows" / str(sc.number), self.root / "shadows" / f"{sc.number}.model"):
                 _make_writable(p)
                 shutil.rmtree(p, ignore_errors=True)
@@ -466,6 +578,30 @@ class Host:
                 if link.is_symlink():
                     link.unlink()
             self.counters["shadow_copies"]["now"] = len(self.shadows)
+
+    # --- processes ----------------------------------------------------------------
+
+    def start_process(self, name: str, run_id: str, parent: int | None = None) -> Process:
+        with self.lock:
+            self.next_pid += 4
+            p = Process(self.next_pid, name, run_id, parent)
+            self.processes[p.pid] = p
+            return p
+
+    def process(self, pid) -> Process | None:
+        """Get-Process -Id: a live process, or None."""
+        p = self.processes.get(pid) if isinstance(pid, int) else None
+        return p if p is not None and p.alive else None
+
+    def end_process(self, pid: int, how: str) -> None:
+        """The process ends by itself (`how`), or is stopped ('stopped'); its children live on."""
+        p = self.process(pid)
+        if p is not None:
+            p.alive, p.ended = False, how
+            self.event(f"{p.name} {p.pid} of run {p.run_id}: {how}")
+
+    def event(self, text: str) -> None:
+        self.events = (self.events + [text])[-200:]
 
     def expose(self, sc: ShadowCopy, winpath: str) -> None:
         link = self.local(winpath)

@@ -93,10 +93,11 @@ class LabWinRM:
             srv.server_close()
         self.drop_sessions()
 
-    def drop_sessions(self, keep: socket.socket | None = None) -> None:
+    def drop_sessions(self, keep: socket.socket | None = None) -> int:
         """Forget every shell and close every connection (and its NTLM context)
-        but `keep` (the control request asking for it)."""
+        but `keep` (the control request asking for it); returns how many shells there were."""
         with self.lock:
+            shells = len(self.shells)
             self.shells.clear()
             self.generation += 1
             self.counters["dropped"] += 1
@@ -106,6 +107,7 @@ class LabWinRM:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        return shells
 
     # --- the shell resource --------------------------------------------------------
 
@@ -203,19 +205,22 @@ class LabWinRM:
                     int(body["length"]),
                     int(body.get("seed", 1)),
                 )
-                return 200, {}
+                top = h.disk(str(body["vm"]), str(body["disk"])).top.winpath
+                return 200, {"vm": body["vm"], "disk": body["disk"], "file": top, "host": h.name}
             if path == "/lab/disk-image":
                 out = Path(body["output"])
                 if not out.is_absolute():
                     raise HostError("output must be an absolute path")
                 h.disk_image(str(body["vm"]), str(body["disk"]), out, body.get("shadow"))
-                return 200, {"output": str(out)}
+                return 200, {"output": str(out), "size": out.stat().st_size, "host": h.name}
             if path == "/lab/fault":
-                h.set_faults(body.get("vm"), dict(body.get("faults") or {}))
-                return 200, {}
+                vm = body.get("vm")
+                h.set_faults(vm, dict(body.get("faults") or {}))
+                return 200, {"faults": h.vm(vm).faults if vm else h.faults, "host": h.name}
             if path == "/lab/drop-sessions":
-                self.drop_sessions(keep=conn)
-                return 200, {}
+                return 200, {"dropped": self.drop_sessions(keep=conn), "host": h.name}
+            if path == "/lab/counters/reset":
+                return 200, h.reset_counters()
         except (HostError, KeyError, ValueError, TypeError) as e:
             return 400, {"error": str(e) if not isinstance(e, KeyError) else f"missing field {e}"}
         return 404, {"error": f"no control path {path}"}

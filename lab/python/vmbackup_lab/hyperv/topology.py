@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 DEFAULT = {
     "host": "hv1",
     "user": "labadmin",
     "volumes": ["C", "D", "E"],
+    # a volume's file system (Win32_Volume.FileSystem); any volume not named here is NTFS
+    "file_systems": {},
     "vms": [
         {
             "name": "win01",
@@ -45,7 +48,11 @@ DEFAULT = {
 }
 
 CONTROLLERS = ("ide", "scsi")
+# a NetBIOS computer name, as in \\HV1\ share paths (15 characters at most)
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,14}")
+VOLUME = re.compile(r"[A-Z]")
 FORMATS = ("vhdx", "vhd")
+FILE_SYSTEMS = ("NTFS", "ReFS", "CSVFS")
 
 
 class TopologyError(ValueError):
@@ -54,7 +61,7 @@ class TopologyError(ValueError):
 
 def load(path: Path | None) -> dict:
     """The topology in `path` over the defaults, checked."""
-    topo = json.loads(json.dumps(DEFAULT))
+    given = None
     if path is not None:
         try:
             given = json.loads(Path(path).read_text())
@@ -62,36 +69,69 @@ def load(path: Path | None) -> dict:
             raise TopologyError(f"topology {path}: {e}") from None
         if not isinstance(given, dict):
             raise TopologyError(f"topology {path}: not a JSON object")
-        topo.update(given)
+    return check(given)
+
+
+def check(given: dict | None, where: str = "") -> dict:
+    """`given` (one host's topology, any field may be missing) over the
+    defaults, checked; `where` prefixes the field names in messages
+    (`hyperv[1].` for a host of `vmbackup lab up`'s topology)."""
+    topo = json.loads(json.dumps(DEFAULT))
+    if given is not None:
+        if not isinstance(given, dict):
+            raise TopologyError(f"{where.rstrip('.') or 'topology'}: not a JSON object")
+        topo.update(json.loads(json.dumps(given)))
+    if not isinstance(topo["host"], str) or not HOST_NAME.fullmatch(topo["host"]):
+        raise TopologyError(f"{where}host: {topo['host']!r} is not a computer name (letters, digits, '-', 1-15)")
+    if not isinstance(topo["user"], str) or not topo["user"]:
+        raise TopologyError(f"{where}user: a non-empty string")
+    vols = topo["volumes"]
+    if not isinstance(vols, list) or not vols or not all(isinstance(v, str) and VOLUME.fullmatch(v) for v in vols):
+        raise TopologyError(f'{where}volumes: a list of drive letters such as ["C", "D"]')
+    if not isinstance(topo["vms"], list) or not all(isinstance(vm, dict) for vm in topo["vms"]):
+        raise TopologyError(f"{where}vms: a list of objects")
+    if not isinstance(topo.get("file_systems"), dict):
+        raise TopologyError(f"{where}file_systems: an object of volume letter to file system")
+    for letter, fs in topo["file_systems"].items():
+        if letter not in topo["volumes"]:
+            raise TopologyError(f"{where}file_systems.{letter}: {letter!r} is not one of {topo['volumes']}")
+        if fs not in FILE_SYSTEMS:
+            raise TopologyError(f"{where}file_systems.{letter}: {fs!r} is not one of {FILE_SYSTEMS}")
     names = set()
     for i, vm in enumerate(topo["vms"]):
-        where = f"vms[{i}]"
+        where_vm = f"{where}vms[{i}]"
         if not isinstance(vm.get("name"), str) or not vm["name"] or vm["name"] in names:
-            raise TopologyError(f"{where}.name: missing or repeated")
+            raise TopologyError(f"{where_vm}.name: missing or repeated")
         names.add(vm["name"])
         vm.setdefault("state", "running")
         vm.setdefault("backup", True)
         vm.setdefault("volume", topo["volumes"][1] if len(topo["volumes"]) > 1 else topo["volumes"][0])
         vm.setdefault("generation", 2)
         if vm["state"] not in ("running", "off"):
-            raise TopologyError(f"{where}.state: {vm['state']!r} is not running or off")
+            raise TopologyError(f"{where_vm}.state: {vm['state']!r} is not running or off")
         if vm["volume"] not in topo["volumes"]:
-            raise TopologyError(f"{where}.volume: {vm['volume']!r} is not one of {topo['volumes']}")
+            raise TopologyError(f"{where_vm}.volume: {vm['volume']!r} is not one of {topo['volumes']}")
         seen = set()
-        for j, d in enumerate(vm.get("disks", [])):
-            dw = f"{where}.disks[{j}]"
+        disks = vm.get("disks", [])
+        if not isinstance(disks, list) or not all(isinstance(d, dict) for d in disks):
+            raise TopologyError(f"{where_vm}.disks: a list of objects")
+        for j, d in enumerate(disks):
+            dw = f"{where_vm}.disks[{j}]"
             d.setdefault("format", "vhdx")
             d.setdefault("differencing", 0)
             if d.get("controller") not in CONTROLLERS:
                 raise TopologyError(f"{dw}.controller: must be one of {CONTROLLERS}")
             if d["format"] not in FORMATS:
                 raise TopologyError(f"{dw}.format: must be one of {FORMATS}")
+            if not isinstance(d["differencing"], int) or d["differencing"] < 0:
+                raise TopologyError(f"{dw}.differencing: a number of checkpoint levels (0 or more)")
             if d["differencing"] and d["format"] != "vhdx":
                 raise TopologyError(f"{dw}.differencing: the lab makes differencing disks as .avhdx over a .vhdx only")
             key = (d["controller"], d.get("number", 0), d.get("location", 0))
             if key in seen:
                 raise TopologyError(f"{dw}: two disks at {key[0]}{key[1]}:{key[2]}")
             seen.add(key)
-            if not isinstance(d.get("size_mib"), int) or d["size_mib"] < 1:
-                raise TopologyError(f"{dw}.size_mib: a positive integer")
+            # the lab writes its pattern at 1 MiB and each checkpoint level at N/2 MiB
+            if not isinstance(d.get("size_mib"), int) or d["size_mib"] < 2:
+                raise TopologyError(f"{dw}.size_mib: an integer, at least 2")
     return topo
