@@ -237,5 +237,9 @@ def test_maintain_usage_errors_exit_2_in_one_line(tmp_path, site):
     assert p.stderr.startswith("vmbackup: error: --sample") and len(p.stderr.splitlines()) == 1
     p = vmbackup("maintain", "retention", "--plan", site.plan(), env=env, expect=2)
     assert "has no retention rules" in p.stderr and len(p.stderr.splitlines()) == 1
+    p = vmbackup("maintain", "sweep", "--plan", site.plan(), "--hypervisor", "hyperv", env=env, expect=2)
+    assert p.stderr.strip() == f"vmbackup: error: plan {site.plan()} has no Hyper-V hosts to sweep"
+    p = vmbackup("maintain", "sweep", "--plan", site.plan(), "--older-than", "-1", env=env, expect=2)
+    assert p.stderr.strip() == "vmbackup: error: --older-than must not be negative"
     assert "verify" in vmbackup("maintain", env=env, expect=2).stderr
     assert not (tmp_path / "state").exists(), "a usage error started something"

@@ -82,6 +82,9 @@ def _prepare(args: argparse.Namespace) -> str:
     plan = load_plan(args.plan)
     if args.maintain_command == "retention" and (not plan.retention or Policy(**plan.retention).empty()):
         raise InvalidInputError(f"plan {args.plan} has no retention rules (retention: {{daily: 7, ...}})")
+    if args.maintain_command == "sweep" and not _sweeps(plan, args.hypervisor):
+        which = {"vsphere": "vSphere connection", "hyperv": "Hyper-V hosts", None: "hypervisor"}[args.hypervisor]
+        raise InvalidInputError(f"plan {args.plan} has no {which} to sweep")
     import importlib.util
 
     if importlib.util.find_spec("prefect") is None:
@@ -194,6 +197,12 @@ def run_maintain(args: argparse.Namespace) -> int:
     raise AssertionError(args.maintain_command)  # pragma: no cover
 
 
+def _sweeps(plan: Any, only: str | None) -> list[str]:
+    """The hypervisors ``maintain sweep`` sweeps: the plan's, or only ``only``."""
+    have = [h for h, there in (("vsphere", plan.connection is not None), ("hyperv", bool(plan.hyperv))) if there]
+    return [h for h in have if only in (None, h)]
+
+
 def _run_sweeps(args: argparse.Namespace, plan_path: str, ui: str) -> int:
     """``maintain sweep``: sweep_vsphere and/or sweep_hyperv, each as a flow
     run of its own, one list of leftovers (each with ``hypervisor``)."""
@@ -201,16 +210,10 @@ def _run_sweeps(args: argparse.Namespace, plan_path: str, ui: str) -> int:
     from . import maintenance
     from .vmtask import one_line
 
-    plan = load_plan(plan_path)
-    runs = []
-    if plan.connection is not None and args.hypervisor in (None, "vsphere"):
-        runs.append(("vsphere", maintenance.sweep_vsphere))
-    if plan.hyperv and args.hypervisor in (None, "hyperv"):
-        runs.append(("hyperv", maintenance.sweep_hyperv))
-    if not runs:
-        raise InvalidInputError(f"plan {args.plan} has no {args.hypervisor} hypervisor to sweep")
+    flows = {"vsphere": maintenance.sweep_vsphere, "hyperv": maintenance.sweep_hyperv}
     items: list[dict] = []
-    for hypervisor, flow_fn in runs:
+    for hypervisor in _sweeps(load_plan(plan_path), args.hypervisor):
+        flow_fn = flows[hypervisor]
         kw = {} if args.older_than is None else {"older_than_seconds": args.older_than}
         state = flow_fn(plan_path=plan_path, return_state=True, **kw)
         result = state.result(raise_on_failure=False)
