@@ -133,20 +133,22 @@ def summary_markdown(
     repository_after: int | None = None,
     removed: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
-    """The run's summary: totals, failures with their reason, what
-    reconcile or the sweeper removed (when reported), the repository's size
-    and growth."""
+    """The run's summary: totals, failures with their reason, why a backup
+    was a full and why one is only crash-consistent, what reconcile or the
+    sweeper removed (when reported), the repository's size and growth."""
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
     read = sum(r.get("bytes_read") or 0 for r in ok)
     stored = sum(r.get("bytes_stored") or 0 for r in ok)
     fulls = [r for r in ok if r.get("mode") == "full"]
+    crash = [r for r in ok if r.get("consistency") == "crash"]
     lines = [f"# {title}", ""]
     lines.append(f"**{len(ok)} of {len(rows)} VM(s) backed up**, {len(failed)} failed.")
     lines.append("")
     lines.append("| | |")
     lines.append("|---|---|")
     lines.append(f"| full / incremental | {len(fulls)} / {len(ok) - len(fulls)} |")
+    lines.append(f"| application- / crash-consistent | {len(ok) - len(crash)} / {len(crash)} |")
     lines.append(f"| read | {fmt_bytes(read)} |")
     lines.append(f"| stored (new) | {fmt_bytes(stored)} |")
     ratio = dedup_ratio({"bytes_read": read, "bytes_stored": stored})
@@ -168,6 +170,11 @@ def summary_markdown(
         lines += ["## Full backups", "", "| VM | why |", "|---|---|"]
         for r in fulls:
             lines.append(f"| {_md_cell(r.get('vm'))} | {_md_cell(r.get('full_reason') or '-')} |")
+        lines.append("")
+    if crash:
+        lines += ["## Crash-consistent backups", "", "| VM | why |", "|---|---|"]
+        for r in crash:
+            lines.append(f"| {_md_cell(r.get('vm'))} | {_md_cell(r.get('consistency_note') or '-')} |")
         lines.append("")
     if removed is not None:
         lines += ["## Removed leftovers", ""]
