@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -224,6 +225,7 @@ def _hyperv_only(e2e, path):
     [
         ("password", "the user name or password was rejected"),
         ("certificate", "the server certificate is not trusted"),
+        ("unreachable", ": unreachable: "),
     ],
 )
 def test_wrong_hyperv_password_or_ca_one_line(default_lab, state_dir, tmp_path, case, message, scope):
@@ -237,9 +239,15 @@ def test_wrong_hyperv_password_or_ca_one_line(default_lab, state_dir, tmp_path, 
         plan = _hyperv_only(e2e, plan)
     if case == "password":
         env[e2e.hyperv_password_env] = wrong
-    else:
+    elif case == "certificate":
         data = yaml.safe_load(plan.read_text())
         data["hyperv"] = [dict(h, ca_file=_other_ca(tmp_path)) for h in data["hyperv"]]
+        plan.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:  # a port nothing listens on (bound here, never listening)
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        data = yaml.safe_load(plan.read_text())
+        data["hyperv"] = [dict(h, url=f"https://127.0.0.1:{closed.getsockname()[1]}/wsman") for h in data["hyperv"]]
         plan.write_text(yaml.safe_dump(data, sort_keys=False))
     hv = e2e.lab.hyperv_hosts()[0]
     before = hv.status()["counters"]
@@ -259,8 +267,12 @@ def test_wrong_hyperv_password_or_ca_one_line(default_lab, state_dir, tmp_path, 
             f"FAILED {hv.host}:*: {failed[0]['error']}"
         ], human
     else:
+        # The plan's only hypervisor: the run's one line says which host, then why.
         assert p.stdout == ""
-        assert len(errors) == 1 and errors[0].startswith("vmbackup: error: ") and message in errors[0], p.stderr
+        assert len(errors) == 1 and errors[0].startswith(f"vmbackup: error: Hyper-V host {hv.host}: WinRM at "), (
+            p.stderr
+        )
+        assert message in errors[0], p.stderr
     for secret in (e2e.password, e2e.hyperv_password, wrong):
         assert secret not in p.stdout + p.stderr
     assert hv.status()["counters"] == before  # no shadow copy was made
