@@ -230,6 +230,7 @@ def test_nightly_deployment_splits_vms_over_agent_workers(site):
         f"and {len(site['hyperv_vms'])} Hyper-V VMs"
     )
     assert p.returncode == 0, p.stdout + p.stderr
+    watched = p.stdout + p.stderr
 
     # One flow run per agent, in that agent's pool, run by that agent's worker.
     backed_up, agent_runs = {}, {}
@@ -313,7 +314,7 @@ def test_nightly_deployment_splits_vms_over_agent_workers(site):
     assert hv.status()["shadow_copies"] == []
 
     # No password in what the server holds of the runs, nor in the workers' logs.
-    held = _server_text(env) + "".join(w[1].read_text() for w in site["workers"].values())
+    held = _server_text(env) + watched + "".join(w[1].read_text() for w in site["workers"].values())
     for secret in (site["password"], site["hyperv_password"]):
         assert secret not in held
 
