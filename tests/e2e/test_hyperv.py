@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -224,6 +225,7 @@ def _hyperv_only(e2e, path):
     [
         ("password", "the user name or password was rejected"),
         ("certificate", "the server certificate is not trusted"),
+        ("unreachable", ": unreachable: "),
     ],
 )
 def test_wrong_hyperv_password_or_ca_one_line(default_lab, state_dir, tmp_path, case, message, scope):
@@ -237,9 +239,15 @@ def test_wrong_hyperv_password_or_ca_one_line(default_lab, state_dir, tmp_path, 
         plan = _hyperv_only(e2e, plan)
     if case == "password":
         env[e2e.hyperv_password_env] = wrong
-    else:
+    elif case == "certificate":
         data = yaml.safe_load(plan.read_text())
         data["hyperv"] = [dict(h, ca_file=_other_ca(tmp_path)) for h in data["hyperv"]]
+        plan.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:  # a port nothing listens on (bound here, never listening)
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        data = yaml.safe_load(plan.read_text())
+        data["hyperv"] = [dict(h, url=f"https://127.0.0.1:{closed.getsockname()[1]}/wsman") for h in data["hyperv"]]
         plan.write_text(yaml.safe_dump(data, sort_keys=False))
     hv = e2e.lab.hyperv_hosts()[0]
     before = hv.status()["counters"]
@@ -259,8 +267,12 @@ def test_wrong_hyperv_password_or_ca_one_line(default_lab, state_dir, tmp_path, 
             f"FAILED {hv.host}:*: {failed[0]['error']}"
         ], human
     else:
+        # The plan's only hypervisor: the run's one line says which host, then why.
         assert p.stdout == ""
-        assert len(errors) == 1 and errors[0].startswith("vmbackup: error: ") and message in errors[0], p.stderr
+        assert len(errors) == 1 and errors[0].startswith(f"vmbackup: error: Hyper-V host {hv.host}: WinRM at "), (
+            p.stderr
+        )
+        assert message in errors[0], p.stderr
     for secret in (e2e.password, e2e.hyperv_password, wrong):
         assert secret not in p.stdout + p.stderr
     assert hv.status()["counters"] == before  # no shadow copy was made
@@ -322,3 +334,55 @@ def test_two_selected_vms_with_one_name_are_failed_rows_the_others_run(dup_lab, 
     # Neither web01 was backed up: nothing of either is in the repository.
     assert sorted(b.vm for b in _mover.list_backups(str(repo))[0]) == ["solo01", "win02"]
     assert hyperv_leftovers(e2e) == {}
+
+
+def test_hyperv_password_from_a_secret_block_and_a_missing_block_is_one_line(default_lab, state_dir, tmp_path):
+    """``hyperv[hv1].password_secret`` names a Prefect Secret block on the
+    server `vmbackup backup` runs its flows on: the host's VMs are backed up
+    with it; a block that does not exist is one line naming the plan's entry
+    (exit 2); the password shows nowhere."""
+    from .test_no_secret import _server_holdings
+
+    e2e = default_lab
+    hv = e2e.lab.hyperv_hosts()[0]
+    env = e2e.env(state_dir)
+    env.pop(e2e.hyperv_password_env)  # only the block holds it
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    plan = _hyperv_only(e2e, e2e.write_plan(tmp_path / "plan.yaml", repository=repo))
+    block = "hv1-password-e2e"
+
+    def name_block(name: str) -> None:
+        data = yaml.safe_load(plan.read_text())
+        data["hyperv"] = [
+            {**{k: v for k, v in h.items() if k != "password_env"}, "password_secret": name} for h in data["hyperv"]
+        ]
+        plan.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    hv.reset_counters()
+    name_block("no-such-block-e2e")
+    p = run("backup", "--plan", str(plan), "--json", env=env, expect=2)
+    errors = [line for line in p.stderr.splitlines() if not line.startswith("Prefect UI:")]
+    assert p.stdout == "" and errors == [
+        f"vmbackup: error: hyperv[{hv.host}].password_secret: there is no Secret block named 'no-such-block-e2e'"
+    ], p.stderr
+    assert hv.status()["peak_shadow_copies"] == 0  # nothing was started on the host
+
+    api = _api(env)
+    code = "import os,sys; from prefect.blocks.system import Secret; Secret(value=os.environ['PW']).save(sys.argv[1])"
+    s = subprocess.run(
+        [sys.executable, "-c", code, block],
+        env=dict(env, PREFECT_API_URL=api, PW=e2e.hyperv_password),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert s.returncode == 0, s.stderr
+    name_block(block)
+    p = run("backup", "--plan", str(plan), "--json", env=env)
+    rows = json.loads(p.stdout)["vms"]
+    expected = sorted(vm for vm, kind in _expected(e2e).items() if kind == "hyperv")
+    assert sorted(r["vm"] for r in rows) == expected and all(r["status"] == "ok" for r in rows), rows
+    assert hyperv_leftovers(e2e) == {}
+    held = json.dumps(_server_holdings(api)) + p.stdout + p.stderr
+    assert e2e.hyperv_password not in held

@@ -5,12 +5,16 @@ Real processes only: `prefect server start` (SQLite, a temporary
 PREFECT_HOME), `prefect work-pool create`, `prefect deploy` of the shipped
 deployments/prefect.yaml, three `prefect worker start` (the control pool and
 one per lab agent, each with VMBACKUP_AGENT set as the systemd unit sets
-it), the lab (`vmbackup lab up`), and `prefect deployment run ... --watch`.
-The password reaches the runs only through a Secret block.
+it), the lab (`vmbackup lab up`: two ESXi hosts and the Hyper-V host hvs1,
+reached over WinRM by pywinrm), and `prefect deployment run ... --watch`.
+The passwords reach the runs only through Secret blocks: vSphere's as the
+deployments' `password_secret`, the Hyper-V host's named by the plan itself
+(`hyperv[hvs1].password_secret`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 SECRET = "vsphere-password-site"
+HV_SECRET = "hyperv-password-site"  # named by the plan's hyperv[hvs1].password_secret
+HV_HOST = "hvs1"
 LIMITS = {"per_agent": 2, "per_host": 1, "per_datastore": 2, "disks_per_vm": 2}
 AGENTS = ["vmbackup-agent-esx1", "vmbackup-agent-esx2"]  # the lab's, and deployments/prefect.yaml's
 
@@ -99,6 +105,13 @@ def site(tmp_path_factory):
         plan = yaml.safe_load(Path(summary["plan"]).read_text())
         plan["limits"] = LIMITS
         assert sorted(a["name"] for a in plan["agents"]) == AGENTS
+        # The Hyper-V host's password from a Secret block the plan names
+        # (the workers' environment has no VMBACKUP_HYPERV_PASSWORD).
+        assert [h["name"] for h in plan["hyperv"]] == [HV_HOST]
+        plan["hyperv"] = [
+            {**{k: v for k, v in h.items() if k != "password_env"}, "password_secret": HV_SECRET}
+            for h in plan["hyperv"]
+        ]
         plan_path = tmp / "plan.yaml"
         plan_path.write_text(yaml.safe_dump(plan))
 
@@ -134,12 +147,13 @@ def site(tmp_path_factory):
                 time.sleep(0.5)
         print(f"server healthy after {time.monotonic() - t0:.1f} s")
 
-        # The password goes into a Secret block, and only there.
+        # The passwords go into Secret blocks, and only there.
         code = (
             "import os,sys; from prefect.blocks.system import Secret; Secret(value=os.environ['PW']).save(sys.argv[1])"
         )
-        p = _run([sys.executable, "-c", code, SECRET], dict(env, PW=summary["vsphere"]["password"]))
-        assert p.returncode == 0, p.stderr
+        for block, pw in [(SECRET, summary["vsphere"]["password"]), (HV_SECRET, summary["hyperv"]["password"])]:
+            p = _run([sys.executable, "-c", code, block], dict(env, PW=pw))
+            assert p.returncode == 0, p.stderr
         p = _run([PREFECT, "automation", "create", "--from-file", str(ROOT / "deployments" / "crashed-runs.yaml")], env)
         assert p.returncode == 0 and "Failed" not in p.stdout, p.stdout + p.stderr
         for pool in ["vmbackup-control", *AGENTS]:
@@ -158,6 +172,7 @@ def site(tmp_path_factory):
         assert p.returncode == 0, p.stdout + p.stderr
         print(f"prefect deploy of {len(names)} deployments: {time.monotonic() - t0:.1f} s")
 
+        topology = json.loads((HERE / "topology.json").read_text())
         workers = {}
         for pool, agent in [("vmbackup-control", None), *((a, a) for a in AGENTS)]:
             w, log = _start_worker(env, pool, agent, tmp / f"worker-{pool}.log")
@@ -170,8 +185,10 @@ def site(tmp_path_factory):
             "workers": workers,
             "repository": plan["repository"],
             "password": summary["vsphere"]["password"],
+            "hyperv_password": summary["hyperv"]["password"],
             "procs": procs,
-            "vms": sorted(v["name"] for v in json.loads((HERE / "topology.json").read_text())["vms"]),
+            "vms": sorted(v["name"] for v in topology["vms"]),
+            "hyperv_vms": sorted(v["name"] for h in topology["hyperv"] for v in h["vms"]),
         }
     finally:
         for p in reversed(procs):
@@ -191,39 +208,72 @@ def _flow_runs(env: dict[str, str], deployment: str) -> list:
             )
 
 
+def _hyperv_host(lab):
+    (hv,) = lab.hyperv_hosts()
+    assert hv.host == HV_HOST
+    return hv
+
+
 def test_nightly_deployment_splits_vms_over_agent_workers(site):
     from vmbackup import _mover
 
-    lab = site["lab"]
+    lab, env = site["lab"], site["env"]
+    hv = _hyperv_host(lab)
     lab.reset_counters()
+    hv.reset_counters()
+    everything = sorted(site["vms"] + site["hyperv_vms"])
     t0 = time.monotonic()
-    p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], site["env"])
+    p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
     elapsed = time.monotonic() - t0
-    print(f"prefect deployment run --watch: {elapsed:.1f} s for {len(site['vms'])} VMs")
+    print(
+        f"prefect deployment run --watch: {elapsed:.1f} s for {len(site['vms'])} vSphere "
+        f"and {len(site['hyperv_vms'])} Hyper-V VMs"
+    )
     assert p.returncode == 0, p.stdout + p.stderr
+    watched = p.stdout + p.stderr
 
     # One flow run per agent, in that agent's pool, run by that agent's worker.
-    backed_up = {}
+    backed_up, agent_runs = {}, {}
     for agent in AGENTS:
-        runs = _flow_runs(site["env"], agent)
+        runs = _flow_runs(env, agent)
         assert len(runs) == 1, runs
         run = runs[0]
         assert run.state.is_completed(), run.state
         assert run.work_pool_name == agent
         assert run.parameters["agent"] == agent and run.parameters["password_secret"] == SECRET
-        backed_up[agent] = run.parameters["vms"]
+        backed_up[agent], agent_runs[agent] = run.parameters["vms"], run
         mine = site["workers"][agent][1].read_text()
         assert str(run.id) in mine, mine[-2000:]
         for other in AGENTS:
             if other != agent:
                 assert str(run.id) not in site["workers"][other][1].read_text()
     assert all(backed_up.values()), backed_up
-    assert sorted(v for vms in backed_up.values() for v in vms) == site["vms"]
+    assert sorted(v for vms in backed_up.values() for v in vms) == everything
     # A flow run's parameters hold the Secret block's name, never the password.
     # (the deployment's schedule has added future runs: not those)
-    planner = [r for r in _flow_runs(site["env"], "nightly") if not r.state.is_scheduled()]
+    planner = [r for r in _flow_runs(env, "nightly") if not r.state.is_scheduled()]
     assert len(planner) == 1 and planner[0].state.is_completed(), planner
-    assert site["password"] not in json.dumps([r.parameters for r in planner + _flow_runs(site["env"], AGENTS[0])])
+    assert site["password"] not in json.dumps([r.parameters for r in planner + _flow_runs(env, AGENTS[0])])
+
+    # Each Hyper-V VM was backed up by the run of the agent the planner gave
+    # it to (so on that agent's worker, checked above): that run's own report
+    # has its row, and that run logged its shadow copy with that agent's context.
+    assigned = {vm: agent for agent, vms in backed_up.items() for vm in vms}
+    for agent, run in agent_runs.items():
+        own = {r["vm"]: r for r in _report(env, run.id, "vmbackup-backup-report")}
+        assert sorted(own) == sorted(backed_up[agent]), (agent, own)
+        logs = _logs(env, run.id)
+        for vm in backed_up[agent]:
+            if vm in site["hyperv_vms"]:
+                assert own[vm]["hypervisor"] == "hyperv" and own[vm]["status"] == "ok", own[vm]
+                assert own[vm]["consistency"] == "application", own[vm]
+                assert any(f"[vm={vm} host={HV_HOST} agent={agent}] shadow copy " in m for m in logs), (
+                    f"{vm}: no shadow copy line in {agent}'s run"
+                )
+        for other, orun in agent_runs.items():
+            if other != agent:
+                assert not any(f"[vm={vm} " in m for m in _logs(env, orun.id) for vm in backed_up[agent])
+    print("Hyper-V VMs by agent:", {vm: assigned[vm] for vm in site["hyperv_vms"]})
 
     # The limits held over both workers (the lab's peak counters), and each
     # agent hot-added the disks of its VMs.
@@ -234,37 +284,115 @@ def test_nightly_deployment_splits_vms_over_agent_workers(site):
     assert sorted(a for a, c in attached["agent"].items() if c["peak"] >= 1) == AGENTS, attached["agent"]
     assert all(c["peak"] <= LIMITS["per_agent"] for c in attached["agent"].values()), attached["agent"]
     assert all(c["now"] == 0 for kind in (snaps, attached) for scope in kind.values() for c in scope.values())
+    # On the Hyper-V host: no more shadow copy sets at once than its host
+    # limit allows, and nothing left (no shadow copy, no run in its ledger).
+    st = hv.status()
+    assert 1 <= st["peak_shadow_copies"] <= LIMITS["per_host"], st["peak_shadow_copies"]
+    assert st["shadow_copies"] == [] and st["runs"] == [], (st["shadow_copies"], st["runs"])
 
-    # Every VM's backup restores bit-exact (no guest writes since).
-    rows = _site_rows(site["env"], planner[0].id)
-    assert sorted(r["vm"] for r in rows) == site["vms"] and all(r["status"] == "ok" for r in rows), rows
+    # Every VM, vSphere and Hyper-V, has its row ok in the site report, and
+    # its backup restores bit-exact (no guest writes since).
+    rows = _site_rows(env, planner[0].id)
+    assert sorted(r["vm"] for r in rows) == everything and all(r["status"] == "ok" for r in rows), rows
+    for r in rows:
+        assert r["agent"] == assigned[r["vm"]], r
+        assert r["hypervisor"] == ("hyperv" if r["vm"] in site["hyperv_vms"] else "vsphere"), r
     tmp = Path(site["plan"]).parent
     for r in rows:
-        for d in _disks(lab, r["vm"]):
-            image, restored = tmp / f"lab-{r['vm']}.img", tmp / f"restored-{r['vm']}.img"
+        for i, d in enumerate(_disks(r["vm"])):
+            image, restored = tmp / f"lab-{r['vm']}-{i}.img", tmp / f"restored-{r['vm']}-{i}.img"
             lab.disk_image(r["vm"], d, image)
             _mover.restore_disk(site["repository"], r["backup_id"], str(restored), disk=d)
             assert _sha(restored) == _sha(image), (r["vm"], d)
 
+    # The Hyper-V sweeper's deployment runs on the control worker (with the
+    # plan's Secret block) and finds nothing: the backups left nothing.
+    p = _run([PREFECT, "deployment", "run", "sweep_hyperv/hyperv-sweep", "--watch"], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (sweep,) = [r for r in _flow_runs(env, "hyperv-sweep") if not r.state.is_scheduled()]
+    assert sweep.state.is_completed() and sweep.work_pool_name == "vmbackup-control", sweep.state
+    assert hv.status()["shadow_copies"] == []
 
-def _disks(lab, vm: str) -> list[str]:
+    # No password in what the server holds of the runs, nor in the workers' logs.
+    held = _server_text(env) + watched + "".join(w[1].read_text() for w in site["workers"].values())
+    for secret in (site["password"], site["hyperv_password"]):
+        assert secret not in held
+
+
+def _disks(vm: str) -> list[str]:
+    """The lab's disk names of a VM: ``scsi0:0`` (vSphere: bus and unit;
+    Hyper-V: controller type, number and location)."""
     topo = json.loads((HERE / "topology.json").read_text())
-    spec = next(v for v in topo["vms"] if v["name"] == vm)
-    return [f"{d['bus']}0:0" for d in spec["disks"]]
+    spec = next((v for v in topo["vms"] if v["name"] == vm), None)
+    if spec is not None:
+        return [f"{d['bus']}0:0" for d in spec["disks"]]
+    spec = next(v for h in topo["hyperv"] for v in h["vms"] if v["name"] == vm)
+    return [f"{d['controller']}{d['number']}:{d['location']}" for d in spec["disks"]]
+
+
+def _client(env: dict[str, str]):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}))
+    client = stack.enter_context(get_client(sync_client=True))
+    return stack, client
+
+
+def _logs(env: dict[str, str], flow_run_id) -> list[str]:
+    """Every log message of a flow run (its tasks' included)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    stack, client = _client(env)
+    with stack:
+        out, offset = [], 0
+        while True:
+            page = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=offset
+            )
+            out += [x.message for x in page]
+            if len(page) < 200:
+                return out
+            offset += 200
+
+
+def _server_text(env: dict[str, str]) -> str:
+    """What the server holds about runs (flow and task runs, logs, artifacts, events) as JSON text."""
+    from prefect.events.filters import EventFilter
+
+    stack, client = _client(env)
+    with stack:
+        held = [client.read_flow_runs(), client.read_task_runs(), client.read_artifacts()]
+        offset = 0
+        while True:
+            page = client.read_logs(limit=200, offset=offset)
+            held.append(page)
+            if len(page) < 200:
+                break
+            offset += 200
+        page = client.read_events(filter=EventFilter(), limit=50)
+        held.append(page.events)
+        while page.next_page:
+            page = client.read_events_page(page.next_page)
+            held.append(page.events)
+    return json.dumps([[x.model_dump(mode="json") for x in xs] for xs in held])
+
+
+def _report(env: dict[str, str], flow_run_id, key: str) -> list[dict]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    stack, client = _client(env)
+    with stack:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    art = next(a for a in arts if a.key == key)
+    return json.loads(art.data) if isinstance(art.data, str) else art.data
 
 
 def _site_rows(env: dict[str, str], flow_run_id) -> list[dict]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        with get_client(sync_client=True) as client:
-            arts = client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-            )
-    art = next(a for a in arts if a.key == "vmbackup-site-report")
-    return json.loads(art.data) if isinstance(art.data, str) else art.data
+    return _report(env, flow_run_id, "vmbackup-site-report")
 
 
 def _sha(path: Path) -> str:
@@ -366,6 +494,14 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
         for scope in counters[kind].values()
         for c in scope.values()
     ), counters
+    # And the Hyper-V sweeper any shadow copy the dead run left (it had
+    # Hyper-V VMs too): nothing of this system stays on the host.
+    p = _run(
+        [PREFECT, "deployment", "run", "sweep_hyperv/hyperv-sweep", "--param", "older_than_seconds=0", "--watch"], env
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    st = _hyperv_host(lab).status()
+    assert st["shadow_copies"] == [] and st["runs"] == [], (st["shadow_copies"], st["runs"])
 
     # The agent's worker comes back (systemd restarts it); the next run backs those VMs up.
     w, log = _start_worker(env, killed, killed, log)
@@ -376,3 +512,31 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
     planner = [r for r in _flow_runs(env, "nightly") if r.state.is_completed()]
     rows = {r["vm"]: r for r in _site_rows(env, max(planner, key=lambda r: r.start_time).id)}
     assert all(rows[vm]["status"] == "ok" for vm in lost), rows
+
+
+def test_missing_hyperv_secret_block_is_one_line_naming_it(site):
+    """A plan whose Hyper-V host names a Secret block the server does not
+    have: the nightly run fails before any agent's run starts, with one line
+    naming the plan's entry."""
+    env = site["env"]
+    plan = yaml.safe_load(Path(site["plan"]).read_text())
+    plan["hyperv"][0]["password_secret"] = "no-such-block"
+    bad = Path(site["plan"]).with_name("plan-missing-block.yaml")
+    bad.write_text(yaml.safe_dump(plan))
+    before = {str(r.id) for a in AGENTS for r in _flow_runs(env, a)}
+    hv = _hyperv_host(site["lab"])
+    sets_before = hv.status()["peak_shadow_copies"]
+    hv.reset_counters()
+
+    p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--param", f"plan_path={bad}", "--watch"], env)
+    assert p.returncode == 1, p.stdout + p.stderr
+    (run,) = [r for r in _flow_runs(env, "nightly") if r.parameters.get("plan_path") == str(bad)]
+    assert run.state.is_failed(), run.state
+    line = f"hyperv[{HV_HOST}].password_secret: there is no Secret block named 'no-such-block'"
+    assert line in run.state.message and "\n" not in run.state.message.strip(), run.state.message
+    assert any(line in m for m in _logs(env, run.id))
+    assert {str(r.id) for a in AGENTS for r in _flow_runs(env, a)} == before  # no agent's run started
+    assert hv.status()["peak_shadow_copies"] == 0, sets_before
+    held = _server_text(env) + p.stdout + p.stderr
+    for secret in (site["password"], site["hyperv_password"]):
+        assert secret not in held

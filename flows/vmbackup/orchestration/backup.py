@@ -285,7 +285,10 @@ def select(
                     )
                 found.reached.append(label)
             except Exception as e:
-                if isinstance(e, InvalidInputError) or len(labels) == 1:
+                if isinstance(e, InvalidInputError):
+                    raise
+                if len(labels) == 1:  # the plan's only hypervisor: the run's one line says which host
+                    _name_host(e, label)
                     raise
                 log.error("%s: %s", label, vmtask.one_line(e, secrets))
                 found.errors.append((label, e))
@@ -323,6 +326,16 @@ def select(
         raise VmNotFoundError(f"VM {', '.join(missing)} does not exist {' or '.join(where)}")
     _fail_duplicates(plan, found)
     return found, vclient
+
+
+def _name_host(e: BaseException, label: str) -> None:
+    """Puts ``label`` ("Hyper-V host hv1") in front of one of our errors'
+    message, keeping its class (and so its exit code and retry rule):
+    WinRM's messages name the URL, which does not say which host of the
+    plan it is."""
+    if isinstance(e, BackupError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        if not e.args[0].startswith(f"{label}: "):
+            e.args = (f"{label}: {e.args[0]}",)
 
 
 def _fail_duplicates(plan: Any, found: Selected) -> None:
