@@ -1,15 +1,21 @@
 """What one VM's backup gives back, for every hypervisor: a row of the report.
 
 `VmResult` is the same for vSphere and Hyper-V (docs/flows.md lists the
-fields); `DiskProgress` sums the progress of a VM's disks read at once.
+fields); `DiskProgress` sums the progress of a VM's disks read at once, and
+`read_disks` reads them at once into one backup point.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -78,3 +84,27 @@ class DiskProgress:
             self.progress(value, self.total)
 
         return cb
+
+
+def read_disks(read: Callable[[T], R], disks: Sequence[T], *, max_workers: int, session: Any) -> list[R]:
+    """``read(disk)`` for every disk, ``max_workers`` at once, into one mover
+    session (the binding's ``add_disk`` runs without the GIL and without
+    holding the session); the results in ``disks``' order.
+
+    When a disk fails (or this thread is interrupted) the backup point is
+    lost: the other disks are cancelled (they raise ``CancelledError``
+    rather than read on to the end), the session is aborted, and the first
+    error is raised."""
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        futures = [pool.submit(read, d) for d in disks]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            error = next((e for f in futures if f in done and (e := f.exception()) is not None), None)
+            if error is not None:
+                raise error
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            session.abort()
+            raise
+        return [f.result() for f in futures]

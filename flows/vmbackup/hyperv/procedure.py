@@ -23,12 +23,11 @@ import json
 import logging
 import re
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackupError, HypervisorError, HypervScriptError, SnapshotError, WinRMError
-from ..results import DiskProgress, VmResult
+from ..results import DiskProgress, VmResult, read_disks
 from .client import HypervClient
 from .inventory import HvVm, describe_vm, volume_of
 
@@ -222,22 +221,13 @@ def backup_vm(
                 "source_format": r.source_format,
             }
 
-        with ThreadPoolExecutor(max_workers=plan.limits.disks_per_vm) as pool:
-            futures = [pool.submit(read, d) for d in disks]
-            try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                error = next((e for f in futures if f in done and (e := f.exception()) is not None), None)
-                if error is not None:
-                    raise error
-            except BaseException as e:
-                # One disk failed: the point is lost, stop the others now.
-                for f in futures:
-                    f.cancel()
-                session.abort()
-                if isinstance(e, (BackupError, OSError)) and (clear := vanished(e)) is not None:
-                    raise clear from None
-                raise
-            disk_results = [f.result() for f in futures]
+        try:
+            disk_results = read_disks(read, disks, max_workers=plan.limits.disks_per_vm, session=session)
+        except (BackupError, OSError) as e:
+            # A disk failed: was it because the shadow copy went away?
+            if (clear := vanished(e)) is not None:
+                raise clear from None
+            raise
         # The data is read; a copy deleted meanwhile means it may not be what the copy held.
         if (clear := vanished(None)) is not None:
             raise clear

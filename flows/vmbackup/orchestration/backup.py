@@ -195,20 +195,26 @@ def unreachable_reason(t: Target) -> str:
     return f"no agent reaches host {t.host}"
 
 
-def _host_row(plan: Any, hypervisor: str, host: str, error: str) -> dict:
+def _not_run_row(plan: Any, vm: str, hypervisor: str, host: str, error: str, storage: Sequence[str] = ()) -> dict:
+    """The failed row of a VM (or ``<host>:*``, a whole host) that was never started."""
     row = dict.fromkeys(vmtask.ROW_FIELDS)
     row.update(
-        vm=f"{host}:*",
+        vm=vm,
         hypervisor=hypervisor,
         status="failed",
         repository=str(plan.repository),
         host=host,
+        datastores=list(storage),
         bytes_read=0,
         bytes_stored=0,
         seconds=0.0,
         error=error,
     )
     return row
+
+
+def _host_row(plan: Any, hypervisor: str, host: str, error: str) -> dict:
+    return _not_run_row(plan, f"{host}:*", hypervisor, host, error)
 
 
 def select(
@@ -350,22 +356,11 @@ def _fail_duplicates(plan: Any, found: Selected) -> None:
             keep.append(t)
             continue
         where = ", ".join(f"{o.hypervisor} host {o.host}" for o in same)
-        row = dict.fromkeys(vmtask.ROW_FIELDS)
-        row.update(
-            vm=t.name,
-            hypervisor=t.hypervisor,
-            status="failed",
-            repository=str(plan.repository),
-            host=t.host,
-            datastores=list(t.storage),
-            bytes_read=0,
-            bytes_stored=0,
-            seconds=0.0,
-            error=(
-                f"VM name {t.name} is selected {len(same)} times ({where}): backups are kept by VM name, "
-                "so none of them is backed up; exclude all but one in the plan's selection or rename them"
-            ),
+        error = (
+            f"VM name {t.name} is selected {len(same)} times ({where}): backups are kept by VM name, "
+            "so none of them is backed up; exclude all but one in the plan's selection or rename them"
         )
+        row = _not_run_row(plan, t.name, t.hypervisor, t.host, error, t.storage)
         found.failed.append(row)
     found.targets = keep
 
@@ -574,20 +569,7 @@ def run_backup(
 
     for name, why in sorted(agent_plan.unassignable.items()):
         t = by_vm[name]
-        row = dict.fromkeys(vmtask.ROW_FIELDS)
-        row.update(
-            vm=name,
-            hypervisor=t.hypervisor,
-            status="failed",
-            repository=str(plan.repository),
-            host=t.host,
-            datastores=list(t.storage),
-            bytes_read=0,
-            bytes_stored=0,
-            seconds=0.0,
-            error=why,
-        )
-        rows.append(row)
+        rows.append(_not_run_row(plan, name, t.hypervisor, t.host, why, t.storage))
     rows += found.failed
     reports.update_progress(progress_id, 100.0)
     _report(keys, rows, str(plan.repository), size_before)

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 import urllib.request
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import quote
 
@@ -23,7 +22,7 @@ from pyVmomi import vmodl
 from ..errors import BackupError, HypervisorError, VmNotFoundError
 from ..plan import Agent, Plan
 from ..results import DiskProgress as _Progress
-from ..results import VmResult
+from ..results import VmResult, read_disks
 from . import cbt, snapshots
 from .faults import hypervisor_error
 from .inventory import VmInfo, vm_info
@@ -238,22 +237,7 @@ def backup_vm(
                 "source_format": r.source_format,
             }
 
-        with ThreadPoolExecutor(max_workers=plan.limits.disks_per_vm) as pool:
-            futures = [pool.submit(read, p) for p in plans]
-            try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                error = next((e for f in futures if f in done and (e := f.exception()) is not None), None)
-                if error is not None:
-                    raise error
-            except BaseException:
-                # A disk failed (or this thread was interrupted): the backup
-                # point is lost, so stop the other disks (they raise
-                # CancelledError) rather than read them to the end.
-                for f in futures:
-                    f.cancel()
-                session.abort()
-                raise
-            disk_results = [f.result() for f in futures]
+        disk_results = read_disks(read, plans, max_workers=plan.limits.disks_per_vm, session=session)
         mode = "incremental" if parent else "full"
         reasons = vm_reason or "; ".join(f"{d['name']}: {d['full_reason']}" for d in disk_results if d["full_reason"])
         last_full = (
