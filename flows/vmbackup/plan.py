@@ -47,6 +47,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _checked_url(v: str, bare: str, schemes: tuple[str, ...], wrong_scheme: str) -> str:
+    """``v`` (a URL, or a bare host name completed by ``bare``) with one of
+    ``schemes``, a host name and a valid port; ValueError otherwise."""
+    v = v.strip()
+    if "://" not in v:
+        v = bare.format(v)
+    parts = urlsplit(v)
+    if parts.scheme not in schemes:
+        raise ValueError(f"'{v}' {wrong_scheme}")
+    if not parts.hostname:
+        raise ValueError(f"'{v}' has no host name")
+    try:
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        raise ValueError(f"'{v}' has a bad port") from None
+    return v
+
+
 class Connection(_Model):
     """How to reach vCenter or a standalone ESXi host."""
 
@@ -60,19 +78,9 @@ class Connection(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        v = v.strip()
-        if "://" not in v:
-            v = f"https://{v}/sdk"
-        parts = urlsplit(v)
-        if parts.scheme != "https":
-            raise ValueError(f"'{v}' must use https (the server's certificate is always verified)")
-        if not parts.hostname:
-            raise ValueError(f"'{v}' has no host name")
-        try:
-            parts.port  # noqa: B018 (validates the port)
-        except ValueError:
-            raise ValueError(f"'{v}' has a bad port") from None
-        return v
+        return _checked_url(
+            v, "https://{}/sdk", ("https",), "must use https (the server's certificate is always verified)"
+        )
 
     @field_validator("thumbprint")
     @classmethod
@@ -130,19 +138,12 @@ class HypervHost(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        v = v.strip()
-        if "://" not in v:
-            v = f"https://{v}:5986/wsman"
-        parts = urlsplit(v)
-        if parts.scheme not in ("https", "http"):
-            raise ValueError(f"'{v}' must be https://host:5986/wsman (or http:// with a sealing auth)")
-        if not parts.hostname:
-            raise ValueError(f"'{v}' has no host name")
-        try:
-            parts.port  # noqa: B018 (validates the port)
-        except ValueError:
-            raise ValueError(f"'{v}' has a bad port") from None
-        return v
+        return _checked_url(
+            v,
+            "https://{}:5986/wsman",
+            ("https", "http"),
+            "must be https://host:5986/wsman (or http:// with a sealing auth)",
+        )
 
     @model_validator(mode="after")
     def _checks(self) -> HypervHost:

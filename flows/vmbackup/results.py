@@ -44,6 +44,13 @@ class VmResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def set_disks(self, disks: list[dict[str, Any]]) -> None:
+        """The disks' rows, and their sums (bytes read and stored, mover seconds)."""
+        self.disks = disks
+        self.bytes_read = sum(d["bytes_read"] for d in disks)
+        self.bytes_stored = sum(d["bytes_stored"] for d in disks)
+        self.read_seconds = sum(d["seconds"] for d in disks)
+
     @classmethod
     def failed(cls, vm: Any, plan: Any, agent: Any, error: BaseException, seconds: float) -> VmResult:
         """A failed row for ``vm`` (a vSphere ``VmInfo`` or a Hyper-V ``HvVm``)."""

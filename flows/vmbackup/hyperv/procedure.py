@@ -259,10 +259,7 @@ def backup_vm(
         result.backup_id = info.id
         result.mode = "full"
         result.full_reason = FULL_REASON
-        result.disks = disk_results
-        result.bytes_read = sum(d["bytes_read"] for d in disk_results)
-        result.bytes_stored = sum(d["bytes_stored"] for d in disk_results)
-        result.read_seconds = sum(d["seconds"] for d in disk_results)
+        result.set_disks(disk_results)
     except BaseException as e:
         body_error = e
         raise

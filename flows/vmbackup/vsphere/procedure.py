@@ -267,10 +267,7 @@ def backup_vm(
         result.backup_id = info.id
         result.mode = mode
         result.full_reason = reasons or None
-        result.disks = disk_results
-        result.bytes_read = sum(d["bytes_read"] for d in disk_results)
-        result.bytes_stored = sum(d["bytes_stored"] for d in disk_results)
-        result.read_seconds = sum(d["seconds"] for d in disk_results)
+        result.set_disks(disk_results)
     except BaseException as e:
         body_error = e
         raise
