@@ -80,6 +80,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     if args.server_command == "status":
         st = server.server_status()
+        if st["running"] and st.get("healthy", True):
+            st["crashed_runs_marked"] = len(_mark_crashed(st))
         if not st["managed"]:
             human = f"PREFECT_API_URL={st['api_url']} ({'answering' if st['running'] else 'NOT answering'})"
         elif st["running"]:
@@ -94,6 +96,26 @@ def run_server(args: argparse.Namespace) -> int:
     result = server.stop_server()
     _emit(args, result, f"stopped the Prefect server (pid {result['pid']})" if result["stopped"] else "not running")
     return 0
+
+
+def _mark_crashed(st: dict) -> list[dict]:
+    """``server status`` marks the runs a killed vmbackup left Running too;
+    Prefect is imported only when a record names a process that is gone."""
+    from . import local_runs
+
+    api_url = st["api_url"]
+    if not local_runs.dead_records(api_url):
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("prefect") is None:
+        return []
+    from . import server
+
+    info = server.ServerInfo(api_url=api_url, ui_url="", managed=st["managed"], state_dir=st["state_dir"])
+    os.environ.update(server.client_env(info))
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    return local_runs.reconcile(api_url)
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -158,6 +180,10 @@ def run_backup(args: argparse.Namespace) -> int:
     # them per VM; the terminal gets the table, not Prefect's tracebacks.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    from . import local_runs
+
+    # Runs a killed vmbackup left Running on this server are ended first.
+    local_runs.reconcile(info.api_url)
 
     from .backup import backup_vms
     from .vmtask import one_line
@@ -169,11 +195,12 @@ def run_backup(args: argparse.Namespace) -> int:
     # cleaned up (snapshot removed, disks detached) before the exit.
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        rows = backup_vms(
-            plan_path=os.path.abspath(args.plan),
-            vms=args.vm,
-            vm_deadline_seconds=args.vm_timeout or None,
-        )
+        with local_runs.tagged(info.api_url):
+            rows = backup_vms(
+                plan_path=os.path.abspath(args.plan),
+                vms=args.vm,
+                vm_deadline_seconds=args.vm_timeout or None,
+            )
     except (BackupError, KeyboardInterrupt):
         raise
     except Exception as e:  # a bug or an unexpected library error: one line, the UI has the traceback

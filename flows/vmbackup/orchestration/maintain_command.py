@@ -96,6 +96,10 @@ def _prepare(args: argparse.Namespace) -> str:
     os.environ.update(server.client_env(info))
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    from . import local_runs
+
+    # Runs a killed vmbackup left Running on this server are ended first.
+    local_runs.reconcile(info.api_url)
     return info.ui_url
 
 
@@ -160,6 +164,13 @@ def run_maintain(args: argparse.Namespace) -> int:
         if (getattr(args, flag, None) or 0) < 0:
             raise InvalidInputError(f"--{flag.replace('_', '-')} must not be negative")
     ui = _prepare(args)
+    from . import local_runs
+
+    with local_runs.tagged(os.environ["PREFECT_API_URL"]):
+        return _run(args, sample, ui)
+
+
+def _run(args: argparse.Namespace, sample: Any, ui: str) -> int:
     from . import maintenance
     from .vmtask import one_line
 
