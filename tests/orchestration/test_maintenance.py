@@ -218,6 +218,8 @@ def test_maintain_commands_print_the_report_and_exit_by_it(prefect_server, site)
     plan = site.plan({"last": 1})
     sound = json.loads(vmbackup("maintain", "verify", "--plan", plan, "--json", env=env).stdout)
     assert sound["ok"] and sound["backups_checked"] == 2
+    # The command kept a record of its process while its flow ran, and removed it at the end.
+    assert (state / "runs").is_dir() and list((state / "runs").glob("*.json")) == []
 
     dry = vmbackup("maintain", "retention", "--plan", plan, "--dry-run", env=env)
     assert f"keep   {ids[1]} vm1 (last)" in dry.stdout and f"remove {ids[0]} vm1" in dry.stdout
