@@ -91,9 +91,9 @@ def test_default_plan_vsphere_and_hyperv_in_one_run_restore_bit_exact(default_la
         assert r["host"] == hv.host and r["transport"] in ("share", "local") and r["mode"] == "full", r
         assert r["datastores"] and all(k.startswith(f"{hv.host}:") for k in r["datastores"]), r
     # The lab's host: win01 runs with its Backup service on (application),
-    # legacy01 has it off and off01 is off (crash, as the plan's policy allows).
+    # legacy01 has it off (crash, as the plan's policy allows); off01 is off (powered-off).
     assert by_vm["win01"]["consistency"] == "application", by_vm["win01"]
-    assert by_vm["legacy01"]["consistency"] == "crash" and by_vm["off01"]["consistency"] == "crash"
+    assert by_vm["legacy01"]["consistency"] == "crash" and by_vm["off01"]["consistency"] == "powered-off"
 
     # One run, one report: its table has every VM with its hypervisor.
     new = _runs_of(env, "backup_vms", plan)

@@ -36,7 +36,9 @@ def _backup_and_capture(client, plan, checks, vm, tmp_path, tag, write_during=No
 def test_full_then_incremental_bit_exact_and_guest_writes_during_backup_do_not_leak(client, plan, checks, vm, tmp_path):
     full = _backup_and_capture(client, plan, checks, vm, tmp_path, "full")
     assert full.mode == "full" and full.full_reason in ("first backup", "CBT was off and has been enabled")
-    assert full.consistency == "application"
+    # A powered-off VM's disks are at rest: "powered-off", not "application".
+    consistency = "powered-off" if vm.startswith("off") else "application"
+    assert full.consistency == consistency
     first_disk = full.disks[0]["name"]
     # Guest writes between the backups, then more writes while the second one runs.
     checks.lab.write(vm, first_disk, 2 << 20, 300_000, seed=7)
@@ -48,7 +50,7 @@ def test_full_then_incremental_bit_exact_and_guest_writes_during_backup_do_not_l
     assert inc.bytes_read < full.bytes_read
     meta = _mover.list_backups(str(plan.repository))[0][-1]
     assert meta.parent == full.backup_id
-    assert meta.attributes["consistency"] == "application" and meta.config["name"] == vm
+    assert meta.attributes["consistency"] == consistency and meta.config["name"] == vm
     assert {d["name"]: d["change_id"] for d in meta.attributes["disks"]} == {
         d["name"]: d["change_id"] for d in inc.disks
     }

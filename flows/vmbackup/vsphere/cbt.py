@@ -8,6 +8,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
+from ..errors import ChangeIdRejected
 from .faults import hypervisor_error
 from .inventory import DiskInfo
 from .tasks import run_task
@@ -20,10 +21,6 @@ def enable(vm: Any, name: str, timeout: float) -> bool:
     spec = vim.vm.ConfigSpec(changeTrackingEnabled=True)
     run_task(lambda: vm.ReconfigVM_Task(spec=spec), f"enabling CBT on VM {name}", timeout)
     return True
-
-
-class ChangeIdRejected(Exception):
-    """QueryChangedDiskAreas refused the change id (CBT was reset): take a full."""
 
 
 def changed_areas(vm: Any, snapshot: Any, disk: DiskInfo, change_id: str) -> list[tuple[int, int]]:

@@ -60,7 +60,7 @@ def ours(vm: Any) -> list[tuple[str, Any]]:
 @dataclass
 class Taken:
     snapshot: Any
-    consistency: str  # "application" or "crash"
+    consistency: str  # "application", "crash" or "powered-off"
     note: str = ""
 
 
@@ -78,7 +78,7 @@ def create(vm: Any, name: str, run_id: str, *, quiesce_policy: str, tools_runnin
     ``required``: a quiesce failure fails the VM (QuiesceError, permanent);
     ``preferred``: one more quiesced attempt, then a crash-consistent snapshot;
     ``off``: never quiesces. A powered-off VM needs no quiescing: its disks are
-    at rest, so the snapshot is application-consistent.
+    at rest, so its consistency is ``powered-off`` (which satisfies ``required``).
     """
     what = f"snapshot of VM {name}"
 
@@ -93,7 +93,7 @@ def create(vm: Any, name: str, run_id: str, *, quiesce_policy: str, tools_runnin
 
     powered_on = str(vm.runtime.powerState) == "poweredOn"
     if not powered_on:
-        return Taken(take(False), "application", "powered off")
+        return Taken(take(False), "powered-off")
     if quiesce_policy == "off":
         return Taken(take(False), "crash", "quiesce off by policy")
     if not tools_running:
