@@ -34,8 +34,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from .. import planning
-from ..errors import BackupError, InvalidInputError
+from .. import planning, results
+from ..errors import AgentMismatchError, BackupError, InvalidInputError, VmsFailedError
 from . import limits, reports, vmtask
 
 DEFAULT_VM_DEADLINE = 6 * 3600.0
@@ -46,14 +46,6 @@ AGENT_ENV = "VMBACKUP_AGENT"
 HYPERVISORS = ("vsphere", "hyperv")
 VSPHERE = "vsphere"
 HYPERV = "hyperv"
-
-
-class AgentMismatchError(Exception):
-    """A per-agent run landed on a worker of another agent."""
-
-
-class VmsFailedError(Exception):
-    """Some VMs of a deployment run failed (their rows are in the report)."""
 
 
 @dataclass(frozen=True)
@@ -197,20 +189,15 @@ def unreachable_reason(t: Target) -> str:
 
 def _not_run_row(plan: Any, vm: str, hypervisor: str, host: str, error: str, storage: Sequence[str] = ()) -> dict:
     """The failed row of a VM (or ``<host>:*``, a whole host) that was never started."""
-    row = dict.fromkeys(vmtask.ROW_FIELDS)
-    row.update(
+    return results.empty_row(
         vm=vm,
         hypervisor=hypervisor,
         status="failed",
         repository=str(plan.repository),
         host=host,
         datastores=list(storage),
-        bytes_read=0,
-        bytes_stored=0,
-        seconds=0.0,
         error=error,
     )
-    return row
 
 
 def _host_row(plan: Any, hypervisor: str, host: str, error: str) -> dict:
