@@ -285,7 +285,6 @@ class AgentMismatchError(BackupError):
     """A per-agent run landed on a worker of another agent."""
 
 
-
 class VmsFailedError(BackupError):
     """Some VMs of a deployment run failed (their rows are in the report)."""
 

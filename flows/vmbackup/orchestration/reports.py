@@ -161,6 +161,12 @@ def summary_markdown(
         for r in crash:
             lines.append(f"| {_md_cell(r.get('vm'))} | {_md_cell(r.get('consistency_note') or '-')} |")
         lines.append("")
+    skipped = [(r, s) for r in rows for s in r.get("skipped_disks") or ()]
+    if skipped:
+        lines += ["## Disks not backed up", "", "| VM | disk | why |", "|---|---|---|"]
+        for r, s in skipped:
+            lines.append(f"| {_md_cell(r.get('vm'))} | {_md_cell(s.get('disk'))} | {_md_cell(s.get('reason'))} |")
+        lines.append("")
     if removed is not None:
         lines += ["## Removed leftovers", ""]
         if not removed:
