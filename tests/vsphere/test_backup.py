@@ -213,3 +213,44 @@ def test_a_full_over_nbd_reads_only_what_cbt_says_is_allocated(client, plan, che
         assert with_data <= d["bytes_read"] < d["capacity"] // 2, d
         assert d["allocated_bytes"] <= d["bytes_read"] <= 2 * d["allocated_bytes"], d
     checks.assert_clean(p)
+
+
+@pytest.mark.parametrize(("transport", "when"), [("direct", "at_snapshot"), ("nbd", "at_snapshot"), ("direct", "read")])
+def test_our_snapshot_removed_by_someone_else_commits_nothing_and_says_so_in_one_line(
+    client, plan, checks, transport, when
+):
+    """An administrator's "delete all" (or another site's sweeper) removes our
+    snapshot after it was made: nothing is committed, one line says why."""
+    from vmbackup.errors import SnapshotError, SnapshotVanishedError
+    from vmbackup.vsphere import snapshots
+    from vmbackup.vsphere.tasks import run_task
+
+    p = with_transports(plan, transport)
+    obj = client.find_vm("multi01")
+
+    names = []
+
+    def remove_ours(name):
+        (node,) = [n for n in snapshots.walk(obj) if n.name == name]
+        run_task(lambda: node.snapshot.RemoveSnapshot_Task(removeChildren=False), "someone else's removal", 60)
+
+    def during_read(_done, _total):
+        # The first progress report: the disks are being read from the snapshot.
+        if names:
+            remove_ours(names.pop())
+
+    with pytest.raises(SnapshotError) as e:
+        if when == "at_snapshot":
+            backup(client, p, "multi01", on_snapshot=remove_ours)
+        else:
+            backup(client, p, "multi01", on_snapshot=names.append, progress=during_read)
+    assert not names  # the snapshot was removed
+    msg = str(e.value)
+    assert isinstance(e.value, SnapshotVanishedError) and e.value.retryable
+    assert "\n" not in msg and "multi01" in msg and "no backup point was committed" in msg, msg
+    assert _mover.list_backups(str(plan.repository))[0] == []
+    checks.assert_clean(plan)
+    # The next backup of the VM works, a full from scratch.
+    r = backup(client, p, "multi01")
+    assert r.status == "ok" and r.mode == "full"
+    checks.assert_clean(plan)

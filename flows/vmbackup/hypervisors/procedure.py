@@ -75,44 +75,21 @@ def backup_one(
         result.consistency_note = frozen.note
         if on_frozen is not None:
             on_frozen(frozen.label)
-        exposed = steps.expose(frozen)
-        result.transport = exposed.transport
-        result.transport_detail = exposed.detail
-        plan = steps.plan_reads(frozen, exposed, previous)
-        result.skipped_disks = [dict(s) for s in plan.skipped]
-        session = _mover.BackupSession(repository, steps.name, plan.parent)
-        agg = DiskProgress(progress, sum(d.capacity for d in plan.disks))
-
-        def read(d: DiskRead) -> dict[str, Any]:
-            r = session.add_disk(
-                d.source,
-                d.name,
-                d.changed,
-                d.change_id,
-                progress=agg.for_disk(d.name),
-                cancel=cancel,
-                allocated_extents=d.allocated,
-            )
-            return {
-                "name": d.name,
-                **d.row,
-                "capacity": d.capacity,
-                "change_id": d.change_id,
-                "mode": "incremental" if d.changed is not None else "full",
-                "full_reason": d.full_reason if d.changed is None else None,
-                "changed_bytes": sum(n for _, n in d.changed) if d.changed is not None else None,
-                "allocated_bytes": sum(n for _, n in d.allocated) if d.allocated is not None else None,
-                "bytes_read": r.bytes_read,
-                "bytes_stored": r.bytes_stored,
-                "seconds": r.seconds,
-                "source_format": r.source_format,
-            }
-
         try:
-            disk_rows = read_disks(read, plan.disks, max_workers=disks_per_vm, session=session)
-        except BaseException as e:
-            # A disk failed: was it because the point in time went away?
-            if isinstance(e, BackupError | OSError) and (clear := steps.still_frozen(frozen, e)) is not None:
+            exposed = steps.expose(frozen)
+            result.transport = exposed.transport
+            result.transport_detail = exposed.detail
+            plan = steps.plan_reads(frozen, exposed, previous)
+            result.skipped_disks = [dict(x) for x in plan.skipped]
+            session = _mover.BackupSession(repository, steps.name, plan.parent)
+            disk_rows = read_disks(
+                _reader(session, plan.disks, progress, cancel), plan.disks, max_workers=disks_per_vm, session=session
+            )
+        except Exception as e:
+            # Did it fail because the point in time went away (a snapshot
+            # removed by someone else, a shadow copy Windows deleted)? Then
+            # say that, in one line, rather than what it broke.
+            if (clear := steps.still_frozen(frozen, e)) is not None:
                 raise clear from None
             raise
         # Every disk is read; if the snapshot or shadow copy went away
@@ -162,6 +139,40 @@ def backup_one(
             log.error("VM %s: cleanup after a failure failed too: %s", steps.name, "; ".join(map(str, problems)))
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _reader(
+    session: Any, disks: list[DiskRead], progress: Callable[[int, int], None] | None, cancel: Any
+) -> Callable[[DiskRead], dict[str, Any]]:
+    """``read(disk)`` for ``read_disks``: one disk into the session, its row back."""
+    agg = DiskProgress(progress, sum(d.capacity for d in disks))
+
+    def read(d: DiskRead) -> dict[str, Any]:
+        r = session.add_disk(
+            d.source,
+            d.name,
+            d.changed,
+            d.change_id,
+            progress=agg.for_disk(d.name),
+            cancel=cancel,
+            allocated_extents=d.allocated,
+        )
+        return {
+            "name": d.name,
+            **d.row,
+            "capacity": d.capacity,
+            "change_id": d.change_id,
+            "mode": "incremental" if d.changed is not None else "full",
+            "full_reason": d.full_reason if d.changed is None else None,
+            "changed_bytes": sum(n for _, n in d.changed) if d.changed is not None else None,
+            "allocated_bytes": sum(n for _, n in d.allocated) if d.allocated is not None else None,
+            "bytes_read": r.bytes_read,
+            "bytes_stored": r.bytes_stored,
+            "seconds": r.seconds,
+            "source_format": r.source_format,
+        }
+
+    return read
 
 
 def plan_keys(plan: Any) -> tuple[str, ...]:
