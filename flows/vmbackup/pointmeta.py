@@ -222,6 +222,7 @@ class Previous:
     disks: list[dict[str, Any]]  # as the manifest has them: name, size, change_id
     meta: PointMeta | None
     unusable: str | None = None
+    label: str = ""  # the point's ``vm`` label in the repository
 
     def full_reason(self) -> str | None:
         """The reason the next backup must be a full because of this point, or None."""
@@ -271,4 +272,4 @@ def latest(repository: str, name: str, vm_id: str | None) -> Previous | None:
         why = None
     except PointMetaError as e:
         meta, why = None, str(e)
-    return Previous(b.id, b.created_unix, disks, meta, why)
+    return Previous(b.id, b.created_unix, disks, meta, why, b.vm)

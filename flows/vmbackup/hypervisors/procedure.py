@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import BackupError, HypervisorError
-from ..pointmeta import PointMeta, latest
+from ..pointmeta import PointMeta, Previous, latest
 from ..results import DiskProgress, VmResult, read_disks
 from .base import DiskRead, Exposed, Frozen, VmSteps
 
@@ -81,7 +81,7 @@ def backup_one(
             result.transport_detail = exposed.detail
             plan = steps.plan_reads(frozen, exposed, previous)
             result.skipped_disks = [dict(x) for x in plan.skipped]
-            session = _mover.BackupSession(repository, steps.name, plan.parent)
+            session = _mover.BackupSession(repository, _label(steps.name, plan.parent, previous), plan.parent)
             disk_rows = read_disks(
                 _reader(session, plan.disks, progress, cancel), plan.disks, max_workers=disks_per_vm, session=session
             )
@@ -181,6 +181,18 @@ def plan_keys(plan: Any) -> tuple[str, ...]:
     for d in plan.disks:
         keys += [k for k in d.row if k not in keys]
     return tuple(keys)
+
+
+def _label(name: str, parent: str | None, previous: Previous | None) -> str:
+    """The point's ``vm`` label: the VM's name; an incremental of a renamed
+    VM (its previous point found by ``vm_id`` under its old name) keeps its
+    chain's label, since the mover takes a parent only of the same label;
+    its next full takes the new name."""
+    if parent is not None and previous is not None and previous.backup_id == parent and previous.label:
+        if previous.label != name:
+            log.info("VM %s was %s: its incremental keeps the chain's label %s", name, previous.label, previous.label)
+        return previous.label
+    return name
 
 
 def _last_full(mode: str, point_unix: float, previous: PointMeta | None) -> float:
