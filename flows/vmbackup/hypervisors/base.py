@@ -153,10 +153,12 @@ class Hypervisor(Protocol):
         """The VMs of ``selection`` this hypervisor has (the adapter's VM
         objects, each with ``name``, ``host`` and ``vm_id`` when known)."""
 
-    def limit_keys(self, vm: Any) -> list[tuple[str, str]]:
+    @staticmethod
+    def limit_keys(vm: Any) -> list[tuple[str, str]]:
         """What one VM's backup holds a slot of besides its agent:
         ``[("host", "esx1"), ("datastore", "ds1")]`` or
-        ``[("host", "hv1"), ("volume", "hv1:D")]``."""
+        ``[("host", "hv1"), ("volume", "hv1:D")]``. A static method: the
+        orchestration asks it for VMs before any connection."""
 
     def steps(self, vm: Any, plan: Any, agent: Any, *, run_id: str, **hooks: Any) -> VmSteps:
         """The per-VM steps of ``vm``, read by ``agent``."""

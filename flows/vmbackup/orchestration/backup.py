@@ -40,6 +40,8 @@ from prefect.runtime import flow_run
 
 from .. import planning, results
 from ..errors import AgentMismatchError, BackupError, InvalidInputError, VmsFailedError
+from ..hyperv.hypervisor import HyperV
+from ..vsphere.hypervisor import VSphere, vm_datastores
 from . import limits, reports, vmtask
 
 DEFAULT_VM_DEADLINE = 6 * 3600.0
@@ -133,13 +135,6 @@ def only_agent(plan: Any, agent: str | None) -> list[Any]:
     return found
 
 
-def vm_datastores(vm: Any) -> list[str]:
-    """Every datastore a vSphere VM has disks (or its configuration) on."""
-    names = set(getattr(vm, "datastores", ()) or ())
-    names |= {d.datastore for d in getattr(vm, "disks", ()) or () if getattr(d, "datastore", None)}
-    return sorted(names)
-
-
 def selection_of(plan: Any, vms: Sequence[str] | None) -> Any:
     """The plan's selection, or exactly the named VMs (the plan's
     exclusions of disks still apply)."""
@@ -183,6 +178,14 @@ def hypervisor_names(plan: Any, hypervisors: Sequence[str]) -> list[str]:
     if HYPERV in hypervisors:
         out += [f"Hyper-V host {h.name}" for h in plan.hyperv]
     return out
+
+
+def limit_names(agent: str, t: Target) -> list[str]:
+    """The limits one VM's backup holds: its agent's and its hypervisor's
+    ``limit_keys`` (host, datastores or volumes)."""
+    cls = HyperV if t.hypervisor == HYPERV else VSphere
+    keys = cls.limit_keys(t.vm)
+    return sorted({limits.limit_name("agent", agent)} | {limits.limit_name(kind, name) for kind, name in keys})
 
 
 def agent_reaches(agent: Any, t: Target) -> bool:
@@ -239,13 +242,13 @@ def select(
     vclient = None
     labels = hypervisor_names(plan, hypervisors)
     if VSPHERE in hypervisors and plan.connection is not None:
-        from ..vsphere.client import VSphereClient
-        from ..vsphere.inventory import select_vms
-
-        label = f"vCenter {plan.connection.host}"
+        vsphere = VSphere(plan, passwords[VSPHERE])
+        label = vsphere.label
         try:
-            vclient = stack.enter_context(VSphereClient.connect(plan.connection, passwords[VSPHERE]))
-            for vm in select_vms(vclient, selection):
+            vsphere.connect()
+            stack.callback(vsphere.close)
+            vclient = vsphere.client
+            for vm in vsphere.select(selection):
                 found.targets.append(
                     Target(
                         vm.name,
@@ -272,12 +275,11 @@ def select(
             )
     if HYPERV in hypervisors:
         for host in plan.hyperv:
-            label = f"Hyper-V host {host.name}"
+            hyperv = HyperV(plan, host, passwords[f"{HYPERV}:{host.name}"])
+            label = hyperv.label
             try:
-                from ..hyperv import inventory
-
-                client = inventory.connect(host, passwords[f"{HYPERV}:{host.name}"])
-                for vm in inventory.select_vms(client, host, wanted, strict=False):
+                hyperv.connect()
+                for vm in hyperv.select(wanted):
                     found.targets.append(
                         Target(
                             vm.name,
@@ -538,13 +540,12 @@ def run_backup(
         jobs = []
         for t in chosen:
             a = agents[agent_plan.assigned[t.key]]
+            names = limit_names(a.name, t)
             if t.hypervisor == HYPERV:
-                names = limits.vm_limit_names(a.name, t.host, (), volumes=t.storage)
                 work = functools.partial(
                     _work_hyperv, passwords[f"{HYPERV}:{t.hv_host.name}"], t, plan, a, run_id, progress
                 )
             else:
-                names = limits.vm_limit_names(a.name, t.host, t.storage)
                 work = functools.partial(_work_vsphere, vclient, t, plan, a, run_id, progress)
             jobs.append(
                 vmtask.VmJob(
