@@ -100,7 +100,9 @@ def test_no_exception_class_is_defined_outside_errors_py():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef) and any(
-                getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception", "Impossible", "Rejected"))
+                getattr(b, "id", getattr(b, "attr", "")).endswith(
+                    ("Error", "Exception", "Impossible", "Rejected", "Signal")
+                )
                 for b in node.bases
             ):
                 offences.append(f"{path.name}:{node.lineno} {node.name}")
