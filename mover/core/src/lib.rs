@@ -34,8 +34,6 @@ pub mod gc;
 pub mod lease;
 pub mod manifest;
 pub mod nbd;
-pub mod nbd_overlay;
-pub mod nbd_server;
 pub mod progress;
 pub mod repository;
 pub mod restore;

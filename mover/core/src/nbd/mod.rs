@@ -1,7 +1,10 @@
 //! What the NBD client (`source::nbd`) and server (`nbd_server`) share: the
 //! wire protocol, URIs, and a socket that is either TCP or a unix socket.
 
+pub mod client;
+pub mod overlay;
 pub mod proto;
+pub mod server;
 pub mod tls;
 pub mod uri;
 

@@ -13,9 +13,9 @@
 
 use crate::error::{Error, Result};
 use crate::extents::{normalize, Extent};
+use crate::nbd::overlay::{Overlay, OVERLAY_BLOCK};
 use crate::nbd::proto::*;
 use crate::nbd::Stream;
-use crate::nbd_overlay::{Overlay, OVERLAY_BLOCK};
 use crate::progress::Cancel;
 use crate::source::DiskSource;
 use std::io::{self, Read, Write};

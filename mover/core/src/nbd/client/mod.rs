@@ -23,13 +23,13 @@
 //! from several connections only. When TLS was asked for, nothing falls back
 //! to plaintext.
 
-use super::DiskSource;
 use crate::error::{Error, Result};
 use crate::extents::Extent;
 use crate::nbd::proto::*;
 use crate::nbd::tls::{TlsSetup, TlsStream};
 use crate::nbd::uri::{Address, NbdUri};
 use crate::nbd::Stream;
+use crate::source::DiskSource;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
