@@ -303,6 +303,14 @@ class Limits(_Model):
     disks_per_vm: int = Field(2, ge=1)
 
 
+class Timeouts(_Model):
+    """How long to wait for vSphere tasks, in seconds (docs/vsphere.md); a task
+    that runs longer goes on in vSphere and the next attempt finds it."""
+
+    task: float = Field(600.0, gt=0)  # every task but snapshot removal
+    snapshot_remove: float = Field(86400.0, gt=0)  # removal merges the delta: can take hours
+
+
 class Plan(_Model):
     connection: Connection | None = None
     hyperv: list[HypervHost] = Field(default_factory=list)
@@ -315,6 +323,7 @@ class Plan(_Model):
     nbd_command: list[str] = Field(default_factory=lambda: list(DEFAULT_NBD_COMMAND), min_length=1)
     full_every_days: int | None = Field(None, ge=1)
     retention: dict[str, int] | None = None
+    timeouts: Timeouts = Field(default_factory=Timeouts)
 
     @field_validator("transports")
     @classmethod
