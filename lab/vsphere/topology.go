@@ -13,6 +13,9 @@ type Topology struct {
 	Clusters         []ClusterSpec `json:"clusters"`
 	StandaloneHosts  []string      `json:"standalone_hosts"`
 	SharedDatastores []string      `json:"shared_datastores"`
+	// DatastoreTypes: a datastore's summary.type other than VMFS. "vsan" (or "vvol")
+	// has no flat file: /folder serves no *-flat.vmdk of it, as on vSAN and vVols.
+	DatastoreTypes map[string]string `json:"datastore_types"`
 	AgentsPerHost    *int          `json:"agents_per_host"`
 	AgentDiskMiB     int64         `json:"agent_disk_mib"`
 	VMs              []VMSpec      `json:"vms"`
@@ -144,6 +147,14 @@ func (t *Topology) normalize() error {
 	}
 	for _, d := range t.SharedDatastores {
 		dss[d] = true
+	}
+	for d, kind := range t.DatastoreTypes {
+		if !dss[d] {
+			return fmt.Errorf("topology: datastore_types names unknown datastore %s", d)
+		}
+		if kind != "vsan" && kind != "vvol" && kind != "VMFS" && kind != "NFS" {
+			return fmt.Errorf("topology: datastore %s has type %q, not one of VMFS, NFS, vsan, vvol", d, kind)
+		}
 	}
 	names := map[string]bool{}
 	for i := range t.VMs {
