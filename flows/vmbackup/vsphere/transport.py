@@ -167,6 +167,9 @@ def destroy_clone(clone: Any, timeout: float) -> None:
 # read from the agent's configuration, so two VMs attaching at once would pick
 # the same unit.
 _attach_locks: dict[str, threading.Lock] = {}
+# The SCSI controllers this process added to each agent VM for backup disks
+# (removed once empty); never the agent's own boot controller.
+_added_controllers: dict[str, set[int]] = {}
 _attach_locks_guard = threading.Lock()
 
 
@@ -188,6 +191,12 @@ class HotAdd(Transport):
         a = self.ctx.agent
         if a.vm is None or a.device_dir is None:
             raise TransportImpossible(f"agent {a.name} has no agent VM or device_dir")
+        ide = [f.disk.name for f in disks if f.disk.name.startswith("ide")]
+        if ide:
+            # VDDK: "HotAdd ... SCSI disks only; IDE disks are not supported" (Best Practices for HotAdd).
+            raise TransportImpossible(
+                f"disk {', '.join(ide)} is on an IDE controller; hot-add attaches SCSI disks only"
+            )
         obj = agent_vm(self.ctx.client, a)
         if obj is None:
             raise TransportImpossible(f"agent VM {a.vm} does not exist")
@@ -206,10 +215,8 @@ class HotAdd(Transport):
 
     def _attach_locked(self, files: list[str]) -> dict[str, str]:
         obj = self.agent_obj
+        ctrl = self._backup_controller(len(files))
         devices = list(obj.config.hardware.device)
-        ctrl = next((d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)), None)
-        if ctrl is None:
-            raise TransportImpossible(f"agent VM {obj.name} has no SCSI controller for hot-add")
         used = {d.unitNumber for d in devices if getattr(d, "controllerKey", None) == ctrl.key}
         free = [u for u in range(16) if u != 7 and u not in used]
         if len(free) < len(files):
@@ -278,6 +285,63 @@ class HotAdd(Transport):
         except (BackupError, KeyError) as e:
             raise TransportImpossible(f"attaching the frozen disks failed ({first}); the linked clone too ({e})") from e
 
+    def _backup_controller(self, n: int) -> Any:
+        """A SCSI controller of the agent for backup disks, never its boot
+        controller (the one holding the agent's own disks): a free one with
+        room for ``n`` disks, else a paravirtual one added now (and removed by
+        ``close`` once empty). Called under the agent's attach lock."""
+        obj = self.agent_obj
+        devices = list(obj.config.hardware.device)
+        scsi = [d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)]
+        added = _added_controllers.setdefault(obj._moId, set())
+        own = {
+            dev.controllerKey
+            for _, dev in disks_of(devices)
+            if dev.backing.fileName not in self.files and dev.controllerKey not in added
+        }
+        for c in scsi:
+            if c.key in own:
+                continue  # the agent's boot controller (or one with its own disks)
+            used = {d.unitNumber for d in devices if getattr(d, "controllerKey", None) == c.key}
+            if len([u for u in range(16) if u != 7 and u not in used]) >= n:
+                return c
+        buses = {c.busNumber for c in scsi}
+        bus = next((b for b in range(4) if b not in buses), None)
+        if bus is None:
+            raise TransportImpossible(
+                f"agent VM {obj.name} has no SCSI controller free for backup disks and no bus left"
+            )
+        new = vim.vm.device.ParaVirtualSCSIController(key=-300, busNumber=bus, sharedBus="noSharing")
+        spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=new)])
+        run_task(
+            lambda: obj.ReconfigVM_Task(spec=spec),
+            f"adding a SCSI controller for backup disks to agent VM {obj.name}",
+            self.ctx.timeout,
+        )
+        for c in obj.config.hardware.device:
+            if isinstance(c, vim.vm.device.VirtualSCSIController) and c.busNumber == bus:
+                added.add(c.key)
+                return c
+        raise TransportImpossible(f"the SCSI controller added to agent VM {obj.name} did not appear")
+
+    def _remove_empty_controllers(self) -> None:
+        """Removes the controllers this process added to the agent once no disk is on them."""
+        obj = self.agent_obj
+        with _attach_lock(obj._moId):
+            added = _added_controllers.get(obj._moId, set())
+            devices = list(obj.config.hardware.device)
+            busy = {dev.controllerKey for _, dev in disks_of(devices)}
+            empty = [d for d in devices if d.key in added and d.key not in busy]
+            if not empty:
+                return
+            changes = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=d) for d in empty]
+            run_task(
+                lambda: obj.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes)),
+                f"removing the backup SCSI controller of agent VM {obj.name}",
+                self.ctx.timeout,
+            )
+            added -= {d.key for d in empty}
+
     def close(self) -> list[str]:
         problems = []
         if self.agent_obj is not None and self.files:
@@ -286,6 +350,11 @@ class HotAdd(Transport):
                     self.agent_obj, self.files, self.ctx.timeout, f"detaching disks from {self.agent_obj.name}"
                 )
                 self.files = set()
+            except BackupError as e:
+                problems.append(str(e))
+        if self.agent_obj is not None and not self.files:
+            try:
+                self._remove_empty_controllers()
             except BackupError as e:
                 problems.append(str(e))
         if self.clone is not None:
