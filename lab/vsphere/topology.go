@@ -16,13 +16,13 @@ type Topology struct {
 	// DatastoreTypes: a datastore's summary.type other than VMFS. "vsan" (or "vvol")
 	// has no flat file: /folder serves no *-flat.vmdk of it, as on vSAN and vVols.
 	DatastoreTypes map[string]string `json:"datastore_types"`
-	AgentsPerHost    *int          `json:"agents_per_host"`
-	AgentDiskMiB     int64         `json:"agent_disk_mib"`
-	VMs              []VMSpec      `json:"vms"`
-	User             string        `json:"user"`
-	CBTPageBytes     int64         `json:"cbt_page_bytes"`
-	CBTMaxAreas      int           `json:"cbt_max_areas"`
-	Faults           FaultsSpec    `json:"faults"`
+	AgentsPerHost  *int              `json:"agents_per_host"`
+	AgentDiskMiB   int64             `json:"agent_disk_mib"`
+	VMs            []VMSpec          `json:"vms"`
+	User           string            `json:"user"`
+	CBTPageBytes   int64             `json:"cbt_page_bytes"`
+	CBTMaxAreas    int               `json:"cbt_max_areas"`
+	Faults         FaultsSpec        `json:"faults"`
 }
 
 type ClusterSpec struct {
