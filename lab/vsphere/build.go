@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
@@ -89,7 +90,10 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			return err
 		}
 		for _, ds := range append([]string{localDatastore(name)}, l.topo.SharedDatastores...) {
-			dir := filepath.Join(l.state, "datastores", ds)
+			// The stock simulator makes a local datastore's moref its path: keep XML's
+			// specials out of it (a datastore may be named "nas & co"; a real moref is
+			// "datastore-NN").
+			dir := filepath.Join(l.state, "datastores", dirName(ds))
 			if err := os.MkdirAll(dir, 0755); err != nil {
 				return err
 			}
@@ -106,6 +110,13 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			}
 		}
 	}
+	// Datastore types (summary.type): vSAN and vVols keep no flat file (sessionGate.flatless).
+	for name, kind := range l.topo.DatastoreTypes {
+		ds := simulator.Map.Get(l.dsRefs[name]).(*simulator.Datastore)
+		ds.Summary.Type = map[string]string{"vsan": "vsan", "vvol": "VVOL", "VMFS": "VMFS", "NFS": "NFS"}[kind]
+	}
+	types_ := l.topo.DatastoreTypes
+	l.sessions.flatless = func(ds string) bool { k := types_[ds]; return k == "vsan" || k == "vvol" }
 	// The stock simulator records only the first host's mount of a shared datastore.
 	for _, name := range l.topo.SharedDatastores {
 		ds := simulator.Map.Get(l.dsRefs[name]).(*simulator.Datastore)
@@ -282,4 +293,15 @@ func (l *Lab) adopt(obj *simulator.VirtualMachine, agent, tools bool) *LabVM {
 	simulator.Map.Put(vm)
 	l.vms[vm.Name] = vm
 	return vm
+}
+
+// dirName is a datastore's directory name: its name with every character outside
+// [A-Za-z0-9._-] replaced by "_".
+func dirName(ds string) string {
+	return strings.Map(func(r rune) rune {
+		if (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') || (r >= '0' && r <= '9') || r == '.' || r == '_' || r == '-' {
+			return r
+		}
+		return '_'
+	}, ds)
 }

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"sort"
 	"strings"
+	"time"
 )
 
 // The control endpoint: HTTPS paths under /lab/ on the simulator's own server, for
@@ -94,6 +95,23 @@ func (l *Lab) control(op string, req map[string]json.RawMessage) (interface{}, e
 		}
 		return l.setFault(vm, host, f)
 	case "drop-sessions":
+		// idle_seconds: only sessions idle that long (vCenter's idle timeout);
+		// after_folder_requests: drop every session after that many more /folder requests.
+		var idle float64
+		var after int
+		if err := field(req, "idle_seconds", &idle); err != nil {
+			return nil, err
+		}
+		if err := field(req, "after_folder_requests", &after); err != nil {
+			return nil, err
+		}
+		if after > 0 {
+			l.sessions.dropAfterFolderRequests(after)
+			return map[string]int{"dropped": 0, "after_folder_requests": after}, nil
+		}
+		if _, ok := req["idle_seconds"]; ok {
+			return map[string]int{"dropped": l.sessions.expireIdle(time.Duration(idle * float64(time.Second)))}, nil
+		}
 		return map[string]int{"dropped": l.sessions.drop()}, nil
 	case "counters/reset":
 		l.counters.reset()

@@ -13,13 +13,16 @@ type Topology struct {
 	Clusters         []ClusterSpec `json:"clusters"`
 	StandaloneHosts  []string      `json:"standalone_hosts"`
 	SharedDatastores []string      `json:"shared_datastores"`
-	AgentsPerHost    *int          `json:"agents_per_host"`
-	AgentDiskMiB     int64         `json:"agent_disk_mib"`
-	VMs              []VMSpec      `json:"vms"`
-	User             string        `json:"user"`
-	CBTPageBytes     int64         `json:"cbt_page_bytes"`
-	CBTMaxAreas      int           `json:"cbt_max_areas"`
-	Faults           FaultsSpec    `json:"faults"`
+	// DatastoreTypes: a datastore's summary.type other than VMFS. "vsan" (or "vvol")
+	// has no flat file: /folder serves no *-flat.vmdk of it, as on vSAN and vVols.
+	DatastoreTypes map[string]string `json:"datastore_types"`
+	AgentsPerHost  *int              `json:"agents_per_host"`
+	AgentDiskMiB   int64             `json:"agent_disk_mib"`
+	VMs            []VMSpec          `json:"vms"`
+	User           string            `json:"user"`
+	CBTPageBytes   int64             `json:"cbt_page_bytes"`
+	CBTMaxAreas    int               `json:"cbt_max_areas"`
+	Faults         FaultsSpec        `json:"faults"`
 	// Hosts whose agent VMs are encrypted (they hold the lab key provider's keys, so
 	// they can hot-add an encrypted VM's disks and read plaintext; crypt.go).
 	EncryptedAgentHosts []string `json:"encrypted_agent_hosts"`
@@ -154,6 +157,14 @@ func (t *Topology) normalize() error {
 	for _, h := range t.EncryptedAgentHosts {
 		if !known[h] {
 			return fmt.Errorf("topology: encrypted_agent_hosts names unknown host %s", h)
+		}
+	}
+	for d, kind := range t.DatastoreTypes {
+		if !dss[d] {
+			return fmt.Errorf("topology: datastore_types names unknown datastore %s", d)
+		}
+		if kind != "vsan" && kind != "vvol" && kind != "VMFS" && kind != "NFS" {
+			return fmt.Errorf("topology: datastore %s has type %q, not one of VMFS, NFS, vsan, vvol", d, kind)
 		}
 	}
 	names := map[string]bool{}

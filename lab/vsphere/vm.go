@@ -28,6 +28,9 @@ type LabVM struct {
 	faults Faults
 	hot    map[int32]*Attachment
 	crypt  *cryptoKey // an encrypted VM: config.keyId, its disks' files hold ciphertext
+	// removing counts snapshot removals still running (slow_ms): vSphere runs one
+	// task at a time on a VM, so a consolidation started meanwhile is refused.
+	removing int
 }
 
 // LabSnapshot extends VirtualMachineSnapshot: removal merges the delta back.
@@ -107,6 +110,14 @@ func (vm *LabVM) RemoveAllSnapshotsTask(ctx *simulator.Context, req *types.Remov
 }
 
 func (vm *LabVM) ConsolidateVMDisksTask(ctx *simulator.Context, req *types.ConsolidateVMDisks_Task) soap.HasFault {
+	vm.lab.mu.Lock()
+	busy := vm.removing > 0
+	vm.lab.mu.Unlock()
+	if busy {
+		// Consolidating while a snapshot removal still merges its delta: the VM is busy.
+		return &methods.ConsolidateVMDisks_TaskBody{Fault_: simulator.Fault(
+			fmt.Sprintf("VM %s: a snapshot removal is in progress", vm.Name), &types.TaskInProgress{})}
+	}
 	task := simulator.CreateTask(vm, "consolidateVMDisks", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
 		l := vm.lab
 		l.mu.Lock()
@@ -152,9 +163,15 @@ func (s *LabSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *types.Remo
 	l.mu.Unlock()
 	ref := task.Self
 	if slow > 0 {
+		l.mu.Lock()
+		vm.removing++
+		l.mu.Unlock()
 		go func() {
 			time.Sleep(time.Duration(slow) * time.Millisecond)
 			task.Run()
+			l.mu.Lock()
+			vm.removing--
+			l.mu.Unlock()
 		}()
 	} else {
 		ref = task.Run()

@@ -38,7 +38,8 @@ class Entry:
     pid: int = field(default_factory=os.getpid)
     machine: str = field(default_factory=socket.gethostname)
     created_unix: float = field(default_factory=time.time)
-    snapshot: dict[str, str] | None = None  # {"moref", "name"}
+    attempt: str | None = None  # this try of the run (snapshots.new_attempt); a retry has another
+    snapshot: dict[str, str] | None = None  # {"name", "moref", "create_task", "remove_task"}
     attachments: list[dict[str, Any]] = field(default_factory=list)  # {"agent", "agent_vm", "file"}
     clones: list[dict[str, str]] = field(default_factory=list)  # {"name", "moref"}
     nbd: list[dict[str, Any]] = field(default_factory=list)  # {"pid", "socket"}
@@ -67,12 +68,14 @@ class Ledger:
     def __init__(self, repository: str | os.PathLike):
         self.dir = ledger_dir(repository)
 
-    def path(self, run_id: str, vm: str) -> Path:
-        return self.dir / f"{_safe(vm)}--{_safe(run_id)}.json"
+    def path(self, run_id: str, vm: str, attempt: str | None = None) -> Path:
+        # One file per attempt: a retry never overwrites what an earlier attempt left.
+        att = f"--{_safe(attempt)}" if attempt else ""
+        return self.dir / f"{_safe(vm)}--{_safe(run_id)}{att}.json"
 
     def write(self, entry: Entry) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = entry.path or self.path(entry.run_id, entry.vm)
+        path = entry.path or self.path(entry.run_id, entry.vm, entry.attempt)
         entry.path = path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from pyVmomi import vmodl
 
-from ..errors import BackupError, HypervisorError, VmNotFoundError
+from ..errors import BackupError, HypervisorError, TaskTimeoutError, VmNotFoundError
 from ..plan import Agent, Plan
 from ..results import DiskProgress as _Progress
 from ..results import VmResult, read_disks
@@ -122,7 +122,19 @@ def backup_vm(
         obj.name  # noqa: B018 (is it still there?)
     except vmodl.fault.ManagedObjectNotFound:
         raise VmNotFoundError(f"VM {vm.name} does not exist any more") from None
-    reconcile_vm(client, obj, vm.name, plan, ledger, current_run=run_id, timeout=TASK_TIMEOUT)
+    # vslife (item 6): one attempt id per try; reconcile cleans the run's earlier attempts.
+    attempt = snapshots.new_attempt()
+    reconcile_vm(
+        client,
+        obj,
+        vm.name,
+        plan,
+        ledger,
+        current_run=run_id,
+        current_attempt=attempt,
+        timeout=plan.timeouts.task,
+        remove_timeout=plan.timeouts.snapshot_remove,
+    )
     # [vstruth wiring] CBT is not switched on while the VM has snapshots (cbt.prepare).
     cbt_start = cbt.prepare(obj, vm.name, TASK_TIMEOUT)
     cbt_enabled = cbt_start.just_enabled
@@ -136,9 +148,17 @@ def backup_vm(
     previous = latest_backup(repo, vm.name)
     star = cbt.star_epochs(disks, previous, cbt_start)  # [vstruth wiring] where CBT's "*" is valid
 
-    entry = Entry(run_id=run_id, vm=vm.name, vm_moref=vm.moref)
-    entry.snapshot = {"name": snapshots.snapshot_name(run_id)}
+    entry = Entry(run_id=run_id, vm=vm.name, vm_moref=vm.moref, attempt=attempt)
+    entry.snapshot = {"name": snapshots.snapshot_name(run_id), "attempt": attempt}
     ledger.write(entry)
+
+    def note_task(key: str) -> Any:  # vslife: a snapshot task is in the ledger before it is waited for
+        def note(moref: str) -> None:
+            entry.snapshot[key] = moref
+            ledger.write(entry)
+
+        return note
+
     result = VmResult(
         vm=vm.name, status="ok", repository=repo, host=info.host, agent=agent.name, datastores=list(info.datastores)
     )
@@ -155,7 +175,9 @@ def backup_vm(
             run_id,
             quiesce_policy=plan.quiesce,
             tools_running=info.tools_running,
-            timeout=TASK_TIMEOUT,
+            timeout=plan.timeouts.task,
+            attempt=attempt,
+            on_task=note_task("create_task"),
         )
         snap_t0 = time.monotonic()
         snap_unix = time.time()  # the backup's point in time
@@ -307,16 +329,29 @@ def backup_vm(
         if session is not None:
             session.abort()
         problems = transport.close() if transport is not None else []
+        # vslife (item 6): a snapshot task still running in vSphere (a timed-out
+        # create or remove) keeps the ledger entry, which names the task, and
+        # defers consolidation until it finished (the next attempt waits for it).
+        pending = taken is None and isinstance(body_error, TaskTimeoutError) and "create_task" in entry.snapshot
+        if pending:
+            problems.append(f"creating the snapshot goes on in vSphere (task {entry.snapshot['create_task']})")
         if taken is not None:
             try:
                 snapshots.remove(
-                    taken.snapshot, f"removing snapshot {taken.snapshot._moId} of VM {vm.name}", TASK_TIMEOUT
+                    taken.snapshot,
+                    f"removing snapshot {taken.snapshot._moId} of VM {vm.name}",
+                    plan.timeouts.snapshot_remove,
+                    on_task=note_task("remove_task"),
                 )
+            except TaskTimeoutError as e:
+                pending = True
+                problems.append(f"{e}; consolidation waits for it")
             except BackupError as e:
                 problems.append(str(e))
             result.snapshot_seconds = time.monotonic() - snap_t0
         try:
-            snapshots.consolidate_if_needed(obj, vm.name, TASK_TIMEOUT)
+            if not pending:
+                snapshots.consolidate_if_needed(obj, vm.name, plan.timeouts.task)
         except BackupError as e:
             problems.append(str(e))
         except vmodl.MethodFault as e:

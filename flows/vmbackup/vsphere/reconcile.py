@@ -5,6 +5,13 @@ started, detach the VM's disk files from the plan's agent VMs (a hot-added
 file locks the chain), destroy their linked clones, remove their snapshots
 (name prefix and run id in the description; a user's snapshot is never
 touched), consolidate if vSphere says it is needed.
+
+A retry is another attempt of the same run: the snapshots and ledger entries
+of the run's earlier attempts (another attempt id) are leftovers like any
+other. A snapshot task an earlier attempt gave up waiting for (its create or
+remove task timed out and goes on in vSphere, the ledger names it) is waited
+for first, so that a snapshot made after the time-out is removed too, and
+consolidation never starts while a removal runs.
 """
 
 from __future__ import annotations
@@ -18,12 +25,12 @@ from typing import Any
 
 from pyVmomi import vim
 
-from ..errors import BackupError, HypervisorBusyError
+from ..errors import BackupError, HypervisorBusyError, TaskTimeoutError
 from ..plan import Plan
 from . import snapshots
 from .inventory import CLONE_PREFIX, chain_files, disks_of
 from .ledger import Entry, Ledger
-from .tasks import run_task
+from .tasks import run_task, task_state, wait_task
 from .transport import agent_vm, destroy_clone, detach_files
 
 log = logging.getLogger(__name__)
@@ -87,26 +94,43 @@ def reconcile_vm(
     timeout: float = 600.0,
     entries: list[Entry] | None = None,
     snapshot_filter: Any = None,
+    current_attempt: str | None = None,
+    remove_timeout: float = snapshots.REMOVE_TIMEOUT,
 ) -> list[Leftover]:
     """Removes what earlier runs left on one VM; returns what it found.
 
-    Raises HypervisorBusyError if a run that is still alive holds the VM.
+    ``current_attempt`` given, only that attempt of ``current_run`` is spared:
+    the run's earlier attempts are cleaned like other runs. Without it the
+    whole current run is spared. Raises HypervisorBusyError if a run that is
+    still alive holds the VM; TaskTimeoutError if a snapshot task an earlier
+    attempt left running does not finish in time.
     """
+
+    def current(run_id: str | None, att: str | None) -> bool:
+        return run_id == current_run and (current_attempt is None or att == current_attempt)
+
     everyone = ledger.entries(vm_name)
-    entries = [e for e in (entries if entries is not None else everyone) if e.run_id != current_run]
+    entries = [e for e in (entries if entries is not None else everyone) if not current(e.run_id, e.attempt)]
     for e in everyone:
-        if e.run_id != current_run and e.alive_elsewhere():
+        if not current(e.run_id, e.attempt) and e.alive_elsewhere():
             raise HypervisorBusyError(f"VM {vm_name} is being backed up by run {e.run_id} (pid {e.pid})")
     found: list[Leftover] = []
+    removing = False  # a snapshot removal timed out and goes on: no consolidation now
 
     def attempt(kind: str, name: str, action: Any) -> bool:
+        nonlocal removing
         try:
             action()
             found.append(Leftover(kind, vm_name, name, True))
             return True
         except BackupError as err:
+            if kind == "snapshot" and isinstance(err, TaskTimeoutError):
+                removing = True
             found.append(Leftover(kind, vm_name, name, False, str(err)))
             return False
+
+    if vm is not None:
+        _wait_for_pending_tasks(vm._stub, vm_name, entries, timeout, remove_timeout)
 
     for e in entries:
         for n in e.nbd:
@@ -133,16 +157,16 @@ def reconcile_vm(
     ok = all(x.removed for x in found)
     if vm is not None:
         for rid, node in snapshots.ours(vm):
-            if rid == current_run or (snapshot_filter is not None and not snapshot_filter(node)):
+            if current(rid, snapshots.attempt_of(node)) or (snapshot_filter is not None and not snapshot_filter(node)):
                 continue
             ok &= attempt(
                 "snapshot",
                 node.name,
-                lambda n=node: snapshots.remove(
-                    n.snapshot, f"removing leftover snapshot {n.name} of {vm_name}", timeout
-                ),
+                lambda n=node, rid=rid: _remove_leftover(ledger, vm, vm_name, rid, n, remove_timeout),
             )
-        if vm.runtime.consolidationNeeded:
+        if removing:
+            log.warning("VM %s: a snapshot removal goes on; consolidation waits for it", vm_name)
+        elif vm.runtime.consolidationNeeded:
             ok &= attempt(
                 "consolidation",
                 vm_name,
@@ -152,6 +176,39 @@ def reconcile_vm(
         for e in entries:
             ledger.remove(e)
     return found
+
+
+def _wait_for_pending_tasks(
+    stub: Any, vm_name: str, entries: list[Entry], timeout: float, remove_timeout: float
+) -> None:
+    """Waits for the snapshot tasks earlier attempts left running (the ledger names them)."""
+    for e in entries:
+        snap = e.snapshot or {}
+        for key, limit, what in (("create_task", timeout, "creating"), ("remove_task", remove_timeout, "removing")):
+            moref = snap.get(key)
+            if not moref or task_state(stub, moref) != "running":
+                continue
+            log.info("VM %s: waiting for task %s (%s a snapshot of run %s)", vm_name, moref, what, e.run_id)
+            try:
+                wait_task(vim.Task(moref, stub), f"{what} snapshot {snap.get('name')} of VM {vm_name}", limit)
+            except TaskTimeoutError:
+                raise
+            except BackupError as err:  # it failed: nothing of it to wait for
+                log.info("VM %s: task %s ended in an error: %s", vm_name, moref, err)
+
+
+def _remove_leftover(ledger: Ledger, vm: Any, vm_name: str, run_id: str, node: Any, timeout: float) -> None:
+    """Removes a leftover snapshot; its removal task is written down before it is
+    waited for (it may outlive this process), and forgotten once it finished."""
+    e = Entry(run_id=run_id, vm=vm_name, vm_moref=vm._moId, attempt=f"{snapshots.attempt_of(node) or 'x'}-rm")
+    e.snapshot = {"name": node.name, "moref": node.snapshot._moId}
+
+    def note(task: str) -> None:
+        e.snapshot["remove_task"] = task
+        ledger.write(e)
+
+    snapshots.remove(node.snapshot, f"removing leftover snapshot {node.name} of {vm_name}", timeout, on_task=note)
+    ledger.remove(e)
 
 
 def _ledger_clones(client: Any, entries: list[Entry]) -> list[Any]:

@@ -42,10 +42,30 @@ def wait_task(task: vim.Task, what: str, timeout: float = DEFAULT_TIMEOUT) -> An
         delay = min(delay * 1.5, MAX_DELAY)
 
 
-def run_task(start: Any, what: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
-    """Starts a task with ``start()`` and waits for it; faults of the start are mapped too."""
+def run_task(start: Any, what: str, timeout: float = DEFAULT_TIMEOUT, on_task: Any = None) -> Any:
+    """Starts a task with ``start()`` and waits for it; faults of the start are mapped too.
+
+    ``on_task(moref)``, if given, is called once the task exists and before
+    waiting: a caller writes it down, so that after a time-out the next attempt
+    can wait for the task that goes on in vSphere (``task_state``).
+    """
     try:
         task = start()
     except vmodl.MethodFault as e:
         raise hypervisor_error(what, e) from e
+    if on_task is not None:
+        on_task(task._moId)
     return wait_task(task, what, timeout)
+
+
+def task_state(stub: Any, moref: str) -> str:
+    """``running`` (queued or running), ``success``, ``error``, or ``gone`` (vCenter forgot it)."""
+    try:
+        info = vim.Task(moref, stub).info
+    except vmodl.fault.ManagedObjectNotFound:
+        return "gone"
+    except Exception:  # noqa: BLE001 (a task we cannot read is as good as gone for waiting)
+        return "gone"
+    if info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
+        return "running"
+    return str(info.state)

@@ -253,6 +253,15 @@ class Lab:
         connections; returns the number of vSphere sessions and WinRM shells dropped."""
         return sum(self.drop_all_sessions().values())
 
+    def drop_sessions_after(self, folder_requests: int) -> None:
+        """Drop every vSphere session once ``folder_requests`` more datastore
+        (/folder) requests have been served: a drop in the middle of a read."""
+        self.call("drop-sessions", {"after_folder_requests": folder_requests})
+
+    def expire_idle_sessions(self, seconds: float) -> int:
+        """Drop the vSphere sessions idle for ``seconds`` or more (vCenter's idle timeout)."""
+        return self.call("drop-sessions", {"idle_seconds": seconds})["dropped"]
+
     def drop_all_sessions(self) -> dict[str, int]:
         """What `drop_sessions` dropped, per endpoint: ``vsphere`` and each Hyper-V host's name."""
         out = {"vsphere": self.call("drop-sessions", {})["dropped"]}
