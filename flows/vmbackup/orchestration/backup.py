@@ -229,22 +229,31 @@ def select(
 
     Returns what was found and the vSphere client (kept open by ``stack``
     for the tasks), or None. Raises when nothing can run: every hypervisor
-    failed (its own error when there is one), or a plain VM name exists on
-    none of them (``VmNotFoundError``, exit 2).
+    failed (its own error when there is one), a plain VM name exists on
+    none of them (``VmNotFoundError``, exit 2), or the plan names a host,
+    cluster, folder, tag or datastore none of them has (``plan_names``:
+    ``InvalidInputError``, exit 2, checked before any VM is selected).
     """
+    from ..plan_names import check_names
+
     log = get_run_logger()
     wanted = selection_of(plan, vms)
     selection, plain = _per_adapter(wanted)
     found = Selected()
     vclient = None
     labels = hypervisor_names(plan, hypervisors)
+    if plan.connection is None:
+        check_names(plan, None)  # every name must be a Hyper-V host of the plan
     if VSPHERE in hypervisors and plan.connection is not None:
         from ..vsphere.client import VSphereClient
-        from ..vsphere.inventory import select_vms
+        from ..vsphere.inventory import inventory_names, select_vms
 
         label = f"vCenter {plan.connection.host}"
         try:
             vclient = stack.enter_context(VSphereClient.connect(plan.connection, passwords[VSPHERE]))
+            # The plan's names against the inventory, before any VM is touched
+            # (an InvalidInputError: exit 2 whatever else the plan has).
+            check_names(plan, inventory_names(vclient))
             for vm in select_vms(vclient, selection):
                 found.targets.append(
                     Target(
