@@ -38,6 +38,7 @@ EXPECTED = {
     "TargetError": (False, 1),
     "AddressInUseError": (True, 1),
     "CancelledError": (False, 1),
+    "NothingSelectedError": (False, 1),
     "VmNotFoundError": (False, 2),
     "AuthenticationError": (False, 1),
     "CertificateError": (False, 1),

@@ -108,6 +108,13 @@ class CancelledError(MoverError):
     """The operation was cancelled."""
 
 
+class NothingSelectedError(BackupError):
+    """A backup run's selection matched no VM on any hypervisor it reached:
+    a run that protects nothing is a failed run, never a success."""
+
+    retryable = False
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether a retry of the call that raised ``exc`` may succeed.
 

@@ -10,6 +10,7 @@ from pyVmomi import vim
 
 from ..errors import HypervisorError, VmNotFoundError
 from ..plan import Selection
+from ..plan_names import VsphereNames
 
 CLONE_PREFIX = "vmbackup-clone-"
 
@@ -296,3 +297,80 @@ def select_vms(client: Any, selection: Selection, agent_vms: set[str] | None = N
     if missing:
         raise VmNotFoundError(f"VM {', '.join(missing)} does not exist in {client.conn.host}")
     return [vm_info(picked[n]) for n in sorted(picked)]
+
+
+def inventory_names(client: Any) -> VsphereNames:
+    """The names of the inventory's hosts, clusters, datastores, VM folders
+    and custom attributes, for checking a plan's names (``plan_names``).
+
+    One ``RetrievePropertiesEx`` over a container view (and its pages), not
+    a round trip per object: a vCenter's inventory may hold thousands.
+    """
+    content = client.content
+    kinds = [vim.HostSystem, vim.ClusterComputeResource, vim.Datastore, vim.Folder, vim.Datacenter]
+    view = content.viewManager.CreateContainerView(content.rootFolder, kinds, True)
+    try:
+        props = {
+            vim.HostSystem: ["name"],
+            vim.ClusterComputeResource: ["name"],
+            vim.Datastore: ["name"],
+            vim.Folder: ["name", "parent"],
+            vim.Datacenter: ["vmFolder"],
+        }
+        spec = vim.PropertyCollector.FilterSpec(
+            objectSet=[
+                vim.PropertyCollector.ObjectSpec(
+                    obj=view,
+                    skip=True,
+                    selectSet=[vim.PropertyCollector.TraversalSpec(type=vim.view.ContainerView, path="view")],
+                )
+            ],
+            propSet=[vim.PropertyCollector.PropertySpec(type=k, pathSet=p) for k, p in props.items()],
+        )
+        pc = content.propertyCollector
+        objs = []
+        result = pc.RetrievePropertiesEx([spec], vim.PropertyCollector.RetrieveOptions())
+        while result is not None:
+            objs += list(result.objects or [])
+            result = pc.ContinueRetrievePropertiesEx(result.token) if result.token else None
+    finally:
+        view.Destroy()
+
+    names: dict[type, set[str]] = {vim.HostSystem: set(), vim.ClusterComputeResource: set(), vim.Datastore: set()}
+    folders: dict[str, tuple[str, str | None]] = {}  # moref -> (name, parent moref)
+    roots: set[str] = set()  # the datacenters' VM folders ("vm")
+    for oc in objs:
+        values = {p.name: p.val for p in oc.propSet or []}
+        for kind, found in names.items():
+            if isinstance(oc.obj, kind):
+                found.add(values.get("name", ""))
+        if isinstance(oc.obj, vim.Folder):
+            parent = values.get("parent")
+            folders[oc.obj._moId] = (values.get("name", ""), parent._moId if parent is not None else None)
+        elif isinstance(oc.obj, vim.Datacenter) and values.get("vmFolder") is not None:
+            roots.add(values["vmFolder"]._moId)
+
+    # A VM folder's path is as the selection matches it: from the
+    # datacenter's VM folder down ("vm/prod/web"); any of its names too.
+    vm_folders: set[str] = set()
+    for moref, (name, _) in folders.items():
+        parts, at = [], moref
+        while at in folders and at not in roots:
+            parts.append(folders[at][0])
+            at = folders[at][1]
+        if at in roots:
+            path = "/".join([folders[at][0], *reversed(parts)])
+            vm_folders |= {name, path}
+
+    attributes = set()
+    cfm = content.customFieldsManager
+    for f in (cfm.field or []) if cfm is not None else []:
+        if f.managedObjectType in (None, vim.VirtualMachine):
+            attributes.add(f.name)
+    return VsphereNames(
+        hosts=frozenset(names[vim.HostSystem]),
+        clusters=frozenset(names[vim.ClusterComputeResource]),
+        datastores=frozenset(names[vim.Datastore]),
+        folders=frozenset(vm_folders),
+        attributes=frozenset(attributes),
+    )
