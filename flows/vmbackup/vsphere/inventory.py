@@ -226,12 +226,16 @@ def vm_info(vm: Any) -> VmInfo:
 
 def is_agent_or_ours(vm: Any, config: Any) -> bool:
     """Agent appliances and our own linked clones are never backed up."""
-    if vm.name.startswith(CLONE_PREFIX):
+    return _is_agent_or_ours(vm.name, config.template, config.extraConfig)
+
+
+def _is_agent_or_ours(name: str, template: Any, extra_config: Any) -> bool:
+    if name.startswith(CLONE_PREFIX):
         return True
-    for opt in config.extraConfig or []:
+    for opt in extra_config or []:
         if opt.key == "vmbackup.agent" and str(opt.value).lower() == "true":
             return True
-    return bool(config.template)
+    return bool(template)
 
 
 def _tags(client: Any, vm: Any) -> set[str]:
@@ -261,16 +265,21 @@ def select_vms(client: Any, selection: Selection, agent_vms: set[str] | None = N
     agent_vms = agent_vms or set()
     picked: dict[str, Any] = {}
     seen: set[str] = set()
-    for vm in client.objects(vim.VirtualMachine):
-        try:
-            config = vm.config
-            name = vm.name
-        except vim.fault.NoPermission:
-            continue
-        if config is None:
+    # One PropertyCollector request (a page per 1000 VMs) reads what every VM
+    # is asked here; the criteria below read more only of VMs they look at.
+    # It also renews the client's VM index (agents, clones) for the run.
+    listed = client.properties_of_all(vim.VirtualMachine, ["name", "config.template", "config.extraConfig"])
+    index: dict[str, list[Any]] = {}
+    for vm, props in listed:
+        if "name" in props:
+            index.setdefault(props["name"], []).append(vm)
+    client.set_vm_index(index)
+    for vm, props in listed:
+        name = props.get("name")
+        if name is None or "config.template" not in props:  # no configuration (yet), or not ours to see
             continue
         seen.add(name)
-        if name in agent_vms or is_agent_or_ours(vm, config):
+        if name in agent_vms or _is_agent_or_ours(name, props["config.template"], props.get("config.extraConfig")):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in selection.exclude):
             continue

@@ -70,17 +70,34 @@ def vm_files(vm: Any) -> set[str]:
 
 
 def clones_of(client: Any, vm_name: str) -> list[Any]:
+    """Our linked clones of the VM, from the client's VM index (the run's selection made it).
+
+    A clone made after that by a run that died is in that run's ledger entry
+    (written before the clone exists): ``_ledger_clones`` finds it.
+    """
     prefix = f"{CLONE_PREFIX}{vm_name}-"
-    return [v for v in client.objects(vim.VirtualMachine) if v.name.startswith(prefix)]
+    return [v for name, vms in client.vm_index().items() if name.startswith(prefix) for v in vms]
 
 
 def agent_objects(client: Any, plan: Plan) -> list[Any]:
     out = []
+    seen: set[str] = set()
     for a in plan.agents:
         obj = agent_vm(client, a)
-        if obj is not None:
+        if obj is not None and obj._moId not in seen:
+            seen.add(obj._moId)
             out.append(obj)
     return out
+
+
+def _devices(client: Any, objs: list[Any]) -> dict[str, tuple[str, list[Any]]]:
+    """``{moref: (name, devices)}`` of the VMs that still exist, in one request."""
+    props = client.properties(objs, ["name", "config.hardware.device"])
+    return {
+        moref: (p.get("name", moref), list(p.get("config.hardware.device") or []))
+        for moref, p in props.items()
+        if "config.hardware.device" in p
+    }
 
 
 def reconcile_vm(
@@ -137,23 +154,29 @@ def reconcile_vm(
             if _stop_nbd(int(n["pid"])):
                 found.append(Leftover("nbd", vm_name, f"pid {n['pid']}", True))
 
-    clones = clones_of(client, vm_name) if vm is not None else []
-    clones += [c for c in _ledger_clones(client, entries) if all(c._moId != x._moId for x in clones)]
+    found_clones = (clones_of(client, vm_name) if vm is not None else []) + _ledger_clones(client, vm, entries)
+    clones = list({c._moId: c for c in found_clones}.values())
     files = {a["file"] for e in entries for a in e.attachments}
     if vm is not None:
         files |= vm_files(vm)
-    for c in clones:
-        files |= vm_files(c)
-    for agent in agent_objects(client, plan):
-        mine = {dev.backing.fileName for _, dev in disks_of(list(agent.config.hardware.device))} & files
+    # The clones' and the agents' devices: one request each, however many there are.
+    clone_devices = _devices(client, clones)
+    clones = [c for c in clones if c._moId in clone_devices]  # gone since the index was made
+    for _, devices in clone_devices.values():
+        files |= {f for _, dev in disks_of(devices) for f in chain_files(dev.backing)}
+    agents = agent_objects(client, plan)
+    agent_devices = _devices(client, agents)
+    for agent in agents:
+        name, devices = agent_devices.get(agent._moId, (None, []))
+        mine = {dev.backing.fileName for _, dev in disks_of(devices)} & files
         for f in sorted(mine):
             attempt(
                 "attachment",
-                f"{f} on {agent.name}",
-                lambda a=agent, f=f: detach_files(a, {f}, timeout, f"detaching {f} from {a.name}"),
+                f"{f} on {name}",
+                lambda a=agent, f=f, n=name: detach_files(a, {f}, timeout, f"detaching {f} from {n}"),
             )
     for c in clones:
-        attempt("clone", c.name, lambda c=c: destroy_clone(c, timeout))
+        attempt("clone", clone_devices[c._moId][0], lambda c=c: destroy_clone(c, timeout))
     ok = all(x.removed for x in found)
     if vm is not None:
         for rid, node in snapshots.ours(vm):
@@ -211,8 +234,24 @@ def _remove_leftover(ledger: Ledger, vm: Any, vm_name: str, run_id: str, node: A
     ledger.remove(e)
 
 
-def _ledger_clones(client: Any, entries: list[Entry]) -> list[Any]:
-    names = {c.get("name") for e in entries for c in e.clones}
-    if not names:
-        return []
-    return [v for v in client.objects(vim.VirtualMachine) if v.name in names]
+def _ledger_clones(client: Any, vm: Any, entries: list[Entry]) -> list[Any]:
+    """The clones the ledger names: by moref when it was recorded, else by name in the VM's folder
+    (where the clone is made: one ``SearchIndex.FindChild``), else in the index."""
+    out = []
+    folder = None
+    for c in (c for e in entries for c in e.clones):
+        if c.get("moref"):
+            out.append(client.vm_by_moref(c["moref"]))
+            continue
+        name = c.get("name")
+        if not name:
+            continue
+        if vm is not None:
+            if folder is None:
+                folder = vm.parent
+            found = client.content.searchIndex.FindChild(folder, name)
+            if found is not None:
+                out.append(found)
+                continue
+        out += client.vm_index().get(name, [])
+    return out

@@ -67,7 +67,11 @@ def run_id_of(tree: Any) -> str | None:
 
 def walk(vm: Any) -> Iterator[Any]:
     """Every snapshot tree node of a VM, parents before children."""
-    info = vm.snapshot
+    return walk_info(vm.snapshot)
+
+
+def walk_info(info: Any) -> Iterator[Any]:
+    """Every node of a VM's ``snapshot`` property (None: no snapshots), parents before children."""
     stack = list(reversed(info.rootSnapshotList)) if info is not None else []
     while stack:
         node = stack.pop()
@@ -77,7 +81,12 @@ def walk(vm: Any) -> Iterator[Any]:
 
 def ours(vm: Any) -> list[tuple[str, Any]]:
     """(run id, snapshot tree node) of every snapshot this system made on the VM."""
-    return [(rid, n) for n in walk(vm) if (rid := run_id_of(n)) is not None]
+    return ours_in(vm.snapshot)
+
+
+def ours_in(info: Any) -> list[tuple[str, Any]]:
+    """``ours`` of a ``snapshot`` property already read (by a PropertyCollector request, say)."""
+    return [(rid, n) for n in walk_info(info) if (rid := run_id_of(n)) is not None]
 
 
 @dataclass

@@ -34,17 +34,29 @@ def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftove
     by_vm: dict[str, list[Any]] = {}
     for e in entries:
         by_vm.setdefault(e.vm, []).append(e)
-    vms = {vm.name: vm for vm in client.objects(vim.VirtualMachine)}
+    # Every VM's name, snapshot tree and creation date in one request (a page
+    # per 1000 VMs), not a round trip per VM and property.
+    listed = client.properties_of_all(vim.VirtualMachine, ["name", "snapshot", "config.createDate"])
+    index: dict[str, list[Any]] = {}
+    vms: dict[str, Any] = {}
+    props_of: dict[str, dict[str, Any]] = {}
+    for vm, props in listed:
+        if "name" in props:
+            index.setdefault(props["name"], []).append(vm)
+            vms[props["name"]] = vm
+            props_of[props["name"]] = props
+    client.set_vm_index(index)
     # VMs with old snapshots of ours, or old clones of ours, even without a ledger entry.
-    for name, vm in vms.items():
+    for name in vms:
         if name.startswith(CLONE_PREFIX):
             continue
-        old = [n for _, n in snapshots.ours(vm) if _age(n.createTime, now) >= older_than_seconds]
+        tree = props_of[name].get("snapshot")
+        old = [n for _, n in snapshots.ours_in(tree) if _age(n.createTime, now) >= older_than_seconds]
         if old:
             by_vm.setdefault(name, [])
     for name, vm in vms.items():
         if name.startswith(CLONE_PREFIX):
-            created = getattr(vm.config, "createDate", None)
+            created = props_of[name].get("config.createDate")
             if _age(created, now) >= older_than_seconds:
                 owner = _clone_owner(name, vms)
                 if owner is not None:

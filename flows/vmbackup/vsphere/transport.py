@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
 from ..errors import BackupError
 from ..plan import Agent, Plan
@@ -148,12 +148,10 @@ class Transport:
 
 
 def agent_vm(client: Any, agent: Agent) -> Any:
+    """The agent's VM (from the client's VM index: no call once the run's selection made it), or None."""
     if agent.vm is None:
         return None
-    for vm in client.objects(vim.VirtualMachine):
-        if vm.name == agent.vm:
-            return vm
-    return None
+    return client.vm_named(agent.vm)
 
 
 def detach_files(agent_obj: Any, files: set[str], timeout: float, what: str) -> int:
@@ -210,7 +208,13 @@ class HotAdd(Transport):
         obj = agent_vm(self.ctx.client, a)
         if obj is None:
             raise TransportImpossible(f"agent VM {a.vm} does not exist")
-        host = obj.runtime.host
+        try:
+            host = obj.runtime.host
+        except vmodl.fault.ManagedObjectNotFound:  # the index named an agent VM since removed
+            obj = self.ctx.client.vm_index(refresh=True).get(a.vm, [None])[0]
+            if obj is None:
+                raise TransportImpossible(f"agent VM {a.vm} does not exist") from None
+            host = obj.runtime.host
         if self.ctx.encryption and getattr(obj.config, "keyId", None) is None:
             # vSphere decrypts a hot-added encrypted disk only for an encrypted VM
             # (whose host holds the key provider's keys); an unencrypted VM cannot
@@ -219,7 +223,9 @@ class HotAdd(Transport):
                 f"VM {self.ctx.vm_name} is encrypted ({self.ctx.encryption}) and agent VM {a.vm} is not: "
                 "its host cannot decrypt the disks"
             )
-        visible = {ds.name for ds in host.datastore} if host is not None else set()
+        # The names of the datastores the agent's host sees: one request, however many.
+        seen = self.ctx.client.properties(list(host.datastore), ["name"]) if host is not None else {}
+        visible = {p["name"] for p in seen.values() if "name" in p}
         blind = sorted({f.datastore for f in disks} - visible)
         if blind:
             raise TransportImpossible(
