@@ -314,6 +314,9 @@ class Plan(_Model):
     transports: list[Transport] = Field(default_factory=lambda: list(TRANSPORTS), min_length=1)
     nbd_command: list[str] = Field(default_factory=lambda: list(DEFAULT_NBD_COMMAND), min_length=1)
     full_every_days: int | None = Field(None, ge=1)
+    # Independent disks and physical-mode RDMs (no snapshot covers them):
+    # skip them (the VM is ok, the row lists them) or fail the VM.
+    independent_disks: Literal["skip", "fail"] = "skip"
     retention: dict[str, int] | None = None
 
     @field_validator("transports")

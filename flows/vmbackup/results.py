@@ -40,6 +40,7 @@ class VmResult:
     read_seconds: float = 0.0
     disks: list[dict[str, Any]] = field(default_factory=list)
     consistency_note: str | None = None  # why crash consistency, when it is
+    skipped_disks: list[dict[str, str]] = field(default_factory=list)  # [{"disk", "reason"}]: never read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

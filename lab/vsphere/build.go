@@ -99,6 +99,11 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			}
 			l.dsDirs[ds] = dir
 			l.dsRefs[ds] = obj.Reference()
+			// The stock simulator calls a local datastore "OTHER"; an ESXi host's
+			// datastores are VMFS, which is what CBT's "*" query needs (cbt.go).
+			if x, ok := simulator.Map.Get(obj.Reference()).(*simulator.Datastore); ok {
+				x.Summary.Type = string(types.HostFileSystemVolumeFileSystemTypeVMFS)
+			}
 		}
 	}
 	// The stock simulator records only the first host's mount of a shared datastore.
@@ -184,6 +189,7 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 	}
 	ctrls := map[string]bool{}
 	units := map[string]int32{}
+	specOf := map[int32]DiskSpec{}
 	for i, d := range spec.Disks {
 		if !ctrls[d.Bus] {
 			ctrls[d.Bus] = true
@@ -203,6 +209,7 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 			_ = os.MkdirAll(filepath.Join(l.dsDirs[d.Datastore], spec.Name), 0755)
 		}
 		u := unit
+		specOf[busKeys[d.Bus].disk+unit] = d
 		disk := &types.VirtualDisk{
 			VirtualDevice: types.VirtualDevice{
 				Key: busKeys[d.Bus].disk + unit, ControllerKey: busKeys[d.Bus].ctrl, UnitNumber: &u,
@@ -226,16 +233,32 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 	ref := info.Result.(types.ManagedObjectReference)
 	tools := spec.Tools == nil || *spec.Tools
 	vm := l.adopt(simulator.Map.Get(ref).(*simulator.VirtualMachine), agent, tools)
+	// An encrypted VM's disks are encrypted; an encrypted agent's own system disk stays
+	// plain (an encrypted VM may have unencrypted disks): only its configuration says
+	// that it holds the provider's keys.
+	var key *cryptoKey
+	if spec.Encrypted || (agent && contains(l.topo.EncryptedAgentHosts, spec.Host)) {
+		key = newCryptoKey(spec.Name)
+		vm.Config.KeyId = key.id()
+	}
+	if !agent {
+		vm.crypt = key
+	}
 	for _, dev := range vm.Config.Hardware.Device {
 		disk, ok := dev.(*types.VirtualDisk)
 		if !ok {
 			continue
 		}
 		b := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
-		if _, err := l.newBaseDisk(vm, disk, b.FileName, vm.Name+"/"+b.FileName); err != nil {
+		d, err := l.newBaseDisk(vm, disk, b.FileName, vm.Name+"/"+b.FileName)
+		if err != nil {
 			return err
 		}
+		if ds, ok := specOf[disk.Key]; ok {
+			d.Mode, d.RDM = ds.Mode, ds.RDM == "physical"
+		}
 	}
+	vm.crypt = key
 	if spec.CBT {
 		l.setCBT(vm, true)
 	}

@@ -86,8 +86,11 @@ func (l *Lab) control(op string, req map[string]json.RawMessage) (interface{}, e
 		return res, nil
 	case "fault":
 		var f Faults
-		if err := field(req, "faults", &f); err != nil {
-			return nil, err
+		if raw, ok := req["faults"]; ok {
+			var err error
+			if f, err = decodeFaults(raw); err != nil {
+				return nil, badInput{err}
+			}
 		}
 		return l.setFault(vm, host, f)
 	case "drop-sessions":
@@ -132,6 +135,8 @@ func (l *Lab) status() interface{} {
 		File     string   `json:"file"`
 		Chain    []string `json:"chain"`
 		ChangeID string   `json:"change_id,omitempty"`
+		Mode     string   `json:"mode"`
+		RDM      bool     `json:"rdm,omitempty"`
 	}
 	type snapOut struct {
 		Name  string            `json:"name"`
@@ -146,6 +151,7 @@ func (l *Lab) status() interface{} {
 		Agent               bool          `json:"agent"`
 		ToolsRunning        bool          `json:"tools_running"`
 		CBT                 bool          `json:"cbt"`
+		Encrypted           bool          `json:"encrypted"`
 		ConsolidationNeeded bool          `json:"consolidation_needed"`
 		Disks               []diskOut     `json:"disks"`
 		Snapshots           []snapOut     `json:"snapshots"`
@@ -157,10 +163,12 @@ func (l *Lab) status() interface{} {
 		o := vmOut{Name: vm.Name, Moref: vm.Self.Value, Host: vm.hostName(), Power: string(vm.Runtime.PowerState),
 			Agent: vm.agent, ToolsRunning: vm.toolsRunning(), Faults: vm.faults,
 			CBT:                 vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled,
+			Encrypted:           vm.Config.KeyId != nil,
 			ConsolidationNeeded: vm.Runtime.ConsolidationNeeded != nil && *vm.Runtime.ConsolidationNeeded,
 			Disks:               []diskOut{}, Snapshots: []snapOut{}}
 		for _, d := range vm.disks {
-			do := diskOut{Name: d.Name, Key: d.Key, Capacity: d.Capacity, File: d.Top.DSPath(), ChangeID: d.changeID()}
+			do := diskOut{Name: d.Name, Key: d.Key, Capacity: d.Capacity, File: d.Top.DSPath(), ChangeID: d.changeID(),
+				Mode: d.diskMode(), RDM: d.RDM}
 			for e := d.Top; e != nil; e = e.Parent {
 				do.Chain = append(do.Chain, e.DSPath())
 			}

@@ -2,9 +2,13 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
+	"fmt"
 	"io"
 	"log"
 	"net/http"
+	"reflect"
+	"strings"
 	"sync"
 	"time"
 
@@ -19,6 +23,34 @@ type Faults struct {
 	LeaveConsolidation bool `json:"leave_consolidation,omitempty"` // VM: removing a snapshot leaves consolidationNeeded
 	RefuseSnapshots    bool `json:"refuse_snapshots,omitempty"`    // host: new snapshots fail (SnapshotDisabled)
 	ToolsNotRunning    bool `json:"tools_not_running,omitempty"`   // VM: VMware Tools stop running
+	CBTOmit            bool `json:"cbt_omit,omitempty"`            // VM: CBT leaves the next guest writes out
+}
+
+// faultNames are the names a fault request may use: the json names of Faults.
+func faultNames() []string {
+	var out []string
+	t := reflect.TypeOf(Faults{})
+	for i := 0; i < t.NumField(); i++ {
+		out = append(out, strings.Split(t.Field(i).Tag.Get("json"), ",")[0])
+	}
+	return out
+}
+
+// decodeFaults reads a fault request, refusing a name the lab does not know (a test
+// that misspells a fault must not pass without it).
+func decodeFaults(raw json.RawMessage) (Faults, error) {
+	var f Faults
+	var names map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &names); err != nil {
+		return f, err
+	}
+	known := faultNames()
+	for name := range names {
+		if !contains(known, name) {
+			return f, fmt.Errorf("unknown fault %q (the lab knows %s)", name, strings.Join(known, ", "))
+		}
+	}
+	return f, json.Unmarshal(raw, &f)
 }
 
 // sessionGate drops sessions: every session cookie seen before a drop is refused

@@ -20,6 +20,9 @@ type Topology struct {
 	CBTPageBytes     int64         `json:"cbt_page_bytes"`
 	CBTMaxAreas      int           `json:"cbt_max_areas"`
 	Faults           FaultsSpec    `json:"faults"`
+	// Hosts whose agent VMs are encrypted (they hold the lab key provider's keys, so
+	// they can hot-add an encrypted VM's disks and read plaintext; crypt.go).
+	EncryptedAgentHosts []string `json:"encrypted_agent_hosts"`
 }
 
 type ClusterSpec struct {
@@ -34,6 +37,7 @@ type VMSpec struct {
 	Power     string     `json:"power"` // "on" (default) or "off"
 	Tools     *bool      `json:"tools"` // VMware Tools running (default true when powered on)
 	CBT       bool       `json:"cbt"`
+	Encrypted bool       `json:"encrypted"` // VM Encryption: config.keyId, each disk's backing.keyId
 	Disks     []DiskSpec `json:"disks"`
 }
 
@@ -41,6 +45,8 @@ type DiskSpec struct {
 	Bus       string `json:"bus"` // scsi (default), sata, nvme
 	SizeMiB   int64  `json:"size_mib"`
 	Datastore string `json:"datastore"`
+	Mode      string `json:"mode"` // persistent (default), independent_persistent, independent_nonpersistent
+	RDM       string `json:"rdm"`  // "physical": a physical-compatibility raw device mapping
 }
 
 type FaultsSpec struct {
@@ -145,6 +151,11 @@ func (t *Topology) normalize() error {
 	for _, d := range t.SharedDatastores {
 		dss[d] = true
 	}
+	for _, h := range t.EncryptedAgentHosts {
+		if !known[h] {
+			return fmt.Errorf("topology: encrypted_agent_hosts names unknown host %s", h)
+		}
+	}
 	names := map[string]bool{}
 	for i := range t.VMs {
 		vm := &t.VMs[i]
@@ -177,6 +188,12 @@ func (t *Topology) normalize() error {
 			}
 			if d.SizeMiB == 0 {
 				d.SizeMiB = 64
+			}
+			if d.Mode != "" && !validDiskMode(d.Mode) {
+				return fmt.Errorf("topology: VM %s disk %d: mode must be persistent, independent_persistent or independent_nonpersistent", vm.Name, j)
+			}
+			if d.RDM != "" && (d.RDM != "physical" || d.Mode != "") {
+				return fmt.Errorf("topology: VM %s disk %d: rdm must be \"physical\" (and then no mode)", vm.Name, j)
 			}
 			if d.Datastore == "" {
 				d.Datastore = vm.Datastore

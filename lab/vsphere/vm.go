@@ -27,6 +27,7 @@ type LabVM struct {
 	tools  bool
 	faults Faults
 	hot    map[int32]*Attachment
+	crypt  *cryptoKey // an encrypted VM: config.keyId, its disks' files hold ciphertext
 }
 
 // LabSnapshot extends VirtualMachineSnapshot: removal merges the delta back.
@@ -196,6 +197,11 @@ func (vm *LabVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryC
 			return body
 		}
 		sd := st.Disks[d.Key]
+		if sd == nil { // an independent disk: the snapshot does not cover it
+			body.Fault_ = simulator.Fault(fmt.Sprintf("disk %d of VM %s is not part of snapshot %s", d.Key, vm.Name, st.Tree.Name),
+				&types.FileFault{File: d.Top.DSPath()})
+			return body
+		}
 		top, asOf = sd.Extent, sd.ChangeID
 	}
 	info, fault := l.changedAreas(d, top, asOf, req.ChangeId, req.StartOffset)
@@ -226,6 +232,7 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 	var rest []types.BaseVirtualDeviceConfigSpec
 	var attach, detach []*types.VirtualDeviceConfigSpec
 	grow := map[*VDisk]int64{}
+	modes := map[*VDisk]string{}
 	l.mu.Lock()
 	for _, c := range spec.DeviceChange {
 		dc := c.GetVirtualDeviceConfigSpec()
@@ -243,6 +250,16 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 				}
 			}
 		case types.VirtualDeviceConfigSpecOperationEdit:
+			if d := vm.diskByKey(disk.Key); d != nil {
+				mode, fault := vm.modeChange(d, disk)
+				if fault != nil {
+					l.mu.Unlock()
+					return fault
+				}
+				if mode != "" {
+					modes[d] = mode
+				}
+			}
 			// Extending a disk: vSphere refuses it while snapshots exist.
 			if d := vm.diskByKey(disk.Key); d != nil && disk.CapacityInBytes > d.Capacity {
 				if len(vm.snaps) > 0 || d.Top.Parent != nil {
@@ -288,6 +305,9 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 		l.setCBT(vm, *spec.ChangeTrackingEnabled)
 	}
 	l.adoptNewDisks(vm)
+	for d, mode := range modes {
+		d.Mode = mode
+	}
 	for d, capacity := range grow {
 		if err := d.grow(capacity); err != nil {
 			return &types.FileFault{File: d.Top.DSPath()}
@@ -359,6 +379,10 @@ func (l *Lab) attach(vm *LabVM, dc *types.VirtualDeviceConfigSpec) types.BaseMet
 	e := l.extentByPath(b.FileName)
 	if owner := e.Owner.VM; !e.Frozen && owner != vm && owner.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
 		return &types.FileLocked{FileFault: types.FileFault{File: b.FileName}}
+	}
+	if !vm.canDecrypt(e.crypt) {
+		// An unencrypted VM cannot have encrypted disks (vSphere VM Encryption).
+		return &types.InvalidDeviceSpec{InvalidVmConfig: types.InvalidVmConfig{Property: "backing.keyId"}}
 	}
 	for _, a := range vm.hot {
 		if a.extent == e {

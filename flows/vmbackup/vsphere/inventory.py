@@ -8,7 +8,7 @@ from typing import Any
 
 from pyVmomi import vim
 
-from ..errors import VmNotFoundError
+from ..errors import HypervisorError, VmNotFoundError
 from ..plan import Selection
 
 CLONE_PREFIX = "vmbackup-clone-"
@@ -22,6 +22,35 @@ class DiskInfo:
     datastore: str
     capacity: int
     uuid: str = ""
+    mode: str = "persistent"  # backing.diskMode
+    skip_reason: str | None = None  # why a snapshot does not cover it (never read then)
+    encrypted: bool = False  # backing.keyId is set: its files hold ciphertext
+    change_id: str = ""  # backing.changeId of the running disk ("" without CBT)
+    datastore_type: str = ""  # VMFS, NFS, vsan, VVOL... (summary.type)
+
+
+def skip_reason(dev: Any) -> str | None:
+    """Why a snapshot does not freeze this disk, or None.
+
+    VMware: independent disk modes are "not affected by snapshots"
+    (VirtualDiskMode); a physical-compatibility RDM "cannot use disk modes"
+    and passes commands straight to the LUN (VirtualDiskCompatibilityMode).
+    Reading either during a backup reads the live, changing disk.
+    """
+    b = dev.backing
+    if isinstance(b, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo):
+        if getattr(b, "compatibilityMode", "") == "physicalMode":
+            return "physical-mode RDM: not covered by snapshots"
+    mode = getattr(b, "diskMode", "") or ""
+    if mode.startswith("independent"):
+        return f"independent disk ({mode}): not covered by snapshots"
+    return None
+
+
+def key_id_text(key: Any) -> str:
+    """A CryptoKeyId as ``key <id> of provider <provider>``."""
+    provider = getattr(getattr(key, "providerId", None), "id", None) or "?"
+    return f"key {key.keyId} of provider {provider}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +65,19 @@ class VmInfo:
     tools_running: bool
     cbt_enabled: bool
     folder: str = ""
+    # VM Encryption: config.keyId, or a disk's backing.keyId ("key K of provider P"), else None
+    encryption: str | None = None
+    has_snapshots: bool = False  # any snapshot at all when read (ours included)
+
+    @property
+    def skipped_disks(self) -> list[dict[str, str]]:
+        """The disks never read, with why: ``[{"disk": "scsi0:1", "reason": ...}]``."""
+        return [{"disk": d.name, "reason": d.skip_reason} for d in self.disks if d.skip_reason]
+
+    @property
+    def readable_disks(self) -> list[DiskInfo]:
+        """The disks a snapshot freezes: the ones a backup reads."""
+        return [d for d in self.disks if not d.skip_reason]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,7 +91,22 @@ class VmInfo:
             "tools_running": self.tools_running,
             "cbt_enabled": self.cbt_enabled,
             "folder": self.folder,
+            "encryption": self.encryption,
+            "skipped_disks": self.skipped_disks,
         }
+
+
+def check_skipped(info: VmInfo, policy: str) -> list[dict[str, str]]:
+    """The VM's skipped disks under the plan's ``independent_disks`` policy.
+
+    ``skip``: returned (the row and the backup point list them; the VM is ok
+    with a warning). ``fail``: a VM with any raises HypervisorError, one line.
+    """
+    skipped = info.skipped_disks
+    if skipped and policy == "fail":
+        what = "; ".join(f"{s['disk']}: {s['reason']}" for s in skipped)
+        raise HypervisorError(f"VM {info.name} has disks no snapshot covers (independent_disks: fail): {what}")
+    return skipped
 
 
 def _bus(ctrl: Any) -> str:
@@ -114,18 +171,40 @@ def vm_info(vm: Any) -> VmInfo:
     host = runtime.host
     cluster = host.parent if host is not None else None
     disks = []
+    ds_types: dict[str, str] = {}
     for name, dev in disks_of(list(config.hardware.device)):
-        fname = dev.backing.fileName
+        b = dev.backing
+        fname = b.fileName
+        ds = datastore_of(fname)
+        if ds not in ds_types:
+            ds_obj = getattr(b, "datastore", None)
+            ds_types[ds] = str(getattr(getattr(ds_obj, "summary", None), "type", "") or "") if ds_obj else ""
         disks.append(
             DiskInfo(
                 key=dev.key,
                 name=name,
                 file=fname,
-                datastore=datastore_of(fname),
+                datastore=ds,
                 capacity=int(dev.capacityInBytes or dev.capacityInKB * 1024),
-                uuid=base_uuid(dev.backing),
+                uuid=base_uuid(b),
+                mode=getattr(b, "diskMode", "") or "persistent",
+                skip_reason=skip_reason(dev),
+                encrypted=getattr(b, "keyId", None) is not None,
+                change_id=getattr(b, "changeId", None) or "",
+                datastore_type=ds_types[ds],
             )
         )
+    encryption = None
+    if getattr(config, "keyId", None) is not None:
+        encryption = key_id_text(config.keyId)
+    else:
+        keyed = [
+            dev.backing.keyId
+            for _, dev in disks_of(list(config.hardware.device))
+            if getattr(dev.backing, "keyId", None)
+        ]
+        if keyed:
+            encryption = key_id_text(keyed[0])
     guest = vm.guest
     tools = getattr(guest, "toolsRunningStatus", None) == "guestToolsRunning"
     return VmInfo(
@@ -139,6 +218,8 @@ def vm_info(vm: Any) -> VmInfo:
         tools_running=bool(tools),
         cbt_enabled=bool(config.changeTrackingEnabled),
         folder=_folder_path(vm),
+        encryption=encryption,
+        has_snapshots=vm.snapshot is not None and bool(vm.snapshot.rootSnapshotList),
     )
 
 

@@ -25,7 +25,7 @@ from ..results import DiskProgress as _Progress
 from ..results import VmResult, read_disks
 from . import cbt, snapshots
 from .faults import hypervisor_error
-from .inventory import VmInfo, vm_info
+from .inventory import VmInfo, check_skipped, vm_info
 from .ledger import Entry, Ledger
 from .reconcile import reconcile_vm
 from .transport import TRANSPORT_CLASSES, Context, Frozen, Transport, TransportImpossible, frozen_disks
@@ -123,11 +123,18 @@ def backup_vm(
     except vmodl.fault.ManagedObjectNotFound:
         raise VmNotFoundError(f"VM {vm.name} does not exist any more") from None
     reconcile_vm(client, obj, vm.name, plan, ledger, current_run=run_id, timeout=TASK_TIMEOUT)
-    cbt_enabled = cbt.enable(obj, vm.name, TASK_TIMEOUT)
+    # [vstruth wiring] CBT is not switched on while the VM has snapshots (cbt.prepare).
+    cbt_start = cbt.prepare(obj, vm.name, TASK_TIMEOUT)
+    cbt_enabled = cbt_start.just_enabled
     info = vm_info(obj)
     excluded = set(plan.selection.exclude_disks.get(vm.name, []))
-    disks = [d for d in info.disks if d.name not in excluded]
+    # [vstruth wiring] independent disks / physical RDMs: never read; skipped or the VM fails.
+    skipped = check_skipped(info, plan.independent_disks)
+    if skipped:
+        log.warning("VM %s: disks not backed up: %s", vm.name, skipped)
+    disks = [d for d in info.readable_disks if d.name not in excluded]
     previous = latest_backup(repo, vm.name)
+    star = cbt.star_epochs(disks, previous, cbt_start)  # [vstruth wiring] where CBT's "*" is valid
 
     entry = Entry(run_id=run_id, vm=vm.name, vm_moref=vm.moref)
     entry.snapshot = {"name": snapshots.snapshot_name(run_id)}
@@ -135,6 +142,7 @@ def backup_vm(
     result = VmResult(
         vm=vm.name, status="ok", repository=repo, host=info.host, agent=agent.name, datastores=list(info.datastores)
     )
+    result.skipped_disks = skipped  # [vstruth wiring]
     taken = None
     snap_t0 = 0.0
     transport: Transport | None = None
@@ -159,9 +167,25 @@ def backup_vm(
             on_snapshot(snapshots.snapshot_name(run_id))
         frozen = frozen_disks(taken.snapshot, disks)
         plans, vm_reason = cbt.plan_disks(
-            tuple(disks), previous, cbt_just_enabled=cbt_enabled, full_every_days=plan.full_every_days
+            tuple(disks),
+            previous,
+            cbt_just_enabled=cbt_enabled,
+            full_every_days=plan.full_every_days,
+            cbt_off_reason=cbt_start.off_reason,  # [vstruth wiring]
         )
-        ctx = Context(client, obj, vm.name, taken.snapshot, plan, agent, run_id, ledger, entry, TASK_TIMEOUT)
+        ctx = Context(
+            client,
+            obj,
+            vm.name,
+            taken.snapshot,
+            plan,
+            agent,
+            run_id,
+            ledger,
+            entry,
+            TASK_TIMEOUT,
+            encryption=info.encryption,  # [vstruth wiring] encrypted VM: hot-add to an encrypted agent only
+        )
         transport, sources = _expose(ctx, frozen)
         result.transport = transport.name
         result.transport_detail = transport.detail
@@ -187,6 +211,12 @@ def backup_vm(
         allocated: dict[str, list[tuple[int, int]] | None] = {}
         for p in plans:
             if reads[p.disk.name][0] is None:
+                # [vstruth wiring] "*" filters a full only where it is documented valid.
+                why_not = cbt.star_filter_reason(p.disk, star)
+                if why_not is not None:
+                    log.info("VM %s disk %s: read whole, not by CBT's areas: %s", vm.name, p.disk.name, why_not)
+                    allocated[p.disk.name] = None
+                    continue
                 try:
                     allocated[p.disk.name] = cbt.changed_areas(obj, taken.snapshot, p.disk, "*")
                 except (cbt.ChangeIdRejected, BackupError) as e:
@@ -257,6 +287,8 @@ def backup_vm(
             "snapshot_unix": snap_unix,
             "last_full_unix": last_full,
             "excluded_disks": sorted(excluded),
+            "skipped_disks": skipped,  # [vstruth wiring]
+            "cbt_star_epochs": star,  # [vstruth wiring] read back by cbt.star_epochs
             "disks": [
                 {k: d[k] for k in ("name", "key", "uuid", "file", "capacity", "change_id")} for d in disk_results
             ],

@@ -87,6 +87,16 @@ class Context:
     ledger: Ledger
     entry: Entry
     timeout: float = 600.0
+    # VM Encryption ("key K of provider P", VmInfo.encryption) or None: the VM's
+    # flat files hold ciphertext whose key is not stored with them.
+    encryption: str | None = None
+
+
+def _ciphertext(ctx: Context) -> str:
+    return (
+        f"VM {ctx.vm_name} is encrypted ({ctx.encryption}): its disk files hold ciphertext; "
+        "only hot-add to an encrypted agent VM reads them"
+    )
 
 
 class Transport:
@@ -159,6 +169,14 @@ class HotAdd(Transport):
         if obj is None:
             raise TransportImpossible(f"agent VM {a.vm} does not exist")
         host = obj.runtime.host
+        if self.ctx.encryption and getattr(obj.config, "keyId", None) is None:
+            # vSphere decrypts a hot-added encrypted disk only for an encrypted VM
+            # (whose host holds the key provider's keys); an unencrypted VM cannot
+            # have encrypted disks at all.
+            raise TransportImpossible(
+                f"VM {self.ctx.vm_name} is encrypted ({self.ctx.encryption}) and agent VM {a.vm} is not: "
+                "its host cannot decrypt the disks"
+            )
         visible = {ds.name for ds in host.datastore} if host is not None else set()
         blind = sorted({f.datastore for f in disks} - visible)
         if blind:
@@ -268,6 +286,8 @@ class Direct(Transport):
     name = "direct"
 
     def open(self, disks: list[Frozen]) -> dict[str, str]:
+        if self.ctx.encryption:
+            raise TransportImpossible(_ciphertext(self.ctx))
         out = {}
         for f in disks:
             root = self.ctx.agent.datastores.get(f.datastore)
@@ -305,6 +325,8 @@ class Nbd(Transport):
     def open(self, disks: list[Frozen]) -> dict[str, str]:
         template = self.ctx.agent.nbd_command or self.ctx.plan.nbd_command
         uses_url = any("{url}" in a for a in template)
+        if uses_url and self.ctx.encryption:
+            raise TransportImpossible(_ciphertext(self.ctx))
         for f in disks:
             if uses_url and f.has_parent:
                 raise TransportImpossible(

@@ -236,10 +236,10 @@ class Lab:
 
     def set_faults(self, *, vm: str | None = None, host: str | None = None, **faults: Any) -> dict:
         """Replace a VM's or a host's faults (a Hyper-V host's with ``host`` and no ``vm``)."""
+        if faults.keys() == {"none"}:  # `--set none` clears them all, as no `--set` does
+            faults = {}
         hv = self._route(vm, host)
         if hv is not None:
-            if faults.keys() == {"none"}:  # `--set none` clears them all, as in vSphere
-                faults = {}
             return hv.set_faults(vm, **faults)
         body: dict = {"faults": faults}
         if vm:
