@@ -234,7 +234,9 @@ def audit_vm(
     res.point, res.point_created = point.id, point.created
     excluded = set(plan.selection.exclude_disks.get(vm.name, []))
     info = vm_info(obj)
-    disks, res.disks = _comparable([d for d in info.disks if d.name not in excluded], point)
+    disks, res.disks = _comparable([d for d in info.readable_disks if d.name not in excluded], point)
+    # Independent disks and physical RDMs: no snapshot covers them, no backup reads them.
+    res.disks += [DiskAudit(d.name, skipped=d.skip_reason) for d in info.disks if d.skip_reason]
     if not disks:
         res.status, res.reason = (
             "skipped",
