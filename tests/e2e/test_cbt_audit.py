@@ -13,6 +13,7 @@ import time
 from vmbackup import _mover
 
 from .conftest import backup, leftovers, pyvmomi_leftovers, run, sha
+from .test_hyperv import _artifacts, _runs_of
 
 CLEAN = {"counters": {}, "snapshots": {}, "clones": []}
 VM = "web01"
@@ -111,6 +112,14 @@ def test_cbt_audit_passes_then_finds_the_write_cbt_left_out(default_lab, state_d
     assert leftovers(lab) == CLEAN and pyvmomi_leftovers(e2e) == []
     human = run("maintain", "audit", "--plan", str(plan), "--vm", VM, "--sample", "all", env=env, expect=1)
     assert f"MISMATCH {VM}: point {missed['backup_id']}" in human.stdout and VM in human.stderr, human
+
+    runs = _runs_of(env, "audit_cbt", plan)
+    assert runs[0]["state_type"] == "FAILED", runs[0]
+    arts = _artifacts(env, runs[0]["id"])
+    table = json.loads(arts["vmbackup-cbt-audit-table"]["data"])
+    assert [(r["vm"], r["status"]) for r in table] == [(VM, "mismatch")], table
+    assert f"scsi0:0 {WRITE[0]}+{WRITE[1]}" in table[0]["mismatches"], table
+    assert f"CBT or the backup is wrong for {VM}" in arts["vmbackup-cbt-audit"]["data"]
 
     api = json.loads(run("server", "status", "--json", env=env).stdout)["api_url"]
     events = _mismatch_events(api, missed["backup_id"])
