@@ -127,3 +127,14 @@ def test_disk_reader_reads_a_point_and_a_source_at_any_offset(tmp_path):
         got.read(0, (64 << 20) + 1)
     with pytest.raises(NotFoundError):
         _mover.DiskReader.backup(repo, point.id, "scsi0:9")
+
+
+def test_a_mark_follows_the_vm_id_and_never_another_vm_of_the_same_name(tmp_path):
+    why = "CBT audit: backup b1 differs"
+    broken_chains.mark(tmp_path, broken_chains.BrokenChain(vm="web", point="b1", reason=why, vm_id="uuid-1"))
+    assert broken_chains.read(tmp_path, "web").reason == why  # by name, as today's backups look
+    assert broken_chains.read(tmp_path, "web-renamed", "uuid-1").reason == why  # renamed: the id decides
+    assert broken_chains.read(tmp_path, "web", "uuid-2") is None  # another VM named web
+    mark = broken_chains.read(tmp_path, "web-renamed", "uuid-1")
+    assert broken_chains.clear(tmp_path, mark)
+    assert broken_chains.read(tmp_path, "web") is None

@@ -1,6 +1,8 @@
 """Chains the CBT audit found broken: the next backup of such a VM is a full.
 
-One small JSON file per VM in ``<repository>/broken-chains/`` (next to the
+One small JSON file per VM in ``<repository>/broken-chains/``, named by the
+VM's id (``config.instanceUuid``: a renamed VM keeps its mark, as it keeps
+its chain) or, without one, its name (next to the
 ledger, and for the same reason: every agent that backs the VM up reads the
 same repository, so whichever agent takes the next backup sees the mark; a
 file on the auditing machine would not). Written atomically (write, fsync,
@@ -47,15 +49,15 @@ class BrokenChain:
         return json.dumps({k: v for k, v in self.__dict__.items() if k != "path"}, sort_keys=True, indent=1)
 
 
-def _path(repository: str | os.PathLike, vm: str) -> Path:
-    return marks_dir(repository) / f"{_safe(vm)}.json"
+def _path(repository: str | os.PathLike, key: str) -> Path:
+    return marks_dir(repository) / f"{_safe(key)}.json"
 
 
 def mark(repository: str | os.PathLike, chain: BrokenChain) -> Path:
     """Records that ``chain.vm``'s chain is broken (replaces an older mark of the VM)."""
     d = marks_dir(repository)
     d.mkdir(parents=True, exist_ok=True)
-    path = _path(repository, chain.vm)
+    path = _path(repository, chain.vm_id or chain.vm)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(chain.to_json())
@@ -71,34 +73,43 @@ def mark(repository: str | os.PathLike, chain: BrokenChain) -> Path:
     return path
 
 
-def read(repository: str | os.PathLike, vm: str) -> BrokenChain | None:
-    """The VM's mark, or None. A torn or foreign file still breaks the chain
-    (a full is the safe side), with a reason that says so."""
-    path = _path(repository, vm)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+def read(repository: str | os.PathLike, vm: str, vm_id: str | None = None) -> BrokenChain | None:
+    """The VM's mark, or None: the one with its ``vm_id`` when given (a mark
+    without an id: by name), else the one with its name. A torn file of the
+    VM still breaks the chain (a full is the safe side), with a reason that
+    says so. Marks are rare: the directory is read whole."""
+    d = marks_dir(repository)
+    if not d.is_dir():
         return None
-    try:
-        d = json.loads(text)
-        chain = BrokenChain(**d)
-    except (ValueError, TypeError):
-        chain = BrokenChain(vm=vm, point="?", reason=f"the CBT audit's mark {path} cannot be read")
-    if chain.vm != vm:
-        return None  # two names that map to one file: not this VM's
-    chain.path = path
-    return chain
+    mine = {_safe(k) for k in (vm_id, vm) if k}
+    for path in sorted(d.glob("*.json")):
+        try:
+            chain = BrokenChain(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            continue  # cleared meanwhile
+        except (OSError, ValueError, TypeError):
+            if path.stem not in mine:
+                continue
+            chain = BrokenChain(vm=vm, point="?", reason=f"the CBT audit's mark {path} cannot be read", vm_id=vm_id)
+        if vm_id and chain.vm_id:
+            if chain.vm_id != vm_id:
+                continue  # another VM of the same name (another folder or host)
+        elif chain.vm != vm:
+            continue
+        chain.path = path
+        return chain
+    return None
 
 
 def clear(repository: str | os.PathLike, chain: BrokenChain) -> bool:
     """Removes the mark a backup read, once that backup (a full) is committed;
     False if a newer mark has replaced it since (it stays for the next backup)."""
-    now = read(repository, chain.vm)
-    if now is None:
+    now = read(repository, chain.vm, chain.vm_id)
+    if now is None or now.path is None:
         return False
     if (now.point, now.created_unix, now.run_id) != (chain.point, chain.created_unix, chain.run_id):
         return False
-    _path(repository, chain.vm).unlink(missing_ok=True)
+    now.path.unlink(missing_ok=True)
     return True
 
 
