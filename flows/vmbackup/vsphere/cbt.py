@@ -136,10 +136,13 @@ def plan_disks(
     full_every_days: int | None,
     now: float | None = None,
     cbt_off_reason: str | None = None,
+    chain_broken: str | None = None,
 ) -> tuple[list[DiskPlan], str | None]:
     """Decides per disk full or incremental; returns the plans and the VM-wide full reason, if any.
 
     ``previous`` is the VM's latest backup metadata (manifest JSON) or None.
+    ``chain_broken``: the reason of the CBT audit's mark on the VM's chain
+    (``broken_chains.read(repo, vm).reason``), if any: the backup is then a full.
     """
     now = time.time() if now is None else now
     vm_reason = None
@@ -149,6 +152,8 @@ def plan_disks(
         vm_reason = cbt_off_reason
     elif cbt_just_enabled:
         vm_reason = "CBT was off and has been enabled"
+    elif chain_broken:
+        vm_reason = chain_broken
     elif full_every_days is not None:
         last_full = (previous.get("attributes") or {}).get("last_full_unix", previous.get("created_unix", 0))
         if now - float(last_full) >= full_every_days * 86400:

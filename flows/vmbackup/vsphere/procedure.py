@@ -23,7 +23,7 @@ from ..errors import BackupError, HypervisorError, TaskTimeoutError, VmNotFoundE
 from ..plan import Agent, Plan
 from ..results import DiskProgress as _Progress
 from ..results import VmResult, read_disks
-from . import cbt, snapshots
+from . import broken_chains, cbt, snapshots
 from .faults import hypervisor_error
 from .inventory import VmInfo, check_skipped, vm_info
 from .ledger import Entry, Ledger
@@ -146,6 +146,8 @@ def backup_vm(
         log.warning("VM %s: disks not backed up: %s", vm.name, skipped)
     disks = [d for d in info.readable_disks if d.name not in excluded]
     previous = latest_backup(repo, vm.name)
+    # [audit wiring] a chain the CBT audit found broken makes this backup a full.
+    broken = broken_chains.read(repo, vm.name, getattr(obj.config, "instanceUuid", None))
     star = cbt.star_epochs(disks, previous, cbt_start)  # [vstruth wiring] where CBT's "*" is valid
 
     entry = Entry(run_id=run_id, vm=vm.name, vm_moref=vm.moref, attempt=attempt)
@@ -194,6 +196,7 @@ def backup_vm(
             cbt_just_enabled=cbt_enabled,
             full_every_days=plan.full_every_days,
             cbt_off_reason=cbt_start.off_reason,  # [vstruth wiring]
+            chain_broken=broken.reason if broken is not None else None,  # [audit wiring]
         )
         ctx = Context(
             client,
@@ -319,6 +322,8 @@ def backup_vm(
         info = session.commit(config=_vm_config_json(obj), attributes=json.dumps(attributes))
         session = None
         result.backup_id = info.id
+        if broken is not None and mode == "full":
+            broken_chains.clear(repo, broken)  # [audit wiring]
         result.mode = mode
         result.full_reason = reasons or None
         result.set_disks(disk_results)
