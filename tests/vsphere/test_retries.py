@@ -43,7 +43,9 @@ def test_snapshot_removal_has_its_own_time_limit_and_consolidation_waits_for_it(
         snap = run_task(lambda: vm.CreateSnapshot_Task(name="x", memory=False, quiesce=False), "s")
         run_task(lambda: snap.RemoveSnapshot_Task(removeChildren=False), "r")
         assert vm.runtime.consolidationNeeded is True
-        checks.lab.set_faults(vm="crash01", leave_consolidation=True, slow_ms=1000)
+        # The removal takes 3 s; a wait through WaitForUpdatesEx lasts at least 1 s
+        # (maxWaitSeconds is whole seconds), so a 0.2 s limit has passed before it ends.
+        checks.lab.set_faults(vm="crash01", leave_consolidation=True, slow_ms=3000)
         # Other tasks may take 30 s; the removal only 0.2 s here: it times out and goes on.
         p = plan.model_copy(update={"timeouts": Timeouts(task=30, snapshot_remove=0.2)})
         with pytest.raises(HypervisorError) as e:
