@@ -142,8 +142,12 @@ def _fault_value(key: str, value: str | None) -> Any:
         return True
     if key in TEXT_FAULTS:
         return value
-    if value.isdigit():
-        return int(value)
+    # numbers as numbers (`create_seconds=0.5`, `-1`), so the host checks the value it was given
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
     return value.lower() not in ("0", "false", "no", "off")
 
 
