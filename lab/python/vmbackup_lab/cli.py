@@ -252,7 +252,7 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         metavar="NAME[=VALUE]",
         help="vSphere: quiesce_fail, snapshot_fail, slow_ms=N, leave_consolidation, refuse_snapshots, "
-        "tools_not_running; Hyper-V host: writer_failed, shadow_fail, drop_during=SCRIPT.ps1; "
+        "tools_not_running; Hyper-V host: writer_failed, shadow_fail, drop_during=SCRIPT.ps1, create_seconds=N; "
         "Hyper-V VM: backup_off, backup_no_contact; none clears all",
     )
     state(
