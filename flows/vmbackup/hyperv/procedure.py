@@ -250,6 +250,10 @@ def backup_vm(
             "last_full_unix": shadow_unix,
             "volumes": list(now.volumes),
             "excluded_disks": sorted(excluded),
+            # WIRING (hvtruth, for the integrator): pass-through and SMB disks the
+            # host's shadow copy cannot hold (`HvVm.skipped_disks`); the row's
+            # `skipped_disks` field takes `now.skipped()` the same way.
+            "skipped_disks": now.skipped(),
             "disks": [
                 {k: d[k] for k in ("name", "file", "chain", "volume", "capacity", "change_id")} for d in disk_results
             ],

@@ -142,8 +142,12 @@ def _fault_value(key: str, value: str | None) -> Any:
         return True
     if key in TEXT_FAULTS:
         return value
-    if value.isdigit():
-        return int(value)
+    # numbers as numbers (`create_seconds=0.5`, `-1`), so the host checks the value it was given
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
     return value.lower() not in ("0", "false", "no", "off")
 
 
@@ -252,7 +256,7 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         metavar="NAME[=VALUE]",
         help="vSphere: quiesce_fail, snapshot_fail, slow_ms=N, leave_consolidation, refuse_snapshots, "
-        "tools_not_running; Hyper-V host: writer_failed, shadow_fail, drop_during=SCRIPT.ps1; "
+        "tools_not_running; Hyper-V host: writer_failed, shadow_fail, drop_during=SCRIPT.ps1, create_seconds=N; "
         "Hyper-V VM: backup_off, backup_no_contact; none clears all",
     )
     p = command(
