@@ -30,7 +30,7 @@ def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftove
     now = time.time()
     ledger = Ledger(plan.repository)
     found: list[Leftover] = []
-    entries = [e for e in ledger.entries() if now - e.created_unix >= older_than_seconds and not e.alive_elsewhere()]
+    entries = [e for e in ledger.entries() if now - e.created_unix >= older_than_seconds and not e.alive(now)]
     by_vm: dict[str, list[Any]] = {}
     for e in entries:
         by_vm.setdefault(e.vm, []).append(e)
