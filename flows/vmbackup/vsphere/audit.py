@@ -253,7 +253,7 @@ def audit_vm(
         return res
     entry = Entry(run_id=run_id, vm=vm.name, vm_moref=vm.moref)
     entry.snapshot = {"name": snapshots.snapshot_name(run_id)}
-    ledger.write(entry)
+    ledger.hold(entry)  # [heartbeat wiring] written, then kept alive by a thread
     taken = None
     snap_t0 = 0.0
     transport: Transport | None = None
@@ -313,6 +313,7 @@ def audit_vm(
             problems.append(str(e))
         except vmodl.MethodFault as e:
             problems.append(str(hypervisor_error(f"consolidating VM {vm.name}", e)))
+        ledger.release(entry)  # [heartbeat wiring] the run lets go (a kept entry is a dead run's)
         if not problems:
             ledger.remove(entry)
         elif body_error is None:

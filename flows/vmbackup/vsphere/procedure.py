@@ -152,7 +152,7 @@ def backup_vm(
 
     entry = Entry(run_id=run_id, vm=vm.name, vm_moref=vm.moref, attempt=attempt)
     entry.snapshot = {"name": snapshots.snapshot_name(run_id), "attempt": attempt}
-    ledger.write(entry)
+    ledger.hold(entry)  # [heartbeat wiring] written, then kept alive by a thread
 
     def note_task(key: str) -> Any:  # vslife: a snapshot task is in the ledger before it is waited for
         def note(moref: str) -> None:
@@ -361,6 +361,7 @@ def backup_vm(
             problems.append(str(e))
         except vmodl.MethodFault as e:
             problems.append(str(hypervisor_error(f"consolidating VM {vm.name}", e)))
+        ledger.release(entry)  # [heartbeat wiring] the run lets go (a kept entry is a dead run's)
         if not problems:
             ledger.remove(entry)
         elif body_error is None:

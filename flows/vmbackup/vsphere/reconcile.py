@@ -119,8 +119,9 @@ def reconcile_vm(
     ``current_attempt`` given, only that attempt of ``current_run`` is spared:
     the run's earlier attempts are cleaned like other runs. Without it the
     whole current run is spared. Raises HypervisorBusyError if a run that is
-    still alive holds the VM; TaskTimeoutError if a snapshot task an earlier
-    attempt left running does not finish in time.
+    still alive (its ledger entry's heartbeat is fresh, on any machine) holds
+    the VM; TaskTimeoutError if a snapshot task an earlier attempt left
+    running does not finish in time.
     """
 
     def current(run_id: str | None, att: str | None) -> bool:
@@ -129,8 +130,9 @@ def reconcile_vm(
     everyone = ledger.entries(vm_name)
     entries = [e for e in (entries if entries is not None else everyone) if not current(e.run_id, e.attempt)]
     for e in everyone:
-        if not current(e.run_id, e.attempt) and e.alive_elsewhere():
-            raise HypervisorBusyError(f"VM {vm_name} is being backed up by run {e.run_id} (pid {e.pid})")
+        # Alive is a fresh heartbeat, whichever machine the run is on (ledger.py).
+        if not current(e.run_id, e.attempt) and e.alive():
+            raise HypervisorBusyError(f"VM {vm_name} is held by {e.holder()}")
     found: list[Leftover] = []
     removing = False  # a snapshot removal timed out and goes on: no consolidation now
 
@@ -228,9 +230,15 @@ def _remove_leftover(ledger: Ledger, vm: Any, vm_name: str, run_id: str, node: A
 
     def note(task: str) -> None:
         e.snapshot["remove_task"] = task
-        ledger.write(e)
+        if e.path is None:  # held while this process waits (a removal may take hours)
+            ledger.hold(e)
+        else:
+            ledger.write(e)
 
-    snapshots.remove(node.snapshot, f"removing leftover snapshot {node.name} of {vm_name}", timeout, on_task=note)
+    try:
+        snapshots.remove(node.snapshot, f"removing leftover snapshot {node.name} of {vm_name}", timeout, on_task=note)
+    finally:
+        ledger.release(e)  # a removal that timed out keeps its entry, which names the task
     ledger.remove(e)
 
 
