@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUST_SOURCES := $(shell find mover -name '*.rs' -o -name Cargo.toml) Cargo.toml
 
-.PHONY: dev test lint test-rust test-python demo bench bench-flows clean
+.PHONY: dev test lint test-rust test-python demo bench bench-flows bench-scale clean
 
 dev: $(VENV)/.stamp-mover $(VENV)/.stamp-lab
 
@@ -71,6 +71,11 @@ bench: dev
 # The flows on the lab: 30 VMs over 3 hosts and 2 agents (docs/flows.md).
 bench-flows: dev
 	$(PY) bench/flows.py
+
+# Scale: 300 VMs of 4 MiB on 6 hosts and 6 agents against 30, default limits:
+# VMs per minute and vSphere API calls per VM, and their ratios (docs/flows.md).
+bench-scale: dev
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) target demo-output bench-output

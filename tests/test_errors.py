@@ -38,6 +38,7 @@ EXPECTED = {
     "TargetError": (False, 1),
     "AddressInUseError": (True, 1),
     "CancelledError": (False, 1),
+    "NothingSelectedError": (False, 1),
     "VmNotFoundError": (False, 2),
     "AuthenticationError": (False, 1),
     "CertificateError": (False, 1),
@@ -63,9 +64,15 @@ EXPECTED = {
     "MaintenanceError": (False, 1),
     "RepositoryDamagedError": (False, 1),
     "GcRefusedError": (False, 1),
+    "CbtMismatchError": (False, 1),
 }
 # Classes whose constructor takes more than a message.
-ARGS = {"MaintenanceError": ("x", {}), "RepositoryDamagedError": ("x", {}), "GcRefusedError": ("x", {})}
+ARGS = {
+    "MaintenanceError": ("x", {}),
+    "RepositoryDamagedError": ("x", {}),
+    "GcRefusedError": ("x", {}),
+    "CbtMismatchError": ("x", {}),
+}
 
 
 def test_every_class_has_its_retryable_flag_and_exit_code():

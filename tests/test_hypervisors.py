@@ -31,6 +31,6 @@ def test_each_adapter_implements_every_verb_with_the_protocols_parameters(impl, 
 def test_the_verbs_are_the_issues():
     assert _verbs(base.Hypervisor) == {"connect", "close", "select", "limit_keys", "steps", "sweep"}
     assert _verbs(base.VmSteps) == {
-        "reconcile", "describe", "freeze", "expose", "plan_reads", "still_frozen", "point", "release"
+        "reconcile", "describe", "freeze", "expose", "plan_reads", "still_frozen", "point", "committed", "release"
     }  # fmt: skip
     assert base.POWERED_OFF == "powered-off" and base.POWERED_OFF in base.CONSISTENCIES

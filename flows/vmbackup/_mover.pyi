@@ -23,6 +23,7 @@ __all__ = [
     "RepositoryConfig",
     "UntrustedManifest",
     "BackupInfo",
+    "DiskReader",
     "init_repository",
     "open_repository",
     "restore_disk",
@@ -152,6 +153,44 @@ class BackupInfo:
     @property
     def bytes_stored(self) -> int:
         """The sum of the bytes the disks' backups stored."""
+
+@final
+class DiskReader:
+    """A disk read at any offset: a source as a backup reads it, or a disk of a backup point.
+
+    The CBT audit reads the same blocks through both and compares them.
+    """
+
+    @staticmethod
+    def source(spec: str) -> DiskReader:
+        """Opens a raw file or block device, a VMDK/VHDX/VHD image (told apart by
+        content) or an NBD URI, as ``BackupSession.add_disk`` would.
+
+        Raises:
+            SourceError: missing, corrupt or unsupported.
+            SourceUnavailableError: the NBD export cannot be reached (retryable).
+        """
+    @staticmethod
+    def backup(repo: str, backup_id: str, disk: Optional[str] = None) -> DiskReader:
+        """Opens disk ``disk`` (or the only disk) of a backup point; every chunk
+        read is checked against its id.
+
+        Raises:
+            NotFoundError: no such backup or disk.
+        """
+    @property
+    def size(self) -> int:
+        """The disk's size in bytes."""
+    @property
+    def describe(self) -> str:
+        """What the disk is, for messages."""
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes (at most 64 MiB) at ``offset``; the GIL is released while reading.
+
+        Raises:
+            InvalidInputError: past the end of the disk, or more than 64 MiB.
+            CorruptChunkError: a backup's chunk does not match its id.
+        """
 
 @final
 class RestoreResult:

@@ -108,6 +108,13 @@ class CancelledError(MoverError):
     """The operation was cancelled."""
 
 
+class NothingSelectedError(BackupError):
+    """A backup run's selection matched no VM on any hypervisor it reached:
+    a run that protects nothing is a failed run, never a success."""
+
+    retryable = False
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether a retry of the call that raised ``exc`` may succeed.
 
@@ -205,6 +212,10 @@ class TransportImpossible(AdapterSignal):
 
 class ChangeIdRejected(AdapterSignal):
     """QueryChangedDiskAreas refused the change id (CBT was reset): take a full."""
+
+
+class NoTaskUpdates(AdapterSignal):
+    """vSphere gave no updates for a task (WaitForUpdatesEx): poll instead."""
 
 
 class PointMetaError(AdapterSignal, ValueError):
@@ -316,6 +327,11 @@ class MaintenanceError(BackupError):
 
 class RepositoryDamagedError(MaintenanceError):
     """verify_repository found problems."""
+
+
+class CbtMismatchError(MaintenanceError):
+    """audit_cbt found areas CBT said had not changed that differ from the
+    point (or could not audit a VM); the VMs' chains are marked broken."""
 
 
 class GcRefusedError(MaintenanceError):

@@ -2,7 +2,7 @@
 
 A plan is a YAML file validated by pydantic models. Every mistake becomes one
 ``InvalidInputError`` line that names the field's path, e.g.
-``agents[1].transports[0]: 'hotad' is not one of hotadd, direct, nbd``.
+``agents[1].transports[0]: 'hotad' is not one of hotadd, direct, nbd, vddk``.
 Relative paths in a plan are relative to the plan file's directory.
 
 No Prefect here: a Prefect Secret block is read (lazily) only by
@@ -21,11 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from .errors import InvalidInputError
 
-Transport = Literal["hotadd", "direct", "nbd"]
+Transport = Literal["hotadd", "direct", "nbd", "vddk"]
+# The default order; vddk (VMware's VDDK through nbdkit, installed by the site) only when listed.
 TRANSPORTS: tuple[str, ...] = ("hotadd", "direct", "nbd")
 
 # The lab's default: nbdkit's curl plugin over the datastore's HTTPS /folder URL,
-# authorised by the session cookie, which it reads from a file (never on a command line).
+# authorised by the session cookie, which its cookie script reads from a file
+# (never on a command line). The file is kept current while the read runs (the
+# session kept alive, a new one after a drop) and the script re-read every
+# {cookie_renew} seconds; a request refused meanwhile is retried (retry-request).
 DEFAULT_NBD_COMMAND = [
     "nbdkit",
     "--exit-with-parent",
@@ -34,12 +38,30 @@ DEFAULT_NBD_COMMAND = [
     "{socket}",
     "-P",
     "{pidfile}",
+    "--filter=retry-request",
     "curl",
     "url={url}",
-    "cookie=+{cookie_file}",
+    "cookie-script={cookie_script}",
+    "cookie-script-renew={cookie_renew}",
     "cainfo={ca_file}",
+    "retry-request-retries=3",
+    "retry-request-delay={cookie_renew}",
+    "retry-request-open=false",
 ]
-NBD_PLACEHOLDERS = ("socket", "pidfile", "url", "cookie", "cookie_file", "ca_file", "path", "vm", "disk", "snapshot")
+NBD_PLACEHOLDERS = (
+    "socket",
+    "pidfile",
+    "url",
+    "cookie",
+    "cookie_file",
+    "cookie_script",
+    "cookie_renew",
+    "ca_file",
+    "path",
+    "vm",
+    "disk",
+    "snapshot",
+)
 RETENTION_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -170,6 +192,27 @@ def _windows_key(key: str) -> str | None:
     return None
 
 
+class Vddk(_Model):
+    """The ``vddk`` transport: nbdkit's vddk plugin over VMware's VDDK, which the
+    site installs (it is not redistributable; docs/vsphere.md)."""
+
+    libdir: Path  # the VDDK distribution directory (vmware-vix-disklib-distrib)
+    thumbprint: str | None = None  # the server's SHA-1 fingerprint as VDDK wants it; default: computed
+    transports: str = "nbdssl"  # VDDK's modes, e.g. "hotadd:nbdssl"
+    config: Path | None = None  # a VDDK configuration file
+    nbdkit: str = "nbdkit"
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _sha1(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        hexed = v.replace(":", "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{40}", hexed):
+            raise ValueError("must be a SHA-1 fingerprint (VDDK's): 40 hex digits, with or without colons")
+        return ":".join(hexed[i : i + 2] for i in range(0, 40, 2)).upper()
+
+
 class Agent(_Model):
     """A machine that reads disks: an appliance VM (hot-add), a host with datastore mounts, an NBD client."""
 
@@ -180,6 +223,7 @@ class Agent(_Model):
     device_dir: Path | None = None
     datastores: dict[str, Path] = Field(default_factory=dict)
     nbd_command: list[str] | None = None
+    vddk: Vddk | None = None
     windows_paths: dict[str, Path] = Field(default_factory=dict)
     share_account: str | None = None
 
@@ -257,6 +301,8 @@ class Agent(_Model):
             raise ValueError("hotadd needs vm (the agent VM) and device_dir (where attached disks appear)")
         if "direct" in self.transports and not self.datastores:
             raise ValueError("direct needs datastores (datastore name -> local path)")
+        if "vddk" in self.transports and self.vddk is None:
+            raise ValueError("vddk needs vddk: {libdir: ...} (VMware's VDDK, installed by the site)")
         if self.windows_hosts() and not self.share_account:
             raise ValueError(
                 "windows_paths with a share (\\\\HOST\\) needs share_account (the account shares grant read to)"
@@ -303,6 +349,14 @@ class Limits(_Model):
     disks_per_vm: int = Field(2, ge=1)
 
 
+class Timeouts(_Model):
+    """How long to wait for vSphere tasks, in seconds (docs/vsphere.md); a task
+    that runs longer goes on in vSphere and the next attempt finds it."""
+
+    task: float = Field(600.0, gt=0)  # every task but snapshot removal
+    snapshot_remove: float = Field(86400.0, gt=0)  # removal merges the delta: can take hours
+
+
 class Plan(_Model):
     connection: Connection | None = None
     hyperv: list[HypervHost] = Field(default_factory=list)
@@ -314,7 +368,14 @@ class Plan(_Model):
     transports: list[Transport] = Field(default_factory=lambda: list(TRANSPORTS), min_length=1)
     nbd_command: list[str] = Field(default_factory=lambda: list(DEFAULT_NBD_COMMAND), min_length=1)
     full_every_days: int | None = Field(None, ge=1)
+    # Independent disks and physical-mode RDMs (no snapshot covers them):
+    # skip them (the VM is ok, the row lists them) or fail the VM.
+    independent_disks: Literal["skip", "fail"] = "skip"
     retention: dict[str, int] | None = None
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    # How often the nbd transport's session is kept alive and its cookie file
+    # re-read by nbdkit: well under vCenter's 30 min idle timeout (KB 1031039).
+    cookie_renew_seconds: int = Field(300, ge=1)
 
     @field_validator("transports")
     @classmethod

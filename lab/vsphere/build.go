@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
@@ -89,7 +90,10 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			return err
 		}
 		for _, ds := range append([]string{localDatastore(name)}, l.topo.SharedDatastores...) {
-			dir := filepath.Join(l.state, "datastores", ds)
+			// The stock simulator makes a local datastore's moref its path: keep XML's
+			// specials out of it (a datastore may be named "nas & co"; a real moref is
+			// "datastore-NN").
+			dir := filepath.Join(l.state, "datastores", dirName(ds))
 			if err := os.MkdirAll(dir, 0755); err != nil {
 				return err
 			}
@@ -99,8 +103,20 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			}
 			l.dsDirs[ds] = dir
 			l.dsRefs[ds] = obj.Reference()
+			// The stock simulator calls a local datastore "OTHER"; an ESXi host's
+			// datastores are VMFS, which is what CBT's "*" query needs (cbt.go).
+			if x, ok := simulator.Map.Get(obj.Reference()).(*simulator.Datastore); ok {
+				x.Summary.Type = string(types.HostFileSystemVolumeFileSystemTypeVMFS)
+			}
 		}
 	}
+	// Datastore types (summary.type): vSAN and vVols keep no flat file (sessionGate.flatless).
+	for name, kind := range l.topo.DatastoreTypes {
+		ds := simulator.Map.Get(l.dsRefs[name]).(*simulator.Datastore)
+		ds.Summary.Type = map[string]string{"vsan": "vsan", "vvol": "VVOL", "VMFS": "VMFS", "NFS": "NFS"}[kind]
+	}
+	types_ := l.topo.DatastoreTypes
+	l.sessions.flatless = func(ds string) bool { k := types_[ds]; return k == "vsan" || k == "vvol" }
 	// The stock simulator records only the first host's mount of a shared datastore.
 	for _, name := range l.topo.SharedDatastores {
 		ds := simulator.Map.Get(l.dsRefs[name]).(*simulator.Datastore)
@@ -184,6 +200,7 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 	}
 	ctrls := map[string]bool{}
 	units := map[string]int32{}
+	specOf := map[int32]DiskSpec{}
 	for i, d := range spec.Disks {
 		if !ctrls[d.Bus] {
 			ctrls[d.Bus] = true
@@ -203,6 +220,7 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 			_ = os.MkdirAll(filepath.Join(l.dsDirs[d.Datastore], spec.Name), 0755)
 		}
 		u := unit
+		specOf[busKeys[d.Bus].disk+unit] = d
 		disk := &types.VirtualDisk{
 			VirtualDevice: types.VirtualDevice{
 				Key: busKeys[d.Bus].disk + unit, ControllerKey: busKeys[d.Bus].ctrl, UnitNumber: &u,
@@ -226,16 +244,32 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 	ref := info.Result.(types.ManagedObjectReference)
 	tools := spec.Tools == nil || *spec.Tools
 	vm := l.adopt(simulator.Map.Get(ref).(*simulator.VirtualMachine), agent, tools)
+	// An encrypted VM's disks are encrypted; an encrypted agent's own system disk stays
+	// plain (an encrypted VM may have unencrypted disks): only its configuration says
+	// that it holds the provider's keys.
+	var key *cryptoKey
+	if spec.Encrypted || (agent && contains(l.topo.EncryptedAgentHosts, spec.Host)) {
+		key = newCryptoKey(spec.Name)
+		vm.Config.KeyId = key.id()
+	}
+	if !agent {
+		vm.crypt = key
+	}
 	for _, dev := range vm.Config.Hardware.Device {
 		disk, ok := dev.(*types.VirtualDisk)
 		if !ok {
 			continue
 		}
 		b := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
-		if _, err := l.newBaseDisk(vm, disk, b.FileName, vm.Name+"/"+b.FileName); err != nil {
+		d, err := l.newBaseDisk(vm, disk, b.FileName, vm.Name+"/"+b.FileName)
+		if err != nil {
 			return err
 		}
+		if ds, ok := specOf[disk.Key]; ok {
+			d.Mode, d.RDM = ds.Mode, ds.RDM == "physical"
+		}
 	}
+	vm.crypt = key
 	if spec.CBT {
 		l.setCBT(vm, true)
 	}
@@ -259,4 +293,15 @@ func (l *Lab) adopt(obj *simulator.VirtualMachine, agent, tools bool) *LabVM {
 	simulator.Map.Put(vm)
 	l.vms[vm.Name] = vm
 	return vm
+}
+
+// dirName is a datastore's directory name: its name with every character outside
+// [A-Za-z0-9._-] replaced by "_".
+func dirName(ds string) string {
+	return strings.Map(func(r rune) rune {
+		if (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') || (r >= '0' && r <= '9') || r == '.' || r == '_' || r == '-' {
+			return r
+		}
+		return '_'
+	}, ds)
 }

@@ -22,6 +22,10 @@ type cbtState struct {
 	epoch string
 	seq   int64
 	log   []cbtRec
+	// blind: tracking was switched on while the VM had snapshots, which VMware does not
+	// support (Broadcom KB 320557): the tracker never learnt what the base disks hold, so
+	// "*" answers only what was written since, and a full filtered by it misses data.
+	blind bool
 }
 
 type cbtRec struct {
@@ -55,8 +59,8 @@ func (d *VDisk) changeID() string {
 }
 
 func (d *VDisk) recordWrite(off, length int64) {
-	if d.cbt == nil {
-		return
+	if d.cbt == nil || d.VM.faults.CBTOmit {
+		return // cbt_omit: the tracker loses these writes, as CBT bugs have (KB 2136854)
 	}
 	d.cbt.seq++
 	d.cbt.log = append(d.cbt.log, cbtRec{seq: d.cbt.seq, start: off / cbtBlock, end: (off+length-1)/cbtBlock + 1})
@@ -105,7 +109,13 @@ func (l *Lab) changedAreas(d *VDisk, top *Extent, asOf string, changeID string, 
 		return nil, &types.FileFault{File: top.DSPath()}
 	}
 	var spans []span
-	if changeID == "*" {
+	if changeID == "*" && d.cbt.blind {
+		for _, r := range d.cbt.log {
+			if r.seq <= snapSeq {
+				spans = append(spans, span{r.start * cbtBlock, r.end * cbtBlock})
+			}
+		}
+	} else if changeID == "*" {
 		for g := 0; g < len(top.grains); {
 			if !top.allocated(g) {
 				g++
@@ -117,7 +127,12 @@ func (l *Lab) changedAreas(d *VDisk, top *Extent, asOf string, changeID string, 
 		}
 	} else {
 		epoch, since, ok := parseChangeID(changeID)
-		if !ok || epoch != d.cbt.epoch || since > snapSeq {
+		if !ok || epoch != d.cbt.epoch {
+			// A change id of another tracking epoch (CBT was reset: switched off and
+			// on, or its files were recreated) or not a change id at all.
+			return nil, &types.InvalidArgument{InvalidProperty: "changeId"}
+		}
+		if since > snapSeq {
 			return nil, &types.FileFault{File: top.DSPath()}
 		}
 		for _, r := range d.cbt.log {
@@ -161,7 +176,7 @@ func (l *Lab) setCBT(vm *LabVM, on bool) {
 	for _, d := range vm.disks {
 		switch {
 		case on && d.cbt == nil:
-			d.cbt = &cbtState{epoch: newEpoch()}
+			d.cbt = &cbtState{epoch: newEpoch(), blind: len(vm.snaps) > 0}
 		case !on:
 			d.cbt = nil
 		}

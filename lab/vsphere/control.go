@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"sort"
 	"strings"
+	"time"
 )
 
 // The control endpoint: HTTPS paths under /lab/ on the simulator's own server, for
@@ -86,11 +87,31 @@ func (l *Lab) control(op string, req map[string]json.RawMessage) (interface{}, e
 		return res, nil
 	case "fault":
 		var f Faults
-		if err := field(req, "faults", &f); err != nil {
-			return nil, err
+		if raw, ok := req["faults"]; ok {
+			var err error
+			if f, err = decodeFaults(raw); err != nil {
+				return nil, badInput{err}
+			}
 		}
 		return l.setFault(vm, host, f)
 	case "drop-sessions":
+		// idle_seconds: only sessions idle that long (vCenter's idle timeout);
+		// after_folder_requests: drop every session after that many more /folder requests.
+		var idle float64
+		var after int
+		if err := field(req, "idle_seconds", &idle); err != nil {
+			return nil, err
+		}
+		if err := field(req, "after_folder_requests", &after); err != nil {
+			return nil, err
+		}
+		if after > 0 {
+			l.sessions.dropAfterFolderRequests(after)
+			return map[string]int{"dropped": 0, "after_folder_requests": after}, nil
+		}
+		if _, ok := req["idle_seconds"]; ok {
+			return map[string]int{"dropped": l.sessions.expireIdle(time.Duration(idle * float64(time.Second)))}, nil
+		}
 		return map[string]int{"dropped": l.sessions.drop()}, nil
 	case "counters/reset":
 		l.counters.reset()
@@ -132,6 +153,8 @@ func (l *Lab) status() interface{} {
 		File     string   `json:"file"`
 		Chain    []string `json:"chain"`
 		ChangeID string   `json:"change_id,omitempty"`
+		Mode     string   `json:"mode"`
+		RDM      bool     `json:"rdm,omitempty"`
 	}
 	type snapOut struct {
 		Name  string            `json:"name"`
@@ -146,6 +169,7 @@ func (l *Lab) status() interface{} {
 		Agent               bool          `json:"agent"`
 		ToolsRunning        bool          `json:"tools_running"`
 		CBT                 bool          `json:"cbt"`
+		Encrypted           bool          `json:"encrypted"`
 		ConsolidationNeeded bool          `json:"consolidation_needed"`
 		Disks               []diskOut     `json:"disks"`
 		Snapshots           []snapOut     `json:"snapshots"`
@@ -157,10 +181,12 @@ func (l *Lab) status() interface{} {
 		o := vmOut{Name: vm.Name, Moref: vm.Self.Value, Host: vm.hostName(), Power: string(vm.Runtime.PowerState),
 			Agent: vm.agent, ToolsRunning: vm.toolsRunning(), Faults: vm.faults,
 			CBT:                 vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled,
+			Encrypted:           vm.Config.KeyId != nil,
 			ConsolidationNeeded: vm.Runtime.ConsolidationNeeded != nil && *vm.Runtime.ConsolidationNeeded,
 			Disks:               []diskOut{}, Snapshots: []snapOut{}}
 		for _, d := range vm.disks {
-			do := diskOut{Name: d.Name, Key: d.Key, Capacity: d.Capacity, File: d.Top.DSPath(), ChangeID: d.changeID()}
+			do := diskOut{Name: d.Name, Key: d.Key, Capacity: d.Capacity, File: d.Top.DSPath(), ChangeID: d.changeID(),
+				Mode: d.diskMode(), RDM: d.RDM}
 			for e := d.Top; e != nil; e = e.Parent {
 				do.Chain = append(do.Chain, e.DSPath())
 			}

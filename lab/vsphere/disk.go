@@ -27,10 +27,11 @@ type Extent struct {
 	CID       uint32
 	Capacity  int64
 	Parent    *Extent
-	Owner     *VDisk // the virtual disk whose chain created this file
-	Frozen    bool   // read-only: a snapshot's point in time or a linked clone's parent
-	Clones    int    // linked clones whose chain starts here
-	Attached  int    // hot-added to agents right now
+	Owner     *VDisk     // the virtual disk whose chain created this file
+	Frozen    bool       // read-only: a snapshot's point in time or a linked clone's parent
+	Clones    int        // linked clones whose chain starts here
+	Attached  int        // hot-added to agents right now
+	crypt     *cryptoKey // encrypted VM disk: the files hold ciphertext (crypt.go)
 	grains    []bool
 }
 
@@ -175,6 +176,7 @@ func (e *Extent) readAt(buf []byte, off int64) error {
 			if _, err := f.ReadAt(chunk, pos); err != nil {
 				return err
 			}
+			src.crypt.apply(chunk, pos)
 		}
 		done += n
 	}
@@ -208,11 +210,16 @@ func (e *Extent) writeAt(data []byte, off int64) error {
 				if err := e.Parent.readAt(grain, gs); err != nil {
 					return err
 				}
+				e.crypt.apply(grain, gs)
 				if _, err := f.WriteAt(grain, gs); err != nil {
 					return err
 				}
 			}
 		}
+	}
+	if e.crypt != nil {
+		data = append([]byte(nil), data...)
+		e.crypt.apply(data, off)
 	}
 	if _, err := f.WriteAt(data, off); err != nil {
 		return err
@@ -362,6 +369,10 @@ func fillOSLike(e *Extent, name string) error {
 	put := func(data []byte, off int64) error {
 		if off+int64(len(data)) > e.Capacity {
 			data = data[:e.Capacity-off]
+		}
+		if e.crypt != nil {
+			data = append([]byte(nil), data...)
+			e.crypt.apply(data, off)
 		}
 		if _, err := f.WriteAt(data, off); err != nil {
 			return err

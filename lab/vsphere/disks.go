@@ -59,7 +59,7 @@ func (l *Lab) newBaseDisk(vm *LabVM, disk *types.VirtualDisk, fileName, content 
 	name, adapter := diskName(object.VirtualDeviceList(vm.Config.Hardware.Device), disk)
 	d := &VDisk{VM: vm, Key: disk.Key, Name: name, Adapter: adapter, Capacity: capacity}
 	e := &Extent{Datastore: ds, DSDir: dir, Rel: rel, DataRel: strings.TrimSuffix(rel, ".vmdk") + "-flat.vmdk",
-		UUID: newUUID(), Capacity: capacity, Owner: d}
+		UUID: newUUID(), Capacity: capacity, Owner: d, crypt: vm.crypt}
 	_ = os.MkdirAll(filepath.Dir(e.dataPath()), 0755)
 	if err := e.create(adapter); err != nil {
 		return nil, err

@@ -47,6 +47,8 @@ type VDisk struct {
 	Capacity int64
 	Top      *Extent
 	cbt      *cbtState
+	Mode     string // backing.diskMode: persistent, independent_persistent, independent_nonpersistent
+	RDM      bool   // a physical-compatibility raw device mapping (diskmode.go)
 }
 
 // SnapState is the lab's side of a VirtualMachineSnapshot.
@@ -155,6 +157,7 @@ func (l *Lab) backingFor(e *Extent, changeID string) *types.VirtualDiskFlatVer2B
 		Uuid:                         e.UUID,
 		ContentId:                    fmt.Sprintf("%08x", e.CID),
 		ChangeId:                     changeID,
+		KeyId:                        e.crypt.id(),
 	}
 	if e.Parent != nil {
 		b.Parent = l.backingFor(e.Parent, "")
@@ -167,7 +170,7 @@ func (l *Lab) syncDevices(vm *LabVM) {
 	for _, d := range vm.disks {
 		for _, dev := range vm.Config.Hardware.Device {
 			if disk, ok := dev.(*types.VirtualDisk); ok && disk.Key == d.Key {
-				disk.Backing = l.backingFor(d.Top, d.changeID())
+				disk.Backing = l.diskBacking(d, d.Top, d.changeID())
 			}
 		}
 	}
@@ -187,7 +190,7 @@ func (l *Lab) snapshotConfig(vm *LabVM, disks map[int32]*SnapDisk) types.Virtual
 		if disk, ok := dev.(*types.VirtualDisk); ok {
 			if sd := disks[disk.Key]; sd != nil {
 				c := *disk
-				c.Backing = l.backingFor(sd.Extent, sd.ChangeID)
+				c.Backing = l.diskBacking(vm.diskByKey(disk.Key), sd.Extent, sd.ChangeID)
 				hw.Device = append(hw.Device, &c)
 				continue
 			}
@@ -234,7 +237,7 @@ func (l *Lab) newDelta(vm *LabVM, d *VDisk, parent *Extent) (*Extent, error) {
 	rel, dataRel := l.nextDeltaName(vm, parent)
 	ds := vmHomeDS(vm)
 	e := &Extent{Datastore: ds, DSDir: l.dsDirs[ds], Rel: rel, DataRel: dataRel, UUID: newUUID(),
-		Capacity: parent.Capacity, Parent: parent, Owner: d}
+		Capacity: parent.Capacity, Parent: parent, Owner: d, crypt: parent.crypt}
 	return e, e.create(d.Adapter)
 }
 
@@ -278,6 +281,11 @@ func (l *Lab) createSnapshot(vm *LabVM, req *types.CreateSnapshot_Task) (types.A
 	dsSet := map[string]bool{vmHomeDS(vm): true}
 	var created []*Extent
 	for _, d := range vm.disks {
+		if d.independent() {
+			// Independent disks and physical-mode RDMs are not affected by snapshots:
+			// no delta, the guest keeps writing into the live file (diskmode.go).
+			continue
+		}
 		frozen := d.Top
 		delta, err := l.newDelta(vm, d, frozen)
 		if err != nil {
@@ -507,7 +515,9 @@ func (l *Lab) diskImage(vmName, disk, snapshot, output string) (map[string]inter
 		if err != nil {
 			return nil, err
 		}
-		e = s.Disks[d.Key].Extent
+		if sd := s.Disks[d.Key]; sd != nil {
+			e = sd.Extent
+		} // else an independent disk: the snapshot does not cover it, it is the live file
 	}
 	if !filepath.IsAbs(output) {
 		return nil, fmt.Errorf("output path must be absolute: %s", output)

@@ -13,13 +13,19 @@ type Topology struct {
 	Clusters         []ClusterSpec `json:"clusters"`
 	StandaloneHosts  []string      `json:"standalone_hosts"`
 	SharedDatastores []string      `json:"shared_datastores"`
-	AgentsPerHost    *int          `json:"agents_per_host"`
-	AgentDiskMiB     int64         `json:"agent_disk_mib"`
-	VMs              []VMSpec      `json:"vms"`
-	User             string        `json:"user"`
-	CBTPageBytes     int64         `json:"cbt_page_bytes"`
-	CBTMaxAreas      int           `json:"cbt_max_areas"`
-	Faults           FaultsSpec    `json:"faults"`
+	// DatastoreTypes: a datastore's summary.type other than VMFS. "vsan" (or "vvol")
+	// has no flat file: /folder serves no *-flat.vmdk of it, as on vSAN and vVols.
+	DatastoreTypes map[string]string `json:"datastore_types"`
+	AgentsPerHost  *int              `json:"agents_per_host"`
+	AgentDiskMiB   int64             `json:"agent_disk_mib"`
+	VMs            []VMSpec          `json:"vms"`
+	User           string            `json:"user"`
+	CBTPageBytes   int64             `json:"cbt_page_bytes"`
+	CBTMaxAreas    int               `json:"cbt_max_areas"`
+	Faults         FaultsSpec        `json:"faults"`
+	// Hosts whose agent VMs are encrypted (they hold the lab key provider's keys, so
+	// they can hot-add an encrypted VM's disks and read plaintext; crypt.go).
+	EncryptedAgentHosts []string `json:"encrypted_agent_hosts"`
 }
 
 type ClusterSpec struct {
@@ -34,6 +40,7 @@ type VMSpec struct {
 	Power     string     `json:"power"` // "on" (default) or "off"
 	Tools     *bool      `json:"tools"` // VMware Tools running (default true when powered on)
 	CBT       bool       `json:"cbt"`
+	Encrypted bool       `json:"encrypted"` // VM Encryption: config.keyId, each disk's backing.keyId
 	Disks     []DiskSpec `json:"disks"`
 }
 
@@ -41,6 +48,8 @@ type DiskSpec struct {
 	Bus       string `json:"bus"` // scsi (default), sata, nvme
 	SizeMiB   int64  `json:"size_mib"`
 	Datastore string `json:"datastore"`
+	Mode      string `json:"mode"` // persistent (default), independent_persistent, independent_nonpersistent
+	RDM       string `json:"rdm"`  // "physical": a physical-compatibility raw device mapping
 }
 
 type FaultsSpec struct {
@@ -145,6 +154,19 @@ func (t *Topology) normalize() error {
 	for _, d := range t.SharedDatastores {
 		dss[d] = true
 	}
+	for _, h := range t.EncryptedAgentHosts {
+		if !known[h] {
+			return fmt.Errorf("topology: encrypted_agent_hosts names unknown host %s", h)
+		}
+	}
+	for d, kind := range t.DatastoreTypes {
+		if !dss[d] {
+			return fmt.Errorf("topology: datastore_types names unknown datastore %s", d)
+		}
+		if kind != "vsan" && kind != "vvol" && kind != "VMFS" && kind != "NFS" {
+			return fmt.Errorf("topology: datastore %s has type %q, not one of VMFS, NFS, vsan, vvol", d, kind)
+		}
+	}
 	names := map[string]bool{}
 	for i := range t.VMs {
 		vm := &t.VMs[i]
@@ -177,6 +199,12 @@ func (t *Topology) normalize() error {
 			}
 			if d.SizeMiB == 0 {
 				d.SizeMiB = 64
+			}
+			if d.Mode != "" && !validDiskMode(d.Mode) {
+				return fmt.Errorf("topology: VM %s disk %d: mode must be persistent, independent_persistent or independent_nonpersistent", vm.Name, j)
+			}
+			if d.RDM != "" && (d.RDM != "physical" || d.Mode != "") {
+				return fmt.Errorf("topology: VM %s disk %d: rdm must be \"physical\" (and then no mode)", vm.Name, j)
 			}
 			if d.Datastore == "" {
 				d.Datastore = vm.Datastore

@@ -27,6 +27,10 @@ type LabVM struct {
 	tools  bool
 	faults Faults
 	hot    map[int32]*Attachment
+	crypt  *cryptoKey // an encrypted VM: config.keyId, its disks' files hold ciphertext
+	// removing counts snapshot removals still running (slow_ms): vSphere runs one
+	// task at a time on a VM, so a consolidation started meanwhile is refused.
+	removing int
 }
 
 // LabSnapshot extends VirtualMachineSnapshot: removal merges the delta back.
@@ -106,6 +110,14 @@ func (vm *LabVM) RemoveAllSnapshotsTask(ctx *simulator.Context, req *types.Remov
 }
 
 func (vm *LabVM) ConsolidateVMDisksTask(ctx *simulator.Context, req *types.ConsolidateVMDisks_Task) soap.HasFault {
+	vm.lab.mu.Lock()
+	busy := vm.removing > 0
+	vm.lab.mu.Unlock()
+	if busy {
+		// Consolidating while a snapshot removal still merges its delta: the VM is busy.
+		return &methods.ConsolidateVMDisks_TaskBody{Fault_: simulator.Fault(
+			fmt.Sprintf("VM %s: a snapshot removal is in progress", vm.Name), &types.TaskInProgress{})}
+	}
 	task := simulator.CreateTask(vm, "consolidateVMDisks", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
 		l := vm.lab
 		l.mu.Lock()
@@ -151,9 +163,15 @@ func (s *LabSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *types.Remo
 	l.mu.Unlock()
 	ref := task.Self
 	if slow > 0 {
+		l.mu.Lock()
+		vm.removing++
+		l.mu.Unlock()
 		go func() {
 			time.Sleep(time.Duration(slow) * time.Millisecond)
 			task.Run()
+			l.mu.Lock()
+			vm.removing--
+			l.mu.Unlock()
 		}()
 	} else {
 		ref = task.Run()
@@ -196,6 +214,11 @@ func (vm *LabVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryC
 			return body
 		}
 		sd := st.Disks[d.Key]
+		if sd == nil { // an independent disk: the snapshot does not cover it
+			body.Fault_ = simulator.Fault(fmt.Sprintf("disk %d of VM %s is not part of snapshot %s", d.Key, vm.Name, st.Tree.Name),
+				&types.FileFault{File: d.Top.DSPath()})
+			return body
+		}
 		top, asOf = sd.Extent, sd.ChangeID
 	}
 	info, fault := l.changedAreas(d, top, asOf, req.ChangeId, req.StartOffset)
@@ -226,6 +249,7 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 	var rest []types.BaseVirtualDeviceConfigSpec
 	var attach, detach []*types.VirtualDeviceConfigSpec
 	grow := map[*VDisk]int64{}
+	modes := map[*VDisk]string{}
 	l.mu.Lock()
 	for _, c := range spec.DeviceChange {
 		dc := c.GetVirtualDeviceConfigSpec()
@@ -243,6 +267,16 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 				}
 			}
 		case types.VirtualDeviceConfigSpecOperationEdit:
+			if d := vm.diskByKey(disk.Key); d != nil {
+				mode, fault := vm.modeChange(d, disk)
+				if fault != nil {
+					l.mu.Unlock()
+					return fault
+				}
+				if mode != "" {
+					modes[d] = mode
+				}
+			}
 			// Extending a disk: vSphere refuses it while snapshots exist.
 			if d := vm.diskByKey(disk.Key); d != nil && disk.CapacityInBytes > d.Capacity {
 				if len(vm.snaps) > 0 || d.Top.Parent != nil {
@@ -288,6 +322,9 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 		l.setCBT(vm, *spec.ChangeTrackingEnabled)
 	}
 	l.adoptNewDisks(vm)
+	for d, mode := range modes {
+		d.Mode = mode
+	}
 	for d, capacity := range grow {
 		if err := d.grow(capacity); err != nil {
 			return &types.FileFault{File: d.Top.DSPath()}
@@ -359,6 +396,10 @@ func (l *Lab) attach(vm *LabVM, dc *types.VirtualDeviceConfigSpec) types.BaseMet
 	e := l.extentByPath(b.FileName)
 	if owner := e.Owner.VM; !e.Frozen && owner != vm && owner.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
 		return &types.FileLocked{FileFault: types.FileFault{File: b.FileName}}
+	}
+	if !vm.canDecrypt(e.crypt) {
+		// An unencrypted VM cannot have encrypted disks (vSphere VM Encryption).
+		return &types.InvalidDeviceSpec{InvalidVmConfig: types.InvalidVmConfig{Property: "backing.keyId"}}
 	}
 	for _, a := range vm.hot {
 		if a.extent == e {

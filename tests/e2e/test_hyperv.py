@@ -212,9 +212,16 @@ def test_killed_run_leaves_no_shadow_copy_after_reconcile_or_sweep(default_lab, 
 
 
 def _hyperv_only(e2e, path):
+    """The plan without vCenter: its agents keep only what names a Hyper-V
+    host of the plan (an ESXi host or a datastore would be a mistake now)."""
     data = e2e.plan_data()
     data.pop("connection", None)
     data["selection"] = dict(data["selection"], vms=["*"])
+    hv = {h["name"] for h in data["hyperv"]}
+    for a in data["agents"]:
+        a["hosts"] = [h for h in a.get("hosts", []) if h in hv]
+        a.pop("datastores", None)
+        a["transports"] = [t for t in a.get("transports", ["nbd"]) if t != "direct"]
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

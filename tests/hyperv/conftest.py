@@ -86,3 +86,51 @@ def client(lab: HypervLab, transport: str, password: str | None = None, ca_file:
 @pytest.fixture(params=[t[0] for t in TRANSPORTS])
 def hv(request, lab) -> HypervClient:
     return client(lab, request.param)
+
+
+def mixed_topology() -> dict:
+    """A German host (localized integration service names) with three VMs sharing D:
+    (g1, g2, g3: Backup service on), a VM with a pass-through disk and a disk on an
+    SMB share beside a VHDX (pt01, on E:), a VM on a ReFS volume (refs01, F:) and
+    one on a Cluster Shared Volume (csv01, C:\\ClusterStorage\\Volume1\\)."""
+    small = {"controller": "scsi", "number": 0, "location": 0, "size_mib": 4}
+    return {
+        "host": "hv1",
+        "volumes": ["C", "D", "E", "F"],
+        "file_systems": {"F": "ReFS"},
+        "csv_volumes": ["Volume1"],
+        "locale": "de-DE",
+        "vms": [
+            {"name": "g1", "volume": "D", "disks": [small, dict(small, location=1, differencing=1)]},
+            {"name": "g2", "volume": "D", "disks": [small]},
+            {"name": "g3", "volume": "D", "disks": [small]},
+            {
+                "name": "pt01",
+                "volume": "E",
+                "disks": [
+                    small,
+                    dict(small, location=1, passthrough=True),
+                    dict(small, location=2, smb="\\\\FS1\\vms"),
+                ],
+            },
+            {"name": "refs01", "volume": "F", "disks": [small]},
+            {"name": "csv01", "volume": "Volume1", "disks": [small]},
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def hvlab_mixed(tmp_path_factory) -> HypervLab:
+    state = tmp_path_factory.mktemp("hvlab-mixed")
+    topology = state / "topology.json"
+    topology.write_text(json.dumps(mixed_topology()))
+    lab = HypervLab.start(state / "state", topology)
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture
+def mixed(hvlab_mixed: HypervLab) -> HypervLab:
+    """The `mixed_topology` host, cleaned up after each test like `lab`."""
+    yield hvlab_mixed
+    _clean(hvlab_mixed)

@@ -83,7 +83,12 @@ def test_get_host(hv):
 
 def test_get_vm_lists_chains(hv):
     vm = hv.run_script("Get-VmbackupVm.ps1", {"VMName": "win01"})
-    assert vm["State"] == 2 and vm["Backup"] == {"Name": "VSS", "Enabled": True, "PrimaryOperationalStatus": 2}
+    assert vm["State"] == 2 and vm["Backup"] == {
+        "Name": "VSS",
+        "Id": f"Microsoft:{vm['Id'].upper()}\\5CED1297-4598-4915-A5FC-AD21BB4D02A4",
+        "Enabled": True,
+        "PrimaryOperationalStatus": 2,
+    }
     assert [d["Name"] for d in vm["Disks"]] == ["scsi0:0", "scsi0:1"]
     base, diff = vm["Disks"]
     assert [(f["VhdFormat"], f["VhdType"]) for f in base["Chain"]] == [(3, 3)]
@@ -299,7 +304,7 @@ def test_non_ntfs_volume_is_refused_up_front(apart, quiesce):
         _new(hv, "refs1", ["refs01"], quiesce=quiesce, volumes=["F:\\"])
     msg = str(e.value)
     assert e.value.code == "ShadowCopyFailed" and "\n" not in msg
-    assert "F:\\ is ReFS" in msg and "only for NTFS" in msg and "set context volatile" in msg and "RCT" in msg
+    assert "F:\\ is ReFS" in msg and "only for NTFS" in msg and "Move-VMStorage" in msg and "RCT" in msg
     assert apart.status()["shadow_copies"] == [] and hv.run_script("Get-VmbackupHost.ps1")["Runs"] == []
     # the NTFS volumes of the same host still work
     assert _new(hv, "ntfs1", ["win01"], quiesce=quiesce)["Consistency"] in ("application", "crash")

@@ -110,9 +110,10 @@ def test_change_ids_become_invalid_when_cbt_is_switched_off_and_on(si, lab):
     try:
         new_id = disk(snap.config, key).backing.changeId
         assert new_id.split("/")[0] != old_id.split("/")[0]
-        with pytest.raises(vim.fault.FileFault):
+        # Another epoch's change id, or none at all: InvalidArgument (changeId).
+        with pytest.raises(vmodl_invalid_argument()):
             vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=key, startOffset=0, changeId=old_id)
-        with pytest.raises(vim.fault.FileFault):
+        with pytest.raises(vmodl_invalid_argument()):
             vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=key, startOffset=0, changeId="garbage")
         with pytest.raises(vmodl_invalid_argument()):
             vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=99999, startOffset=0, changeId="*")

@@ -183,11 +183,9 @@ def test_faults_set_by_the_command_line_take_effect_on_the_host(built_in):
     fault("--vm", "win01", "--set", "backup_off")
     assert c.run_script("Get-VmbackupVm.ps1", {"VMName": "win01"})["Backup"]["Enabled"] is False
     fault("--vm", "win01", "--set", "backup_no_contact")
-    assert c.run_script("Get-VmbackupVm.ps1", {"VMName": "win01"})["Backup"] == {
-        "Name": "VSS",
-        "Enabled": True,
-        "PrimaryOperationalStatus": 12,
-    }
+    backup = c.run_script("Get-VmbackupVm.ps1", {"VMName": "win01"})["Backup"]
+    assert backup.pop("Id").endswith("\\5CED1297-4598-4915-A5FC-AD21BB4D02A4")
+    assert backup == {"Name": "VSS", "Enabled": True, "PrimaryOperationalStatus": 12}
     fault("--vm", "win01")
     assert c.run_script("Get-VmbackupVm.ps1", {"VMName": "win01"})["Backup"]["PrimaryOperationalStatus"] == 2
 
@@ -202,6 +200,48 @@ def test_faults_set_by_the_command_line_take_effect_on_the_host(built_in):
 
     p = vmbackup("lab", "fault", "--state", str(state), "--host", "hv1", "--set", "quiesce_fail", expect=2)
     assert "unknown fault 'quiesce_fail'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "target, value, message",
+    [
+        (["--host", "hv1"], "no_such_fault", "unknown fault 'no_such_fault'"),
+        (["--vm", "win01"], "no_such_fault", "unknown fault 'no_such_fault'"),
+        (["--vm", "win01"], "writer_failed", "unknown fault 'writer_failed'"),  # a host's, not a VM's
+        (["--host", "hv1"], "create_seconds=-1", "fault create_seconds: -1 is not a number of seconds"),
+    ],
+)
+def test_an_unknown_or_bad_hyperv_fault_is_refused_in_one_line(built_in, target, value, message):
+    state, _ = built_in
+    before = json.loads(vmbackup("lab", "status", "--state", str(state), "--json").stdout)["hyperv_hosts"][0]
+    p = vmbackup("lab", "fault", "--state", str(state), *target, "--set", value, expect=2)
+    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1 and p.stdout == ""
+    after = json.loads(vmbackup("lab", "status", "--state", str(state), "--json").stdout)["hyperv_hosts"][0]
+    assert after["faults"] == before["faults"] and [v["faults"] for v in after["vms"]] == [
+        v["faults"] for v in before["vms"]
+    ]
+
+
+def test_status_counts_shadow_copy_sets_and_guest_quiesces(built_in):
+    """`counters.shadow_sets_created` (since the lab started) and each VM's `quiesce_count`."""
+    state, s = built_in
+    c = client(s["hyperv"])
+
+    def hv() -> dict:
+        return json.loads(vmbackup("lab", "status", "--state", str(state), "--json").stdout)["hyperv_hosts"][0]
+
+    st = hv()
+    created, quiesces = st["counters"]["shadow_sets_created"], {v["name"]: v["quiesce_count"] for v in st["vms"]}
+    # quiesce off: a set without the Hyper-V writer
+    c.run_script(
+        "New-VmbackupShadowCopy.ps1", {"RunId": "count1", "VMName": ["win01"], "Volumes": ["D:\\"], "Quiesce": "off"}
+    )
+    c.run_script("Complete-VmbackupShadowCopy.ps1", {"RunId": "count1", "Succeeded": True})
+    st = hv()
+    assert st["counters"]["shadow_sets_created"] == created + 1
+    assert {v["name"]: v["quiesce_count"] for v in st["vms"]} == quiesces  # no writer: nobody frozen
+    assert st["shadow_set_in_progress"] is None
+    # quiesce_count moves when the writer takes part: tests/hyperv/test_host_truth.py
 
 
 def test_status_lists_the_hyperv_vms_shadow_copies_and_runs(built_in):

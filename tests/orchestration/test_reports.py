@@ -150,11 +150,13 @@ def test_automation_file_is_accepted_and_alerts_on_a_failed_vm(prefect_server, t
             timeout=300,
         )
         assert p.returncode == 0, p.stdout + p.stderr
-        assert "Created 2 automation(s)" in p.stdout, p.stdout
+        assert "Created 4 automation(s)" in p.stdout, p.stdout
 
         with get_client(sync_client=True) as client:
             failed_auto = client.read_automations_by_name("vmbackup-vm-failed")
             stale_auto = client.read_automations_by_name("vmbackup-vm-no-good-backup")
+            cbt_auto = client.read_automations_by_name("vmbackup-cbt-mismatch")
+        assert cbt_auto and cbt_auto[-1].trigger.expect == {"vmbackup.cbt.mismatch"}
         assert failed_auto and failed_auto[-1].trigger.posture == "Reactive"
         assert stale_auto and stale_auto[-1].trigger.posture == "Proactive"
         assert stale_auto[-1].trigger.within.total_seconds() == 26 * 3600

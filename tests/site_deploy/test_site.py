@@ -163,7 +163,8 @@ def site(tmp_path_factory):
         # Every deployment of the shipped file, non-interactively (`--all`).
         spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
         names = [d["name"] for d in spec["deployments"]]
-        assert {"nightly", "vsphere-sweep", "hyperv-sweep", "verify-weekly", "retention", *AGENTS} <= set(names)
+        shipped = {"nightly", "vsphere-sweep", "hyperv-sweep", "verify-weekly", "retention", "cbt-audit"}
+        assert {*shipped, *AGENTS} <= set(names)
         denv = dict(env, VMBACKUP_PLAN=str(plan_path), VMBACKUP_PASSWORD_SECRET=SECRET)
         t0 = time.monotonic()
         args = [PREFECT, "--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml")]

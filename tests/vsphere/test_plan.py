@@ -44,7 +44,7 @@ def _set(path, value):
 
 
 CASES = [
-    (_set(["agents", 1, "transports", 0], "hotad"), "agents[1].transports[0]: 'hotad' is not one of hotadd, direct, nbd"),
+    (_set(["agents", 1, "transports", 0], "hotad"), "agents[1].transports[0]: 'hotad' is not one of hotadd, direct, nbd, vddk"),
     (_set(["connection"], KeyError), "give connection (vCenter or ESXi) or hyperv (Hyper-V hosts), or both"),
     (_set(["connection", "password_secret"], "vc"), "connection: give exactly one of password_env and password_secret"),
     (_set(["connection", "ca_file"], KeyError),
@@ -62,7 +62,7 @@ CASES = [
     (_set(["agents", 1, "name"], "a1"), "agents[1].name: 'a1' is used by agents[0] too"),
     (_set(["agents", 0, "transports"], ["hotadd", "hotadd"]), "agents[0].transports: lists a transport twice"),
     (_set(["agents", 0, "nbd_command"], ["nbdkit", "{sock}"]),
-     "agents[0].nbd_command: unknown placeholder {sock} (known: socket, pidfile, url, cookie, cookie_file, ca_file, "
+     "agents[0].nbd_command: unknown placeholder {sock} (known: socket, pidfile, url, cookie, cookie_file, cookie_script, cookie_renew, ca_file, "
      "path, vm, disk, snapshot)"),
     (_set(["nbd_command"], ["nbdkit", "file", "{path}"]),
      "nbd_command: must contain {socket}: the NBD server listens on that unix socket"),
@@ -70,7 +70,7 @@ CASES = [
     (_set(["limits"], {"per_host": "four"}),
      "limits.per_host: input should be a valid integer, unable to parse string as an integer"),
     (_set(["quiesce"], "sometimes"), "quiesce: 'sometimes' is not one of required, preferred, off"),
-    (_set(["transports"], ["nbd", "tape"]), "transports[1]: 'tape' is not one of hotadd, direct, nbd"),
+    (_set(["transports"], ["nbd", "tape"]), "transports[1]: 'tape' is not one of hotadd, direct, nbd, vddk"),
     (_set(["selection"], {"exclude": ["x"]}),
      "selection: selects nothing: give vms, folders, clusters, hosts or tags (vms: ['*'] for all)"),
     (_set(["selection", "exclude_disks"], {"web01": ["disk0"]}),

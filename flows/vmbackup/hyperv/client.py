@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +55,16 @@ SHELL_NOT_FOUND = 2150858843
 MAX_COMMAND_LINE = 32767
 
 _SCRIPT_ERRORS = {"VmNotFound": HypervVmNotFoundError, "QuiesceUnavailable": HypervQuiesceError}
+
+# VSS creates one shadow copy set at a time per host: another requester's
+# StartSnapshotSet fails with VSS_E_SNAPSHOT_SET_IN_PROGRESS (0x80042316) and
+# "should wait and try again" (Microsoft, "State Transitions in Shadow Copy
+# Providers"). New-VmbackupShadowCopy.ps1 reports it as this code, having made
+# nothing; the client waits and runs the script again.
+SET_IN_PROGRESS = "ShadowSetInProgress"
+# How long a script is retried while another set is being created on the host
+# (a set's creation takes seconds; VSS's own limit for a freeze is 60 s per set).
+SHADOW_SET_WAIT = 600.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,7 @@ class HypervClient:
         ca_file: Path | str | None = None,
         operation_timeout: int = 20,
         read_timeout: int = 30,
+        shadow_set_wait: float = SHADOW_SET_WAIT,
     ):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -105,6 +118,11 @@ class HypervClient:
         self.url = url
         self.host = parts.hostname
         self.auth = auth
+        # seconds a script reporting another shadow copy set in progress is
+        # retried, with back-off (0: not retried)
+        self.shadow_set_wait = shadow_set_wait
+        # how many times this client waited for another set (for reports and tests)
+        self.shadow_set_waits = 0
         kwargs: dict[str, Any] = {
             "transport": auth,
             "server_cert_validation": "validate",
@@ -134,7 +152,38 @@ class HypervClient:
         return self._call(lambda: self._session.run_cmd(command, list(args)))
 
     def run_script(self, name: str, params: dict | None = None) -> Any:
-        """Run adapter script `name` with `params` (JSON-able) and return its JSON answer."""
+        """Run adapter script `name` with `params` (JSON-able) and return its JSON answer.
+
+        While the host reports another shadow copy set in progress
+        (`SET_IN_PROGRESS`; the script then made nothing), the script is run
+        again after a back-off with jitter (0.25 s doubling to 8 s), for at most
+        ``shadow_set_wait`` seconds; then the last error is raised, saying how long
+        it waited.
+        """
+        deadline = time.monotonic() + self.shadow_set_wait
+        delay = 0.25
+        while True:
+            try:
+                return self._run_script_once(name, params)
+            except HypervScriptError as e:
+                if e.code != SET_IN_PROGRESS:
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self.shadow_set_wait <= 0:
+                        raise
+                    raise HypervScriptError(
+                        f"{e} (waited {self.shadow_set_wait:.0f} s for the other set)", SET_IN_PROGRESS
+                    ) from None
+                pause = min(left, delay * (0.5 + random.random()))
+                self.shadow_set_waits += 1
+                log.info(
+                    "%s on %s: another shadow copy set is being created; trying again in %.2f s", name, self.host, pause
+                )
+                time.sleep(pause)
+                delay = min(delay * 2, 8.0)
+
+    def _run_script_once(self, name: str, params: dict | None) -> Any:
         r = self.run_ps(scripts.wrap(name, params or {}))
         try:
             answer: Any = json.loads(r.stdout) if r.stdout.strip() else None

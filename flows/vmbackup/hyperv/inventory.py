@@ -34,6 +34,23 @@ class HvDisk:
 
 
 @dataclass(frozen=True)
+class SkippedDisk:
+    """A disk of the VM that no shadow copy of its host can hold, so it is not read.
+
+    A pass-through disk (a physical disk of the host attached to the VM: no
+    virtual disk file) or a virtual disk file on an SMB share (Hyper-V over
+    SMB: the host's VSS does not copy remote files). The same shape as
+    vSphere's independent disks in a row's ``skipped_disks``.
+    """
+
+    disk: str  # 'scsi0:1'
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"disk": self.disk, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class HvVm:
     """A Hyper-V VM as the procedure backs it up."""
 
@@ -44,11 +61,16 @@ class HvVm:
     backup_enabled: bool  # the Backup (VSS) integration service
     volumes: tuple[str, ...]  # volume roots holding its files ('D:\', 'C:\ClusterStorage\Volume1\')
     volume_keys: tuple[str, ...]  # limit keys: 'hv1:D' (local volume) or '<cluster>:Volume1' (CSV)
-    disks: tuple[HvDisk, ...]
+    disks: tuple[HvDisk, ...]  # the disks a shadow copy holds (read by the backup)
     config_files: tuple[str, ...]
+    skipped_disks: tuple[SkippedDisk, ...] = ()  # pass-through and SMB disks, with the reason
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def skipped(self) -> list[dict[str, str]]:
+        """``skipped_disks`` as a row carries them: ``[{"disk": ..., "reason": ...}]``."""
+        return [d.to_dict() for d in self.skipped_disks]
 
 
 def volume_of(winpath: str) -> str:
@@ -105,12 +127,43 @@ def vm_from_answer(host: Any, answer: dict[str, Any]) -> HvVm:
         volume_keys=tuple(dict.fromkeys(volume_key(host, v) for v in volumes)),
         disks=tuple(disks),
         config_files=tuple(_list(answer.get("ConfigFiles"))),
+        skipped_disks=tuple(
+            SkippedDisk(str(d["Name"]), str(d.get("Reason") or "not readable from a shadow copy"))
+            for d in _list(answer.get("SkippedDisks"))
+        ),
     )
 
 
 def describe_vm(client: HypervClient, host: Any, name: str) -> HvVm:
     """One VM as the host sees it now (`HypervVmNotFoundError` if it is gone)."""
     return vm_from_answer(host, client.run_script("Get-VmbackupVm.ps1", {"VMName": name}))
+
+
+def volume_groups(vms: list[HvVm]) -> list[list[HvVm]]:
+    """The VMs of one host in groups whose files share volumes (transitively).
+
+    One shadow copy set per group freezes each VM of it once: the Hyper-V
+    writer quiesces every running VM with files on a set's volumes, so N VMs
+    on one volume in N sets are N^2 quiesces, in one set N. Groups keep the
+    order of ``vms`` (by first member), and each group's VMs their order.
+    """
+    parent = list(range(len(vms)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, vm in enumerate(vms):
+        for v in vm.volumes:
+            j = owner.setdefault(v.lower(), i)
+            parent[find(i)] = find(j)
+    groups: dict[int, list[HvVm]] = {}
+    for i, vm in enumerate(vms):
+        groups.setdefault(find(i), []).append(vm)
+    return list(groups.values())
 
 
 def _match(name: str, patterns: list[str]) -> bool:

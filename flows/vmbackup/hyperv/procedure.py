@@ -69,6 +69,8 @@ def _on_host(agent: Any) -> bool:
 class HypervSteps:
     """``hypervisors.base.VmSteps`` for one Hyper-V VM."""
 
+    cleanup_keeps_class = True
+
     def __init__(self, client: HypervClient, vm: HvVm, plan: Any, host: Any, agent: Any, *, run_id: str) -> None:
         self.client, self.vm, self.plan, self.host, self.agent, self.run_id = client, vm, plan, host, agent, run_id
         self.name = vm.name
@@ -168,7 +170,9 @@ class HypervSteps:
             )
             for d in self.disks
         ]
-        return hv.ReadPlan(None, reads, FULL_REASON)
+        # Pass-through and SMB disks the host's shadow copy cannot hold (inventory).
+        skipped = self.now.skipped() if self.now is not None else []
+        return hv.ReadPlan(None, reads, FULL_REASON, skipped)
 
     def still_frozen(self, frozen: hv.Frozen, error: BaseException | None) -> BaseException | None:
         """A clear error if a copy of the set is gone (else None): a read
@@ -212,6 +216,9 @@ class HypervSteps:
             "volumes": list(now.volumes),
             "excluded_disks": sorted(set(self.plan.selection.exclude_disks.get(self.vm.name, []))),
         }
+
+    def committed(self, backup_id: str, mode: str) -> None:
+        pass  # BackupComplete is part of release (Complete-VmbackupShadowCopy.ps1 -Succeeded)
 
     def release(self, frozen: hv.Frozen | None, *, succeeded: bool) -> list[BaseException]:
         if not self.started:

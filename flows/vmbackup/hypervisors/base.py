@@ -91,6 +91,10 @@ class VmSteps(Protocol):
     ``retryable`` decides retries (errors.py)."""
 
     name: str  # the VM's name (its label in the repository)
+    # A release problem after the commit keeps its class (and so its
+    # retryability) when True; else it is a HypervisorError (not retried:
+    # the point exists).
+    cleanup_keeps_class: bool
 
     def reconcile(self) -> None:
         """Remove what earlier (crashed) runs left on this VM (snapshots,
@@ -128,6 +132,10 @@ class VmSteps(Protocol):
         """The point's config (JSON text) and the adapter's own attributes
         (``vm_moref``, transport, consistency...), once every disk is read;
         the procedure adds the contract's fields (``pointmeta.PointMeta``)."""
+
+    def committed(self, backup_id: str, mode: str) -> None:
+        """The point is committed (a full may end what made it one: a chain
+        marked broken by the CBT audit)."""
 
     def release(self, frozen: Frozen | None, *, succeeded: bool) -> list[BaseException]:
         """Undo expose and freeze (detach, remove the snapshot, end the

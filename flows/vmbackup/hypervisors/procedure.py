@@ -121,6 +121,7 @@ def backup_one(
         info = session.commit(config=config, attributes=json.dumps(meta.to_attributes()))
         session = None
         result.backup_id = info.id
+        steps.committed(info.id, mode)
         result.mode = mode
         result.full_reason = reasons or None
         result.set_disks(disk_rows)
@@ -134,7 +135,7 @@ def backup_one(
         if frozen is not None:
             result.snapshot_seconds = time.monotonic() - snap_t0
         if problems and body_error is None:
-            raise _after_commit(steps.name, result.backup_id, problems) from None
+            raise _after_commit(steps, result.backup_id, problems) from None
         if problems:
             log.error("VM %s: cleanup after a failure failed too: %s", steps.name, "; ".join(map(str, problems)))
     result.seconds = time.monotonic() - t0
@@ -201,11 +202,13 @@ def _last_full(mode: str, point_unix: float, previous: PointMeta | None) -> floa
     return previous.last_full_unix
 
 
-def _after_commit(vm: str, backup_id: str | None, problems: list[BaseException]) -> BaseException:
+def _after_commit(steps: VmSteps, backup_id: str | None, problems: list[BaseException]) -> BaseException:
     """The error of a release that failed after the commit: the point exists,
-    so the message names it; one problem keeps its class (and retryability)."""
-    message = f"VM {vm} was backed up ({backup_id}) but cleanup failed: {'; '.join(map(str, problems))}"
-    if len(problems) == 1 and isinstance(problems[0], BackupError):
+    so the message names it; one problem keeps its class (and retryability)
+    when the steps say so (Hyper-V: a dropped WinRM session is retried, the
+    host's ledger keeps the run), else a HypervisorError (vSphere: not retried)."""
+    message = f"VM {steps.name} was backed up ({backup_id}) but cleanup failed: {'; '.join(map(str, problems))}"
+    if len(problems) == 1 and isinstance(problems[0], BackupError) and getattr(steps, "cleanup_keeps_class", False):
         return rewrap(problems[0], message)
     return HypervisorError(message)
 

@@ -39,7 +39,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from .. import planning, results
-from ..errors import AgentMismatchError, BackupError, InvalidInputError, VmsFailedError
+from ..errors import AgentMismatchError, BackupError, InvalidInputError, NothingSelectedError, VmsFailedError
 from ..hyperv.hypervisor import HyperV
 from ..vsphere.hypervisor import VSphere, vm_datastores
 from . import limits, reports, vmtask
@@ -232,22 +232,35 @@ def select(
 
     Returns what was found and the vSphere client (kept open by ``stack``
     for the tasks), or None. Raises when nothing can run: every hypervisor
-    failed (its own error when there is one), or a plain VM name exists on
-    none of them (``VmNotFoundError``, exit 2).
+    failed (its own error when there is one), a plain VM name exists on
+    none of them (``VmNotFoundError``, exit 2), or the plan names a host,
+    cluster, folder, tag or datastore none of them has (``plan_names``:
+    ``InvalidInputError``, exit 2, checked before any VM is selected), or
+    the selection matches no VM at all on the hypervisors reached
+    (``NothingSelectedError``, exit 1: a run that protects nothing fails).
     """
+    from ..plan_names import check_names
+
     log = get_run_logger()
     wanted = selection_of(plan, vms)
     selection, plain = _per_adapter(wanted)
     found = Selected()
     vclient = None
     labels = hypervisor_names(plan, hypervisors)
+    if plan.connection is None:
+        check_names(plan, None)  # every name must be a Hyper-V host of the plan
     if VSPHERE in hypervisors and plan.connection is not None:
+        from ..vsphere.inventory import inventory_names
+
         vsphere = VSphere(plan, passwords[VSPHERE])
         label = vsphere.label
         try:
             vsphere.connect()
             stack.callback(vsphere.close)
             vclient = vsphere.client
+            # The plan's names against the inventory, before any VM is touched
+            # (an InvalidInputError: exit 2 whatever else the plan has).
+            check_names(plan, inventory_names(vclient))
             for vm in vsphere.select(selection):
                 found.targets.append(
                     Target(
@@ -333,7 +346,23 @@ def select(
         where = [("on " if label.startswith("Hyper-V") else "in ") + label for label in found.reached]
         raise VmNotFoundError(f"VM {', '.join(missing)} does not exist {' or '.join(where)}")
     _key_duplicates(found)
+    if not found.targets and not found.failed:
+        raise NothingSelectedError(
+            f"the selection ({_criteria(wanted)}) matches no VM "
+            + " or ".join(("on " if label.startswith("Hyper-V") else "in ") + label for label in found.reached)
+            + ": nothing was backed up"
+        )
     return found, vclient
+
+
+def _criteria(selection: Any) -> str:
+    """The selection's criteria for a one-line message: ``vms: web*; exclude: *-test``."""
+    parts = []
+    for key in ("vms", "folders", "clusters", "hosts", "tags", "exclude"):
+        values = getattr(selection, key, None) or []
+        if values:
+            parts.append(f"{key}: {', '.join(values)}")
+    return "; ".join(parts)
 
 
 def _name_host(e: BaseException, label: str) -> None:
@@ -608,7 +637,8 @@ def backup_vms(
     deployments whose state people and CI watch). A hypervisor that cannot
     be reached is one failed row ``<host>:*`` while another one works.
     Raises when nothing can start: a bad plan, no hypervisor reached, an
-    unknown VM name.
+    unknown VM name, a name no hypervisor has (exit 2), a selection that
+    matches no VM (``NothingSelectedError``: the run ends Failed).
 
     ``agent``: only this agent of the plan backs up (a per-agent deployment
     run, on the worker of that agent's pool). ``password_secret``: the name

@@ -1,4 +1,4 @@
-"""``vmbackup maintain verify|retention|sweep``: the maintenance flows run
+"""``vmbackup maintain verify|retention|sweep|audit``: the maintenance flows run
 in this process, on ``$PREFECT_API_URL`` or the embedded server, as
 ``vmbackup backup`` runs the backup flow.
 
@@ -22,12 +22,12 @@ def add_parser(sub: Any) -> None:
     """Adds ``maintain`` and its three commands to the command line."""
     sp = sub.add_parser(
         "maintain",
-        help="maintenance flows: verify the repository, apply retention, sweep vSphere and Hyper-V",
+        help="maintenance flows: verify the repository, apply retention, sweep vSphere and Hyper-V, audit CBT",
         description="Run a maintenance flow of a plan (verify_repository, apply_retention, sweep_vsphere, "
-        "sweep_hyperv) "
+        "sweep_hyperv, audit_cbt) "
         "on $PREFECT_API_URL or on the local Prefect server vmbackup starts and keeps.",
     )
-    msub = sp.add_subparsers(dest="maintain_command", metavar="{verify,retention,sweep}")
+    msub = sp.add_subparsers(dest="maintain_command", metavar="{verify,retention,sweep,audit}")
     msub.required = True
 
     def cmd(name: str, helptext: str) -> argparse.ArgumentParser:
@@ -70,6 +70,20 @@ def add_parser(sub: Any) -> None:
         choices=("vsphere", "hyperv"),
         help="sweep only this hypervisor (default: every one the plan has)",
     )
+
+    p = cmd(
+        "audit",
+        "check that CBT told the truth: per vSphere VM, a short-lived snapshot, CBT asked what changed since "
+        "the latest backup, a sample of what it says did not change compared with the backup (audit_cbt); "
+        "exit 0 if every compared area matches, 1 if one does not (that VM's next backup is a full)",
+    )
+    p.add_argument("--vm", action="append", metavar="NAME", help="only this VM (repeat for more)")
+    p.add_argument(
+        "--sample",
+        metavar="N|all",
+        help="random 64 KiB blocks per disk of the areas CBT says did not change (default 64), or all of them",
+    )
+    p.add_argument("--seed", type=int, help="seed of the random sample (default: random)")
 
 
 def _prepare(args: argparse.Namespace) -> str:
@@ -158,7 +172,14 @@ def _sweep_text(items: list[dict]) -> str:
 
 def run_maintain(args: argparse.Namespace) -> int:
     sample = getattr(args, "sample", None)
-    if sample is not None:
+    if args.maintain_command == "audit":
+        from ..audit import parse_audit_sample
+
+        parse_audit_sample(sample)  # bad input: exit 2 before any server starts
+        for name in args.vm or ():
+            if not name.strip():
+                raise InvalidInputError("--vm: a VM name must not be empty")
+    elif sample is not None:
         parse_sample(sample)  # bad input: exit 2 before any server starts
     for flag in ("grace", "older_than"):
         if (getattr(args, flag, None) or 0) < 0:
@@ -185,6 +206,8 @@ def _run(args: argparse.Namespace, sample: Any, ui: str) -> int:
             maintenance.apply_retention,
             {"read_data": not args.no_read_data, "dry_run": args.dry_run, "gc_grace_seconds": args.grace},
         )
+    elif args.maintain_command == "audit":
+        return _run_audit(args, plan, ui)
     else:
         return _run_sweeps(args, plan, ui)
     state = flow_fn(plan_path=plan, return_state=True, **kw)
@@ -235,3 +258,50 @@ def _run_sweeps(args: argparse.Namespace, plan_path: str, ui: str) -> int:
         items += [{"hypervisor": hypervisor, **i} for i in result]
     _print(args, {"leftovers": items}, _sweep_text(items))
     return 0 if all(i.get("removed") for i in items) else 1
+
+
+def _audit_text(r: dict[str, Any]) -> str:
+    lines = []
+    for v in r["vms"]:
+        if v["status"] == "ok":
+            lines.append(
+                f"ok       {v['vm']}: point {v['point']}, {', '.join(v['disks_compared'])}: "
+                f"{v['bytes_compared']} bytes compared, no difference"
+            )
+        elif v["status"] == "mismatch":
+            where = ", ".join(f"{m['disk']} at {m['offset']}+{m['length']}" for m in v["mismatches"])
+            lines.append(
+                f"MISMATCH {v['vm']}: point {v['point']} differs where CBT reported no change ({where}); "
+                "the chain is marked broken, the next backup is a full"
+            )
+        elif v["status"] == "skipped":
+            lines.append(f"skipped  {v['vm']}: {v['reason']}")
+        else:
+            lines.append(f"FAILED   {v['vm']}: {v['error']}")
+    lines.append(
+        f"CBT audit ({r['sample']}): {len(r['ok_vms'])} ok, {len(r['mismatched'])} mismatch, "
+        f"{len(r['skipped'])} skipped, {len(r['failed'])} failed; {r['bytes_compared']} bytes compared"
+    )
+    return "\n".join(lines)
+
+
+def _run_audit(args: argparse.Namespace, plan_path: str, ui: str) -> int:
+    """``maintain audit``: the audit_cbt flow; exit 1 (the VMs named on
+    stdout and stderr) when an area differs or a VM could not be audited."""
+    from . import maintenance
+    from .vmtask import one_line
+
+    state = maintenance.audit_cbt(
+        plan_path=plan_path, vms=args.vm or None, sample=args.sample, seed=args.seed, return_state=True
+    )
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, maintenance.CbtMismatchError):
+        _print(args, result.report, _audit_text(result.report))
+        print(f"vmbackup: error: {result}", file=sys.stderr)
+        return 1
+    if isinstance(result, BaseException):
+        if isinstance(result, BackupError):
+            raise result
+        raise BackupError(f"the audit flow failed: {one_line(result)} (details: {ui})")
+    _print(args, result, _audit_text(result))
+    return 0

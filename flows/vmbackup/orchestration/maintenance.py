@@ -1,5 +1,5 @@
 """The maintenance flows: ``verify_repository``, ``apply_retention``,
-``sweep_vsphere``, ``sweep_hyperv``.
+``sweep_vsphere``, ``sweep_hyperv``, ``audit_cbt``.
 
 Orchestration only: what to keep and what to sample is plain Python
 (``vmbackup.retention``, ``vmbackup.sampling``), the work is the mover's
@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from .. import _mover
 from ..errors import BackupError, GcRefusedError, InvalidInputError, RepositoryDamagedError
+from ..errors import CbtMismatchError as CbtMismatchError
 from ..errors import MaintenanceError as MaintenanceError
 from . import reports
 
@@ -28,6 +29,10 @@ VERIFY_KEY = "vmbackup-verify-repository"
 RETENTION_KEY = "vmbackup-apply-retention"
 SWEEP_KEY = "vmbackup-sweep-vsphere"
 SWEEP_HYPERV_KEY = "vmbackup-sweep-hyperv"
+AUDIT_KEY = "vmbackup-cbt-audit"
+AUDIT_TABLE_KEY = "vmbackup-cbt-audit-table"
+EVENT_CBT_MISMATCH = "vmbackup.cbt.mismatch"
+EVENT_CBT_AUDITED = "vmbackup.cbt.audited"
 # Above the backup flows' default VM deadline (6 h, after which a backup is
 # cancelled and deletes its shadow copy itself), so the sweeper never takes
 # a shadow copy from under a backup that is still reading it.
@@ -534,3 +539,154 @@ def sweep_hyperv(
         f"{removed} of {len(items)} leftover(s) removed from {len(plan.hyperv)} Hyper-V host(s)",
     )
     return items
+
+
+# --- audit_cbt ------------------------------------------------------------------
+
+AUDIT_COLUMNS = (
+    "vm",
+    "hypervisor",
+    "status",
+    "point",
+    "disks_compared",
+    "bytes_compared",
+    "mismatches",
+    "transport",
+    "reason",
+)
+
+
+def audit_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table artifact's rows: one per VM."""
+    out = []
+    for r in report["vms"]:
+        row = {k: r.get(k) for k in AUDIT_COLUMNS}
+        row["disks_compared"] = ", ".join(r["disks_compared"]) or None
+        row["mismatches"] = ", ".join(f"{m['disk']} {m['offset']}+{m['length']}" for m in r["mismatches"]) or None
+        row["reason"] = r.get("error") or r.get("reason")
+        out.append(row)
+    return out
+
+
+def _audit_markdown(r: dict[str, Any]) -> str:
+    bad = r["mismatched"] + r["failed"]
+    verdict = "every compared area matches" if not bad else f"**CBT or the backup is wrong for {', '.join(bad)}**"
+    out = [
+        f"# CBT audit of {r['plan']}: {verdict}\n",
+        f"- sample: {r['sample']}; {r['bytes_compared']} bytes compared on {r['audited']} VM(s)",
+        f"- ok {len(r['ok_vms'])}, mismatch {len(r['mismatched'])}, skipped {len(r['skipped'])}, "
+        f"failed {len(r['failed'])}",
+    ]
+    if r["mismatched"]:
+        out.append(
+            "- the chains of the mismatched VMs are marked broken: their next backup is a full "
+            "(`broken-chains/` in the repository)"
+        )
+    out.append("\n## VMs\n")
+    rows = audit_table(r)
+    out.append(_md_table(list(AUDIT_COLUMNS), [[x[k] for k in AUDIT_COLUMNS] for x in rows]))
+    return "\n".join(out)
+
+
+def audit_report(plan_path: str, plan: Any, rows: list[Any], sample: Any) -> dict[str, Any]:
+    """The flow's report (what ``vmbackup maintain audit --json`` prints)."""
+    vms = [x.to_dict() for x in rows]
+    by = {s: [v["vm"] for v in vms if v["status"] == s] for s in ("ok", "mismatch", "skipped", "failed")}
+    return {
+        "plan": plan_path,
+        "repository": str(plan.repository),
+        "sample": sample.describe(),
+        "ok": not by["mismatch"] and not by["failed"],
+        "audited": len(by["ok"]) + len(by["mismatch"]),
+        "bytes_compared": sum(v["bytes_compared"] for v in vms),
+        "ok_vms": by["ok"],
+        "mismatched": by["mismatch"],
+        "skipped": [
+            {"vm": v["vm"], "hypervisor": v["hypervisor"], "reason": v["reason"]}
+            for v in vms
+            if v["status"] == "skipped"
+        ],
+        "failed": by["failed"],
+        "vms": vms,
+    }
+
+
+@flow(name="audit_cbt", flow_run_name=reports.run_name("cbt-audit"), log_prints=False)
+def audit_cbt(
+    plan_path: str,
+    vms: list[str] | None = None,
+    sample: str | int | None = None,
+    seed: int | None = None,
+    password_secret: str | None = None,
+    hyperv_password_secret: str | None = None,
+    transports: list[str] | None = None,
+) -> dict[str, Any]:
+    """Check that CBT told the truth: per vSphere VM of the plan (or ``vms``),
+    a short-lived snapshot, CBT asked what changed since the latest point,
+    and a sample of the areas it says did not change (``sample``: blocks per
+    disk, default 64, or ``"all"``) compared with the point
+    (``vmbackup.audit``; docs/vsphere.md, "CBT audit").
+
+    Hyper-V VMs, VMs without a point and VMs with CBT off are listed as
+    skipped with the reason. Each mismatch marks the VM's chain broken (its
+    next backup is a full), emits ``vmbackup.cbt.mismatch``, and fails the
+    run (:class:`CbtMismatchError`, carrying the report) after the artifacts
+    and a ``vmbackup.cbt.audited`` event. ``password_secret`` and
+    ``hyperv_password_secret``: Secret block names, as for ``backup_vms``.
+    ``transports``: only these (in this order) instead of the plan's: the
+    snapshot is read on the machine that runs the flow, so a worker that is
+    not an agent (the site's control pool) audits through ``nbd`` only.
+    """
+    from ..audit import audit_plan, parse_audit_sample
+    from ..plan import load_plan
+    from .backup import with_secret
+
+    log = get_run_logger()
+    chosen = parse_audit_sample(sample)
+    plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    if transports:
+        from ..plan import TRANSPORTS
+
+        unknown = [t for t in transports if t not in TRANSPORTS]
+        if unknown:
+            raise InvalidInputError(f"transports: {', '.join(unknown)} is not one of {', '.join(TRANSPORTS)}")
+        plan = plan.model_copy(update={"transports": list(transports)})
+    rows = audit_plan(plan, vms, chosen, seed=seed)
+    r = audit_report(plan_path, plan, rows, chosen)
+    for v in r["vms"]:
+        if v["status"] == "ok":
+            log.info("VM %s: point %s, %d bytes compared, no difference", v["vm"], v["point"], v["bytes_compared"])
+        elif v["status"] == "mismatch":
+            log.error("VM %s: %s; the chain is marked broken, the next backup is a full", v["vm"], v["reason"])
+        elif v["status"] == "skipped":
+            log.info("VM %s skipped: %s", v["vm"], v["reason"])
+        else:
+            log.error("VM %s: the audit failed: %s", v["vm"], v["error"])
+    bad = r["mismatched"] + r["failed"]
+    title = "CBT audit: every compared area matches" if not bad else f"CBT audit: {', '.join(bad)} failed"
+    _publish_markdown_report(AUDIT_KEY, _audit_markdown(r), title)
+    reports.publish_table(AUDIT_TABLE_KEY, audit_table(r), title)
+    repo = _repository_resource(r["repository"])
+    for v in r["vms"]:
+        if v["status"] != "mismatch":
+            continue
+        resource = {
+            "prefect.resource.id": reports.resource_id("vm", v["vm"]),
+            "prefect.resource.name": v["vm"],
+            "vmbackup.vm": v["vm"],
+        }
+        payload = {k: v[k] for k in ("vm", "vm_id", "host", "point", "reason", "bytes_compared", "mismatches")}
+        payload["chain_marked_broken"] = v["chain_marked_broken"]
+        payload["repository"] = r["repository"]
+        reports.emit(EVENT_CBT_MISMATCH, resource, [dict(repo, **{"prefect.resource.role": "repository"})], payload)
+    payload = {k: r[k] for k in ("repository", "sample", "ok", "audited", "bytes_compared", "mismatched", "failed")}
+    payload["skipped"] = len(r["skipped"])
+    _emit_maintenance_event(EVENT_CBT_AUDITED, repo, payload, [v["vm"] for v in r["vms"]])
+    if bad:
+        what = []
+        if r["mismatched"]:
+            what.append(f"CBT or the backup is wrong for VM {', '.join(r['mismatched'])} (chain marked broken)")
+        if r["failed"]:
+            what.append(f"the audit failed for VM {', '.join(r['failed'])}")
+        raise CbtMismatchError("CBT audit: " + "; ".join(what), r)
+    return r

@@ -15,7 +15,11 @@ deployments made before Hyper-V (its agents' deployments are
 The per-agent runs are subflows of this run (the UI shows them under it);
 their reports (table artifacts) are read back into one report here, and this
 run fails when any VM failed or any agent's run did not complete, so
-``prefect deployment run backup_site/nightly --watch`` exits 1 then.
+``prefect deployment run backup_site/nightly --watch`` exits 1 then. A plan
+that protects nothing fails it before any agent's run starts (``select``
+raises: a name no hypervisor has, or a selection matching no VM), so the
+``vmbackup-nightly-failed`` automation (deployments/automations.yaml)
+alerts on it.
 """
 
 from __future__ import annotations

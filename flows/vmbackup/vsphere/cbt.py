@@ -16,11 +16,72 @@ from .tasks import run_task
 
 def enable(vm: Any, name: str, timeout: float) -> bool:
     """Switches CBT on if it is off. True if it was off (the next backup must be full)."""
+    return prepare(vm, name, timeout).just_enabled
+
+
+@dataclass(frozen=True)
+class CbtStart:
+    """What ``prepare`` found and did: ``just_enabled`` (this backup is full
+    for that), ``off_reason`` (CBT stays off: the full's reason), and
+    ``enabled_clean`` (we switched it on with no snapshot present: its ``*``
+    areas are then valid, Broadcom KB 320557)."""
+
+    just_enabled: bool = False
+    off_reason: str | None = None
+    enabled_clean: bool = False
+
+
+def prepare(vm: Any, name: str, timeout: float) -> CbtStart:
+    """Switches CBT on if it is off, unless the VM has snapshots.
+
+    VMware does not support switching CBT on while a VM has snapshots (the
+    tracker never learns what the base disks hold, so its answers, ``*``
+    first, are incomplete: Broadcom KB 320557). Then CBT stays off and the
+    backup is a full read of every disk, with the reason. Call it after
+    reconcile, so that only snapshots not ours remain.
+    """
     if vm.config.changeTrackingEnabled:
-        return False
+        return CbtStart()
+    snap = vm.snapshot
+    if snap is not None and snap.rootSnapshotList:
+        return CbtStart(
+            off_reason=f"CBT is off and VM {name} has snapshots (VMware does not support switching CBT on then)"
+        )
     spec = vim.vm.ConfigSpec(changeTrackingEnabled=True)
     run_task(lambda: vm.ReconfigVM_Task(spec=spec), f"enabling CBT on VM {name}", timeout)
-    return True
+    return CbtStart(just_enabled=True, enabled_clean=True)
+
+
+def epoch(change_id: str | None) -> str:
+    """The UUID part of a change id (``52 ab ... 9f/17`` -> ``52 ab ... 9f``): it changes when CBT is reset."""
+    return (change_id or "").rpartition("/")[0]
+
+
+def star_epochs(disks: Any, previous: dict[str, Any] | None, start: CbtStart) -> dict[str, str]:
+    """Per disk, the CBT epoch under which its ``*`` areas are valid, if known.
+
+    Valid (documented) only on VMFS and when CBT was switched on with no
+    snapshot present. We know that only when we switched it on ourselves
+    (``start.enabled_clean``), or a previous point recorded it for the same
+    epoch (the manifest attribute ``cbt_star_epochs``, which this returns
+    for the next point). CBT switched on by someone else is not trusted.
+    """
+    recorded = ((previous or {}).get("attributes") or {}).get("cbt_star_epochs") or {}
+    out = {}
+    for d in disks:
+        e = epoch(d.change_id)
+        if e and (start.enabled_clean or recorded.get(d.name) == e):
+            out[d.name] = e
+    return out
+
+
+def star_filter_reason(disk: DiskInfo, trusted: dict[str, str]) -> str | None:
+    """Why CBT's ``*`` areas must not filter a full of ``disk`` (None: they may)."""
+    if disk.datastore_type.upper() != "VMFS":
+        return f"datastore {disk.datastore} is {disk.datastore_type or 'of unknown type'}, not VMFS"
+    if trusted.get(disk.name) != epoch(disk.change_id) or not trusted.get(disk.name):
+        return "CBT was not switched on by vmbackup with no snapshot present"
+    return None
 
 
 def changed_areas(vm: Any, snapshot: Any, disk: DiskInfo, change_id: str) -> list[tuple[int, int]]:
@@ -38,6 +99,11 @@ def changed_areas(vm: Any, snapshot: Any, disk: DiskInfo, change_id: str) -> lis
             )
         except vim.fault.FileFault as e:
             raise ChangeIdRejected(f"change id {change_id} rejected: {type(e).__name__}") from e
+        except vmodl.fault.InvalidArgument as e:
+            # A change id of another CBT epoch (CBT was reset) is InvalidArgument.
+            if change_id != "*" and (e.invalidProperty or "changeId") == "changeId":
+                raise ChangeIdRejected(f"change id {change_id} rejected: InvalidArgument") from e
+            raise hypervisor_error(f"QueryChangedDiskAreas for disk {disk.name} of VM {vm.name}", e) from e
         except vmodl.MethodFault as e:
             raise hypervisor_error(f"QueryChangedDiskAreas for disk {disk.name} of VM {vm.name}", e) from e
         areas += [(int(a.start), int(a.length)) for a in info.changedArea or []]
@@ -66,17 +132,25 @@ def plan_disks(
     cbt_just_enabled: bool,
     full_every_days: int | None,
     now: float | None = None,
+    cbt_off_reason: str | None = None,
+    chain_broken: str | None = None,
 ) -> tuple[list[DiskPlan], str | None]:
     """Decides per disk full or incremental; returns the plans and the VM-wide full reason, if any.
 
     ``previous`` is the VM's latest backup metadata (manifest JSON) or None.
+    ``chain_broken``: the reason of the CBT audit's mark on the VM's chain
+    (``broken_chains.read(repo, vm).reason``), if any: the backup is then a full.
     """
     now = time.time() if now is None else now
     vm_reason = None
     if previous is None:
-        vm_reason = "first backup"
+        vm_reason = "first backup" + (f"; {cbt_off_reason}" if cbt_off_reason else "")
+    elif cbt_off_reason:
+        vm_reason = cbt_off_reason
     elif cbt_just_enabled:
         vm_reason = "CBT was off and has been enabled"
+    elif chain_broken:
+        vm_reason = chain_broken
     elif full_every_days is not None:
         last_full = (previous.get("attributes") or {}).get("last_full_unix", previous.get("created_unix", 0))
         if now - float(last_full) >= full_every_days * 86400:
@@ -97,6 +171,12 @@ def plan_disks(
             plans.append(DiskPlan(d, "disk replaced (another virtual disk uuid)"))
         elif not p.get("change_id"):
             plans.append(DiskPlan(d, "no change id in the previous backup"))
+        elif d.change_id and epoch(d.change_id) != epoch(p["change_id"]):
+            # CBT was reset since (switched off and on, or its files recreated):
+            # the old change id means nothing in the new epoch.
+            plans.append(
+                DiskPlan(d, f"CBT was reset (change id epoch {epoch(p['change_id'])} -> {epoch(d.change_id)})")
+            )
         else:
             plans.append(DiskPlan(d, None, p["change_id"]))
     return plans, None

@@ -31,6 +31,9 @@ from .faults import hypervisor_error
 
 log = logging.getLogger(__name__)
 
+# Objects per PropertyCollector answer; vCenter may send fewer, with a token to go on.
+PAGE_OBJECTS = 1000
+
 
 def _fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
@@ -100,6 +103,8 @@ class VSphereClient:
         self.si = vim.ServiceInstance("ServiceInstance", stub)
         self._content: Any = None
         self._lock = threading.Lock()
+        self._views: dict[type, Any] = {}
+        self._vm_index: dict[str, list[Any]] | None = None
         self.logins = 0
 
     @classmethod
@@ -174,20 +179,119 @@ class VSphereClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # Lookups.
+    # Lookups. Each is a constant number of API calls whatever the inventory's
+    # size (docs/vsphere.md, "API calls"): one PropertyCollector request for
+    # just the properties needed, never a round trip per object.
     def objects(self, kind: type) -> list[Any]:
+        """Every object of ``kind`` (references only: reading a property of each is a call each)."""
         view = self.content.viewManager.CreateContainerView(self.content.rootFolder, [kind], True)
         try:
             return list(view.view)
         finally:
             view.Destroy()
 
+    def _view(self, kind: type) -> Any:
+        """A container view of every ``kind`` under the root folder, made once per session.
+
+        vSphere keeps a view up to date as the inventory changes; logout destroys it.
+        """
+        with self._lock:
+            view = self._views.get(kind)
+            if view is None:
+                view = self.content.viewManager.CreateContainerView(self.content.rootFolder, [kind], True)
+                self._views[kind] = view
+            return view
+
+    def retrieve(self, specs: list[Any]) -> list[Any]:
+        """``RetrievePropertiesEx`` paged to the end with ``ContinueRetrievePropertiesEx``."""
+        pc = self.content.propertyCollector
+        res = pc.RetrievePropertiesEx(specs, vmodl.query.PropertyCollector.RetrieveOptions(maxObjects=PAGE_OBJECTS))
+        out: list[Any] = []
+        while res is not None:
+            out += list(res.objects or [])
+            if not res.token:
+                break
+            res = pc.ContinueRetrievePropertiesEx(res.token)
+        return out
+
+    def properties_of_all(self, kind: type, paths: list[str]) -> list[tuple[Any, dict[str, Any]]]:
+        """``(object, {path: value})`` of every ``kind`` in the inventory: one request per page.
+
+        An unset property is absent from the dict.
+        """
+        spec = vmodl.query.PropertyCollector.FilterSpec(
+            objectSet=[
+                vmodl.query.PropertyCollector.ObjectSpec(
+                    obj=self._view(kind),
+                    skip=True,
+                    selectSet=[
+                        vmodl.query.PropertyCollector.TraversalSpec(
+                            name="view", path="view", skip=False, type=vim.view.ContainerView
+                        )
+                    ],
+                )
+            ],
+            propSet=[vmodl.query.PropertyCollector.PropertySpec(type=kind, pathSet=paths)],
+        )
+        try:
+            found = self.retrieve([spec])
+        except vmodl.fault.ManagedObjectNotFound:  # the view went with a dropped session: make another
+            with self._lock:
+                self._views.pop(kind, None)
+            spec.objectSet[0].obj = self._view(kind)
+            found = self.retrieve([spec])
+        return [(o.obj, {p.name: p.val for p in o.propSet or []}) for o in found]
+
+    def properties(self, objs: list[Any], paths: list[str]) -> dict[str, dict[str, Any]]:
+        """``{moref: {path: value}}`` of the given objects (one kind) in one request.
+
+        An object that no longer exists is left out.
+        """
+        if not objs:
+            return {}
+        spec = vmodl.query.PropertyCollector.FilterSpec(
+            objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=o, skip=False) for o in objs],
+            propSet=[vmodl.query.PropertyCollector.PropertySpec(type=type(objs[0]), pathSet=paths)],
+            reportMissingObjectsInResults=True,
+        )
+        return {o.obj._moId: {p.name: p.val for p in o.propSet or []} for o in self.retrieve([spec])}
+
+    def vm_index(self, refresh: bool = False) -> dict[str, list[Any]]:
+        """VM name -> the VMs of that name, from one request; kept until ``refresh``.
+
+        The selection refreshes it once per run; lookups of VMs that do not
+        move while a run is at work on them (agent VMs, the clones of a run's
+        VMs) use it without a call.
+        """
+        with self._lock:
+            index = None if refresh else self._vm_index
+        if index is None:
+            index = {}
+            for vm, props in self.properties_of_all(vim.VirtualMachine, ["name"]):
+                if "name" in props:
+                    index.setdefault(props["name"], []).append(vm)
+            with self._lock:
+                self._vm_index = index
+        return index
+
+    def set_vm_index(self, index: dict[str, list[Any]]) -> None:
+        """Replaces the VM index with one read by a caller's own request (the selection's)."""
+        with self._lock:
+            self._vm_index = index
+
+    def vm_named(self, name: str) -> Any:
+        """A VM of this name (from the index, looked up afresh once if it is not there), or None."""
+        vms = self.vm_index().get(name)
+        if not vms:
+            vms = self.vm_index(refresh=True).get(name)
+        return vms[0] if vms else None
+
     def find_vm(self, name: str) -> Any:
-        """The VM named ``name``; VmNotFoundError if none."""
-        for vm in self.objects(vim.VirtualMachine):
-            if vm.name == name:
-                return vm
-        raise VmNotFoundError(f"VM {name} does not exist in {self.conn.host}")
+        """The VM named ``name``, looked up afresh (one request); VmNotFoundError if none."""
+        vms = self.vm_index(refresh=True).get(name)
+        if not vms:
+            raise VmNotFoundError(f"VM {name} does not exist in {self.conn.host}")
+        return vms[0]
 
     def vm_by_moref(self, moref: str) -> Any:
         return vim.VirtualMachine(moref, self._stub)

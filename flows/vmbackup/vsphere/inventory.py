@@ -8,8 +8,9 @@ from typing import Any
 
 from pyVmomi import vim
 
-from ..errors import VmNotFoundError
+from ..errors import HypervisorError, VmNotFoundError
 from ..plan import Selection
+from ..plan_names import VsphereNames
 
 CLONE_PREFIX = "vmbackup-clone-"
 
@@ -22,6 +23,35 @@ class DiskInfo:
     datastore: str
     capacity: int
     uuid: str = ""
+    mode: str = "persistent"  # backing.diskMode
+    skip_reason: str | None = None  # why a snapshot does not cover it (never read then)
+    encrypted: bool = False  # backing.keyId is set: its files hold ciphertext
+    change_id: str = ""  # backing.changeId of the running disk ("" without CBT)
+    datastore_type: str = ""  # VMFS, NFS, vsan, VVOL... (summary.type)
+
+
+def skip_reason(dev: Any) -> str | None:
+    """Why a snapshot does not freeze this disk, or None.
+
+    VMware: independent disk modes are "not affected by snapshots"
+    (VirtualDiskMode); a physical-compatibility RDM "cannot use disk modes"
+    and passes commands straight to the LUN (VirtualDiskCompatibilityMode).
+    Reading either during a backup reads the live, changing disk.
+    """
+    b = dev.backing
+    if isinstance(b, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo):
+        if getattr(b, "compatibilityMode", "") == "physicalMode":
+            return "physical-mode RDM: not covered by snapshots"
+    mode = getattr(b, "diskMode", "") or ""
+    if mode.startswith("independent"):
+        return f"independent disk ({mode}): not covered by snapshots"
+    return None
+
+
+def key_id_text(key: Any) -> str:
+    """A CryptoKeyId as ``key <id> of provider <provider>``."""
+    provider = getattr(getattr(key, "providerId", None), "id", None) or "?"
+    return f"key {key.keyId} of provider {provider}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +66,19 @@ class VmInfo:
     tools_running: bool
     cbt_enabled: bool
     folder: str = ""
+    # VM Encryption: config.keyId, or a disk's backing.keyId ("key K of provider P"), else None
+    encryption: str | None = None
+    has_snapshots: bool = False  # any snapshot at all when read (ours included)
+
+    @property
+    def skipped_disks(self) -> list[dict[str, str]]:
+        """The disks never read, with why: ``[{"disk": "scsi0:1", "reason": ...}]``."""
+        return [{"disk": d.name, "reason": d.skip_reason} for d in self.disks if d.skip_reason]
+
+    @property
+    def readable_disks(self) -> list[DiskInfo]:
+        """The disks a snapshot freezes: the ones a backup reads."""
+        return [d for d in self.disks if not d.skip_reason]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,7 +92,22 @@ class VmInfo:
             "tools_running": self.tools_running,
             "cbt_enabled": self.cbt_enabled,
             "folder": self.folder,
+            "encryption": self.encryption,
+            "skipped_disks": self.skipped_disks,
         }
+
+
+def check_skipped(info: VmInfo, policy: str) -> list[dict[str, str]]:
+    """The VM's skipped disks under the plan's ``independent_disks`` policy.
+
+    ``skip``: returned (the row and the backup point list them; the VM is ok
+    with a warning). ``fail``: a VM with any raises HypervisorError, one line.
+    """
+    skipped = info.skipped_disks
+    if skipped and policy == "fail":
+        what = "; ".join(f"{s['disk']}: {s['reason']}" for s in skipped)
+        raise HypervisorError(f"VM {info.name} has disks no snapshot covers (independent_disks: fail): {what}")
+    return skipped
 
 
 def _bus(ctrl: Any) -> str:
@@ -114,18 +172,40 @@ def vm_info(vm: Any) -> VmInfo:
     host = runtime.host
     cluster = host.parent if host is not None else None
     disks = []
+    ds_types: dict[str, str] = {}
     for name, dev in disks_of(list(config.hardware.device)):
-        fname = dev.backing.fileName
+        b = dev.backing
+        fname = b.fileName
+        ds = datastore_of(fname)
+        if ds not in ds_types:
+            ds_obj = getattr(b, "datastore", None)
+            ds_types[ds] = str(getattr(getattr(ds_obj, "summary", None), "type", "") or "") if ds_obj else ""
         disks.append(
             DiskInfo(
                 key=dev.key,
                 name=name,
                 file=fname,
-                datastore=datastore_of(fname),
+                datastore=ds,
                 capacity=int(dev.capacityInBytes or dev.capacityInKB * 1024),
-                uuid=base_uuid(dev.backing),
+                uuid=base_uuid(b),
+                mode=getattr(b, "diskMode", "") or "persistent",
+                skip_reason=skip_reason(dev),
+                encrypted=getattr(b, "keyId", None) is not None,
+                change_id=getattr(b, "changeId", None) or "",
+                datastore_type=ds_types[ds],
             )
         )
+    encryption = None
+    if getattr(config, "keyId", None) is not None:
+        encryption = key_id_text(config.keyId)
+    else:
+        keyed = [
+            dev.backing.keyId
+            for _, dev in disks_of(list(config.hardware.device))
+            if getattr(dev.backing, "keyId", None)
+        ]
+        if keyed:
+            encryption = key_id_text(keyed[0])
     guest = vm.guest
     tools = getattr(guest, "toolsRunningStatus", None) == "guestToolsRunning"
     return VmInfo(
@@ -139,17 +219,23 @@ def vm_info(vm: Any) -> VmInfo:
         tools_running=bool(tools),
         cbt_enabled=bool(config.changeTrackingEnabled),
         folder=_folder_path(vm),
+        encryption=encryption,
+        has_snapshots=vm.snapshot is not None and bool(vm.snapshot.rootSnapshotList),
     )
 
 
 def is_agent_or_ours(vm: Any, config: Any) -> bool:
     """Agent appliances and our own linked clones are never backed up."""
-    if vm.name.startswith(CLONE_PREFIX):
+    return _is_agent_or_ours(vm.name, config.template, config.extraConfig)
+
+
+def _is_agent_or_ours(name: str, template: Any, extra_config: Any) -> bool:
+    if name.startswith(CLONE_PREFIX):
         return True
-    for opt in config.extraConfig or []:
+    for opt in extra_config or []:
         if opt.key == "vmbackup.agent" and str(opt.value).lower() == "true":
             return True
-    return bool(config.template)
+    return bool(template)
 
 
 def _tags(client: Any, vm: Any) -> set[str]:
@@ -179,16 +265,21 @@ def select_vms(client: Any, selection: Selection, agent_vms: set[str] | None = N
     agent_vms = agent_vms or set()
     picked: dict[str, Any] = {}
     seen: set[str] = set()
-    for vm in client.objects(vim.VirtualMachine):
-        try:
-            config = vm.config
-            name = vm.name
-        except vim.fault.NoPermission:
-            continue
-        if config is None:
+    # One PropertyCollector request (a page per 1000 VMs) reads what every VM
+    # is asked here; the criteria below read more only of VMs they look at.
+    # It also renews the client's VM index (agents, clones) for the run.
+    listed = client.properties_of_all(vim.VirtualMachine, ["name", "config.template", "config.extraConfig"])
+    index: dict[str, list[Any]] = {}
+    for vm, props in listed:
+        if "name" in props:
+            index.setdefault(props["name"], []).append(vm)
+    client.set_vm_index(index)
+    for vm, props in listed:
+        name = props.get("name")
+        if name is None or "config.template" not in props:  # no configuration (yet), or not ours to see
             continue
         seen.add(name)
-        if name in agent_vms or is_agent_or_ours(vm, config):
+        if name in agent_vms or _is_agent_or_ours(name, props["config.template"], props.get("config.extraConfig")):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in selection.exclude):
             continue
@@ -215,3 +306,80 @@ def select_vms(client: Any, selection: Selection, agent_vms: set[str] | None = N
     if missing:
         raise VmNotFoundError(f"VM {', '.join(missing)} does not exist in {client.conn.host}")
     return [vm_info(picked[n]) for n in sorted(picked)]
+
+
+def inventory_names(client: Any) -> VsphereNames:
+    """The names of the inventory's hosts, clusters, datastores, VM folders
+    and custom attributes, for checking a plan's names (``plan_names``).
+
+    One ``RetrievePropertiesEx`` over a container view (and its pages), not
+    a round trip per object: a vCenter's inventory may hold thousands.
+    """
+    content = client.content
+    kinds = [vim.HostSystem, vim.ClusterComputeResource, vim.Datastore, vim.Folder, vim.Datacenter]
+    view = content.viewManager.CreateContainerView(content.rootFolder, kinds, True)
+    try:
+        props = {
+            vim.HostSystem: ["name"],
+            vim.ClusterComputeResource: ["name"],
+            vim.Datastore: ["name"],
+            vim.Folder: ["name", "parent"],
+            vim.Datacenter: ["vmFolder"],
+        }
+        spec = vim.PropertyCollector.FilterSpec(
+            objectSet=[
+                vim.PropertyCollector.ObjectSpec(
+                    obj=view,
+                    skip=True,
+                    selectSet=[vim.PropertyCollector.TraversalSpec(type=vim.view.ContainerView, path="view")],
+                )
+            ],
+            propSet=[vim.PropertyCollector.PropertySpec(type=k, pathSet=p) for k, p in props.items()],
+        )
+        pc = content.propertyCollector
+        objs = []
+        result = pc.RetrievePropertiesEx([spec], vim.PropertyCollector.RetrieveOptions())
+        while result is not None:
+            objs += list(result.objects or [])
+            result = pc.ContinueRetrievePropertiesEx(result.token) if result.token else None
+    finally:
+        view.Destroy()
+
+    names: dict[type, set[str]] = {vim.HostSystem: set(), vim.ClusterComputeResource: set(), vim.Datastore: set()}
+    folders: dict[str, tuple[str, str | None]] = {}  # moref -> (name, parent moref)
+    roots: set[str] = set()  # the datacenters' VM folders ("vm")
+    for oc in objs:
+        values = {p.name: p.val for p in oc.propSet or []}
+        for kind, found in names.items():
+            if isinstance(oc.obj, kind):
+                found.add(values.get("name", ""))
+        if isinstance(oc.obj, vim.Folder):
+            parent = values.get("parent")
+            folders[oc.obj._moId] = (values.get("name", ""), parent._moId if parent is not None else None)
+        elif isinstance(oc.obj, vim.Datacenter) and values.get("vmFolder") is not None:
+            roots.add(values["vmFolder"]._moId)
+
+    # A VM folder's path is as the selection matches it: from the
+    # datacenter's VM folder down ("vm/prod/web"); any of its names too.
+    vm_folders: set[str] = set()
+    for moref, (name, _) in folders.items():
+        parts, at = [], moref
+        while at in folders and at not in roots:
+            parts.append(folders[at][0])
+            at = folders[at][1]
+        if at in roots:
+            path = "/".join([folders[at][0], *reversed(parts)])
+            vm_folders |= {name, path}
+
+    attributes = set()
+    cfm = content.customFieldsManager
+    for f in (cfm.field or []) if cfm is not None else []:
+        if f.managedObjectType in (None, vim.VirtualMachine):
+            attributes.add(f.name)
+    return VsphereNames(
+        hosts=frozenset(names[vim.HostSystem]),
+        clusters=frozenset(names[vim.ClusterComputeResource]),
+        datastores=frozenset(names[vim.Datastore]),
+        folders=frozenset(vm_folders),
+        attributes=frozenset(attributes),
+    )

@@ -6,18 +6,44 @@ the directory) at each step. A step is recorded *before* it is taken, so a
 process killed between the two leaves an entry that reconcile or the sweeper
 can follow; what the entry names may not exist, and removing it is then a
 no-op. The entry is deleted once everything it names is gone.
+
+Liveness is a heartbeat in the repository, as the mover's leases
+(``mover/core/src/lease.rs``): while a run holds an entry (``Ledger.hold``), a
+thread of the holder sets the entry file's mtime to now every
+``HEARTBEAT_SECONDS``. Every agent sharing the repository sees it, so a
+sweeper on another machine never takes a run that is alive for dead. A run
+is dead when its heartbeat is older than ``STALE_AFTER_SECONDS`` plus
+``CLOCK_SKEW_SECONDS`` (the mtime is the file server's clock, the judge's
+clock is its own), or, on the machine that wrote the entry (same boot, same
+pid namespace), when its process no longer runs there: a run that crashed
+here is not waited for. A different machine's entry is never judged by its
+pid. Entries written before the heartbeat existed are judged by their mtime
+as well (their last write).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: How often a holder sets its entry's mtime to now.
+HEARTBEAT_SECONDS = 60.0
+#: Five missed heartbeats: a holder stalled for minutes (an NFS server
+#: failing over, a suspended agent) is not taken for dead.
+STALE_AFTER_SECONDS = 5 * HEARTBEAT_SECONDS
+#: How far the file server's clock (which sets the mtime) and the judge's may
+#: disagree; the same allowance as the mover's leases.
+CLOCK_SKEW_SECONDS = 300.0
 
 
 def _safe(name: str) -> str:
@@ -26,6 +52,30 @@ def _safe(name: str) -> str:
 
 def ledger_dir(repository: str | os.PathLike) -> Path:
     return Path(repository) / "ledger"
+
+
+def process_space() -> str | None:
+    """Where this process's pid means something: the boot and the pid namespace.
+
+    Two agents with one host name (cloned VMs, containers) have different
+    boot ids or pid namespaces, so neither reads the other's pid as its own.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{boot}/{ns}"
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -37,8 +87,10 @@ class Entry:
     vm_moref: str
     pid: int = field(default_factory=os.getpid)
     machine: str = field(default_factory=socket.gethostname)
+    space: str | None = field(default_factory=process_space)  # where ``pid`` means something
     created_unix: float = field(default_factory=time.time)
-    snapshot: dict[str, str] | None = None  # {"moref", "name"}
+    attempt: str | None = None  # this try of the run (snapshots.new_attempt); a retry has another
+    snapshot: dict[str, str] | None = None  # {"name", "moref", "create_task", "remove_task"}
     attachments: list[dict[str, Any]] = field(default_factory=list)  # {"agent", "agent_vm", "file"}
     clones: list[dict[str, str]] = field(default_factory=list)  # {"name", "moref"}
     nbd: list[dict[str, Any]] = field(default_factory=list)  # {"pid", "socket"}
@@ -48,17 +100,86 @@ class Entry:
         d = {k: v for k, v in self.__dict__.items() if k != "path"}
         return json.dumps(d, sort_keys=True, indent=1)
 
-    def alive_elsewhere(self) -> bool:
-        """True if the run that wrote this entry is still running (on this machine, another process)."""
-        if self.machine != socket.gethostname() or self.pid == os.getpid():
-            return False
+    def heartbeat_age(self, now: float | None = None) -> float:
+        """Seconds since the holder's last heartbeat (the entry file's mtime); inf if it is gone."""
+        if self.path is None:
+            return float("inf")
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            return float("inf")
+        return (time.time() if now is None else now) - mtime
+
+    def _here(self) -> bool:
+        """Whether ``pid`` is a process of this machine (the same boot and pid namespace)."""
+        if self.space is not None:
+            return self.space == process_space()
+        return self.machine == socket.gethostname()  # an entry of an older version
+
+    def alive(self, now: float | None = None) -> bool:
+        """True while the run that wrote this entry may still be at work on its VM.
+
+        On the entry's own machine a process that is gone is dead at once
+        (and one of this process is alive while it holds the entry); on any
+        machine a heartbeat older than the staleness bound is dead.
+        """
+        if self._here():
+            if self.pid == os.getpid():
+                return self.path is not None and _held(self.path)
+            if not _pid_runs(self.pid):
+                return False
+        return self.heartbeat_age(now) <= STALE_AFTER_SECONDS + CLOCK_SKEW_SECONDS
+
+    def holder(self) -> str:
+        """Who holds the entry, for a message: run, pid, machine, heartbeat age."""
+        age = self.heartbeat_age()
+        beat = f"heartbeat {age:.0f} s ago" if age != float("inf") else "no heartbeat"
+        return f"run {self.run_id} (pid {self.pid} on {self.machine}, {beat})"
+
+
+class Heartbeat:
+    """A thread that sets an entry file's mtime to now every ``every`` seconds until stopped.
+
+    It never creates the file: once the entry is removed (by its run, or by
+    a sweeper that took the run for dead) it stops and says so in ``lost``.
+    """
+
+    def __init__(self, path: Path, every: float = HEARTBEAT_SECONDS):
+        self.path = path
+        self.every = every
+        self.beats = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ledger-heartbeat {path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                self.lost = True
+                log.warning("ledger entry %s is gone while its run holds it", self.path.name)
+                return
+            except OSError as err:  # a file server failing over: the next beat tries again
+                log.warning("heartbeat of ledger entry %s failed: %s", self.path.name, err)
+                continue
+            self.beats += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+# The entries this process holds, by path: their heartbeats.
+_beating: dict[Path, Heartbeat] = {}
+_beating_lock = threading.Lock()
+
+
+def _held(path: Path) -> bool:
+    with _beating_lock:
+        return path in _beating
 
 
 class Ledger:
@@ -67,12 +188,14 @@ class Ledger:
     def __init__(self, repository: str | os.PathLike):
         self.dir = ledger_dir(repository)
 
-    def path(self, run_id: str, vm: str) -> Path:
-        return self.dir / f"{_safe(vm)}--{_safe(run_id)}.json"
+    def path(self, run_id: str, vm: str, attempt: str | None = None) -> Path:
+        # One file per attempt: a retry never overwrites what an earlier attempt left.
+        att = f"--{_safe(attempt)}" if attempt else ""
+        return self.dir / f"{_safe(vm)}--{_safe(run_id)}{att}.json"
 
     def write(self, entry: Entry) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = entry.path or self.path(entry.run_id, entry.vm)
+        path = entry.path or self.path(entry.run_id, entry.vm, entry.attempt)
         entry.path = path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
@@ -86,7 +209,32 @@ class Ledger:
         finally:
             os.close(fd)
 
+    def hold(self, entry: Entry, *, every: float = HEARTBEAT_SECONDS) -> Heartbeat:
+        """Writes the entry and keeps it alive (a heartbeat thread) until ``release`` or ``remove``.
+
+        Call ``release`` (or ``remove``) on every path out of the run: an entry
+        held by a process that goes on (a worker) but left by its run would
+        keep its VM busy until the process exits.
+        """
+        self.write(entry)
+        assert entry.path is not None
+        with _beating_lock:
+            beat = _beating.get(entry.path)
+            if beat is None:
+                beat = _beating[entry.path] = Heartbeat(entry.path, every)
+        return beat
+
+    def release(self, entry: Entry) -> None:
+        """Stops the entry's heartbeat (the run lets go); the file stays for reconcile or the sweeper."""
+        if entry.path is None:
+            return
+        with _beating_lock:
+            beat = _beating.pop(entry.path, None)
+        if beat is not None:
+            beat.stop()
+
     def remove(self, entry: Entry) -> None:
+        self.release(entry)
         if entry.path is not None:
             entry.path.unlink(missing_ok=True)
 
@@ -98,6 +246,7 @@ class Ledger:
         for p in sorted(self.dir.glob(pattern)):
             try:
                 d = json.loads(p.read_text())
+                d.setdefault("space", None)  # written before entries said where their pid runs
                 e = Entry(**d)
             except (OSError, ValueError, TypeError):
                 continue  # a torn or foreign file: not ours to act on

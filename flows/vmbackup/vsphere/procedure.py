@@ -24,15 +24,15 @@ from urllib.parse import quote
 
 from pyVmomi import vmodl
 
-from ..errors import BackupError, HypervisorError, SnapshotVanishedError, VmNotFoundError
+from ..errors import BackupError, HypervisorError, SnapshotVanishedError, TaskTimeoutError, VmNotFoundError
 from ..hypervisors import base as hv
 from ..hypervisors.procedure import backup_one
 from ..plan import Agent, Plan
 from ..pointmeta import Previous, latest
 from ..results import VmResult
-from . import cbt, snapshots
+from . import broken_chains, cbt, snapshots
 from .faults import hypervisor_error
-from .inventory import VmInfo, vm_info
+from .inventory import VmInfo, check_skipped, vm_info
 from .ledger import Entry, Ledger
 from .reconcile import reconcile_vm
 from .transport import TRANSPORT_CLASSES, Context, Frozen, Transport, TransportImpossible, frozen_disks
@@ -94,6 +94,8 @@ def _expose(ctx: Context, disks: list[Frozen]) -> tuple[Transport, dict[str, str
 class VSphereSteps:
     """``hypervisors.base.VmSteps`` for one vSphere VM."""
 
+    cleanup_keeps_class = False
+
     def __init__(
         self,
         client: Any,
@@ -115,6 +117,12 @@ class VSphereSteps:
         self.transport: Transport | None = None
         self.frozen_disks: list[Frozen] = []
         self.vanished = False
+        self.attempt = snapshots.new_attempt()  # one per try: reconcile cleans the run's earlier attempts
+        self.cbt_start: Any = None
+        self.skipped: list[dict[str, str]] = []
+        self.broken: Any = None
+        self.star: Any = None
+        self.taken_error: BaseException | None = None
 
     def reconcile(self) -> None:
         self.obj = self.client.vm_by_moref(self.vm.moref)
@@ -123,30 +131,53 @@ class VSphereSteps:
         except vmodl.fault.ManagedObjectNotFound:
             raise VmNotFoundError(f"VM {self.name} does not exist any more") from None
         reconcile_vm(
-            self.client, self.obj, self.name, self.plan, self.ledger, current_run=self.run_id, timeout=self.timeout
+            self.client,
+            self.obj,
+            self.name,
+            self.plan,
+            self.ledger,
+            current_run=self.run_id,
+            current_attempt=self.attempt,
+            timeout=self.plan.timeouts.task,
+            remove_timeout=self.plan.timeouts.snapshot_remove,
         )
 
     def describe(self, result: VmResult) -> None:
-        self.cbt_enabled = cbt.enable(self.obj, self.name, self.timeout)
+        # CBT is not switched on while the VM has snapshots (cbt.prepare).
+        self.cbt_start = cbt.prepare(self.obj, self.name, self.timeout)
+        self.cbt_enabled = self.cbt_start.just_enabled
         self.info = info = vm_info(self.obj)
         result.host = info.host
         result.datastores = list(info.datastores)
         result.vm_id = _instance_uuid(self.obj)
+        # Independent disks and physical RDMs: never read; skipped (or the VM fails).
+        self.skipped = check_skipped(info, self.plan.independent_disks)
+        if self.skipped:
+            log.warning("VM %s: disks not backed up: %s", self.name, self.skipped)
+        result.skipped_disks = list(self.skipped)
+        # A chain the CBT audit found broken makes this backup a full.
+        self.broken = broken_chains.read(str(self.plan.repository), self.name, result.vm_id)
 
     def freeze(self) -> hv.Frozen:
         info = self.info
         assert info is not None
-        self.entry = Entry(run_id=self.run_id, vm=self.name, vm_moref=self.vm.moref)
-        self.entry.snapshot = {"name": snapshots.snapshot_name(self.run_id)}
-        self.ledger.write(self.entry)
-        taken = snapshots.create(
-            self.obj,
-            self.name,
-            self.run_id,
-            quiesce_policy=self.plan.quiesce,
-            tools_running=info.tools_running,
-            timeout=self.timeout,
-        )
+        self.entry = Entry(run_id=self.run_id, vm=self.name, vm_moref=self.vm.moref, attempt=self.attempt)
+        self.entry.snapshot = {"name": snapshots.snapshot_name(self.run_id), "attempt": self.attempt}
+        self.ledger.hold(self.entry)  # written, then kept alive by a heartbeat thread
+        try:
+            taken = snapshots.create(
+                self.obj,
+                self.name,
+                self.run_id,
+                quiesce_policy=self.plan.quiesce,
+                tools_running=info.tools_running,
+                timeout=self.plan.timeouts.task,
+                attempt=self.attempt,
+                on_task=self._note_task("create_task"),
+            )
+        except BaseException as e:
+            self.taken_error = e
+            raise
         point_unix = time.time()  # the backup's point in time
         self.entry.snapshot["moref"] = taken.snapshot._moId
         self.ledger.write(self.entry)
@@ -154,10 +185,20 @@ class VSphereSteps:
             point_unix, taken.consistency, taken.note or None, taken.snapshot, snapshots.snapshot_name(self.run_id)
         )
 
+    def _note_task(self, key: str) -> Any:
+        """A snapshot task is in the ledger before it is waited for (a timed-out one goes on)."""
+
+        def note(moref: str) -> None:
+            assert self.entry is not None and self.entry.snapshot is not None
+            self.entry.snapshot[key] = moref
+            self.ledger.write(self.entry)
+
+        return note
+
     def _disks(self) -> list[Any]:
         assert self.info is not None
         excluded = set(self.plan.selection.exclude_disks.get(self.name, []))
-        return [d for d in self.info.disks if d.name not in excluded]
+        return [d for d in self.info.readable_disks if d.name not in excluded]
 
     def expose(self, frozen: hv.Frozen) -> hv.Exposed:
         assert self.entry is not None
@@ -173,6 +214,7 @@ class VSphereSteps:
             self.ledger,
             self.entry,
             self.timeout,
+            encryption=self.info.encryption if self.info is not None else None,  # hot-add to an encrypted agent only
         )
         self.transport, sources = _expose(ctx, self.frozen_disks)
         return hv.Exposed(sources, self.transport.name, self.transport.detail)
@@ -181,8 +223,15 @@ class VSphereSteps:
         snap = frozen.handle
         unusable = previous.full_reason() if previous is not None else None
         base = previous.as_dict() if previous is not None and unusable is None else None
+        disks = self._disks()
+        self.star = cbt.star_epochs(disks, base, self.cbt_start)  # where CBT's "*" is valid
         plans, vm_reason = cbt.plan_disks(
-            tuple(self._disks()), base, cbt_just_enabled=self.cbt_enabled, full_every_days=self.plan.full_every_days
+            tuple(disks),
+            base,
+            cbt_just_enabled=self.cbt_enabled,
+            full_every_days=self.plan.full_every_days,
+            cbt_off_reason=self.cbt_start.off_reason,
+            chain_broken=self.broken.reason if self.broken is not None else None,
         )
         if unusable is not None:
             vm_reason = unusable
@@ -204,7 +253,11 @@ class VSphereSteps:
             # (the query failed), the source's map alone decides (an NBD
             # export without block status is then read whole).
             allocated = None
-            if changed is None:
+            # "*" filters a full only where it is documented valid.
+            why_not = cbt.star_filter_reason(p.disk, self.star) if changed is None else None
+            if why_not is not None:
+                log.info("VM %s disk %s: read whole, not by CBT's areas: %s", self.name, p.disk.name, why_not)
+            elif changed is None:
                 try:
                     allocated = cbt.changed_areas(self.obj, snap, p.disk, "*")
                 except (cbt.ChangeIdRejected, BackupError) as e:
@@ -228,7 +281,7 @@ class VSphereSteps:
             )
         incremental = any(r.changed is not None for r in reads)
         parent = previous.backup_id if incremental and previous is not None else None
-        return hv.ReadPlan(parent, reads, vm_reason)
+        return hv.ReadPlan(parent, reads, vm_reason, list(self.skipped))
 
     def still_frozen(self, frozen: hv.Frozen, error: BaseException | None) -> BaseException | None:
         moref = frozen.handle._moId
@@ -260,6 +313,7 @@ class VSphereSteps:
             "consistency": frozen.consistency,
             "consistency_note": frozen.note,
             "excluded_disks": sorted(set(self.plan.selection.exclude_disks.get(self.name, []))),
+            "cbt_star_epochs": self.star,  # read back by cbt.star_epochs
             "vmx": _vmx_text(self.client, self.obj),
         }
 
@@ -267,22 +321,52 @@ class VSphereSteps:
         problems: list[BaseException] = []
         if self.transport is not None:
             problems += [HypervisorError(p) for p in self.transport.close()]
+        # A snapshot task still running in vSphere (a timed-out create or
+        # remove) keeps the ledger entry, which names the task, and defers
+        # consolidation until it finished (the next attempt waits for it).
+        entry = self.entry
+        pending = (
+            frozen is None
+            and isinstance(self.taken_error, TaskTimeoutError)
+            and entry is not None
+            and "create_task" in (entry.snapshot or {})
+        )
+        if pending:
+            assert entry is not None and entry.snapshot is not None
+            problems.append(
+                TaskTimeoutError(f"creating the snapshot goes on in vSphere (task {entry.snapshot['create_task']})")
+            )
         if frozen is not None and not self.vanished:
             snap = frozen.handle
             try:
-                snapshots.remove(snap, f"removing snapshot {snap._moId} of VM {self.name}", self.timeout)
+                snapshots.remove(
+                    snap,
+                    f"removing snapshot {snap._moId} of VM {self.name}",
+                    self.plan.timeouts.snapshot_remove,
+                    on_task=self._note_task("remove_task"),
+                )
+            except TaskTimeoutError as e:
+                pending = True
+                problems.append(TaskTimeoutError(f"{e}; consolidation waits for it"))
             except BackupError as e:
                 problems.append(e)
-        if self.obj is not None:
+        if self.obj is not None and not pending:
             try:
-                snapshots.consolidate_if_needed(self.obj, self.name, self.timeout)
+                snapshots.consolidate_if_needed(self.obj, self.name, self.plan.timeouts.task)
             except BackupError as e:
                 problems.append(e)
             except vmodl.MethodFault as e:
                 problems.append(hypervisor_error(f"consolidating VM {self.name}", e))
-        if not problems and self.entry is not None:
-            self.ledger.remove(self.entry)
+        if entry is not None:
+            self.ledger.release(entry)  # the run lets go (a kept entry is a dead run's)
+            if not problems:
+                self.ledger.remove(entry)
         return problems
+
+    def committed(self, backup_id: str, mode: str) -> None:
+        """After the commit: a full ends a chain the CBT audit marked broken."""
+        if self.broken is not None and mode == "full":
+            broken_chains.clear(str(self.plan.repository), self.broken)
 
 
 def _instance_uuid(obj: Any) -> str | None:

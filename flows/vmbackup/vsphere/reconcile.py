@@ -5,6 +5,13 @@ started, detach the VM's disk files from the plan's agent VMs (a hot-added
 file locks the chain), destroy their linked clones, remove their snapshots
 (name prefix and run id in the description; a user's snapshot is never
 touched), consolidate if vSphere says it is needed.
+
+A retry is another attempt of the same run: the snapshots and ledger entries
+of the run's earlier attempts (another attempt id) are leftovers like any
+other. A snapshot task an earlier attempt gave up waiting for (its create or
+remove task timed out and goes on in vSphere, the ledger names it) is waited
+for first, so that a snapshot made after the time-out is removed too, and
+consolidation never starts while a removal runs.
 """
 
 from __future__ import annotations
@@ -18,12 +25,12 @@ from typing import Any
 
 from pyVmomi import vim
 
-from ..errors import BackupError, HypervisorBusyError
+from ..errors import BackupError, HypervisorBusyError, TaskTimeoutError
 from ..plan import Plan
 from . import snapshots
 from .inventory import CLONE_PREFIX, chain_files, disks_of
 from .ledger import Entry, Ledger
-from .tasks import run_task
+from .tasks import run_task, task_state, wait_task
 from .transport import agent_vm, destroy_clone, detach_files
 
 log = logging.getLogger(__name__)
@@ -63,17 +70,34 @@ def vm_files(vm: Any) -> set[str]:
 
 
 def clones_of(client: Any, vm_name: str) -> list[Any]:
+    """Our linked clones of the VM, from the client's VM index (the run's selection made it).
+
+    A clone made after that by a run that died is in that run's ledger entry
+    (written before the clone exists): ``_ledger_clones`` finds it.
+    """
     prefix = f"{CLONE_PREFIX}{vm_name}-"
-    return [v for v in client.objects(vim.VirtualMachine) if v.name.startswith(prefix)]
+    return [v for name, vms in client.vm_index().items() if name.startswith(prefix) for v in vms]
 
 
 def agent_objects(client: Any, plan: Plan) -> list[Any]:
     out = []
+    seen: set[str] = set()
     for a in plan.agents:
         obj = agent_vm(client, a)
-        if obj is not None:
+        if obj is not None and obj._moId not in seen:
+            seen.add(obj._moId)
             out.append(obj)
     return out
+
+
+def _devices(client: Any, objs: list[Any]) -> dict[str, tuple[str, list[Any]]]:
+    """``{moref: (name, devices)}`` of the VMs that still exist, in one request."""
+    props = client.properties(objs, ["name", "config.hardware.device"])
+    return {
+        moref: (p.get("name", moref), list(p.get("config.hardware.device") or []))
+        for moref, p in props.items()
+        if "config.hardware.device" in p
+    }
 
 
 def reconcile_vm(
@@ -87,62 +111,87 @@ def reconcile_vm(
     timeout: float = 600.0,
     entries: list[Entry] | None = None,
     snapshot_filter: Any = None,
+    current_attempt: str | None = None,
+    remove_timeout: float = snapshots.REMOVE_TIMEOUT,
 ) -> list[Leftover]:
     """Removes what earlier runs left on one VM; returns what it found.
 
-    Raises HypervisorBusyError if a run that is still alive holds the VM.
+    ``current_attempt`` given, only that attempt of ``current_run`` is spared:
+    the run's earlier attempts are cleaned like other runs. Without it the
+    whole current run is spared. Raises HypervisorBusyError if a run that is
+    still alive (its ledger entry's heartbeat is fresh, on any machine) holds
+    the VM; TaskTimeoutError if a snapshot task an earlier attempt left
+    running does not finish in time.
     """
+
+    def current(run_id: str | None, att: str | None) -> bool:
+        return run_id == current_run and (current_attempt is None or att == current_attempt)
+
     everyone = ledger.entries(vm_name)
-    entries = [e for e in (entries if entries is not None else everyone) if e.run_id != current_run]
+    entries = [e for e in (entries if entries is not None else everyone) if not current(e.run_id, e.attempt)]
     for e in everyone:
-        if e.run_id != current_run and e.alive_elsewhere():
-            raise HypervisorBusyError(f"VM {vm_name} is being backed up by run {e.run_id} (pid {e.pid})")
+        # Alive is a fresh heartbeat, whichever machine the run is on (ledger.py).
+        if not current(e.run_id, e.attempt) and e.alive():
+            raise HypervisorBusyError(f"VM {vm_name} is held by {e.holder()}")
     found: list[Leftover] = []
+    removing = False  # a snapshot removal timed out and goes on: no consolidation now
 
     def attempt(kind: str, name: str, action: Any) -> bool:
+        nonlocal removing
         try:
             action()
             found.append(Leftover(kind, vm_name, name, True))
             return True
         except BackupError as err:
+            if kind == "snapshot" and isinstance(err, TaskTimeoutError):
+                removing = True
             found.append(Leftover(kind, vm_name, name, False, str(err)))
             return False
+
+    if vm is not None:
+        _wait_for_pending_tasks(vm._stub, vm_name, entries, timeout, remove_timeout)
 
     for e in entries:
         for n in e.nbd:
             if _stop_nbd(int(n["pid"])):
                 found.append(Leftover("nbd", vm_name, f"pid {n['pid']}", True))
 
-    clones = clones_of(client, vm_name) if vm is not None else []
-    clones += [c for c in _ledger_clones(client, entries) if all(c._moId != x._moId for x in clones)]
+    found_clones = (clones_of(client, vm_name) if vm is not None else []) + _ledger_clones(client, vm, entries)
+    clones = list({c._moId: c for c in found_clones}.values())
     files = {a["file"] for e in entries for a in e.attachments}
     if vm is not None:
         files |= vm_files(vm)
-    for c in clones:
-        files |= vm_files(c)
-    for agent in agent_objects(client, plan):
-        mine = {dev.backing.fileName for _, dev in disks_of(list(agent.config.hardware.device))} & files
+    # The clones' and the agents' devices: one request each, however many there are.
+    clone_devices = _devices(client, clones)
+    clones = [c for c in clones if c._moId in clone_devices]  # gone since the index was made
+    for _, devices in clone_devices.values():
+        files |= {f for _, dev in disks_of(devices) for f in chain_files(dev.backing)}
+    agents = agent_objects(client, plan)
+    agent_devices = _devices(client, agents)
+    for agent in agents:
+        name, devices = agent_devices.get(agent._moId, (None, []))
+        mine = {dev.backing.fileName for _, dev in disks_of(devices)} & files
         for f in sorted(mine):
             attempt(
                 "attachment",
-                f"{f} on {agent.name}",
-                lambda a=agent, f=f: detach_files(a, {f}, timeout, f"detaching {f} from {a.name}"),
+                f"{f} on {name}",
+                lambda a=agent, f=f, n=name: detach_files(a, {f}, timeout, f"detaching {f} from {n}"),
             )
     for c in clones:
-        attempt("clone", c.name, lambda c=c: destroy_clone(c, timeout))
+        attempt("clone", clone_devices[c._moId][0], lambda c=c: destroy_clone(c, timeout))
     ok = all(x.removed for x in found)
     if vm is not None:
         for rid, node in snapshots.ours(vm):
-            if rid == current_run or (snapshot_filter is not None and not snapshot_filter(node)):
+            if current(rid, snapshots.attempt_of(node)) or (snapshot_filter is not None and not snapshot_filter(node)):
                 continue
             ok &= attempt(
                 "snapshot",
                 node.name,
-                lambda n=node: snapshots.remove(
-                    n.snapshot, f"removing leftover snapshot {n.name} of {vm_name}", timeout
-                ),
+                lambda n=node, rid=rid: _remove_leftover(ledger, vm, vm_name, rid, n, remove_timeout),
             )
-        if vm.runtime.consolidationNeeded:
+        if removing:
+            log.warning("VM %s: a snapshot removal goes on; consolidation waits for it", vm_name)
+        elif vm.runtime.consolidationNeeded:
             ok &= attempt(
                 "consolidation",
                 vm_name,
@@ -154,8 +203,63 @@ def reconcile_vm(
     return found
 
 
-def _ledger_clones(client: Any, entries: list[Entry]) -> list[Any]:
-    names = {c.get("name") for e in entries for c in e.clones}
-    if not names:
-        return []
-    return [v for v in client.objects(vim.VirtualMachine) if v.name in names]
+def _wait_for_pending_tasks(
+    stub: Any, vm_name: str, entries: list[Entry], timeout: float, remove_timeout: float
+) -> None:
+    """Waits for the snapshot tasks earlier attempts left running (the ledger names them)."""
+    for e in entries:
+        snap = e.snapshot or {}
+        for key, limit, what in (("create_task", timeout, "creating"), ("remove_task", remove_timeout, "removing")):
+            moref = snap.get(key)
+            if not moref or task_state(stub, moref) != "running":
+                continue
+            log.info("VM %s: waiting for task %s (%s a snapshot of run %s)", vm_name, moref, what, e.run_id)
+            try:
+                wait_task(vim.Task(moref, stub), f"{what} snapshot {snap.get('name')} of VM {vm_name}", limit)
+            except TaskTimeoutError:
+                raise
+            except BackupError as err:  # it failed: nothing of it to wait for
+                log.info("VM %s: task %s ended in an error: %s", vm_name, moref, err)
+
+
+def _remove_leftover(ledger: Ledger, vm: Any, vm_name: str, run_id: str, node: Any, timeout: float) -> None:
+    """Removes a leftover snapshot; its removal task is written down before it is
+    waited for (it may outlive this process), and forgotten once it finished."""
+    e = Entry(run_id=run_id, vm=vm_name, vm_moref=vm._moId, attempt=f"{snapshots.attempt_of(node) or 'x'}-rm")
+    e.snapshot = {"name": node.name, "moref": node.snapshot._moId}
+
+    def note(task: str) -> None:
+        e.snapshot["remove_task"] = task
+        if e.path is None:  # held while this process waits (a removal may take hours)
+            ledger.hold(e)
+        else:
+            ledger.write(e)
+
+    try:
+        snapshots.remove(node.snapshot, f"removing leftover snapshot {node.name} of {vm_name}", timeout, on_task=note)
+    finally:
+        ledger.release(e)  # a removal that timed out keeps its entry, which names the task
+    ledger.remove(e)
+
+
+def _ledger_clones(client: Any, vm: Any, entries: list[Entry]) -> list[Any]:
+    """The clones the ledger names: by moref when it was recorded, else by name in the VM's folder
+    (where the clone is made: one ``SearchIndex.FindChild``), else in the index."""
+    out = []
+    folder = None
+    for c in (c for e in entries for c in e.clones):
+        if c.get("moref"):
+            out.append(client.vm_by_moref(c["moref"]))
+            continue
+        name = c.get("name")
+        if not name:
+            continue
+        if vm is not None:
+            if folder is None:
+                folder = vm.parent
+            found = client.content.searchIndex.FindChild(folder, name)
+            if found is not None:
+                out.append(found)
+                continue
+        out += client.vm_index().get(name, [])
+    return out

@@ -1,8 +1,16 @@
 """Snapshots: taken with memory off and quiesce per policy, recognised and removed.
 
-Ours are named ``vmbackup-<run id>`` and carry ``vmbackup run-id=<run id>`` in
-their description; reconcile and the sweeper remove only snapshots with both,
-never a user's snapshot.
+Ours are named ``vmbackup-<run id>`` and carry ``vmbackup run-id=<run id>
+attempt=<attempt id>`` in their description; reconcile and the sweeper remove
+only snapshots with both, never a user's snapshot. The attempt id tells apart
+the snapshots of two attempts of one run: an attempt whose
+``CreateSnapshot_Task`` timed out leaves a snapshot that vSphere makes later,
+and the next attempt of the same run removes it (reconcile).
+
+Removing a snapshot merges its delta into the parent and can take hours on a
+busy VM (Broadcom KB 337175, KB 316414; it cannot be cancelled): it has its
+own time limit, ``REMOVE_TIMEOUT`` (the plan's ``timeouts.snapshot_remove``),
+and consolidation starts only once a removal has finished.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,14 +33,28 @@ log = logging.getLogger(__name__)
 
 PREFIX = "vmbackup-"
 _RUN = re.compile(r"\bvmbackup run-id=(\S+)")
+_ATTEMPT = re.compile(r"\battempt=(\S+)")
+REMOVE_TIMEOUT = 24 * 3600.0  # the default of the plan's timeouts.snapshot_remove
 
 
 def snapshot_name(run_id: str) -> str:
     return f"{PREFIX}{run_id}"
 
 
-def description(run_id: str) -> str:
-    return f"vmbackup run-id={run_id} pid={os.getpid()} machine={socket.gethostname()}"
+def new_attempt() -> str:
+    """A fresh attempt id: one per try of one VM's backup (a retry gets another)."""
+    return uuid.uuid4().hex[:12]
+
+
+def description(run_id: str, attempt: str | None = None) -> str:
+    att = f" attempt={attempt}" if attempt else ""
+    return f"vmbackup run-id={run_id}{att} pid={os.getpid()} machine={socket.gethostname()}"
+
+
+def attempt_of(tree: Any) -> str | None:
+    """The attempt id in one of our snapshots' description (None if it has none)."""
+    m = _ATTEMPT.search(tree.description or "")
+    return m.group(1) if m else None
 
 
 def run_id_of(tree: Any) -> str | None:
@@ -44,7 +67,11 @@ def run_id_of(tree: Any) -> str | None:
 
 def walk(vm: Any) -> Iterator[Any]:
     """Every snapshot tree node of a VM, parents before children."""
-    info = vm.snapshot
+    return walk_info(vm.snapshot)
+
+
+def walk_info(info: Any) -> Iterator[Any]:
+    """Every node of a VM's ``snapshot`` property (None: no snapshots), parents before children."""
     stack = list(reversed(info.rootSnapshotList)) if info is not None else []
     while stack:
         node = stack.pop()
@@ -54,7 +81,12 @@ def walk(vm: Any) -> Iterator[Any]:
 
 def ours(vm: Any) -> list[tuple[str, Any]]:
     """(run id, snapshot tree node) of every snapshot this system made on the VM."""
-    return [(rid, n) for n in walk(vm) if (rid := run_id_of(n)) is not None]
+    return ours_in(vm.snapshot)
+
+
+def ours_in(info: Any) -> list[tuple[str, Any]]:
+    """``ours`` of a ``snapshot`` property already read (by a PropertyCollector request, say)."""
+    return [(rid, n) for n in walk_info(info) if (rid := run_id_of(n)) is not None]
 
 
 @dataclass
@@ -72,23 +104,37 @@ def _is_quiesce_failure(e: BackupError) -> bool:
     return isinstance(cause, _QUIESCE_FAULTS) or "Quiesce" in str(e) or "ToolsUnavailable" in str(e)
 
 
-def create(vm: Any, name: str, run_id: str, *, quiesce_policy: str, tools_running: bool, timeout: float) -> Taken:
+def create(
+    vm: Any,
+    name: str,
+    run_id: str,
+    *,
+    quiesce_policy: str,
+    tools_running: bool,
+    timeout: float,
+    attempt: str | None = None,
+    on_task: Any = None,
+) -> Taken:
     """Takes the backup snapshot (memory off) following the quiesce policy.
 
     ``required``: a quiesce failure fails the VM (QuiesceError, permanent);
     ``preferred``: one more quiesced attempt, then a crash-consistent snapshot;
     ``off``: never quiesces. A powered-off VM needs no quiescing: its disks are
     at rest, so its consistency is ``powered-off`` (which satisfies ``required``).
+    ``attempt`` goes into the description; ``on_task(moref)`` is called with
+    each CreateSnapshot task before it is waited for (the ledger keeps it: a
+    timed-out task goes on).
     """
     what = f"snapshot of VM {name}"
 
     def take(quiesce: bool) -> Any:
         return run_task(
             lambda: vm.CreateSnapshot_Task(
-                name=snapshot_name(run_id), description=description(run_id), memory=False, quiesce=quiesce
+                name=snapshot_name(run_id), description=description(run_id, attempt), memory=False, quiesce=quiesce
             ),
             what,
             timeout,
+            on_task,
         )
 
     powered_on = str(vm.runtime.powerState) == "poweredOn"
@@ -117,9 +163,14 @@ def create(vm: Any, name: str, run_id: str, *, quiesce_policy: str, tools_runnin
     return Taken(take(False), "crash", f"quiescing failed twice ({last})")
 
 
-def remove(snapshot: Any, what: str, timeout: float) -> None:
-    """Removes one snapshot (its children stay), merging its delta into the parent."""
-    run_task(lambda: snapshot.RemoveSnapshot_Task(removeChildren=False), what, timeout)
+def remove(snapshot: Any, what: str, timeout: float = REMOVE_TIMEOUT, on_task: Any = None) -> None:
+    """Removes one snapshot (its children stay), merging its delta into the parent.
+
+    ``timeout`` is the removal's own (hours by default, not the other tasks'
+    minutes); after a ``TaskTimeoutError`` the removal still runs in vSphere:
+    do not consolidate then (``on_task`` gets the task's moref to wait on later).
+    """
+    run_task(lambda: snapshot.RemoveSnapshot_Task(removeChildren=False), what, timeout, on_task)
 
 
 def consolidate_if_needed(vm: Any, name: str, timeout: float) -> bool:

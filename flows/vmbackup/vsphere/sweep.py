@@ -1,13 +1,17 @@
 """The sweeper: find what crashed runs left (older than a threshold) and remove it.
 
-It looks in three places: the ledger (runs whose process is gone), every
-VM's snapshot tree (our prefix and a run id in the description), and the
-inventory (our linked clones). Anything younger than the threshold may
-belong to a run in progress and is left alone.
+It looks in three places: the ledger (runs that are dead: their heartbeat is
+stale, or their process is gone from this machine; see ledger.py), every VM's
+snapshot tree (our prefix and a run id in the description), and the
+inventory (our linked clones). A VM that a live run holds (a fresh heartbeat
+in the repository, whichever machine the run is on) is skipped whole.
+Anything younger than the threshold may belong to a run in progress and is
+left alone.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -20,6 +24,8 @@ from .inventory import CLONE_PREFIX
 from .ledger import Ledger
 from .reconcile import Leftover, reconcile_vm
 
+log = logging.getLogger(__name__)
+
 
 def _age(dt: Any, now: float) -> float:
     return now - dt.timestamp() if dt is not None else float("inf")
@@ -30,30 +36,49 @@ def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftove
     now = time.time()
     ledger = Ledger(plan.repository)
     found: list[Leftover] = []
-    entries = [e for e in ledger.entries() if now - e.created_unix >= older_than_seconds and not e.alive_elsewhere()]
+    every = ledger.entries()
+    # A run whose heartbeat is fresh is alive, on whichever machine: its VM is
+    # not swept at all (not its snapshots, not its clones), however old it is.
+    held = {e.vm for e in every if e.alive(now)}
+    entries = [e for e in every if now - e.created_unix >= older_than_seconds and e.vm not in held]
     by_vm: dict[str, list[Any]] = {}
     for e in entries:
         by_vm.setdefault(e.vm, []).append(e)
-    vms = {vm.name: vm for vm in client.objects(vim.VirtualMachine)}
+    # Every VM's name, snapshot tree and creation date in one request (a page
+    # per 1000 VMs), not a round trip per VM and property.
+    listed = client.properties_of_all(vim.VirtualMachine, ["name", "snapshot", "config.createDate"])
+    index: dict[str, list[Any]] = {}
+    vms: dict[str, Any] = {}
+    props_of: dict[str, dict[str, Any]] = {}
+    for vm, props in listed:
+        if "name" in props:
+            index.setdefault(props["name"], []).append(vm)
+            vms[props["name"]] = vm
+            props_of[props["name"]] = props
+    client.set_vm_index(index)
     # VMs with old snapshots of ours, or old clones of ours, even without a ledger entry.
-    for name, vm in vms.items():
+    for name in vms:
         if name.startswith(CLONE_PREFIX):
             continue
-        old = [n for _, n in snapshots.ours(vm) if _age(n.createTime, now) >= older_than_seconds]
+        tree = props_of[name].get("snapshot")
+        old = [n for _, n in snapshots.ours_in(tree) if _age(n.createTime, now) >= older_than_seconds]
         if old:
             by_vm.setdefault(name, [])
     for name, vm in vms.items():
         if name.startswith(CLONE_PREFIX):
-            created = getattr(vm.config, "createDate", None)
+            created = props_of[name].get("config.createDate")
             if _age(created, now) >= older_than_seconds:
                 owner = _clone_owner(name, vms)
                 if owner is not None:
                     by_vm.setdefault(owner, [])
                 else:  # its VM is gone: the clone alone
                     found += _remove_orphan_clone(client, plan, vm)
-    young = {e.vm for e in ledger.entries() if now - e.created_unix < older_than_seconds}
+    young = {e.vm for e in every if now - e.created_unix < older_than_seconds}
     for name, vm_entries in sorted(by_vm.items()):
         vm = vms.get(name)
+        if name in held:
+            log.info("VM %s: skipped, a run that is alive holds it", name)
+            continue
         if name in young:  # a run may be at work on it: its leftovers wait for the next sweep
             continue
         try:

@@ -13,13 +13,21 @@ to call twice. What they create is written in the ledger before it exists.
   frozen base disk's VMDK descriptor (a delta of an older snapshot chain is
   not readable that way, so it is impossible then).
 - ``Nbd``: one NBD server per disk from the plan's command template; the
-  mover's NBD client reads ``nbd+unix:///?socket=...``.
+  mover's NBD client reads ``nbd+unix:///?socket=...``. The session cookie
+  file nbdkit's cookie script reads is kept current while the read runs.
+- ``Vddk``: nbdkit's vddk plugin over VMware's VDDK (installed by the site).
+
+A datastore without flat files (vSAN, vVols: ``summary.type`` ``vsan`` or
+``VVOL``) makes ``direct`` and a ``{url}`` NBD command impossible at expose
+time: their disks are objects, not ``-flat.vmdk`` files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -31,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
 from ..errors import BackupError, TransportImpossible
 from ..plan import Agent, Plan
@@ -67,6 +75,31 @@ def frozen_disks(snapshot: Any, disks: list[DiskInfo]) -> list[Frozen]:
     return out
 
 
+FLATLESS_TYPES = ("vsan", "VVOL")
+
+
+def datastore_types(client: Any, vm: Any) -> dict[str, str]:
+    """``summary.type`` of each datastore of the VM (``VMFS``, ``NFS``, ``vsan``, ``VVOL``, ...)."""
+    out = {}
+    for ds in vm.datastore or []:
+        try:
+            out[ds.name] = str(ds.summary.type)
+        except Exception:  # noqa: BLE001 (a datastore we cannot read: no claim about it)
+            continue
+    return out
+
+
+def _flatless(ctx: Any, disks: list[Frozen], what: str) -> None:
+    """TransportImpossible if a disk is on a datastore that keeps no flat file."""
+    kinds = datastore_types(ctx.client, ctx.vm)
+    for f in disks:
+        kind = kinds.get(f.datastore)
+        if kind in FLATLESS_TYPES:
+            raise TransportImpossible(
+                f"disk {f.disk.name} is on {kind} datastore {f.datastore}, which has no flat file for {what}"
+            )
+
+
 def _rel(file_name: str) -> str:
     return file_name.split("] ", 1)[1] if "] " in file_name else file_name
 
@@ -83,6 +116,16 @@ class Context:
     ledger: Ledger
     entry: Entry
     timeout: float = 600.0
+    # VM Encryption ("key K of provider P", VmInfo.encryption) or None: the VM's
+    # flat files hold ciphertext whose key is not stored with them.
+    encryption: str | None = None
+
+
+def _ciphertext(ctx: Context) -> str:
+    return (
+        f"VM {ctx.vm_name} is encrypted ({ctx.encryption}): its disk files hold ciphertext; "
+        "only hot-add to an encrypted agent VM reads them"
+    )
 
 
 class Transport:
@@ -101,12 +144,10 @@ class Transport:
 
 
 def agent_vm(client: Any, agent: Agent) -> Any:
+    """The agent's VM (from the client's VM index: no call once the run's selection made it), or None."""
     if agent.vm is None:
         return None
-    for vm in client.objects(vim.VirtualMachine):
-        if vm.name == agent.vm:
-            return vm
-    return None
+    return client.vm_named(agent.vm)
 
 
 def detach_files(agent_obj: Any, files: set[str], timeout: float, what: str) -> int:
@@ -130,6 +171,9 @@ def destroy_clone(clone: Any, timeout: float) -> None:
 # read from the agent's configuration, so two VMs attaching at once would pick
 # the same unit.
 _attach_locks: dict[str, threading.Lock] = {}
+# The SCSI controllers this process added to each agent VM for backup disks
+# (removed once empty); never the agent's own boot controller.
+_added_controllers: dict[str, set[int]] = {}
 _attach_locks_guard = threading.Lock()
 
 
@@ -151,11 +195,33 @@ class HotAdd(Transport):
         a = self.ctx.agent
         if a.vm is None or a.device_dir is None:
             raise TransportImpossible(f"agent {a.name} has no agent VM or device_dir")
+        ide = [f.disk.name for f in disks if f.disk.name.startswith("ide")]
+        if ide:
+            # VDDK: "HotAdd ... SCSI disks only; IDE disks are not supported" (Best Practices for HotAdd).
+            raise TransportImpossible(
+                f"disk {', '.join(ide)} is on an IDE controller; hot-add attaches SCSI disks only"
+            )
         obj = agent_vm(self.ctx.client, a)
         if obj is None:
             raise TransportImpossible(f"agent VM {a.vm} does not exist")
-        host = obj.runtime.host
-        visible = {ds.name for ds in host.datastore} if host is not None else set()
+        try:
+            host = obj.runtime.host
+        except vmodl.fault.ManagedObjectNotFound:  # the index named an agent VM since removed
+            obj = self.ctx.client.vm_index(refresh=True).get(a.vm, [None])[0]
+            if obj is None:
+                raise TransportImpossible(f"agent VM {a.vm} does not exist") from None
+            host = obj.runtime.host
+        if self.ctx.encryption and getattr(obj.config, "keyId", None) is None:
+            # vSphere decrypts a hot-added encrypted disk only for an encrypted VM
+            # (whose host holds the key provider's keys); an unencrypted VM cannot
+            # have encrypted disks at all.
+            raise TransportImpossible(
+                f"VM {self.ctx.vm_name} is encrypted ({self.ctx.encryption}) and agent VM {a.vm} is not: "
+                "its host cannot decrypt the disks"
+            )
+        # The names of the datastores the agent's host sees: one request, however many.
+        seen = self.ctx.client.properties(list(host.datastore), ["name"]) if host is not None else {}
+        visible = {p["name"] for p in seen.values() if "name" in p}
         blind = sorted({f.datastore for f in disks} - visible)
         if blind:
             raise TransportImpossible(
@@ -169,10 +235,8 @@ class HotAdd(Transport):
 
     def _attach_locked(self, files: list[str]) -> dict[str, str]:
         obj = self.agent_obj
+        ctrl = self._backup_controller(len(files))
         devices = list(obj.config.hardware.device)
-        ctrl = next((d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)), None)
-        if ctrl is None:
-            raise TransportImpossible(f"agent VM {obj.name} has no SCSI controller for hot-add")
         used = {d.unitNumber for d in devices if getattr(d, "controllerKey", None) == ctrl.key}
         free = [u for u in range(16) if u != 7 and u not in used]
         if len(free) < len(files):
@@ -241,6 +305,63 @@ class HotAdd(Transport):
         except (BackupError, KeyError) as e:
             raise TransportImpossible(f"attaching the frozen disks failed ({first}); the linked clone too ({e})") from e
 
+    def _backup_controller(self, n: int) -> Any:
+        """A SCSI controller of the agent for backup disks, never its boot
+        controller (the one holding the agent's own disks): a free one with
+        room for ``n`` disks, else a paravirtual one added now (and removed by
+        ``close`` once empty). Called under the agent's attach lock."""
+        obj = self.agent_obj
+        devices = list(obj.config.hardware.device)
+        scsi = [d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)]
+        added = _added_controllers.setdefault(obj._moId, set())
+        own = {
+            dev.controllerKey
+            for _, dev in disks_of(devices)
+            if dev.backing.fileName not in self.files and dev.controllerKey not in added
+        }
+        for c in scsi:
+            if c.key in own:
+                continue  # the agent's boot controller (or one with its own disks)
+            used = {d.unitNumber for d in devices if getattr(d, "controllerKey", None) == c.key}
+            if len([u for u in range(16) if u != 7 and u not in used]) >= n:
+                return c
+        buses = {c.busNumber for c in scsi}
+        bus = next((b for b in range(4) if b not in buses), None)
+        if bus is None:
+            raise TransportImpossible(
+                f"agent VM {obj.name} has no SCSI controller free for backup disks and no bus left"
+            )
+        new = vim.vm.device.ParaVirtualSCSIController(key=-300, busNumber=bus, sharedBus="noSharing")
+        spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=new)])
+        run_task(
+            lambda: obj.ReconfigVM_Task(spec=spec),
+            f"adding a SCSI controller for backup disks to agent VM {obj.name}",
+            self.ctx.timeout,
+        )
+        for c in obj.config.hardware.device:
+            if isinstance(c, vim.vm.device.VirtualSCSIController) and c.busNumber == bus:
+                added.add(c.key)
+                return c
+        raise TransportImpossible(f"the SCSI controller added to agent VM {obj.name} did not appear")
+
+    def _remove_empty_controllers(self) -> None:
+        """Removes the controllers this process added to the agent once no disk is on them."""
+        obj = self.agent_obj
+        with _attach_lock(obj._moId):
+            added = _added_controllers.get(obj._moId, set())
+            devices = list(obj.config.hardware.device)
+            busy = {dev.controllerKey for _, dev in disks_of(devices)}
+            empty = [d for d in devices if d.key in added and d.key not in busy]
+            if not empty:
+                return
+            changes = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=d) for d in empty]
+            run_task(
+                lambda: obj.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes)),
+                f"removing the backup SCSI controller of agent VM {obj.name}",
+                self.ctx.timeout,
+            )
+            added -= {d.key for d in empty}
+
     def close(self) -> list[str]:
         problems = []
         if self.agent_obj is not None and self.files:
@@ -249,6 +370,11 @@ class HotAdd(Transport):
                     self.agent_obj, self.files, self.ctx.timeout, f"detaching disks from {self.agent_obj.name}"
                 )
                 self.files = set()
+            except BackupError as e:
+                problems.append(str(e))
+        if self.agent_obj is not None and not self.files:
+            try:
+                self._remove_empty_controllers()
             except BackupError as e:
                 problems.append(str(e))
         if self.clone is not None:
@@ -264,6 +390,9 @@ class Direct(Transport):
     name = "direct"
 
     def open(self, disks: list[Frozen]) -> dict[str, str]:
+        if self.ctx.encryption:
+            raise TransportImpossible(_ciphertext(self.ctx))
+        _flatless(self.ctx, disks, "a mount to read")
         out = {}
         for f in disks:
             root = self.ctx.agent.datastores.get(f.datastore)
@@ -287,20 +416,39 @@ class Nbd(Transport):
         super().__init__(ctx)
         self.workdir: Path | None = None
         self.procs: list[subprocess.Popen] = []
+        self._stop: threading.Event | None = None
+        self._keeper: threading.Thread | None = None
 
     def _url(self, f: Frozen) -> str:
         rel = _rel(f.file)
         flat = rel[: -len(".vmdk")] + "-flat.vmdk" if rel.endswith(".vmdk") else rel
         dc = self.ctx.client.datacenter_of(self.ctx.vm)
-        dc_name = dc.name if dc is not None else ""
-        return (
-            f"{self.ctx.client.base_url}/folder/{quote(flat)}?dcPath={quote(dc_name, safe='')}"
-            f"&dsName={quote(f.datastore, safe='')}"
-        )
+        return folder_url(self.ctx.client.base_url, flat, dc.name if dc is not None else "", f.datastore)
+
+    def _keep_cookie(self, cookie_file: Path, every: float) -> None:
+        """Every ``every`` seconds: a call on the session (which keeps it from
+        idling out, and logs in again if it was dropped), then the cookie file
+        rewritten if the cookie changed (nbdkit's cookie script re-reads it)."""
+        assert self._stop is not None
+        last = self.ctx.client.cookie
+        while not self._stop.wait(every):
+            try:
+                now = self.ctx.client.cookie  # a round trip: re-login on NotAuthenticated
+            except Exception as e:  # noqa: BLE001 (the read notices on its own if this lasts)
+                log.warning("VM %s: keeping the session alive failed: %s", self.ctx.vm_name, type(e).__name__)
+                continue
+            if now != last:
+                _write_private(cookie_file, now)
+                last = now
+                log.info("VM %s: session cookie renewed for the NBD servers", self.ctx.vm_name)
 
     def open(self, disks: list[Frozen]) -> dict[str, str]:
         template = self.ctx.agent.nbd_command or self.ctx.plan.nbd_command
         uses_url = any("{url}" in a for a in template)
+        if uses_url and self.ctx.encryption:
+            raise TransportImpossible(_ciphertext(self.ctx))
+        if uses_url:
+            _flatless(self.ctx, disks, "the NBD command to read by URL")
         for f in disks:
             if uses_url and f.has_parent:
                 raise TransportImpossible(
@@ -315,6 +463,12 @@ class Nbd(Transport):
         with os.fdopen(fd, "w") as fh:
             fh.write(cookie)
         ca_file = self.ctx.client.ca_file_for_tools(self.workdir)
+        renew = int(getattr(self.ctx.plan, "cookie_renew_seconds", 300))
+        self._stop = threading.Event()
+        self._keeper = threading.Thread(
+            target=self._keep_cookie, args=(cookie_file, renew), name=f"cookie-{self.ctx.vm_name}", daemon=True
+        )
+        self._keeper.start()
         out = {}
         for i, f in enumerate(disks):
             sock = self.workdir / f"disk{i}.sock"
@@ -325,6 +479,8 @@ class Nbd(Transport):
                 "url": self._url(f),
                 "cookie": cookie,
                 "cookie_file": str(cookie_file),
+                "cookie_script": f"cat {shlex.quote(str(cookie_file))}",
+                "cookie_renew": str(renew),
                 "ca_file": ca_file,
                 "path": f.file,
                 "vm": self.ctx.vm_name,
@@ -350,6 +506,11 @@ class Nbd(Transport):
         return out
 
     def close(self) -> list[str]:
+        if self._stop is not None:
+            self._stop.set()
+            if self._keeper is not None:
+                self._keeper.join(timeout=30)
+            self._stop = self._keeper = None
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -366,4 +527,115 @@ class Nbd(Transport):
         return []
 
 
-TRANSPORT_CLASSES: dict[str, type[Transport]] = {"hotadd": HotAdd, "direct": Direct, "nbd": Nbd}
+def folder_url(base_url: str, rel: str, dc_path: str, ds_name: str) -> str:
+    """The datastore HTTPS URL of a file: ``/folder/<path>?dcPath=<dc>&dsName=<ds>``
+    (vSphere Web Services SDK guide, "Datastore Access (/folder)"). The path is
+    percent-encoded keeping its slashes; ``dcPath`` and ``dsName`` are encoded
+    whole, so a space, ``&``, ``#``, ``+`` or ``/`` in a name stays in the value."""
+    return f"{base_url}/folder/{quote(rel)}?dcPath={quote(dc_path, safe='')}&dsName={quote(ds_name, safe='')}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replaces ``path`` with ``text``, mode 0600, atomically (a reader never sees half of it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def vddk_plugin_installed(nbdkit: str = "nbdkit") -> str | None:
+    """None if nbdkit's vddk plugin loads, else why not (one line)."""
+    if shutil.which(nbdkit) is None and not os.path.isfile(nbdkit):
+        return f"{nbdkit} is not installed"
+    try:
+        p = subprocess.run([nbdkit, "vddk", "--dump-plugin"], capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        return f"{nbdkit} cannot run: {e.strerror or e}"
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"nbdkit's vddk plugin is not installed ({tail})"
+    return None
+
+
+def server_sha1(client: Any) -> str:
+    """The server certificate's SHA-1 fingerprint, as VDDK's thumbprint wants it,
+    fetched over the session's own verified TLS context."""
+    from .client import _peer_certificate
+
+    der = _peer_certificate(client.conn.host, client.conn.port, client.ssl_context)
+    h = hashlib.sha1(der).hexdigest().upper()  # noqa: S324 (VDDK's format, not a security choice here)
+    return ":".join(h[i : i + 2] for i in range(0, 40, 2))
+
+
+def vddk_command(
+    cfg: Any, *, conn: Any, thumbprint: str, vm_moref: str, snapshot_moref: str, file: str, socket: str, pidfile: str,
+    password_file: str,
+) -> list[str]:  # fmt: skip
+    """The nbdkit command serving one frozen disk through VDDK (nbdkit-vddk-plugin(1)).
+
+    The password goes in a 0600 file (``password=+FILE``), never on the command line."""
+    argv = [cfg.nbdkit, "--exit-with-parent", "-r", "-U", socket, "-P", pidfile, "vddk"]
+    argv += [f"libdir={cfg.libdir}", f"server={conn.host}"]
+    if conn.port != 443:
+        argv.append(f"port={conn.port}")
+    argv += [f"user={conn.user}", f"password=+{password_file}", f"thumbprint={thumbprint}"]
+    argv += [f"vm=moref={vm_moref}", f"snapshot={snapshot_moref}", f"transports={cfg.transports}"]
+    if cfg.config is not None:
+        argv.append(f"config={cfg.config}")
+    argv.append(f"file={file}")
+    return argv
+
+
+class Vddk(Nbd):
+    """nbdkit's vddk plugin: VDDK opens the frozen disk by the VM's moref and the
+    snapshot's (any of VDDK's own transports: nbdssl, hotadd). VDDK is VMware's
+    and not redistributable, so this is built and checked here but not run
+    against the lab (docs/vsphere.md)."""
+
+    name = "vddk"
+
+    def open(self, disks: list[Frozen]) -> dict[str, str]:
+        cfg = self.ctx.agent.vddk
+        if cfg is None:
+            raise TransportImpossible(f"agent {self.ctx.agent.name} has no vddk settings")
+        why = vddk_plugin_installed(cfg.nbdkit)
+        if why is not None:
+            raise TransportImpossible(why)
+        if not Path(cfg.libdir).is_dir():
+            raise TransportImpossible(f"VDDK libdir {cfg.libdir} does not exist on agent {self.ctx.agent.name}")
+        client = self.ctx.client
+        thumbprint = cfg.thumbprint or server_sha1(client)
+        self.workdir = Path(tempfile.mkdtemp(prefix="vmbackup-vddk-"))
+        pw_file = self.workdir / "password"
+        _write_private(pw_file, client._password.get_secret_value())
+        out = {}
+        for i, f in enumerate(disks):
+            sock, pidfile = self.workdir / f"disk{i}.sock", self.workdir / f"disk{i}.pid"
+            argv = vddk_command(
+                cfg, conn=client.conn, thumbprint=thumbprint, vm_moref=self.ctx.vm._moId,
+                snapshot_moref=self.ctx.snapshot._moId, file=f.file, socket=str(sock), pidfile=str(pidfile),
+                password_file=str(pw_file),
+            )  # fmt: skip
+            out[f.disk.name] = self._start(argv, f, sock)
+        pw_file.unlink(missing_ok=True)  # nbdkit read it at start
+        return out
+
+    def _start(self, argv: list[str], f: Frozen, sock: Path) -> str:
+        assert self.workdir is not None
+        log_path = self.workdir / f"{sock.stem}.log"
+        with open(log_path, "wb") as logf:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        self.procs.append(proc)
+        self.ctx.entry.nbd.append({"pid": proc.pid, "socket": str(sock)})
+        self.ctx.ledger.write(self.ctx.entry)
+        deadline = time.monotonic() + NBD_START_TIMEOUT
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-2:]
+                raise TransportImpossible(f"nbdkit vddk for disk {f.disk.name} did not start: {' / '.join(tail)}")
+            time.sleep(0.02)
+        return f"nbd+unix:///?socket={sock}"
+
+
+TRANSPORT_CLASSES: dict[str, type[Transport]] = {"hotadd": HotAdd, "direct": Direct, "nbd": Nbd, "vddk": Vddk}

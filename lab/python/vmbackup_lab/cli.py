@@ -142,8 +142,12 @@ def _fault_value(key: str, value: str | None) -> Any:
         return True
     if key in TEXT_FAULTS:
         return value
-    if value.isdigit():
-        return int(value)
+    # numbers as numbers (`create_seconds=0.5`, `-1`), so the host checks the value it was given
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
     return value.lower() not in ("0", "false", "no", "off")
 
 
@@ -167,6 +171,10 @@ def cmd_fault(args: argparse.Namespace) -> int:
 def cmd_drop_sessions(args: argparse.Namespace) -> int:
     from .process import load_lab
 
+    if args.idle is not None:
+        n = load_lab(args.state).expire_idle_sessions(args.idle)
+        _emit(args, {"dropped": n, "vsphere": n, "hyperv": {}}, f"expired {n} vSphere session(s) idle {args.idle:g} s")
+        return 0
     per = load_lab(args.state).drop_all_sessions()
     n = sum(per.values())
     hosts = {k: v for k, v in per.items() if k != "vsphere"}
@@ -248,15 +256,20 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         metavar="NAME[=VALUE]",
         help="vSphere: quiesce_fail, snapshot_fail, slow_ms=N, leave_consolidation, refuse_snapshots, "
-        "tools_not_running; Hyper-V host: writer_failed, shadow_fail, drop_during=SCRIPT.ps1; "
+        "tools_not_running; Hyper-V host: writer_failed, shadow_fail, drop_during=SCRIPT.ps1, create_seconds=N; "
         "Hyper-V VM: backup_off, backup_no_contact; none clears all",
     )
-    state(
-        command(
-            "drop-sessions",
-            cmd_drop_sessions,
-            "drop every vSphere session and every Hyper-V WinRM shell (clients must log in again)",
-        )
+    p = command(
+        "drop-sessions",
+        cmd_drop_sessions,
+        "drop every vSphere session and every Hyper-V WinRM shell (clients must log in again)",
+    )
+    state(p)
+    p.add_argument(
+        "--idle",
+        type=float,
+        metavar="SECONDS",
+        help="only the vSphere sessions idle that long (as vCenter's session idle timeout)",
     )
     p = command("build", cmd_build, "build the simulator binary")
     p.add_argument("--force", action="store_true")

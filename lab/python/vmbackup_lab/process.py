@@ -236,10 +236,10 @@ class Lab:
 
     def set_faults(self, *, vm: str | None = None, host: str | None = None, **faults: Any) -> dict:
         """Replace a VM's or a host's faults (a Hyper-V host's with ``host`` and no ``vm``)."""
+        if faults.keys() == {"none"}:  # `--set none` clears them all, as no `--set` does
+            faults = {}
         hv = self._route(vm, host)
         if hv is not None:
-            if faults.keys() == {"none"}:  # `--set none` clears them all, as in vSphere
-                faults = {}
             return hv.set_faults(vm, **faults)
         body: dict = {"faults": faults}
         if vm:
@@ -252,6 +252,15 @@ class Lab:
         """Drop every vSphere session and every Hyper-V host's WinRM shells and
         connections; returns the number of vSphere sessions and WinRM shells dropped."""
         return sum(self.drop_all_sessions().values())
+
+    def drop_sessions_after(self, folder_requests: int) -> None:
+        """Drop every vSphere session once ``folder_requests`` more datastore
+        (/folder) requests have been served: a drop in the middle of a read."""
+        self.call("drop-sessions", {"after_folder_requests": folder_requests})
+
+    def expire_idle_sessions(self, seconds: float) -> int:
+        """Drop the vSphere sessions idle for ``seconds`` or more (vCenter's idle timeout)."""
+        return self.call("drop-sessions", {"idle_seconds": seconds})["dropped"]
 
     def drop_all_sessions(self) -> dict[str, int]:
         """What `drop_sessions` dropped, per endpoint: ``vsphere`` and each Hyper-V host's name."""

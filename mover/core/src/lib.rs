@@ -20,6 +20,14 @@
 //! sharing the repository over NFS or SMB see it live, see lease.rs); gc
 //! keeps every chunk touched since the oldest live lease started (see
 //! gc.rs), so it can run while backups do.
+//!
+//! # Layout
+//! One file per concept: `source/` the disk formats a backup reads
+//! (`DiskSource`), `chunk_store`, `manifest`, `block_map`, `backup`,
+//! `restore` and `target/`, `verify`, `gc`, `lease`. `nbd/` holds all of
+//! NBD: the wire protocol, URIs and TLS, the client (`nbd/client/`, a disk
+//! source), the server that serves a backup's disk (`nbd/server/`) and its
+//! copy-on-write overlay.
 
 pub mod backup;
 pub mod backup_reader;
@@ -34,8 +42,6 @@ pub mod gc;
 pub mod lease;
 pub mod manifest;
 pub mod nbd;
-pub mod nbd_overlay;
-pub mod nbd_server;
 pub mod progress;
 pub mod repository;
 pub mod restore;

@@ -5,8 +5,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vmbackup_mover::nbd::client::{NbdOptions, NbdSource};
 use vmbackup_mover::nbd::proto::*;
-use vmbackup_mover::source::nbd::{NbdOptions, NbdSource};
 use vmbackup_mover::source::DiskSource;
 use vmbackup_mover::Error;
 

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vmbackup_mover::backup::{BackupSession as CoreSession, DiskRequest};
 use vmbackup_mover::extents::Extent;
+use vmbackup_mover::nbd::client::NbdOptions;
 use vmbackup_mover::repository::Repository;
-use vmbackup_mover::source::nbd::NbdOptions;
 use vmbackup_mover::{catalog, gc as core_gc, restore, source, verify as core_verify, Error};
 
 fn open(repo: &str) -> PyResult<Repository> {
@@ -280,7 +280,7 @@ pub fn serve(
     handshake_timeout: Option<f64>,
 ) -> PyResult<()> {
     use vmbackup_mover::backup_reader::BackupReader;
-    use vmbackup_mover::nbd_server::{default_overlay_dir, Listen, NbdServer, ServeOptions};
+    use vmbackup_mover::nbd::server::{default_overlay_dir, Listen, NbdServer, ServeOptions};
 
     let where_ = match (socket, listen) {
         (Some(s), None) => Listen::Unix(s.into()),
@@ -296,7 +296,7 @@ pub fn serve(
         },
         name: String::new(),
         handshake_timeout: match handshake_timeout {
-            None => vmbackup_mover::nbd_server::HANDSHAKE_TIMEOUT,
+            None => vmbackup_mover::nbd::server::HANDSHAKE_TIMEOUT,
             Some(t) if t > 0.0 && t <= 3600.0 => std::time::Duration::from_secs_f64(t),
             Some(t) => {
                 return Err(to_py(Error::InvalidInput(format!(

@@ -4,6 +4,7 @@
 mod api;
 mod convert;
 mod errors;
+mod reader;
 mod results;
 
 use pyo3::prelude::*;
@@ -20,6 +21,7 @@ fn _mover(_py: Python, m: &PyModule) -> PyResult<()> {
     m.add_class::<results::RepositoryConfig>()?;
     m.add_class::<results::BackupInfo>()?;
     m.add_class::<results::UntrustedManifest>()?;
+    m.add_class::<reader::DiskReader>()?;
     m.add_function(wrap_pyfunction!(api::init_repository, m)?)?;
     m.add_function(wrap_pyfunction!(api::open_repository, m)?)?;
     m.add_function(wrap_pyfunction!(api::restore_disk, m)?)?;

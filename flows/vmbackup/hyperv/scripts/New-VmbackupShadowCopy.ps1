@@ -46,6 +46,16 @@
     'crash' (the writer excluded) when -Quiesce is 'preferred' (the reasons are
     returned), or an error when it is 'required'. -Quiesce off always excludes
     the writer.
+
+    Several VMs (the VMs of this host whose files share volumes) go into ONE
+    set: the writer freezes each guest once for it. VMs lists each VM asked for
+    with its own Consistency and Reasons; a VM that is off does not keep the
+    writer from the running ones ('X is not running' is then its own reason).
+
+    VSS creates one shadow copy set at a time per host: while another is being
+    created, diskshadow's 'create' fails with VSS_E_SNAPSHOT_SET_IN_PROGRESS
+    (0x80042316). The script then removes what it wrote (nothing else exists)
+    and fails with 'ShadowSetInProgress: ...'; the caller waits and tries again.
     Run by hand:  .\New-VmbackupShadowCopy.ps1 -RunId test1 -VMName web01 -Volumes D:\
 .PARAMETER RunId
     Names this backup's files, ledger entry, mount points and shares.
@@ -77,10 +87,10 @@ param(
 $ErrorActionPreference = 'Stop'
 $hyperVWriter = '{66841cd4-6ded-4f4b-8f17-fd23f8ddc3de}'
 
-# The Backup integration service is named 'VSS' since Windows Server 2016 and
-# 'Backup (volume snapshot)' before. '' when it is on and answering, else why not.
+# The Backup integration service, by the fixed GUID that ends its Id (its name
+# is localized). '' when it is on and answering, else why not.
 function Get-BackupServiceProblem($Vm) {
-    $svc = Get-VMIntegrationService -VM $Vm | Where-Object { $_.Name -eq 'VSS' -or $_.Name -like 'Backup*' } | Select-Object -First 1
+    $svc = Get-VMIntegrationService -VM $Vm | Where-Object { ([string]$_.Id).ToUpper().EndsWith('\5CED1297-4598-4915-A5FC-AD21BB4D02A4') } | Select-Object -First 1
     if (-not $svc -or -not $svc.Enabled) { return 'its Backup integration service is off' }
     if ([int]$svc.PrimaryOperationalStatus -ne 2) { return 'its Backup integration service does not answer' }
     return ''
@@ -100,25 +110,31 @@ foreach ($root in $volumeRoots) {
     $volume = $allVolumes | Where-Object { $_.Name -eq $root } | Select-Object -First 1
     if (-not $volume) { throw "ShadowCopyFailed: the volume $root does not exist on $env:COMPUTERNAME" }
     if ($volume.FileSystem -ne 'NTFS') {
-        throw ("ShadowCopyFailed: volume $root is $($volume.FileSystem): persistent shadow copies (diskshadow 'set context persistent') " +
-            "can be made only for NTFS volumes (VSS documentation); the documented alternatives, not implemented " +
-            "by vmbackup, are a nonpersistent copy held open by diskshadow ('set context volatile' with exec) " +
-            "or Hyper-V's WMI recovery checkpoints with RCT")
+        $what = if ($volume.FileSystem -eq 'CSVFS') { 'a Cluster Shared Volume (CSVFS)' } else { $volume.FileSystem }
+        throw ("ShadowCopyFailed: volume $root is ${what}: vmbackup makes persistent shadow copies (diskshadow " +
+            "'set context persistent'), which VSS makes only for NTFS volumes; to back up this VM, move its files " +
+            "to an NTFS volume of the host (Move-VMStorage), or use a product that backs up through Hyper-V's " +
+            "WMI backup (recovery checkpoints with RCT, Windows Server 2016 and later)")
     }
 }
 
 # --- which consistency can we get? ---
 $reasons = @()
+$perVm = [ordered]@{}
+$offReasons = @()
 if ($Quiesce -eq 'off') { $reasons += 'quiesce is off' }
 else {
     foreach ($name in $VMName) {
         $vm = Get-VM -Name $name -ErrorAction SilentlyContinue
         if (-not $vm) { throw "VmNotFound: no VM named '$name' on $env:COMPUTERNAME" }
-        if ([int]$vm.State -ne 2) { $reasons += "$name is not running" ; continue }
+        if ([int]$vm.State -ne 2) { $perVm[$name] = @("$name is not running"); $offReasons += "$name is not running"; continue }
         $problem = Get-BackupServiceProblem $vm
         if ($problem -eq 'its Backup integration service is off') { $reasons += "$name has its Backup integration service off" }
         elseif ($problem) { $reasons += "$name's Backup integration service does not answer" }
     }
+    # VMs that are off take part without being frozen: they keep the writer
+    # from the others only when no VM asked for runs (a set of one VM that is off).
+    if ($offReasons.Count -eq $VMName.Count) { $reasons += $offReasons }
     # The Hyper-V writer backs up EVERY VM with files on the added volumes, not
     # only ours; a running VM that cannot take its own (child) VSS snapshot is
     # put into a saved state during 'create', and one VM failing fails the
@@ -141,8 +157,15 @@ else {
     }
     if ($state -ne 1) { $reasons += "the Hyper-V VSS writer is not stable (state $state)" }
 }
-$consistency = if ($reasons.Count -eq 0) { 'application' } else { 'crash' }
-if ($consistency -eq 'crash' -and $Quiesce -eq 'required') { throw "QuiesceUnavailable: $($reasons -join '; ')" }
+$writerIn = $reasons.Count -eq 0
+$vmsOut = @(foreach ($name in $VMName) {
+        $own = if ($perVm.Contains($name)) { @($perVm[$name]) } elseif ($writerIn) { @() } else { @($reasons) }
+        $c = if ($writerIn -and -not $perVm.Contains($name)) { 'application' } else { 'crash' }
+        [pscustomobject]@{ Name = $name; Consistency = $c; Reasons = @($own) }
+    })
+$consistency = if ($writerIn -and $offReasons.Count -eq 0) { 'application' } else { 'crash' }
+if (-not $writerIn -and $Quiesce -eq 'required') { throw "QuiesceUnavailable: $($reasons -join '; ')" }
+if ($writerIn) { $reasons += $offReasons }
 
 # --- the run's files and the ledger entry (written before anything exists) ---
 $run = Join-Path $WorkDir "runs\$RunId"
@@ -194,7 +217,17 @@ while (-not (Test-Path "$run\created")) {
         $entry.ProcessId = [int](Get-Content -Raw "$run\diskshadow.pid").Trim()
         $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
     }
-    if (Test-Path "$run\exitcode") { throw "ShadowCopyFailed: diskshadow ended before the shadow copy existed: $((Get-Content -Raw "$run\diskshadow.log") -replace '\s+', ' ')" }
+    if (Test-Path "$run\exitcode") {
+        $log = (Get-Content -Raw "$run\diskshadow.log") -replace '\s+', ' '
+        if ($log -match '0x80042316|VSS_E_SNAPSHOT_SET_IN_PROGRESS') {
+            # Another requester's set is being created: nothing of ours exists; leave no trace.
+            Remove-Item -Recurse -Force -Path $run
+            Remove-Item -Force -Path $ledgerFile
+            throw ("ShadowSetInProgress: another shadow copy set is being created on $env:COMPUTERNAME " +
+                "(VSS_E_SNAPSHOT_SET_IN_PROGRESS, 0x80042316): VSS creates one set at a time per host; nothing was made, try again")
+        }
+        throw "ShadowCopyFailed: diskshadow ended before the shadow copy existed: $log"
+    }
     if ([DateTime]::UtcNow -gt $deadline) { throw "ShadowCopyFailed: no shadow copy after $CreateTimeoutSeconds s" }
     Start-Sleep -Milliseconds 500
 }
@@ -219,4 +252,4 @@ for ($i = 0; $i -lt $Volumes.Count; $i++) {
 }
 $entry | ConvertTo-Json | Set-Content -Path $ledgerFile
 
-[pscustomobject]@{ RunId = $RunId; SetId = $setId; Consistency = $consistency; Reasons = @($reasons); ShadowCopies = $out }
+[pscustomobject]@{ RunId = $RunId; SetId = $setId; Consistency = $consistency; Reasons = @($reasons); VMs = $vmsOut; ShadowCopies = $out }

@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import PureWindowsPath
 
-from .host import VM_RUNNING, WORK_DIR, Host, HostError, Run, ScriptFailure
+from .host import BACKUP_SERVICE_GUID, VM_RUNNING, WORK_DIR, Host, HostError, Run, ScriptFailure
 
 
 def run(host: Host, name: str, params: dict):
@@ -72,7 +72,9 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
         "Writer": host.writer(),
         "Volumes": [
             {
-                "DriveLetter": f"{v}:",
+                # Win32_Volume: a CSV has no drive letter; Name is its root
+                "DriveLetter": None if v in host.csvs else f"{v}:",
+                "Name": host.root_of(v),
                 "DeviceID": f"\\\\?\\Volume{{{host.volume_guids[v]}}}\\",
                 "Capacity": 1 << 40,
                 "FreeSpace": 1 << 39,
@@ -100,12 +102,51 @@ def get_vm_list(host: Host) -> dict:
     }
 
 
+def _backup_service(host: Host, v) -> dict | None:
+    """Get-VMIntegrationService | Where-Object Id ends in the Backup service's GUID (names are localized)."""
+    for svc in v.integration_services(host.locale):
+        if svc["Id"].upper().endswith("\\" + BACKUP_SERVICE_GUID):
+            return svc
+    return None
+
+
+def _backup_problem(host: Host, v) -> str:
+    """Get-BackupServiceProblem of New-VmbackupShadowCopy.ps1: '' when on and answering."""
+    svc = _backup_service(host, v)
+    if svc is None or not svc["Enabled"]:
+        return "its Backup integration service is off"
+    if svc["Status"] != 2:
+        return "its Backup integration service does not answer"
+    return ""
+
+
+PASSTHROUGH_REASON = (
+    "a pass-through disk (physical disk {n} of the host): it has no virtual disk file, so no shadow copy "
+    "of the host's volumes holds it; back it up from inside the guest"
+)
+SMB_REASON = (
+    "its file {path} is on an SMB share: a shadow copy of the host's volumes does not hold it (a share's "
+    "shadow copy is made on the file server, by its File Server VSS Agent Service), so the agent has no "
+    "point-in-time copy to read"
+)
+
+
 def get_vm(host: Host, vmname: str) -> dict:
     v = _find_vm(host, vmname)
-    enabled, status = v.backup_service()
+    svc = _backup_service(host, v)
     volumes = {_volume_root(v.config_location)}
     disks = []
+    skipped = []
     for d in v.disks:
+        if d.passthrough:
+            path = f"Disk {d.disk_number} {d.size / 2**30:.2f} GB Bus 0 Lun {d.location} Target {d.number}"
+            reason = PASSTHROUGH_REASON.format(n=d.disk_number)
+            skipped.append({"Name": d.name, "Path": path, "DiskNumber": d.disk_number, "Reason": reason})
+            continue
+        if d.top.winpath.startswith("\\\\"):
+            reason = SMB_REASON.format(path=d.top.winpath)
+            skipped.append({"Name": d.name, "Path": d.top.winpath, "DiskNumber": None, "Reason": reason})
+            continue
         chain = []
         for f in d.chain():
             local = host.local(f.winpath)
@@ -134,10 +175,18 @@ def get_vm(host: Host, vmname: str) -> dict:
         "Name": v.name,
         "Id": v.id.lower(),
         "State": v.state,
-        "Backup": {"Name": "VSS", "Enabled": enabled, "PrimaryOperationalStatus": status if status else 0},
+        "Backup": None
+        if svc is None
+        else {
+            "Name": svc["Name"],
+            "Id": svc["Id"],
+            "Enabled": svc["Enabled"],
+            "PrimaryOperationalStatus": svc["Status"] or 0,
+        },
         "ConfigurationLocation": v.config_location,
         "ConfigFiles": v.config_files(),
         "Disks": disks,
+        "SkippedDisks": skipped,
         "Volumes": sorted(volumes),
     }
 
@@ -162,56 +211,71 @@ def new_shadow_copy(
         volumes = [volumes]
     letters = []
     for vol in volumes:
-        letter = PureWindowsPath(vol).drive.rstrip(":").upper()
-        if letter not in host.volumes:
+        try:
+            letter = host.key_of(vol)
+        except HostError:
+            raise ScriptFailure(f"ShadowCopyFailed: the volume {vol} does not exist on {host.name.upper()}") from None
+        if _volume_root(vol if vol.endswith("\\") else vol + "\\").lower() != host.root_of(letter).lower():
             raise ScriptFailure(f"ShadowCopyFailed: the volume {vol} does not exist on {host.name.upper()}")
         fs = host.file_systems[letter]
         if fs != "NTFS":
+            what = "a Cluster Shared Volume (CSVFS)" if fs == "CSVFS" else fs
             raise ScriptFailure(
-                f"ShadowCopyFailed: volume {vol} is {fs}: persistent shadow copies (diskshadow 'set context persistent') "
-                "can be made only for NTFS volumes (VSS documentation); the documented alternatives, not implemented "
-                "by vmbackup, are a nonpersistent copy held open by diskshadow ('set context volatile' with exec) "
-                "or Hyper-V's WMI recovery checkpoints with RCT"
+                f"ShadowCopyFailed: volume {host.root_of(letter)} is {what}: vmbackup makes persistent shadow copies "
+                "(diskshadow 'set context persistent'), which VSS makes only for NTFS volumes; to back up this VM, "
+                "move its files to an NTFS volume of the host (Move-VMStorage), or use a product that backs up "
+                "through Hyper-V's WMI backup (recovery checkpoints with RCT, Windows Server 2016 and later)"
             )
         letters.append(letter)
     reasons = []
+    per_vm: dict[str, list[str]] = {}
+    off_reasons = []
     if quiesce == "off":
         reasons.append("quiesce is off")
     else:
         for name in vmname:
             v = _find_vm(host, name)
-            enabled, status = v.backup_service()
             if v.state != VM_RUNNING:
-                reasons.append(f"{name} is not running")
-            elif not enabled:
+                per_vm[name] = [f"{name} is not running"]
+                off_reasons.append(f"{name} is not running")
+                continue
+            problem = _backup_problem(host, v)
+            if problem == "its Backup integration service is off":
                 reasons.append(f"{name} has its Backup integration service off")
-            elif status != 2:
+            elif problem:
                 reasons.append(f"{name}'s Backup integration service does not answer")
+        # VMs that are off take part without being frozen: they keep the writer
+        # from the others only when no VM asked for runs.
+        if len(off_reasons) == len(vmname):
+            reasons += off_reasons
         # Every other running VM on the volumes takes part too; one that cannot
         # do its own VSS backup would be put into a saved state.
         asked = {n.lower() for n in vmname}
         for v in sorted(host.vms.values(), key=lambda v: v.name):
             if v.name.lower() in asked or v.state != VM_RUNNING or v.volume not in letters:
                 continue
-            enabled, status = v.backup_service()
-            on = f"{v.volume}:\\"
-            if not enabled:
-                reasons.append(
-                    f"{v.name} is also on {on} and would be put into a saved state: its Backup integration service is off"
-                )
-            elif status != 2:
-                reasons.append(
-                    f"{v.name} is also on {on} and would be put into a saved state: "
-                    "its Backup integration service does not answer"
-                )
+            problem = _backup_problem(host, v)
+            if problem:
+                on = host.root_of(v.volume)
+                reasons.append(f"{v.name} is also on {on} and would be put into a saved state: {problem}")
         w = host.writer()
         if w["LastError"] != "No error":
             reasons.append(f"the Hyper-V VSS writer failed: {w['LastError']}")
         if w["State"] != 1:
             reasons.append(f"the Hyper-V VSS writer is not stable (state {w['State']})")
-    consistency = "application" if not reasons else "crash"
-    if consistency == "crash" and quiesce == "required":
+    writer_in = not reasons
+    vms_out = []
+    for name in vmname:
+        if name in per_vm:
+            vms_out.append({"Name": name, "Consistency": "crash", "Reasons": per_vm[name]})
+        else:
+            c = "application" if writer_in else "crash"
+            vms_out.append({"Name": name, "Consistency": c, "Reasons": [] if writer_in else list(reasons)})
+    consistency = "application" if writer_in and not off_reasons else "crash"
+    if not writer_in and quiesce == "required":
         raise ScriptFailure(f"QuiesceUnavailable: {'; '.join(reasons)}")
+    if writer_in:
+        reasons += off_reasons
     run_dir = f"{WORK_DIR}\\runs\\{run_id}"
     ledger = _ledger(host, run_id)
     if ledger.exists():
@@ -235,10 +299,14 @@ def new_shadow_copy(
     # From here a failure leaves the ledger entry, as on Windows; Complete or
     # the sweeper removes it.
     try:
-        set_id, copies = host.create_shadow_set(letters, writer=consistency == "application")
-    except ScriptFailure:
+        set_id, copies = host.create_shadow_set(letters, writer=writer_in, run_id=run_id)
+    except ScriptFailure as e:
         host.end_process(diskshadow.pid, "create failed")
         host.end_process(runner.pid, "exited")
+        if str(e).startswith("ShadowSetInProgress:"):
+            # as the script does: nothing of this run exists, so it leaves no trace
+            ledger.unlink(missing_ok=True)
+            _rmtree(host.local(run_dir))
         raise
     entry["SetId"] = set_id
     entry["ShadowIds"] = [c.id for c in copies]
@@ -273,7 +341,14 @@ def new_shadow_copy(
         diskshadow.pid,
         list(letters),
     )
-    return {"RunId": run_id, "SetId": set_id, "Consistency": consistency, "Reasons": reasons, "ShadowCopies": out}
+    return {
+        "RunId": run_id,
+        "SetId": set_id,
+        "Consistency": consistency,
+        "Reasons": reasons,
+        "VMs": vms_out,
+        "ShadowCopies": out,
+    }
 
 
 def _end_diskshadow(host: Host, entry: dict, marker: str) -> bool:
@@ -304,7 +379,14 @@ def _remove_run(host: Host, entry: dict) -> list[str]:
         if sid in (entry.get("ShadowIds") or []) or (entry.get("SetId") and sc.set_id == entry["SetId"]):
             host.delete_shadow(sid)
             deleted.append(sid)
-    run_dir = host.local(entry["RunDir"])
+    _rmtree(host.local(entry["RunDir"]))
+    _ledger(host, entry["RunId"]).unlink(missing_ok=True)
+    host.runs.pop(entry["RunId"], None)
+    return deleted
+
+
+def _rmtree(run_dir) -> None:
+    """Remove a run's directory; its mount points are links (never followed)."""
     if run_dir.exists():
         import shutil
 
@@ -312,9 +394,6 @@ def _remove_run(host: Host, entry: dict) -> list[str]:
             if p.is_symlink() or p.is_file():
                 p.unlink()
         shutil.rmtree(run_dir, ignore_errors=True)
-    _ledger(host, entry["RunId"]).unlink(missing_ok=True)
-    host.runs.pop(entry["RunId"], None)
-    return deleted
 
 
 def complete_shadow_copy(

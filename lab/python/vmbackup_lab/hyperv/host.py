@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -32,7 +33,28 @@ SOFTWARE_PROVIDER = "{b5946137-7b9f-4925-af80-51abd60b20d5}"
 WORK_DIR = "C:\\ProgramData\\vmbackup"
 VM_RUNNING, VM_OFF = 2, 3
 CONTROLLER_TYPE = {"ide": 0, "scsi": 1}
-HOST_FAULTS = ("writer_failed", "shadow_fail", "drop_during", "diskshadow_hangs", "shadow_vanish")
+# Hyper-V's integration services: the GUID that ends each one's Id
+# (Get-VMIntegrationService; Msvm_*ComponentSettingData.InstanceID is
+# 'Microsoft:<VMId>\\<GUID>'), and its name, which Windows localizes.
+BACKUP_SERVICE_GUID = "5CED1297-4598-4915-A5FC-AD21BB4D02A4"
+GUEST_SERVICE_GUID = "6C09BB55-D683-4DA0-8931-C9BF705F6480"
+INTEGRATION_SERVICES = (
+    (GUEST_SERVICE_GUID, {"en-US": "Guest Service Interface", "de-DE": "Gastdienstschnittstelle"}),
+    ("84EAAE65-2F2E-45F5-9BB5-0E857DC8EB47", {"en-US": "Heartbeat", "de-DE": "Takt"}),
+    (
+        "2A34B1C2-FD73-4043-8A5B-DD2159BC743F",
+        {"en-US": "Key-Value Pair Exchange", "de-DE": "Austausch von Schlüsselwertepaaren"},
+    ),
+    ("9F8233AC-BE49-4C79-8EE3-E7E1985B2077", {"en-US": "Shutdown", "de-DE": "Herunterfahren"}),
+    ("2497F4DE-E9FA-4204-80E4-4B75C46419C0", {"en-US": "Time Synchronization", "de-DE": "Zeitsynchronisierung"}),
+    (BACKUP_SERVICE_GUID, {"en-US": "VSS", "de-DE": "Sicherung (Volumeschattenkopie)"}),
+)
+# VSS_E_SNAPSHOT_SET_IN_PROGRESS: "only one shadow copy creation operation can be in
+# progress at one time" (IVssBackupComponents::StartSnapshotSet).
+SNAPSHOT_SET_IN_PROGRESS = 0x80042316
+# `create_seconds=N`: shadow copy set creation takes N seconds (the topology's
+# `shadow_create_seconds` otherwise); changing it wakes a creation under way.
+HOST_FAULTS = ("writer_failed", "shadow_fail", "drop_during", "diskshadow_hangs", "shadow_vanish", "create_seconds")
 VM_FAULTS = ("backup_off", "backup_no_contact")
 
 
@@ -58,11 +80,16 @@ class Disk:
     number: int
     location: int
     size: int
-    top: DiskFile
+    top: DiskFile | None  # None: a pass-through disk (a physical disk of the host, no file)
+    disk_number: int | None = None  # a pass-through disk's number on the host (Get-Disk)
 
     @property
     def name(self) -> str:
         return f"{self.controller}{self.number}:{self.location}"
+
+    @property
+    def passthrough(self) -> bool:
+        return self.top is None
 
     def chain(self) -> list[DiskFile]:
         out, f = [], self.top
@@ -94,14 +121,32 @@ class Vm:
     guest_backups: int = 0
     saved: int = 0
     backup_complete: int = 0
+    # every shadow copy set with the Hyper-V writer that froze this VM (its own
+    # VSS backup, or a saved state): one per set, however many VMs the set is for
+    quiesce_count: int = 0
+    volume_root: str = ""  # 'D:\\' or a CSV's 'C:\\ClusterStorage\\Volume1\\'
 
     @property
     def config_location(self) -> str:
-        return f"{self.volume}:\\Hyper-V\\{self.name}"
+        return f"{self.volume_root}Hyper-V\\{self.name}"
 
     def config_files(self) -> list[str]:
         base = f"{self.config_location}\\Virtual Machines\\{self.id.upper()}"
         return [base + ".vmcx", base + ".vmrs"] + ([base + ".vmgs"] if self.generation == 2 else [])
+
+    def integration_services(self, locale: str = "en-US") -> list[dict]:
+        """Get-VMIntegrationService: Name (localized), Id (`Microsoft:<VMId>\\<GUID>`), Enabled, status."""
+        out = []
+        for guid, names in INTEGRATION_SERVICES:
+            if guid == BACKUP_SERVICE_GUID:
+                enabled, status = self.backup_service()
+            elif guid == GUEST_SERVICE_GUID:
+                enabled, status = False, None
+            else:
+                enabled, status = True, (2 if self.state == VM_RUNNING else 12)
+            name = names.get(locale, names["en-US"])
+            out.append({"Name": name, "Id": f"Microsoft:{self.id}\\{guid}", "Enabled": enabled, "Status": status})
+        return out
 
     def backup_service(self) -> tuple[bool, int | None]:
         """(Enabled, PrimaryOperationalStatus) of the VSS integration service."""
@@ -162,8 +207,23 @@ class Host:
         self.name = topology["host"]
         self.user = topology["user"]
         self.lock = threading.RLock()
+        # a volume's key: its drive letter, or a Cluster Shared Volume's name
+        # ('Volume1', mounted at C:\\ClusterStorage\\Volume1\\ on every node, CSVFS)
         self.volumes = {v: root / "volumes" / v for v in topology["volumes"]}
+        self.csvs = list(topology.get("csv_volumes", []))
+        for name in self.csvs:
+            self.volumes[name] = root / "volumes" / f"ClusterStorage-{name}"
         self.file_systems = {v: topology.get("file_systems", {}).get(v, "NTFS") for v in self.volumes}
+        for name in self.csvs:
+            self.file_systems[name] = "CSVFS"
+        # Get-VMIntegrationService names are localized (a German host says
+        # 'Sicherung (Volumeschattenkopie)'); the Id is not
+        self.locale = topology.get("locale", "en-US")
+        self.create_seconds_default = float(topology.get("shadow_create_seconds", 0.0))
+        # the run whose shadow copy set VSS is creating now (one at a time per host)
+        self.creating: str | None = None
+        self.changed = threading.Condition(self.lock)
+        self.smb_root = root / "smb"
         self.volume_guids = {v: str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.name}/{v}")) for v in self.volumes}
         self.faults: dict = dict(topology.get("faults", {}).get("host", {}))
         self.vms: dict[str, Vm] = {}
@@ -174,10 +234,12 @@ class Host:
         self.events: list[str] = []
         self.next_pid = 4000
         self.shadow_number = 0
-        self.counters = {"shadow_copies": {"now": 0, "peak": 0}}
+        # shadow_sets_created: sets made since the lab started (never reset);
+        # shadow_sets_refused: creations refused with VSS_E_SNAPSHOT_SET_IN_PROGRESS
+        self.counters = {"shadow_copies": {"now": 0, "peak": 0}, "shadow_sets_created": 0, "shadow_sets_refused": 0}
         # most shadow copy sets open at once, on the host and per volume (the limits tests)
         self.peaks: dict = {"sets": 0, "per_volume": {}}
-        for d in ("volumes", "model", "shadows", "shares"):
+        for d in ("volumes", "model", "shadows", "shares", "smb"):
             if (root / d).exists():
                 shutil.rmtree(root / d)
         for p in self.volumes.values():
@@ -185,19 +247,45 @@ class Host:
         (root / "model").mkdir()
         (root / "shadows").mkdir()
         (root / "shares").mkdir()
+        self.smb_root.mkdir()
         vm_faults = topology.get("faults", {}).get("vms", {})
         for spec in topology["vms"]:
             self._make_vm(spec, vm_faults.get(spec["name"], {}))
 
     # --- paths ---------------------------------------------------------------
 
-    def local(self, winpath: str, base: Path | None = None) -> Path:
-        """The file behind a Windows path on this host (or inside a shadow copy's root)."""
+    def root_of(self, key: str) -> str:
+        """A volume's root as Windows names it: 'D:\\', or 'C:\\ClusterStorage\\Volume1\\' for a CSV."""
+        return f"C:\\ClusterStorage\\{key}\\" if key in self.csvs else f"{key}:\\"
+
+    def key_of(self, winpath: str) -> str:
+        """The key of the volume holding a Windows path (HostError if none)."""
         p = PureWindowsPath(winpath)
+        parts = p.parts
+        if len(parts) > 2 and p.drive.upper() == "C:" and parts[1].lower() == "clusterstorage":
+            for name in self.csvs:
+                if name.lower() == parts[2].lower():
+                    return name
         letter = p.drive.rstrip(":").upper()
         if letter not in self.volumes:
-            raise HostError(f"no volume {p.drive} on {self.name}")
-        return (base if base is not None else self.volumes[letter]).joinpath(*p.parts[1:])
+            raise HostError(f"no volume {p.drive or winpath} on {self.name}")
+        return letter
+
+    def local(self, winpath: str, base: Path | None = None) -> Path:
+        """The file behind a Windows path on this host (or inside a shadow copy's root).
+
+        A path on an SMB share (`\\\\FS1\\vms\\x.vhdx`) is a file of the lab's
+        file server (`<root>/smb/FS1/vms/x.vhdx`), never inside a shadow copy.
+        """
+        p = PureWindowsPath(winpath)
+        if p.drive.startswith("\\\\"):
+            if base is not None:
+                raise HostError(f"{winpath} is on an SMB share, not in a shadow copy of a volume of {self.name}")
+            server, share = p.drive.strip("\\").split("\\", 1)
+            return self.smb_root.joinpath(server.upper(), share, *p.parts[1:])
+        key = self.key_of(winpath)
+        skip = 3 if key in self.csvs else 1
+        return (base if base is not None else self.volumes[key]).joinpath(*p.parts[skip:])
 
     def _model(self, f: DiskFile, base: Path | None = None) -> Path:
         key = f.winpath.replace(":", "").replace("\\", "_").replace(" ", "_")
@@ -216,6 +304,7 @@ class Host:
             volume=spec["volume"],
             disks=[],
             faults=dict(faults),
+            volume_root=self.root_of(spec["volume"]),
         )
         for i, cfg in enumerate(vm.config_files()):
             p = self.local(cfg)
@@ -223,9 +312,18 @@ class Host:
             p.write_bytes(f"<!-- vmbackup lab: {name} configuration file {i} ({vm.id}) -->\n".encode())
         for i, d in enumerate(spec.get("disks", [])):
             size = d["size_mib"] * MiB
+            if d.get("passthrough"):
+                # a physical disk of the host attached to the VM: no file, no VHD
+                number = 2 + sum(1 for v in self.vms.values() for x in v.disks if x.passthrough)
+                number += sum(1 for x in vm.disks if x.passthrough)
+                vm.disks.append(Disk(d["controller"], d.get("number", 0), d.get("location", 0), size, None, number))
+                continue
             stem = name if i == 0 else f"{name}-disk{i}"
             ext = "vhdx" if d["format"] == "vhdx" else "vhd"
-            base = DiskFile(f"{vm.config_location}\\Virtual Hard Disks\\{stem}.{ext}", d["format"], False)
+            folder = (
+                d["smb"].rstrip("\\") + "\\" + name if d.get("smb") else vm.config_location + "\\Virtual Hard Disks"
+            )
+            base = DiskFile(f"{folder}\\{stem}.{ext}", d["format"], False)
             local = self.local(base.winpath)
             local.parent.mkdir(parents=True, exist_ok=True)
             qfmt = "vhdx" if d["format"] == "vhdx" else "vpc"
@@ -365,12 +463,14 @@ class Host:
             d = self.disk(vm, disk)
             if offset < 0 or length <= 0 or offset + length > d.size:
                 raise HostError(f"write {offset}+{length} is outside disk {disk} of {d.size} bytes")
+            if d.passthrough:
+                raise HostError(f"disk {disk} of {vm} is a pass-through disk: the lab keeps no content for it")
             self._write_top(d, offset, length, seed)
             if self.faults.get("shadow_vanish"):
                 # The shadow storage (diff area) is full: Windows deletes the
                 # volume's shadow copies, oldest first ("What happens when I run
                 # out of space?", Volume Shadow Copy Service). One per write here.
-                volume = PureWindowsPath(d.top.winpath).drive.rstrip(":")
+                volume = self.key_of(d.top.winpath)
                 oldest = sorted((s for s in self.shadows.values() if s.volume == volume), key=lambda s: s.number)
                 if oldest:
                     self.delete_shadow(oldest[0].id, why="the shadow storage is full")
@@ -379,13 +479,17 @@ class Host:
         """The guest's view of a disk (now, or as of a shadow copy) as a raw file."""
         with self.lock:
             d = self.disk(vm, disk)
+            if d.passthrough:
+                raise HostError(f"disk {disk} of {vm} is a pass-through disk: the lab keeps no content for it")
             base = model = None
             if shadow is not None:
                 sc = self._shadow(shadow)
                 base = self.root / "shadows" / str(sc.number)
                 model = self.root / "shadows" / f"{sc.number}.model"
             chain = d.chain()
-            if shadow is not None and any(PureWindowsPath(f.winpath).drive.rstrip(":") != sc.volume for f in chain):
+            if shadow is not None and any(
+                f.winpath.startswith("\\\\") or self.key_of(f.winpath) != sc.volume for f in chain
+            ):
                 raise HostError(f"disk {disk} of {vm} is not on the volume of shadow copy {shadow}")
             tmp = output.with_name(output.name + ".tmp")
             self._base_raw(chain[-1], tmp, base)
@@ -398,10 +502,15 @@ class Host:
             bad = [k for k in faults if k not in allowed]
             if bad:
                 raise HostError(f"unknown fault {bad[0]!r} (known: {', '.join(allowed)})")
+            if "create_seconds" in faults:
+                v = faults["create_seconds"]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                    raise HostError(f"fault create_seconds: {v!r} is not a number of seconds")
             if vm:
                 self.vm(vm).faults = dict(faults)
             else:
                 self.faults = dict(faults)
+                self.changed.notify_all()  # a creation under way sees its new duration
 
     def _shadow(self, sid: str) -> ShadowCopy:
         for sc in self.shadows.values():
@@ -425,11 +534,13 @@ class Host:
                         "guest_backups": v.guest_backups,
                         "saved": v.saved,
                         "backup_complete": v.backup_complete,
+                        "quiesce_count": v.quiesce_count,
                         "config_files": [{"path": p, "local": str(self.local(p))} for p in v.config_files()],
                         "disks": [
                             {
                                 "name": d.name,
                                 "size": d.size,
+                                "disk_number": d.disk_number,
                                 "chain": [
                                     {
                                         "path": f.winpath,
@@ -449,7 +560,7 @@ class Host:
                     {
                         "id": s.id,
                         "set_id": s.set_id,
-                        "volume": s.volume + ":\\",
+                        "volume": self.root_of(s.volume),
                         "local": str(self.root / "shadows" / str(s.number)),
                         "exposed_path": s.exposed_path,
                         "created": s.created.isoformat(),
@@ -469,7 +580,8 @@ class Host:
                     for p in self.processes.values()
                 ],
                 "events": list(self.events),
-                "file_systems": {f"{v}:\\": fs for v, fs in self.file_systems.items()},
+                "file_systems": {self.root_of(v): fs for v, fs in self.file_systems.items()},
+                "shadow_set_in_progress": self.creating,
                 "counters": self.counters,
                 **self.peak_counters(),
             }
@@ -493,46 +605,78 @@ class Host:
             "LastError": "No error",
         }
 
-    def create_shadow_set(self, volumes: list[str], writer: bool = False) -> tuple[str, list[ShadowCopy]]:
+    def create_seconds(self) -> float:
+        return float(self.faults.get("create_seconds", self.create_seconds_default))
+
+    def create_shadow_set(
+        self, volumes: list[str], writer: bool = False, run_id: str = ""
+    ) -> tuple[str, list[ShadowCopy]]:
         """A shadow copy of each volume, all at one instant (the host's lock).
+
+        VSS creates one shadow copy set at a time per host: from StartSnapshotSet
+        until DoSnapshotSet returns, another requester's StartSnapshotSet fails
+        with VSS_E_SNAPSHOT_SET_IN_PROGRESS and "should wait and try again"
+        (Microsoft, "State Transitions in Shadow Copy Providers"). Creation takes
+        `create_seconds()` here, with the host's lock released meanwhile, so a
+        second creation can really arrive during it.
 
         With the Hyper-V writer taking part (`writer`), every VM with files on
         those volumes takes part, not only the ones being backed up (Microsoft,
         "Backing up and restoring virtual machines"): each running VM whose
         Backup integration service answers runs its own VSS backup now (its
         guest applications may truncate their logs now); each other running VM
-        is put into a saved state during the copy.
+        is put into a saved state during the copy. Either way the VM is frozen
+        once for the set (`quiesce_count`), however many of its VMs the set is for.
         """
         with self.lock:
-            if self.faults.get("shadow_fail"):
+            if self.creating is not None:
+                self.counters["shadow_sets_refused"] += 1
                 raise ScriptFailure(
-                    "ShadowCopyFailed: diskshadow ended before the shadow copy existed: "
-                    "VSS_E_UNEXPECTED_PROVIDER_ERROR (0x8004230F) while creating the shadow copy set"
+                    f"ShadowSetInProgress: another shadow copy set is being created on {self.name.upper()} "
+                    f"(VSS_E_SNAPSHOT_SET_IN_PROGRESS, 0x{SNAPSHOT_SET_IN_PROGRESS:08X}): VSS creates one set "
+                    "at a time per host; nothing was made, try again"
                 )
-            if writer:
-                for v in self.vms.values():
-                    if v.volume not in volumes or v.state != VM_RUNNING:
-                        continue
-                    if v.backup_service() == (True, 2):
-                        v.guest_backups += 1
-                    else:
-                        v.saved += 1
-            set_id = "{" + str(uuid.uuid4()) + "}"
-            made = []
-            for letter in volumes:
-                self.shadow_number += 1
-                n = self.shadow_number
-                dst = self.root / "shadows" / str(n)
-                _copy_tree(self.volumes[letter], dst)
-                _copy_tree(self.root / "model", self.root / "shadows" / f"{n}.model")
-                sc = ShadowCopy("{" + str(uuid.uuid4()) + "}", set_id, n, letter, datetime.datetime.now(datetime.UTC))
-                self.shadows[sc.id] = sc
-                made.append(sc)
-            c = self.counters["shadow_copies"]
-            c["now"] = len(self.shadows)
-            c["peak"] = max(c["peak"], c["now"])
-            self._note_peaks()
-            return set_id, made
+            self.creating = run_id or "(unnamed)"
+            try:
+                return self._create_shadow_set(volumes, writer)
+            finally:
+                self.creating = None
+
+    def _create_shadow_set(self, volumes: list[str], writer: bool) -> tuple[str, list[ShadowCopy]]:
+        start = time.monotonic()
+        while (left := start + self.create_seconds() - time.monotonic()) > 0:
+            self.changed.wait(left)  # releases the host's lock while VSS "works"
+        if self.faults.get("shadow_fail"):
+            raise ScriptFailure(
+                "ShadowCopyFailed: diskshadow ended before the shadow copy existed: "
+                "VSS_E_UNEXPECTED_PROVIDER_ERROR (0x8004230F) while creating the shadow copy set"
+            )
+        if writer:
+            for v in self.vms.values():
+                if v.volume not in volumes or v.state != VM_RUNNING:
+                    continue
+                v.quiesce_count += 1
+                if v.backup_service() == (True, 2):
+                    v.guest_backups += 1
+                else:
+                    v.saved += 1
+        set_id = "{" + str(uuid.uuid4()) + "}"
+        made = []
+        for letter in volumes:
+            self.shadow_number += 1
+            n = self.shadow_number
+            dst = self.root / "shadows" / str(n)
+            _copy_tree(self.volumes[letter], dst)
+            _copy_tree(self.root / "model", self.root / "shadows" / f"{n}.model")
+            sc = ShadowCopy("{" + str(uuid.uuid4()) + "}", set_id, n, letter, datetime.datetime.now(datetime.UTC))
+            self.shadows[sc.id] = sc
+            made.append(sc)
+        self.counters["shadow_sets_created"] += 1
+        c = self.counters["shadow_copies"]
+        c["now"] = len(self.shadows)
+        c["peak"] = max(c["peak"], c["now"])
+        self._note_peaks()
+        return set_id, made
 
     def open_sets(self) -> tuple[int, dict[str, int]]:
         """Shadow copy sets open now: on the host, and per volume (sets holding a copy of it)."""

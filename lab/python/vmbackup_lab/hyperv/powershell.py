@@ -236,8 +236,11 @@ def _get_hdd(host: Host, name: str | None) -> list[dict]:
                     "ControllerType": ct,
                     "ControllerNumber": d.number,
                     "ControllerLocation": d.location,
-                    "DiskNumber": None,
-                    "Path": d.top.winpath,
+                    # a pass-through disk: its number on the host, and a description for a Path
+                    "DiskNumber": d.disk_number,
+                    "Path": d.top.winpath
+                    if d.top is not None
+                    else f"Disk {d.disk_number} {d.size / 2**30:.2f} GB Bus 0 Lun {d.location} Target {d.number}",
                     "PoolName": "Primordial",
                     "Id": f"Microsoft:{v.id}\\{d.controller.upper()}{d.number}\\{d.location}\\D",
                 }
@@ -245,35 +248,24 @@ def _get_hdd(host: Host, name: str | None) -> list[dict]:
     return out
 
 
-SERVICES = (
-    "Guest Service Interface",
-    "Heartbeat",
-    "Key-Value Pair Exchange",
-    "Shutdown",
-    "Time Synchronization",
-    "VSS",
-)
 OP_STATUS = {2: "OK", 12: "No Contact"}
 
 
 def _get_is(host: Host, vm: str | None, name: str | None) -> list[dict]:
     out = []
     for v in _vms(host, vm):
-        for svc in SERVICES:
-            if name is not None and name.lower() != svc.lower():
+        # names in the host's language (a German host: 'Sicherung (Volumeschattenkopie)'); Ids are fixed
+        for svc in v.integration_services(host.locale):
+            if name is not None and name.lower() != svc["Name"].lower():
                 continue
-            if svc == "VSS":
-                enabled, status = v.backup_service()
-            elif svc == "Guest Service Interface":
-                enabled, status = False, None
-            else:
-                enabled, status = True, (2 if v.state == 2 else 12)
+            enabled, status = svc["Enabled"], svc["Status"]
             out.append(
                 {
                     "__type__": "Microsoft.HyperV.PowerShell.VMIntegrationComponent",
                     "VMName": v.name,
                     "VMId": v.id.lower(),
-                    "Name": svc,
+                    "Name": svc["Name"],
+                    "Id": svc["Id"],
                     "Enabled": enabled,
                     "PrimaryOperationalStatus": Enum(status, OP_STATUS[status]) if status else None,
                     "PrimaryStatusDescription": OP_STATUS.get(status, "") if status else "",

@@ -12,6 +12,13 @@ DEFAULT = {
     "volumes": ["C", "D", "E"],
     # a volume's file system (Win32_Volume.FileSystem); any volume not named here is NTFS
     "file_systems": {},
+    # Cluster Shared Volumes by name: C:\\ClusterStorage\\<name>\\, file system CSVFS;
+    # a VM's "volume" may name one
+    "csv_volumes": [],
+    # how long VSS takes to create a shadow copy set (one creation at a time per host)
+    "shadow_create_seconds": 0.2,
+    # the language of Get-VMIntegrationService's names (en-US, de-DE)
+    "locale": "en-US",
     "vms": [
         {
             "name": "win01",
@@ -53,6 +60,10 @@ HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,14}")
 VOLUME = re.compile(r"[A-Z]")
 FORMATS = ("vhdx", "vhd")
 FILE_SYSTEMS = ("NTFS", "ReFS", "CSVFS")
+LOCALES = ("en-US", "de-DE")
+CSV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,31}")
+# an SMB folder holding a VM's disks: \\SERVER\share[\folder...]
+SMB_PATH = re.compile(r"\\\\[A-Za-z0-9][A-Za-z0-9-]{0,14}\\[A-Za-z0-9$_.-]+(\\[A-Za-z0-9 _.-]+)*\\?")
 
 
 class TopologyError(ValueError):
@@ -97,6 +108,14 @@ def check(given: dict | None, where: str = "") -> dict:
             raise TopologyError(f"{where}file_systems.{letter}: {letter!r} is not one of {topo['volumes']}")
         if fs not in FILE_SYSTEMS:
             raise TopologyError(f"{where}file_systems.{letter}: {fs!r} is not one of {FILE_SYSTEMS}")
+    csvs = topo["csv_volumes"]
+    if not isinstance(csvs, list) or not all(isinstance(c, str) and CSV_NAME.fullmatch(c) for c in csvs):
+        raise TopologyError(f'{where}csv_volumes: a list of Cluster Shared Volume names such as ["Volume1"]')
+    secs = topo["shadow_create_seconds"]
+    if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not 0 <= secs <= 600:
+        raise TopologyError(f"{where}shadow_create_seconds: a number of seconds from 0 to 600")
+    if topo["locale"] not in LOCALES:
+        raise TopologyError(f"{where}locale: {topo['locale']!r} is not one of {LOCALES}")
     names = set()
     for i, vm in enumerate(topo["vms"]):
         where_vm = f"{where}vms[{i}]"
@@ -109,8 +128,8 @@ def check(given: dict | None, where: str = "") -> dict:
         vm.setdefault("generation", 2)
         if vm["state"] not in ("running", "off"):
             raise TopologyError(f"{where_vm}.state: {vm['state']!r} is not running or off")
-        if vm["volume"] not in topo["volumes"]:
-            raise TopologyError(f"{where_vm}.volume: {vm['volume']!r} is not one of {topo['volumes']}")
+        if vm["volume"] not in topo["volumes"] + csvs:
+            raise TopologyError(f"{where_vm}.volume: {vm['volume']!r} is not one of {topo['volumes'] + csvs}")
         seen = set()
         disks = vm.get("disks", [])
         if not isinstance(disks, list) or not all(isinstance(d, dict) for d in disks):
@@ -127,6 +146,17 @@ def check(given: dict | None, where: str = "") -> dict:
                 raise TopologyError(f"{dw}.differencing: a number of checkpoint levels (0 or more)")
             if d["differencing"] and d["format"] != "vhdx":
                 raise TopologyError(f"{dw}.differencing: the lab makes differencing disks as .avhdx over a .vhdx only")
+            # a pass-through disk: a physical disk of the host attached to the VM (no file)
+            if not isinstance(d.get("passthrough", False), bool):
+                raise TopologyError(f"{dw}.passthrough: true or false")
+            # a disk whose file is on an SMB share (Hyper-V over SMB), not on a volume of the host
+            smb = d.get("smb")
+            if smb is not None and (not isinstance(smb, str) or not SMB_PATH.fullmatch(smb)):
+                raise TopologyError(f"{dw}.smb: a share path such as \\\\FS1\\vms")
+            if (d.get("passthrough") or smb) and d["differencing"]:
+                raise TopologyError(f"{dw}: a pass-through or SMB disk has no checkpoint levels here")
+            if d.get("passthrough") and smb:
+                raise TopologyError(f"{dw}: a disk is either pass-through or on an SMB share")
             key = (d["controller"], d.get("number", 0), d.get("location", 0))
             if key in seen:
                 raise TopologyError(f"{dw}: two disks at {key[0]}{key[1]}:{key[2]}")

@@ -1,74 +1,18 @@
-//! What the NBD client (`source::nbd`) and server (`nbd_server`) share: the
-//! wire protocol, URIs, and a socket that is either TCP or a unix socket.
+//! Everything NBD in the mover, in one place: the wire protocol apart from
+//! sockets and threads (`proto`), NBD URIs (`uri`), the socket both sides
+//! use (`stream`), the client that reads an export as a disk source
+//! (`client`, with TLS in `tls`), the server that serves a backup's disk
+//! (`server`) and the copy-on-write overlay that makes it writable
+//! (`overlay`). The rest of the crate sees the client as one disk source
+//! among others (`source::NbdSource`, `source::nbd`); the bindings start
+//! the server through `nbd::server`.
 
+pub mod client;
+pub mod overlay;
 pub mod proto;
+pub mod server;
+mod stream;
 pub mod tls;
 pub mod uri;
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
-
-/// A connected stream socket of either family.
-pub enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    pub fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-    pub fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-            Stream::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-        }
-    }
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.flush(),
-            Stream::Unix(s) => s.flush(),
-        }
-    }
-}
+pub use stream::Stream;

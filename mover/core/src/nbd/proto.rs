@@ -1,5 +1,5 @@
 //! The NBD wire protocol: constants and the fixed-size headers, shared by
-//! the client (`source::nbd`) and the server (`nbd_server`).
+//! the client (`nbd::client`) and the server (`nbd::server`).
 //!
 //! Numbers are from the protocol specification of the NetworkBlockDevice
 //! project (`doc/proto.md`): the fixed newstyle handshake, option haggling

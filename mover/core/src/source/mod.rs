@@ -3,11 +3,13 @@
 
 mod file;
 mod mem;
-pub mod nbd;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
+/// The NBD client lives in `crate::nbd::client`; `source::nbd` is kept as
+/// the name the rest of the crate and the bindings know it by.
+pub use crate::nbd::client as nbd;
 pub use file::{open_image, FileSource};
 pub use mem::MemSource;
 pub use nbd::NbdSource;

@@ -1,0 +1,158 @@
+"""A ledger entry's liveness is its heartbeat in the repository, not a local pid.
+
+A run on another agent (here: an entry that says it was written on another
+machine, with a pid that does not run here) holds its VM while its heartbeat
+is fresh: a sweeper in another process leaves its snapshot, and a backup of
+the VM is busy (retryable). Once the heartbeat is stale (its mtime set back
+with ``os.utime``, no waiting on the clock) the run is dead: the sweeper and
+the next backup remove what it left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from vmbackup.errors import HypervisorBusyError
+from vmbackup.vsphere import ledger as ledger_mod
+from vmbackup.vsphere import snapshots
+from vmbackup.vsphere.ledger import Entry, Ledger
+
+from .helpers import backup, vm_info
+
+ELSEWHERE = {"machine": "agent-b.example", "space": "another-boot-id/4026531836"}
+STALE = ledger_mod.STALE_AFTER_SECONDS + ledger_mod.CLOCK_SKEW_SECONDS
+
+SWEEP = """
+import json, sys
+from vmbackup.plan import load_plan, resolve_password
+from vmbackup.vsphere.client import VSphereClient
+from vmbackup.vsphere.sweep import sweep
+plan = load_plan(sys.argv[1]).model_copy(update={"repository": sys.argv[2]})
+client = VSphereClient.connect(plan.connection, resolve_password(plan.connection))
+try:
+    print(json.dumps([x.to_dict() for x in sweep(client, plan, older_than_seconds=0)]))
+finally:
+    client.close()
+"""
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _sweep_elsewhere(lab_plan_path, plan) -> list[dict]:
+    """The sweeper in a process of its own, as on another agent."""
+    out = subprocess.run(
+        [sys.executable, "-c", SWEEP, str(lab_plan_path), str(plan.repository)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _backdate(entry: Entry, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(entry.path, (t, t))
+
+
+def _run_elsewhere(client, plan, name: str, run_id: str) -> Entry:
+    """A run of another machine that took a snapshot of ``name`` and is (for now) alive."""
+    info = vm_info(client, name)
+    entry = Entry(run_id=run_id, vm=name, vm_moref=info.moref, pid=_dead_pid(), created_unix=time.time() - 7200)
+    entry.machine, entry.space = ELSEWHERE["machine"], ELSEWHERE["space"]
+    entry.snapshot = {"name": snapshots.snapshot_name(run_id)}
+    Ledger(plan.repository).write(entry)
+    snapshots.create(client.find_vm(name), name, run_id, quiesce_policy="off", tools_running=True, timeout=60)
+    return entry
+
+
+def _ours(client, name: str) -> list[str]:
+    return [n.name for _, n in snapshots.ours(client.find_vm(name))]
+
+
+def test_a_sweeper_elsewhere_leaves_a_live_runs_snapshot_and_removes_a_dead_ones(client, plan, checks, lab_plan_path):
+    entry = _run_elsewhere(client, plan, "crash01", "otheragent1")
+    ledger = Ledger(plan.repository)
+    # Its pid does not run here, but it is another machine's: only the heartbeat counts.
+    _backdate(entry, STALE - 30)
+    assert _sweep_elsewhere(lab_plan_path, plan) == []
+    assert _ours(client, "crash01") == ["vmbackup-otheragent1"]
+    assert [e.run_id for e in ledger.entries("crash01")] == ["otheragent1"]
+
+    _backdate(entry, STALE + 30)  # five missed heartbeats and the clock-skew allowance: dead
+    found = _sweep_elsewhere(lab_plan_path, plan)
+    assert [(x["kind"], x["name"], x["removed"]) for x in found] == [("snapshot", "vmbackup-otheragent1", True)]
+    assert _ours(client, "crash01") == []
+    assert ledger.entries("crash01") == []
+    checks.assert_clean(plan)
+
+
+def test_reconcile_of_a_vm_a_live_run_elsewhere_holds_is_busy(client, plan, checks):
+    entry = _run_elsewhere(client, plan, "crash01", "otheragent2")
+    with pytest.raises(HypervisorBusyError) as e:
+        backup(client, plan, "crash01")
+    assert e.value.retryable is True
+    assert "otheragent2" in str(e.value) and "agent-b.example" in str(e.value)
+    assert _ours(client, "crash01") == ["vmbackup-otheragent2"]
+
+    _backdate(entry, STALE + 30)
+    assert backup(client, plan, "crash01").status == "ok"
+    checks.assert_clean(plan)
+
+
+def test_an_entry_of_this_machine_whose_process_is_gone_is_dead_at_once(tmp_path):
+    """On the machine that wrote it the pid still counts: a crashed run is not waited for."""
+    ledger = Ledger(tmp_path)
+    ledger.write(Entry(run_id="crashed", vm="vm1", vm_moref="vm-1", pid=_dead_pid()))
+    (e,) = ledger.entries()
+    assert e.heartbeat_age() < 60 and not e.alive()
+    # The same file from another machine is alive: its pid means nothing here.
+    e.space = ELSEWHERE["space"]
+    assert e.alive()
+    # An entry of an older version (no "space") is judged by its machine name, then its mtime.
+    d = json.loads(e.path.read_text())
+    del d["space"]
+    d["machine"] = ELSEWHERE["machine"]
+    e.path.write_text(json.dumps(d))
+    (old,) = ledger.entries()
+    assert old.space is None and old.alive()
+    _backdate(old, STALE + 30)
+    assert not old.alive()
+
+
+def test_the_heartbeat_thread_refreshes_the_entry_until_released(tmp_path):
+    ledger = Ledger(tmp_path)
+    entry = Entry(run_id="beating", vm="vm1", vm_moref="vm-1")
+    beat = ledger.hold(entry, every=0.05)
+    try:
+        _backdate(entry, 10 * STALE)
+        (seen,) = ledger.entries()
+        assert seen.alive()  # held by this process: alive whatever its mtime says
+        deadline = time.monotonic() + 10
+        while entry.path.stat().st_mtime < time.time() - 60 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen.heartbeat_age() < 60, "the heartbeat did not refresh the entry"
+        assert beat.beats >= 1
+        # Another process on this machine sees it alive by its heartbeat and its pid.
+        check = (
+            "import sys; from vmbackup.vsphere.ledger import Ledger; print(Ledger(sys.argv[1]).entries()[0].alive())"
+        )
+        out = subprocess.run([sys.executable, "-c", check, str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "True", out.stderr
+    finally:
+        ledger.release(entry)
+    assert not beat._thread.is_alive()
+    # Released: the file stays, and in this process it is a dead run's now.
+    (left,) = ledger.entries()
+    assert not left.alive()
+    ledger.remove(entry)
+    assert ledger.entries() == []
