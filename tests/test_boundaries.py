@@ -96,3 +96,28 @@ def test_lab_commands_reach_the_lab_package(tmp_path):
         [sys.executable, "-m", "vmbackup", "lab", "status", "--state", str(tmp_path)], capture_output=True, text=True
     )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no lab is running" in p.stderr, p.stderr
+
+
+# The hypervisor adapters and the one per-VM procedure (hypervisors/procedure.py)
+# are plain Python: orchestration is the only Prefect code.
+NO_PREFECT = ("hypervisors/", "vsphere/", "hyperv/", "pointmeta.py", "results.py", "errors.py", "planning.py")
+
+
+def test_adapters_and_the_run_core_never_import_prefect():
+    checked, offences = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if not rel.startswith(NO_PREFECT):
+            continue
+        checked.append(rel)
+        for node, name in _imports(ast.parse(path.read_text(), str(path))):
+            if name.split(".")[0] == "prefect" or ".orchestration" in f".{name}":
+                offences.append(f"{rel}:{node.lineno} imports {name}")
+        # relative imports of the orchestration package (from ..orchestration import x)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and (node.module or "").startswith("orchestration"):
+                offences.append(f"{rel}:{node.lineno} imports .{node.module}")
+    assert offences == []
+    assert {"hypervisors/base.py", "hypervisors/procedure.py", "vsphere/procedure.py", "hyperv/procedure.py"} <= set(
+        checked
+    )

@@ -55,14 +55,33 @@ EXPECTED = {
     "HypervScriptError": (False, 1),
     "HypervVmNotFoundError": (False, 2),
     "HypervQuiesceError": (False, 1),
+    "SnapshotVanishedError": (True, 1),
+    "VmTimeoutError": (False, 1),
+    "RunInterruptedError": (False, 1),
+    "AgentMismatchError": (False, 1),
+    "VmsFailedError": (False, 1),
+    "ServerError": (False, 1),
+    "MaintenanceError": (False, 1),
+    "RepositoryDamagedError": (False, 1),
+    "GcRefusedError": (False, 1),
+    "CbtMismatchError": (False, 1),
+}
+# Classes whose constructor takes more than a message.
+ARGS = {
+    "MaintenanceError": ("x", {}),
+    "RepositoryDamagedError": ("x", {}),
+    "GcRefusedError": ("x", {}),
+    "CbtMismatchError": ("x", {}),
 }
 
 
 def test_every_class_has_its_retryable_flag_and_exit_code():
     found = {n: c for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.BackupError)}
-    assert set(found) == set(EXPECTED)
+    # Interrupted's exit code is 128 + its signal's number (docs/operations.md).
+    assert errors.Interrupted(2, "x").exit_code == 130 and not errors.Interrupted(15, "x").retryable
+    assert set(found) - {"Interrupted"} == set(EXPECTED)
     for name, (retryable, code) in EXPECTED.items():
-        exc = found[name]("x")
+        exc = found[name](*ARGS.get(name, ("x",)))
         assert (exc.retryable, exc.exit_code, is_retryable(exc), exit_code_of(exc)) == (
             retryable,
             code,
@@ -73,6 +92,35 @@ def test_every_class_has_its_retryable_flag_and_exit_code():
         assert not (retryable and code == 2)
     assert issubclass(SourceUnavailableError, errors.SourceError)
     assert exit_code_of(KeyboardInterrupt()) == 130 and not is_retryable(ValueError())
+
+
+def test_no_exception_class_is_defined_outside_errors_py():
+    """One hierarchy: every exception class of the product is in errors.py
+    (modules that used to define one import it, so old imports still work)."""
+    import ast
+
+    import vmbackup
+
+    offences = []
+    for path in sorted(Path(vmbackup.__file__).parent.rglob("*.py")):
+        if path.name == "errors.py" and path.parent.name == "vmbackup":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                getattr(b, "id", getattr(b, "attr", "")).endswith(
+                    ("Error", "Exception", "Impossible", "Rejected", "Signal")
+                )
+                for b in node.bases
+            ):
+                offences.append(f"{path.name}:{node.lineno} {node.name}")
+    assert offences == []
+    from vmbackup.cli.interrupt import Interrupted
+    from vmbackup.orchestration.maintenance import GcRefusedError
+    from vmbackup.orchestration.vmtask import RunInterruptedError, VmTimeoutError
+    from vmbackup.vsphere.cbt import ChangeIdRejected
+    from vmbackup.vsphere.transport import TransportImpossible
+
+    assert {Interrupted, GcRefusedError, RunInterruptedError, VmTimeoutError, ChangeIdRejected, TransportImpossible}
 
 
 def test_every_class_the_mover_raises_exists():

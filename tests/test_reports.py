@@ -112,3 +112,34 @@ def test_vm_log_lines_carry_the_context(caplog):
 def test_artifact_keys_and_scrub():
     assert reports.artifact_key("vmbackup", "Verify_Repo /x") == "vmbackup-verify-repo-x"
     assert reports.scrub("pw=hunter2!", ["hunter2", ""]) == "pw=***!"
+
+
+def test_a_field_added_to_vm_result_is_in_the_json_row_the_tables_and_the_event():
+    """A new column is one edit: a field of VmResult (here of a subclass
+    with one more field) reaches every place a row is shown."""
+    import dataclasses
+    import json
+
+    from vmbackup import results
+    from vmbackup.orchestration import vmtask
+
+    extra = results.col("none", title="WIDGETS", width=8)
+    Row = dataclasses.make_dataclass("Row", [("widgets", str, extra)], bases=(results.VmResult,))
+    row = Row(vm="web01", status="ok", widgets="three").to_dict()
+    assert json.loads(json.dumps(row))["widgets"] == "three"  # the JSON row
+    assert "widgets" in results.row_fields(Row) and results.empty_row(Row)["widgets"] == "none"
+    assert reports.table_rows([row], Row)[0]["widgets"] == "three"  # the table artifact
+    assert ("widgets", "WIDGETS", 8) in results.text_columns(Row)  # the command line's table
+    assert reports.vm_event(row, Row)["payload"]["widgets"] == "three"  # the event
+    # And the real row: the new contract fields are everywhere, derived from VmResult.
+    for name in ("vm_id", "skipped_disks", "hypervisor"):
+        assert name in vmtask.ROW_FIELDS and name in reports.TABLE_COLUMNS
+    assert {"vm_id", "skipped_disks", "hypervisor"} <= set(reports.vm_event(OK)["payload"])
+    assert results.empty_row()["skipped_disks"] == [] and results.VmResult(vm="x").skipped_disks == []
+
+
+def test_summary_lists_the_disks_not_backed_up():
+    row = dict(OK, skipped_disks=[{"disk": "scsi0:1", "reason": "independent disk: not in snapshots"}])
+    md = reports.summary_markdown([row])
+    assert "## Disks not backed up" in md and "| web01 | scsi0:1 | independent disk: not in snapshots |" in md
+    assert "Disks not backed up" not in reports.summary_markdown([OK])

@@ -183,9 +183,44 @@ class TaskTimeoutError(HypervisorError, TransientError):
 
 
 class SnapshotError(HypervisorError):
-    """The host refused the snapshot (snapshots disabled, a snapshot fault)."""
+    """The host refused the snapshot (snapshots disabled, a snapshot fault),
+    or a Hyper-V shadow copy vanished during the backup (Windows deletes the
+    oldest when the shadow storage is full: that recurs, so not retried)."""
 
     retryable = False
+
+
+class SnapshotVanishedError(SnapshotError, TransientError):
+    """Our vSphere snapshot was removed by someone else (an administrator's
+    "delete all", another site's sweeper) before the commit: nothing was
+    committed. Retried: the cause is outside this backup and momentary, and
+    the next attempt takes a new snapshot (retries are bounded)."""
+
+    retryable = True
+
+
+class AdapterSignal(Exception):
+    """Not a failure: a signal an adapter raises and catches inside itself
+    (deliberately not a ``BackupError``, so that no ``except BackupError``
+    on the way swallows it); it never leaves the adapter."""
+
+
+class TransportImpossible(AdapterSignal):
+    """This transport cannot reach these disks: the vSphere procedure tries
+    the next one of the plan's order."""
+
+
+class ChangeIdRejected(AdapterSignal):
+    """QueryChangedDiskAreas refused the change id (CBT was reset): take a full."""
+
+
+class NoTaskUpdates(AdapterSignal):
+    """vSphere gave no updates for a task (WaitForUpdatesEx): poll instead."""
+
+
+class PointMetaError(AdapterSignal, ValueError):
+    """A point's attributes cannot be the base of an incremental
+    (``pointmeta.py``): the message says why, as the next full's reason."""
 
 
 # --- WinRM (the Hyper-V adapter's transport) ---------------------------------
@@ -240,3 +275,65 @@ class HypervVmNotFoundError(HypervScriptError, VmNotFoundError):
 
 class HypervQuiesceError(HypervScriptError, QuiesceError):
     """Application consistency was required but the Hyper-V writer or the guest could not give it."""
+
+
+# --- runs and orchestration ----------------------------------------------------
+
+
+class VmTimeoutError(BackupError):
+    """A VM's backup ran past its deadline and was cancelled."""
+
+    retryable = False
+
+
+class RunInterruptedError(BackupError):
+    """The run was interrupted (Ctrl-C, SIGTERM) before or while this VM ran."""
+
+    retryable = False
+
+
+class AgentMismatchError(BackupError):
+    """A per-agent run landed on a worker of another agent."""
+
+
+class VmsFailedError(BackupError):
+    """Some VMs of a deployment run failed (their rows are in the report)."""
+
+
+class ServerError(BackupError):
+    """The embedded Prefect server could not be started or reached."""
+
+
+class Interrupted(BackupError):
+    """The command stopped on a signal; ``exit_code`` is 128 + the signal's number."""
+
+    def __init__(self, signum: int, what: str):
+        import signal
+
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: {what}")
+
+
+class MaintenanceError(BackupError):
+    """A maintenance flow did its report but failed; ``report`` is it."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self) -> tuple:  # Prefect may pickle a flow's exception
+        return (type(self), (str(self), self.report))
+
+
+class RepositoryDamagedError(MaintenanceError):
+    """verify_repository found problems."""
+
+
+class CbtMismatchError(MaintenanceError):
+    """audit_cbt found areas CBT said had not changed that differ from the
+    point (or could not audit a VM); the VMs' chains are marked broken."""
+
+
+class GcRefusedError(MaintenanceError):
+    """apply_retention removed backups, but gc refused to run (a manifest
+    it cannot read: the space stays taken until it is repaired or forgotten)."""

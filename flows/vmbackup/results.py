@@ -1,7 +1,8 @@
 """What one VM's backup gives back, for every hypervisor: a row of the report.
 
-`VmResult` is the same for vSphere and Hyper-V (docs/flows.md lists the
-fields); `DiskProgress` sums the progress of a VM's disks read at once, and
+`VmResult` is the same for vSphere and Hyper-V, and the one definition of
+the row: the JSON fields, the table columns and the events' payload derive
+from its fields (docs/flows.md lists them); `DiskProgress` sums the progress of a VM's disks read at once, and
 `read_disks` reads them at once into one backup point.
 """
 
@@ -11,36 +12,64 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+def col(
+    default: Any = None,
+    *,
+    factory: Callable[[], Any] | None = None,
+    title: str | None = None,
+    width: int = 10,
+    table: bool = True,
+    event: bool = True,
+) -> Any:
+    """A field of :class:`VmResult` and where it shows besides the JSON row
+    (every field is in it): ``title``/``width``, a column of the command
+    line's table (``vmbackup backup`` without ``--json``); ``table``, a column
+    of the run's table artifact; ``event``, a key of the VM's event payload."""
+    meta = {"title": title, "width": width, "table": table, "event": event}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class VmResult:
-    vm: str
-    status: str  # "ok" or "failed"
-    backup_id: str | None = None
-    repository: str = ""
-    mode: str | None = None  # "full" or "incremental"
-    transport: str | None = None  # vSphere: hotadd|direct|nbd; Hyper-V: local|share
-    consistency: str | None = None  # "application" or "crash"
-    bytes_read: int = 0
-    bytes_stored: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-    host: str | None = None
-    agent: str | None = None
-    datastores: list[str] = field(default_factory=list)  # vSphere datastores; Hyper-V volume keys
-    full_reason: str | None = None
-    transport_detail: str | None = None  # e.g. "through linked clone <name>"
-    snapshot_seconds: float = 0.0  # how long the snapshot (or shadow copy) existed
-    read_seconds: float = 0.0
-    disks: list[dict[str, Any]] = field(default_factory=list)
-    consistency_note: str | None = None  # why crash consistency, when it is
-    skipped_disks: list[dict[str, str]] = field(default_factory=list)  # [{"disk", "reason"}]: never read
+    """One VM's row: the single definition of what ``vmbackup backup --json``
+    prints per VM, the table columns (command line and artifact), the
+    events' payload (``row_fields``, ``table_columns``, ``text_columns``,
+    ``event_fields`` below derive them). A new column is one field here."""
+
+    vm: str = field(metadata={"title": "VM", "width": 20, "table": True, "event": False})  # the VM's name (a label)
+    hypervisor: str = col("", title="HYPERVISOR", width=10)  # "vsphere" or "hyperv"
+    status: str = col("ok", title="STATUS", width=6)  # "ok" or "failed"
+    backup_id: str | None = col(title="BACKUP", width=26)
+    mode: str | None = col(title="MODE", width=11)  # "full" or "incremental"
+    full_reason: str | None = col()  # a full always says why
+    transport: str | None = col(title="TRANSPORT", width=9)  # vSphere: hotadd|direct|nbd; Hyper-V: local|share
+    consistency: str | None = col(title="CONSISTENCY", width=11)  # "application", "crash" or "powered-off"
+    bytes_read: int = col(0, title="READ", width=10)
+    bytes_stored: int = col(0, title="STORED", width=10)
+    seconds: float = col(0.0, title="SECONDS", width=7)
+    host: str | None = col()
+    agent: str | None = col()
+    error: str | None = col()
+    vm_id: str | None = col()  # vSphere config.instanceUuid, Hyper-V VM Id: which VM it is
+    skipped_disks: list[dict[str, str]] = col(factory=list)  # [{"disk", "reason"}] not backed up
+    repository: str = col("", table=False, event=False)  # an event's related resource
+    datastores: list[str] = col(factory=list, table=False, event=False)  # vSphere datastores; Hyper-V volume keys
+    transport_detail: str | None = col(table=False)  # e.g. "through linked clone <name>"
+    consistency_note: str | None = col(table=False)  # why not application-consistent, when it is not
+    snapshot_seconds: float = col(0.0, table=False)  # how long the snapshot (or shadow copy) existed
+    read_seconds: float = col(0.0, table=False)
+    disks: list[dict[str, Any]] = col(factory=list, table=False, event=False)
+    limit_wait_seconds: float | None = col(table=False, event=False)  # the task's wait for its limits
+    held_seconds: float | None = col(table=False, event=False)  # how long it held them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +97,52 @@ class VmResult:
             datastores=list(keys),
             seconds=seconds,
         )
+
+
+# Columns computed from a row, shown in the artifact table and the event
+# payload after ``seconds``: (name, function of the row) in reports.py.
+COMPUTED = ("mb_per_s", "dedup_ratio")
+
+
+def row_fields(cls: type = VmResult) -> tuple[str, ...]:
+    """Every key of a JSON row (``vmbackup backup --json``), in order."""
+    return tuple(f.name for f in fields(cls))
+
+
+def empty_row(cls: type = VmResult, **values: Any) -> dict[str, Any]:
+    """A row with every field at its default, then ``values`` (a failed row
+    before any work: ``status``, ``error``...)."""
+    row = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            row[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            row[f.name] = f.default_factory()
+        else:
+            row[f.name] = None
+    row.update(values)
+    return row
+
+
+def _with_computed(names: list[str]) -> tuple[str, ...]:
+    at = names.index("seconds") + 1 if "seconds" in names else len(names)
+    return tuple(names[:at] + list(COMPUTED) + names[at:])
+
+
+def table_columns(cls: type = VmResult) -> tuple[str, ...]:
+    """The columns of the run's table artifact."""
+    return _with_computed([f.name for f in fields(cls) if f.metadata.get("table", True)])
+
+
+def event_fields(cls: type = VmResult) -> tuple[str, ...]:
+    """The keys of a VM event's payload (the VM, host, agent, datastores and
+    repository are its resources)."""
+    return _with_computed([f.name for f in fields(cls) if f.metadata.get("event", True)])
+
+
+def text_columns(cls: type = VmResult) -> list[tuple[str, str, int]]:
+    """The command line's table: (field, title, width)."""
+    return [(f.name, f.metadata["title"], f.metadata["width"]) for f in fields(cls) if f.metadata.get("title")]
 
 
 class DiskProgress:

@@ -91,9 +91,9 @@ def test_default_plan_vsphere_and_hyperv_in_one_run_restore_bit_exact(default_la
         assert r["host"] == hv.host and r["transport"] in ("share", "local") and r["mode"] == "full", r
         assert r["datastores"] and all(k.startswith(f"{hv.host}:") for k in r["datastores"]), r
     # The lab's host: win01 runs with its Backup service on (application),
-    # legacy01 has it off and off01 is off (crash, as the plan's policy allows).
+    # legacy01 has it off (crash, as the plan's policy allows); off01 is off (powered-off).
     assert by_vm["win01"]["consistency"] == "application", by_vm["win01"]
-    assert by_vm["legacy01"]["consistency"] == "crash" and by_vm["off01"]["consistency"] == "crash"
+    assert by_vm["legacy01"]["consistency"] == "crash" and by_vm["off01"]["consistency"] == "powered-off"
 
     # One run, one report: its table has every VM with its hypervisor.
     new = _runs_of(env, "backup_vms", plan)
@@ -318,29 +318,36 @@ def test_backup_vsphere_vms_still_backs_up_the_vsphere_vms_only(default_lab, sta
     assert [hv.status()["peak_shadow_copies"] for hv in e2e.lab.hyperv_hosts()] == [0]
 
 
-def test_two_selected_vms_with_one_name_are_failed_rows_the_others_run(dup_lab, state_dir, tmp_path):
+def test_two_selected_vms_with_one_name_are_both_backed_up_and_their_rows_say_which(dup_lab, state_dir, tmp_path):
     e2e = dup_lab
     env = e2e.env(state_dir)
     repo = tmp_path / "repo"
     _mover.init_repository(str(repo))
     plan = e2e.write_plan(tmp_path / "plan.yaml", repository=repo)
 
-    p = run("backup", "--plan", str(plan), "--json", env=env, expect=1)
+    p = run("backup", "--plan", str(plan), "--json", env=env, expect=0)
     rows = json.loads(p.stdout)["vms"]
     assert sorted((r["vm"], r["hypervisor"], r["status"]) for r in rows) == [
         ("solo01", "vsphere", "ok"),
-        ("web01", "hyperv", "failed"),
-        ("web01", "vsphere", "failed"),
+        ("web01", "hyperv", "ok"),
+        ("web01", "vsphere", "ok"),
         ("win02", "hyperv", "ok"),
     ], rows
-    for r in rows:
-        if r["vm"] == "web01":
-            assert r["error"].startswith("VM name web01 is selected 2 times (") and "\n" not in r["error"], r
-            assert "vsphere host esxd1" in r["error"] and "hyperv host hvd1" in r["error"], r
-            assert r["backup_id"] is None and r["bytes_read"] == 0, r
-    # Neither web01 was backed up: nothing of either is in the repository.
-    assert sorted(b.vm for b in _mover.list_backups(str(repo))[0]) == ["solo01", "win02"]
+    web = {r["hypervisor"]: r for r in rows if r["vm"] == "web01"}
+    assert web["vsphere"]["host"] == "esxd1" and web["hyperv"]["host"] == "hvd1", web
+    assert web["vsphere"]["vm_id"] and web["hyperv"]["vm_id"] and web["vsphere"]["vm_id"] != web["hyperv"]["vm_id"]
+    assert all(r["skipped_disks"] == [] for r in rows)
+    # Both are in the repository under the name, told apart by their vm_id.
+    points = [b for b in _mover.list_backups(str(repo))[0] if b.vm == "web01"]
+    assert sorted(b.attributes["vm_id"] for b in points) == sorted(r["vm_id"] for r in web.values())
+    assert {b.attributes["hypervisor"] for b in points} == {"vsphere", "hyperv"}
     assert hyperv_leftovers(e2e) == {}
+    # The next run: each is incremental to its own chain (Hyper-V: a full, RCT is not used yet).
+    p = run("backup", "--plan", str(plan), "--vm", "web01", "--json", env=env, expect=0)
+    again = {r["hypervisor"]: r for r in json.loads(p.stdout)["vms"]}
+    assert again["vsphere"]["mode"] == "incremental" and again["vsphere"]["vm_id"] == web["vsphere"]["vm_id"]
+    parents = {b.attributes["vm_id"]: b.parent for b in _mover.list_backups(str(repo))[0] if b.vm == "web01"}
+    assert parents[web["vsphere"]["vm_id"]] in {b.id for b in points}
 
 
 def test_hyperv_password_from_a_secret_block_and_a_missing_block_is_one_line(default_lab, state_dir, tmp_path):

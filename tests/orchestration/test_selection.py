@@ -29,8 +29,7 @@ def _target(name, hypervisor, host, storage=("d1",)):
     return backup.Target(name, hypervisor, host, list(storage), 1 << 20, None)
 
 
-def test_two_vms_with_one_name_fail_with_one_line_each():
-    plan = SimpleNamespace(repository="/repo")
+def test_two_vms_with_one_name_are_both_kept_each_with_a_key_that_says_where():
     found = backup.Selected(
         targets=[
             _target("web01", "vsphere", "esx1"),
@@ -40,18 +39,23 @@ def test_two_vms_with_one_name_fail_with_one_line_each():
             _target("app", "hyperv", "hv2", ("hv2:E",)),
         ]
     )
-    backup._fail_duplicates(plan, found)
-    assert [t.name for t in found.targets] == ["db01"]
-    rows = {(r["vm"], r["host"]): r for r in found.failed}
-    assert sorted(rows) == [("app", "hv1"), ("app", "hv2"), ("web01", "esx1"), ("web01", "hv1")]
-    for r in found.failed:
-        assert r["status"] == "failed" and r["bytes_read"] == 0 and "\n" not in r["error"]
-        assert set(backup.vmtask.ROW_FIELDS) <= set(r)
-    assert rows[("web01", "hv1")]["hypervisor"] == "hyperv"
-    assert rows[("web01", "hv1")]["error"].startswith(
-        "VM name web01 is selected 2 times (vsphere host esx1, hyperv host hv1)"
-    )
-    assert rows[("app", "hv2")]["datastores"] == ["hv2:E"]
+    found.targets[3].vm = SimpleNamespace(id="GUID-A")
+    backup._key_duplicates(found)
+    assert found.failed == []
+    assert [t.key for t in found.targets] == [
+        "web01 (esx1, vsphere)",
+        "web01 (hv1, hyperv)",
+        "db01",
+        "app (hv1, GUID-A)",
+        "app (hv2, hyperv)",
+    ]
+    assert [t.name for t in found.targets] == ["web01", "web01", "db01", "app", "app"]
+    # Agents are planned by key: both VMs named app get an agent of their own host.
+    agents = [SimpleNamespace(name=n, hosts=[h], reaches_hyperv=lambda h2, h=h: h2 == h) for n, h in
+              [("a1", "esx1"), ("a2", "esx2"), ("h1", "hv1"), ("h2", "hv2")]]  # fmt: skip
+    agent_plan, chosen = backup.plan_agents(found.targets, agents)
+    assert agent_plan.assigned["app (hv1, GUID-A)"] == "h1" and agent_plan.assigned["app (hv2, hyperv)"] == "h2"
+    assert sorted(t.key for t in chosen) == sorted(t.key for t in found.targets)
 
 
 @pytest.fixture

@@ -36,7 +36,9 @@ def _backup_and_capture(client, plan, checks, vm, tmp_path, tag, write_during=No
 def test_full_then_incremental_bit_exact_and_guest_writes_during_backup_do_not_leak(client, plan, checks, vm, tmp_path):
     full = _backup_and_capture(client, plan, checks, vm, tmp_path, "full")
     assert full.mode == "full" and full.full_reason in ("first backup", "CBT was off and has been enabled")
-    assert full.consistency == "application"
+    # A powered-off VM's disks are at rest: "powered-off", not "application".
+    consistency = "powered-off" if vm.startswith("off") else "application"
+    assert full.consistency == consistency
     first_disk = full.disks[0]["name"]
     # Guest writes between the backups, then more writes while the second one runs.
     checks.lab.write(vm, first_disk, 2 << 20, 300_000, seed=7)
@@ -48,7 +50,7 @@ def test_full_then_incremental_bit_exact_and_guest_writes_during_backup_do_not_l
     assert inc.bytes_read < full.bytes_read
     meta = _mover.list_backups(str(plan.repository))[0][-1]
     assert meta.parent == full.backup_id
-    assert meta.attributes["consistency"] == "application" and meta.config["name"] == vm
+    assert meta.attributes["consistency"] == consistency and meta.config["name"] == vm
     assert {d["name"]: d["change_id"] for d in meta.attributes["disks"]} == {
         d["name"]: d["change_id"] for d in inc.disks
     }
@@ -223,3 +225,44 @@ def test_a_full_over_nbd_reads_only_what_cbt_says_is_allocated(client, plan, che
         assert with_data <= d["bytes_read"] < d["capacity"] // 2, d
         assert d["allocated_bytes"] <= d["bytes_read"] <= 2 * d["allocated_bytes"], d
     checks.assert_clean(p)
+
+
+@pytest.mark.parametrize(("transport", "when"), [("direct", "at_snapshot"), ("nbd", "at_snapshot"), ("direct", "read")])
+def test_our_snapshot_removed_by_someone_else_commits_nothing_and_says_so_in_one_line(
+    client, plan, checks, transport, when
+):
+    """An administrator's "delete all" (or another site's sweeper) removes our
+    snapshot after it was made: nothing is committed, one line says why."""
+    from vmbackup.errors import SnapshotError, SnapshotVanishedError
+    from vmbackup.vsphere import snapshots
+    from vmbackup.vsphere.tasks import run_task
+
+    p = with_transports(plan, transport)
+    obj = client.find_vm("multi01")
+
+    names = []
+
+    def remove_ours(name):
+        (node,) = [n for n in snapshots.walk(obj) if n.name == name]
+        run_task(lambda: node.snapshot.RemoveSnapshot_Task(removeChildren=False), "someone else's removal", 60)
+
+    def during_read(_done, _total):
+        # The first progress report: the disks are being read from the snapshot.
+        if names:
+            remove_ours(names.pop())
+
+    with pytest.raises(SnapshotError) as e:
+        if when == "at_snapshot":
+            backup(client, p, "multi01", on_snapshot=remove_ours)
+        else:
+            backup(client, p, "multi01", on_snapshot=names.append, progress=during_read)
+    assert not names  # the snapshot was removed
+    msg = str(e.value)
+    assert isinstance(e.value, SnapshotVanishedError) and e.value.retryable
+    assert "\n" not in msg and "multi01" in msg and "no backup point was committed" in msg, msg
+    assert _mover.list_backups(str(plan.repository))[0] == []
+    checks.assert_clean(plan)
+    # The next backup of the VM works, a full from scratch.
+    r = backup(client, p, "multi01")
+    assert r.status == "ok" and r.mode == "full"
+    checks.assert_clean(plan)

@@ -22,15 +22,7 @@ import signal
 import threading
 from types import FrameType, TracebackType
 
-from ..errors import BackupError
-
-
-class Interrupted(BackupError):
-    """The command stopped on a signal; ``exit_code`` is 128 + the signal's number."""
-
-    def __init__(self, signum: int, what: str):
-        self.exit_code = 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}: {what}")
+from ..errors import Interrupted
 
 
 class Interruptible:

@@ -1,6 +1,6 @@
-"""The whole backup of one Hyper-V VM, with cleanup on every path (docs/hyperv.md).
+"""The Hyper-V steps (`HypervSteps`) of the one per-VM procedure (`hypervisors/procedure.py`); docs/hyperv.md.
 
-1. reconcile: remove the runs an earlier (crashed) backup of this VM left on
+What the steps do: 1. reconcile: remove the runs an earlier (crashed) backup of this VM left on
    the host (`Remove-VmbackupShadowCopies.ps1 -VMName`); 2. describe the VM
    now (`Get-VmbackupVm.ps1`); 3. one shadow copy set of its volumes with the
    Hyper-V writer (`New-VmbackupShadowCopy.ps1`), shared to the agent or read
@@ -26,8 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackupError, HypervisorError, HypervScriptError, SnapshotError, WinRMError
-from ..results import DiskProgress, VmResult, read_disks
+from ..errors import BackupError, HypervisorError, HypervQuiesceError, HypervScriptError, SnapshotError, WinRMError
+from ..hypervisors import base as hv
+from ..hypervisors.procedure import backup_one, rewrap
+from ..pointmeta import Previous
+from ..results import VmResult
 from .client import HypervClient
 from .inventory import HvVm, describe_vm, volume_of
 
@@ -39,6 +42,7 @@ FULL_REASON = "Resilient Change Tracking is not used yet: every backup reads the
 # Configuration files larger than this (a .vmrs holding a saved VM's memory)
 # are listed in the point's config but not stored in it.
 CONFIG_FILE_LIMIT = 16 << 20
+STATE_OFF = 3  # Msvm_ComputerSystem EnabledState: 3 is Off
 
 
 def shadow_run_id(run_id: str, vm: str) -> str:
@@ -62,14 +66,167 @@ def _on_host(agent: Any) -> bool:
     return agent.map_windows_path(WORK_DIR + "\\runs\\") is not None
 
 
-def _rewrap(e: BackupError, message: str) -> BackupError:
-    """The same error class (and so the same ``retryable``) with a message that says more."""
-    if isinstance(e, HypervScriptError):
-        return type(e)(message, e.code)
-    try:
-        return type(e)(message)
-    except TypeError:
-        return HypervisorError(message)
+class HypervSteps:
+    """``hypervisors.base.VmSteps`` for one Hyper-V VM."""
+
+    cleanup_keeps_class = True
+
+    def __init__(self, client: HypervClient, vm: HvVm, plan: Any, host: Any, agent: Any, *, run_id: str) -> None:
+        self.client, self.vm, self.plan, self.host, self.agent, self.run_id = client, vm, plan, host, agent, run_id
+        self.name = vm.name
+        self.rid = shadow_run_id(run_id, vm.name)
+        self.now: HvVm | None = None
+        self.disks: list[Any] = []
+        self.local = _on_host(agent)
+        self.started = False
+        self.copies: list[dict[str, Any]] = []
+        self.made: dict[str, Any] = {}
+        self.roots: dict[str, str] = {}
+
+    def reconcile(self) -> None:
+        reconcile_vm(self.client, self.vm.name)
+
+    def describe(self, result: VmResult) -> None:
+        self.now = now = describe_vm(self.client, self.host, self.vm.name)
+        self.name = result.vm = now.name
+        excluded = set(self.plan.selection.exclude_disks.get(self.vm.name, []))
+        self.disks = [d for d in now.disks if d.name not in excluded]
+        result.host = self.host.name
+        result.vm_id = now.id
+        result.datastores = list(now.volume_keys)
+        if not self.local and not getattr(self.agent, "share_account", None):
+            raise HypervisorError(
+                f"agent {self.agent.name} maps no path for {WORK_DIR} (where host {self.host.name} mounts shadow "
+                "copies) and has no share_account to share them to"
+            )
+
+    def freeze(self) -> hv.Frozen:
+        now = self.now
+        assert now is not None
+        # A VM that is off needs no quiescing: ``required`` is satisfied by
+        # its disks at rest, so the script is asked for what it can give.
+        off = now.state == STATE_OFF
+        quiesce = "preferred" if off and self.plan.quiesce == "required" else self.plan.quiesce
+        params: dict[str, Any] = {
+            "RunId": self.rid,
+            "VMName": [now.name],
+            "Volumes": list(now.volumes),
+            "Quiesce": quiesce,
+        }
+        if not self.local:
+            params["ShareTo"] = self.agent.share_account
+        self.started = True
+        self.made = made = self.client.run_script("New-VmbackupShadowCopy.ps1", params)
+        point_unix = time.time()  # the backup's point in time
+        self.copies = _list(made.get("ShadowCopies"))
+        reasons = [str(r) for r in _list(made.get("Reasons"))]
+        consistency = made["Consistency"]
+        if f"{now.name} is not running" in reasons:
+            # Off when the set was made (the script's own view): nothing ran,
+            # the disks are at rest, which satisfies quiesce: required.
+            consistency, reasons = hv.POWERED_OFF, []
+        elif quiesce != self.plan.quiesce and consistency != hv.APPLICATION:
+            # It was started after describe: ``required`` holds again.
+            raise HypervQuiesceError(f"cannot quiesce VM {now.name}: {'; '.join(reasons)}", "QuiesceUnavailable")
+        for c in self.copies:
+            self.roots[str(c["Volume"]).lower()] = c["ExposedPath"] if self.local else c["SharePath"]
+        label = self.copies[0]["ShadowId"] if self.copies else None
+        return hv.Frozen(point_unix, consistency, "; ".join(reasons) or None, made, label)
+
+    def _in_copy(self, winpath: str) -> Path:
+        root = volume_of(winpath)
+        base = self.roots.get(root.lower())
+        if not base:
+            raise HypervisorError(
+                f"VM {self.name}: {winpath} is on no volume of shadow copy set {self.made.get('SetId')}"
+            )
+        inside = base.rstrip("\\") + "\\" + winpath[len(root) :]
+        mapped = self.agent.map_windows_path(inside)
+        if mapped is None:
+            raise HypervisorError(f"VM {self.name}: agent {self.agent.name} has no windows_paths entry for {inside}")
+        return Path(mapped)
+
+    def expose(self, frozen: hv.Frozen) -> hv.Exposed:
+        detail = ("shadow copy mounted at " if self.local else "shadow copy shared as ") + ", ".join(
+            str(r) for r in self.roots.values()
+        )
+        try:
+            sources = {d.name: str(self._in_copy(d.path)) for d in self.disks}
+        except OSError as e:
+            raise self.still_frozen(frozen, e) or HypervisorError(
+                f"VM {self.name}: reading the shadow copy failed: {e}"
+            ) from None
+        return hv.Exposed(sources, "local" if self.local else "share", detail)
+
+    def plan_reads(self, frozen: hv.Frozen, exposed: hv.Exposed, previous: Previous | None) -> hv.ReadPlan:
+        # Every backup is a full (no Resilient Change Tracking yet): ``previous`` is not a base.
+        reads = [
+            hv.DiskRead(
+                name=d.name,
+                source=exposed.sources[d.name],
+                capacity=d.size,
+                full_reason=FULL_REASON,
+                row={"file": d.path, "chain": list(d.chain), "volume": d.volume},
+            )
+            for d in self.disks
+        ]
+        # Pass-through and SMB disks the host's shadow copy cannot hold (inventory).
+        skipped = self.now.skipped() if self.now is not None else []
+        return hv.ReadPlan(None, reads, FULL_REASON, skipped)
+
+    def still_frozen(self, frozen: hv.Frozen, error: BaseException | None) -> BaseException | None:
+        """A clear error if a copy of the set is gone (else None): a read
+        from a deleted shadow copy fails, or on the lab reads on."""
+        try:
+            lost = _lost_copies(self.client, self.rid, self.copies)
+        except BackupError:
+            if error is None:
+                raise
+            return None  # the check failed too: the original error says more
+        if not lost:
+            return None
+        return SnapshotError(
+            f"VM {self.name}: shadow copy {lost[0]['ShadowId']} of {lost[0]['Volume']} vanished during the backup "
+            "(Windows deletes a volume's oldest shadow copies when its shadow storage is full; "
+            "see vssadmin resize shadowstorage): no backup point was committed"
+        )
+
+    def point(
+        self, frozen: hv.Frozen, exposed: hv.Exposed, reads: hv.ReadPlan, disks: list[dict[str, Any]]
+    ) -> tuple[str, dict[str, Any]]:
+        now = self.now
+        assert now is not None
+        try:
+            config = _config(now, self.host, self._in_copy)
+        except OSError as e:
+            raise self.still_frozen(frozen, e) or HypervisorError(
+                f"VM {self.name}: reading the shadow copy failed: {e}"
+            ) from None
+        return json.dumps(config), {
+            "tool": "vmbackup hyperv",
+            "run_id": self.run_id,
+            "shadow_run_id": self.rid,
+            "host": self.host.name,
+            "agent": self.agent.name,
+            "transport": exposed.transport,
+            "consistency": frozen.consistency,
+            "consistency_note": frozen.note,
+            "shadow_set_id": self.made.get("SetId"),
+            "shadow_ids": [c["ShadowId"] for c in self.copies],
+            "volumes": list(now.volumes),
+            "excluded_disks": sorted(set(self.plan.selection.exclude_disks.get(self.vm.name, []))),
+        }
+
+    def committed(self, backup_id: str, mode: str) -> None:
+        pass  # BackupComplete is part of release (Complete-VmbackupShadowCopy.ps1 -Succeeded)
+
+    def release(self, frozen: hv.Frozen | None, *, succeeded: bool) -> list[BaseException]:
+        if not self.started:
+            return []
+        problem = _complete(self.client, self.rid, succeeded=succeeded)
+        if problem is None:
+            return []
+        return [rewrap(problem, f"ending shadow copy run {self.rid} on {self.host.name} failed: {problem}")]
 
 
 def backup_vm(
@@ -112,177 +269,16 @@ def backup_vm(
         was committed, the error says so and keeps its class (a dropped
         session is retryable; the host's ledger keeps the run for the sweeper).
     """
-    from .. import _mover
-
-    t0 = time.monotonic()
-    repo = str(plan.repository)
-    rid = shadow_run_id(run_id, vm.name)
-    reconcile_vm(client, vm.name)
-    now = describe_vm(client, host, vm.name)
-    excluded = set(plan.selection.exclude_disks.get(vm.name, []))
-    disks = [d for d in now.disks if d.name not in excluded]
-    local = _on_host(agent)
-    result = VmResult(
-        vm=now.name,
-        status="ok",
-        repository=repo,
-        host=host.name,
+    return backup_one(
+        HypervSteps(client, vm, plan, host, agent, run_id=run_id),
+        hypervisor="hyperv",
+        repository=str(plan.repository),
         agent=agent.name,
-        datastores=list(now.volume_keys),
-        transport="local" if local else "share",
+        disks_per_vm=plan.limits.disks_per_vm,
+        cancel=cancel,
+        progress=progress,
+        on_frozen=on_shadow,
     )
-    params: dict[str, Any] = {
-        "RunId": rid,
-        "VMName": [now.name],
-        "Volumes": list(now.volumes),
-        "Quiesce": plan.quiesce,
-    }
-    if not local:
-        if not getattr(agent, "share_account", None):
-            raise HypervisorError(
-                f"agent {agent.name} maps no path for {WORK_DIR} (where host {host.name} mounts shadow copies) "
-                "and has no share_account to share them to"
-            )
-        params["ShareTo"] = agent.share_account
-    started = False
-    snap_t0 = time.monotonic()
-    session = None
-    body_error: BaseException | None = None
-    try:
-        started = True
-        made = client.run_script("New-VmbackupShadowCopy.ps1", params)
-        snap_t0 = time.monotonic()
-        shadow_unix = time.time()  # the backup's point in time
-        copies = _list(made.get("ShadowCopies"))
-        reasons = [str(r) for r in _list(made.get("Reasons"))]
-        result.consistency = made["Consistency"]
-        result.consistency_note = "; ".join(reasons) or None
-        roots = {}
-        for c in copies:
-            roots[str(c["Volume"]).lower()] = c["ExposedPath"] if local else c["SharePath"]
-        result.transport_detail = ("shadow copy mounted at " if local else "shadow copy shared as ") + ", ".join(
-            str(r) for r in roots.values()
-        )
-        if on_shadow is not None:
-            on_shadow(copies[0]["ShadowId"] if copies else None)
-
-        def in_copy(winpath: str) -> Path:
-            root = volume_of(winpath)
-            base = roots.get(root.lower())
-            if not base:
-                raise HypervisorError(
-                    f"VM {now.name}: {winpath} is on no volume of shadow copy set {made.get('SetId')}"
-                )
-            inside = base.rstrip("\\") + "\\" + winpath[len(root) :]
-            mapped = agent.map_windows_path(inside)
-            if mapped is None:
-                raise HypervisorError(f"VM {now.name}: agent {agent.name} has no windows_paths entry for {inside}")
-            return Path(mapped)
-
-        def vanished(error: BaseException | None) -> BaseException | None:
-            """A clear error if a copy of the set is gone (else None): a read
-            from a deleted shadow copy fails, or on the lab reads on."""
-            try:
-                lost = _lost_copies(client, rid, copies)
-            except BackupError:
-                if error is None:
-                    raise
-                return None  # the check failed too: the original error says more
-            if not lost:
-                return None
-            return SnapshotError(
-                f"VM {now.name}: shadow copy {lost[0]['ShadowId']} of {lost[0]['Volume']} vanished during the backup "
-                "(Windows deletes a volume's oldest shadow copies when its shadow storage is full; "
-                "see vssadmin resize shadowstorage): no backup point was committed"
-            )
-
-        try:
-            sources = {d.name: str(in_copy(d.path)) for d in disks}
-            config = _config(now, host, in_copy)
-        except OSError as e:
-            raise vanished(e) or HypervisorError(f"VM {now.name}: reading the shadow copy failed: {e}") from None
-        session = _mover.BackupSession(repo, now.name, None)
-        agg = DiskProgress(progress, sum(d.size for d in disks))
-
-        def read(d: Any) -> dict[str, Any]:
-            r = session.add_disk(sources[d.name], d.name, progress=agg.for_disk(d.name), cancel=cancel)
-            return {
-                "name": d.name,
-                "file": d.path,
-                "chain": list(d.chain),
-                "volume": d.volume,
-                "capacity": d.size,
-                "change_id": None,
-                "mode": "full",
-                "full_reason": FULL_REASON,
-                "bytes_read": r.bytes_read,
-                "bytes_stored": r.bytes_stored,
-                "seconds": r.seconds,
-                "source_format": r.source_format,
-            }
-
-        try:
-            disk_results = read_disks(read, disks, max_workers=plan.limits.disks_per_vm, session=session)
-        except (BackupError, OSError) as e:
-            # A disk failed: was it because the shadow copy went away?
-            if (clear := vanished(e)) is not None:
-                raise clear from None
-            raise
-        # The data is read; a copy deleted meanwhile means it may not be what the copy held.
-        if (clear := vanished(None)) is not None:
-            raise clear
-        attributes = {
-            "tool": "vmbackup hyperv",
-            "hypervisor": "hyperv",
-            "run_id": run_id,
-            "shadow_run_id": rid,
-            "vm_id": now.id,
-            "host": host.name,
-            "agent": agent.name,
-            "mode": "full",
-            "full_reason": FULL_REASON,
-            "transport": result.transport,
-            "consistency": result.consistency,
-            "consistency_note": result.consistency_note,
-            "shadow_set_id": made.get("SetId"),
-            "shadow_ids": [c["ShadowId"] for c in copies],
-            "snapshot_unix": shadow_unix,
-            "last_full_unix": shadow_unix,
-            "volumes": list(now.volumes),
-            "excluded_disks": sorted(excluded),
-            # WIRING (hvtruth, for the integrator): pass-through and SMB disks the
-            # host's shadow copy cannot hold (`HvVm.skipped_disks`); the row's
-            # `skipped_disks` field takes `now.skipped()` the same way.
-            "skipped_disks": now.skipped(),
-            "disks": [
-                {k: d[k] for k in ("name", "file", "chain", "volume", "capacity", "change_id")} for d in disk_results
-            ],
-        }
-        info = session.commit(config=json.dumps(config), attributes=json.dumps(attributes))
-        session = None
-        result.backup_id = info.id
-        result.mode = "full"
-        result.full_reason = FULL_REASON
-        result.set_disks(disk_results)
-    except BaseException as e:
-        body_error = e
-        raise
-    finally:
-        if session is not None:
-            session.abort()
-        if started:
-            problem = _complete(client, rid, succeeded=body_error is None)
-            result.snapshot_seconds = time.monotonic() - snap_t0
-            if problem is not None:
-                if body_error is None:
-                    raise _rewrap(
-                        problem,
-                        f"VM {now.name} was backed up ({result.backup_id}) but ending shadow copy run {rid} "
-                        f"on {host.name} failed: {problem}",
-                    ) from None
-                log.error("VM %s: ending shadow copy run %s after a failure failed too: %s", now.name, rid, problem)
-    result.seconds = time.monotonic() - t0
-    return result
 
 
 def _complete(client: HypervClient, rid: str, *, succeeded: bool) -> BackupError | None:

@@ -15,15 +15,19 @@ the one-line reason; the run then exits 1 like any run with a failed row.
 When no hypervisor of the plan can be reached, nothing can run: the run
 fails with that one line (several: joined), as a vSphere-only run always did.
 
-Two selected VMs with the same name (on two hypervisors, or two Hyper-V
-hosts) are not backed up: the repository keys backups by VM name, so their
-incremental chains and retention would mix. Each gives a failed row that
-says where the other one is.
+Two selected VMs with the same name (in two folders or on two hosts of a
+vCenter, on two Hyper-V hosts, or one of each) are both backed up: a VM's
+chain is found by its hypervisor id (``vm_id``: vSphere ``instanceUuid``,
+Hyper-V VM Id, see ``pointmeta.latest``), the name is a label. Within the
+run each has a unique key (``name (host, id)``: task names, limits'
+bookkeeping, agent planning); their rows say which is which (``host``,
+``vm_id``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import os
@@ -34,8 +38,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from .. import planning
-from ..errors import BackupError, InvalidInputError, NothingSelectedError
+from .. import planning, results
+from ..errors import AgentMismatchError, BackupError, InvalidInputError, NothingSelectedError, VmsFailedError
+from ..hyperv.hypervisor import HyperV
+from ..vsphere.hypervisor import VSphere, vm_datastores
 from . import limits, reports, vmtask
 
 DEFAULT_VM_DEADLINE = 6 * 3600.0
@@ -46,14 +52,6 @@ AGENT_ENV = "VMBACKUP_AGENT"
 HYPERVISORS = ("vsphere", "hyperv")
 VSPHERE = "vsphere"
 HYPERV = "hyperv"
-
-
-class AgentMismatchError(Exception):
-    """A per-agent run landed on a worker of another agent."""
-
-
-class VmsFailedError(Exception):
-    """Some VMs of a deployment run failed (their rows are in the report)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,15 @@ class Target:
     capacity: int
     vm: Any
     hv_host: Any = None  # the plan's HypervHost of a Hyper-V VM
+    key: str = ""  # unique in the run: the name, or "name (host, id)" when another VM has the name
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
+
+    @property
+    def ident(self) -> str | None:
+        """The hypervisor's id of the VM as selection knows it (Hyper-V VM Id; vSphere moref)."""
+        return getattr(self.vm, "id", None) or getattr(self.vm, "moref", None)
 
 
 @dataclass
@@ -128,13 +135,6 @@ def only_agent(plan: Any, agent: str | None) -> list[Any]:
     return found
 
 
-def vm_datastores(vm: Any) -> list[str]:
-    """Every datastore a vSphere VM has disks (or its configuration) on."""
-    names = set(getattr(vm, "datastores", ()) or ())
-    names |= {d.datastore for d in getattr(vm, "disks", ()) or () if getattr(d, "datastore", None)}
-    return sorted(names)
-
-
 def selection_of(plan: Any, vms: Sequence[str] | None) -> Any:
     """The plan's selection, or exactly the named VMs (the plan's
     exclusions of disks still apply)."""
@@ -180,6 +180,14 @@ def hypervisor_names(plan: Any, hypervisors: Sequence[str]) -> list[str]:
     return out
 
 
+def limit_names(agent: str, t: Target) -> list[str]:
+    """The limits one VM's backup holds: its agent's and its hypervisor's
+    ``limit_keys`` (host, datastores or volumes)."""
+    cls = HyperV if t.hypervisor == HYPERV else VSphere
+    keys = cls.limit_keys(t.vm)
+    return sorted({limits.limit_name("agent", agent)} | {limits.limit_name(kind, name) for kind, name in keys})
+
+
 def agent_reaches(agent: Any, t: Target) -> bool:
     if t.hypervisor == HYPERV:
         return bool(agent.reaches_hyperv(t.host))
@@ -197,20 +205,15 @@ def unreachable_reason(t: Target) -> str:
 
 def _not_run_row(plan: Any, vm: str, hypervisor: str, host: str, error: str, storage: Sequence[str] = ()) -> dict:
     """The failed row of a VM (or ``<host>:*``, a whole host) that was never started."""
-    row = dict.fromkeys(vmtask.ROW_FIELDS)
-    row.update(
+    return results.empty_row(
         vm=vm,
         hypervisor=hypervisor,
         status="failed",
         repository=str(plan.repository),
         host=host,
         datastores=list(storage),
-        bytes_read=0,
-        bytes_stored=0,
-        seconds=0.0,
         error=error,
     )
-    return row
 
 
 def _host_row(plan: Any, hypervisor: str, host: str, error: str) -> dict:
@@ -247,16 +250,18 @@ def select(
     if plan.connection is None:
         check_names(plan, None)  # every name must be a Hyper-V host of the plan
     if VSPHERE in hypervisors and plan.connection is not None:
-        from ..vsphere.client import VSphereClient
-        from ..vsphere.inventory import inventory_names, select_vms
+        from ..vsphere.inventory import inventory_names
 
-        label = f"vCenter {plan.connection.host}"
+        vsphere = VSphere(plan, passwords[VSPHERE])
+        label = vsphere.label
         try:
-            vclient = stack.enter_context(VSphereClient.connect(plan.connection, passwords[VSPHERE]))
+            vsphere.connect()
+            stack.callback(vsphere.close)
+            vclient = vsphere.client
             # The plan's names against the inventory, before any VM is touched
             # (an InvalidInputError: exit 2 whatever else the plan has).
             check_names(plan, inventory_names(vclient))
-            for vm in select_vms(vclient, selection):
+            for vm in vsphere.select(selection):
                 found.targets.append(
                     Target(
                         vm.name,
@@ -283,12 +288,11 @@ def select(
             )
     if HYPERV in hypervisors:
         for host in plan.hyperv:
-            label = f"Hyper-V host {host.name}"
+            hyperv = HyperV(plan, host, passwords[f"{HYPERV}:{host.name}"])
+            label = hyperv.label
             try:
-                from ..hyperv import inventory
-
-                client = inventory.connect(host, passwords[f"{HYPERV}:{host.name}"])
-                for vm in inventory.select_vms(client, host, wanted, strict=False):
+                hyperv.connect()
+                for vm in hyperv.select(wanted):
                     found.targets.append(
                         Target(
                             vm.name,
@@ -341,7 +345,7 @@ def select(
 
         where = [("on " if label.startswith("Hyper-V") else "in ") + label for label in found.reached]
         raise VmNotFoundError(f"VM {', '.join(missing)} does not exist {' or '.join(where)}")
-    _fail_duplicates(plan, found)
+    _key_duplicates(found)
     if not found.targets and not found.failed:
         raise NothingSelectedError(
             f"the selection ({_criteria(wanted)}) matches no VM "
@@ -371,25 +375,31 @@ def _name_host(e: BaseException, label: str) -> None:
             e.args = (f"{label}: {e.args[0]}",)
 
 
-def _fail_duplicates(plan: Any, found: Selected) -> None:
-    """Two selected VMs with one name: a failed row each, out of the run."""
+def _key_duplicates(found: Selected) -> None:
+    """Two selected VMs with one name are both backed up: each gets a key
+    that says where it is (``web01 (esx1, vm-42)``)."""
     by_name: dict[str, list[Target]] = {}
     for t in found.targets:
         by_name.setdefault(t.name, []).append(t)
-    keep = []
-    for t in found.targets:
-        same = by_name[t.name]
-        if len(same) == 1:
-            keep.append(t)
-            continue
-        where = ", ".join(f"{o.hypervisor} host {o.host}" for o in same)
-        error = (
-            f"VM name {t.name} is selected {len(same)} times ({where}): backups are kept by VM name, "
-            "so none of them is backed up; exclude all but one in the plan's selection or rename them"
-        )
-        row = _not_run_row(plan, t.name, t.hypervisor, t.host, error, t.storage)
-        found.failed.append(row)
-    found.targets = keep
+    for same in by_name.values():
+        if len(same) > 1:
+            for t in same:
+                t.key = f"{t.name} ({t.host}, {t.ident or t.hypervisor})"
+
+
+def plan_agents(targets: Sequence[Target], agents: Sequence[Any]) -> tuple[Any, list[Target]]:
+    """Agents for the targets (``planning.assign_agents`` by key): the plan
+    (its ``assigned`` and ``unassignable`` keyed by ``Target.key``) and the
+    targets in submission order."""
+    views = [dataclasses.replace(t, name=t.key) for t in targets]
+    by_key = {t.key: t for t in targets}
+    agent_plan = planning.assign_agents(
+        views,
+        agents,
+        reach=lambda a, v: agent_reaches(a, by_key[v.name]),
+        unreachable=lambda v: unreachable_reason(by_key[v.name]),
+    )
+    return agent_plan, [by_key[k] for k in planning.submission_order(views, agent_plan)]
 
 
 def passwords_of(plan: Any, hypervisors: Sequence[str]) -> dict[str, Any]:
@@ -421,7 +431,7 @@ def _run_procedure(
 
     def on_progress(done: int, total: int) -> None:
         if progress is not None:
-            progress.update(t.name, done, total)
+            progress.update(t.key, done, total)
         # One line per 10% at most: the UI keeps every log line.
         pct = 100.0 * done / total if total else 100.0
         if pct >= last[0] + 10 or done == total:
@@ -433,7 +443,7 @@ def _run_procedure(
             result = call(on_progress, log)
     finally:
         if progress is not None:
-            progress.finish(t.name)
+            progress.finish(t.key)
     log.info("%s: %s", result.status, result.mode or result.error)
     row = result.to_dict()
     row["hypervisor"] = t.hypervisor
@@ -525,22 +535,20 @@ def run_backup(
     with contextlib.ExitStack() as stack:
         found, vclient = select(plan, vms, hypervisors, passwords, stack, secrets)
         targets = found.targets
-        agent_plan = planning.assign_agents(targets, usable, reach=agent_reaches, unreachable=unreachable_reason)
-        by_vm = {t.name: t for t in targets}
+        agent_plan, chosen = plan_agents(targets, usable)
+        by_key = {t.key: t for t in targets}
         agents = {a.name: a for a in usable}
-        order = planning.submission_order(targets, agent_plan)
         log.info(
             "%d VM(s) selected (%s), %d assigned over %d agent(s), %d unassignable, %d failed before the start",
             len(targets),
             ", ".join(found.reached) or "-",
-            len(order),
+            len(chosen),
             len(agents),
             len(agent_plan.unassignable),
             len(found.failed),
         )
 
         used_agents = sorted(set(agent_plan.assigned.values()))
-        chosen = [by_vm[v] for v in order]
         limits.ensure_limits(
             limits.limit_values(
                 used_agents,
@@ -553,28 +561,28 @@ def run_backup(
             )
         )
 
-        progress_id = reports.create_progress(keys.progress, f"reading the disks of {len(order)} VM(s)")
+        progress_id = reports.create_progress(keys.progress, f"reading the disks of {len(chosen)} VM(s)")
         progress = reports.Progress(lambda pct: reports.update_progress(progress_id, pct))
         for t in chosen:
-            progress.expect(t.name, t.capacity)
+            progress.expect(t.key, t.capacity)
 
         jobs = []
         for t in chosen:
-            a = agents[agent_plan.assigned[t.name]]
+            a = agents[agent_plan.assigned[t.key]]
+            names = limit_names(a.name, t)
             if t.hypervisor == HYPERV:
-                names = limits.vm_limit_names(a.name, t.host, (), volumes=t.storage)
                 work = functools.partial(
                     _work_hyperv, passwords[f"{HYPERV}:{t.hv_host.name}"], t, plan, a, run_id, progress
                 )
             else:
-                names = limits.vm_limit_names(a.name, t.host, t.storage)
                 work = functools.partial(_work_vsphere, vclient, t, plan, a, run_id, progress)
             jobs.append(
                 vmtask.VmJob(
-                    vm=t.name,
+                    vm=t.key,
                     limits=names,
                     work=work,
                     row={
+                        "vm": t.name,
                         "hypervisor": t.hypervisor,
                         "repository": str(plan.repository),
                         "host": t.host,
@@ -594,9 +602,9 @@ def run_backup(
             secrets=secrets,
         )
 
-    for name, why in sorted(agent_plan.unassignable.items()):
-        t = by_vm[name]
-        rows.append(_not_run_row(plan, name, t.hypervisor, t.host, why, t.storage))
+    for key, why in sorted(agent_plan.unassignable.items()):
+        t = by_key[key]
+        rows.append(_not_run_row(plan, t.name, t.hypervisor, t.host, why, t.storage))
     rows += found.failed
     reports.update_progress(progress_id, 100.0)
     _report(keys, rows, str(plan.repository), size_before)

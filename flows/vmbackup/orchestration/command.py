@@ -14,20 +14,11 @@ import signal
 import sys
 from typing import Any
 
+from .. import results
 from ..errors import BackupError, InvalidInputError
 
-TABLE = [
-    ("vm", "VM", 20),
-    ("hypervisor", "HYPERVISOR", 10),
-    ("status", "STATUS", 6),
-    ("backup_id", "BACKUP", 26),
-    ("mode", "MODE", 11),
-    ("transport", "TRANSPORT", 9),
-    ("consistency", "CONSISTENCY", 11),
-    ("bytes_read", "READ", 10),
-    ("bytes_stored", "STORED", 10),
-    ("seconds", "SECONDS", 7),
-]
+# The command line's columns: VmResult's fields with a title (results.py).
+TABLE = results.text_columns()
 
 
 def add_parser(sub: Any) -> None:

@@ -20,7 +20,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from .. import _mover
-from ..errors import BackupError, InvalidInputError
+from ..errors import BackupError, GcRefusedError, InvalidInputError, RepositoryDamagedError
+from ..errors import CbtMismatchError as CbtMismatchError
+from ..errors import MaintenanceError as MaintenanceError
 from . import reports
 
 VERIFY_KEY = "vmbackup-verify-repository"
@@ -35,31 +37,6 @@ EVENT_CBT_AUDITED = "vmbackup.cbt.audited"
 # cancelled and deletes its shadow copy itself), so the sweeper never takes
 # a shadow copy from under a backup that is still reading it.
 DEFAULT_HYPERV_SWEEP_AGE = 7 * 3600.0
-
-
-class MaintenanceError(BackupError):
-    """A maintenance flow did its report but failed; ``report`` is it."""
-
-    def __init__(self, message: str, report: dict[str, Any]):
-        super().__init__(message)
-        self.report = report
-
-    def __reduce__(self) -> tuple:  # Prefect may pickle a flow's exception
-        return (type(self), (str(self), self.report))
-
-
-class RepositoryDamagedError(MaintenanceError):
-    """verify_repository found problems."""
-
-
-class CbtMismatchError(MaintenanceError):
-    """audit_cbt found areas CBT said had not changed that differ from the
-    point (or could not audit a VM); the VMs' chains are marked broken."""
-
-
-class GcRefusedError(MaintenanceError):
-    """apply_retention removed backups, but gc refused to run (a manifest
-    it cannot read: the space stays taken until it is repaired or forgotten)."""
 
 
 # --- small local publishing helpers (to be unified with reports.py) ---------

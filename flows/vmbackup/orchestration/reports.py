@@ -28,27 +28,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import results
+
 EVENT_BACKED_UP = "vmbackup.vm.backed-up"
 EVENT_FAILED = "vmbackup.vm.failed"
 
-TABLE_COLUMNS = (
-    "vm",
-    "hypervisor",
-    "status",
-    "backup_id",
-    "mode",
-    "full_reason",
-    "transport",
-    "consistency",
-    "bytes_read",
-    "bytes_stored",
-    "seconds",
-    "mb_per_s",
-    "dedup_ratio",
-    "host",
-    "agent",
-    "error",
-)
+# Derived from VmResult's fields (results.py): a new column is one field there.
+TABLE_COLUMNS = results.table_columns()
 
 # Prefect artifact keys: lowercase letters, digits and dashes only.
 _KEY_RE = re.compile(r"[^a-z0-9-]+")
@@ -97,16 +83,15 @@ def dedup_ratio(row: Mapping[str, Any]) -> float | None:
     return round(read / stored, 2)
 
 
-def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """One row per VM for the table artifact: the result fields plus MB/s,
-    the dedup ratio and why a full was taken."""
-    out = []
-    for r in rows:
-        row = {c: r.get(c) for c in TABLE_COLUMNS}
-        row["mb_per_s"] = mb_per_s(r)
-        row["dedup_ratio"] = dedup_ratio(r)
-        out.append(row)
-    return out
+def _computed(row: Mapping[str, Any], name: str) -> Any:
+    return {"mb_per_s": mb_per_s, "dedup_ratio": dedup_ratio}[name](row)
+
+
+def table_rows(rows: Sequence[Mapping[str, Any]], cls: type = results.VmResult) -> list[dict]:
+    """One row per VM for the table artifact: ``results.table_columns`` of
+    ``cls`` (VmResult), MB/s and the dedup ratio computed."""
+    columns = results.table_columns(cls)
+    return [{c: _computed(r, c) if c in results.COMPUTED else r.get(c) for c in columns} for r in rows]
 
 
 def fmt_bytes(n: Any) -> str:
@@ -176,6 +161,12 @@ def summary_markdown(
         for r in crash:
             lines.append(f"| {_md_cell(r.get('vm'))} | {_md_cell(r.get('consistency_note') or '-')} |")
         lines.append("")
+    skipped = [(r, s) for r in rows for s in r.get("skipped_disks") or ()]
+    if skipped:
+        lines += ["## Disks not backed up", "", "| VM | disk | why |", "|---|---|---|"]
+        for r, s in skipped:
+            lines.append(f"| {_md_cell(r.get('vm'))} | {_md_cell(s.get('disk'))} | {_md_cell(s.get('reason'))} |")
+        lines.append("")
     if removed is not None:
         lines += ["## Removed leftovers", ""]
         if not removed:
@@ -197,7 +188,7 @@ def resource_id(kind: str, name: str) -> str:
     return f"vmbackup.{kind}.{name}"
 
 
-def vm_event(row: Mapping[str, Any]) -> dict:
+def vm_event(row: Mapping[str, Any], cls: type = results.VmResult) -> dict:
     """The event for one VM's row: name, resource, related resources (host,
     datastores, agent, repository) and the figures in the payload."""
     vm = str(row.get("vm"))
@@ -218,24 +209,8 @@ def vm_event(row: Mapping[str, Any]) -> dict:
                 "prefect.resource.role": "repository",
             }
         )
-    payload = {
-        k: row.get(k)
-        for k in (
-            "hypervisor",
-            "status",
-            "backup_id",
-            "mode",
-            "full_reason",
-            "transport",
-            "consistency",
-            "bytes_read",
-            "bytes_stored",
-            "seconds",
-            "error",
-        )
-    }
-    payload["mb_per_s"] = mb_per_s(row)
-    payload["dedup_ratio"] = dedup_ratio(row)
+    # ``results.event_fields`` of ``cls`` (VmResult): a new field is in the payload.
+    payload = {k: _computed(row, k) if k in results.COMPUTED else row.get(k) for k in results.event_fields(cls)}
     return {
         "event": EVENT_BACKED_UP if ok else EVENT_FAILED,
         "resource": {

@@ -41,14 +41,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import BackupError
+from ..errors import ServerError
 
 DEFAULT_STARTUP_TIMEOUT = 180.0
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
-
-
-class ServerError(BackupError):
-    """The embedded Prefect server could not be started or reached."""
 
 
 @dataclass

@@ -33,8 +33,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from .. import planning
-from . import limits
+from . import limits, reports
 from .backup import (
     DEFAULT_VM_DEADLINE,
     HYPERV,
@@ -42,10 +41,9 @@ from .backup import (
     KEYS,
     VSPHERE,
     VmsFailedError,
-    agent_reaches,
     passwords_of,
+    plan_agents,
     select,
-    unreachable_reason,
     with_secret,
 )
 from .backup_vsphere import REPORT_KEY
@@ -65,18 +63,25 @@ def _agent_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
             flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[KEYS.report, REPORT_KEY])
         )
     )
-    rows: dict[str, dict] = {}
+    # Two VMs of one name are two rows (their host and vm_id say which).
+    rows: dict[str, list[dict]] = {}
     for art in arts:
         data = json.loads(art.data) if isinstance(art.data, str) else art.data
         for r in data or []:
-            rows[r["vm"]] = r
+            rows.setdefault(r["vm"], []).append(r)
     state = run.state.name if run.state else "unknown"
     for vm in vms:
         rows.setdefault(
             vm,
-            {"vm": vm, "status": "failed", "error": f"the agent's flow run {run.name} ended {state} without a report"},
+            [
+                {
+                    "vm": vm,
+                    "status": "failed",
+                    "error": f"the agent's flow run {run.name} ended {state} without a report",
+                }
+            ],
         )
-    return [rows[vm] for vm in vms]
+    return [r for vm in vms for r in rows[vm]]
 
 
 def _site(
@@ -102,13 +107,15 @@ def _site(
     with contextlib.ExitStack() as stack:
         found, _ = select(plan, None, hypervisors, passwords, stack, secrets)
     selected = found.targets
-    agent_plan = planning.assign_agents(selected, plan.agents, reach=agent_reaches, unreachable=unreachable_reason)
-    by_vm = {t.name: t for t in selected}
-    order = planning.submission_order(selected, agent_plan)
+    agent_plan, chosen = plan_agents(selected, plan.agents)
+    by_key = {t.key: t for t in selected}
     per_agent: dict[str, list[str]] = {}
-    for name in order:
-        per_agent.setdefault(agent_plan.assigned[name], []).append(name)
-    chosen = [by_vm[v] for v in order]
+    for t in chosen:
+        # The agent's run selects by name (two VMs of one name: both, each
+        # backed up by the agent that reaches it).
+        names = per_agent.setdefault(agent_plan.assigned[t.key], [])
+        if t.name not in names:
+            names.append(t.name)
     # The limits exist before any agent's run asks for them.
     limits.ensure_limits(
         limits.limit_values(
@@ -157,28 +164,24 @@ def _site(
         for agent, run in sorted(runs.items()):
             for r in _agent_rows(client, run, per_agent[agent]):
                 rows.append({**r, "agent": agent, "flow_run": str(run.id)})
-    for name, why in sorted(agent_plan.unassignable.items()):
-        t = by_vm[name]
+    for key, why in sorted(agent_plan.unassignable.items()):
+        t = by_key[key]
         rows.append(
-            {"vm": name, "hypervisor": t.hypervisor, "status": "failed", "agent": None, "flow_run": None, "error": why}
+            {
+                "vm": t.name,
+                "hypervisor": t.hypervisor,
+                "status": "failed",
+                "agent": None,
+                "flow_run": None,
+                "error": why,
+            }
         )
     rows += [{**r, "agent": None, "flow_run": None} for r in found.failed]
 
-    columns = [
-        "vm",
-        "hypervisor",
-        "status",
-        "agent",
-        "backup_id",
-        "mode",
-        "bytes_read",
-        "bytes_stored",
-        "seconds",
-        "error",
-    ]
+    # The rows' columns are VmResult's (results.py), plus the agent's flow run.
     create_table_artifact(
         key=report_key,
-        table=[{c: r.get(c) for c in columns} for r in rows],
+        table=[{**t, "flow_run": r.get("flow_run")} for t, r in zip(reports.table_rows(rows), rows, strict=True)],
         description=f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} VM(s) backed up over {len(runs)} agent(s)",
     )
     failed = [r["vm"] for r in rows if r.get("status") != "ok"]

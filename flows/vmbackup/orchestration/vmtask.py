@@ -33,7 +33,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from ..errors import BackupError
+from .. import results
+from ..errors import BackupError, RunInterruptedError, VmTimeoutError
 from . import limits
 
 Work = Callable[[Any], dict]  # (CancelToken) -> result row
@@ -42,33 +43,8 @@ DEFAULT_RETRIES = 3
 DEFAULT_RETRY_DELAYS = [10.0, 30.0, 90.0]
 RETRY_JITTER = 0.5  # back-off delays vary by up to +-50%, so retries of many VMs spread out
 
-# The fields every row has (docs/operations.md, `vmbackup backup`).
-ROW_FIELDS = (
-    "vm",
-    "hypervisor",
-    "status",
-    "backup_id",
-    "repository",
-    "mode",
-    "transport",
-    "consistency",
-    "bytes_read",
-    "bytes_stored",
-    "seconds",
-    "error",
-)
-
-
-class VmTimeoutError(BackupError):
-    """A VM's backup ran past its deadline and was cancelled."""
-
-    retryable = False
-
-
-class RunInterruptedError(BackupError):
-    """The run was interrupted (Ctrl-C, SIGTERM) before or while this VM ran."""
-
-    retryable = False
+# The fields every row has (docs/operations.md, `vmbackup backup`): VmResult's.
+ROW_FIELDS = results.row_fields()
 
 
 class StopSignal:
@@ -219,10 +195,9 @@ def backup_vm_task(
 
 
 def failed_row(job: VmJob, error: str, seconds: float) -> dict:
-    row = dict.fromkeys(ROW_FIELDS)
-    row.update(job.row)
-    row.update(vm=job.vm, status="failed", error=error, bytes_read=0, bytes_stored=0, seconds=round(seconds, 3))
-    return row
+    return results.empty_row(
+        **{"vm": job.vm, **job.row, "status": "failed", "error": error, "seconds": round(seconds, 3)}
+    )
 
 
 def _run_pending_signal_handlers() -> None:
@@ -315,9 +290,7 @@ def run_vm_tasks(
         for job, future in zip(jobs, futures, strict=True):
             state = future.state
             if state.is_completed():
-                row = dict.fromkeys(ROW_FIELDS)
-                row.update(job.row)
-                row["vm"] = job.vm
+                row = results.empty_row(**{"vm": job.vm, **job.row})
                 row.update(future.result())
                 rows.append(row)
             else:

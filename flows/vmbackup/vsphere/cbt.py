@@ -8,6 +8,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
+from ..errors import ChangeIdRejected
 from .faults import hypervisor_error
 from .inventory import DiskInfo
 from .tasks import run_task
@@ -81,10 +82,6 @@ def star_filter_reason(disk: DiskInfo, trusted: dict[str, str]) -> str | None:
     if trusted.get(disk.name) != epoch(disk.change_id) or not trusted.get(disk.name):
         return "CBT was not switched on by vmbackup with no snapshot present"
     return None
-
-
-class ChangeIdRejected(Exception):
-    """QueryChangedDiskAreas refused the change id (CBT was reset): take a full."""
 
 
 def changed_areas(vm: Any, snapshot: Any, disk: DiskInfo, change_id: str) -> list[tuple[int, int]]:

@@ -1,11 +1,16 @@
-"""The whole backup of one VM, with cleanup on every path (docs/vsphere.md).
+"""The vSphere steps of the one per-VM procedure (``hypervisors/procedure.py``).
 
-1. reconcile what earlier runs left; 2. enable CBT if off; 3. snapshot
-(memory off, quiesce per policy); 4. expose the frozen disks by the first
-transport of the plan's order that can; 5. read every disk into one backup
-point with the VM's configuration; 6. detach, remove the snapshot,
-consolidate. Steps 4-6 undo themselves in ``finally``; the ledger holds what
-a killed process could not undo.
+``VSphereSteps`` implements ``hypervisors.base.VmSteps``: reconcile what
+earlier runs left (``reconcile.py``); describe the VM (and switch CBT on if
+it is off); freeze = a snapshot (memory off, quiesce per policy; a
+powered-off VM's is ``powered-off``); expose the frozen disks by the first
+transport of the plan's order that can; plan the reads (CBT: incremental
+per disk, or a full with its reason); check that our snapshot still exists
+(by moref, in the VM's snapshot tree) before the commit; the point's config
+(``vm.config``, the ``.vmx``); release = detach, remove the snapshot,
+consolidate. The ledger holds what a killed process could not undo.
+
+``backup_vm(...)`` is the thin wrapper the orchestration and the tests call.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from urllib.parse import quote
 
 from pyVmomi import vmodl
 
-from ..errors import BackupError, HypervisorError, TaskTimeoutError, VmNotFoundError
+from ..errors import BackupError, HypervisorError, SnapshotVanishedError, TaskTimeoutError, VmNotFoundError
+from ..hypervisors import base as hv
+from ..hypervisors.procedure import backup_one
 from ..plan import Agent, Plan
-from ..results import DiskProgress as _Progress
-from ..results import VmResult, read_disks
+from ..pointmeta import Previous, latest
+from ..results import VmResult
 from . import broken_chains, cbt, snapshots
 from .faults import hypervisor_error
 from .inventory import VmInfo, check_skipped, vm_info
@@ -35,21 +42,11 @@ log = logging.getLogger(__name__)
 TASK_TIMEOUT = 600.0
 
 
-def latest_backup(repository: str, vm: str) -> dict[str, Any] | None:
-    """The newest backup of ``vm`` in the repository (manifest metadata), or None."""
-    from .. import _mover
-
-    infos, _untrusted = _mover.list_backups(repository)
-    mine = [b for b in infos if b.vm == vm]
-    if not mine:
-        return None
-    b = max(mine, key=lambda b: b.created_unix)
-    return {
-        "id": b.id,
-        "created_unix": b.created_unix,
-        "attributes": b.attributes,
-        "disks": [{"name": d.name, "size": d.disk_size, "change_id": d.change_id} for d in b.disks],
-    }
+def latest_backup(repository: str, vm: str, vm_id: str | None = None) -> dict[str, Any] | None:
+    """The newest backup of ``vm`` (by ``vm_id`` when given, see
+    ``pointmeta.latest``) as the dict ``cbt.plan_disks`` reads, or None."""
+    prev = latest(repository, vm, vm_id)
+    return prev.as_dict() if prev is not None else None
 
 
 def _vm_config_json(vm: Any) -> str:
@@ -94,6 +91,292 @@ def _expose(ctx: Context, disks: list[Frozen]) -> tuple[Transport, dict[str, str
     raise HypervisorError(f"no transport reaches the disks of VM {ctx.vm_name}: " + "; ".join(reasons))
 
 
+class VSphereSteps:
+    """``hypervisors.base.VmSteps`` for one vSphere VM."""
+
+    cleanup_keeps_class = False
+
+    def __init__(
+        self,
+        client: Any,
+        vm: VmInfo,
+        plan: Plan,
+        agent: Agent,
+        *,
+        run_id: str,
+        timeout: float = TASK_TIMEOUT,
+    ) -> None:
+        self.client, self.vm, self.plan, self.agent, self.run_id = client, vm, plan, agent, run_id
+        self.name = vm.name
+        self.timeout = timeout
+        self.ledger = Ledger(str(plan.repository))
+        self.obj: Any = None
+        self.info: VmInfo | None = None
+        self.cbt_enabled = False
+        self.entry: Entry | None = None
+        self.transport: Transport | None = None
+        self.frozen_disks: list[Frozen] = []
+        self.vanished = False
+        self.attempt = snapshots.new_attempt()  # one per try: reconcile cleans the run's earlier attempts
+        self.cbt_start: Any = None
+        self.skipped: list[dict[str, str]] = []
+        self.broken: Any = None
+        self.star: Any = None
+        self.taken_error: BaseException | None = None
+
+    def reconcile(self) -> None:
+        self.obj = self.client.vm_by_moref(self.vm.moref)
+        try:
+            self.obj.name  # noqa: B018 (is it still there?)
+        except vmodl.fault.ManagedObjectNotFound:
+            raise VmNotFoundError(f"VM {self.name} does not exist any more") from None
+        reconcile_vm(
+            self.client,
+            self.obj,
+            self.name,
+            self.plan,
+            self.ledger,
+            current_run=self.run_id,
+            current_attempt=self.attempt,
+            timeout=self.plan.timeouts.task,
+            remove_timeout=self.plan.timeouts.snapshot_remove,
+        )
+
+    def describe(self, result: VmResult) -> None:
+        # CBT is not switched on while the VM has snapshots (cbt.prepare).
+        self.cbt_start = cbt.prepare(self.obj, self.name, self.timeout)
+        self.cbt_enabled = self.cbt_start.just_enabled
+        self.info = info = vm_info(self.obj)
+        result.host = info.host
+        result.datastores = list(info.datastores)
+        result.vm_id = _instance_uuid(self.obj)
+        # Independent disks and physical RDMs: never read; skipped (or the VM fails).
+        self.skipped = check_skipped(info, self.plan.independent_disks)
+        if self.skipped:
+            log.warning("VM %s: disks not backed up: %s", self.name, self.skipped)
+        result.skipped_disks = list(self.skipped)
+        # A chain the CBT audit found broken makes this backup a full.
+        self.broken = broken_chains.read(str(self.plan.repository), self.name, result.vm_id)
+
+    def freeze(self) -> hv.Frozen:
+        info = self.info
+        assert info is not None
+        self.entry = Entry(run_id=self.run_id, vm=self.name, vm_moref=self.vm.moref, attempt=self.attempt)
+        self.entry.snapshot = {"name": snapshots.snapshot_name(self.run_id), "attempt": self.attempt}
+        self.ledger.hold(self.entry)  # written, then kept alive by a heartbeat thread
+        try:
+            taken = snapshots.create(
+                self.obj,
+                self.name,
+                self.run_id,
+                quiesce_policy=self.plan.quiesce,
+                tools_running=info.tools_running,
+                timeout=self.plan.timeouts.task,
+                attempt=self.attempt,
+                on_task=self._note_task("create_task"),
+            )
+        except BaseException as e:
+            self.taken_error = e
+            raise
+        point_unix = time.time()  # the backup's point in time
+        self.entry.snapshot["moref"] = taken.snapshot._moId
+        self.ledger.write(self.entry)
+        return hv.Frozen(
+            point_unix, taken.consistency, taken.note or None, taken.snapshot, snapshots.snapshot_name(self.run_id)
+        )
+
+    def _note_task(self, key: str) -> Any:
+        """A snapshot task is in the ledger before it is waited for (a timed-out one goes on)."""
+
+        def note(moref: str) -> None:
+            assert self.entry is not None and self.entry.snapshot is not None
+            self.entry.snapshot[key] = moref
+            self.ledger.write(self.entry)
+
+        return note
+
+    def _disks(self) -> list[Any]:
+        assert self.info is not None
+        excluded = set(self.plan.selection.exclude_disks.get(self.name, []))
+        return [d for d in self.info.readable_disks if d.name not in excluded]
+
+    def expose(self, frozen: hv.Frozen) -> hv.Exposed:
+        assert self.entry is not None
+        self.frozen_disks = frozen_disks(frozen.handle, self._disks())
+        ctx = Context(
+            self.client,
+            self.obj,
+            self.name,
+            frozen.handle,
+            self.plan,
+            self.agent,
+            self.run_id,
+            self.ledger,
+            self.entry,
+            self.timeout,
+            encryption=self.info.encryption if self.info is not None else None,  # hot-add to an encrypted agent only
+        )
+        self.transport, sources = _expose(ctx, self.frozen_disks)
+        return hv.Exposed(sources, self.transport.name, self.transport.detail)
+
+    def plan_reads(self, frozen: hv.Frozen, exposed: hv.Exposed, previous: Previous | None) -> hv.ReadPlan:
+        snap = frozen.handle
+        unusable = previous.full_reason() if previous is not None else None
+        base = previous.as_dict() if previous is not None and unusable is None else None
+        disks = self._disks()
+        self.star = cbt.star_epochs(disks, base, self.cbt_start)  # where CBT's "*" is valid
+        plans, vm_reason = cbt.plan_disks(
+            tuple(disks),
+            base,
+            cbt_just_enabled=self.cbt_enabled,
+            full_every_days=self.plan.full_every_days,
+            cbt_off_reason=self.cbt_start.off_reason,
+            chain_broken=self.broken.reason if self.broken is not None else None,
+        )
+        if unusable is not None:
+            vm_reason = unusable
+            plans = [cbt.DiskPlan(p.disk, unusable) for p in plans]
+        by_name = {f.disk.name: f for f in self.frozen_disks}
+        reads: list[hv.DiskRead] = []
+        for p in plans:
+            f = by_name[p.disk.name]
+            changed, reason = None, p.full_reason
+            # Incrementals ask CBT; a rejected change id makes it a full.
+            if p.full_reason is None:
+                try:
+                    changed = cbt.changed_areas(self.obj, snap, p.disk, p.base_change_id or "*")
+                except cbt.ChangeIdRejected as e:
+                    reason = f"change id rejected, CBT was reset ({e})"
+            # For a full, CBT's "*" gives the allocated areas as of the
+            # snapshot: the mover reads only those (within its source's own
+            # allocation map), the rest is recorded as zeros. Without them
+            # (the query failed), the source's map alone decides (an NBD
+            # export without block status is then read whole).
+            allocated = None
+            # "*" filters a full only where it is documented valid.
+            why_not = cbt.star_filter_reason(p.disk, self.star) if changed is None else None
+            if why_not is not None:
+                log.info("VM %s disk %s: read whole, not by CBT's areas: %s", self.name, p.disk.name, why_not)
+            elif changed is None:
+                try:
+                    allocated = cbt.changed_areas(self.obj, snap, p.disk, "*")
+                except (cbt.ChangeIdRejected, BackupError) as e:
+                    log.warning(
+                        "VM %s disk %s: no allocated areas from CBT, reading by the source's map: %s",
+                        self.name,
+                        p.disk.name,
+                        e,
+                    )
+            reads.append(
+                hv.DiskRead(
+                    name=p.disk.name,
+                    source=exposed.sources[p.disk.name],
+                    capacity=p.disk.capacity,
+                    change_id=f.change_id,
+                    changed=changed,
+                    allocated=allocated,
+                    full_reason=reason,
+                    row={"key": p.disk.key, "uuid": p.disk.uuid, "file": f.file, "datastore": f.datastore},
+                )
+            )
+        incremental = any(r.changed is not None for r in reads)
+        parent = previous.backup_id if incremental and previous is not None else None
+        return hv.ReadPlan(parent, reads, vm_reason, list(self.skipped))
+
+    def still_frozen(self, frozen: hv.Frozen, error: BaseException | None) -> BaseException | None:
+        moref = frozen.handle._moId
+        try:
+            there = any(n.snapshot._moId == moref for n in snapshots.walk(self.obj))
+        except vmodl.MethodFault as e:
+            if error is not None:
+                return None  # the check failed too: the read's error says more
+            raise hypervisor_error(f"checking snapshot {moref} of VM {self.name}", e) from e
+        if there:
+            return None
+        self.vanished = True
+        return SnapshotVanishedError(
+            f"VM {self.name}: snapshot {moref} ({frozen.label}) was removed by someone else during the backup: "
+            "no backup point was committed"
+        )
+
+    def point(
+        self, frozen: hv.Frozen, exposed: hv.Exposed, reads: hv.ReadPlan, disks: list[dict[str, Any]]
+    ) -> tuple[str, dict[str, Any]]:
+        assert self.info is not None
+        return _vm_config_json(self.obj), {
+            "tool": "vmbackup vsphere",
+            "run_id": self.run_id,
+            "vm_moref": self.vm.moref,
+            "host": self.info.host,
+            "agent": self.agent.name,
+            "transport": exposed.transport,
+            "consistency": frozen.consistency,
+            "consistency_note": frozen.note,
+            "excluded_disks": sorted(set(self.plan.selection.exclude_disks.get(self.name, []))),
+            "cbt_star_epochs": self.star,  # read back by cbt.star_epochs
+            "vmx": _vmx_text(self.client, self.obj),
+        }
+
+    def release(self, frozen: hv.Frozen | None, *, succeeded: bool) -> list[BaseException]:
+        problems: list[BaseException] = []
+        if self.transport is not None:
+            problems += [HypervisorError(p) for p in self.transport.close()]
+        # A snapshot task still running in vSphere (a timed-out create or
+        # remove) keeps the ledger entry, which names the task, and defers
+        # consolidation until it finished (the next attempt waits for it).
+        entry = self.entry
+        pending = (
+            frozen is None
+            and isinstance(self.taken_error, TaskTimeoutError)
+            and entry is not None
+            and "create_task" in (entry.snapshot or {})
+        )
+        if pending:
+            assert entry is not None and entry.snapshot is not None
+            problems.append(
+                TaskTimeoutError(f"creating the snapshot goes on in vSphere (task {entry.snapshot['create_task']})")
+            )
+        if frozen is not None and not self.vanished:
+            snap = frozen.handle
+            try:
+                snapshots.remove(
+                    snap,
+                    f"removing snapshot {snap._moId} of VM {self.name}",
+                    self.plan.timeouts.snapshot_remove,
+                    on_task=self._note_task("remove_task"),
+                )
+            except TaskTimeoutError as e:
+                pending = True
+                problems.append(TaskTimeoutError(f"{e}; consolidation waits for it"))
+            except BackupError as e:
+                problems.append(e)
+        if self.obj is not None and not pending:
+            try:
+                snapshots.consolidate_if_needed(self.obj, self.name, self.plan.timeouts.task)
+            except BackupError as e:
+                problems.append(e)
+            except vmodl.MethodFault as e:
+                problems.append(hypervisor_error(f"consolidating VM {self.name}", e))
+        if entry is not None:
+            self.ledger.release(entry)  # the run lets go (a kept entry is a dead run's)
+            if not problems:
+                self.ledger.remove(entry)
+        return problems
+
+    def committed(self, backup_id: str, mode: str) -> None:
+        """After the commit: a full ends a chain the CBT audit marked broken."""
+        if self.broken is not None and mode == "full":
+            broken_chains.clear(str(self.plan.repository), self.broken)
+
+
+def _instance_uuid(obj: Any) -> str | None:
+    """vSphere's id of the VM (``config.instanceUuid``): kept across renames and moves."""
+    try:
+        return str(obj.config.instanceUuid) or None
+    except AttributeError:
+        return None
+
+
 def backup_vm(
     client: Any,
     vm: VmInfo,
@@ -112,263 +395,13 @@ def backup_vm(
     ``on_snapshot(name)``, if given, is called once the snapshot exists and
     before any disk is read (a hook for post-snapshot scripts, and for tests).
     """
-    from .. import _mover
-
-    t0 = time.monotonic()
-    repo = str(plan.repository)
-    ledger = Ledger(repo)
-    obj = client.vm_by_moref(vm.moref)
-    try:
-        obj.name  # noqa: B018 (is it still there?)
-    except vmodl.fault.ManagedObjectNotFound:
-        raise VmNotFoundError(f"VM {vm.name} does not exist any more") from None
-    # vslife (item 6): one attempt id per try; reconcile cleans the run's earlier attempts.
-    attempt = snapshots.new_attempt()
-    reconcile_vm(
-        client,
-        obj,
-        vm.name,
-        plan,
-        ledger,
-        current_run=run_id,
-        current_attempt=attempt,
-        timeout=plan.timeouts.task,
-        remove_timeout=plan.timeouts.snapshot_remove,
+    return backup_one(
+        VSphereSteps(client, vm, plan, agent, run_id=run_id),
+        hypervisor="vsphere",
+        repository=str(plan.repository),
+        agent=agent.name,
+        disks_per_vm=plan.limits.disks_per_vm,
+        cancel=cancel,
+        progress=progress,
+        on_frozen=on_snapshot,
     )
-    # [vstruth wiring] CBT is not switched on while the VM has snapshots (cbt.prepare).
-    cbt_start = cbt.prepare(obj, vm.name, TASK_TIMEOUT)
-    cbt_enabled = cbt_start.just_enabled
-    info = vm_info(obj)
-    excluded = set(plan.selection.exclude_disks.get(vm.name, []))
-    # [vstruth wiring] independent disks / physical RDMs: never read; skipped or the VM fails.
-    skipped = check_skipped(info, plan.independent_disks)
-    if skipped:
-        log.warning("VM %s: disks not backed up: %s", vm.name, skipped)
-    disks = [d for d in info.readable_disks if d.name not in excluded]
-    previous = latest_backup(repo, vm.name)
-    # [audit wiring] a chain the CBT audit found broken makes this backup a full.
-    broken = broken_chains.read(repo, vm.name, getattr(obj.config, "instanceUuid", None))
-    star = cbt.star_epochs(disks, previous, cbt_start)  # [vstruth wiring] where CBT's "*" is valid
-
-    entry = Entry(run_id=run_id, vm=vm.name, vm_moref=vm.moref, attempt=attempt)
-    entry.snapshot = {"name": snapshots.snapshot_name(run_id), "attempt": attempt}
-    ledger.hold(entry)  # [heartbeat wiring] written, then kept alive by a thread
-
-    def note_task(key: str) -> Any:  # vslife: a snapshot task is in the ledger before it is waited for
-        def note(moref: str) -> None:
-            entry.snapshot[key] = moref
-            ledger.write(entry)
-
-        return note
-
-    result = VmResult(
-        vm=vm.name, status="ok", repository=repo, host=info.host, agent=agent.name, datastores=list(info.datastores)
-    )
-    result.skipped_disks = skipped  # [vstruth wiring]
-    taken = None
-    snap_t0 = 0.0
-    transport: Transport | None = None
-    session = None
-    body_error: BaseException | None = None
-    try:
-        taken = snapshots.create(
-            obj,
-            vm.name,
-            run_id,
-            quiesce_policy=plan.quiesce,
-            tools_running=info.tools_running,
-            timeout=plan.timeouts.task,
-            attempt=attempt,
-            on_task=note_task("create_task"),
-        )
-        snap_t0 = time.monotonic()
-        snap_unix = time.time()  # the backup's point in time
-        entry.snapshot["moref"] = taken.snapshot._moId
-        ledger.write(entry)
-        result.consistency = taken.consistency
-        result.consistency_note = taken.note or None
-        if on_snapshot is not None:
-            on_snapshot(snapshots.snapshot_name(run_id))
-        frozen = frozen_disks(taken.snapshot, disks)
-        plans, vm_reason = cbt.plan_disks(
-            tuple(disks),
-            previous,
-            cbt_just_enabled=cbt_enabled,
-            full_every_days=plan.full_every_days,
-            cbt_off_reason=cbt_start.off_reason,  # [vstruth wiring]
-            chain_broken=broken.reason if broken is not None else None,  # [audit wiring]
-        )
-        ctx = Context(
-            client,
-            obj,
-            vm.name,
-            taken.snapshot,
-            plan,
-            agent,
-            run_id,
-            ledger,
-            entry,
-            TASK_TIMEOUT,
-            encryption=info.encryption,  # [vstruth wiring] encrypted VM: hot-add to an encrypted agent only
-        )
-        transport, sources = _expose(ctx, frozen)
-        result.transport = transport.name
-        result.transport_detail = transport.detail
-
-        # What to read per disk: incrementals ask CBT; a rejected change id makes it a full.
-        reads: dict[str, tuple[list[tuple[int, int]] | None, str | None]] = {}
-
-        def areas(p: cbt.DiskPlan) -> tuple[list[tuple[int, int]] | None, str | None]:
-            if p.full_reason is None:
-                try:
-                    return cbt.changed_areas(obj, taken.snapshot, p.disk, p.base_change_id or "*"), None
-                except cbt.ChangeIdRejected as e:
-                    return None, f"change id rejected, CBT was reset ({e})"
-            return None, p.full_reason
-
-        for p in plans:
-            reads[p.disk.name] = areas(p)
-        # For a full, CBT's "*" gives the allocated areas as of the snapshot:
-        # the mover reads only those (within its source's own allocation map),
-        # the rest is recorded as zeros. Without them (the query failed), the
-        # source's map alone decides (an NBD export without block status is
-        # then read whole).
-        allocated: dict[str, list[tuple[int, int]] | None] = {}
-        for p in plans:
-            if reads[p.disk.name][0] is None:
-                # [vstruth wiring] "*" filters a full only where it is documented valid.
-                why_not = cbt.star_filter_reason(p.disk, star)
-                if why_not is not None:
-                    log.info("VM %s disk %s: read whole, not by CBT's areas: %s", vm.name, p.disk.name, why_not)
-                    allocated[p.disk.name] = None
-                    continue
-                try:
-                    allocated[p.disk.name] = cbt.changed_areas(obj, taken.snapshot, p.disk, "*")
-                except (cbt.ChangeIdRejected, BackupError) as e:
-                    log.warning(
-                        "VM %s disk %s: no allocated areas from CBT, reading by the source's map: %s",
-                        vm.name,
-                        p.disk.name,
-                        e,
-                    )
-                    allocated[p.disk.name] = None
-        incremental = any(extents is not None for extents, _ in reads.values())
-        parent = previous["id"] if incremental and previous else None
-        session = _mover.BackupSession(repo, vm.name, parent)
-        total = sum(d.capacity for d in disks)
-        agg = _Progress(progress, total)
-        by_name = {f.disk.name: f for f in frozen}
-
-        def read(p: cbt.DiskPlan) -> dict[str, Any]:
-            extents, reason = reads[p.disk.name]
-            areas = allocated.get(p.disk.name)
-            f = by_name[p.disk.name]
-            # The disks of one session are read at once (the binding's add_disk
-            # runs without the GIL and without holding the session).
-            r = session.add_disk(
-                sources[p.disk.name],
-                p.disk.name,
-                extents,
-                f.change_id,
-                progress=agg.for_disk(p.disk.name),
-                cancel=cancel,
-                allocated_extents=areas,
-            )
-            return {
-                "name": p.disk.name,
-                "key": p.disk.key,
-                "uuid": p.disk.uuid,
-                "file": f.file,
-                "datastore": f.datastore,
-                "capacity": p.disk.capacity,
-                "change_id": f.change_id,
-                "mode": "incremental" if extents is not None else "full",
-                "full_reason": reason,
-                "changed_bytes": sum(n for _, n in extents) if extents is not None else None,
-                "allocated_bytes": sum(n for _, n in areas) if areas is not None else None,
-                "bytes_read": r.bytes_read,
-                "bytes_stored": r.bytes_stored,
-                "seconds": r.seconds,
-                "source_format": r.source_format,
-            }
-
-        disk_results = read_disks(read, plans, max_workers=plan.limits.disks_per_vm, session=session)
-        mode = "incremental" if parent else "full"
-        reasons = vm_reason or "; ".join(f"{d['name']}: {d['full_reason']}" for d in disk_results if d["full_reason"])
-        last_full = (
-            snap_unix if mode == "full" else (previous or {}).get("attributes", {}).get("last_full_unix", snap_unix)
-        )
-        attributes = {
-            "tool": "vmbackup vsphere",
-            "run_id": run_id,
-            "vm_moref": vm.moref,
-            "host": info.host,
-            "agent": agent.name,
-            "mode": mode,
-            "full_reason": reasons or None,
-            "transport": transport.name,
-            "consistency": taken.consistency,
-            "consistency_note": taken.note or None,
-            "snapshot_unix": snap_unix,
-            "last_full_unix": last_full,
-            "excluded_disks": sorted(excluded),
-            "skipped_disks": skipped,  # [vstruth wiring]
-            "cbt_star_epochs": star,  # [vstruth wiring] read back by cbt.star_epochs
-            "disks": [
-                {k: d[k] for k in ("name", "key", "uuid", "file", "capacity", "change_id")} for d in disk_results
-            ],
-            "vmx": _vmx_text(client, obj),
-        }
-        info = session.commit(config=_vm_config_json(obj), attributes=json.dumps(attributes))
-        session = None
-        result.backup_id = info.id
-        if broken is not None and mode == "full":
-            broken_chains.clear(repo, broken)  # [audit wiring]
-        result.mode = mode
-        result.full_reason = reasons or None
-        result.set_disks(disk_results)
-    except BaseException as e:
-        body_error = e
-        raise
-    finally:
-        if session is not None:
-            session.abort()
-        problems = transport.close() if transport is not None else []
-        # vslife (item 6): a snapshot task still running in vSphere (a timed-out
-        # create or remove) keeps the ledger entry, which names the task, and
-        # defers consolidation until it finished (the next attempt waits for it).
-        pending = taken is None and isinstance(body_error, TaskTimeoutError) and "create_task" in entry.snapshot
-        if pending:
-            problems.append(f"creating the snapshot goes on in vSphere (task {entry.snapshot['create_task']})")
-        if taken is not None:
-            try:
-                snapshots.remove(
-                    taken.snapshot,
-                    f"removing snapshot {taken.snapshot._moId} of VM {vm.name}",
-                    plan.timeouts.snapshot_remove,
-                    on_task=note_task("remove_task"),
-                )
-            except TaskTimeoutError as e:
-                pending = True
-                problems.append(f"{e}; consolidation waits for it")
-            except BackupError as e:
-                problems.append(str(e))
-            result.snapshot_seconds = time.monotonic() - snap_t0
-        try:
-            if not pending:
-                snapshots.consolidate_if_needed(obj, vm.name, plan.timeouts.task)
-        except BackupError as e:
-            problems.append(str(e))
-        except vmodl.MethodFault as e:
-            problems.append(str(hypervisor_error(f"consolidating VM {vm.name}", e)))
-        ledger.release(entry)  # [heartbeat wiring] the run lets go (a kept entry is a dead run's)
-        if not problems:
-            ledger.remove(entry)
-        elif body_error is None:
-            raise HypervisorError(
-                f"VM {vm.name} was backed up ({result.backup_id}) but cleanup failed: {'; '.join(problems)}"
-            )
-        else:
-            log.error("VM %s: cleanup after a failure failed too: %s", vm.name, "; ".join(problems))
-    result.seconds = time.monotonic() - t0
-    return result

@@ -92,7 +92,7 @@ def ours_in(info: Any) -> list[tuple[str, Any]]:
 @dataclass
 class Taken:
     snapshot: Any
-    consistency: str  # "application" or "crash"
+    consistency: str  # "application", "crash" or "powered-off"
     note: str = ""
 
 
@@ -120,9 +120,10 @@ def create(
     ``required``: a quiesce failure fails the VM (QuiesceError, permanent);
     ``preferred``: one more quiesced attempt, then a crash-consistent snapshot;
     ``off``: never quiesces. A powered-off VM needs no quiescing: its disks are
-    at rest, so the snapshot is application-consistent. ``attempt`` goes into
-    the description; ``on_task(moref)`` is called with each CreateSnapshot task
-    before it is waited for (the ledger keeps it: a timed-out task goes on).
+    at rest, so its consistency is ``powered-off`` (which satisfies ``required``).
+    ``attempt`` goes into the description; ``on_task(moref)`` is called with
+    each CreateSnapshot task before it is waited for (the ledger keeps it: a
+    timed-out task goes on).
     """
     what = f"snapshot of VM {name}"
 
@@ -138,7 +139,7 @@ def create(
 
     powered_on = str(vm.runtime.powerState) == "poweredOn"
     if not powered_on:
-        return Taken(take(False), "application", "powered off")
+        return Taken(take(False), "powered-off")
     if quiesce_policy == "off":
         return Taken(take(False), "crash", "quiesce off by policy")
     if not tools_running:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
+from ..errors import NoTaskUpdates as _NoUpdates
 from ..errors import TaskTimeoutError
 from .faults import hypervisor_error
 
@@ -63,10 +64,6 @@ def _collector(stub: Any) -> Any:
 
 def _forget_collector() -> None:
     _local.collector = None
-
-
-class _NoUpdates(Exception):
-    """The server did not give updates for the task: poll instead."""
 
 
 def _wait_updates(task: Any, what: str, deadline: float, timeout: float) -> Any:

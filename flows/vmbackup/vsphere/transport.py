@@ -41,7 +41,7 @@ from urllib.parse import quote
 
 from pyVmomi import vim, vmodl
 
-from ..errors import BackupError
+from ..errors import BackupError, TransportImpossible
 from ..plan import Agent, Plan
 from .inventory import CLONE_PREFIX, DiskInfo, datastore_of, disks_of
 from .ledger import Entry, Ledger
@@ -50,10 +50,6 @@ from .tasks import run_task
 log = logging.getLogger(__name__)
 
 NBD_START_TIMEOUT = 30.0
-
-
-class TransportImpossible(Exception):
-    """This transport cannot reach these disks; try the next one."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,183 @@
+"""The hypervisor protocol: what an adapter supplies so that one procedure
+(``procedure.backup_one``) backs up a VM of any hypervisor.
+
+Two levels:
+
+- :class:`Hypervisor`: one hypervisor of a plan (a vCenter, a Hyper-V host):
+  ``connect``, ``select`` (the plan's VMs it has), ``limit_keys`` (what a
+  VM's backup holds a slot of), ``steps`` (the per-VM part below) and
+  ``sweep`` (what crashed runs left). Restore verbs (``restore_disks``,
+  ``register_vm``...) come with the restore issue: they go in
+  :class:`Restorer` below, a separate protocol, so that an adapter can back
+  up before it can restore.
+- :class:`VmSteps`: the backup of one VM, in the order the procedure calls
+  them. Each step is the hypervisor's own; the order, the mover session, the
+  parallel reads, the error semantics and cleanup on every path are the
+  procedure's (docs/architecture.md, "One procedure for every hypervisor").
+
+Nothing here imports Prefect, pyVmomi or WinRM: the adapters do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..pointmeta import Previous
+    from ..results import VmResult
+
+# The consistency of a point (the row's ``consistency``).
+APPLICATION = "application"  # the guest's writers were quiesced (VMware Tools, the Hyper-V writer)
+CRASH = "crash"  # as after a power cut
+POWERED_OFF = "powered-off"  # nothing ran: satisfies ``quiesce: required``
+CONSISTENCIES = (APPLICATION, CRASH, POWERED_OFF)
+
+
+@dataclass
+class Frozen:
+    """What ``freeze`` made: a point in time of the VM's disks.
+
+    ``handle`` is the adapter's own object (a vSphere snapshot, a Hyper-V
+    shadow copy set's answer); the procedure never looks inside it.
+    """
+
+    point_unix: float  # the backup's point in time
+    consistency: str  # one of CONSISTENCIES
+    note: str | None = None  # why not application-consistent, when it is not
+    handle: Any = None
+    label: str = ""  # the snapshot's name / the shadow copy id, for on_frozen
+
+
+@dataclass
+class Exposed:
+    """Where the mover reads each disk of the frozen point (``sources``:
+    disk name -> path or NBD URI), and how it got there."""
+
+    sources: dict[str, str]
+    transport: str  # vSphere: hotadd|direct|nbd; Hyper-V: local|share
+    detail: str | None = None  # "through linked clone <name>", "shadow copy shared as ..."
+
+
+@dataclass
+class DiskRead:
+    """How the mover reads one disk into the point."""
+
+    name: str
+    source: str
+    capacity: int
+    change_id: str | None = None  # the frozen disk's change id, stored in the point
+    changed: list[tuple[int, int]] | None = None  # incremental: the areas changed since the parent
+    allocated: list[tuple[int, int]] | None = None  # full: read only these (CBT's "*")
+    full_reason: str | None = None  # a full's reason (None for an incremental)
+    row: dict[str, Any] = field(default_factory=dict)  # the disk's fields in the row and the point (key, uuid, file...)
+
+
+@dataclass
+class ReadPlan:
+    """The reads of one point: its parent (None: a full) and one read per disk."""
+
+    parent: str | None
+    disks: list[DiskRead]
+    full_reason: str | None = None  # the VM-wide reason of a full (first backup, periodic full...)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # [{"disk", "reason"}] not read
+
+
+@runtime_checkable
+class VmSteps(Protocol):
+    """The backup of one VM, step by step (``procedure.backup_one`` calls them
+    in this order). Every step may raise ``vmbackup.errors`` classes; their
+    ``retryable`` decides retries (errors.py)."""
+
+    name: str  # the VM's name (its label in the repository)
+    # A release problem after the commit keeps its class (and so its
+    # retryability) when True; else it is a HypervisorError (not retried:
+    # the point exists).
+    cleanup_keeps_class: bool
+
+    def reconcile(self) -> None:
+        """Remove what earlier (crashed) runs left on this VM (snapshots,
+        shadow copies, hot-added disks), before anything new is made."""
+
+    def describe(self, result: VmResult) -> None:
+        """Read the VM as it is now and fill the row's identity fields
+        (``vm_id``, ``host``, ``datastores``...); raise ``VmNotFoundError``
+        if it is gone. The procedure then finds the VM's latest point by
+        ``result.vm_id``."""
+
+    def freeze(self) -> Frozen:
+        """Make the point in time (a snapshot, a shadow copy set), following
+        the plan's quiesce policy. Whatever it made, ``release`` undoes."""
+
+    def expose(self, frozen: Frozen) -> Exposed:
+        """Make the frozen disks readable by the mover on this agent."""
+
+    def plan_reads(self, frozen: Frozen, exposed: Exposed, previous: Previous | None) -> ReadPlan:
+        """Full or incremental, per disk, and what to read. ``previous`` is the
+        VM's latest point (``pointmeta.latest``: by ``vm_id``, by name for
+        points without one); when its metadata cannot be used
+        (``previous.full_reason()``), a full with that reason."""
+
+    def still_frozen(self, frozen: Frozen, error: BaseException | None) -> BaseException | None:
+        """None when the frozen point still holds; else the error to raise
+        (a ``SnapshotError``: our snapshot or shadow copy vanished, so what
+        was read may not be the point in time). ``error`` is the read's
+        failure, if any: the check then explains it, or returns None to let
+        it stand."""
+
+    def point(
+        self, frozen: Frozen, exposed: Exposed, reads: ReadPlan, disks: list[dict[str, Any]]
+    ) -> tuple[str, dict[str, Any]]:
+        """The point's config (JSON text) and the adapter's own attributes
+        (``vm_moref``, transport, consistency...), once every disk is read;
+        the procedure adds the contract's fields (``pointmeta.PointMeta``)."""
+
+    def committed(self, backup_id: str, mode: str) -> None:
+        """The point is committed (a full may end what made it one: a chain
+        marked broken by the CBT audit)."""
+
+    def release(self, frozen: Frozen | None, *, succeeded: bool) -> list[BaseException]:
+        """Undo expose and freeze (detach, remove the snapshot, end the
+        shadow copy set), whatever happened before; ``frozen`` is None when
+        freeze did not finish. Returns the problems (never raises), so that
+        the procedure decides what they mean."""
+
+
+@runtime_checkable
+class Hypervisor(Protocol):
+    """One hypervisor of a plan (a vCenter, a Hyper-V host)."""
+
+    kind: str  # "vsphere" or "hyperv" (the row's ``hypervisor``)
+    label: str  # "vCenter vc1", "Hyper-V host hv1"
+
+    def connect(self) -> None:
+        """Log in (raises ``AuthenticationError``, ``CertificateError``...)."""
+
+    def close(self) -> None:
+        """Log out; never raises."""
+
+    def select(self, selection: Any) -> Sequence[Any]:
+        """The VMs of ``selection`` this hypervisor has (the adapter's VM
+        objects, each with ``name``, ``host`` and ``vm_id`` when known)."""
+
+    @staticmethod
+    def limit_keys(vm: Any) -> list[tuple[str, str]]:
+        """What one VM's backup holds a slot of besides its agent:
+        ``[("host", "esx1"), ("datastore", "ds1")]`` or
+        ``[("host", "hv1"), ("volume", "hv1:D")]``. A static method: the
+        orchestration asks it for VMs before any connection."""
+
+    def steps(self, vm: Any, plan: Any, agent: Any, *, run_id: str, **hooks: Any) -> VmSteps:
+        """The per-VM steps of ``vm``, read by ``agent``."""
+
+    def sweep(self, *, older_than_seconds: float) -> list[Any]:
+        """Remove what crashed runs left (ours only, older than the threshold)."""
+
+
+class Restorer(Protocol):
+    """Restore verbs: the place for the restore issue (bring a VM back).
+
+    Deliberately empty today; an adapter that restores implements
+    ``Hypervisor`` and ``Restorer``.
+    """
