@@ -57,6 +57,7 @@ EXPECTED = {
     "HypervQuiesceError": (False, 1),
     "SnapshotVanishedError": (True, 1),
     "VmTimeoutError": (False, 1),
+    "LimitsUnavailableError": (True, 1),
     "RunInterruptedError": (False, 1),
     "AgentMismatchError": (False, 1),
     "VmsFailedError": (False, 1),

@@ -286,6 +286,14 @@ class VmTimeoutError(BackupError):
     retryable = False
 
 
+class LimitsUnavailableError(TransientError):
+    """The Prefect server did not answer a request for a VM's concurrency
+    slots (a 503 under load, a dropped connection): nothing was started, so
+    the VM's task is retried."""
+
+    retryable = True
+
+
 class RunInterruptedError(BackupError):
     """The run was interrupted (Ctrl-C, SIGTERM) before or while this VM ran."""
 

@@ -111,15 +111,30 @@ def hold(names: list[str], lease_duration: float = DEFAULT_LEASE_SECONDS) -> Ite
     """Hold one slot of every limit in ``names`` for the body (all at once:
     the server grants them together or not at all, so there is no deadlock
     between VMs asking in different orders)."""
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(
-        names,
-        occupy=1,
-        lease_duration=max(lease_duration, MIN_LEASE_SECONDS),
-        strict=True,
-        # A snapshot is open while we hold the slots: one failed renewal
-        # (a server hiccup) must not abort the backup halfway.
-        raise_on_lease_renewal_failure=False,
-    ):
+    from ..errors import LimitsUnavailableError
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(
+                concurrency(
+                    names,
+                    occupy=1,
+                    lease_duration=max(lease_duration, MIN_LEASE_SECONDS),
+                    strict=True,
+                    # A snapshot is open while we hold the slots: one failed renewal
+                    # (a server hiccup) must not abort the backup halfway.
+                    raise_on_lease_renewal_failure=False,
+                )
+            )
+        except ConcurrencySlotAcquisitionError as e:
+            # An HTTP error or a dropped connection (the server busy: a 503
+            # was seen at 300 VMs on a loaded machine) is transient, and
+            # nothing has started: the task's retry asks again. A limit that
+            # does not exist (no cause) is not: every limit is made first.
+            if e.__cause__ is None:
+                raise
+            raise LimitsUnavailableError(f"the Prefect server did not grant the limits {', '.join(names)}: {e}") from e
         yield
