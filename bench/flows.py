@@ -138,7 +138,7 @@ def main() -> int:
         # The server is started (and warm) before anything is timed.
         api_url = env.get("PREFECT_API_URL")
         if not api_url:
-            from vmbackup.orchestration.server import ensure_server
+            from vmbackup.localserver.server import ensure_server
 
             api_url = ensure_server().api_url
         results = [measure("full", plan_path, env, api_url)]

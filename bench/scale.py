@@ -123,7 +123,7 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if not os.environ.get("PREFECT_API_URL"):  # the server is started (and warm) before anything is timed
-        from vmbackup.orchestration.server import ensure_server
+        from vmbackup.localserver.server import ensure_server
 
         os.environ["PREFECT_API_URL"] = ensure_server().api_url
     load_before = os.getloadavg()

@@ -45,9 +45,11 @@ IMPORT_EVERYTHING = """
 import importlib, pkgutil, sys
 import vmbackup
 names = [m.name for m in pkgutil.walk_packages(vmbackup.__path__, "vmbackup.") if not m.name.endswith("__main__")]
-# The flows and their tasks are Prefect code; everything else, the command
-# line's parser included, must load without Prefect.
-flows = [n for n in names if n.startswith("vmbackup.orchestration.") and n.rsplit(".", 1)[1] not in ("command", "server")]
+# The flows and their tasks (orchestration/) are Prefect code; everything
+# else, the command line (cli/, its flow-running commands included) and the
+# local server (localserver/) included, must load without Prefect.
+flows = [n for n in names if n.startswith("vmbackup.orchestration.")]
+assert {"vmbackup.cli.backup", "vmbackup.cli.maintain", "vmbackup.localserver.server", "vmbackup.localserver.runs"} <= set(names)
 for name in names:
     if name not in flows:
         importlib.import_module(name)

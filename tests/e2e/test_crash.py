@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from vmbackup.orchestration.local_runs import MESSAGE
-from vmbackup.orchestration.server import _start_time
+from vmbackup.localserver.runs import MESSAGE
+from vmbackup.localserver.server import _start_time
 
 from .conftest import leftovers, pyvmomi_leftovers, run
 

@@ -14,7 +14,7 @@ from .procs import session_ids
 def prefect_server(tmp_path_factory):
     """The managed server, started once for the session; this process's
     Prefect settings point at it. Stopped at the end, leaving no process."""
-    from vmbackup.orchestration import server
+    from vmbackup.localserver import server
 
     state = tmp_path_factory.mktemp("vmbackup-state")
     old = os.environ.get("VMBACKUP_STATE_DIR")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from vmbackup.orchestration.command import table
+from vmbackup.cli.backup import table
 
 from .procs import child_env, vmbackup
 
@@ -52,7 +52,7 @@ def test_table_has_a_row_per_vm_and_the_errors_below():
 
 def _dead_pid_and_start() -> tuple[int, str]:
     """A process that ran and ended, with the start time it had."""
-    from vmbackup.orchestration.server import _start_time
+    from vmbackup.localserver.server import _start_time
 
     p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     start = _start_time(p.pid)
@@ -62,8 +62,8 @@ def _dead_pid_and_start() -> tuple[int, str]:
 
 
 def test_only_records_of_gone_processes_on_this_server_are_acted_on(tmp_path, monkeypatch):
-    from vmbackup.orchestration import local_runs
-    from vmbackup.orchestration.server import _start_time
+    from vmbackup.localserver import runs as local_runs
+    from vmbackup.localserver.server import _start_time
 
     monkeypatch.setenv("VMBACKUP_STATE_DIR", str(tmp_path))
     api, other = "http://127.0.0.1:1/api", "http://127.0.0.1:2/api"
@@ -86,7 +86,7 @@ def test_only_records_of_gone_processes_on_this_server_are_acted_on(tmp_path, mo
 
 
 def test_a_record_is_kept_while_its_command_runs_and_removed_after(tmp_path, monkeypatch):
-    from vmbackup.orchestration import local_runs
+    from vmbackup.localserver import runs as local_runs
 
     monkeypatch.setenv("VMBACKUP_STATE_DIR", str(tmp_path))
     api = "http://127.0.0.1:1/api"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .procs import child_env, session_ids, vmbackup
 
-ENSURE = "import json; from vmbackup.orchestration import server; print(json.dumps(server.ensure_server().to_dict()))"
+ENSURE = "import json; from vmbackup.localserver import server; print(json.dumps(server.ensure_server().to_dict()))"
 
 # A flow process whose per-VM task holds a limit slot (the task's work
 # blocks until the process is killed).

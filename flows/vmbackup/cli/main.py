@@ -57,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(command)
     lab.add_parser(sub)
     # `backup` and `server`: the flows; they import Prefect only when run.
-    from ..orchestration.command import add_parser as add_orchestration_parser
+    from .backup import add_parser as add_orchestration_parser
 
     add_orchestration_parser(sub)
-    from ..orchestration.maintain_command import add_parser as add_maintain_parser
+    from .maintain import add_parser as add_maintain_parser
 
     add_maintain_parser(sub)
     return p

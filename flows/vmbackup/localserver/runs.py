@@ -155,7 +155,7 @@ def reconcile(api_url: str) -> list[dict[str, Any]]:
     try:
         marked = mark_crashed(api_url)
     except Exception as e:  # the server refused or went away: the next command tries again
-        from .vmtask import one_line
+        from ..orchestration.vmtask import one_line
 
         print(f"could not mark the flow runs a killed vmbackup left Running: {one_line(e)}", file=sys.stderr)
         return []

@@ -103,14 +103,14 @@ def _prepare(args: argparse.Namespace) -> str:
 
     if importlib.util.find_spec("prefect") is None:
         raise BackupError("`vmbackup maintain` needs Prefect: pip install 'vmbackup[prefect]'")
-    from . import server
+    from ..localserver import server
 
     info = server.ensure_server()
     print(f"Prefect UI: {info.ui_url}", file=sys.stderr)
     os.environ.update(server.client_env(info))
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    from . import local_runs
+    from ..localserver import runs as local_runs
 
     # Runs a killed vmbackup left Running on this server are ended first.
     local_runs.reconcile(info.api_url)
@@ -185,15 +185,15 @@ def run_maintain(args: argparse.Namespace) -> int:
         if (getattr(args, flag, None) or 0) < 0:
             raise InvalidInputError(f"--{flag.replace('_', '-')} must not be negative")
     ui = _prepare(args)
-    from . import local_runs
+    from ..localserver import runs as local_runs
 
     with local_runs.tagged(os.environ["PREFECT_API_URL"]):
         return _run(args, sample, ui)
 
 
 def _run(args: argparse.Namespace, sample: Any, ui: str) -> int:
-    from . import maintenance
-    from .vmtask import one_line
+    from ..orchestration import maintenance
+    from ..orchestration.vmtask import one_line
 
     plan = os.path.abspath(args.plan)
     if args.maintain_command == "verify":
@@ -240,9 +240,9 @@ def _sweeps(plan: Any, only: str | None) -> list[str]:
 def _run_sweeps(args: argparse.Namespace, plan_path: str, ui: str) -> int:
     """``maintain sweep``: sweep_vsphere and/or sweep_hyperv, each as a flow
     run of its own, one list of leftovers (each with ``hypervisor``)."""
+    from ..orchestration import maintenance
+    from ..orchestration.vmtask import one_line
     from ..plan import load_plan
-    from . import maintenance
-    from .vmtask import one_line
 
     flows = {"vsphere": maintenance.sweep_vsphere, "hyperv": maintenance.sweep_hyperv}
     items: list[dict] = []
@@ -288,8 +288,8 @@ def _audit_text(r: dict[str, Any]) -> str:
 def _run_audit(args: argparse.Namespace, plan_path: str, ui: str) -> int:
     """``maintain audit``: the audit_cbt flow; exit 1 (the VMs named on
     stdout and stderr) when an area differs or a VM could not be audited."""
-    from . import maintenance
-    from .vmtask import one_line
+    from ..orchestration import maintenance
+    from ..orchestration.vmtask import one_line
 
     state = maintenance.audit_cbt(
         plan_path=plan_path, vms=args.vm or None, sample=args.sample, seed=args.seed, return_state=True

@@ -67,7 +67,7 @@ def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from . import server
+    from ..localserver import server
 
     if args.server_command == "status":
         st = server.server_status()
@@ -92,7 +92,7 @@ def run_server(args: argparse.Namespace) -> int:
 def _mark_crashed(st: dict) -> list[dict]:
     """``server status`` marks the runs a killed vmbackup left Running too;
     Prefect is imported only when a record names a process that is gone."""
-    from . import local_runs
+    from ..localserver import runs as local_runs
 
     api_url = st["api_url"]
     if not local_runs.dead_records(api_url):
@@ -101,7 +101,7 @@ def _mark_crashed(st: dict) -> list[dict]:
 
     if importlib.util.find_spec("prefect") is None:
         return []
-    from . import server
+    from ..localserver import server
 
     info = server.ServerInfo(api_url=api_url, ui_url="", managed=st["managed"], state_dir=st["state_dir"])
     os.environ.update(server.client_env(info))
@@ -155,7 +155,7 @@ def run_backup(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("prefect") is None:
         raise BackupError("`vmbackup backup` needs Prefect: pip install 'vmbackup[prefect]'")
-    from . import server
+    from ..localserver import server
 
     info = server.ensure_server()
     if info.managed:
@@ -171,13 +171,13 @@ def run_backup(args: argparse.Namespace) -> int:
     # them per VM; the terminal gets the table, not Prefect's tracebacks.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    from . import local_runs
+    from ..localserver import runs as local_runs
 
     # Runs a killed vmbackup left Running on this server are ended first.
     local_runs.reconcile(info.api_url)
 
-    from .backup import backup_vms
-    from .vmtask import one_line
+    from ..orchestration.backup import backup_vms
+    from ..orchestration.vmtask import one_line
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
