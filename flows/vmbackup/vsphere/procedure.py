@@ -7,8 +7,9 @@ powered-off VM's is ``powered-off``); expose the frozen disks by the first
 transport of the plan's order that can; plan the reads (CBT: incremental
 per disk, or a full with its reason); check that our snapshot still exists
 (by moref, in the VM's snapshot tree) before the commit; the point's config
-(``vm.config``, the ``.vmx``); release = detach, remove the snapshot,
-consolidate. The ledger holds what a killed process could not undo.
+is the snapshot's ``config`` (the VM's as of the snapshot), with the
+``.vmx``; release = detach, remove the snapshot, consolidate. The ledger
+holds what a killed process could not undo.
 
 ``backup_vm(...)`` is the thin wrapper the orchestration and the tests call.
 """
@@ -49,10 +50,17 @@ def latest_backup(repository: str, vm: str, vm_id: str | None = None) -> dict[st
     return prev.as_dict() if prev is not None else None
 
 
-def _vm_config_json(vm: Any) -> str:
+def _snapshot_config_json(snapshot: Any, vm_name: str) -> str:
+    """The VM's configuration as of the snapshot (``VirtualMachineSnapshot.config``:
+    "the configuration of the virtual machine when this snapshot was taken"), as
+    pyVmomi's JSON: a reconfiguration during the backup does not leak into the point."""
     from pyVmomi.VmomiJSONEncoder import VmomiJSONEncoder
 
-    return json.dumps(vm.config, cls=VmomiJSONEncoder, sort_keys=True)
+    try:
+        config = snapshot.config
+    except vmodl.MethodFault as e:
+        raise hypervisor_error(f"reading the configuration of snapshot {snapshot._moId} of VM {vm_name}", e) from e
+    return json.dumps(config, cls=VmomiJSONEncoder, sort_keys=True)
 
 
 def _vmx_text(client: Any, vm: Any) -> str | None:
@@ -303,7 +311,7 @@ class VSphereSteps:
         self, frozen: hv.Frozen, exposed: hv.Exposed, reads: hv.ReadPlan, disks: list[dict[str, Any]]
     ) -> tuple[str, dict[str, Any]]:
         assert self.info is not None
-        return _vm_config_json(self.obj), {
+        return _snapshot_config_json(frozen.handle, self.name), {
             "tool": "vmbackup vsphere",
             "run_id": self.run_id,
             "vm_moref": self.vm.moref,
