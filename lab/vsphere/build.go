@@ -270,6 +270,9 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 		}
 	}
 	vm.crypt = key
+	if err := l.writeNvram(vm); err != nil {
+		return err
+	}
 	if spec.CBT {
 		l.setCBT(vm, true)
 	}

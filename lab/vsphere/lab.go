@@ -175,10 +175,7 @@ func (l *Lab) syncDevices(vm *LabVM) {
 		}
 	}
 	simulator.Map.Update(vm, []types.PropertyChange{{Name: "config.hardware.device", Val: vm.Config.Hardware.Device}})
-	func() {
-		defer func() { _ = recover() }() // layout refresh is cosmetic
-		vm.VirtualMachine.RefreshStorageInfo(nil, nil)
-	}()
+	l.refreshLayout(vm)
 }
 
 // snapshotConfig copies vm's config for a snapshot, with disk devices of their own.

@@ -3,12 +3,14 @@
 ``VSphereSteps`` implements ``hypervisors.base.VmSteps``: reconcile what
 earlier runs left (``reconcile.py``); describe the VM (and switch CBT on if
 it is off); freeze = a snapshot (memory off, quiesce per policy; a
-powered-off VM's is ``powered-off``); expose the frozen disks by the first
-transport of the plan's order that can; plan the reads (CBT: incremental
+powered-off VM's is ``powered-off``); read the ``.vmx`` and the ``.nvram``
+(``vmfiles.py``), then expose the frozen disks by the first transport of
+the plan's order that can; plan the reads (CBT: incremental
 per disk, or a full with its reason); check that our snapshot still exists
 (by moref, in the VM's snapshot tree) before the commit; the point's config
-(``vm.config``, the ``.vmx``); release = detach, remove the snapshot,
-consolidate. The ledger holds what a killed process could not undo.
+is the snapshot's ``config`` (the VM's as of the snapshot); release =
+detach, remove the snapshot, consolidate. The ledger holds what a killed
+process could not undo.
 
 ``backup_vm(...)`` is the thin wrapper the orchestration and the tests call.
 """
@@ -18,9 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.request
 from typing import Any
-from urllib.parse import quote
 
 from pyVmomi import vmodl
 
@@ -36,6 +36,7 @@ from .inventory import VmInfo, check_skipped, vm_info
 from .ledger import Entry, Ledger
 from .reconcile import reconcile_vm
 from .transport import TRANSPORT_CLASSES, Context, Frozen, Transport, TransportImpossible, frozen_disks
+from .vmfiles import nvram_entry, vmx_text
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +50,17 @@ def latest_backup(repository: str, vm: str, vm_id: str | None = None) -> dict[st
     return prev.as_dict() if prev is not None else None
 
 
-def _vm_config_json(vm: Any) -> str:
+def _snapshot_config_json(snapshot: Any, vm_name: str) -> str:
+    """The VM's configuration as of the snapshot (``VirtualMachineSnapshot.config``:
+    "the configuration of the virtual machine when this snapshot was taken"), as
+    pyVmomi's JSON: a reconfiguration during the backup does not leak into the point."""
     from pyVmomi.VmomiJSONEncoder import VmomiJSONEncoder
 
-    return json.dumps(vm.config, cls=VmomiJSONEncoder, sort_keys=True)
-
-
-def _vmx_text(client: Any, vm: Any) -> str | None:
-    """The .vmx file, from the datastore's HTTPS /folder access (None if it cannot be read)."""
-    path = vm.config.files.vmPathName  # "[ds] vm/vm.vmx"
-    if "] " not in path:
-        return None
-    ds, rel = path[1:].split("] ", 1)
-    dc = client.datacenter_of(vm)
-    url = f"{client.base_url}/folder/{quote(rel)}?dcPath={quote(dc.name if dc else '', safe='')}&dsName={quote(ds, safe='')}"
-    req = urllib.request.Request(url, headers={"Cookie": client.cookie})
     try:
-        with urllib.request.urlopen(req, context=client.ssl_context, timeout=60) as res:
-            return res.read(4 << 20).decode("utf-8", errors="replace")
-    except OSError as e:
-        log.warning("reading %s failed: %s", path, e)
-        return None
+        config = snapshot.config
+    except vmodl.MethodFault as e:
+        raise hypervisor_error(f"reading the configuration of snapshot {snapshot._moId} of VM {vm_name}", e) from e
+    return json.dumps(config, cls=VmomiJSONEncoder, sort_keys=True)
 
 
 def _expose(ctx: Context, disks: list[Frozen]) -> tuple[Transport, dict[str, str]]:
@@ -123,6 +114,8 @@ class VSphereSteps:
         self.broken: Any = None
         self.star: Any = None
         self.taken_error: BaseException | None = None
+        self.vmx: str | None = None
+        self.nvram: dict[str, Any] = {}
 
     def reconcile(self) -> None:
         self.obj = self.client.vm_by_moref(self.vm.moref)
@@ -195,6 +188,18 @@ class VSphereSteps:
 
         return note
 
+    def _read_vm_files(self) -> None:
+        """The .vmx and the .nvram (firmware variables), as soon after the
+        snapshot as the procedure lets: once frozen, so that release undoes
+        the snapshot whatever happens here. A file that cannot be read is a
+        warning, not a failure; the API failing is (as in any step)."""
+        try:
+            dc = _dc_name(self.client, self.obj)
+            self.vmx = vmx_text(self.client, self.obj, self.name, dc)
+            self.nvram = nvram_entry(self.client, self.obj, self.name, dc)
+        except vmodl.MethodFault as e:
+            raise hypervisor_error(f"reading the file layout of VM {self.name}", e) from e
+
     def _disks(self) -> list[Any]:
         assert self.info is not None
         excluded = set(self.plan.selection.exclude_disks.get(self.name, []))
@@ -202,6 +207,7 @@ class VSphereSteps:
 
     def expose(self, frozen: hv.Frozen) -> hv.Exposed:
         assert self.entry is not None
+        self._read_vm_files()
         self.frozen_disks = frozen_disks(frozen.handle, self._disks())
         ctx = Context(
             self.client,
@@ -303,7 +309,7 @@ class VSphereSteps:
         self, frozen: hv.Frozen, exposed: hv.Exposed, reads: hv.ReadPlan, disks: list[dict[str, Any]]
     ) -> tuple[str, dict[str, Any]]:
         assert self.info is not None
-        return _vm_config_json(self.obj), {
+        return _snapshot_config_json(frozen.handle, self.name), {
             "tool": "vmbackup vsphere",
             "run_id": self.run_id,
             "vm_moref": self.vm.moref,
@@ -314,7 +320,8 @@ class VSphereSteps:
             "consistency_note": frozen.note,
             "excluded_disks": sorted(set(self.plan.selection.exclude_disks.get(self.name, []))),
             "cbt_star_epochs": self.star,  # read back by cbt.star_epochs
-            "vmx": _vmx_text(self.client, self.obj),
+            "vmx": self.vmx,
+            "nvram": self.nvram,  # docs/format.md, "What a vSphere point holds"
         }
 
     def release(self, frozen: hv.Frozen | None, *, succeeded: bool) -> list[BaseException]:
@@ -367,6 +374,11 @@ class VSphereSteps:
         """After the commit: a full ends a chain the CBT audit marked broken."""
         if self.broken is not None and mode == "full":
             broken_chains.clear(str(self.plan.repository), self.broken)
+
+
+def _dc_name(client: Any, obj: Any) -> str:
+    dc = client.datacenter_of(obj)
+    return dc.name if dc is not None else ""
 
 
 def _instance_uuid(obj: Any) -> str | None:
