@@ -24,10 +24,18 @@ def names_of(b: BackupInfo) -> set[str]:
 
 
 def summary(b: BackupInfo) -> dict[str, Any]:
-    """The JSON shape `vmbackup snapshots --json` prints for a backup."""
+    """The JSON shape `vmbackup snapshots --json` prints for a backup.
+
+    ``vm`` is the repository's label; ``vm_id`` (the hypervisor's id of the
+    VM) and ``host`` come from the attributes, None when the point has none
+    (``backup-disk``, points written before ids were stored): they tell two
+    VMs of one name apart.
+    """
     return {
         "id": b.id,
         "vm": b.vm,
+        "vm_id": _attribute(b, "vm_id"),
+        "host": _attribute(b, "host"),
         "created": b.created,
         "parent": b.parent,
         "disk_size": b.size,

@@ -44,15 +44,22 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     # Untrusted manifests are listed too, marked "!" (and `trusted: false` with
     # the `problem` in --json), so nobody takes them for restorable backups.
     rows = [(b, None) for b in backups] + [(u.info, u) for u in bad]
-    lines = [f"  {'ID':<26} {'VM':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>10} {'STORED':>10} PARENT"]
+    # VM_ID (and HOST) tell two VMs of one name apart; "-" for a backup
+    # without them (backup-disk, vSphere points written before ids were stored).
+    lines = [
+        f"  {'ID':<26} {'VM':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>10} {'STORED':>10} {'PARENT':<26} "
+        f"{'HOST':<12} VM_ID"
+    ]
     for b, u in rows:
         bid = u.file_id if u else b.id
         if b is None:
-            lines.append(f"! {bid:<26} {'?':<20} {'?':<21} {'?':>5} {'?':>10} {'?':>10} -")
+            lines.append(f"! {bid:<26} {'?':<20} {'?':<21} {'?':>5} {'?':>10} {'?':>10} {'-':<26} {'?':<12} ?")
             continue
+        s = summary(b)
         lines.append(
             f"{'!' if u else ' '} {bid:<26} {b.vm[:20]:<20} {b.created:<21} {len(b.disks):>5} "
-            f"{fmt_bytes(b.size):>10} {fmt_bytes(b.bytes_stored):>10} {b.parent or '-'}"
+            f"{fmt_bytes(b.size):>10} {fmt_bytes(b.bytes_stored):>10} {b.parent or '-':<26} "
+            f"{(s['host'] or '-')[:12]:<12} {s['vm_id'] or '-'}"
         )
     if bad:
         lines.append(f"{len(bad)} manifest(s) marked ! are not trusted: damaged, or not what the file name says")
@@ -211,7 +218,7 @@ def add_parsers(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--compression", default="zstd:1", help="zstd:LEVEL or none (default zstd:1)")
 
     sp = command("snapshots", cmd_snapshots, "list backups")
-    sp.add_argument("--vm", help="only this VM's backups")
+    sp.add_argument("--vm", help="only the backups of VMs of this name (label, or the name when taken)")
 
     sp = command("verify", cmd_verify, "check backups; exit 0 only if all is sound")
     sp.add_argument("--read-data", action="store_true", help="re-read and re-hash every chunk")
