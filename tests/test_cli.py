@@ -320,3 +320,51 @@ def test_corrupt_repository_config_is_one_clear_line(cli, disk):
     )
     p = cli.run("snapshots", expect=1)
     assert "version 9 is not supported" in p.stderr
+
+
+def _vm_point(repo, disk, label, attributes):
+    """A real point labelled ``label`` with the attributes the hypervisors'
+    procedure writes (the keys `snapshots` reads)."""
+    from vmbackup import _mover
+
+    session = _mover.BackupSession(str(repo), label, None)
+    session.add_disk(str(disk), "scsi0:0", None, None)
+    return session.commit(attributes=json.dumps(attributes)).id
+
+
+def test_snapshots_tell_two_vms_of_one_name_apart_and_forget_and_restore_go_by_id(cli, tmp_path):
+    data = {}
+    for who in ("a", "b"):
+        p = tmp_path / f"{who}.img"
+        p.write_bytes(os.urandom(MiB))
+        data[who] = p
+    a = _vm_point(cli.repo, data["a"], "web01", {"vm": "web01", "vm_id": "uuid-a", "host": "esx1"})
+    b = _vm_point(cli.repo, data["b"], "web01", {"vm": "web01", "vm_id": "uuid-b", "host": "esx2"})
+    # A renamed VM's incremental keeps the chain's label; its name is in the attributes.
+    renamed = _vm_point(cli.repo, data["a"], "app", {"vm": "app-new", "vm_id": "uuid-c"})
+    plain = cli.json("backup-disk", "--vm", "web01", str(data["a"]))["id"]
+
+    snaps = {s["id"]: s for s in cli.json("snapshots")}
+    old_keys = {"id", "vm", "created", "parent", "disk_size", "bytes_stored", "disks", "attributes", "trusted"}
+    assert all(old_keys | {"vm_id", "host"} <= set(s) for s in snaps.values())
+    assert [(snaps[i]["vm"], snaps[i]["vm_id"], snaps[i]["host"]) for i in (a, b, plain)] == [
+        ("web01", "uuid-a", "esx1"),
+        ("web01", "uuid-b", "esx2"),
+        ("web01", None, None),
+    ]
+    # --vm matches by name: both VMs named web01 (and the backup-disk point),
+    # and the renamed VM by its new name although its label is the old one.
+    assert sorted(s["id"] for s in cli.json("snapshots", "--vm", "web01")) == sorted([a, b, plain])
+    assert [s["id"] for s in cli.json("snapshots", "--vm", "app-new")] == [renamed]
+    assert [s["id"] for s in cli.json("snapshots", "--vm", "app")] == [renamed]
+    table = cli.run("snapshots", "--vm", "web01").stdout
+    line = {i: next(x for x in table.splitlines() if i in x) for i in (a, b, plain)}
+    assert "uuid-a" in line[a] and "esx1" in line[a] and "uuid-b" in line[b] and "esx2" in line[b]
+    assert "HOST" in table.splitlines()[0] and "VM_ID" in table.splitlines()[0]
+
+    # forget and restore-disk go by backup id: one web01 goes, the other restores.
+    assert cli.json("forget", a)["forgotten"] == [a]
+    assert sorted(s["id"] for s in cli.json("snapshots", "--vm", "web01")) == sorted([b, plain])
+    out = tmp_path / "out.img"
+    cli.json("restore-disk", b, str(out))
+    assert out.read_bytes() == data["b"].read_bytes()

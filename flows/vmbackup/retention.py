@@ -21,6 +21,22 @@ class Dated(Protocol):
     id: str
     vm: str
     created_unix: float
+    # ``attributes`` (a JSON object) is read when the object has it: its
+    # ``vm_id`` says which VM the point is of.
+
+
+def vm_id_of(b: Dated) -> str | None:
+    """The point's ``vm_id`` attribute, or None (no attributes, or no id in them)."""
+    a = getattr(b, "attributes", None)
+    v = a.get("vm_id") if isinstance(a, dict) else None
+    return v if isinstance(v, str) and v else None
+
+
+def series(b: Dated) -> str:
+    """Which VM a point is of, for retention: ``vm_id <id>`` when the point
+    carries the hypervisor's id, else ``vm <label>``."""
+    v = vm_id_of(b)
+    return f"vm_id {v}" if v else f"vm {b.vm}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ def _period(rule: str) -> Callable[[datetime], object]:
 class Decision:
     backup: Dated
     reasons: list[str] = field(default_factory=list)
+    series: str = ""  # the VM the backup is of (:func:`series`)
 
     @property
     def keep(self) -> bool:
@@ -67,17 +84,20 @@ class Decision:
 def apply(policy: Policy, backups: Iterable[Dated]) -> list[Decision]:
     """Decides, for every backup, whether the policy keeps it and why.
 
-    Returns the decisions newest first within each VM, VMs in name order.
+    A VM is a :func:`series` (its ``vm_id``, or the label of a point
+    without one). Returns the decisions newest first within each VM, VMs in
+    the order of their newest point's name (then their series).
     """
     if policy.empty():
         raise InvalidInputError("a retention policy needs at least one --keep-* rule")
     by_vm: dict[str, list[Dated]] = {}
     for b in backups:
-        by_vm.setdefault(b.vm, []).append(b)
+        by_vm.setdefault(series(b), []).append(b)
+    for items in by_vm.values():
+        items.sort(key=lambda b: (b.created_unix, b.id), reverse=True)
     out: list[Decision] = []
-    for vm in sorted(by_vm):
-        items = sorted(by_vm[vm], key=lambda b: (b.created_unix, b.id), reverse=True)
-        decisions = [Decision(b) for b in items]
+    for key in sorted(by_vm, key=lambda k: (by_vm[k][0].vm, k)):
+        decisions = [Decision(b, series=key) for b in by_vm[key]]
         for rule, count in policy.rules():
             if count == 0:
                 continue
@@ -127,10 +147,10 @@ def apply_guarded(policy: Policy, backups: Iterable[Dated], damaged: dict[str, s
     out: list[GuardedDecision] = []
     for d in apply(policy, backups):
         bad = damaged.get(d.backup.id)
-        out.append(GuardedDecision(d.backup, list(d.reasons), good=bad is None, damaged=bad))
+        out.append(GuardedDecision(d.backup, list(d.reasons), d.series, good=bad is None, damaged=bad))
     by_vm: dict[str, list[GuardedDecision]] = {}
     for g in out:
-        by_vm.setdefault(g.backup.vm, []).append(g)
+        by_vm.setdefault(g.series, []).append(g)
     for decisions in by_vm.values():
         # Decisions come newest first within a VM.
         newest_good = next((g for g in decisions if g.good), None)

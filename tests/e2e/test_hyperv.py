@@ -350,6 +350,47 @@ def test_two_selected_vms_with_one_name_are_both_backed_up_and_their_rows_say_wh
     assert parents[web["vsphere"]["vm_id"]] in {b.id for b in points}
 
 
+def test_an_agents_run_given_vms_by_identity_backs_up_only_those_of_a_shared_name(dup_lab, state_dir, tmp_path):
+    """What a site's planning run hands an agent's run (``identities``): of
+    the two VMs named web01 (vSphere and Hyper-V) the run backs up the one
+    it was given, although it selects by the name; one that is gone is a
+    failed row that says which."""
+    e2e = dup_lab
+    env = e2e.env(state_dir)
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    plan = e2e.write_plan(tmp_path / "plan.yaml", repository=repo)
+    run("backup", "--plan", str(plan), "--vm", "web01", "--json", env=env, expect=0)
+    points = {b.attributes["hypervisor"]: b for b in _mover.list_backups(str(repo))[0]}
+    ident = {
+        "vsphere": f"vsphere:{points['vsphere'].attributes['vm_moref']}",
+        "hyperv": f"hyperv:hvd1:{points['hyperv'].attributes['vm_id']}",
+    }
+    code = (
+        "import json, sys; from vmbackup.orchestration.backup import backup_vms; "
+        "print(json.dumps(backup_vms(plan_path=sys.argv[1], vms=['web01'], "
+        "identities=json.loads(sys.argv[2])), default=str))"
+    )
+    for kind, given in (("hyperv", {ident["hyperv"]: "web01"}), ("vsphere", {ident["vsphere"]: "web01"})):
+        given = given | {"vsphere:vm-gone": "web01"}
+        p = subprocess.run(
+            [sys.executable, "-c", code, str(plan), json.dumps(given)],
+            env=dict(env, PREFECT_API_URL=_api(env), PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert p.returncode == 0, p.stderr
+        rows = json.loads(p.stdout.splitlines()[-1])
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert [(r["vm"], r["hypervisor"], r["vm_id"]) for r in ok] == [
+            ("web01", kind, points[kind].attributes["vm_id"])
+        ], rows
+        [gone] = [r for r in rows if r["status"] != "ok"]
+        assert gone["vm"] == "web01" and "vsphere:vm-gone" in gone["error"], gone
+    assert hyperv_leftovers(e2e) == {}
+
+
 def test_hyperv_password_from_a_secret_block_and_a_missing_block_is_one_line(default_lab, state_dir, tmp_path):
     """``hyperv[hv1].password_secret`` names a Prefect Secret block on the
     server `vmbackup backup` runs its flows on: the host's VMs are backed up

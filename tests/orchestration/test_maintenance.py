@@ -43,12 +43,12 @@ class Site:
         path.write_text(json.dumps(plan))  # JSON is YAML
         return str(path)
 
-    def backup(self, vm: str, data: bytes) -> str:
+    def backup(self, vm: str, data: bytes, attributes: dict | None = None) -> str:
         disk = self.root / f"{vm}.img"
         disk.write_bytes(data)
         s = _mover.BackupSession(str(self.repo), vm)
         s.add_disk(str(disk), "scsi0:0")
-        return s.commit().id
+        return s.commit(attributes=json.dumps(attributes)).id if attributes else s.commit().id
 
     def damage(self, block: bytes) -> Path:
         """Flips a byte in the middle of the chunk that holds ``block``."""
@@ -185,6 +185,29 @@ def test_retention_keeps_the_last_good_backup_when_the_newest_are_damaged_and_gc
     assert ev.payload["bytes_removed"] == r["gc"]["bytes_removed"]
     md = artifact("vmbackup-apply-retention")
     assert good in md and "newest good" in md and bad[0] in md
+
+
+def test_retention_counts_each_vm_by_its_id_two_of_one_name_and_a_renamed_one(prefect_server, site):
+    from vmbackup.orchestration.maintenance import apply_retention
+
+    def point(label, vm_id, name=None):
+        return site.backup(label, os.urandom(MiB), {"vm": name or label, "vm_id": vm_id, "host": "esx1"})
+
+    a = [point("web", "uuid-a") for _ in range(2)]
+    b_block = os.urandom(MiB)
+    b = site.backup("web", b_block, {"vm": "web", "vm_id": "uuid-b", "host": "esx2"})  # its only point
+    renamed = [point("app", "uuid-c"), point("app", "uuid-c", "app-new"), point("app-new", "uuid-c")]
+    site.damage(b_block)
+
+    r = apply_retention(plan_path=site.plan({"last": 1}), dry_run=True)
+    kept = {k["id"]: k for k in r["kept"]}
+    assert set(kept) == {a[1], b, renamed[2]}
+    assert kept[b]["vm_id"] == "uuid-b" and kept[b]["damaged"] and kept[b]["reasons"] == ["last"]
+    assert sorted(x["id"] for x in r["removed"]) == sorted([a[0], *renamed[:2]])
+    # uuid-a has a good backup, uuid-b has none: the series says which web it is.
+    assert r["vms_without_good_backup"] == ["web"]
+    assert r["series_without_good_backup"] == [{"vm": "web", "vm_id": "uuid-b"}]
+    assert "uuid-b" in artifact("vmbackup-apply-retention")
 
 
 def test_an_untrusted_manifest_never_stands_in_for_the_good_backup(prefect_server, site):

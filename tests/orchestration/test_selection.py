@@ -5,6 +5,7 @@ holds."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from types import SimpleNamespace
 
@@ -121,3 +122,55 @@ def test_a_hyperv_vm_holds_its_agent_host_and_volume_limits():
         "vmbackup-datastore-ds1": 2,
         "vmbackup-volume-hv1:D": 2,
     }
+
+
+def test_a_site_hands_each_agent_its_vms_by_identity_and_each_backs_up_only_its_own(plan):
+    """Two VMs named web01 on esx1 and esx2, both hosts reached by both
+    agents: the planning run gives one to each agent; each agent's run
+    selects by name (finds both) and keeps only the one it was given."""
+    esx = [_target("web01", "vsphere", h) for h in ("esx1", "esx2")]
+    for t, moref in zip(esx, ("vm-41", "vm-42"), strict=True):
+        t.vm = SimpleNamespace(moref=moref)
+    hv = _target("web01", "hyperv", "hv1", ("hv1:D",))
+    hv.vm = SimpleNamespace(id="GUID-W")
+    db = _target("db01", "vsphere", "esx1")
+    db.vm = SimpleNamespace(moref="vm-7")
+
+    def selected():  # what select() finds by name in every run: every VM of the name
+        found = backup.Selected(targets=[dataclasses.replace(t) for t in (*esx, hv, db)])
+        backup._key_duplicates(found)
+        return found
+
+    agents = [
+        SimpleNamespace(name=n, hosts=["esx1", "esx2"], reaches_hyperv=lambda h: h == "hv1") for n in ("a1", "a2")
+    ]
+    agent_plan, chosen = backup.plan_agents(selected().targets, agents)
+    given = backup.split_by_agent(agent_plan, chosen)
+    assert sorted(i for ids in given.values() for i in ids) == sorted(
+        ["vsphere:vm-41", "vsphere:vm-42", "hyperv:hv1:GUID-W", "vsphere:vm-7"]
+    )
+    # Both agents got VMs, and the two vSphere web01s went to different agents.
+    assert set(given) == {"a1", "a2"}
+    owner = {i: a for a, ids in given.items() for i in ids}
+    assert owner["vsphere:vm-41"] != owner["vsphere:vm-42"]
+    assert all(n == ("db01" if i == "vsphere:vm-7" else "web01") for ids in given.values() for i, n in ids.items())
+
+    backed_up = []
+    for agent, ids in given.items():
+        mine = backup.only_identities(plan, selected(), ids)
+        assert mine.failed == []
+        agent_plan, run = backup.plan_agents(mine.targets, [a for a in agents if a.name == agent])
+        assert agent_plan.unassignable == {}
+        assert sorted(t.identity for t in run) == sorted(ids)
+        backed_up += [t.identity for t in run]
+    # Every VM exactly once over the site.
+    assert sorted(backed_up) == sorted(owner)
+
+    # Without identities (a run of its own) nothing is filtered.
+    assert len(backup.only_identities(plan, selected(), None).targets) == 4
+    # A VM planned for the agent that is gone by the time its run selects: a failed row says so.
+    gone = backup.only_identities(plan, selected(), {"vsphere:vm-99": "web01", "hyperv:hv1:GUID-W": "web01"})
+    assert [t.identity for t in gone.targets] == ["hyperv:hv1:GUID-W"]
+    [row] = gone.failed
+    assert row["vm"] == "web01" and row["status"] == "failed" and "vsphere:vm-99" in row["error"]
+    assert row["hypervisor"] == "vsphere"

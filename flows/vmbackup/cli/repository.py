@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import InvalidInputError
 from .output import Progress as _Progress
@@ -43,15 +44,22 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     # Untrusted manifests are listed too, marked "!" (and `trusted: false` with
     # the `problem` in --json), so nobody takes them for restorable backups.
     rows = [(b, None) for b in backups] + [(u.info, u) for u in bad]
-    lines = [f"  {'ID':<26} {'VM':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>10} {'STORED':>10} PARENT"]
+    # VM_ID (and HOST) tell two VMs of one name apart; "-" for a backup
+    # without them (backup-disk, vSphere points written before ids were stored).
+    lines = [
+        f"  {'ID':<26} {'VM':<20} {'CREATED':<21} {'DISKS':>5} {'SIZE':>10} {'STORED':>10} {'PARENT':<26} "
+        f"{'HOST':<12} VM_ID"
+    ]
     for b, u in rows:
         bid = u.file_id if u else b.id
         if b is None:
-            lines.append(f"! {bid:<26} {'?':<20} {'?':<21} {'?':>5} {'?':>10} {'?':>10} -")
+            lines.append(f"! {bid:<26} {'?':<20} {'?':<21} {'?':>5} {'?':>10} {'?':>10} {'-':<26} {'?':<12} ?")
             continue
+        s = summary(b)
         lines.append(
             f"{'!' if u else ' '} {bid:<26} {b.vm[:20]:<20} {b.created:<21} {len(b.disks):>5} "
-            f"{fmt_bytes(b.size):>10} {fmt_bytes(b.bytes_stored):>10} {b.parent or '-'}"
+            f"{fmt_bytes(b.size):>10} {fmt_bytes(b.bytes_stored):>10} {b.parent or '-':<26} "
+            f"{(s['host'] or '-')[:12]:<12} {s['vm_id'] or '-'}"
         )
     if bad:
         lines.append(f"{len(bad)} manifest(s) marked ! are not trusted: damaged, or not what the file name says")
@@ -123,7 +131,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .. import _mover
     from ..catalog import list_backups
-    from ..retention import Policy, apply
+    from ..retention import Policy, apply, series, vm_id_of
 
     repo = _repo(args)
     policy = Policy(
@@ -135,23 +143,34 @@ def cmd_prune(args: argparse.Namespace) -> int:
         yearly=args.keep_yearly,
     )
     backups, bad = list_backups(repo, args.vm)
+    if args.vm is not None:
+        # --vm names VMs (by label or by the name a point was taken under);
+        # each of them is pruned over all its points, whatever name they carry.
+        named = {series(b) for b in backups}
+        backups = [b for b in list_backups(repo)[0] if series(b) in named]
     # Untrusted manifests are neither kept by a rule (they must not stand in
     # for a restorable backup) nor removed (they may be all that is left of one).
     for u in bad:
         print(f"vmbackup: warning: not trusted, neither kept nor removed: {u.problem}", file=sys.stderr)
+    # Per VM identity: a point's vm_id when it has one, else its label
+    # (retention.series).
     decisions = apply(policy, backups)
-    kept = [
-        {"id": d.backup.id, "vm": d.backup.vm, "created": d.backup.created, "reasons": d.reasons}
-        for d in decisions
-        if d.keep
-    ]
-    removed = [{"id": d.backup.id, "vm": d.backup.vm, "created": d.backup.created} for d in decisions if not d.keep]
+
+    def row(d: Any) -> dict[str, Any]:
+        return {"id": d.backup.id, "vm": d.backup.vm, "vm_id": vm_id_of(d.backup), "created": d.backup.created}
+
+    kept = [row(d) | {"reasons": d.reasons} for d in decisions if d.keep]
+    removed = [row(d) for d in decisions if not d.keep]
     if not args.dry_run:
         for r in removed:
             _mover.forget(repo, r["id"])
     verb = "would remove" if args.dry_run else "removed"
-    lines = [f"keep   {k['id']} {k['vm']} ({', '.join(k['reasons'])})" for k in kept]
-    lines += [f"{'remove' if args.dry_run else 'gone  '} {r['id']} {r['vm']}" for r in removed]
+
+    def who(x: dict[str, Any]) -> str:
+        return f"{x['vm']} [{x['vm_id']}]" if x["vm_id"] else x["vm"]
+
+    lines = [f"keep   {k['id']} {who(k)} ({', '.join(k['reasons'])})" for k in kept]
+    lines += [f"{'remove' if args.dry_run else 'gone  '} {r['id']} {who(r)}" for r in removed]
     lines += [f"untrusted {u.file_id} (left alone: {u.problem})" for u in bad]
     lines.append(f"{verb} {len(removed)} backup(s), kept {len(kept)}")
     untrusted = [{"id": u.file_id, "vm": u.info.vm if u.info else None, "problem": u.problem} for u in bad]
@@ -199,7 +218,7 @@ def add_parsers(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--compression", default="zstd:1", help="zstd:LEVEL or none (default zstd:1)")
 
     sp = command("snapshots", cmd_snapshots, "list backups")
-    sp.add_argument("--vm", help="only this VM's backups")
+    sp.add_argument("--vm", help="only the backups of VMs of this name (label, or the name when taken)")
 
     sp = command("verify", cmd_verify, "check backups; exit 0 only if all is sound")
     sp.add_argument("--read-data", action="store_true", help="re-read and re-hash every chunk")
@@ -208,7 +227,7 @@ def add_parsers(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp = command("forget", cmd_forget, "remove backups by id (chunks go at the next gc)")
     sp.add_argument("ids", nargs="+", metavar="ID")
 
-    sp = command("prune", cmd_prune, "apply a retention policy per VM")
+    sp = command("prune", cmd_prune, "apply a retention policy per VM (per vm_id where backups carry one)")
     for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         sp.add_argument(f"--keep-{rule}", type=count, default=0, metavar="N")
     sp.add_argument("--vm", help="only this VM's backups")

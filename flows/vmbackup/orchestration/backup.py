@@ -31,7 +31,7 @@ import dataclasses
 import fnmatch
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +88,18 @@ class Target:
     def ident(self) -> str | None:
         """The hypervisor's id of the VM as selection knows it (Hyper-V VM Id; vSphere moref)."""
         return getattr(self.vm, "id", None) or getattr(self.vm, "moref", None)
+
+    @property
+    def identity(self) -> str:
+        """Which VM this is, across runs of one plan: ``vsphere:<moref>``
+        (unique in the vCenter, kept across a rename or a vMotion) or
+        ``hyperv:<plan's host>:<VM Id>`` (a VM Id is taken as unique on its
+        host only: a copy of the VM on another host may carry it). A site's planning
+        run hands each agent's run its VMs by this, never by name."""
+        if self.hypervisor == HYPERV:
+            host = self.hv_host.name if self.hv_host is not None else self.host
+            return f"{HYPERV}:{host}:{self.ident or self.name}"
+        return f"{VSPHERE}:{self.ident or self.name}"
 
 
 @dataclass
@@ -387,6 +399,38 @@ def _key_duplicates(found: Selected) -> None:
                 t.key = f"{t.name} ({t.host}, {t.ident or t.hypervisor})"
 
 
+def only_identities(plan: Any, found: Selected, identities: Mapping[str, str] | None) -> Selected:
+    """The selection limited to the VMs the site's planning run gave this
+    agent's run (``identities``: :attr:`Target.identity` -> name), or
+    unchanged when there is no such list (a run of its own). The run selects
+    by name first, which finds every VM of a name; two VMs of one name
+    assigned to two agents are each backed up by its own agent only. A VM
+    of the list that is no longer selected (removed, or renamed, since the
+    planning run) is a failed row that says so."""
+    if identities is None:
+        return found
+    targets = [t for t in found.targets if t.identity in identities]
+    here = {t.identity for t in targets}
+    missing = []
+    for ident, name in sorted(identities.items()):
+        if ident in here:
+            continue
+        hypervisor, _, rest = ident.partition(":")
+        host = rest.partition(":")[0] if hypervisor == HYPERV else ""
+        why = f"VM {name} ({ident}) was planned for this agent but is not selected now (removed or renamed since?)"
+        missing.append(_not_run_row(plan, name, hypervisor, host, why))
+    return dataclasses.replace(found, targets=targets, failed=found.failed + missing)
+
+
+def split_by_agent(agent_plan: Any, chosen: Sequence[Target]) -> dict[str, dict[str, str]]:
+    """What a site's planning run hands each agent's run: its VMs by
+    :attr:`Target.identity` (-> name), in submission order."""
+    out: dict[str, dict[str, str]] = {}
+    for t in chosen:
+        out.setdefault(agent_plan.assigned[t.key], {})[t.identity] = t.name
+    return out
+
+
 def plan_agents(targets: Sequence[Target], agents: Sequence[Any]) -> tuple[Any, list[Target]]:
     """Agents for the targets (``planning.assign_agents`` by key): the plan
     (its ``assigned`` and ``unassignable`` keyed by ``Target.key``) and the
@@ -520,8 +564,11 @@ def run_backup(
     hypervisors: Sequence[str] = HYPERVISORS,
     hyperv_password_secret: str | None = None,
     keys: Keys = KEYS,
+    identities: Mapping[str, str] | None = None,
 ) -> list[dict]:
-    """The body of ``backup_vms`` and ``backup_vsphere_vms`` (inside a flow run)."""
+    """The body of ``backup_vms`` and ``backup_vsphere_vms`` (inside a flow
+    run). ``identities``: only these VMs of the ``vms`` selected
+    (:func:`only_identities`; a site's per-agent run)."""
     from ..plan import load_plan
 
     log = get_run_logger()
@@ -534,6 +581,7 @@ def run_backup(
     size_before = reports.directory_size(str(plan.repository))
     with contextlib.ExitStack() as stack:
         found, vclient = select(plan, vms, hypervisors, passwords, stack, secrets)
+        found = only_identities(plan, found, identities)
         targets = found.targets
         agent_plan, chosen = plan_agents(targets, usable)
         by_key = {t.key: t for t in targets}
@@ -626,6 +674,7 @@ def backup_vms(
     password_secret: str | None = None,
     fail_on_error: bool = False,
     hyperv_password_secret: str | None = None,
+    identities: dict[str, str] | None = None,
 ) -> list[dict]:
     """Back up the plan's VMs, vSphere and Hyper-V (or only ``vms``), one
     task per VM, in one run with one report.
@@ -644,6 +693,10 @@ def backup_vms(
     run, on the worker of that agent's pool). ``password_secret``: the name
     of a Prefect Secret block holding the vSphere password, instead of the
     plan's; ``hyperv_password_secret``: the same for every Hyper-V host.
+    ``identities``: only these of the VMs ``vms`` selects, by identity
+    (``vsphere:<moref>``, ``hyperv:<host>:<VM Id>`` -> name): what a site's
+    planning run (``backup_site``) gives each agent's run, so that of two
+    VMs of one name each agent backs up only its own.
     """
     return run_backup(
         plan_path,
@@ -654,6 +707,7 @@ def backup_vms(
         password_secret,
         fail_on_error,
         hyperv_password_secret=hyperv_password_secret,
+        identities=identities,
     )
 
 

@@ -39,6 +39,7 @@ def backup_vsphere_vms(
     agent: str | None = None,
     password_secret: str | None = None,
     fail_on_error: bool = False,
+    identities: dict[str, str] | None = None,
 ) -> list[dict]:
     """Back up the plan's vSphere VMs (or only ``vms``), one task per VM:
     ``backup_vms`` without Hyper-V (see it for the parameters and rows)."""
@@ -52,6 +53,7 @@ def backup_vsphere_vms(
         fail_on_error,
         hypervisors=("vsphere",),
         keys=KEYS,
+        identities=identities,
     )
 
 

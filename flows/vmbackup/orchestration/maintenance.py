@@ -244,13 +244,16 @@ def _retention_markdown(r: dict[str, Any]) -> str:
         f"- chunk store: {r['repository_bytes_before']} -> {r['repository_bytes_after']} bytes",
         "\n## Kept, and why\n",
         _md_table(
-            ["vm", "backup", "created", "why", "verify"],
-            [[k["vm"], k["id"], k["created"], ", ".join(k["reasons"]), k["damaged"] or "good"] for k in r["kept"]],
+            ["vm", "vm_id", "backup", "created", "why", "verify"],
+            [
+                [k["vm"], k["vm_id"] or "-", k["id"], k["created"], ", ".join(k["reasons"]), k["damaged"] or "good"]
+                for k in r["kept"]
+            ],
         ),
         f"\n## {verb.capitalize()}\n",
         _md_table(
-            ["vm", "backup", "created", "verify"],
-            [[x["vm"], x["id"], x["created"], x["damaged"] or "good"] for x in r["removed"]],
+            ["vm", "vm_id", "backup", "created", "verify"],
+            [[x["vm"], x["vm_id"] or "-", x["id"], x["created"], x["damaged"] or "good"] for x in r["removed"]],
         ),
     ]
     if r["untrusted"]:
@@ -267,7 +270,7 @@ def retention_report(
     """Verify every trusted backup, decide (never the only good backup of
     a VM), forget what goes, then gc."""
     from ..catalog import list_backups
-    from ..retention import Policy, apply_guarded
+    from ..retention import Policy, apply_guarded, vm_id_of
 
     policy = Policy(**rules)
     if policy.empty():
@@ -283,7 +286,13 @@ def retention_report(
     decisions = apply_guarded(policy, backups, damaged)
 
     def row(d: Any) -> dict[str, Any]:
-        return {"id": d.backup.id, "vm": d.backup.vm, "created": d.backup.created, "damaged": d.damaged}
+        return {
+            "id": d.backup.id,
+            "vm": d.backup.vm,
+            "vm_id": vm_id_of(d.backup),
+            "created": d.backup.created,
+            "damaged": d.damaged,
+        }
 
     kept = [row(d) | {"reasons": d.reasons} for d in decisions if d.keep]
     removed = [row(d) for d in decisions if not d.keep]
@@ -299,7 +308,14 @@ def retention_report(
         else:
             gc = {k: getattr(g, k) for k in ("chunks_removed", "bytes_removed", "chunks_in_grace", "referenced_chunks")}
     vms = sorted({b.vm for b in backups})
-    good_vms = {d.backup.vm for d in decisions if d.keep and d.good}
+    # A VM is a retention series (its vm_id, or the label of points without
+    # one): two VMs of one name are two, a renamed VM is one. Each series is
+    # named by its newest point's label (decisions come newest first).
+    newest: dict[str, Any] = {}
+    for d in decisions:
+        newest.setdefault(d.series, d.backup)
+    good = {d.series for d in decisions if d.keep and d.good}
+    without_good = [{"vm": b.vm, "vm_id": vm_id_of(b)} for s, b in newest.items() if s not in good]
     return {
         "repository": repo,
         "dry_run": dry_run,
@@ -311,7 +327,8 @@ def retention_report(
         "damaged": [{"id": i, "problem": m} for i, m in sorted(damaged.items())],
         "untrusted": _untrusted(bad),
         "vms": vms,
-        "vms_without_good_backup": [vm for vm in vms if vm not in good_vms],
+        "vms_without_good_backup": sorted({x["vm"] for x in without_good}),
+        "series_without_good_backup": without_good,
         "gc": gc,
         "gc_error": gc_error,
         "repository_bytes_before": before,

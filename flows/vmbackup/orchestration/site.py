@@ -44,6 +44,7 @@ from .backup import (
     passwords_of,
     plan_agents,
     select,
+    split_by_agent,
     with_secret,
 )
 from .backup_vsphere import REPORT_KEY
@@ -53,9 +54,14 @@ VSPHERE_AGENT_DEPLOYMENT = "backup_vsphere_vms/{agent}"
 POLL_SECONDS = 2.0
 
 
-def _agent_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
+def _agent_rows(client: Any, run: Any, vms: dict[str, str]) -> list[dict]:
     """The rows of one agent's run, from its report artifact; a VM the
-    report does not have failed with the run's state as its reason."""
+    report does not have failed with the run's state as its reason.
+
+    ``vms``: the VMs handed to the run (identity -> name). The report's rows
+    are matched by name, a row per VM: two VMs of one name given to this
+    agent are two rows (their host and vm_id say which); one it lacks is a
+    failed row."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     arts = client.read_artifacts(
@@ -70,18 +76,19 @@ def _agent_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
         for r in data or []:
             rows.setdefault(r["vm"], []).append(r)
     state = run.state.name if run.state else "unknown"
-    for vm in vms:
-        rows.setdefault(
-            vm,
-            [
+    out: list[dict] = []
+    for name in dict.fromkeys(vms.values()):
+        got = rows.get(name, [])
+        out += got
+        for ident in [i for i, n in vms.items() if n == name][len(got) :]:
+            out.append(
                 {
-                    "vm": vm,
+                    "vm": name,
                     "status": "failed",
-                    "error": f"the agent's flow run {run.name} ended {state} without a report",
+                    "error": f"the agent's flow run {run.name} ended {state} without a report of {name} ({ident})",
                 }
-            ],
-        )
-    return [r for vm in vms for r in rows[vm]]
+            )
+    return out
 
 
 def _site(
@@ -109,13 +116,10 @@ def _site(
     selected = found.targets
     agent_plan, chosen = plan_agents(selected, plan.agents)
     by_key = {t.key: t for t in selected}
-    per_agent: dict[str, list[str]] = {}
-    for t in chosen:
-        # The agent's run selects by name (two VMs of one name: both, each
-        # backed up by the agent that reaches it).
-        names = per_agent.setdefault(agent_plan.assigned[t.key], [])
-        if t.name not in names:
-            names.append(t.name)
+    # Each agent's run gets its VMs by identity (moref, or Hyper-V host and
+    # VM Id), with their names to select by: of two VMs of one name given
+    # to two agents, each agent backs up its own only.
+    per_agent = split_by_agent(agent_plan, chosen)
     # The limits exist before any agent's run asks for them.
     limits.ensure_limits(
         limits.limit_values(
@@ -134,7 +138,8 @@ def _site(
         name = agent_deployment.format(agent=agent)
         parameters = {
             "plan_path": plan_path,
-            "vms": vms,
+            "vms": list(dict.fromkeys(vms.values())),
+            "identities": vms,
             "agent": agent,
             "password_secret": password_secret,
             "vm_deadline_seconds": vm_deadline_seconds,
