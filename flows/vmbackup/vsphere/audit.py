@@ -146,12 +146,18 @@ def compare(disk: str, snap: Any, point: Any, areas: Sequence[Extent], audit: Di
 # --- the VM ---------------------------------------------------------------------
 
 
-def latest_point(repository: str, vm: str) -> Any:
-    """The VM's newest trusted backup point (``_mover.BackupInfo``), or None."""
-    from ..catalog import list_backups
+def latest_point(repository: str, vm: str, vm_id: str | None = None) -> Any:
+    """The VM's newest trusted backup point (``_mover.BackupInfo``), or None:
+    the one its next backup would build on (``pointmeta.latest``: by ``vm_id``,
+    so of two VMs with one name each is compared with its own point)."""
+    from .. import _mover
+    from ..pointmeta import latest
 
-    mine, _untrusted = list_backups(repository, vm)
-    return max(mine, key=lambda b: b.created_unix) if mine else None
+    previous = latest(repository, vm, vm_id)
+    if previous is None:
+        return None
+    infos, _untrusted = _mover.list_backups(repository)
+    return next((b for b in infos if b.id == previous.backup_id), None)
 
 
 def _expose(ctx: Context, disks: list[Frozen]) -> tuple[Transport, dict[str, str]]:
@@ -224,7 +230,7 @@ def audit_vm(
         cbt_on = bool(obj.config.changeTrackingEnabled)
     except vmodl.fault.ManagedObjectNotFound:
         return skipped(vm.name, "the VM does not exist any more", host=vm.host)
-    point = latest_point(repo, vm.name)
+    point = latest_point(repo, vm.name, res.vm_id)
     if point is None:
         res.status, res.reason = "skipped", "no backup point yet"
         return res
