@@ -5,7 +5,9 @@ so N VMs of one volume backed up one set each are N^2 guest quiesces and N
 serialized creations (VSS makes one set at a time per host). A `SetPool`
 lets the per-VM procedures of one run (each in its own thread, under its own
 limits) share one set per group of VMs whose files share volumes
-(`inventory.volume_groups`, per agent: a set is exposed to one agent):
+(`inventory.volume_groups`, per exposure: a set is mounted on the host for
+agents running there, or shared to one ``share_account``; agents that
+read it the same way share it, each through its own ``windows_paths``):
 
 - ``add`` every VM of the run (before any backup starts);
 - ``acquire``: the first VM of a group to freeze makes one set
@@ -39,7 +41,7 @@ from typing import Any
 from ..errors import BackupError, HypervisorError, InvalidInputError
 from .client import HypervClient
 from .inventory import HvVm, volume_groups
-from .shadowset import ShadowSet, VmConsistency, open_shadow_set
+from .shadowset import ShadowSet, VmConsistency, on_host, open_shadow_set
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,11 @@ class PoolStats:
     problems: list[str] = field(default_factory=list)
 
 
+def exposure(agent: Any) -> str:
+    """How an agent reads a set: its mount points on the host, or a share for its account."""
+    return "local" if on_host(agent) else f"share:{(getattr(agent, 'share_account', None) or agent.name).casefold()}"
+
+
 def _key(name: str) -> str:
     return name.casefold()  # Hyper-V compares VM names without regard to case
 
@@ -127,13 +134,13 @@ class SetPool:
         return _key(name) in self.members
 
     def _group(self) -> None:
-        """Groups per agent of the VMs whose files share volumes (once, at the first acquire)."""
+        """Groups per exposure of the VMs whose files share volumes (once, at the first acquire)."""
         if self.grouped:
             return
         self.grouped = True
         by_agent: dict[str, list[_Member]] = {}
         for m in self.members.values():
-            by_agent.setdefault(m.agent.name, []).append(m)
+            by_agent.setdefault(exposure(m.agent), []).append(m)
         for agent, ms in by_agent.items():
             by_vm = {id(m.vm): m for m in ms}
             for i, group in enumerate(volume_groups([m.vm for m in ms])):
