@@ -134,10 +134,12 @@ def test_a_run_interrupted_while_the_set_is_open_leaves_nothing_on_the_host(hype
     )
     try:
         # Watch the host (no sleeps) until the group's set exists, then interrupt at once.
-        while p.poll() is None and not hv.status()["shadow_copies"]:
+        while p.poll() is None and not (st := hv.status())["shadow_copies"]:
             pass
         assert p.poll() is None, "the run ended before the set was made"
         os.kill(p.pid, signal.SIGINT)
+        # one run on the host, for the four VMs (`shadowset.set_run_id`: "<first>-and-3")
+        assert len(st["runs"]) == 1 and "-hv1-vm01-and-3-" in st["runs"][0], st["runs"]
         p.wait(300)
     finally:
         p.kill()
