@@ -15,6 +15,13 @@ agent, 4 per host, 4 per datastore, 2 disks per VM). It measures:
   (Running to Completed) minus the wait for the concurrency limits and minus
   the adapter's own time (the row's ``seconds``: vSphere calls and mover).
 
+And 20 Hyper-V VMs on one host (lab/topologies/hyperv-20.json's twenty VMs
+moved onto hv1: 14 on D:, 6 on E:; the default limits), backed up twice in
+one lab: with one shadow copy set per volume group (the run's pool) and with
+one set per VM (``VMBACKUP_HYPERV_SHARED_SETS=0``, the diagnostic): VMs per
+minute, the shadow copy sets the host made and the guest quiesces, for both.
+``--hyperv-only`` runs only that part.
+
 Uses the local Prefect server vmbackup keeps (started before the timing) or
 $PREFECT_API_URL. Run: ``python bench/flows.py [--dir bench-output/flows]``.
 """
@@ -33,11 +40,12 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from vmbackup_lab.plan import PASSWORD_ENV, write_lab_plan
+from vmbackup_lab.plan import HYPERV_PASSWORD_ENV, PASSWORD_ENV, write_lab_plan
 from vmbackup_lab.process import lab_down, lab_up
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = ROOT / "lab" / "topologies" / "bench-30.json"
+HYPERV_TOPOLOGY = ROOT / "lab" / "topologies" / "hyperv-20.json"
 VMBACKUP = [str(Path(sys.executable).with_name("vmbackup"))]
 
 
@@ -115,16 +123,64 @@ def measure(label: str, plan: Path, env: dict, api_url: str | None) -> dict:
     }
 
 
+def one_host_topology(out: Path) -> Path:
+    """hyperv-20.json with its twenty Hyper-V VMs on one host (hv1)."""
+    topo = json.loads(HYPERV_TOPOLOGY.read_text())
+    first = topo["hyperv"][0]
+    first["vms"] = [vm for h in topo["hyperv"] for vm in h["vms"]]
+    topo["hyperv"] = [first]
+    path = out / "hyperv-20-one-host.json"
+    path.write_text(json.dumps(topo, indent=1))
+    return path
+
+
+def measure_hyperv(out: Path, api_url: str | None) -> list[dict]:
+    """20 Hyper-V VMs of one host: a set per volume group (the pool), then a set per VM."""
+    state = out / "lab-hyperv"
+    lab_down(state)
+    lab = lab_up(state, one_host_topology(out))
+    try:
+        plan_path = write_lab_plan(lab.state, lab.summary())
+        plan = yaml.safe_load(plan_path.read_text())
+        (hv,) = lab.hyperv_hosts()
+        names = sorted(v["name"] for v in hv.status()["vms"])
+        if len(names) != 20:
+            sys.exit(f"expected 20 Hyper-V VMs on {hv.host}, found {len(names)}")
+        plan["selection"] = {"vms": names}
+        plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+        env = dict(os.environ, **{PASSWORD_ENV: lab.password, HYPERV_PASSWORD_ENV: lab.summary()["hyperv"]["password"]})
+        results = []
+        for label, shared in (("hyperv set per group", "1"), ("hyperv set per VM", "0")):
+            st = hv.status()
+            sets0, quiesces0 = st["counters"]["shadow_sets_created"], sum(v["quiesce_count"] for v in st["vms"])
+            r = measure(label, plan_path, dict(env, VMBACKUP_HYPERV_SHARED_SETS=shared), api_url)
+            st = hv.status()
+            r["shadow_sets_created"] = st["counters"]["shadow_sets_created"] - sets0
+            r["guest_quiesces"] = sum(v["quiesce_count"] for v in st["vms"]) - quiesces0
+            if st["shadow_copies"] or st["runs"]:
+                sys.exit(f"{label}: the run left {len(st['shadow_copies'])} shadow copies, {len(st['runs'])} runs")
+            results.append(r)
+        return results
+    finally:
+        lab_down(state)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="bench-output/flows")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--hyperv-only", action="store_true", help="only the 20 Hyper-V VMs on one host")
     args = ap.parse_args()
     out = Path(args.dir).resolve()
     state = out / "lab"
     lab_down(state)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    if args.hyperv_only:
+        from vmbackup.orchestration.server import ensure_server
+
+        api_url = os.environ.get("PREFECT_API_URL") or ensure_server().api_url
+        return report(measure_hyperv(out, api_url), {}, args.json)
     lab = lab_up(state, TOPOLOGY)
     try:
         plan_path = write_lab_plan(lab.state, lab.summary())
@@ -148,23 +204,38 @@ def main() -> int:
         counters = lab.status().get("counters", {})
     finally:
         lab_down(state)
-    if args.json:
+    results += measure_hyperv(out, api_url)
+    return report(results, counters, args.json)
+
+
+def report(results: list[dict], counters: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps({"results": results, "counters": counters}, indent=1))
         return 0
-    keys = [k for k in results[0] if k != "run"]
-    print(f"{'':30}" + "".join(f"{r['run']:>16}" for r in results))
+    keys = list(dict.fromkeys(k for r in results for k in r if k != "run"))
+    print(f"{'':30}" + "".join(f"{r['run']:>22}" for r in results))
     for k in keys:
         cells = []
         for r in results:
-            v = r[k]
+            v = r.get(k, "-")
             cells.append(
-                f"{v:>16.2f}" if isinstance(v, float) else f"{', '.join(v) if isinstance(v, list) else v!s:>16}"
+                f"{v:>22.2f}" if isinstance(v, float) else f"{', '.join(v) if isinstance(v, list) else v!s:>22}"
             )
         print(f"{k:30}" + "".join(cells))
     load = os.getloadavg()
     print(f"load average (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
-    ok = all(r["prefect_overhead_s_median"] <= 1.0 and r["snapshot_over_read_s_max"] <= 5.0 for r in results)
-    print("targets (Prefect overhead median <= 1 s, snapshot over read <= 5 s): " + ("met" if ok else "NOT met"))
+    vsphere = [r for r in results if not r["run"].startswith("hyperv")]
+    if vsphere:
+        ok = all(r["prefect_overhead_s_median"] <= 1.0 and r["snapshot_over_read_s_max"] <= 5.0 for r in vsphere)
+        print("targets (Prefect overhead median <= 1 s, snapshot over read <= 5 s): " + ("met" if ok else "NOT met"))
+    hv = {r["run"]: r for r in results if r["run"].startswith("hyperv")}
+    if len(hv) == 2:
+        pool, per_vm = hv["hyperv set per group"], hv["hyperv set per VM"]
+        faster = pool["vms_per_min"] > per_vm["vms_per_min"]
+        print(
+            f"Hyper-V, 20 VMs on one host: {pool['vms_per_min']:.1f} VMs/min with a set per volume group "
+            f"against {per_vm['vms_per_min']:.1f} with a set per VM ({'faster' if faster else 'NOT faster'})"
+        )
     return 0
 
 

@@ -120,7 +120,12 @@ def test_default_plan_vsphere_and_hyperv_in_one_run_restore_bit_exact(default_la
     assert leftovers(lab) == CLEAN
 
 
-def test_twenty_vms_on_two_hyperv_hosts_never_exceed_the_limits(hyperv20_lab, state_dir, tmp_path):
+@pytest.mark.parametrize("shared", ["0", "1"])
+def test_twenty_vms_on_two_hyperv_hosts_never_exceed_the_limits(hyperv20_lab, state_dir, tmp_path, shared):
+    """With a set per VM (``VMBACKUP_HYPERV_SHARED_SETS=0``) the lab's open sets
+    count the VMs reading at once: never above the limits, and at the limit.
+    With one set per volume group (the default) each host makes one set per
+    group and each guest is quiesced once, whatever the limits."""
     e2e, lab = hyperv20_lab, hyperv20_lab.lab
     hosts = lab.hyperv_hosts()
     assert len(hosts) == 2
@@ -133,9 +138,10 @@ def test_twenty_vms_on_two_hyperv_hosts_never_exceed_the_limits(hyperv20_lab, st
     plan = e2e.write_plan(
         tmp_path / "plan.yaml", repository=repo, limits=limits, selection=dict(data["selection"], vms=sorted(hv_vms))
     )
-    env = e2e.env(state_dir)
+    env = dict(e2e.env(state_dir), VMBACKUP_HYPERV_SHARED_SETS=shared)
     for hv in hosts:
         hv.reset_counters()
+    before = {hv.host: hv.status() for hv in hosts}
 
     t0 = time.monotonic()
     rows = backup("--plan", str(plan), env=env)
@@ -154,6 +160,13 @@ def test_twenty_vms_on_two_hyperv_hosts_never_exceed_the_limits(hyperv20_lab, st
         peaks_volume.update({f"{hv.host}:{v}": n for v, n in st["peak_shadow_copies_per_volume"].items()})
     assert all(n <= limits["per_host"] for n in peaks_host.values()), peaks_host
     assert all(n <= limits["per_datastore"] for n in peaks_volume.values()), peaks_volume
+    if shared == "1":  # D: and E: on each host: 2 sets per host, one quiesce per guest
+        for hv in hosts:
+            st, b = hv.status(), before[hv.host]
+            assert st["counters"]["shadow_sets_created"] - b["counters"]["shadow_sets_created"] == 2
+            q0 = {v["name"]: v["quiesce_count"] for v in b["vms"]}
+            assert all(v["quiesce_count"] - q0[v["name"]] == 1 for v in st["vms"]), st["vms"]
+        return
     # VMs did run at once (else the bounds above prove nothing).
     assert max(peaks_volume.values()) == limits["per_datastore"], peaks_volume
     assert min(peaks_host.values()) >= 2, peaks_host

@@ -45,7 +45,10 @@ class HyperV:
         from .inventory import connect
         from .procedure import HypervSteps
 
-        return HypervSteps(connect(self.host, self.password), vm, plan, self.host, agent, run_id=run_id)
+        # hooks: ``pool``, the run's `setpool.SetPool` of this host (one set per volume group)
+        return HypervSteps(
+            connect(self.host, self.password), vm, plan, self.host, agent, run_id=run_id, pool=hooks.get("pool")
+        )
 
     def sweep(self, *, older_than_seconds: float) -> list[Any]:
         from .sweep import sweep_host

@@ -71,8 +71,13 @@ class HypervSteps:
 
     cleanup_keeps_class = True
 
-    def __init__(self, client: HypervClient, vm: HvVm, plan: Any, host: Any, agent: Any, *, run_id: str) -> None:
+    def __init__(
+        self, client: HypervClient, vm: HvVm, plan: Any, host: Any, agent: Any, *, run_id: str, pool: Any = None
+    ) -> None:
         self.client, self.vm, self.plan, self.host, self.agent, self.run_id = client, vm, plan, host, agent, run_id
+        # A `setpool.SetPool` of the run: the VM shares its group's shadow copy
+        # set (docs/hyperv.md, "Volume groups"); None: a set of its own.
+        self.pool = pool
         self.name = vm.name
         self.rid = shadow_run_id(run_id, vm.name)
         self.now: HvVm | None = None
@@ -84,9 +89,20 @@ class HypervSteps:
         self.roots: dict[str, str] = {}
 
     def reconcile(self) -> None:
-        reconcile_vm(self.client, self.vm.name)
+        # With a pool, the pool reconciles once per set it makes: a per-VM
+        # reconcile would remove the open set this VM shares with others.
+        if self.pool is None:
+            reconcile_vm(self.client, self.vm.name)
 
     def describe(self, result: VmResult) -> None:
+        try:
+            self._describe(result)
+        except BaseException:
+            if self.pool is not None:  # a set made for it meanwhile must not wait for it
+                self.pool.leave(self.vm.name, self.client)
+            raise
+
+    def _describe(self, result: VmResult) -> None:
         self.now = now = describe_vm(self.client, self.host, self.vm.name)
         self.name = result.vm = now.name
         excluded = set(self.plan.selection.exclude_disks.get(self.vm.name, []))
@@ -103,6 +119,8 @@ class HypervSteps:
     def freeze(self) -> hv.Frozen:
         now = self.now
         assert now is not None
+        if self.pool is not None:
+            return self._freeze_shared(now)
         # A VM that is off needs no quiescing: ``required`` is satisfied by
         # its disks at rest, so the script is asked for what it can give.
         off = now.state == STATE_OFF
@@ -132,6 +150,21 @@ class HypervSteps:
             self.roots[str(c["Volume"]).lower()] = c["ExposedPath"] if self.local else c["SharePath"]
         label = self.copies[0]["ShadowId"] if self.copies else None
         return hv.Frozen(point_unix, consistency, "; ".join(reasons) or None, made, label)
+
+    def _freeze_shared(self, now: HvVm) -> hv.Frozen:
+        """The VM's share of its group's set (made now, or by another VM of the group)."""
+        self.started = True
+        share = self.pool.acquire(self.vm.name, now, self.client)
+        shadow, c = share.shadow, share.consistency
+        self.rid, self.copies, self.made = shadow.run_id, list(shadow.copies), {"SetId": shadow.set_id}
+        self.roots = shadow.roots
+        consistency, reasons = c.consistency, list(c.reasons)
+        if f"{c.name} is not running" in reasons:
+            consistency, reasons = hv.POWERED_OFF, []  # off when the set was made: nothing ran
+        elif self.plan.quiesce == "required" and consistency != hv.APPLICATION:
+            raise HypervQuiesceError(f"cannot quiesce VM {now.name}: {'; '.join(reasons)}", "QuiesceUnavailable")
+        label = self.copies[0]["ShadowId"] if self.copies else None
+        return hv.Frozen(share.point_unix, consistency, "; ".join(reasons) or None, self.made, label)
 
     def _in_copy(self, winpath: str) -> Path:
         root = volume_of(winpath)
@@ -223,7 +256,10 @@ class HypervSteps:
     def release(self, frozen: hv.Frozen | None, *, succeeded: bool) -> list[BaseException]:
         if not self.started:
             return []
-        problem = _complete(self.client, self.rid, succeeded=succeeded)
+        if self.pool is not None:  # the last member's release completes the set
+            problem = self.pool.release(self.vm.name, self.client, succeeded=succeeded)
+        else:
+            problem = _complete(self.client, self.rid, succeeded=succeeded)
         if problem is None:
             return []
         return [rewrap(problem, f"ending shadow copy run {self.rid} on {self.host.name} failed: {problem}")]
@@ -240,6 +276,7 @@ def backup_vm(
     cancel: Any = None,
     progress: Any = None,
     on_shadow: Any = None,
+    pool: Any = None,
 ) -> VmResult:
     """Backs up one Hyper-V VM into one backup point in ``plan.repository``.
 
@@ -259,6 +296,8 @@ def backup_vm(
         on_shadow: ``on_shadow(shadow_id)`` once the shadow copy exists and
             before any disk is read (the copy of the VM's first volume; all ids
             are in the point's attributes).
+        pool: the run's `setpool.SetPool` of ``host`` (the VM was added to it):
+            the VM reads from its volume group's shared set; None: a set of its own.
 
     Raises:
         ``vmbackup.errors`` classes (``retryable`` set): `HypervQuiesceError`
@@ -269,16 +308,24 @@ def backup_vm(
         was committed, the error says so and keeps its class (a dropped
         session is retryable; the host's ledger keeps the run for the sweeper).
     """
-    return backup_one(
-        HypervSteps(client, vm, plan, host, agent, run_id=run_id),
-        hypervisor="hyperv",
-        repository=str(plan.repository),
-        agent=agent.name,
-        disks_per_vm=plan.limits.disks_per_vm,
-        cancel=cancel,
-        progress=progress,
-        on_frozen=on_shadow,
-    )
+    try:
+        return backup_one(
+            HypervSteps(client, vm, plan, host, agent, run_id=run_id, pool=pool),
+            hypervisor="hyperv",
+            repository=str(plan.repository),
+            agent=agent.name,
+            disks_per_vm=plan.limits.disks_per_vm,
+            cancel=cancel,
+            progress=progress,
+            on_frozen=on_shadow,
+        )
+    finally:
+        if pool is not None:
+            # Whatever failed before the freeze (or after it, without a
+            # release): the VM's share, if it was given one, goes back
+            # (a no-op after its release).
+            if (problem := pool.leave(vm.name, client)) is not None:
+                log.error("VM %s: ending its shadow copy set failed: %s", vm.name, problem)
 
 
 def _complete(client: HypervClient, rid: str, *, succeeded: bool) -> BackupError | None:

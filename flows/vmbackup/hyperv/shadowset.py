@@ -106,22 +106,28 @@ class ShadowSet:
                 return c
         raise InvalidInputError(f"VM {vm} is not in shadow copy set {self.set_id}")
 
-    def lost(self) -> list[dict[str, Any]]:
-        """The set's copies that no longer exist on the host (Windows deletes the oldest when shadow storage fills)."""
-        runs = _list((self.client.run_script("Get-VmbackupHost.ps1") or {}).get("Runs"))
+    def lost(self, client: HypervClient | None = None) -> list[dict[str, Any]]:
+        """The set's copies that no longer exist on the host (Windows deletes the oldest when shadow storage fills).
+
+        ``client``: the caller's own WinRM client (a session is not shared between threads); else the set's.
+        """
+        runs = _list(((client or self.client).run_script("Get-VmbackupHost.ps1") or {}).get("Runs"))
         run = next((r for r in runs if r.get("RunId") == self.run_id), None)
         existing = set(_list(run.get("Existing"))) if run else set()
         return [c for c in self.copies if c.get("ShadowId") not in existing]
 
-    def complete(self, *, succeeded: bool) -> BackupError | None:
-        """End the set: BackupComplete to the host's writers only if ``succeeded`` (every VM's point
-        is committed), then delete shares, mount points, copies and the ledger entry. Returns the
-        error if that failed (the ledger keeps the run for the sweeper)."""
+    def complete(self, *, succeeded: bool, client: HypervClient | None = None) -> BackupError | None:
+        """End the set: BackupComplete to the host's writers only if ``succeeded`` (the points
+        are committed), then delete shares, mount points, copies and the ledger entry. Returns the
+        error if that failed (the ledger keeps the run for the sweeper). ``client``: the caller's
+        own WinRM client, else the set's."""
         if self.completed:
             return None
         self.completed = True
         try:
-            self.client.run_script("Complete-VmbackupShadowCopy.ps1", {"RunId": self.run_id, "Succeeded": succeeded})
+            (client or self.client).run_script(
+                "Complete-VmbackupShadowCopy.ps1", {"RunId": self.run_id, "Succeeded": succeeded}
+            )
         except HypervScriptError as e:
             return None if e.code == "RunNotFound" else e
         except (WinRMError, BackupError) as e:
@@ -145,6 +151,7 @@ def open_shadow_set(
     *,
     run_id: str,
     quiesce: str = "preferred",
+    reconcile: bool = True,
 ) -> ShadowSet:
     """One shadow copy set of the volumes of ``vms`` (VMs of ``host``), with the Hyper-V writer
     when it can take part: each guest is frozen once for the whole set.
@@ -154,11 +161,12 @@ def open_shadow_set(
     preferred, off); under ``required`` a set the writer cannot take part in
     raises `HypervQuiesceError` and nothing is made. The agent reads the set's
     mount points if it runs on the host, else shares made for its
-    ``share_account``.
+    ``share_account``. ``reconcile=False``: the caller reconciled
+    (`setpool.SetPool`, which keeps its own open sets).
     """
     if not vms:
         raise InvalidInputError("a shadow copy set needs at least one VM")
-    for vm in vms:
+    for vm in vms if reconcile else []:
         client.run_script("Remove-VmbackupShadowCopies.ps1", {"OlderThanSeconds": 0, "VMName": vm.name})
     volumes = sorted({v for vm in vms for v in vm.volumes}, key=str.lower)
     local = on_host(agent)

@@ -52,6 +52,9 @@ AGENT_ENV = "VMBACKUP_AGENT"
 HYPERVISORS = ("vsphere", "hyperv")
 VSPHERE = "vsphere"
 HYPERV = "hyperv"
+# A diagnostic (docs/flows.md): "0" gives each Hyper-V VM a shadow copy set
+# of its own, as before the pool (N VMs on one volume: N sets, N^2 quiesces).
+SHARED_SETS_ENV = "VMBACKUP_HYPERV_SHARED_SETS"
 
 
 @dataclass(frozen=True)
@@ -506,7 +509,14 @@ def _work_vsphere(
 
 
 def _work_hyperv(
-    password: Any, t: Target, plan: Any, agent: Any, run_id: str, progress: reports.Progress | None, token: Any
+    password: Any,
+    t: Target,
+    plan: Any,
+    agent: Any,
+    run_id: str,
+    progress: reports.Progress | None,
+    token: Any,
+    pool: Any = None,
 ) -> dict:
     from ..hyperv import inventory, procedure
 
@@ -524,9 +534,58 @@ def _work_hyperv(
             cancel=token,
             progress=on_progress,
             on_shadow=lambda shadow: log.info("shadow copy %s made; reading the disks from it", shadow),
+            pool=pool,
         )
 
     return _run_procedure(t, agent, progress, call)
+
+
+def hyperv_pools(
+    plan: Any,
+    chosen: Sequence[Target],
+    assigned: dict[str, Any],
+    passwords: dict[str, Any],
+    run_id: str,
+    stack: contextlib.ExitStack,
+) -> dict[str, Any]:
+    """One shadow copy set pool per Hyper-V host of the run (``hyperv.setpool``),
+    holding the host's VMs and their agents; ``stack`` closes each at the end
+    of the run, whatever happened (sets still open are ended as failed).
+    None with ``VMBACKUP_HYPERV_SHARED_SETS=0`` (a diagnostic: a set per VM)."""
+    if os.environ.get(SHARED_SETS_ENV, "1").strip() == "0":
+        return {}
+    from ..hyperv import inventory
+    from ..hyperv.setpool import SetPool
+
+    log = get_run_logger()
+    pools: dict[str, Any] = {}
+    for t in chosen:
+        if t.hypervisor != HYPERV:
+            continue
+        pool = pools.get(t.hv_host.name)
+        if pool is None:
+            pool = pools[t.hv_host.name] = SetPool(
+                t.hv_host,
+                run_id=run_id,
+                quiesce=plan.quiesce,
+                connect=functools.partial(inventory.connect, t.hv_host, passwords[f"{HYPERV}:{t.hv_host.name}"]),
+            )
+            stack.callback(_close_pool, pool, log)
+        pool.add(t.vm, assigned[t.key])
+    return pools
+
+
+def _close_pool(pool: Any, log: Any) -> None:
+    for problem in pool.close():
+        log.error("Hyper-V host %s: ending a shadow copy set failed: %s", pool.host.name, problem)
+    s = pool.stats
+    log.info(
+        "Hyper-V host %s: %d shadow copy set(s) made, %d completed with BackupComplete, %d ended by the run's end",
+        pool.host.name,
+        s.sets_made,
+        s.backup_complete,
+        s.closed_open,
+    )
 
 
 # --- the report ---------------------------------------------------------------------
@@ -614,13 +673,23 @@ def run_backup(
         for t in chosen:
             progress.expect(t.key, t.capacity)
 
+        pools = hyperv_pools(
+            plan, chosen, {t.key: agents[agent_plan.assigned[t.key]] for t in chosen}, passwords, run_id, stack
+        )
         jobs = []
         for t in chosen:
             a = agents[agent_plan.assigned[t.key]]
             names = limit_names(a.name, t)
             if t.hypervisor == HYPERV:
                 work = functools.partial(
-                    _work_hyperv, passwords[f"{HYPERV}:{t.hv_host.name}"], t, plan, a, run_id, progress
+                    _work_hyperv,
+                    passwords[f"{HYPERV}:{t.hv_host.name}"],
+                    t,
+                    plan,
+                    a,
+                    run_id,
+                    progress,
+                    pool=pools.get(t.hv_host.name),
                 )
             else:
                 work = functools.partial(_work_vsphere, vclient, t, plan, a, run_id, progress)
