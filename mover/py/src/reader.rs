@@ -53,7 +53,7 @@ impl DiskReader {
     }
 
     /// `length` bytes at `offset` (within the disk, at most 64 MiB).
-    #[pyo3(text_signature = "(offset, length)")]
+    #[pyo3(text_signature = "($self, offset, length)")]
     fn read<'py>(&self, py: Python<'py>, offset: u64, length: u64) -> PyResult<&'py PyBytes> {
         if length > MAX_READ {
             return Err(to_py(Error::InvalidInput(format!(
