@@ -172,6 +172,7 @@ var busKeys = map[string]struct{ ctrl, disk int32 }{
 	"scsi": {1000, 2000},
 	"sata": {15000, 16000},
 	"nvme": {31000, 32000},
+	"ide":  {200, 3000}, // the simulator's own IDE 0 (every VM has IDE 0 and 1, keys 200 and 201)
 }
 
 func newController(bus string) types.BaseVirtualDevice {
@@ -202,7 +203,7 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 	units := map[string]int32{}
 	specOf := map[int32]DiskSpec{}
 	for i, d := range spec.Disks {
-		if !ctrls[d.Bus] {
+		if !ctrls[d.Bus] && d.Bus != "ide" {
 			ctrls[d.Bus] = true
 			config.DeviceChange = append(config.DeviceChange, &types.VirtualDeviceConfigSpec{
 				Operation: types.VirtualDeviceConfigSpecOperationAdd, Device: newController(d.Bus)})

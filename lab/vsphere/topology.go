@@ -45,7 +45,7 @@ type VMSpec struct {
 }
 
 type DiskSpec struct {
-	Bus       string `json:"bus"` // scsi (default), sata, nvme
+	Bus       string `json:"bus"` // scsi (default), sata, nvme, ide (IDE 0: two disks at most)
 	SizeMiB   int64  `json:"size_mib"`
 	Datastore string `json:"datastore"`
 	Mode      string `json:"mode"` // persistent (default), independent_persistent, independent_nonpersistent
@@ -189,13 +189,19 @@ func (t *Topology) normalize() error {
 		if len(vm.Disks) == 0 {
 			vm.Disks = []DiskSpec{{}}
 		}
+		ide := 0
 		for j := range vm.Disks {
 			d := &vm.Disks[j]
 			if d.Bus == "" {
 				d.Bus = "scsi"
 			}
-			if d.Bus != "scsi" && d.Bus != "sata" && d.Bus != "nvme" {
-				return fmt.Errorf("topology: VM %s disk %d: bus must be scsi, sata or nvme", vm.Name, j)
+			if d.Bus != "scsi" && d.Bus != "sata" && d.Bus != "nvme" && d.Bus != "ide" {
+				return fmt.Errorf("topology: VM %s disk %d: bus must be scsi, sata, nvme or ide", vm.Name, j)
+			}
+			if d.Bus == "ide" {
+				if ide++; ide > 2 {
+					return fmt.Errorf("topology: VM %s disk %d: an IDE controller takes two disks", vm.Name, j)
+				}
 			}
 			if d.SizeMiB == 0 {
 				d.SizeMiB = 64

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/vmware/govmomi/object"
@@ -262,6 +263,13 @@ func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task)
 		case types.VirtualDeviceConfigSpecOperationAdd:
 			if dc.FileOperation == "" {
 				if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok && l.extentByPath(b.FileName) != nil {
+					if strings.HasPrefix(l.extentByPath(b.FileName).Owner.Name, "ide") {
+						// HotAdd is a SCSI feature: an IDE disk is not hot-added to a backup
+						// proxy (VDDK Programming Guide, "Best Practices for HotAdd Transport").
+						// Refused before anything of the request is applied.
+						l.mu.Unlock()
+						return &types.InvalidDeviceSpec{InvalidVmConfig: types.InvalidVmConfig{Property: "backing.fileName"}}
+					}
 					attach = append(attach, dc)
 					continue
 				}

@@ -93,6 +93,9 @@ class Entry:
     snapshot: dict[str, str] | None = None  # {"name", "moref", "create_task", "remove_task"}
     attachments: list[dict[str, Any]] = field(default_factory=list)  # {"agent", "agent_vm", "file"}
     clones: list[dict[str, str]] = field(default_factory=list)  # {"name", "moref"}
+    # SCSI controllers hot-add added to an agent VM for backup disks: {"agent", "agent_vm", "bus", "key"}
+    # ("key" once it exists); reconcile removes one left empty by a process killed before removing it.
+    controllers: list[dict[str, Any]] = field(default_factory=list)
     nbd: list[dict[str, Any]] = field(default_factory=list)  # {"pid", "socket"}
     path: Path | None = None
 

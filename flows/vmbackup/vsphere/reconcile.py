@@ -2,7 +2,8 @@
 
 In this order (each step makes the next possible): stop NBD servers they
 started, detach the VM's disk files from the plan's agent VMs (a hot-added
-file locks the chain), destroy their linked clones, remove their snapshots
+file locks the chain), destroy their linked clones, remove the empty SCSI
+controllers they added to agent VMs for backup disks, remove their snapshots
 (name prefix and run id in the description; a user's snapshot is never
 touched), consolidate if vSphere says it is needed.
 
@@ -31,7 +32,7 @@ from . import snapshots
 from .inventory import CLONE_PREFIX, chain_files, disks_of
 from .ledger import Entry, Ledger
 from .tasks import run_task, task_state, wait_task
-from .transport import agent_vm, destroy_clone, detach_files
+from .transport import _added_controllers, agent_vm, destroy_clone, detach_files
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class Leftover:
     """Something a crashed run left behind, and whether it is gone now."""
 
-    kind: str  # "snapshot", "attachment", "clone", "nbd", "consolidation", "ledger"
+    kind: str  # "snapshot", "attachment", "clone", "controller", "nbd", "consolidation", "ledger"
     vm: str
     name: str
     removed: bool
@@ -179,6 +180,9 @@ def reconcile_vm(
             )
     for c in clones:
         attempt("clone", clone_devices[c._moId][0], lambda c=c: destroy_clone(c, timeout))
+    if any(e.controllers for e in entries):
+        for name, action in remove_added_controllers(client, agents, ledger, entries, timeout):
+            attempt("controller", name, action)
     ok = all(x.removed for x in found)
     if vm is not None:
         for rid, node in snapshots.ours(vm):
@@ -201,6 +205,44 @@ def reconcile_vm(
         for e in entries:
             ledger.remove(e)
     return found
+
+
+def remove_added_controllers(
+    client: Any, agents: list[Any], ledger: Ledger, entries: list[Entry], timeout: float
+) -> list[tuple[str, Any]]:
+    """``(name, action)`` for each controller the entries say a dead run added to
+    one of the plan's agent VMs for backup disks, that is there and empty (its
+    disks are detached above): a paravirtual SCSI controller on the bus the
+    entry names (and of the key, once it was written). One that holds a disk,
+    that this process added (a run of it uses it), or that a live run's entry
+    names (it may be about to attach to it) is left alone."""
+    wanted = {(c.get("agent_vm"), c.get("bus")): c.get("key") for e in entries for c in e.controllers}
+    live = {
+        (c.get("agent_vm"), c.get("bus"))
+        for e in ledger.entries()
+        if e.alive() and e.path not in {x.path for x in entries}
+        for c in e.controllers
+    }
+    devices = _devices(client, agents)  # read again: the detaches above emptied them
+    out: list[tuple[str, Any]] = []
+    for agent in agents:
+        name, devs = devices.get(agent._moId, (None, []))
+        busy = {dev.controllerKey for _, dev in disks_of(devs)}
+        ours_now = _added_controllers.get(agent._moId, set())
+        for d in devs:
+            if not isinstance(d, vim.vm.device.ParaVirtualSCSIController) or (name, d.busNumber) not in wanted:
+                continue
+            key = wanted[(name, d.busNumber)]
+            if (key is not None and key != d.key) or d.key in busy or d.key in ours_now or (name, d.busNumber) in live:
+                log.info("agent VM %s: SCSI controller %s (bus %s) is in use, kept", name, d.key, d.busNumber)
+                continue
+
+            def remove(a: Any = agent, d: Any = d, n: str = name) -> None:
+                spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="remove", device=d)])
+                run_task(lambda: a.ReconfigVM_Task(spec=spec), f"removing SCSI controller {d.key} of {n}", timeout)
+
+            out.append((f"SCSI controller {d.busNumber} of {name}", remove))
+    return out
 
 
 def _wait_for_pending_tasks(

@@ -324,6 +324,8 @@ class HotAdd(Transport):
                 continue  # the agent's boot controller (or one with its own disks)
             used = {d.unitNumber for d in devices if getattr(d, "controllerKey", None) == c.key}
             if len([u for u in range(16) if u != 7 and u not in used]) >= n:
+                if c.key in added:  # another VM's run in this process added it: this entry names it too
+                    self._note_controller(obj, c.busNumber, c.key)
                 return c
         buses = {c.busNumber for c in scsi}
         bus = next((b for b in range(4) if b not in buses), None)
@@ -331,6 +333,9 @@ class HotAdd(Transport):
             raise TransportImpossible(
                 f"agent VM {obj.name} has no SCSI controller free for backup disks and no bus left"
             )
+        # Written down before it is added: a process killed before removing it
+        # leaves a trace for reconcile (``reconcile.remove_added_controllers``).
+        self._note_controller(obj, bus, None)
         new = vim.vm.device.ParaVirtualSCSIController(key=-300, busNumber=bus, sharedBus="noSharing")
         spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=new)])
         run_task(
@@ -341,8 +346,20 @@ class HotAdd(Transport):
         for c in obj.config.hardware.device:
             if isinstance(c, vim.vm.device.VirtualSCSIController) and c.busNumber == bus:
                 added.add(c.key)
+                self._note_controller(obj, bus, c.key)
                 return c
         raise TransportImpossible(f"the SCSI controller added to agent VM {obj.name} did not appear")
+
+    def _note_controller(self, obj: Any, bus: int, key: int | None) -> None:
+        """Names in the ledger entry a controller this process added (or is about to add) to the agent VM."""
+        rec = {"agent": self.ctx.agent.name, "agent_vm": obj.name, "bus": bus}
+        mine = [c for c in self.ctx.entry.controllers if c.get("agent_vm") == obj.name and c.get("bus") == bus]
+        if mine and (key is None or mine[0].get("key") == key):
+            return
+        if key is not None:
+            rec["key"] = key
+        self.ctx.entry.controllers = [c for c in self.ctx.entry.controllers if c not in mine] + [rec]
+        self.ctx.ledger.write(self.ctx.entry)
 
     def _remove_empty_controllers(self) -> None:
         """Removes the controllers this process added to the agent once no disk is on them."""
