@@ -177,7 +177,7 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if args.hyperv_only:
-        from vmbackup.orchestration.server import ensure_server
+        from vmbackup.localserver.server import ensure_server
 
         api_url = os.environ.get("PREFECT_API_URL") or ensure_server().api_url
         return report(measure_hyperv(out, api_url), {}, args.json)
