@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 
+import pytest
 from pydantic import SecretStr
 
 from .conftest import leftovers, run
@@ -30,6 +31,28 @@ def _snapshot(e2e, name: str, description: str) -> None:
         )
 
 
+def _remove_snapshot(e2e, name: str) -> None:
+    from vmbackup.plan import load_plan
+    from vmbackup.vsphere.client import VSphereClient
+    from vmbackup.vsphere.snapshots import walk
+    from vmbackup.vsphere.tasks import run_task
+
+    plan = load_plan(e2e.plan)
+    with VSphereClient.connect(plan.connection, SecretStr(e2e.password)) as client:
+        for node in walk(client.find_vm(VM)):
+            if node.name == name:
+                run_task(lambda n=node: n.snapshot.RemoveSnapshot_Task(removeChildren=False), f"removing {name}", 60)
+
+
+@pytest.fixture
+def user_snapshot(small_lab):
+    """A user's own snapshot on the shared lab's VM, removed afterwards so
+    that the tests after this one (which expect a clean lab) see none."""
+    _snapshot(small_lab, "before-upgrade", "a user's own snapshot")
+    yield "before-upgrade"
+    _remove_snapshot(small_lab, "before-upgrade")
+
+
 def _read(api_url: str, coro_fn):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -37,14 +60,13 @@ def _read(api_url: str, coro_fn):
         return asyncio.run(coro_fn())
 
 
-def test_sweep_removes_a_crashed_runs_snapshot_and_reports_it(small_lab, env, tmp_path):
+def test_sweep_removes_a_crashed_runs_snapshot_and_reports_it(small_lab, env, tmp_path, user_snapshot):
     from vmbackup import _mover
     from vmbackup.vsphere.snapshots import description, snapshot_name
 
     plan = small_lab.write_plan(tmp_path / "plan.yaml", repository=tmp_path / "repo")
     _mover.init_repository(str(tmp_path / "repo"))
     _snapshot(small_lab, snapshot_name("crashed-run-1"), description("crashed-run-1"))
-    _snapshot(small_lab, "before-upgrade", "a user's own snapshot")
     assert sorted(leftovers(small_lab.lab)["snapshots"][VM]) == ["before-upgrade", "vmbackup-crashed-run-1"]
 
     p = run("maintain", "sweep", "--plan", str(plan), "--older-than", "0", "--json", env=env)
