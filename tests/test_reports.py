@@ -41,7 +41,9 @@ def test_summary_has_totals_failures_fulls_removed_and_growth():
     assert "| repository size | 3.0 MiB |" in md and "| repository growth | 2.0 MiB |" in md
     assert "| snapshot | vmbackup-x | web01 | removed |" in md
     assert "| dedup ratio | 4.0 |" in md
-    assert "| application- / crash-consistent | 1 / 0 |" in md and "Crash-consistent backups" not in md
+    assert (
+        "| application- / crash-consistent / powered off | 1 / 0 / 0 |" in md and "Crash-consistent backups" not in md
+    )
     assert "Removed leftovers" not in reports.summary_markdown([OK])
     assert "Failures" not in reports.summary_markdown([OK])
 
@@ -50,8 +52,9 @@ def test_summary_says_why_a_backup_is_only_crash_consistent():
     crash = dict(
         OK, vm="legacy01", consistency="crash", consistency_note="legacy01 has its Backup integration service off"
     )
-    md = reports.summary_markdown([OK, crash])
-    assert "| application- / crash-consistent | 1 / 1 |" in md
+    off = dict(OK, vm="off01", consistency="powered-off")
+    md = reports.summary_markdown([OK, crash, off])
+    assert "| application- / crash-consistent / powered off | 1 / 1 / 1 |" in md
     assert "## Crash-consistent backups" in md
     assert "| legacy01 | legacy01 has its Backup integration service off |" in md
 

@@ -127,13 +127,17 @@ def summary_markdown(
     stored = sum(r.get("bytes_stored") or 0 for r in ok)
     fulls = [r for r in ok if r.get("mode") == "full"]
     crash = [r for r in ok if r.get("consistency") == "crash"]
+    off = [r for r in ok if r.get("consistency") == "powered-off"]
     lines = [f"# {title}", ""]
     lines.append(f"**{len(ok)} of {len(rows)} VM(s) backed up**, {len(failed)} failed.")
     lines.append("")
     lines.append("| | |")
     lines.append("|---|---|")
     lines.append(f"| full / incremental | {len(fulls)} / {len(ok) - len(fulls)} |")
-    lines.append(f"| application- / crash-consistent | {len(ok) - len(crash)} / {len(crash)} |")
+    # A powered-off VM is neither: nothing ran that could be inconsistent.
+    lines.append(
+        f"| application- / crash-consistent / powered off | {len(ok) - len(crash) - len(off)} / {len(crash)} / {len(off)} |"
+    )
     lines.append(f"| read | {fmt_bytes(read)} |")
     lines.append(f"| stored (new) | {fmt_bytes(stored)} |")
     ratio = dedup_ratio({"bytes_read": read, "bytes_stored": stored})
