@@ -170,6 +170,8 @@ def test_a_canary_password_appears_nowhere(tmp_path):
         assert "**1 of 2 VM(s) backed up**" in summary and "| repository growth |" in summary
         assert f"| canary-db | esxc2 | vmbackup-agent-esxc2 | {rows['canary-db']['error']} |" in summary
         assert float(by_key["vmbackup-backup-progress"]["data"]) == 100.0
+        # At the end it says what happened, not what was under way.
+        assert by_key["vmbackup-backup-progress"]["description"] == "done: 1 of 2 VM(s) backed up"
         events = {e["event"]: e for e in held["events"] if e["event"].startswith("vmbackup.vm.")}
         assert events["vmbackup.vm.backed-up"]["resource"]["prefect.resource.id"] == "vmbackup.vm.canary-web"
         assert events["vmbackup.vm.failed"]["payload"]["error"] == rows["canary-db"]["error"]

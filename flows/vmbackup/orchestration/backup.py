@@ -723,7 +723,8 @@ def run_backup(
         t = by_key[key]
         rows.append(_not_run_row(plan, t.name, t.hypervisor, t.host, why, t.storage))
     rows += found.failed
-    reports.update_progress(progress_id, 100.0)
+    done = sum(r["status"] == "ok" for r in rows)
+    reports.update_progress(progress_id, 100.0, f"done: {done} of {len(rows)} VM(s) backed up")
     _report(keys, rows, str(plan.repository), size_before)
     failed = [r["vm"] for r in rows if r["status"] != "ok"]
     if failed:

@@ -438,13 +438,15 @@ def create_progress(key: str, description: str) -> Any:
         return None
 
 
-def update_progress(artifact_id: Any, percent: float) -> None:
+def update_progress(artifact_id: Any, percent: float, description: str | None = None) -> None:
+    """Move the progress artifact to ``percent`` (and, at the end, say what
+    happened instead of what was under way)."""
     if artifact_id is None:
         return
     try:
         from prefect.artifacts import update_progress_artifact
 
-        update_progress_artifact(artifact_id=artifact_id, progress=float(percent))
+        update_progress_artifact(artifact_id=artifact_id, progress=float(percent), description=description)
     except Exception as e:
         _warn("the progress", e)
 
