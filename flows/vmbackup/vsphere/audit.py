@@ -40,7 +40,7 @@ from .faults import hypervisor_error
 from .inventory import DiskInfo, VmInfo, vm_info
 from .ledger import Entry, Ledger
 from .reconcile import reconcile_vm
-from .transport import TRANSPORT_CLASSES, Context, Frozen, Transport, TransportImpossible, frozen_disks
+from .transport import Context, Transport, expose, frozen_disks
 
 log = logging.getLogger(__name__)
 
@@ -160,24 +160,6 @@ def latest_point(repository: str, vm: str, vm_id: str | None = None) -> Any:
     return next((b for b in infos if b.id == previous.backup_id), None)
 
 
-def _expose(ctx: Context, disks: list[Frozen]) -> tuple[Transport, dict[str, str]]:
-    """The first of the agent's transports (in the plan's order) that reaches the disks."""
-    reasons = []
-    for name in [t for t in ctx.plan.transports if t in ctx.agent.transports]:
-        t = TRANSPORT_CLASSES[name](ctx)
-        try:
-            return t, t.open(disks)
-        except TransportImpossible as e:
-            reasons.append(f"{name}: {e}")
-            problems = t.close()
-            if problems:
-                raise HypervisorError(f"undoing {name} for VM {ctx.vm_name} failed: {'; '.join(problems)}") from e
-        except BaseException:
-            t.close()
-            raise
-    raise HypervisorError(f"no transport reaches the disks of VM {ctx.vm_name}: " + "; ".join(reasons))
-
-
 def _comparable(disks: Sequence[DiskInfo], point: Any) -> tuple[list[DiskInfo], list[DiskAudit]]:
     """The disks that can be compared with the point, and a skipped row for the others."""
     in_point = {d.name: d for d in point.disks}
@@ -295,7 +277,7 @@ def audit_vm(
         if plans:
             frozen = frozen_disks(taken.snapshot, [d for d, _, _ in plans])
             ctx = Context(client, obj, vm.name, taken.snapshot, plan, agent, run_id, ledger, entry, timeout)
-            transport, sources = _expose(ctx, frozen)
+            transport, sources = expose(ctx, frozen)
             res.transport = transport.name
             for d, a, rest in plans:
                 snap = _mover.DiskReader.source(sources[d.name])

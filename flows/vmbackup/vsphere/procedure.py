@@ -35,7 +35,7 @@ from .faults import hypervisor_error
 from .inventory import VmInfo, check_skipped, vm_info
 from .ledger import Entry, Ledger
 from .reconcile import reconcile_vm
-from .transport import TRANSPORT_CLASSES, Context, Frozen, Transport, TransportImpossible, frozen_disks
+from .transport import Context, Frozen, Transport, expose, frozen_disks
 from .vmfiles import nvram_entry, vmx_text
 
 log = logging.getLogger(__name__)
@@ -61,25 +61,6 @@ def _snapshot_config_json(snapshot: Any, vm_name: str) -> str:
     except vmodl.MethodFault as e:
         raise hypervisor_error(f"reading the configuration of snapshot {snapshot._moId} of VM {vm_name}", e) from e
     return json.dumps(config, cls=VmomiJSONEncoder, sort_keys=True)
-
-
-def _expose(ctx: Context, disks: list[Frozen]) -> tuple[Transport, dict[str, str]]:
-    reasons = []
-    order = [t for t in ctx.plan.transports if t in ctx.agent.transports]
-    for name in order:
-        t = TRANSPORT_CLASSES[name](ctx)
-        try:
-            return t, t.open(disks)
-        except TransportImpossible as e:
-            reasons.append(f"{name}: {e}")
-            log.info("VM %s: transport %s impossible: %s", ctx.vm_name, name, e)
-            problems = t.close()
-            if problems:
-                raise HypervisorError(f"undoing {name} for VM {ctx.vm_name} failed: {'; '.join(problems)}") from e
-        except BaseException:
-            t.close()
-            raise
-    raise HypervisorError(f"no transport reaches the disks of VM {ctx.vm_name}: " + "; ".join(reasons))
 
 
 class VSphereSteps:
@@ -222,7 +203,7 @@ class VSphereSteps:
             self.timeout,
             encryption=self.info.encryption if self.info is not None else None,  # hot-add to an encrypted agent only
         )
-        self.transport, sources = _expose(ctx, self.frozen_disks)
+        self.transport, sources = expose(ctx, self.frozen_disks)
         return hv.Exposed(sources, self.transport.name, self.transport.detail)
 
     def plan_reads(self, frozen: hv.Frozen, exposed: hv.Exposed, previous: Previous | None) -> hv.ReadPlan:

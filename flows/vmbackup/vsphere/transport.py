@@ -41,7 +41,7 @@ from urllib.parse import quote
 
 from pyVmomi import vim, vmodl
 
-from ..errors import BackupError, TransportImpossible
+from ..errors import BackupError, HypervisorError, TransportImpossible
 from ..plan import Agent, Plan
 from .inventory import CLONE_PREFIX, DiskInfo, datastore_of, disks_of
 from .ledger import Entry, Ledger
@@ -505,22 +505,28 @@ class Nbd(Transport):
                 "snapshot": self.ctx.snapshot._moId,
             }
             argv = [a.format(**values) for a in template]
-            log_path = self.workdir / f"disk{i}.log"
-            with open(log_path, "wb") as logf:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-            self.procs.append(proc)
-            self.ctx.entry.nbd.append({"pid": proc.pid, "socket": str(sock)})
-            self.ctx.ledger.write(self.ctx.entry)
-            deadline = time.monotonic() + NBD_START_TIMEOUT
-            while not sock.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log_path.read_text(errors="replace").strip().splitlines()[-2:]
-                    # The log can echo arguments; keep the cookie out of the message.
-                    msg = " / ".join(tail).replace(cookie, "***")
-                    raise TransportImpossible(f"NBD server for disk {f.disk.name} did not start: {msg}")
-                time.sleep(0.02)
-            out[f.disk.name] = f"nbd+unix:///?socket={sock}"
+            # The log can echo arguments; the cookie stays out of the message.
+            out[f.disk.name] = self._start(argv, f, sock, self.workdir / f"disk{i}.log", "NBD server", cookie)
         return out
+
+    def _start(self, argv: list[str], f: Frozen, sock: Path, log_path: Path, what: str, secret: str = "") -> str:
+        """Start one server (recorded in the ledger before it is waited for) and
+        wait for its socket; ``TransportImpossible`` with its log's last lines
+        (``secret`` masked) if it exits or does not listen in time."""
+        with open(log_path, "wb") as logf:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        self.procs.append(proc)
+        self.ctx.entry.nbd.append({"pid": proc.pid, "socket": str(sock)})
+        self.ctx.ledger.write(self.ctx.entry)
+        deadline = time.monotonic() + NBD_START_TIMEOUT
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                msg = " / ".join(log_path.read_text(errors="replace").strip().splitlines()[-2:])
+                if secret:
+                    msg = msg.replace(secret, "***")
+                raise TransportImpossible(f"{what} for disk {f.disk.name} did not start: {msg}")
+            time.sleep(0.02)
+        return f"nbd+unix:///?socket={sock}"
 
     def close(self) -> list[str]:
         if self._stop is not None:
@@ -634,25 +640,29 @@ class Vddk(Nbd):
                 snapshot_moref=self.ctx.snapshot._moId, file=f.file, socket=str(sock), pidfile=str(pidfile),
                 password_file=str(pw_file),
             )  # fmt: skip
-            out[f.disk.name] = self._start(argv, f, sock)
+            out[f.disk.name] = self._start(argv, f, sock, self.workdir / f"{sock.stem}.log", "nbdkit vddk")
         pw_file.unlink(missing_ok=True)  # nbdkit read it at start
         return out
 
-    def _start(self, argv: list[str], f: Frozen, sock: Path) -> str:
-        assert self.workdir is not None
-        log_path = self.workdir / f"{sock.stem}.log"
-        with open(log_path, "wb") as logf:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-        self.procs.append(proc)
-        self.ctx.entry.nbd.append({"pid": proc.pid, "socket": str(sock)})
-        self.ctx.ledger.write(self.ctx.entry)
-        deadline = time.monotonic() + NBD_START_TIMEOUT
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-2:]
-                raise TransportImpossible(f"nbdkit vddk for disk {f.disk.name} did not start: {' / '.join(tail)}")
-            time.sleep(0.02)
-        return f"nbd+unix:///?socket={sock}"
-
 
 TRANSPORT_CLASSES: dict[str, type[Transport]] = {"hotadd": HotAdd, "direct": Direct, "nbd": Nbd, "vddk": Vddk}
+
+
+def expose(ctx: Context, disks: list[Frozen]) -> tuple[Transport, dict[str, str]]:
+    """The first of the agent's transports, in the plan's order, that reaches
+    the disks; one that is impossible is undone before the next is tried."""
+    reasons = []
+    for name in [t for t in ctx.plan.transports if t in ctx.agent.transports]:
+        t = TRANSPORT_CLASSES[name](ctx)
+        try:
+            return t, t.open(disks)
+        except TransportImpossible as e:
+            reasons.append(f"{name}: {e}")
+            log.info("VM %s: transport %s impossible: %s", ctx.vm_name, name, e)
+            problems = t.close()
+            if problems:
+                raise HypervisorError(f"undoing {name} for VM {ctx.vm_name} failed: {'; '.join(problems)}") from e
+        except BaseException:
+            t.close()
+            raise
+    raise HypervisorError(f"no transport reaches the disks of VM {ctx.vm_name}: " + "; ".join(reasons))
