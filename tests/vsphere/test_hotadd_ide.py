@@ -26,7 +26,7 @@ def test_a_vm_with_an_ide_disk_passes_from_hotadd_to_the_next_transport(client, 
         for d in names:
             expected[d] = checks.image("ide01", d, tmp_path / f"{d.replace(':', '_')}.img", snapshot_name)
 
-    with caplog.at_level(logging.INFO, logger="vmbackup.vsphere.procedure"):
+    with caplog.at_level(logging.INFO, logger="vmbackup.vsphere"):
         r = backup(client, with_transports(plan, "hotadd", "nbd"), "ide01", on_snapshot=at_snapshot)
     assert r.status == "ok" and r.transport == "nbd", (r.status, r.transport, r.error)
     reasons = [m.getMessage() for m in caplog.records if "transport hotadd impossible" in m.getMessage()]
