@@ -146,6 +146,28 @@ class VmNotFoundError(HypervisorError):
     retryable = False
 
 
+class RestoreInputError(HypervisorError):
+    """A restore that must not start: a name in use, an unknown point, a
+    point without a configuration, a datastore too small, a network map to
+    a network that does not exist. Nothing was created."""
+
+    exit_code = 2
+    retryable = False
+
+
+class RestoreCleanupError(HypervisorError):
+    """The VM was restored but what the restore held (an attached disk, a
+    session) could not be released: the message names the restored VM."""
+
+    retryable = False
+
+
+class RestoreVerifyError(HypervisorError):
+    """A restored disk differs from its point (a drill fails)."""
+
+    retryable = False
+
+
 class AuthenticationError(HypervisorError):
     """The hypervisor refused the user name or password."""
 

@@ -99,6 +99,38 @@ class VmResult:
         )
 
 
+@dataclass
+class RestoreResult:
+    """One VM's restore row (``vmbackup restore --json``'s ``vms[]``, the
+    ``restore_vm`` and ``drill`` flows' tables and events): the one definition,
+    as :class:`VmResult` is for backups. ``seconds`` is the VM's RTO."""
+
+    vm: str = field(metadata={"title": "VM", "width": 20, "table": True, "event": False})  # the source VM's name
+    hypervisor: str = col("", title="HYPERVISOR", width=10)  # the target's: "vsphere" or "hyperv"
+    status: str = col("ok", title="STATUS", width=6)  # "ok" or "failed"
+    point: str | None = col(title="POINT", width=26)  # the backup id restored
+    restored_as: str | None = col(title="RESTORED AS", width=20)
+    host: str | None = col(title="HOST", width=10)
+    seconds: float = col(0.0, title="SECONDS", width=7)  # the RTO: request to VM ready (powered on if asked)
+    error: str | None = col()
+    location: str | None = col()  # the datastore (vSphere) or folder (Hyper-V) written to
+    vm_id: str | None = col()  # the restored VM's id
+    source_hypervisor: str | None = col(table=False)  # differs from ``hypervisor`` across hypervisors
+    in_place: bool = col(False, table=False)
+    transport: str | None = col(table=False)  # "hotadd", "folder"; "share", "local"
+    powered_on: bool = col(False, table=False)
+    bytes_written: int = col(0, table=False)
+    disks: list[dict[str, Any]] = col(factory=list, table=False, event=False)  # [{disk, bytes_written, seconds}]
+    changes: list[str] = col(factory=list, table=False)  # what differs from the source, and why
+    warnings: list[str] = col(factory=list, table=False)
+    verified: bool | None = col(table=False)  # a drill: the restored disks equal the point
+    agent: str | None = col(table=False, event=False)
+    repository: str = col("", table=False, event=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 # Columns computed from a row, shown in the artifact table and the event
 # payload after ``seconds``: (name, function of the row) in reports.py.
 COMPUTED = ("mb_per_s", "dedup_ratio")

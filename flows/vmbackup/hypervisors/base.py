@@ -175,9 +175,151 @@ class Hypervisor(Protocol):
         """Remove what crashed runs left (ours only, older than the threshold)."""
 
 
-class Restorer(Protocol):
-    """Restore verbs: the place for the restore issue (bring a VM back).
+# -- Restore (docs/restore.md) -------------------------------------------------
 
-    Deliberately empty today; an adapter that restores implements
-    ``Hypervisor`` and ``Restorer``.
+
+@dataclass
+class DiskSpec:
+    """One disk of a VM as a restore sees it, whatever the hypervisor."""
+
+    name: str  # the disk's name in the point ("scsi0:0", "sata0:1", "ide0:0"): kept where the target has the bus
+    capacity: int  # bytes
+    bus: str = "scsi"  # "scsi", "sata", "ide", "nvme" (the name's prefix)
+    file: str | None = None  # the source's file name, when known ("vm1/vm1.vmdk", "D:\\VMs\\vm1.vhdx")
+
+
+@dataclass
+class NicSpec:
+    """One network adapter of a VM."""
+
+    network: str  # the network (vSphere port group) or virtual switch it was connected to
+    mac: str | None = None
+    kind: str | None = None  # "vmxnet3", "e1000e", "synthetic", ...
+
+
+@dataclass
+class VmDescription:
+    """A point's VM in the terms every restore understands (``Restorer.describe_point``):
+    what crosses hypervisors. ``raw`` is the source hypervisor's own
+    configuration (vSphere's config; Hyper-V's description), which a restore
+    onto the same hypervisor uses in full."""
+
+    name: str
+    hypervisor: str  # the point's hypervisor ("vsphere" or "hyperv")
+    firmware: str = "bios"  # "bios" or "efi" (Hyper-V: generation 1 or 2)
+    cpus: int = 1
+    memory_mb: int = 1024
+    guest_os: str | None = None
+    disks: list[DiskSpec] = field(default_factory=list)
+    nics: list[NicSpec] = field(default_factory=list)
+    raw: Any = None
+    files: dict[str, str] = field(default_factory=dict)  # other files in the point ("nvram" -> base64, ...)
+
+
+@dataclass
+class RestoreRequest:
+    """What a user asked to restore (``vmbackup restore`` / the ``restore`` deployment), resolved
+    to one point. Locations left None mean "where the point came from" (docs/restore.md)."""
+
+    vm: str  # the source VM's name (the row's ``vm``)
+    point: str  # the backup id
+    restored_as: str  # the new VM's name (the source's name for --in-place)
+    host: str | None = None  # an ESXi host or Hyper-V host of the plan
+    datastore: str | None = None  # vSphere datastore
+    path: str | None = None  # Hyper-V folder
+    network_map: dict[str, str] = field(default_factory=dict)  # source network -> target network
+    power_on: bool = False
+    in_place: bool = False  # roll the existing (powered-off) VM back to the point
+    drill: bool = False  # a restore drill: the plan's isolated target, removed afterwards
+
+
+@dataclass
+class Target:
+    """Where a restore goes, checked before anything is made (``RestoreSteps.prepare``)."""
+
+    restored_as: str
+    host: str | None
+    location: str | None  # datastore or folder
+    disks: list[DiskSpec]  # the disks to write, by name
+    changes: list[str] = field(default_factory=list)  # what differs from the source and why ("new MAC ...")
+    warnings: list[str] = field(default_factory=list)  # devices dropped, ...
+    handle: Any = None  # the adapter's own (a create spec)
+
+
+@dataclass
+class Made:
+    """What ``create`` made (or, in place, found): the VM the disks go into."""
+
+    vm_id: str | None  # the new VM's id (vSphere instanceUuid, Hyper-V VM Id), once known
+    transport: str  # how the disks are written: "hotadd", "folder" (vSphere); "share", "local" (Hyper-V)
+    handle: Any = None
+
+
+@dataclass
+class Written:
+    """What writing one disk did."""
+
+    bytes_written: int
+    seconds: float
+
+
+@runtime_checkable
+class RestoreSteps(Protocol):
+    """The restore of one VM, step by step (``restore.restore_one`` calls them in order).
+
+    Nothing is created before ``create``; ``release`` undoes what was made
+    when the restore failed (the half-made VM removed, disks detached), and
+    the adapter's ledger names it before it exists, so that a killed run's
+    leftovers are removed by the next ``reconcile`` or the sweeper.
     """
+
+    name: str  # the source VM's name
+
+    def reconcile(self) -> None:
+        """Remove what an earlier (killed) restore to the same name left."""
+
+    def prepare(self, description: VmDescription) -> Target:
+        """Check the request against the target (name free, host, datastore or
+        path exists and has room, mapped networks exist; in place: the VM
+        exists and is powered off) and build what ``create`` makes. Raises
+        ``RestoreInputError`` (exit 2) on any of them; nothing is made."""
+
+    def create(self, target: Target) -> Made:
+        """Make the VM (or, in place, take the existing one) with its disks
+        ready to be written: thin disks of the saved sizes attached where the
+        agent can write them."""
+
+    def write_disk(self, made: Made, disk: DiskSpec, point: str, *, cancel: Any, progress: Any) -> Written:
+        """Write one disk of ``point`` into the made VM (called for several
+        disks at once, from threads)."""
+
+    def finish(self, made: Made, *, power_on: bool) -> None:
+        """Complete the VM once every disk is written (detach from the agent,
+        the ``.nvram``, Hyper-V's import), power it on if asked."""
+
+    def read_back(self, made: Made) -> dict[str, str]:
+        """Sources the mover can read the restored disks from (disk name ->
+        path or NBD URI), for a drill's comparison; ``release`` undoes."""
+
+    def remove(self, made: Made) -> None:
+        """Remove the restored VM and its files (a drill's end)."""
+
+    def release(self, made: Made | None, *, succeeded: bool) -> list[BaseException]:
+        """Undo what the restore holds (attached disks, sessions); when it
+        failed, remove the half-made VM. Returns the problems, never raises."""
+
+
+@runtime_checkable
+class Restorer(Protocol):
+    """Restore verbs of a hypervisor: an adapter that restores implements
+    ``Hypervisor`` and ``Restorer``."""
+
+    kind: str
+
+    @staticmethod
+    def describe_point(config: Any, attributes: dict[str, Any]) -> VmDescription:
+        """The VM of one of this hypervisor's points, from its saved configuration.
+        Raises ``RestoreInputError`` when the point has no configuration."""
+
+    def restore_steps(self, request: RestoreRequest, plan: Any, agent: Any, *, run_id: str) -> RestoreSteps:
+        """The per-VM restore steps, writing through ``agent``."""
