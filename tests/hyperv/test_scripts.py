@@ -38,6 +38,7 @@ def test_every_script_is_readable_powershell_with_a_param_block():
         "Get-VmbackupVmList.ps1",
         "Import-VmbackupRestore.ps1",
         "New-VmbackupRestore.ps1",
+        "New-VmbackupShadowCopy.ps1",
         "Remove-VmbackupRestore.ps1",
         "Remove-VmbackupShadowCopies.ps1",
     ]
