@@ -205,3 +205,32 @@ def test_a_killed_restore_is_removed_by_the_next_one_and_by_the_sweeper(lab, bac
     removed = hyperv.sweep(older_than_seconds=3600)
     assert any(x.get("RestoreId") for x in removed)
     _nothing_made(lab, plan, ["legacy01-s"], [folder])
+
+
+def test_in_place_swaps_in_the_point_and_keeps_the_vm(lab, backed_up, tmp_path):
+    """A VM (here a restored copy of off01, so the lab's own VMs keep their
+    chains) backed up, then written to by its guest, rolled back in place: it
+    keeps its Id, its disks equal the point, bytes_written is what was
+    written; a running VM is refused with nothing made."""
+    plan, _, _ = backed_up
+    copy = _restore(lab, plan, "off01", "off01-ip")
+    try:
+        host = plan.hyperv_host("hv1")
+        client = connect(host, SecretStr(lab.password))
+        vm = next(v for v in select_vms(client, host, plan.selection) if v.name == "off01-ip")
+        point = backup_vm(client, vm, plan, host, plan.agents[0], run_id="in-place-src").backup_id
+        lab.write("off01-ip", "scsi0:0", 3 * 1024 * 1024, 100_000, seed=77)
+        r = _restore(lab, plan, "off01-ip", "off01-ip", in_place=True)
+        assert r.vm_id == copy.vm_id and r.point == point and r.in_place
+        assert r.bytes_written == sum(d["bytes_written"] for d in r.disks) > 0
+        assert any("in place" in c for c in r.changes) and any("(was " in c for c in r.changes)
+        saved = tmp_path / "saved.raw"
+        _mover.restore_disk(str(plan.repository), point, str(saved), disk="scsi0:0")
+        assert sha256(lab.disk_image("off01-ip", "scsi0:0", tmp_path / "now.raw")) == sha256(saved)
+        assert _vm(lab, "off01-ip")["id"].lower() == copy.vm_id.lower()
+        assert not any(lab.share_root.iterdir()) and restore_entries(plan.repository, "hv1") == []
+    finally:
+        _remove(lab, plan, copy)
+    with pytest.raises(RestoreInputError, match="win01 on Hyper-V host hv1 is not powered off"):
+        _restore(lab, plan, "win01", "win01", in_place=True)
+    assert not any(lab.share_root.iterdir()) and restore_entries(plan.repository, "hv1") == []

@@ -271,10 +271,10 @@ class HypervRestoreSteps:
         self.description = d = description
         req = self.request
         where = self.host.name
-        path = self._folder(d) if not req.in_place else ""
-        t = self.client.run_script("Get-VmbackupRestoreTarget.ps1", {"Name": req.restored_as, "Path": path}) or {}
         if req.in_place:
-            raise RestoreInputError("an in-place restore onto Hyper-V is not supported yet; restore as a new VM (--as)")
+            return self._prepare_in_place(d)
+        path = self._folder(d)
+        t = self.client.run_script("Get-VmbackupRestoreTarget.ps1", {"Name": req.restored_as, "Path": path}) or {}
         if t.get("Vm"):
             raise RestoreInputError(f"a VM named {req.restored_as} already exists on Hyper-V host {where}")
         if t.get("PathExists"):
@@ -283,6 +283,43 @@ class HypervRestoreSteps:
             )
         if not t.get("ParentExists"):
             raise RestoreInputError(f"folder {PureWindowsPath(path).parent} does not exist on Hyper-V host {where}")
+        self._check_room_and_switches(t, d, path)
+        changes = [f"new VM Id (Import-VM -GenerateNewId); folder {path}"]
+        if req.restored_as != d.name:
+            changes.append(f"named {req.restored_as} (was {d.name})")
+        return hv.Target(restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes)
+
+    def _prepare_in_place(self, d: hv.VmDescription) -> hv.Target:
+        """The VM exists, is off and has a drive at each of the point's disks' places."""
+        req, where = self.request, self.host.name
+        t = self.client.run_script("Get-VmbackupRestoreTarget.ps1", {"Name": req.restored_as, "Path": ""}) or {}
+        vm = t.get("Vm")
+        if not vm:
+            raise RestoreInputError(f"no VM named {req.restored_as} on Hyper-V host {where} to restore in place")
+        if int(vm.get("State") or 0) != STATE_OFF:
+            raise RestoreInputError(
+                f"VM {req.restored_as} on Hyper-V host {where} is not powered off; an in-place restore needs it off"
+            )
+        places = {str(x.get("Name")) for x in _list(vm.get("Disks"))}
+        missing = [x.name for x in d.disks if x.name not in places]
+        if missing:
+            raise RestoreInputError(
+                f"VM {req.restored_as} on Hyper-V host {where} has no disk {missing[0]} (the point has it); "
+                "restore as a new VM instead"
+            )
+        path = str(vm["ConfigurationLocation"]).rstrip("\\")
+        t2 = self.client.run_script("Get-VmbackupRestoreTarget.ps1", {"Name": req.restored_as, "Path": path}) or {}
+        self._check_room_and_switches(t2, d, path)
+        changes = [
+            f"in place: each disk written to a new VHDX in {path}\\Virtual Hard Disks and swapped in for the "
+            "VM's drive; the VM keeps its Id, name and configuration"
+        ]
+        return hv.Target(
+            restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes, handle=vm
+        )
+
+    def _check_room_and_switches(self, t: dict[str, Any], d: hv.VmDescription, path: str) -> None:
+        where = self.host.name
         need = sum(x.capacity for x in d.disks)
         free = t.get("FreeBytes")
         if free is not None and int(free) < need:
@@ -291,16 +328,12 @@ class HypervRestoreSteps:
                 f"VM {d.name}'s disks need up to {need}"
             )
         switches = [str(s) for s in _list(t.get("Switches"))]
-        for src, dst in req.network_map.items():
+        for src, dst in self.request.network_map.items():
             if dst not in switches:
                 raise RestoreInputError(
                     f"network map {src}={dst}: Hyper-V host {where} has no virtual switch {dst} "
                     f"(it has {', '.join(switches) or 'none'})"
                 )
-        changes = [f"new VM Id (Import-VM -GenerateNewId); folder {path}"]
-        if req.restored_as != d.name:
-            changes.append(f"named {req.restored_as} (was {d.name})")
-        return hv.Target(restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes)
 
     def create(self, target: hv.Target) -> hv.Made:
         path = target.location or ""
@@ -311,10 +344,13 @@ class HypervRestoreSteps:
         params: dict[str, Any] = {"RestoreId": self.restore_id, "Name": target.restored_as, "Path": path}
         if not self.local:
             params["ShareTo"] = self.agent.share_account
+        if self.request.in_place:
+            params["InPlace"] = True
         answer = self.client.run_script("New-VmbackupRestore.ps1", params) or {}
         m = _Made(self.restore_id, path, answer.get("StagePath") or f"{path}\\{STAGING}", answer.get("SharePath"))
         m.target = target
-        return hv.Made(vm_id=None, transport="local" if self.local else "share", handle=m)
+        vm_id = str(target.handle["Id"]) if self.request.in_place and target.handle else None
+        return hv.Made(vm_id=vm_id, transport="local" if self.local else "share", handle=m)
 
     def _mapped(self, m: _Made, winpath: str) -> Path:
         """Where the agent reaches ``winpath`` (inside the restore's folder): through the share or on the host."""
@@ -335,6 +371,8 @@ class HypervRestoreSteps:
         src, new = self.description.name, self.request.restored_as
         if base.lower().startswith(src.lower()):
             base = new + base[len(src) :]
+        if self.request.in_place:  # beside the VM's own files, never over one
+            base += time.strftime("-restored-%Y%m%d%H%M%S", time.gmtime())
         return base + ".vhdx"
 
     def write_disk(self, made: hv.Made, disk: hv.DiskSpec, point: str, *, cancel: Any, progress: Any) -> hv.Written:
@@ -355,7 +393,7 @@ class HypervRestoreSteps:
         assert d is not None
         raw = d.raw or {}
         config_file = ""
-        for f in raw.get("config_files") or []:
+        for f in [] if self.request.in_place else raw.get("config_files") or []:
             if "data_base64" not in f:
                 continue
             name = PureWindowsPath(f["path"]).name
@@ -380,6 +418,7 @@ class HypervRestoreSteps:
                     "ConfigFile": config_file,
                     "NetworkMap": dict(self.request.network_map),
                     "PowerOn": power_on,
+                    "InPlace": self.request.in_place,
                 },
             )
             or {}
@@ -393,6 +432,8 @@ class HypervRestoreSteps:
                     "rebuilt from the point's description (New-VM): the configuration could not be imported"
                     + ("" if config_file else " (the point holds no .vmcx)")
                 )
+            for x in _list(answer.get("Replaced")):
+                t.changes.append(f"disk {x.get('Name')}: now {x.get('Path')} (was {x.get('Old')}, kept)")
             for i in _list(answer.get("Incompatibilities")):
                 t.changes.append(
                     f"switch {i.get('Switch')} does not exist on {self.host.name}: adapter {i.get('Resolution')}"

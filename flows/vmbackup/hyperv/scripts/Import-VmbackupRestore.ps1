@@ -15,7 +15,11 @@
     cannot read the configuration (a configuration version this host does not
     run, a damaged or missing file), the VM is made with New-VM from
     -Description (generation, processors, memory, adapters) and the staged
-    disks are copied and attached (Add-VMHardDiskDrive). Start-VM with -PowerOn.
+    disks are copied and attached (Add-VMHardDiskDrive). With -InPlace the VM
+    -Name exists and is off: each staged VHDX is moved into its folder's
+    'Virtual Hard Disks' (a rename on one volume) and the drive of its place
+    pointed at it (Set-VMHardDiskDrive); the files the drives used are kept.
+    Start-VM with -PowerOn.
     The restore's entry must exist (New-VmbackupRestore.ps1).
 .PARAMETER Disks
     [{ Name = 'scsi0:0'; Path = '<staged .vhdx>' }, ...]
@@ -30,6 +34,7 @@ param(
     [string]$ConfigFile = '',
     [object]$NetworkMap = $null,
     [bool]$PowerOn = $false,
+    [bool]$InPlace = $false,
     [string]$WorkDir = 'C:\ProgramData\vmbackup'
 )
 $ErrorActionPreference = 'Stop'
@@ -37,7 +42,7 @@ $ErrorActionPreference = 'Stop'
 $entryFile = Join-Path (Join-Path $WorkDir 'restores') "$RestoreId.json"
 if (-not (Test-Path -LiteralPath $entryFile)) { throw "RestoreNotFound: no restore '$RestoreId' in $WorkDir\restores" }
 $entry = Get-Content -LiteralPath $entryFile -Raw | ConvertFrom-Json
-if (Get-VM -Name $Name -ErrorAction SilentlyContinue) { throw "VmExists: a VM named '$Name' exists on $env:COMPUTERNAME" }
+if (-not $InPlace -and (Get-VM -Name $Name -ErrorAction SilentlyContinue)) { throw "VmExists: a VM named '$Name' exists on $env:COMPUTERNAME" }
 $path = $entry.Path
 $vhdDir = Join-Path $path 'Virtual Hard Disks'
 New-Item -ItemType Directory -Force -Path $vhdDir | Out-Null
@@ -50,14 +55,29 @@ function Get-Place($Drive) { '{0}{1}:{2}' -f @{ 0 = 'ide'; 1 = 'scsi' }[[int]$Dr
 $staged = @{}
 foreach ($d in $Disks) { $staged[[string]$d.Name] = [string]$d.Path }
 $incompatibilities = @()
+$replaced = @()
 $report = $null
-if ($ConfigFile) {
+if ($InPlace) {
+    $method = 'in-place'
+    $vm = Get-VM -Name $Name
+    if ($vm.State -ne 'Off') { throw "VmNotOff: VM '$Name' is not off ($($vm.State)); an in-place restore needs it off" }
+    foreach ($drive in @(Get-VMHardDiskDrive -VM $vm)) {
+        $place = Get-Place $drive
+        if (-not $staged.ContainsKey($place)) { continue }
+        $target = Join-Path $vhdDir (Split-Path -Path $staged[$place] -Leaf)
+        Move-Item -LiteralPath $staged[$place] -Destination $target
+        $replaced += [pscustomobject]@{ Name = $place; Old = $drive.Path; Path = $target }
+        Set-VMHardDiskDrive -VMHardDiskDrive $drive -Path $target
+    }
+} elseif ($ConfigFile) {
     try {
         $report = Compare-VM -Path $ConfigFile -Copy -GenerateNewId -VirtualMachinePath $path -SnapshotFilePath $path `
             -SmartPagingFilePath $path -VhdDestinationPath $vhdDir
     } catch { $report = $null }
 }
-if ($report) {
+if ($InPlace) {
+    # done above: nothing to import
+} elseif ($report) {
     $method = 'import'
     $vm = $report.VM
     Rename-VM -VM $vm -NewName $Name
@@ -122,6 +142,7 @@ $vm = Get-VM -Id $vm.Id
     Method            = $method
     Generation        = [int]$vm.Generation
     Incompatibilities = @($incompatibilities)
+    Replaced          = @($replaced)
     Disks             = @(Get-VMHardDiskDrive -VM $vm | ForEach-Object { [pscustomobject]@{ Name = (Get-Place $_); Path = $_.Path } })
     State             = [int]$vm.State
 }

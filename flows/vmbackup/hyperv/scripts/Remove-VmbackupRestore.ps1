@@ -25,7 +25,8 @@ $entryFile = Join-Path (Join-Path $WorkDir 'restores') "$RestoreId.json"
 $entry = if (Test-Path -LiteralPath $entryFile) { Get-Content -LiteralPath $entryFile -Raw | ConvertFrom-Json } else { $null }
 $folder = if ($entry) { [string]$entry.Path } else { $Path }
 $removed = @()
-if (-not $KeepVm -and $folder) {
+# an in-place restore's VM is the user's own: never removed
+if (-not $KeepVm -and $folder -and -not ($entry -and $entry.InPlace)) {
     foreach ($vm in @(Get-VM)) {
         if ($vm.ConfigurationLocation.TrimEnd('\') -ne $folder.TrimEnd('\')) { continue }
         if ($VMId -and ([string]$vm.Id) -ne $VMId) { continue }

@@ -172,10 +172,13 @@ def import_restore(
     configfile: str = "",
     networkmap: dict | None = None,
     poweron: bool = False,
+    inplace: bool = False,
     workdir: str = WORK_DIR,
 ) -> dict:
     entry = _entry(host, restoreid)
     path = entry["Path"]
+    if inplace:
+        return _swap(host, name, path, disks, poweron)
     if _find(host, name) is not None:
         raise ScriptFailure(f"VmExists: a VM named '{name}' exists on {host.name.upper()}")
     networkmap = dict(networkmap or {})
@@ -249,6 +252,39 @@ def import_restore(
     }
 
 
+def _swap(host: Host, name: str, path: str, disks, poweron: bool) -> dict:
+    """In place: each staged VHDX moved into the VM's 'Virtual Hard Disks' and its drive pointed at it."""
+    vm = _find(host, name)
+    if vm is None:
+        raise ScriptFailure(f"VmNotFound: no VM named '{name}' on {host.name.upper()}")
+    if vm.state != VM_OFF:
+        raise ScriptFailure(f"VmNotOff: VM '{name}' is not off (Running); an in-place restore needs it off")
+    staged = {str(d["Name"]): str(d["Path"]) for d in (disks if isinstance(disks, list) else [disks])}
+    vhd_dir = f"{path}\\Virtual Hard Disks"
+    host.local(vhd_dir).mkdir(parents=True, exist_ok=True)
+    replaced = []
+    for d in vm.disks:
+        if d.name not in staged or d.top is None:
+            continue
+        dst = f"{vhd_dir}\\{PureWindowsPath(staged[d.name]).name}"
+        host.local(staged[d.name]).rename(host.local(dst))  # Move-Item on one volume
+        replaced.append({"Name": d.name, "Old": d.top.winpath, "Path": dst})
+        d.top = DiskFile(dst, "vhdx", False)  # Set-VMHardDiskDrive -Path
+    host.write_config(vm)
+    if poweron:
+        vm.state = VM_RUNNING
+    return {
+        "Name": vm.name,
+        "VmId": vm.id.lower(),
+        "Method": "in-place",
+        "Generation": vm.generation,
+        "Incompatibilities": [],
+        "Replaced": replaced,
+        "Disks": [{"Name": d.name, "Path": d.top.winpath} for d in vm.disks if d.top is not None],
+        "State": vm.state,
+    }
+
+
 def _rm(host: Host, winpath: str) -> None:
     local = host.local(winpath)
     if local.is_symlink() or local.is_file():
@@ -265,7 +301,8 @@ def remove_restore(
     entry = json.loads(entry_file.read_text()) if entry_file.exists() else None
     folder = entry["Path"] if entry else path
     removed = []
-    if not keepvm and folder:
+    # an in-place restore's VM is the user's own: never removed
+    if not keepvm and folder and not (entry and entry.get("InPlace")):
         for v in list(host.vms.values()):
             # only a VM registered in the restore's own folder (which did not
             # exist before the restore), and with -VMId only that VM
