@@ -66,6 +66,21 @@ def describe_point(config: Any, attributes: dict[str, Any]) -> hv.VmDescription:
         bus = "".join(c for c in d["name"].split(":")[0] if c.isalpha()) or "scsi"
         disks.append(hv.DiskSpec(name=d["name"], capacity=int(d["size"]), bus=bus, file=d.get("file")))
     generation = config.get("generation")
+    changes = []
+    for d in config.get("disks") or []:
+        if d["name"] not in excluded and len(d.get("chain") or []) > 1:
+            changes.append(
+                f"disk {d['name']}: its checkpoint chain comes back as one VHDX (checkpoints are not restored)"
+            )
+    if generation is None:
+        changes.append(
+            "the point does not record the VM's generation, processors, memory or network adapters "
+            "(made before restore existed): the .vmcx gives them, else generation 2, 1 processor, 1 GiB"
+        )
+    where = config.get("configuration_location")
+    if not where and config.get("config_files"):
+        # <folder>\Virtual Machines\<id>.vmcx
+        where = str(PureWindowsPath(config["config_files"][0]["path"]).parent.parent)
     return hv.VmDescription(
         name=config["name"],
         hypervisor="hyperv",
@@ -78,6 +93,9 @@ def describe_point(config: Any, attributes: dict[str, Any]) -> hv.VmDescription:
             for n in config.get("nics") or []
         ],
         raw=config,
+        host=(attributes or {}).get("host") or config.get("host"),
+        location=where or None,
+        changes=changes,
     )
 
 
@@ -256,11 +274,7 @@ class HypervRestoreSteps:
     def _folder(self, d: hv.VmDescription) -> str:
         if self.request.path:
             return self.request.path.rstrip("\\")
-        raw = d.raw or {}
-        where = raw.get("configuration_location")
-        if not where and raw.get("config_files"):
-            # <folder>\Virtual Machines\<id>.vmcx
-            where = str(PureWindowsPath(raw["config_files"][0]["path"]).parent.parent)
+        where = d.location
         if not where:
             raise RestoreInputError(
                 f"backup point {self.request.point} does not say where VM {d.name} was; give --path"
@@ -284,7 +298,7 @@ class HypervRestoreSteps:
         if not t.get("ParentExists"):
             raise RestoreInputError(f"folder {PureWindowsPath(path).parent} does not exist on Hyper-V host {where}")
         self._check_room_and_switches(t, d, path)
-        changes = [f"new VM Id (Import-VM -GenerateNewId); folder {path}"]
+        changes = [f"new VM Id (Import-VM -GenerateNewId); folder {path}"] + list(d.changes)
         if req.restored_as != d.name:
             changes.append(f"named {req.restored_as} (was {d.name})")
         return hv.Target(restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes)
@@ -313,7 +327,7 @@ class HypervRestoreSteps:
         changes = [
             f"in place: each disk written to a new VHDX in {path}\\Virtual Hard Disks and swapped in for the "
             "VM's drive; the VM keeps its Id, name and configuration"
-        ]
+        ] + list(d.changes)
         return hv.Target(
             restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes, handle=vm
         )
