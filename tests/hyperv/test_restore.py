@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import sha256
@@ -234,3 +236,73 @@ def test_in_place_swaps_in_the_point_and_keeps_the_vm(lab, backed_up, tmp_path):
     with pytest.raises(RestoreInputError, match="win01 on Hyper-V host hv1 is not powered off"):
         _restore(lab, plan, "win01", "win01", in_place=True)
     assert not any(lab.share_root.iterdir()) and restore_entries(plan.repository, "hv1") == []
+
+
+KILLED = """
+import json, os, sys
+from pydantic import SecretStr
+from vmbackup.plan import parse_plan
+from vmbackup.hyperv.hypervisor import HyperV
+from vmbackup.hyperv.restore import describe_point
+from vmbackup.hypervisors.base import RestoreRequest
+from vmbackup.hypervisors.restore import find_point, restore_one
+
+plan = parse_plan(json.loads(sys.argv[1]))
+host = plan.hyperv_host("hv1")
+hyperv = HyperV(plan, host, SecretStr(os.environ["VMBACKUP_HYPERV_PASSWORD"]))
+point = find_point(str(plan.repository), "legacy01")
+req = RestoreRequest(vm="legacy01", point=point.id, restored_as=sys.argv[2])
+steps = hyperv.restore_steps(req, plan, plan.agents[0], run_id="restore-run")
+restore_one(steps, req, describe_point(point.config, point.attributes), hypervisor="hyperv",
+            repository=str(plan.repository), agent="agent1", disks_per_vm=2)
+"""
+
+
+def test_kill_9_mid_restore_then_the_same_restore_leaves_one_vm(lab, backed_up, tmp_path):
+    """kill -9 of a restore while the host imports the VM (lab fault slow_ms
+    holds each restore script): the same restore run again reconciles first
+    (the entry's process is dead) and leaves exactly one VM of that name."""
+    plan, _, _ = backed_up
+    plan_json = {
+        "hyperv": [
+            {
+                "name": "hv1",
+                "url": lab.url,
+                "user": lab.user,
+                "password_env": "VMBACKUP_HYPERV_PASSWORD",
+                "auth": "ntlm",
+                "ca_file": lab.ca_file,
+            }
+        ],
+        "repository": str(plan.repository),
+        "agents": [
+            {
+                "name": "agent1",
+                "windows_paths": {"\\\\HV1\\": str(lab.share_root)},
+                "share_account": "HV1\\vmbackup-agent",
+            }
+        ],
+        "selection": {"vms": ["*"]},
+    }
+    lab.set_faults(slow_ms=1500)
+    env = dict(os.environ, VMBACKUP_HYPERV_PASSWORD=lab.password)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, json.dumps(plan_json), "legacy01-k9"], env=env)
+    stage = lab.local_path("D:\\Hyper-V\\legacy01-k9\\.vmbackup-staging")
+    try:
+        end = time.monotonic() + 60
+        # the disk is written (the mover renames its file into place when complete): Import-VM is next
+        while not (stage.is_dir() and any(p.suffix == ".vhdx" for p in stage.iterdir())):
+            assert proc.poll() is None and time.monotonic() < end, "the restore never wrote its disk"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert restore_entries(plan.repository, "hv1")  # what the killed restore left is named
+    lab.set_faults()
+    r = _restore(lab, plan, "legacy01", "legacy01-k9")
+    try:
+        assert [v["name"] for v in lab.status()["vms"] if v["name"].startswith("legacy01-k9")] == ["legacy01-k9"]
+        assert not stage.exists() and not any(lab.share_root.iterdir())
+        assert restore_entries(plan.repository, "hv1") == []
+    finally:
+        _remove(lab, plan, r)

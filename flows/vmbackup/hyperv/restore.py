@@ -117,6 +117,8 @@ class RestoreEntry:
     pid: int = field(default_factory=os.getpid)
     machine: str = field(default_factory=socket.gethostname)
     space: str | None = field(default_factory=process_space)
+    # the process's start (clock ticks since boot, /proc/<pid>/stat): a reused pid is not the writer
+    started: int | None = field(default_factory=lambda: _started(os.getpid()))
     created_unix: float = field(default_factory=time.time)
     file: Path | None = None
 
@@ -132,6 +134,8 @@ class RestoreEntry:
                 return False
             except PermissionError:
                 pass
+            if self.started is not None and _started(self.pid) not in (None, self.started):
+                return False  # the pid was reused: the writer is gone
         try:
             age = (time.time() if now is None else now) - self.file.stat().st_mtime
         except OSError:
@@ -140,6 +144,16 @@ class RestoreEntry:
 
 
 _held: dict[Path, Heartbeat] = {}
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started (field 22 of /proc/<pid>/stat), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: count after its last ')'
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def restore_ledger(repository: str | os.PathLike) -> Path:

@@ -55,6 +55,7 @@ SNAPSHOT_SET_IN_PROGRESS = 0x80042316
 # `create_seconds=N`: shadow copy set creation takes N seconds (the topology's
 # `shadow_create_seconds` otherwise); changing it wakes a creation under way.
 # `import_fail`: Import-VM registers the VM, then fails (a restore caught mid-way).
+# `slow_ms=N`: each restore script that makes or removes something waits N ms first.
 HOST_FAULTS = (
     "writer_failed",
     "shadow_fail",
@@ -63,6 +64,7 @@ HOST_FAULTS = (
     "shadow_vanish",
     "create_seconds",
     "import_fail",
+    "slow_ms",
 )
 VM_FAULTS = ("backup_off", "backup_no_contact")
 
@@ -560,6 +562,10 @@ class Host:
             bad = [k for k in faults if k not in allowed]
             if bad:
                 raise HostError(f"unknown fault {bad[0]!r} (known: {', '.join(allowed)})")
+            if "slow_ms" in faults:
+                v = faults["slow_ms"]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                    raise HostError(f"fault slow_ms: {v!r} is not a number of milliseconds")
             if "create_seconds" in faults:
                 v = faults["create_seconds"]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
