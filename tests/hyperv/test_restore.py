@@ -306,3 +306,68 @@ def test_kill_9_mid_restore_then_the_same_restore_leaves_one_vm(lab, backed_up, 
         assert restore_entries(plan.repository, "hv1") == []
     finally:
         _remove(lab, plan, r)
+
+
+def test_a_vsphere_point_comes_back_as_a_hyperv_vm(lab, tmp_path):
+    """A point of a vSphere VM (UEFI, a SCSI and a SATA disk, one adapter on
+    port group "VM Network"), written here by the mover as a vSphere backup
+    writes it, restored onto the Hyper-V host: a generation 2 VM in the host's
+    default VM path, rebuilt from the description (there is no .vmcx), the
+    SATA disk on SCSI 0, the network mapped; every disk equals the point."""
+    from vmbackup.hypervisors.base import DiskSpec, NicSpec, VmDescription
+
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    sizes = {"scsi0:0": 8 << 20, "sata0:0": 4 << 20}
+    session = _mover.BackupSession(str(repo), "vsvm")
+    for k, (name, size) in enumerate(sizes.items()):
+        raw = tmp_path / f"{k}.raw"
+        with open(raw, "wb") as f:
+            f.truncate(size)
+            f.seek(1 << 20)
+            f.write(bytes([k + 1]) * 300_000)
+        session.add_disk(str(raw), name)
+    point = session.id
+    session.commit(json.dumps({"name": "vsvm"}), json.dumps({"vm": "vsvm", "host": "esx1"}))
+    desc = VmDescription(
+        name="vsvm",
+        hypervisor="vsphere",
+        firmware="efi",
+        cpus=2,
+        memory_mb=1024,
+        disks=[
+            DiskSpec("scsi0:0", sizes["scsi0:0"], "scsi", "[ds1] vsvm/vsvm.vmdk"),
+            DiskSpec("sata0:0", sizes["sata0:0"], "sata", "[ds1] vsvm/vsvm_1.vmdk"),
+        ],
+        nics=[NicSpec("VM Network", "00:50:56:aa:bb:cc", "vmxnet3")],
+        host="esx1",
+        location="ds1",
+    )
+    plan = make_plan(lab, repo)
+    hyperv = HyperV(plan, plan.hyperv_host("hv1"), SecretStr(lab.password))
+    req = RestoreRequest(vm="vsvm", point=point, restored_as="vsvm-hv", network_map={"VM Network": "LAN"})
+    r = restore_one(
+        hyperv.restore_steps(req, plan, plan.agents[0], run_id="cross"),
+        req,
+        desc,
+        hypervisor="hyperv",
+        repository=str(repo),
+        agent="agent1",
+        disks_per_vm=2,
+        verify=True,
+    )
+    try:
+        assert (r.source_hypervisor, r.hypervisor, r.verified) == ("vsphere", "hyperv", True)
+        assert r.location == "C:\\ProgramData\\Microsoft\\Windows\\Hyper-V\\vsvm-hv"
+        assert any("disk sata0:0 is scsi0:1 on Hyper-V" in c for c in r.changes)
+        assert any("rebuilt from the point's description" in c for c in r.changes)
+        vm = _vm(lab, "vsvm-hv")
+        assert (vm["generation"], vm["cpus"], vm["memory_mib"]) == (2, 2, 1024)
+        assert vm["nics"] == [{"switch": "LAN", "mac": "005056AABBCC"}]
+        assert [d["name"] for d in vm["disks"]] == ["scsi0:0", "scsi0:1"]
+        for disk, place in (("scsi0:0", "scsi0:0"), ("sata0:0", "scsi0:1")):
+            saved = tmp_path / "saved.raw"
+            _mover.restore_disk(str(repo), point, str(saved), disk=disk, overwrite=True)
+            assert sha256(lab.disk_image("vsvm-hv", place, tmp_path / "now.raw")) == sha256(saved)
+    finally:
+        _remove(lab, plan, r)

@@ -99,6 +99,44 @@ def describe_point(config: Any, attributes: dict[str, Any]) -> hv.VmDescription:
     )
 
 
+def generation(d: hv.VmDescription) -> int:
+    """The Hyper-V generation of a described VM: 2 for UEFI firmware, 1 for BIOS."""
+    return 2 if d.firmware == "efi" else 1
+
+
+def places(d: hv.VmDescription) -> dict[str, str]:
+    """Where each disk of ``d`` goes on Hyper-V, by name: its own name where
+    the generation has that controller (IDE 0-1 in generation 1, SCSI 0-3),
+    else the next free location of SCSI controller 0 (SATA and NVMe disks of a
+    vSphere VM, IDE disks in generation 2, which has no IDE)."""
+    gen = generation(d)
+    out: dict[str, str] = {}
+    used = set()
+    moved = []
+    for disk in d.disks:
+        bus, _, rest = disk.name.partition(next((c for c in disk.name if c.isdigit()), ":"))
+        ok = (bus == "scsi") or (bus == "ide" and gen == 1)
+        if ok:
+            out[disk.name] = disk.name
+            used.add(disk.name)
+        else:
+            moved.append(disk.name)
+    loc = 0
+    for name in moved:
+        while f"scsi0:{loc}" in used:
+            loc += 1
+        out[name] = f"scsi0:{loc}"
+        used.add(out[name])
+    return {disk.name: out[disk.name] for disk in d.disks}
+
+
+def hyperv_mac(mac: str | None) -> str | None:
+    """A MAC address as Hyper-V writes it ('00155D0A0B0C'), from any separators."""
+    if not mac:
+        return None
+    return "".join(c for c in mac if c.isalnum()).upper() or None
+
+
 # --- the restore ledger ----------------------------------------------------------
 
 
@@ -269,6 +307,7 @@ class HypervRestoreSteps:
         self.description: hv.VmDescription | None = None
         self.entry: RestoreEntry | None = None
         self.made = False
+        self.places: dict[str, str] = {}  # the point's disk name -> its place on Hyper-V (``places``)
 
     def reconcile(self) -> None:
         for e in restore_entries(self.repository, self.host.name):
@@ -288,6 +327,10 @@ class HypervRestoreSteps:
     def _folder(self, d: hv.VmDescription) -> str:
         if self.request.path:
             return self.request.path.rstrip("\\")
+        if d.hypervisor != "hyperv":
+            # another hypervisor's point: the host's default VM path (Get-VMHost's VirtualMachinePath)
+            t = self.client.run_script("Get-VmbackupRestoreTarget.ps1", {"Name": self.request.restored_as, "Path": ""})
+            return str((t or {}).get("VirtualMachinePath") or "").rstrip("\\") + "\\" + self.request.restored_as
         where = d.location
         if not where:
             raise RestoreInputError(
@@ -315,6 +358,15 @@ class HypervRestoreSteps:
         changes = [f"new VM Id (Import-VM -GenerateNewId); folder {path}"] + list(d.changes)
         if req.restored_as != d.name:
             changes.append(f"named {req.restored_as} (was {d.name})")
+        self.places = places(d)
+        if d.hypervisor != "hyperv":
+            changes.append(
+                f"a {d.hypervisor} VM made as a Hyper-V generation {generation(d)} VM (New-VM): each disk as a VHDX; "
+                "the guest needs Hyper-V's drivers (docs/restore.md)"
+            )
+        for src, dst in self.places.items():
+            if src != dst:
+                changes.append(f"disk {src} is {dst} on Hyper-V (generation {generation(d)} has no such controller)")
         return hv.Target(restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes)
 
     def _prepare_in_place(self, d: hv.VmDescription) -> hv.Target:
@@ -392,10 +444,10 @@ class HypervRestoreSteps:
 
     def _file_name(self, disk: hv.DiskSpec) -> str:
         """The restored VHDX's name: the disk's base file's, renamed with the VM (``win01-disk1`` -> ``new-disk1``)."""
-        chain = next(
-            (x.get("chain") for x in (self.description.raw or {}).get("disks", []) if x["name"] == disk.name), None
-        )
-        base = PureWindowsPath((chain or [disk.file or disk.name.replace(":", "-")])[-1]).stem
+        raw = self.description.raw if self.description.hypervisor == "hyperv" else None
+        saved = (raw or {}).get("disks", []) if isinstance(raw, dict) else []
+        chain = next((x.get("chain") for x in saved if isinstance(x, dict) and x.get("name") == disk.name), None)
+        base = PureWindowsPath((chain or [disk.file or disk.name.replace(":", "-")])[-1].replace("/", "\\")).stem
         src, new = self.description.name, self.request.restored_as
         if base.lower().startswith(src.lower()):
             base = new + base[len(src) :]
@@ -430,10 +482,10 @@ class HypervRestoreSteps:
             if name.lower().endswith(".vmcx"):
                 config_file = winpath
         desc = {
-            "Generation": 2 if d.firmware == "efi" else 1,
+            "Generation": generation(d),
             "ProcessorCount": d.cpus,
             "MemoryStartupBytes": d.memory_mb << 20,
-            "NetworkAdapters": [{"SwitchName": n.network or None, "MacAddress": n.mac} for n in d.nics],
+            "NetworkAdapters": [{"SwitchName": n.network or None, "MacAddress": hyperv_mac(n.mac)} for n in d.nics],
         }
         answer = (
             self.client.run_script(
@@ -441,7 +493,7 @@ class HypervRestoreSteps:
                 {
                     "RestoreId": m.restore_id,
                     "Name": self.request.restored_as,
-                    "Disks": [{"Name": k, "Path": v} for k, v in m.files.items()],
+                    "Disks": [{"Name": k, "Place": self.places.get(k, k), "Path": v} for k, v in m.files.items()],
                     "Description": desc,
                     "ConfigFile": config_file,
                     "NetworkMap": dict(self.request.network_map),
@@ -452,7 +504,9 @@ class HypervRestoreSteps:
             or {}
         )
         made.vm_id = str(answer.get("VmId") or "") or None
-        m.final = {x["Name"]: x["Path"] for x in _list(answer.get("Disks"))}
+        # the point's disk names (read_back answers by them), from the places they were attached at
+        back = {v: k for k, v in self.places.items()}
+        m.final = {back.get(x["Name"], x["Name"]): x["Path"] for x in _list(answer.get("Disks"))}
         t = m.target
         if t is not None:
             if answer.get("Method") == "rebuild":

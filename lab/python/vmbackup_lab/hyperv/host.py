@@ -268,6 +268,9 @@ class Host:
         self.faults: dict = dict(topology.get("faults", {}).get("host", {}))
         self.switches: list[str] = list(topology.get("switches", []))
         self.free_mib: dict[str, int] = dict(topology.get("free_mib", {}))
+        # Get-VMHost's VirtualMachinePath: where a VM goes when no folder is given
+        first = "C" if "C" in self.volumes else next(iter(topology["volumes"]))
+        self.vm_path = f"{first}:\\ProgramData\\Microsoft\\Windows\\Hyper-V"
         self.vms: dict[str, Vm] = {}
         self.shadows: dict[str, ShadowCopy] = {}
         self.runs: dict[str, Run] = {}
@@ -287,6 +290,7 @@ class Host:
         for p in self.volumes.values():
             p.mkdir(parents=True)
         (root / "model").mkdir()
+        self.local(self.vm_path).mkdir(parents=True, exist_ok=True)
         (root / "shadows").mkdir()
         (root / "shares").mkdir()
         self.smb_root.mkdir()
