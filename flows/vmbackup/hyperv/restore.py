@@ -362,7 +362,7 @@ class HypervRestoreSteps:
         if d.hypervisor != "hyperv":
             changes.append(
                 f"a {d.hypervisor} VM made as a Hyper-V generation {generation(d)} VM (New-VM): each disk as a VHDX; "
-                "the guest needs Hyper-V's drivers (docs/restore.md)"
+                "the guest needs Hyper-V's drivers (docs/hyperv.md, 'Restore')"
             )
         for src, dst in self.places.items():
             if src != dst:
