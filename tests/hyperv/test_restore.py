@@ -205,7 +205,7 @@ def test_a_killed_restore_is_removed_by_the_next_one_and_by_the_sweeper(lab, bac
     folder = half_made("legacy01-s")
     hyperv.connect()
     removed = hyperv.sweep(older_than_seconds=3600)
-    assert any(x.get("RestoreId") for x in removed)
+    assert [x["VMs"] for x in removed if x.get("Kind") == "restore"] == [["legacy01-s"]]
     _nothing_made(lab, plan, ["legacy01-s"], [folder])
 
 

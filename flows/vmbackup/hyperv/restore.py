@@ -241,33 +241,46 @@ def undo(client: HypervClient, restore_id: str, *, keep_vm: bool = False) -> dic
     return client.run_script("Remove-VmbackupRestore.ps1", {"RestoreId": restore_id, "KeepVm": keep_vm}) or {}
 
 
-def sweep_restores(client: HypervClient, repository: str, host: str, *, older_than_seconds: float) -> list[str]:
+def sweep_restores(
+    client: HypervClient, repository: str | None, host: str, *, older_than_seconds: float
+) -> list[dict[str, Any]]:
     """Undo the restores on ``host`` that are no longer running: those the
-    repository's ledger names as dead, and host entries older than the
-    threshold that no live ledger entry names. Returns their ids."""
-    removed = []
+    repository's ledger names as dead (whatever their age), and host entries
+    older than the threshold that no live ledger entry names (without a
+    repository, every host entry older than the threshold: choose it above the
+    longest restore, as for backups). Returns one ``{"RunId", "Kind":
+    "restore", "VMs", "Created", "Deleted": []}`` per restore undone."""
+    removed: list[dict[str, Any]] = []
     live = set()
-    for e in restore_entries(repository, host):
+    for e in restore_entries(repository, host) if repository else []:
         if e.alive():
             live.add(e.restore_id)
             continue
         undo(client, e.restore_id)
         _drop_entry(e, remove=True)
-        removed.append(e.restore_id)
+        removed.append(_swept(e.restore_id, e.name, e.created_unix))
         log.warning(
             "host %s: removed restore %s of VM %s left by pid %s on %s", host, e.restore_id, e.name, e.pid, e.machine
         )
+    done = {r["RunId"] for r in removed}
     answer = client.run_script("Get-VmbackupRestores.ps1") or {}
     for r in _list(answer.get("Restores")):
         rid = r.get("RestoreId")
-        if not rid or rid in live or rid in removed:
+        if not rid or rid in live or rid in done:
             continue
         created = _parse_time(r.get("Created"))
         if created is not None and time.time() - created >= older_than_seconds:
             undo(client, rid)
-            removed.append(rid)
+            removed.append(_swept(rid, r.get("Name"), created))
             log.warning("host %s: removed restore %s of VM %s (no running restore names it)", host, rid, r.get("Name"))
     return removed
+
+
+def _swept(rid: str, name: Any, created: float | None) -> dict[str, Any]:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat() if created else None
+    return {"RunId": rid, "Kind": "restore", "VMs": [str(name)] if name else [], "Created": when, "Deleted": []}
 
 
 def _parse_time(text: Any) -> float | None:
