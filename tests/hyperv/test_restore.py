@@ -313,7 +313,7 @@ def test_a_vsphere_point_comes_back_as_a_hyperv_vm(lab, tmp_path):
     port group "VM Network"), written here by the mover as a vSphere backup
     writes it, restored onto the Hyper-V host: a generation 2 VM in the host's
     default VM path, rebuilt from the description (there is no .vmcx), the
-    SATA disk on SCSI 0, the network mapped; every disk equals the point."""
+    SATA disk on SCSI 0, the network mapped, powered on; every disk equals the point."""
     from vmbackup.hypervisors.base import DiskSpec, NicSpec, VmDescription
 
     repo = tmp_path / "repo"
@@ -345,7 +345,9 @@ def test_a_vsphere_point_comes_back_as_a_hyperv_vm(lab, tmp_path):
     )
     plan = make_plan(lab, repo)
     hyperv = HyperV(plan, plan.hyperv_host("hv1"), SecretStr(lab.password))
-    req = RestoreRequest(vm="vsvm", point=point, restored_as="vsvm-hv", network_map={"VM Network": "LAN"})
+    req = RestoreRequest(
+        vm="vsvm", point=point, restored_as="vsvm-hv", network_map={"VM Network": "LAN"}, power_on=True
+    )
     r = restore_one(
         hyperv.restore_steps(req, plan, plan.agents[0], run_id="cross"),
         req,
@@ -363,6 +365,7 @@ def test_a_vsphere_point_comes_back_as_a_hyperv_vm(lab, tmp_path):
         assert any("rebuilt from the point's description" in c for c in r.changes)
         vm = _vm(lab, "vsvm-hv")
         assert (vm["generation"], vm["cpus"], vm["memory_mib"]) == (2, 2, 1024)
+        assert r.powered_on and vm["state"] == "running"  # Start-VM
         assert vm["nics"] == [{"switch": "LAN", "mac": "005056AABBCC"}]
         assert [d["name"] for d in vm["disks"]] == ["scsi0:0", "scsi0:1"]
         for disk, place in (("scsi0:0", "scsi0:0"), ("sata0:0", "scsi0:1")):
