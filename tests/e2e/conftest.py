@@ -112,6 +112,24 @@ def base_env(state: Path) -> dict[str, str]:
     return env
 
 
+def api_headers(env: dict[str, str]) -> dict[str, str]:
+    """Headers of a plain HTTP request to the server of ``env`` (see
+    :func:`base_env`): JSON, and its auth string as basic authentication."""
+    import base64
+
+    auth = env.get("PREFECT_API_AUTH_STRING") or read_auth(Path(env["VMBACKUP_STATE_DIR"]))
+    headers = {"content-type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    return headers
+
+
+def read_auth(state: Path) -> str | None:
+    from vmbackup.localserver import server
+
+    return server.read_auth(state)
+
+
 def _lab(tmp_path_factory, topology: str | Path | None):
     """A lab of ``topology`` (a file here, a path, or None: the lab's built-in default)."""
     state = tmp_path_factory.mktemp(Path(topology).stem if topology else "default-lab")
