@@ -38,6 +38,7 @@ This module does not import Prefect: the health check is plain HTTP.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -103,7 +104,8 @@ def _startup_timeout() -> float:
 
 def _private_dir(state: Path) -> None:
     """The state directory, made (or narrowed to) 0700: it holds the auth
-    string and the database, whose Secret blocks are plain text."""
+    string, and the database with the Secret blocks (and the key that
+    decrypts them)."""
     state.mkdir(parents=True, exist_ok=True)
     st = state.stat()
     if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
@@ -155,8 +157,6 @@ def ensure_auth(state: Path | None = None) -> str:
 
 
 def _auth_header(auth: str) -> dict[str, str]:
-    import base64
-
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
 
 
@@ -178,9 +178,17 @@ def requires_auth(api_url: str, timeout: float = 10.0) -> bool | None:
     return None if code is None else code == 401
 
 
-def _accepts(api_url: str, auth: str, timeout: float = 10.0) -> bool:
-    """The server refuses a request without credentials and takes ``auth``."""
-    return requires_auth(api_url, timeout) is True and _status_of(api_url, _auth_header(auth), timeout) == 200
+def _why_replace(api_url: str, auth: str, timeout: float = 30.0) -> str | None:
+    """Why a running server must be replaced by one that asks for ``auth``:
+    it let a request without credentials in, or refused ``auth``. None when
+    it did neither (a busy server that does not answer in time is kept, as
+    a slow health check keeps it)."""
+    anonymous = _status_of(api_url, {}, timeout)
+    if anonymous is not None and anonymous != 401:
+        return "it did not ask for credentials"
+    if _status_of(api_url, _auth_header(auth), timeout) == 401:
+        return "it does not take the auth string of this state directory"
+    return None
 
 
 def server_env(state: Path, port: int) -> dict[str, str]:
@@ -389,13 +397,10 @@ def ensure_server() -> ServerInfo:
             if _wait_healthy(info.api_url, record["pid"]):
                 # A server an earlier vmbackup started lets anyone in (or
                 # knows another string): replaced by one that asks for ours.
-                if _accepts(info.api_url, ensure_auth(state)):
+                why = _why_replace(info.api_url, ensure_auth(state))
+                if why is None:
                     return info
-                print(
-                    f"vmbackup: restarting the local Prefect server (pid {record['pid']}): "
-                    "it did not ask for credentials",
-                    file=sys.stderr,
-                )
+                print(f"vmbackup: restarting the local Prefect server (pid {record['pid']}): {why}", file=sys.stderr)
             _terminate(record["pid"])
         return _start(state, record.get("port"))
 
