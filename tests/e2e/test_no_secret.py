@@ -78,13 +78,15 @@ def _files_with(root: Path, needle: bytes) -> list[str]:
     return found
 
 
-def _server_holdings(api_url: str, auth: str) -> dict:
-    """Everything the server holds about runs, through its API, as JSON text."""
+def _server_holdings(api_url: str, auth: str | None = None) -> dict:
+    """Everything the server holds about runs, through its API, as JSON text
+    (with ``auth`` as the auth string, else this process's setting: the
+    session's server's, see conftest.state_dir)."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    settings = {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}
+    settings = {PREFECT_API_URL: api_url} | ({PREFECT_API_AUTH_STRING: auth} if auth else {})
     with temporary_settings(updates=settings), get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs()
         task_runs = client.read_task_runs()
