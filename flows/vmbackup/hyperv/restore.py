@@ -603,8 +603,7 @@ class HypervRestorer:
     """The restore verbs of a plan's Hyper-V host (mixed into ``hypervisor.HyperV``)."""
 
     kind = "hyperv"
-    # the hypervisors whose points it restores: a vSphere point as a new VM (rebuilt from its description)
-    restores_from = ("hyperv", "vsphere")
+    restores_from = ("hyperv", "vsphere")  # the points it restores (orchestration/restore_input.py asks)
 
     @staticmethod
     def describe_point(config: Any, attributes: dict[str, Any]) -> hv.VmDescription:
