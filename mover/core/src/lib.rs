@@ -39,6 +39,7 @@ pub mod clock;
 pub mod error;
 pub mod extents;
 pub mod gc;
+pub mod inflight;
 pub mod lease;
 pub mod manifest;
 pub mod nbd;
