@@ -69,7 +69,7 @@ impl Writer {
     /// Writes `data` at `off`, leaving all-zero MiBs as holes.
     fn put_sparse(&self, data: &[u8], off: u64) -> Result<()> {
         for (i, piece) in data.chunks(MIB as usize).enumerate() {
-            if piece.iter().any(|b| *b != 0) {
+            if !crate::chunk::is_all_zero(piece) {
                 self.put(piece, off + i as u64 * MIB)?;
             }
         }
