@@ -131,13 +131,18 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+/// Compresses `data` straight into `out`'s spare capacity, behind what it
+/// holds; returns the compressed length, or an error if it did not fit.
+fn zstd_compress_into(data: &[u8], level: i32, out: &mut Vec<u8>) -> std::io::Result<usize> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l != level).unwrap_or(true) {
             *slot = Some((level, zstd::bulk::Compressor::new(level)?));
         }
-        slot.as_mut().expect("just set").1.compress(data)
+        let mut cursor = std::io::Cursor::new(out);
+        let at = cursor.get_ref().len() as u64;
+        cursor.set_position(at);
+        slot.as_mut().expect("just set").1.compress_to_buffer(data, &mut cursor)
     })
 }
 
@@ -154,20 +159,34 @@ fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
 /// Encodes a chunk's plaintext into the chunk file format.
 pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + data.len() / 2);
+    encode_into(&mut out, data, compression)?;
+    Ok(out)
+}
+
+/// Appends the encoded chunk to `out` (a sealed chunk's buffer holds its
+/// own header first, so sealing needs no copy).
+pub fn encode_into(out: &mut Vec<u8>, data: &[u8], compression: Compression) -> Result<()> {
+    let start = out.len();
     out.extend_from_slice(CHUNK_MAGIC);
     out.extend_from_slice(&[ENC_STORED, 0, 0, 0]);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     if let Compression::Zstd(level) = compression {
-        let compressed = zstd_compress(data, level).map_err(|e| Error::repo_io("compressing a chunk failed", e))?;
-        if compressed.len() < data.len() {
-            out[4] = ENC_ZSTD;
-            out.extend_from_slice(&compressed);
-            record_payload_len(&mut out);
-            return Ok(out);
+        // Compressed straight behind the header (room for zstd's bound, its
+        // one-shot path); a payload that does not shrink is dropped and the
+        // chunk stored as is.
+        let payload = out.len();
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        match zstd_compress_into(data, level, out) {
+            Ok(n) if n < data.len() && out.len() == payload + n => {
+                out[start + 4] = ENC_ZSTD;
+                record_payload_len(&mut out[start..]);
+                return Ok(());
+            }
+            _ => out.truncate(payload),
         }
     }
     out.extend_from_slice(data);
-    Ok(out)
+    Ok(())
 }
 
 /// Writes a compressed payload's length into header bytes 5..8 (left 0 if

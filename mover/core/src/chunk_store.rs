@@ -104,11 +104,16 @@ impl ChunkStore {
     /// The chunk file for `data` (whose id is `id`): encoded (compressed),
     /// and sealed in an encrypted repository.
     pub fn encode(&self, id: &ChunkId, data: &[u8], compression: Compression) -> Result<Vec<u8>> {
-        let encoded = chunk::encode(data, compression)?;
         if !self.keys.encrypted {
-            return Ok(encoded);
+            return chunk::encode(data, compression);
         }
-        self.keys.sealer.as_ref().ok_or_else(|| self.key_required())?.seal_chunk(id, &encoded)
+        let sealer = self.keys.sealer.as_ref().ok_or_else(|| self.key_required())?;
+        // Encoded straight behind room for the sealed header: sealed in place.
+        let mut buf = Vec::with_capacity(crypto::SEALED_OVERHEAD + chunk::CHUNK_HEADER_LEN + data.len() / 2);
+        buf.resize(crypto::SEALED_HEADER_LEN, 0);
+        chunk::encode_into(&mut buf, data, compression)?;
+        sealer.seal_chunk_in_place(id, &mut buf)?;
+        Ok(buf)
     }
 
     /// The largest a chunk file can be: header and plaintext, and what

@@ -241,22 +241,31 @@ pub fn check_sealed(file: &[u8], max_inner: usize) -> std::result::Result<(), St
 impl Sealer {
     /// Seals an encoded chunk (`chunk::encode`'s output) into a chunk file.
     pub fn seal_chunk(&self, id: &ChunkId, inner: &[u8]) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(inner.len() + SEALED_OVERHEAD);
-        out.extend_from_slice(SEALED_MAGIC);
-        out.extend_from_slice(&[SEALED_VERSION, SEALED_AEAD_AES256GCM, 0, 0]);
-        out.extend_from_slice(&((inner.len() + TAG_LEN) as u32).to_le_bytes());
+        let mut buf = Vec::with_capacity(inner.len() + SEALED_OVERHEAD);
+        buf.resize(SEALED_HEADER_LEN, 0);
+        buf.extend_from_slice(inner);
+        self.seal_chunk_in_place(id, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Seals in place: `buf` holds `SEALED_HEADER_LEN` bytes of room, then
+    /// the encoded chunk; it becomes the sealed chunk file.
+    pub fn seal_chunk_in_place(&self, id: &ChunkId, buf: &mut Vec<u8>) -> Result<()> {
+        let inner_len = buf.len() - SEALED_HEADER_LEN;
         let mut nonce = [0u8; NONCE_LEN];
         random_fill(&mut nonce)?;
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(inner);
-        let ad = chunk_aad(id, &out[..12]);
+        buf[0..4].copy_from_slice(SEALED_MAGIC);
+        buf[4..8].copy_from_slice(&[SEALED_VERSION, SEALED_AEAD_AES256GCM, 0, 0]);
+        buf[8..12].copy_from_slice(&((inner_len + TAG_LEN) as u32).to_le_bytes());
+        buf[12..24].copy_from_slice(&nonce);
+        let ad = chunk_aad(id, &buf[..12]);
         let tag = chunk_key(&self.seal, id)
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&ad[..]), &mut out[24..])
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&ad[..]), &mut buf[24..])
             .map_err(|_| Error::Internal(format!("sealing chunk {id} failed")))?;
-        out.extend_from_slice(tag.as_ref());
-        let sum = xxh3_128(&out).to_be_bytes();
-        out.extend_from_slice(&sum);
-        Ok(out)
+        buf.extend_from_slice(tag.as_ref());
+        let sum = xxh3_128(buf).to_be_bytes();
+        buf.extend_from_slice(&sum);
+        Ok(())
     }
 
     /// Checks and opens a sealed chunk file; returns the encoded chunk inside.
