@@ -227,10 +227,11 @@ def _dt(unix: int) -> datetime:
 
 
 def index_keys(t: Target) -> list[str]:
-    """The index objects' keys, oldest first (their names sort by time)."""
-    out = []
-    for page in t.s3.get_paginator("list_objects_v2").paginate(Bucket=t.bucket, Prefix=t.key(INDEX_DIR + "/")):
-        out += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".json")]
+    """The index objects' keys, oldest first (their names sort by time). Listed by
+    version, so that a delete marker put over the newest cannot hide it."""
+    out = set()
+    for page in t.s3.get_paginator("list_object_versions").paginate(Bucket=t.bucket, Prefix=t.key(INDEX_DIR + "/")):
+        out |= {v["Key"] for v in page.get("Versions", []) if v["Key"].endswith(".json")}
     return sorted(out)
 
 

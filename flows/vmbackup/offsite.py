@@ -49,14 +49,17 @@ class Copy:
     def objects(self) -> dict[str, dict]:
         return self.index["objects"]
 
-    def fetch(self, rels: list[str]) -> list[tuple[str, str]]:
+    def fetch(self, rels: list[str]) -> list[tuple[str, str, str]]:
         """Fetches these objects into the mirror (skipping those already there
-        and sound); returns (path, problem) for each that failed its check."""
+        and sound); returns (path, kind, message) for each that could not be
+        fetched as the copy wrote it: ``missing_object``, ``unreadable_object``
+        (the server fails to return it: a damaged volume answers 500) or
+        ``corrupt_object``."""
 
-        def one(rel: str) -> tuple[str, str] | None:
+        def one(rel: str) -> tuple[str, str, str] | None:
             e = self.objects.get(rel)
             if e is None:
-                return rel, "not in the copy's index"
+                return rel, "missing_object", f"{rel} is not in the copy's index"
             dest = self.mirror / rel
             if dest.is_file() and dest.stat().st_size == e["size"]:
                 if hashlib.sha256(dest.read_bytes()).hexdigest() == e["sha256"]:
@@ -69,10 +72,13 @@ class Copy:
             except Exception as ex:
                 code = s3copy.error_code(ex)
                 if code in ("NoSuchKey", "NoSuchVersion", "404"):
-                    return rel, f"version {e['version']} of {key} is missing"
-                raise s3copy.s3_error(ex, f"reading {key}") from None
+                    return rel, "missing_object", f"version {e['version']} of {key} is missing"
+                err = s3copy.s3_error(ex, f"reading version {e['version']} of {key}")
+                if code is None:
+                    raise err from None  # no answer at all: the command fails, not the object
+                return rel, "unreadable_object", str(err)
             if len(body) != e["size"] or hashlib.sha256(body).hexdigest() != e["sha256"]:
-                return rel, f"version {e['version']} of {key} is not what the copy wrote (SHA-256 differs)"
+                return rel, "corrupt_object", f"version {e['version']} of {key} is not what the copy wrote (SHA-256)"
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
             tmp.write_bytes(body)
@@ -118,10 +124,13 @@ def open_copy(url: str, *, metadata: bool = True) -> Copy:
             if f"backups/{f.name}" not in c.objects:
                 f.unlink()
         rels = [r for r in c.objects if not r.startswith("chunks/")]
-        bad = c.fetch(rels)
-        if bad:
-            raise CopyError(f"{url}: {bad[0][1]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        _raise(url, c.fetch(rels))
     return c
+
+
+def _raise(url: str, bad: list[tuple[str, str, str]]) -> None:
+    if bad:
+        raise CopyError(f"{url}: {bad[0][2]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
 
 def prepare_restore(url: str, backup_id: str) -> str:
@@ -130,9 +139,7 @@ def prepare_restore(url: str, backup_id: str) -> str:
     if f"backups/{backup_id}.tib" not in c.objects:
         raise InvalidInputError(f"no backup {backup_id} in the copy {url}")
     needed = c.chunks_needed([backup_id])
-    bad = c.fetch(needed)
-    if bad:
-        raise CopyError(f"{url}: {bad[0][1]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    _raise(url, c.fetch(needed))
     return str(c.mirror)
 
 
@@ -147,8 +154,9 @@ def verify_copy(url: str, ids: list[str] | None, read_data: bool) -> tuple[Copy,
       something other than the copy;
     - an index key with more than one version: ``changed_index``;
     - with ``read_data``, every object of the backups checked is fetched and
-      checked against its SHA-256 (``corrupt_object``), and the mover then
-      re-reads every chunk.
+      checked against its SHA-256 (``corrupt_object``; ``unreadable_object``
+      when the server fails to return it), and the mover then re-reads every
+      chunk.
     """
     c = open_copy(url)
     problems: list[dict[str, Any]] = []
@@ -187,6 +195,6 @@ def verify_copy(url: str, ids: list[str] | None, read_data: bool) -> tuple[Copy,
             )
     if read_data:
         rels = c.chunks_needed(ids) if ids else [r for r in c.objects if r.startswith("chunks/")]
-        for rel, why in c.fetch(rels):
-            problems.append({"kind": "corrupt_object", "object": c.target.key(rel), "message": why, "affected": []})
+        for rel, kind, why in c.fetch(rels):
+            problems.append({"kind": kind, "object": c.target.key(rel), "message": why, "affected": []})
     return c, problems

@@ -213,3 +213,50 @@ def test_lab_up_starts_s3_with_object_lock_and_lab_down_stops_it(small_lab, s3):
     bad = s3copy.client(s3["endpoint"], s3["access_key"], "wrong", "us-east-1")
     with pytest.raises(botocore.exceptions.ClientError):
         bad.list_objects_v2(Bucket=s3["bucket"])
+
+
+def test_verify_of_the_copy_finds_a_version_damaged_on_the_server(small_lab, s3, tmp_path):
+    repo, bid = _small_repo(tmp_path, 6)  # stored raw (compression none), so its bytes are findable
+    prefix = f"damage-{uuid.uuid4().hex[:8]}"
+    t = _target(s3, prefix)
+    s3copy.copy_repository(repo, t, days=1)
+    rel = sorted(r for r in s3copy.read_index(t)["objects"] if r.startswith("chunks/"))[0]
+    needle = (repo / rel).read_bytes()[4096:4160]
+    # flip a bit of that version where SeaweedFS keeps it (its volume files)
+    hits = 0
+    for f in (small_lab.lab.state / "s3" / "data").rglob("*.dat"):
+        data = bytearray(f.read_bytes())
+        i = data.find(needle)
+        if i >= 0:
+            with open(f, "r+b") as fh:
+                fh.seek(i + 10)
+                fh.write(bytes([data[i + 10] ^ 1]))
+            hits += 1
+    assert hits == 1
+    e = _s3_env(dict(os.environ), s3, tmp_path / "cache")
+    url = f"s3://{s3['bucket']}/{prefix}"
+    run("verify", "--repo", url, env=e)  # without --read-data: every version is there
+    p = run("verify", "--repo", url, "--read-data", "--json", env=e, expect=1)
+    problems = json.loads(p.stdout)["problems"]
+    assert {(x["kind"], x["object"]) for x in problems if x["object"] == t.key(rel)} == {
+        ("unreadable_object", t.key(rel))
+    }, problems
+    assert any(x["kind"] == "missing_chunk" and x["affected"][0]["backup"] == bid for x in problems), problems
+    p = run("restore-disk", "--repo", url, bid, str(tmp_path / "out.img"), env=e, expect=1)
+    assert p.stderr.count("\n") == 1 and t.key(rel) in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize(
+    "repo, change, code, message",
+    [
+        ("s3://A_B/x", {}, 2, "is not s3://BUCKET/PREFIX"),
+        ("s3://vmbackup-lab/never-copied", {}, 1, "holds no copy"),
+        ("s3://vmbackup-lab/x", {"AWS_SECRET_ACCESS_KEY": "wrong-secret"}, 1, "reading the index of"),
+        ("s3://no-such-bucket-vmb/x", {}, 1, "NoSuchBucket"),
+    ],
+)
+def test_a_copy_that_cannot_be_read_is_one_line(s3, tmp_path, repo, change, code, message):
+    e = _s3_env(dict(os.environ), s3, tmp_path / "cache") | change
+    p = run("snapshots", "--repo", repo, env=e, expect=code)
+    assert p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+    assert s3["secret_key"] not in p.stderr and "wrong-secret" not in p.stderr
