@@ -90,13 +90,14 @@ def client(
     workers: int = 8,
 ) -> Any:
     """A boto3 S3 client; what is None comes from the standard AWS environment
-    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION;
+    AWS_MAX_ATTEMPTS, default 5, bounds the tries of each request)."""
     import boto3
     from botocore.config import Config
 
     cfg = Config(
         max_pool_connections=max(10, workers * 2),
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 5), "mode": "standard"},
         # We send Content-MD5 and SHA-256 ourselves; boto3's default CRC trailer
         # (aws-chunked encoding) is not understood by every S3 server.
         request_checksum_calculation="when_required",
