@@ -23,6 +23,7 @@ not be comparable.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -168,6 +169,7 @@ class CopyBench:
         self.state.mkdir(parents=True)
         proc, self.record = s3server.spawn(self.state)
         self.proc = proc
+        atexit.register(self.close)  # whatever ends the benchmark, the server goes with it
         s3server.wait_ready(self.state, proc, self.record, 60)
 
     def copy(self, repo: Path, prefix: str) -> tuple[float, int]:
@@ -180,7 +182,8 @@ class CopyBench:
         return res.seconds, res.bytes_uploaded
 
     def close(self) -> None:
-        self.proc.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
         self.proc.wait()
         shutil.rmtree(self.state, ignore_errors=True)
 
