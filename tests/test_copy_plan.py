@@ -73,3 +73,30 @@ def test_credentials_come_from_the_environment_never_the_plan(monkeypatch):
 def test_a_bad_s3_url_is_bad_input(url):
     with pytest.raises(InvalidInputError):
         parse_url(url)
+
+
+def test_vmbackup_copy_refuses_a_plan_without_copy_or_credentials_before_any_server(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    def copy(data: dict, **env: str) -> subprocess.CompletedProcess:
+        plan = tmp_path / "plan.yaml"
+        plan.write_text(yaml.safe_dump(data))
+        e = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VMB_T_"))}
+        e.update(env, VMBACKUP_STATE_DIR=str(tmp_path / "state"))
+        return subprocess.run(
+            [sys.executable, "-m", "vmbackup", "copy", "--plan", str(plan)], capture_output=True, text=True, env=e
+        )
+
+    p = copy(BASE)
+    assert (p.returncode, p.stderr) == (
+        2,
+        f"vmbackup: error: plan {tmp_path / 'plan.yaml'} has no copy: section (bucket, object_lock, ...)\n",
+    )
+    p = copy({**BASE, "copy": {**COPY, "access_key_env": "VMB_T_AK", "secret_key_env": "VMB_T_SK"}}, VMB_T_AK="x")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "copy.secret_key_env: the environment variable VMB_T_SK is not set" in p.stderr
+    assert not (tmp_path / "state").exists()  # no server was started

@@ -27,6 +27,7 @@ from vmbackup import copy as s3copy
 from vmbackup_lab import s3server
 
 from .conftest import backup, run, sha
+from .test_hyperv import _artifacts, _runs_of
 
 
 def _s3_env(env: dict[str, str], s3: dict, cache: Path) -> dict[str, str]:
@@ -65,6 +66,10 @@ def test_ransomware_drill(small_lab, env, s3, tmp_path):
     out = json.loads(run("copy", "--plan", str(plan), "--json", env=e).stdout)
     assert out["backups"] == len(rows) and out["uploaded"] == out["objects"] > len(rows), out
     assert out["lock_mode"] == "COMPLIANCE" and out["index"].startswith(prefix + "/index/"), out
+    # one run of the flow copy_repository, its report as an artifact
+    (flow_run,) = _runs_of(e, "copy_repository", plan)
+    assert flow_run["state_type"] == "COMPLETED", flow_run
+    assert out["index"] in _artifacts(e, flow_run["id"])["vmbackup-copy-repository"]["data"]
 
     # Every version the copy wrote is locked; deleting it with the copy's own credentials is refused.
     t = _target(s3, prefix)

@@ -52,6 +52,10 @@ def run_copy(args: argparse.Namespace) -> int:
         from ..errors import InvalidInputError
 
         raise InvalidInputError(f"plan {args.plan} has no copy: section (bucket, object_lock, ...)")
+    if plan.copy_.credentials_secret is None:
+        from ..plan import resolve_copy_credentials
+
+        resolve_copy_credentials(plan.copy_)  # a variable not set: one line, exit 2, before any server starts
     args.maintain_command = "copy"
     ui = _prepare(args)
     from ..localserver import runs as local_runs
