@@ -66,8 +66,6 @@ DAY = 86400
 # other lengths tomorrow); *.bad, .tmp-*, .gc-* are not.
 CHUNK_NAME = re.compile(r"[0-9a-f]{32,128}")
 BACKUP_NAME = re.compile(r"[^.].*\.tib")
-# Above this a manifest goes up in parts (each part checked by the server).
-SINGLE_PUT_MAX = 256 << 20
 
 
 def parse_url(url: str) -> tuple[str, str]:
