@@ -128,6 +128,7 @@ def spawn(state: Path) -> tuple[subprocess.Popen, dict]:
         "-ip.bind=127.0.0.1",
         "-admin.ui=false",
         "-master.telemetry=false",
+        "-volume.preStopSeconds=0",  # a lab stops at once (mini waits 1 s by default)
         f"-s3.config={config}",
         *(f"-{k}={v}" for k, v in ports.items()),
         *(f"-{k}=0" for k in DISABLED),
