@@ -30,6 +30,7 @@ unencrypted time) and keyed ids (at most 1.10x the XXH3 time).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -194,6 +195,37 @@ def default_dir(size: int) -> str:
     return "bench-output"
 
 
+class CopyBench:
+    """Copy throughput to a local S3 server: the lab's SeaweedFS (weed mini) in
+    the work directory, one copy of the full backup's repository per run."""
+
+    def __init__(self, work: Path):
+        from vmbackup_lab import s3server
+
+        self.state = work / "s3-bench"
+        shutil.rmtree(self.state, ignore_errors=True)
+        self.state.mkdir(parents=True)
+        proc, self.record = s3server.spawn(self.state)
+        self.proc = proc
+        atexit.register(self.close)  # whatever ends the benchmark, the server goes with it
+        s3server.wait_ready(self.state, proc, self.record, 60)
+
+    def copy(self, repo: Path, prefix: str) -> tuple[float, int]:
+        """(seconds, bytes uploaded) of one copy of ``repo`` (all of it new)."""
+        from vmbackup import copy as s3copy
+        from vmbackup_lab import s3server
+
+        t = s3copy.Target(s3server.client(self.record), self.record["bucket"], prefix)
+        res = s3copy.copy_repository(repo, t, days=1)
+        return res.seconds, res.bytes_uploaded
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="2GiB")
@@ -205,6 +237,7 @@ def main() -> int:
         "tmpfs, else bench-output)",
     )
     ap.add_argument("--tools", default="vmbackup,zstd,restic,borg")
+    ap.add_argument("--no-copy", action="store_true", help="skip the copy to a local S3 server")
     args = ap.parse_args()
     size = parse_size(args.size)
     tools = args.tools.split(",")
@@ -250,6 +283,7 @@ def main() -> int:
         record(tool, f"{what}_durable_s", dt + flush_time(durable))
         return out
 
+    copier = CopyBench(work) if "vmbackup" in tools and not args.no_copy else None
     for r in range(args.runs):
         print(f"run {r + 1}/{args.runs}", file=sys.stderr)
         for tool in tools:
@@ -269,6 +303,11 @@ def main() -> int:
                 )
                 full_id = json.loads(o)["id"]
                 record(tool, "stored", du(repo))
+                if copier is not None:
+                    settle()
+                    secs, sent = copier.copy(repo, f"bench-{os.getpid()}-{r}")
+                    record(tool, "copy_s", secs)
+                    record(tool, "copy_mib_s", sent / 2**20 / secs)
                 # The floor of this very run: (a) compute with no I/O, (b) dd of the stored bytes.
                 record(tool, "stored_bytes", concat_chunks(repo, stored_copy))
                 _, _, fo = run([floor_tool, str(disk)])
@@ -358,7 +397,15 @@ def main() -> int:
                 if p.exists():
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
+    if copier is not None:
+        copier.close()
     med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in results.items()}
+    if "copy_s" in med.get("vmbackup", {}):
+        m = med["vmbackup"]
+        print(
+            f"\ncopy of the full backup's repository to a local S3 server (SeaweedFS, Object Lock): "
+            f"{m['copy_s']:.2f} s, {m['copy_mib_s']:.0f} MiB/s"
+        )
     print(f"\n{fmt_bytes(size)} VM-like image, {args.runs} run(s), medians\n")
     print(
         f"{'tool':<10} {'full':>8} {'incr':>8} {'restore':>8} {'stored':>11} {'peak RSS':>10}   "

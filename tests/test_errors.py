@@ -71,6 +71,8 @@ EXPECTED = {
     "RepositoryDamagedError": (False, 1),
     "GcRefusedError": (False, 1),
     "CbtMismatchError": (False, 1),
+    "CopyError": (False, 1),
+    "CopyUnavailableError": (True, 1),
 }
 # Classes whose constructor takes more than a message.
 ARGS = {

@@ -380,3 +380,14 @@ class CbtMismatchError(MaintenanceError):
 class GcRefusedError(MaintenanceError):
     """apply_retention removed backups, but gc refused to run (a manifest
     it cannot read: the space stays taken until it is repaired or forgotten)."""
+
+
+class CopyError(BackupError):
+    """The offsite copy (S3) refused or failed an operation: a bucket that is
+    missing or has no Object Lock, credentials refused, an object that does
+    not arrive as it was sent, a copy with no index."""
+
+
+class CopyUnavailableError(CopyError, TransientError):
+    """The object store did not answer or answered busy; the copy resumes
+    where it stopped when run again."""

@@ -66,7 +66,7 @@ RETENTION_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def _checked_url(v: str, bare: str, schemes: tuple[str, ...], wrong_scheme: str) -> str:
@@ -357,6 +357,67 @@ class Timeouts(_Model):
     snapshot_remove: float = Field(86400.0, gt=0)  # removal merges the delta: can take hours
 
 
+class ObjectLock(_Model):
+    """Object Lock of every object of the copy (docs/plan.md, docs/operations.md)."""
+
+    mode: Literal["compliance"] = "compliance"
+    days: int = Field(ge=1)
+    # A lock set or extended runs this much longer than `days`, so that a chunk
+    # that every backup reuses has its lock extended once per generation, not
+    # at every copy (Veeam's "block generation").
+    generation_days: int = Field(10, ge=0)
+
+
+class CopyTarget(_Model):
+    """The offsite copy: S3 object storage with Object Lock (docs/plan.md)."""
+
+    endpoint: str | None = None  # None: AWS (or AWS_ENDPOINT_URL)
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    access_key_env: str | None = None
+    secret_key_env: str | None = None
+    credentials_secret: str | None = None
+    object_lock: ObjectLock
+    workers: int = Field(8, ge=1, le=64)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        return _checked_url(v, "https://{}", ("https", "http"), "must be an http(s) URL")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", v):
+            raise ValueError(f"'{v}' is not a bucket name (3-63 lower-case letters, digits, '.' and '-')")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return v.strip("/")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CopyTarget:
+        by_env = (self.access_key_env is not None, self.secret_key_env is not None)
+        if by_env[0] != by_env[1]:
+            raise ValueError("give both access_key_env and secret_key_env")
+        if by_env[0] and self.credentials_secret is not None:
+            raise ValueError("give access_key_env and secret_key_env, or credentials_secret, not both")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+# How long each retention rule keeps a backup at most, in days.
+RULE_DAYS = {"hourly": 1 / 24, "daily": 1, "weekly": 7, "monthly": 31, "yearly": 366}
+
+
 class Plan(_Model):
     connection: Connection | None = None
     hyperv: list[HypervHost] = Field(default_factory=list)
@@ -376,6 +437,25 @@ class Plan(_Model):
     # How often the nbd transport's session is kept alive and its cookie file
     # re-read by nbdkit: well under vCenter's 30 min idle timeout (KB 1031039).
     cookie_renew_seconds: int = Field(300, ge=1)
+    copy_: CopyTarget | None = Field(None, alias="copy")
+
+    def copy_warnings(self) -> list[str]:
+        """What makes the copy's locks shorter than the retention's reach (docs/plan.md)."""
+        if self.copy_ is None:
+            return []
+        days = self.copy_.object_lock.days
+        out = []
+        rules = self.retention or {}
+        reach = max((RULE_DAYS[r] * n for r, n in rules.items() if r in RULE_DAYS), default=0)
+        if reach > days:
+            out.append(
+                f"copy.object_lock.days is {days}, but the retention keeps backups up to {reach:g} days: "
+                f"a backup older than {days} days that the copy still holds is unlocked if copies stop "
+                f"(give at least {int(-(-reach // 1))})"
+            )
+        if not rules:
+            out.append("the plan has no retention: copy.object_lock.days bounds nothing it keeps")
+        return out
 
     @field_validator("transports")
     @classmethod
@@ -589,3 +669,47 @@ def resolve_password(conn: Connection | HypervHost, where: str | None = None) ->
         ) from None
     value = secret.get()
     return value if isinstance(value, SecretStr) else SecretStr(str(value))
+
+
+def resolve_copy_credentials(copy: CopyTarget) -> tuple[SecretStr, SecretStr] | None:
+    """The copy's access key and secret key, from the environment variables or
+    the Secret block the plan names (a JSON object with ``access_key`` and
+    ``secret_key``); None when the plan names neither (boto3's own chain:
+    AWS_ACCESS_KEY_ID, an instance profile...)."""
+    if copy.access_key_env is not None and copy.secret_key_env is not None:
+        out = []
+        for field_name, env in (("access_key_env", copy.access_key_env), ("secret_key_env", copy.secret_key_env)):
+            value = os.environ.get(env)
+            if not value:
+                raise InvalidInputError(f"copy.{field_name}: the environment variable {env} is not set")
+            out.append(SecretStr(value))
+        return out[0], out[1]
+    if copy.credentials_secret is None:
+        return None
+    try:
+        from prefect.blocks.system import Secret
+    except ImportError:
+        raise InvalidInputError(
+            f"copy.credentials_secret: reading Secret block '{copy.credentials_secret}' needs Prefect installed"
+        ) from None
+    try:
+        value = Secret.load(copy.credentials_secret).get()
+    except ValueError:
+        raise InvalidInputError(
+            f"copy.credentials_secret: there is no Secret block named '{copy.credentials_secret}'"
+        ) from None
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict) or not value.get("access_key") or not value.get("secret_key"):
+        raise InvalidInputError(
+            f"copy.credentials_secret: Secret block '{copy.credentials_secret}' must hold "
+            '{"access_key": ..., "secret_key": ...}'
+        )
+    return SecretStr(str(value["access_key"])), SecretStr(str(value["secret_key"]))

@@ -1,4 +1,4 @@
-"""Encrypted repositories and keyed chunk ids (docs/format.md §3, §4.1, §5.5, §8),
+"""Encrypted repositories and keyed chunk ids (docs/format.md §3, §4.1, §5.5, §9),
 on real files: what an encrypted repository's files hold, what verify finds with
 and without the key, what a wrong key or a tampered manifest does, version-1
 repositories still working, and chunk ids that a guest can forge under the old

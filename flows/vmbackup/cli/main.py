@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .maintain import add_parser as add_maintain_parser
 
     add_maintain_parser(sub)
+    from .copy import add_parser as add_copy_parser
+
+    add_copy_parser(sub)
     return p
 
 
@@ -77,7 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             args = build_parser().parse_args(argv)
             output.work_beyond_output = args.command not in _OUTPUT_ONLY
-            rc = int(args.func(args) or 0)
+            from .offsite import remote_repo
+
+            url = remote_repo(args)
+            if url is not None:  # --repo s3://...: the command runs on a local mirror of the copy
+                from .offsite import run as run_remote
+
+                rc = run_remote(args, url)
+            else:
+                rc = int(args.func(args) or 0)
             if output.stdout_failed and args.command in _OUTPUT_ONLY:
                 rc = max(rc, exit_code(OutputError("writing to stdout failed")))
         return rc

@@ -52,10 +52,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"Hyper-V host {hv['host']}: {hv['url']} (user {hv['user']}, {hv['transport']}, CA {hv['ca_file']}, "
             f"shares in {hv['share_root']})"
         )
+    if s.get("s3"):
+        lines.append(f"S3 (SeaweedFS): {s['s3']['endpoint']} bucket {s['s3']['bucket']} (Object Lock)")
     lines += [f"agents: {', '.join(s['agents'])}", f"plan: {s['plan']}"]
     lines.append(f'export {PASSWORD_ENV}="$(cat {lab.state / "vsphere-password"})"')
     if s["hyperv_hosts"]:
         lines.append(f'export {HYPERV_PASSWORD_ENV}="$(cat {lab.state / HYPERV_PASSWORD_FILE})"')
+    if s.get("s3"):
+        lines.append(
+            f"export AWS_ENDPOINT_URL={s['s3']['endpoint']} AWS_ACCESS_KEY_ID={s['s3']['access_key']} "
+            f'AWS_SECRET_ACCESS_KEY="$(cat {lab.state / "s3-secret-key"})"'
+        )
     _emit(args, s, "\n".join(lines))
     return 0
 

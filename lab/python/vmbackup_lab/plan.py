@@ -12,6 +12,10 @@ from vmbackup.plan import DEFAULT_NBD_COMMAND
 PASSWORD_ENV = "VMBACKUP_VSPHERE_PASSWORD"
 HYPERV_PASSWORD_ENV = "VMBACKUP_HYPERV_PASSWORD"
 HYPERV_PASSWORD_FILE = "hyperv-password"
+# The lab's S3 credentials come from the standard AWS variables, which the
+# `--repo s3://` commands read too.
+S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 # The account the Hyper-V hosts share a shadow copy to (New-VmbackupShadowCopy.ps1 -ShareTo).
 SHARE_ACCOUNT = "vmbackup-agent"
 
@@ -101,6 +105,17 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
         "transports": ["hotadd", "direct", "nbd"],
         "nbd_command": NBD_COMMAND,
     }
+    s3 = summary.get("s3")
+    if s3:
+        # one day, extended at every copy (generation 0), so that the lab shows an extension
+        plan["copy"] = {
+            "endpoint": s3["endpoint"],
+            "bucket": s3["bucket"],
+            "prefix": s3["prefix"],
+            "access_key_env": S3_ACCESS_KEY_ENV,
+            "secret_key_env": S3_SECRET_KEY_ENV,
+            "object_lock": {"mode": "compliance", "days": 1, "generation_days": 0},
+        }
     _write_private(state / "vsphere-password", summary["vsphere"]["password"] + "\n")
     header = (
         "# The lab's backup plan, written by `vmbackup lab up` (docs/plan.md).\n"
@@ -112,6 +127,11 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
         header += f'# export {HYPERV_PASSWORD_ENV}="$(cat {state / HYPERV_PASSWORD_FILE})"\n'
     else:
         (state / HYPERV_PASSWORD_FILE).unlink(missing_ok=True)
+    if s3:
+        header += (
+            f"# export AWS_ENDPOINT_URL={s3['endpoint']} {S3_ACCESS_KEY_ENV}={s3['access_key']} "
+            f'{S3_SECRET_KEY_ENV}="$(cat {state / "s3-secret-key"})"\n'
+        )
     path = state / "plan.yaml"
     tmp = path.with_name(".plan.yaml.tmp")
     tmp.write_text(header + yaml.safe_dump(plan, sort_keys=False))

@@ -1,4 +1,4 @@
-//! Key material, keyed chunk ids and sealing (docs/format.md §3, §4.1, §5.5, §8).
+//! Key material, keyed chunk ids and sealing (docs/format.md §3, §4.1, §5.5, §9).
 //!
 //! A repository of format version 2 names chunks by BLAKE3 keyed with a
 //! 32-byte *id key* (the first 16 bytes of the keyed hash), so that no one

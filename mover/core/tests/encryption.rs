@@ -1,5 +1,5 @@
 //! Encrypted and version-1 repositories end to end (docs/format.md §3, §4.1,
-//! §5.5, §8): back up, read back, verify with and without the key, a wrong
+//! §5.5, §9): back up, read back, verify with and without the key, a wrong
 //! key, and the chunk files an encrypted repository holds.
 
 use std::fs;
