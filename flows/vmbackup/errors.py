@@ -93,21 +93,6 @@ class CorruptChunkError(RepositoryError):
     """A chunk's bytes do not match its id."""
 
 
-class KeyRequiredError(RepositoryError):
-    """The repository is encrypted and no key was given (a passphrase in
-    ``VMBACKUP_PASSPHRASE`` or ``--passphrase-file``, a plan's
-    ``passphrase_env``/``passphrase_secret``, or ``--recovery-key``)."""
-
-    exit_code = 2
-
-
-class WrongKeyError(RepositoryError):
-    """The passphrase or key given opens no key slot of the repository (or
-    is not the repository's master key)."""
-
-    exit_code = 2
-
-
 class TargetError(MoverError):
     """Writing the restore target failed."""
 
