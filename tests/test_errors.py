@@ -35,6 +35,8 @@ EXPECTED = {
     "RepositoryUnavailableError": (True, 1),
     "NotFoundError": (False, 2),
     "CorruptChunkError": (False, 1),
+    "WrongKeyError": (False, 2),
+    "KeyRequiredError": (False, 2),
     "TargetError": (False, 1),
     "AddressInUseError": (True, 1),
     "CancelledError": (False, 1),

@@ -93,6 +93,19 @@ class CorruptChunkError(RepositoryError):
     """A chunk's bytes do not match its id."""
 
 
+class WrongKeyError(RepositoryError):
+    """The key (or the passphrase that unwraps it) does not open this
+    encrypted repository."""
+
+    exit_code = 2
+
+
+class KeyRequiredError(RepositoryError):
+    """The repository is encrypted and no key was given for it."""
+
+    exit_code = 2
+
+
 class TargetError(MoverError):
     """Writing the restore target failed."""
 
