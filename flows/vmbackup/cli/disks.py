@@ -113,6 +113,8 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
 def cmd_restore_disk(args: argparse.Namespace) -> int:
     from .. import _mover
 
+    if not args.output:
+        raise InvalidInputError("OUTPUT is empty: give the file or block device to restore to")
     repo = _repo(args)
     backup_id = utf8(args.id, "ID")
     disk = None if args.disk is None else utf8(args.disk, "--disk")

@@ -11,8 +11,9 @@ from ..errors import BackupError, OutputError, exit_code_of
 from . import output
 from .parsing import Parser, shown_path
 
-# Commands whose only work is what they print: an unwritable stdout fails them.
-_OUTPUT_ONLY = {"snapshots"}
+# Commands whose result is what they print: an unwritable stdout fails them
+# (verify's verdict unread is no verdict).
+_OUTPUT_ONLY = {"snapshots", "verify"}
 
 
 def exit_code(error: BaseException) -> int:
