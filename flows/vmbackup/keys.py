@@ -574,3 +574,51 @@ def init_encrypted(
 def slots_summary(repo: str | os.PathLike) -> Iterator[dict[str, Any]]:
     for s in list_slots(repo):
         yield s.describe()
+
+
+# --- plans ------------------------------------------------------------------------------
+
+
+def plan_key_source(plan: Any) -> KeySource:
+    """The key of a plan's repository: its ``passphrase_env`` or
+    ``passphrase_secret``, else ``$VMBACKUP_PASSPHRASE`` (plan.py)."""
+    from .plan import resolve_passphrase
+
+    passphrase, where = resolve_passphrase(plan)
+    return KeySource(passphrase=passphrase, where=where)
+
+
+def unlock_plan_repository(plan: Any) -> bool:
+    """Opens the plan's repository for this process (a flow calls it once per
+    run, before any task): nothing for an unencrypted repository or one this
+    process already unlocked (``vmbackup backup --passphrase-file``); for an
+    encrypted one, a missing or wrong passphrase is one line (exit 2) before
+    anything starts. Returns whether the repository is encrypted."""
+    repo = str(plan.repository)
+    if _real(repo) in _unlocked or not is_encrypted(repo):
+        return _real(repo) in _unlocked
+    source = plan_key_source(plan)
+    if source.empty:
+        raise KeyRequiredError(
+            f"repository {repo} is encrypted: the plan needs passphrase_env or passphrase_secret "
+            "(or set VMBACKUP_PASSPHRASE)"
+        )
+    return unlock(repo, source)
+
+
+def create_plan_repository(plan: Any, chunk_size: int, compression: str) -> tuple[Any, str | None]:
+    """Creates the plan's repository: encrypted (the passphrase from the
+    plan's source) unless the plan says ``encryption: none``. Returns the
+    config and the first key slot's name (None when unencrypted)."""
+    from . import _mover
+
+    repo = str(plan.repository)
+    if plan.encryption == "none":
+        return _mover.init_repository(repo, chunk_size, compression), None
+    source = plan_key_source(plan)
+    if source.passphrase is None:
+        raise InvalidInputError(
+            "the plan's repository is to be encrypted: give the plan passphrase_env or passphrase_secret "
+            "(or set VMBACKUP_PASSPHRASE), or say encryption: none"
+        )
+    return init_encrypted(repo, source.passphrase, chunk_size, compression)

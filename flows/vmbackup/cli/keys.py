@@ -94,6 +94,33 @@ def open_repo(args: argparse.Namespace, required: bool = True) -> tuple[str, boo
     return path, False
 
 
+def add_plan_key_argument(sp: argparse.ArgumentParser) -> None:
+    """``--passphrase-file`` on a command that runs a plan's flow in this process."""
+    sp.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="the passphrase of the plan's encrypted repository, instead of the plan's "
+        "passphrase_env/passphrase_secret (default: those, else $VMBACKUP_PASSPHRASE)",
+    )
+
+
+def unlock_plan(args: argparse.Namespace, plan: object, required: bool = True) -> None:
+    """Before a plan's flow runs in this process: the plan's encrypted
+    repository unlocked with ``--passphrase-file`` or the plan's own source,
+    so a wrong or missing passphrase is one line before any server starts.
+    The flow finds it unlocked and does not unwrap again."""
+    pfile = getattr(args, "passphrase_file", None)
+    if pfile:
+        source = keys.KeySource(passphrase=keys.read_secret_file(pfile), where=f"--passphrase-file {shown_path(pfile)}")
+        keys.unlock(str(plan.repository), source)  # type: ignore[attr-defined]
+        return
+    try:
+        keys.unlock_plan_repository(plan)
+    except KeyRequiredError:
+        if required:
+            raise
+
+
 def new_passphrase(args: argparse.Namespace, flag: str, env: str) -> SecretStr:
     """A passphrase to wrap a key with: ``flag`` FILE, ``$env``, or asked twice at a terminal."""
     path = getattr(args, flag.lstrip("-").replace("-", "_"), None)
