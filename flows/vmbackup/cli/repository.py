@@ -27,6 +27,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .keys import PASSPHRASE_ENV, new_passphrase
 
     chunk_size = parse_size(args.chunk_size)
+    if args.plan:
+        return _init_plan(args, chunk_size)
     path = repository_path(repo(args), create=True)
     if args.encryption:
         from ..keys import init_encrypted
@@ -44,6 +46,30 @@ def cmd_init(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     how = "encrypted, key slot " + config["key_slots"][0] if args.encryption else "not encrypted"
+    _emit(
+        args,
+        config,
+        f"created repository {config['path']} (chunk size {fmt_bytes(config['chunk_size'])}, "
+        f"compression {config['compression']}, {how})",
+    )
+    return 0
+
+
+def _init_plan(args: argparse.Namespace, chunk_size: int) -> int:
+    """``init --plan FILE``: the plan's repository, encrypted unless the plan says ``encryption: none``."""
+    from ..keys import create_plan_repository
+    from ..plan import load_plan
+
+    if args.repo or args.encryption is not None:
+        raise InvalidInputError(
+            "with --plan the plan names the repository and its encryption: drop --repo/--encryption"
+        )
+    plan = load_plan(args.plan)
+    created, slot = create_plan_repository(plan, chunk_size, args.compression)
+    config = created.to_dict() | {"encrypted": slot is not None, "path": str(plan.repository)}
+    if slot is not None:
+        config["key_slots"] = [slot]
+    how = f"encrypted, key slot {slot}" if slot else "not encrypted (the plan says encryption: none)"
     _emit(
         args,
         config,
@@ -245,6 +271,12 @@ def add_parsers(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp = command("init", cmd_init, "create a repository")
     sp.add_argument("--chunk-size", default="1MiB", help="power of two, 256KiB to 8MiB (default 1MiB)")
     sp.add_argument("--compression", default="zstd:1", help="zstd:LEVEL or none (default zstd:1)")
+    sp.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="create the plan's repository instead (encrypted unless the plan says encryption: none; "
+        "the passphrase from its passphrase_env or passphrase_secret)",
+    )
     enc = sp.add_mutually_exclusive_group()
     enc.add_argument(
         "--encryption",
