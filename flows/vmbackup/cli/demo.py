@@ -19,6 +19,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     size = None if args.size is None else parse_size(args.size)
     if size is not None and (size < MIN_DISK or size % (1024 * 1024)):
         raise InvalidInputError(f"--size {args.size!r}: the lab's disks are a whole number of MiB, at least 32MiB")
+    load_lab()
     # A directory that cannot be made is bad input, said before the lab starts.
     try:
         os.makedirs(args.dir, exist_ok=True)
@@ -26,7 +27,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--dir {shown_path(args.dir)} cannot be created: {e.strerror or e}") from None
     if not os.access(args.dir, os.W_OK | os.X_OK):
         raise InvalidInputError(f"--dir {shown_path(args.dir)} is not writable")
-    load_lab()
     from vmbackup_lab.demo import run_demo
 
     return run_demo(args.dir, size=size)
