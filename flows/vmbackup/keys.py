@@ -247,16 +247,17 @@ def add_passphrase_slot(
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     salt = secrets.token_bytes(16)
+    kdf_params = dict(kdf or default_kdf()) | {"salt": _b64(salt)}
     header = {
         "format": SLOT_FORMAT,
         "version": SLOT_VERSION,
         "kind": "passphrase",
         "repository": repository_id,
         "created": _now(),
-        "kdf": dict(kdf or default_kdf()) | {"salt": _b64(salt)},
+        "kdf": kdf_params,
         "cipher": "aes-256-gcm",
     }
-    wrap_key = _derive(_passphrase_bytes(passphrase), header["kdf"], salt)
+    wrap_key = _derive(_passphrase_bytes(passphrase), kdf_params, salt)
     nonce = secrets.token_bytes(12)
     wrapped = AESGCM(wrap_key).encrypt(nonce, master_key, _aad(header))
     return _store(repo, "passphrase", header, nonce, wrapped)

@@ -630,9 +630,9 @@ def resolve_passphrase(plan: Plan) -> tuple[SecretStr | None, str]:
         return SecretStr(value), f"passphrase_env {plan.passphrase_env}"
     if plan.passphrase_secret is not None:
         where = f"passphrase_secret {plan.passphrase_secret}"
-        value = _load_secret_block(plan.passphrase_secret, "passphrase_secret")
-        if not value.get_secret_value():
+        secret = _load_secret_block(plan.passphrase_secret, "passphrase_secret")
+        if not secret.get_secret_value():
             raise InvalidInputError(f"{where}: the Secret block is empty")
-        return value, where
-    value = os.environ.get(PASSPHRASE_ENV)
-    return (SecretStr(value) if value else None), PASSPHRASE_ENV
+        return secret, where
+    fallback = os.environ.get(PASSPHRASE_ENV)
+    return (SecretStr(fallback) if fallback else None), PASSPHRASE_ENV
