@@ -36,6 +36,7 @@ pub mod catalog;
 pub mod chunk;
 pub mod chunk_store;
 pub mod clock;
+pub mod crypto;
 pub mod error;
 pub mod extents;
 pub mod gc;
