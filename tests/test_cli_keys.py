@@ -169,8 +169,8 @@ def test_a_canary_passphrase_appears_nowhere(tmp_path):
             (["backup-disk", "--vm", "v", str(disk)], 0),
             (["snapshots"], 0),
             (["verify", "--read-data"], 0),
-            (["key", "list"], 0),
-            (["key", "export-recovery", str(tmp_path / "rk")], 0),
+            (["key", "list", "--repo", str(cli.repo)], 0),
+            (["key", "export-recovery", "--repo", str(cli.repo), str(tmp_path / "rk")], 0),
         ]:
             p = cli.run(*args, "--json", expect=rc, env=env)
             outputs += [p.stdout, p.stderr]
