@@ -82,6 +82,7 @@ BAD_INPUT = [
     ("hostile id", ["restore-disk", "../../etc/passwd", "{tmp}/out"], "not a backup id"),
     ("unknown disk", ["restore-disk", "--disk", "ide0:0", "{parent}", "{tmp}/out"], "no disk"),
     ("output exists", ["restore-disk", "{parent}", "{disk}"], "refusing to overwrite"),
+    ("empty output", ["restore-disk", "{parent}", ""], "OUTPUT is empty"),
     ("forget unknown", ["forget", "nope"], "no backup"),
     ("verify unknown", ["verify", "20260101T000000Z-00000000"], "no backup"),
     ("prune without rules", ["prune"], "at least one --keep"),
@@ -152,6 +153,23 @@ def test_bad_input_exits_2_with_one_clear_line(cli, disk, tmp_path, case, args, 
     assert p.stdout == ""
     # Nothing already stored was touched.
     assert sorted(os.listdir(cli.repo / "backups")) == before
+
+
+DEMO_BAD_INPUT = [
+    ("size 0", ["--size", "0", "--dir", "{tmp}/demo"], "at least 32MiB"),
+    ("size not whole MiB", ["--size", "33554433", "--dir", "{tmp}/demo"], "whole number of MiB"),
+    ("dir under a file", ["--dir", "{tmp}/file/demo"], "cannot be created"),
+    ("dir under /proc", ["--dir", "/proc/vmbackup-demo/x"], "cannot be created"),
+]
+
+
+@pytest.mark.parametrize("case,args,message", DEMO_BAD_INPUT, ids=[c[0] for c in DEMO_BAD_INPUT])
+def test_demo_bad_input_exits_2_with_one_line_before_the_lab_starts(cli, tmp_path, case, args, message):
+    (tmp_path / "file").write_text("")
+    p = cli.run("demo", *[a.format(tmp=tmp_path) for a in args], expect=2, repo=False)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], p.stderr
+    assert not (tmp_path / "demo").exists()
 
 
 def test_repo_from_environment(cli, disk):

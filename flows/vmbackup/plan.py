@@ -422,6 +422,12 @@ class Plan(_Model):
     connection: Connection | None = None
     hyperv: list[HypervHost] = Field(default_factory=list)
     repository: Path
+    # A repository vmbackup creates for the plan (`vmbackup init --plan`) is
+    # encrypted unless this says none; an existing repository is what it is.
+    encryption: Literal["aes-256-gcm", "none"] = "aes-256-gcm"
+    # Where the passphrase of an encrypted repository comes from (never the plan itself).
+    passphrase_env: str | None = Field(None, min_length=1)
+    passphrase_secret: str | None = Field(None, min_length=1)
     agents: list[Agent] = Field(min_length=1)
     selection: Selection
     limits: Limits = Field(default_factory=Limits)
@@ -480,6 +486,12 @@ class Plan(_Model):
             if n < 0:
                 raise ValueError(f"{rule} must not be negative")
         return v
+
+    @model_validator(mode="after")
+    def _one_passphrase(self) -> Plan:
+        if self.passphrase_env is not None and self.passphrase_secret is not None:
+            raise ValueError("give at most one of passphrase_env and passphrase_secret")
+        return self
 
     @model_validator(mode="after")
     def _hypervisors(self) -> Plan:
@@ -713,3 +725,36 @@ def resolve_copy_credentials(copy: CopyTarget) -> tuple[SecretStr, SecretStr] | 
             '{"access_key": ..., "secret_key": ...}'
         )
     return SecretStr(str(value["access_key"])), SecretStr(str(value["secret_key"]))
+PASSPHRASE_ENV = "VMBACKUP_PASSPHRASE"
+
+
+def _load_secret_block(name: str, where: str) -> SecretStr:
+    try:
+        from prefect.blocks.system import Secret  # only when the plan names a block
+    except ImportError:
+        raise InvalidInputError(f"{where}: reading Secret block '{name}' needs Prefect installed") from None
+    try:
+        secret = Secret.load(name)
+    except ValueError:
+        raise InvalidInputError(f"{where}: there is no Secret block named '{name}'") from None
+    value = secret.get()
+    return value if isinstance(value, SecretStr) else SecretStr(str(value))
+
+
+def resolve_passphrase(plan: Plan) -> tuple[SecretStr | None, str]:
+    """The passphrase of the plan's repository and where it came from (for
+    messages): ``passphrase_env``, ``passphrase_secret``, else
+    ``$VMBACKUP_PASSPHRASE``; None when none of them gives one."""
+    if plan.passphrase_env is not None:
+        value = os.environ.get(plan.passphrase_env)
+        if not value:
+            raise InvalidInputError(f"passphrase_env: the environment variable {plan.passphrase_env} is not set")
+        return SecretStr(value), f"passphrase_env {plan.passphrase_env}"
+    if plan.passphrase_secret is not None:
+        where = f"passphrase_secret {plan.passphrase_secret}"
+        secret = _load_secret_block(plan.passphrase_secret, "passphrase_secret")
+        if not secret.get_secret_value():
+            raise InvalidInputError(f"{where}: the Secret block is empty")
+        return secret, where
+    fallback = os.environ.get(PASSPHRASE_ENV)
+    return (SecretStr(fallback) if fallback else None), PASSPHRASE_ENV

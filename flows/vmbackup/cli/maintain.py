@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import BackupError, InvalidInputError
 from ..sampling import parse_sample
+from .keys import add_plan_key_argument, unlock_plan
 
 
 def add_parser(sub: Any) -> None:
@@ -34,6 +35,7 @@ def add_parser(sub: Any) -> None:
         p = msub.add_parser(name, help=helptext, description=helptext)
         p.add_argument("--plan", required=True, metavar="FILE", help="the plan (YAML, see docs/plan.md)")
         p.add_argument("--json", action="store_true", help="print the flow's report as one JSON document on stdout")
+        add_plan_key_argument(p)
         p.set_defaults(func=run_maintain)
         return p
 
@@ -94,6 +96,8 @@ def _prepare(args: argparse.Namespace) -> str:
 
     # A bad plan: one line, exit 2, before any server starts.
     plan = load_plan(args.plan)
+    # So is a wrong passphrase (verify goes on without one: it checks what it can).
+    unlock_plan(args, plan, required=args.maintain_command not in ("verify", "sweep"))
     if args.maintain_command == "retention" and (not plan.retention or Policy(**plan.retention).empty()):
         raise InvalidInputError(f"plan {args.plan} has no retention rules (retention: {{daily: 7, ...}})")
     if args.maintain_command == "sweep" and not _sweeps(plan, args.hypervisor):
