@@ -725,6 +725,8 @@ def resolve_copy_credentials(copy: CopyTarget) -> tuple[SecretStr, SecretStr] | 
             '{"access_key": ..., "secret_key": ...}'
         )
     return SecretStr(str(value["access_key"])), SecretStr(str(value["secret_key"]))
+
+
 PASSPHRASE_ENV = "VMBACKUP_PASSPHRASE"
 
 
