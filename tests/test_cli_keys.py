@@ -11,14 +11,8 @@ import subprocess
 import sys
 import threading
 
-import pytest
 from conftest import Cli, MiB
 from vmbackup import _mover
-
-# Encrypted repositories need the mover's key API (the crypt branch).
-needs_crypt = pytest.mark.skipif(
-    not hasattr(_mover, "unlock_repository"), reason="this build of the mover has no encryption"
-)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -76,7 +70,6 @@ def test_key_commands_on_an_unencrypted_repository(tmp_path):
     assert cli.json("snapshots", env=_env(VMBACKUP_PASSPHRASE="whatever")) == []
 
 
-@needs_crypt
 def test_an_encrypted_repository_end_to_end(tmp_path):
     cli = Cli(tmp_path / "repo")
     pw = tmp_path / "pw"
@@ -142,7 +135,6 @@ def test_an_encrypted_repository_end_to_end(tmp_path):
     )
 
 
-@needs_crypt
 def test_a_canary_passphrase_appears_nowhere(tmp_path):
     """In no output of any command, no file of the repository or the
     temporary directory, and no process listing while the commands run."""
