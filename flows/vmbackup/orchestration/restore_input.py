@@ -236,7 +236,6 @@ def resolve(
             raise RestoreInputError("--path is a Hyper-V host's folder: a vSphere restore takes --datastore")
         if target == HYPERV and datastore is not None:
             raise RestoreInputError("--datastore is a vSphere datastore: a Hyper-V restore takes --path")
-        description = describe(info, source)
         target_host = host
         storage: list[str] = []
         if target == HYPERV:
@@ -256,6 +255,7 @@ def resolve(
                 storage = [datastore]
             elif source == VSPHERE:
                 storage = sorted({d["datastore"] for d in point_attr(info, "disks") or () if d.get("datastore")})
+        description = describe(info, source)
         new_name = vm if in_place else (restored_as or default_name(vm))
         request = RestoreRequest(
             vm=vm,
