@@ -214,6 +214,9 @@ class VmDescription:
     nics: list[NicSpec] = field(default_factory=list)
     raw: Any = None
     files: dict[str, str] = field(default_factory=dict)  # other files in the point ("nvram" -> base64, ...)
+    host: str | None = None  # where the point's VM ran (the default target host)
+    location: str | None = None  # its datastore (vSphere: the .vmx's) or folder (Hyper-V): the default target
+    changes: list[str] = field(default_factory=list)  # what the point cannot give back, said in the row
 
 
 @dataclass

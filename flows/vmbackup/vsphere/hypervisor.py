@@ -55,6 +55,19 @@ class VSphere:
 
         return VSphereSteps(self.client, vm, plan, agent, run_id=run_id)
 
+    # -- restore (vsphere/restore.py) --
+
+    @staticmethod
+    def describe_point(config: Any, attributes: dict[str, Any]) -> base.VmDescription:
+        from .restore import describe_point
+
+        return describe_point(config, attributes)
+
+    def restore_steps(self, request: base.RestoreRequest, plan: Plan, agent: Agent, *, run_id: str) -> Any:
+        from .restore import VSphereRestoreSteps
+
+        return VSphereRestoreSteps(self.client, request, plan, agent, run_id=run_id)
+
     def sweep(self, *, older_than_seconds: float) -> list[Any]:
         from .sweep import sweep
 
