@@ -248,14 +248,17 @@ def resolve(
                     )
             target_host = hv_host.name
             storage = _volume_keys(hv_host, path, info if source == HYPERV and host is None else None)
-        else:
+        description = describe(info, source)
+        if target == VSPHERE:
             if target_host is None and source == VSPHERE:
-                target_host = point_attr(info, "host")
+                target_host = description.host or point_attr(info, "host")
             if datastore is not None:
                 storage = [datastore]
             elif source == VSPHERE:
-                storage = sorted({d["datastore"] for d in point_attr(info, "disks") or () if d.get("datastore")})
-        description = describe(info, source)
+                disks = point_attr(info, "disks") or ()
+                storage = sorted({d["datastore"] for d in disks if isinstance(d, dict) and d.get("datastore")})
+                if description.location and description.location not in storage:
+                    storage.append(description.location)
         new_name = vm if in_place else (restored_as or default_name(vm))
         request = RestoreRequest(
             vm=vm,
