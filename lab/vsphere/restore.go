@@ -231,6 +231,11 @@ func (l *Lab) folderPut(next http.Handler) http.Handler {
 			http.Error(w, fmt.Sprintf("%s is locked", e.DSPath()), http.StatusConflict)
 			return
 		}
+		if hf := l.hostFaults[e.Owner.VM.hostName()]; hf != nil && hf.UploadFail {
+			l.mu.Unlock()
+			http.Error(w, "upload_fail: the host refuses the upload", http.StatusInternalServerError)
+			return
+		}
 		e.Attached++ // locked while the upload runs
 		l.mu.Unlock()
 		err := l.storeUpload(r.Body, e)

@@ -464,17 +464,24 @@ class VSphereRestoreSteps:
         dst = self.request.network_map.get(src, src)
         net = networks.get(dst)
         nic = cls(key=key)
+        # vSphere wants a backing that exists: a NIC whose network is missing sits,
+        # disconnected, on one of the host's networks until someone connects it.
+        backing_net = net if net is not None else next(iter(networks.values()), None)
         nic.connectable = vim.vm.device.VirtualDevice.ConnectInfo(
             startConnected=net is not None, allowGuestControl=True
         )
-        if isinstance(net, vim.dvs.DistributedVirtualPortgroup):
+        if isinstance(backing_net, vim.dvs.DistributedVirtualPortgroup):
+            dvs = backing_net.config.distributedVirtualSwitch
             nic.backing = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
-                port=vim.dvs.PortConnection(portgroupKey=net.key, switchUuid=net.config.distributedVirtualSwitch.uuid)
+                port=vim.dvs.PortConnection(portgroupKey=backing_net.key, switchUuid=dvs.uuid)
             )
-        else:
-            nic.backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=dst, network=net)
+        elif backing_net is not None:
+            nic.backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
+                deviceName=backing_net.name, network=backing_net
+            )
         if net is None:
-            changes.append(f"network adapter {n}: network {src} does not exist on the target: disconnected")
+            on = f" (on {backing_net.name} until connected)" if backing_net is not None else ""
+            changes.append(f"network adapter {n}: network {src} does not exist on the target: disconnected{on}")
         elif dst != src:
             changes.append(f"network adapter {n}: network {src} mapped to {dst}")
         if self.request.in_place:
@@ -844,13 +851,20 @@ def _http(client: Any, method: str, url: str, body: Any = None, length: int | No
             conn.putheader("Content-Type", "application/octet-stream")
             conn.putheader("Content-Length", str(length or 0))
         conn.endheaders()
+        sent: OSError | None = None
         if body is not None:
-            for chunk in body:
-                conn.send(chunk)
-        res = conn.getresponse()
+            try:
+                for chunk in body:
+                    conn.send(chunk)
+            except OSError as e:  # the server answered early and closed: its answer says why
+                sent = e
+        try:
+            res = conn.getresponse()
+        except (http.client.HTTPException, OSError) as e:
+            raise HypervisorError(f"{method} {u.path}: {sent or e}") from e
         text = res.read(300).decode("utf-8", errors="replace").strip()
         return res.status, text
-    except (http.client.HTTPException, ConnectionError) as e:
+    except (http.client.HTTPException, OSError) as e:
         raise HypervisorError(f"{method} {u.path}: {e}") from e
     finally:
         conn.close()
