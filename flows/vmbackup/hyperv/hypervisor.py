@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..hypervisors import base
+from .restore import HypervRestorer
 
 
-class HyperV:
-    """One of the plan's Hyper-V hosts (``plan.hyperv[i]``)."""
+class HyperV(HypervRestorer):
+    """One of the plan's Hyper-V hosts (``plan.hyperv[i]``); its restore verbs
+    (``describe_point``, ``restore_steps``) are `restore.HypervRestorer`'s."""
 
     kind = "hyperv"
 
@@ -51,6 +53,13 @@ class HyperV:
         )
 
     def sweep(self, *, older_than_seconds: float) -> list[Any]:
+        from .restore import sweep_restores
         from .sweep import sweep_host
 
-        return sweep_host(self.client, older_than_seconds=older_than_seconds)
+        removed = sweep_host(self.client, older_than_seconds=older_than_seconds)
+        # restores that are no longer running: their half-made VMs and folders
+        for rid in sweep_restores(
+            self.client, str(self.plan.repository), self.host.name, older_than_seconds=older_than_seconds
+        ):
+            removed.append({"RunId": f"restore {rid}", "RestoreId": rid, "Deleted": []})
+        return removed

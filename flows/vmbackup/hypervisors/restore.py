@@ -130,6 +130,8 @@ def restore_one(
         ]
         result.bytes_written = sum(w.bytes_written for w in written)
         steps.finish(made, power_on=request.power_on)
+        # what finish found (Hyper-V's import: a missing switch mapped or disconnected) joins the row
+        result.changes, result.warnings = list(target.changes), list(target.warnings)
         result.powered_on = request.power_on
         result.vm_id = made.vm_id
         if verify:

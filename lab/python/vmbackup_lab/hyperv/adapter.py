@@ -77,7 +77,7 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
                 "Name": host.root_of(v),
                 "DeviceID": f"\\\\?\\Volume{{{host.volume_guids[v]}}}\\",
                 "Capacity": 1 << 40,
-                "FreeSpace": 1 << 39,
+                "FreeSpace": host.free_bytes(v),
                 "FileSystem": host.file_systems[v],
             }
             for v in host.volumes
@@ -184,6 +184,13 @@ def get_vm(host: Host, vmname: str) -> dict:
             "PrimaryOperationalStatus": svc["Status"] or 0,
         },
         "ConfigurationLocation": v.config_location,
+        "Generation": v.generation,
+        "Version": v.version,
+        "ProcessorCount": v.cpus,
+        "MemoryStartup": v.memory_mib * 1024 * 1024,
+        "NetworkAdapters": [
+            {"Name": "Network Adapter", "SwitchName": n["switch"], "MacAddress": n["mac"]} for n in v.nics
+        ],
         "ConfigFiles": v.config_files(),
         "Disks": disks,
         "SkippedDisks": skipped,
@@ -440,6 +447,8 @@ def remove_shadow_copies(
     return {"Removed": removed}
 
 
+from .restore import SCRIPTS as RESTORE_SCRIPTS  # noqa: E402  (it uses this module's helpers)
+
 SCRIPTS = {
     "Get-VmbackupHost.ps1": get_host,
     "Get-VmbackupVm.ps1": get_vm,
@@ -447,6 +456,7 @@ SCRIPTS = {
     "New-VmbackupShadowCopy.ps1": new_shadow_copy,
     "Complete-VmbackupShadowCopy.ps1": complete_shadow_copy,
     "Remove-VmbackupShadowCopies.ps1": remove_shadow_copies,
+    **RESTORE_SCRIPTS,
 }
 
 __all__ = ["run", "SCRIPTS", "HostError"]
