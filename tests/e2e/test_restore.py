@@ -150,6 +150,30 @@ def test_hyperv_vm_restored_as_a_new_vm_equal_to_the_backup(default_lab, state_d
     [point] = backup("--plan", str(plan), "--vm", vm, env=env)
     assert point["status"] == "ok", point
     [r] = restore("--plan", str(plan), "--vm", vm, env=env)
+    try:
+        _check_hyperv_restore(e2e, env, repo, point, r, vm, tmp_path)
+    finally:
+        _remove_hyperv_vm(e2e, r)
+
+
+def _remove_hyperv_vm(e2e, r: dict) -> None:
+    """Removes a restored Hyper-V VM and its folder with the adapter's own
+    script (the shared lab keeps the VMs the other tests expect)."""
+    if r.get("status") != "ok":
+        return
+    from pydantic import SecretStr
+    from vmbackup.hyperv.inventory import connect
+    from vmbackup.plan import load_plan
+
+    host = load_plan(e2e.plan).hyperv_host(r["host"])
+    client = connect(host, SecretStr(e2e.hyperv_password))
+    client.run_script(
+        "Remove-VmbackupRestore.ps1", {"RestoreId": "e2e-cleanup", "VMId": r["vm_id"], "Path": r["location"]}
+    )
+    assert r["restored_as"] not in e2e.lab.hyperv_host(r["host"]).vm_names()
+
+
+def _check_hyperv_restore(e2e, env, repo, point, r, vm, tmp_path) -> None:
     assert CONTRACT <= set(r) and r["status"] == "ok" and r["hypervisor"] == "hyperv", r
     assert r["restored_as"] == f"{vm}-restored" and r["point"] == point["backup_id"], r
     status = json.loads(run("lab", "status", "--state", str(e2e.lab.state), "--json", env=env).stdout)

@@ -161,12 +161,15 @@ class Lab:
         """The Hyper-V host a request for ``vm`` goes to, or None for vSphere."""
         if host is not None and self.is_hyperv_host(host):
             hv = self.hyperv_host(host)
-            if vm is not None and not any(vm in h["vms"] for h in self.hyperv if h["host"] == hv.host):
+            known = any(vm in h["vms"] for h in self.hyperv if h["host"] == hv.host)
+            if vm is not None and not known and vm not in hv.vm_names():
                 raise LabInputError(f"Hyper-V host {hv.host} has no VM named {vm!r}")
             return hv
         if vm is None:
             return None
         having = [h for h in self.hyperv if vm in h["vms"]]
+        if not having:  # a VM made since `up` (a restored one): ask the hosts
+            having = [h for h in self.hyperv if vm in HypervLab.attach(Path(h["root"])).vm_names()]
         if len(having) > 1:
             names = " and ".join(h["host"] for h in having)
             raise LabInputError(f"VM {vm!r} is on Hyper-V hosts {names}: name one with --host")
