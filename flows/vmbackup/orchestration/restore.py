@@ -36,7 +36,7 @@ from ..errors import (
     VmsFailedError,
 )
 from . import limits, reports, restore_input, vmtask
-from .backup import Keys, with_secret
+from .backup import Keys, only_agent, with_secret
 from .restore_input import HYPERV, VSPHERE, RestoreJob
 
 KEYS = Keys("vmbackup-restore-report", "vmbackup-restore-summary", "vmbackup-restore-progress", "Restore")
@@ -291,6 +291,7 @@ def restore_vm(
     password_secret: str | None = None,
     hyperv_password_secret: str | None = None,
     fail_on_error: bool = False,
+    agent: str | None = None,
 ) -> list[dict]:
     """Restore VMs from their backup points, one task per VM, one report.
 
@@ -312,6 +313,7 @@ def restore_vm(
         password_secret: the name of the Secret block with the vSphere password (not a password).
         hyperv_password_secret: the same for every Hyper-V host.
         fail_on_error: end the run Failed when a VM failed (after the report).
+        agent: only this agent of the plan writes the disks (a deployment run on that agent's worker).
 
     Returns a row per VM (``results.RestoreResult``: ``vmbackup restore
     --json`` prints them). Raises ``RestoreInputError`` (exit 2) when a VM's
@@ -333,7 +335,9 @@ def restore_vm(
         network_map=network_map,
         power_on=power_on,
         in_place=in_place,
+        assign=False,
     )
+    restore_input.assign_agents(jobs, only_agent(plan, agent))
     rows = run_restores(
         plan, jobs, keys=KEYS, drill=False, vm_deadline_seconds=vm_deadline_seconds, lease_seconds=lease_seconds
     )
@@ -365,6 +369,7 @@ def run_drill(
     sample: int | None,
     vm_deadline_seconds: float | None,
     lease_seconds: float,
+    agent: str | None = None,
 ) -> dict:
     """The body of ``drill``: choose, restore into the isolated target,
     compare, remove, record, report."""
@@ -373,6 +378,7 @@ def run_drill(
         raise InvalidInputError("the plan has no drill: section (where drill VMs go: docs/plan.md)")
     if sample is not None and sample < 1:
         raise InvalidInputError("sample must be at least 1")
+    usable = only_agent(plan, agent)
     chosen = drill_choice(plan, vms, sample)
     if not chosen:
         raise NothingSelectedError(
@@ -385,7 +391,7 @@ def run_drill(
         try:
             job = restore_input.resolve(plan, [vm], assign=False)[0]
             restore_input.drill_requests(plan, [job], run_id)
-            restore_input.assign_agents([job], plan.agents)
+            restore_input.assign_agents([job], usable)
             jobs.append(job)
         except RestoreInputError as e:
             if vms:  # the user named it: bad input
@@ -429,6 +435,7 @@ def drill(
     lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
     password_secret: str | None = None,
     hyperv_password_secret: str | None = None,
+    agent: str | None = None,
 ) -> dict:
     """A restore drill: the newest point of a sample of VMs restored under a
     drill name into the plan's isolated target (``drill:``), powered on, its
@@ -442,6 +449,7 @@ def drill(
         lease_seconds: how long a dead run keeps a limit's slot.
         password_secret: the name of the Secret block with the vSphere password (not a password).
         hyperv_password_secret: the same for every Hyper-V host.
+        agent: only this agent of the plan writes and reads the disks (a deployment run on its worker).
 
     Returns ``{"vms": [rows], "passed": [...], "failed": [...]}``; raises
     ``DrillFailedError`` (with that report) when a drill failed, after the
@@ -450,7 +458,7 @@ def drill(
     from ..plan import load_plan
 
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
-    return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds)
+    return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds, agent)
 
 
 __all__ = ["restore_vm", "drill", "run_restores", "run_drill", "DrillFailedError"]
