@@ -232,6 +232,11 @@ def resolve(
             raise RestoreInputError(
                 f"--in-place rolls VM {vm} back on its own hypervisor ({source}), not onto {target}"
             )
+        if target != source and source not in getattr(adapter_class(target), "restores_from", (target,)):
+            # An adapter says which points it restores (``restores_from``); by default its own hypervisor's.
+            raise RestoreInputError(
+                f"VM {vm}: restoring a {source} point onto a {target} host is not supported yet (docs/restore.md)"
+            )
         if target == VSPHERE and path is not None:
             raise RestoreInputError("--path is a Hyper-V host's folder: a vSphere restore takes --datastore")
         if target == HYPERV and datastore is not None:
