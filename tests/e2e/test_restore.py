@@ -182,3 +182,49 @@ def _check_hyperv_restore(e2e, env, repo, point, r, vm, tmp_path) -> None:
     assert sorted(d["name"] for d in restored[0]["disks"]) == sorted(d["disk"] for d in r["disks"])
     for d in r["disks"]:
         assert _disk_equal(e2e, env, repo, r["point"], r["restored_as"], d["disk"], tmp_path), d
+
+
+def _attached(lab) -> int:
+    return sum(c["now"] for c in lab.status()["counters"]["attached_disks"]["agent"].values())
+
+
+def test_restore_killed_mid_way_is_reconciled_by_the_next_one(small_lab, env, tmp_path):
+    """kill -9 of `vmbackup restore` while the new VM's disk is attached to the
+    agent; the same restore again removes the half-made VM first and succeeds:
+    exactly one VM whose name starts with the requested one, nothing attached."""
+    import subprocess
+    import sys
+
+    lab = small_lab.lab
+    plan, repo = _plan(small_lab, tmp_path)
+    [point] = backup("--plan", str(plan), "--vm", "app01", env=env)
+    host = point["host"]
+    with removed_afterwards(small_lab):
+        # Slow tasks on the host (CreateVM, the hot-add's ReconfigVM): the restore is caught mid-way.
+        lab.set_faults(host=host, slow_ms=1500)
+        try:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "vmbackup", "restore", "--plan", str(plan), "--vm", "app01", "--json"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                # Watch the lab (no sleeps) until the new VM exists with a disk on the agent, then kill at once.
+                while p.poll() is None and not ("app01-restored" in _vsphere_vm_names(small_lab) and _attached(lab)):
+                    pass
+                assert p.poll() is None, "the restore ended before it was caught mid-way"
+                p.kill()
+            finally:
+                p.kill()
+                p.wait()
+        finally:
+            lab.set_faults(host=host)
+        assert "app01-restored" in _vsphere_vm_names(small_lab)  # half-made, left by the kill
+
+        [r] = restore("--plan", str(plan), "--vm", "app01", env=env)
+        assert r["status"] == "ok" and r["restored_as"] == "app01-restored", r
+        assert sorted(n for n in _vsphere_vm_names(small_lab) if n.startswith("app01-restored")) == ["app01-restored"]
+        assert _attached(lab) == 0
+        for d in r["disks"]:
+            assert _disk_equal(small_lab, env, repo, r["point"], r["restored_as"], d["disk"], tmp_path), d
