@@ -186,15 +186,20 @@ def run_restores(
     drill: bool,
     vm_deadline_seconds: float | None,
     lease_seconds: float,
+    early: Sequence[dict] = (),
 ) -> list[dict]:
     """Check every job on its target, then restore them, one task each under
-    the limits; a row per job (inside a flow run)."""
+    the limits; a row per job (inside a flow run), after ``early``'s (the
+    failed rows of VMs that never became a job), all in one report."""
     log = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
     reports.install_context_filter()
     passwords = restore_input.passwords(plan, jobs)
     secrets = [p.get_secret_value() for p in passwords.values()]
-    rows: list[dict] = []
+    rows: list[dict] = list(early)
+    if not jobs:
+        _report(keys, rows, drill=drill)
+        return rows
     with contextlib.ExitStack() as stack:
         targets = _connect(plan, jobs, passwords, stack)
         problems = _check(jobs, targets, plan, run_id, secrets)
@@ -357,7 +362,8 @@ def drill_choice(plan: Any, vms: Sequence[str] | None, sample: int | None) -> li
     infos, _ = _mover.list_backups(str(plan.repository))
     if vms:
         return list(vms)
-    candidates = restore_input.drill_candidates(infos, plan.drill.vms)
+    kinds = [k for k, there in ((VSPHERE, plan.drill.vsphere), (HYPERV, plan.drill.hyperv)) if there is not None]
+    candidates = restore_input.drill_candidates(infos, plan.drill.vms, kinds)
     state = restore_input.load_drill_state(str(plan.repository))
     last = {vm: float(s.get("unix") or 0.0) for vm, s in state.items()}
     return restore_input.drill_sample(sorted(candidates), last, sample or plan.drill.sample)
@@ -398,18 +404,15 @@ def run_drill(
                 raise
             early.append(results.empty_row(results.RestoreResult, vm=vm, status="failed", error=str(e)))
     log.info("drilling %s", ", ".join(chosen))
-    rows = early
-    if jobs:
-        rows += run_restores(
-            plan,
-            jobs,
-            keys=DRILL_KEYS,
-            drill=True,
-            vm_deadline_seconds=vm_deadline_seconds,
-            lease_seconds=lease_seconds,
-        )
-    if early:
-        reports.emit_restore_events(early, drill=True)
+    rows = run_restores(
+        plan,
+        jobs,
+        keys=DRILL_KEYS,
+        drill=True,
+        vm_deadline_seconds=vm_deadline_seconds,
+        lease_seconds=lease_seconds,
+        early=early,
+    )
     state = restore_input.load_drill_state(str(plan.repository))
     now = time.time()
     for r in rows:

@@ -334,15 +334,17 @@ def _volume_keys(hv_host: Any, path: str | None, info: Any) -> list[str]:
 # --- drills -------------------------------------------------------------------------
 
 
-def drill_candidates(infos: Sequence[Any], patterns: Sequence[str]) -> dict[str, Any]:
+def drill_candidates(infos: Sequence[Any], patterns: Sequence[str], kinds: Sequence[str]) -> dict[str, Any]:
     """Each VM of the repository a drill may take (its label matches one of
-    ``patterns``; points of hypervisors only), with its newest point."""
+    ``patterns``; its points are of a hypervisor in ``kinds``: those the
+    plan's drill has a target for), with its newest point."""
     newest: dict[str, Any] = {}
     for info in infos:
         if not any(fnmatch.fnmatchcase(info.vm, p) for p in patterns):
             continue
         try:
-            point_hypervisor(info)
+            if point_hypervisor(info) not in kinds:
+                continue
         except RestoreInputError:
             continue
         if info.vm not in newest or info.created_unix > newest[info.vm].created_unix:
