@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import sha256
@@ -203,7 +205,7 @@ def test_a_killed_restore_is_removed_by_the_next_one_and_by_the_sweeper(lab, bac
     folder = half_made("legacy01-s")
     hyperv.connect()
     removed = hyperv.sweep(older_than_seconds=3600)
-    assert any(x.get("RestoreId") for x in removed)
+    assert [x["VMs"] for x in removed if x.get("Kind") == "restore"] == [["legacy01-s"]]
     _nothing_made(lab, plan, ["legacy01-s"], [folder])
 
 
@@ -234,3 +236,141 @@ def test_in_place_swaps_in_the_point_and_keeps_the_vm(lab, backed_up, tmp_path):
     with pytest.raises(RestoreInputError, match="win01 on Hyper-V host hv1 is not powered off"):
         _restore(lab, plan, "win01", "win01", in_place=True)
     assert not any(lab.share_root.iterdir()) and restore_entries(plan.repository, "hv1") == []
+
+
+KILLED = """
+import json, os, sys
+from pydantic import SecretStr
+from vmbackup.plan import parse_plan
+from vmbackup.hyperv.hypervisor import HyperV
+from vmbackup.hyperv.restore import describe_point
+from vmbackup.hypervisors.base import RestoreRequest
+from vmbackup.hypervisors.restore import find_point, restore_one
+
+plan = parse_plan(json.loads(sys.argv[1]))
+host = plan.hyperv_host("hv1")
+hyperv = HyperV(plan, host, SecretStr(os.environ["VMBACKUP_HYPERV_PASSWORD"]))
+point = find_point(str(plan.repository), "legacy01")
+req = RestoreRequest(vm="legacy01", point=point.id, restored_as=sys.argv[2])
+steps = hyperv.restore_steps(req, plan, plan.agents[0], run_id="restore-run")
+restore_one(steps, req, describe_point(point.config, point.attributes), hypervisor="hyperv",
+            repository=str(plan.repository), agent="agent1", disks_per_vm=2)
+"""
+
+
+def test_kill_9_mid_restore_then_the_same_restore_leaves_one_vm(lab, backed_up, tmp_path):
+    """kill -9 of a restore while the host imports the VM (lab fault slow_ms
+    holds each restore script): the same restore run again reconciles first
+    (the entry's process is dead) and leaves exactly one VM of that name."""
+    plan, _, _ = backed_up
+    plan_json = {
+        "hyperv": [
+            {
+                "name": "hv1",
+                "url": lab.url,
+                "user": lab.user,
+                "password_env": "VMBACKUP_HYPERV_PASSWORD",
+                "auth": "ntlm",
+                "ca_file": lab.ca_file,
+            }
+        ],
+        "repository": str(plan.repository),
+        "agents": [
+            {
+                "name": "agent1",
+                "windows_paths": {"\\\\HV1\\": str(lab.share_root)},
+                "share_account": "HV1\\vmbackup-agent",
+            }
+        ],
+        "selection": {"vms": ["*"]},
+    }
+    lab.set_faults(slow_ms=1500)
+    env = dict(os.environ, VMBACKUP_HYPERV_PASSWORD=lab.password)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, json.dumps(plan_json), "legacy01-k9"], env=env)
+    stage = lab.local_path("D:\\Hyper-V\\legacy01-k9\\.vmbackup-staging")
+    try:
+        end = time.monotonic() + 60
+        # the disk is written (the mover renames its file into place when complete): Import-VM is next
+        while not (stage.is_dir() and any(p.suffix == ".vhdx" for p in stage.iterdir())):
+            assert proc.poll() is None and time.monotonic() < end, "the restore never wrote its disk"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert restore_entries(plan.repository, "hv1")  # what the killed restore left is named
+    lab.set_faults()
+    r = _restore(lab, plan, "legacy01", "legacy01-k9")
+    try:
+        assert [v["name"] for v in lab.status()["vms"] if v["name"].startswith("legacy01-k9")] == ["legacy01-k9"]
+        assert not stage.exists() and not any(lab.share_root.iterdir())
+        assert restore_entries(plan.repository, "hv1") == []
+    finally:
+        _remove(lab, plan, r)
+
+
+def test_a_vsphere_point_comes_back_as_a_hyperv_vm(lab, tmp_path):
+    """A point of a vSphere VM (UEFI, a SCSI and a SATA disk, one adapter on
+    port group "VM Network"), written here by the mover as a vSphere backup
+    writes it, restored onto the Hyper-V host: a generation 2 VM in the host's
+    default VM path, rebuilt from the description (there is no .vmcx), the
+    SATA disk on SCSI 0, the network mapped, powered on; every disk equals the point."""
+    from vmbackup.hypervisors.base import DiskSpec, NicSpec, VmDescription
+
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    sizes = {"scsi0:0": 8 << 20, "sata0:0": 4 << 20}
+    session = _mover.BackupSession(str(repo), "vsvm")
+    for k, (name, size) in enumerate(sizes.items()):
+        raw = tmp_path / f"{k}.raw"
+        with open(raw, "wb") as f:
+            f.truncate(size)
+            f.seek(1 << 20)
+            f.write(bytes([k + 1]) * 300_000)
+        session.add_disk(str(raw), name)
+    point = session.id
+    session.commit(json.dumps({"name": "vsvm"}), json.dumps({"vm": "vsvm", "host": "esx1"}))
+    desc = VmDescription(
+        name="vsvm",
+        hypervisor="vsphere",
+        firmware="efi",
+        cpus=2,
+        memory_mb=1024,
+        disks=[
+            DiskSpec("scsi0:0", sizes["scsi0:0"], "scsi", "[ds1] vsvm/vsvm.vmdk"),
+            DiskSpec("sata0:0", sizes["sata0:0"], "sata", "[ds1] vsvm/vsvm_1.vmdk"),
+        ],
+        nics=[NicSpec("VM Network", "00:50:56:aa:bb:cc", "vmxnet3")],
+        host="esx1",
+        location="ds1",
+    )
+    plan = make_plan(lab, repo)
+    hyperv = HyperV(plan, plan.hyperv_host("hv1"), SecretStr(lab.password))
+    req = RestoreRequest(
+        vm="vsvm", point=point, restored_as="vsvm-hv", network_map={"VM Network": "LAN"}, power_on=True
+    )
+    r = restore_one(
+        hyperv.restore_steps(req, plan, plan.agents[0], run_id="cross"),
+        req,
+        desc,
+        hypervisor="hyperv",
+        repository=str(repo),
+        agent="agent1",
+        disks_per_vm=2,
+        verify=True,
+    )
+    try:
+        assert (r.source_hypervisor, r.hypervisor, r.verified) == ("vsphere", "hyperv", True)
+        assert r.location == "C:\\ProgramData\\Microsoft\\Windows\\Hyper-V\\vsvm-hv"
+        assert any("disk sata0:0 is scsi0:1 on Hyper-V" in c for c in r.changes)
+        assert any("rebuilt from the point's description" in c for c in r.changes)
+        vm = _vm(lab, "vsvm-hv")
+        assert (vm["generation"], vm["cpus"], vm["memory_mib"]) == (2, 2, 1024)
+        assert r.powered_on and vm["state"] == "running"  # Start-VM
+        assert vm["nics"] == [{"switch": "LAN", "mac": "005056AABBCC"}]
+        assert [d["name"] for d in vm["disks"]] == ["scsi0:0", "scsi0:1"]
+        for disk, place in (("scsi0:0", "scsi0:0"), ("sata0:0", "scsi0:1")):
+            saved = tmp_path / "saved.raw"
+            _mover.restore_disk(str(repo), point, str(saved), disk=disk, overwrite=True)
+            assert sha256(lab.disk_image("vsvm-hv", place, tmp_path / "now.raw")) == sha256(saved)
+    finally:
+        _remove(lab, plan, r)

@@ -53,13 +53,12 @@ class HyperV(HypervRestorer):
         )
 
     def sweep(self, *, older_than_seconds: float) -> list[Any]:
-        from .restore import sweep_restores
         from .sweep import sweep_host
 
-        removed = sweep_host(self.client, older_than_seconds=older_than_seconds)
-        # restores that are no longer running: their half-made VMs and folders
-        for rid in sweep_restores(
-            self.client, str(self.plan.repository), self.host.name, older_than_seconds=older_than_seconds
-        ):
-            removed.append({"RunId": f"restore {rid}", "RestoreId": rid, "Deleted": []})
-        return removed
+        # restores that are no longer running too, judged by the repository's restore ledger
+        return sweep_host(
+            self.client,
+            older_than_seconds=older_than_seconds,
+            repository=str(self.plan.repository),
+            host=self.host.name,
+        )

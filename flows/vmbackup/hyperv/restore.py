@@ -99,6 +99,44 @@ def describe_point(config: Any, attributes: dict[str, Any]) -> hv.VmDescription:
     )
 
 
+def generation(d: hv.VmDescription) -> int:
+    """The Hyper-V generation of a described VM: 2 for UEFI firmware, 1 for BIOS."""
+    return 2 if d.firmware == "efi" else 1
+
+
+def places(d: hv.VmDescription) -> dict[str, str]:
+    """Where each disk of ``d`` goes on Hyper-V, by name: its own name where
+    the generation has that controller (IDE 0-1 in generation 1, SCSI 0-3),
+    else the next free location of SCSI controller 0 (SATA and NVMe disks of a
+    vSphere VM, IDE disks in generation 2, which has no IDE)."""
+    gen = generation(d)
+    out: dict[str, str] = {}
+    used = set()
+    moved = []
+    for disk in d.disks:
+        bus, _, rest = disk.name.partition(next((c for c in disk.name if c.isdigit()), ":"))
+        ok = (bus == "scsi") or (bus == "ide" and gen == 1)
+        if ok:
+            out[disk.name] = disk.name
+            used.add(disk.name)
+        else:
+            moved.append(disk.name)
+    loc = 0
+    for name in moved:
+        while f"scsi0:{loc}" in used:
+            loc += 1
+        out[name] = f"scsi0:{loc}"
+        used.add(out[name])
+    return {disk.name: out[disk.name] for disk in d.disks}
+
+
+def hyperv_mac(mac: str | None) -> str | None:
+    """A MAC address as Hyper-V writes it ('00155D0A0B0C'), from any separators."""
+    if not mac:
+        return None
+    return "".join(c for c in mac if c.isalnum()).upper() or None
+
+
 # --- the restore ledger ----------------------------------------------------------
 
 
@@ -117,6 +155,8 @@ class RestoreEntry:
     pid: int = field(default_factory=os.getpid)
     machine: str = field(default_factory=socket.gethostname)
     space: str | None = field(default_factory=process_space)
+    # the process's start (clock ticks since boot, /proc/<pid>/stat): a reused pid is not the writer
+    started: int | None = field(default_factory=lambda: _started(os.getpid()))
     created_unix: float = field(default_factory=time.time)
     file: Path | None = None
 
@@ -132,6 +172,8 @@ class RestoreEntry:
                 return False
             except PermissionError:
                 pass
+            if self.started is not None and _started(self.pid) not in (None, self.started):
+                return False  # the pid was reused: the writer is gone
         try:
             age = (time.time() if now is None else now) - self.file.stat().st_mtime
         except OSError:
@@ -140,6 +182,16 @@ class RestoreEntry:
 
 
 _held: dict[Path, Heartbeat] = {}
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started (field 22 of /proc/<pid>/stat), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: count after its last ')'
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def restore_ledger(repository: str | os.PathLike) -> Path:
@@ -189,33 +241,46 @@ def undo(client: HypervClient, restore_id: str, *, keep_vm: bool = False) -> dic
     return client.run_script("Remove-VmbackupRestore.ps1", {"RestoreId": restore_id, "KeepVm": keep_vm}) or {}
 
 
-def sweep_restores(client: HypervClient, repository: str, host: str, *, older_than_seconds: float) -> list[str]:
+def sweep_restores(
+    client: HypervClient, repository: str | None, host: str, *, older_than_seconds: float
+) -> list[dict[str, Any]]:
     """Undo the restores on ``host`` that are no longer running: those the
-    repository's ledger names as dead, and host entries older than the
-    threshold that no live ledger entry names. Returns their ids."""
-    removed = []
+    repository's ledger names as dead (whatever their age), and host entries
+    older than the threshold that no live ledger entry names (without a
+    repository, every host entry older than the threshold: choose it above the
+    longest restore, as for backups). Returns one ``{"RunId", "Kind":
+    "restore", "VMs", "Created", "Deleted": []}`` per restore undone."""
+    removed: list[dict[str, Any]] = []
     live = set()
-    for e in restore_entries(repository, host):
+    for e in restore_entries(repository, host) if repository else []:
         if e.alive():
             live.add(e.restore_id)
             continue
         undo(client, e.restore_id)
         _drop_entry(e, remove=True)
-        removed.append(e.restore_id)
+        removed.append(_swept(e.restore_id, e.name, e.created_unix))
         log.warning(
             "host %s: removed restore %s of VM %s left by pid %s on %s", host, e.restore_id, e.name, e.pid, e.machine
         )
+    done = {r["RunId"] for r in removed}
     answer = client.run_script("Get-VmbackupRestores.ps1") or {}
     for r in _list(answer.get("Restores")):
         rid = r.get("RestoreId")
-        if not rid or rid in live or rid in removed:
+        if not rid or rid in live or rid in done:
             continue
         created = _parse_time(r.get("Created"))
         if created is not None and time.time() - created >= older_than_seconds:
             undo(client, rid)
-            removed.append(rid)
+            removed.append(_swept(rid, r.get("Name"), created))
             log.warning("host %s: removed restore %s of VM %s (no running restore names it)", host, rid, r.get("Name"))
     return removed
+
+
+def _swept(rid: str, name: Any, created: float | None) -> dict[str, Any]:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat() if created else None
+    return {"RunId": rid, "Kind": "restore", "VMs": [str(name)] if name else [], "Created": when, "Deleted": []}
 
 
 def _parse_time(text: Any) -> float | None:
@@ -255,6 +320,7 @@ class HypervRestoreSteps:
         self.description: hv.VmDescription | None = None
         self.entry: RestoreEntry | None = None
         self.made = False
+        self.places: dict[str, str] = {}  # the point's disk name -> its place on Hyper-V (``places``)
 
     def reconcile(self) -> None:
         for e in restore_entries(self.repository, self.host.name):
@@ -274,6 +340,10 @@ class HypervRestoreSteps:
     def _folder(self, d: hv.VmDescription) -> str:
         if self.request.path:
             return self.request.path.rstrip("\\")
+        if d.hypervisor != "hyperv":
+            # another hypervisor's point: the host's default VM path (Get-VMHost's VirtualMachinePath)
+            t = self.client.run_script("Get-VmbackupRestoreTarget.ps1", {"Name": self.request.restored_as, "Path": ""})
+            return str((t or {}).get("VirtualMachinePath") or "").rstrip("\\") + "\\" + self.request.restored_as
         where = d.location
         if not where:
             raise RestoreInputError(
@@ -301,6 +371,15 @@ class HypervRestoreSteps:
         changes = [f"new VM Id (Import-VM -GenerateNewId); folder {path}"] + list(d.changes)
         if req.restored_as != d.name:
             changes.append(f"named {req.restored_as} (was {d.name})")
+        self.places = places(d)
+        if d.hypervisor != "hyperv":
+            changes.append(
+                f"a {d.hypervisor} VM made as a Hyper-V generation {generation(d)} VM (New-VM): each disk as a VHDX; "
+                "the guest needs Hyper-V's drivers (docs/hyperv.md, 'Restore')"
+            )
+        for src, dst in self.places.items():
+            if src != dst:
+                changes.append(f"disk {src} is {dst} on Hyper-V (generation {generation(d)} has no such controller)")
         return hv.Target(restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes)
 
     def _prepare_in_place(self, d: hv.VmDescription) -> hv.Target:
@@ -378,10 +457,10 @@ class HypervRestoreSteps:
 
     def _file_name(self, disk: hv.DiskSpec) -> str:
         """The restored VHDX's name: the disk's base file's, renamed with the VM (``win01-disk1`` -> ``new-disk1``)."""
-        chain = next(
-            (x.get("chain") for x in (self.description.raw or {}).get("disks", []) if x["name"] == disk.name), None
-        )
-        base = PureWindowsPath((chain or [disk.file or disk.name.replace(":", "-")])[-1]).stem
+        raw = self.description.raw if self.description.hypervisor == "hyperv" else None
+        saved = (raw or {}).get("disks", []) if isinstance(raw, dict) else []
+        chain = next((x.get("chain") for x in saved if isinstance(x, dict) and x.get("name") == disk.name), None)
+        base = PureWindowsPath((chain or [disk.file or disk.name.replace(":", "-")])[-1].replace("/", "\\")).stem
         src, new = self.description.name, self.request.restored_as
         if base.lower().startswith(src.lower()):
             base = new + base[len(src) :]
@@ -416,10 +495,10 @@ class HypervRestoreSteps:
             if name.lower().endswith(".vmcx"):
                 config_file = winpath
         desc = {
-            "Generation": 2 if d.firmware == "efi" else 1,
+            "Generation": generation(d),
             "ProcessorCount": d.cpus,
             "MemoryStartupBytes": d.memory_mb << 20,
-            "NetworkAdapters": [{"SwitchName": n.network or None, "MacAddress": n.mac} for n in d.nics],
+            "NetworkAdapters": [{"SwitchName": n.network or None, "MacAddress": hyperv_mac(n.mac)} for n in d.nics],
         }
         answer = (
             self.client.run_script(
@@ -427,7 +506,7 @@ class HypervRestoreSteps:
                 {
                     "RestoreId": m.restore_id,
                     "Name": self.request.restored_as,
-                    "Disks": [{"Name": k, "Path": v} for k, v in m.files.items()],
+                    "Disks": [{"Name": k, "Place": self.places.get(k, k), "Path": v} for k, v in m.files.items()],
                     "Description": desc,
                     "ConfigFile": config_file,
                     "NetworkMap": dict(self.request.network_map),
@@ -438,7 +517,9 @@ class HypervRestoreSteps:
             or {}
         )
         made.vm_id = str(answer.get("VmId") or "") or None
-        m.final = {x["Name"]: x["Path"] for x in _list(answer.get("Disks"))}
+        # the point's disk names (read_back answers by them), from the places they were attached at
+        back = {v: k for k, v in self.places.items()}
+        m.final = {back.get(x["Name"], x["Name"]): x["Path"] for x in _list(answer.get("Disks"))}
         t = m.target
         if t is not None:
             if answer.get("Method") == "rebuild":

@@ -502,12 +502,14 @@ def sweep_hyperv(
         found: list[dict] = []
         try:
             client = inventory.connect(host, passwords[host.name])
-            for r in sweep_host(client, older_than_seconds=older_than_seconds):
+            for r in sweep_host(
+                client, older_than_seconds=older_than_seconds, repository=str(plan.repository), host=host.name
+            ):
                 found.append(
                     {
                         "hypervisor": "hyperv",
                         "host": host.name,
-                        "kind": "shadow copy run",
+                        "kind": r.get("Kind") or "shadow copy run",
                         "name": r.get("RunId"),
                         "vm": ", ".join(r["VMs"]) if isinstance(r.get("VMs"), list) else r.get("VMs"),
                         "created": r.get("Created"),

@@ -22,7 +22,8 @@
     Start-VM with -PowerOn.
     The restore's entry must exist (New-VmbackupRestore.ps1).
 .PARAMETER Disks
-    [{ Name = 'scsi0:0'; Path = '<staged .vhdx>' }, ...]
+    [{ Name = 'sata0:0'; Place = 'scsi0:1'; Path = '<staged .vhdx>' }, ...]: the
+    point's disk name and where it goes on this host (Place; Name if none).
 .PARAMETER NetworkMap
     { '<switch in the configuration>' = '<switch of this host>' }
 #>
@@ -53,7 +54,8 @@ function Get-Mapped([string]$Switch) {
 }
 function Get-Place($Drive) { '{0}{1}:{2}' -f @{ 0 = 'ide'; 1 = 'scsi' }[[int]$Drive.ControllerType], $Drive.ControllerNumber, $Drive.ControllerLocation }
 $staged = @{}
-foreach ($d in $Disks) { $staged[[string]$d.Name] = [string]$d.Path }
+function Get-Target($d) { if ($d.Place) { [string]$d.Place } else { [string]$d.Name } }
+foreach ($d in $Disks) { $staged[(Get-Target $d)] = [string]$d.Path }
 $incompatibilities = @()
 $replaced = @()
 $report = $null
@@ -128,7 +130,7 @@ if ($InPlace) {
     foreach ($d in $Disks) {
         $target = Join-Path $vhdDir (Split-Path -Path ([string]$d.Path) -Leaf)
         Copy-Item -LiteralPath ([string]$d.Path) -Destination $target
-        $m = [regex]::Match([string]$d.Name, '^([a-z]+)(\d+):(\d+)$')
+        $m = [regex]::Match((Get-Target $d), '^([a-z]+)(\d+):(\d+)$')
         $type = if ($m.Groups[1].Value -eq 'ide' -and [int]$Description.Generation -eq 1) { 'IDE' } else { 'SCSI' }
         Add-VMHardDiskDrive -VM $vm -ControllerType $type -ControllerNumber ([int]$m.Groups[2].Value) `
             -ControllerLocation ([int]$m.Groups[3].Value) -Path $target

@@ -32,7 +32,19 @@ def run(host: Host, name: str, params: dict):
         if k != "host" and p.default is inspect.Parameter.empty and k not in args:
             raise ScriptFailure(f"ScriptFailed: Cannot process command because of a missing mandatory parameter: {k}.")
     with host.lock:
+        if name in SLOWED and host.faults.get("slow_ms"):
+            _slow(host, float(host.faults["slow_ms"]) / 1000.0)
         return fn(host, **args)
+
+
+def _slow(host: Host, seconds: float) -> None:
+    """The fault `slow_ms`: the script takes that long before it acts (the
+    host's lock released meanwhile, so the lab answers other requests)."""
+    import time
+
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        host.changed.wait(left)
 
 
 def _params(name: str, params: dict) -> dict:
@@ -448,6 +460,10 @@ def remove_shadow_copies(
 
 
 from .restore import SCRIPTS as RESTORE_SCRIPTS  # noqa: E402  (it uses this module's helpers)
+
+# The scripts the host fault `slow_ms` delays: those that make or remove a restore's things
+# (as the vSphere lab's slow_ms delays CreateVM_Task and ReconfigVM_Task).
+SLOWED = ("New-VmbackupRestore.ps1", "Import-VmbackupRestore.ps1", "Remove-VmbackupRestore.ps1")
 
 SCRIPTS = {
     "Get-VmbackupHost.ps1": get_host,

@@ -55,6 +55,7 @@ SNAPSHOT_SET_IN_PROGRESS = 0x80042316
 # `create_seconds=N`: shadow copy set creation takes N seconds (the topology's
 # `shadow_create_seconds` otherwise); changing it wakes a creation under way.
 # `import_fail`: Import-VM registers the VM, then fails (a restore caught mid-way).
+# `slow_ms=N`: each restore script that makes or removes something waits N ms first.
 HOST_FAULTS = (
     "writer_failed",
     "shadow_fail",
@@ -63,6 +64,7 @@ HOST_FAULTS = (
     "shadow_vanish",
     "create_seconds",
     "import_fail",
+    "slow_ms",
 )
 VM_FAULTS = ("backup_off", "backup_no_contact")
 
@@ -266,6 +268,9 @@ class Host:
         self.faults: dict = dict(topology.get("faults", {}).get("host", {}))
         self.switches: list[str] = list(topology.get("switches", []))
         self.free_mib: dict[str, int] = dict(topology.get("free_mib", {}))
+        # Get-VMHost's VirtualMachinePath: where a VM goes when no folder is given
+        first = "C" if "C" in self.volumes else next(iter(topology["volumes"]))
+        self.vm_path = f"{first}:\\ProgramData\\Microsoft\\Windows\\Hyper-V"
         self.vms: dict[str, Vm] = {}
         self.shadows: dict[str, ShadowCopy] = {}
         self.runs: dict[str, Run] = {}
@@ -285,6 +290,7 @@ class Host:
         for p in self.volumes.values():
             p.mkdir(parents=True)
         (root / "model").mkdir()
+        self.local(self.vm_path).mkdir(parents=True, exist_ok=True)
         (root / "shadows").mkdir()
         (root / "shares").mkdir()
         self.smb_root.mkdir()
@@ -560,6 +566,10 @@ class Host:
             bad = [k for k in faults if k not in allowed]
             if bad:
                 raise HostError(f"unknown fault {bad[0]!r} (known: {', '.join(allowed)})")
+            if "slow_ms" in faults:
+                v = faults["slow_ms"]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                    raise HostError(f"fault slow_ms: {v!r} is not a number of milliseconds")
             if "create_seconds" in faults:
                 v = faults["create_seconds"]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:

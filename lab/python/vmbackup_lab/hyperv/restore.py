@@ -81,7 +81,7 @@ def get_restore_target(host: Host, name: str, path: str = "") -> dict:
         "ParentExists": bool(parent) and _exists(host, parent),
         "FreeBytes": free,
         "Switches": list(host.switches),
-        "VirtualMachinePath": "C:\\ProgramData\\Microsoft\\Windows\\Hyper-V",
+        "VirtualMachinePath": host.vm_path,
     }
 
 
@@ -222,7 +222,7 @@ def import_restore(
     vhd_dir = f"{path}\\Virtual Hard Disks"
     host.local(vhd_dir).mkdir(parents=True, exist_ok=True)
     for d in disks if isinstance(disks, list) else [disks]:
-        bus, number, location = _place(str(d["Name"]))
+        bus, number, location = _place(str(d.get("Place") or d["Name"]))
         if vm.generation == 2 and bus == "ide":
             bus = "scsi"  # generation 2 has no IDE controller
         src = host.local(str(d["Path"]))
