@@ -233,3 +233,22 @@ def test_restore_killed_mid_way_is_reconciled_by_the_next_one(small_lab, env, tm
         assert _attached(lab) == 0
         for d in r["disks"]:
             assert _disk_equal(small_lab, env, repo, r["point"], r["restored_as"], d["disk"], tmp_path), d
+
+
+def test_vsphere_point_restored_onto_a_hyperv_host(default_lab, state_dir, tmp_path):
+    """Across hypervisors: `--host hv1` with a vSphere point; the disks keep
+    their names (SCSI on both) and equal the backup."""
+    e2e = default_lab
+    env = e2e.env(state_dir)
+    plan, repo = _plan(e2e, tmp_path)
+    [point] = backup("--plan", str(plan), "--vm", "web01", env=env)
+    assert point["status"] == "ok" and point["hypervisor"] == "vsphere", point
+    [r] = restore("--plan", str(plan), "--vm", "web01", "--host", "hv1", env=env)
+    try:
+        assert r["status"] == "ok", r
+        assert (r["source_hypervisor"], r["hypervisor"], r["host"]) == ("vsphere", "hyperv", "hv1"), r
+        assert sorted(d["disk"] for d in r["disks"]) == sorted(d["name"] for d in point["disks"]), r
+        for d in r["disks"]:
+            assert _disk_equal(e2e, env, repo, r["point"], r["restored_as"], d["disk"], tmp_path), d
+    finally:
+        _remove_hyperv_vm(e2e, r)

@@ -565,6 +565,7 @@ class HypervRestorer:
     """The restore verbs of a plan's Hyper-V host (mixed into ``hypervisor.HyperV``)."""
 
     kind = "hyperv"
+    restores_from = ("hyperv", "vsphere")  # the points it restores (orchestration/restore_input.py asks)
 
     @staticmethod
     def describe_point(config: Any, attributes: dict[str, Any]) -> hv.VmDescription:
