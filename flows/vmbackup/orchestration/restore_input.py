@@ -252,7 +252,8 @@ def resolve(
                         f"VM {vm}'s point was taken on Hyper-V host {name}, which is not in the plan: give --host"
                     )
             target_host = hv_host.name
-            storage = _volume_keys(hv_host, path, info if source == HYPERV and host is None else None)
+            same_host = source == HYPERV and str(point_attr(info, "host") or "").upper() == hv_host.name.upper()
+            storage = _volume_keys(hv_host, path, info if same_host else None)
         description = describe(info, source)
         if target == VSPHERE:
             if target_host is None and source == VSPHERE:
