@@ -54,7 +54,9 @@ def add_parser(sub: Any) -> None:
 def _server_doc() -> str:
     return (
         "The embedded default Prefect server: started by `vmbackup backup` when PREFECT_API_URL is unset, kept "
-        "for later runs, state in $VMBACKUP_STATE_DIR (default ~/.local/state/vmbackup)."
+        "for later runs, state in $VMBACKUP_STATE_DIR (default ~/.local/state/vmbackup). It lets no one in "
+        "without its auth string (the file api-auth there, 0600): vmbackup's commands use it, and the UI's "
+        "login asks for it."
     )
 
 
@@ -78,7 +80,9 @@ def run_server(args: argparse.Namespace) -> int:
         elif st["running"]:
             human = (
                 f"running: pid {st['pid']}, UI {st['ui_url']} , API {st['api_url']}"
-                f"{'' if st['healthy'] else ' (NOT answering)'}; state {st['state_dir']}, log {st['log']}"
+                f"{'' if st['healthy'] else ' (NOT answering)'}; "
+                f"{'login: the auth string in ' + st['auth_file'] if st['auth'] else 'NO authentication'}; "
+                f"state {st['state_dir']}, log {st['log']}"
             )
         else:
             human = f"not running (state {st['state_dir']})"
@@ -161,7 +165,8 @@ def run_backup(args: argparse.Namespace) -> int:
     if info.managed:
         how = "started" if info.started else "running"
         print(
-            f"Prefect UI: {info.ui_url} (local server {how}, pid {info.pid}; `vmbackup server stop` stops it)",
+            f"Prefect UI: {info.ui_url} (local server {how}, pid {info.pid}; log in with the string in "
+            f"{server.auth_path()}; `vmbackup server stop` stops it)",
             file=sys.stderr,
         )
     else:

@@ -28,6 +28,7 @@ never in the script text). No Prefect.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -106,21 +107,30 @@ def generation(d: hv.VmDescription) -> int:
 
 def places(d: hv.VmDescription) -> dict[str, str]:
     """Where each disk of ``d`` goes on Hyper-V, by name: its own name where
-    the generation has that controller (IDE 0-1 in generation 1, SCSI 0-3),
-    else the next free location of SCSI controller 0 (SATA and NVMe disks of a
-    vSphere VM, IDE disks in generation 2, which has no IDE)."""
+    the generation has that place (IDE 0-1 locations 0-1 in generation 1, SCSI
+    0-3 locations 0-63), else the next free location of SCSI controller 0 (SATA
+    and NVMe disks of a vSphere VM, IDE disks in generation 2, which has no
+    IDE). In generation 1, which boots from IDE only, the first disk that has
+    no place of its own (a SATA or NVMe boot disk) goes to IDE 0 location 0
+    when no disk is there."""
     gen = generation(d)
     out: dict[str, str] = {}
     used = set()
     moved = []
     for disk in d.disks:
-        bus, _, rest = disk.name.partition(next((c for c in disk.name if c.isdigit()), ":"))
-        ok = (bus == "scsi") or (bus == "ide" and gen == 1)
-        if ok:
+        bus, number, unit = _split(disk.name)
+        ok = (bus == "scsi" and number < 4 and unit < 64) or (bus == "ide" and gen == 1 and number < 2 and unit < 2)
+        if ok and disk.name not in used:
             out[disk.name] = disk.name
             used.add(disk.name)
         else:
             moved.append(disk.name)
+    if gen == 1 and moved and "ide0:0" not in used:
+        first = next((n for n in moved if _split(n)[0] not in ("scsi", "ide")), None)
+        if first is not None:
+            out[first] = "ide0:0"
+            used.add("ide0:0")
+            moved.remove(first)
     loc = 0
     for name in moved:
         while f"scsi0:{loc}" in used:
@@ -128,6 +138,16 @@ def places(d: hv.VmDescription) -> dict[str, str]:
         out[name] = f"scsi0:{loc}"
         used.add(out[name])
     return {disk.name: out[disk.name] for disk in d.disks}
+
+
+def _split(name: str) -> tuple[str, int, int]:
+    """``sata0:1`` -> ``("sata", 0, 1)``; a name of another shape -> ``(name, 99, 99)`` (no place of its own)."""
+    bus = name.rstrip("0123456789:")
+    try:
+        number, unit = name[len(bus) :].split(":", 1)
+        return bus, int(number), int(unit)
+    except ValueError:
+        return name, 99, 99
 
 
 def hyperv_mac(mac: str | None) -> str | None:
@@ -372,15 +392,33 @@ class HypervRestoreSteps:
         if req.restored_as != d.name:
             changes.append(f"named {req.restored_as} (was {d.name})")
         self.places = places(d)
+        warnings: list[str] = []
+        gen = generation(d)
         if d.hypervisor != "hyperv":
             changes.append(
-                f"a {d.hypervisor} VM made as a Hyper-V generation {generation(d)} VM (New-VM): each disk as a VHDX; "
-                "the guest needs Hyper-V's drivers (docs/hyperv.md, 'Restore')"
+                f"a {d.hypervisor} VM made as a Hyper-V generation {gen} VM (New-VM, {d.firmware.upper()} firmware): "
+                "each disk as a VHDX; the guest needs Hyper-V's drivers (docs/hyperv.md, 'Across hypervisors')"
             )
+            changes.append(
+                "VMware Tools and the VMware devices (PVSCSI, VMXNET3, the .nvram's boot entries) do not carry over"
+            )
+            if gen == 1 and d.disks and not any(p.startswith("ide") for p in self.places.values()):
+                # Hyper-V's BIOS boots from the emulated IDE controller only (docs/hyperv.md)
+                warnings.append(
+                    "a generation 1 VM boots from IDE only and every disk keeps its SCSI place (its name): "
+                    "move the boot disk to IDE 0 location 0 (Set-VMHardDiskDrive) before starting the VM"
+                )
         for src, dst in self.places.items():
             if src != dst:
-                changes.append(f"disk {src} is {dst} on Hyper-V (generation {generation(d)} has no such controller)")
-        return hv.Target(restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes)
+                why = "the guest boots from IDE 0 in generation 1" if dst == "ide0:0" else "no such place"
+                changes.append(f"disk {src} is {dst} on Hyper-V (generation {gen}: {why})")
+        disks = [
+            dataclasses.replace(x, place=self.places[x.name] if self.places[x.name] != x.name else None)
+            for x in d.disks
+        ]
+        return hv.Target(
+            restored_as=req.restored_as, host=where, location=path, disks=disks, changes=changes, warnings=warnings
+        )
 
     def _prepare_in_place(self, d: hv.VmDescription) -> hv.Target:
         """The VM exists, is off and has a drive at each of the point's disks' places."""

@@ -186,6 +186,8 @@ class DiskSpec:
     capacity: int  # bytes
     bus: str = "scsi"  # "scsi", "sata", "ide", "nvme" (the name's prefix)
     file: str | None = None  # the source's file name, when known ("vm1/vm1.vmdk", "D:\\VMs\\vm1.vhdx")
+    # where the target put it when that is not ``name`` (a target without the bus: SATA onto Hyper-V)
+    place: str | None = None
 
 
 @dataclass

@@ -20,10 +20,15 @@ def vm_datastores(vm: Any) -> list[str]:
     return sorted(names)
 
 
+#: the hypervisors whose points a vCenter restores (another's as a new VM: vsphere/crossrestore.py)
+RESTORES_FROM = ("vsphere", "hyperv")
+
+
 class VSphere:
     """The plan's vCenter (``plan.connection``)."""
 
     kind = "vsphere"
+    restores_from = RESTORES_FROM
 
     def __init__(self, plan: Plan, password: Any) -> None:
         assert plan.connection is not None

@@ -53,6 +53,7 @@ from ..errors import (
 )
 from ..hypervisors import base as hv
 from ..plan import Agent, Plan
+from .hypervisor import RESTORES_FROM
 from .inventory import DiskInfo, datastore_of, disks_of
 from .ledger import Entry, Ledger
 from .tasks import run_task, task_state, wait_task
@@ -82,6 +83,7 @@ _NICS = {
     "vim.vm.device.VirtualE1000": ("e1000", vim.vm.device.VirtualE1000),
     "vim.vm.device.VirtualPCNet32": ("pcnet32", vim.vm.device.VirtualPCNet32),
 }
+_LABEL = {"hyperv": "Hyper-V", "vsphere": "vSphere"}
 # Devices that tie a VM to one host's hardware: never recreated (a warning says so).
 _DROPPED = {
     "vim.vm.device.VirtualPCIPassthrough": "PCI passthrough device",
@@ -177,6 +179,7 @@ class VSphereRestore:
     """``hypervisors.base.Restorer`` for a vCenter (``VSphere`` delegates here)."""
 
     kind = "vsphere"
+    restores_from = RESTORES_FROM
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -265,8 +268,14 @@ class VSphereRestoreSteps:
     def prepare(self, description: hv.VmDescription) -> hv.Target:
         req = self.request
         self.description = description
-        if description.hypervisor != "vsphere":
-            raise RestoreInputError(f"VM {req.vm}: a {description.hypervisor} point is not restored into vSphere here")
+        cross = description.hypervisor != "vsphere"
+        if cross and description.hypervisor not in RESTORES_FROM:
+            raise RestoreInputError(f"VM {req.vm}: a {description.hypervisor} point is not restored into vSphere")
+        if cross and req.in_place:
+            raise RestoreInputError(
+                f"VM {req.vm}: a {_LABEL.get(description.hypervisor, description.hypervisor)} point is restored "
+                "into vSphere as a new VM, not in place"
+            )
         h = _Handle()
         changes = list(description.changes)
         warnings: list[str] = []
@@ -280,15 +289,28 @@ class VSphereRestoreSteps:
             h.host = h.vm.runtime.host
         elif existing:
             raise RestoreInputError(f"a VM named {req.restored_as} exists already: choose another name (--as)")
-        host_name = req.host or (h.host.name if h.host is not None else description.host)
+        # another hypervisor's point names its own host and folder: neither is vSphere's
+        host_name = req.host or (h.host.name if h.host is not None else None if cross else description.host)
         if h.host is None:
             if not host_name:
+                if cross:
+                    raise RestoreInputError(
+                        f"VM {req.vm}'s point is a {_LABEL.get(description.hypervisor, description.hypervisor)} "
+                        "point: give the ESXi host "
+                        "to restore it onto (--host)"
+                    )
                 raise RestoreInputError(f"VM {req.vm}: the point names no host; give one (--host)")
             h.host = _find(self.client, vim.HostSystem, host_name)
             if h.host is None:
                 raise RestoreInputError(f"host {host_name} does not exist in {self.client.conn.host}")
-        ds_name = req.datastore or description.location
-        if not req.in_place:
+        ds_name = req.datastore or (None if cross else description.location)
+        if not req.in_place and not ds_name and cross:
+            from .crossrestore import default_datastore
+
+            h.datastore, why = default_datastore(self.client, h.host, self.agent, self._space_needed())
+            ds_name = h.datastore.name
+            changes.append(why)
+        elif not req.in_place:
             if not ds_name:
                 raise RestoreInputError(f"VM {req.vm}: the point names no datastore; give one (--datastore)")
             h.datastore = next((d for d in h.host.datastore if d.name == ds_name), None)
@@ -311,8 +333,15 @@ class VSphereRestoreSteps:
                 raise RestoreInputError(f"network map {src}={dst}: network {dst} does not exist on host {host_name}")
         if req.in_place:
             h.disks = self._in_place_disks(h.vm, description)
+        elif cross:
+            from .crossrestore import cross_spec
+
+            h.spec, h.disks = cross_spec(
+                description, req, h, networks, self.run_id, changes, warnings, sizes=self._point_sizes()
+            )
         else:
             h.spec, h.disks = self._spec(description, h, networks, changes, warnings)
+        if not req.in_place:
             h.pool = h.host.parent.resourcePool
             dc = self.client.datacenter_of(h.host)
             h.folder = dc.vmFolder
@@ -335,6 +364,14 @@ class VSphereRestoreSteps:
         if info is None:
             return 0
         return sum(max(0, d.blocks - d.zero_blocks) * info.chunk_size for d in info.disks)
+
+    def _point_sizes(self) -> dict[str, int]:
+        """Each disk's size in the point (the bytes the mover restores), by name."""
+        from .. import _mover
+
+        infos, _ = _mover.list_backups(self.repo)
+        info = next((i for i in infos if i.id == self.request.point), None)
+        return {d.name: int(d.disk_size) for d in info.disks} if info is not None else {}
 
     def _in_place_disks(self, vm: Any, description: hv.VmDescription) -> dict[str, _Disk]:
         now = {name: dev for name, dev in disks_of(list(vm.config.hardware.device))}
@@ -423,20 +460,9 @@ class VSphereRestoreSteps:
                 next_key -= 1
                 changes_dev.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=c))
                 changes.append(f"a {bus} controller {number} added for disk {d.name} (not in the saved configuration)")
-            file = f"[{ds}] {name}/{name}.vmdk" if i == 0 else f"[{ds}] {name}/{name}_{i}.vmdk"
-            backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-                fileName=file, diskMode="persistent", thinProvisioned=True
-            )
-            disk = vim.vm.device.VirtualDisk(
-                key=next_key,
-                controllerKey=ctrl_keys[(bus, number)],
-                unitNumber=unit,
-                backing=backing,
-                capacityInBytes=d.capacity,
-                capacityInKB=d.capacity // 1024,
-            )
+            add, file = disk_device(name, i, ds, d.capacity, ctrl_keys[(bus, number)], unit, next_key)
             next_key -= 1
-            changes_dev.append(vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk))
+            changes_dev.append(add)
             disks[d.name] = _Disk(d, file, datastore=ds, capacity=d.capacity)
         nic_no = 0
         for dev in _devices(cfg):
@@ -460,37 +486,9 @@ class VSphereRestoreSteps:
     def _nic(
         self, dev: dict[str, Any], cls: Any, n: int, key: int, networks: dict[str, Any], changes: list[str]
     ) -> Any:
-        src = _nic_network(dev)
-        dst = self.request.network_map.get(src, src)
-        net = networks.get(dst)
-        nic = cls(key=key)
-        # vSphere wants a backing that exists: a NIC whose network is missing sits,
-        # disconnected, on one of the host's networks until someone connects it.
-        backing_net = net if net is not None else next(iter(networks.values()), None)
-        nic.connectable = vim.vm.device.VirtualDevice.ConnectInfo(
-            startConnected=net is not None, allowGuestControl=True
+        return nic_device(
+            cls, n, key, _nic_network(dev), dev.get("macAddress"), networks, self.request, changes, keep_mac=True
         )
-        if isinstance(backing_net, vim.dvs.DistributedVirtualPortgroup):
-            dvs = backing_net.config.distributedVirtualSwitch
-            nic.backing = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
-                port=vim.dvs.PortConnection(portgroupKey=backing_net.key, switchUuid=dvs.uuid)
-            )
-        elif backing_net is not None:
-            nic.backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
-                deviceName=backing_net.name, network=backing_net
-            )
-        if net is None:
-            on = f" (on {backing_net.name} until connected)" if backing_net is not None else ""
-            changes.append(f"network adapter {n}: network {src} does not exist on the target: disconnected{on}")
-        elif dst != src:
-            changes.append(f"network adapter {n}: network {src} mapped to {dst}")
-        if self.request.in_place:
-            nic.addressType, nic.macAddress = "manual", dev.get("macAddress")
-        else:
-            nic.addressType = "generated"
-            if dev.get("macAddress"):
-                changes.append(f"network adapter {n}: new MAC address (the source's was {dev['macAddress']})")
-        return vim.vm.device.VirtualDeviceSpec(operation="add", device=nic)
 
     def _cdrom(
         self, dev: dict[str, Any], ctrl_keys: dict[tuple[str, int], int], key: int, label: str, changes: list[str]
@@ -558,9 +556,9 @@ class VSphereRestoreSteps:
             self.ledger.write(self.entry)
             now = {name: dev for name, dev in disks_of(list(h.vm.config.hardware.device))}
             for name, d in h.disks.items():
-                dev = now.get(name)
+                dev = now.get(d.spec.place or name)
                 if dev is None:
-                    raise HypervisorError(f"VM {req.restored_as} was created without its disk {name}")
+                    raise HypervisorError(f"VM {req.restored_as} was created without its disk {d.spec.place or name}")
                 d.key, d.file = dev.key, dev.backing.fileName
         else:
             self.entry.vm_moref = self.entry.restore["moref"] = h.vm._moId
@@ -703,7 +701,8 @@ class VSphereRestoreSteps:
                 self.timeout,
             )
             now = {name: dev for name, dev in disks_of(list(self.drill_snapshot.config.hardware.device))}
-            files = {name: now[name].backing.fileName for name in files if name in now}
+            places = {name: d.spec.place or name for name, d in h.disks.items()}
+            files = {name: now[places[name]].backing.fileName for name in files if places[name] in now}
         ctx = Context(
             self.client, h.vm, h.vm.name, self.drill_snapshot, self.plan, self.agent, self.run_id, self.ledger,
             self.entry, self.timeout,
@@ -759,6 +758,71 @@ class VSphereRestoreSteps:
             if not problems:
                 self.ledger.remove(self.entry)
         return problems
+
+
+# -- devices ---------------------------------------------------------------------
+
+
+def disk_device(vm: str, i: int, ds: str, capacity: int, controller: int, unit: int, key: int) -> tuple[Any, str]:
+    """A new thin disk (the VM's ``i``-th) of ``capacity`` bytes at ``unit`` of ``controller``:
+    its device spec and its file (``[ds] vm/vm.vmdk``, ``[ds] vm/vm_1.vmdk``...)."""
+    file = f"[{ds}] {vm}/{vm}.vmdk" if i == 0 else f"[{ds}] {vm}/{vm}_{i}.vmdk"
+    backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=file, diskMode="persistent", thinProvisioned=True)
+    disk = vim.vm.device.VirtualDisk(
+        key=key,
+        controllerKey=controller,
+        unitNumber=unit,
+        backing=backing,
+        capacityInBytes=capacity,
+        capacityInKB=capacity // 1024,
+    )
+    return vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk), file
+
+
+def nic_device(
+    cls: Any,
+    n: int,
+    key: int,
+    src: str,
+    mac: str | None,
+    networks: dict[str, Any],
+    request: hv.RestoreRequest,
+    changes: list[str],
+    *,
+    keep_mac: bool,
+) -> Any:
+    """Network adapter ``n`` (of class ``cls``) on ``src`` mapped by the request's network map,
+    or disconnected when the network does not exist on the target host (said in ``changes``);
+    a new MAC address unless in place (``keep_mac``: the source's MAC is vSphere's to keep)."""
+    dst = request.network_map.get(src, src)
+    net = networks.get(dst) if dst else None
+    nic = cls(key=key)
+    # vSphere wants a backing that exists: a NIC whose network is missing sits,
+    # disconnected, on one of the host's networks until someone connects it.
+    backing_net = net if net is not None else next(iter(networks.values()), None)
+    nic.connectable = vim.vm.device.VirtualDevice.ConnectInfo(startConnected=net is not None, allowGuestControl=True)
+    if isinstance(backing_net, vim.dvs.DistributedVirtualPortgroup):
+        dvs = backing_net.config.distributedVirtualSwitch
+        nic.backing = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
+            port=vim.dvs.PortConnection(portgroupKey=backing_net.key, switchUuid=dvs.uuid)
+        )
+    elif backing_net is not None:
+        nic.backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
+            deviceName=backing_net.name, network=backing_net
+        )
+    if net is None:
+        on = f" (on {backing_net.name} until connected)" if backing_net is not None else ""
+        what = f"network {src} does not exist on the target" if src else "it was not connected"
+        changes.append(f"network adapter {n}: {what}: disconnected{on}")
+    elif dst != src:
+        changes.append(f"network adapter {n}: network {src} mapped to {dst}")
+    if request.in_place and keep_mac:
+        nic.addressType, nic.macAddress = "manual", mac
+    else:
+        nic.addressType = "generated"
+        if mac:
+            changes.append(f"network adapter {n}: new MAC address (the source's was {mac})")
+    return vim.vm.device.VirtualDeviceSpec(operation="add", device=nic)
 
 
 # -- the mover's writes --------------------------------------------------------

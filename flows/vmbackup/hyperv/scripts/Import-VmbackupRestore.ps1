@@ -132,8 +132,15 @@ if ($InPlace) {
         Copy-Item -LiteralPath ([string]$d.Path) -Destination $target
         $m = [regex]::Match((Get-Target $d), '^([a-z]+)(\d+):(\d+)$')
         $type = if ($m.Groups[1].Value -eq 'ide' -and [int]$Description.Generation -eq 1) { 'IDE' } else { 'SCSI' }
-        Add-VMHardDiskDrive -VM $vm -ControllerType $type -ControllerNumber ([int]$m.Groups[2].Value) `
-            -ControllerLocation ([int]$m.Groups[3].Value) -Path $target
+        $number = [int]$m.Groups[2].Value; $location = [int]$m.Groups[3].Value
+        if ($type -eq 'SCSI') {
+            # New-VM makes no SCSI controller in generation 1 and one in generation 2
+            while (@(Get-VMScsiController -VM $vm).Count -le $number) { Add-VMScsiController -VM $vm }
+        } else {
+            # generation 1's DVD drive (IDE 1:0) gives its place to a disk the point has there
+            Get-VMDvdDrive -VM $vm | Where-Object { $_.ControllerNumber -eq $number -and $_.ControllerLocation -eq $location } | Remove-VMDvdDrive
+        }
+        Add-VMHardDiskDrive -VM $vm -ControllerType $type -ControllerNumber $number -ControllerLocation $location -Path $target
     }
 }
 if ($PowerOn) { Start-VM -VM $vm }
