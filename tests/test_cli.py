@@ -470,27 +470,3 @@ def test_drill_bad_input_exits_2_before_any_flow(cli, restore_site, tmp_path, ca
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
     assert not (tmp_path / "state").exists()
-
-
-def test_restore_across_hypervisors_unsupported_is_one_line(cli, restore_site, tmp_path):
-    """A Hyper-V point onto an ESXi host: the vSphere adapter does not say it
-    restores Hyper-V points (``restores_from``), so exit 2 before anything."""
-    plan = tmp_path / "both.yaml"
-    ca = tmp_path / "ca.pem"
-    ca.write_text("not read by the check\n")
-    plan.write_text(
-        restore_site["plan"].read_text()
-        + f"connection: {{url: vc.example, user: u, password_env: VC_PW, ca_file: {ca}}}\n"
-    )
-    env = {**os.environ, "VMBACKUP_STATE_DIR": str(tmp_path / "state"), "HV_PW": "x", "VC_PW": "y"}
-    env.pop("PREFECT_API_URL", None)
-    p = subprocess.run(
-        [sys.executable, "-c", _NO_PREFECT, "restore", "--plan", str(plan), "--vm", "hvvm", "--host", "esx1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1, p.stderr
-    assert "restoring a hyperv point onto a vsphere host is not supported yet" in lines[0], p.stderr
