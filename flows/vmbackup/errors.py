@@ -377,6 +377,11 @@ class CbtMismatchError(MaintenanceError):
     point (or could not audit a VM); the VMs' chains are marked broken."""
 
 
+class DrillFailedError(MaintenanceError):
+    """A restore drill failed for a VM (not restored, not equal to its point,
+    or not removed); the report names each."""
+
+
 class GcRefusedError(MaintenanceError):
     """apply_retention removed backups, but gc refused to run (a manifest
     it cannot read: the space stays taken until it is repaired or forgotten)."""

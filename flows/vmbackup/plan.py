@@ -418,6 +418,49 @@ class CopyTarget(_Model):
 RULE_DAYS = {"hourly": 1 / 24, "daily": 1, "weekly": 7, "monthly": 31, "yearly": 366}
 
 
+class DrillVsphere(_Model):
+    """Where a drill restores a vSphere VM: an isolated place (docs/restore.md, "Drills")."""
+
+    network: str = Field(min_length=1)  # every adapter of the drill VM is connected here (an isolated port group)
+    folder: str | None = None  # the VM folder of the drill VMs (default: the datacenter's VM folder)
+    resource_pool: str | None = None  # (default: the target host's root resource pool)
+    host: str | None = None  # ESXi host (default: the point's host)
+    datastore: str | None = None  # (default: the point's datastores)
+
+
+class DrillHyperv(_Model):
+    """Where a drill restores a Hyper-V VM."""
+
+    switch: str = Field(min_length=1)  # every adapter is connected to this (private or internal) virtual switch
+    path: str | None = None  # the folder on the host the drill VMs go under (default: the point's folder's parent)
+    host: str | None = None  # a Hyper-V host of the plan (default: the point's host)
+
+    @field_validator("path")
+    @classmethod
+    def _windows_path(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"([A-Za-z]:\\|\\\\)", v):
+            raise ValueError(f"'{v}' is not an absolute Windows path (D:\\Drills)")
+        return v
+
+
+class Drill(_Model):
+    """Restore drills (docs/restore.md, "Drills"): the newest point of a sample
+    of VMs restored into an isolated target, powered on, compared with the
+    backup, timed, then removed. The schedule is the ``drill`` deployment's."""
+
+    vsphere: DrillVsphere | None = None
+    hyperv: DrillHyperv | None = None
+    sample: int = Field(2, ge=1)  # VMs per drill run, the least recently drilled first
+    vms: list[str] = Field(default_factory=lambda: ["*"])  # which VMs' points are drilled (names or patterns)
+    prefix: str = Field("drill-", min_length=1)  # the drill VM's name: <prefix><vm>-<run>
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> Drill:
+        if self.vsphere is None and self.hyperv is None:
+            raise ValueError("give vsphere (network, folder...) or hyperv (switch, path...): where drill VMs go")
+        return self
+
+
 class Plan(_Model):
     connection: Connection | None = None
     hyperv: list[HypervHost] = Field(default_factory=list)
@@ -443,6 +486,7 @@ class Plan(_Model):
     # How often the nbd transport's session is kept alive and its cookie file
     # re-read by nbdkit: well under vCenter's 30 min idle timeout (KB 1031039).
     cookie_renew_seconds: int = Field(300, ge=1)
+    drill: Drill | None = None
     copy_: CopyTarget | None = Field(None, alias="copy")
 
     def copy_warnings(self) -> list[str]:
@@ -501,6 +545,14 @@ class Plan(_Model):
         for i, h in enumerate(self.hyperv):
             if names.index(h.name.upper()) != i:
                 raise ValueError(f"hyperv[{i}].name: '{h.name}' is used by hyperv[{names.index(h.name.upper())}] too")
+        if self.drill is not None:
+            if self.drill.vsphere is not None and self.connection is None:
+                raise ValueError("drill.vsphere: the plan has no vSphere connection")
+            if self.drill.hyperv is not None:
+                if not self.hyperv:
+                    raise ValueError("drill.hyperv: the plan has no Hyper-V hosts")
+                if self.drill.hyperv.host is not None and self.drill.hyperv.host.upper() not in names:
+                    raise ValueError(f"drill.hyperv.host: '{self.drill.hyperv.host}' is not a Hyper-V host of the plan")
         return self
 
     @model_validator(mode="after")

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .backup import add_parser as add_orchestration_parser
 
     add_orchestration_parser(sub)
+    from .restore import add_parser as add_restore_parser
+
+    add_restore_parser(sub)
     from .maintain import add_parser as add_maintain_parser
 
     add_maintain_parser(sub)
