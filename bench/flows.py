@@ -54,9 +54,15 @@ def vmbackup(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def api(url: str, path: str, body: dict) -> list:
-    req = urllib.request.Request(
-        url.rstrip("/") + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    import base64
+
+    from vmbackup.localserver.server import read_auth
+
+    headers = {"Content-Type": "application/json"}
+    auth = os.environ.get("PREFECT_API_AUTH_STRING") or read_auth()  # the local server asks for its string
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.load(r)
 

@@ -8,6 +8,7 @@ APT_PACKAGES=(
   build-essential pkg-config libzstd-dev python3-venv curl
   qemu-utils nbdkit libnbd-bin openssl zstd xxhash restic borgbackup
   golang-go golang-github-vmware-govmomi-dev
+  nginx  # the site test puts the shipped TLS proxy (deployments/nginx) in front of Prefect
 )
 # The Rust crates the mover uses, as the distribution packages them; used
 # only when the public crate registry cannot be reached.
@@ -17,6 +18,7 @@ RUST_CRATE_PACKAGES=(
   librust-serde-json-dev librust-proptest-dev librust-tempfile-dev
   librust-flate2-dev librust-flate2+miniz-oxide-dev
   librust-rustls-dev librust-rustls-pemfile-dev
+  librust-blake3-dev librust-ring-dev
 )
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

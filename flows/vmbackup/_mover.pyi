@@ -25,7 +25,10 @@ __all__ = [
     "BackupInfo",
     "DiskReader",
     "init_repository",
+    "init_legacy_repository",
     "open_repository",
+    "unlock_repository",
+    "repository_chunk_id",
     "restore_disk",
     "list_backups",
     "verify",
@@ -101,8 +104,19 @@ class RepositoryConfig:
     def compression(self) -> str: ...
     @property
     def created(self) -> str: ...
+    @property
+    def encrypted(self) -> bool:
+        """Whether chunks and manifests are sealed (a master key opens them)."""
+    @property
+    def id_hash(self) -> str:
+        """How chunks are named: ``blake3-keyed`` (repositories of format
+        version 2: BLAKE3 keyed with the repository's secret id key) or
+        ``xxh3-128`` (version 1, the plain XXH3-128 of the data)."""
+    @property
+    def encryption(self) -> str:
+        """``none`` or the AEAD that seals chunks and manifests (``aes-256-gcm``)."""
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict (the shape of ``config.json``)."""
+        """The fields as a dict (the shape of ``config.json``, without key material)."""
 
 @final
 class UntrustedManifest:
@@ -282,20 +296,62 @@ class GcResult:
     @property
     def cutoff_unix(self) -> float: ...
 
-def init_repository(path: str, chunk_size: int = 1048576, compression: str = "zstd:1") -> RepositoryConfig:
-    """Creates a repository in an empty or new directory.
+def init_repository(
+    path: str, chunk_size: int = 1048576, compression: str = "zstd:1", key: Optional[bytes] = None
+) -> RepositoryConfig:
+    """Creates a repository (format version 2) in an empty or new directory.
+
+    Chunks are named by BLAKE3 keyed with a 32-byte id key of this repository,
+    never by the plain XXH3-128 of their data (docs/format.md §3).
 
     Args:
         path: the directory.
         chunk_size: a power of two from 256 KiB to 8 MiB.
         compression: ``none`` or ``zstd:LEVEL`` (-7..-1, 1..19).
+        key: the 32-byte master key (random; the caller keeps it, wrapped in
+            key slots). Given: an encrypted repository, whose id key, sealing
+            key and manifest key are derived from it, and whose config holds a
+            key check value; the key is registered for this process as
+            ``unlock_repository`` would. Without it: unencrypted, a random id
+            key stored in ``config.json``.
 
     Returns:
         The repository's config.
+
+    Raises:
+        InvalidInputError: a key that is not 32 bytes, a bad chunk size or
+            compression, a directory that is not empty.
     """
 
+def init_legacy_repository(path: str, chunk_size: int = 1048576, compression: str = "zstd:1") -> RepositoryConfig:
+    """For tests: creates a repository of format version 1 (chunks named by the
+    plain XXH3-128 of their data, unencrypted), as vmbackup wrote before
+    keyed ids; this build still reads, verifies, restores and backs up into them."""
+
 def open_repository(path: str) -> RepositoryConfig:
-    """Checks a repository and returns its config."""
+    """Checks a repository and returns its config (no key needed)."""
+
+def unlock_repository(path: str, key: bytes) -> RepositoryConfig:
+    """Registers the master key of an encrypted repository for this process.
+
+    Every later call on the repository (``BackupSession``, ``restore_disk``,
+    ``list_backups``, ``verify``, ``forget``, ``gc``, ``serve``,
+    ``DiskReader.backup``), found by its canonical path and repository id,
+    uses the key. Calling it again replaces the key.
+
+    Raises:
+        WrongKeyError: the key does not match the repository's key check value.
+        InvalidInputError: the key is not 32 bytes, or the repository is not
+            encrypted.
+        KeyRequiredError: never; an encrypted repository used without
+            unlocking raises it (except ``verify``, see there).
+    """
+
+def repository_chunk_id(path: str, data: bytes) -> str:
+    """The id the repository at ``path`` gives a chunk holding ``data`` (32 hex
+    digits): keyed BLAKE3 (format version 2, needs the key of an encrypted
+    repository) or XXH3-128 (version 1). For tests and tools: ids of the same
+    data differ between repositories of version 2."""
 
 @final
 class BackupSession:
@@ -450,6 +506,14 @@ def verify(
     """Checks manifests and chunk presence; with ``read_data`` re-reads and re-hashes every chunk.
 
     Corrupt chunks are quarantined (renamed ``*.bad``) so no later backup reuses them.
+
+    An encrypted repository needs no key here. Without its key (no
+    ``unlock_repository``), verify checks what it can without decrypting:
+    each manifest's checksum and block maps (not its sealed metadata, so
+    problems name no VM), that every chunk they name is present, and with
+    ``read_data`` each chunk file's header and XXH3 checksum over its
+    ciphertext. With the key it checks everything: manifests authenticated,
+    chunks decrypted, decompressed and re-hashed.
     """
 
 def forget(repo: str, backup_id: str) -> None:
@@ -465,7 +529,9 @@ def gc(
     """Removes chunks no backup names and no running backup may still name."""
 
 def chunk_id(data: bytes) -> str:
-    """The XXH3-128 id of ``data`` as 32 hex digits."""
+    """The XXH3-128 of ``data`` as 32 hex digits: a chunk's id in a repository
+    of format version 1 (which anyone can compute from the data alone), and
+    the checksum ``xxh128sum`` prints."""
 
 def serve(
     repo: str,

@@ -120,7 +120,8 @@ class RestoreResult:
     transport: str | None = col(table=False)  # "hotadd", "folder"; "share", "local"
     powered_on: bool = col(False, table=False)
     bytes_written: int = col(0, table=False)
-    disks: list[dict[str, Any]] = col(factory=list, table=False, event=False)  # [{disk, bytes_written, seconds}]
+    # [{disk, bytes_written, seconds}], and restored_as: the disk's name on the VM where it moved (no such bus)
+    disks: list[dict[str, Any]] = col(factory=list, table=False, event=False)
     changes: list[str] = col(factory=list, table=False)  # what differs from the source, and why
     warnings: list[str] = col(factory=list, table=False)
     verified: bool | None = col(table=False)  # a drill: the restored disks equal the point

@@ -150,6 +150,7 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			l.agents = append(l.agents, AgentInfo{Name: agent, Host: name})
 		}
 	}
+	l.installVMFolder(folders.VmFolder.Reference())
 	for name, f := range l.topo.Faults.VMs {
 		vm, err := l.findVM(name)
 		if err != nil {

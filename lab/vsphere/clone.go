@@ -60,7 +60,7 @@ func (l *Lab) clone(ctx *simulator.Context, src *LabVM, req *types.CloneVM_Task)
 	if req.Spec.Location.Pool != nil {
 		pool = req.Spec.Location.Pool
 	}
-	folder, ok := simulator.Map.Get(req.Folder).(*simulator.Folder)
+	folder, ok := simFolder(simulator.Map.Get(req.Folder))
 	if !ok || pool == nil {
 		return nil, &types.InvalidArgument{InvalidProperty: "folder"}
 	}

@@ -83,7 +83,7 @@ func run(stateArg, topoPath string, port int) error {
 	model.Service.Listen = &url.URL{Host: fmt.Sprintf("127.0.0.1:%d", port), User: url.UserPassword(topo.User, password)}
 	model.Service.HandleFunc("/lab/", lab.controlHandler(token))
 	srv := model.Service.NewServer()
-	srv.Config.Handler = lab.counters.countRequests(lab.sessions.wrap(fetchUnset(srv.Config.Handler)))
+	srv.Config.Handler = lab.counters.countRequests(lab.sessions.wrap(lab.folderPut(fetchUnset(srv.Config.Handler))))
 	defer srv.Close()
 
 	ctx := context.Background()

@@ -49,6 +49,7 @@ type Attachment struct {
 	UUID      string `json:"uuid"`
 	Device    string `json:"device"`
 	Datastore string `json:"datastore"`
+	Writable  bool   `json:"writable,omitempty"` // persistent hot-add: written into the disk on detach (restore.go)
 	extent    *Extent
 }
 
@@ -241,7 +242,8 @@ func (vm *LabVM) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Ta
 	task := simulator.CreateTask(vm, "reconfigVm", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
 		return nil, vm.reconfigure(ctx, req)
 	})
-	return &methods.ReconfigVM_TaskBody{Res: &types.ReconfigVM_TaskResponse{Returnval: task.Run()}}
+	// slow_ms delays reconfigurations (hot-add and detach included) as it delays snapshot tasks.
+	return &methods.ReconfigVM_TaskBody{Res: &types.ReconfigVM_TaskResponse{Returnval: vm.lab.runTask(vm, task)}}
 }
 
 func (vm *LabVM) reconfigure(ctx *simulator.Context, req *types.ReconfigVM_Task) types.BaseMethodFault {
@@ -414,6 +416,12 @@ func (l *Lab) attach(vm *LabVM, dc *types.VirtualDeviceConfigSpec) types.BaseMet
 			return &types.FileLocked{FileFault: types.FileFault{File: b.FileName}}
 		}
 	}
+	rw := writable(b.DiskMode)
+	if rw && (e.Frozen || e.Owner.Top != e || e.Attached > 0) {
+		// A snapshot's frozen file, a chain's parent or a disk another agent holds is
+		// not opened for writing.
+		return &types.FileLocked{FileFault: types.FileFault{File: b.FileName}}
+	}
 	devices := object.VirtualDeviceList(vm.Config.Hardware.Device)
 	ctrl, _ := devices.FindByKey(disk.ControllerKey).(types.BaseVirtualController)
 	if ctrl == nil {
@@ -462,13 +470,17 @@ func (l *Lab) attach(vm *LabVM, dc *types.VirtualDeviceConfigSpec) types.BaseMet
 		return &types.FileFault{File: dir}
 	}
 	path := filepath.Join(dir, e.UUID)
-	if err := e.materialize(path, 0444); err != nil {
+	mode := os.FileMode(0444)
+	if rw {
+		mode = 0644
+	}
+	if err := e.materialize(path, mode); err != nil {
 		return &types.FileFault{File: path}
 	}
 	ctrl.GetVirtualController().Device = append(ctrl.GetVirtualController().Device, key)
 	vm.Config.Hardware.Device = append(vm.Config.Hardware.Device, dev)
 	e.Attached++
-	a := &Attachment{Agent: vm.Name, Host: vm.hostName(), Key: key, File: e.DSPath(), UUID: e.UUID, Device: path, Datastore: e.Datastore, extent: e}
+	a := &Attachment{Agent: vm.Name, Host: vm.hostName(), Key: key, File: e.DSPath(), UUID: e.UUID, Device: path, Datastore: e.Datastore, Writable: rw, extent: e}
 	vm.hot[key] = a
 	l.counters.attach(a.Agent, a.Host, a.Datastore, 1)
 	return nil
@@ -479,6 +491,15 @@ func (l *Lab) detach(vm *LabVM, key int32) {
 	a := vm.hot[key]
 	delete(vm.hot, key)
 	a.extent.Attached--
+	if a.Writable {
+		// What the agent wrote reaches the disk when it lets go of it.
+		if _, err := persist(a.Device, a.extent); err != nil {
+			fmt.Fprintf(os.Stderr, "lab: writing %s back into %s: %v\n", a.Device, a.File, err)
+		}
+		if hf := l.hostFaults[a.Host]; hf != nil && hf.CorruptRestore {
+			corrupt(a.extent)
+		}
+	}
 	_ = os.Remove(a.Device)
 	var kept []types.BaseVirtualDevice
 	for _, d := range vm.Config.Hardware.Device {
@@ -492,6 +513,19 @@ func (l *Lab) detach(vm *LabVM, key int32) {
 	}
 	vm.Config.Hardware.Device = kept
 	l.counters.attach(a.Agent, a.Host, a.Datastore, -1)
+}
+
+// corrupt flips the first byte of the disk's second grain (the fault corrupt_restore:
+// a restore drill must notice a restored disk that differs from its backup).
+func corrupt(e *Extent) {
+	if e.Capacity <= grainSize {
+		return
+	}
+	b := make([]byte, 1)
+	if e.readAt(b, grainSize) == nil {
+		b[0] ^= 0xff
+		_ = e.writeAt(b, grainSize)
+	}
 }
 
 func removeKey(keys *[]int32, key int32) {

@@ -79,9 +79,18 @@ class E2ELab:
 
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory):
-    """VMBACKUP_STATE_DIR of this session: its own Prefect server, stopped at the end."""
+    """VMBACKUP_STATE_DIR of this session: its own Prefect server, stopped at the end.
+
+    That server asks for its auth string: made here (as vmbackup makes it
+    on its first start), it reaches every client of the tests, the
+    commands' through their environment (:func:`base_env`) and this
+    process's Prefect clients through its settings."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+    from vmbackup.localserver import server
+
     state = tmp_path_factory.mktemp("e2e-state")
-    yield state
+    with temporary_settings(updates={PREFECT_API_AUTH_STRING: server.ensure_auth(state)}):
+        yield state
     env = base_env(state)
     run("server", "stop", env=env)
     assert not (state / "server.json").exists() or not run("server", "status", "--json", env=env).stdout.count(
@@ -90,9 +99,35 @@ def state_dir(tmp_path_factory):
 
 
 def base_env(state: Path) -> dict[str, str]:
+    """A user's environment for vmbackup's state directory ``state``; with
+    the auth string of its server once there is one, for the Prefect
+    clients a test starts itself (vmbackup's commands find it alone)."""
+    from vmbackup.localserver import server
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != PASSWORD_ENV}
     env.update(VMBACKUP_STATE_DIR=str(state), DO_NOT_TRACK="1")
+    auth = server.read_auth(state)
+    if auth:
+        env["PREFECT_API_AUTH_STRING"] = auth
     return env
+
+
+def api_headers(env: dict[str, str]) -> dict[str, str]:
+    """Headers of a plain HTTP request to the server of ``env`` (see
+    :func:`base_env`): JSON, and its auth string as basic authentication."""
+    import base64
+
+    auth = env.get("PREFECT_API_AUTH_STRING") or read_auth(Path(env["VMBACKUP_STATE_DIR"]))
+    headers = {"content-type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    return headers
+
+
+def read_auth(state: Path) -> str | None:
+    from vmbackup.localserver import server
+
+    return server.read_auth(state)
 
 
 def _lab(tmp_path_factory, topology: str | Path | None):

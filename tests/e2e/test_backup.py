@@ -8,7 +8,7 @@ import urllib.request
 
 from vmbackup import _mover
 
-from .conftest import backup, leftovers, pyvmomi_leftovers, run, sha
+from .conftest import api_headers, backup, leftovers, pyvmomi_leftovers, run, sha
 
 
 def test_every_vm_full_then_incremental_restores_bit_exact(small_lab, env, tmp_path):
@@ -53,7 +53,7 @@ def test_every_vm_full_then_incremental_restores_bit_exact(small_lab, env, tmp_p
     req = urllib.request.Request(
         f"{url}/flow_runs/filter",
         data=json.dumps({"limit": 2, "sort": "START_TIME_DESC"}).encode(),
-        headers={"content-type": "application/json"},
+        headers=api_headers(env),
     )
     names = [r["name"] for r in json.load(urllib.request.urlopen(req, timeout=60))]
     assert len(names) == 2 and all(re.fullmatch(rf"backup-{plan.stem}-\d{{8}}-\d{{6}}", n) for n in names), names

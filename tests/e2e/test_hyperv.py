@@ -26,7 +26,7 @@ import pytest
 import yaml
 from vmbackup import _mover
 
-from .conftest import backup, hyperv_leftovers, leftovers, run, sha
+from .conftest import api_headers, backup, hyperv_leftovers, leftovers, run, sha
 from .test_errors import _other_ca
 
 CLEAN = {"counters": {}, "snapshots": {}, "clones": []}
@@ -36,21 +36,21 @@ def _api(env: dict[str, str]) -> str:
     return json.loads(run("server", "status", "--json", env=env).stdout)["api_url"]
 
 
-def _post(url: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+def _post(url: str, body: dict, env: dict[str, str]) -> list[dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=api_headers(env))
     return json.load(urllib.request.urlopen(req, timeout=60))
 
 
 def _runs_of(env: dict[str, str], flow_name: str, plan) -> list[dict]:
     """The flow runs of ``flow_name`` for the plan file ``plan`` (each test has its own)."""
     api = _api(env)
-    flows = {f["id"]: f["name"] for f in _post(f"{api}/flows/filter", {"limit": 200})}
-    runs = _post(f"{api}/flow_runs/filter", {"limit": 200, "sort": "START_TIME_DESC"})
+    flows = {f["id"]: f["name"] for f in _post(f"{api}/flows/filter", {"limit": 200}, env)}
+    runs = _post(f"{api}/flow_runs/filter", {"limit": 200, "sort": "START_TIME_DESC"}, env)
     return [r for r in runs if flows.get(r["flow_id"]) == flow_name and r["parameters"].get("plan_path") == str(plan)]
 
 
 def _artifacts(env: dict[str, str], flow_run_id: str) -> dict[str, dict]:
-    arts = _post(f"{_api(env)}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    arts = _post(f"{_api(env)}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}, env)
     return {a["key"]: a for a in arts}
 
 

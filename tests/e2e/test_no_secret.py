@@ -1,15 +1,20 @@
-"""No secret anywhere: the whole `vmbackup backup` at debug level, on a lab
+"""No secret anywhere: the whole `vmbackup backup` (and `vmbackup restore`) at debug level, on a lab
 whose password is a canary, leaves the canary in no log, artifact,
-parameter, event, exception text, process list or file of its own.
+parameter, event, exception text, process list or file of its own; nor
+the local Prefect server's auth string, which that server asks for (a
+request without it: 401).
 
 One VM backs up, one fails (quiesce required, and the lab makes quiescing
 fail), then a second run with a wrong password that contains the canary
-(an error that echoed the password would show it). Looked at: the
+(an error that echoed the password would show it); then a restore of the
+VM backed up as a new VM, and one with the wrong password. Looked at: the
 commands' stdout and stderr; every log line, artifact, flow and task run
 (parameters, state messages) and event the server holds, through its API;
 the server's whole SQLite database and the state directory as bytes;
 `ps -eo args`, sampled while the commands run; the temporary directory the
 commands used (TMPDIR). Every line the runs logged carries its VM's context.
+The server's database (with its write-ahead log) and its log are searched
+for the lab's passwords and for the auth string, byte for byte.
 """
 
 from __future__ import annotations
@@ -74,13 +79,16 @@ def _files_with(root: Path, needle: bytes) -> list[str]:
     return found
 
 
-def _server_holdings(api_url: str) -> dict:
-    """Everything the server holds about runs, through its API, as JSON text."""
+def _server_holdings(api_url: str, auth: str | None = None) -> dict:
+    """Everything the server holds about runs, through its API, as JSON text
+    (with ``auth`` as the auth string, else this process's setting: the
+    session's server's, see conftest.state_dir)."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+    settings = {PREFECT_API_URL: api_url} | ({PREFECT_API_AUTH_STRING: auth} if auth else {})
+    with temporary_settings(updates=settings), get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs()
         task_runs = client.read_task_runs()
         logs = client.read_logs(limit=200)
@@ -107,10 +115,33 @@ def _server_holdings(api_url: str) -> dict:
     }
 
 
+def _status(url: str, auth: str | None = None) -> int:
+    """The HTTP status of a POST of ``{}`` to ``url`` (with ``auth`` as basic authentication)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, b"{}", headers), timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def _backup(plan: Path, env: dict, json_out: bool = True) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "vmbackup", "backup", "--plan", str(plan)] + (["--json"] if json_out else [])
     p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 1, p.stdout + p.stderr[-3000:]
+    return p
+
+
+def _restore(plan: Path, env: dict, expect: int) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "vmbackup", "restore", "--plan", str(plan), "--vm", "canary-web", "--power-on"]
+    p = subprocess.run([*args, "--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == expect, p.stdout + p.stderr[-3000:]
     return p
 
 
@@ -127,6 +158,7 @@ def test_a_canary_password_appears_nowhere(tmp_path):
     try:
         lab = load_lab(lab_state)
         assert summary["vsphere"]["password"] == canary  # the lab took it
+        passwords = [canary] + ([summary["hyperv"]["password"]] if summary.get("hyperv") else [])
         lab.set_faults(vm="canary-db", quiesce_fail=True)
         plan = tmp_path / "plan.yaml"
         data = yaml.safe_load(Path(summary["plan"]).read_text())
@@ -148,7 +180,11 @@ def test_a_canary_password_appears_nowhere(tmp_path):
             # the failed VM and of the refused run are in stderr too: checked.
             p = _backup(plan, env)
             wrong = _backup(plan, env | {PASSWORD_ENV: canary + "-wrong"}, json_out=False)
+            # A restore of the VM backed up, and one refused for its password.
+            restored = _restore(plan, env, 0)
+            wrong_restore = _restore(plan, env | {PASSWORD_ENV: canary + "-wrong"}, 1)
             outputs += [p.stdout, p.stderr, wrong.stdout, wrong.stderr]
+            outputs += [restored.stdout, restored.stderr, wrong_restore.stdout, wrong_restore.stderr]
         assert ps.samples, "ps never ran"
 
         # The run did what the test needs: one VM ok, one failed with its reason, debug lines logged.
@@ -158,8 +194,22 @@ def test_a_canary_password_appears_nowhere(tmp_path):
         assert "wrong user name or password" in wrong.stderr
         assert " | DEBUG " in p.stderr, "the run did not log at debug level"
 
-        api_url = json.loads(run("server", "status", "--json", env=base_env(state)).stdout)["api_url"]
-        held = _server_holdings(api_url)
+        [restored_row] = json.loads(restored.stdout.splitlines()[-1])["vms"]
+        assert restored_row["status"] == "ok" and restored_row["restored_as"] == "canary-web-restored", restored_row
+        assert "wrong user name or password" in wrong_restore.stderr
+
+        status = json.loads(run("server", "status", "--json", env=base_env(state)).stdout)
+        api_url, auth = status["api_url"], (state / "api-auth").read_text().strip()
+        # The server lets no one in without its auth string.
+        assert status["auth"] is True and auth not in json.dumps(status)
+        assert _status(api_url + "/flow_runs/filter") == 401
+        assert _status(api_url + "/flow_runs/filter", auth) == 200
+        held = _server_holdings(api_url, auth)
+        # The restore's task, table, summary and event are among what is looked at.
+        assert "restore-canary-web" in {r["name"] for r in held["task_runs"]}
+        keys = {a["key"] for a in held["artifacts"]}
+        assert {"vmbackup-restore-report", "vmbackup-restore-summary"} <= keys, keys
+        assert any(e["event"] == "vmbackup.restore.succeeded" for e in held["events"])
         assert {r["name"] for r in held["task_runs"]} >= {"backup-canary-web", "backup-canary-db"}
         # What people see of the first run: its table, summary, progress and events.
         by_key = {a["key"]: a for a in held["artifacts"]}
@@ -198,10 +248,22 @@ def test_a_canary_password_appears_nowhere(tmp_path):
         for task_name, logger, message in lines:
             assert message.startswith(f"[vm={task_name.removeprefix('backup-')} host=esxc"), (logger, message)
 
+        assert any("prefect server start" in sample for sample in ps.samples), "ps never saw the server"
         for what, text in [("output", "\n".join(outputs)), ("ps", "\n".join(ps.samples))] + [
             (k, json.dumps(v)) for k, v in held.items()
         ]:
             assert canary not in text, f"the canary is in the {what}"
+            assert auth not in text, f"the auth string is in the {what}"
+        # The server's database (every file of it: the WAL too) and its log, as bytes.
+        db = sorted((state / "prefect").glob("prefect.db*"))
+        assert db and (state / "server.log").is_file(), sorted(os.listdir(state))
+        for path in [*db, state / "server.log"]:
+            stored = path.read_bytes()
+            for secret in [*passwords, auth]:
+                assert secret.encode() not in stored, f"a secret is in {path.name}"
+        others = [f for f in _files_with(state, auth.encode()) if Path(f) != state / "api-auth"]
+        assert others == [], "the auth string is in the state directory outside api-auth"
+        assert _files_with(tmp, auth.encode()) == [], "the auth string is in a temporary file"
         assert _files_with(state, canary.encode()) == [], "the canary is in the state directory (server database)"
         assert _files_with(tmp, canary.encode()) == [], "the canary is in a temporary file"
         assert _files_with(Path(data["repository"]), canary.encode()) == [], "the canary is in the repository"

@@ -92,7 +92,8 @@ def mixed_topology() -> dict:
     """A German host (localized integration service names) with three VMs sharing D:
     (g1, g2, g3: Backup service on), a VM with a pass-through disk and a disk on an
     SMB share beside a VHDX (pt01, on E:), a VM on a ReFS volume (refs01, F:) and
-    one on a Cluster Shared Volume (csv01, C:\\ClusterStorage\\Volume1\\)."""
+    one on a Cluster Shared Volume (csv01, C:\\ClusterStorage\\Volume1\\); its
+    switches are Prod and Isolated (the default lab's LAN is missing)."""
     small = {"controller": "scsi", "number": 0, "location": 0, "size_mib": 4}
     return {
         "host": "hv1",
@@ -100,6 +101,8 @@ def mixed_topology() -> dict:
         "file_systems": {"F": "ReFS"},
         "csv_volumes": ["Volume1"],
         "locale": "de-DE",
+        # no switch LAN (the default lab's): a restore from there meets a missing switch
+        "switches": ["Prod", "Isolated"],
         "vms": [
             {"name": "g1", "volume": "D", "disks": [small, dict(small, location=1, differencing=1)]},
             {"name": "g2", "volume": "D", "disks": [small]},

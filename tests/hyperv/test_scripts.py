@@ -32,9 +32,14 @@ def test_every_script_is_readable_powershell_with_a_param_block():
     assert scripts.names() == [
         "Complete-VmbackupShadowCopy.ps1",
         "Get-VmbackupHost.ps1",
+        "Get-VmbackupRestoreTarget.ps1",
+        "Get-VmbackupRestores.ps1",
         "Get-VmbackupVm.ps1",
         "Get-VmbackupVmList.ps1",
+        "Import-VmbackupRestore.ps1",
+        "New-VmbackupRestore.ps1",
         "New-VmbackupShadowCopy.ps1",
+        "Remove-VmbackupRestore.ps1",
         "Remove-VmbackupShadowCopies.ps1",
     ]
     for name in scripts.names():

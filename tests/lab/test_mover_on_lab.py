@@ -131,7 +131,9 @@ def test_backup_from_a_hot_added_disk(si, lab, tmp_path):
     try:
         frozen = disk(snap.config, key).backing
         ctrl = next(d for d in agent.config.hardware.device if isinstance(d, vim.vm.device.VirtualSCSIController))
-        backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=frozen.fileName, diskMode="persistent")
+        backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            fileName=frozen.fileName, diskMode="independent_nonpersistent"
+        )
         add = vim.vm.device.VirtualDeviceSpec(
             operation="add", device=vim.vm.device.VirtualDisk(key=-1, controllerKey=ctrl.key, backing=backing)
         )

@@ -22,10 +22,20 @@ def prefect_server(tmp_path_factory):
     try:
         info = server.ensure_server()
         try:
-            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
+            from prefect.settings import (
+                PREFECT_API_AUTH_STRING,
+                PREFECT_API_URL,
+                PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+                temporary_settings,
+            )
 
+            # The server asks for its auth string (its state directory's api-auth).
             with temporary_settings(
-                updates={PREFECT_API_URL: info.api_url, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+                updates={
+                    PREFECT_API_URL: info.api_url,
+                    PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False,
+                    PREFECT_API_AUTH_STRING: server.read_auth(state),
+                }
             ):
                 yield info
                 from prefect.logging.handlers import APILogHandler

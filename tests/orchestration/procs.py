@@ -9,12 +9,21 @@ from pathlib import Path
 
 
 def child_env(state: Path, api_url: str | None = None) -> dict[str, str]:
-    """The environment of a child process using the managed server in ``state``."""
+    """The environment of a child process using the managed server in ``state``
+    (with ``api_url``: that server's address and its auth string, which a
+    managed server asks for; the auth string of this session's server when
+    ``state`` has none)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(VMBACKUP_STATE_DIR=str(state), DO_NOT_TRACK="1", PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false")
     if api_url:
+        from prefect.settings import PREFECT_API_AUTH_STRING
+        from vmbackup.localserver import server
+
         env["PREFECT_API_URL"] = api_url
         env["PREFECT_HOME"] = str(state / "prefect")
+        auth = server.read_auth(state) or PREFECT_API_AUTH_STRING.value()
+        if auth:
+            env["PREFECT_API_AUTH_STRING"] = auth
     return env
 
 

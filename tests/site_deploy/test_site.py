@@ -1,27 +1,38 @@
 """The site: a Prefect server, one worker per agent, deployments/prefect.yaml,
 and a deployment run started from the command line the way CI does.
 
-Real processes only: `prefect server start` (SQLite, a temporary
-PREFECT_HOME), `prefect work-pool create`, `prefect deploy` of the shipped
-deployments/prefect.yaml, three `prefect worker start` (the control pool and
-one per lab agent, each with VMBACKUP_AGENT set as the systemd unit sets
-it), the lab (`vmbackup lab up`: two ESXi hosts and the Hyper-V host hvs1,
-reached over WinRM by pywinrm), and `prefect deployment run ... --watch`.
-The passwords reach the runs only through Secret blocks: vSphere's as the
-deployments' `password_secret`, the Hyper-V host's named by the plan itself
-(`hyperv[hvs1].password_secret`).
+Real processes only: `prefect server start` as the shipped unit
+(deployments/prefect-server.service) runs it, on loopback with its auth
+string from an environment file (SQLite, a temporary PREFECT_HOME); the
+shipped nginx configuration (deployments/nginx/vmbackup-prefect.conf, a
+certificate made here) in front of it, through which every client and
+worker reaches it over TLS with the auth string; `prefect work-pool create`,
+`prefect deploy` of the shipped deployments/prefect.yaml, three `prefect
+worker start` (the control pool and one per lab agent, each with
+VMBACKUP_AGENT set as the systemd unit sets it), the lab (`vmbackup lab
+up`: two ESXi hosts and the Hyper-V host hvs1, reached over WinRM by
+pywinrm), and `prefect deployment run ... --watch`. The passwords reach the
+runs only through Secret blocks: vSphere's as the deployments'
+`password_secret`, the Hyper-V host's named by the plan itself
+(`hyperv[hvs1].password_secret`). A client without the auth string gets
+401: no Secret block, no run.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import secrets
+import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +47,7 @@ HV_SECRET = "hyperv-password-site"  # named by the plan's hyperv[hvs1].password_
 HV_HOST = "hvs1"
 LIMITS = {"per_agent": 2, "per_host": 1, "per_datastore": 2, "disks_per_vm": 2}
 AGENTS = ["vmbackup-agent-esx1", "vmbackup-agent-esx2"]  # the lab's, and deployments/prefect.yaml's
+DRILL_VMS = ["s-web01", "s-web03", "s-win02"]  # on esx1 and hvs1: reached by agent esx1, the drill's
 
 
 def _free_port() -> int:
@@ -48,6 +60,100 @@ def _base_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VMBACKUP_"))}
     env.update(PREFECT_HOME=str(home), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     return env
+
+
+def _unit(name: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """A shipped systemd unit's ``Environment=`` settings, ``EnvironmentFile=``
+    paths and ``ExecStart=`` command."""
+    env, files, cmd = {}, [], []
+    for line in (ROOT / "deployments" / name).read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "Environment":
+            k, _, v = value.partition("=")
+            env[k] = v
+        elif key == "EnvironmentFile":
+            files.append(value)
+        elif key == "ExecStart":
+            cmd = shlex.split(value)
+    return env, files, cmd
+
+
+def _write_env_file(path: Path, values: dict[str, str]) -> Path:
+    """An EnvironmentFile as the docs tell to write it: KEY=VALUE lines, mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# written by the site test\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """What systemd reads from an EnvironmentFile (KEY=VALUE lines, # comments)."""
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def _certificate(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA for the clients)."""
+    crt, key = tmp / "prefect.crt", tmp / "prefect.key"
+    p = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return crt, key
+
+
+def _start_nginx(tmp: Path, listen: int, upstream: int, crt: Path, key: Path) -> subprocess.Popen:
+    """nginx with the shipped site configuration, its addresses and
+    certificate paths replaced by this test's (each must be found)."""
+    conf = (ROOT / "deployments" / "nginx" / "vmbackup-prefect.conf").read_text()
+    for old, new in [
+        ("listen 443 ssl;", f"listen 127.0.0.1:{listen} ssl;"),
+        ("listen [::]:443 ssl;", ""),
+        ("/etc/vmbackup/tls/prefect.crt", str(crt)),
+        ("/etc/vmbackup/tls/prefect.key", str(key)),
+        ("proxy_pass http://127.0.0.1:4200;", f"proxy_pass http://127.0.0.1:{upstream};"),
+    ]:
+        assert conf.count(old) == 1, f"the shipped nginx configuration has no {old!r}"
+        conf = conf.replace(old, new)
+    d = tmp / "nginx"
+    d.mkdir()
+    (d / "vmbackup-prefect.conf").write_text(conf)
+    temp = "".join(f"{k}_temp_path {d / k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (d / "nginx.conf").write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")  # its workers read this test's 0700 directories
+        + f"daemon off;\nworker_processes 1;\npid {d / 'nginx.pid'};\nerror_log {d / 'error.log'} info;\n"
+        + f"events {{}}\nhttp {{\naccess_log {d / 'access.log'};\n{temp}include {d / 'vmbackup-prefect.conf'};\n}}\n"
+    )
+    p = subprocess.run(["nginx", "-t", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return subprocess.Popen(
+        ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
+        stdout=open(d / "stdout.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd="/",
+    )
+
+
+def _request(
+    url: str, auth: str | None = None, method: str = "GET", body: dict | None = None, cafile: str | None = None
+) -> tuple[int, bytes]:
+    """One HTTP(S) request, with ``auth`` as basic authentication; (status, body)."""
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    data = None if body is None else json.dumps(body).encode()
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=context) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -112,25 +218,33 @@ def site(tmp_path_factory):
             {**{k: v for k, v in h.items() if k != "password_env"}, "password_secret": HV_SECRET}
             for h in plan["hyperv"]
         ]
+        # Restore drills (the drill deployment runs on agent esx1's worker: VMs it reaches).
+        plan["drill"] = {
+            "vsphere": {"network": "VM Network"},
+            "hyperv": {"switch": "Isolated"},
+            "vms": DRILL_VMS,
+            "sample": len(DRILL_VMS),
+        }
         plan_path = tmp / "plan.yaml"
         plan_path.write_text(yaml.safe_dump(plan))
 
-        port = _free_port()
-        env = _base_env(tmp / "prefect")
-        env.update(
-            PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-            PREFECT_SERVER_API_PORT=str(port),
-            PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false",
-            PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",
-            PREFECT_WORKER_QUERY_SECONDS="1",
-            PREFECT_WORKER_PREFETCH_SECONDS="1",
-            PREFECT_LOGGING_EXTRA_LOGGERS="vmbackup",
-            PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30",  # as the worker's systemd unit sets it
+        # The server as its shipped unit runs it: loopback only, its auth
+        # string from an EnvironmentFile (0600), never on its command line.
+        port, tls_port = _free_port(), _free_port()
+        api_url = f"https://127.0.0.1:{tls_port}/api"  # nginx's: the way in
+        unit_env, unit_files, cmd = _unit("prefect-server.service")
+        assert unit_files == ["/etc/vmbackup/prefect-server.env"], unit_files
+        assert cmd[1:] == ["server", "start", "--host", "127.0.0.1", "--port", "4200"], cmd
+        auth = f"vmbackup:{secrets.token_urlsafe(32)}"
+        server_env_file = _write_env_file(
+            tmp / "prefect-server.env", {"PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_UI_API_URL": api_url}
         )
+        senv = _base_env(tmp / "prefect") | unit_env | _read_env_file(server_env_file)
+        senv.update(PREFECT_HOME=str(tmp / "prefect"), PREFECT_SERVER_API_PORT=str(port))
         t0 = time.monotonic()
         server = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
+            [PREFECT, *cmd[1:-1], str(port)],
+            env=senv,
             stdout=open(tmp / "server.log", "w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -146,6 +260,31 @@ def site(tmp_path_factory):
             except OSError:
                 time.sleep(0.5)
         print(f"server healthy after {time.monotonic() - t0:.1f} s")
+        crt, key = _certificate(tmp)
+        nginx = _start_nginx(tmp, tls_port, port, crt, key)
+        procs.append(nginx)
+        while True:
+            assert nginx.poll() is None, (tmp / "nginx" / "error.log").read_text()[-3000:]
+            try:
+                if _request(api_url + "/health", cafile=str(crt))[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+
+        # Every client and worker: nginx's address, the auth string and the
+        # certificate from its EnvironmentFile, as the worker's unit reads it.
+        worker_env_file = _write_env_file(
+            tmp / "worker.env",
+            {"PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": auth, "PREFECT_API_SSL_CERT_FILE": str(crt)},
+        )
+        env = _base_env(tmp / "prefect") | _read_env_file(worker_env_file)
+        env.update(
+            PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="1",
+            PREFECT_LOGGING_EXTRA_LOGGERS="vmbackup",
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30",  # as the worker's systemd unit sets it
+        )
 
         # The passwords go into Secret blocks, and only there.
         code = (
@@ -164,6 +303,7 @@ def site(tmp_path_factory):
         spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
         names = [d["name"] for d in spec["deployments"]]
         shipped = {"nightly", "vsphere-sweep", "hyperv-sweep", "verify-weekly", "retention", "cbt-audit"}
+        shipped |= {"restore", "drill"}
         assert {*shipped, *AGENTS} <= set(names)
         denv = dict(env, VMBACKUP_PLAN=str(plan_path), VMBACKUP_PASSWORD_SECRET=SECRET)
         t0 = time.monotonic()
@@ -181,6 +321,11 @@ def site(tmp_path_factory):
             workers[pool] = (w, log)
         yield {
             "env": env,
+            "auth": auth,
+            "cafile": str(crt),
+            "server_port": port,
+            "server_log": tmp / "server.log",
+            "database": tmp / "prefect",
             "plan": plan_path,
             "lab": load_lab(lab_state),
             "workers": workers,
@@ -197,12 +342,23 @@ def site(tmp_path_factory):
         lab_down(lab_state)
 
 
+def _settings(env: dict[str, str]) -> dict:
+    """This process's Prefect settings for the site: its address, auth string and certificate."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_SSL_CERT_FILE, PREFECT_API_URL
+
+    return {
+        PREFECT_API_URL: env["PREFECT_API_URL"],
+        PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"],
+        PREFECT_API_SSL_CERT_FILE: env["PREFECT_API_SSL_CERT_FILE"],
+    }
+
+
 def _flow_runs(env: dict[str, str], deployment: str) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+    with temporary_settings(updates=_settings(env)):
         with get_client(sync_client=True) as client:
             return client.read_flow_runs(
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
@@ -316,10 +472,107 @@ def test_nightly_deployment_splits_vms_over_agent_workers(site):
     assert sweep.state.is_completed() and sweep.work_pool_name == "vmbackup-control", sweep.state
     assert hv.status()["shadow_copies"] == []
 
-    # No password in what the server holds of the runs, nor in the workers' logs.
+    # No password, nor the auth string, in what the server holds of the runs,
+    # the workers' logs, the server's log or its database (as bytes).
     held = _server_text(env) + watched + "".join(w[1].read_text() for w in site["workers"].values())
-    for secret in (site["password"], site["hyperv_password"]):
+    held += site["server_log"].read_text(errors="replace")
+    for secret in (site["password"], site["hyperv_password"], site["auth"]):
         assert secret not in held
+        for db in sorted(site["database"].glob("prefect.db*")):
+            assert secret.encode() not in db.read_bytes(), db.name
+
+
+def test_no_entry_without_the_credentials(site):
+    """A client without the auth string gets 401 (through nginx and on the
+    server's own loopback port): it reads no Secret block and starts no run;
+    the string is on no command line; TLS is nginx's, with the certificate."""
+    env, auth, ca = site["env"], site["auth"], site["cafile"]
+    api = env["PREFECT_API_URL"]
+    direct = f"http://127.0.0.1:{site['server_port']}/api"
+    code, body = _request(f"{api}/block_types/slug/secret/block_documents/name/{SECRET}", auth, cafile=ca)
+    assert code == 200, body
+    block_id = json.loads(body)["id"]
+    code, body = _request(f"{api}/deployments/name/backup_site/nightly", auth, cafile=ca)
+    assert code == 200, body
+    deployment_id = json.loads(body)["id"]
+    runs_before = len(_flow_runs(env, "nightly"))
+
+    secret_url = f"/block_documents/{block_id}?include_secrets=true"
+    run_url = f"/deployments/{deployment_id}/create_flow_run"
+    for base in (api, direct):
+        for who in (None, "vmbackup:wrong", auth + "x", ""):
+            code, body = _request(base + secret_url, who, cafile=ca)
+            assert code == 401 and site["password"].encode() not in body, (base, code, body[:200])
+            code, body = _request(base + run_url, who, "POST", {}, cafile=ca)
+            assert code == 401, (base, code, body[:200])
+        assert _request(base + "/flow_runs/filter", None, "POST", {}, cafile=ca)[0] == 401
+        assert _request(base + "/health", cafile=ca)[0] == 200  # probes stay open
+    assert len(_flow_runs(env, "nightly")) == runs_before, "a run was started without credentials"
+    # With the credentials the same request reads the block (so the 401s above were the door, not a typo).
+    code, body = _request(api + secret_url, auth, cafile=ca)
+    assert code == 200 and site["password"] in json.loads(body)["data"]["value"]
+
+    # Prefect's own client and command line without the auth string: refused.
+    outsider = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
+    read = "import sys; from prefect.blocks.system import Secret; print(Secret.load(sys.argv[1]).get())"
+    p = _run([sys.executable, "-c", read, SECRET], outsider)
+    assert p.returncode != 0 and "401" in p.stderr and site["password"] not in p.stdout + p.stderr, p.stderr[-2000:]
+    p = _run([PREFECT, "deployment", "run", "backup_site/nightly"], outsider)
+    assert p.returncode != 0 and "401" in p.stdout + p.stderr, p.stdout + p.stderr
+    assert len(_flow_runs(env, "nightly")) == runs_before
+
+    # TLS: a client that does not trust the certificate does not get in;
+    # plain HTTP on the TLS port is refused by nginx.
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        _request(api + "/health")
+    plain = api.replace("https://", "http://")
+    assert _request(plain + "/health")[0] == 400
+
+    # The auth string is on no command line: the server, nginx, the workers
+    # and everything they started.
+    pids = [pid for p in site["procs"] if p.poll() is None for pid in (p.pid, *_descendants(p.pid))]
+    lines = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    assert any(" server start --host 127.0.0.1 " in line for line in lines), lines
+    assert any(" worker start " in line for line in lines), lines
+    assert not any(auth in line for line in lines)
+    assert auth not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_drill_deployment_passes_then_fails_on_a_corrupted_restore(site):
+    """`prefect deployment run drill/drill --watch` as CI runs it: the drill VMs
+    restored on the isolated network and switch, equal to their backups,
+    removed; then, with the lab corrupting what a restore writes on esx1, the
+    run fails and names the VM."""
+    from vmbackup import _mover
+
+    lab, env = site["lab"], site["env"]
+    infos, _ = _mover.list_backups(site["repository"])
+    if not {i.vm for i in infos} >= set(DRILL_VMS):  # run alone: back up first
+        p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
+        assert p.returncode == 0, p.stdout + p.stderr
+    before = sorted(v["name"] for v in lab.status()["vms"]), sorted(_hyperv_host(lab).vm_names())
+    p = _run([PREFECT, "deployment", "run", "drill/drill", "--watch"], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    record = json.loads((Path(site["repository"]) / "drills.json").read_text())["vms"]
+    assert sorted(record) == sorted(DRILL_VMS) and all(r["passed"] for r in record.values()), record
+    assert (sorted(v["name"] for v in lab.status()["vms"]), sorted(_hyperv_host(lab).vm_names())) == before
+    [run] = [r for r in _flow_runs(env, "drill") if r.state.is_completed()]
+    rows = {r["vm"]: r for r in _report(env, run.id, "vmbackup-drill-report")}
+    assert sorted(rows) == sorted(DRILL_VMS) and all(r["status"] == "ok" and r["seconds"] > 0 for r in rows.values())
+
+    lab.set_faults(host="esx1", corrupt_restore=True)
+    try:
+        p = _run([PREFECT, "deployment", "run", "drill/drill", "--param", 'vms=["s-web01"]', "--watch"], env)
+    finally:
+        lab.set_faults(host="esx1")
+    assert p.returncode == 1, p.stdout + p.stderr
+    record = json.loads((Path(site["repository"]) / "drills.json").read_text())["vms"]
+    assert record["s-web01"]["passed"] is False, record
+    [failed] = [r for r in _flow_runs(env, "drill") if r.state.is_failed()]
+    assert "s-web01" in (failed.state.message or ""), failed.state.message
 
 
 def _disks(vm: str) -> list[str]:
@@ -335,10 +588,10 @@ def _disks(vm: str) -> list[str]:
 
 def _client(env: dict[str, str]):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     stack = contextlib.ExitStack()
-    stack.enter_context(temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}))
+    stack.enter_context(temporary_settings(updates=_settings(env)))
     client = stack.enter_context(get_client(sync_client=True))
     return stack, client
 
@@ -428,10 +681,10 @@ def _holding(lab, agent: str) -> bool:
 
 
 def _read_limits(env: dict[str, str], names: list[str]) -> dict[str, tuple[int, int]]:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
     from vmbackup.orchestration import limits
 
-    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+    with temporary_settings(updates=_settings(env)):
         return limits.read_limits(names)
 
 

@@ -23,6 +23,8 @@ TABLE = results.text_columns()
 
 def add_parser(sub: Any) -> None:
     """Adds ``backup`` and ``server`` to the command line's subparsers."""
+    from .keys import add_plan_key_argument
+
     sp = sub.add_parser(
         "backup",
         help="back up the VMs of a plan as a Prefect flow",
@@ -40,6 +42,7 @@ def add_parser(sub: Any) -> None:
         help="cancel a VM's backup after this long (default 21600; 0: never)",
     )
     sp.add_argument("--json", action="store_true", help='print one JSON document {"vms": [...]} on stdout')
+    add_plan_key_argument(sp)
     sp.set_defaults(func=run_backup)
 
     sp = sub.add_parser("server", help="the local Prefect server vmbackup keeps", description=_server_doc())
@@ -54,7 +57,9 @@ def add_parser(sub: Any) -> None:
 def _server_doc() -> str:
     return (
         "The embedded default Prefect server: started by `vmbackup backup` when PREFECT_API_URL is unset, kept "
-        "for later runs, state in $VMBACKUP_STATE_DIR (default ~/.local/state/vmbackup)."
+        "for later runs, state in $VMBACKUP_STATE_DIR (default ~/.local/state/vmbackup). It lets no one in "
+        "without its auth string (the file api-auth there, 0600): vmbackup's commands use it, and the UI's "
+        "login asks for it."
     )
 
 
@@ -78,7 +83,9 @@ def run_server(args: argparse.Namespace) -> int:
         elif st["running"]:
             human = (
                 f"running: pid {st['pid']}, UI {st['ui_url']} , API {st['api_url']}"
-                f"{'' if st['healthy'] else ' (NOT answering)'}; state {st['state_dir']}, log {st['log']}"
+                f"{'' if st['healthy'] else ' (NOT answering)'}; "
+                f"{'login: the auth string in ' + st['auth_file'] if st['auth'] else 'NO authentication'}; "
+                f"state {st['state_dir']}, log {st['log']}"
             )
         else:
             human = f"not running (state {st['state_dir']})"
@@ -148,8 +155,12 @@ def run_backup(args: argparse.Namespace) -> int:
         raise InvalidInputError("--vm-timeout must not be negative")
     from ..plan import load_plan
 
-    # A bad plan is reported before any server is started (one line, exit 2).
-    load_plan(args.plan)
+    # A bad plan is reported before any server is started (one line, exit 2),
+    # and so is a missing or wrong passphrase of an encrypted repository.
+    plan = load_plan(args.plan)
+    from .keys import unlock_plan
+
+    unlock_plan(args, plan)
 
     import importlib.util
 
@@ -161,7 +172,8 @@ def run_backup(args: argparse.Namespace) -> int:
     if info.managed:
         how = "started" if info.started else "running"
         print(
-            f"Prefect UI: {info.ui_url} (local server {how}, pid {info.pid}; `vmbackup server stop` stops it)",
+            f"Prefect UI: {info.ui_url} (local server {how}, pid {info.pid}; log in with the string in "
+            f"{server.auth_path()}; `vmbackup server stop` stops it)",
             file=sys.stderr,
         )
     else:

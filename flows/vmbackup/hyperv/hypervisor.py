@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..hypervisors import base
+from .restore import HypervRestorer
 
 
-class HyperV:
-    """One of the plan's Hyper-V hosts (``plan.hyperv[i]``)."""
+class HyperV(HypervRestorer):
+    """One of the plan's Hyper-V hosts (``plan.hyperv[i]``); its restore verbs
+    (``describe_point``, ``restore_steps``) are `restore.HypervRestorer`'s."""
 
     kind = "hyperv"
 
@@ -53,4 +55,10 @@ class HyperV:
     def sweep(self, *, older_than_seconds: float) -> list[Any]:
         from .sweep import sweep_host
 
-        return sweep_host(self.client, older_than_seconds=older_than_seconds)
+        # restores that are no longer running too, judged by the repository's restore ledger
+        return sweep_host(
+            self.client,
+            older_than_seconds=older_than_seconds,
+            repository=str(self.plan.repository),
+            host=self.host.name,
+        )

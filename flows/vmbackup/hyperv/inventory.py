@@ -64,6 +64,13 @@ class HvVm:
     disks: tuple[HvDisk, ...]  # the disks a shadow copy holds (read by the backup)
     config_files: tuple[str, ...]
     skipped_disks: tuple[SkippedDisk, ...] = ()  # pass-through and SMB disks, with the reason
+    # what a restore rebuilds the VM from when its configuration cannot be imported
+    generation: int | None = None  # 1 (BIOS) or 2 (UEFI)
+    version: str | None = None  # the configuration version ('9.0')
+    cpus: int | None = None
+    memory_mb: int | None = None  # startup memory
+    nics: tuple[tuple[str | None, str | None], ...] = ()  # (switch, MAC) per network adapter
+    configuration_location: str | None = None  # the VM's folder
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +138,14 @@ def vm_from_answer(host: Any, answer: dict[str, Any]) -> HvVm:
             SkippedDisk(str(d["Name"]), str(d.get("Reason") or "not readable from a shadow copy"))
             for d in _list(answer.get("SkippedDisks"))
         ),
+        generation=int(answer["Generation"]) if answer.get("Generation") is not None else None,
+        version=str(answer["Version"]) if answer.get("Version") is not None else None,
+        cpus=int(answer["ProcessorCount"]) if answer.get("ProcessorCount") is not None else None,
+        memory_mb=int(answer["MemoryStartup"]) >> 20 if answer.get("MemoryStartup") is not None else None,
+        nics=tuple(
+            (n.get("SwitchName") or None, n.get("MacAddress") or None) for n in _list(answer.get("NetworkAdapters"))
+        ),
+        configuration_location=answer.get("ConfigurationLocation"),
     )
 
 

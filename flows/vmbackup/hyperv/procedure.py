@@ -376,6 +376,13 @@ def _config(vm: HvVm, host: Any, in_copy: Any) -> dict[str, Any]:
         "volumes": list(vm.volumes),
         "disks": [{"name": d.name, "file": d.path, "chain": list(d.chain), "size": d.size} for d in vm.disks],
         "config_files": files,
+        # the description a restore rebuilds the VM from when the .vmcx cannot be imported (hyperv/restore.py)
+        "configuration_location": vm.configuration_location,
+        "generation": vm.generation,
+        "version": vm.version,
+        "cpus": vm.cpus,
+        "memory_mb": vm.memory_mb,
+        "nics": [{"switch": s, "mac": m} for s, m in vm.nics],
     }
 
 

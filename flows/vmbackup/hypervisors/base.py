@@ -186,6 +186,8 @@ class DiskSpec:
     capacity: int  # bytes
     bus: str = "scsi"  # "scsi", "sata", "ide", "nvme" (the name's prefix)
     file: str | None = None  # the source's file name, when known ("vm1/vm1.vmdk", "D:\\VMs\\vm1.vhdx")
+    # where the target put it when that is not ``name`` (a target without the bus: SATA onto Hyper-V)
+    place: str | None = None
 
 
 @dataclass
@@ -214,6 +216,9 @@ class VmDescription:
     nics: list[NicSpec] = field(default_factory=list)
     raw: Any = None
     files: dict[str, str] = field(default_factory=dict)  # other files in the point ("nvram" -> base64, ...)
+    host: str | None = None  # where the point's VM ran (the default target host)
+    location: str | None = None  # its datastore (vSphere: the .vmx's) or folder (Hyper-V): the default target
+    changes: list[str] = field(default_factory=list)  # what the point cannot give back, said in the row
 
 
 @dataclass

@@ -126,10 +126,14 @@ def restore_one(
         written = _write_disks(steps, made, target.disks, request.point, disks_per_vm, cancel, progress)
         result.disks = [
             {"disk": d.name, "bytes_written": w.bytes_written, "seconds": round(w.seconds, 3)}
+            # the disk's name on the restored VM, where the target has no such bus (across hypervisors)
+            | ({"restored_as": d.place} if d.place and d.place != d.name else {})
             for d, w in zip(target.disks, written, strict=True)
         ]
         result.bytes_written = sum(w.bytes_written for w in written)
         steps.finish(made, power_on=request.power_on)
+        # what finish found (Hyper-V's import: a missing switch mapped or disconnected) joins the row
+        result.changes, result.warnings = list(target.changes), list(target.warnings)
         result.powered_on = request.power_on
         result.vm_id = made.vm_id
         if verify:

@@ -11,7 +11,19 @@ later runs. Everything it keeps is under the state directory
     server.json      pid, process start time, port, URL of the running server
     server.lock      flock: one starter at a time across processes
     server.log       the server's output
+    api-auth         the server's auth string (0600; the directory is 0700)
     prefect/         PREFECT_HOME: prefect.db (SQLite), concurrency_leases/
+
+The server lets no one in without its auth string (Prefect's basic
+authentication: ``PREFECT_SERVER_API_AUTH_STRING`` on the server,
+``PREFECT_API_AUTH_STRING`` on its clients; only ``/api/health`` and
+``/api/ready`` stay open): without it, any local user who reaches the port
+reads every Secret block in plain text and can start any run. The string is
+generated once (``secrets.token_urlsafe``) into ``api-auth``, reaches the
+server through its environment (never its command line: ``ps`` shows every
+user the command line) and vmbackup's own commands through
+:func:`client_env`. A server of an earlier vmbackup found running without
+it (or with another string) is restarted with it.
 
 Why these settings: leases go to files (the in-memory store lost them on a
 restart, and a crashed run's slot stayed held for good); analytics off (an
@@ -26,12 +38,15 @@ This module does not import Prefect: the health check is plain HTTP.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
 import os
+import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -45,6 +60,8 @@ from ..errors import ServerError
 
 DEFAULT_STARTUP_TIMEOUT = 180.0
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+AUTH_FILE = "api-auth"
+AUTH_USER = "vmbackup"  # the UI's login form asks for `user:password`: the whole string
 
 
 @dataclass
@@ -59,6 +76,7 @@ class ServerInfo:
     started: bool = False  # started by this call
     state_dir: str | None = None
     log: str | None = None
+    auth: bool = False  # the server asks for credentials (the string itself is never here)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,11 +99,105 @@ def _startup_timeout() -> float:
         return DEFAULT_STARTUP_TIMEOUT
 
 
+# --- the auth string -----------------------------------------------------------
+
+
+def _private_dir(state: Path) -> None:
+    """The state directory, made (or narrowed to) 0700: it holds the auth
+    string, and the database with the Secret blocks (and the key that
+    decrypts them)."""
+    state.mkdir(parents=True, exist_ok=True)
+    st = state.stat()
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+        state.chmod(0o700)
+
+
+def auth_path(state: Path | None = None) -> Path:
+    return (state or state_dir()) / AUTH_FILE
+
+
+def read_auth(state: Path | None = None) -> str | None:
+    """The managed server's auth string, or None when none was made yet."""
+    path = auth_path(state)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ServerError(f"cannot read the Prefect server's auth string {path}: {e.strerror}") from None
+    with os.fdopen(fd) as f:
+        if stat.S_IMODE(os.fstat(f.fileno()).st_mode) & 0o077:
+            os.fchmod(f.fileno(), 0o600)
+        text = f.read().strip()
+    return text or None
+
+
+def ensure_auth(state: Path | None = None) -> str:
+    """The managed server's auth string, generated once (0600, in a 0700
+    state directory) when there is none."""
+    state = state or state_dir()
+    _private_dir(state)
+    found = read_auth(state)
+    if found:
+        return found
+    value = f"{AUTH_USER}:{secrets.token_urlsafe(32)}"
+    tmp = state / f"{AUTH_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, auth_path(state))  # never replaces a string another starter wrote
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return read_auth(state) or value
+
+
+def _auth_header(auth: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+
+
+def _status_of(api_url: str, headers: dict[str, str], timeout: float) -> int | None:
+    req = urllib.request.Request(api_url.rstrip("/") + "/admin/version", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def requires_auth(api_url: str, timeout: float = 10.0) -> bool | None:
+    """Does the server refuse a request without credentials (401)? None
+    when it does not answer."""
+    code = _status_of(api_url, {}, timeout)
+    return None if code is None else code == 401
+
+
+def _why_replace(api_url: str, auth: str, timeout: float = 30.0) -> str | None:
+    """Why a running server must be replaced by one that asks for ``auth``:
+    it let a request without credentials in, or refused ``auth``. None when
+    it did neither (a busy server that does not answer in time is kept, as
+    a slow health check keeps it)."""
+    anonymous = _status_of(api_url, {}, timeout)
+    if anonymous is not None and anonymous != 401:
+        return "it did not ask for credentials"
+    if _status_of(api_url, _auth_header(auth), timeout) == 401:
+        return "it does not take the auth string of this state directory"
+    return None
+
+
 def server_env(state: Path, port: int) -> dict[str, str]:
-    """The environment of the managed server process."""
+    """The environment of the managed server process (its auth string
+    included: the environment is readable only by its user and root)."""
     home = state / "prefect"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
+        PREFECT_SERVER_API_AUTH_STRING=ensure_auth(state),
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=LEASE_STORAGE,
@@ -102,15 +214,37 @@ def server_env(state: Path, port: int) -> dict[str, str]:
 
 def client_env(info: ServerInfo) -> dict[str, str]:
     """Settings for a process that runs flows against ``info``; set them
-    before Prefect is imported (its settings are read at import)."""
+    before Prefect is imported (its settings are read at import).
+
+    For the managed server, its auth string (``PREFECT_API_AUTH_STRING``).
+    For ``$PREFECT_API_URL`` the caller's own ``PREFECT_API_AUTH_STRING``
+    is kept; when it has none and the URL is the managed server of this
+    state directory, that server's string is given, so a command pointed
+    at the local server by its URL gets in too."""
     env = {
         "PREFECT_API_URL": info.api_url,
         "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
         "DO_NOT_TRACK": "1",
     }
+    auth = None
     if info.managed and info.state_dir:
         env["PREFECT_HOME"] = str(Path(info.state_dir) / "prefect")
+        auth = read_auth(Path(info.state_dir))
+    elif not os.environ.get("PREFECT_API_AUTH_STRING"):
+        auth = _managed_auth_for(info.api_url)
+    if auth:
+        env["PREFECT_API_AUTH_STRING"] = auth
     return env
+
+
+def _managed_auth_for(api_url: str) -> str | None:
+    """The auth string of this state directory's running server if
+    ``api_url`` is that server's."""
+    state = state_dir()
+    record = _read_record(state)
+    if not _alive(record) or _info(state, record, started=False).api_url.rstrip("/") != api_url.rstrip("/"):
+        return None
+    return read_auth(state)
 
 
 # --- processes --------------------------------------------------------------
@@ -176,7 +310,7 @@ def _write_record(state: Path, record: dict) -> None:
 
 @contextlib.contextmanager
 def _locked(state: Path) -> Iterator[None]:
-    state.mkdir(parents=True, exist_ok=True)
+    _private_dir(state)
     with open(state / "server.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -196,6 +330,7 @@ def _info(state: Path, record: dict, started: bool) -> ServerInfo:
         started=started,
         state_dir=str(state),
         log=str(state / "server.log"),
+        auth=record.get("auth") is True,
     )
 
 
@@ -260,7 +395,12 @@ def ensure_server() -> ServerInfo:
             # starter was killed may still be migrating: wait for it as for
             # a start. Only one that never answers is replaced.
             if _wait_healthy(info.api_url, record["pid"]):
-                return info
+                # A server an earlier vmbackup started lets anyone in (or
+                # knows another string): replaced by one that asks for ours.
+                why = _why_replace(info.api_url, ensure_auth(state))
+                if why is None:
+                    return info
+                print(f"vmbackup: restarting the local Prefect server (pid {record['pid']}): {why}", file=sys.stderr)
             _terminate(record["pid"])
         return _start(state, record.get("port"))
 
@@ -281,7 +421,7 @@ def _start(state: Path, preferred_port: int | None) -> ServerInfo:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own session: not killed with a run
         )
-    record = {"pid": proc.pid, "start_time": _start_time(proc.pid), "port": port, "started": time.time()}
+    record = {"pid": proc.pid, "start_time": _start_time(proc.pid), "port": port, "started": time.time(), "auth": True}
     _write_record(state, record)
     info = _info(state, record, started=True)
     deadline = time.monotonic() + _startup_timeout()
@@ -306,19 +446,27 @@ def server_status() -> dict:
     url = os.environ.get("PREFECT_API_URL")
     state = state_dir()
     if url:
-        return {"managed": False, "running": healthy(url), "api_url": url, "state_dir": str(state)}
+        running = healthy(url)
+        out = {"managed": False, "running": running, "api_url": url, "state_dir": str(state)}
+        if running:
+            out["auth"] = requires_auth(url)
+        return out
     record = _read_record(state)
     if not _alive(record):
         return {"managed": True, "running": False, "state_dir": str(state)}
     info = _info(state, record, started=False)
+    up = healthy(info.api_url)
     return {
         "managed": True,
         "running": True,
-        "healthy": healthy(info.api_url),
+        "healthy": up,
         "pid": info.pid,
         "port": info.port,
         "api_url": info.api_url,
         "ui_url": info.ui_url,
+        # Asked of the server itself: a request without credentials is refused.
+        "auth": requires_auth(info.api_url) is True if up else info.auth,
+        "auth_file": str(auth_path(state)),
         "state_dir": str(state),
         "log": info.log,
     }

@@ -20,10 +20,15 @@ def vm_datastores(vm: Any) -> list[str]:
     return sorted(names)
 
 
+#: the hypervisors whose points a vCenter restores (another's as a new VM: vsphere/crossrestore.py)
+RESTORES_FROM = ("vsphere", "hyperv")
+
+
 class VSphere:
     """The plan's vCenter (``plan.connection``)."""
 
     kind = "vsphere"
+    restores_from = RESTORES_FROM
 
     def __init__(self, plan: Plan, password: Any) -> None:
         assert plan.connection is not None
@@ -54,6 +59,19 @@ class VSphere:
         from .procedure import VSphereSteps
 
         return VSphereSteps(self.client, vm, plan, agent, run_id=run_id)
+
+    # -- restore (vsphere/restore.py) --
+
+    @staticmethod
+    def describe_point(config: Any, attributes: dict[str, Any]) -> base.VmDescription:
+        from .restore import describe_point
+
+        return describe_point(config, attributes)
+
+    def restore_steps(self, request: base.RestoreRequest, plan: Plan, agent: Agent, *, run_id: str) -> Any:
+        from .restore import VSphereRestoreSteps
+
+        return VSphereRestoreSteps(self.client, request, plan, agent, run_id=run_id)
 
     def sweep(self, *, older_than_seconds: float) -> list[Any]:
         from .sweep import sweep

@@ -97,6 +97,10 @@ class Entry:
     # ("key" once it exists); reconcile removes one left empty by a process killed before removing it.
     controllers: list[dict[str, Any]] = field(default_factory=list)
     nbd: list[dict[str, Any]] = field(default_factory=list)  # {"pid", "socket"}
+    # A restore's entry (vsphere/restore.py): {"name", "source", "point", "in_place", "create_task",
+    # "moref", "done"}; ``vm`` is then the restored VM's name. Written before CreateVM_Task, so that a
+    # killed restore's half-made VM is named; reconcile and the sweeper destroy it unless "done" or in place.
+    restore: dict[str, Any] | None = None
     path: Path | None = None
 
     def to_json(self) -> str:
@@ -250,6 +254,7 @@ class Ledger:
             try:
                 d = json.loads(p.read_text())
                 d.setdefault("space", None)  # written before entries said where their pid runs
+                d.setdefault("restore", None)
                 e = Entry(**d)
             except (OSError, ValueError, TypeError):
                 continue  # a torn or foreign file: not ours to act on

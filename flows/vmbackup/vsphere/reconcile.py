@@ -129,7 +129,12 @@ def reconcile_vm(
         return run_id == current_run and (current_attempt is None or att == current_attempt)
 
     everyone = ledger.entries(vm_name)
-    entries = [e for e in (entries if entries is not None else everyone) if not current(e.run_id, e.attempt)]
+    # A restore's entry (its half-made VM) is the restore's to reconcile (vsphere/restore.py); it still makes the VM busy.
+    entries = [
+        e
+        for e in (entries if entries is not None else everyone)
+        if not current(e.run_id, e.attempt) and e.restore is None
+    ]
     for e in everyone:
         # Alive is a fresh heartbeat, whichever machine the run is on (ledger.py).
         if not current(e.run_id, e.attempt) and e.alive():

@@ -40,6 +40,16 @@ def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftove
     # A run whose heartbeat is fresh is alive, on whichever machine: its VM is
     # not swept at all (not its snapshots, not its clones), however old it is.
     held = {e.vm for e in every if e.alive(now)}
+    # A dead restore's half-made VM (its entry names it): detached, destroyed (vsphere/restore.py).
+    for e in every:
+        if e.restore is not None and not e.alive(now) and now - e.created_unix >= older_than_seconds:
+            from .restore import reconcile_restore
+
+            problems = reconcile_restore(client, plan, ledger, e)
+            found.append(
+                Leftover("restore", e.vm, f"restore by run {e.run_id}", not problems, "; ".join(problems) or None)
+            )
+    every = [e for e in every if e.restore is None]
     entries = [e for e in every if now - e.created_unix >= older_than_seconds and e.vm not in held]
     by_vm: dict[str, list[Any]] = {}
     for e in entries:

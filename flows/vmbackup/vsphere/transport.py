@@ -185,8 +185,11 @@ def _attach_lock(agent_moref: str) -> threading.Lock:
 class HotAdd(Transport):
     name = "hotadd"
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, disk_mode: str = "independent_nonpersistent"):
         super().__init__(ctx)
+        # A backup reads (independent_nonpersistent: nothing written reaches the
+        # file); a restore writes (persistent: vsphere/restore.py).
+        self.disk_mode = disk_mode
         self.agent_obj: Any = None
         self.files: set[str] = set()
         self.clone: Any = None
@@ -243,9 +246,7 @@ class HotAdd(Transport):
             raise TransportImpossible(f"agent VM {obj.name} has {len(free)} free SCSI units, {len(files)} needed")
         changes = []
         for i, (fname, unit) in enumerate(zip(files, free, strict=False)):
-            backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-                fileName=fname, diskMode="independent_nonpersistent"
-            )
+            backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=fname, diskMode=self.disk_mode)
             dev = vim.vm.device.VirtualDisk(key=-100 - i, controllerKey=ctrl.key, unitNumber=unit, backing=backing)
             changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=dev))
         # Written down before the attach: a process killed during it leaves a trace to follow.

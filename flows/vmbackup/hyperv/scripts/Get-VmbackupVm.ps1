@@ -1,7 +1,8 @@
 <#
 .SYNOPSIS
     One VM as vmbackup backs it up: state, Backup integration service, disks
-    with their differencing chains, configuration files, volumes.
+    with their differencing chains, configuration files, volumes, and what a
+    restore rebuilds it from (generation, processors, memory, network adapters).
 .DESCRIPTION
     Read-only. Disks are named by controller type, number and location
     (`scsi0:0`, `ide0:1`), as vmbackup names them. Each disk's chain lists the
@@ -82,6 +83,11 @@ $volumes[(Get-VolumeRoot $vm.ConfigurationLocation)] = $true
     State                 = [int]$vm.State
     Backup                = if ($backup) { [pscustomobject]@{ Name = $backup.Name; Id = [string]$backup.Id; Enabled = [bool]$backup.Enabled; PrimaryOperationalStatus = [int]$backup.PrimaryOperationalStatus } } else { $null }
     ConfigurationLocation = $vm.ConfigurationLocation
+    Generation            = [int]$vm.Generation
+    Version               = [string]$vm.Version
+    ProcessorCount        = [int]$vm.ProcessorCount
+    MemoryStartup         = [int64]$vm.MemoryStartup
+    NetworkAdapters       = @(Get-VMNetworkAdapter -VM $vm | ForEach-Object { [pscustomobject]@{ Name = $_.Name; SwitchName = $_.SwitchName; MacAddress = $_.MacAddress } })
     ConfigFiles           = $config
     Disks                 = @($disks)
     SkippedDisks          = @($skipped)

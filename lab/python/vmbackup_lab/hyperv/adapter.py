@@ -32,7 +32,19 @@ def run(host: Host, name: str, params: dict):
         if k != "host" and p.default is inspect.Parameter.empty and k not in args:
             raise ScriptFailure(f"ScriptFailed: Cannot process command because of a missing mandatory parameter: {k}.")
     with host.lock:
+        if name in SLOWED and host.faults.get("slow_ms"):
+            _slow(host, float(host.faults["slow_ms"]) / 1000.0)
         return fn(host, **args)
+
+
+def _slow(host: Host, seconds: float) -> None:
+    """The fault `slow_ms`: the script takes that long before it acts (the
+    host's lock released meanwhile, so the lab answers other requests)."""
+    import time
+
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        host.changed.wait(left)
 
 
 def _params(name: str, params: dict) -> dict:
@@ -77,7 +89,7 @@ def get_host(host: Host, workdir: str = WORK_DIR) -> dict:
                 "Name": host.root_of(v),
                 "DeviceID": f"\\\\?\\Volume{{{host.volume_guids[v]}}}\\",
                 "Capacity": 1 << 40,
-                "FreeSpace": 1 << 39,
+                "FreeSpace": host.free_bytes(v),
                 "FileSystem": host.file_systems[v],
             }
             for v in host.volumes
@@ -184,6 +196,13 @@ def get_vm(host: Host, vmname: str) -> dict:
             "PrimaryOperationalStatus": svc["Status"] or 0,
         },
         "ConfigurationLocation": v.config_location,
+        "Generation": v.generation,
+        "Version": v.version,
+        "ProcessorCount": v.cpus,
+        "MemoryStartup": v.memory_mib * 1024 * 1024,
+        "NetworkAdapters": [
+            {"Name": "Network Adapter", "SwitchName": n["switch"], "MacAddress": n["mac"]} for n in v.nics
+        ],
         "ConfigFiles": v.config_files(),
         "Disks": disks,
         "SkippedDisks": skipped,
@@ -440,6 +459,12 @@ def remove_shadow_copies(
     return {"Removed": removed}
 
 
+from .restore import SCRIPTS as RESTORE_SCRIPTS  # noqa: E402  (it uses this module's helpers)
+
+# The scripts the host fault `slow_ms` delays: those that make or remove a restore's things
+# (as the vSphere lab's slow_ms delays CreateVM_Task and ReconfigVM_Task).
+SLOWED = ("New-VmbackupRestore.ps1", "Import-VmbackupRestore.ps1", "Remove-VmbackupRestore.ps1")
+
 SCRIPTS = {
     "Get-VmbackupHost.ps1": get_host,
     "Get-VmbackupVm.ps1": get_vm,
@@ -447,6 +472,7 @@ SCRIPTS = {
     "New-VmbackupShadowCopy.ps1": new_shadow_copy,
     "Complete-VmbackupShadowCopy.ps1": complete_shadow_copy,
     "Remove-VmbackupShadowCopies.ps1": remove_shadow_copies,
+    **RESTORE_SCRIPTS,
 }
 
 __all__ = ["run", "SCRIPTS", "HostError"]

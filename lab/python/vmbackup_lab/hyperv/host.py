@@ -54,7 +54,18 @@ INTEGRATION_SERVICES = (
 SNAPSHOT_SET_IN_PROGRESS = 0x80042316
 # `create_seconds=N`: shadow copy set creation takes N seconds (the topology's
 # `shadow_create_seconds` otherwise); changing it wakes a creation under way.
-HOST_FAULTS = ("writer_failed", "shadow_fail", "drop_during", "diskshadow_hangs", "shadow_vanish", "create_seconds")
+# `import_fail`: Import-VM registers the VM, then fails (a restore caught mid-way).
+# `slow_ms=N`: each restore script that makes or removes something waits N ms first.
+HOST_FAULTS = (
+    "writer_failed",
+    "shadow_fail",
+    "drop_during",
+    "diskshadow_hangs",
+    "shadow_vanish",
+    "create_seconds",
+    "import_fail",
+    "slow_ms",
+)
 VM_FAULTS = ("backup_off", "backup_no_contact")
 
 
@@ -125,10 +136,39 @@ class Vm:
     # VSS backup, or a saved state): one per set, however many VMs the set is for
     quiesce_count: int = 0
     volume_root: str = ""  # 'D:\\' or a CSV's 'C:\\ClusterStorage\\Volume1\\'
+    cpus: int = 2
+    memory_mib: int = 2048
+    # network adapters: {"switch": name or None (disconnected), "mac": "00155D......"}
+    nics: list = field(default_factory=list)
+    location: str | None = None  # an imported VM's folder (else <volume>\\Hyper-V\\<name>)
+    version: str = "9.0"  # the configuration version (Get-VM's Version)
 
     @property
     def config_location(self) -> str:
-        return f"{self.volume_root}Hyper-V\\{self.name}"
+        return self.location or f"{self.volume_root}Hyper-V\\{self.name}"
+
+    def vmcx(self) -> dict:
+        """What the lab's .vmcx holds: a JSON stand-in for Hyper-V's binary
+        configuration, with what Compare-VM and Import-VM read from it."""
+        return {
+            "vmbackup_lab_vmcx": 1,
+            "Name": self.name,
+            "Id": self.id,
+            "Version": self.version,
+            "Generation": self.generation,
+            "ProcessorCount": self.cpus,
+            "MemoryStartupBytes": self.memory_mib * 1024 * 1024,
+            "NetworkAdapters": [{"SwitchName": n["switch"], "MacAddress": n["mac"]} for n in self.nics],
+            "HardDrives": [
+                {
+                    "ControllerType": CONTROLLER_TYPE[d.controller],
+                    "ControllerNumber": d.number,
+                    "ControllerLocation": d.location,
+                    "Path": d.top.winpath if d.top is not None else None,
+                }
+                for d in self.disks
+            ],
+        }
 
     def config_files(self) -> list[str]:
         base = f"{self.config_location}\\Virtual Machines\\{self.id.upper()}"
@@ -226,6 +266,11 @@ class Host:
         self.smb_root = root / "smb"
         self.volume_guids = {v: str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.name}/{v}")) for v in self.volumes}
         self.faults: dict = dict(topology.get("faults", {}).get("host", {}))
+        self.switches: list[str] = list(topology.get("switches", []))
+        self.free_mib: dict[str, int] = dict(topology.get("free_mib", {}))
+        # Get-VMHost's VirtualMachinePath: where a VM goes when no folder is given
+        first = "C" if "C" in self.volumes else next(iter(topology["volumes"]))
+        self.vm_path = f"{first}:\\ProgramData\\Microsoft\\Windows\\Hyper-V"
         self.vms: dict[str, Vm] = {}
         self.shadows: dict[str, ShadowCopy] = {}
         self.runs: dict[str, Run] = {}
@@ -245,6 +290,7 @@ class Host:
         for p in self.volumes.values():
             p.mkdir(parents=True)
         (root / "model").mkdir()
+        self.local(self.vm_path).mkdir(parents=True, exist_ok=True)
         (root / "shadows").mkdir()
         (root / "shares").mkdir()
         self.smb_root.mkdir()
@@ -305,11 +351,13 @@ class Host:
             disks=[],
             faults=dict(faults),
             volume_root=self.root_of(spec["volume"]),
+            cpus=int(spec.get("cpus", 2)),
+            memory_mib=int(spec.get("memory_mib", 2048)),
+            nics=[
+                {"switch": n["switch"], "mac": n.get("mac") or _mac(f"{self.name}/{name}/{k}")}
+                for k, n in enumerate(spec.get("nics", []))
+            ],
         )
-        for i, cfg in enumerate(vm.config_files()):
-            p = self.local(cfg)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(f"<!-- vmbackup lab: {name} configuration file {i} ({vm.id}) -->\n".encode())
         for i, d in enumerate(spec.get("disks", [])):
             size = d["size_mib"] * MiB
             if d.get("passthrough"):
@@ -353,7 +401,18 @@ class Host:
                     Disk(d["controller"], 0, 0, size, top), MiB // 2 * (level + 1), 96 * 1024, seed + 100 + level
                 )
             vm.disks.append(Disk(d["controller"], d.get("number", 0), d.get("location", 0), size, top))
+        self.write_config(vm)
         self.vms[name] = vm
+
+    def write_config(self, vm: Vm) -> None:
+        """The VM's configuration files: the .vmcx (`Vm.vmcx`), a .vmrs and (generation 2) a .vmgs."""
+        for i, cfg in enumerate(vm.config_files()):
+            p = self.local(cfg)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if cfg.endswith(".vmcx"):
+                p.write_text(json.dumps(vm.vmcx(), indent=1))
+            else:
+                p.write_bytes(f"<!-- vmbackup lab: {vm.name} configuration file {i} ({vm.id}) -->\n".encode())
 
     # --- disk content --------------------------------------------------------------
 
@@ -445,6 +504,11 @@ class Host:
 
     # --- the lab's control operations ---------------------------------------------
 
+    def free_bytes(self, key: str) -> int:
+        """A volume's free space as Win32_Volume.FreeSpace says it (the topology's `free_mib`, else 512 GiB)."""
+        free = self.free_mib.get(key)
+        return free * MiB if free is not None else 1 << 39
+
     def vm(self, name: str) -> Vm:
         if name not in self.vms:
             raise HostError(f"no VM named {name!r} on {self.name}")
@@ -502,6 +566,10 @@ class Host:
             bad = [k for k in faults if k not in allowed]
             if bad:
                 raise HostError(f"unknown fault {bad[0]!r} (known: {', '.join(allowed)})")
+            if "slow_ms" in faults:
+                v = faults["slow_ms"]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                    raise HostError(f"fault slow_ms: {v!r} is not a number of milliseconds")
             if "create_seconds" in faults:
                 v = faults["create_seconds"]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
@@ -535,6 +603,11 @@ class Host:
                         "saved": v.saved,
                         "backup_complete": v.backup_complete,
                         "quiesce_count": v.quiesce_count,
+                        "generation": v.generation,
+                        "cpus": v.cpus,
+                        "memory_mib": v.memory_mib,
+                        "nics": [dict(n) for n in v.nics],
+                        "path": v.config_location,
                         "config_files": [{"path": p, "local": str(self.local(p))} for p in v.config_files()],
                         "disks": [
                             {
@@ -762,6 +835,11 @@ class Host:
         p = self.root / "shares" / name
         if p.is_symlink():
             p.unlink()
+
+
+def _mac(seed: str) -> str:
+    """A MAC address in Hyper-V's range (00-15-5D), fixed by `seed`."""
+    return "00155D" + f"{zlib.crc32(seed.encode()) & 0xFFFFFF:06X}"
 
 
 def _covered(present: list[tuple[int, int]], off: int, length: int) -> bool:

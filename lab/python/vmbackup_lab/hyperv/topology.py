@@ -19,6 +19,8 @@ DEFAULT = {
     "shadow_create_seconds": 0.2,
     # the language of Get-VMIntegrationService's names (en-US, de-DE)
     "locale": "en-US",
+    # the host's virtual switches (Get-VMSwitch); a VM's "nics" name one each (default: the first)
+    "switches": ["LAN", "Isolated"],
     "vms": [
         {
             "name": "win01",
@@ -116,6 +118,9 @@ def check(given: dict | None, where: str = "") -> dict:
         raise TopologyError(f"{where}shadow_create_seconds: a number of seconds from 0 to 600")
     if topo["locale"] not in LOCALES:
         raise TopologyError(f"{where}locale: {topo['locale']!r} is not one of {LOCALES}")
+    switches = topo["switches"]
+    if not isinstance(switches, list) or not all(isinstance(w, str) and w for w in switches):
+        raise TopologyError(f'{where}switches: a list of virtual switch names such as ["LAN"]')
     names = set()
     for i, vm in enumerate(topo["vms"]):
         where_vm = f"{where}vms[{i}]"
@@ -126,6 +131,16 @@ def check(given: dict | None, where: str = "") -> dict:
         vm.setdefault("backup", True)
         vm.setdefault("volume", topo["volumes"][1] if len(topo["volumes"]) > 1 else topo["volumes"][0])
         vm.setdefault("generation", 2)
+        vm.setdefault("cpus", 2)
+        vm.setdefault("memory_mib", 2048)
+        vm.setdefault("nics", [{"switch": switches[0]}] if switches else [])
+        if vm["generation"] not in (1, 2):
+            raise TopologyError(f"{where_vm}.generation: 1 or 2")
+        nics = vm["nics"]
+        if not isinstance(nics, list) or not all(
+            isinstance(n, dict) and isinstance(n.get("switch"), str) for n in nics
+        ):
+            raise TopologyError(f'{where_vm}.nics: a list of objects such as {{"switch": "LAN"}}')
         if vm["state"] not in ("running", "off"):
             raise TopologyError(f"{where_vm}.state: {vm['state']!r} is not running or off")
         if vm["volume"] not in topo["volumes"] + csvs:

@@ -1,0 +1,256 @@
+"""Whole-VM restore into the lab's vCenter through the one restore procedure
+(``hypervisors.restore.restore_one``) and the vSphere steps: every VM as a new
+VM whose disks equal the backup byte for byte, the refusals that make
+nothing, a failure in the middle, an in-place rollback, and a killed restore."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pyVmomi import vim
+from vmbackup import _mover
+from vmbackup.errors import BackupError, RestoreInputError
+from vmbackup.hypervisors.base import RestoreRequest
+from vmbackup.hypervisors.restore import restore_one
+from vmbackup.vsphere.restore import MARK, VSphereRestoreSteps, describe_point, destroy_vm
+from vmbackup.vsphere.tasks import run_task
+
+from .conftest import sha
+from .helpers import backup, run_id, vm_info
+
+# Every lab VM a backup can read (tests/vsphere/topology.json): encx01 cannot be
+# backed up by design (encrypted, and its host's agent is not). indep01's point
+# holds its one snapshot-covered disk, which is what its restore has.
+ALL_VMS = [
+    "multi01", "sata01", "off03", "xfer01", "fall01", "quiesce01", "notools03", "refuse01", "cbtreset01", "grow01",
+    "crash01", "user01", "indep01", "enc01", "snapcbt01", "blind01", "epoch01", "vsan01", "amp01", "ide01",
+]  # fmt: skip
+
+
+def _point(plan, backup_id):
+    infos, _ = _mover.list_backups(str(plan.repository))
+    return next(i for i in infos if i.id == backup_id)
+
+
+def _steps(client, plan, vm, backup_id, restored_as, **kw):
+    info = _point(plan, backup_id)
+    desc = describe_point(info.config, info.attributes)
+    req = RestoreRequest(vm=vm, point=backup_id, restored_as=restored_as, **kw)
+    host = req.host or desc.host
+    agent = next((a for a in plan.agents if host in a.hosts), plan.agents[0])
+    return VSphereRestoreSteps(client, req, plan, agent, run_id=run_id()), req, desc, agent
+
+
+def restore(client, plan, vm, backup_id, restored_as, **kw):
+    steps, req, desc, agent = _steps(client, plan, vm, backup_id, restored_as, **kw)
+    return restore_one(
+        steps, req, desc, hypervisor="vsphere", repository=str(plan.repository), agent=agent.name, disks_per_vm=2
+    )
+
+
+def _equal_to_point(checks, plan, vm_name, backup_id, tmp_path):
+    info = _point(plan, backup_id)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for d in info.disks:
+        want, got = tmp_path / f"want-{d.name}.raw", tmp_path / f"got-{d.name}.raw"
+        _mover.restore_disk(str(plan.repository), backup_id, str(want), disk=d.name, overwrite=True)
+        assert checks.image(vm_name, d.name, got) == sha(want), f"{vm_name} {d.name} differs from point {backup_id}"
+
+
+def _vm(client, name):
+    return client.vm_index(refresh=True).get(name, [])
+
+
+def _no_agent_disks(checks):
+    for vm in checks.lab.status()["vms"]:
+        if vm["agent"]:
+            assert not vm.get("attached"), (vm["name"], vm["attached"])
+
+
+@pytest.fixture
+def cleanup_vms(client):
+    made: list[str] = []
+    yield made
+    for name in made:
+        for vm in _vm(client, name):
+            destroy_vm(vm, 60)
+
+
+def test_every_lab_vm_restored_as_new_equals_its_backup(client, plan, checks, tmp_path, cleanup_vms):
+    for name in ALL_VMS:
+        b = backup(client, plan, name)
+        assert b.status == "ok", (name, b.error)
+        new = f"{name}-restored"
+        cleanup_vms.append(new)
+        res = restore(client, plan, name, b.backup_id, new)
+        assert res.status == "ok" and res.restored_as == new
+        assert sorted(d["disk"] for d in res.disks) == sorted(d.name for d in _point(plan, b.backup_id).disks)
+        _equal_to_point(checks, plan, new, b.backup_id, tmp_path / name)
+        src, (obj,) = _vm(client, name)[0], _vm(client, new)
+        assert obj.config.instanceUuid != src.config.instanceUuid and obj.config.uuid != src.config.uuid
+        assert res.vm_id == obj.config.instanceUuid
+        assert any(o.key == MARK for o in obj.config.extraConfig)
+        # The IDE disk cannot be hot-added: it went through /folder.
+        assert ("folder" in res.transport) == (name == "ide01"), (name, res.transport)
+        _no_agent_disks(checks)
+        destroy_vm(obj, 60)
+    checks.assert_clean(plan)
+
+
+def test_new_macs_and_networks_mapped_or_disconnected(client, plan, tmp_path, cleanup_vms):
+    # The lab's VMs have no NIC: give multi01 one on "VM Network", back it up, restore.
+    src = client.find_vm("multi01")
+    nic = vim.vm.device.VirtualVmxnet3(
+        key=-1,
+        backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName="VM Network"),
+        addressType="manual",
+        macAddress="00:50:56:01:02:03",
+    )
+    spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=nic)])
+    src.ReconfigVM_Task(spec=spec)
+    try:
+        b = backup(client, plan, "multi01")
+        cleanup_vms += ["multi01-net", "multi01-gone"]
+        res = restore(client, plan, "multi01", b.backup_id, "multi01-net")
+        (obj,) = _vm(client, "multi01-net")
+        (card,) = [d for d in obj.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+        assert card.macAddress != "00:50:56:01:02:03" and card.backing.deviceName == "VM Network"
+        assert any("new MAC address" in c for c in res.changes)
+        # A network map to a network that does not exist: one line, nothing made.
+        with pytest.raises(RestoreInputError, match="network nowhere does not exist"):
+            restore(client, plan, "multi01", b.backup_id, "multi01-gone", network_map={"VM Network": "nowhere"})
+        assert not _vm(client, "multi01-gone")
+        # The source's network missing on the target (described as such): disconnected, said in the row.
+        info = _point(plan, b.backup_id)
+        desc = describe_point(info.config, info.attributes)
+        for d in desc.raw["hardware"]["device"]:
+            if d["_vimtype"] == "vim.vm.device.VirtualVmxnet3":
+                d["backing"]["deviceName"] = "old-net"
+        steps, req, _, agent = _steps(client, plan, "multi01", b.backup_id, "multi01-gone")
+        res = restore_one(steps, req, desc, hypervisor="vsphere", repository=str(plan.repository),
+                          agent=agent.name, disks_per_vm=2)  # fmt: skip
+        assert any("old-net does not exist on the target: disconnected" in c for c in res.changes)
+    finally:
+        cur = client.find_vm("multi01")
+        cards = [d for d in cur.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+        if cards:
+            rm = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=d) for d in cards]
+            cur.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=rm))
+
+
+def test_name_in_use_and_bad_targets_are_refused_and_make_nothing(client, plan, checks):
+    b = backup(client, plan, "off03")
+    before = sorted(v["name"] for v in checks.lab.status()["vms"])
+    with pytest.raises(RestoreInputError, match="a VM named user01 exists already"):
+        restore(client, plan, "off03", b.backup_id, "user01")
+    with pytest.raises(RestoreInputError, match="datastore nope does not exist"):
+        restore(client, plan, "off03", b.backup_id, "off03-x", datastore="nope")
+    with pytest.raises(RestoreInputError, match="host esx9 does not exist"):
+        restore(client, plan, "off03", b.backup_id, "off03-x", host="esx9")
+    with pytest.raises(RestoreInputError, match="is powered on"):
+        restore(client, plan, "user01", backup(client, plan, "user01").backup_id, "user01", in_place=True)
+    assert sorted(v["name"] for v in checks.lab.status()["vms"]) == before
+    checks.assert_clean(plan)
+
+
+def test_a_failure_in_the_middle_leaves_no_vm_and_nothing_attached(client, plan, checks, cleanup_vms):
+    # ide01: scsi0:0 is hot-added while ide0:0 goes through /folder, whose PUT the host refuses.
+    b = backup(client, plan, "ide01")
+    cleanup_vms.append("ide01-fail")
+    host = vm_info(client, "ide01").host
+    checks.lab.set_faults(host=host, upload_fail=True)
+    try:
+        with pytest.raises(BackupError, match="HTTP 500"):
+            restore(client, plan, "ide01", b.backup_id, "ide01-fail")
+    finally:
+        checks.lab.set_faults(host=host)
+    assert not _vm(client, "ide01-fail")
+    assert "ide01-fail" not in {v["name"] for v in checks.lab.status()["vms"]}
+    _no_agent_disks(checks)
+    checks.assert_clean(plan)
+
+
+def test_in_place_rollback_writes_only_what_differs(client, plan, checks, tmp_path):
+    # off03 is powered off; xfer01 has CBT (powered off for the rollback, on again after).
+    for name in ("off03", "xfer01"):
+        obj = client.find_vm(name)
+        on = str(obj.runtime.powerState) == "poweredOn"
+        b = backup(client, plan, name)
+        checks.lab.write(name, "scsi0:0", 3 << 20, 100_000, seed=41)
+        checks.lab.write(name, "scsi0:0", 9 << 20, 5000, seed=42)
+        if on:
+            run_task(lambda o=obj: o.PowerOffVM_Task(), f"powering off {name}")
+        try:
+            res = restore(client, plan, name, b.backup_id, name, in_place=True)
+        finally:
+            if on:
+                run_task(lambda o=obj: o.PowerOnVM_Task(), f"powering on {name}")
+        assert res.status == "ok" and res.in_place
+        (d,) = res.disks
+        # Only the two written areas (blocks around them), never the whole 16-32 MiB disk.
+        assert 0 < d["bytes_written"] <= 4 << 20, (name, d)
+        _equal_to_point(checks, plan, name, b.backup_id, tmp_path / name)
+        _no_agent_disks(checks)
+    checks.assert_clean(plan)
+
+
+CHILD = r"""
+import json, os, sys
+from vmbackup import _mover
+from vmbackup.hypervisors.base import RestoreRequest
+from vmbackup.hypervisors.restore import restore_one
+from vmbackup.plan import load_plan, resolve_password
+from vmbackup.vsphere.client import VSphereClient
+from vmbackup.vsphere.restore import VSphereRestoreSteps, describe_point
+args = json.loads(sys.argv[1])
+plan = load_plan(args["plan"]).model_copy(update={"repository": args["repo"]})
+client = VSphereClient.connect(plan.connection, resolve_password(plan.connection))
+info = next(i for i in _mover.list_backups(args["repo"])[0] if i.id == args["point"])
+desc = describe_point(info.config, info.attributes)
+req = RestoreRequest(vm=args["vm"], point=args["point"], restored_as=args["as"])
+agent = next(a for a in plan.agents if desc.host in a.hosts)
+steps = VSphereRestoreSteps(client, req, plan, agent, run_id="killed")
+restore_one(steps, req, desc, hypervisor="vsphere", repository=args["repo"], agent=agent.name, disks_per_vm=2)
+"""
+
+
+def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan_path, tmp_path, cleanup_vms):
+    b = backup(client, plan, "crash01")
+    cleanup_vms.append("crash01-k")
+    host = vm_info(client, "crash01").host
+    checks.lab.set_faults(host=host, slow_ms=1500)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    arg = {"plan": str(lab_plan_path), "repo": str(plan.repository), "point": b.backup_id, "vm": "crash01",
+           "as": "crash01-k"}  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(arg)], env=env)
+    try:
+        # Caught once the VM exists and its disk is being hot-added (each task takes 1.5 s).
+        ledger = Path(plan.repository) / "ledger"
+        while True:
+            assert child.poll() is None, "the restore ended before it could be killed"
+            entries = [json.loads(p.read_text()) for p in ledger.glob("crash01-k--*.json")] if ledger.exists() else []
+            if any(e.get("attachments") for e in entries):
+                break
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        checks.lab.set_faults(host=host)
+        if child.poll() is None:
+            child.kill()
+    # The half-made VM exists (possibly with its disk on the agent); the next restore removes it first.
+    res = restore(client, plan, "crash01", b.backup_id, "crash01-k")
+    assert res.status == "ok"
+    names = [v["name"] for v in checks.lab.status()["vms"] if v["name"].startswith("crash01-k")]
+    assert names == ["crash01-k"]
+    _equal_to_point(checks, plan, "crash01-k", b.backup_id, tmp_path)
+    _no_agent_disks(checks)
+    destroy_vm(_vm(client, "crash01-k")[0], 60)
+    checks.assert_clean(plan)
