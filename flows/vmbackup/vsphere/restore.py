@@ -34,7 +34,6 @@ import base64
 import http.client
 import json
 import logging
-import os
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -828,63 +827,26 @@ def nic_device(
 # -- the mover's writes --------------------------------------------------------
 
 
-def _has_kwargs(fn: Any, *names: str) -> bool:
-    sig = getattr(fn, "__text_signature__", None) or ""
-    return all(n in sig for n in names)
-
-
 def _write_new(repo: str, point: str, device: str, disk: str, cancel: Any, progress: Any) -> int:
-    """The point's disk into a new (blank) hot-added disk: only the non-zero blocks."""
+    """The point's disk into a new (blank) hot-added disk: only the non-zero blocks (thin stays thin)."""
     from .. import _mover
 
-    if _has_kwargs(_mover.restore_disk, "existing", "blank"):
-        r = _mover.restore_disk(
-            repo, point, device, disk=disk, overwrite=True, existing=True, blank=True, progress=progress, cancel=cancel
-        )
-    else:  # a mover without in-place writes: the device is written whole (zero blocks as holes)
-        r = _mover.restore_disk(repo, point, device, disk=disk, overwrite=True, progress=progress, cancel=cancel)
+    r = _mover.restore_disk(repo, point, device, disk=disk, existing=True, blank=True, progress=progress, cancel=cancel)
     return int(r.bytes_written)
 
 
 def _write_in_place(
     repo: str, point: str, device: str, disk: str, extents: list[tuple[int, int]] | None, cancel: Any, progress: Any
 ) -> int:
-    """Only what differs: ``extents`` (CBT) or a comparison of every block; returns the bytes written."""
+    """Only what differs: the blocks of ``extents`` (the areas CBT says changed
+    since the point) or of the whole disk that differ from the point; returns
+    the bytes changed (written, or deallocated where the point has zeros)."""
     from .. import _mover
 
-    if _has_kwargs(_mover.restore_disk, "existing", "extents", "compare"):
-        kw: dict[str, Any] = {"extents": extents} if extents is not None else {"compare": True}
-        r = _mover.restore_disk(
-            repo, point, device, disk=disk, overwrite=True, existing=True, progress=progress, cancel=cancel, **kw
-        )
-        return int(r.bytes_written)
-    # A mover without in-place writes: compared here, block by block (within the extents).
-    saved = _mover.DiskReader.backup(repo, point, disk)
-    size = saved.size
-    areas = extents if extents is not None else [(0, size)]
-    written = 0
-    done = 0
-    total = sum(n for _, n in areas)
-    fd = os.open(device, os.O_RDWR)
-    try:
-        for start, length in areas:
-            off, end = start, min(start + length, size)
-            while off < end:
-                if cancel is not None and cancel.cancelled:
-                    raise CancelledError("cancelled")
-                n = min(_COMPARE_BLOCK, end - off)
-                want = saved.read(off, n)
-                if os.pread(fd, n, off) != want:
-                    os.pwrite(fd, want, off)
-                    written += n
-                off += n
-                done += n
-                if progress is not None:
-                    progress(done, total)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return written
+    r = _mover.restore_disk(
+        repo, point, device, disk=disk, existing=True, compare=True, extents=extents, progress=progress, cancel=cancel
+    )
+    return int(r.bytes_written) + int(r.bytes_punched)
 
 
 def _point_change_id(repo: str, point: str, disk: str) -> str | None:
