@@ -500,13 +500,14 @@ def _repository_id(repo: str | os.PathLike) -> str:
         return ""
 
 
-def unwrap(repo: str | os.PathLike, source: KeySource) -> tuple[bytes, str]:
-    """The master key from ``source`` and the slot that gave it.
+def unwrap(repo: str | os.PathLike, source: KeySource, repository_id: str | None = None) -> tuple[bytes, str]:
+    """The master key from ``source`` and the slot that gave it (the slots of
+    ``repository_id``, default: the id the mover reads in ``repo``'s config).
 
     ``KeyRequiredError`` (exit 2) when ``source`` is empty, ``WrongKeyError``
     (exit 2) when it opens no slot: one line each, naming where the key came
     from, never the key."""
-    rid = _repository_id(repo)
+    rid = _repository_id(repo) if repository_id is None else repository_id
     # A slot of another repository (copied in) never opens this one.
     slots = [s for s in list_slots(repo) if not rid or s.header.get("repository") in (rid, "")]
     if not slots:
