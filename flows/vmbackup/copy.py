@@ -9,13 +9,14 @@ object ``PREFIX/<path in the repository>`` (``config.json``, ``keys/...``,
 each a version locked in COMPLIANCE mode, and one index object
 ``PREFIX/index/<time>-<random>.json`` per completed copy, written last, that
 names the version, size, SHA-256 and lock of every object the copy holds.
-Readers use the newest index and read exactly the versions it names, so an
-object written over later (an attacker with the copy's credentials can add a
+Readers use the newest index (for an encrypted repository: the newest
+authentic one, below) and read exactly the versions it names, so an object
+written over later (an attacker with the copy's credentials can add a
 version, never remove a locked one) changes nothing a restore reads.
 
 The copy does not read what the files hold (an encrypted repository is
-copied as its ciphertext, without its key): every chunk the repository holds
-is in the copy, and every object of the newest index stays locked at least
+copied as its ciphertext; its key only authenticates the index): every
+chunk the repository holds is in the copy, and every object of the newest index stays locked at least
 ``days`` after that copy (a chunk that a newer backup reuses is still in the
 repository, so its lock is extended: PutObjectRetention), so no backup of
 the newest index depends on an object that can be deleted within ``days``.
