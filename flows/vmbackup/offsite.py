@@ -136,14 +136,24 @@ def _object(target: s3copy.Target, index: dict, rel: str) -> bytes:
     return body
 
 
-def _master_key(target: s3copy.Target, index: dict, source: keys.KeySource) -> bytes | None:
+def _master_key(
+    target: s3copy.Target, index: dict, source: keys.KeySource, tried: dict[tuple, bytes | None]
+) -> bytes | None:
     """The master key ``source`` unwraps from the key slots ``index`` names;
     None when the index names no slot, ``WrongKeyError`` when none opens (the
     slots are the index's: trusted for what they open, a key that then has
-    to make the index's MAC hold)."""
-    rels = [r for r in index.get("objects", {}) if r == "config.json" or r.startswith(f"{keys.KEYS_DIR}/")]
+    to make the index's MAC hold). ``tried`` remembers the answer for the
+    same config and slots (by SHA-256): many indexes naming the same slots
+    cost one unwrap (a KDF run each), not one each."""
+    objects = index.get("objects", {})
+    rels = [r for r in objects if r == "config.json" or r.startswith(f"{keys.KEYS_DIR}/")]
     if "config.json" not in rels or len(rels) < 2 or not all(safe_name(r) for r in rels):
         return None
+    sig = tuple(sorted((r, str(objects[r].get("sha256"))) for r in rels))
+    if sig in tried:
+        if tried[sig] is None:
+            raise WrongKeyError("the key opens none of these slots")
+        return tried[sig]
     with tempfile.TemporaryDirectory(prefix="vmbackup-index-") as tmp:
         for rel in rels:
             dest = Path(tmp, rel)
@@ -155,9 +165,11 @@ def _master_key(target: s3copy.Target, index: dict, source: keys.KeySource) -> b
         except (ValueError, AttributeError):
             return None
         except WrongKeyError:
+            tried[sig] = None
             raise
         except (RepositoryError, InvalidInputError):
             return None
+    tried[sig] = key
     return key
 
 
@@ -176,12 +188,13 @@ def choose_index(target: s3copy.Target, source: keys.KeySource | None) -> tuple[
             )
         return index, None
     found: dict[str, bytes] = {}
+    tried: dict[tuple, bytes | None] = {}
     wrong = 0  # indexes whose slots the key did not open
 
     def authentic(index: dict) -> bool:
         nonlocal wrong
         try:
-            master = _master_key(target, index, source)
+            master = _master_key(target, index, source, tried)
         except WrongKeyError:
             wrong += 1
             return False
