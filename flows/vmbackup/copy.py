@@ -245,8 +245,12 @@ def index_keys(t: Target) -> list[str]:
     """The index objects' keys, oldest first (their names sort by time). Listed by
     version, so that a delete marker put over the newest cannot hide it."""
     out = set()
-    for page in t.s3.get_paginator("list_object_versions").paginate(Bucket=t.bucket, Prefix=t.key(INDEX_DIR + "/")):
-        out |= {v["Key"] for v in page.get("Versions", []) if v["Key"].endswith(".json")}
+    try:
+        pages = t.s3.get_paginator("list_object_versions").paginate(Bucket=t.bucket, Prefix=t.key(INDEX_DIR + "/"))
+        for page in pages:
+            out |= {v["Key"] for v in page.get("Versions", []) if v["Key"].endswith(".json")}
+    except Exception as e:
+        raise s3_error(e, f"reading the index of {t.url}") from None
     return sorted(out)
 
 
