@@ -16,10 +16,11 @@ version, never remove a locked one) changes nothing a restore reads.
 
 The copy does not read what the files hold (an encrypted repository is
 copied as its ciphertext; its key only authenticates the index): every
-chunk the repository holds is in the copy, and every object of the newest index stays locked at least
-``days`` after that copy (a chunk that a newer backup reuses is still in the
-repository, so its lock is extended: PutObjectRetention), so no backup of
-the newest index depends on an object that can be deleted within ``days``.
+chunk the repository holds is in the copy, and every object of the newest
+index stays locked at least ``days`` after that copy (a chunk that a newer
+backup reuses is still in the repository, so its lock is extended:
+PutObjectRetention), so no backup of the newest index depends on an object
+that can be deleted within ``days``.
 
 Order: the repository's other files (config, keys), then the chunks, then
 the manifests, then the index, uploads in parallel. Resumable: objects the
