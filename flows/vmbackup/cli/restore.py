@@ -67,6 +67,9 @@ def add_parser(sub: Any) -> None:
         help="cancel a VM's restore after this long (default 21600; 0: never)",
     )
     sp.add_argument("--json", action="store_true", help='print one JSON document {"vms": [...]} on stdout')
+    from .keys import add_plan_key_argument
+
+    add_plan_key_argument(sp)
     sp.set_defaults(func=run_restore)
 
 
@@ -96,7 +99,12 @@ def check(args: argparse.Namespace) -> Any:
 
     if args.vm_timeout < 0:
         raise InvalidInputError("--vm-timeout must not be negative")
+    from .keys import unlock_plan
+
     plan = load_plan(args.plan)
+    # An encrypted repository: a missing or wrong passphrase is one line
+    # before any server starts; the flow finds it unlocked.
+    unlock_plan(args, plan)
     jobs = restore_input.resolve(
         plan,
         args.vm,

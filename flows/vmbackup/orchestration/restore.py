@@ -325,9 +325,13 @@ def restore_vm(
     restore cannot start (a name in use, an unknown point, host, datastore,
     path or network): nothing is made then.
     """
+    from ..keys import unlock_plan_repository
     from ..plan import load_plan
 
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    # An encrypted repository is unlocked once per run, before its points are
+    # read: a missing or wrong passphrase fails the run here (exit 2).
+    unlock_plan_repository(plan)
     jobs = restore_input.resolve(
         plan,
         vms,
@@ -458,9 +462,11 @@ def drill(
     ``DrillFailedError`` (with that report) when a drill failed, after the
     report and the ``vmbackup.drill.failed`` events.
     """
+    from ..keys import unlock_plan_repository
     from ..plan import load_plan
 
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    unlock_plan_repository(plan)  # once per run, as restore_vm
     return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds, agent)
 
 
