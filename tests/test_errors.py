@@ -35,6 +35,8 @@ EXPECTED = {
     "RepositoryUnavailableError": (True, 1),
     "NotFoundError": (False, 2),
     "CorruptChunkError": (False, 1),
+    "WrongKeyError": (False, 2),
+    "KeyRequiredError": (False, 2),
     "TargetError": (False, 1),
     "AddressInUseError": (True, 1),
     "CancelledError": (False, 1),
@@ -69,6 +71,8 @@ EXPECTED = {
     "RepositoryDamagedError": (False, 1),
     "GcRefusedError": (False, 1),
     "CbtMismatchError": (False, 1),
+    "CopyError": (False, 1),
+    "CopyUnavailableError": (True, 1),
 }
 # Classes whose constructor takes more than a message.
 ARGS = {
@@ -167,6 +171,16 @@ def test_a_failed_write_to_stdout_is_one_line_and_exit_1(cli):
         )
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert "could not write to stdout" in p.stderr and "work itself is done" not in p.stderr, p.stderr
+
+
+def test_verify_json_to_a_stdout_that_cannot_be_written_fails(cli):
+    """verify's output is its verdict: unwritten, the command fails (as snapshots does)."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(
+            [*cli_cmd(), "verify", "--repo", str(cli.repo), "--json"], stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "could not write to stdout" in p.stderr, p.stderr
 
 
 def cli_cmd() -> list[str]:

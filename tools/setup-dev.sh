@@ -18,6 +18,7 @@ RUST_CRATE_PACKAGES=(
   librust-serde-json-dev librust-proptest-dev librust-tempfile-dev
   librust-flate2-dev librust-flate2+miniz-oxide-dev
   librust-rustls-dev librust-rustls-pemfile-dev
+  librust-blake3-dev librust-ring-dev
 )
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -25,7 +25,10 @@ __all__ = [
     "BackupInfo",
     "DiskReader",
     "init_repository",
+    "init_legacy_repository",
     "open_repository",
+    "unlock_repository",
+    "repository_chunk_id",
     "restore_disk",
     "list_backups",
     "verify",
@@ -101,8 +104,19 @@ class RepositoryConfig:
     def compression(self) -> str: ...
     @property
     def created(self) -> str: ...
+    @property
+    def encrypted(self) -> bool:
+        """Whether chunks and manifests are sealed (a master key opens them)."""
+    @property
+    def id_hash(self) -> str:
+        """How chunks are named: ``blake3-keyed`` (repositories of format
+        version 2: BLAKE3 keyed with the repository's secret id key) or
+        ``xxh3-128`` (version 1, the plain XXH3-128 of the data)."""
+    @property
+    def encryption(self) -> str:
+        """``none`` or the AEAD that seals chunks and manifests (``aes-256-gcm``)."""
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict (the shape of ``config.json``)."""
+        """The fields as a dict (the shape of ``config.json``, without key material)."""
 
 @final
 class UntrustedManifest:
@@ -194,6 +208,8 @@ class DiskReader:
 
 @final
 class RestoreResult:
+    """What one disk's restore did (frozen)."""
+
     @property
     def backup(self) -> str: ...
     @property
@@ -201,9 +217,30 @@ class RestoreResult:
     @property
     def disk_size(self) -> int: ...
     @property
-    def bytes_written(self) -> int: ...
+    def bytes_written(self) -> int:
+        """Bytes actually written: data, and zeros where they were written as
+        zeros (a block device; a file that cannot punch holes). Holes left or
+        punched are not counted. An image format: the bytes written into the
+        image file (VMDK: its size)."""
     @property
-    def zero_blocks(self) -> int: ...
+    def bytes_punched(self) -> int:
+        """Bytes of zero blocks deallocated in an existing file (a hole
+        punched, ``existing=True``) instead of written. ``bytes_written +
+        bytes_punched`` is what an in-place restore changed."""
+    @property
+    def zero_blocks(self) -> int:
+        """Blocks of the point that are all zeros."""
+    @property
+    def blocks_written(self) -> int:
+        """Blocks of the disk written (or punched)."""
+    @property
+    def blocks_compared(self) -> int:
+        """Blocks of the target read and compared with the point (``compare``)."""
+    @property
+    def blocks_skipped(self) -> int:
+        """Blocks left as the target had them: holes of a new file, zero blocks
+        of a ``blank`` target, blocks outside ``extents``, blocks that compared
+        equal."""
     @property
     def seconds(self) -> float: ...
 
@@ -259,20 +296,62 @@ class GcResult:
     @property
     def cutoff_unix(self) -> float: ...
 
-def init_repository(path: str, chunk_size: int = 1048576, compression: str = "zstd:1") -> RepositoryConfig:
-    """Creates a repository in an empty or new directory.
+def init_repository(
+    path: str, chunk_size: int = 1048576, compression: str = "zstd:1", key: Optional[bytes] = None
+) -> RepositoryConfig:
+    """Creates a repository (format version 2) in an empty or new directory.
+
+    Chunks are named by BLAKE3 keyed with a 32-byte id key of this repository,
+    never by the plain XXH3-128 of their data (docs/format.md §3).
 
     Args:
         path: the directory.
         chunk_size: a power of two from 256 KiB to 8 MiB.
         compression: ``none`` or ``zstd:LEVEL`` (-7..-1, 1..19).
+        key: the 32-byte master key (random; the caller keeps it, wrapped in
+            key slots). Given: an encrypted repository, whose id key, sealing
+            key and manifest key are derived from it, and whose config holds a
+            key check value; the key is registered for this process as
+            ``unlock_repository`` would. Without it: unencrypted, a random id
+            key stored in ``config.json``.
 
     Returns:
         The repository's config.
+
+    Raises:
+        InvalidInputError: a key that is not 32 bytes, a bad chunk size or
+            compression, a directory that is not empty.
     """
 
+def init_legacy_repository(path: str, chunk_size: int = 1048576, compression: str = "zstd:1") -> RepositoryConfig:
+    """For tests: creates a repository of format version 1 (chunks named by the
+    plain XXH3-128 of their data, unencrypted), as vmbackup wrote before
+    keyed ids; this build still reads, verifies, restores and backs up into them."""
+
 def open_repository(path: str) -> RepositoryConfig:
-    """Checks a repository and returns its config."""
+    """Checks a repository and returns its config (no key needed)."""
+
+def unlock_repository(path: str, key: bytes) -> RepositoryConfig:
+    """Registers the master key of an encrypted repository for this process.
+
+    Every later call on the repository (``BackupSession``, ``restore_disk``,
+    ``list_backups``, ``verify``, ``forget``, ``gc``, ``serve``,
+    ``DiskReader.backup``), found by its canonical path and repository id,
+    uses the key. Calling it again replaces the key.
+
+    Raises:
+        WrongKeyError: the key does not match the repository's key check value.
+        InvalidInputError: the key is not 32 bytes, or the repository is not
+            encrypted.
+        KeyRequiredError: never; an encrypted repository used without
+            unlocking raises it (except ``verify``, see there).
+    """
+
+def repository_chunk_id(path: str, data: bytes) -> str:
+    """The id the repository at ``path`` gives a chunk holding ``data`` (32 hex
+    digits): keyed BLAKE3 (format version 2, needs the key of an encrypted
+    repository) or XXH3-128 (version 1). For tests and tools: ids of the same
+    data differ between repositories of version 2."""
 
 @final
 class BackupSession:
@@ -367,14 +446,47 @@ def restore_disk(
     overwrite: bool = False,
     progress: Optional[_Progress] = None,
     cancel: Optional[CancelToken] = None,
+    existing: bool = False,
+    blank: bool = False,
+    extents: Optional[Sequence[tuple[int, int]]] = None,
+    compare: bool = False,
 ) -> RestoreResult:
     """Restores a disk to a raw file (sparse) or an existing block device,
-    or (``format``) to an image file of another format: ``vmdk``
-    (streamOptimized, what vSphere imports) or ``vmdk-sparse``
-    (monolithicSparse); docs/formats.md describes them.
+    or (``format``) to an image file of another format: ``vhdx`` (dynamic,
+    32 MiB blocks, payload blocks only for blocks holding data: what Hyper-V
+    takes), ``vmdk`` (streamOptimized, what vSphere imports) or
+    ``vmdk-sparse`` (monolithicSparse); docs/formats.md describes them.
 
-    A file is written under a temporary name and renamed when complete.
-    Every chunk is checked against its id before it is written.
+    A new file is written under a temporary name and renamed when complete.
+    Every chunk is checked against its id before it is written. Chunks are
+    read and decompressed with several in flight (16) and the GIL is
+    released, so several disks restore at once from Python threads. The
+    target is synced before the call returns.
+
+    Args:
+        existing: write into ``output`` in place: an existing file or block
+            device at least the disk's size (a VM's new disk hot-added to the
+            agent, a disk rolled back). No temporary file, no rename, no
+            truncation. Without ``blank``, ``extents`` or ``compare`` every
+            block is written; zero blocks are punched out of a file and
+            written as zeros on a device. Raw only.
+        blank: with ``existing``: the target reads as zeros (a new thin
+            disk), so only the point's non-zero blocks are written and thin
+            stays thin.
+        extents: with ``existing``: ``(offset, length)`` areas (the areas CBT
+            says changed since the point); only the blocks touching them are
+            written, zero blocks included.
+        compare: with ``existing`` (and ``extents``, if given): each target
+            block is read and named with the repository's chunk id function;
+            only blocks that differ from the point's are written.
+
+    Raises:
+        InvalidInputError: ``output`` exists and is not empty (without
+            ``overwrite`` or ``existing``); with ``existing``: it does not
+            exist, is not a file or block device, or is smaller than the
+            disk; ``blank``, ``extents`` or ``compare`` without ``existing``;
+            ``blank`` with ``extents`` or ``compare``; ``existing`` with a
+            format other than raw; extents past the disk's end.
     """
 
 def list_backups(repo: str) -> tuple[list[BackupInfo], list[UntrustedManifest]]:
@@ -394,6 +506,14 @@ def verify(
     """Checks manifests and chunk presence; with ``read_data`` re-reads and re-hashes every chunk.
 
     Corrupt chunks are quarantined (renamed ``*.bad``) so no later backup reuses them.
+
+    An encrypted repository needs no key here. Without its key (no
+    ``unlock_repository``), verify checks what it can without decrypting:
+    each manifest's checksum and block maps (not its sealed metadata, so
+    problems name no VM), that every chunk they name is present, and with
+    ``read_data`` each chunk file's header and XXH3 checksum over its
+    ciphertext. With the key it checks everything: manifests authenticated,
+    chunks decrypted, decompressed and re-hashed.
     """
 
 def forget(repo: str, backup_id: str) -> None:
@@ -409,7 +529,9 @@ def gc(
     """Removes chunks no backup names and no running backup may still name."""
 
 def chunk_id(data: bytes) -> str:
-    """The XXH3-128 id of ``data`` as 32 hex digits."""
+    """The XXH3-128 of ``data`` as 32 hex digits: a chunk's id in a repository
+    of format version 1 (which anyone can compute from the data alone), and
+    the checksum ``xxh128sum`` prints."""
 
 def serve(
     repo: str,

@@ -93,6 +93,27 @@ class CorruptChunkError(RepositoryError):
     """A chunk's bytes do not match its id."""
 
 
+class WrongKeyError(RepositoryError):
+    """The key (or the passphrase that unwraps it) does not open this
+    encrypted repository."""
+
+    exit_code = 2
+
+
+class KeyRequiredError(RepositoryError):
+    """The repository is encrypted and no key was given for it."""
+
+    exit_code = 2
+
+
+class TamperedRepositoryError(RepositoryError):
+    """The repository's files contradict one another in a way only an edit
+    makes (key slots beside a config that says unencrypted): refused, never
+    written into."""
+
+    exit_code = 2
+
+
 class TargetError(MoverError):
     """Writing the restore target failed."""
 
@@ -364,6 +385,22 @@ class CbtMismatchError(MaintenanceError):
     point (or could not audit a VM); the VMs' chains are marked broken."""
 
 
+class DrillFailedError(MaintenanceError):
+    """A restore drill failed for a VM (not restored, not equal to its point,
+    or not removed); the report names each."""
+
+
 class GcRefusedError(MaintenanceError):
     """apply_retention removed backups, but gc refused to run (a manifest
     it cannot read: the space stays taken until it is repaired or forgotten)."""
+
+
+class CopyError(BackupError):
+    """The offsite copy (S3) refused or failed an operation: a bucket that is
+    missing or has no Object Lock, credentials refused, an object that does
+    not arrive as it was sent, a copy with no index."""
+
+
+class CopyUnavailableError(CopyError, TransientError):
+    """The object store did not answer or answered busy; the copy resumes
+    where it stopped when run again."""

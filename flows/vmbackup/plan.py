@@ -66,7 +66,7 @@ RETENTION_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def _checked_url(v: str, bare: str, schemes: tuple[str, ...], wrong_scheme: str) -> str:
@@ -357,10 +357,120 @@ class Timeouts(_Model):
     snapshot_remove: float = Field(86400.0, gt=0)  # removal merges the delta: can take hours
 
 
+class ObjectLock(_Model):
+    """Object Lock of every object of the copy (docs/plan.md, docs/operations.md)."""
+
+    mode: Literal["compliance"] = "compliance"
+    days: int = Field(ge=1)
+    # A lock set or extended runs this much longer than `days`, so that a chunk
+    # that every backup reuses has its lock extended once per generation, not
+    # at every copy (Veeam's "block generation").
+    generation_days: int = Field(10, ge=0)
+
+
+class CopyTarget(_Model):
+    """The offsite copy: S3 object storage with Object Lock (docs/plan.md)."""
+
+    endpoint: str | None = None  # None: AWS (or AWS_ENDPOINT_URL)
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    access_key_env: str | None = None
+    secret_key_env: str | None = None
+    credentials_secret: str | None = None
+    object_lock: ObjectLock
+    workers: int = Field(8, ge=1, le=64)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        return _checked_url(v, "https://{}", ("https", "http"), "must be an http(s) URL")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", v):
+            raise ValueError(f"'{v}' is not a bucket name (3-63 lower-case letters, digits, '.' and '-')")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return v.strip("/")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CopyTarget:
+        by_env = (self.access_key_env is not None, self.secret_key_env is not None)
+        if by_env[0] != by_env[1]:
+            raise ValueError("give both access_key_env and secret_key_env")
+        if by_env[0] and self.credentials_secret is not None:
+            raise ValueError("give access_key_env and secret_key_env, or credentials_secret, not both")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+# How long each retention rule keeps a backup at most, in days.
+RULE_DAYS = {"hourly": 1 / 24, "daily": 1, "weekly": 7, "monthly": 31, "yearly": 366}
+
+
+class DrillVsphere(_Model):
+    """Where a drill restores a vSphere VM: an isolated place (docs/restore.md, "Drills")."""
+
+    network: str = Field(min_length=1)  # every adapter of the drill VM is connected here (an isolated port group)
+    folder: str | None = None  # the VM folder of the drill VMs (default: the datacenter's VM folder)
+    resource_pool: str | None = None  # (default: the target host's root resource pool)
+    host: str | None = None  # ESXi host (default: the point's host)
+    datastore: str | None = None  # (default: the point's datastores)
+
+
+class DrillHyperv(_Model):
+    """Where a drill restores a Hyper-V VM."""
+
+    switch: str = Field(min_length=1)  # every adapter is connected to this (private or internal) virtual switch
+    path: str | None = None  # the folder on the host the drill VMs go under (default: the point's folder's parent)
+    host: str | None = None  # a Hyper-V host of the plan (default: the point's host)
+
+    @field_validator("path")
+    @classmethod
+    def _windows_path(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"([A-Za-z]:\\|\\\\)", v):
+            raise ValueError(f"'{v}' is not an absolute Windows path (D:\\Drills)")
+        return v
+
+
+class Drill(_Model):
+    """Restore drills (docs/restore.md, "Drills"): the newest point of a sample
+    of VMs restored into an isolated target, powered on, compared with the
+    backup, timed, then removed. The schedule is the ``drill`` deployment's."""
+
+    vsphere: DrillVsphere | None = None
+    hyperv: DrillHyperv | None = None
+    sample: int = Field(2, ge=1)  # VMs per drill run, the least recently drilled first
+    vms: list[str] = Field(default_factory=lambda: ["*"])  # which VMs' points are drilled (names or patterns)
+    prefix: str = Field("drill-", min_length=1)  # the drill VM's name: <prefix><vm>-<run>
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> Drill:
+        if self.vsphere is None and self.hyperv is None:
+            raise ValueError("give vsphere (network, folder...) or hyperv (switch, path...): where drill VMs go")
+        return self
+
+
 class Plan(_Model):
     connection: Connection | None = None
     hyperv: list[HypervHost] = Field(default_factory=list)
     repository: Path
+    # A repository vmbackup creates for the plan (`vmbackup init --plan`) is
+    # encrypted unless this says none; an existing repository is what it is.
+    encryption: Literal["aes-256-gcm", "none"] = "aes-256-gcm"
+    # Where the passphrase of an encrypted repository comes from (never the plan itself).
+    passphrase_env: str | None = Field(None, min_length=1)
+    passphrase_secret: str | None = Field(None, min_length=1)
     agents: list[Agent] = Field(min_length=1)
     selection: Selection
     limits: Limits = Field(default_factory=Limits)
@@ -376,6 +486,26 @@ class Plan(_Model):
     # How often the nbd transport's session is kept alive and its cookie file
     # re-read by nbdkit: well under vCenter's 30 min idle timeout (KB 1031039).
     cookie_renew_seconds: int = Field(300, ge=1)
+    drill: Drill | None = None
+    copy_: CopyTarget | None = Field(None, alias="copy")
+
+    def copy_warnings(self) -> list[str]:
+        """What makes the copy's locks shorter than the retention's reach (docs/plan.md)."""
+        if self.copy_ is None:
+            return []
+        days = self.copy_.object_lock.days
+        out = []
+        rules = self.retention or {}
+        reach = max((RULE_DAYS[r] * n for r, n in rules.items() if r in RULE_DAYS), default=0)
+        if reach > days:
+            out.append(
+                f"copy.object_lock.days is {days}, but the retention keeps backups up to {reach:g} days: "
+                f"a backup older than {days} days that the copy still holds is unlocked if copies stop "
+                f"(give at least {int(-(-reach // 1))})"
+            )
+        if not rules:
+            out.append("the plan has no retention: copy.object_lock.days bounds nothing it keeps")
+        return out
 
     @field_validator("transports")
     @classmethod
@@ -402,6 +532,12 @@ class Plan(_Model):
         return v
 
     @model_validator(mode="after")
+    def _one_passphrase(self) -> Plan:
+        if self.passphrase_env is not None and self.passphrase_secret is not None:
+            raise ValueError("give at most one of passphrase_env and passphrase_secret")
+        return self
+
+    @model_validator(mode="after")
     def _hypervisors(self) -> Plan:
         if self.connection is None and not self.hyperv:
             raise ValueError("give connection (vCenter or ESXi) or hyperv (Hyper-V hosts), or both")
@@ -409,6 +545,14 @@ class Plan(_Model):
         for i, h in enumerate(self.hyperv):
             if names.index(h.name.upper()) != i:
                 raise ValueError(f"hyperv[{i}].name: '{h.name}' is used by hyperv[{names.index(h.name.upper())}] too")
+        if self.drill is not None:
+            if self.drill.vsphere is not None and self.connection is None:
+                raise ValueError("drill.vsphere: the plan has no vSphere connection")
+            if self.drill.hyperv is not None:
+                if not self.hyperv:
+                    raise ValueError("drill.hyperv: the plan has no Hyper-V hosts")
+                if self.drill.hyperv.host is not None and self.drill.hyperv.host.upper() not in names:
+                    raise ValueError(f"drill.hyperv.host: '{self.drill.hyperv.host}' is not a Hyper-V host of the plan")
         return self
 
     @model_validator(mode="after")
@@ -589,3 +733,82 @@ def resolve_password(conn: Connection | HypervHost, where: str | None = None) ->
         ) from None
     value = secret.get()
     return value if isinstance(value, SecretStr) else SecretStr(str(value))
+
+
+def resolve_copy_credentials(copy: CopyTarget) -> tuple[SecretStr, SecretStr] | None:
+    """The copy's access key and secret key, from the environment variables or
+    the Secret block the plan names (a JSON object with ``access_key`` and
+    ``secret_key``); None when the plan names neither (boto3's own chain:
+    AWS_ACCESS_KEY_ID, an instance profile...)."""
+    if copy.access_key_env is not None and copy.secret_key_env is not None:
+        out = []
+        for field_name, env in (("access_key_env", copy.access_key_env), ("secret_key_env", copy.secret_key_env)):
+            value = os.environ.get(env)
+            if not value:
+                raise InvalidInputError(f"copy.{field_name}: the environment variable {env} is not set")
+            out.append(SecretStr(value))
+        return out[0], out[1]
+    if copy.credentials_secret is None:
+        return None
+    try:
+        from prefect.blocks.system import Secret
+    except ImportError:
+        raise InvalidInputError(
+            f"copy.credentials_secret: reading Secret block '{copy.credentials_secret}' needs Prefect installed"
+        ) from None
+    try:
+        value = Secret.load(copy.credentials_secret).get()
+    except ValueError:
+        raise InvalidInputError(
+            f"copy.credentials_secret: there is no Secret block named '{copy.credentials_secret}'"
+        ) from None
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict) or not value.get("access_key") or not value.get("secret_key"):
+        raise InvalidInputError(
+            f"copy.credentials_secret: Secret block '{copy.credentials_secret}' must hold "
+            '{"access_key": ..., "secret_key": ...}'
+        )
+    return SecretStr(str(value["access_key"])), SecretStr(str(value["secret_key"]))
+
+
+PASSPHRASE_ENV = "VMBACKUP_PASSPHRASE"
+
+
+def _load_secret_block(name: str, where: str) -> SecretStr:
+    try:
+        from prefect.blocks.system import Secret  # only when the plan names a block
+    except ImportError:
+        raise InvalidInputError(f"{where}: reading Secret block '{name}' needs Prefect installed") from None
+    try:
+        secret = Secret.load(name)
+    except ValueError:
+        raise InvalidInputError(f"{where}: there is no Secret block named '{name}'") from None
+    value = secret.get()
+    return value if isinstance(value, SecretStr) else SecretStr(str(value))
+
+
+def resolve_passphrase(plan: Plan) -> tuple[SecretStr | None, str]:
+    """The passphrase of the plan's repository and where it came from (for
+    messages): ``passphrase_env``, ``passphrase_secret``, else
+    ``$VMBACKUP_PASSPHRASE``; None when none of them gives one."""
+    if plan.passphrase_env is not None:
+        value = os.environ.get(plan.passphrase_env)
+        if not value:
+            raise InvalidInputError(f"passphrase_env: the environment variable {plan.passphrase_env} is not set")
+        return SecretStr(value), f"passphrase_env {plan.passphrase_env}"
+    if plan.passphrase_secret is not None:
+        where = f"passphrase_secret {plan.passphrase_secret}"
+        secret = _load_secret_block(plan.passphrase_secret, "passphrase_secret")
+        if not secret.get_secret_value():
+            raise InvalidInputError(f"{where}: the Secret block is empty")
+        return secret, where
+    fallback = os.environ.get(PASSPHRASE_ENV)
+    return (SecretStr(fallback) if fallback else None), PASSPHRASE_ENV

@@ -25,6 +25,7 @@ type Faults struct {
 	ToolsNotRunning    bool `json:"tools_not_running,omitempty"`   // VM: VMware Tools stop running
 	CBTOmit            bool `json:"cbt_omit,omitempty"`            // VM: CBT leaves the next guest writes out
 	UploadFail         bool `json:"upload_fail,omitempty"`         // host: a /folder PUT into a disk of its VMs fails (500)
+	CorruptRestore     bool `json:"corrupt_restore,omitempty"`     // host: a writable hot-add's write-back flips a byte
 }
 
 // faultNames are the names a fault request may use: the json names of Faults.

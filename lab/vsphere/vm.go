@@ -496,6 +496,9 @@ func (l *Lab) detach(vm *LabVM, key int32) {
 		if _, err := persist(a.Device, a.extent); err != nil {
 			fmt.Fprintf(os.Stderr, "lab: writing %s back into %s: %v\n", a.Device, a.File, err)
 		}
+		if hf := l.hostFaults[a.Host]; hf != nil && hf.CorruptRestore {
+			corrupt(a.extent)
+		}
 	}
 	_ = os.Remove(a.Device)
 	var kept []types.BaseVirtualDevice
@@ -510,6 +513,19 @@ func (l *Lab) detach(vm *LabVM, key int32) {
 	}
 	vm.Config.Hardware.Device = kept
 	l.counters.attach(a.Agent, a.Host, a.Datastore, -1)
+}
+
+// corrupt flips the first byte of the disk's second grain (the fault corrupt_restore:
+// a restore drill must notice a restored disk that differs from its backup).
+func corrupt(e *Extent) {
+	if e.Capacity <= grainSize {
+		return
+	}
+	b := make([]byte, 1)
+	if e.readAt(b, grainSize) == nil {
+		b[0] ^= 0xff
+		_ = e.writeAt(b, grainSize)
+	}
 }
 
 func removeKey(keys *[]int32, key int32) {

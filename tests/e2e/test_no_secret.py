@@ -1,4 +1,4 @@
-"""No secret anywhere: the whole `vmbackup backup` at debug level, on a lab
+"""No secret anywhere: the whole `vmbackup backup` (and `vmbackup restore`) at debug level, on a lab
 whose password is a canary, leaves the canary in no log, artifact,
 parameter, event, exception text, process list or file of its own; nor
 the local Prefect server's auth string, which that server asks for (a
@@ -6,7 +6,8 @@ request without it: 401).
 
 One VM backs up, one fails (quiesce required, and the lab makes quiescing
 fail), then a second run with a wrong password that contains the canary
-(an error that echoed the password would show it). Looked at: the
+(an error that echoed the password would show it); then a restore of the
+VM backed up as a new VM, and one with the wrong password. Looked at: the
 commands' stdout and stderr; every log line, artifact, flow and task run
 (parameters, state messages) and event the server holds, through its API;
 the server's whole SQLite database and the state directory as bytes;
@@ -141,6 +142,13 @@ def _backup(plan: Path, env: dict, json_out: bool = True) -> subprocess.Complete
     return p
 
 
+def _restore(plan: Path, env: dict, expect: int) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "vmbackup", "restore", "--plan", str(plan), "--vm", "canary-web", "--power-on"]
+    p = subprocess.run([*args, "--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == expect, p.stdout + p.stderr[-3000:]
+    return p
+
+
 def test_a_canary_password_appears_nowhere(tmp_path):
     canary = "canary" + secrets.token_hex(10)
     lab_state, state, tmp = tmp_path / "lab", tmp_path / "state", tmp_path / "tmp"
@@ -176,7 +184,11 @@ def test_a_canary_password_appears_nowhere(tmp_path):
             # the failed VM and of the refused run are in stderr too: checked.
             p = _backup(plan, env)
             wrong = _backup(plan, env | {PASSWORD_ENV: canary + "-wrong"}, json_out=False)
+            # A restore of the VM backed up, and one refused for its password.
+            restored = _restore(plan, env, 0)
+            wrong_restore = _restore(plan, env | {PASSWORD_ENV: canary + "-wrong"}, 1)
             outputs += [p.stdout, p.stderr, wrong.stdout, wrong.stderr]
+            outputs += [restored.stdout, restored.stderr, wrong_restore.stdout, wrong_restore.stderr]
         assert ps.samples, "ps never ran"
 
         # The run did what the test needs: one VM ok, one failed with its reason, debug lines logged.
@@ -186,6 +198,10 @@ def test_a_canary_password_appears_nowhere(tmp_path):
         assert "wrong user name or password" in wrong.stderr
         assert " | DEBUG " in p.stderr, "the run did not log at debug level"
 
+        [restored_row] = json.loads(restored.stdout.splitlines()[-1])["vms"]
+        assert restored_row["status"] == "ok" and restored_row["restored_as"] == "canary-web-restored", restored_row
+        assert "wrong user name or password" in wrong_restore.stderr
+
         status = json.loads(run("server", "status", "--json", env=base_env(state)).stdout)
         api_url, auth = status["api_url"], (state / "api-auth").read_text().strip()
         # The server lets no one in without its auth string.
@@ -193,6 +209,11 @@ def test_a_canary_password_appears_nowhere(tmp_path):
         assert _status(api_url + "/flow_runs/filter") == 401
         assert _status(api_url + "/flow_runs/filter", auth) == 200
         held = _server_holdings(api_url, auth)
+        # The restore's task, table, summary and event are among what is looked at.
+        assert "restore-canary-web" in {r["name"] for r in held["task_runs"]}
+        keys = {a["key"] for a in held["artifacts"]}
+        assert {"vmbackup-restore-report", "vmbackup-restore-summary"} <= keys, keys
+        assert any(e["event"] == "vmbackup.restore.succeeded" for e in held["events"])
         assert {r["name"] for r in held["task_runs"]} >= {"backup-canary-web", "backup-canary-db"}
         # What people see of the first run: its table, summary, progress and events.
         by_key = {a["key"]: a for a in held["artifacts"]}

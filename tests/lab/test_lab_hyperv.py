@@ -57,7 +57,8 @@ def processes_of(state: Path) -> list[int]:
             argv = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(state).encode() in argv or any(a.startswith(str(state).encode() + b"/") for a in argv):
+        # a path in the state directory, alone or in an option (weed's -dir=STATE/s3/data)
+        if str(state).encode() in argv or any(str(state).encode() + b"/" in a for a in argv):
             out.append(int(d.name))
     return out
 
@@ -357,8 +358,8 @@ def test_down_leaves_no_process_and_up_starts_again_on_the_same_state(tmp_path):
     state = (tmp_path / "s").resolve()
     s = up(state)
     lab = load_lab(state)
-    pids = [lab.info["pid"]] + [h["pid"] for h in lab.hyperv]
-    assert sorted(processes_of(state)) == sorted(pids)
+    pids = [lab.info["pid"]] + [h["pid"] for h in lab.hyperv] + [json.loads((state / "s3.json").read_text())["pid"]]
+    assert sorted(processes_of(state)) == sorted(pids)  # the simulator, the Hyper-V host, SeaweedFS
     assert json.loads(vmbackup("lab", "down", "--state", str(state), "--json").stdout) == {"stopped": True}
     assert processes_of(state) == []
     assert not (state / "hyperv" / "hv1" / "hyperv.json").exists()

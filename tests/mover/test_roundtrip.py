@@ -59,17 +59,27 @@ def test_full_then_cbt_incremental_then_dedup_incremental(cli, image, tmp_path):
     assert cli.json("verify", "--read-data")["ok"] is True
 
 
-def test_chunk_ids_are_xxh128_of_the_plaintext(cli, tmp_path):
-    """A third party can recompute ids with standard tools (docs/format.md)."""
+def test_chunk_ids_are_keyed_and_version_1_ids_xxh128_of_the_plaintext(cli, tmp_path):
+    """A new repository never names a chunk by the plain XXH3-128 of its data
+    (a guest could compute it); a version-1 repository does, and a third party
+    can recompute those ids with standard tools (docs/format.md §3)."""
     import subprocess
 
     block = tmp_path / "block"
     block.write_bytes(os.urandom(MiB))
-    expected = subprocess.run(["xxh128sum", str(block)], capture_output=True, text=True, check=True).stdout.split()[0]
-    assert _mover.chunk_id(block.read_bytes()) == expected
+    xxh = subprocess.run(["xxh128sum", str(block)], capture_output=True, text=True, check=True).stdout.split()[0]
+    assert _mover.chunk_id(block.read_bytes()) == xxh
     b = cli.json("backup-disk", "--vm", "v", str(block))
-    chunk = cli.repo / "chunks" / expected[:2] / expected
-    assert chunk.exists() and b["new_chunks"] == 1
+    keyed = _mover.repository_chunk_id(str(cli.repo), block.read_bytes())
+    assert keyed != xxh and b["new_chunks"] == 1
+    assert (cli.repo / "chunks" / keyed[:2] / keyed).exists()
+    assert not (cli.repo / "chunks" / xxh[:2] / xxh).exists()
+
+    legacy = tmp_path / "legacy"
+    assert _mover.init_legacy_repository(str(legacy)).id_hash == "xxh3-128"
+    cli.json("backup-disk", "--repo", str(legacy), "--vm", "v", str(block))
+    assert (legacy / "chunks" / xxh[:2] / xxh).exists()
+    assert _mover.repository_chunk_id(str(legacy), block.read_bytes()) == xxh
 
 
 def test_disk_grown_since_parent_rereads_the_boundary(cli, tmp_path):

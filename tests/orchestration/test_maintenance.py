@@ -52,7 +52,7 @@ class Site:
 
     def damage(self, block: bytes) -> Path:
         """Flips a byte in the middle of the chunk that holds ``block``."""
-        cid = _mover.chunk_id(block)
+        cid = _mover.repository_chunk_id(str(self.repo), block)
         path = self.repo / "chunks" / cid[:2] / cid
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF

@@ -150,12 +150,14 @@ def test_automation_file_is_accepted_and_alerts_on_a_failed_vm(prefect_server, t
             timeout=300,
         )
         assert p.returncode == 0, p.stdout + p.stderr
-        assert "Created 4 automation(s)" in p.stdout, p.stdout
+        assert "Created 5 automation(s)" in p.stdout, p.stdout
 
         with get_client(sync_client=True) as client:
             failed_auto = client.read_automations_by_name("vmbackup-vm-failed")
             stale_auto = client.read_automations_by_name("vmbackup-vm-no-good-backup")
             cbt_auto = client.read_automations_by_name("vmbackup-cbt-mismatch")
+            drill_auto = client.read_automations_by_name("vmbackup-drill-failed")
+        assert drill_auto and drill_auto[-1].trigger.expect == {"vmbackup.drill.failed"}
         assert cbt_auto and cbt_auto[-1].trigger.expect == {"vmbackup.cbt.mismatch"}
         assert failed_auto and failed_auto[-1].trigger.posture == "Reactive"
         assert stale_auto and stale_auto[-1].trigger.posture == "Proactive"
@@ -173,5 +175,15 @@ def test_automation_file_is_accepted_and_alerts_on_a_failed_vm(prefect_server, t
         alert = _Hook.received[-1]
         assert vm in alert["subject"] and "failed" in alert["subject"], alert
         assert "snapshot refused" in alert["body"] and "vmbackup.host.esx2" in alert["body"], alert
+
+        # A failed restore drill alerts too (its own automation, its own words).
+        _Hook.got.clear()
+        drill_row = {"vm": vm, "status": "failed", "point": "P1", "restored_as": f"drill-{vm}-1a2b3c4d"}
+        drill_row["error"] = "disk scsi0:0 differs from backup point P1 at or after byte 0"
+        reports.emit_restore_events([drill_row], drill=True)
+        EventsWorker.drain_all()
+        assert _Hook.got.wait(timeout=240), "the drill automation never called the webhook"
+        alert = next(a for a in reversed(_Hook.received) if "drill" in a.get("subject", ""))
+        assert vm in alert["subject"] and "differs from backup point P1" in alert["body"], alert
     finally:
         hook.shutdown()

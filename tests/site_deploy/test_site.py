@@ -47,6 +47,7 @@ HV_SECRET = "hyperv-password-site"  # named by the plan's hyperv[hvs1].password_
 HV_HOST = "hvs1"
 LIMITS = {"per_agent": 2, "per_host": 1, "per_datastore": 2, "disks_per_vm": 2}
 AGENTS = ["vmbackup-agent-esx1", "vmbackup-agent-esx2"]  # the lab's, and deployments/prefect.yaml's
+DRILL_VMS = ["s-web01", "s-web03", "s-win02"]  # on esx1 and hvs1: reached by agent esx1, the drill's
 
 
 def _free_port() -> int:
@@ -217,6 +218,13 @@ def site(tmp_path_factory):
             {**{k: v for k, v in h.items() if k != "password_env"}, "password_secret": HV_SECRET}
             for h in plan["hyperv"]
         ]
+        # Restore drills (the drill deployment runs on agent esx1's worker: VMs it reaches).
+        plan["drill"] = {
+            "vsphere": {"network": "VM Network"},
+            "hyperv": {"switch": "Isolated"},
+            "vms": DRILL_VMS,
+            "sample": len(DRILL_VMS),
+        }
         plan_path = tmp / "plan.yaml"
         plan_path.write_text(yaml.safe_dump(plan))
 
@@ -295,6 +303,7 @@ def site(tmp_path_factory):
         spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
         names = [d["name"] for d in spec["deployments"]]
         shipped = {"nightly", "vsphere-sweep", "hyperv-sweep", "verify-weekly", "retention", "cbt-audit"}
+        shipped |= {"restore", "drill"}
         assert {*shipped, *AGENTS} <= set(names)
         denv = dict(env, VMBACKUP_PLAN=str(plan_path), VMBACKUP_PASSWORD_SECRET=SECRET)
         t0 = time.monotonic()
@@ -530,6 +539,40 @@ def test_no_entry_without_the_credentials(site):
     assert any(" worker start " in line for line in lines), lines
     assert not any(auth in line for line in lines)
     assert auth not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_drill_deployment_passes_then_fails_on_a_corrupted_restore(site):
+    """`prefect deployment run drill/drill --watch` as CI runs it: the drill VMs
+    restored on the isolated network and switch, equal to their backups,
+    removed; then, with the lab corrupting what a restore writes on esx1, the
+    run fails and names the VM."""
+    from vmbackup import _mover
+
+    lab, env = site["lab"], site["env"]
+    infos, _ = _mover.list_backups(site["repository"])
+    if not {i.vm for i in infos} >= set(DRILL_VMS):  # run alone: back up first
+        p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
+        assert p.returncode == 0, p.stdout + p.stderr
+    before = sorted(v["name"] for v in lab.status()["vms"]), sorted(_hyperv_host(lab).vm_names())
+    p = _run([PREFECT, "deployment", "run", "drill/drill", "--watch"], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    record = json.loads((Path(site["repository"]) / "drills.json").read_text())["vms"]
+    assert sorted(record) == sorted(DRILL_VMS) and all(r["passed"] for r in record.values()), record
+    assert (sorted(v["name"] for v in lab.status()["vms"]), sorted(_hyperv_host(lab).vm_names())) == before
+    [run] = [r for r in _flow_runs(env, "drill") if r.state.is_completed()]
+    rows = {r["vm"]: r for r in _report(env, run.id, "vmbackup-drill-report")}
+    assert sorted(rows) == sorted(DRILL_VMS) and all(r["status"] == "ok" and r["seconds"] > 0 for r in rows.values())
+
+    lab.set_faults(host="esx1", corrupt_restore=True)
+    try:
+        p = _run([PREFECT, "deployment", "run", "drill/drill", "--param", 'vms=["s-web01"]', "--watch"], env)
+    finally:
+        lab.set_faults(host="esx1")
+    assert p.returncode == 1, p.stdout + p.stderr
+    record = json.loads((Path(site["repository"]) / "drills.json").read_text())["vms"]
+    assert record["s-web01"]["passed"] is False, record
+    [failed] = [r for r in _flow_runs(env, "drill") if r.state.is_failed()]
+    assert "s-web01" in (failed.state.message or ""), failed.state.message
 
 
 def _disks(vm: str) -> list[str]:

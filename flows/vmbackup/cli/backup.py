@@ -23,6 +23,8 @@ TABLE = results.text_columns()
 
 def add_parser(sub: Any) -> None:
     """Adds ``backup`` and ``server`` to the command line's subparsers."""
+    from .keys import add_plan_key_argument
+
     sp = sub.add_parser(
         "backup",
         help="back up the VMs of a plan as a Prefect flow",
@@ -40,6 +42,7 @@ def add_parser(sub: Any) -> None:
         help="cancel a VM's backup after this long (default 21600; 0: never)",
     )
     sp.add_argument("--json", action="store_true", help='print one JSON document {"vms": [...]} on stdout')
+    add_plan_key_argument(sp)
     sp.set_defaults(func=run_backup)
 
     sp = sub.add_parser("server", help="the local Prefect server vmbackup keeps", description=_server_doc())
@@ -152,8 +155,12 @@ def run_backup(args: argparse.Namespace) -> int:
         raise InvalidInputError("--vm-timeout must not be negative")
     from ..plan import load_plan
 
-    # A bad plan is reported before any server is started (one line, exit 2).
-    load_plan(args.plan)
+    # A bad plan is reported before any server is started (one line, exit 2),
+    # and so is a missing or wrong passphrase of an encrypted repository.
+    plan = load_plan(args.plan)
+    from .keys import unlock_plan
+
+    unlock_plan(args, plan)
 
     import importlib.util
 

@@ -13,14 +13,16 @@ from ..errors import CancelledError, InvalidInputError
 from .interrupt import Interruptible
 from .output import Progress, emit, fmt_bytes, warn
 from .output import emit as _emit
-from .parsing import env_number, read_extents, repo, shown_path, utf8
-from .paths import output_path, repository_path, source_path
+from .parsing import env_number, read_extents, shown_path, utf8
+from .paths import output_path, source_path
 
 _NBD_SCHEMES = ("nbd:", "nbd+", "nbds:", "nbds+")
 
 
 def _repo(args: argparse.Namespace) -> str:
-    return repository_path(repo(args))
+    from .keys import open_repo
+
+    return open_repo(args)[0]
 
 
 def cmd_backup_disk(args: argparse.Namespace) -> int:
@@ -111,6 +113,8 @@ def cmd_backup_disk(args: argparse.Namespace) -> int:
 def cmd_restore_disk(args: argparse.Namespace) -> int:
     from .. import _mover
 
+    if not args.output:
+        raise InvalidInputError("OUTPUT is empty: give the file or block device to restore to")
     repo = _repo(args)
     backup_id = utf8(args.id, "ID")
     disk = None if args.disk is None else utf8(args.disk, "--disk")

@@ -11,8 +11,9 @@ from ..errors import BackupError, OutputError, exit_code_of
 from . import output
 from .parsing import Parser, shown_path
 
-# Commands whose only work is what they print: an unwritable stdout fails them.
-_OUTPUT_ONLY = {"snapshots"}
+# Commands whose result is what they print: an unwritable stdout fails them
+# (verify's verdict unread is no verdict).
+_OUTPUT_ONLY = {"snapshots", "verify"}
 
 
 def exit_code(error: BaseException) -> int:
@@ -34,7 +35,7 @@ def _message(error: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, disks, lab, repository
+    from . import demo, disks, keys, lab, repository
 
     p = Parser(prog="vmbackup", description="Hypervisor-level backup of virtual machines.")
     p.add_argument("--version", action="version", version=f"vmbackup {__version__}")
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         if repo:
             sp.add_argument("--repo", help="repository directory (default: $VMBACKUP_REPO)")
+            keys.add_key_arguments(sp, recovery=name != "init")
         if json_flag:
             sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         sp.set_defaults(func=func)
@@ -54,15 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     repository.add_parsers(command)
     disks.add_parsers(command)
+    keys.add_parsers(sub)
     demo.add_parser(command)
     lab.add_parser(sub)
     # `backup` and `server`: the flows; they import Prefect only when run.
     from .backup import add_parser as add_orchestration_parser
 
     add_orchestration_parser(sub)
+    from .restore import add_parser as add_restore_parser
+
+    add_restore_parser(sub)
     from .maintain import add_parser as add_maintain_parser
 
     add_maintain_parser(sub)
+    from .copy import add_parser as add_copy_parser
+
+    add_copy_parser(sub)
     return p
 
 
@@ -77,7 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             args = build_parser().parse_args(argv)
             output.work_beyond_output = args.command not in _OUTPUT_ONLY
-            rc = int(args.func(args) or 0)
+            from .offsite import remote_repo
+
+            url = remote_repo(args)
+            if url is not None:  # --repo s3://...: the command runs on a local mirror of the copy
+                from .offsite import run as run_remote
+
+                rc = run_remote(args, url)
+            else:
+                rc = int(args.func(args) or 0)
             if output.stdout_failed and args.command in _OUTPUT_ONLY:
                 rc = max(rc, exit_code(OutputError("writing to stdout failed")))
         return rc

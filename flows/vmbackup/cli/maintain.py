@@ -16,24 +16,27 @@ from typing import Any
 
 from ..errors import BackupError, InvalidInputError
 from ..sampling import parse_sample
+from .keys import add_plan_key_argument, unlock_plan
 
 
 def add_parser(sub: Any) -> None:
     """Adds ``maintain`` and its three commands to the command line."""
     sp = sub.add_parser(
         "maintain",
-        help="maintenance flows: verify the repository, apply retention, sweep vSphere and Hyper-V, audit CBT",
+        help="maintenance flows: verify the repository, apply retention, sweep vSphere and Hyper-V, audit CBT, "
+        "restore drills",
         description="Run a maintenance flow of a plan (verify_repository, apply_retention, sweep_vsphere, "
-        "sweep_hyperv, audit_cbt) "
+        "sweep_hyperv, audit_cbt, drill) "
         "on $PREFECT_API_URL or on the local Prefect server vmbackup starts and keeps.",
     )
-    msub = sp.add_subparsers(dest="maintain_command", metavar="{verify,retention,sweep,audit}")
+    msub = sp.add_subparsers(dest="maintain_command", metavar="{verify,retention,sweep,audit,drill}")
     msub.required = True
 
     def cmd(name: str, helptext: str) -> argparse.ArgumentParser:
         p = msub.add_parser(name, help=helptext, description=helptext)
         p.add_argument("--plan", required=True, metavar="FILE", help="the plan (YAML, see docs/plan.md)")
         p.add_argument("--json", action="store_true", help="print the flow's report as one JSON document on stdout")
+        add_plan_key_argument(p)
         p.set_defaults(func=run_maintain)
         return p
 
@@ -85,6 +88,15 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, help="seed of the random sample (default: random)")
 
+    p = cmd(
+        "drill",
+        "restore drills (the drill flow): the newest point of a sample of VMs restored into the plan's isolated "
+        "target (drill:), powered on, its disks compared with the backup, timed, then removed; "
+        "exit 0 if every drill passed, 1 if one failed",
+    )
+    p.add_argument("--vm", action="append", metavar="NAME", help="drill this VM (repeat for more; default: a sample)")
+    p.add_argument("--sample", type=int, metavar="N", help="how many VMs (default: the plan's drill.sample)")
+
 
 def _prepare(args: argparse.Namespace) -> str:
     """Checks the input, then points this process at a Prefect server;
@@ -94,8 +106,12 @@ def _prepare(args: argparse.Namespace) -> str:
 
     # A bad plan: one line, exit 2, before any server starts.
     plan = load_plan(args.plan)
+    # So is a wrong passphrase (verify goes on without one: it checks what it can).
+    unlock_plan(args, plan, required=args.maintain_command not in ("verify", "sweep"))
     if args.maintain_command == "retention" and (not plan.retention or Policy(**plan.retention).empty()):
         raise InvalidInputError(f"plan {args.plan} has no retention rules (retention: {{daily: 7, ...}})")
+    if args.maintain_command == "drill":
+        _check_drill(plan, args)
     if args.maintain_command == "sweep" and not _sweeps(plan, args.hypervisor):
         which = {"vsphere": "vSphere connection", "hyperv": "Hyper-V hosts", None: "hypervisor"}[args.hypervisor]
         raise InvalidInputError(f"plan {args.plan} has no {which} to sweep")
@@ -172,7 +188,9 @@ def _sweep_text(items: list[dict]) -> str:
 
 def run_maintain(args: argparse.Namespace) -> int:
     sample = getattr(args, "sample", None)
-    if args.maintain_command == "audit":
+    if args.maintain_command == "drill":
+        pass  # _prepare checks the plan and the VMs
+    elif args.maintain_command == "audit":
         from ..audit import parse_audit_sample
 
         parse_audit_sample(sample)  # bad input: exit 2 before any server starts
@@ -208,6 +226,8 @@ def _run(args: argparse.Namespace, sample: Any, ui: str) -> int:
         )
     elif args.maintain_command == "audit":
         return _run_audit(args, plan, ui)
+    elif args.maintain_command == "drill":
+        return _run_drill(args, plan, ui)
     else:
         return _run_sweeps(args, plan, ui)
     state = flow_fn(plan_path=plan, return_state=True, **kw)
@@ -304,4 +324,55 @@ def _run_audit(args: argparse.Namespace, plan_path: str, ui: str) -> int:
             raise result
         raise BackupError(f"the audit flow failed: {one_line(result)} (details: {ui})")
     _print(args, result, _audit_text(result))
+    return 0
+
+
+def _check_drill(plan: Any, args: argparse.Namespace) -> None:
+    """A drill's input, before any server starts: the plan's drill: section,
+    --sample, and each --vm's newest point (exit 2, one line)."""
+    from ..orchestration import restore_input
+
+    if plan.drill is None:
+        raise InvalidInputError(f"plan {args.plan} has no drill: section (where drill VMs go: docs/plan.md)")
+    if args.sample is not None and args.sample < 1:
+        raise InvalidInputError("--sample must be at least 1")
+    for name in args.vm or ():
+        job = restore_input.resolve(plan, [name], assign=False)[0]
+        restore_input.drill_requests(plan, [job], "check")
+        restore_input.assign_agents([job], plan.agents)
+
+
+def _drill_text(r: dict[str, Any]) -> str:
+    from ..orchestration.reports import drill_passed
+
+    lines = []
+    for v in r["vms"]:
+        if drill_passed(v):
+            lines.append(
+                f"passed   {v['vm']}: point {v['point']} restored as {v['restored_as']} on {v['host']}, "
+                f"disks equal to the backup, RTO {v['seconds']:.1f} s, removed"
+            )
+        else:
+            lines.append(f"FAILED   {v['vm']}: {v.get('error') or 'the disks were not compared'}")
+    lines.append(f"drill: {len(r['passed'])} passed, {len(r['failed'])} failed")
+    return "\n".join(lines)
+
+
+def _run_drill(args: argparse.Namespace, plan_path: str, ui: str) -> int:
+    """``maintain drill``: the drill flow; exit 1 when a drill failed."""
+    from ..errors import DrillFailedError
+    from ..orchestration.restore import drill
+    from ..orchestration.vmtask import one_line
+
+    state = drill(plan_path=plan_path, vms=args.vm or None, sample=args.sample, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, DrillFailedError):
+        _print(args, result.report, _drill_text(result.report))
+        print(f"vmbackup: error: {result}", file=sys.stderr)
+        return 1
+    if isinstance(result, BaseException):
+        if isinstance(result, BackupError):
+            raise result
+        raise BackupError(f"the drill flow failed: {one_line(result)} (details: {ui})")
+    _print(args, result, _drill_text(result))
     return 0

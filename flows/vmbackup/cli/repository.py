@@ -17,20 +17,64 @@ from .paths import repository_path
 
 
 def _repo(args: argparse.Namespace) -> str:
-    return repository_path(repo(args), create=args.command == "init")
+    from .keys import open_repo
+
+    return open_repo(args)[0]
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     from .. import _mover
+    from .keys import PASSPHRASE_ENV, new_passphrase
 
     chunk_size = parse_size(args.chunk_size)
-    config = _mover.init_repository(_repo(args), chunk_size, args.compression).to_dict()
+    if args.plan:
+        return _init_plan(args, chunk_size)
+    path = repository_path(repo(args), create=True)
+    if args.encryption:
+        from ..keys import init_encrypted
+
+        passphrase = new_passphrase(args, "--passphrase-file", PASSPHRASE_ENV)
+        created, slot = init_encrypted(path, passphrase, chunk_size, args.compression)
+        config = created.to_dict() | {"encrypted": True, "key_slots": [slot]}
+    else:
+        config = _mover.init_repository(path, chunk_size, args.compression).to_dict() | {"encrypted": False}
     config["path"] = shown_path(os.path.abspath(repo(args)))
+    if args.encryption is None:
+        print(
+            "vmbackup: note: this repository is not encrypted; `vmbackup init --encryption` makes one that is "
+            "(docs/operations.md, Keys)",
+            file=sys.stderr,
+        )
+    how = "encrypted, key slot " + config["key_slots"][0] if args.encryption else "not encrypted"
     _emit(
         args,
         config,
         f"created repository {config['path']} (chunk size {fmt_bytes(config['chunk_size'])}, "
-        f"compression {config['compression']})",
+        f"compression {config['compression']}, {how})",
+    )
+    return 0
+
+
+def _init_plan(args: argparse.Namespace, chunk_size: int) -> int:
+    """``init --plan FILE``: the plan's repository, encrypted unless the plan says ``encryption: none``."""
+    from ..keys import create_plan_repository
+    from ..plan import load_plan
+
+    if args.repo or args.encryption is not None:
+        raise InvalidInputError(
+            "with --plan the plan names the repository and its encryption: drop --repo/--encryption"
+        )
+    plan = load_plan(args.plan)
+    created, slot = create_plan_repository(plan, chunk_size, args.compression)
+    config = created.to_dict() | {"encrypted": slot is not None, "path": str(plan.repository)}
+    if slot is not None:
+        config["key_slots"] = [slot]
+    how = f"encrypted, key slot {slot}" if slot else "not encrypted (the plan says encryption: none)"
+    _emit(
+        args,
+        config,
+        f"created repository {config['path']} (chunk size {fmt_bytes(config['chunk_size'])}, "
+        f"compression {config['compression']}, {how})",
     )
     return 0
 
@@ -70,10 +114,15 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .. import _mover
+    from .keys import open_repo
 
+    # Without the key of an encrypted repository, verify still checks that
+    # every chunk is present and that its ciphertext matches its checksum;
+    # the manifests' contents and the plaintext need the key.
+    repo_path, locked = open_repo(args, required=False)
     progress = _Progress("verifying", not args.json, unit="chunks")
     try:
-        r = _mover.verify(_repo(args), args.ids or None, read_data=args.read_data, progress=progress)
+        r = _mover.verify(repo_path, args.ids or None, read_data=args.read_data, progress=progress)
     finally:
         progress.close()
     problems = [
@@ -92,6 +141,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "chunks_checked": r.chunks_checked,
         "bytes_checked": r.bytes_checked,
         "problems": problems,
+        "with_key": not locked,
     }
     lines = []
     for p in problems:
@@ -102,6 +152,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"verified {r.backups_checked} backup(s), {r.chunks_checked} chunk(s)"
         f"{' re-read, ' + fmt_bytes(r.bytes_checked) if args.read_data else ' present'}: {verdict}"
     )
+    if locked:
+        lines.append(
+            "without the key: chunks checked for presence and ciphertext checksums only "
+            "(give the passphrase to check everything)"
+        )
     _emit(args, data, "\n".join(lines))
     return 0 if r.ok else 1
 
@@ -216,6 +271,23 @@ def add_parsers(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp = command("init", cmd_init, "create a repository")
     sp.add_argument("--chunk-size", default="1MiB", help="power of two, 256KiB to 8MiB (default 1MiB)")
     sp.add_argument("--compression", default="zstd:1", help="zstd:LEVEL or none (default zstd:1)")
+    sp.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="create the plan's repository instead (encrypted unless the plan says encryption: none; "
+        "the passphrase from its passphrase_env or passphrase_secret)",
+    )
+    enc = sp.add_mutually_exclusive_group()
+    enc.add_argument(
+        "--encryption",
+        action="store_true",
+        default=None,
+        help="encrypt the repository: a new master key wrapped by the passphrase of --passphrase-file "
+        "or $VMBACKUP_PASSPHRASE",
+    )
+    enc.add_argument(
+        "--no-encryption", dest="encryption", action="store_false", default=None, help="do not encrypt (the default)"
+    )
 
     sp = command("snapshots", cmd_snapshots, "list backups")
     sp.add_argument("--vm", help="only the backups of VMs of this name (label, or the name when taken)")

@@ -628,12 +628,16 @@ def run_backup(
     """The body of ``backup_vms`` and ``backup_vsphere_vms`` (inside a flow
     run). ``identities``: only these VMs of the ``vms`` selected
     (:func:`only_identities`; a site's per-agent run)."""
+    from ..keys import unlock_plan_repository
     from ..plan import load_plan
 
     log = get_run_logger()
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
     usable = only_agent(plan, agent)
     passwords = passwords_of(plan, hypervisors)
+    # An encrypted repository is unlocked once per run, before anything
+    # starts: a missing or wrong passphrase fails the run here (exit 2).
+    unlock_plan_repository(plan)
     secrets = [p.get_secret_value() for p in passwords.values()]
     run_id = str(flow_run.get_id() or "local")
     reports.install_context_filter()

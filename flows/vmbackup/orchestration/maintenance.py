@@ -82,10 +82,25 @@ def _repository_resource(path: str) -> dict[str, str]:
 # --- shared pieces ------------------------------------------------------------
 
 
-def _repository_of(plan_path: str) -> str:
+def _repository_of(plan_path: str, key_required: bool = True) -> str:
+    """The plan's repository, unlocked for this run when it is encrypted
+    (without ``key_required``, a plan that gives no passphrase leaves it
+    locked: verify then checks what it can without the key)."""
+    from ..errors import KeyRequiredError
+    from ..keys import unlock_plan_repository
     from ..plan import load_plan
 
-    return str(load_plan(plan_path).repository)
+    plan = load_plan(plan_path)
+    try:
+        unlock_plan_repository(plan)
+    except KeyRequiredError:
+        if key_required:
+            raise
+        get_run_logger().warning(
+            "the repository is encrypted and the plan gives no passphrase: verify checks that chunks are "
+            "present and their ciphertext checksums only"
+        )
+    return str(plan.repository)
 
 
 def _problems(result: Any) -> list[dict[str, Any]]:
@@ -193,7 +208,7 @@ def verify_repository(
     artifact and the ``vmbackup.repository.verify-failed`` event.
     """
     log = get_run_logger()
-    repo = _repository_of(plan_path)
+    repo = _repository_of(plan_path, key_required=False)
     r = verify_report(repo, sample, read_data, seed)
     log.info(
         "verified %d of %d backup(s) (%s), %d chunk(s): %s",
@@ -355,7 +370,7 @@ def apply_retention(
     plan = load_plan(plan_path)
     if not plan.retention:
         raise InvalidInputError(f"plan {plan_path} has no retention rules (retention: {{daily: 7, ...}})")
-    repo = str(plan.repository)
+    repo = _repository_of(plan_path)
     r = retention_report(
         repo, dict(plan.retention), read_data=read_data, dry_run=dry_run, gc_grace_seconds=gc_grace_seconds
     )
@@ -663,6 +678,7 @@ def audit_cbt(
     log = get_run_logger()
     chosen = parse_audit_sample(sample)
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    _repository_of(plan_path)  # the points are read: an encrypted repository is unlocked
     if transports:
         from ..plan import TRANSPORTS
 

@@ -488,3 +488,135 @@ def run_name(verb: str) -> Callable[[], str]:
         return f"{verb}-{stem}{who}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     return name
+
+
+# --- restores and drills (results.RestoreResult rows) ---------------------------
+
+EVENT_RESTORED = "vmbackup.restore.succeeded"
+EVENT_RESTORE_FAILED = "vmbackup.restore.failed"
+EVENT_DRILL_PASSED = "vmbackup.drill.passed"
+EVENT_DRILL_FAILED = "vmbackup.drill.failed"
+
+
+def write_mb_per_s(row: Mapping[str, Any]) -> float | None:
+    """How fast a restore wrote its disks (MB/s over the slowest disk's time)."""
+    secs = max([d.get("seconds") or 0.0 for d in row.get("disks") or ()] or [0.0])
+    written = row.get("bytes_written") or 0
+    if not written or secs <= 0:
+        return None
+    return round(written / 1e6 / secs, 1)
+
+
+def restore_table_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The restore table artifact: RestoreResult's table fields, the write speed after ``seconds``."""
+    from dataclasses import fields
+
+    names = [f.name for f in fields(results.RestoreResult) if f.metadata.get("table", True)]
+    at = names.index("seconds") + 1
+    names = names[:at] + ["write_mb_per_s"] + names[at:]
+    return [{c: write_mb_per_s(r) if c == "write_mb_per_s" else r.get(c) for c in names} for r in rows]
+
+
+def drill_passed(row: Mapping[str, Any]) -> bool:
+    """A drill passed: restored, powered on, every disk equal to the point, removed."""
+    return row.get("status") == "ok" and row.get("verified") is True
+
+
+def restore_markdown(rows: Sequence[Mapping[str, Any]], *, title: str, drill: bool = False) -> str:
+    """What was restored, where, how long it took (the RTO), what was changed
+    and why, per VM; for a drill, whether it passed."""
+    if drill:
+        good = [r for r in rows if drill_passed(r)]
+        head = f"**{len(good)} of {len(rows)} drill(s) passed**, {len(rows) - len(good)} failed."
+    else:
+        good = [r for r in rows if r.get("status") == "ok"]
+        head = f"**{len(good)} of {len(rows)} VM(s) restored**, {len(rows) - len(good)} failed."
+    lines = [f"# {title}", "", head, ""]
+    lines += ["| VM | restored as | point | host | location | RTO | result |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = drill_passed(r) if drill else r.get("status") == "ok"
+        result = ("passed" if drill else "ok") if ok else f"FAILED: {r.get('error') or 'unknown error'}"
+        rto = f"{r.get('seconds') or 0:.1f} s"
+        lines.append(
+            "| "
+            + " | ".join(
+                _md_cell(v if v not in (None, "") else "-")
+                for v in (
+                    r.get("vm"),
+                    r.get("restored_as"),
+                    r.get("point"),
+                    r.get("host"),
+                    r.get("location"),
+                    rto,
+                    result,
+                )
+            )
+            + " |"
+        )
+    lines.append("")
+    for r in rows:
+        lines += [f"## {_md_cell(r.get('vm'))} -> {_md_cell(r.get('restored_as') or '-')}", ""]
+        across = r.get("source_hypervisor") and r.get("source_hypervisor") != r.get("hypervisor")
+        where = f"{r.get('hypervisor')}" + (f" (from a {r.get('source_hypervisor')} point)" if across else "")
+        lines.append(f"- target: {where}, host {r.get('host') or '-'}, {r.get('location') or '-'}")
+        lines.append(
+            f"- point {r.get('point') or '-'}; {'rolled back in place' if r.get('in_place') else 'a new VM'}"
+            f"{', powered on' if r.get('powered_on') else ''}; through {r.get('transport') or '-'}"
+            f"{'; agent ' + str(r.get('agent')) if r.get('agent') else ''}"
+        )
+        lines.append(f"- RTO {r.get('seconds') or 0:.1f} s; {fmt_bytes(r.get('bytes_written') or 0)} written")
+        if drill or r.get("verified") is not None:
+            verdict = {True: "equal to the backup", False: "DIFFERENT from the backup", None: "not compared"}
+            lines.append(f"- disks read back: {verdict[r.get('verified')]}")
+        if r.get("error"):
+            lines.append(f"- error: {_md_cell(r['error'])}")
+        lines.append("")
+        if r.get("disks"):
+            lines += ["| disk | written | seconds |", "|---|---|---|"]
+            for d in r["disks"]:
+                lines.append(
+                    f"| {_md_cell(d.get('disk'))} | {fmt_bytes(d.get('bytes_written') or 0)} | {d.get('seconds')} |"
+                )
+            lines.append("")
+        if r.get("changes"):
+            lines += ["What was changed, and why:", ""] + [f"- {_md_cell(c)}" for c in r["changes"]] + [""]
+        if r.get("warnings"):
+            lines += ["Warnings:", ""] + [f"- {_md_cell(w)}" for w in r["warnings"]] + [""]
+    return "\n".join(lines)
+
+
+def restore_event(row: Mapping[str, Any], *, drill: bool = False) -> dict:
+    """The event of one VM's restore (``vmbackup.restore.succeeded|failed``) or
+    drill (``vmbackup.drill.passed|failed``): the source VM is the resource,
+    the target host, agent and repository related, RestoreResult's event
+    fields the payload."""
+    from dataclasses import fields
+
+    vm = str(row.get("vm"))
+    if drill:
+        name = EVENT_DRILL_PASSED if drill_passed(row) else EVENT_DRILL_FAILED
+    else:
+        name = EVENT_RESTORED if row.get("status") == "ok" else EVENT_RESTORE_FAILED
+    related = []
+    for role, key in (("host", "host"), ("agent", "agent"), ("repository", "repository")):
+        if row.get(key):
+            related.append({"prefect.resource.id": resource_id(role, str(row[key])), "prefect.resource.role": role})
+    if row.get("restored_as"):
+        related.append(
+            {
+                "prefect.resource.id": resource_id("vm", str(row["restored_as"])),
+                "prefect.resource.role": "restored-as",
+                "prefect.resource.name": str(row["restored_as"]),
+            }
+        )
+    payload = {f.name: row.get(f.name) for f in fields(results.RestoreResult) if f.metadata.get("event", True)}
+    return {
+        "event": name,
+        "resource": {"prefect.resource.id": resource_id("vm", vm), "prefect.resource.name": vm, "vmbackup.vm": vm},
+        "related": related,
+        "payload": payload,
+    }
+
+
+def emit_restore_events(rows: Sequence[Mapping[str, Any]], *, drill: bool = False) -> list[Any]:
+    return [emit(**restore_event(r, drill=drill)) for r in rows]

@@ -154,24 +154,26 @@ def backup_vm_task(
     lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
     stop: StopSignal | None = None,
     context: dict | None = None,
+    verb: str = "backup",
 ) -> dict:
-    """Back up one VM: hold its limits, run the work with a cancel token
-    that the deadline (or the run's interruption) cancels, return the
-    work's row. ``context`` (host, agent) goes on every log line with the VM."""
+    """Back up (``verb``: or restore, drill) one VM: hold its limits, run the
+    work with a cancel token that the deadline (or the run's interruption)
+    cancels, return the work's row. ``context`` (host, agent) goes on every
+    log line with the VM."""
     from .. import _mover
     from .reports import vm_logger
 
     stop = stop or StopSignal()
     log = vm_logger(get_run_logger(), {**(context or {}), "vm": vm})
     if stop.stopped:
-        raise RunInterruptedError(f"backup of {vm} was not started: the run was interrupted")
+        raise RunInterruptedError(f"{verb} of {vm} was not started: the run was interrupted")
     log.info("waiting for limits %s", ", ".join(limit_names))
     t_wait = time.monotonic()
     with limits.hold(limit_names, lease_seconds):
         t_held = time.monotonic()
         if stop.stopped:
-            raise RunInterruptedError(f"backup of {vm} was not started: the run was interrupted")
-        log.info("limits held; backing up")
+            raise RunInterruptedError(f"{verb} of {vm} was not started: the run was interrupted")
+        log.info("limits held; %s starts", verb)
         token = _mover.CancelToken()
         stop.register(token)
         with _Deadline(token, deadline_seconds) as deadline:
@@ -179,14 +181,14 @@ def backup_vm_task(
                 row = work(token)
             except BaseException as e:
                 if deadline.expired.is_set():
-                    raise VmTimeoutError(f"backup of {vm} exceeded {deadline_seconds:g} s and was cancelled") from e
+                    raise VmTimeoutError(f"{verb} of {vm} exceeded {deadline_seconds:g} s and was cancelled") from e
                 if stop.stopped:
-                    raise RunInterruptedError(f"backup of {vm} was cancelled: the run was interrupted") from e
+                    raise RunInterruptedError(f"{verb} of {vm} was cancelled: the run was interrupted") from e
                 raise
             finally:
                 stop.unregister(token)
         if deadline.expired.is_set() and row.get("status") != "ok":
-            raise VmTimeoutError(f"backup of {vm} exceeded {deadline_seconds:g} s and was cancelled")
+            raise VmTimeoutError(f"{verb} of {vm} exceeded {deadline_seconds:g} s and was cancelled")
     log.info("%s", row.get("status"))
     # Timing for the benchmark (bench/flows.py): the wait for the limits
     # and the time they were held, around the work's own ``seconds``.
@@ -194,9 +196,9 @@ def backup_vm_task(
     return row
 
 
-def failed_row(job: VmJob, error: str, seconds: float) -> dict:
+def failed_row(job: VmJob, error: str, seconds: float, row_class: type = results.VmResult) -> dict:
     return results.empty_row(
-        **{"vm": job.vm, **job.row, "status": "failed", "error": error, "seconds": round(seconds, 3)}
+        row_class, **{"vm": job.vm, **job.row, "status": "failed", "error": error, "seconds": round(seconds, 3)}
     )
 
 
@@ -250,14 +252,19 @@ def run_vm_tasks(
     retries: int = DEFAULT_RETRIES,
     retry_delay_seconds: Sequence[float] = DEFAULT_RETRY_DELAYS,
     secrets: Iterable[str] = (),
+    verb: str = "backup",
+    row_class: type = results.VmResult,
 ) -> list[dict]:
-    """Run one task per job, all submitted at once on a thread pool of
+    """Run one task per job (named ``<verb>-<vm>``; rows of ``row_class``), all submitted at once on a thread pool of
     ``max_workers``, inside the current flow; a row per job, in job order.
     A job that failed (after its retries) gives a ``failed`` row with a
     one-line error instead of an exception, so no VM's result is lost."""
     secrets = list(secrets)
     configured = backup_vm_task.with_options(
-        retries=retries, retry_delay_seconds=list(retry_delay_seconds) or 0, retry_jitter_factor=RETRY_JITTER
+        task_run_name=f"{verb}-{{vm}}",
+        retries=retries,
+        retry_delay_seconds=list(retry_delay_seconds) or 0,
+        retry_jitter_factor=RETRY_JITTER,
     )
     t0 = time.monotonic()
     rows = []
@@ -274,6 +281,7 @@ def run_vm_tasks(
                     "lease_seconds": lease_seconds,
                     "stop": quote(stop),
                     "context": {k: job.row[k] for k in ("host", "agent") if job.row.get(k)},
+                    "verb": verb,
                 },
             )
             for job in jobs
@@ -290,11 +298,12 @@ def run_vm_tasks(
         for job, future in zip(jobs, futures, strict=True):
             state = future.state
             if state.is_completed():
-                row = results.empty_row(**{"vm": job.vm, **job.row})
+                row = results.empty_row(row_class, **{"vm": job.vm, **job.row})
                 row.update(future.result())
                 rows.append(row)
             else:
                 exc = state.result(raise_on_failure=False)
                 err = exc if isinstance(exc, BaseException) else RuntimeError(state.message or state.name)
-                rows.append(failed_row(job, one_line(err, secrets), _run_seconds(future, time.monotonic() - t0)))
+                seconds = _run_seconds(future, time.monotonic() - t0)
+                rows.append(failed_row(job, one_line(err, secrets), seconds, row_class))
     return rows

@@ -40,22 +40,47 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 @_guard
 def cmd_up(args: argparse.Namespace) -> int:
-    from .plan import HYPERV_PASSWORD_ENV, HYPERV_PASSWORD_FILE, PASSWORD_ENV, write_lab_plan
+    from pathlib import Path
+
+    import yaml
+
+    from .plan import (
+        HYPERV_PASSWORD_ENV,
+        HYPERV_PASSWORD_FILE,
+        PASSPHRASE_ENV,
+        PASSPHRASE_FILE,
+        PASSWORD_ENV,
+        write_lab_plan,
+    )
     from .process import lab_up
 
     lab = lab_up(args.state, args.topology)
     s = lab.summary()
-    s["plan"] = str(write_lab_plan(lab.state, s))
+    s["plan"] = str(write_lab_plan(lab.state, s, encrypted=args.encrypted))
+    passphrase = lab.state / PASSPHRASE_FILE
+    # The plan follows an existing repository, encrypted or not.
+    s["encrypted"] = "passphrase_env" in yaml.safe_load(Path(s["plan"]).read_text())
+    if s["encrypted"]:
+        s["passphrase_file"] = str(passphrase)
     lines = [f"lab running: {s['vsphere']['url']} (user {s['vsphere']['user']}, CA {s['vsphere']['ca_file']})"]
     for hv in s["hyperv_hosts"]:
         lines.append(
             f"Hyper-V host {hv['host']}: {hv['url']} (user {hv['user']}, {hv['transport']}, CA {hv['ca_file']}, "
             f"shares in {hv['share_root']})"
         )
+    if s.get("s3"):
+        lines.append(f"S3 (SeaweedFS): {s['s3']['endpoint']} bucket {s['s3']['bucket']} (Object Lock)")
     lines += [f"agents: {', '.join(s['agents'])}", f"plan: {s['plan']}"]
     lines.append(f'export {PASSWORD_ENV}="$(cat {lab.state / "vsphere-password"})"')
     if s["hyperv_hosts"]:
         lines.append(f'export {HYPERV_PASSWORD_ENV}="$(cat {lab.state / HYPERV_PASSWORD_FILE})"')
+    if s.get("s3"):
+        lines.append(
+            f"export AWS_ENDPOINT_URL={s['s3']['endpoint']} AWS_ACCESS_KEY_ID={s['s3']['access_key']} "
+            f'AWS_SECRET_ACCESS_KEY="$(cat {lab.state / "s3-secret-key"})"'
+        )
+    if s["encrypted"]:
+        lines.append(f'export {PASSPHRASE_ENV}="$(cat {passphrase})"  # the repository is encrypted')
     _emit(args, s, "\n".join(lines))
     return 0
 
@@ -228,6 +253,12 @@ def add_parser(subparsers: Any) -> None:
     state(p)
     p.add_argument(
         "--topology", metavar="FILE", help="topology JSON file (default: 2 ESXi hosts, 3 VMs; Hyper-V host hv1, 3 VMs)"
+    )
+    p.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="create the lab's repository encrypted (passphrase in STATE/passphrase, "
+        "the plan's passphrase_env VMBACKUP_PASSPHRASE)",
     )
     state(command("down", cmd_down, "stop the lab"))
     state(command("status", cmd_status, "VMs, disks, snapshots, attachments, counters"))

@@ -12,6 +12,13 @@ from vmbackup.plan import DEFAULT_NBD_COMMAND
 PASSWORD_ENV = "VMBACKUP_VSPHERE_PASSWORD"
 HYPERV_PASSWORD_ENV = "VMBACKUP_HYPERV_PASSWORD"
 HYPERV_PASSWORD_FILE = "hyperv-password"
+# The lab's S3 credentials come from the standard AWS variables, which the
+# `--repo s3://` commands read too.
+S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+# An encrypted lab repository's passphrase: STATE/passphrase, read through this variable.
+PASSPHRASE_ENV = "VMBACKUP_PASSPHRASE"
+PASSPHRASE_FILE = "passphrase"
 # The account the Hyper-V hosts share a shadow copy to (New-VmbackupShadowCopy.ps1 -ShareTo).
 SHARE_ACCOUNT = "vmbackup-agent"
 
@@ -28,8 +35,14 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
+def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any], encrypted: bool = False) -> Path:
     """Writes STATE/plan.yaml for the lab (and STATE/vsphere-password, 0600); returns the plan's path.
+
+    With ``encrypted`` the repository (when this creates it) is encrypted:
+    a random passphrase in STATE/passphrase (0600, kept across restarts of
+    the lab), and the plan says ``passphrase_env: VMBACKUP_PASSPHRASE``;
+    without, the plan says ``encryption: none``. An existing repository
+    stays what it is, and the plan follows it.
 
     Every agent VM of the lab is an agent reaching its own host, with its
     hot-add devices in STATE/agents/<agent>/devices and every datastore
@@ -92,8 +105,16 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
             }
             for h in hyperv
         ]
+    if repository.exists():
+        from vmbackup.keys import is_encrypted
+
+        encrypted = is_encrypted(str(repository))
+    plan["repository"] = str(repository)
+    if encrypted:
+        plan["passphrase_env"] = PASSPHRASE_ENV
+    else:
+        plan["encryption"] = "none"
     plan |= {
-        "repository": str(repository),
         "agents": agents,
         "selection": {"vms": ["*"]},
         "limits": {"per_agent": 5, "per_host": 4, "per_datastore": 4, "disks_per_vm": 2},
@@ -101,6 +122,17 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
         "transports": ["hotadd", "direct", "nbd"],
         "nbd_command": NBD_COMMAND,
     }
+    s3 = summary.get("s3")
+    if s3:
+        # one day, extended at every copy (generation 0), so that the lab shows an extension
+        plan["copy"] = {
+            "endpoint": s3["endpoint"],
+            "bucket": s3["bucket"],
+            "prefix": s3["prefix"],
+            "access_key_env": S3_ACCESS_KEY_ENV,
+            "secret_key_env": S3_SECRET_KEY_ENV,
+            "object_lock": {"mode": "compliance", "days": 1, "generation_days": 0},
+        }
     _write_private(state / "vsphere-password", summary["vsphere"]["password"] + "\n")
     header = (
         "# The lab's backup plan, written by `vmbackup lab up` (docs/plan.md).\n"
@@ -112,6 +144,18 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
         header += f'# export {HYPERV_PASSWORD_ENV}="$(cat {state / HYPERV_PASSWORD_FILE})"\n'
     else:
         (state / HYPERV_PASSWORD_FILE).unlink(missing_ok=True)
+    if s3:
+        header += (
+            f"# export AWS_ENDPOINT_URL={s3['endpoint']} {S3_ACCESS_KEY_ENV}={s3['access_key']} "
+            f'{S3_SECRET_KEY_ENV}="$(cat {state / "s3-secret-key"})"\n'
+        )
+    passphrase_file = state / PASSPHRASE_FILE
+    if encrypted:
+        if not passphrase_file.exists():
+            import secrets
+
+            _write_private(passphrase_file, secrets.token_urlsafe(24) + "\n")
+        header += f'# export {PASSPHRASE_ENV}="$(cat {passphrase_file})"\n'
     path = state / "plan.yaml"
     tmp = path.with_name(".plan.yaml.tmp")
     tmp.write_text(header + yaml.safe_dump(plan, sort_keys=False))
@@ -119,5 +163,10 @@ def write_lab_plan(state_dir: str | os.PathLike, summary: dict[str, Any]) -> Pat
     if not repository.exists():
         from vmbackup import _mover
 
-        _mover.init_repository(str(repository))
+        if encrypted:
+            from vmbackup.keys import init_encrypted, read_secret_file
+
+            init_encrypted(str(repository), read_secret_file(str(passphrase_file)), 1024 * 1024, "zstd:1")
+        else:
+            _mover.init_repository(str(repository))
     return path

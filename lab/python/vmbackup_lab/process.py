@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import s3server
 from .errors import LabError, LabInputError
 from .hyperv import MODULE as HYPERV_MODULE
 from .hyperv import HypervLab
@@ -131,6 +132,7 @@ class Lab:
             "pid": self.info["pid"],
             "hyperv": hosts[0] if hosts else None,
             "hyperv_hosts": hosts,
+            "s3": s3server.summary(self.state),
         }
 
     # --- Hyper-V hosts ------------------------------------------------------------
@@ -521,19 +523,27 @@ def lab_up(
     (state / "lab.json").unlink(missing_ok=True)
     started = _start_hyperv(state, hv_topologies) if hv_topologies else []
     proc = None
+    s3 = None
     try:
+        if s3server.wanted(topology):  # SeaweedFS starts beside the simulator (about a second)
+            s3 = s3server.spawn(state)
         cmd = [str(binary), "--state", str(state)]
         if topology is not None:
             cmd += ["--topology", str(Path(topology).resolve())]
         with open(state / "lab.log", "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         _wait_vsphere(state, proc, timeout)
+        if s3 is not None:
+            s3server.wait_ready(state, *s3, timeout)
         _wait_hyperv(state, started, hyperv_timeout)
         return load_lab(state)
     except BaseException:
         # nothing of a lab that failed to start stays running
         if proc is not None:
             _stop(proc.pid, lambda p: proc.poll() is None, 5)
+        if s3 is not None:
+            _stop(s3[0].pid, lambda p: s3[0].poll() is None, 5)
+            (state / s3server.RECORD).unlink(missing_ok=True)
         for _entry, hv in started:
             _stop(hv.pid, lambda p, hv=hv: hv.poll() is None, 5)
         (state / HYPERV_HOSTS).unlink(missing_ok=True)
@@ -579,4 +589,6 @@ def lab_down(state: str | os.PathLike, timeout: float = 10) -> bool:
             stopped = True
         (Path(h["root"]) / "hyperv.json").unlink(missing_ok=True)
     (state / HYPERV_HOSTS).unlink(missing_ok=True)
+    if s3server.stop(state, timeout):
+        stopped = True
     return stopped

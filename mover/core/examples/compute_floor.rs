@@ -5,7 +5,8 @@
 //! Usage: `compute_floor IMAGE [CHUNK_SIZE] [COMPRESSION]` (defaults 1048576
 //! and zstd:1, the repository defaults). Reads the allocated blocks into
 //! memory first (not timed), then times the workers doing what a backup's
-//! workers do between read and write: zero test, XXH3-128, deduplication
+//! workers do between read and write: zero test, the chunk id (keyed BLAKE3,
+//! as in a new unencrypted repository), deduplication
 //! within the disk, and encoding (zstd) of each new chunk. Prints one JSON
 //! object: `seconds` (wall, the floor), `cpu_seconds` (summed over the
 //! threads), `threads`, `chunks` (new chunks) and `bytes_stored` (their
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 use vmbackup_mover::chunk::{self, ChunkId, Compression};
+use vmbackup_mover::crypto::{IdHash, Secret};
 use vmbackup_mover::extents::{block_len, blocks_touched, normalize};
 use vmbackup_mover::progress::worker_threads;
 
@@ -48,6 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let threads = worker_threads();
+    let ids = IdHash::Keyed(Secret::random()?);
     let next = AtomicUsize::new(0);
     let seen: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
     let totals = Mutex::new((0u64, 0u64, 0f64)); // chunks, bytes, cpu seconds
@@ -61,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     if chunk::is_all_zero(data) {
                         continue;
                     }
-                    let id = ChunkId::of(data);
+                    let id = ids.id(data);
                     if !seen.lock().expect("seen").insert(id) {
                         continue;
                     }

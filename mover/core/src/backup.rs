@@ -151,6 +151,7 @@ impl BackupSession {
     /// Starts a backup point of `vm`, optionally incremental to `parent`.
     pub fn begin(repo: &Repository, vm: &str, parent: Option<&str>) -> Result<BackupSession> {
         check_name("VM", vm)?;
+        repo.require_key()?;
         let parent = match parent {
             Some(pid) => {
                 check_backup_id(pid)?;
@@ -559,7 +560,7 @@ impl BackupSession {
         self.repo.sync_since(&self.root)?;
         // And still present: not if a gc took this backup's lease for stale.
         self.lease.check()?;
-        write_atomic(&self.repo.manifest_path(&self.id), &manifest.encode())?;
+        write_atomic(&self.repo.manifest_path(&self.id), &self.repo.encode_manifest(&manifest)?)?;
         Ok(manifest.meta)
     }
 }
@@ -568,7 +569,7 @@ fn process_block(store: &ChunkStore, compression: Compression, claims: &Claims, 
     if chunk::is_all_zero(data) {
         return Ok(Processed::Done(ChunkId::ZERO, Outcome::Zero));
     }
-    let id = ChunkId::of(data);
+    let id = store.id_of(data)?;
     if id.is_zero() {
         // 2^-128: the block map could not tell this block from a zero block.
         return Err(Error::Repository("a block hashes to the reserved all-zero id".into()));
@@ -580,7 +581,7 @@ fn process_block(store: &ChunkStore, compression: Compression, claims: &Claims, 
         if store.reuse(&id)? {
             return Ok(None);
         }
-        chunk::encode(data, compression).map(Some)
+        store.encode(&id, data, compression).map(Some)
     })();
     match encoded {
         Ok(None) => Ok(Processed::Done(id, Outcome::Reused)),

@@ -33,8 +33,12 @@ pub fn list_backups(repo: &Repository) -> Result<(Vec<Metadata>, Vec<Untrusted>)
             Err(Error::NotFound(_)) => {}
             // A failing disk or filesystem is not a verdict on the backup.
             Err(e @ Error::RepositoryIo { .. }) => return Err(e),
+            // No key: no verdict on any backup.
+            Err(e @ Error::KeyRequired(_)) => return Err(e),
             Err(e) => {
-                let meta = Manifest::load_metadata(&repo.manifest_path(&id)).ok();
+                // A sealed manifest that fails shows no metadata (none of it is trusted).
+                let meta =
+                    if repo.keys.encrypted { None } else { Manifest::load_metadata(&repo.manifest_path(&id)).ok() };
                 bad.push(Untrusted { file_id: id, meta, problem: e.to_string() });
             }
         }

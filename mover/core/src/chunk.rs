@@ -1,8 +1,10 @@
 //! Chunk ids and the chunk blob format.
 //!
-//! A chunk id is the XXH3-128 hash of the chunk's plaintext, written as the
-//! 16-byte big-endian canonical form that `xxhsum -H2` prints (so anyone can
-//! recompute an id with standard tools). The id with all bits zero is reserved:
+//! A chunk id names a chunk by its plaintext: in repositories of format
+//! version 2 the first 16 bytes of BLAKE3 keyed with the repository's id key
+//! (`crypto::IdHash`), in version 1 the XXH3-128 hash, written as the 16-byte
+//! big-endian canonical form that `xxhsum -H2` prints (`ChunkId::of`; anyone
+//! can compute it, which is why version 2 replaced it). The id with all bits zero is reserved:
 //! in a block map it means "this block is all zeros, no chunk stored".
 //!
 //! A chunk file is a 12-byte header followed by the payload:
@@ -17,6 +19,7 @@
 //! power cut tore, by its header and its size alone (`whole_file_len`),
 //! before it reuses the chunk instead of storing it again.
 
+use crate::crypto::IdHash;
 use crate::error::{Error, Result};
 use std::cell::RefCell;
 use std::fmt;
@@ -39,6 +42,7 @@ impl ChunkId {
     /// Marks an all-zero block in a block map.
     pub const ZERO: ChunkId = ChunkId([0u8; 16]);
 
+    /// The XXH3-128 of `data`: the id of format version 1 (see `IdHash`).
     pub fn of(data: &[u8]) -> ChunkId {
         ChunkId(xxh3_128(data).to_be_bytes())
     }
@@ -127,13 +131,18 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+/// Compresses `data` straight into `out`'s spare capacity, behind what it
+/// holds; returns the compressed length, or an error if it did not fit.
+fn zstd_compress_into(data: &[u8], level: i32, out: &mut Vec<u8>) -> std::io::Result<usize> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l != level).unwrap_or(true) {
             *slot = Some((level, zstd::bulk::Compressor::new(level)?));
         }
-        slot.as_mut().expect("just set").1.compress(data)
+        let mut cursor = std::io::Cursor::new(out);
+        let at = cursor.get_ref().len() as u64;
+        cursor.set_position(at);
+        slot.as_mut().expect("just set").1.compress_to_buffer(data, &mut cursor)
     })
 }
 
@@ -150,20 +159,34 @@ fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
 /// Encodes a chunk's plaintext into the chunk file format.
 pub fn encode(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + data.len() / 2);
+    encode_into(&mut out, data, compression)?;
+    Ok(out)
+}
+
+/// Appends the encoded chunk to `out` (a sealed chunk's buffer holds its
+/// own header first, so sealing needs no copy).
+pub fn encode_into(out: &mut Vec<u8>, data: &[u8], compression: Compression) -> Result<()> {
+    let start = out.len();
     out.extend_from_slice(CHUNK_MAGIC);
     out.extend_from_slice(&[ENC_STORED, 0, 0, 0]);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     if let Compression::Zstd(level) = compression {
-        let compressed = zstd_compress(data, level).map_err(|e| Error::repo_io("compressing a chunk failed", e))?;
-        if compressed.len() < data.len() {
-            out[4] = ENC_ZSTD;
-            out.extend_from_slice(&compressed);
-            record_payload_len(&mut out);
-            return Ok(out);
+        // Compressed straight behind the header (room for zstd's bound, its
+        // one-shot path); a payload that does not shrink is dropped and the
+        // chunk stored as is.
+        let payload = out.len();
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        match zstd_compress_into(data, level, out) {
+            Ok(n) if n < data.len() && out.len() == payload + n => {
+                out[start + 4] = ENC_ZSTD;
+                record_payload_len(&mut out[start..]);
+                return Ok(());
+            }
+            _ => out.truncate(payload),
         }
     }
     out.extend_from_slice(data);
-    Ok(out)
+    Ok(())
 }
 
 /// Writes a compressed payload's length into header bytes 5..8 (left 0 if
@@ -222,7 +245,7 @@ pub fn zstd_frame_is_whole(payload: &[u8]) -> bool {
 
 /// Like `decode`, but takes the file's bytes by value: a stored chunk then
 /// becomes its plaintext in place, without a second allocation and copy.
-pub fn decode_owned(id: &ChunkId, mut file: Vec<u8>, max_len: usize) -> Result<Vec<u8>> {
+pub fn decode_owned(id: &ChunkId, mut file: Vec<u8>, max_len: usize, ids: &IdHash) -> Result<Vec<u8>> {
     if file.len() >= CHUNK_HEADER_LEN && &file[0..4] == CHUNK_MAGIC && file[4..8] == [ENC_STORED, 0, 0, 0] {
         let plain_len = u32::from_le_bytes(file[8..12].try_into().unwrap()) as usize;
         let corrupt = |reason: String| Error::CorruptChunk { id: id.to_hex(), reason };
@@ -233,13 +256,13 @@ pub fn decode_owned(id: &ChunkId, mut file: Vec<u8>, max_len: usize) -> Result<V
         if file.len() != plain_len {
             return Err(corrupt(format!("{} bytes of plaintext, header says {plain_len}", file.len())));
         }
-        let actual = ChunkId::of(&file);
+        let actual = ids.id(&file);
         if actual != *id {
             return Err(corrupt(format!("content hashes to {actual}")));
         }
         return Ok(file);
     }
-    decode(id, &file, max_len)
+    decode(id, &file, max_len, ids)
 }
 
 /// Checks a chunk file's 12-byte header (docs/format.md §4): magic, a known
@@ -284,10 +307,10 @@ fn check_zstd_frame(payload: &[u8], plain_len: usize) -> std::result::Result<(),
     }
 }
 
-/// Decodes a chunk file and checks that its plaintext hashes to `id`.
-/// `max_len` bounds the plaintext size, so a hostile header cannot make us
-/// allocate without limit.
-pub fn decode(id: &ChunkId, file: &[u8], max_len: usize) -> Result<Vec<u8>> {
+/// Decodes a chunk file and checks that its plaintext hashes to `id` under
+/// `ids`. `max_len` bounds the plaintext size, so a hostile header cannot
+/// make us allocate without limit.
+pub fn decode(id: &ChunkId, file: &[u8], max_len: usize, ids: &IdHash) -> Result<Vec<u8>> {
     let corrupt = |reason: String| Error::CorruptChunk { id: id.to_hex(), reason };
     let plain_len = check_header(file, max_len).map_err(corrupt)?;
     let payload = &file[CHUNK_HEADER_LEN..];
@@ -306,7 +329,7 @@ pub fn decode(id: &ChunkId, file: &[u8], max_len: usize) -> Result<Vec<u8>> {
     if data.len() != plain_len {
         return Err(corrupt(format!("{} bytes of plaintext, header says {plain_len}", data.len())));
     }
-    let actual = ChunkId::of(&data);
+    let actual = ids.id(&data);
     if actual != *id {
         return Err(corrupt(format!("content hashes to {actual}")));
     }
@@ -318,6 +341,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    static X: &IdHash = &IdHash::Xxh3;
+
     proptest! {
         #[test]
         fn roundtrip(data in prop::collection::vec(any::<u8>(), 0..5000), level in prop::sample::select(vec![0i32, 1, 3])) {
@@ -325,12 +350,12 @@ mod tests {
             let id = ChunkId::of(&data);
             let enc = encode(&data, c).unwrap();
             prop_assert!(enc.len() <= data.len() + CHUNK_HEADER_LEN);
-            prop_assert_eq!(decode(&id, &enc, 1 << 20).unwrap(), data);
+            prop_assert_eq!(decode(&id, &enc, 1 << 20, X).unwrap(), data);
         }
 
         #[test]
         fn decode_never_panics(file in prop::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode(&ChunkId::ZERO, &file, 1 << 20);
+            let _ = decode(&ChunkId::ZERO, &file, 1 << 20, X);
         }
 
         #[test]
@@ -346,10 +371,10 @@ mod tests {
         let id = ChunkId::of(&data);
         let file = encode(&data, Compression::Zstd(3)).unwrap();
         assert_eq!(file[4], ENC_ZSTD);
-        assert_eq!(decode(&id, &file, 4096).unwrap(), data);
+        assert_eq!(decode(&id, &file, 4096, X).unwrap(), data);
         let refused = |f: &[u8], what: &str| {
-            let e = decode(&id, f, 4096).expect_err(what).to_string();
-            assert!(decode_owned(&id, f.to_vec(), 4096).is_err(), "{what}");
+            let e = decode(&id, f, 4096, X).expect_err(what).to_string();
+            assert!(decode_owned(&id, f.to_vec(), 4096, X).is_err(), "{what}");
             e
         };
         // Bytes 5..8 of a compressed chunk record its payload length.
@@ -390,12 +415,12 @@ mod tests {
             for c in [Compression::None, Compression::Zstd(1)] {
                 let id = ChunkId::of(&data);
                 let enc = encode(&data, c).unwrap();
-                assert_eq!(decode_owned(&id, enc.clone(), 1 << 20).unwrap(), data);
+                assert_eq!(decode_owned(&id, enc.clone(), 1 << 20, X).unwrap(), data);
                 let mut bad = enc.clone();
                 let last = bad.len() - 1;
                 bad[last] ^= 1;
-                assert!(decode_owned(&id, bad, 1 << 20).is_err());
-                assert!(decode_owned(&id, enc, 10).is_err());
+                assert!(decode_owned(&id, bad, 1 << 20, X).is_err());
+                assert!(decode_owned(&id, enc, 10, X).is_err());
             }
         }
     }
@@ -406,7 +431,7 @@ mod tests {
         let id = ChunkId::of(&data);
         let mut enc = encode(&data, Compression::None).unwrap();
         enc[100] ^= 1;
-        assert!(matches!(decode(&id, &enc, 1 << 20), Err(Error::CorruptChunk { .. })));
+        assert!(matches!(decode(&id, &enc, 1 << 20, X), Err(Error::CorruptChunk { .. })));
     }
 
     /// Compressible but not trivially: several zstd blocks.
@@ -424,7 +449,7 @@ mod tests {
                 assert_eq!(enc[5..8] != [0; 3], enc[4] == ENC_ZSTD);
                 for cut in [CHUNK_HEADER_LEN, enc.len() / 2, enc.len().saturating_sub(1)] {
                     if cut < enc.len() && cut >= CHUNK_HEADER_LEN {
-                        assert!(decode(&ChunkId::of(&data), &enc[..cut], 1 << 20).is_err());
+                        assert!(decode(&ChunkId::of(&data), &enc[..cut], 1 << 20, X).is_err());
                     }
                 }
             }
@@ -439,8 +464,8 @@ mod tests {
             let mut enc = encode(&data, c).unwrap();
             enc[5..8].fill(0);
             let id = ChunkId::of(&data);
-            assert_eq!(decode(&id, &enc, 1 << 20).unwrap(), data);
-            assert_eq!(decode_owned(&id, enc.clone(), 1 << 20).unwrap(), data);
+            assert_eq!(decode(&id, &enc, 1 << 20, X).unwrap(), data);
+            assert_eq!(decode_owned(&id, enc.clone(), 1 << 20, X).unwrap(), data);
             match c {
                 Compression::None => assert_eq!(whole_file_len(&enc, 1 << 20).unwrap(), Some(enc.len() as u64)),
                 Compression::Zstd(_) => {
@@ -459,18 +484,18 @@ mod tests {
         let data = sample(100_000);
         let mut enc = encode(&data, Compression::Zstd(1)).unwrap();
         enc[5] ^= 1;
-        assert!(decode(&ChunkId::of(&data), &enc, 1 << 20).is_err());
+        assert!(decode(&ChunkId::of(&data), &enc, 1 << 20, X).is_err());
         let mut stored = encode(&data, Compression::None).unwrap();
         stored[6] ^= 1;
         assert!(whole_file_len(&stored, 1 << 20).is_err());
-        assert!(decode_owned(&ChunkId::of(&data), stored, 1 << 20).is_err());
+        assert!(decode_owned(&ChunkId::of(&data), stored, 1 << 20, X).is_err());
     }
 
     #[test]
     fn hostile_length_is_refused() {
         let mut enc = encode(b"abc", Compression::None).unwrap();
         enc[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(decode(&ChunkId::of(b"abc"), &enc, 1 << 20).is_err());
+        assert!(decode(&ChunkId::of(b"abc"), &enc, 1 << 20, X).is_err());
     }
 
     #[test]

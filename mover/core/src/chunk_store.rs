@@ -9,18 +9,26 @@
 //! calls `Repository::sync_all` (syncfs) once before it writes the manifest
 //! that names them.
 //!
+//! In an encrypted repository every chunk file is sealed (`crypto.rs`): the
+//! encoded chunk (header and compressed payload) under AES-256-GCM with the
+//! chunk id as associated data, then a checksum over the ciphertext. The
+//! store seals on `encode` and opens on `read`; a plain chunk file in an
+//! encrypted repository, or a sealed one in a plain repository, is corrupt.
+//!
 //! The file's mtime says when a backup last wrote or reused the chunk; garbage
 //! collection never removes a chunk whose mtime is newer than its cutoff (see
 //! gc.rs).
 
-use crate::chunk::{self, ChunkId};
+use crate::chunk::{self, ChunkId, Compression};
+use crate::crypto;
 use crate::error::{Error, Result};
-use crate::repository::Repository;
+use crate::repository::{Keys, Repository};
 use std::ffi::CString;
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Suffix of a chunk file that failed verification: kept for inspection,
 /// never used for restore or deduplication again.
@@ -30,6 +38,8 @@ pub const QUARANTINE_SUFFIX: &str = ".bad";
 pub struct ChunkStore {
     dir: PathBuf,
     max_len: usize,
+    keys: Arc<Keys>,
+    repo: PathBuf,
 }
 
 /// Sets a file's mtime to now. Ok(false) if it does not exist.
@@ -66,7 +76,66 @@ pub fn start_writeback(file: &fs::File, offset: u64, len: u64) {
 
 impl ChunkStore {
     pub fn new(repo: &Repository) -> ChunkStore {
-        ChunkStore { dir: repo.root.join("chunks"), max_len: repo.chunk_size() as usize }
+        ChunkStore {
+            dir: repo.root.join("chunks"),
+            max_len: repo.chunk_size() as usize,
+            keys: repo.keys.clone(),
+            repo: repo.root.clone(),
+        }
+    }
+
+    fn key_required(&self) -> Error {
+        Error::KeyRequired(format!(
+            "repository {} is encrypted: give its passphrase (VMBACKUP_PASSPHRASE or --passphrase-file)",
+            self.repo.display()
+        ))
+    }
+
+    /// Whether chunk files are sealed.
+    pub fn sealed(&self) -> bool {
+        self.keys.encrypted
+    }
+
+    /// The id this repository gives a chunk holding `data`.
+    pub fn id_of(&self, data: &[u8]) -> Result<ChunkId> {
+        Ok(self.keys.ids.as_ref().ok_or_else(|| self.key_required())?.id(data))
+    }
+
+    /// The chunk file for `data` (whose id is `id`): encoded (compressed),
+    /// and sealed in an encrypted repository.
+    pub fn encode(&self, id: &ChunkId, data: &[u8], compression: Compression) -> Result<Vec<u8>> {
+        if !self.keys.encrypted {
+            return chunk::encode(data, compression);
+        }
+        let sealer = self.keys.sealer.as_ref().ok_or_else(|| self.key_required())?;
+        // Encoded straight behind room for the sealed header: sealed in place.
+        let mut buf = Vec::with_capacity(crypto::SEALED_OVERHEAD + chunk::CHUNK_HEADER_LEN + data.len() / 2);
+        buf.resize(crypto::SEALED_HEADER_LEN, 0);
+        chunk::encode_into(&mut buf, data, compression)?;
+        sealer.seal_chunk_in_place(id, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The largest a chunk file can be: header and plaintext, and what
+    /// sealing adds.
+    pub fn max_file_len(&self) -> u64 {
+        let plain = (chunk::CHUNK_HEADER_LEN + self.max_len) as u64;
+        if self.keys.encrypted {
+            plain + crypto::SEALED_OVERHEAD as u64
+        } else {
+            plain
+        }
+    }
+
+    /// The whole length of a chunk file from its first 12 bytes: `Ok(None)`
+    /// for a compressed plain chunk written before the payload length was
+    /// recorded; `Err` if they cannot start a chunk of this repository.
+    pub fn whole_file_len(&self, header: &[u8]) -> std::result::Result<Option<u64>, String> {
+        if self.keys.encrypted {
+            crypto::sealed_file_len(header, chunk::CHUNK_HEADER_LEN + self.max_len).map(Some)
+        } else {
+            chunk::whole_file_len(header, self.max_len)
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -113,13 +182,12 @@ impl ChunkStore {
             Err(e) => return Err(e),
         };
         let m = f.metadata()?;
-        let max_file = (chunk::CHUNK_HEADER_LEN + self.max_len) as u64;
-        if !m.is_file() || m.len() < chunk::CHUNK_HEADER_LEN as u64 || m.len() > max_file {
+        if !m.is_file() || m.len() < chunk::CHUNK_HEADER_LEN as u64 || m.len() > self.max_file_len() {
             return Ok(false);
         }
         let mut header = [0u8; chunk::CHUNK_HEADER_LEN];
         f.read_exact_at(&mut header, 0)?;
-        match chunk::whole_file_len(&header, self.max_len) {
+        match self.whole_file_len(&header) {
             Err(_) => Ok(false),
             Ok(Some(len)) => Ok(len == m.len()),
             Ok(None) => {
@@ -155,19 +223,50 @@ impl ChunkStore {
     /// Reads a chunk file as stored.
     pub fn read_raw(&self, id: &ChunkId) -> Result<Vec<u8>> {
         // A chunk file holds at most its header and the plaintext (a
-        // compressed payload is only kept when it is shorter).
-        let max = (chunk::CHUNK_HEADER_LEN + self.max_len) as u64;
-        crate::repository::read_bounded(&self.path(id), max).map_err(|e| match e.kind() {
+        // compressed payload is only kept when it is shorter), and sealed,
+        // what sealing adds.
+        crate::repository::read_bounded(&self.path(id), self.max_file_len()).map_err(|e| match e.kind() {
             ErrorKind::NotFound => Error::CorruptChunk { id: id.to_hex(), reason: "missing".into() },
             ErrorKind::InvalidData => Error::CorruptChunk { id: id.to_hex(), reason: e.to_string() },
             _ => Error::repo_io(format!("reading chunk {id}"), e),
         })
     }
 
-    /// Reads, decodes and checks a chunk.
+    /// Reads, opens (if sealed), decodes and checks a chunk.
     pub fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let ids = self.keys.ids.as_ref().ok_or_else(|| self.key_required())?;
         let raw = self.read_raw(id)?;
-        chunk::decode_owned(id, raw, self.max_len)
+        let inner = self.open(id, raw)?;
+        chunk::decode_owned(id, inner, self.max_len, ids)
+    }
+
+    /// A chunk file's encoded chunk: itself, or opened if sealed.
+    fn open(&self, id: &ChunkId, raw: Vec<u8>) -> Result<Vec<u8>> {
+        if !self.keys.encrypted {
+            return Ok(raw);
+        }
+        let sealer = self.keys.sealer.as_ref().ok_or_else(|| self.key_required())?;
+        sealer
+            .open_chunk(id, raw, chunk::CHUNK_HEADER_LEN + self.max_len)
+            .map_err(|reason| Error::CorruptChunk { id: id.to_hex(), reason })
+    }
+
+    /// Checks a chunk file as far as this process can: with the key (or
+    /// unencrypted) opened, decoded and re-hashed, returning the plaintext
+    /// length; without the key its header and checksum over the ciphertext
+    /// (`None`: the plaintext length is sealed). Also returns the bytes read.
+    pub fn check(&self, id: &ChunkId) -> Result<(u64, Option<u64>)> {
+        let raw = self.read_raw(id)?;
+        let n = raw.len() as u64;
+        if self.keys.encrypted && self.keys.sealer.is_none() {
+            crypto::check_sealed(&raw, chunk::CHUNK_HEADER_LEN + self.max_len)
+                .map_err(|reason| Error::CorruptChunk { id: id.to_hex(), reason })?;
+            return Ok((n, None));
+        }
+        let ids = self.keys.ids.as_ref().ok_or_else(|| self.key_required())?;
+        let inner = self.open(id, raw)?;
+        let plain = chunk::decode_owned(id, inner, self.max_len, ids)?;
+        Ok((n, Some(plain.len() as u64)))
     }
 
     /// Moves a chunk that failed verification aside, so that the next backup

@@ -35,6 +35,12 @@ pub enum Error {
     /// (a timed-out or stale network file system, a busy resource).
     #[error("{context}: {source}")]
     RepositoryUnavailable { context: String, source: io::Error },
+    /// The key given does not open this encrypted repository.
+    #[error("{0}")]
+    WrongKey(String),
+    /// The repository is encrypted and no key was given for it.
+    #[error("{0}")]
+    KeyRequired(String),
     /// A chunk's bytes do not match its id, or cannot be decoded.
     #[error("chunk {id} is corrupt: {reason}")]
     CorruptChunk { id: String, reason: String },
@@ -150,6 +156,8 @@ impl Error {
             | Error::Repository(_)
             | Error::RepositoryIo { .. }
             | Error::CorruptChunk { .. }
+            | Error::WrongKey(_)
+            | Error::KeyRequired(_)
             | Error::Target { .. }
             | Error::NotFound(_)
             | Error::InvalidInput(_)

@@ -62,6 +62,8 @@ pub fn gc(
     progress: &mut dyn Progress,
     cancel: &Cancel,
 ) -> Result<GcStats> {
+    // Only authenticated manifests say what is in use.
+    repo.require_key()?;
     let start = now_unix();
     let (leases, stale) = active_leases(repo, dry_run)?;
     // A lease's start comes from its holder's clock, perhaps another host's;

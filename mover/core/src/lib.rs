@@ -3,8 +3,10 @@
 //!
 //! # Format
 //! A repository is a directory: `config.json` (chunk size, compression),
-//! `chunks/xx/<id>` content-addressed chunk files (id = XXH3-128 of the
-//! plaintext), `backups/<id>.tib` one manifest per backup point holding the
+//! `chunks/xx/<id>` content-addressed chunk files (id = BLAKE3 of the
+//! plaintext keyed with a secret of the repository; XXH3-128 in version-1
+//! repositories; sealed with AES-256-GCM in encrypted ones, see crypto.rs),
+//! `backups/<id>.tib` one manifest per backup point holding the
 //! complete block map of each disk, and `locks/` with the leases of running
 //! backups. docs/format.md specifies it byte by byte.
 //!
@@ -36,9 +38,11 @@ pub mod catalog;
 pub mod chunk;
 pub mod chunk_store;
 pub mod clock;
+pub mod crypto;
 pub mod error;
 pub mod extents;
 pub mod gc;
+pub mod inflight;
 pub mod lease;
 pub mod manifest;
 pub mod nbd;

@@ -12,11 +12,19 @@
 //! | runs, per disk in metadata order | block map (`block_map.rs`; v1: 16 bytes a block) |
 //! | 16               | XXH3-128 (canonical big-endian) of every byte before |
 //!
+//! Encrypted repositories write version 3 (`encode_sealed`): the metadata
+//! sealed with the manifest key, the disks' block counts and block maps in
+//! the clear (keyed ids reveal no content; verify without the key needs
+//! them), the AEAD's associated data covering every other byte of the file,
+//! so that no byte of a sealed manifest can change unnoticed by a key holder.
+//! An encrypted repository reads only version 3; others never read it.
+//!
 //! Every manifest holds the complete block map of every disk: a backup is
 //! logically full even when it was made incrementally, so restore never walks
 //! a chain and deleting a backup never touches another.
 
 use crate::block_map::BlockMap;
+use crate::crypto::Sealer;
 use crate::error::{Error, Result};
 use crate::extents::block_count;
 use serde::{Deserialize, Serialize};
@@ -29,6 +37,8 @@ pub const MANIFEST_MAGIC: &[u8; 8] = b"VMBKTIB\0";
 pub const MANIFEST_VERSION: u32 = 2;
 /// The first version (dense block maps, 16 bytes a block), still read.
 pub const MANIFEST_VERSION_DENSE: u32 = 1;
+/// Sealed manifests of encrypted repositories (docs/format.md §5.5).
+pub const MANIFEST_VERSION_SEALED: u32 = 3;
 const HEADER_LEN: usize = 24;
 /// Metadata larger than this is refused as corrupt (a VM config is kilobytes).
 const MAX_METADATA: u64 = 64 * 1024 * 1024;
@@ -111,7 +121,7 @@ fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<(u64, u32)>
         return Err(bad(path, "bad magic"));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
-    if version != MANIFEST_VERSION && version != MANIFEST_VERSION_DENSE {
+    if version != MANIFEST_VERSION && version != MANIFEST_VERSION_DENSE && version != MANIFEST_VERSION_SEALED {
         return Err(bad(path, format!("unsupported version {version}")));
     }
     if header[12..16] != [0; 4] {
@@ -142,9 +152,115 @@ impl Manifest {
         out
     }
 
-    /// Parses and fully checks a manifest's bytes.
+    /// Encodes a sealed manifest (version 3, docs/format.md §5.5).
+    pub fn encode_sealed(&self, sealer: &Sealer) -> Result<Vec<u8>> {
+        let meta = serde_json::to_vec(&self.meta).expect("metadata serializes");
+        let mut clear = Vec::new();
+        clear.extend_from_slice(&(self.meta.disks.len() as u32).to_le_bytes());
+        for d in &self.meta.disks {
+            clear.extend_from_slice(&d.blocks.to_le_bytes());
+        }
+        for map in &self.maps {
+            map.encode_into(&mut clear);
+        }
+        let sealed_len = meta.len() + crate::crypto::TAG_LEN + ring::aead::NONCE_LEN;
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MANIFEST_MAGIC);
+        header.extend_from_slice(&MANIFEST_VERSION_SEALED.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&(sealed_len as u64).to_le_bytes());
+        let mut ad = header.clone();
+        ad.extend_from_slice(&clear);
+        let sealed = sealer.seal_manifest(&meta, &ad)?;
+        let mut out = header;
+        out.extend_from_slice(&sealed);
+        out.extend_from_slice(&clear);
+        let sum = xxh3_128(&out).to_be_bytes();
+        out.extend_from_slice(&sum);
+        Ok(out)
+    }
+
+    /// Parses and checks a manifest as a repository reads it: an encrypted
+    /// one (`encrypted`) only sealed manifests, opened with `sealer`
+    /// (KeyRequired without it); an unencrypted one only versions 1 and 2.
+    pub fn decode_for(path: &Path, data: &[u8], encrypted: bool, sealer: Option<&Sealer>) -> Result<Manifest> {
+        let (_, version) = parse_header(path, data, data.len() as u64)?;
+        match (encrypted, version == MANIFEST_VERSION_SEALED) {
+            (true, true) => {
+                let sealer = sealer.ok_or_else(|| {
+                    Error::KeyRequired(format!("manifest {} is sealed: its repository's key is needed", path.display()))
+                })?;
+                let (public, sealed) = Manifest::decode_public_parts(path, data)?;
+                let ad = {
+                    let sealed_end = HEADER_LEN + sealed.len();
+                    let mut ad = data[..HEADER_LEN].to_vec();
+                    ad.extend_from_slice(&data[sealed_end..data.len() - 16]);
+                    ad
+                };
+                let meta = sealer.open_manifest(sealed, &ad).ok_or_else(|| {
+                    bad(path, "it is not authentic (altered, or sealed with another repository's key)")
+                })?;
+                let meta: Metadata = serde_json::from_slice(&meta).map_err(|e| bad(path, format!("metadata: {e}")))?;
+                check_disks(path, &meta)?;
+                if meta.disks.len() != public.blocks.len()
+                    || meta.disks.iter().zip(&public.blocks).any(|(d, b)| d.blocks != *b)
+                {
+                    return Err(bad(path, "its block counts differ from its sealed metadata"));
+                }
+                Ok(Manifest { meta, maps: public.maps })
+            }
+            (true, false) => Err(bad(path, "it is not sealed, in an encrypted repository")),
+            (false, true) => Err(bad(path, "it is sealed, in a repository that is not encrypted")),
+            (false, false) => Manifest::decode(path, data),
+        }
+    }
+
+    /// What can be checked of a sealed manifest without the key: its
+    /// header, checksum, block counts and block maps.
+    pub fn decode_public(path: &Path, data: &[u8]) -> Result<PublicManifest> {
+        Manifest::decode_public_parts(path, data).map(|(p, _)| p)
+    }
+
+    fn decode_public_parts<'a>(path: &Path, data: &'a [u8]) -> Result<(PublicManifest, &'a [u8])> {
+        let (sealed_len, version) = parse_header(path, data, data.len() as u64)?;
+        if version != MANIFEST_VERSION_SEALED {
+            return Err(bad(path, "it is not sealed, in an encrypted repository"));
+        }
+        let body = &data[..data.len() - 16];
+        if xxh3_128(body).to_be_bytes() != data[data.len() - 16..] {
+            return Err(bad(path, "checksum mismatch"));
+        }
+        let sealed = &body[HEADER_LEN..HEADER_LEN + sealed_len as usize];
+        let mut rest = &body[HEADER_LEN + sealed_len as usize..];
+        if rest.len() < 4 {
+            return Err(bad(path, "truncated disk count"));
+        }
+        let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        rest = &rest[4..];
+        if n.checked_mul(8).map(|need| need > rest.len()).unwrap_or(true) {
+            return Err(bad(path, format!("{n} disks do not fit the file")));
+        }
+        let blocks: Vec<u64> = (0..n).map(|k| u64::from_le_bytes(rest[8 * k..8 * k + 8].try_into().unwrap())).collect();
+        rest = &rest[8 * n..];
+        let mut maps = Vec::with_capacity(n);
+        for (k, b) in blocks.iter().enumerate() {
+            let (map, used) =
+                BlockMap::decode_runs(rest, *b).map_err(|e| bad(path, format!("block map of disk {k}: {e}")))?;
+            maps.push(map);
+            rest = &rest[used..];
+        }
+        if !rest.is_empty() {
+            return Err(bad(path, format!("{} unexpected bytes after the block maps", rest.len())));
+        }
+        Ok((PublicManifest { blocks, maps }, sealed))
+    }
+
+    /// Parses and fully checks a manifest's bytes (versions 1 and 2).
     pub fn decode(path: &Path, data: &[u8]) -> Result<Manifest> {
         let (meta_len, version) = parse_header(path, data, data.len() as u64)?;
+        if version == MANIFEST_VERSION_SEALED {
+            return Err(bad(path, "it is sealed, in a repository that is not encrypted"));
+        }
         let meta_len = meta_len as usize;
         let body = &data[..data.len() - 16];
         if xxh3_128(body).to_be_bytes() != data[data.len() - 16..] {
@@ -154,13 +270,8 @@ impl Manifest {
             .map_err(|e| bad(path, format!("metadata: {e}")))?;
         let mut rest = &body[HEADER_LEN + meta_len..];
         let mut maps = Vec::with_capacity(meta.disks.len());
-        for (k, d) in meta.disks.iter().enumerate() {
-            if meta.chunk_size == 0 || d.blocks != block_count(d.size, meta.chunk_size) {
-                return Err(bad(path, format!("disk {} has {} blocks for {} bytes", d.name, d.blocks, d.size)));
-            }
-            if meta.disks[..k].iter().any(|o| o.name == d.name) {
-                return Err(bad(path, format!("disk name {:?} appears twice", d.name)));
-            }
+        check_disks(path, &meta)?;
+        for d in meta.disks.iter() {
             if version == MANIFEST_VERSION_DENSE {
                 let need = d
                     .blocks
@@ -184,11 +295,15 @@ impl Manifest {
     }
 
     pub fn load(path: &Path) -> Result<Manifest> {
-        let data = crate::repository::read_bounded(path, MAX_MANIFEST).map_err(|e| match e.kind() {
+        Manifest::decode(path, &Manifest::read(path)?)
+    }
+
+    /// A manifest file's bytes (bounded; no symlinks, no FIFOs).
+    pub fn read(path: &Path) -> Result<Vec<u8>> {
+        crate::repository::read_bounded(path, MAX_MANIFEST).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidData => bad(path, e),
             _ => not_found_or_io(path, e),
-        })?;
-        Manifest::decode(path, &data)
+        })
     }
 
     /// Reads only the header and metadata (no block maps, no checksum check):
@@ -201,7 +316,10 @@ impl Manifest {
         let len = f.metadata().map_err(|e| Error::repo_io(format!("reading {}", path.display()), e))?.len();
         let mut header = [0u8; HEADER_LEN];
         f.read_exact(&mut header).map_err(|_| bad(path, "truncated header"))?;
-        let (meta_len, _) = parse_header(path, &header, len)?;
+        let (meta_len, version) = parse_header(path, &header, len)?;
+        if version == MANIFEST_VERSION_SEALED {
+            return Err(bad(path, "its metadata is sealed"));
+        }
         let mut meta = vec![0u8; meta_len as usize];
         f.read_exact(&mut meta).map_err(|_| bad(path, "truncated metadata"))?;
         serde_json::from_slice(&meta).map_err(|e| bad(path, format!("metadata: {e}")))
@@ -211,6 +329,27 @@ impl Manifest {
     pub fn disk_index(&self, name: Option<&str>) -> Result<usize> {
         find_disk(&self.meta, name)
     }
+}
+
+/// What a sealed manifest shows without its key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PublicManifest {
+    /// Each disk's number of blocks.
+    pub blocks: Vec<u64>,
+    pub maps: Vec<BlockMap>,
+}
+
+/// Block counts that fit the sizes, and disk names unique.
+fn check_disks(path: &Path, meta: &Metadata) -> Result<()> {
+    for (k, d) in meta.disks.iter().enumerate() {
+        if meta.chunk_size == 0 || d.blocks != block_count(d.size, meta.chunk_size) {
+            return Err(bad(path, format!("disk {} has {} blocks for {} bytes", d.name, d.blocks, d.size)));
+        }
+        if meta.disks[..k].iter().any(|o| o.name == d.name) {
+            return Err(bad(path, format!("disk name {:?} appears twice", d.name)));
+        }
+    }
+    Ok(())
 }
 
 pub fn find_disk(meta: &Metadata, name: Option<&str>) -> Result<usize> {
@@ -364,12 +503,42 @@ mod tests {
         }
     }
 
+    #[test]
+    fn sealed_manifests_hide_metadata_and_refuse_any_change() {
+        let key = crate::crypto::derive(&crate::crypto::Secret([5u8; 32])).sealer;
+        let other = crate::crypto::derive(&crate::crypto::Secret([6u8; 32])).sealer;
+        let p = Path::new("t.tib");
+        let mut m = sample(&[3, 0, 5]);
+        m.meta.vm = "secret-vm-name".into();
+        let enc = m.encode_sealed(&key).unwrap();
+        assert!(!enc.windows(14).any(|w| w == b"secret-vm-name"));
+        assert_eq!(Manifest::decode_for(p, &enc, true, Some(&key)).unwrap(), m);
+        let public = Manifest::decode_public(p, &enc).unwrap();
+        assert_eq!(public.maps, m.maps);
+        assert_eq!(public.blocks, vec![3, 0, 5]);
+        assert!(matches!(Manifest::decode_for(p, &enc, true, None), Err(Error::KeyRequired(_))));
+        assert!(Manifest::decode_for(p, &enc, true, Some(&other)).is_err());
+        // An unencrypted repository reads no sealed manifest, an encrypted one no plain manifest.
+        assert!(Manifest::decode_for(p, &enc, false, Some(&key)).is_err());
+        assert!(Manifest::decode_for(p, &m.encode(), true, Some(&key)).is_err());
+        // Any flipped bit: refused, even with the checksum made good again.
+        for i in (0..enc.len() - 16).step_by(7) {
+            let mut e = enc.clone();
+            e[i] ^= 0x08;
+            assert!(Manifest::decode_for(p, &e, true, Some(&key)).is_err(), "flip at {i}");
+            assert!(Manifest::decode_for(p, &resum(e), true, Some(&key)).is_err(), "flip at {i}, resummed");
+        }
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(data in prop::collection::vec(any::<u8>(), 0..300)) {
             let mut d = data.clone();
             if d.len() >= 8 { d[..8].copy_from_slice(MANIFEST_MAGIC); }
             let _ = Manifest::decode(Path::new("x"), &d);
+            let _ = Manifest::decode_public(Path::new("x"), &d);
+            let key = crate::crypto::derive(&crate::crypto::Secret([5u8; 32])).sealer;
+            let _ = Manifest::decode_for(Path::new("x"), &d, true, Some(&key));
         }
     }
 }

@@ -3,6 +3,14 @@
 //! and re-hashed). Every problem is reported, each naming the backups, VMs
 //! and disks it affects; verification never stops at the first. A chunk that
 //! fails is quarantined so that no later backup deduplicates against it.
+//!
+//! An encrypted repository is verified without its key as far as the key is
+//! not needed: each manifest's checksum and block maps (its metadata is
+//! sealed, so problems name no VM and disks go by number), the presence of
+//! every chunk they name, and with `read_data` each chunk file's checksum
+//! over its ciphertext. With the key, everything, as for any repository;
+//! sealed chunks' plaintext lengths are then checked only with `read_data`
+//! (they are inside the ciphertext).
 
 use crate::chunk::{ChunkId, CHUNK_HEADER_LEN};
 use crate::chunk_store::ChunkStore;
@@ -69,10 +77,32 @@ pub fn verify(
     };
     let mut report = VerifyReport::default();
     // chunk -> the (backup, vm, disk) that use it, with the length each needs
+    // (UNKNOWN_LEN: a sealed manifest read without the key)
     let mut users: BTreeMap<ChunkId, BTreeSet<(Affected, u64)>> = BTreeMap::new();
+    let keyless = repo.require_key().is_err();
     for id in &ids {
         cancel.check()?;
         report.backups_checked += 1;
+        if keyless {
+            let path = repo.manifest_path(id);
+            match Manifest::read(&path).and_then(|data| Manifest::decode_public(&path, &data)) {
+                Ok(p) => {
+                    for (k, map) in p.maps.iter().enumerate() {
+                        let who = Affected { backup: id.clone(), vm: String::new(), disk: format!("disk {k}") };
+                        for (_, c) in map.stored() {
+                            users.entry(c).or_default().insert((who.clone(), UNKNOWN_LEN));
+                        }
+                    }
+                }
+                Err(e) => report.problems.push(Problem {
+                    kind: "bad_manifest".into(),
+                    object: id.clone(),
+                    message: e.to_string(),
+                    affected: vec![Affected { backup: id.clone(), vm: String::new(), disk: String::new() }],
+                }),
+            }
+            continue;
+        }
         match repo.load_manifest(id) {
             Ok(m) => {
                 for (d, map) in m.meta.disks.iter().zip(&m.maps) {
@@ -84,7 +114,12 @@ pub fn verify(
                 }
             }
             Err(e) => {
-                let vm = Manifest::load_metadata(&repo.manifest_path(id)).map(|m| m.vm).unwrap_or_default();
+                // A sealed manifest that fails names no VM: its metadata is not trusted.
+                let vm = if repo.keys.encrypted {
+                    String::new()
+                } else {
+                    Manifest::load_metadata(&repo.manifest_path(id)).map(|m| m.vm).unwrap_or_default()
+                };
                 report.problems.push(Problem {
                     kind: "bad_manifest".into(),
                     object: id.clone(),
@@ -100,7 +135,7 @@ pub fn verify(
     let mut ticker = Ticker::new(progress, cancel, chunks.len() as u64);
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
-    let (tx, rx) = bounded::<(ChunkId, Result<(u64, u64)>)>(64);
+    let (tx, rx) = bounded::<(ChunkId, Result<(u64, Option<u64>)>)>(64);
     let mut fatal = None;
     std::thread::scope(|s| {
         let threads = if read_data { worker_threads() } else { 1 };
@@ -126,11 +161,12 @@ pub fn verify(
                 Ok((n, plain_len)) => {
                     report.bytes_checked += n;
                     // Restore refuses a chunk whose plaintext is not exactly its block.
+                    let differs = |len: &u64| plain_len.map(|p| *len != p && *len != UNKNOWN_LEN).unwrap_or(false);
+                    let plain_len = plain_len.unwrap_or(0);
                     let wrong: BTreeSet<&Affected> =
-                        users[&id].iter().filter(|(_, len)| *len != plain_len).map(|(a, _)| a).collect();
+                        users[&id].iter().filter(|(_, len)| differs(len)).map(|(a, _)| a).collect();
                     if !wrong.is_empty() {
-                        let lens: BTreeSet<u64> =
-                            users[&id].iter().map(|(_, l)| *l).filter(|l| *l != plain_len).collect();
+                        let lens: BTreeSet<u64> = users[&id].iter().map(|(_, l)| *l).filter(|l| differs(l)).collect();
                         let lens: Vec<String> = lens.iter().map(|l| l.to_string()).collect();
                         report.problems.push(Problem {
                             kind: "length_mismatch".into(),
@@ -201,12 +237,14 @@ pub fn verify(
     Ok(report)
 }
 
-/// Checks one chunk; returns the bytes re-read and its plaintext length.
-fn check_chunk(store: &ChunkStore, id: &ChunkId, read_data: bool, max_len: usize) -> Result<(u64, u64)> {
+/// The length a block of a sealed manifest read without the key needs: unknown.
+const UNKNOWN_LEN: u64 = u64::MAX;
+
+/// Checks one chunk; returns the bytes re-read and its plaintext length
+/// (None: sealed, and not opened).
+fn check_chunk(store: &ChunkStore, id: &ChunkId, read_data: bool, max_len: usize) -> Result<(u64, Option<u64>)> {
     if read_data {
-        let raw = store.read_raw(id)?;
-        let plain = crate::chunk::decode(id, &raw, max_len)?;
-        return Ok((raw.len() as u64, plain.len() as u64));
+        return store.check(id);
     }
     let corrupt = |reason: String| Error::CorruptChunk { id: id.to_hex(), reason };
     let (file_len, header) = match read_header(&store.path(id)) {
@@ -218,11 +256,18 @@ fn check_chunk(store: &ChunkStore, id: &ChunkId, read_data: bool, max_len: usize
     if (file_len as usize) < CHUNK_HEADER_LEN {
         return Err(corrupt(format!("file is {file_len} bytes, shorter than its header")));
     }
+    if store.sealed() {
+        let whole = store.whole_file_len(&header).map_err(corrupt)?.unwrap_or(file_len);
+        if whole != file_len {
+            return Err(corrupt(format!("sealed chunk file is {file_len} bytes, its header says {whole}")));
+        }
+        return Ok((0, None));
+    }
     let plain_len = crate::chunk::check_header(&header, max_len).map_err(corrupt)?;
     if header[4] == crate::chunk::ENC_STORED && file_len != (CHUNK_HEADER_LEN + plain_len) as u64 {
         return Err(corrupt(format!("stored chunk file is {file_len} bytes for {plain_len} of plaintext")));
     }
-    Ok((0, plain_len as u64))
+    Ok((0, Some(plain_len as u64)))
 }
 
 /// The length and first `CHUNK_HEADER_LEN` bytes of a chunk file, which

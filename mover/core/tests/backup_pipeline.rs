@@ -3,7 +3,6 @@
 
 use vmbackup_mover::backup::{BackupSession, DiskRequest};
 use vmbackup_mover::backup_reader::BackupReader;
-use vmbackup_mover::chunk::ChunkId;
 use vmbackup_mover::chunk_store::ChunkStore;
 use vmbackup_mover::progress::{Cancel, NoProgress};
 use vmbackup_mover::repository::Repository;
@@ -18,7 +17,7 @@ fn a_failed_chunk_write_is_stored_again_by_the_same_session() {
     // Eight distinct blocks; the chunk directory of the first one's id is
     // replaced by a file, so creating that chunk fails (ENOTDIR) even as root.
     let data: Vec<u8> = (0..8 * BS).map(|i| ((i / BS) as u8).wrapping_mul(37).wrapping_add(i as u8 % 5 + 1)).collect();
-    let first = ChunkId::of(&data[..BS]);
+    let first = ChunkStore::new(&repo).id_of(&data[..BS]).unwrap();
     let store = ChunkStore::new(&repo);
     let sub = store.path(&first).parent().unwrap().to_path_buf();
     std::fs::remove_dir(&sub).unwrap();

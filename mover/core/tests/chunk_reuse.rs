@@ -4,7 +4,7 @@
 use std::fs;
 use vmbackup_mover::backup::{BackupSession, DiskRequest};
 use vmbackup_mover::backup_reader::BackupReader;
-use vmbackup_mover::chunk::{self, ChunkId, Compression, CHUNK_HEADER_LEN};
+use vmbackup_mover::chunk::{self, Compression, CHUNK_HEADER_LEN};
 use vmbackup_mover::chunk_store::ChunkStore;
 use vmbackup_mover::progress::{Cancel, NoProgress};
 use vmbackup_mover::repository::Repository;
@@ -31,7 +31,7 @@ fn torn_chunks_of_any_length_are_not_reused() {
         .enumerate()
     {
         let data = sample(1 << 20, n as u32);
-        let id = ChunkId::of(&data);
+        let id = ChunkStore::new(&repo).id_of(&data).unwrap();
         let mut enc = chunk::encode(&data, c).unwrap();
         if legacy {
             enc[5..8].fill(0); // as written before the header recorded the payload length
@@ -61,7 +61,7 @@ fn a_fifo_or_a_symlink_in_place_of_a_chunk_is_not_reused() {
     let repo = repo(dir.path());
     let store = ChunkStore::new(&repo);
     let data = sample(1000, 1);
-    let id = ChunkId::of(&data);
+    let id = ChunkStore::new(&repo).id_of(&data).unwrap();
     let outside = dir.path().join("outside");
     fs::write(&outside, chunk::encode(&data, Compression::None).unwrap()).unwrap();
     std::os::unix::fs::symlink(&outside, store.path(&id)).unwrap();
@@ -88,7 +88,7 @@ fn a_backup_over_a_torn_chunk_stores_it_again() {
     };
     backup(&repo);
     let store = ChunkStore::new(&repo);
-    let path = store.path(&ChunkId::of(&data));
+    let path = store.path(&store.id_of(&data).unwrap());
     let whole = fs::read(&path).unwrap();
     fs::write(&path, &whole[..whole.len() - 100]).unwrap();
     let second = backup(&repo);

@@ -10,13 +10,23 @@ use pyo3::prelude::*;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vmbackup_mover::backup::{BackupSession as CoreSession, DiskRequest};
+use vmbackup_mover::crypto::Secret;
 use vmbackup_mover::extents::Extent;
 use vmbackup_mover::nbd::client::NbdOptions;
-use vmbackup_mover::repository::Repository;
+use vmbackup_mover::repository::{NewKeys, Repository};
 use vmbackup_mover::{catalog, gc as core_gc, restore, source, verify as core_verify, Error};
 
-fn open(repo: &str) -> PyResult<Repository> {
+/// Opens a repository with the key this process registered for it, if any.
+fn open_any(repo: &str) -> PyResult<Repository> {
     Repository::open(Path::new(repo)).map_err(to_py)
+}
+
+/// Opens a repository that must be readable: an encrypted one needs its key
+/// (KeyRequiredError otherwise).
+fn open(repo: &str) -> PyResult<Repository> {
+    let r = open_any(repo)?;
+    r.require_key().map_err(to_py)?;
+    Ok(r)
 }
 
 fn parse_json(what: &str, text: Option<&str>) -> PyResult<serde_json::Value> {
@@ -28,17 +38,48 @@ fn parse_json(what: &str, text: Option<&str>) -> PyResult<serde_json::Value> {
     }
 }
 
+#[pyfunction(chunk_size = "1048576", compression = "\"zstd:1\"", key = "None")]
+#[pyo3(text_signature = "(path, chunk_size=1048576, compression='zstd:1', key=None)")]
+pub fn init_repository(
+    path: &str,
+    chunk_size: u64,
+    compression: &str,
+    key: Option<&[u8]>,
+) -> PyResult<RepositoryConfig> {
+    let keys = match key {
+        Some(k) => NewKeys::Encrypted(Secret::from_slice(k).map_err(to_py)?),
+        None => NewKeys::Unencrypted,
+    };
+    let repo = Repository::create(Path::new(path), chunk_size, compression, keys).map_err(to_py)?;
+    Ok(repo.config.into())
+}
+
 #[pyfunction(chunk_size = "1048576", compression = "\"zstd:1\"")]
 #[pyo3(text_signature = "(path, chunk_size=1048576, compression='zstd:1')")]
-pub fn init_repository(path: &str, chunk_size: u64, compression: &str) -> PyResult<RepositoryConfig> {
-    let repo = Repository::init(Path::new(path), chunk_size, compression).map_err(to_py)?;
+pub fn init_legacy_repository(path: &str, chunk_size: u64, compression: &str) -> PyResult<RepositoryConfig> {
+    let repo = Repository::create(Path::new(path), chunk_size, compression, NewKeys::Legacy).map_err(to_py)?;
     Ok(repo.config.into())
 }
 
 #[pyfunction]
 #[pyo3(text_signature = "(path)")]
 pub fn open_repository(path: &str) -> PyResult<RepositoryConfig> {
-    Ok(open(path)?.config.into())
+    Ok(open_any(path)?.config.into())
+}
+
+#[pyfunction]
+#[pyo3(text_signature = "(path, key)")]
+pub fn unlock_repository(py: Python, path: &str, key: &[u8]) -> PyResult<RepositoryConfig> {
+    let key = key.to_vec();
+    let repo = py.allow_threads(|| Repository::unlock(Path::new(path), &key)).map_err(to_py)?;
+    Ok(repo.config.into())
+}
+
+#[pyfunction]
+#[pyo3(text_signature = "(path, data)")]
+pub fn repository_chunk_id(path: &str, data: &[u8]) -> PyResult<String> {
+    let repo = open(path)?;
+    Ok(repo.id_hash().map_err(to_py)?.id(data).to_hex())
 }
 
 /// Every method takes `&self`, so that several Python threads can add disks
@@ -161,9 +202,19 @@ impl BackupSession {
     }
 }
 
-#[pyfunction(disk = "None", format = "\"raw\"", overwrite = "false", progress = "None", cancel = "None")]
+#[pyfunction(
+    disk = "None",
+    format = "\"raw\"",
+    overwrite = "false",
+    progress = "None",
+    cancel = "None",
+    existing = "false",
+    blank = "false",
+    extents = "None",
+    compare = "false"
+)]
 #[pyo3(
-    text_signature = "(repo, backup_id, output, disk=None, format='raw', overwrite=False, progress=None, cancel=None)"
+    text_signature = "(repo, backup_id, output, disk=None, format='raw', overwrite=False, progress=None, cancel=None, existing=False, blank=False, extents=None, compare=False)"
 )]
 #[allow(clippy::too_many_arguments)]
 pub fn restore_disk(
@@ -176,13 +227,24 @@ pub fn restore_disk(
     overwrite: bool,
     progress: Option<PyObject>,
     cancel: Option<CancelToken>,
+    existing: bool,
+    blank: bool,
+    extents: Option<Vec<(u64, u64)>>,
+    compare: bool,
 ) -> PyResult<RestoreResult> {
     let repo = open(repo)?;
     let cancel = cancel_of(cancel);
     let mut prog = PyProgress::new(progress);
-    let r = py.allow_threads(|| {
-        restore::restore_disk_as(&repo, backup_id, disk, Path::new(output), format, overwrite, &mut prog, &cancel)
-    });
+    let opts = restore::RestoreOptions {
+        format: format.to_string(),
+        overwrite,
+        existing,
+        blank,
+        extents: extents.map(|v| v.into_iter().map(|(s, l)| Extent::new(s, l)).collect()),
+        compare,
+        ..Default::default()
+    };
+    let r = py.allow_threads(|| restore::restore(&repo, backup_id, disk, Path::new(output), &opts, &mut prog, &cancel));
     prog.finish(r).map(RestoreResult::from)
 }
 
@@ -211,7 +273,8 @@ pub fn verify(
     progress: Option<PyObject>,
     cancel: Option<CancelToken>,
 ) -> PyResult<VerifyResult> {
-    let repo = open(repo)?;
+    // Without the key, verify checks what needs none (see _mover.pyi).
+    let repo = open_any(repo)?;
     let cancel = cancel_of(cancel);
     let mut prog = PyProgress::new(progress);
     let ids = ids.unwrap_or_default();

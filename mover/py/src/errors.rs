@@ -13,6 +13,8 @@ fn class_name(e: &Error) -> &'static str {
         Error::Repository(_) | Error::RepositoryIo { .. } => "RepositoryError",
         Error::RepositoryUnavailable { .. } => "RepositoryUnavailableError",
         Error::CorruptChunk { .. } => "CorruptChunkError",
+        Error::WrongKey(_) => "WrongKeyError",
+        Error::KeyRequired(_) => "KeyRequiredError",
         Error::Target { .. } => "TargetError",
         Error::AddressInUse { .. } => "AddressInUseError",
         Error::NotFound(_) => "NotFoundError",

@@ -37,6 +37,7 @@ impl DiskReader {
     fn backup(py: Python, repo: &str, backup_id: &str, disk: Option<&str>) -> PyResult<DiskReader> {
         let r = py.allow_threads(|| -> Result<BackupReader, Error> {
             let repo = Repository::open(Path::new(repo))?;
+            repo.require_key()?;
             BackupReader::open(&repo, backup_id, disk)
         });
         Ok(DiskReader { inner: Box::new(r.map_err(to_py)?) })

@@ -75,7 +75,15 @@ pub struct RestoreResult {
     #[pyo3(get)]
     pub bytes_written: u64,
     #[pyo3(get)]
+    pub bytes_punched: u64,
+    #[pyo3(get)]
     pub zero_blocks: u64,
+    #[pyo3(get)]
+    pub blocks_written: u64,
+    #[pyo3(get)]
+    pub blocks_compared: u64,
+    #[pyo3(get)]
+    pub blocks_skipped: u64,
     #[pyo3(get)]
     pub seconds: f64,
 }
@@ -87,7 +95,11 @@ impl From<RestoreStats> for RestoreResult {
             disk: s.disk,
             disk_size: s.disk_size,
             bytes_written: s.bytes_written,
+            bytes_punched: s.bytes_punched,
             zero_blocks: s.zero_blocks,
+            blocks_written: s.blocks_written,
+            blocks_compared: s.blocks_compared,
+            blocks_skipped: s.blocks_skipped,
             seconds: s.seconds,
         }
     }
@@ -228,11 +240,20 @@ pub struct RepositoryConfig {
     pub compression: String,
     #[pyo3(get)]
     pub created: String,
+    #[pyo3(get)]
+    pub encrypted: bool,
+    #[pyo3(get)]
+    pub id_hash: String,
+    #[pyo3(get)]
+    pub encryption: String,
 }
 
 impl From<Config> for RepositoryConfig {
     fn from(c: Config) -> Self {
         RepositoryConfig {
+            encrypted: c.encrypted(),
+            id_hash: c.id_hash_name().to_string(),
+            encryption: c.encryption_name().to_string(),
             format: c.format,
             version: c.version,
             id: c.id,
@@ -254,12 +275,15 @@ impl RepositoryConfig {
         d.set_item("chunk_size", self.chunk_size)?;
         d.set_item("compression", &self.compression)?;
         d.set_item("created", &self.created)?;
+        d.set_item("encrypted", self.encrypted)?;
+        d.set_item("id_hash", &self.id_hash)?;
+        d.set_item("encryption", &self.encryption)?;
         Ok(d)
     }
     fn __repr__(&self) -> String {
         format!(
-            "RepositoryConfig(id={:?}, chunk_size={}, compression={:?})",
-            self.id, self.chunk_size, self.compression
+            "RepositoryConfig(id={:?}, chunk_size={}, compression={:?}, id_hash={:?}, encryption={:?})",
+            self.id, self.chunk_size, self.compression, self.id_hash, self.encryption
         )
     }
 }

@@ -1,0 +1,234 @@
+"""`vmbackup restore` and `vmbackup maintain drill` as a user runs them, on
+the shared small lab and the session's Prefect server: the rows' contract,
+restored disks equal to the backup byte for byte (`vmbackup lab disk-image`
+of the new VM), a name in use refused, a drill that passes, and one that
+fails when the lab corrupts what was restored.
+
+Each test backs up into a repository of its own (the lab's plan with another
+`repository`) and removes the VMs it restored, so the shared lab's VMs stay
+what the other tests expect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+from vmbackup import _mover, results
+
+from .conftest import backup, run, sha
+
+VSPHERE_VMS = ["web01", "db01"]  # three buses between them: scsi, nvme, sata
+CONTRACT = {"vm", "hypervisor", "status", "point", "restored_as", "host", "disks", "seconds", "error"}
+
+
+def _plan(e2e, tmp_path, **changes):
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    return e2e.write_plan(tmp_path / "plan.yaml", repository=repo, **changes), str(repo)
+
+
+def restore(*args: str, env: dict, expect: int = 0) -> list[dict]:
+    p = run("restore", *args, "--json", env=env, expect=expect)
+    return json.loads(p.stdout)["vms"]
+
+
+def _vsphere_vm_names(e2e) -> set[str]:
+    return {v["name"] for v in e2e.lab.status()["vms"]}
+
+
+@contextlib.contextmanager
+def removed_afterwards(e2e):
+    """Destroys the VMs that appeared in the lab's vCenter meanwhile (the
+    shared lab's VM list stays what the other tests expect)."""
+    before = _vsphere_vm_names(e2e)
+    try:
+        yield
+    finally:
+        extra = _vsphere_vm_names(e2e) - before
+        if extra:
+            from pydantic import SecretStr
+            from pyVmomi import vim, vmodl
+            from vmbackup.plan import load_plan
+            from vmbackup.vsphere.client import VSphereClient
+            from vmbackup.vsphere.tasks import wait_task
+
+            with VSphereClient.connect(load_plan(e2e.plan).connection, SecretStr(e2e.password)) as client:
+                for vm in client.objects(vim.VirtualMachine):
+                    with contextlib.suppress(vmodl.fault.ManagedObjectNotFound):  # gone meanwhile
+                        if vm.name in extra:
+                            if str(vm.runtime.powerState) == "poweredOn":
+                                wait_task(vm.PowerOffVM_Task(), f"powering off {vm.name}")
+                            wait_task(vm.Destroy_Task(), f"destroying {vm.name}")
+
+
+def _disk_equal(e2e, env, repo, point, vm, disk, tmp_path) -> bool:
+    image, saved = tmp_path / f"{vm}-{disk}.img", tmp_path / f"{vm}-{disk}.saved"
+    run("lab", "disk-image", "--state", str(e2e.lab.state), "--vm", vm, "--disk", disk, str(image), env=env)
+    _mover.restore_disk(repo, point, str(saved), disk=disk)
+    return sha(image) == sha(saved)
+
+
+def test_vsphere_vms_restored_as_new_vms_equal_to_the_backup(small_lab, env, tmp_path):
+    lab = small_lab.lab
+    plan, repo = _plan(small_lab, tmp_path)
+    lab.write("web01", "scsi0:0", 5 << 20, 1 << 20, seed=31)
+    lab.write("db01", "sata0:0", 0, 2 << 20, seed=32)
+    points = {r["vm"]: r for r in backup("--plan", str(plan), *[a for v in VSPHERE_VMS for a in ("--vm", v)], env=env)}
+    assert all(r["status"] == "ok" for r in points.values()), points
+
+    with removed_afterwards(small_lab):
+        rows = restore("--plan", str(plan), "--vm", "web01", "--vm", "db01", env=env)
+        assert [r["vm"] for r in rows] == VSPHERE_VMS
+        for r in rows:
+            assert set(results.row_fields(results.RestoreResult)) == set(r) and CONTRACT <= set(r), r
+            assert r["status"] == "ok" and r["error"] is None, r
+            assert r["hypervisor"] == "vsphere" and r["restored_as"] == f"{r['vm']}-restored", r
+            assert r["point"] == points[r["vm"]]["backup_id"] and r["host"] == points[r["vm"]]["host"], r
+            assert r["seconds"] > 0 and r["bytes_written"] > 0, r
+            backed_up = {d["name"] for d in points[r["vm"]]["disks"]}
+            assert {d["disk"] for d in r["disks"]} == backed_up, r
+            for d in r["disks"]:
+                assert set(d) >= {"disk", "bytes_written", "seconds"}, d
+                assert _disk_equal(small_lab, env, repo, r["point"], r["restored_as"], d["disk"], tmp_path), d
+            # A new identity, said in the row.
+            assert r["changes"] and r["vm_id"] and r["vm_id"] != points[r["vm"]]["vm_id"], r
+
+        # The same restore again: the name is in use. One line, exit 2, nothing new.
+        before = _vsphere_vm_names(small_lab)
+        p = run("restore", "--plan", str(plan), "--vm", "web01", "--json", env=env, expect=2)
+        lines = p.stderr.strip().splitlines()
+        assert p.stdout == "" and "web01-restored exists already" in lines[-1], p.stderr
+        assert len([x for x in lines if x.startswith("vmbackup:")]) == 1, p.stderr
+        assert _vsphere_vm_names(small_lab) == before
+
+
+def _drill_plan(e2e, tmp_path):
+    network = "VM Network"  # the simulator's standard port group on every host
+    return _plan(e2e, tmp_path, drill={"vsphere": {"network": network}, "sample": 2, "vms": VSPHERE_VMS})
+
+
+def test_drill_passes_then_fails_when_the_lab_corrupts_a_restored_disk(small_lab, env, tmp_path):
+    lab = small_lab.lab
+    plan, repo = _drill_plan(small_lab, tmp_path)
+    backup("--plan", str(plan), *[a for v in VSPHERE_VMS for a in ("--vm", v)], env=env)
+
+    with removed_afterwards(small_lab):
+        before = _vsphere_vm_names(small_lab)
+        # One VM per run, the least recently drilled first: db01 (never, and first by name), then web01.
+        drilled = []
+        for _ in VSPHERE_VMS:
+            p = run("maintain", "drill", "--plan", str(plan), "--sample", "1", "--json", env=env)
+            report = json.loads(p.stdout)
+            assert len(report["passed"]) == 1 and report["failed"] == [], report
+            [r] = report["vms"]
+            assert r["status"] == "ok" and r["verified"] is True and r["powered_on"] is True, r
+            assert r["restored_as"].startswith(f"drill-{r['vm']}-") and r["seconds"] > 0, r
+            drilled.append(r["vm"])
+        assert drilled == sorted(VSPHERE_VMS), drilled
+        # Removed: the lab has the VMs it had.
+        assert _vsphere_vm_names(small_lab) == before
+        record = json.loads((tmp_path / "repo" / "drills.json").read_text())["vms"]
+        assert sorted(record) == sorted(VSPHERE_VMS) and all(v["passed"] for v in record.values())
+
+        # The lab flips bytes of what a restore writes into a new disk of web01's host.
+        host = r["host"]  # web01's, drilled last
+        run("lab", "fault", "--state", str(lab.state), "--host", host, "--set", "corrupt_restore", env=env)
+        try:
+            p = run("maintain", "drill", "--plan", str(plan), "--vm", "web01", "--json", env=env, expect=1)
+        finally:
+            run("lab", "fault", "--state", str(lab.state), "--host", host, env=env)
+        report = json.loads(p.stdout)
+        assert report["failed"] == ["web01"] and report["passed"] == [], report
+        [r] = report["vms"]
+        assert r["status"] == "failed" and "differs from backup point" in r["error"], r
+        assert "drill" in p.stderr and "web01" in p.stderr
+        assert _vsphere_vm_names(small_lab) == before  # the failed drill's VM is removed too
+
+
+def test_hyperv_vm_and_a_vsphere_vm_restored_onto_a_hyperv_host(default_lab, state_dir, tmp_path):
+    """One run, two VMs onto hv1: Hyper-V's win01 as a new VM, and vSphere's
+    web01 across hypervisors; every disk keeps its name (SCSI on both) and
+    equals the backup; restored Hyper-V VMs are in `lab status`."""
+    e2e = default_lab
+    env = e2e.env(state_dir)
+    plan, repo = _plan(e2e, tmp_path)
+    points = {r["vm"]: r for r in backup("--plan", str(plan), "--vm", "win01", "--vm", "web01", env=env)}
+    assert all(p["status"] == "ok" for p in points.values()), points
+    rows = restore("--plan", str(plan), "--vm", "win01", "--vm", "web01", "--host", "hv1", env=env)
+    try:
+        status = json.loads(run("lab", "status", "--state", str(e2e.lab.state), "--json", env=env).stdout)
+        listed = {v["name"]: v for h in status["hyperv_hosts"] for v in h["vms"]}
+        for r in rows:
+            point = points[r["vm"]]
+            assert CONTRACT <= set(r) and r["status"] == "ok", r
+            assert (r["hypervisor"], r["host"], r["source_hypervisor"]) == ("hyperv", "hv1", point["hypervisor"]), r
+            assert r["restored_as"] == f"{r['vm']}-restored" and r["point"] == point["backup_id"], r
+            assert sorted(d["disk"] for d in r["disks"]) == sorted(d["name"] for d in point["disks"]), r
+            assert sorted(d["name"] for d in listed[r["restored_as"]]["disks"]) == sorted(d["disk"] for d in r["disks"])
+            for d in r["disks"]:
+                assert _disk_equal(e2e, env, repo, r["point"], r["restored_as"], d["disk"], tmp_path), d
+    finally:
+        for r in rows:
+            _remove_hyperv_vm(e2e, r)
+
+
+def _remove_hyperv_vm(e2e, r: dict) -> None:
+    """Removes a restored Hyper-V VM and its folder with the adapter's own
+    script (the shared lab keeps the VMs the other tests expect)."""
+    if r.get("status") != "ok":
+        return
+    from pydantic import SecretStr
+    from vmbackup.hyperv.inventory import connect
+    from vmbackup.plan import load_plan
+
+    host = load_plan(e2e.plan).hyperv_host(r["host"])
+    client = connect(host, SecretStr(e2e.hyperv_password))
+    client.run_script(
+        "Remove-VmbackupRestore.ps1", {"RestoreId": "e2e-cleanup", "VMId": r["vm_id"], "Path": r["location"]}
+    )
+    assert r["restored_as"] not in e2e.lab.hyperv_host(r["host"]).vm_names()
+
+
+def _attached(lab) -> int:
+    return sum(c["now"] for c in lab.status()["counters"]["attached_disks"]["agent"].values())
+
+
+def test_restore_killed_mid_way_is_reconciled_by_the_next_one(small_lab, env, tmp_path):
+    """kill -9 of `vmbackup restore` while the new VM's disk is attached to the
+    agent; the same restore again removes the half-made VM first and succeeds:
+    exactly one VM whose name starts with the requested one, nothing attached."""
+    import subprocess
+    import sys
+
+    lab = small_lab.lab
+    plan, repo = _plan(small_lab, tmp_path)
+    [point] = backup("--plan", str(plan), "--vm", "app01", env=env)
+    host = point["host"]
+    with removed_afterwards(small_lab):
+        # Slow tasks on the host (CreateVM, the hot-add's ReconfigVM): the restore is caught mid-way.
+        lab.set_faults(host=host, slow_ms=1500)
+        try:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "vmbackup", "restore", "--plan", str(plan), "--vm", "app01", "--json"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                # Watch the lab (no sleeps) until the new VM exists with a disk on the agent, then kill at once.
+                while p.poll() is None and not ("app01-restored" in _vsphere_vm_names(small_lab) and _attached(lab)):
+                    pass
+                assert p.poll() is None, "the restore ended before it was caught mid-way"
+                p.kill()
+            finally:
+                p.kill()
+                p.wait()
+        finally:
+            lab.set_faults(host=host)
+        assert "app01-restored" in _vsphere_vm_names(small_lab)  # half-made, left by the kill
+
+        [r] = restore("--plan", str(plan), "--vm", "app01", env=env)
+        assert r["status"] == "ok" and r["restored_as"] == "app01-restored", r
+        assert sorted(n for n in _vsphere_vm_names(small_lab) if n.startswith("app01-restored")) == ["app01-restored"]
+        assert _attached(lab) == 0 and r["disks"] and all(d["bytes_written"] > 0 for d in r["disks"]), r
