@@ -54,6 +54,10 @@ class PsSampler:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        # At the lowest priority (this thread, and the `ps` it starts, which
+        # inherit it): it samples without end, but on the CPU time the
+        # commands under test leave, instead of taking a core from them.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while not self.stop.is_set():
             self.samples.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
 

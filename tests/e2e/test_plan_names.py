@@ -16,6 +16,7 @@ lab of vSphere and the Hyper-V host hv1 (the default lab), through
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.server
 import json
@@ -122,19 +123,49 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_a_name_no_hypervisor_has_is_one_line_exit_2_before_any_snapshot(default_lab, state_dir, tmp_path, case):
+@pytest.fixture(scope="module")
+def name_runs(default_lab, state_dir, tmp_path_factory):
+    """Every case of CASES through `vmbackup backup`, a few at once (each
+    its own plan and repository; none may touch the lab, so they cannot
+    disturb each other): the lab's counters before them all and after them
+    all, and each case's finished command. A run takes seconds, mostly
+    Python and Prefect starting: side by side they use both cores."""
     e2e = default_lab
-    selection, agents, hyperv_only, message = CASES[case]
-    plan = _plan(e2e, tmp_path, selection, agents, hyperv_only)
     env = e2e.env(state_dir)
+    plans = {}
+    for i, case in enumerate(CASES):
+        selection, agents, hyperv_only, _ = CASES[case]
+        plans[case] = _plan(e2e, tmp_path_factory.mktemp(f"names{i}"), selection, agents, hyperv_only)
     before = _counters(e2e)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        done = {
+            case: pool.submit(
+                subprocess.run,
+                [sys.executable, "-m", "vmbackup", "backup", "--plan", str(plan), "--json"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=900,
+            )
+            for case, plan in plans.items()
+        }
+        runs = {case: f.result() for case, f in done.items()}
+    return before, _counters(e2e), runs
 
-    p = run("backup", "--plan", str(plan), "--json", env=env, expect=2)
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_name_no_hypervisor_has_is_one_line_exit_2_before_any_snapshot(default_lab, name_runs, case):
+    e2e = default_lab
+    message = CASES[case][3]
+    before, after, runs = name_runs
+    p = runs[case]
+
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr
+    assert p.returncode == 2, f"{case} -> {p.returncode}\n{p.stdout}\n{p.stderr}"
     line = message.format(vc=VC.format(url=e2e.plan_data()["connection"]["url"]))
     assert _errors(p) == [f"vmbackup: error: {line}"], p.stderr
     assert p.stdout == ""
-    assert _counters(e2e) == before  # no snapshot, no shadow copy, nothing attached
+    assert after == before  # no snapshot, no shadow copy, nothing attached (by this case nor any other)
     for secret in (e2e.password, e2e.hyperv_password):
         assert secret not in p.stdout + p.stderr
 

@@ -701,6 +701,7 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
         env=env,
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # _stop ends its process group
         cwd="/",
     )
     site["procs"].append(watch)
@@ -716,6 +717,39 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
     worker.wait()
     assert lab.status()["counters"]["attached_disks"]["agent"][killed]["now"] > 0
     t_kill = time.monotonic()
+    # systemd restarts the worker (Restart=on-failure, RestartSec=10): it is
+    # back while the dead run's slots and heartbeat run out (it never takes
+    # up a Running run), ready for the next nightly run below.
+    w, log = _start_worker(env, killed, killed, log)
+    site["procs"].append(w)
+    site["workers"][killed] = (w, log)
+
+    # The other agent's run ends on its own; then what is left in the lab is
+    # the dead run's alone, and the sweepers run (both at once, on the
+    # control worker) while its slots and its heartbeat run out.
+    while True:
+        (other,) = [r for r in _flow_runs(env, AGENTS[1]) if str(r.id) not in seen]
+        if other.state.is_final():
+            break
+        time.sleep(1)  # a pause between polls of the condition, not a wait for it
+    assert other.state.is_completed(), other.state
+    print(f"{AGENTS[1]}'s run ended {time.monotonic() - t_kill:.1f} s after the kill")
+    assert any(c["now"] for c in lab.status()["counters"]["snapshots"]["host"].values())
+    sweeps = {}
+    for deployment in ("sweep_vsphere/vsphere-sweep", "sweep_hyperv/hyperv-sweep"):
+        sweep_out = Path(site["plan"]).parent / f"watch-{deployment.split('/')[1]}.log"
+        sweeps[deployment] = (
+            subprocess.Popen(
+                [PREFECT, "deployment", "run", deployment, "--param", "older_than_seconds=0", "--watch"],
+                env=env,
+                stdout=open(sweep_out, "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # _stop ends its process group
+                cwd="/",
+            ),
+            sweep_out,
+        )
+        site["procs"].append(sweeps[deployment][0])
 
     # Its limit slots come back when the lease (60 s) expires.
     names = [limits.limit_name("agent", killed), limits.limit_name("host", "esx1")]
@@ -737,12 +771,12 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
     assert lost and set(lost) <= set(dead[0].parameters["vms"]), rows
     assert all(r["status"] == "ok" for r in rows if r["agent"] == AGENTS[1]), rows
 
-    # The sweeper removes the snapshot and the attachment the dead run left.
-    assert any(c["now"] for c in lab.status()["counters"]["snapshots"]["host"].values())
-    p = _run(
-        [PREFECT, "deployment", "run", "sweep_vsphere/vsphere-sweep", "--param", "older_than_seconds=0", "--watch"], env
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
+    # The vSphere sweeper removed the snapshot and the attachment the dead run left.
+    p, sweep_out = sweeps["sweep_vsphere/vsphere-sweep"]
+    assert p.wait(timeout=600) == 0, sweep_out.read_text()
+    p, sweep_out = sweeps["sweep_hyperv/hyperv-sweep"]
+    assert p.wait(timeout=600) == 0, sweep_out.read_text()
+    print(f"sweepers ended {time.monotonic() - t_kill:.1f} s after the kill")
     counters = lab.status()["counters"]
     assert all(
         c["now"] == 0
@@ -752,17 +786,10 @@ def test_worker_killed_mid_run_slots_return_sweeper_cleans_next_run_backs_up(sit
     ), counters
     # And the Hyper-V sweeper any shadow copy the dead run left (it had
     # Hyper-V VMs too): nothing of this system stays on the host.
-    p = _run(
-        [PREFECT, "deployment", "run", "sweep_hyperv/hyperv-sweep", "--param", "older_than_seconds=0", "--watch"], env
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
     st = _hyperv_host(lab).status()
     assert st["shadow_copies"] == [] and st["runs"] == [], (st["shadow_copies"], st["runs"])
 
-    # The agent's worker comes back (systemd restarts it); the next run backs those VMs up.
-    w, log = _start_worker(env, killed, killed, log)
-    site["procs"].append(w)
-    site["workers"][killed] = (w, log)
+    # The next run backs those VMs up.
     p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
     assert p.returncode == 0, p.stdout + p.stderr
     planner = [r for r in _flow_runs(env, "nightly") if r.state.is_completed()]
