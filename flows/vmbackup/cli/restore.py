@@ -48,6 +48,16 @@ def add_parser(sub: Any) -> None:
     where.add_argument("--datastore", metavar="DS", help="vSphere: the new VM's datastore")
     where.add_argument("--path", metavar="DIR", help="Hyper-V: the folder the new VM goes under (D:\\VMs)")
     sp.add_argument(
+        "--folder",
+        metavar="PATH",
+        help="vSphere: the VM folder of the new VM (drills or lab/drills; default: the datacenter's VM folder)",
+    )
+    sp.add_argument(
+        "--resource-pool",
+        metavar="PATH",
+        help="vSphere: the resource pool of the new VM (default: the host's root pool)",
+    )
+    sp.add_argument(
         "--network-map",
         action="append",
         metavar="FROM=TO",
@@ -109,6 +119,8 @@ def check(args: argparse.Namespace) -> Any:
         network_map=restore_input.parse_network_map(args.network_map),
         power_on=args.power_on,
         in_place=args.in_place,
+        folder=args.folder,
+        resource_pool=args.resource_pool,
     )
     restore_input.passwords(plan, jobs, env_only=True)
     return jobs
@@ -147,6 +159,8 @@ def run_restore(args: argparse.Namespace) -> int:
                 network_map=restore_input.parse_network_map(args.network_map) or None,
                 power_on=args.power_on,
                 in_place=args.in_place,
+                folder=args.folder,
+                resource_pool=args.resource_pool,
                 vm_deadline_seconds=args.vm_timeout or None,
             )
     except (BackupError, KeyboardInterrupt):

@@ -291,6 +291,8 @@ def restore_vm(
     network_map: dict[str, str] | None = None,
     power_on: bool = False,
     in_place: bool = False,
+    folder: str | None = None,
+    resource_pool: str | None = None,
     vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
     lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
     password_secret: str | None = None,
@@ -313,6 +315,9 @@ def restore_vm(
         network_map: a network (port group or switch) of the backup -> the target's network.
         power_on: power the VM on once restored.
         in_place: roll the existing, powered-off VM back to the point (only what differs is written).
+        folder: vSphere: the VM folder of the new VM (a path such as drills or lab/drills); default: the
+            datacenter's VM folder.
+        resource_pool: vSphere: the resource pool of the new VM (a path under the host's root pool).
         vm_deadline_seconds: cancel a VM's restore after this long.
         lease_seconds: how long a dead run keeps a limit's slot.
         password_secret: the name of the Secret block with the vSphere password (not a password).
@@ -340,6 +345,8 @@ def restore_vm(
         network_map=network_map,
         power_on=power_on,
         in_place=in_place,
+        folder=folder,
+        resource_pool=resource_pool,
         assign=False,
     )
     restore_input.assign_agents(jobs, only_agent(plan, agent))

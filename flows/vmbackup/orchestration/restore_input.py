@@ -195,6 +195,8 @@ def resolve(
     network_map: dict[str, str] | None = None,
     power_on: bool = False,
     in_place: bool = False,
+    folder: str | None = None,
+    resource_pool: str | None = None,
     assign: bool = True,
 ) -> list[RestoreJob]:
     """One job per VM of ``vms``, or ``RestoreInputError`` naming the first
@@ -241,6 +243,11 @@ def resolve(
             raise RestoreInputError("--path is a Hyper-V host's folder: a vSphere restore takes --datastore")
         if target == HYPERV and datastore is not None:
             raise RestoreInputError("--datastore is a vSphere datastore: a Hyper-V restore takes --path")
+        if target == HYPERV and (folder is not None or resource_pool is not None):
+            what = "--folder" if folder is not None else "--resource-pool"
+            raise RestoreInputError(f"{what} is vSphere's: a Hyper-V restore takes --path")
+        if in_place and (folder is not None or resource_pool is not None):
+            raise RestoreInputError("--in-place rolls the VM back where it is: it takes no --folder or --resource-pool")
         target_host = host
         storage: list[str] = []
         if target == HYPERV:
@@ -276,6 +283,8 @@ def resolve(
             network_map=dict(network_map or {}),
             power_on=power_on,
             in_place=in_place,
+            folder=folder.strip("/") if folder else None,
+            resource_pool=resource_pool.strip("/") if resource_pool else None,
         )
         jobs.append(
             RestoreJob(
@@ -364,7 +373,8 @@ def drill_requests(plan: Any, jobs: list[RestoreJob], run_id: str) -> None:
     """Point each job at the plan's isolated drill target: the drill name,
     its host/datastore or folder, every network to the isolated one,
     powered on, ``drill`` set (the adapters put a vSphere drill VM into
-    ``drill.vsphere.folder`` and ``resource_pool``)."""
+    ``drill.vsphere.folder`` and ``resource_pool``: ``RestoreRequest.folder``
+    and ``resource_pool``)."""
     d = plan.drill
     for j in jobs:
         r = j.request
@@ -377,6 +387,8 @@ def drill_requests(plan: Any, jobs: list[RestoreJob], run_id: str) -> None:
             net = d.vsphere.network
             r.host = d.vsphere.host or r.host
             r.datastore = d.vsphere.datastore
+            r.folder = d.vsphere.folder.strip("/") if d.vsphere.folder else None
+            r.resource_pool = d.vsphere.resource_pool.strip("/") if d.vsphere.resource_pool else None
             if d.vsphere.host:
                 j.host = d.vsphere.host
             if d.vsphere.datastore:
