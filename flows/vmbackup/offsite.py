@@ -101,10 +101,11 @@ class Copy:
         return out
 
 
-def open_copy(url: str, *, metadata: bool = True) -> Copy:
-    """The copy at ``url`` with its mirror holding its other files and manifests."""
+def open_copy(url: str, *, metadata: bool = True, target: s3copy.Target | None = None) -> Copy:
+    """The copy at ``url`` with its mirror holding its other files and manifests
+    (``target``: the copy's S3 client, a plan's ``copy:``; default: the AWS environment's)."""
     bucket, prefix = s3copy.parse_url(url)
-    target = s3copy.Target(s3copy.client(), bucket, prefix)
+    target = target or s3copy.Target(s3copy.client(), bucket, prefix)
     pick = os.environ.get("VMBACKUP_COPY_INDEX")
     index = s3copy.read_index(target, target.key(pick) if pick else None)
     if index is None:
@@ -131,6 +132,15 @@ def open_copy(url: str, *, metadata: bool = True) -> Copy:
 def _raise(url: str, bad: list[tuple[str, str, str]]) -> None:
     if bad:
         raise CopyError(f"{url}: {bad[0][2]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
+def fetch_backups(c: Copy, url: str, ids: list[str]) -> None:
+    """Every chunk these backups need fetched into the mirror (a VM's restore
+    from the copy); one line naming what cannot be fetched."""
+    missing = [i for i in ids if f"backups/{i}.tib" not in c.objects]
+    if missing:
+        raise InvalidInputError(f"no backup {missing[0]} in the copy {url}")
+    _raise(url, c.fetch(c.chunks_needed(ids)))
 
 
 def prepare_restore(url: str, backup_id: str) -> str:

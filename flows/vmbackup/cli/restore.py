@@ -63,6 +63,13 @@ def add_parser(sub: Any) -> None:
         metavar="FROM=TO",
         help="connect the backup's network FROM to the target's network TO (repeat for more)",
     )
+    sp.add_argument(
+        "--repo",
+        metavar="R",
+        help="read the points here instead of the plan's repository: a directory, or its offsite copy "
+        "s3://BUCKET/PREFIX (the plan's copy: endpoint and credentials when it names that bucket, else the AWS "
+        "environment's); without it, the plan's copy: when the plan's repository is gone",
+    )
     sp.add_argument("--power-on", action="store_true", help="power the VM on once restored")
     sp.add_argument(
         "--in-place",
@@ -106,7 +113,7 @@ def check(args: argparse.Namespace) -> Any:
 
     if args.vm_timeout < 0:
         raise InvalidInputError("--vm-timeout must not be negative")
-    plan = load_plan(args.plan)
+    plan = restore_input.restore_source(load_plan(args.plan), args.repo).plan
     jobs = restore_input.resolve(
         plan,
         args.vm,
@@ -161,6 +168,7 @@ def run_restore(args: argparse.Namespace) -> int:
                 in_place=args.in_place,
                 folder=args.folder,
                 resource_pool=args.resource_pool,
+                repo=args.repo,
                 vm_deadline_seconds=args.vm_timeout or None,
             )
     except (BackupError, KeyboardInterrupt):

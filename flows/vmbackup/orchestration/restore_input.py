@@ -60,6 +60,67 @@ class RestoreJob:
         return keys + [(kind, s) for s in self.storage]
 
 
+@dataclass
+class Source:
+    """Where a restore reads its points: the plan's repository, or an offsite
+    copy through a local mirror (``offsite.open_copy``) when ``--repo
+    s3://...`` names it or the plan's repository is gone."""
+
+    plan: Any  # the plan, its ``repository`` the directory the mover reads (the mirror for a copy)
+    url: str | None = None  # the copy's s3:// URL
+    copy: Any = None  # the opened ``offsite.Copy``
+    warning: str | None = None  # said in every row: restored from the copy, and why
+
+    @property
+    def repository(self) -> str:
+        """The repository as the rows name it: the copy's URL, or the plan's path."""
+        return self.url or str(self.plan.repository)
+
+    def fetch(self, jobs: Sequence[RestoreJob]) -> None:
+        """The chunks of the jobs' points into the mirror (nothing for a local repository)."""
+        if self.copy is not None:
+            from .. import offsite
+
+            offsite.fetch_backups(self.copy, self.url or "", sorted({j.request.point for j in jobs}))
+
+
+def restore_source(plan: Any, repo: str | None = None) -> Source:
+    """The plan reading from where the points are, unlocked when encrypted
+    (the plan's passphrase source): ``repo`` (a directory, or ``s3://BUCKET/
+    PREFIX``: the copy's manifests and key slots fetched into the mirror);
+    else the plan's repository, or, when it is gone (no ``config.json``) and
+    the plan has a ``copy:``, that copy. The copy's client is the plan's
+    ``copy:`` (endpoint, credentials) when it names the same bucket, else the
+    AWS environment's."""
+    from .. import copy as s3copy
+    from ..keys import unlock_plan_repository
+
+    url, warning = None, None
+    if repo and s3copy.is_url(repo):
+        url = repo
+        warning = f"restored from the offsite copy {url}"
+    elif repo:
+        plan = plan.model_copy(update={"repository": os.path.abspath(repo)})
+    elif not os.path.isfile(os.path.join(str(plan.repository), "config.json")) and plan.copy_ is not None:
+        c = plan.copy_
+        url = f"s3://{c.bucket}/{c.prefix}" if c.prefix else f"s3://{c.bucket}"
+        warning = f"the plan's repository {plan.repository} is gone: restored from its offsite copy {url}"
+    copy = None
+    if url is not None:
+        from .. import offsite
+
+        bucket, prefix = s3copy.parse_url(url)
+        target = None
+        if plan.copy_ is not None and plan.copy_.bucket == bucket:
+            target = s3copy.Target(s3copy.plan_target(plan).s3, bucket, prefix)
+        copy = offsite.open_copy(url, target=target)
+        plan = plan.model_copy(update={"repository": copy.mirror})
+    elif not os.path.isfile(os.path.join(str(plan.repository), "config.json")):
+        raise RestoreInputError(f"repository {plan.repository} does not exist (and the plan has no copy: to read)")
+    unlock_plan_repository(plan)
+    return Source(plan, url, copy, warning)
+
+
 # --- parsing what a person typed ----------------------------------------------
 
 
