@@ -290,3 +290,32 @@ def test_a_vm_restored_from_the_offsite_copy_once_the_repository_is_gone(small_l
                 )
                 assert sha(image) == digest, (name, disk)
         assert not repo.exists()
+
+
+def test_in_place_rollback_through_the_command_writes_only_what_differs(small_lab, env, tmp_path):
+    """`vmbackup restore --in-place --json` on a VM of this test's own (app01
+    restored as inplace01, removed at the end): after guest writes of 3 MiB
+    into its 16 MiB disk, each disk's bytes_written counts only what differs,
+    and the disks then equal the point."""
+    plan, repo = _plan(small_lab, tmp_path)
+    backup("--plan", str(plan), "--vm", "app01", env=env)
+    state = str(small_lab.lab.state)
+    with removed_afterwards(small_lab):
+        [made] = restore("--plan", str(plan), "--vm", "app01", "--as", "inplace01", env=env)
+        assert made["status"] == "ok", made
+        [point] = backup("--plan", str(plan), "--vm", "inplace01", env=env)
+        assert point["status"] == "ok", point
+        for offset, length, seed in ((3 << 20, 2 << 20, 51), ((9 << 20) + 4096, 1 << 20, 52)):
+            args = ("--vm", "inplace01", "--disk", "scsi0:0", "--offset", str(offset), "--length", str(length))
+            run("lab", "write", "--state", state, *args, "--seed", str(seed), env=env)
+        (tmp_path / "written").mkdir()
+        assert not _disk_equal(small_lab, env, repo, point["backup_id"], "inplace01", "scsi0:0", tmp_path / "written")
+
+        [r] = restore("--plan", str(plan), "--vm", "inplace01", "--in-place", env=env)
+        assert r["status"] == "ok" and r["in_place"] is True and r["restored_as"] == "inplace01", r
+        assert r["point"] == point["backup_id"], r
+        [d] = r["disks"]
+        # the 3 MiB written (in whole blocks around them), never the 16 MiB disk
+        assert 3 << 20 <= d["bytes_written"] <= 5 << 20 and r["bytes_written"] == d["bytes_written"], r
+        (tmp_path / "rolled-back").mkdir()
+        assert _disk_equal(small_lab, env, repo, point["backup_id"], "inplace01", "scsi0:0", tmp_path / "rolled-back")
