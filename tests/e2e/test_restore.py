@@ -256,7 +256,15 @@ def test_a_vm_restored_from_the_offsite_copy_once_the_repository_is_gone(small_l
     small_lab.lab.write("app01", "scsi0:0", 3 << 20, 1 << 20, seed=41)
     [point] = backup("--plan", str(plan), "--vm", "app01", env=e)
     assert point["status"] == "ok", point
-    run("copy", "--plan", str(plan), "--json", env=e)
+    from vmbackup import copy as s3copy
+    from vmbackup.orchestration.restore_input import DRILL_STATE, save_drill_state
+
+    save_drill_state(str(repo), {"app01": {"unix": 1.0, "point": point["backup_id"], "passed": True, "run": "r"}})
+    out = json.loads(run("copy", "--plan", str(plan), "--json", env=e).stdout)
+    t = s3copy.Target(
+        s3copy.client(s3["endpoint"], s3["access_key"], s3["secret_key"], "us-east-1"), s3["bucket"], prefix
+    )
+    assert DRILL_STATE in s3copy.read_index(t, out["index"])["objects"]  # the drill record is kept in the copy
     want = {}
     for d in point["disks"]:
         f = tmp_path / f"want-{d['name']}.img"

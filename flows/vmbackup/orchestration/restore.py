@@ -476,8 +476,8 @@ def drill(
     agent: str | None = None,
 ) -> dict:
     """A restore drill: the newest point of a sample of VMs restored under a
-    drill name into the plan's isolated target (``drill:``), powered on, its
-    disks compared with the backup, its RTO recorded, then removed.
+    drill name into the plan's isolated target (``drill:``), its disks
+    compared with the backup, powered on, its RTO recorded, then removed.
 
     Args:
         plan_path: the plan (YAML) on the worker, with its drill: section.
