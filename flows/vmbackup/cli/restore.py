@@ -19,6 +19,7 @@ from typing import Any
 from .. import results
 from ..errors import BackupError, InvalidInputError
 from . import output
+from .keys import add_plan_key_argument
 
 # The command line's columns: RestoreResult's fields with a title (results.py).
 TABLE = results.text_columns(results.RestoreResult)
@@ -70,6 +71,7 @@ def add_parser(sub: Any) -> None:
         "s3://BUCKET/PREFIX (the plan's copy: endpoint and credentials when it names that bucket, else the AWS "
         "environment's); without it, the plan's copy: when the plan's repository is gone",
     )
+    add_plan_key_argument(sp)
     sp.add_argument("--power-on", action="store_true", help="power the VM on once restored")
     sp.add_argument(
         "--in-place",
@@ -113,7 +115,10 @@ def check(args: argparse.Namespace) -> Any:
 
     if args.vm_timeout < 0:
         raise InvalidInputError("--vm-timeout must not be negative")
-    plan = restore_input.restore_source(load_plan(args.plan), args.repo).plan
+    from .keys import unlock_plan
+
+    plan = restore_input.restore_source(load_plan(args.plan), args.repo, unlock=False).plan
+    unlock_plan(args, plan)  # --passphrase-file, else the plan's passphrase source
     jobs = restore_input.resolve(
         plan,
         args.vm,

@@ -493,9 +493,11 @@ def drill(
     ``DrillFailedError`` (with that report) when a drill failed, after the
     report and the ``vmbackup.drill.failed`` events.
     """
+    from ..keys import unlock_plan_repository
     from ..plan import load_plan
 
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    unlock_plan_repository(plan)  # an encrypted repository: its points are read and written back
     return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds, agent)
 
 

@@ -84,14 +84,14 @@ class Source:
             offsite.fetch_backups(self.copy, self.url or "", sorted({j.request.point for j in jobs}))
 
 
-def restore_source(plan: Any, repo: str | None = None) -> Source:
+def restore_source(plan: Any, repo: str | None = None, *, unlock: bool = True) -> Source:
     """The plan reading from where the points are, unlocked when encrypted
     (the plan's passphrase source): ``repo`` (a directory, or ``s3://BUCKET/
     PREFIX``: the copy's manifests and key slots fetched into the mirror);
     else the plan's repository, or, when it is gone (no ``config.json``) and
     the plan has a ``copy:``, that copy. The copy's client is the plan's
     ``copy:`` (endpoint, credentials) when it names the same bucket, else the
-    AWS environment's."""
+    AWS environment's. ``unlock`` False: the caller unlocks (``--passphrase-file``)."""
     from .. import copy as s3copy
     from ..keys import unlock_plan_repository
 
@@ -117,7 +117,8 @@ def restore_source(plan: Any, repo: str | None = None) -> Source:
         plan = plan.model_copy(update={"repository": copy.mirror})
     elif not os.path.isfile(os.path.join(str(plan.repository), "config.json")):
         raise RestoreInputError(f"repository {plan.repository} does not exist (and the plan has no copy: to read)")
-    unlock_plan_repository(plan)
+    if unlock:
+        unlock_plan_repository(plan)
     return Source(plan, url, copy, warning)
 
 
