@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUST_SOURCES := $(shell find mover -name '*.rs' -o -name Cargo.toml) Cargo.toml
 
-.PHONY: dev test lint test-rust test-python demo bench bench-flows bench-scale clean
+.PHONY: dev test lint test-rust test-python demo bench bench-flows bench-scale bench-restore clean
 
 dev: $(VENV)/.stamp-mover $(VENV)/.stamp-lab
 
@@ -76,6 +76,16 @@ bench-flows: dev
 # VMs per minute and vSphere API calls per VM, and their ratios (docs/flows.md).
 bench-scale: dev
 	$(PY) bench/scale.py
+
+# Restore: a 2 GiB VM-like disk into an existing blank file (hot-add), to a
+# new raw file, to a VHDX, and rolled back in place (compare, CBT extents),
+# each against `dd conv=fsync` of the bytes it wrote, on the disk under the
+# work tree (docs/formats.md, "Restore speed"); then the same disk as a VM
+# of the lab restored whole through hot-add and /folder, and a drill of the
+# default lab's VMs (bench/restore_vm.py).
+bench-restore: dev
+	$(PY) bench/restore.py --dir bench-output/restore
+	$(PY) bench/restore_vm.py --dir bench-output/restore-vm
 
 clean:
 	rm -rf $(VENV) target demo-output bench-output

@@ -208,6 +208,8 @@ class DiskReader:
 
 @final
 class RestoreResult:
+    """What one disk's restore did (frozen)."""
+
     @property
     def backup(self) -> str: ...
     @property
@@ -215,9 +217,30 @@ class RestoreResult:
     @property
     def disk_size(self) -> int: ...
     @property
-    def bytes_written(self) -> int: ...
+    def bytes_written(self) -> int:
+        """Bytes actually written: data, and zeros where they were written as
+        zeros (a block device; a file that cannot punch holes). Holes left or
+        punched are not counted. An image format: the bytes written into the
+        image file (VMDK: its size)."""
     @property
-    def zero_blocks(self) -> int: ...
+    def bytes_punched(self) -> int:
+        """Bytes of zero blocks deallocated in an existing file (a hole
+        punched, ``existing=True``) instead of written. ``bytes_written +
+        bytes_punched`` is what an in-place restore changed."""
+    @property
+    def zero_blocks(self) -> int:
+        """Blocks of the point that are all zeros."""
+    @property
+    def blocks_written(self) -> int:
+        """Blocks of the disk written (or punched)."""
+    @property
+    def blocks_compared(self) -> int:
+        """Blocks of the target read and compared with the point (``compare``)."""
+    @property
+    def blocks_skipped(self) -> int:
+        """Blocks left as the target had them: holes of a new file, zero blocks
+        of a ``blank`` target, blocks outside ``extents``, blocks that compared
+        equal."""
     @property
     def seconds(self) -> float: ...
 
@@ -423,14 +446,47 @@ def restore_disk(
     overwrite: bool = False,
     progress: Optional[_Progress] = None,
     cancel: Optional[CancelToken] = None,
+    existing: bool = False,
+    blank: bool = False,
+    extents: Optional[Sequence[tuple[int, int]]] = None,
+    compare: bool = False,
 ) -> RestoreResult:
     """Restores a disk to a raw file (sparse) or an existing block device,
-    or (``format``) to an image file of another format: ``vmdk``
-    (streamOptimized, what vSphere imports) or ``vmdk-sparse``
-    (monolithicSparse); docs/formats.md describes them.
+    or (``format``) to an image file of another format: ``vhdx`` (dynamic,
+    32 MiB blocks, payload blocks only for blocks holding data: what Hyper-V
+    takes), ``vmdk`` (streamOptimized, what vSphere imports) or
+    ``vmdk-sparse`` (monolithicSparse); docs/formats.md describes them.
 
-    A file is written under a temporary name and renamed when complete.
-    Every chunk is checked against its id before it is written.
+    A new file is written under a temporary name and renamed when complete.
+    Every chunk is checked against its id before it is written. Chunks are
+    read and decompressed with several in flight (16) and the GIL is
+    released, so several disks restore at once from Python threads. The
+    target is synced before the call returns.
+
+    Args:
+        existing: write into ``output`` in place: an existing file or block
+            device at least the disk's size (a VM's new disk hot-added to the
+            agent, a disk rolled back). No temporary file, no rename, no
+            truncation. Without ``blank``, ``extents`` or ``compare`` every
+            block is written; zero blocks are punched out of a file and
+            written as zeros on a device. Raw only.
+        blank: with ``existing``: the target reads as zeros (a new thin
+            disk), so only the point's non-zero blocks are written and thin
+            stays thin.
+        extents: with ``existing``: ``(offset, length)`` areas (the areas CBT
+            says changed since the point); only the blocks touching them are
+            written, zero blocks included.
+        compare: with ``existing`` (and ``extents``, if given): each target
+            block is read and named with the repository's chunk id function;
+            only blocks that differ from the point's are written.
+
+    Raises:
+        InvalidInputError: ``output`` exists and is not empty (without
+            ``overwrite`` or ``existing``); with ``existing``: it does not
+            exist, is not a file or block device, or is smaller than the
+            disk; ``blank``, ``extents`` or ``compare`` without ``existing``;
+            ``blank`` with ``extents`` or ``compare``; ``existing`` with a
+            format other than raw; extents past the disk's end.
     """
 
 def list_backups(repo: str) -> tuple[list[BackupInfo], list[UntrustedManifest]]:

@@ -9,16 +9,18 @@ object ``PREFIX/<path in the repository>`` (``config.json``, ``keys/...``,
 each a version locked in COMPLIANCE mode, and one index object
 ``PREFIX/index/<time>-<random>.json`` per completed copy, written last, that
 names the version, size, SHA-256 and lock of every object the copy holds.
-Readers use the newest index and read exactly the versions it names, so an
-object written over later (an attacker with the copy's credentials can add a
+Readers use the newest index (for an encrypted repository: the newest
+authentic one, below) and read exactly the versions it names, so an object
+written over later (an attacker with the copy's credentials can add a
 version, never remove a locked one) changes nothing a restore reads.
 
 The copy does not read what the files hold (an encrypted repository is
-copied as its ciphertext, without its key): every chunk the repository holds
-is in the copy, and every object of the newest index stays locked at least
-``days`` after that copy (a chunk that a newer backup reuses is still in the
-repository, so its lock is extended: PutObjectRetention), so no backup of
-the newest index depends on an object that can be deleted within ``days``.
+copied as its ciphertext; its key only authenticates the index): every
+chunk the repository holds is in the copy, and every object of the newest
+index stays locked at least ``days`` after that copy (a chunk that a newer
+backup reuses is still in the repository, so its lock is extended:
+PutObjectRetention), so no backup of the newest index depends on an object
+that can be deleted within ``days``.
 
 Order: the repository's other files (config, keys), then the chunks, then
 the manifests, then the index, uploads in parallel. Resumable: objects the
@@ -28,6 +30,15 @@ sent is found by listing the versions (same size, ETag = MD5 of the file)
 and adopted, not sent twice. Each PUT carries Content-MD5 and
 x-amz-checksum-sha256, so the server refuses an object that does not arrive
 as sent.
+
+Authenticated index (docs/format.md §8): for an encrypted repository the
+index carries ``mac``, HMAC-SHA256 under a key derived from the master key
+(HKDF-SHA256, its own context), so the copy needs the repository's key;
+readers given the key skip an index whose MAC fails (whoever holds the
+bucket's credentials can write a newer index, never a valid MAC) and use the
+newest authentic one. So does the next copy, before it reuses anything the
+previous index names. An unencrypted repository's index has no MAC: anyone
+with the bucket's credentials can read its id key and forge an index.
 
 Clean-up (the copy's retention and gc, after the index): a version that the
 new index does not name (a backup forgotten by the repository's retention
@@ -40,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -54,13 +66,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import CopyError, CopyUnavailableError, InvalidInputError
+from .errors import CopyError, CopyUnavailableError, InvalidInputError, KeyRequiredError
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "vmbackup-copy-index"
 INDEX_VERSION = 1
 INDEX_DIR = "index"
+# HKDF-SHA256's info for the index MAC key (docs/format.md §8, §9): a key of
+# its own, so a MAC of the copy says nothing about the mover's keys.
+INDEX_KEY_CONTEXT = b"vmbackup 2026-12 copy index key"
+# Fields read_index adds to an index it returns: not in the object, not in its MAC.
+READER_FIELDS = ("key", "index_version", "index_versions")
 DAY = 86400
 # Names under chunks/xx/ that are chunks: hex ids (XXH3-128 today, keyed ids of
 # other lengths tomorrow); *.bad, .tmp-*, .gc-* are not.
@@ -229,8 +246,12 @@ def index_keys(t: Target) -> list[str]:
     """The index objects' keys, oldest first (their names sort by time). Listed by
     version, so that a delete marker put over the newest cannot hide it."""
     out = set()
-    for page in t.s3.get_paginator("list_object_versions").paginate(Bucket=t.bucket, Prefix=t.key(INDEX_DIR + "/")):
-        out |= {v["Key"] for v in page.get("Versions", []) if v["Key"].endswith(".json")}
+    try:
+        pages = t.s3.get_paginator("list_object_versions").paginate(Bucket=t.bucket, Prefix=t.key(INDEX_DIR + "/"))
+        for page in pages:
+            out |= {v["Key"] for v in page.get("Versions", []) if v["Key"].endswith(".json")}
+    except Exception as e:
+        raise s3_error(e, f"reading the index of {t.url}") from None
     return sorted(out)
 
 
@@ -269,6 +290,62 @@ def read_index(t: Target, key: str | None = None) -> dict | None:
     idx["index_version"] = first["VersionId"]
     idx["index_versions"] = len(vs)
     return idx
+
+
+def index_key(master_key: bytes) -> bytes:
+    """The key of the index's MAC: HKDF-SHA256 (RFC 5869) of the repository's
+    master key, no salt, info ``INDEX_KEY_CONTEXT``, 32 bytes."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=INDEX_KEY_CONTEXT).derive(master_key)
+
+
+def index_mac(key: bytes, rel: str, index: dict) -> str:
+    """HMAC-SHA256 (hex) of the index object's path in the copy (``index/...json``),
+    a line feed, and the index without ``mac`` as canonical JSON (sorted keys,
+    no spaces, ASCII): the name is in it so an old index cannot be replayed as
+    a newer one."""
+    doc = {k: v for k, v in index.items() if k != "mac" and k not in READER_FIELDS}
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hmac.new(key, rel.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+
+
+def index_authentic(t: Target, index: dict, key: bytes) -> bool:
+    """Whether ``index`` (as read_index returns it) carries a valid MAC under ``key``."""
+    mac = index.get("mac")
+    if not isinstance(mac, str):
+        return False
+    return hmac.compare_digest(mac, index_mac(key, t.rel(index["key"]), index))
+
+
+def read_authentic_index(
+    t: Target, key: bytes, warn: Callable[[str], None] | None = None, names: list[str] | None = None
+) -> dict | None:
+    """The newest index of ``t`` whose MAC holds under ``key`` (among ``names``,
+    default: every index key); ``warn`` is told of each newer one skipped. None
+    when the copy has no index at all; CopyError when it has some but none authentic."""
+    keys = list(reversed(names if names is not None else index_keys(t)))
+    if not keys:
+        return None
+    for k in keys:
+        try:
+            idx = read_index(t, k)
+        except CopyError as e:
+            if warn is not None:
+                warn(f"index {k} of {t.url} skipped: {e}")
+            continue
+        if idx is not None and index_authentic(t, idx, key):
+            return idx
+        if warn is not None:
+            warn(
+                f"index {k} of {t.url} is not authentic (its MAC does not hold under the repository's key): "
+                "skipped; something other than vmbackup's copy wrote it with the bucket's credentials"
+            )
+    raise CopyError(
+        f"no index of {t.url} is authentic under the repository's key ({len(keys)} skipped): "
+        "every index was written by something else, or the copy is of another repository"
+    )
 
 
 def list_versions(t: Target) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -364,6 +441,7 @@ def copy_repository(
     workers: int = 8,
     progress: Callable[[int, int], None] | None = None,
     on_put: Callable[[str], None] | None = None,
+    master_key: bytes | None = None,
 ) -> CopyResult:
     """Copy the repository at ``repo`` to ``t`` (see the module's doc); returns what it did.
 
@@ -371,6 +449,10 @@ def copy_repository(
     a new lock, or one extended, runs ``generation_days`` longer, so that a
     chunk many backups reuse has its lock extended once every
     ``generation_days``, not at every copy (Veeam's "block generation").
+
+    An encrypted repository needs its ``master_key`` (KeyRequiredError
+    without): the index is authenticated with a key derived from it, and the
+    previous index is trusted only if its MAC holds.
     """
     start = time.monotonic()
     repo = Path(repo)
@@ -379,11 +461,30 @@ def copy_repository(
         raise InvalidInputError("object_lock.days must be at least 1")
     files = repository_files(repo)
     try:
-        repository_id = json.loads((repo / "config.json").read_text()).get("id")
-    except (OSError, ValueError) as e:
+        config = json.loads((repo / "config.json").read_text())
+        repository_id = config.get("id")
+    except (OSError, ValueError, AttributeError) as e:
         raise InvalidInputError(f"{repo}/config.json cannot be read: {e}") from None
+    mac_key = None
+    if config.get("encryption", "none") != "none":
+        if master_key is None:
+            raise KeyRequiredError(
+                f"repository {repo} is encrypted: its copy's index is authenticated with the repository's key; "
+                "give its passphrase (the plan's passphrase_env or passphrase_secret, or VMBACKUP_PASSPHRASE)"
+            )
+        mac_key = index_key(master_key)
     check_bucket(t)
-    prev = read_index(t)
+    skipped: list[str] = []
+    if mac_key is None:
+        prev = read_index(t)
+    else:
+        try:
+            prev = read_authentic_index(t, mac_key, skipped.append)
+        except CopyError as e:  # none authentic: nothing the copy holds is reused unchecked
+            skipped.append(f"{e}; copying as if the copy were empty")
+            prev = None
+        for w in skipped:
+            log.warning("%s", w)
     if prev is not None and prev.get("repository") not in (None, repository_id):
         raise CopyError(
             f"{t.url} holds a copy of repository {prev.get('repository')}, not of {repository_id}: use another prefix"
@@ -393,7 +494,7 @@ def copy_repository(
     now = time.time()
     need_until = int(now) + days * DAY
     lock_until = need_until + generation_days * DAY
-    res = CopyResult(url=t.url, lock_mode=mode, lock_days=days, locked_until=_iso(lock_until))
+    res = CopyResult(url=t.url, lock_mode=mode, lock_days=days, locked_until=_iso(lock_until), warnings=skipped)
     new_objects: dict[str, dict] = {}
     meta_lock = threading.Lock()
     counter = _Counter(sum(f.size for f in files), progress)
@@ -524,6 +625,8 @@ def copy_repository(
         "objects": dict(sorted(new_objects.items())),
         "waiting": sorted(waiting, key=lambda w: (w["rel"], w["version"])),
     }
+    if mac_key is not None:
+        index["mac"] = index_mac(mac_key, index_rel, index)
     body = json.dumps(index, separators=(",", ":")).encode()
     put(index_rel, body, hashlib.md5(body).hexdigest(), hashlib.sha256(body).hexdigest())
     res.index = t.key(index_rel)
@@ -573,8 +676,13 @@ def plan_target(plan: Any) -> Target:
 
 
 def copy_plan(plan: Any, progress: Callable[[int, int], None] | None = None) -> CopyResult:
-    """Copy a plan's repository to its ``copy:`` target."""
+    """Copy a plan's repository to its ``copy:`` target. An encrypted
+    repository is unlocked first (once per process, as the backup flows do):
+    its key authenticates the copy's index."""
+    from . import keys
+
     c = plan.copy_
+    keys.unlock_plan_repository(plan)
     t = plan_target(plan)
     res = copy_repository(
         plan.repository,
@@ -584,6 +692,7 @@ def copy_plan(plan: Any, progress: Callable[[int, int], None] | None = None) -> 
         mode=c.object_lock.mode,
         workers=c.workers,
         progress=progress,
+        master_key=keys.unlocked_key(plan.repository),
     )
-    res.warnings = plan.copy_warnings()
+    res.warnings = plan.copy_warnings() + res.warnings
     return res

@@ -106,6 +106,14 @@ class KeyRequiredError(RepositoryError):
     exit_code = 2
 
 
+class TamperedRepositoryError(RepositoryError):
+    """The repository's files contradict one another in a way only an edit
+    makes (key slots beside a config that says unencrypted): refused, never
+    written into."""
+
+    exit_code = 2
+
+
 class TargetError(MoverError):
     """Writing the restore target failed."""
 

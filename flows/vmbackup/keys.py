@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from .errors import InvalidInputError, KeyRequiredError, RepositoryError, WrongKeyError
+from .errors import InvalidInputError, KeyRequiredError, RepositoryError, TamperedRepositoryError, WrongKeyError
 
 MASTER_KEY_BYTES = 32
 SLOT_FORMAT = "vmbackup-key-slot"
@@ -466,7 +466,14 @@ def _real(repo: str | os.PathLike) -> str:
 
 
 def is_encrypted(repo: str | os.PathLike) -> bool:
-    """Whether the repository is encrypted: its config says so, or it has key slots."""
+    """Whether the repository is encrypted (its config says so).
+
+    Raises ``TamperedRepositoryError`` (exit 2) for a repository whose
+    ``keys/`` holds slots while its config says it is unencrypted: only an
+    edit makes that (``vmbackup init`` writes slots only for an encrypted
+    config, and no command turns encryption off), and it is a downgrade
+    attack: the mover, believing the config, would write new backups in
+    plaintext and new chunk ids under a key in the clear."""
     from . import _mover
 
     try:
@@ -475,7 +482,13 @@ def is_encrypted(repo: str | os.PathLike) -> bool:
         return True
     if getattr(config, "encrypted", False):
         return True
-    return bool(list_slots(repo))
+    slots = list_slots(repo)
+    if slots:
+        raise TamperedRepositoryError(
+            f"repository {repo} has {len(slots)} key slot(s) in keys/ but its config.json says it is unencrypted: "
+            "config.json was altered (encryption switched off); refused, restore config.json from a copy"
+        )
+    return False
 
 
 def _repository_id(repo: str | os.PathLike) -> str:
@@ -487,13 +500,14 @@ def _repository_id(repo: str | os.PathLike) -> str:
         return ""
 
 
-def unwrap(repo: str | os.PathLike, source: KeySource) -> tuple[bytes, str]:
-    """The master key from ``source`` and the slot that gave it.
+def unwrap(repo: str | os.PathLike, source: KeySource, repository_id: str | None = None) -> tuple[bytes, str]:
+    """The master key from ``source`` and the slot that gave it (the slots of
+    ``repository_id``, default: the id the mover reads in ``repo``'s config).
 
     ``KeyRequiredError`` (exit 2) when ``source`` is empty, ``WrongKeyError``
     (exit 2) when it opens no slot: one line each, naming where the key came
     from, never the key."""
-    rid = _repository_id(repo)
+    rid = _repository_id(repo) if repository_id is None else repository_id
     # A slot of another repository (copied in) never opens this one.
     slots = [s for s in list_slots(repo) if not rid or s.header.get("repository") in (rid, "")]
     if not slots:
@@ -527,11 +541,22 @@ def unlock(repo: str | os.PathLike, source: KeySource) -> bool:
     return True
 
 
+def register(repo: str | os.PathLike, key: bytes) -> None:
+    """Hands ``key`` (a master key unwrapped elsewhere: an offsite copy's
+    mirror, vmbackup.offsite) to the mover for ``repo``, as :func:`unlock` does."""
+    _register(repo, key)
+
+
 def _register(repo: str | os.PathLike, key: bytes) -> None:
     from . import _mover
 
     _mover.unlock_repository(str(repo), key)
     _unlocked[_real(repo)] = key
+
+
+def unlocked_key(repo: str | os.PathLike) -> bytes | None:
+    """The master key this process unlocked ``repo`` with, or None."""
+    return _unlocked.get(_real(repo))
 
 
 def master_key(repo: str | os.PathLike, source: KeySource) -> bytes:

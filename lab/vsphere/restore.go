@@ -214,8 +214,25 @@ func persist(path string, e *Extent) (int64, error) {
 	dev := make([]byte, step)
 	cur := make([]byte, step)
 	zero := make([]byte, grainSize)
+	var off0 int64
 	var written int64
+	// Differing grains next to each other are written as one run: one open
+	// and one write of the disk model per run, not per grain.
+	flush := func(start, end int64) error {
+		if end <= start {
+			return nil
+		}
+		if err := e.writeAt(dev[start:end], off0+start); err != nil {
+			return err
+		}
+		if e.Owner != nil {
+			e.Owner.recordWrite(off0+start, end-start)
+		}
+		written += end - start
+		return nil
+	}
 	for off := int64(0); off < e.Capacity; off += step {
+		off0 = off
 		n := int64(step)
 		if off+n > e.Capacity {
 			n = e.Capacity - off
@@ -226,25 +243,31 @@ func persist(path string, e *Extent) (int64, error) {
 		if err := e.readAt(cur[:n], off); err != nil {
 			return written, err
 		}
+		run := int64(-1)
 		for g := int64(0); g < n; g += grainSize {
 			end := g + grainSize
 			if end > n {
 				end = n
 			}
 			a, b := dev[g:end], cur[g:end]
-			if bytes.Equal(a, b) {
+			same := bytes.Equal(a, b) || (!e.allocated(int((off+g)/grainSize)) && bytes.Equal(a, zero[:end-g]))
+			if same {
+				if run >= 0 {
+					if err := flush(run, g); err != nil {
+						return written, err
+					}
+					run = -1
+				}
 				continue
 			}
-			if !e.allocated(int((off+g)/grainSize)) && bytes.Equal(a, zero[:end-g]) {
-				continue
+			if run < 0 {
+				run = g
 			}
-			if err := e.writeAt(a, off+g); err != nil {
+		}
+		if run >= 0 {
+			if err := flush(run, n); err != nil {
 				return written, err
 			}
-			if e.Owner != nil {
-				e.Owner.recordWrite(off+g, end-g)
-			}
-			written += end - g
 		}
 	}
 	return written, nil

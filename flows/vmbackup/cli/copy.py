@@ -25,6 +25,9 @@ def add_parser(sub: Any) -> None:
     )
     sp.add_argument("--plan", required=True, metavar="FILE", help="the plan (YAML, see docs/plan.md)")
     sp.add_argument("--json", action="store_true", help="print the copy's report as one JSON document on stdout")
+    from .keys import add_plan_key_argument
+
+    add_plan_key_argument(sp)  # an encrypted repository's key authenticates the copy's index
     sp.set_defaults(func=run_copy)
 
 
@@ -56,6 +59,9 @@ def run_copy(args: argparse.Namespace) -> int:
         from ..plan import resolve_copy_credentials
 
         resolve_copy_credentials(plan.copy_)  # a variable not set: one line, exit 2, before any server starts
+    from .keys import unlock_plan
+
+    unlock_plan(args, plan)  # so is a missing or wrong passphrase; the flow finds the repository unlocked
     args.maintain_command = "copy"
     ui = _prepare(args)
     from ..localserver import runs as local_runs

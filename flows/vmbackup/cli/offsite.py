@@ -30,22 +30,41 @@ def remote_repo(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace, url: str) -> int:
     from .. import offsite
+    from .keys import key_source
 
+    # The key (--passphrase-file, --recovery-key, $VMBACKUP_PASSPHRASE)
+    # chooses the copy's index too: the newest one authentic under it.
+    key = key_source(args)
+    _show_warnings()
     if args.command == "snapshots":
-        args.repo = str(offsite.open_copy(url).mirror)
+        args.repo = str(offsite.open_copy(url, key=key).mirror)
         return int(args.func(args) or 0)
     if args.command == "restore-disk":
         if not args.id:
             raise InvalidInputError("ID must not be empty")
-        args.repo = offsite.prepare_restore(url, args.id)
+        args.repo = offsite.prepare_restore(url, args.id, key=key)
         return int(args.func(args) or 0)
-    return _verify(args, url)
+    return _verify(args, url, key)
 
 
-def _verify(args: argparse.Namespace, url: str) -> int:
+def _show_warnings() -> None:
+    """The copy's warnings (an index skipped as not authentic) on stderr, one line each."""
+    import logging
+    import sys
+
+    log = logging.getLogger("vmbackup.offsite")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("vmbackup: warning: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
+
+
+def _verify(args: argparse.Namespace, url: str, key: object) -> int:
     from .. import _mover, offsite
 
-    c, problems = offsite.verify_copy(url, args.ids or None, args.read_data)
+    c, problems = offsite.verify_copy(url, args.ids or None, args.read_data, key=key)  # type: ignore[arg-type]
     progress = Progress("verifying", not args.json, unit="chunks")
     try:
         r = _mover.verify(str(c.mirror), args.ids or None, read_data=args.read_data, progress=progress)

@@ -19,7 +19,6 @@ from typing import Any
 from .. import results
 from ..errors import BackupError, InvalidInputError
 from . import output
-from .keys import add_plan_key_argument
 
 # The command line's columns: RestoreResult's fields with a title (results.py).
 TABLE = results.text_columns(results.RestoreResult)
@@ -71,7 +70,6 @@ def add_parser(sub: Any) -> None:
         "s3://BUCKET/PREFIX (the plan's copy: endpoint and credentials when it names that bucket, else the AWS "
         "environment's); without it, the plan's copy: when the plan's repository is gone",
     )
-    add_plan_key_argument(sp)
     sp.add_argument("--power-on", action="store_true", help="power the VM on once restored")
     sp.add_argument(
         "--in-place",
@@ -86,6 +84,9 @@ def add_parser(sub: Any) -> None:
         help="cancel a VM's restore after this long (default 21600; 0: never)",
     )
     sp.add_argument("--json", action="store_true", help='print one JSON document {"vms": [...]} on stdout')
+    from .keys import add_plan_key_argument
+
+    add_plan_key_argument(sp)
     sp.set_defaults(func=run_restore)
 
 
@@ -117,8 +118,19 @@ def check(args: argparse.Namespace) -> Any:
         raise InvalidInputError("--vm-timeout must not be negative")
     from .keys import unlock_plan
 
-    plan = restore_input.restore_source(load_plan(args.plan), args.repo, unlock=False).plan
-    unlock_plan(args, plan)  # --passphrase-file, else the plan's passphrase source
+    key = None
+    if getattr(args, "passphrase_file", None):
+        from .. import keys
+        from .parsing import shown_path
+
+        key = keys.KeySource(
+            passphrase=keys.read_secret_file(args.passphrase_file),
+            where=f"--passphrase-file {shown_path(args.passphrase_file)}",
+        )
+    plan = restore_input.restore_source(load_plan(args.plan), args.repo, key=key, unlock=False).plan
+    # An encrypted repository: a missing or wrong passphrase is one line
+    # before any server starts; the flow finds it unlocked.
+    unlock_plan(args, plan)
     jobs = restore_input.resolve(
         plan,
         args.vm,

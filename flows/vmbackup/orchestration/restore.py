@@ -348,6 +348,8 @@ def restore_vm(
     """
     from ..plan import load_plan
 
+    # The points' repository (or its offsite copy's mirror), unlocked once per
+    # run when encrypted: a missing or wrong passphrase fails the run here (exit 2).
     source = restore_input.restore_source(
         with_secret(load_plan(plan_path), password_secret, hyperv_password_secret), repo
     )
@@ -497,7 +499,7 @@ def drill(
     from ..plan import load_plan
 
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
-    unlock_plan_repository(plan)  # an encrypted repository: its points are read and written back
+    unlock_plan_repository(plan)  # once per run, as restore_vm
     return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds, agent)
 
 

@@ -84,16 +84,19 @@ class Source:
             offsite.fetch_backups(self.copy, self.url or "", sorted({j.request.point for j in jobs}))
 
 
-def restore_source(plan: Any, repo: str | None = None, *, unlock: bool = True) -> Source:
+def restore_source(plan: Any, repo: str | None = None, *, key: Any = None, unlock: bool = True) -> Source:
     """The plan reading from where the points are, unlocked when encrypted
     (the plan's passphrase source): ``repo`` (a directory, or ``s3://BUCKET/
     PREFIX``: the copy's manifests and key slots fetched into the mirror);
     else the plan's repository, or, when it is gone (no ``config.json``) and
     the plan has a ``copy:``, that copy. The copy's client is the plan's
     ``copy:`` (endpoint, credentials) when it names the same bucket, else the
-    AWS environment's. ``unlock`` False: the caller unlocks (``--passphrase-file``)."""
+    AWS environment's. The copy of an encrypted repository is opened with
+    ``key`` (a ``keys.KeySource``; default: the plan's passphrase source):
+    its newest index that key authenticates, the mirror unlocked with it.
+    ``unlock`` False: the caller unlocks a local repository (``--passphrase-file``)."""
     from .. import copy as s3copy
-    from ..keys import unlock_plan_repository
+    from ..keys import is_encrypted, plan_key_source, unlock_plan_repository
 
     url, warning = None, None
     if repo and s3copy.is_url(repo):
@@ -114,6 +117,10 @@ def restore_source(plan: Any, repo: str | None = None, *, unlock: bool = True) -
         if plan.copy_ is not None and plan.copy_.bucket == bucket:
             target = s3copy.Target(s3copy.plan_target(plan).s3, bucket, prefix)
         copy = offsite.open_copy(url, target=target)
+        if is_encrypted(copy.mirror):
+            # again with the key: an index it authenticates, and the mirror unlocked
+            key = key if key is not None else plan_key_source(plan)
+            copy = offsite.open_copy(url, target=target, key=key)
         plan = plan.model_copy(update={"repository": copy.mirror})
     elif not os.path.isfile(os.path.join(str(plan.repository), "config.json")):
         raise RestoreInputError(f"repository {plan.repository} does not exist (and the plan has no copy: to read)")

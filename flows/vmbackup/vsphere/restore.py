@@ -39,9 +39,10 @@ import base64
 import http.client
 import json
 import logging
-import os
 import time
 import urllib.parse
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,11 @@ log = logging.getLogger(__name__)
 
 #: extraConfig key a restored VM carries: the run that made it (reconcile destroys only a VM it names).
 MARK = "vmbackup.restore.run"
-_UPLOAD_CHUNK = 4 << 20
+# A /folder upload sends pieces of this size, read by _UPLOAD_READERS threads at
+# most _UPLOAD_AHEAD pieces ahead of the one that sends (the reads release the GIL).
+_UPLOAD_CHUNK = 8 << 20
+_UPLOAD_READERS = 4
+_UPLOAD_AHEAD = 6
 _COMPARE_BLOCK = 1 << 20
 
 _SCSI = {
@@ -661,7 +666,7 @@ class VSphereRestoreSteps:
 
     def _upload(self, h: _Handle, d: _Disk, point: str, cancel: Any, progress: Any) -> int:
         """Streams the disk to its ``-flat.vmdk`` through the datastore's ``/folder`` (HTTPS PUT):
-        read from the repository a chunk at a time, never staged whole."""
+        read from the repository by a few threads a few pieces ahead of the send, never staged whole."""
         from .. import _mover
 
         rel = _rel(d.file)
@@ -669,19 +674,12 @@ class VSphereRestoreSteps:
         url = folder_url(self.client.base_url, flat, self._dc_name(), d.datastore)
         reader = _mover.DiskReader.backup(self.repo, point, d.spec.name)
         size = reader.size
-
-        def chunks():
-            off = 0
-            while off < size:
-                if cancel is not None and cancel.cancelled:
-                    raise CancelledError("cancelled")
-                n = min(_UPLOAD_CHUNK, size - off)
-                yield reader.read(off, n)
-                off += n
-                if progress is not None:
-                    progress(off, size)
-
-        status, body = _http(self.client, "PUT", url, chunks(), size)
+        with ThreadPoolExecutor(_UPLOAD_READERS, thread_name_prefix=f"upload-{d.spec.name}") as pool:
+            pieces = _pieces(reader, pool, cancel, progress)
+            try:
+                status, body = _http(self.client, "PUT", url, pieces, size)
+            finally:
+                pieces.close()  # a failed send: the reads queued ahead are cancelled
         if status not in (200, 201, 204):
             raise HypervisorError(f"uploading disk {d.spec.name} to {d.file} failed: HTTP {status} {body}")
         return size
@@ -883,63 +881,26 @@ def nic_device(
 # -- the mover's writes --------------------------------------------------------
 
 
-def _has_kwargs(fn: Any, *names: str) -> bool:
-    sig = getattr(fn, "__text_signature__", None) or ""
-    return all(n in sig for n in names)
-
-
 def _write_new(repo: str, point: str, device: str, disk: str, cancel: Any, progress: Any) -> int:
-    """The point's disk into a new (blank) hot-added disk: only the non-zero blocks."""
+    """The point's disk into a new (blank) hot-added disk: only the non-zero blocks (thin stays thin)."""
     from .. import _mover
 
-    if _has_kwargs(_mover.restore_disk, "existing", "blank"):
-        r = _mover.restore_disk(
-            repo, point, device, disk=disk, overwrite=True, existing=True, blank=True, progress=progress, cancel=cancel
-        )
-    else:  # a mover without in-place writes: the device is written whole (zero blocks as holes)
-        r = _mover.restore_disk(repo, point, device, disk=disk, overwrite=True, progress=progress, cancel=cancel)
+    r = _mover.restore_disk(repo, point, device, disk=disk, existing=True, blank=True, progress=progress, cancel=cancel)
     return int(r.bytes_written)
 
 
 def _write_in_place(
     repo: str, point: str, device: str, disk: str, extents: list[tuple[int, int]] | None, cancel: Any, progress: Any
 ) -> int:
-    """Only what differs: ``extents`` (CBT) or a comparison of every block; returns the bytes written."""
+    """Only what differs: the blocks of ``extents`` (the areas CBT says changed
+    since the point) or of the whole disk that differ from the point; returns
+    the bytes changed (written, or deallocated where the point has zeros)."""
     from .. import _mover
 
-    if _has_kwargs(_mover.restore_disk, "existing", "extents", "compare"):
-        kw: dict[str, Any] = {"extents": extents} if extents is not None else {"compare": True}
-        r = _mover.restore_disk(
-            repo, point, device, disk=disk, overwrite=True, existing=True, progress=progress, cancel=cancel, **kw
-        )
-        return int(r.bytes_written)
-    # A mover without in-place writes: compared here, block by block (within the extents).
-    saved = _mover.DiskReader.backup(repo, point, disk)
-    size = saved.size
-    areas = extents if extents is not None else [(0, size)]
-    written = 0
-    done = 0
-    total = sum(n for _, n in areas)
-    fd = os.open(device, os.O_RDWR)
-    try:
-        for start, length in areas:
-            off, end = start, min(start + length, size)
-            while off < end:
-                if cancel is not None and cancel.cancelled:
-                    raise CancelledError("cancelled")
-                n = min(_COMPARE_BLOCK, end - off)
-                want = saved.read(off, n)
-                if os.pread(fd, n, off) != want:
-                    os.pwrite(fd, want, off)
-                    written += n
-                off += n
-                done += n
-                if progress is not None:
-                    progress(done, total)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return written
+    r = _mover.restore_disk(
+        repo, point, device, disk=disk, existing=True, compare=True, extents=extents, progress=progress, cancel=cancel
+    )
+    return int(r.bytes_written) + int(r.bytes_punched)
 
 
 def _point_change_id(repo: str, point: str, disk: str) -> str | None:
@@ -956,6 +917,32 @@ def _point_change_id(repo: str, point: str, disk: str) -> str | None:
 
 
 # -- HTTP (/folder) -------------------------------------------------------------
+
+
+def _pieces(reader: Any, pool: ThreadPoolExecutor, cancel: Any, progress: Any) -> Any:
+    """The disk of ``reader`` in order, in pieces of ``_UPLOAD_CHUNK`` bytes, read
+    by ``pool`` at most ``_UPLOAD_AHEAD`` pieces ahead of the consumer: the next
+    pieces are read and decompressed while one is encrypted and sent (memory:
+    ``_UPLOAD_AHEAD`` pieces)."""
+    size = reader.size
+    ahead: deque[Any] = deque()
+    queued = sent = 0
+    try:
+        while sent < size:
+            while queued < size and len(ahead) < _UPLOAD_AHEAD:
+                n = min(_UPLOAD_CHUNK, size - queued)
+                ahead.append(pool.submit(reader.read, queued, n))
+                queued += n
+            if cancel is not None and cancel.cancelled:
+                raise CancelledError("cancelled")
+            piece = ahead.popleft().result()
+            yield piece
+            sent += len(piece)
+            if progress is not None:
+                progress(sent, size)
+    finally:
+        for f in ahead:
+            f.cancel()
 
 
 def _http(client: Any, method: str, url: str, body: Any = None, length: int | None = None) -> tuple[int, str]:

@@ -42,6 +42,7 @@ pub mod crypto;
 pub mod error;
 pub mod extents;
 pub mod gc;
+pub mod inflight;
 pub mod lease;
 pub mod manifest;
 pub mod nbd;

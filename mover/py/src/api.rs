@@ -202,9 +202,19 @@ impl BackupSession {
     }
 }
 
-#[pyfunction(disk = "None", format = "\"raw\"", overwrite = "false", progress = "None", cancel = "None")]
+#[pyfunction(
+    disk = "None",
+    format = "\"raw\"",
+    overwrite = "false",
+    progress = "None",
+    cancel = "None",
+    existing = "false",
+    blank = "false",
+    extents = "None",
+    compare = "false"
+)]
 #[pyo3(
-    text_signature = "(repo, backup_id, output, disk=None, format='raw', overwrite=False, progress=None, cancel=None)"
+    text_signature = "(repo, backup_id, output, disk=None, format='raw', overwrite=False, progress=None, cancel=None, existing=False, blank=False, extents=None, compare=False)"
 )]
 #[allow(clippy::too_many_arguments)]
 pub fn restore_disk(
@@ -217,13 +227,24 @@ pub fn restore_disk(
     overwrite: bool,
     progress: Option<PyObject>,
     cancel: Option<CancelToken>,
+    existing: bool,
+    blank: bool,
+    extents: Option<Vec<(u64, u64)>>,
+    compare: bool,
 ) -> PyResult<RestoreResult> {
     let repo = open(repo)?;
     let cancel = cancel_of(cancel);
     let mut prog = PyProgress::new(progress);
-    let r = py.allow_threads(|| {
-        restore::restore_disk_as(&repo, backup_id, disk, Path::new(output), format, overwrite, &mut prog, &cancel)
-    });
+    let opts = restore::RestoreOptions {
+        format: format.to_string(),
+        overwrite,
+        existing,
+        blank,
+        extents: extents.map(|v| v.into_iter().map(|(s, l)| Extent::new(s, l)).collect()),
+        compare,
+        ..Default::default()
+    };
+    let r = py.allow_threads(|| restore::restore(&repo, backup_id, disk, Path::new(output), &opts, &mut prog, &cancel));
     prog.finish(r).map(RestoreResult::from)
 }
 

@@ -75,7 +75,15 @@ pub struct RestoreResult {
     #[pyo3(get)]
     pub bytes_written: u64,
     #[pyo3(get)]
+    pub bytes_punched: u64,
+    #[pyo3(get)]
     pub zero_blocks: u64,
+    #[pyo3(get)]
+    pub blocks_written: u64,
+    #[pyo3(get)]
+    pub blocks_compared: u64,
+    #[pyo3(get)]
+    pub blocks_skipped: u64,
     #[pyo3(get)]
     pub seconds: f64,
 }
@@ -87,7 +95,11 @@ impl From<RestoreStats> for RestoreResult {
             disk: s.disk,
             disk_size: s.disk_size,
             bytes_written: s.bytes_written,
+            bytes_punched: s.bytes_punched,
             zero_blocks: s.zero_blocks,
+            blocks_written: s.blocks_written,
+            blocks_compared: s.blocks_compared,
+            blocks_skipped: s.blocks_skipped,
             seconds: s.seconds,
         }
     }

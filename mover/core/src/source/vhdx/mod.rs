@@ -17,6 +17,7 @@ mod parent;
 pub use format::{bat_entries, build_header, build_metadata, build_region_table, chunk_ratio, payload_index};
 pub use format::{
     guid as known_guid, Header, Metadata, Region, BAT_GUID, FILE_SIGNATURE, METADATA_GUID, MIB, PAYLOAD_FULLY_PRESENT,
+    PAYLOAD_ZERO,
 };
 pub use parent::file_name as file_name_of;
 
