@@ -123,7 +123,8 @@ def restore_source(plan: Any, repo: str | None = None, *, key: Any = None, unloc
             copy = offsite.open_copy(url, target=target, key=key)
         plan = plan.model_copy(update={"repository": copy.mirror})
     elif not os.path.isfile(os.path.join(str(plan.repository), "config.json")):
-        raise RestoreInputError(f"repository {plan.repository} does not exist (and the plan has no copy: to read)")
+        why = "" if repo else " (and the plan has no copy: to restore from)"
+        raise RestoreInputError(f"repository {plan.repository} does not exist{why}")
     if unlock:
         unlock_plan_repository(plan)
     return Source(plan, url, copy, warning)
