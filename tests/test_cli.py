@@ -411,6 +411,9 @@ RESTORE_BAD_INPUT = [
     ("datastore on Hyper-V", ["--vm", "hvvm", "--datastore", "ds1"], "a Hyper-V restore takes --path"),
     ("point's host not in the plan", ["--vm", "gone"], "Hyper-V host hv7, which is not in the plan"),
     ("negative timeout", ["--vm", "hvvm", "--vm-timeout", "-1"], "must not be negative"),
+    ("folder on Hyper-V", ["--vm", "hvvm", "--folder", "drills"], "--folder is vSphere's"),
+    ("resource pool on Hyper-V", ["--vm", "hvvm", "--resource-pool", "p"], "--resource-pool is vSphere's"),
+    ("no repository there", ["--vm", "hvvm", "--repo", "/nonexistent/repo"], "repository /nonexistent/repo does not"),
 ]
 _NO_PREFECT = (
     "import sys, vmbackup.cli as c; rc = c.main(sys.argv[1:]); "

@@ -100,3 +100,22 @@ def test_vmbackup_copy_refuses_a_plan_without_copy_or_credentials_before_any_ser
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert "copy.secret_key_env: the environment variable VMB_T_SK is not set" in p.stderr
     assert not (tmp_path / "state").exists()  # no server was started
+
+
+def test_the_drill_record_is_copied_with_the_repository(tmp_path):
+    """drills.json (the drills' rotation, docs/format.md §1) is one of the
+    repository's other files: the copy holds it, beside config.json."""
+    from pathlib import Path
+
+    from vmbackup import _mover
+    from vmbackup.copy import repository_files
+    from vmbackup.orchestration.restore_input import DRILL_STATE, load_drill_state, save_drill_state
+
+    repo = tmp_path / "repo"
+    _mover.init_repository(str(repo))
+    record = {"web01": {"unix": 1.0, "point": "p1", "passed": True, "run": "r1"}}
+    save_drill_state(str(repo), record)
+    files = {f.rel: f.kind for f in repository_files(Path(repo))}
+    assert files[DRILL_STATE] == "meta" and files["config.json"] == "meta"
+    assert not any(rel.startswith(".") for rel in files)  # never the record's temporary
+    assert load_drill_state(str(repo)) == record

@@ -71,6 +71,8 @@ EXPECTED = {
     "RepositoryDamagedError": (False, 1),
     "GcRefusedError": (False, 1),
     "CbtMismatchError": (False, 1),
+    "DrillFailedError": (False, 1),
+    "TamperedRepositoryError": (False, 2),
     "CopyError": (False, 1),
     "CopyUnavailableError": (True, 1),
 }
@@ -80,6 +82,7 @@ ARGS = {
     "RepositoryDamagedError": ("x", {}),
     "GcRefusedError": ("x", {}),
     "CbtMismatchError": ("x", {}),
+    "DrillFailedError": ("x", {}),
 }
 
 

@@ -234,11 +234,14 @@ def choose_index(target: s3copy.Target, source: keys.KeySource | None) -> tuple[
     )
 
 
-def open_copy(url: str, *, metadata: bool = True, key: keys.KeySource | None = None) -> Copy:
+def open_copy(
+    url: str, *, metadata: bool = True, key: keys.KeySource | None = None, target: s3copy.Target | None = None
+) -> Copy:
     """The copy at ``url`` with its mirror holding its other files and manifests;
-    with ``key``, its newest authentic index, and the mirror unlocked with it."""
+    with ``key``, its newest authentic index, and the mirror unlocked with it
+    (``target``: the copy's S3 client, a plan's ``copy:``; default: the AWS environment's)."""
     bucket, prefix = s3copy.parse_url(url)
-    target = s3copy.Target(s3copy.client(), bucket, prefix)
+    target = target or s3copy.Target(s3copy.client(), bucket, prefix)
     index, master = choose_index(target, key)
     if index is None:
         raise CopyError(f"{url} holds no copy (no index: a copy that never completed, or the wrong prefix)")
@@ -275,6 +278,15 @@ def open_copy(url: str, *, metadata: bool = True, key: keys.KeySource | None = N
 def _raise(url: str, bad: list[tuple[str, str, str]]) -> None:
     if bad:
         raise CopyError(f"{url}: {bad[0][2]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
+def fetch_backups(c: Copy, url: str, ids: list[str]) -> None:
+    """Every chunk these backups need fetched into the mirror (a VM's restore
+    from the copy); one line naming what cannot be fetched."""
+    missing = [i for i in ids if f"backups/{i}.tib" not in c.objects]
+    if missing:
+        raise InvalidInputError(f"no backup {missing[0]} in the copy {url}")
+    _raise(url, c.fetch(c.chunks_needed(ids)))
 
 
 def prepare_restore(url: str, backup_id: str, key: keys.KeySource | None = None) -> str:

@@ -19,7 +19,8 @@ import (
 
 // What a whole-VM restore needs from the lab (docs/vsphere.md, "Restore"; docs/lab.md):
 //
-//   - CreateVM_Task on the datacenter's VM folder makes a LabVM whose new disks
+//   - CreateVM_Task on the datacenter's VM folder, or on any folder made under it
+//     (CreateFolder), makes a LabVM whose new disks
 //     (fileOperation "create") are lab disks that keep their content, so that
 //     `vmbackup lab disk-image` reads a restored VM as it reads the lab's own;
 //   - a writable hot-add (diskMode persistent or independent_persistent) of such a
@@ -45,6 +46,55 @@ func (l *Lab) installVMFolder(ref types.ManagedObjectReference) {
 		return
 	}
 	simulator.Map.Put(&LabFolder{Folder: *f, lab: l})
+}
+
+// CreateFolder makes a child folder that is a LabFolder too, so that a VM created in
+// any VM folder (a drill's, a site's "restored" folder) keeps its disks' content.
+func (f *LabFolder) CreateFolder(ctx *simulator.Context, c *types.CreateFolder) soap.HasFault {
+	res := f.Folder.CreateFolder(ctx, c)
+	if body, ok := res.(*methods.CreateFolderBody); ok && body.Res != nil {
+		f.lab.installVMFolder(body.Res.Returnval)
+	}
+	return res
+}
+
+// DestroyTask destroys the folder's children, then the folder, as the stock
+// Folder.DestroyTask does; that one takes its parent for a stock Folder, which a
+// LabFolder made by CreateFolder is not.
+func (f *LabFolder) DestroyTask(ctx *simulator.Context, req *types.Destroy_Task) soap.HasFault {
+	type destroyer interface {
+		mo.Reference
+		DestroyTask(*types.Destroy_Task) soap.HasFault
+	}
+	task := simulator.CreateTask(f, "destroy", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		for _, c := range append([]types.ManagedObjectReference(nil), f.ChildEntity...) {
+			obj, ok := simulator.Map.Get(c).(destroyer)
+			if !ok {
+				continue
+			}
+			var fault types.BaseMethodFault
+			simulator.Map.WithLock(obj, func() {
+				id := obj.DestroyTask(&types.Destroy_Task{This: c}).(*methods.Destroy_TaskBody).Res.Returnval
+				if t, ok := simulator.Map.Get(id).(*simulator.Task); ok && t.Info.Error != nil {
+					fault = t.Info.Error.Fault // a powered-on VM
+				}
+			})
+			if fault != nil {
+				return nil, fault
+			}
+		}
+		if f.Parent == nil {
+			return nil, &types.InvalidArgument{InvalidProperty: "this"}
+		}
+		parent, ok := simFolder(simulator.Map.Get(*f.Parent))
+		if !ok {
+			return nil, &types.InvalidArgument{InvalidProperty: "parent"}
+		}
+		simulator.Map.Remove(f.Self)
+		simulator.Map.RemoveReference(parent, &parent.ChildEntity, f.Self) // takes the parent's lock
+		return nil, nil
+	})
+	return &methods.Destroy_TaskBody{Res: &types.Destroy_TaskResponse{Returnval: task.Run()}}
 }
 
 // simFolder is the stock Folder of a folder object, LabFolder or not.

@@ -232,3 +232,98 @@ def test_restore_killed_mid_way_is_reconciled_by_the_next_one(small_lab, env, tm
         assert r["status"] == "ok" and r["restored_as"] == "app01-restored", r
         assert sorted(n for n in _vsphere_vm_names(small_lab) if n.startswith("app01-restored")) == ["app01-restored"]
         assert _attached(lab) == 0 and r["disks"] and all(d["bytes_written"] > 0 for d in r["disks"]), r
+
+
+def test_a_vm_restored_from_the_offsite_copy_once_the_repository_is_gone(small_lab, env, tmp_path):
+    """An encrypted repository backed up, copied to the lab's SeaweedFS and
+    deleted: `vmbackup restore --repo s3://...` and then the plan alone (its
+    copy:, since its repository is gone) bring the VM back from the copy,
+    disks equal to the point, the rows saying where they came from."""
+    import shutil
+    import uuid
+
+    from .test_copy import _s3_env
+
+    s3 = small_lab.summary["s3"]
+    repo = tmp_path / "repo"
+    e = _s3_env(env, s3, tmp_path / "cache") | {"VMBACKUP_PASSPHRASE": "correct horse battery staple"}
+    run("init", "--repo", str(repo), "--encryption", env=e)
+    prefix = f"restore-{uuid.uuid4().hex[:8]}"
+    copy = dict(small_lab.plan_data()["copy"], prefix=prefix)
+    plan = small_lab.write_plan(
+        tmp_path / "plan.yaml", repository=repo, copy=copy, passphrase_env="VMBACKUP_PASSPHRASE"
+    )
+    small_lab.lab.write("app01", "scsi0:0", 3 << 20, 1 << 20, seed=41)
+    [point] = backup("--plan", str(plan), "--vm", "app01", env=e)
+    assert point["status"] == "ok", point
+    from vmbackup import copy as s3copy
+    from vmbackup.orchestration.restore_input import DRILL_STATE, save_drill_state
+
+    save_drill_state(str(repo), {"app01": {"unix": 1.0, "point": point["backup_id"], "passed": True, "run": "r"}})
+    out = json.loads(run("copy", "--plan", str(plan), "--json", env=e).stdout)
+    t = s3copy.Target(
+        s3copy.client(s3["endpoint"], s3["access_key"], s3["secret_key"], "us-east-1"), s3["bucket"], prefix
+    )
+    assert DRILL_STATE in s3copy.read_index(t, out["index"])["objects"]  # the drill record is kept in the copy
+    want = {}
+    for d in point["disks"]:
+        f = tmp_path / f"want-{d['name']}.img"
+        run("restore-disk", "--repo", str(repo), "--disk", d["name"], point["backup_id"], str(f), env=e)
+        want[d["name"]] = sha(f)
+    shutil.rmtree(repo)
+
+    url = f"s3://{s3['bucket']}/{prefix}"
+    with removed_afterwards(small_lab):
+        for args, name, said in (
+            (("--repo", url), "app01-fromcopy", f"restored from the offsite copy {url}"),
+            ((), "app01-fromplan", f"the plan's repository {repo} is gone: restored from its offsite copy {url}"),
+        ):
+            [r] = restore("--plan", str(plan), "--vm", "app01", "--as", name, *args, env=e)
+            assert r["status"] == "ok" and r["point"] == point["backup_id"], r
+            assert r["repository"] == url and said in r["warnings"], r
+            assert sorted(d["disk"] for d in r["disks"]) == sorted(want), r
+            for disk, digest in want.items():
+                image = tmp_path / f"{name}-{disk}.img"
+                run(
+                    "lab",
+                    "disk-image",
+                    "--state",
+                    str(small_lab.lab.state),
+                    "--vm",
+                    name,
+                    "--disk",
+                    disk,
+                    str(image),
+                    env=e,
+                )
+                assert sha(image) == digest, (name, disk)
+        assert not repo.exists()
+
+
+def test_in_place_rollback_through_the_command_writes_only_what_differs(small_lab, env, tmp_path):
+    """`vmbackup restore --in-place --json` on a VM of this test's own (app01
+    restored as inplace01, removed at the end): after guest writes of 3 MiB
+    into its 16 MiB disk, each disk's bytes_written counts only what differs,
+    and the disks then equal the point."""
+    plan, repo = _plan(small_lab, tmp_path)
+    backup("--plan", str(plan), "--vm", "app01", env=env)
+    state = str(small_lab.lab.state)
+    with removed_afterwards(small_lab):
+        [made] = restore("--plan", str(plan), "--vm", "app01", "--as", "inplace01", env=env)
+        assert made["status"] == "ok", made
+        [point] = backup("--plan", str(plan), "--vm", "inplace01", env=env)
+        assert point["status"] == "ok", point
+        for offset, length, seed in ((3 << 20, 2 << 20, 51), ((9 << 20) + 4096, 1 << 20, 52)):
+            args = ("--vm", "inplace01", "--disk", "scsi0:0", "--offset", str(offset), "--length", str(length))
+            run("lab", "write", "--state", state, *args, "--seed", str(seed), env=env)
+        (tmp_path / "written").mkdir()
+        assert not _disk_equal(small_lab, env, repo, point["backup_id"], "inplace01", "scsi0:0", tmp_path / "written")
+
+        [r] = restore("--plan", str(plan), "--vm", "inplace01", "--in-place", env=env)
+        assert r["status"] == "ok" and r["in_place"] is True and r["restored_as"] == "inplace01", r
+        assert r["point"] == point["backup_id"], r
+        [d] = r["disks"]
+        # the 3 MiB written (in whole blocks around them), never the 16 MiB disk
+        assert 3 << 20 <= d["bytes_written"] <= 5 << 20 and r["bytes_written"] == d["bytes_written"], r
+        (tmp_path / "rolled-back").mkdir()
+        assert _disk_equal(small_lab, env, repo, point["backup_id"], "inplace01", "scsi0:0", tmp_path / "rolled-back")

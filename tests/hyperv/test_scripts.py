@@ -41,6 +41,7 @@ def test_every_script_is_readable_powershell_with_a_param_block():
         "New-VmbackupShadowCopy.ps1",
         "Remove-VmbackupRestore.ps1",
         "Remove-VmbackupShadowCopies.ps1",
+        "Start-VmbackupRestore.ps1",
     ]
     for name in scripts.names():
         text = scripts.text(name)

@@ -254,3 +254,89 @@ def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan
     _no_agent_disks(checks)
     destroy_vm(_vm(client, "crash01-k")[0], 60)
     checks.assert_clean(plan)
+
+
+class _GuestWritesAtBoot:
+    """The adapter's steps, with a guest that writes into its first disk as
+    soon as the VM is powered on (a log, a journal replay): what a drill of
+    a real VM meets."""
+
+    def __init__(self, steps, lab, disk):
+        self._steps, self._lab, self._disk, self.writes = steps, lab, disk, 0
+
+    def __getattr__(self, name):
+        return getattr(self._steps, name)
+
+    def _boot(self, made):
+        self._lab.write(made.handle.vm.name, self._disk, 0, 1 << 20, seed=77)
+        self.writes += 1
+
+    def finish(self, made, **kw):
+        self._steps.finish(made, **kw)
+        if kw.get("power_on"):  # a procedure that powers on in finish: the guest boots here
+            self._boot(made)
+
+    def power_on(self, made):
+        self._steps.power_on(made)
+        self._boot(made)
+
+
+def test_drill_of_ide01_in_a_folder_and_pool_compares_before_the_guest_boots(client, plan, checks, cleanup_vms):
+    """A drill of the lab's IDE VM: created in the drill's VM folder and
+    resource pool, every disk read back (ide0:0 through /folder, scsi0:0
+    hot-added) and compared while the VM is off, then powered on: the guest's
+    writes at boot fail nothing; the RTO includes the power-on."""
+    b = backup(client, plan, "ide01")
+    assert b.status == "ok", b.error
+    src = vm_info(client, "ide01")
+    dc = client.datacenter_of(client.find_vm("ide01"))
+    host = next(h for h in client.objects(vim.HostSystem) if h.name == src.host)
+
+    def alloc():
+        shares = vim.SharesInfo(level="normal", shares=0)
+        return vim.ResourceAllocationInfo(reservation=0, limit=-1, expandableReservation=True, shares=shares)
+
+    made = []
+    try:
+        made.append(folder := dc.vmFolder.CreateFolder("drills"))
+        made.append(folder.CreateFolder("weekly"))
+        spec = vim.ResourceConfigSpec(cpuAllocation=alloc(), memoryAllocation=alloc())
+        made.append(host.parent.resourcePool.CreateResourcePool("drills", spec))
+        cleanup_vms.append("drill-ide01")
+        steps, req, desc, agent = _steps(
+            client,
+            plan,
+            "ide01",
+            b.backup_id,
+            "drill-ide01",
+            drill=True,
+            power_on=True,
+            folder="drills/weekly",
+            resource_pool="drills",
+        )
+        guest = _GuestWritesAtBoot(steps, checks.lab, "scsi0:0")
+        res = restore_one(
+            guest, req, desc, hypervisor="vsphere", repository=str(plan.repository), agent=agent.name,
+            disks_per_vm=2, verify=True,
+        )  # fmt: skip
+        assert res.status == "ok" and res.verified is True and res.powered_on is True, res
+        assert guest.writes == 1
+        (vm,) = _vm(client, "drill-ide01")
+        assert str(vm.runtime.powerState) == "poweredOn"
+        assert vm.parent.name == "weekly" and vm.parent.parent.name == "drills", vm.parent.name
+        assert vm.resourcePool.name == "drills", vm.resourcePool.name
+        assert "in VM folder drills/weekly" in res.changes and "in resource pool drills" in res.changes, res.changes
+        _no_agent_disks(checks)
+        destroy_vm(vm, 60)
+        # A folder that does not exist: one line, nothing made.
+        steps, req, desc, agent = _steps(client, plan, "ide01", b.backup_id, "drill-ide01", folder="nowhere")
+        with pytest.raises(RestoreInputError, match="VM folder nowhere does not exist"):
+            restore_one(
+                steps, req, desc, hypervisor="vsphere", repository=str(plan.repository), agent=agent.name,
+                disks_per_vm=2,
+            )  # fmt: skip
+        assert not _vm(client, "drill-ide01")
+    finally:
+        for obj in reversed(made):
+            run_task(lambda o=obj: o.Destroy_Task(), f"removing {obj.name}", 60)
+    checks.assert_clean(plan)

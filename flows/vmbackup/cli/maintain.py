@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> None:
     p = cmd(
         "drill",
         "restore drills (the drill flow): the newest point of a sample of VMs restored into the plan's isolated "
-        "target (drill:), powered on, its disks compared with the backup, timed, then removed; "
+        "target (drill:), its disks compared with the backup, powered on, timed, then removed; "
         "exit 0 if every drill passed, 1 if one failed",
     )
     p.add_argument("--vm", action="append", metavar="NAME", help="drill this VM (repeat for more; default: a sample)")

@@ -48,10 +48,27 @@ def add_parser(sub: Any) -> None:
     where.add_argument("--datastore", metavar="DS", help="vSphere: the new VM's datastore")
     where.add_argument("--path", metavar="DIR", help="Hyper-V: the folder the new VM goes under (D:\\VMs)")
     sp.add_argument(
+        "--folder",
+        metavar="PATH",
+        help="vSphere: the VM folder of the new VM (drills or lab/drills; default: the datacenter's VM folder)",
+    )
+    sp.add_argument(
+        "--resource-pool",
+        metavar="PATH",
+        help="vSphere: the resource pool of the new VM (default: the host's root pool)",
+    )
+    sp.add_argument(
         "--network-map",
         action="append",
         metavar="FROM=TO",
         help="connect the backup's network FROM to the target's network TO (repeat for more)",
+    )
+    sp.add_argument(
+        "--repo",
+        metavar="R",
+        help="read the points here instead of the plan's repository: a directory, or its offsite copy "
+        "s3://BUCKET/PREFIX (the plan's copy: endpoint and credentials when it names that bucket, else the AWS "
+        "environment's); without it, the plan's copy: when the plan's repository is gone",
     )
     sp.add_argument("--power-on", action="store_true", help="power the VM on once restored")
     sp.add_argument(
@@ -101,7 +118,16 @@ def check(args: argparse.Namespace) -> Any:
         raise InvalidInputError("--vm-timeout must not be negative")
     from .keys import unlock_plan
 
-    plan = load_plan(args.plan)
+    key = None
+    if getattr(args, "passphrase_file", None):
+        from .. import keys
+        from .parsing import shown_path
+
+        key = keys.KeySource(
+            passphrase=keys.read_secret_file(args.passphrase_file),
+            where=f"--passphrase-file {shown_path(args.passphrase_file)}",
+        )
+    plan = restore_input.restore_source(load_plan(args.plan), args.repo, key=key, unlock=False).plan
     # An encrypted repository: a missing or wrong passphrase is one line
     # before any server starts; the flow finds it unlocked.
     unlock_plan(args, plan)
@@ -117,6 +143,8 @@ def check(args: argparse.Namespace) -> Any:
         network_map=restore_input.parse_network_map(args.network_map),
         power_on=args.power_on,
         in_place=args.in_place,
+        folder=args.folder,
+        resource_pool=args.resource_pool,
     )
     restore_input.passwords(plan, jobs, env_only=True)
     return jobs
@@ -155,6 +183,9 @@ def run_restore(args: argparse.Namespace) -> int:
                 network_map=restore_input.parse_network_map(args.network_map) or None,
                 power_on=args.power_on,
                 in_place=args.in_place,
+                folder=args.folder,
+                resource_pool=args.resource_pool,
+                repo=args.repo,
                 vm_deadline_seconds=args.vm_timeout or None,
             )
     except (BackupError, KeyboardInterrupt):

@@ -518,7 +518,7 @@ class HypervRestoreSteps:
         )
         return hv.Written(bytes_written=r.bytes_written, seconds=r.seconds)
 
-    def finish(self, made: hv.Made, *, power_on: bool) -> None:
+    def finish(self, made: hv.Made) -> None:
         m: _Made = made.handle
         d = self.description
         assert d is not None
@@ -548,7 +548,7 @@ class HypervRestoreSteps:
                     "Description": desc,
                     "ConfigFile": config_file,
                     "NetworkMap": dict(self.request.network_map),
-                    "PowerOn": power_on,
+                    "PowerOn": False,  # power_on, once a drill has compared the disks
                     "InPlace": self.request.in_place,
                 },
             )
@@ -580,6 +580,12 @@ class HypervRestoreSteps:
     def read_back(self, made: hv.Made) -> dict[str, str]:
         m: _Made = made.handle
         return {k: str(self._mapped(m, v)) for k, v in m.final.items()}
+
+    def power_on(self, made: hv.Made) -> None:
+        """Start-VM (Start-VmbackupRestore.ps1) of the VM finish made or rolled back."""
+        self.client.run_script(
+            "Start-VmbackupRestore.ps1", {"VMId": made.vm_id or "", "Name": self.request.restored_as}
+        )
 
     def remove(self, made: hv.Made) -> None:
         m: _Made = made.handle

@@ -236,6 +236,8 @@ class RestoreRequest:
     power_on: bool = False
     in_place: bool = False  # roll the existing (powered-off) VM back to the point
     drill: bool = False  # a restore drill: the plan's isolated target, removed afterwards
+    folder: str | None = None  # vSphere: the VM folder (a path under the datacenter's VM folder)
+    resource_pool: str | None = None  # vSphere: the resource pool (a path under the host's root pool)
 
 
 @dataclass
@@ -298,13 +300,18 @@ class RestoreSteps(Protocol):
         """Write one disk of ``point`` into the made VM (called for several
         disks at once, from threads)."""
 
-    def finish(self, made: Made, *, power_on: bool) -> None:
+    def finish(self, made: Made) -> None:
         """Complete the VM once every disk is written (detach from the agent,
-        the ``.nvram``, Hyper-V's import), power it on if asked."""
+        the ``.nvram``, Hyper-V's import), leaving it powered off."""
 
     def read_back(self, made: Made) -> dict[str, str]:
-        """Sources the mover can read the restored disks from (disk name ->
-        path or NBD URI), for a drill's comparison; ``release`` undoes."""
+        """Sources the mover can read the restored (powered-off) disks from
+        (disk name -> path or NBD URI), for a drill's comparison; ``power_on``
+        and ``release`` let go of them."""
+
+    def power_on(self, made: Made) -> None:
+        """Power the finished VM on (``--power-on``, a drill after its
+        comparison), first letting go of what ``read_back`` holds."""
 
     def remove(self, made: Made) -> None:
         """Remove the restored VM and its files (a drill's end)."""

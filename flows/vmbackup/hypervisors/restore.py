@@ -3,8 +3,9 @@ adapter's steps (``base.RestoreSteps``), as ``procedure.backup_one`` is for
 backups.
 
 reconcile -> prepare (check everything, make nothing) -> create -> write
-every disk at once -> finish (power on if asked) -> [drill: read back and
-compare] -> release. Release runs on every path and, when the restore
+every disk at once -> finish (the VM complete, powered off) -> [drill: read
+back and compare, before any guest runs] -> power on (if asked; a drill's
+RTO includes it) -> release. Release runs on every path and, when the restore
 failed, removes the half-made VM (the adapter's ledger named it before it
 existed, so a killed run's leftover is removed by the next restore or the
 sweeper).
@@ -131,13 +132,17 @@ def restore_one(
             for d, w in zip(target.disks, written, strict=True)
         ]
         result.bytes_written = sum(w.bytes_written for w in written)
-        steps.finish(made, power_on=request.power_on)
+        steps.finish(made)
         # what finish found (Hyper-V's import: a missing switch mapped or disconnected) joins the row
         result.changes, result.warnings = list(target.changes), list(target.warnings)
-        result.powered_on = request.power_on
         result.vm_id = made.vm_id
         if verify:
+            # Compared before the power-on: a guest that writes while it boots
+            # (logs, a journal replay) must not fail a sound restore.
             result.verified = compare(steps.read_back(made), repository, request.point, target.disks, cancel)
+        if request.power_on:
+            steps.power_on(made)
+            result.powered_on = True
     except BaseException as e:
         failure = e
         raise

@@ -518,7 +518,7 @@ def restore_table_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 
 def drill_passed(row: Mapping[str, Any]) -> bool:
-    """A drill passed: restored, powered on, every disk equal to the point, removed."""
+    """A drill passed: restored, every disk equal to the point, powered on, removed."""
     return row.get("status") == "ok" and row.get("verified") is True
 
 

@@ -187,6 +187,7 @@ def run_restores(
     vm_deadline_seconds: float | None,
     lease_seconds: float,
     early: Sequence[dict] = (),
+    source: restore_input.Source | None = None,
 ) -> list[dict]:
     """Check every job on its target, then restore them, one task each under
     the limits; a row per job (inside a flow run), after ``early``'s (the
@@ -198,7 +199,7 @@ def run_restores(
     secrets = [p.get_secret_value() for p in passwords.values()]
     rows: list[dict] = list(early)
     if not jobs:
-        _report(keys, rows, drill=drill)
+        _report(keys, _with_source(rows, source), drill=drill)
         return rows
     with contextlib.ExitStack() as stack:
         targets = _connect(plan, jobs, passwords, stack)
@@ -256,7 +257,19 @@ def run_restores(
         reports.update_progress(progress_id, 100.0, f"done: {done} of {len(rows)} VM(s) {verb}")
     order = {j.vm: i for i, j in enumerate(jobs)}
     rows = sorted(({k: r.get(k) for k in ROW_FIELDS} for r in rows), key=lambda r: order.get(r["vm"], 0))
+    rows = _with_source(rows, source)
     _report(keys, rows, drill=drill)
+    return rows
+
+
+def _with_source(rows: list[dict], source: restore_input.Source | None) -> list[dict]:
+    """Rows read from an offsite copy name it (``repository``) and say why (a warning)."""
+    if source is None or source.url is None:
+        return rows
+    for r in rows:
+        r["repository"] = source.repository
+        if source.warning:
+            r["warnings"] = [source.warning, *(r.get("warnings") or [])]
     return rows
 
 
@@ -291,6 +304,9 @@ def restore_vm(
     network_map: dict[str, str] | None = None,
     power_on: bool = False,
     in_place: bool = False,
+    folder: str | None = None,
+    resource_pool: str | None = None,
+    repo: str | None = None,
     vm_deadline_seconds: float | None = DEFAULT_VM_DEADLINE,
     lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
     password_secret: str | None = None,
@@ -313,6 +329,11 @@ def restore_vm(
         network_map: a network (port group or switch) of the backup -> the target's network.
         power_on: power the VM on once restored.
         in_place: roll the existing, powered-off VM back to the point (only what differs is written).
+        folder: vSphere: the VM folder of the new VM (a path such as drills or lab/drills); default: the
+            datacenter's VM folder.
+        resource_pool: vSphere: the resource pool of the new VM (a path under the host's root pool).
+        repo: read the points from here instead of the plan's repository: a directory, or the offsite
+            copy s3://BUCKET/PREFIX (also read, from the plan's copy:, when the plan's repository is gone).
         vm_deadline_seconds: cancel a VM's restore after this long.
         lease_seconds: how long a dead run keeps a limit's slot.
         password_secret: the name of the Secret block with the vSphere password (not a password).
@@ -325,13 +346,16 @@ def restore_vm(
     restore cannot start (a name in use, an unknown point, host, datastore,
     path or network): nothing is made then.
     """
-    from ..keys import unlock_plan_repository
     from ..plan import load_plan
 
-    plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
-    # An encrypted repository is unlocked once per run, before its points are
-    # read: a missing or wrong passphrase fails the run here (exit 2).
-    unlock_plan_repository(plan)
+    # The points' repository (or its offsite copy's mirror), unlocked once per
+    # run when encrypted: a missing or wrong passphrase fails the run here (exit 2).
+    source = restore_input.restore_source(
+        with_secret(load_plan(plan_path), password_secret, hyperv_password_secret), repo
+    )
+    plan = source.plan
+    if source.warning:
+        get_run_logger().warning("%s", source.warning)
     jobs = restore_input.resolve(
         plan,
         vms,
@@ -344,11 +368,20 @@ def restore_vm(
         network_map=network_map,
         power_on=power_on,
         in_place=in_place,
+        folder=folder,
+        resource_pool=resource_pool,
         assign=False,
     )
     restore_input.assign_agents(jobs, only_agent(plan, agent))
+    source.fetch(jobs)  # from a copy: the points' chunks into its mirror
     rows = run_restores(
-        plan, jobs, keys=KEYS, drill=False, vm_deadline_seconds=vm_deadline_seconds, lease_seconds=lease_seconds
+        plan,
+        jobs,
+        keys=KEYS,
+        drill=False,
+        vm_deadline_seconds=vm_deadline_seconds,
+        lease_seconds=lease_seconds,
+        source=source,
     )
     failed = [r["vm"] for r in rows if r["status"] != "ok"]
     if failed:
@@ -445,8 +478,8 @@ def drill(
     agent: str | None = None,
 ) -> dict:
     """A restore drill: the newest point of a sample of VMs restored under a
-    drill name into the plan's isolated target (``drill:``), powered on, its
-    disks compared with the backup, its RTO recorded, then removed.
+    drill name into the plan's isolated target (``drill:``), its disks
+    compared with the backup, powered on, its RTO recorded, then removed.
 
     Args:
         plan_path: the plan (YAML) on the worker, with its drill: section.

@@ -60,6 +60,76 @@ class RestoreJob:
         return keys + [(kind, s) for s in self.storage]
 
 
+@dataclass
+class Source:
+    """Where a restore reads its points: the plan's repository, or an offsite
+    copy through a local mirror (``offsite.open_copy``) when ``--repo
+    s3://...`` names it or the plan's repository is gone."""
+
+    plan: Any  # the plan, its ``repository`` the directory the mover reads (the mirror for a copy)
+    url: str | None = None  # the copy's s3:// URL
+    copy: Any = None  # the opened ``offsite.Copy``
+    warning: str | None = None  # said in every row: restored from the copy, and why
+
+    @property
+    def repository(self) -> str:
+        """The repository as the rows name it: the copy's URL, or the plan's path."""
+        return self.url or str(self.plan.repository)
+
+    def fetch(self, jobs: Sequence[RestoreJob]) -> None:
+        """The chunks of the jobs' points into the mirror (nothing for a local repository)."""
+        if self.copy is not None:
+            from .. import offsite
+
+            offsite.fetch_backups(self.copy, self.url or "", sorted({j.request.point for j in jobs}))
+
+
+def restore_source(plan: Any, repo: str | None = None, *, key: Any = None, unlock: bool = True) -> Source:
+    """The plan reading from where the points are, unlocked when encrypted
+    (the plan's passphrase source): ``repo`` (a directory, or ``s3://BUCKET/
+    PREFIX``: the copy's manifests and key slots fetched into the mirror);
+    else the plan's repository, or, when it is gone (no ``config.json``) and
+    the plan has a ``copy:``, that copy. The copy's client is the plan's
+    ``copy:`` (endpoint, credentials) when it names the same bucket, else the
+    AWS environment's. The copy of an encrypted repository is opened with
+    ``key`` (a ``keys.KeySource``; default: the plan's passphrase source):
+    its newest index that key authenticates, the mirror unlocked with it.
+    ``unlock`` False: the caller unlocks a local repository (``--passphrase-file``)."""
+    from .. import copy as s3copy
+    from ..keys import is_encrypted, plan_key_source, unlock_plan_repository
+
+    url, warning = None, None
+    if repo and s3copy.is_url(repo):
+        url = repo
+        warning = f"restored from the offsite copy {url}"
+    elif repo:
+        plan = plan.model_copy(update={"repository": os.path.abspath(repo)})
+    elif not os.path.isfile(os.path.join(str(plan.repository), "config.json")) and plan.copy_ is not None:
+        c = plan.copy_
+        url = f"s3://{c.bucket}/{c.prefix}" if c.prefix else f"s3://{c.bucket}"
+        warning = f"the plan's repository {plan.repository} is gone: restored from its offsite copy {url}"
+    copy = None
+    if url is not None:
+        from .. import offsite
+
+        bucket, prefix = s3copy.parse_url(url)
+        target = None
+        if plan.copy_ is not None and plan.copy_.bucket == bucket:
+            target = s3copy.Target(s3copy.plan_target(plan).s3, bucket, prefix)
+        copy = offsite.open_copy(url, target=target)
+        if is_encrypted(copy.mirror):
+            # again with the key: an index it authenticates, and the mirror unlocked
+            key = key if key is not None else plan_key_source(plan)
+            copy = offsite.open_copy(url, target=target, key=key)
+        plan = plan.model_copy(update={"repository": copy.mirror})
+    elif not os.path.isfile(os.path.join(str(plan.repository), "config.json")):
+        why = "" if repo else " (and the plan has no copy: to restore from)"
+        raise RestoreInputError(f"repository {plan.repository} does not exist{why}")
+    if unlock:
+        unlock_plan_repository(plan)
+    return Source(plan, url, copy, warning)
+
+
 # --- parsing what a person typed ----------------------------------------------
 
 
@@ -195,6 +265,8 @@ def resolve(
     network_map: dict[str, str] | None = None,
     power_on: bool = False,
     in_place: bool = False,
+    folder: str | None = None,
+    resource_pool: str | None = None,
     assign: bool = True,
 ) -> list[RestoreJob]:
     """One job per VM of ``vms``, or ``RestoreInputError`` naming the first
@@ -241,6 +313,11 @@ def resolve(
             raise RestoreInputError("--path is a Hyper-V host's folder: a vSphere restore takes --datastore")
         if target == HYPERV and datastore is not None:
             raise RestoreInputError("--datastore is a vSphere datastore: a Hyper-V restore takes --path")
+        if target == HYPERV and (folder is not None or resource_pool is not None):
+            what = "--folder" if folder is not None else "--resource-pool"
+            raise RestoreInputError(f"{what} is vSphere's: a Hyper-V restore takes --path")
+        if in_place and (folder is not None or resource_pool is not None):
+            raise RestoreInputError("--in-place rolls the VM back where it is: it takes no --folder or --resource-pool")
         target_host = host
         storage: list[str] = []
         if target == HYPERV:
@@ -276,6 +353,8 @@ def resolve(
             network_map=dict(network_map or {}),
             power_on=power_on,
             in_place=in_place,
+            folder=folder.strip("/") if folder else None,
+            resource_pool=resource_pool.strip("/") if resource_pool else None,
         )
         jobs.append(
             RestoreJob(
@@ -364,7 +443,8 @@ def drill_requests(plan: Any, jobs: list[RestoreJob], run_id: str) -> None:
     """Point each job at the plan's isolated drill target: the drill name,
     its host/datastore or folder, every network to the isolated one,
     powered on, ``drill`` set (the adapters put a vSphere drill VM into
-    ``drill.vsphere.folder`` and ``resource_pool``)."""
+    ``drill.vsphere.folder`` and ``resource_pool``: ``RestoreRequest.folder``
+    and ``resource_pool``)."""
     d = plan.drill
     for j in jobs:
         r = j.request
@@ -377,6 +457,8 @@ def drill_requests(plan: Any, jobs: list[RestoreJob], run_id: str) -> None:
             net = d.vsphere.network
             r.host = d.vsphere.host or r.host
             r.datastore = d.vsphere.datastore
+            r.folder = d.vsphere.folder.strip("/") if d.vsphere.folder else None
+            r.resource_pool = d.vsphere.resource_pool.strip("/") if d.vsphere.resource_pool else None
             if d.vsphere.host:
                 j.host = d.vsphere.host
             if d.vsphere.datastore:

@@ -14,7 +14,10 @@ implements ``hypervisors.base.RestoreSteps``:
   and the ``CreateVM_Task`` spec: a new name, new BIOS and instance UUIDs and
   MACs (unless in place), networks mapped or disconnected, a CD-ROM whose ISO
   is missing disconnected, passthrough and USB devices dropped; thin disks of
-  the saved sizes on the buses and units the disks' names give;
+  the saved sizes on the buses and units the disks' names give; the VM
+  folder and resource pool asked for (``--folder``, ``--resource-pool``, a
+  drill's ``drill.vsphere``), else the datacenter's VM folder and the host's
+  root pool;
 - create: the ledger entry first, then ``CreateVM_Task``; the new disks
   hot-added writable to the agent VM (a backup SCSI controller of its own, as
   backups do), the ones hot-add cannot reach written through ``/folder``;
@@ -22,8 +25,10 @@ implements ``hypervisors.base.RestoreSteps``:
   non-zero blocks: thin stays thin), or the bytes stream through an HTTPS PUT
   (never staged on the agent's disk); in place, only what differs (CBT's
   areas changed since the point, else a comparison);
-- finish: the ``.nvram``, detach, power on if asked; release: detach always,
-  destroy the half-made VM after a failure.
+- finish: the ``.nvram``, detach (the VM stays off); read_back (a drill):
+  the disks hot-added read-only, IDE disks through ``/folder``; power_on:
+  those let go, then PowerOnVM_Task; release: detach always, destroy the
+  half-made VM after a failure.
 
 No Prefect.
 """
@@ -58,7 +63,7 @@ from .hypervisor import RESTORES_FROM
 from .inventory import DiskInfo, datastore_of, disks_of
 from .ledger import Entry, Ledger
 from .tasks import run_task, task_state, wait_task
-from .transport import Context, Frozen, HotAdd, _rel, detach_files, folder_url
+from .transport import Context, Frozen, HotAdd, Nbd, _rel, detach_files, folder_url
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +239,19 @@ def _find(client: Any, kind: type, name: str) -> Any:
     return None
 
 
+def _child(root: Any, path: str | None, kind: type, children: str) -> Any:
+    """The object at ``path`` ("drills" or "lab/drills": names separated by
+    "/") under ``root`` (a datacenter's VM folder, a host's root resource
+    pool), following ``children``; ``root`` itself for no path; None when
+    missing."""
+    here = root
+    for name in [p for p in (path or "").split("/") if p]:
+        here = next((c for c in getattr(here, children) or [] if isinstance(c, kind) and c.name == name), None)
+        if here is None:
+            return None
+    return here
+
+
 def _vm_exists(client: Any, name: str) -> list[Any]:
     return client.vm_index(refresh=True).get(name, [])
 
@@ -250,6 +268,7 @@ class VSphereRestoreSteps:
         self.entry: Entry | None = None
         self.hotadd: HotAdd | None = None
         self.reader: HotAdd | None = None  # read_back's read-only attachments
+        self.folder_reader: Nbd | None = None  # read_back's NBD servers over /folder (IDE disks)
         self.drill_snapshot: Any = None
         self.created: Any = None  # the VM this restore made (destroyed if it fails)
         self.description: hv.VmDescription | None = None
@@ -347,9 +366,19 @@ class VSphereRestoreSteps:
         else:
             h.spec, h.disks = self._spec(description, h, networks, changes, warnings)
         if not req.in_place:
-            h.pool = h.host.parent.resourcePool
             dc = self.client.datacenter_of(h.host)
-            h.folder = dc.vmFolder
+            h.folder = _child(dc.vmFolder, req.folder, vim.Folder, "childEntity")
+            if h.folder is None:
+                raise RestoreInputError(f"VM folder {req.folder} does not exist in datacenter {dc.name}")
+            h.pool = _child(h.host.parent.resourcePool, req.resource_pool, vim.ResourcePool, "resourcePool")
+            if h.pool is None:
+                raise RestoreInputError(
+                    f"resource pool {req.resource_pool} does not exist on {h.host.parent.name} (host {h.host.name})"
+                )
+            if req.folder:
+                changes.append(f"in VM folder {req.folder}")
+            if req.resource_pool:
+                changes.append(f"in resource pool {req.resource_pool}")
         return hv.Target(
             restored_as=req.restored_as,
             host=h.host.name,
@@ -657,7 +686,7 @@ class VSphereRestoreSteps:
 
     # -- finish, read back, remove, release -----------------------------------
 
-    def finish(self, made: hv.Made, *, power_on: bool) -> None:
+    def finish(self, made: hv.Made) -> None:
         h: _Handle = made.handle
         nvram = (self.description.files if self.description else {}).get("nvram")
         if nvram:
@@ -666,8 +695,15 @@ class VSphereRestoreSteps:
         if self.entry is not None and self.entry.restore is not None:
             self.entry.restore["done"] = True  # from here on, never destroyed by reconcile
             self.ledger.write(self.entry)
-        if power_on:
-            run_task(lambda: h.vm.PowerOnVM_Task(), f"powering on VM {h.vm.name}", self.timeout)
+
+    def power_on(self, made: hv.Made) -> None:
+        """PowerOnVM_Task, once read_back's attachments are gone (a disk still
+        attached to the agent would keep the VM from opening it)."""
+        h: _Handle = made.handle
+        problems = self._release_reader()
+        if problems:
+            raise HypervisorError("; ".join(problems))
+        run_task(lambda: h.vm.PowerOnVM_Task(), f"powering on VM {h.vm.name}", self.timeout)
 
     def _put_nvram(self, vm: Any, data: bytes) -> None:
         files = [f for f in (vm.layoutEx.file if vm.layoutEx is not None else None) or [] if f.type == "nvram"]
@@ -688,7 +724,11 @@ class VSphereRestoreSteps:
         return problems
 
     def read_back(self, made: hv.Made) -> dict[str, str]:
-        """The restored disks hot-added read-only to the agent (of a snapshot when the VM runs)."""
+        """The restored disks as the mover reads them: hot-added read-only to
+        the agent, and the ones hot-add cannot reach (IDE) through the
+        datastore's ``/folder`` by the plan's NBD command (nbdkit curl, as
+        backups read them). A drill reads the powered-off VM; a running one
+        is read through a snapshot."""
         h: _Handle = made.handle
         assert self.entry is not None
         files = {name: d.file for name, d in h.disks.items()}
@@ -711,10 +751,22 @@ class VSphereRestoreSteps:
             )
             for n, f in files.items()
         ]
-        self.reader = HotAdd(ctx)
-        self.reader.agent_obj = self.reader._check(frozen)
-        by_file = self.reader._attach([f.file for f in frozen])
-        return {f.disk.name: by_file[f.file] for f in frozen}
+        hot = [f for f in frozen if not f.disk.name.startswith("ide")]
+        ide = [f for f in frozen if f.disk.name.startswith("ide")]
+        out: dict[str, str] = {}
+        if hot:
+            self.reader = HotAdd(ctx)
+            self.reader.agent_obj = self.reader._check(hot)
+            by_file = self.reader._attach([f.file for f in hot])
+            out |= {f.disk.name: by_file[f.file] for f in hot}
+        if ide:
+            if self.drill_snapshot is not None:  # a snapshot's delta is not one file to read by URL
+                raise HypervisorError(
+                    f"VM {h.vm.name} runs: its IDE disk {ide[0].disk.name} is read back only while it is off"
+                )
+            self.folder_reader = Nbd(ctx)
+            out |= self.folder_reader.open(ide)
+        return out
 
     def remove(self, made: hv.Made) -> None:
         h: _Handle = made.handle
@@ -726,6 +778,9 @@ class VSphereRestoreSteps:
         if self.reader is not None:
             problems += self.reader.close()
             self.reader = None
+        if self.folder_reader is not None:
+            problems += self.folder_reader.close()
+            self.folder_reader = None
         if self.drill_snapshot is not None:
             snap = self.drill_snapshot
             try:

@@ -503,7 +503,7 @@ class Nbd(Transport):
                 "path": f.file,
                 "vm": self.ctx.vm_name,
                 "disk": f.disk.name,
-                "snapshot": self.ctx.snapshot._moId,
+                "snapshot": self.ctx.snapshot._moId if self.ctx.snapshot is not None else "",
             }
             argv = [a.format(**values) for a in template]
             # The log can echo arguments; the cookie stays out of the message.

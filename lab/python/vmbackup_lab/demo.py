@@ -320,6 +320,45 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
             want.unlink()
     say(f"   {same} disks restored, identical to the lab's")
 
+    # A whole VM of each hypervisor back as a new VM beside the original.
+    picks = [
+        next((r["vm"] for r in inc if r.get("status") == "ok" and r.get("hypervisor") == k), None)
+        for k in ("vsphere", "hyperv")
+    ]
+    picks = [v for v in picks if v is not None]
+    if picks:
+        say(f"8. bringing {' and '.join(picks)} back as new VMs (new name, UUIDs and MACs; disks written thin)")
+        args = ["restore", "--plan", str(plan), "--json"]
+        for v in picks:
+            args += ["--vm", v]
+        p = _run(args, env, "restore")
+        try:
+            rows = json.loads(p.stdout)["vms"]
+        except (ValueError, KeyError, TypeError):
+            rows = []
+        if p.returncode != 0 or not rows:
+            problems.append(f"vmbackup restore exited {p.returncode}: {(p.stderr or p.stdout).strip()[:300]}")
+        for row in rows:
+            if row.get("status") != "ok":
+                problems.append(f"{row.get('vm')}: restore failed: {row.get('error')}")
+                continue
+            equal = 0
+            for d in row.get("disks") or []:
+                disk = d["disk"]
+                got, want = restored / f"{row['restored_as']}.img", restored / f"{row['vm']}.lab.img"
+                lab.disk_image(row["restored_as"], d.get("restored_as") or disk, got)
+                lab.disk_image(row["vm"], disk, want)
+                if _sha256(got) == _sha256(want):
+                    equal += 1
+                else:
+                    problems.append(f"{row['restored_as']} {disk}: differs from {row['vm']}'s disk")
+                got.unlink()
+                want.unlink()
+            say(
+                f"   {row['vm']} -> {row['restored_as']} on {row.get('host')} in {row.get('seconds', 0):.1f} s (its RTO): "
+                f"{equal} of {len(row.get('disks') or [])} disks identical to the original"
+            )
+
     say(
         "\nReport (run 1: full, run 2: after the guests wrote; SNAPSHOT: how long the VM's snapshot, or "
         "Hyper-V shadow copy, stayed open)"
@@ -334,8 +373,13 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
         server = json.loads(st.stdout)
     except ValueError:
         server = {}
-    say("\nThe Prefect UI shows both runs, a flow run each with a task run per VM (backup-<vm>) and its logs:")
+    say(
+        "\nThe Prefect UI shows the runs (two backups, a restore), a flow run each with a task run per VM "
+        "(backup-<vm>, restore-<vm>) and its logs:"
+    )
     say(f"   open {server.get('ui_url', 'the URL printed above')}  (runs: Runs; the per-VM table: Artifacts)")
+    if server.get("auth_file"):
+        say(f"   log in with the string in {server['auth_file']} (the server refuses anyone without it)")
     if server.get("managed"):
         say(
             f"   the server keeps running for later runs (state {server.get('state_dir')}): `vmbackup server stop` stops it"

@@ -285,6 +285,19 @@ def _swap(host: Host, name: str, path: str, disks, poweron: bool) -> dict:
     }
 
 
+def start_restore(host: Host, vmid: str, name: str) -> dict:
+    """Start-VmbackupRestore.ps1: Start-VM of a restored VM by its Id."""
+    vm = next((v for v in host.vms.values() if v.id.lower() == str(vmid).lower()), None)
+    if vm is None:
+        raise ScriptFailure(f"VmNotFound: no VM with Id '{vmid}' on {host.name.upper()}")
+    if vm.name != name:
+        raise ScriptFailure(f"VmNotFound: VM '{vmid}' is named '{vm.name}', not '{name}'")
+    if vm.state != VM_RUNNING:
+        vm.state = VM_RUNNING
+        host.event(f"VM {vm.name} ({vm.id}) started")
+    return {"Name": vm.name, "VmId": vm.id.lower(), "State": vm.state}
+
+
 def _rm(host: Host, winpath: str) -> None:
     local = host.local(winpath)
     if local.is_symlink() or local.is_file():
@@ -332,6 +345,7 @@ SCRIPTS = {
     "Get-VmbackupRestoreTarget.ps1": get_restore_target,
     "New-VmbackupRestore.ps1": new_restore,
     "Import-VmbackupRestore.ps1": import_restore,
+    "Start-VmbackupRestore.ps1": start_restore,
     "Remove-VmbackupRestore.ps1": remove_restore,
     "Get-VmbackupRestores.ps1": get_restores,
 }
