@@ -150,6 +150,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def use_server(command: str) -> Any:
+    """Points this process at a Prefect server (``$PREFECT_API_URL`` or the
+    embedded one vmbackup keeps) for ``vmbackup COMMAND``: its client
+    settings, the run's logs to the server (the terminal gets the table, not
+    Prefect's tracebacks), and the runs a killed vmbackup left Running ended
+    first. Returns the server's ``ServerInfo``."""
+    import importlib.util
+
+    if importlib.util.find_spec("prefect") is None:
+        raise BackupError(f"`vmbackup {command}` needs Prefect: pip install 'vmbackup[prefect]'")
+    from ..localserver import runs as local_runs
+    from ..localserver import server
+
+    info = server.ensure_server()
+    os.environ.update(server.client_env(info))
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    local_runs.reconcile(info.api_url)
+    return info
+
+
 def run_backup(args: argparse.Namespace) -> int:
     if args.vm_timeout < 0:
         raise InvalidInputError("--vm-timeout must not be negative")
@@ -162,14 +183,10 @@ def run_backup(args: argparse.Namespace) -> int:
 
     unlock_plan(args, plan)
 
-    import importlib.util
-
-    if importlib.util.find_spec("prefect") is None:
-        raise BackupError("`vmbackup backup` needs Prefect: pip install 'vmbackup[prefect]'")
-    from ..localserver import server
-
-    info = server.ensure_server()
+    info = use_server("backup")
     if info.managed:
+        from ..localserver import server
+
         how = "started" if info.started else "running"
         print(
             f"Prefect UI: {info.ui_url} (local server {how}, pid {info.pid}; log in with the string in "
@@ -178,16 +195,8 @@ def run_backup(args: argparse.Namespace) -> int:
         )
     else:
         print(f"Prefect UI: {info.ui_url} (PREFECT_API_URL)", file=sys.stderr)
-    os.environ.update(server.client_env(info))
-    # The run's logs (the adapter's too) go to the server, where the UI shows
-    # them per VM; the terminal gets the table, not Prefect's tracebacks.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
     from ..localserver import runs as local_runs
-
-    # Runs a killed vmbackup left Running on this server are ended first.
-    local_runs.reconcile(info.api_url)
-
     from ..orchestration.backup import backup_vms
     from ..orchestration.vmtask import one_line
 

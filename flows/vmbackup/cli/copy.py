@@ -48,7 +48,6 @@ def text(r: dict[str, Any]) -> str:
 
 def run_copy(args: argparse.Namespace) -> int:
     from ..plan import load_plan
-    from .maintain import _prepare
 
     plan = load_plan(args.plan)  # bad plan: one line, exit 2, before any server starts
     if plan.copy_ is None:
@@ -62,8 +61,10 @@ def run_copy(args: argparse.Namespace) -> int:
     from .keys import unlock_plan
 
     unlock_plan(args, plan)  # so is a missing or wrong passphrase; the flow finds the repository unlocked
-    args.maintain_command = "copy"
-    ui = _prepare(args)
+    from .backup import use_server
+
+    ui = use_server("copy").ui_url
+    print(f"Prefect UI: {ui}", file=sys.stderr)
     from ..localserver import runs as local_runs
     from ..orchestration import copy as copy_flow
     from ..orchestration.vmtask import one_line

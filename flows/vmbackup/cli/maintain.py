@@ -115,22 +115,11 @@ def _prepare(args: argparse.Namespace) -> str:
     if args.maintain_command == "sweep" and not _sweeps(plan, args.hypervisor):
         which = {"vsphere": "vSphere connection", "hyperv": "Hyper-V hosts", None: "hypervisor"}[args.hypervisor]
         raise InvalidInputError(f"plan {args.plan} has no {which} to sweep")
-    import importlib.util
+    from .backup import use_server
 
-    if importlib.util.find_spec("prefect") is None:
-        raise BackupError("`vmbackup maintain` needs Prefect: pip install 'vmbackup[prefect]'")
-    from ..localserver import server
-
-    info = server.ensure_server()
+    info = use_server("maintain")
     print(f"Prefect UI: {info.ui_url}", file=sys.stderr)
-    os.environ.update(server.client_env(info))
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    from ..localserver import runs as local_runs
-
-    # Runs a killed vmbackup left Running on this server are ended first.
-    local_runs.reconcile(info.api_url)
-    return info.ui_url
+    return str(info.ui_url)
 
 
 def _print(args: argparse.Namespace, data: Any, human: str) -> None:

@@ -200,20 +200,10 @@ def run_restore(args: argparse.Namespace) -> int:
 
 
 def prepare_server() -> str:
-    """Points this process at a Prefect server (``$PREFECT_API_URL`` or the
-    embedded one) as ``vmbackup backup`` does; returns the UI's address."""
-    import importlib.util
+    """Points this process at a Prefect server as ``vmbackup backup`` does;
+    returns the UI's address."""
+    from .backup import use_server
 
-    if importlib.util.find_spec("prefect") is None:
-        raise BackupError("`vmbackup restore` needs Prefect: pip install 'vmbackup[prefect]'")
-    from ..localserver import runs as local_runs
-    from ..localserver import server
-
-    info = server.ensure_server()
+    info = use_server("restore")
     print(f"Prefect UI: {info.ui_url}", file=sys.stderr)
-    os.environ.update(server.client_env(info))
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vmbackup")
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    # Runs a killed vmbackup left Running on this server are ended first.
-    local_runs.reconcile(info.api_url)
-    return info.ui_url
+    return str(info.ui_url)
