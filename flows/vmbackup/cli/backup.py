@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import results
 from ..errors import BackupError, InvalidInputError
+from . import output
 
 # The command line's columns: VmResult's fields with a title (results.py).
 TABLE = results.text_columns()
@@ -116,38 +117,13 @@ def _mark_crashed(st: dict) -> list[dict]:
     return local_runs.reconcile(api_url)
 
 
-def _fmt_bytes(n: Any) -> str:
-    if not isinstance(n, int | float):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def table(rows: list[dict]) -> str:
     """The rows as a table for people; errors below it, one line per VM."""
-    lines = [" ".join(f"{title:<{w}}" for _, title, w in TABLE).rstrip()]
-    for r in rows:
-        cells = []
-        for key, _, w in TABLE:
-            v = r.get(key)
-            if key.startswith("bytes_"):
-                text = _fmt_bytes(v)
-            elif key == "seconds" and isinstance(v, int | float):
-                text = f"{v:.1f}"
-            else:
-                text = "-" if v is None else str(v)
-            cells.append(f"{text[:w]:<{w}}")
-        lines.append(" ".join(cells).rstrip())
+    lines = output.vm_table(rows, TABLE)
     repos = sorted({str(r["repository"]) for r in rows if r.get("repository")})
     if repos:
         lines.append(f"repository: {', '.join(repos)}")
-    ok = sum(r.get("status") == "ok" for r in rows)
-    lines.append(f"{ok} of {len(rows)} VM(s) backed up")
-    lines += [f"FAILED {r['vm']}: {r.get('error') or 'unknown error'}" for r in rows if r.get("status") != "ok"]
-    return "\n".join(lines)
+    return "\n".join(lines + output.vm_totals(rows, "backed up"))
 
 
 def use_server(command: str) -> Any:

@@ -33,6 +33,32 @@ def fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def vm_table(rows: list[dict], columns: list[tuple[str, str, int]]) -> list[str]:
+    """Rows of VMs (``results.text_columns``: field, title, width) as lines
+    for people: sizes as ``fmt_bytes``, seconds to a tenth, ``-`` for none."""
+    lines = [" ".join(f"{title:<{w}}" for _, title, w in columns).rstrip()]
+    for r in rows:
+        cells = []
+        for key, _, w in columns:
+            v = r.get(key)
+            if key.startswith("bytes_"):
+                text = fmt_bytes(v) if isinstance(v, int | float) else "-"
+            elif key == "seconds" and isinstance(v, int | float):
+                text = f"{v:.1f}"
+            else:
+                text = "-" if v is None else str(v)
+            cells.append(f"{text[:w]:<{w}}")
+        lines.append(" ".join(cells).rstrip())
+    return lines
+
+
+def vm_totals(rows: list[dict], done: str) -> list[str]:
+    """``N of M VM(s) <done>``, then one ``FAILED vm: error`` line per failed VM."""
+    ok = sum(r.get("status") == "ok" for r in rows)
+    lines = [f"{ok} of {len(rows)} VM(s) {done}"]
+    return lines + [f"FAILED {r['vm']}: {r.get('error') or 'unknown error'}" for r in rows if r.get("status") != "ok"]
+
+
 def warn(message: str) -> None:
     """One line on stderr."""
     try:

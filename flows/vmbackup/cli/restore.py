@@ -92,21 +92,11 @@ def add_parser(sub: Any) -> None:
 
 def table(rows: list[dict]) -> str:
     """The rows for people; changes, warnings and errors below, one line each."""
-    lines = [" ".join(f"{title:<{w}}" for _, title, w in TABLE).rstrip()]
-    for r in rows:
-        cells = []
-        for key, _, w in TABLE:
-            v = r.get(key)
-            text = f"{v:.1f}" if key == "seconds" and isinstance(v, int | float) else "-" if v is None else str(v)
-            cells.append(f"{text[:w]:<{w}}")
-        lines.append(" ".join(cells).rstrip())
+    lines = output.vm_table(rows, TABLE)
     for r in rows:
         lines += [f"{r['vm']}: {c}" for c in r.get("changes") or ()]
         lines += [f"{r['vm']}: warning: {w}" for w in r.get("warnings") or ()]
-    ok = sum(r.get("status") == "ok" for r in rows)
-    lines.append(f"{ok} of {len(rows)} VM(s) restored")
-    lines += [f"FAILED {r['vm']}: {r.get('error') or 'unknown error'}" for r in rows if r.get("status") != "ok"]
-    return "\n".join(lines)
+    return "\n".join(lines + output.vm_totals(rows, "restored"))
 
 
 def check(args: argparse.Namespace) -> Any:
