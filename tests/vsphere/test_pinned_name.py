@@ -15,11 +15,14 @@ import pytest
 from pydantic import SecretStr
 from vmbackup import _mover
 from vmbackup.errors import CertificateError
+from vmbackup.hypervisors.base import RestoreRequest
+from vmbackup.hypervisors.restore import restore_one
 from vmbackup.plan import load_plan
 from vmbackup.vsphere.client import VSphereClient
+from vmbackup.vsphere.restore import VSphereRestoreSteps, describe_point, destroy_vm
 
-from .conftest import Checks
-from .helpers import backup, restored_sha, with_transports
+from .conftest import Checks, sha
+from .helpers import backup, restored_sha, run_id, with_transports
 
 
 @pytest.fixture
@@ -53,6 +56,35 @@ def test_a_pinned_thumbprint_reads_over_nbd_with_a_certificate_naming_another_ho
     r = backup(client, plan, "pin01", on_snapshot=at_snapshot)
     assert r.status == "ok" and r.transport == "nbd", r
     assert restored_sha(plan, r.backup_id, "scsi0:0", tmp_path / "r.raw") == expected["sha"]
+    Checks(misnamed_lab, client).assert_clean(plan)
+
+
+def test_a_restore_uploads_and_reads_back_through_folder_with_the_pin(misnamed_lab, pinned, tmp_path):
+    """The restore's own HTTPS client (the IDE disk's upload and the .nvram's, by
+    PUT to /folder) holds to the pin with the session's context; its read-back
+    of the IDE disk goes through the nbd transport's relay."""
+    plan, client = pinned
+    misnamed_lab.write("pinide01", "ide0:0", 0, 4 << 20, seed=34)
+    b = backup(client, plan, "pinide01")
+    assert b.status == "ok" and b.transport == "nbd", b
+    (info,) = [i for i in _mover.list_backups(str(plan.repository))[0] if i.id == b.backup_id]
+    req = RestoreRequest(vm="pinide01", point=b.backup_id, restored_as="pinide01-restored")
+    steps = VSphereRestoreSteps(client, req, plan, plan.agents[0], run_id=run_id())
+    desc = describe_point(info.config, info.attributes)
+    try:
+        res = restore_one(
+            steps, req, desc, hypervisor="vsphere", repository=str(plan.repository), agent=plan.agents[0].name,
+            disks_per_vm=2, verify=True,
+        )  # fmt: skip
+        assert res.status == "ok" and res.verified is True and "folder" in res.transport, res
+        for d in info.disks:
+            want, got = tmp_path / f"want-{d.name}.raw", tmp_path / f"got-{d.name}.raw"
+            _mover.restore_disk(str(plan.repository), b.backup_id, str(want), disk=d.name)
+            misnamed_lab.disk_image("pinide01-restored", d.name, got)
+            assert sha(got) == sha(want), d.name
+    finally:
+        for vm in client.vm_index(refresh=True).get("pinide01-restored", []):
+            destroy_vm(vm, 60)
     Checks(misnamed_lab, client).assert_clean(plan)
 
 
