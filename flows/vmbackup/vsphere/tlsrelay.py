@@ -27,7 +27,7 @@ import ssl
 import threading
 from pathlib import Path
 
-from ..errors import CertificateError, SessionLostError
+from ..errors import CertificateError, HypervisorError, SessionLostError
 from .client import check_pinned
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class PinnedRelay:
         self._thread.start()
         self._ready.wait()
         if self._failed is not None:
-            raise self._failed
+            raise HypervisorError(f"the TLS relay to {self.where} did not start: {self._failed}") from None
 
     def check(self) -> None:
         """One TLS connection to the server, held to the pin, then closed.
@@ -104,13 +104,14 @@ class PinnedRelay:
         server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         os.chmod(self.path, 0o600)  # the directory is 0700 already; the socket too is the agent's alone
         self._ready.set()
-        async with server:
+        try:
             await self._stop.wait()
-            server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            server.close()  # no new connections; then the open ones are dropped
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """TLS to the server, its certificate checked against the pin before anything is sent."""
