@@ -40,9 +40,10 @@ class PinnedRelay:
     """A Unix-socket listener at ``path`` relaying each connection over TLS to
     ``host:port``, held to ``thumbprint`` (SHA-256, lower-case hex).
 
-    ``start`` returns once it listens; ``close`` stops it and drops every
-    connection (safe to call twice). ``refused`` is the first refusal (one
-    line), for the caller to report.
+    ``start`` returns once it listens; ``check`` tries the pin once;
+    ``close`` stops it and drops every connection (safe to call twice). A
+    connection refused later is logged (one line) and closed, so nbdkit's
+    request fails.
     """
 
     def __init__(self, path: Path, host: str, port: int, context: ssl.SSLContext, thumbprint: str):
@@ -52,7 +53,6 @@ class PinnedRelay:
         self.where = f"{host}:{port}"
         self._context = context
         self._thumbprint = thumbprint
-        self.refused: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -147,8 +147,6 @@ class PinnedRelay:
         try:
             remote_r, remote_w = await self._open()
         except (CertificateError, SessionLostError) as e:
-            if self.refused is None:
-                self.refused = str(e)
             log.warning("TLS relay to %s refused a connection: %s", self.where, e)
             local_w.close()
             return
