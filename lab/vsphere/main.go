@@ -58,7 +58,11 @@ func run(stateArg, topoPath string, port int) error {
 	if err := os.MkdirAll(state, 0755); err != nil {
 		return err
 	}
-	tlsConf, caFile, err := makeTLS(state)
+	tlsNames := topo.TLSNames
+	if len(tlsNames) == 0 {
+		tlsNames = defaultTLSNames
+	}
+	tlsConf, caFile, err := makeTLS(state, tlsNames)
 	if err != nil {
 		return fmt.Errorf("making certificates: %v", err)
 	}
@@ -92,6 +96,10 @@ func run(stateArg, topoPath string, port int) error {
 	if err := sc.SetRootCAs(caFile); err != nil {
 		return err
 	}
+	if !contains(tlsNames, "127.0.0.1") {
+		// The certificate does not name the address: verify it by a name it carries.
+		sc.DefaultTransport().TLSClientConfig.ServerName = tlsNames[0]
+	}
 	vc, err := vim25.NewClient(ctx, sc)
 	if err != nil {
 		return fmt.Errorf("connecting to the simulator: %v", err)
@@ -109,7 +117,7 @@ func run(stateArg, topoPath string, port int) error {
 	info := map[string]interface{}{
 		"pid":     os.Getpid(),
 		"mode":    topo.Mode,
-		"vsphere": map[string]string{"url": base.String() + "/sdk", "host": srv.URL.Host, "user": topo.User, "password": password, "ca_file": caFile},
+		"vsphere": map[string]interface{}{"url": base.String() + "/sdk", "host": srv.URL.Host, "user": topo.User, "password": password, "ca_file": caFile, "tls_names": tlsNames},
 		"control": map[string]string{"url": base.String() + "/lab/", "token": token},
 		"agents":  lab.agents, "hosts": topo.hosts(), "datacenter": topo.Datacenter,
 		"datastores": lab.dsDirs, "topology": topoPath, "state": state,

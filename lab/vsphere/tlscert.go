@@ -15,10 +15,15 @@ import (
 	"time"
 )
 
-// makeTLS creates a CA and a server certificate signed by it for 127.0.0.1/localhost.
-// The CA certificate is written to STATE/ca.pem so clients verify the server without
-// any bypass; the keys never leave memory.
-func makeTLS(state string) (*tls.Config, string, error) {
+// defaultTLSNames are the names the server certificate carries unless the topology's
+// tls_names says otherwise.
+var defaultTLSNames = []string{"127.0.0.1", "::1", "localhost", "vcenter.lab.local"}
+
+// makeTLS creates a CA and a server certificate signed by it for names (IP addresses
+// and DNS names; the first is also the subject's common name). The CA certificate is
+// written to STATE/ca.pem so clients verify the server without any bypass; the keys
+// never leave memory.
+func makeTLS(state string, names []string) (*tls.Config, string, error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, "", err
@@ -42,15 +47,28 @@ func makeTLS(state string) (*tls.Config, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
+	var dnsNames []string
+	var ips []net.IP
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			ips = append(ips, ip)
+		} else {
+			dnsNames = append(dnsNames, n)
+		}
+	}
+	cn := "vcenter.lab.local"
+	if len(dnsNames) > 0 {
+		cn = dnsNames[len(dnsNames)-1]
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "vcenter.lab.local"},
+		Subject:      pkix.Name{CommonName: cn},
 		NotBefore:    now.Add(-time.Hour),
 		NotAfter:     now.Add(30 * 24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     []string{"localhost", "vcenter.lab.local"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1")},
+		DNSNames:     dnsNames,
+		IPAddresses:  ips,
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
 	if err != nil {

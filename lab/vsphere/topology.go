@@ -26,6 +26,11 @@ type Topology struct {
 	// Hosts whose agent VMs are encrypted (they hold the lab key provider's keys, so
 	// they can hot-add an encrypted VM's disks and read plaintext; crypt.go).
 	EncryptedAgentHosts []string `json:"encrypted_agent_hosts"`
+	// TLSNames: the names (DNS names or IP addresses) the server certificate carries.
+	// Default: 127.0.0.1, ::1, localhost and vcenter.lab.local. Names that leave out
+	// 127.0.0.1 make a certificate that does not name the address clients connect
+	// to, as an ESXi host's self-signed one reached by its IP address.
+	TLSNames []string `json:"tls_names"`
 }
 
 type ClusterSpec struct {
@@ -125,6 +130,11 @@ func (t *Topology) normalize() error {
 	}
 	if t.CBTMaxAreas == 0 {
 		t.CBTMaxAreas = 256
+	}
+	for _, n := range t.TLSNames {
+		if n == "" {
+			return fmt.Errorf("topology: tls_names has an empty name")
+		}
 	}
 	hosts := t.hosts()
 	if t.Mode == "esxi" {

@@ -28,6 +28,8 @@ from vmbackup_lab import lab_down, lab_up  # noqa: E402
 from vmbackup_lab.plan import PASSWORD_ENV, write_lab_plan  # noqa: E402
 
 TOPOLOGY = Path(__file__).with_name("topology.json")
+# One ESXi host whose certificate names only esx.lab.invalid, reached at 127.0.0.1.
+MISNAMED_TOPOLOGY = Path(__file__).with_name("topology_misnamed.json")
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +106,22 @@ class Checks:
                 assert len(disks_of(list(vm.config.hardware.device))) == 1, vm.name
         ledger = Path(plan.repository) / "ledger"
         assert not ledger.exists() or not list(ledger.glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def misnamed_lab(tmp_path_factory):
+    """A lab of its own whose certificate does not name the address the plan uses."""
+    state = tmp_path_factory.mktemp("misnamed")
+    lab = lab_up(state, MISNAMED_TOPOLOGY)
+    yield lab
+    lab_down(state)
+
+
+@pytest.fixture(scope="module")
+def misnamed_plan_path(misnamed_lab):
+    """The misnamed lab's plan (``ca_file``, as `vmbackup lab up` writes it; its password
+    is ``misnamed_lab.password``, not in the environment, which the main lab's plan uses)."""
+    return write_lab_plan(misnamed_lab.state, misnamed_lab.summary())
 
 
 @pytest.fixture

@@ -39,6 +39,15 @@ def _fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def check_pinned(der: bytes, thumbprint: str, where: str) -> None:
+    """CertificateError unless the certificate ``der`` has the pinned SHA-256 fingerprint."""
+    got = _fingerprint(der)
+    if got != thumbprint:
+        raise CertificateError(
+            f"the TLS certificate of {where} has SHA-256 fingerprint {got}, not the pinned {thumbprint}"
+        )
+
+
 def _peer_certificate(host: str, port: int, context: ssl.SSLContext, timeout: float = 30) -> bytes:
     with socket.create_connection((host, port), timeout=timeout) as sock:
         with context.wrap_socket(sock, server_hostname=host) as tls:
@@ -76,11 +85,7 @@ def ssl_context(conn: Connection) -> tuple[ssl.SSLContext, str | None]:
         raise CertificateError(f"TLS with {where} failed: {e.reason or e}") from None
     except OSError as e:
         raise SessionLostError(f"cannot reach vSphere at {where}: {e.strerror or e}") from None
-    got = _fingerprint(der)
-    if got != conn.thumbprint:
-        raise CertificateError(
-            f"the TLS certificate of {where} has SHA-256 fingerprint {got}, not the pinned {conn.thumbprint}"
-        )
+    check_pinned(der, conn.thumbprint or "", where)
     if conn.ca_file is not None:
         return ctx, None
     pem = ssl.DER_cert_to_PEM_cert(der)

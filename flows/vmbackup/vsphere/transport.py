@@ -15,6 +15,9 @@ to call twice. What they create is written in the ledger before it exists.
 - ``Nbd``: one NBD server per disk from the plan's command template; the
   mover's NBD client reads ``nbd+unix:///?socket=...``. The session cookie
   file nbdkit's cookie script reads is kept current while the read runs.
+  With a pinned thumbprint (no CA file), nbdkit curl reaches the server
+  through the agent's ``PinnedRelay`` (tlsrelay.py), which holds each TLS
+  connection to the pin: curl would check the certificate's host name.
 - ``Vddk``: nbdkit's vddk plugin over VMware's VDDK (installed by the site).
 
 A datastore without flat files (vSAN, vVols: ``summary.type`` ``vsan`` or
@@ -46,10 +49,14 @@ from ..plan import Agent, Plan
 from .inventory import CLONE_PREFIX, DiskInfo, datastore_of, disks_of
 from .ledger import Entry, Ledger
 from .tasks import run_task
+from .tlsrelay import PinnedRelay
 
 log = logging.getLogger(__name__)
 
 NBD_START_TIMEOUT = 30.0
+# nbdkit curl's URL parameter in an NBD command; with a pinned thumbprint the
+# transport gives it an http:// URL and the relay's socket (unix-socket-path=).
+CURL_URL_ARG = "url={url}"
 
 
 @dataclass(frozen=True)
@@ -434,6 +441,7 @@ class Nbd(Transport):
         super().__init__(ctx)
         self.workdir: Path | None = None
         self.procs: list[subprocess.Popen] = []
+        self.relay: PinnedRelay | None = None
         self._stop: threading.Event | None = None
         self._keeper: threading.Thread | None = None
 
@@ -481,6 +489,15 @@ class Nbd(Transport):
         with os.fdopen(fd, "w") as fh:
             fh.write(cookie)
         ca_file = self.ctx.client.ca_file_for_tools(self.workdir)
+        conn = self.ctx.client.conn
+        if conn.ca_file is None and conn.thumbprint is not None and CURL_URL_ARG in template:
+            # A pin, not a CA: curl's name check would refuse a certificate that
+            # names another host, so the relay does TLS, held to the pin.
+            self.relay = PinnedRelay(
+                self.workdir / "tls.sock", conn.host, conn.port, self.ctx.client.ssl_context, conn.thumbprint
+            )
+            self.relay.start()
+            self.relay.check()  # a certificate that is not the pinned one: one line, before nbdkit starts
         renew = int(getattr(self.ctx.plan, "cookie_renew_seconds", 300))
         self._stop = threading.Event()
         self._keeper = threading.Thread(
@@ -505,7 +522,11 @@ class Nbd(Transport):
                 "disk": f.disk.name,
                 "snapshot": self.ctx.snapshot._moId if self.ctx.snapshot is not None else "",
             }
+            if self.relay is not None:
+                values["url"] = "http://" + values["url"].removeprefix("https://")
             argv = [a.format(**values) for a in template]
+            if self.relay is not None:
+                argv.insert(template.index(CURL_URL_ARG) + 1, f"unix-socket-path={self.relay.path}")
             # The log can echo arguments; the cookie stays out of the message.
             out[f.disk.name] = self._start(argv, f, sock, self.workdir / f"disk{i}.log", "NBD server", cookie)
         return out
@@ -545,6 +566,9 @@ class Nbd(Transport):
                 p.kill()
                 p.wait()
         self.procs = []
+        if self.relay is not None:
+            self.relay.close()  # after nbdkit: its connections end first
+            self.relay = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None

@@ -115,8 +115,17 @@ class Lab:
         return [a["name"] for a in self.info["agents"]]
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A context that trusts only the lab's CA (no verification bypass)."""
-        return ssl.create_default_context(cafile=self.ca_file)
+        """A context that trusts only the lab's CA (no verification bypass).
+
+        A lab whose certificate names other hosts on purpose (topology
+        ``tls_names`` without 127.0.0.1) is still verified against its own CA,
+        which signs nothing else; only the name check is left out, for this
+        control client of the lab (never the product's connections).
+        """
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if "127.0.0.1" not in self.info["vsphere"].get("tls_names", ["127.0.0.1"]):
+            ctx.check_hostname = False
+        return ctx
 
     def summary(self) -> dict:
         """What ``lab up --json`` prints."""
