@@ -632,6 +632,20 @@ def unlock_plan_repository(plan: Any) -> bool:
     return unlock(repo, source)
 
 
+def encryption_warning(plan: Any) -> str | None:
+    """One line when the plan asks for encryption (its default) and its
+    repository, made earlier, is not encrypted; None otherwise (and always
+    with ``encryption: none``). A backup into it goes on: an existing
+    repository is what it was made, only a new one can be encrypted."""
+    if plan.encryption == "none" or is_encrypted(plan.repository):
+        return None
+    return (
+        f"repository {plan.repository} is not encrypted; the plan asks for encryption: see `vmbackup init --plan "
+        "FILE` to create an encrypted repository (a new directory, which the plan's repository then names; "
+        "docs/operations.md, Keys), or say encryption: none in the plan to keep this one"
+    )
+
+
 def create_plan_repository(plan: Any, chunk_size: int, compression: str) -> tuple[Any, str | None]:
     """Creates the plan's repository: encrypted (the passphrase from the
     plan's source) unless the plan says ``encryption: none``. Returns the

@@ -44,6 +44,7 @@ HERE = Path(__file__).parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 SECRET = "vsphere-password-site"
 HV_SECRET = "hyperv-password-site"  # named by the plan's hyperv[hvs1].password_secret
+S3_SECRET = "s3-credentials-site"  # named by the plan's copy.credentials_secret
 HV_HOST = "hvs1"
 LIMITS = {"per_agent": 2, "per_host": 1, "per_datastore": 2, "disks_per_vm": 2}
 AGENTS = ["vmbackup-agent-esx1", "vmbackup-agent-esx2"]  # the lab's, and deployments/prefect.yaml's
@@ -225,6 +226,11 @@ def site(tmp_path_factory):
             "vms": DRILL_VMS,
             "sample": len(DRILL_VMS),
         }
+        # The offsite copy (copy-nightly, after every nightly run) to the lab's
+        # S3, its keys from a Secret block the plan names (the workers'
+        # environment has no AWS_* variables).
+        plan["copy"] = {k: v for k, v in plan["copy"].items() if not k.endswith("_key_env")}
+        plan["copy"].update(credentials_secret=S3_SECRET, region="us-east-1")
         plan_path = tmp / "plan.yaml"
         plan_path.write_text(yaml.safe_dump(plan))
 
@@ -290,7 +296,12 @@ def site(tmp_path_factory):
         code = (
             "import os,sys; from prefect.blocks.system import Secret; Secret(value=os.environ['PW']).save(sys.argv[1])"
         )
-        for block, pw in [(SECRET, summary["vsphere"]["password"]), (HV_SECRET, summary["hyperv"]["password"])]:
+        s3 = json.dumps({"access_key": summary["s3"]["access_key"], "secret_key": summary["s3"]["secret_key"]})
+        for block, pw in [
+            (SECRET, summary["vsphere"]["password"]),
+            (HV_SECRET, summary["hyperv"]["password"]),
+            (S3_SECRET, s3),
+        ]:
             p = _run([sys.executable, "-c", code, block], dict(env, PW=pw))
             assert p.returncode == 0, p.stderr
         p = _run([PREFECT, "automation", "create", "--from-file", str(ROOT / "deployments" / "crashed-runs.yaml")], env)
@@ -332,6 +343,7 @@ def site(tmp_path_factory):
             "repository": plan["repository"],
             "password": summary["vsphere"]["password"],
             "hyperv_password": summary["hyperv"]["password"],
+            "s3": summary["s3"],
             "procs": procs,
             "vms": sorted(v["name"] for v in topology["vms"]),
             "hyperv_vms": sorted(v["name"] for h in topology["hyperv"] for v in h["vms"]),
@@ -363,6 +375,16 @@ def _flow_runs(env: dict[str, str], deployment: str) -> list:
             return client.read_flow_runs(
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
             )
+
+
+def _final_runs(env: dict[str, str], deployment: str, n: int, timeout: float = 300) -> list:
+    """The runs of ``deployment`` once ``n`` of them have ended (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _flow_runs(env, deployment)
+        if sum(r.state is not None and r.state.is_final() for r in runs) >= n or time.monotonic() > deadline:
+            return runs
+        time.sleep(1)
 
 
 def _hyperv_host(lab):
@@ -413,6 +435,23 @@ def test_nightly_deployment_splits_vms_over_agent_workers(site):
     planner = [r for r in _flow_runs(env, "nightly") if not r.auto_scheduled]
     assert len(planner) == 1 and planner[0].state.is_completed(), planner
     assert site["password"] not in json.dumps([r.parameters for r in planner + _flow_runs(env, AGENTS[0])])
+
+    # The nightly run's end started copy-nightly (its deployment trigger) on
+    # the control worker: the copy holds every VM's new backup, under Object Lock.
+    copies = _final_runs(env, "copy-nightly", 1)
+    assert len(copies) == 1 and copies[0].state.is_completed(), [(r.name, r.state) for r in copies]
+    assert copies[0].work_pool_name == "vmbackup-control" and copies[0].parameters == {"plan_path": str(site["plan"])}
+    from vmbackup import copy as s3copy
+
+    s3 = site["s3"]
+    index = s3copy.read_index(
+        s3copy.Target(
+            s3copy.client(s3["endpoint"], s3["access_key"], s3["secret_key"], "us-east-1"), s3["bucket"], s3["prefix"]
+        )
+    )
+    copied = [k for k in index["objects"] if k.startswith("backups/")]
+    nightly_rows = _site_rows(env, planner[0].id)
+    assert all(any(r["backup_id"] in k for k in copied) for r in nightly_rows), (copied, nightly_rows)
 
     # Each Hyper-V VM was backed up by the run of the agent the planner gave
     # it to (so on that agent's worker, checked above): that run's own report
@@ -476,7 +515,7 @@ def test_nightly_deployment_splits_vms_over_agent_workers(site):
     # the workers' logs, the server's log or its database (as bytes).
     held = _server_text(env) + watched + "".join(w[1].read_text() for w in site["workers"].values())
     held += site["server_log"].read_text(errors="replace")
-    for secret in (site["password"], site["hyperv_password"], site["auth"]):
+    for secret in (site["password"], site["hyperv_password"], site["auth"], site["s3"]["secret_key"]):
         assert secret not in held
         for db in sorted(site["database"].glob("prefect.db*")):
             assert secret.encode() not in db.read_bytes(), db.name

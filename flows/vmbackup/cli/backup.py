@@ -155,9 +155,13 @@ def run_backup(args: argparse.Namespace) -> int:
     # A bad plan is reported before any server is started (one line, exit 2),
     # and so is a missing or wrong passphrase of an encrypted repository.
     plan = load_plan(args.plan)
+    from ..keys import encryption_warning
     from .keys import unlock_plan
 
     unlock_plan(args, plan)
+    warning = encryption_warning(plan)
+    if warning:
+        print(f"vmbackup: warning: {warning}", file=sys.stderr)
 
     info = use_server("backup")
     if info.managed:

@@ -104,16 +104,29 @@ def add_plan_key_argument(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def use_server_for_blocks(args: argparse.Namespace) -> None:
+    """Points this process at the Prefect server its flows run on, before a
+    Secret block the plan names (``passphrase_secret``) is read here: the
+    block is on that server (otherwise Prefect would look in a temporary one
+    of its own and find nothing)."""
+    from .backup import use_server
+
+    use_server(getattr(args, "command", None) or "backup")
+
+
 def unlock_plan(args: argparse.Namespace, plan: object, required: bool = True) -> None:
     """Before a plan's flow runs in this process: the plan's encrypted
     repository unlocked with ``--passphrase-file`` or the plan's own source,
-    so a wrong or missing passphrase is one line before any server starts.
-    The flow finds it unlocked and does not unwrap again."""
+    so a wrong or missing passphrase is one line before any run starts (and
+    before any server starts, unless the plan's ``passphrase_secret`` is to
+    be read from it). The flow finds it unlocked and does not unwrap again."""
     pfile = getattr(args, "passphrase_file", None)
     if pfile:
         source = keys.KeySource(passphrase=keys.read_secret_file(pfile), where=f"--passphrase-file {shown_path(pfile)}")
         keys.unlock(str(plan.repository), source)  # type: ignore[attr-defined]
         return
+    if getattr(plan, "passphrase_secret", None) is not None and keys.is_encrypted(str(plan.repository)):  # type: ignore[attr-defined]
+        use_server_for_blocks(args)
     try:
         keys.unlock_plan_repository(plan)
     except KeyRequiredError:

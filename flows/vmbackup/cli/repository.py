@@ -65,6 +65,10 @@ def _init_plan(args: argparse.Namespace, chunk_size: int) -> int:
             "with --plan the plan names the repository and its encryption: drop --repo/--encryption"
         )
     plan = load_plan(args.plan)
+    if plan.encryption != "none" and plan.passphrase_secret is not None:
+        from .keys import use_server_for_blocks
+
+        use_server_for_blocks(args)  # the passphrase's Secret block is on the server the flows use
     created, slot = create_plan_repository(plan, chunk_size, args.compression)
     config = created.to_dict() | {"encrypted": slot is not None, "path": str(plan.repository)}
     if slot is not None:

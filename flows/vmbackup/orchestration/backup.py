@@ -591,8 +591,10 @@ def _close_pool(pool: Any, log: Any) -> None:
 # --- the report ---------------------------------------------------------------------
 
 
-def _report(keys: Keys, rows: list[dict], repository: str, size_before: int | None) -> None:
-    """The run's table and summary artifacts and one event per VM."""
+def _report(
+    keys: Keys, rows: list[dict], repository: str, size_before: int | None, warnings: Sequence[str] = ()
+) -> None:
+    """The run's table and summary artifacts (``warnings`` at its top) and one event per VM."""
     ok = sum(r["status"] == "ok" for r in rows)
     reports.publish_table(keys.report, reports.table_rows(rows), description=f"{ok} of {len(rows)} VM(s) backed up")
     reports.publish_markdown(
@@ -603,6 +605,7 @@ def _report(keys: Keys, rows: list[dict], repository: str, size_before: int | No
             title=keys.title,
             repository_before=size_before,
             repository_after=reports.directory_size(repository),
+            warnings=warnings,
         ),
     )
     reports.emit_vm_events(rows)
@@ -628,7 +631,7 @@ def run_backup(
     """The body of ``backup_vms`` and ``backup_vsphere_vms`` (inside a flow
     run). ``identities``: only these VMs of the ``vms`` selected
     (:func:`only_identities`; a site's per-agent run)."""
-    from ..keys import unlock_plan_repository
+    from ..keys import encryption_warning, unlock_plan_repository
     from ..plan import load_plan
 
     log = get_run_logger()
@@ -638,6 +641,11 @@ def run_backup(
     # An encrypted repository is unlocked once per run, before anything
     # starts: a missing or wrong passphrase fails the run here (exit 2).
     unlock_plan_repository(plan)
+    # An unencrypted repository the plan wants encrypted is backed up all the
+    # same (it is what it was made), but the run says so, log and summary.
+    warnings = [w for w in [encryption_warning(plan)] if w]
+    for w in warnings:
+        log.warning(w)
     secrets = [p.get_secret_value() for p in passwords.values()]
     run_id = str(flow_run.get_id() or "local")
     reports.install_context_filter()
@@ -729,7 +737,7 @@ def run_backup(
     rows += found.failed
     done = sum(r["status"] == "ok" for r in rows)
     reports.update_progress(progress_id, 100.0, f"done: {done} of {len(rows)} VM(s) backed up")
-    _report(keys, rows, str(plan.repository), size_before)
+    _report(keys, rows, str(plan.repository), size_before, warnings)
     failed = [r["vm"] for r in rows if r["status"] != "ok"]
     if failed:
         log.warning("%d VM(s) failed: %s", len(failed), ", ".join(failed))

@@ -117,10 +117,13 @@ def summary_markdown(
     repository_before: int | None = None,
     repository_after: int | None = None,
     removed: Sequence[Mapping[str, Any]] | None = None,
+    warnings: Sequence[str] = (),
 ) -> str:
-    """The run's summary: totals, failures with their reason, why a backup
-    was a full and why one is only crash-consistent, what reconcile or the
-    sweeper removed (when reported), the repository's size and growth."""
+    """The run's summary: ``warnings`` about the whole run (an unencrypted
+    repository the plan wants encrypted), totals, failures with their
+    reason, why a backup was a full and why one is only crash-consistent,
+    what reconcile or the sweeper removed (when reported), the repository's
+    size and growth."""
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
     read = sum(r.get("bytes_read") or 0 for r in ok)
@@ -129,6 +132,8 @@ def summary_markdown(
     crash = [r for r in ok if r.get("consistency") == "crash"]
     off = [r for r in ok if r.get("consistency") == "powered-off"]
     lines = [f"# {title}", ""]
+    for w in warnings:
+        lines += [f"**Warning:** {_md_cell(w)}", ""]
     lines.append(f"**{len(ok)} of {len(rows)} VM(s) backed up**, {len(failed)} failed.")
     lines.append("")
     lines.append("| | |")

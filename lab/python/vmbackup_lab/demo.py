@@ -1,13 +1,17 @@
 """`vmbackup demo` (what `make demo` runs): the main job on the lab.
 
-The lab (a simulated vCenter and a Hyper-V host, its state under DIR/lab) is
-started, every VM of its plan, vSphere and Hyper-V, is backed up with
-`vmbackup backup --plan` (one run of the backup_vms Prefect flow on the local
-Prefect server that vmbackup starts and keeps), the guests write, a second
-run backs up again (vSphere: incremental, only what CBT reports as changed;
-Hyper-V: the disks read again from a new shadow copy, only new chunks
-stored), `vmbackup verify --read-data` checks the repository, every disk of
-the second backups is restored and compared with the disk as it is now, and a
+The lab (a simulated vCenter, a Hyper-V host and an S3 server with Object
+Lock, its state under DIR/lab) is started with an encrypted repository (the
+lab's passphrase in DIR/lab/passphrase, the plan's passphrase_env), every VM
+of its plan, vSphere and Hyper-V, is backed up with `vmbackup backup --plan`
+(one run of the backup_vms Prefect flow on the local Prefect server that
+vmbackup starts and keeps), the guests write, a second run backs up again
+(vSphere: incremental, only what CBT reports as changed; Hyper-V: the disks
+read again from a new shadow copy, only new chunks stored), `vmbackup copy
+--plan` copies the repository to the lab's S3 under Object Lock (and a
+delete of a locked version with the copy's own credentials is refused),
+`vmbackup verify --read-data` checks the repository, every disk of the
+second backups is restored and compared with the disk as it is now, and a
 report says, per VM, how it went. Exit 0 only if every step worked.
 
 The demo drives the product only through its command line, as a person
@@ -118,6 +122,65 @@ def _server_is_running(env: dict[str, str]) -> bool:
         return False
 
 
+def _copy(plan: Path, env: dict[str, str], say: Any) -> list[str]:
+    """`vmbackup copy --plan` to the lab's S3, what it did, and a delete of
+    one locked version tried with the copy's own credentials; the problems."""
+    t = time.monotonic()
+    p = _run(["copy", "--plan", str(plan), "--json"], env, "the copy")
+    seconds = time.monotonic() - t
+    try:
+        r = json.loads(p.stdout)
+    except ValueError:
+        r = None
+    if p.returncode != 0 or not isinstance(r, dict):
+        return [f"vmbackup copy exited {p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}"]
+    say(
+        f"   {r['backups']} backups in {r['objects']} objects ({_fmt_bytes(r['bytes'])}, ciphertext as in the "
+        f"repository) at {r['url']} on {env.get('AWS_ENDPOINT_URL')}"
+    )
+    say(
+        f"   uploaded {r['uploaded']} objects ({_fmt_bytes(r['bytes_uploaded'])}) in {seconds:.1f} s, each checked "
+        f"on arrival; every version locked ({r['lock_mode']}) until at least {r['locked_until']}"
+    )
+    for w in r.get("warnings") or []:
+        say(f"   note: {w}")
+    refused = _delete_refused(env, r)
+    if refused is None:
+        return []
+    if not refused.startswith("AccessDenied"):
+        return [f"deleting a locked version of the copy was not refused: {refused}"]
+    say(f"   deleting a locked version with the copy's own credentials: refused by the server ({refused})")
+    return []
+
+
+def _delete_refused(env: dict[str, str], r: dict) -> str | None:
+    """Tries to delete one locked object version of the copy (its index) with
+    the copy's credentials: the server's error code, "deleted" if it was not
+    refused, None if there is nothing to try (no boto3, no index)."""
+    try:
+        import boto3
+        import botocore.exceptions
+    except ImportError:
+        return None
+    bucket = str(r.get("url", "")).removeprefix("s3://").split("/", 1)[0]
+    key = str(r.get("index") or "")
+    if not bucket or not key:
+        return None
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env.get("AWS_ENDPOINT_URL"),
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        region_name="us-east-1",
+    )
+    try:
+        version = s3.head_object(Bucket=bucket, Key=key)["VersionId"]
+        s3.delete_object(Bucket=bucket, Key=key, VersionId=version)
+    except botocore.exceptions.ClientError as e:
+        return str(e.response.get("Error", {}).get("Code") or e)
+    return "deleted"
+
+
 def report(full: list[dict], inc: list[dict], full_s: float, inc_s: float) -> str:
     """The per-VM report a person reads: both runs side by side, then totals."""
     cols = [
@@ -208,13 +271,15 @@ def run_demo(directory: str, size: int | None = None) -> int:
 
 
 def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
-    from .plan import PASSWORD_ENV, write_lab_plan
+    from .plan import PASSPHRASE_ENV, PASSPHRASE_FILE, PASSWORD_ENV, write_lab_plan
     from .process import lab_up
 
     t = time.monotonic()
     lab = lab_up(state, _topology(out, size))
     summary = lab.summary()
-    plan = write_lab_plan(lab.state, summary)
+    # Encrypted, as a plan's repository is by default (docs/plan.md): the
+    # passphrase in STATE/passphrase, the plan's passphrase_env names the variable.
+    plan = write_lab_plan(lab.state, summary, encrypted=True)
     say(
         f"1. started the lab in {state} ({time.monotonic() - t:.1f} s): a simulated vCenter at "
         f"{summary['vsphere']['url']}, hosts {', '.join(summary['hosts'])}, agents {', '.join(summary['agents'])}"
@@ -222,7 +287,13 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     hyperv = summary.get("hyperv_hosts") or []
     for h in hyperv:
         say(f"   and a simulated Hyper-V host {h['host']}, WinRM at {h['url']} ({h['transport']}, its own CA)")
-    say(f"   its backup plan: {plan} (repository {lab.state / 'repository'})")
+    s3 = summary.get("s3")
+    if s3:
+        say(f"   and an S3 server (SeaweedFS) at {s3['endpoint']}, bucket {s3['bucket']} with Object Lock")
+    say(
+        f"   its backup plan: {plan} (repository {lab.state / 'repository'}, encrypted: AES-256-GCM, "
+        f"its passphrase in {lab.state / PASSPHRASE_FILE})"
+    )
     env = dict(os.environ)
     env[PASSWORD_ENV] = lab.password
     envs = [f"${PASSWORD_ENV}"]
@@ -230,7 +301,20 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
         if h.get("password_env") and hyperv:
             env[h["password_env"]] = hyperv[0]["password"]
             envs.append(f"${h['password_env']}")
-    say(f"   the passwords reach vmbackup through {' and '.join(dict.fromkeys(envs))}, never the plan")
+    env[PASSPHRASE_ENV] = (lab.state / PASSPHRASE_FILE).read_text().strip()
+    envs.append(f"${PASSPHRASE_ENV}")
+    if s3:
+        env |= {
+            "AWS_ENDPOINT_URL": s3["endpoint"],
+            "AWS_ACCESS_KEY_ID": s3["access_key"],
+            "AWS_SECRET_ACCESS_KEY": s3["secret_key"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        envs.append("$AWS_SECRET_ACCESS_KEY")
+    say(
+        f"   the passwords, the passphrase{' and the S3 key' if s3 else ''} reach vmbackup through "
+        f"{', '.join(dict.fromkeys(envs))}, never the plan"
+    )
 
     if "PREFECT_API_URL" in env:
         say(f"2. Prefect: the server at PREFECT_API_URL={env['PREFECT_API_URL']}")
@@ -280,7 +364,16 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
         if r.get("status") == "ok" and r.get("hypervisor") != "hyperv" and r.get("mode") != "incremental"
     ]
 
-    say("6. verifying the repository (every chunk re-read and re-hashed)")
+    if s3:
+        say(
+            "6. copying the repository offsite to the lab's S3 (new chunks, then manifests, then an index; "
+            "every object a version locked in compliance mode)"
+        )
+        problems += _copy(plan, env, say)
+    else:
+        say('6. no S3 server in this lab (VMBACKUP_LAB_S3=0 or the topology\'s "s3": false): no offsite copy')
+
+    say("7. verifying the repository (every chunk re-read, decrypted and re-hashed)")
     repo = str(lab.state / "repository")
     v = _run(["verify", "--read-data", "--repo", repo, "--json"], env, "verify")
     try:
@@ -292,7 +385,7 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     else:
         say(f"   {verified.get('backups_checked', '?')} backups, {verified.get('chunks_checked', '?')} chunks: sound")
 
-    say("7. restoring every disk of the second backups and comparing it with the disk in the lab")
+    say("8. restoring every disk of the second backups and comparing it with the disk in the lab")
     restored = out / "restored"
     restored.mkdir()
     same = 0
@@ -327,7 +420,7 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     ]
     picks = [v for v in picks if v is not None]
     if picks:
-        say(f"8. bringing {' and '.join(picks)} back as new VMs (new name, UUIDs and MACs; disks written thin)")
+        say(f"9. bringing {' and '.join(picks)} back as new VMs (new name, UUIDs and MACs; disks written thin)")
         args = ["restore", "--plan", str(plan), "--json"]
         for v in picks:
             args += ["--vm", v]
@@ -365,6 +458,11 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     )
     say(report(full, inc, full_s, inc_s))
     say(f"repository: {repo}   `vmbackup snapshots --repo {repo}` lists its backups")
+    if s3:
+        say(
+            f"its copy: s3://{s3['bucket']}/{s3['prefix']}   `vmbackup snapshots --repo s3://{s3['bucket']}/"
+            f"{s3['prefix']}` lists it (the AWS_* variables `vmbackup lab up` prints, and {PASSPHRASE_ENV})"
+        )
     for p in problems:
         say(f"PROBLEM {p}")
 
@@ -374,7 +472,7 @@ def _demo(out: Path, state: Path, size: int | None, say: Any) -> bool:
     except ValueError:
         server = {}
     say(
-        "\nThe Prefect UI shows the runs (two backups, a restore), a flow run each with a task run per VM "
+        "\nThe Prefect UI shows the runs (two backups, a copy, a restore), a flow run each with a task run per VM "
         "(backup-<vm>, restore-<vm>) and its logs:"
     )
     say(f"   open {server.get('ui_url', 'the URL printed above')}  (runs: Runs; the per-VM table: Artifacts)")
