@@ -5,6 +5,7 @@ nothing, a failure in the middle, an in-place rollback, and a killed restore."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from vmbackup.vsphere.restore import MARK, VSphereRestoreSteps, describe_point, 
 from vmbackup.vsphere.tasks import run_task
 
 from .conftest import sha
-from .helpers import backup, run_id, vm_info
+from .helpers import backup, lab_file, run_id, vm_info
 
 # Every lab VM a backup can read (tests/vsphere/topology.json): encx01 cannot be
 # backed up by design (encrypted, and its host's agent is not). indep01's point
@@ -143,6 +144,71 @@ def test_new_macs_and_networks_mapped_or_disconnected(client, plan, tmp_path, cl
         if cards:
             rm = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=d) for d in cards]
             cur.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=rm))
+
+
+def _devices(vm, cls):
+    return [d for d in vm.config.hardware.device if isinstance(d, cls)]
+
+
+def test_missing_iso_disconnected_usb_dropped_and_nvram_restored(client, plan, checks, vlab, cleanup_vms):
+    """off03 given two CD-ROMs (one ISO on its datastore, one gone) and a USB
+    device before its backup: restored with the first CD-ROM connected, the
+    second disconnected (said in the row's changes), no USB device (a
+    warning), and the source's .nvram, byte for byte, in the new VM's home."""
+    src = client.find_vm("off03")
+    ds = src.config.files.vmPathName[1:].split("]", 1)[0]
+    before = {d.key for d in src.config.hardware.device}
+    present, gone = f"[{ds}] iso/present.iso", f"[{ds}] iso/gone.iso"
+    iso = lab_file(vlab.state, present)
+    iso.parent.mkdir(parents=True, exist_ok=True)
+    iso.write_bytes(b"CD001" * 1000)
+
+    def cdrom(key, unit, file):
+        return vim.vm.device.VirtualCdrom(
+            key=key,
+            controllerKey=200,
+            unitNumber=unit,
+            backing=vim.vm.device.VirtualCdrom.IsoBackingInfo(fileName=file),
+            connectable=vim.vm.device.VirtualDevice.ConnectInfo(startConnected=True, allowGuestControl=True),
+        )
+
+    usb = vim.vm.device.VirtualUSB(
+        key=-3, backing=vim.vm.device.VirtualUSB.USBBackingInfo(deviceName="path:1/0/1 version:2")
+    )
+    add = [
+        vim.vm.device.VirtualDeviceSpec(operation="add", device=d)
+        for d in (cdrom(-1, 0, present), cdrom(-2, 1, gone), usb)
+    ]
+    run_task(lambda: src.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=add)), "adding devices to off03")
+    try:
+        b = backup(client, plan, "off03")
+        assert b.status == "ok", b.error
+        cleanup_vms.append("off03-dev")
+        res = restore(client, plan, "off03", b.backup_id, "off03-dev")
+        assert res.status == "ok", res
+        (obj,) = _vm(client, "off03-dev")
+        cds = {d.backing.fileName if isinstance(d.backing, vim.vm.device.VirtualCdrom.IsoBackingInfo) else None:
+               d for d in _devices(obj, vim.vm.device.VirtualCdrom)}  # fmt: skip
+        assert set(cds) == {present, None}, list(cds)
+        assert cds[present].connectable.startConnected and not cds[None].connectable.startConnected
+        assert any(f"ISO {gone} is missing: disconnected" in c for c in res.changes), res.changes
+        assert not any(present in c for c in res.changes), res.changes
+        assert _devices(obj, vim.vm.device.VirtualUSB) == []
+        assert [w for w in res.warnings if "USB device" in w and "dropped" in w], res.warnings
+        # The .nvram: the point's bytes, in the restored VM's home (the lab's file).
+        saved = base64.b64decode(_point(plan, b.backup_id).attributes["nvram"]["data_base64"])
+        obj.RefreshStorageInfo()
+        (listed,) = [f.name for f in obj.layoutEx.file if f.type == "nvram"]
+        assert listed.startswith(f"[{ds}] off03-dev/")
+        assert lab_file(vlab.state, listed).read_bytes() == saved and saved.startswith(b"MRVN")
+        _no_agent_disks(checks)
+    finally:
+        cur = client.find_vm("off03")
+        rm = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=d) for d in cur.config.hardware.device
+              if d.key not in before]  # fmt: skip
+        run_task(lambda: cur.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=rm)), "removing devices of off03")
+        iso.unlink(missing_ok=True)
+    checks.assert_clean(plan)
 
 
 def test_name_in_use_and_bad_targets_are_refused_and_make_nothing(client, plan, checks):
