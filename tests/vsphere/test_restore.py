@@ -220,6 +220,15 @@ def test_name_in_use_and_bad_targets_are_refused_and_make_nothing(client, plan, 
         restore(client, plan, "off03", b.backup_id, "off03-x", datastore="nope")
     with pytest.raises(RestoreInputError, match="host esx9 does not exist"):
         restore(client, plan, "off03", b.backup_id, "off03-x", host="esx9")
+    # tiny1 is a 2 MiB datastore (the topology's datastore_capacity_mib): the point's data does not fit.
+    (tiny,) = [d for d in client.objects(vim.Datastore) if d.name == "tiny1"]
+    assert tiny.summary.capacity == 2 << 20 and 0 < tiny.summary.freeSpace <= 2 << 20
+    with pytest.raises(RestoreInputError, match=r"datastore tiny1 has \d+ bytes free; the point's disks hold \d+"):
+        restore(client, plan, "off03", b.backup_id, "off03-x", datastore="tiny1")
+    # A point without the VM's configuration (its config absent): nothing to make a VM of.
+    info = _point(plan, b.backup_id)
+    with pytest.raises(RestoreInputError, match="the backup point of VM off03 has no VM configuration"):
+        describe_point(None, info.attributes)
     with pytest.raises(RestoreInputError, match="is powered on"):
         restore(client, plan, "user01", backup(client, plan, "user01").backup_id, "user01", in_place=True)
     assert sorted(v["name"] for v in checks.lab.status()["vms"]) == before
