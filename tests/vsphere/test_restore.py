@@ -20,7 +20,9 @@ from vmbackup import _mover
 from vmbackup.errors import BackupError, RestoreInputError
 from vmbackup.hypervisors.base import RestoreRequest
 from vmbackup.hypervisors.restore import restore_one
+from vmbackup.vsphere.ledger import Ledger
 from vmbackup.vsphere.restore import MARK, VSphereRestoreSteps, describe_point, destroy_vm
+from vmbackup.vsphere.sweep import sweep
 from vmbackup.vsphere.tasks import run_task
 
 from .conftest import sha
@@ -296,21 +298,21 @@ restore_one(steps, req, desc, hypervisor="vsphere", repository=args["repo"], age
 """
 
 
-def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan_path, tmp_path, cleanup_vms):
-    b = backup(client, plan, "crash01")
-    cleanup_vms.append("crash01-k")
-    host = vm_info(client, "crash01").host
+def _killed_restore(plan, checks, lab_plan_path, vm, point, restored_as):
+    """A restore of ``vm`` as ``restored_as`` in a child process, killed (-9)
+    once the new VM exists and its disk is being hot-added to the agent (the
+    host's tasks slowed to 1.5 s each): its ledger entry and half-made VM left."""
+    host = next(h for h in checks.lab.status()["vms"] if h["name"] == vm)["host"]
     checks.lab.set_faults(host=host, slow_ms=1500)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    arg = {"plan": str(lab_plan_path), "repo": str(plan.repository), "point": b.backup_id, "vm": "crash01",
-           "as": "crash01-k"}  # fmt: skip
+    arg = {"plan": str(lab_plan_path), "repo": str(plan.repository), "point": point, "vm": vm, "as": restored_as}
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(arg)], env=env)
     try:
-        # Caught once the VM exists and its disk is being hot-added (each task takes 1.5 s).
         ledger = Path(plan.repository) / "ledger"
         while True:
             assert child.poll() is None, "the restore ended before it could be killed"
-            entries = [json.loads(p.read_text()) for p in ledger.glob("crash01-k--*.json")] if ledger.exists() else []
+            pattern = f"{restored_as}--*.json"
+            entries = [json.loads(p.read_text()) for p in ledger.glob(pattern)] if ledger.exists() else []
             if any(e.get("attachments") for e in entries):
                 break
             time.sleep(0.02)
@@ -320,6 +322,13 @@ def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan
         checks.lab.set_faults(host=host)
         if child.poll() is None:
             child.kill()
+    assert restored_as in {v["name"] for v in checks.lab.status()["vms"]}
+
+
+def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan_path, tmp_path, cleanup_vms):
+    b = backup(client, plan, "crash01")
+    cleanup_vms.append("crash01-k")
+    _killed_restore(plan, checks, lab_plan_path, "crash01", b.backup_id, "crash01-k")
     # The half-made VM exists (possibly with its disk on the agent); the next restore removes it first.
     res = restore(client, plan, "crash01", b.backup_id, "crash01-k")
     assert res.status == "ok"
@@ -328,6 +337,23 @@ def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan
     _equal_to_point(checks, plan, "crash01-k", b.backup_id, tmp_path)
     _no_agent_disks(checks)
     destroy_vm(_vm(client, "crash01-k")[0], 60)
+    checks.assert_clean(plan)
+
+
+def test_the_sweeper_removes_a_killed_restores_half_made_vm(client, plan, checks, lab_plan_path, cleanup_vms):
+    """What sweep_vsphere (``vmbackup maintain sweep``) runs: a dead restore's
+    entry names its half-made VM, which is detached from the agent and
+    destroyed, and the entry removed."""
+    b = backup(client, plan, "crash01")
+    cleanup_vms.append("crash01-s")
+    _killed_restore(plan, checks, lab_plan_path, "crash01", b.backup_id, "crash01-s")
+    (entry,) = Ledger(plan.repository).entries("crash01-s")
+    assert entry.restore is not None and not entry.alive()
+    found = sweep(client, plan, older_than_seconds=0)
+    assert [(x.kind, x.vm, x.removed) for x in found if x.kind == "restore"] == [("restore", "crash01-s", True)]
+    assert not _vm(client, "crash01-s")
+    assert "crash01-s" not in {v["name"] for v in checks.lab.status()["vms"]}
+    _no_agent_disks(checks)
     checks.assert_clean(plan)
 
 
