@@ -17,9 +17,9 @@ import (
 // system holding the lab's state, so a datastore never fills. A topology's
 // datastore_capacity_mib gives a datastore a size of its own: freeSpace is that less
 // the bytes its files allocate (sparse extents count their allocated blocks), as of the
-// lab's start; from then on, as in the stock simulator, a disk created on it takes its
-// provisioned size off and a destroyed one gives it back (RefreshDatastore would reset
-// both to the stock figures: nothing of vmbackup calls it).
+// lab's start; from then on the stock simulator's accounting applies (a disk created on
+// it takes its provisioned size off). RefreshDatastore would reset both to the stock
+// figures: nothing of vmbackup calls it.
 
 // applyCapacities sets the sized datastores' summary.capacity and freeSpace (after build).
 func (l *Lab) applyCapacities() {
