@@ -151,6 +151,7 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 		}
 	}
 	l.installVMFolder(folders.VmFolder.Reference())
+	l.applyCapacities()
 	for name, f := range l.topo.Faults.VMs {
 		vm, err := l.findVM(name)
 		if err != nil {

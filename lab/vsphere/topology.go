@@ -16,13 +16,17 @@ type Topology struct {
 	// DatastoreTypes: a datastore's summary.type other than VMFS. "vsan" (or "vvol")
 	// has no flat file: /folder serves no *-flat.vmdk of it, as on vSAN and vVols.
 	DatastoreTypes map[string]string `json:"datastore_types"`
-	AgentsPerHost  *int              `json:"agents_per_host"`
-	AgentDiskMiB   int64             `json:"agent_disk_mib"`
-	VMs            []VMSpec          `json:"vms"`
-	User           string            `json:"user"`
-	CBTPageBytes   int64             `json:"cbt_page_bytes"`
-	CBTMaxAreas    int               `json:"cbt_max_areas"`
-	Faults         FaultsSpec        `json:"faults"`
+	// DatastoreCapacityMiB: a datastore's summary.capacity in MiB; its freeSpace is
+	// that less what its files allocate (capacity.go). Others: the stock simulator's
+	// (the free space of the file system holding the lab's state).
+	DatastoreCapacityMiB map[string]int64 `json:"datastore_capacity_mib"`
+	AgentsPerHost        *int             `json:"agents_per_host"`
+	AgentDiskMiB         int64            `json:"agent_disk_mib"`
+	VMs                  []VMSpec         `json:"vms"`
+	User                 string           `json:"user"`
+	CBTPageBytes         int64            `json:"cbt_page_bytes"`
+	CBTMaxAreas          int              `json:"cbt_max_areas"`
+	Faults               FaultsSpec       `json:"faults"`
 	// Hosts whose agent VMs are encrypted (they hold the lab key provider's keys, so
 	// they can hot-add an encrypted VM's disks and read plaintext; crypt.go).
 	EncryptedAgentHosts []string `json:"encrypted_agent_hosts"`
@@ -175,6 +179,14 @@ func (t *Topology) normalize() error {
 		}
 		if kind != "vsan" && kind != "vvol" && kind != "VMFS" && kind != "NFS" {
 			return fmt.Errorf("topology: datastore %s has type %q, not one of VMFS, NFS, vsan, vvol", d, kind)
+		}
+	}
+	for d, mib := range t.DatastoreCapacityMiB {
+		if !dss[d] {
+			return fmt.Errorf("topology: datastore_capacity_mib names unknown datastore %s", d)
+		}
+		if mib <= 0 {
+			return fmt.Errorf("topology: datastore %s has capacity %d MiB, not a positive number", d, mib)
 		}
 	}
 	names := map[string]bool{}

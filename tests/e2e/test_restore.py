@@ -327,3 +327,48 @@ def test_in_place_rollback_through_the_command_writes_only_what_differs(small_la
         assert 3 << 20 <= d["bytes_written"] <= 5 << 20 and r["bytes_written"] == d["bytes_written"], r
         (tmp_path / "rolled-back").mkdir()
         assert _disk_equal(small_lab, env, repo, point["backup_id"], "inplace01", "scsi0:0", tmp_path / "rolled-back")
+
+
+def test_an_older_point_before_a_time_onto_another_datastore_and_a_point_without_configuration(
+    small_lab, env, tmp_path
+):
+    """One `vmbackup restore --before TIME --datastore DS` run: app01 (on
+    esx2-local) backed up twice, brought back from the older point onto
+    shared1, its disk equal to that point. Then a point `backup-disk` made
+    (no VM configuration) is refused: one line, exit 2, no VM made."""
+    import datetime as dt
+
+    lab = small_lab.lab
+    plan, repo = _plan(small_lab, tmp_path)
+    lab.write("app01", "scsi0:0", 2 << 20, 1 << 20, seed=61)
+    [older] = backup("--plan", str(plan), "--vm", "app01", env=env)
+    lab.write("app01", "scsi0:0", 2 << 20, 1 << 20, seed=62)
+    [newer] = backup("--plan", str(plan), "--vm", "app01", env=env)
+    created = {i.id: i.created_unix for i in _mover.list_backups(repo)[0]}
+    a, b = created[older["backup_id"]], created[newer["backup_id"]]
+    assert a < b, (a, b)
+    before = dt.datetime.fromtimestamp((a + b) / 2, dt.UTC).isoformat()
+    assert older["datastores"] == ["esx2-local"], older
+
+    with removed_afterwards(small_lab):
+        args = ("--vm", "app01", "--before", before, "--datastore", "shared1", "--as", "app01-older")
+        [r] = restore("--plan", str(plan), *args, env=env)
+        assert r["status"] == "ok" and r["point"] == older["backup_id"] and r["location"] == "shared1", r
+        [vm] = [v for v in lab.status()["vms"] if v["name"] == "app01-older"]
+        assert [d["file"].split("]")[0] for d in vm["disks"]] == ["[shared1"], vm["disks"]
+        for point, equal in ((older, True), (newer, False)):
+            (tmp_path / point["backup_id"]).mkdir()
+            got = _disk_equal(
+                small_lab, env, repo, point["backup_id"], "app01-older", "scsi0:0", tmp_path / point["backup_id"]
+            )
+            assert got is equal, point["backup_id"]
+
+        # A point of disks only (`vmbackup backup-disk`): nothing to make a VM of.
+        image = tmp_path / "disk.img"
+        image.write_bytes(b"\x07" * (1 << 20))
+        run("backup-disk", "--repo", repo, "--vm", "diskonly01", str(image), "--json", env=env)
+        before_names = _vsphere_vm_names(small_lab)
+        p = run("restore", "--plan", str(plan), "--vm", "diskonly01", "--json", env=env, expect=2)
+        lines = p.stderr.strip().splitlines()
+        assert p.stdout == "" and len(lines) == 1 and "no VM configuration to restore" in lines[0], p.stderr
+        assert _vsphere_vm_names(small_lab) == before_names

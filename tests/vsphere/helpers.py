@@ -42,3 +42,11 @@ def restored_sha(plan, backup_id: str, disk: str, out: Path) -> str:
 def with_transports(plan, *names):
     agents = [a.model_copy(update={"transports": list(names)}) for a in plan.agents]
     return plan.model_copy(update={"transports": list(names), "agents": agents})
+
+
+def lab_file(state, ds_path: str) -> Path:
+    """The lab's own copy of a datastore file ``[ds] dir/name`` (docs/lab.md: DIR/datastores/<ds>/...)."""
+    import re
+
+    ds, rel = ds_path[1:].split("] ", 1)
+    return Path(state) / "datastores" / re.sub(r"[^A-Za-z0-9._-]", "_", ds) / rel

@@ -129,6 +129,34 @@ def test_an_entry_of_this_machine_whose_process_is_gone_is_dead_at_once(tmp_path
     assert not old.alive()
 
 
+def test_an_entry_whose_pid_runs_another_process_now_is_dead_at_once(tmp_path):
+    """On the machine that wrote it the pid is taken with its process's start
+    time: once the kernel gives the pid to another process, the writer is
+    gone, however fresh the heartbeat. A live child stands for that process:
+    its entry says another start time."""
+    ledger = Ledger(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        ledger.write(Entry(run_id="writer", vm="vm1", vm_moref="vm-1", pid=child.pid))
+        (e,) = ledger.entries()
+        started = ledger_mod.process_started(child.pid)
+        assert started is not None and e.started == started and e.alive()
+        d = json.loads(e.path.read_text())
+        d["started"] = started - 1  # the writer, which had this pid, started earlier
+        e.path.write_text(json.dumps(d))
+        (reused,) = ledger.entries()
+        assert reused.heartbeat_age() < 60 and not reused.alive()
+        # An entry of an older version (no start time) is judged by the pid alone.
+        del d["started"]
+        e.path.write_text(json.dumps(d))
+        (old,) = ledger.entries()
+        assert old.started is None and old.alive()
+    finally:
+        child.kill()
+        child.wait()
+    assert not old.alive()
+
+
 def test_the_heartbeat_thread_refreshes_the_entry_until_released(tmp_path):
     ledger = Ledger(tmp_path)
     entry = Entry(run_id="beating", vm="vm1", vm_moref="vm-1")

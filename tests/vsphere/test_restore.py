@@ -5,6 +5,7 @@ nothing, a failure in the middle, an in-place rollback, and a killed restore."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -19,11 +20,13 @@ from vmbackup import _mover
 from vmbackup.errors import BackupError, RestoreInputError
 from vmbackup.hypervisors.base import RestoreRequest
 from vmbackup.hypervisors.restore import restore_one
+from vmbackup.vsphere.ledger import Ledger
 from vmbackup.vsphere.restore import MARK, VSphereRestoreSteps, describe_point, destroy_vm
+from vmbackup.vsphere.sweep import sweep
 from vmbackup.vsphere.tasks import run_task
 
 from .conftest import sha
-from .helpers import backup, run_id, vm_info
+from .helpers import backup, lab_file, run_id, vm_info
 
 # Every lab VM a backup can read (tests/vsphere/topology.json): encx01 cannot be
 # backed up by design (encrypted, and its host's agent is not). indep01's point
@@ -145,6 +148,71 @@ def test_new_macs_and_networks_mapped_or_disconnected(client, plan, tmp_path, cl
             cur.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=rm))
 
 
+def _devices(vm, cls):
+    return [d for d in vm.config.hardware.device if isinstance(d, cls)]
+
+
+def test_missing_iso_disconnected_usb_dropped_and_nvram_restored(client, plan, checks, vlab, cleanup_vms):
+    """off03 given two CD-ROMs (one ISO on its datastore, one gone) and a USB
+    device before its backup: restored with the first CD-ROM connected, the
+    second disconnected (said in the row's changes), no USB device (a
+    warning), and the source's .nvram, byte for byte, in the new VM's home."""
+    src = client.find_vm("off03")
+    ds = src.config.files.vmPathName[1:].split("]", 1)[0]
+    before = {d.key for d in src.config.hardware.device}
+    present, gone = f"[{ds}] iso/present.iso", f"[{ds}] iso/gone.iso"
+    iso = lab_file(vlab.state, present)
+    iso.parent.mkdir(parents=True, exist_ok=True)
+    iso.write_bytes(b"CD001" * 1000)
+
+    def cdrom(key, unit, file):
+        return vim.vm.device.VirtualCdrom(
+            key=key,
+            controllerKey=200,
+            unitNumber=unit,
+            backing=vim.vm.device.VirtualCdrom.IsoBackingInfo(fileName=file),
+            connectable=vim.vm.device.VirtualDevice.ConnectInfo(startConnected=True, allowGuestControl=True),
+        )
+
+    usb = vim.vm.device.VirtualUSB(
+        key=-3, backing=vim.vm.device.VirtualUSB.USBBackingInfo(deviceName="path:1/0/1 version:2")
+    )
+    add = [
+        vim.vm.device.VirtualDeviceSpec(operation="add", device=d)
+        for d in (cdrom(-1, 0, present), cdrom(-2, 1, gone), usb)
+    ]
+    run_task(lambda: src.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=add)), "adding devices to off03")
+    try:
+        b = backup(client, plan, "off03")
+        assert b.status == "ok", b.error
+        cleanup_vms.append("off03-dev")
+        res = restore(client, plan, "off03", b.backup_id, "off03-dev")
+        assert res.status == "ok", res
+        (obj,) = _vm(client, "off03-dev")
+        cds = {d.backing.fileName if isinstance(d.backing, vim.vm.device.VirtualCdrom.IsoBackingInfo) else None:
+               d for d in _devices(obj, vim.vm.device.VirtualCdrom)}  # fmt: skip
+        assert set(cds) == {present, None}, list(cds)
+        assert cds[present].connectable.startConnected and not cds[None].connectable.startConnected
+        assert any(f"ISO {gone} is missing: disconnected" in c for c in res.changes), res.changes
+        assert not any(present in c for c in res.changes), res.changes
+        assert _devices(obj, vim.vm.device.VirtualUSB) == []
+        assert [w for w in res.warnings if "USB device" in w and "dropped" in w], res.warnings
+        # The .nvram: the point's bytes, in the restored VM's home (the lab's file).
+        saved = base64.b64decode(_point(plan, b.backup_id).attributes["nvram"]["data_base64"])
+        obj.RefreshStorageInfo()
+        (listed,) = [f.name for f in obj.layoutEx.file if f.type == "nvram"]
+        assert listed.startswith(f"[{ds}] off03-dev/")
+        assert lab_file(vlab.state, listed).read_bytes() == saved and saved.startswith(b"MRVN")
+        _no_agent_disks(checks)
+    finally:
+        cur = client.find_vm("off03")
+        rm = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=d) for d in cur.config.hardware.device
+              if d.key not in before]  # fmt: skip
+        run_task(lambda: cur.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=rm)), "removing devices of off03")
+        iso.unlink(missing_ok=True)
+    checks.assert_clean(plan)
+
+
 def test_name_in_use_and_bad_targets_are_refused_and_make_nothing(client, plan, checks):
     b = backup(client, plan, "off03")
     before = sorted(v["name"] for v in checks.lab.status()["vms"])
@@ -154,6 +222,15 @@ def test_name_in_use_and_bad_targets_are_refused_and_make_nothing(client, plan, 
         restore(client, plan, "off03", b.backup_id, "off03-x", datastore="nope")
     with pytest.raises(RestoreInputError, match="host esx9 does not exist"):
         restore(client, plan, "off03", b.backup_id, "off03-x", host="esx9")
+    # tiny1 is a 2 MiB datastore (the topology's datastore_capacity_mib): the point's data does not fit.
+    (tiny,) = [d for d in client.objects(vim.Datastore) if d.name == "tiny1"]
+    assert tiny.summary.capacity == 2 << 20 and 0 < tiny.summary.freeSpace <= 2 << 20
+    with pytest.raises(RestoreInputError, match=r"datastore tiny1 has \d+ bytes free; the point's disks hold \d+"):
+        restore(client, plan, "off03", b.backup_id, "off03-x", datastore="tiny1")
+    # A point without the VM's configuration (its config absent): nothing to make a VM of.
+    info = _point(plan, b.backup_id)
+    with pytest.raises(RestoreInputError, match="the backup point of VM off03 has no VM configuration"):
+        describe_point(None, info.attributes)
     with pytest.raises(RestoreInputError, match="is powered on"):
         restore(client, plan, "user01", backup(client, plan, "user01").backup_id, "user01", in_place=True)
     assert sorted(v["name"] for v in checks.lab.status()["vms"]) == before
@@ -221,21 +298,21 @@ restore_one(steps, req, desc, hypervisor="vsphere", repository=args["repo"], age
 """
 
 
-def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan_path, tmp_path, cleanup_vms):
-    b = backup(client, plan, "crash01")
-    cleanup_vms.append("crash01-k")
-    host = vm_info(client, "crash01").host
+def _killed_restore(plan, checks, lab_plan_path, vm, point, restored_as):
+    """A restore of ``vm`` as ``restored_as`` in a child process, killed (-9)
+    once the new VM exists and its disk is being hot-added to the agent (the
+    host's tasks slowed to 1.5 s each): its ledger entry and half-made VM left."""
+    host = next(h for h in checks.lab.status()["vms"] if h["name"] == vm)["host"]
     checks.lab.set_faults(host=host, slow_ms=1500)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    arg = {"plan": str(lab_plan_path), "repo": str(plan.repository), "point": b.backup_id, "vm": "crash01",
-           "as": "crash01-k"}  # fmt: skip
+    arg = {"plan": str(lab_plan_path), "repo": str(plan.repository), "point": point, "vm": vm, "as": restored_as}
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(arg)], env=env)
     try:
-        # Caught once the VM exists and its disk is being hot-added (each task takes 1.5 s).
         ledger = Path(plan.repository) / "ledger"
         while True:
             assert child.poll() is None, "the restore ended before it could be killed"
-            entries = [json.loads(p.read_text()) for p in ledger.glob("crash01-k--*.json")] if ledger.exists() else []
+            pattern = f"{restored_as}--*.json"
+            entries = [json.loads(p.read_text()) for p in ledger.glob(pattern)] if ledger.exists() else []
             if any(e.get("attachments") for e in entries):
                 break
             time.sleep(0.02)
@@ -245,6 +322,13 @@ def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan
         checks.lab.set_faults(host=host)
         if child.poll() is None:
             child.kill()
+    assert restored_as in {v["name"] for v in checks.lab.status()["vms"]}
+
+
+def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan_path, tmp_path, cleanup_vms):
+    b = backup(client, plan, "crash01")
+    cleanup_vms.append("crash01-k")
+    _killed_restore(plan, checks, lab_plan_path, "crash01", b.backup_id, "crash01-k")
     # The half-made VM exists (possibly with its disk on the agent); the next restore removes it first.
     res = restore(client, plan, "crash01", b.backup_id, "crash01-k")
     assert res.status == "ok"
@@ -253,6 +337,23 @@ def test_killed_restore_is_reconciled_by_the_next(client, plan, checks, lab_plan
     _equal_to_point(checks, plan, "crash01-k", b.backup_id, tmp_path)
     _no_agent_disks(checks)
     destroy_vm(_vm(client, "crash01-k")[0], 60)
+    checks.assert_clean(plan)
+
+
+def test_the_sweeper_removes_a_killed_restores_half_made_vm(client, plan, checks, lab_plan_path, cleanup_vms):
+    """What sweep_vsphere (``vmbackup maintain sweep``) runs: a dead restore's
+    entry names its half-made VM, which is detached from the agent and
+    destroyed, and the entry removed."""
+    b = backup(client, plan, "crash01")
+    cleanup_vms.append("crash01-s")
+    _killed_restore(plan, checks, lab_plan_path, "crash01", b.backup_id, "crash01-s")
+    (entry,) = Ledger(plan.repository).entries("crash01-s")
+    assert entry.restore is not None and not entry.alive()
+    found = sweep(client, plan, older_than_seconds=0)
+    assert [(x.kind, x.vm, x.removed) for x in found if x.kind == "restore"] == [("restore", "crash01-s", True)]
+    assert not _vm(client, "crash01-s")
+    assert "crash01-s" not in {v["name"] for v in checks.lab.status()["vms"]}
+    _no_agent_disks(checks)
     checks.assert_clean(plan)
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..errors import BackupError, HypervScriptError, RestoreInputError, WinRMError
 from ..hypervisors import base as hv
-from ..vsphere.ledger import CLOCK_SKEW_SECONDS, STALE_AFTER_SECONDS, Heartbeat, process_space
+from ..vsphere.ledger import CLOCK_SKEW_SECONDS, STALE_AFTER_SECONDS, Heartbeat, process_space, process_started
 from .client import HypervClient
 from .procedure import _on_host, shadow_run_id
 
@@ -176,7 +176,7 @@ class RestoreEntry:
     machine: str = field(default_factory=socket.gethostname)
     space: str | None = field(default_factory=process_space)
     # the process's start (clock ticks since boot, /proc/<pid>/stat): a reused pid is not the writer
-    started: int | None = field(default_factory=lambda: _started(os.getpid()))
+    started: int | None = field(default_factory=lambda: process_started(os.getpid()))
     created_unix: float = field(default_factory=time.time)
     file: Path | None = None
 
@@ -192,7 +192,7 @@ class RestoreEntry:
                 return False
             except PermissionError:
                 pass
-            if self.started is not None and _started(self.pid) not in (None, self.started):
+            if self.started is not None and process_started(self.pid) not in (None, self.started):
                 return False  # the pid was reused: the writer is gone
         try:
             age = (time.time() if now is None else now) - self.file.stat().st_mtime
@@ -202,16 +202,6 @@ class RestoreEntry:
 
 
 _held: dict[Path, Heartbeat] = {}
-
-
-def _started(pid: int) -> int | None:
-    """When process ``pid`` started (field 22 of /proc/<pid>/stat), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces and parentheses: count after its last ')'
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def restore_ledger(repository: str | os.PathLike) -> Path:

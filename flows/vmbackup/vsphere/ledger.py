@@ -17,8 +17,11 @@ is dead when its heartbeat is older than ``STALE_AFTER_SECONDS`` plus
 clock is its own), or, on the machine that wrote the entry (same boot, same
 pid namespace), when its process no longer runs there: a run that crashed
 here is not waited for. A different machine's entry is never judged by its
-pid. Entries written before the heartbeat existed are judged by their mtime
-as well (their last write).
+pid. On that machine the entry's pid is taken with its process's start time
+(``process_started``): a pid the kernel gave again to another process (or
+to this one, after a restart) is not the writer, which is dead. Entries
+written before the heartbeat existed are judged by their mtime as well (their
+last write).
 """
 
 from __future__ import annotations
@@ -68,6 +71,28 @@ def process_space() -> str | None:
     return f"{boot}/{ns}"
 
 
+def process_started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, field 22 of
+    ``/proc/<pid>/stat``), or None when it does not run (or there is no /proc).
+
+    With the pid it names one process of a boot: a pid the kernel gave again
+    to another process has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: count after its last ')'
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+#: ``Entry.started`` until ``__post_init__`` reads the start of the entry's ``pid``.
+_UNREAD = -1
+
+
 def _pid_runs(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -88,6 +113,9 @@ class Entry:
     pid: int = field(default_factory=os.getpid)
     machine: str = field(default_factory=socket.gethostname)
     space: str | None = field(default_factory=process_space)  # where ``pid`` means something
+    # when ``pid`` started (process_started): a pid reused by another process is not the writer.
+    # None in an entry of an older version (judged by pid alone).
+    started: int | None = _UNREAD
     created_unix: float = field(default_factory=time.time)
     attempt: str | None = None  # this try of the run (snapshots.new_attempt); a retry has another
     snapshot: dict[str, str] | None = None  # {"name", "moref", "create_task", "remove_task"}
@@ -102,6 +130,10 @@ class Entry:
     # killed restore's half-made VM is named; reconcile and the sweeper destroy it unless "done" or in place.
     restore: dict[str, Any] | None = None
     path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.started == _UNREAD:
+            self.started = process_started(self.pid)
 
     def to_json(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if k != "path"}
@@ -131,6 +163,8 @@ class Entry:
         machine a heartbeat older than the staleness bound is dead.
         """
         if self._here():
+            if self.started is not None and process_started(self.pid) not in (None, self.started):
+                return False  # the pid is another process's now: the writer is gone
             if self.pid == os.getpid():
                 return self.path is not None and _held(self.path)
             if not _pid_runs(self.pid):
@@ -255,6 +289,7 @@ class Ledger:
                 d = json.loads(p.read_text())
                 d.setdefault("space", None)  # written before entries said where their pid runs
                 d.setdefault("restore", None)
+                d.setdefault("started", None)  # written before entries said when their process started
                 e = Entry(**d)
             except (OSError, ValueError, TypeError):
                 continue  # a torn or foreign file: not ours to act on
