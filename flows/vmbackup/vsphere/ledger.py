@@ -216,8 +216,8 @@ class Ledger:
     def write(self, entry: Entry) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = entry.path or self.path(entry.run_id, entry.vm, entry.attempt)
-        entry.path = path
         text = records.encode(self.root, path, entry.to_dict(), indent=1)  # sealed when encrypted
+        entry.path = path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             f.write(text)
