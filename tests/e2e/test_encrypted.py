@@ -279,7 +279,7 @@ def test_a_forged_index_is_skipped_for_the_newest_authentic_one(enc_lab, tmp_pat
     img.write_bytes(os.urandom(3 << 20))
     second = json.loads(run("backup-disk", "--repo", str(repo), "--vm", "vm1", "--json", str(img), env=withkey).stdout)
     res = s3copy.copy_repository(repo, t, days=1, master_key=master)
-    assert sum("not authentic" in w for w in res.warnings) == 3, res.warnings
+    assert sum("not authentic" in w for w in res.warnings) == len(forged), res.warnings
     assert res.backups == 2 and res.uploaded >= 4, res  # the new chunks and manifest, and the index
     p = run("restore-disk", "--repo", url, second["id"], str(restored), "--force", env=withkey)
     assert sha(restored) == sha(img)
