@@ -24,11 +24,13 @@ __all__ = [
     "UntrustedManifest",
     "BackupInfo",
     "DiskReader",
+    "RecordSealer",
     "init_repository",
     "init_legacy_repository",
     "open_repository",
     "unlock_repository",
     "repository_chunk_id",
+    "record_sealer",
     "restore_disk",
     "list_backups",
     "verify",
@@ -352,6 +354,32 @@ def repository_chunk_id(path: str, data: bytes) -> str:
     digits): keyed BLAKE3 (format version 2, needs the key of an encrypted
     repository) or XXH3-128 (version 1). For tests and tools: ids of the same
     data differ between repositories of version 2."""
+
+@final
+class RecordSealer:
+    """The record key of an unlocked encrypted repository (``record_sealer``):
+    seals and opens its small records, the cleanup ledger's entries and the
+    drills' record (docs/format.md §1.1), with AES-256-GCM under a key derived
+    once from the master key. Never printed (its repr shows no key)."""
+
+    def seal(self, name: str, data: bytes) -> bytes:
+        """``data`` sealed for the record at ``name`` (its path in the
+        repository, e.g. ``ledger/web01--run.json``): a random 96-bit nonce,
+        the ciphertext, the 16-byte tag; ``name`` is associated data."""
+    def open(self, name: str, sealed: bytes) -> Optional[bytes]:
+        """What ``seal`` sealed for ``name``, or None if ``sealed`` is not
+        authentic: altered, sealed for another name, or under another key."""
+
+def record_sealer(path: str) -> Optional[RecordSealer]:
+    """The record key of the repository at ``path``, or None when it is
+    unencrypted (its records are plain JSON).
+
+    Raises:
+        KeyRequiredError: the repository is encrypted and this process has
+            not unlocked it (``unlock_repository``).
+        NotFoundError: ``path`` is not a repository (no ``config.json``).
+        RepositoryError: its config is corrupt or has been altered.
+    """
 
 @final
 class BackupSession:

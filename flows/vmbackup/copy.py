@@ -32,7 +32,7 @@ x-amz-checksum-sha256, so the server refuses an object that does not arrive
 as sent.
 
 Authenticated index (docs/format.md §8): for an encrypted repository the
-index carries ``mac``, HMAC-SHA256 under a key derived from the master key
+index (version 2; an unencrypted repository's is version 1) carries ``mac``, HMAC-SHA256 under a key derived from the master key
 (HKDF-SHA256, its own context), so the copy needs the repository's key;
 readers given the key skip an index whose MAC fails (whoever holds the
 bucket's credentials can write a newer index, never a valid MAC) and use the
@@ -71,7 +71,13 @@ from .errors import CopyError, CopyUnavailableError, InvalidInputError, KeyRequi
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "vmbackup-copy-index"
-INDEX_VERSION = 1
+# Index versions (docs/format.md §8, §10): 1 without ``mac`` (an unencrypted
+# repository's copy; copies written before version 2 may carry ``mac`` in a
+# version 1), 2 with it. A reader of version 1 only refuses a version 2, rather
+# than reading it without its authentication.
+INDEX_VERSION_PLAIN = 1
+INDEX_VERSION = 2
+INDEX_VERSIONS = (INDEX_VERSION_PLAIN, INDEX_VERSION)
 INDEX_DIR = "index"
 # HKDF-SHA256's info for the index MAC key (docs/format.md §8, §9): a key of
 # its own, so a MAC of the copy says nothing about the mover's keys.
@@ -284,8 +290,11 @@ def read_index(t: Target, key: str | None = None) -> dict | None:
         raise CopyError(f"index {key} of {t.url} is not JSON: {e}") from None
     if not isinstance(idx, dict) or idx.get("format") != INDEX_FORMAT:
         raise CopyError(f"index {key} of {t.url} is not a vmbackup copy index")
-    if idx.get("version") != INDEX_VERSION:
-        raise CopyError(f"index {key} of {t.url} is version {idx.get('version')}; this vmbackup reads {INDEX_VERSION}")
+    if idx.get("version") not in INDEX_VERSIONS:
+        raise CopyError(
+            f"index {key} of {t.url} is version {idx.get('version')}; this vmbackup reads "
+            + " and ".join(map(str, INDEX_VERSIONS))
+        )
     idx["key"] = key
     idx["index_version"] = first["VersionId"]
     idx["index_versions"] = len(vs)
@@ -615,7 +624,7 @@ def copy_repository(
     index_rel = f"{INDEX_DIR}/{stamp}-{secrets.token_hex(4)}.json"
     index = {
         "format": INDEX_FORMAT,
-        "version": INDEX_VERSION,
+        "version": INDEX_VERSION if mac_key is not None else INDEX_VERSION_PLAIN,
         "created": _iso(created),
         "created_unix": round(created, 3),
         "repository": repository_id,

@@ -180,7 +180,7 @@ def choose_index(target: s3copy.Target, source: keys.KeySource | None) -> tuple[
     names = [target.key(pick)] if pick else s3copy.index_keys(target)
     if source is None or source.empty:
         index = s3copy.read_index(target, names[-1]) if names else None
-        if index is not None and index.get("mac"):
+        if index is not None and (index.get("mac") or index.get("version") == s3copy.INDEX_VERSION):
             log.warning(
                 "index %s of %s is not authenticated: the repository is encrypted and no key was given",
                 index["key"],

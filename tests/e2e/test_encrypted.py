@@ -163,6 +163,7 @@ def test_an_encrypted_lab_backs_up_restores_and_copies_with_no_secret_anywhere(e
             )
             index = s3copy.read_index(t)
             assert len(index["mac"]) == 64 and "keys/" in "".join(index["objects"]), index["objects"].keys()
+            assert index["version"] == 2  # authenticated: a reader of version 1 only refuses it
             url = f"s3://{s3['bucket']}/{prefix}"
             from_s3 = tmp_path / "from-s3.img"
             vmb("restore-disk", "--repo", url, "--disk", "scsi0:0", point, str(from_s3))
@@ -246,12 +247,15 @@ def test_a_forged_index_is_skipped_for_the_newest_authentic_one(enc_lab, tmp_pat
     assert s3copy.index_authentic(t, good, s3copy.index_key(master))
 
     # What an attacker with the copy's credentials writes, each newer than the copy's index:
-    # no MAC (and no backups), a MAC under another key, the authentic index replayed under a newer name.
+    # no MAC (and no backups), a MAC under another key, the authentic index replayed under a newer name,
+    # and one relabelled version 1 (the version is under the MAC too).
     other = s3copy.index_mac(os.urandom(32), "index/29990101T000000.000000Z-00000002.json", good)
+    assert good["version"] == 2
     forged = [
         _forge(t, good, "29990101T000000.000000Z-00000001", mac=None, backups=[]),
         _forge(t, good, "29990101T000000.000000Z-00000002", mac=other),
         _forge(t, good, "29990101T000000.000000Z-00000003"),
+        _forge(t, good, "29990101T000000.000000Z-00000004", version=1),
     ]
     restored = tmp_path / "restored.img"
     p = run("restore-disk", "--repo", url, first["id"], str(restored), env=withkey)
@@ -275,7 +279,7 @@ def test_a_forged_index_is_skipped_for_the_newest_authentic_one(enc_lab, tmp_pat
     img.write_bytes(os.urandom(3 << 20))
     second = json.loads(run("backup-disk", "--repo", str(repo), "--vm", "vm1", "--json", str(img), env=withkey).stdout)
     res = s3copy.copy_repository(repo, t, days=1, master_key=master)
-    assert sum("not authentic" in w for w in res.warnings) == 3, res.warnings
+    assert sum("not authentic" in w for w in res.warnings) == len(forged), res.warnings
     assert res.backups == 2 and res.uploaded >= 4, res  # the new chunks and manifest, and the index
     p = run("restore-disk", "--repo", url, second["id"], str(restored), "--force", env=withkey)
     assert sha(restored) == sha(img)

@@ -256,10 +256,16 @@ def test_a_vm_restored_from_the_offsite_copy_once_the_repository_is_gone(small_l
     small_lab.lab.write("app01", "scsi0:0", 3 << 20, 1 << 20, seed=41)
     [point] = backup("--plan", str(plan), "--vm", "app01", env=e)
     assert point["status"] == "ok", point
+    from pydantic import SecretStr
     from vmbackup import copy as s3copy
-    from vmbackup.orchestration.restore_input import DRILL_STATE, save_drill_state
+    from vmbackup import keys
+    from vmbackup.orchestration.restore_input import DRILL_STATE, load_drill_state, save_drill_state
 
-    save_drill_state(str(repo), {"app01": {"unix": 1.0, "point": point["backup_id"], "passed": True, "run": "r"}})
+    # The drills' record is sealed in an encrypted repository: this process unlocks it as the drill flow does.
+    keys.unlock(repo, keys.KeySource(passphrase=SecretStr(e["VMBACKUP_PASSPHRASE"])))
+    drilled = {"app01": {"unix": 1.0, "point": point["backup_id"], "passed": True, "run": "r"}}
+    save_drill_state(str(repo), drilled)
+    assert "app01" not in (repo / DRILL_STATE).read_text() and load_drill_state(str(repo)) == drilled
     out = json.loads(run("copy", "--plan", str(plan), "--json", env=e).stdout)
     t = s3copy.Target(
         s3copy.client(s3["endpoint"], s3["access_key"], s3["secret_key"], "us-east-1"), s3["bucket"], prefix

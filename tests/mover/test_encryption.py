@@ -283,3 +283,55 @@ def test_an_unlocked_repository_serves_every_call(encrypted, tmp_path):
     assert [b.id for b in _mover.list_backups(str(repo))[0]] == [second]
     assert _mover.gc(str(repo), grace_seconds=0).chunks_removed == 0
     assert _mover.verify(str(repo), read_data=True).ok
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("chunk_size", 2 * BS), ("compression", "none"), ("key_check", "00" * 16), ("config_mac", "00" * 32)],
+)
+def test_an_altered_config_of_an_encrypted_repository_is_refused(encrypted, tmp_path, field, value):
+    """Every field readers act on is under the config's MAC (docs/format.md §2):
+    a chunk size or compression changed by hand is "altered", never believed."""
+    repo, key = encrypted
+    path = repo / "config.json"
+    config = json.loads(path.read_text())
+    assert config[field] != value
+    path.write_text(json.dumps(config | {field: value}))
+    if field == "key_check":  # the check value is the key's: another one is a wrong key
+        with pytest.raises(errors.WrongKeyError):
+            _mover.unlock_repository(str(repo), key)
+        return
+    with pytest.raises(errors.RepositoryError, match="has been altered: its MAC does not match its fields") as e:
+        _mover.unlock_repository(str(repo), key)
+    assert "\n" not in str(e.value) and not isinstance(e.value, errors.WrongKeyError)
+    # This process holds the key (init registered it): every call refuses the repository.
+    for call in (lambda: _mover.list_backups(str(repo)), lambda: _mover.record_sealer(str(repo))):
+        with pytest.raises(errors.RepositoryError, match="has been altered"):
+            call()
+
+
+def test_records_are_sealed_under_their_name_with_the_repository_key(encrypted, tmp_path):
+    repo, key = encrypted
+    sealer = _mover.record_sealer(str(repo))
+    assert sealer is not None and key.hex() not in repr(sealer)
+    doc = b'{"vm": "web01", "clones": [{"moref": "vm-42"}]}'
+    sealed = sealer.seal("ledger/web01--r1.json", doc)
+    assert b"web01" not in sealed and b"vm-42" not in sealed and len(sealed) == 12 + len(doc) + 16
+    assert sealer.open("ledger/web01--r1.json", sealed) == doc
+    assert sealer.seal("ledger/web01--r1.json", doc) != sealed  # a random nonce each time
+    assert sealer.open("ledger/db01--r1.json", sealed) is None  # moved to another name
+    for i in (0, 12, len(sealed) - 1):  # nonce, ciphertext, tag
+        flipped = bytearray(sealed)
+        flipped[i] ^= 0x01
+        assert sealer.open("ledger/web01--r1.json", bytes(flipped)) is None
+    # Another repository's key does not open it; an unencrypted repository has no sealer.
+    other = tmp_path / "other"
+    _mover.init_repository(str(other), key=os.urandom(32))
+    assert _mover.record_sealer(str(other)).open("ledger/web01--r1.json", sealed) is None
+    _mover.init_repository(str(tmp_path / "plain"))
+    assert _mover.record_sealer(str(tmp_path / "plain")) is None
+    # A process that never unlocked the repository cannot seal or open its records.
+    out = keyless(
+        f"try:\n    _mover.record_sealer({str(repo)!r})\nexcept errors.KeyRequiredError as e:\n    out['e'] = str(e)"
+    )
+    assert "is encrypted" in out["e"]

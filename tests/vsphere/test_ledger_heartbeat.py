@@ -184,3 +184,56 @@ def test_the_heartbeat_thread_refreshes_the_entry_until_released(tmp_path):
     assert not left.alive()
     ledger.remove(entry)
     assert ledger.entries() == []
+
+
+def test_a_tampered_sealed_entry_is_skipped_by_sweep_and_reconcile_and_nothing_it_names_is_touched(
+    client, plan, checks, tmp_path, caplog
+):
+    """In an encrypted repository the entry is sealed (records.py): one flipped
+    bit and neither the sweeper nor reconcile acts on it (one line says so); the
+    same entry intact is followed. What it names: an NBD server's pid (a decoy
+    process whose command line says nbd, which reconcile would stop)."""
+    import base64
+    import logging
+
+    from vmbackup import _mover
+    from vmbackup.vsphere.reconcile import reconcile_vm
+    from vmbackup.vsphere.sweep import sweep
+
+    repo = tmp_path / "enc"
+    _mover.init_repository(str(repo), key=os.urandom(32))  # registered for this process, as after unlock
+    plan = plan.model_copy(update={"repository": repo})
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "decoy-nbd-server"])
+    try:
+        info = vm_info(client, "crash01")
+        entry = Entry(
+            run_id="sealed1", vm="crash01", vm_moref=info.moref, pid=_dead_pid(), created_unix=time.time() - 7200
+        )
+        entry.nbd = [{"pid": decoy.pid, "socket": str(tmp_path / "nbd.sock")}]
+        Ledger(repo).write(entry)
+        _backdate(entry, STALE + 30)
+        good = entry.path.read_text()
+        envelope = json.loads(good)
+        raw = bytearray(base64.b64decode(envelope["sealed"]))
+        raw[20] ^= 0x01
+        entry.path.write_text(json.dumps(envelope | {"sealed": base64.b64encode(bytes(raw)).decode()}))
+        _backdate(entry, STALE + 30)
+
+        with caplog.at_level(logging.WARNING):
+            assert sweep(client, plan, older_than_seconds=0) == []
+            assert (
+                reconcile_vm(client, client.find_vm("crash01"), "crash01", plan, Ledger(repo), current_run=None) == []
+            )
+        lines = [r.getMessage() for r in caplog.records if "ledger entry skipped" in r.getMessage()]
+        assert len(lines) == 2 and all("crash01--sealed1.json" in x and "fails authentication" in x for x in lines)
+        assert decoy.poll() is None and entry.path.exists()  # nothing it names was touched
+
+        entry.path.write_text(good)  # intact: the sweeper follows it
+        _backdate(entry, STALE + 30)
+        found = sweep(client, plan, older_than_seconds=0)
+        assert [(x.kind, x.removed) for x in found] == [("nbd", True)]
+        assert decoy.wait(timeout=30) != 0 and not entry.path.exists()
+        checks.assert_clean(plan)
+    finally:
+        decoy.kill()
+        decoy.wait()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
+from .. import records
 from ..errors import BackupError, HypervScriptError, RestoreInputError, WinRMError
 from ..hypervisors import base as hv
 from ..vsphere.ledger import CLOCK_SKEW_SECONDS, STALE_AFTER_SECONDS, Heartbeat, process_space, process_started
@@ -214,8 +215,9 @@ def _write_entry(repository: str, e: RestoreEntry) -> None:
     e.file = d / f"hyperv--{e.host}--{e.restore_id}.json"
     tmp = e.file.with_name(f".{e.file.name}.{os.getpid()}.tmp")
     body = {k: v for k, v in e.__dict__.items() if k != "file"}
+    text = records.encode(repository, e.file, body)  # sealed in an encrypted repository
     with open(tmp, "w") as f:
-        json.dump(body, f, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, e.file)
@@ -237,7 +239,10 @@ def restore_entries(repository: str | os.PathLike, host: str) -> list[RestoreEnt
     out = []
     for p in sorted(d.glob(f"hyperv--{host}--*.json")) if d.is_dir() else []:
         try:
-            e = RestoreEntry(**json.loads(p.read_text()))
+            e = RestoreEntry(**records.decode(repository, p, p.read_bytes()))
+        except records.UntrustedRecord as err:
+            log.warning("restore ledger entry skipped, nothing it names is touched: %s", err)
+            continue
         except (OSError, ValueError, TypeError):
             continue  # a torn or foreign file: not ours to act on
         e.file = p

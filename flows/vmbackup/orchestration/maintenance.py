@@ -103,6 +103,22 @@ def _repository_of(plan_path: str, key_required: bool = True) -> str:
     return str(plan.repository)
 
 
+def _unlock_for_sweep(plan: Any) -> None:
+    """Unlocks an encrypted repository when the plan gives its passphrase: its
+    ledger entries are sealed (records.py) and trusted only with the key.
+    Without one the sweep goes on with what the hypervisors show."""
+    from ..errors import KeyRequiredError
+    from ..keys import unlock_plan_repository
+
+    try:
+        unlock_plan_repository(plan)
+    except KeyRequiredError:
+        get_run_logger().warning(
+            "the repository is encrypted and the plan gives no passphrase: its ledger entries cannot be "
+            "authenticated and are skipped"
+        )
+
+
 def _problems(result: Any) -> list[dict[str, Any]]:
     return [
         {
@@ -449,6 +465,7 @@ def sweep_vsphere(plan_path: str, older_than_seconds: float = 3600.0, password_s
     plan = _with_secret(load_plan(plan_path), password_secret)
     if plan.connection is None:
         raise InvalidInputError(f"plan {plan_path} has no vSphere connection (connection: ...)")
+    _unlock_for_sweep(plan)
     password = resolve_password(plan.connection)
     with VSphereClient.connect(plan.connection, password) as client:
         leftovers = [_leftover_dict(x) for x in sweep(client, plan, older_than_seconds=older_than_seconds)]
@@ -510,6 +527,7 @@ def sweep_hyperv(
     plan = with_secret(load_plan(plan_path), None, hyperv_password_secret)
     if not plan.hyperv:
         raise InvalidInputError(f"plan {plan_path} has no Hyper-V hosts (hyperv: [...])")
+    _unlock_for_sweep(plan)  # the repository's restore ledger
     passwords = {h.name: resolve_password(h) for h in plan.hyperv}
     secrets = [p.get_secret_value() for p in passwords.values()]
     items: list[dict] = []

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .. import records
 from ..errors import PointMetaError, RestoreInputError
 from ..hypervisors.base import RestoreRequest, VmDescription
+
+log = logging.getLogger(__name__)
 
 VSPHERE = "vsphere"
 HYPERV = "hyperv"
@@ -477,29 +481,38 @@ def drill_requests(plan: Any, jobs: list[RestoreJob], run_id: str) -> None:
 
 
 # The drills' record in the repository: which VM was drilled when (the
-# rotation's memory). Readers of the repository ignore it (docs/format.md, 1).
+# rotation's memory). Readers of the repository ignore it (docs/format.md, 1);
+# sealed in an encrypted repository (records.py), like the ledger.
 DRILL_STATE = "drills.json"
 
 
 def load_drill_state(repository: str) -> dict[str, dict[str, Any]]:
-    """``vm -> {"unix", "point", "passed", "run"}`` of each VM's last drill."""
+    """``vm -> {"unix", "point", "passed", "run"}`` of each VM's last drill.
+
+    A record that cannot be read or authenticated (altered, or plain JSON in
+    an encrypted repository) restarts the rotation, with a warning."""
+    path = Path(repository) / DRILL_STATE
     try:
-        with open(os.path.join(repository, DRILL_STATE)) as f:
-            data = json.load(f)
+        data = records.decode(repository, path, path.read_bytes())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError):
-        return {}  # an unreadable record only resets the rotation
+    except OSError as err:
+        log.warning("the drills' record %s cannot be read (%s): the rotation starts again", path, err)
+        return {}
+    except records.UntrustedRecord as err:
+        log.warning("the drills' record is not trusted, the rotation starts again: %s", err)
+        return {}
     vms = data.get("vms") if isinstance(data, dict) else None
     return {k: v for k, v in (vms or {}).items() if isinstance(v, dict)}
 
 
 def save_drill_state(repository: str, state: dict[str, dict[str, Any]]) -> None:
-    """Writes the record atomically (a temporary file renamed over it)."""
+    """Writes the record atomically (a temporary file renamed over it), sealed when encrypted."""
     path = os.path.join(repository, DRILL_STATE)
+    text = records.encode(repository, Path(path), {"version": 1, "vms": state}, indent=1)
     tmp = os.path.join(repository, f".{DRILL_STATE}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump({"version": 1, "vms": state}, f, indent=1, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -22,6 +22,13 @@ pid. On that machine the entry's pid is taken with its process's start time
 to this one, after a restart) is not the writer, which is dead. Entries
 written before the heartbeat existed are judged by their mtime as well (their
 last write).
+
+In an encrypted repository each entry is sealed under the repository's
+record key (``records.py``, docs/format.md §1.1), so whoever can write the
+repository cannot forge an entry that names a VM to destroy or a disk to
+detach: an entry that fails authentication is skipped by every reader
+(reconcile, the sweeper, restores), with one warning line, and nothing it
+names is touched. The heartbeat only sets the mtime, so it costs no sealing.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .. import records
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +144,11 @@ class Entry:
         if self.started == _UNREAD:
             self.started = process_started(self.pid)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "path"}
+
     def to_json(self) -> str:
-        d = {k: v for k, v in self.__dict__.items() if k != "path"}
-        return json.dumps(d, sort_keys=True, indent=1)
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1)
 
     def heartbeat_age(self, now: float | None = None) -> float:
         """Seconds since the holder's last heartbeat (the entry file's mtime); inf if it is gone."""
@@ -227,7 +238,9 @@ class Ledger:
     """The ledger directory of a repository."""
 
     def __init__(self, repository: str | os.PathLike):
+        self.root = Path(repository)
         self.dir = ledger_dir(repository)
+        self._untrusted: set[str] = set()  # said once per ledger: skipped entries
 
     def path(self, run_id: str, vm: str, attempt: str | None = None) -> Path:
         # One file per attempt: a retry never overwrites what an earlier attempt left.
@@ -237,10 +250,11 @@ class Ledger:
     def write(self, entry: Entry) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = entry.path or self.path(entry.run_id, entry.vm, entry.attempt)
+        text = records.encode(self.root, path, entry.to_dict(), indent=1)  # sealed when encrypted
         entry.path = path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
-            f.write(entry.to_json())
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -286,15 +300,29 @@ class Ledger:
         pattern = f"{_safe(vm)}--*.json" if vm is not None else "*.json"
         for p in sorted(self.dir.glob(pattern)):
             try:
-                d = json.loads(p.read_text())
+                d = records.decode(self.root, p, p.read_bytes())
                 d.setdefault("space", None)  # written before entries said where their pid runs
                 d.setdefault("restore", None)
                 d.setdefault("started", None)  # written before entries said when their process started
                 e = Entry(**d)
-            except (OSError, ValueError, TypeError):
-                continue  # a torn or foreign file: not ours to act on
+            except records.UntrustedRecord as err:
+                self._skip(p, str(err))
+                continue
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue  # a torn or foreign file, or gone meanwhile: not ours to act on
             if vm is not None and e.vm != vm:
                 continue
             e.path = p
             out.append(e)
         return out
+
+    def _skip(self, path: Path, why: str) -> None:
+        """Says once per ledger (one line) that an entry is not acted upon."""
+        if path.name in self._untrusted:
+            return
+        self._untrusted.add(path.name)
+        log.warning("ledger entry skipped, nothing it names is touched: %s", why)
+
+    def untrusted(self) -> list[str]:
+        """The names of the entries this ledger skipped as untrusted so far."""
+        return sorted(self._untrusted)

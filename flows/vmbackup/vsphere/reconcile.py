@@ -26,7 +26,7 @@ from typing import Any
 
 from pyVmomi import vim
 
-from ..errors import BackupError, HypervisorBusyError, TaskTimeoutError
+from ..errors import BackupError, HypervisorBusyError, KeyRequiredError, TaskTimeoutError
 from ..plan import Plan
 from . import snapshots
 from .inventory import CLONE_PREFIX, chain_files, disks_of
@@ -277,10 +277,15 @@ def _remove_leftover(ledger: Ledger, vm: Any, vm_name: str, run_id: str, node: A
 
     def note(task: str) -> None:
         e.snapshot["remove_task"] = task
-        if e.path is None:  # held while this process waits (a removal may take hours)
-            ledger.hold(e)
-        else:
-            ledger.write(e)
+        try:
+            if e.path is None:  # held while this process waits (a removal may take hours)
+                ledger.hold(e)
+            else:
+                ledger.write(e)
+        except KeyRequiredError:  # a sweep of an encrypted repository without its passphrase
+            log.warning(
+                "VM %s: removing snapshot %s (task %s) unrecorded: the repository is locked", vm_name, node.name, task
+            )
 
     try:
         snapshots.remove(node.snapshot, f"removing leftover snapshot {node.name} of {vm_name}", timeout, on_task=note)

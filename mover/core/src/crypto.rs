@@ -9,8 +9,9 @@
 //! (it protects against guests, who never read the repository, not against
 //! whoever can). An encrypted one derives every key from a 32-byte master key
 //! that the caller keeps (wrapped in key slots by passphrases): the id key, the
-//! chunk sealing key, the manifest key, the config key and a key check value,
-//! each with `blake3::derive_key` under its own context string.
+//! chunk sealing key, the manifest key, the config key, the record key (the
+//! cleanup ledger's entries and the drills' record, docs/format.md §1) and a
+//! key check value, each with `blake3::derive_key` under its own context string.
 //!
 //! A sealed chunk is AES-256-GCM under a key of its own, derived from the
 //! sealing key and the chunk's id, with a random 96-bit nonce and the id as
@@ -43,6 +44,7 @@ const CTX_ID: &str = "vmbackup 2026-12 repository chunk id key";
 const CTX_SEAL: &str = "vmbackup 2026-12 repository chunk sealing key";
 const CTX_MANIFEST: &str = "vmbackup 2026-12 repository manifest key";
 const CTX_CONFIG: &str = "vmbackup 2026-12 repository config key";
+const CTX_RECORD: &str = "vmbackup 2026-12 repository record key";
 const CTX_CHECK: &str = "vmbackup 2026-12 repository key check";
 
 /// Magic of a sealed chunk file (a plain one starts `VMBC`).
@@ -142,7 +144,19 @@ impl IdHash {
 pub struct Sealer {
     seal: Secret,
     manifest: Secret,
+    record: Secret,
 }
+
+/// The key that seals an encrypted repository's small records: the cleanup
+/// ledger's entries and the drills' record (docs/format.md §1.1). Derived
+/// once when the repository is unlocked; sealing one costs an AES-GCM pass
+/// over a few hundred bytes.
+#[derive(Clone, Debug)]
+pub struct RecordKey(Secret);
+
+/// What a record's associated data starts with; its path in the repository
+/// follows, so that a sealed record moved to another name is refused.
+const RECORD_AD: &[u8] = b"vmbackup record\0";
 
 /// Everything derived from a master key.
 #[derive(Clone, Debug)]
@@ -162,6 +176,7 @@ pub fn derive(master: &Secret) -> DerivedKeys {
         sealer: Sealer {
             seal: Secret(blake3::derive_key(CTX_SEAL, &master.0)),
             manifest: Secret(blake3::derive_key(CTX_MANIFEST, &master.0)),
+            record: Secret(blake3::derive_key(CTX_RECORD, &master.0)),
         },
         config: Secret(blake3::derive_key(CTX_CONFIG, &master.0)),
         check,
@@ -319,6 +334,55 @@ impl Sealer {
     }
 }
 
+impl Sealer {
+    /// The key of the repository's records (ledger entries, drills' record).
+    pub fn records(&self) -> RecordKey {
+        RecordKey(self.record.clone())
+    }
+}
+
+impl RecordKey {
+    fn ad(name: &str) -> Vec<u8> {
+        let mut ad = RECORD_AD.to_vec();
+        ad.extend_from_slice(name.as_bytes());
+        ad
+    }
+
+    /// Seals a record stored at `name` (its path in the repository, e.g.
+    /// `ledger/web01--run.json`): a random 96-bit nonce, then the ciphertext
+    /// and the tag, with `name` in the associated data.
+    pub fn seal(&self, name: &str, plain: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        random_fill(&mut nonce)?;
+        let mut out = Vec::with_capacity(NONCE_LEN + plain.len() + TAG_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let ad = RecordKey::ad(name);
+        let tag = aead_key(&self.0 .0)
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&ad[..]), &mut out[NONCE_LEN..])
+            .map_err(|_| Error::Internal(format!("sealing record {name} failed")))?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(out)
+    }
+
+    /// Opens what `seal` made for `name`; None if it is not authentic (altered,
+    /// sealed for another name, or under another repository's key).
+    pub fn open(&self, name: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return None;
+        }
+        let nonce: [u8; NONCE_LEN] = sealed[..NONCE_LEN].try_into().unwrap();
+        let mut buf = sealed[NONCE_LEN..].to_vec();
+        let ad = RecordKey::ad(name);
+        let n = aead_key(&self.0 .0)
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&ad[..]), &mut buf)
+            .ok()?
+            .len();
+        buf.truncate(n);
+        Some(buf)
+    }
+}
+
 /// The master keys this process was given, by repository.
 static KEYRING: Mutex<Vec<(PathBuf, String, Secret)>> = Mutex::new(Vec::new());
 
@@ -363,7 +427,7 @@ mod tests {
     #[test]
     fn derived_keys_are_distinct() {
         let d = derive(&Secret([9u8; 32]));
-        let all = [&d.id.0, &d.sealer.seal.0, &d.sealer.manifest.0, &d.config.0];
+        let all = [&d.id.0, &d.sealer.seal.0, &d.sealer.manifest.0, &d.config.0, &d.sealer.record.0];
         for i in 0..all.len() {
             for j in i + 1..all.len() {
                 assert_ne!(all[i], all[j]);
@@ -407,6 +471,22 @@ mod tests {
         let mut bad = sealed.clone();
         bad[20] ^= 1;
         assert!(s.open_manifest(&bad, b"rest").is_none());
+    }
+
+    #[test]
+    fn sealed_records_open_under_their_name_only() {
+        let r = sealer().records();
+        let sealed = r.seal("ledger/web01--r1.json", b"{\"vm\":\"web01\"}").unwrap();
+        assert!(!sealed.windows(5).any(|w| w == b"web01"));
+        assert_eq!(r.open("ledger/web01--r1.json", &sealed).unwrap(), b"{\"vm\":\"web01\"}");
+        assert!(r.open("ledger/db01--r1.json", &sealed).is_none(), "moved to another name");
+        assert!(derive(&Secret([6u8; 32])).sealer.records().open("ledger/web01--r1.json", &sealed).is_none());
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x01;
+            assert!(r.open("ledger/web01--r1.json", &bad).is_none(), "flip at {i}");
+        }
+        assert!(r.open("ledger/web01--r1.json", &sealed[..NONCE_LEN + TAG_LEN - 1]).is_none());
     }
 
     #[test]

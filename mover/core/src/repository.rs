@@ -372,6 +372,14 @@ impl Repository {
         Ok(())
     }
 
+    /// The key of this repository's sealed records (ledger entries, the
+    /// drills' record): None when unencrypted (they are plain JSON there),
+    /// KeyRequired when encrypted and this process has no key for it.
+    pub fn record_key(&self) -> Result<Option<crypto::RecordKey>> {
+        self.require_key()?;
+        Ok(self.keys.sealer.as_ref().map(|s| s.records()))
+    }
+
     /// How this repository names chunks (KeyRequired without the key).
     pub fn id_hash(&self) -> Result<&IdHash> {
         self.require_key()?;

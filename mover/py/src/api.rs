@@ -7,10 +7,11 @@ use crate::results::{
     BackupInfo, DiskResult, GcResult, RepositoryConfig, RestoreResult, UntrustedManifest, VerifyResult,
 };
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vmbackup_mover::backup::{BackupSession as CoreSession, DiskRequest};
-use vmbackup_mover::crypto::Secret;
+use vmbackup_mover::crypto::{RecordKey, Secret};
 use vmbackup_mover::extents::Extent;
 use vmbackup_mover::nbd::client::NbdOptions;
 use vmbackup_mover::repository::{NewKeys, Repository};
@@ -80,6 +81,36 @@ pub fn unlock_repository(py: Python, path: &str, key: &[u8]) -> PyResult<Reposit
 pub fn repository_chunk_id(path: &str, data: &[u8]) -> PyResult<String> {
     let repo = open(path)?;
     Ok(repo.id_hash().map_err(to_py)?.id(data).to_hex())
+}
+
+/// The key of an encrypted repository's sealed records (`record_sealer`).
+#[pyclass(module = "vmbackup._mover")]
+pub struct RecordSealer {
+    key: RecordKey,
+}
+
+#[pymethods]
+impl RecordSealer {
+    #[pyo3(text_signature = "($self, name, data)")]
+    fn seal<'py>(&self, py: Python<'py>, name: &str, data: &[u8]) -> PyResult<&'py PyBytes> {
+        Ok(PyBytes::new(py, &self.key.seal(name, data).map_err(to_py)?))
+    }
+
+    #[pyo3(text_signature = "($self, name, sealed)")]
+    fn open<'py>(&self, py: Python<'py>, name: &str, sealed: &[u8]) -> Option<&'py PyBytes> {
+        self.key.open(name, sealed).map(|plain| PyBytes::new(py, &plain))
+    }
+
+    fn __repr__(&self) -> &'static str {
+        "RecordSealer(..)"
+    }
+}
+
+#[pyfunction]
+#[pyo3(text_signature = "(path)")]
+pub fn record_sealer(path: &str) -> PyResult<Option<RecordSealer>> {
+    let repo = open_any(path)?;
+    Ok(repo.record_key().map_err(to_py)?.map(|key| RecordSealer { key }))
 }
 
 /// Every method takes `&self`, so that several Python threads can add disks

@@ -22,11 +22,13 @@ fn _mover(_py: Python, m: &PyModule) -> PyResult<()> {
     m.add_class::<results::BackupInfo>()?;
     m.add_class::<results::UntrustedManifest>()?;
     m.add_class::<reader::DiskReader>()?;
+    m.add_class::<api::RecordSealer>()?;
     m.add_function(wrap_pyfunction!(api::init_repository, m)?)?;
     m.add_function(wrap_pyfunction!(api::init_legacy_repository, m)?)?;
     m.add_function(wrap_pyfunction!(api::open_repository, m)?)?;
     m.add_function(wrap_pyfunction!(api::unlock_repository, m)?)?;
     m.add_function(wrap_pyfunction!(api::repository_chunk_id, m)?)?;
+    m.add_function(wrap_pyfunction!(api::record_sealer, m)?)?;
     m.add_function(wrap_pyfunction!(api::restore_disk, m)?)?;
     m.add_function(wrap_pyfunction!(api::list_backups, m)?)?;
     m.add_function(wrap_pyfunction!(api::verify, m)?)?;
