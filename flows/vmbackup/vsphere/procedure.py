@@ -303,6 +303,7 @@ class VSphereSteps:
             "run_id": self.run_id,
             "vm_moref": self.vm.moref,
             "host": self.info.host,
+            "folder": self.info.folder,  # "vm/prod/web": says which of two VMs of one name it is
             "agent": self.agent.name,
             "transport": exposed.transport,
             "consistency": frozen.consistency,

@@ -128,7 +128,11 @@ def reconcile_vm(
     def current(run_id: str | None, att: str | None) -> bool:
         return run_id == current_run and (current_attempt is None or att == current_attempt)
 
-    everyone = ledger.entries(vm_name)
+    # Entries of this VM: by its name, and by its moref when both are known (another
+    # VM of the same name, in another folder, has entries of its own).
+    everyone = [
+        e for e in ledger.entries(vm_name) if vm is None or not e.vm_moref or e.vm_moref == getattr(vm, "_moId", None)
+    ]
     # A restore's entry (its half-made VM) is the restore's to reconcile (vsphere/restore.py); it still makes the VM busy.
     entries = [
         e
