@@ -10,6 +10,7 @@ from vmbackup import _mover
 from vmbackup.plan import Selection
 from vmbackup.vsphere.inventory import select_vms
 from vmbackup.vsphere.procedure import backup_vm
+from vmbackup.vsphere.tasks import run_task
 
 from .helpers import agent_for, restored_sha, run_id
 
@@ -77,3 +78,53 @@ def test_two_vms_of_one_name_in_two_folders_are_both_backed_up_each_to_its_own_c
         assert r.mode == "incremental" and r.vm_id == uuids[info.moref], r
         assert points[r.backup_id].parent == full[info.moref].backup_id
     checks.assert_clean(plan)
+
+
+def test_another_runs_backup_of_the_other_vm_of_the_name_leaves_this_ones_linked_clone_alone(
+    client, plan, checks, tmp_path
+):
+    """twin01 in dupA is read through a linked clone (its frozen file is held
+    on the agent, as in test_backup.py), named after the VM's name; meanwhile
+    another run (a fresh selection, as another agent's run makes) backs up
+    twin01 in dupB/inner. Its reconcile finds clones by that name, but one a
+    live run of the other VM holds is not its own to detach or destroy."""
+    import threading
+
+    from pyVmomi import vim
+    from vmbackup.vsphere import snapshots
+    from vmbackup.vsphere.transport import detach_files, frozen_disks
+
+    from .helpers import with_transports
+
+    p = with_transports(plan, "hotadd")
+    a, b = _twins(client)
+    agent = client.find_vm(agent_for(p, a).vm)
+    held, expected, other = {}, {}, {}
+
+    def at_snapshot(name):
+        expected["a"] = checks.image(LAB[a.folder], "scsi0:0", tmp_path / "a.img", name)
+        node = next(n for n in snapshots.walk(client.vm_by_moref(a.moref)) if n.name == name)
+        (f,) = frozen_disks(node.snapshot, list(a.disks))
+        ctrl = next(d for d in agent.config.hardware.device if isinstance(d, vim.vm.device.VirtualSCSIController))
+        backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=f.file, diskMode="independent_nonpersistent")
+        dev = vim.vm.device.VirtualDisk(key=-1, controllerKey=ctrl.key, unitNumber=14, backing=backing)
+        add = vim.vm.device.VirtualDeviceSpec(operation="add", device=dev)
+        run_task(lambda: agent.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[add])), "hold")
+        held["file"] = f.file
+
+    def other_run():
+        (b_now,) = [i for i in select_vms(client, Selection(vms=["twin01"])) if i.moref == b.moref]
+        other["row"] = backup_vm(client, b_now, p, agent_for(p, b_now), run_id=run_id())
+
+    def progress(done, total):
+        if "file" in held:  # a's clone is attached and being read: the other run goes now
+            detach_files(agent, {held.pop("file")}, 60, "let go")
+            t = threading.Thread(target=other_run)
+            t.start()
+            t.join()
+
+    r = backup_vm(client, a, p, agent_for(p, a), run_id=run_id(), on_snapshot=at_snapshot, progress=progress)
+    assert other["row"].status == "ok" and other["row"].vm_id != r.vm_id, other["row"]
+    assert r.status == "ok" and r.transport_detail.startswith("through linked clone vmbackup-clone-twin01-"), r
+    assert restored_sha(p, r.backup_id, "scsi0:0", tmp_path / "a.raw") == expected["a"]
+    checks.assert_clean(p)
