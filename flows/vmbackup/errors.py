@@ -330,9 +330,10 @@ class VmTimeoutError(BackupError):
 
 
 class LimitsUnavailableError(TransientError):
-    """The Prefect server did not answer a request for a VM's concurrency
-    slots (a 503 under load, a dropped connection): nothing was started, so
-    the VM's task is retried."""
+    """The Prefect server refused a request for a VM's concurrency slots
+    (a 503 under load, a dropped connection) for longer than the VM's
+    deadline, asked again with back-off meanwhile (``limits.hold``): nothing
+    was started, so the VM's task is retried."""
 
     retryable = True
 

@@ -131,9 +131,14 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			}
 		}
 	}
+	vmFolders := map[string]*object.Folder{"": folders.VmFolder}
 	for _, spec := range l.topo.VMs {
-		if err := l.createVM(ctx, c, folders.VmFolder, pools[spec.Host], hosts[spec.Host], spec, false); err != nil {
-			return fmt.Errorf("VM %s: %v", spec.Name, err)
+		folder, err := vmFolder(ctx, vmFolders, spec.Folder)
+		if err != nil {
+			return fmt.Errorf("VM %s: folder %s: %v", spec.key(), spec.Folder, err)
+		}
+		if err := l.createVM(ctx, c, folder, pools[spec.Host], hosts[spec.Host], spec, false); err != nil {
+			return fmt.Errorf("VM %s: %v", spec.key(), err)
 		}
 	}
 	for _, name := range l.topo.hosts() {
@@ -150,7 +155,9 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			l.agents = append(l.agents, AgentInfo{Name: agent, Host: name})
 		}
 	}
-	l.installVMFolder(folders.VmFolder.Reference())
+	for _, f := range vmFolders { // the datacenter's VM folder and the topology's folders
+		l.installVMFolder(f.Reference())
+	}
 	l.applyCapacities()
 	for name, f := range l.topo.Faults.VMs {
 		vm, err := l.findVM(name)
@@ -246,7 +253,7 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 	}
 	ref := info.Result.(types.ManagedObjectReference)
 	tools := spec.Tools == nil || *spec.Tools
-	vm := l.adopt(simulator.Map.Get(ref).(*simulator.VirtualMachine), agent, tools)
+	vm := l.adoptAs(simulator.Map.Get(ref).(*simulator.VirtualMachine), agent, tools, spec.key())
 	// An encrypted VM's disks are encrypted; an encrypted agent's own system disk stays
 	// plain (an encrypted VM may have unencrypted disks): only its configuration says
 	// that it holds the provider's keys.
@@ -293,12 +300,41 @@ func (l *Lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Fold
 	return nil
 }
 
-// adopt replaces the simulator's VirtualMachine by a LabVM with the same reference.
+// adopt replaces the simulator's VirtualMachine by a LabVM with the same reference,
+// named by its name in the lab's commands.
 func (l *Lab) adopt(obj *simulator.VirtualMachine, agent, tools bool) *LabVM {
-	vm := &LabVM{VirtualMachine: *obj, lab: l, agent: agent, tools: tools, hot: map[int32]*Attachment{}}
+	return l.adoptAs(obj, agent, tools, obj.Name)
+}
+
+// adoptAs is adopt with the lab's key of the VM ("<folder>/<name>" for a VM in a
+// topology folder, so that two VMs of one name are both the lab's).
+func (l *Lab) adoptAs(obj *simulator.VirtualMachine, agent, tools bool, key string) *LabVM {
+	vm := &LabVM{VirtualMachine: *obj, lab: l, key: key, agent: agent, tools: tools, hot: map[int32]*Attachment{}}
 	simulator.Map.Put(vm)
-	l.vms[vm.Name] = vm
+	l.vms[key] = vm
 	return vm
+}
+
+// vmFolder is the VM folder at path ("a/b") under the datacenter's (known[""]),
+// made if missing; known caches every folder made.
+func vmFolder(ctx context.Context, known map[string]*object.Folder, path string) (*object.Folder, error) {
+	if f, ok := known[path]; ok {
+		return f, nil
+	}
+	parent, name := "", path
+	if i := strings.LastIndex(path, "/"); i >= 0 {
+		parent, name = path[:i], path[i+1:]
+	}
+	p, err := vmFolder(ctx, known, parent)
+	if err != nil {
+		return nil, err
+	}
+	f, err := p.CreateFolder(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	known[path] = f
+	return f, nil
 }
 
 // dirName is a datastore's directory name: its name with every character outside

@@ -250,6 +250,6 @@ func (l *Lab) destroy(ctx *simulator.Context, vm *LabVM, req *types.Destroy_Task
 		}
 	}
 	vm.disks = nil
-	delete(l.vms, vm.Name)
+	delete(l.vms, vm.key)
 	return nil
 }

@@ -163,6 +163,7 @@ func (l *Lab) status() interface{} {
 	}
 	type vmOut struct {
 		Name                string        `json:"name"`
+		Key                 string        `json:"key"` // how the lab's commands name it: the name, or "<folder>/<name>"
 		Moref               string        `json:"moref"`
 		Host                string        `json:"host"`
 		Power               string        `json:"power"`
@@ -178,7 +179,7 @@ func (l *Lab) status() interface{} {
 	}
 	var vms []vmOut
 	for _, vm := range l.vms {
-		o := vmOut{Name: vm.Name, Moref: vm.Self.Value, Host: vm.hostName(), Power: string(vm.Runtime.PowerState),
+		o := vmOut{Name: vm.Name, Key: vm.key, Moref: vm.Self.Value, Host: vm.hostName(), Power: string(vm.Runtime.PowerState),
 			Agent: vm.agent, ToolsRunning: vm.toolsRunning(), Faults: vm.faults,
 			CBT:                 vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled,
 			Encrypted:           vm.Config.KeyId != nil,
@@ -207,7 +208,9 @@ func (l *Lab) status() interface{} {
 		sort.Slice(o.Attached, func(i, j int) bool { return o.Attached[i].Key < o.Attached[j].Key })
 		vms = append(vms, o)
 	}
-	sort.Slice(vms, func(i, j int) bool { return vms[i].Name < vms[j].Name })
+	sort.Slice(vms, func(i, j int) bool {
+		return vms[i].Name < vms[j].Name || vms[i].Name == vms[j].Name && vms[i].Key < vms[j].Key
+	})
 	hostFaults := map[string]Faults{}
 	for h, f := range l.hostFaults {
 		hostFaults[h] = *f

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strings"
 )
 
 // Topology is the lab's inventory, read from a small JSON file (see docs/lab.md).
@@ -51,6 +52,20 @@ type VMSpec struct {
 	CBT       bool       `json:"cbt"`
 	Encrypted bool       `json:"encrypted"` // VM Encryption: config.keyId, each disk's backing.keyId
 	Disks     []DiskSpec `json:"disks"`
+	// Folder: the VM folder under the datacenter's ("prod" or "prod/web"; made if
+	// missing). vSphere keeps a VM's name unique only within its folder, so two VMs
+	// of one name may be in two folders; the lab's commands then name such a VM
+	// "<folder>/<name>" (its key), any other VM by its name.
+	Folder string `json:"folder"`
+}
+
+// key is how the lab's commands name the VM: its name, or "<folder>/<name>" when
+// it is in a folder of the topology's.
+func (vm *VMSpec) key() string {
+	if vm.Folder == "" {
+		return vm.Name
+	}
+	return vm.Folder + "/" + vm.Name
 }
 
 type DiskSpec struct {
@@ -190,12 +205,14 @@ func (t *Topology) normalize() error {
 		}
 	}
 	names := map[string]bool{}
+	homes := map[string]string{} // "<datastore>/<name>" (a VM's directory) -> the VM's key
 	for i := range t.VMs {
 		vm := &t.VMs[i]
-		if vm.Name == "" || names[vm.Name] {
-			return fmt.Errorf("topology: VM name %q empty or repeated", vm.Name)
+		vm.Folder = strings.Trim(vm.Folder, "/")
+		if vm.Name == "" || names[vm.key()] {
+			return fmt.Errorf("topology: VM name %q empty or repeated in one folder", vm.key())
 		}
-		names[vm.Name] = true
+		names[vm.key()] = true
 		if vm.Host == "" {
 			vm.Host = hosts[i%len(hosts)]
 		}
@@ -238,6 +255,12 @@ func (t *Topology) normalize() error {
 				d.Datastore = vm.Datastore
 			}
 			for _, ds := range []string{vm.Datastore, d.Datastore} {
+				// A VM's files are in "<datastore>/<name>/": two VMs of one name
+				// (in two folders) must not share that directory.
+				if other, ok := homes[ds+"/"+vm.Name]; ok && other != vm.key() {
+					return fmt.Errorf("topology: VMs %s and %s both have files on datastore %s", other, vm.key(), ds)
+				}
+				homes[ds+"/"+vm.Name] = vm.key()
 				if !dss[ds] {
 					return fmt.Errorf("topology: VM %s uses unknown datastore %s", vm.Name, ds)
 				}

@@ -21,6 +21,7 @@ type LabVM struct {
 	simulator.VirtualMachine
 
 	lab    *Lab
+	key    string // how the lab's commands name it (VMSpec.key): l.vms's key
 	disks  []*VDisk
 	snaps  []*SnapState
 	sid    int32

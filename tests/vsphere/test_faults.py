@@ -11,6 +11,7 @@ import subprocess
 import pytest
 from pydantic import SecretStr
 from pyVmomi import vim
+from vmbackup import _mover
 from vmbackup.errors import (
     AuthenticationError,
     CertificateError,
@@ -54,6 +55,21 @@ def test_tools_not_running(client, plan, checks):
     with pytest.raises(QuiesceError, match="VMware Tools are not running"):
         backup(client, plan.model_copy(update={"quiesce": "required"}), "notools03")
     checks.assert_clean(plan)
+
+
+def test_a_powered_off_vm_satisfies_quiesce_required(client, plan, checks):
+    """Nothing runs in a powered-off VM that could be inconsistent (issue 16,
+    2.9): its backup is ``powered-off`` under ``quiesce: required``, although
+    its VMware Tools are not running (a running VM without them fails:
+    ``test_tools_not_running``)."""
+    info = vm_info(client, "off03")
+    assert info.power_state == "poweredOff" and not info.tools_running
+    p = plan.model_copy(update={"quiesce": "required"})
+    r = backup(client, p, "off03")
+    assert r.status == "ok" and r.consistency == "powered-off" and r.consistency_note is None
+    meta = _mover.list_backups(str(p.repository))[0][-1]
+    assert meta.attributes["consistency"] == "powered-off"
+    checks.assert_clean(p)
 
 
 def test_snapshot_refused_by_the_host(client, plan, checks):

@@ -110,7 +110,31 @@ def test_a_full_reads_whole_disks_when_cbt_was_switched_on_by_someone_else_under
     expected, hook = _images_at_snapshot(checks, "blind01", ["scsi0:0"], tmp_path, "blind")
     r = backup(client, plan, "blind01", on_snapshot=hook)
     assert r.mode == "full" and r.disks[0]["allocated_bytes"] is None
+    assert r.disks[0]["read_whole_reason"] == "CBT was not switched on by vmbackup with no snapshot present"
     _bit_exact(plan, r, expected, tmp_path, "blind")  # CBT's "*" knows only the one write
+    checks.assert_clean(plan)
+
+
+def test_a_full_on_an_nfs_datastore_reads_whole_disks_and_says_why(client, plan, checks, tmp_path):
+    # CBT's "*" is documented valid only on VMFS (KB 320557; VDDK Programming
+    # Guide, "About Changed Block Tracking"). amp01's datastore is NFS
+    # (tests/vsphere/topology.json); CBT off, so that this backup switches it
+    # on with no snapshot present: only the datastore's type stops the filter
+    # (on VMFS the same full is filtered: test_backup.py's
+    # test_a_full_records_what_cbt_says_is_allocated).
+    vm = client.find_vm("amp01")
+    run_task(lambda: vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=False)), "cbt off")
+    (disk,) = vm_info(client, "amp01").disks
+    assert disk.datastore == "nas & co" and disk.datastore_type == "NFS"
+    checks.lab.write("amp01", "scsi0:0", 6 << 20, 65536, seed=13)
+    expected, hook = _images_at_snapshot(checks, "amp01", ["scsi0:0"], tmp_path, "nfs")
+    r = backup(client, plan, "amp01", on_snapshot=hook)
+    (d,) = r.disks
+    assert r.mode == "full" and d["mode"] == "full" and d["allocated_bytes"] is None
+    assert d["read_whole_reason"] == "datastore nas & co is NFS, not VMFS"
+    meta = _mover.list_backups(str(plan.repository))[0][-1]
+    assert meta.attributes["disks"][0]["read_whole_reason"] == d["read_whole_reason"]
+    _bit_exact(plan, r, expected, tmp_path, "nfs")
     checks.assert_clean(plan)
 
 

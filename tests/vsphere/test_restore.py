@@ -30,7 +30,8 @@ from .helpers import backup, lab_file, run_id, vm_info
 
 # Every lab VM a backup can read (tests/vsphere/topology.json): encx01 cannot be
 # backed up by design (encrypted, and its host's agent is not). indep01's point
-# holds its one snapshot-covered disk, which is what its restore has.
+# holds its one snapshot-covered disk, which is what its restore has. The two
+# VMs named twin01 (two folders) are test_same_name.py's.
 ALL_VMS = [
     "multi01", "sata01", "off03", "xfer01", "fall01", "quiesce01", "notools03", "refuse01", "cbtreset01", "grow01",
     "crash01", "user01", "indep01", "enc01", "snapcbt01", "blind01", "epoch01", "vsan01", "amp01", "ide01",

@@ -16,14 +16,27 @@ would silently not limit anything.
 Leases: a holder renews its lease while it runs; when it dies (kill -9, lost
 machine) the server frees the slots once the lease expires, at most
 ``lease_duration`` plus the server's sweep interval (15 s) later.
+
+A server that refuses a request for slots for a moment (a 503 or 429 under
+load, a reset connection: one VM of 300 was lost so, docs/flows.md "Scale")
+is asked again after a back-off that doubles (with jitter, so that many VMs
+refused at once do not come back at once), for as long as the VM's deadline
+allows (``patience``); nothing has started meanwhile. Only then is it
+``LimitsUnavailableError`` (retryable: the task's own retries come after).
+A request whose answer was lost after the server granted it (a reset after
+the grant) leaves that grant to its lease: the slot comes back at most
+``lease_duration`` later.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import random
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 PREFIX = "vmbackup"
 # Prefect refuses / % & > < in names; we keep a quieter set so names are also
@@ -34,6 +47,16 @@ _SAFE = re.compile(r"[^A-Za-z0-9._:@+-]")
 # well before it ends, so this bounds only how long a dead run keeps a slot.
 DEFAULT_LEASE_SECONDS = 120.0
 MIN_LEASE_SECONDS = 60.0
+# Asking again after a transient refusal: 0.25 s, doubling to 30 s, each
+# +-50%; for the VM's deadline, or this long when it has none.
+FIRST_RETRY_SECONDS = 0.25
+MAX_RETRY_SECONDS = 30.0
+DEFAULT_PATIENCE_SECONDS = 600.0
+# HTTP answers that say "not now" rather than "no": timeout, too early, too
+# many requests, and every 5xx (a proxy's 502/504, the server's 503).
+_TRANSIENT_STATUS = (408, 425, 429)
+
+log = logging.getLogger(__name__)
 
 
 def limit_name(kind: str, name: str) -> str:
@@ -106,35 +129,95 @@ def read_limits(names: Iterable[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def transient(error: BaseException) -> bool:
+    """True when a failed request for slots is worth asking again: the
+    server answered "not now" (:data:`_TRANSIENT_STATUS`, 5xx) or the
+    connection failed (refused, reset, timed out)."""
+    import httpx
+
+    cause = error.__cause__
+    if isinstance(cause, httpx.HTTPStatusError):
+        code = cause.response.status_code
+        return code in _TRANSIENT_STATUS or code >= 500
+    return isinstance(cause, httpx.TransportError | OSError)
+
+
+def backoff(attempt: int, rng: random.Random | None = None) -> float:
+    """The wait before asking again after ``attempt`` refusals (0-based)."""
+    base = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2**attempt)
+    return base * (rng or random).uniform(0.5, 1.5)
+
+
 @contextlib.contextmanager
-def hold(names: list[str], lease_duration: float = DEFAULT_LEASE_SECONDS) -> Iterator[None]:
+def hold(
+    names: list[str],
+    lease_duration: float = DEFAULT_LEASE_SECONDS,
+    *,
+    patience: float | None = None,
+    stopped: Callable[[], bool] | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> Iterator[None]:
     """Hold one slot of every limit in ``names`` for the body (all at once:
     the server grants them together or not at all, so there is no deadlock
-    between VMs asking in different orders)."""
+    between VMs asking in different orders).
+
+    A transient refusal (:func:`transient`) is asked again with back-off for
+    up to ``patience`` seconds (:data:`DEFAULT_PATIENCE_SECONDS` when None),
+    then raises ``LimitsUnavailableError``; ``stopped()`` true (the run was
+    interrupted) ends the wait with ``RunInterruptedError``."""
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
-    from ..errors import LimitsUnavailableError
+    from ..errors import LimitsUnavailableError, RunInterruptedError
 
+    logger = logger or log
+    give_up = time.monotonic() + (DEFAULT_PATIENCE_SECONDS if patience is None else max(0.0, patience))
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(
-                concurrency(
-                    names,
-                    occupy=1,
-                    lease_duration=max(lease_duration, MIN_LEASE_SECONDS),
-                    strict=True,
-                    # A snapshot is open while we hold the slots: one failed renewal
-                    # (a server hiccup) must not abort the backup halfway.
-                    raise_on_lease_renewal_failure=False,
+        attempt = 0
+        while True:
+            try:
+                stack.enter_context(
+                    concurrency(
+                        names,
+                        occupy=1,
+                        lease_duration=max(lease_duration, MIN_LEASE_SECONDS),
+                        strict=True,
+                        # A snapshot is open while we hold the slots: one failed renewal
+                        # (a server hiccup) must not abort the backup halfway.
+                        raise_on_lease_renewal_failure=False,
+                    )
                 )
-            )
-        except ConcurrencySlotAcquisitionError as e:
-            # An HTTP error or a dropped connection (the server busy: a 503
-            # was seen at 300 VMs on a loaded machine) is transient, and
-            # nothing has started: the task's retry asks again. A limit that
-            # does not exist (no cause) is not: every limit is made first.
-            if e.__cause__ is None:
-                raise
-            raise LimitsUnavailableError(f"the Prefect server did not grant the limits {', '.join(names)}: {e}") from e
+                break
+            except ConcurrencySlotAcquisitionError as e:
+                # A limit that does not exist (no cause) is a mistake, not a
+                # refusal: every limit is made first.
+                if e.__cause__ is None:
+                    raise
+                what = f"the Prefect server did not grant the limits {', '.join(names)}"
+                left = give_up - time.monotonic()
+                if not transient(e) or left <= 0:
+                    tries = f" ({attempt + 1} requests)" if attempt else ""
+                    raise LimitsUnavailableError(f"{what}{tries}: {e}") from e
+                wait = min(backoff(attempt), left)
+                attempt += 1
+                logger.warning("%s (%s); asking again in %.1f s", what, _cause_text(e), wait)
+                _sleep(wait, stopped)
+                if stopped is not None and stopped():
+                    raise RunInterruptedError(
+                        f"the run was interrupted while asking again for the limits {', '.join(names)}"
+                    ) from e
         yield
+
+
+def _cause_text(e: BaseException) -> str:
+    cause = e.__cause__
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+
+
+def _sleep(seconds: float, stopped: Callable[[], bool] | None) -> None:
+    """Sleeps ``seconds``, in short naps when ``stopped`` can end it early."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if stopped is not None and stopped():
+            return
+        time.sleep(min(left, 0.2))

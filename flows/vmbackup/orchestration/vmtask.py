@@ -169,7 +169,8 @@ def backup_vm_task(
         raise RunInterruptedError(f"{verb} of {vm} was not started: the run was interrupted")
     log.info("waiting for limits %s", ", ".join(limit_names))
     t_wait = time.monotonic()
-    with limits.hold(limit_names, lease_seconds):
+    # A server that refuses the request for a moment is asked again, within the VM's deadline.
+    with limits.hold(limit_names, lease_seconds, patience=deadline_seconds, stopped=lambda: stop.stopped, logger=log):
         t_held = time.monotonic()
         if stop.stopped:
             raise RunInterruptedError(f"{verb} of {vm} was not started: the run was interrupted")

@@ -258,12 +258,14 @@ def _is_glob(pattern: str) -> bool:
 
 
 def select_vms(client: Any, selection: Selection, agent_vms: set[str] | None = None) -> list[VmInfo]:
-    """The VMs the selection picks (any criterion), minus exclusions, agents and our clones, by name.
+    """The VMs the selection picks (any criterion), minus exclusions, agents and our clones, by name
+    (VMs of one name: each, by moref).
 
     Raises VmNotFoundError for a plain name in ``selection.vms`` that does not exist.
     """
     agent_vms = agent_vms or set()
-    picked: dict[str, Any] = {}
+    # By moref: two VMs of one name (in two folders, on two hosts) are both picked.
+    picked: dict[str, tuple[str, Any]] = {}
     seen: set[str] = set()
     # One PropertyCollector request (a page per 1000 VMs) reads what every VM
     # is asked here; the criteria below read more only of VMs they look at.
@@ -301,11 +303,11 @@ def select_vms(client: Any, selection: Selection, agent_vms: set[str] | None = N
             tags = _tags(client, vm)
             hit = any(t in tags for t in selection.tags)
         if hit:
-            picked[name] = vm
+            picked[vm._moId] = (name, vm)
     missing = [p for p in selection.vms if not _is_glob(p) and p not in seen]
     if missing:
         raise VmNotFoundError(f"VM {', '.join(missing)} does not exist in {client.conn.host}")
-    return [vm_info(picked[n]) for n in sorted(picked)]
+    return [vm_info(vm) for _, vm in sorted(picked.values(), key=lambda p: (p[0], p[1]._moId))]
 
 
 def inventory_names(client: Any) -> VsphereNames:

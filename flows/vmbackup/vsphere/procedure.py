@@ -248,6 +248,7 @@ class VSphereSteps:
                 try:
                     allocated = cbt.changed_areas(self.obj, snap, p.disk, "*")
                 except (cbt.ChangeIdRejected, BackupError) as e:
+                    why_not = f"CBT's allocated areas could not be read ({e})"
                     log.warning(
                         "VM %s disk %s: no allocated areas from CBT, reading by the source's map: %s",
                         self.name,
@@ -263,7 +264,14 @@ class VSphereSteps:
                     changed=changed,
                     allocated=allocated,
                     full_reason=reason,
-                    row={"key": p.disk.key, "uuid": p.disk.uuid, "file": f.file, "datastore": f.datastore},
+                    row={
+                        "key": p.disk.key,
+                        "uuid": p.disk.uuid,
+                        "file": f.file,
+                        "datastore": f.datastore,
+                        # A full read whole rather than by CBT's "*" areas says why.
+                        "read_whole_reason": why_not,
+                    },
                 )
             )
         incremental = any(r.changed is not None for r in reads)
@@ -295,6 +303,7 @@ class VSphereSteps:
             "run_id": self.run_id,
             "vm_moref": self.vm.moref,
             "host": self.info.host,
+            "folder": self.info.folder,  # "vm/prod/web": says which of two VMs of one name it is
             "agent": self.agent.name,
             "transport": exposed.transport,
             "consistency": frozen.consistency,

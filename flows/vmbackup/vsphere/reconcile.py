@@ -128,7 +128,20 @@ def reconcile_vm(
     def current(run_id: str | None, att: str | None) -> bool:
         return run_id == current_run and (current_attempt is None or att == current_attempt)
 
-    everyone = ledger.entries(vm_name)
+    # Entries of this VM: by its name, and by its moref when both are known (another
+    # VM of the same name, in another folder, has entries of its own).
+    named = ledger.entries(vm_name)
+    everyone = [e for e in named if vm is None or not e.vm_moref or e.vm_moref == getattr(vm, "_moId", None)]
+    # Clones are found by name too (``clones_of``): those a live run of the
+    # other VM of this name holds are that run's, never ours to destroy.
+    theirs = {
+        v
+        for e in named
+        if not any(e is m for m in everyone) and e.alive()
+        for c in e.clones
+        for v in (c.get("moref"), c.get("name"))
+        if v
+    }
     # A restore's entry (its half-made VM) is the restore's to reconcile (vsphere/restore.py); it still makes the VM busy.
     entries = [
         e
@@ -169,9 +182,15 @@ def reconcile_vm(
         files |= vm_files(vm)
     # The clones' and the agents' devices: one request each, however many there are.
     clone_devices = _devices(client, clones)
-    clones = [c for c in clones if c._moId in clone_devices]  # gone since the index was made
-    for _, devices in clone_devices.values():
-        files |= {f for _, dev in disks_of(devices) for f in chain_files(dev.backing)}
+    clones = [
+        c
+        for c in clones
+        if c._moId in clone_devices  # gone since the index was made
+        and c._moId not in theirs
+        and clone_devices[c._moId][0] not in theirs
+    ]
+    for c in clones:
+        files |= {f for _, dev in disks_of(clone_devices[c._moId][1]) for f in chain_files(dev.backing)}
     agents = agent_objects(client, plan)
     agent_devices = _devices(client, agents)
     for agent in agents:
