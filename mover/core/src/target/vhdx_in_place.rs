@@ -49,6 +49,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 const SECTOR: u64 = 4096;
+const LOG_NOT_EMPTY: &str = "its log is not empty (LogGuid is set); let Hyper-V open the disk once to replay it";
 
 /// What the single writer changes as it goes.
 struct State {
@@ -91,6 +92,19 @@ impl VhdxInPlace {
         if !m.is_file() {
             return Err(refuse(path, "it is not a regular file"));
         }
+        // The log first: opening replays it in memory, and a log that does
+        // not replay would hide the reason for refusing.
+        if let Ok(f) = File::open(path) {
+            let read = |off: u64| {
+                let mut b = vec![0u8; HEADER_SIZE];
+                f.read_exact_at(&mut b, off).map_err(|e| e.to_string()).and_then(|_| parse_header(&b))
+            };
+            if let Ok(h) = current_header(read(HEADER_OFFSETS[0]), read(HEADER_OFFSETS[1])) {
+                if !h.log_guid.is_zero() {
+                    return Err(refuse(path, LOG_NOT_EMPTY));
+                }
+            }
+        }
         let (src, layout) = VhdxSource::open_single(path).map_err(|e| match e {
             Error::Source(m) => refuse(path, m),
             e => e,
@@ -100,10 +114,7 @@ impl VhdxInPlace {
             return Err(refuse(path, "it is a differencing disk (its blocks are partly in its parent)"));
         }
         if !header.log_guid.is_zero() {
-            return Err(refuse(
-                path,
-                "its log is not empty (LogGuid is set); let Hyper-V open the disk once to replay it",
-            ));
+            return Err(refuse(path, LOG_NOT_EMPTY));
         }
         if meta.virtual_size != size {
             return Err(refuse(path, format!("it holds {} bytes, the point's disk {size}", meta.virtual_size)));
@@ -316,6 +327,10 @@ impl VhdxInPlace {
             let entry = build_log_entry(&guid, k as u64 + 1, 0, &sectors, &[], file_len);
             self.file.write_all_at(&entry, log_off).map_err(|e| self.err("writing the log of", e))?;
             self.sync()?;
+            #[cfg(test)]
+            if tests::CRASH_AFTER_LOG.with(|c| c.get()) {
+                return Err(Error::Internal("crashed after the log write (test)".into()));
+            }
             for (at, b) in &sectors {
                 self.file.write_all_at(b, *at).map_err(|e| self.err("writing the BAT of", e))?;
             }
@@ -488,6 +503,34 @@ mod tests {
         assert!(grown >= data_mibs * MIB && grown % MIB == 0, "grew {grown}");
     }
 
+    thread_local! {
+        /// Stop after the log entry is flushed, before the BAT is written.
+        pub static CRASH_AFTER_LOG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[test]
+    fn a_crash_after_the_log_write_is_replayed_by_qemu_and_by_our_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = disk();
+        let (repo, id) = point(dir.path(), 256 * 1024, &d);
+        let v = vhdx_of(dir.path(), "empty", &vec![0u8; d.len()], "dynamic");
+        CRASH_AFTER_LOG.with(|c| c.set(true));
+        let e = roll_back(&repo, &id, &v).unwrap_err();
+        CRASH_AFTER_LOG.with(|c| c.set(false));
+        assert!(e.to_string().contains("crashed"), "{e}");
+        assert!(!header_of(&v).log_guid.is_zero(), "the log holds the BAT update");
+        // Our reader replays it in memory; an in-place restore refuses it.
+        let s = VhdxSource::open(&v).unwrap();
+        assert_eq!(s.log_entries_replayed(), 1);
+        let mut back = vec![0u8; d.len()];
+        s.read_at(&mut back, 0).unwrap();
+        assert!(back == d, "the replayed log gives the point");
+        assert!(roll_back(&repo, &id, &v).unwrap_err().to_string().contains("log is not empty"));
+        // qemu replays it into the file (as Hyper-V would on open).
+        qemu(&["qemu-img", "check", "-r", "all", "-f", "vhdx", v.to_str().unwrap()]);
+        assert_equals(dir.path(), &v, &d);
+    }
+
     #[test]
     fn a_vhdx_whose_log_is_not_empty_is_refused_untouched() {
         let dir = tempfile::tempdir().unwrap();
@@ -497,10 +540,9 @@ mod tests {
         let mut h = header_of(&v);
         h.log_guid = Guid::random();
         h.sequence += 1;
-        // A log entry with that guid that changes nothing, so the file stays valid.
-        let entry = build_log_entry(&h.log_guid, 1, 0, &[], &[], std::fs::metadata(&v).unwrap().len());
+        // No entry with that guid in the log (a crash between a header
+        // update and the first log write): still "not empty" here.
         let f = OpenOptions::new().write(true).open(&v).unwrap();
-        f.write_all_at(&entry, h.log_offset).unwrap();
         f.write_all_at(&build_header(&h), HEADER_OFFSETS[0]).unwrap();
         h.sequence += 1;
         f.write_all_at(&build_header(&h), HEADER_OFFSETS[1]).unwrap();
