@@ -497,7 +497,7 @@ def restore_disk(
             agent, a disk rolled back). No temporary file, no rename, no
             truncation. Without ``blank``, ``extents`` or ``compare`` every
             block is written; zero blocks are punched out of a file and
-            written as zeros on a device. Raw only.
+            written as zeros on a device. Raw, or an existing VHDX (below).
         blank: with ``existing``: the target reads as zeros (a new thin
             disk), so only the point's non-zero blocks are written and thin
             stays thin.
@@ -508,13 +508,27 @@ def restore_disk(
             block is read and named with the repository's chunk id function;
             only blocks that differ from the point's are written.
 
+    With ``existing`` and ``format="vhdx"``, ``output`` is an existing
+    dynamic or fixed VHDX (a Hyper-V VM's disk rolled back in place) and the
+    disk inside it is written as above: present payload blocks in place, new
+    ones appended (1 MiB aligned) with their BAT entries updated through the
+    VHDX log, zeros written into present blocks (punched in a dynamic disk's
+    file where it can), the headers updated (new FileWriteGuid and
+    DataWriteGuid) before the first write; ``bytes_written`` counts data
+    only, not these structures. A restore that finds nothing different
+    leaves the file untouched.
+
     Raises:
         InvalidInputError: ``output`` exists and is not empty (without
             ``overwrite`` or ``existing``); with ``existing``: it does not
             exist, is not a file or block device, or is smaller than the
             disk; ``blank``, ``extents`` or ``compare`` without ``existing``;
             ``blank`` with ``extents`` or ``compare``; ``existing`` with a
-            format other than raw; extents past the disk's end.
+            format other than raw or vhdx; extents past the disk's end. With
+            ``existing`` and ``vhdx``, before anything is written: the file
+            is not a valid VHDX, is a differencing disk, its log is not empty
+            (LogGuid set), or its virtual size is not the disk's (the caller
+            can fall back to writing the disk whole into a new file).
     """
 
 def list_backups(repo: str) -> tuple[list[BackupInfo], list[UntrustedManifest]]:

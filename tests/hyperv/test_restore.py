@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
-from conftest import sha256
+from conftest import MiB, sha256
 from pydantic import SecretStr
 from vmbackup import _mover
 from vmbackup.errors import HypervScriptError, RestoreInputError
@@ -25,6 +27,7 @@ from vmbackup.hyperv.procedure import backup_vm
 from vmbackup.hyperv.restore import describe_point, restore_entries
 from vmbackup.hypervisors.base import RestoreRequest
 from vmbackup.hypervisors.restore import find_point, restore_one
+from vmbackup_lab.hyperv.vhdx import crc32c
 
 from .test_procedure import make_plan
 
@@ -209,11 +212,36 @@ def test_a_killed_restore_is_removed_by_the_next_one_and_by_the_sweeper(lab, bac
     _nothing_made(lab, plan, ["legacy01-s"], [folder])
 
 
-def test_in_place_swaps_in_the_point_and_keeps_the_vm(lab, backed_up, tmp_path):
+def _drives(client, name: str) -> dict[str, str]:
+    t = client.run_script("Get-VmbackupRestoreTarget.ps1", {"Name": name, "Path": ""})
+    return {x["Name"]: x["Path"] for x in t["Vm"]["Disks"]}
+
+
+def _dirty_the_log(path) -> None:
+    """Both headers of a VHDX given a LogGuid, as Hyper-V leaves a file it did not close."""
+    with open(path, "r+b") as f:
+        heads = []
+        for off in (64 * 1024, 128 * 1024):
+            f.seek(off)
+            heads.append(bytearray(f.read(4096)))
+        h = max(heads, key=lambda b: struct.unpack_from("<Q", b, 8)[0])
+        h[48:64] = uuid.uuid4().bytes
+        for off in (64 * 1024, 128 * 1024):
+            struct.pack_into("<Q", h, 8, struct.unpack_from("<Q", h, 8)[0] + 1)
+            h[4:8] = b"\0\0\0\0"
+            struct.pack_into("<I", h, 4, crc32c(bytes(h)))
+            f.seek(off)
+            f.write(h)
+
+
+def test_in_place_writes_only_the_blocks_that_differ_and_keeps_the_vm(lab, backed_up, tmp_path):
     """A VM (here a restored copy of off01, so the lab's own VMs keep their
-    chains) backed up, then written to by its guest, rolled back in place: it
-    keeps its Id, its disks equal the point, bytes_written is what was
-    written; a running VM is refused with nothing made."""
+    chains) backed up, then written to by its guest, rolled back in place:
+    only the written block is written, into the VM's own VHDX (its drive
+    keeps its file), it keeps its Id and its disk equals the point. A VHDX
+    the mover cannot write in place (its log not empty) is written whole to
+    a new VHDX and swapped in, as the row's warnings say. A running VM is
+    refused with nothing made."""
     plan, _, _ = backed_up
     copy = _restore(lab, plan, "off01", "off01-ip")
     try:
@@ -221,15 +249,31 @@ def test_in_place_swaps_in_the_point_and_keeps_the_vm(lab, backed_up, tmp_path):
         client = connect(host, SecretStr(lab.password))
         vm = next(v for v in select_vms(client, host, plan.selection) if v.name == "off01-ip")
         point = backup_vm(client, vm, plan, host, plan.agents[0], run_id="in-place-src").backup_id
-        lab.write("off01-ip", "scsi0:0", 3 * 1024 * 1024, 100_000, seed=77)
-        r = _restore(lab, plan, "off01-ip", "off01-ip", in_place=True)
-        assert r.vm_id == copy.vm_id and r.point == point and r.in_place
-        assert r.bytes_written == sum(d["bytes_written"] for d in r.disks) > 0
-        assert any("in place" in c for c in r.changes) and any("(was " in c for c in r.changes)
         saved = tmp_path / "saved.raw"
         _mover.restore_disk(str(plan.repository), point, str(saved), disk="scsi0:0")
+        size = saved.stat().st_size
+        drives = _drives(client, "off01-ip")
+        # two guest writes, each inside one 1 MiB chunk: over data, and where the point has zeros
+        lab.write("off01-ip", "scsi0:0", 0, 100_000, seed=77)
+        lab.write("off01-ip", "scsi0:0", 3 * MiB, 100_000, seed=77)
+        r = _restore(lab, plan, "off01-ip", "off01-ip", in_place=True)
+        assert r.vm_id == copy.vm_id and r.point == point and r.in_place
+        assert [(d["disk"], d["bytes_written"]) for d in r.disks] == [("scsi0:0", 2 * MiB)]
+        assert r.bytes_written == 2 * MiB <= size // 8
+        assert r.warnings == [] and not any("(was " in c for c in r.changes)
+        assert any("2 of 16 blocks differed" in c for c in r.changes), r.changes
+        assert _drives(client, "off01-ip") == drives
         assert sha256(lab.disk_image("off01-ip", "scsi0:0", tmp_path / "now.raw")) == sha256(saved)
         assert _vm(lab, "off01-ip")["id"].lower() == copy.vm_id.lower()
+        assert not any(lab.share_root.iterdir()) and restore_entries(plan.repository, "hv1") == []
+
+        lab.write("off01-ip", "scsi0:0", 5 * MiB, 4096, seed=78)
+        _dirty_the_log(lab.local_path(drives["scsi0:0"]))
+        r = _restore(lab, plan, "off01-ip", "off01-ip", in_place=True)
+        assert any("log is not empty" in w and "written whole" in w for w in r.warnings), r.warnings
+        assert any("(was " in c for c in r.changes) and r.bytes_written > MiB
+        assert _drives(client, "off01-ip") != drives
+        assert sha256(lab.disk_image("off01-ip", "scsi0:0", tmp_path / "now.raw")) == sha256(saved)
         assert not any(lab.share_root.iterdir()) and restore_entries(plan.repository, "hv1") == []
     finally:
         _remove(lab, plan, copy)
@@ -246,6 +290,7 @@ from vmbackup.hyperv.hypervisor import HyperV
 from vmbackup.hyperv.restore import describe_point
 from vmbackup.hypervisors.base import RestoreRequest
 from vmbackup.hypervisors.restore import find_point, restore_one
+from vmbackup_lab.hyperv.vhdx import crc32c
 
 plan = parse_plan(json.loads(sys.argv[1]))
 host = plan.hyperv_host("hv1")

@@ -169,6 +169,25 @@ def test_a_block_device_gets_zeros_written(point, tmp_path):
     assert head_equals(backing, disk)
 
 
+def test_a_vhdx_rolled_back_in_place_gets_only_the_blocks_that_differ(point, tmp_path):
+    """The disk of a Hyper-V VM as a VHDX file (qemu-img makes it): after a
+    small write the rollback writes that write's block and the file then
+    reads as the point for qemu too."""
+    repo, bid, disk = point
+    vhdx = tmp_path / "live.vhdx"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", str(disk), str(vhdx)], check=True
+    )
+    subprocess.run(["qemu-io", "-f", "vhdx", "-c", "write -P 9 17M 4k", str(vhdx)], check=True, capture_output=True)
+    inode = vhdx.stat().st_ino
+    r = _mover.restore_disk(repo, bid, str(vhdx), existing=True, compare=True, format="vhdx")
+    assert (r.bytes_written, r.blocks_written, r.blocks_compared) == (MiB, 1, 41)
+    assert vhdx.stat().st_ino == inode
+    subprocess.run(["qemu-img", "check", "-f", "vhdx", str(vhdx)], check=True, capture_output=True)
+    same = subprocess.run(["qemu-img", "compare", "-f", "vhdx", "-F", "raw", str(vhdx), str(disk)], capture_output=True)
+    assert same.returncode == 0, same.stdout
+
+
 BAD = [
     ("missing", dict(existing=True), "cannot be written in place"),
     ("small", dict(existing=True), "the disk needs"),
@@ -179,7 +198,8 @@ BAD = [
     ("new", dict(extents=[(0, 1)]), "existing"),
     ("small", dict(existing=True, blank=True, compare=True), "blank"),
     ("small", dict(existing=True, blank=True, extents=[(0, 1)]), "blank"),
-    ("small", dict(existing=True, format="vhdx"), "raw"),
+    ("small", dict(existing=True, format="vhdx"), "not a valid VHDX"),
+    ("small", dict(existing=True, format="vmdk"), "raw disk or a VHDX"),
 ]
 
 

@@ -39,7 +39,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .. import records
-from ..errors import BackupError, HypervScriptError, RestoreInputError, WinRMError
+from ..errors import BackupError, HypervScriptError, InvalidInputError, RestoreInputError, WinRMError
 from ..hypervisors import base as hv
 from ..vsphere.ledger import CLOCK_SKEW_SECONDS, STALE_AFTER_SECONDS, Heartbeat, process_space, process_started
 from .client import HypervClient
@@ -317,6 +317,7 @@ class _Made:
     stage: str  # its staging subfolder
     share: str | None  # \\HOST\vmbr-...$ (None: the agent runs on the host)
     files: dict[str, str] = field(default_factory=dict)  # disk name -> staged VHDX (Windows path)
+    rolled: dict[str, str] = field(default_factory=dict)  # disk name -> the VM's VHDX rolled back where it is
     final: dict[str, str] = field(default_factory=dict)  # disk name -> the VM's VHDX after import
     target: hv.Target | None = None
 
@@ -336,6 +337,9 @@ class HypervRestoreSteps:
         self.entry: RestoreEntry | None = None
         self.made = False
         self.places: dict[str, str] = {}  # the point's disk name -> its place on Hyper-V (``places``)
+        # in place: the point's disk name -> the VM's VHDX at that place, or why it cannot be rolled back there
+        self.live: dict[str, str] = {}
+        self.not_live: dict[str, str] = {}
 
     def reconcile(self) -> None:
         for e in restore_entries(self.repository, self.host.name):
@@ -436,9 +440,19 @@ class HypervRestoreSteps:
         path = str(vm["ConfigurationLocation"]).rstrip("\\")
         t2 = self.client.run_script("Get-VmbackupRestoreTarget.ps1", {"Name": req.restored_as, "Path": path}) or {}
         self._check_room_and_switches(t2, d, path)
+        drives = {str(x.get("Name")): str(x.get("Path") or "") for x in _list(vm.get("Disks"))}
+        for x in d.disks:
+            live = drives.get(x.name, "")
+            if not live.lower().endswith(".vhdx"):
+                self.not_live[x.name] = f"its drive's file {live or '(none)'} is not a VHDX"
+            elif not live.lower().startswith(path.lower() + "\\"):
+                # the agent reaches the VM's folder only (the restore's share)
+                self.not_live[x.name] = f"its VHDX {live} is outside the VM's folder {path}"
+            else:
+                self.live[x.name] = live
         changes = [
-            f"in place: each disk written to a new VHDX in {path}\\Virtual Hard Disks and swapped in for the "
-            "VM's drive; the VM keeps its Id, name and configuration"
+            "in place: each disk's VHDX rolled back where it is, only the blocks that differ from the point "
+            "written (compared by chunk id); the VM keeps its Id, name and configuration"
         ] + list(d.changes)
         return hv.Target(
             restored_as=req.restored_as, host=where, location=path, disks=list(d.disks), changes=changes, handle=vm
@@ -505,6 +519,10 @@ class HypervRestoreSteps:
         from .. import _mover
 
         m: _Made = made.handle
+        if self.request.in_place:
+            written = self._roll_back(m, disk, point, cancel=cancel, progress=progress)
+            if written is not None:
+                return written
         winpath = f"{m.stage}\\{self._file_name(disk)}"
         m.files[disk.name] = winpath
         out = self._mapped(m, winpath)
@@ -512,6 +530,46 @@ class HypervRestoreSteps:
             self.repository, point, str(out), disk=disk.name, format="vhdx", progress=progress, cancel=cancel
         )
         return hv.Written(bytes_written=r.bytes_written, seconds=r.seconds)
+
+    def _roll_back(self, m: _Made, disk: hv.DiskSpec, point: str, *, cancel: Any, progress: Any) -> hv.Written | None:
+        """In place: the blocks of the VM's own VHDX that differ from the point written where they are
+        (``restore_disk(format="vhdx", existing=True, compare=True)``). None when the mover refuses the
+        file before writing (a differencing disk, a log not empty, another size): the disk is then
+        written whole to a new VHDX and swapped in, as the row's warnings say."""
+        from .. import _mover
+
+        live = self.live.get(disk.name)
+        why = self.not_live.get(disk.name, "")
+        if live:
+            try:
+                r = _mover.restore_disk(
+                    self.repository,
+                    point,
+                    str(self._mapped(m, live)),
+                    disk=disk.name,
+                    format="vhdx",
+                    existing=True,
+                    compare=True,
+                    progress=progress,
+                    cancel=cancel,
+                )
+            except InvalidInputError as e:
+                why = str(e)
+            else:
+                m.rolled[disk.name] = live
+                if m.target is not None:
+                    m.target.changes.append(
+                        f"disk {disk.name}: {r.blocks_written} of {r.blocks_compared} blocks differed and were "
+                        f"written into {live}"
+                    )
+                # what changed: written, or deallocated where the point has zeros (as vSphere counts it)
+                return hv.Written(bytes_written=r.bytes_written + r.bytes_punched, seconds=r.seconds)
+        if m.target is not None:
+            m.target.warnings.append(
+                f"disk {disk.name} could not be rolled back in place ({why}): written whole to a new VHDX "
+                "and swapped in"
+            )
+        return None
 
     def finish(self, made: hv.Made) -> None:
         m: _Made = made.handle
@@ -527,6 +585,10 @@ class HypervRestoreSteps:
             self._mapped(m, winpath).write_bytes(base64.b64decode(f["data_base64"]))
             if name.lower().endswith(".vmcx"):
                 config_file = winpath
+        if self.request.in_place and not m.files:
+            # every disk rolled back where it is: nothing to move in, the drives stay as they are
+            m.final = dict(m.rolled)
+            return
         desc = {
             "Generation": generation(d),
             "ProcessorCount": d.cpus,
@@ -553,6 +615,7 @@ class HypervRestoreSteps:
         # the point's disk names (read_back answers by them), from the places they were attached at
         back = {v: k for k, v in self.places.items()}
         m.final = {back.get(x["Name"], x["Name"]): x["Path"] for x in _list(answer.get("Disks"))}
+        m.final.update(m.rolled)
         t = m.target
         if t is not None:
             if answer.get("Method") == "rebuild":

@@ -17,6 +17,11 @@
 //!   chunk id function; only blocks whose id differs from the point's are
 //!   written (the point's chunk is read only for those).
 //!
+//! An existing target of format `vhdx` is the disk inside a dynamic or fixed
+//! VHDX (a Hyper-V VM's disk rolled back in place): the same choices apply to
+//! the disk it holds, written through `target/vhdx_in_place.rs`, which
+//! refuses a differencing disk or a non-empty log before writing anything.
+//!
 //! Blocks are read, decompressed (and compared) by a pool with
 //! [`RESTORE_IN_FLIGHT`] blocks in flight (`inflight.rs`); one thread
 //! writes them in disk order as they come back and reports progress. With
@@ -66,7 +71,7 @@ pub struct RestoreStats {
 /// How to restore; `RestoreOptions::default()` is a raw restore to a new file.
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
-    /// `raw`, or one of `target::FORMATS`.
+    /// `raw`, or one of `target::FORMATS`; with `existing`, `raw` or `vhdx`.
     pub format: String,
     /// Replace a non-empty file (a new file, renamed over it at the end).
     pub overwrite: bool,
@@ -103,9 +108,9 @@ impl RestoreOptions {
         if !self.existing && (self.blank || self.compare || self.extents.is_some()) {
             return bad("blank, extents and compare apply only to an existing target (existing=True)");
         }
-        if self.existing && self.format != "raw" {
+        if self.existing && self.format != "raw" && self.format != "vhdx" {
             return bad(&format!(
-                "an existing target is written as a raw disk in place; format {} makes a new image file",
+                "an existing target is written in place as a raw disk or a VHDX; format {} makes a new image file",
                 self.format
             ));
         }
@@ -146,7 +151,7 @@ pub fn restore(
     cancel: &Cancel,
 ) -> Result<RestoreStats> {
     opts.check()?;
-    if opts.format == "raw" {
+    if opts.format == "raw" || opts.existing {
         return restore_raw(repo, id, disk, output, opts, progress, cancel);
     }
     let t0 = Instant::now();
@@ -216,6 +221,31 @@ enum Target {
     InPlace,
 }
 
+/// Where the blocks go: a raw file or device, or the disk inside an
+/// existing VHDX (`target/vhdx_in_place.rs`).
+enum Out {
+    Raw(File),
+    Vhdx(Box<crate::target::vhdx_in_place::VhdxInPlace>),
+}
+
+impl Out {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        match self {
+            Out::Raw(f) => f
+                .read_exact_at(buf, off)
+                .map_err(|e| Error::target(format!("reading extent {off}+{} of the target", buf.len()), e)),
+            Out::Vhdx(v) => v.read_at(buf, off),
+        }
+    }
+
+    fn sync(&self, output: &Path) -> Result<()> {
+        match self {
+            Out::Raw(f) => f.sync_all().map_err(|e| Error::target(format!("syncing {}", output.display()), e)),
+            Out::Vhdx(v) => v.finish(),
+        }
+    }
+}
+
 /// Size of an open block device (where its end is).
 fn device_size(file: &File, output: &Path) -> Result<u64> {
     // SAFETY: valid descriptor; lseek has no memory effects.
@@ -230,7 +260,17 @@ fn too_small(output: &Path, has: u64, size: u64) -> Error {
     Error::InvalidInput(format!("{} holds {has} bytes, the disk needs {size}", output.display()))
 }
 
-fn open_target(output: &Path, size: u64, opts: &RestoreOptions) -> Result<(File, Target, Zeros)> {
+fn open_target(output: &Path, size: u64, opts: &RestoreOptions) -> Result<(Out, Target, Zeros)> {
+    if opts.existing && opts.format == "vhdx" {
+        let v = crate::target::vhdx_in_place::VhdxInPlace::open(output, size)?;
+        let zeros = if v.is_fixed() { Zeros::Write } else { Zeros::Punch };
+        return Ok((Out::Vhdx(Box::new(v)), Target::InPlace, zeros));
+    }
+    let (f, target, zeros) = open_raw_target(output, size, opts)?;
+    Ok((Out::Raw(f), target, zeros))
+}
+
+fn open_raw_target(output: &Path, size: u64, opts: &RestoreOptions) -> Result<(File, Target, Zeros)> {
     let ctx = |what: &str| format!("{what} {}", output.display());
     let meta = fs::metadata(output);
     if opts.existing {
@@ -309,7 +349,7 @@ struct Step {
 
 struct BlockWriter<'a> {
     store: ChunkStore,
-    file: &'a File,
+    out: &'a Out,
     size: u64,
     bs: u64,
     zeros: Zeros,
@@ -326,9 +366,7 @@ impl BlockWriter<'_> {
         let mut step = Step { len, compared: false, action: Action::Skip };
         if self.compare {
             let mut have = vec![0u8; len as usize];
-            self.file
-                .read_exact_at(&mut have, off)
-                .map_err(|e| Error::target(format!("reading extent {off}+{len} of the target"), e))?;
+            self.out.read_at(&mut have, off)?;
             step.compared = true;
             let same = if id.is_zero() { is_all_zero(&have) } else { same_chunk(&self.store, &have, id) };
             if same {
@@ -362,28 +400,36 @@ impl BlockWriter<'_> {
                 return Ok(());
             }
             Action::Data(data) => {
-                self.write(data, off)?;
-                stats.bytes_written += step.len;
+                stats.bytes_written += self.write(data, off)?;
             }
-            Action::Zero if self.zeros == Zeros::Punch && punch_hole(self.file, off, step.len) => {
-                stats.bytes_punched += step.len;
-            }
-            Action::Zero => {
-                self.write(&vec![0u8; step.len as usize], off)?;
-                stats.bytes_written += step.len;
-            }
+            Action::Zero => match self.out {
+                Out::Vhdx(v) => {
+                    let (w, p) = v.zero(off, step.len)?;
+                    stats.bytes_written += w;
+                    stats.bytes_punched += p;
+                }
+                Out::Raw(f) if self.zeros == Zeros::Punch && punch_hole(f, off, step.len) => {
+                    stats.bytes_punched += step.len;
+                }
+                Out::Raw(_) => {
+                    stats.bytes_written += self.write(&vec![0u8; step.len as usize], off)?;
+                }
+            },
         }
         stats.blocks_written += 1;
         Ok(())
     }
 
-    fn write(&self, data: &[u8], off: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, off)
-            .map_err(|e| Error::target(format!("writing extent {off}+{}", data.len()), e))?;
+    /// Writes `data` at `off`; returns the bytes written.
+    fn write(&self, data: &[u8], off: u64) -> Result<u64> {
+        let file = match self.out {
+            Out::Raw(f) => f,
+            Out::Vhdx(v) => return v.write_at(data, off),
+        };
+        file.write_all_at(data, off).map_err(|e| Error::target(format!("writing extent {off}+{}", data.len()), e))?;
         // Start the writeback now so the final sync finds little left to do.
-        crate::chunk_store::start_writeback(self.file, off, data.len() as u64);
-        Ok(())
+        crate::chunk_store::start_writeback(file, off, data.len() as u64);
+        Ok(data.len() as u64)
     }
 }
 
@@ -398,7 +444,7 @@ fn same_chunk(store: &ChunkStore, data: &[u8], id: &ChunkId) -> bool {
 
 /// Deallocates `off..off+len` of a file, keeping its size (it then reads as
 /// zeros). False where the file system cannot punch holes.
-fn punch_hole(file: &File, off: u64, len: u64) -> bool {
+pub(crate) fn punch_hole(file: &File, off: u64, len: u64) -> bool {
     // SAFETY: valid descriptor; fallocate has no memory effects.
     let rc = unsafe {
         libc::fallocate(
@@ -432,7 +478,7 @@ fn restore_raw(
         Some(e) => Some(normalize(e, size)?),
         None => None,
     };
-    let (file, target, zeros) = open_target(output, size, opts)?;
+    let (out, target, zeros) = open_target(output, size, opts)?;
     // The blocks to visit: every block whose bytes may have to reach the target.
     let work: Vec<(u64, ChunkId)> = match &extents {
         Some(e) => {
@@ -445,7 +491,7 @@ fn restore_raw(
     let total: u64 = work.iter().map(|(i, _)| block_len(*i, size, bs)).sum();
     let mut ticker = Ticker::new(progress, cancel, total);
     let writer =
-        BlockWriter { store: ChunkStore::new(repo), file: &file, size, bs, zeros, compare: opts.compare, cancel };
+        BlockWriter { store: ChunkStore::new(repo), out: &out, size, bs, zeros, compare: opts.compare, cancel };
     let mut stats = RestoreStats {
         backup: id.into(),
         disk: dmeta.name.clone(),
@@ -468,7 +514,7 @@ fn restore_raw(
     )
     .and_then(|_| cancel.check())
     .and_then(|_| ticker.finish())
-    .and_then(|_| file.sync_all().map_err(|e| Error::target(format!("syncing {}", output.display()), e)));
+    .and_then(|_| out.sync(output));
     match (&target, result) {
         (Target::New { tmp, path }, Ok(())) => {
             if let Err(e) = fs::rename(tmp, path) {

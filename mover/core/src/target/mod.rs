@@ -4,6 +4,7 @@
 //! (a VHDX from pieces read by a pool, several in flight).
 
 pub mod vhdx;
+pub mod vhdx_in_place;
 
 use crate::error::{Error, Result};
 use crate::progress::{Cancel, Progress};

@@ -260,8 +260,8 @@ pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<Overlay, String>
     Ok(ov)
 }
 
-/// Builds one log entry (tests and fuzzing): data sectors and zero ranges.
-#[cfg(test)]
+/// Builds one log entry: data sectors and zero ranges. `last` is both its
+/// FlushedFileOffset and LastFileOffset (the file's size once flushed).
 pub fn build_entry(
     guid: &Guid,
     seq: u64,

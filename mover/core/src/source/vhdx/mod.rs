@@ -14,11 +14,15 @@ pub mod guid;
 mod log;
 mod parent;
 
-pub use format::{bat_entries, build_header, build_metadata, build_region_table, chunk_ratio, payload_index};
+pub use format::{
+    bat_entries, build_header, build_metadata, build_region_table, chunk_ratio, current_header, parse_header,
+    payload_index, HEADER_OFFSETS, HEADER_SIZE,
+};
 pub use format::{
     guid as known_guid, Header, Metadata, Region, BAT_GUID, FILE_SIGNATURE, METADATA_GUID, MIB, PAYLOAD_FULLY_PRESENT,
-    PAYLOAD_ZERO,
+    PAYLOAD_NOT_PRESENT, PAYLOAD_ZERO,
 };
+pub use log::build_entry as build_log_entry;
 pub use parent::file_name as file_name_of;
 
 use super::DiskSource;
@@ -79,6 +83,19 @@ pub struct VhdxSource {
     parent: Option<Box<VhdxSource>>,
     data_write: Guid,
     kind: &'static str,
+    /// The current header, and the BAT region's offset in the file.
+    header: Header,
+    bat_offset: u64,
+}
+
+/// What an in-place writer (`target/vhdx_in_place.rs`) needs of an open file.
+pub struct Layout {
+    pub header: Header,
+    pub meta: Metadata,
+    pub bat: Vec<u64>,
+    pub bat_offset: u64,
+    pub ratio: u64,
+    pub file_len: u64,
 }
 
 fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
@@ -213,7 +230,23 @@ impl VhdxSource {
         } else {
             "vhdx:dynamic"
         };
-        Ok(VhdxSource { img, meta, bat, ratio, parent: None, data_write: header.data_write, kind })
+        let data_write = header.data_write;
+        Ok(VhdxSource { img, meta, bat, ratio, parent: None, data_write, kind, header, bat_offset: br.offset })
+    }
+
+    /// Opens one file without following a parent (an in-place writer refuses
+    /// differencing disks), returning its layout besides.
+    pub fn open_single(path: &Path) -> Result<(VhdxSource, Layout)> {
+        let src = Self::open_one(path, true)?;
+        let layout = Layout {
+            header: src.header.clone(),
+            meta: src.meta.clone(),
+            bat: src.bat.clone(),
+            bat_offset: src.bat_offset,
+            ratio: src.ratio,
+            file_len: src.img.file_len,
+        };
+        Ok((src, layout))
     }
 
     /// How many log entries were replayed in memory when the file was opened.
