@@ -25,6 +25,7 @@ from .conftest import backup, run, sha
 VSPHERE_VMS = ["web01", "db01"]  # three buses between them: scsi, nvme, sata
 # web01 on esx1; db01 and app01 (one disk each) on esx2: two restores onto one host at once
 RESTORED_VMS = ["web01", "db01", "app01"]
+AGENT2 = "vmbackup-agent-esx2"
 # A port group of the datacenter that no ESXi host lists among its networks:
 # the network a VM was backed up on and the target host lacks (a restore to
 # another site); "VM Network" is on every host.
@@ -143,7 +144,10 @@ def test_vsphere_vms_restored_as_new_vms_equal_to_the_backup(small_lab, env, tmp
     rows, the disks, the new identity and MACs on the new VMs, the run's table
     and summary as the server holds them, and a name in use refused."""
     lab = small_lab.lab
-    plan, repo = _plan(small_lab, tmp_path, limits={"per_host": 1})
+    plan, repo = _plan(small_lab, tmp_path)
+    # The restores' own plan: a limit of one per host that only the restore
+    # sets on the server (the backup's plan has the default, 4).
+    one_per_host = small_lab.write_plan(tmp_path / "restore-plan.yaml", repository=repo, limits={"per_host": 1})
     lab.write("web01", "scsi0:0", 5 << 20, 1 << 20, seed=31)
     lab.write("db01", "sata0:0", 0, 2 << 20, seed=32)
     with nics_on_lan(small_lab, ["web01", "app01"]) as macs:
@@ -153,20 +157,22 @@ def test_vsphere_vms_restored_as_new_vms_equal_to_the_backup(small_lab, env, tmp
 
     with removed_afterwards(small_lab):
         lab.reset_counters()
-        # Slow tasks on esx2 keep each of its restores' disks attached a while:
-        # db01's and app01's would overlap but for the host's limit.
-        lab.set_faults(host="esx2", slow_ms=300)
+        # esx2's agent attaches and detaches slowly (one at a time, as
+        # transport.py's lock has it): db01's and app01's restores, started
+        # within the Prefect server's ~2 s of each other, would then have a
+        # disk attached at once but for the host's limit.
+        lab.set_faults(vm=AGENT2, slow_ms=3000)
         try:
             args = [a for v in RESTORED_VMS for a in ("--vm", v)]
-            rows = restore("--plan", str(plan), *args, "--network-map", f"{LAN}={VM_NETWORK}", env=env)
+            rows = restore("--plan", str(one_per_host), *args, "--network-map", f"{LAN}={VM_NETWORK}", env=env)
         finally:
-            lab.set_faults(host="esx2")
+            lab.set_faults(vm=AGENT2)
         # Restores hold the backups' limits: one VM at a time per host. db01
         # and app01 have a disk each, so esx2's attached disks (on its agent)
         # are its restores at once; web01 alone on esx1 attaches its two.
         attached = lab.status()["counters"]["attached_disks"]
         assert attached["host"]["esx2"]["peak"] == 1, attached
-        assert attached["agent"]["vmbackup-agent-esx2"]["peak"] == 1, attached
+        assert attached["agent"][AGENT2]["peak"] == 1, attached
 
         assert [r["vm"] for r in rows] == RESTORED_VMS
         for r in rows:
@@ -190,7 +196,7 @@ def test_vsphere_vms_restored_as_new_vms_equal_to_the_backup(small_lab, env, tmp
                 assert _on_network(card, VM_NETWORK) and card.macAddress != mac, (vm, card)
             assert not _nics(client.find_vm("db01-restored"))
 
-        _check_restore_artifacts(env, plan, rows, macs)
+        _check_restore_artifacts(env, one_per_host, rows, macs)
 
         # The same restore again: the name is in use. One line, exit 2, nothing new.
         before = _vsphere_vm_names(small_lab)
