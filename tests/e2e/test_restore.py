@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from vmbackup import _mover, results
 
 from .conftest import backup, run, sha
@@ -240,27 +241,30 @@ def _drill_plan(e2e, tmp_path):
     return _plan(e2e, tmp_path, drill={"vsphere": {"network": VM_NETWORK}, "sample": 2, "vms": VSPHERE_VMS})
 
 
-def _drill_events(env: dict, name: str, restored_as: str) -> list:
-    """The events ``name`` about the drill VM ``restored_as``, from the server's events API."""
+def _drill_events(env: dict, wanted: dict[str, list[str]]) -> dict[tuple[str, str], object]:
+    """(event name, drill VM) -> its event, for each name's drill VMs in
+    ``wanted``, from the server's events API."""
     import asyncio
     import time
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     api = json.loads(run("server", "status", "--json", env=env).stdout)["api_url"]
+    want = {(name, vm) for name, vms in wanted.items() for vm in vms}
 
     async def read():
         from prefect.client.orchestration import get_client
         from prefect.events.filters import EventFilter, EventNameFilter
 
         async with get_client() as c:
-            page = await c.read_events(filter=EventFilter(event=EventNameFilter(name=[name])), limit=50)
-            return [e for e in page.events if e.payload.get("restored_as") == restored_as]
+            page = await c.read_events(filter=EventFilter(event=EventNameFilter(name=list(wanted))), limit=50)
+            found = {(e.event, e.payload.get("restored_as")): e for e in page.events}
+            return {k: e for k, e in found.items() if k in want}
 
     deadline = time.monotonic() + 60  # a bound on a broken server, not a wait
     with temporary_settings(updates={PREFECT_API_URL: api}):
         found = asyncio.run(read())
-        while not found and time.monotonic() < deadline:
+        while found.keys() != want and time.monotonic() < deadline:
             time.sleep(0.2)
             found = asyncio.run(read())
     return found
@@ -304,7 +308,7 @@ def test_drill_passes_then_fails_when_the_lab_corrupts_a_restored_disk(small_lab
     with removed_afterwards(small_lab):
         before = _vsphere_vm_names(small_lab)
         # One VM per run, the least recently drilled first: db01 (never, and first by name), then web01.
-        drilled = []
+        drilled, passed = [], []
         for i, _ in enumerate(VSPHERE_VMS):
             if i == 0:
                 # db01's host's slow tasks hold the drill while its VM is read: on the plan's drill network.
@@ -323,9 +327,8 @@ def test_drill_passes_then_fails_when_the_lab_corrupts_a_restored_disk(small_lab
             assert r["status"] == "ok" and r["verified"] is True and r["powered_on"] is True, r
             assert r["restored_as"].startswith(f"drill-{r['vm']}-") and r["seconds"] > 0, r
             assert f"network adapter 1: network {LAN} mapped to {VM_NETWORK}" in r["changes"], r
-            [event] = _drill_events(env, "vmbackup.drill.passed", r["restored_as"])
-            assert event.resource.id == f"vmbackup.vm.{r['vm']}" and event.payload["verified"] is True, event
             drilled.append(r["vm"])
+            passed.append(r)
         assert drilled == sorted(VSPHERE_VMS), drilled
         # Removed: the lab has the VMs it had.
         assert _vsphere_vm_names(small_lab) == before
@@ -344,8 +347,17 @@ def test_drill_passes_then_fails_when_the_lab_corrupts_a_restored_disk(small_lab
         [r] = report["vms"]
         assert r["status"] == "failed" and "differs from backup point" in r["error"], r
         assert "drill" in p.stderr and "web01" in p.stderr
-        [event] = _drill_events(env, "vmbackup.drill.failed", r["restored_as"])
-        assert event.payload["error"] == r["error"] and event.payload["verified"] is not True, event
+        # Each drill's event, from the server.
+        events = _drill_events(
+            env,
+            {"vmbackup.drill.passed": [x["restored_as"] for x in passed], "vmbackup.drill.failed": [r["restored_as"]]},
+        )
+        for x in passed:
+            event = events[("vmbackup.drill.passed", x["restored_as"])]
+            assert event.resource.id == f"vmbackup.vm.{x['vm']}" and event.payload["verified"] is True, event
+        event = events[("vmbackup.drill.failed", r["restored_as"])]
+        assert event.resource.id == "vmbackup.vm.web01" and event.payload["error"] == r["error"], event
+        assert event.payload["verified"] is not True, event
         assert _vsphere_vm_names(small_lab) == before  # the failed drill's VM is removed too
 
 
@@ -397,38 +409,51 @@ def _attached(lab) -> int:
     return sum(c["now"] for c in lab.status()["counters"]["attached_disks"]["agent"].values())
 
 
-def test_restore_killed_mid_way_is_reconciled_by_the_next_one(small_lab, env, tmp_path):
+@pytest.fixture(scope="module")
+def app01_point(small_lab, state_dir, tmp_path_factory):
+    """app01 backed up once, into a repository of its own, for the restores
+    caught mid-way: (plan, its point's row)."""
+    plan, _ = _plan(small_lab, tmp_path_factory.mktemp("app01-point"))
+    [point] = backup("--plan", str(plan), "--vm", "app01", env=small_lab.env(state_dir))
+    assert point["status"] == "ok", point
+    return plan, point
+
+
+def _restore_caught_mid_way(e2e, plan, host: str, env: dict, stop) -> subprocess.CompletedProcess:
+    """`vmbackup restore --vm app01` while its host's tasks are slow (CreateVM,
+    the hot-add's ReconfigVM); ``stop(p)`` once the new VM exists with a disk
+    on the agent (watched in the lab, no sleeps); what the command did."""
+    e2e.lab.set_faults(host=host, slow_ms=1500)
+    try:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "vmbackup", "restore", "--plan", str(plan), "--vm", "app01", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            while p.poll() is None and not ("app01-restored" in _vsphere_vm_names(e2e) and _attached(e2e.lab)):
+                pass
+            assert p.poll() is None, "the restore ended before it was caught mid-way"
+            stop(p)
+            out, err = p.communicate(timeout=300)
+        finally:
+            p.kill()
+            p.wait()
+    finally:
+        e2e.lab.set_faults(host=host)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_restore_killed_mid_way_is_reconciled_by_the_next_one(small_lab, env, app01_point):
     """kill -9 of `vmbackup restore` while the new VM's disk is attached to the
     agent; the same restore again removes the half-made VM first and succeeds:
     exactly one VM whose name starts with the requested one, nothing attached."""
-    import subprocess
-    import sys
-
     lab = small_lab.lab
-    plan, repo = _plan(small_lab, tmp_path)
-    [point] = backup("--plan", str(plan), "--vm", "app01", env=env)
-    host = point["host"]
+    plan, point = app01_point
     with removed_afterwards(small_lab):
-        # Slow tasks on the host (CreateVM, the hot-add's ReconfigVM): the restore is caught mid-way.
-        lab.set_faults(host=host, slow_ms=1500)
-        try:
-            p = subprocess.Popen(
-                [sys.executable, "-m", "vmbackup", "restore", "--plan", str(plan), "--vm", "app01", "--json"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                # Watch the lab (no sleeps) until the new VM exists with a disk on the agent, then kill at once.
-                while p.poll() is None and not ("app01-restored" in _vsphere_vm_names(small_lab) and _attached(lab)):
-                    pass
-                assert p.poll() is None, "the restore ended before it was caught mid-way"
-                p.kill()
-            finally:
-                p.kill()
-                p.wait()
-        finally:
-            lab.set_faults(host=host)
+        _restore_caught_mid_way(small_lab, plan, point["host"], env, lambda p: p.kill())
         assert "app01-restored" in _vsphere_vm_names(small_lab)  # half-made, left by the kill
 
         [r] = restore("--plan", str(plan), "--vm", "app01", env=env)
@@ -437,49 +462,23 @@ def test_restore_killed_mid_way_is_reconciled_by_the_next_one(small_lab, env, tm
         assert _attached(lab) == 0 and r["disks"] and all(d["bytes_written"] > 0 for d in r["disks"]), r
 
 
-def test_restore_interrupted_mid_way_removes_the_half_made_vm(small_lab, env, tmp_path):
+def test_restore_interrupted_mid_way_removes_the_half_made_vm(small_lab, env, app01_point):
     """Ctrl-C, then SIGTERM, to `vmbackup restore` while the new VM's disk is
-    attached to the agent (the host's slow tasks hold it there): each VM's
-    restore is cancelled and its half-made VM removed before the command
-    exits 130 with `vmbackup: error: interrupted` (docs/flows.md); nothing
-    stays attached to the agent."""
+    attached to the agent: each VM's restore is cancelled and its half-made VM
+    removed before the command exits 130 with `vmbackup: error: interrupted`
+    (docs/flows.md); nothing stays attached to the agent."""
     import signal
 
-    lab = small_lab.lab
-    plan, repo = _plan(small_lab, tmp_path)
-    [point] = backup("--plan", str(plan), "--vm", "app01", env=env)
-    host = point["host"]
+    plan, point = app01_point
     with removed_afterwards(small_lab):
         for signum in (signal.SIGINT, signal.SIGTERM):
-            lab.set_faults(host=host, slow_ms=1500)
-            try:
-                p = subprocess.Popen(
-                    [sys.executable, "-m", "vmbackup", "restore", "--plan", str(plan), "--vm", "app01", "--json"],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                try:
-                    # Watch the lab (no sleeps) until the new VM exists with a disk on the agent.
-                    while p.poll() is None and not (
-                        "app01-restored" in _vsphere_vm_names(small_lab) and _attached(lab)
-                    ):
-                        pass
-                    assert p.poll() is None, "the restore ended before it was caught mid-way"
-                    p.send_signal(signum)
-                    out, err = p.communicate(timeout=300)
-                finally:
-                    p.kill()
-                    p.wait()
-            finally:
-                lab.set_faults(host=host)
             name = signal.Signals(signum).name
-            assert p.returncode == 130, (name, p.returncode, err)
-            assert "Traceback" not in err and out == "", (name, out, err)
-            assert err.strip().splitlines()[-1] == "vmbackup: error: interrupted", (name, err)
+            p = _restore_caught_mid_way(small_lab, plan, point["host"], env, lambda p, s=signum: p.send_signal(s))
+            assert p.returncode == 130, (name, p.returncode, p.stderr)
+            assert "Traceback" not in p.stderr and p.stdout == "", (name, p.stdout, p.stderr)
+            assert p.stderr.strip().splitlines()[-1] == "vmbackup: error: interrupted", (name, p.stderr)
             assert "app01-restored" not in _vsphere_vm_names(small_lab), name
-            assert _attached(lab) == 0, name
+            assert _attached(small_lab.lab) == 0, name
 
 
 def test_a_vm_restored_from_the_offsite_copy_once_the_repository_is_gone(small_lab, env, tmp_path):
