@@ -146,3 +146,22 @@ def test_summary_lists_the_disks_not_backed_up():
     md = reports.summary_markdown([row])
     assert "## Disks not backed up" in md and "| web01 | scsi0:1 | independent disk: not in snapshots |" in md
     assert "Disks not backed up" not in reports.summary_markdown([OK])
+
+
+RESTORED = {
+    "vm": "web01", "hypervisor": "vsphere", "source_hypervisor": "vsphere", "status": "ok", "point": "P1",
+    "restored_as": "web01-restored", "host": "esx1", "location": "esx1-local", "seconds": 12.34,
+    "bytes_written": 3_000_000, "vm_id": "5003-new", "transport": "hotadd", "agent": "agent1", "error": None,
+    "disks": [{"disk": "scsi0:0", "bytes_written": 3_000_000, "seconds": 2.0}],
+    "changes": ["network adapter 1: network LAN mapped to VM Network"],
+}  # fmt: skip
+
+
+def test_restore_summary_says_what_where_how_long_and_what_changed():
+    md = reports.restore_markdown([RESTORED, dict(RESTORED, vm="db01", restored_as="db01", in_place=True)], title="R")
+    assert "**2 of 2 VM(s) restored**" in md
+    assert "| web01 | web01-restored | P1 | esx1 | esx1-local | 12.3 s | ok |" in md
+    assert "- RTO 12.3 s" in md and "- new VM id 5003-new" in md and "- VM id 5003-new" in md
+    assert "- network adapter 1: network LAN mapped to VM Network" in md
+    failed = reports.restore_markdown([dict(RESTORED, status="failed", error="no room")], title="R")
+    assert "FAILED: no room" in failed and "0 of 1 VM(s) restored" in failed

@@ -570,6 +570,9 @@ def restore_markdown(rows: Sequence[Mapping[str, Any]], *, title: str, drill: bo
             f"{'; agent ' + str(r.get('agent')) if r.get('agent') else ''}"
         )
         lines.append(f"- RTO {r.get('seconds') or 0:.1f} s; {fmt_bytes(r.get('bytes_written') or 0)} written")
+        if r.get("vm_id"):
+            # the id a person finds the VM by in vCenter (instanceUuid) or Hyper-V (VM Id)
+            lines.append(f"- {'VM' if r.get('in_place') else 'new VM'} id {_md_cell(r['vm_id'])}")
         if drill or r.get("verified") is not None:
             verdict = {True: "equal to the backup", False: "DIFFERENT from the backup", None: "not compared"}
             lines.append(f"- disks read back: {verdict[r.get('verified')]}")
