@@ -131,6 +131,9 @@ func (l *Lab) build(ctx context.Context, c *vim25.Client) error {
 			}
 		}
 	}
+	if err := l.addPortGroups(ctx, hosts); err != nil {
+		return err
+	}
 	vmFolders := map[string]*object.Folder{"": folders.VmFolder}
 	for _, spec := range l.topo.VMs {
 		folder, err := vmFolder(ctx, vmFolders, spec.Folder)

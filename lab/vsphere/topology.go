@@ -36,6 +36,10 @@ type Topology struct {
 	// 127.0.0.1 make a certificate that does not name the address clients connect
 	// to, as an ESXi host's self-signed one reached by its IP address.
 	TLSNames []string `json:"tls_names"`
+	// PortGroups: the standard port groups every host has on its standard switch
+	// vSwitch0 besides the simulator's "VM Network" (network.go). Absent: one,
+	// "Isolated" (a network with no uplink, where restore drills go); [] for none.
+	PortGroups []string `json:"port_groups"`
 }
 
 type ClusterSpec struct {
@@ -154,6 +158,16 @@ func (t *Topology) normalize() error {
 		if n == "" {
 			return fmt.Errorf("topology: tls_names has an empty name")
 		}
+	}
+	if t.PortGroups == nil {
+		t.PortGroups = []string{DefaultIsolatedPortGroup}
+	}
+	pgs := map[string]bool{StockPortGroup: true}
+	for _, pg := range t.PortGroups {
+		if pg == "" || pgs[pg] {
+			return fmt.Errorf("topology: port_groups: %q is empty, repeated or the stock %q", pg, StockPortGroup)
+		}
+		pgs[pg] = true
 	}
 	hosts := t.hosts()
 	if t.Mode == "esxi" {

@@ -29,8 +29,9 @@ RESTORED_VMS = ["web01", "db01", "app01"]
 AGENT2 = "vmbackup-agent-esx2"
 # A port group of the datacenter that no ESXi host lists among its networks:
 # the network a VM was backed up on and the target host lacks (a restore to
-# another site); "VM Network" is on every host.
-LAN, VM_NETWORK = "LAN", "VM Network"
+# another site); "VM Network" and "Isolated" (the lab's port groups, docs/lab.md)
+# are on every host, "Isolated" is the drills' network.
+LAN, VM_NETWORK, ISOLATED = "LAN", "VM Network", "Isolated"
 CONTRACT = {"vm", "hypervisor", "status", "point", "restored_as", "host", "disks", "seconds", "error"}
 
 
@@ -236,9 +237,11 @@ def _check_restore_artifacts(env, plan, rows, macs) -> None:
 
 
 def _drill_plan(e2e, tmp_path):
-    # The drill's isolated network: the one the lab's hosts have; the VMs'
-    # own (LAN) is on none, so a drill VM is connected only if it was put there.
-    return _plan(e2e, tmp_path, drill={"vsphere": {"network": VM_NETWORK}, "sample": 2, "vms": VSPHERE_VMS})
+    # The drill's isolated network: the second of the two the lab's hosts have
+    # (not the first, where an adapter whose network is missing sits
+    # disconnected); the VMs' own (LAN) is on none, so a drill VM is on
+    # Isolated, connected, only if the drill mapped its network there.
+    return _plan(e2e, tmp_path, drill={"vsphere": {"network": ISOLATED}, "sample": 2, "vms": VSPHERE_VMS})
 
 
 def _drill_events(env: dict, wanted: dict[str, list[str]]) -> dict[tuple[str, str], object]:
@@ -311,14 +314,15 @@ def test_drill_passes_then_fails_when_the_lab_corrupts_a_restored_disk(small_lab
         drilled, passed = [], []
         for i, _ in enumerate(VSPHERE_VMS):
             if i == 0:
-                # db01's host's slow tasks hold the drill while its VM is read: on the plan's drill network.
+                # db01's host's slow tasks hold the drill while its VM is read: on the plan's drill network
+                # (Isolated, not the host's first network, VM Network), connected.
                 lab.set_faults(host="esx2", slow_ms=300)
                 try:
                     p, cards = _drill_watching_its_vm(small_lab, plan, env)
                 finally:
                     lab.set_faults(host="esx2")
                 assert p.returncode == 0, p.stderr
-                assert cards == [(VM_NETWORK, True)], cards
+                assert cards == [(ISOLATED, True)], cards
             else:
                 p = run("maintain", "drill", "--plan", str(plan), "--sample", "1", "--json", env=env)
             report = json.loads(p.stdout)
@@ -326,7 +330,7 @@ def test_drill_passes_then_fails_when_the_lab_corrupts_a_restored_disk(small_lab
             [r] = report["vms"]
             assert r["status"] == "ok" and r["verified"] is True and r["powered_on"] is True, r
             assert r["restored_as"].startswith(f"drill-{r['vm']}-") and r["seconds"] > 0, r
-            assert f"network adapter 1: network {LAN} mapped to {VM_NETWORK}" in r["changes"], r
+            assert f"network adapter 1: network {LAN} mapped to {ISOLATED}" in r["changes"], r
             drilled.append(r["vm"])
             passed.append(r)
         assert drilled == sorted(VSPHERE_VMS), drilled

@@ -22,6 +22,18 @@ def test_topology_has_cluster_hosts_datastores_vms_and_agents(si, lab):
         agent = find(si, vim.VirtualMachine, f"vmbackup-agent-{h}")
         assert agent.runtime.host.name == h
         assert agent.runtime.powerState == "poweredOn"
+        # Two standard port groups on vSwitch0 (the topology's default port_groups):
+        # one network each in vCenter, on every host.
+        host = find(si, vim.HostSystem, h)
+        assert [n.name for n in host.network] == ["VM Network", "Isolated"]
+        [switch] = host.configManager.networkSystem.networkInfo.vswitch
+        assert (switch.name, list(switch.portgroup)) == ("vSwitch0", ["VM Network", "Isolated"])
+        pgs = host.configManager.networkSystem.networkInfo.portgroup
+        assert [(p.spec.name, p.spec.vswitchName) for p in pgs][-1] == ("Isolated", "vSwitch0")
+    isolated = find(si, vim.Network, "Isolated")
+    assert sorted(h.name for h in isolated.host) == ["esx1", "esx2"]
+    assert sorted(n.name for n in cluster.network) == ["Isolated", "VM Network"]
+    assert sorted(n.name for n in cluster.parent.parent.network) == ["Isolated", "VM Network"]  # the datacenter's
     assert lab.agents == ["vmbackup-agent-esx1", "vmbackup-agent-esx2"]
     buses = {}
     for name in ("web01", "db01", "app01"):
