@@ -686,6 +686,17 @@ def _report(env: dict[str, str], flow_run_id, key: str) -> list[dict]:
     return json.loads(art.data) if isinstance(art.data, str) else art.data
 
 
+def _markdown(env: dict[str, str], flow_run_id, key: str) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    stack, client = _client(env)
+    with stack:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return next(a.data for a in arts if a.key == key)
+
+
 def _site_rows(env: dict[str, str], flow_run_id) -> list[dict]:
     return _report(env, flow_run_id, "vmbackup-site-report")
 
@@ -862,3 +873,43 @@ def test_missing_hyperv_secret_block_is_one_line_naming_it(site):
     held = _server_text(env) + p.stdout + p.stderr
     for secret in (site["password"], site["hyperv_password"]):
         assert secret not in held
+
+
+def test_restore_deployment_restores_on_the_worker_of_the_agent_that_reaches_the_host(site):
+    """`prefect deployment run restore_site/restore --watch`, the form a person
+    fills in the UI, on the control worker: a VM on esx2, which only agent
+    esx2 reaches (not esx1, the first agent), restored by a flow run of
+    restore_vm/<that agent> in that agent's pool on its worker, equal to its
+    point; the run's report has its row, naming the agent and its run."""
+    from vmbackup import _mover
+
+    lab, env = site["lab"], site["env"]
+    vm, agent, new = "s-db01", AGENTS[1], "s-db01-site"
+    if not any(i.vm == vm for i in _mover.list_backups(site["repository"])[0]):  # run alone: back up first
+        p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
+        assert p.returncode == 0, p.stdout + p.stderr
+    seen = {str(r.id) for a in AGENTS for r in _flow_runs(env, a)}
+    args = [PREFECT, "deployment", "run", "restore_site/restore", "--param", f'vms=["{vm}"]']
+    p = _run([*args, "--param", f"restored_as={new}", "--watch"], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+    (planner,) = _flow_runs(env, "restore")
+    assert planner.state.is_completed() and planner.work_pool_name == "vmbackup-control", planner.state
+    started = {a: [r for r in _flow_runs(env, a) if str(r.id) not in seen] for a in AGENTS}
+    assert started[AGENTS[0]] == [], started
+    (run,) = started[agent]
+    assert run.state.is_completed() and run.work_pool_name == agent, (run.work_pool_name, run.state)
+    assert run.parameters["agent"] == agent and run.parameters["vms"] == [vm], run.parameters
+    assert str(run.id) in site["workers"][agent][1].read_text()
+    assert str(run.id) not in site["workers"][AGENTS[0]][1].read_text()
+
+    (row,) = _report(env, planner.id, "vmbackup-restore-report")
+    assert row["status"] == "ok" and row["restored_as"] == new and row["host"] == "esx2", row
+    assert row["agent"] == agent and row["flow_run"] == str(run.id), row
+    summary = _markdown(env, planner.id, "vmbackup-restore-summary")
+    assert f"| {vm} | {new} | {row['point']} | esx2 |" in summary, summary
+    tmp = Path(site["plan"]).parent
+    image, point = tmp / f"site-restore-{new}.img", tmp / f"site-restore-{vm}-point.img"
+    lab.disk_image(new, "scsi0:0", image)
+    _mover.restore_disk(site["repository"], row["point"], str(point), disk="scsi0:0")
+    assert _sha(image) == _sha(point)
