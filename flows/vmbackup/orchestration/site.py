@@ -55,12 +55,15 @@ from .backup import (
     with_secret,
 )
 from .backup_vsphere import REPORT_KEY
+from .restore import DEFAULT_DRILL_DEADLINE as DRILL_DEADLINE
 from .restore import DEFAULT_VM_DEADLINE as RESTORE_DEADLINE
+from .restore import DRILL_KEYS
 from .restore import KEYS as RESTORE_KEYS
 
 DEFAULT_AGENT_DEPLOYMENT = "backup_vms/{agent}"
 VSPHERE_AGENT_DEPLOYMENT = "backup_vsphere_vms/{agent}"
 RESTORE_AGENT_DEPLOYMENT = "restore_vm/{agent}"
+DRILL_AGENT_DEPLOYMENT = "drill/{agent}"
 POLL_SECONDS = 2.0
 
 
@@ -254,7 +257,7 @@ def backup_vsphere_site(
 # --- a person's restore, each VM on the worker of an agent that reaches its target ---
 
 
-def _restore_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
+def _restore_rows(client: Any, run: Any, vms: list[str], key: str = RESTORE_KEYS.report) -> list[dict]:
     """The rows of one agent's restore run, from its table artifact (the
     ``restore_vm`` report); a VM it lacks failed, with the run's state and
     message as its reason (a restore that could not start: a name in use...)."""
@@ -264,7 +267,7 @@ def _restore_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
 
     arts = client.read_artifacts(
         artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[RESTORE_KEYS.report])
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[key])
         )
     )
     got: dict[str, dict] = {}
@@ -284,6 +287,42 @@ def _restore_rows(client: Any, run: Any, vms: list[str]) -> list[dict]:
             )
             out.append(results.empty_row(results.RestoreResult, vm=vm, status="failed", error=error))
     return out
+
+
+def _wait(client: Any, runs: dict[str, Any], log: Any) -> dict[str, Any]:
+    """The agents' runs, once each has ended."""
+    runs = dict(runs)
+    pending = dict(runs)
+    while pending:
+        for agent, run in list(pending.items()):
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                runs[agent] = run
+                del pending[agent]
+                log.info("%s: flow run %s ended %s", agent, run.name, run.state.name)
+        if pending:
+            time.sleep(POLL_SECONDS)
+    return runs
+
+
+def _publish(keys: Any, rows: list[dict], agents: int, *, drill: bool) -> None:
+    """The site's restore (or drill) report: the agents' rows in one table
+    and one markdown, as ``restore_vm`` (or ``drill``) publishes them."""
+    if drill:
+        what = f"{sum(reports.drill_passed(r) for r in rows)} of {len(rows)} drill(s) passed over {agents} agent(s)"
+    else:
+        what = f"{sum(r.get('status') == 'ok' for r in rows)} of {len(rows)} VM(s) restored over {agents} agent(s)"
+    table = [
+        {**t, "agent": r.get("agent"), "flow_run": r.get("flow_run")}
+        for t, r in zip(reports.restore_table_rows(rows), rows, strict=True)
+    ]
+    reports.publish_table(keys.report, table, description=what)
+    reports.publish_markdown(
+        keys.summary,
+        f"{keys.title}: {what}",
+        reports.restore_markdown(rows, title=keys.title, drill=drill)
+        + "\n\nEach agent's flow run (under this one) has its VMs' full report: the disks, what was changed and why.\n",
+    )
 
 
 @flow(name="restore_site", log_prints=False, validate_parameters=True)
@@ -384,39 +423,83 @@ def restore_site(
 
     rows: list[dict] = []
     with get_client(sync_client=True) as client:
-        pending = dict(runs)
-        while pending:
-            for agent, run in list(pending.items()):
-                run = client.read_flow_run(run.id)
-                if run.state is not None and run.state.is_final():
-                    runs[agent] = run
-                    del pending[agent]
-                    log.info("%s: flow run %s ended %s", agent, run.name, run.state.name)
-            if pending:
-                time.sleep(POLL_SECONDS)
+        runs = _wait(client, runs, log)
         for agent, run in sorted(runs.items()):
             for r in _restore_rows(client, run, per_agent[agent]):
                 rows.append({**r, "agent": agent, "flow_run": str(run.id)})
     order = {j.vm: i for i, j in enumerate(jobs)}
     rows.sort(key=lambda r: order.get(r["vm"], 0))
-
-    ok = sum(r.get("status") == "ok" for r in rows)
-    what = f"{ok} of {len(rows)} VM(s) restored over {len(runs)} agent(s)"
-    reports.publish_table(
-        RESTORE_KEYS.report,
-        [
-            {**t, "agent": r["agent"], "flow_run": r["flow_run"]}
-            for t, r in zip(reports.restore_table_rows(rows), rows, strict=True)
-        ],
-        description=what,
-    )
-    reports.publish_markdown(
-        RESTORE_KEYS.summary,
-        f"{RESTORE_KEYS.title}: {what}",
-        reports.restore_markdown(rows, title=RESTORE_KEYS.title)
-        + "\n\nEach agent's flow run (under this one) has its VMs' full report: the disks, what was changed and why.\n",
-    )
+    _publish(RESTORE_KEYS, rows, len(runs), drill=False)
     failed = [r["vm"] for r in rows if r.get("status") != "ok"]
     if failed:
         raise VmsFailedError(f"{len(failed)} of {len(rows)} restore(s) failed: {', '.join(failed)}")
     return rows
+
+
+@flow(name="drill_site", log_prints=False, validate_parameters=True)
+def drill_site(
+    plan_path: str,
+    vms: list[str] | None = None,
+    sample: int | None = None,
+    vm_deadline_seconds: float | None = DRILL_DEADLINE,
+    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    password_secret: str | None = None,
+    hyperv_password_secret: str | None = None,
+    agent_deployment: str = DRILL_AGENT_DEPLOYMENT,
+) -> dict:
+    """A restore drill over the site: the VMs chosen here (``drill``'s
+    sample, the least recently drilled first), each given an agent that
+    reaches its drill target's host, each agent's VMs drilled in a flow run
+    of ``agent_deployment`` (a ``drill`` deployment in that agent's pool)
+    with ``record`` off; their rows collected into one report, the drill
+    record written once here. Returns ``drill``'s report; raises
+    ``DrillFailedError`` when a drill failed or an agent's run did not
+    complete."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run
+
+    from ..keys import unlock_plan_repository
+    from ..plan import load_plan
+    from .restore import drill_jobs, finish_drill
+
+    log = get_run_logger()
+    plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    unlock_plan_repository(plan)
+    run_id = str(flow_run.get_id() or f"local{int(time.time())}")
+    chosen, jobs, early = drill_jobs(plan, vms, sample, list(plan.agents), run_id)
+    per_agent: dict[str, list[str]] = {}
+    for j in jobs:
+        per_agent.setdefault(j.agent.name, []).append(j.vm)
+    log.info("drilling %s", ", ".join(chosen))
+
+    runs = {}
+    for agent, names in sorted(per_agent.items()):
+        name = agent_deployment.format(agent=agent)
+        parameters = {
+            "plan_path": plan_path,
+            "vms": names,
+            "vm_deadline_seconds": vm_deadline_seconds,
+            "lease_seconds": lease_seconds,
+            "password_secret": password_secret,
+            "hyperv_password_secret": hyperv_password_secret,
+            "agent": agent,
+            "record": False,
+        }
+        runs[agent] = run_deployment(
+            name=name, parameters=parameters, timeout=0, flow_run_name=f"{agent}: drill {', '.join(names)}"
+        )
+        log.info("%s: drilling %s in flow run %s of %s", agent, ", ".join(names), runs[agent].name, name)
+
+    rows: list[dict] = list(early)
+    with get_client(sync_client=True) as client:
+        runs = _wait(client, runs, log)
+        for agent, run in sorted(runs.items()):
+            for r in _restore_rows(client, run, per_agent[agent], DRILL_KEYS.report):
+                # A drill's row is ok only when its disks compared equal (restore_one verify=True).
+                verified = True if r.get("status") == "ok" else r.get("verified")
+                rows.append({**r, "verified": verified, "agent": agent, "flow_run": str(run.id)})
+    order = {vm: i for i, vm in enumerate(chosen)}
+    rows.sort(key=lambda r: order.get(r["vm"], 0))
+    _publish(DRILL_KEYS, rows, len(runs), drill=True)
+    return finish_drill(plan, rows, run_id)
