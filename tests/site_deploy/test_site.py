@@ -34,6 +34,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ S3_SECRET = "s3-credentials-site"  # named by the plan's copy.credentials_secret
 HV_HOST = "hvs1"
 LIMITS = {"per_agent": 2, "per_host": 1, "per_datastore": 2, "disks_per_vm": 2}
 AGENTS = ["vmbackup-agent-esx1", "vmbackup-agent-esx2"]  # the lab's, and deployments/prefect.yaml's
-DRILL_VMS = ["s-web01", "s-web03", "s-win02"]  # on esx1 and hvs1: reached by agent esx1, the drill's
+DRILL_VMS = ["s-web01", "s-web03", "s-win02"]  # on esx1 (agent esx1's) and hvs1 (both agents reach it)
 
 
 def _free_port() -> int:
@@ -219,7 +220,7 @@ def site(tmp_path_factory):
             {**{k: v for k, v in h.items() if k != "password_env"}, "password_secret": HV_SECRET}
             for h in plan["hyperv"]
         ]
-        # Restore drills (the drill deployment runs on agent esx1's worker: VMs it reaches).
+        # Restore drills (drill_site gives each VM an agent that reaches its host).
         plan["drill"] = {
             "vsphere": {"network": "VM Network"},
             "hyperv": {"switch": "Isolated"},
@@ -385,6 +386,12 @@ def _final_runs(env: dict[str, str], deployment: str, n: int, timeout: float = 3
         if sum(r.state is not None and r.state.is_final() for r in runs) >= n or time.monotonic() > deadline:
             return runs
         time.sleep(1)
+
+
+def _flow_run(env: dict[str, str], flow_run_id: str):
+    stack, client = _client(env)
+    with stack:
+        return client.read_flow_run(uuid.UUID(flow_run_id))
 
 
 def _hyperv_host(lab):
@@ -581,9 +588,9 @@ def test_no_entry_without_the_credentials(site):
 
 
 def test_drill_deployment_passes_then_fails_on_a_corrupted_restore(site):
-    """`prefect deployment run drill/drill --watch` as CI runs it: the drill VMs
-    restored on the isolated network and switch, equal to their backups,
-    removed; then, with the lab corrupting what a restore writes on esx1, the
+    """`prefect deployment run drill_site/drill --watch` as CI runs it: the drill VMs
+    restored on the isolated network and switch, each by an agent that reaches
+    its host, equal to their backups, removed; then, with the lab corrupting what a restore writes on esx1, the
     run fails and names the VM."""
     from vmbackup import _mover
 
@@ -593,7 +600,7 @@ def test_drill_deployment_passes_then_fails_on_a_corrupted_restore(site):
         p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
         assert p.returncode == 0, p.stdout + p.stderr
     before = sorted(v["name"] for v in lab.status()["vms"]), sorted(_hyperv_host(lab).vm_names())
-    p = _run([PREFECT, "deployment", "run", "drill/drill", "--watch"], env)
+    p = _run([PREFECT, "deployment", "run", "drill_site/drill", "--watch"], env)
     assert p.returncode == 0, p.stdout + p.stderr
     record = json.loads((Path(site["repository"]) / "drills.json").read_text())["vms"]
     assert sorted(record) == sorted(DRILL_VMS) and all(r["passed"] for r in record.values()), record
@@ -601,10 +608,14 @@ def test_drill_deployment_passes_then_fails_on_a_corrupted_restore(site):
     [run] = [r for r in _flow_runs(env, "drill") if r.state.is_completed()]
     rows = {r["vm"]: r for r in _report(env, run.id, "vmbackup-drill-report")}
     assert sorted(rows) == sorted(DRILL_VMS) and all(r["status"] == "ok" and r["seconds"] > 0 for r in rows.values())
+    # esx1's VMs by its agent; the Hyper-V VM by the less loaded one, esx2's.
+    agents = {vm: AGENTS[vm == "s-win02"] for vm in DRILL_VMS}
+    assert {vm: r["agent"] for vm, r in rows.items()} == agents, rows
+    assert all(_flow_run(env, r["flow_run"]).work_pool_name == r["agent"] for r in rows.values()), rows
 
     lab.set_faults(host="esx1", corrupt_restore=True)
     try:
-        p = _run([PREFECT, "deployment", "run", "drill/drill", "--param", 'vms=["s-web01"]', "--watch"], env)
+        p = _run([PREFECT, "deployment", "run", "drill_site/drill", "--param", 'vms=["s-web01"]', "--watch"], env)
     finally:
         lab.set_faults(host="esx1")
     assert p.returncode == 1, p.stdout + p.stderr
@@ -684,6 +695,17 @@ def _report(env: dict[str, str], flow_run_id, key: str) -> list[dict]:
         )
     art = next(a for a in arts if a.key == key)
     return json.loads(art.data) if isinstance(art.data, str) else art.data
+
+
+def _markdown(env: dict[str, str], flow_run_id, key: str) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    stack, client = _client(env)
+    with stack:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return next(a.data for a in arts if a.key == key)
 
 
 def _site_rows(env: dict[str, str], flow_run_id) -> list[dict]:
@@ -862,3 +884,43 @@ def test_missing_hyperv_secret_block_is_one_line_naming_it(site):
     held = _server_text(env) + p.stdout + p.stderr
     for secret in (site["password"], site["hyperv_password"]):
         assert secret not in held
+
+
+def test_restore_deployment_restores_on_the_worker_of_the_agent_that_reaches_the_host(site):
+    """`prefect deployment run restore_site/restore --watch`, the form a person
+    fills in the UI, on the control worker: a VM on esx2, which only agent
+    esx2 reaches (not esx1, the first agent), restored by a flow run of
+    restore_vm/<that agent> in that agent's pool on its worker, equal to its
+    point; the run's report has its row, naming the agent and its run."""
+    from vmbackup import _mover
+
+    lab, env = site["lab"], site["env"]
+    vm, agent, new = "s-db01", AGENTS[1], "s-db01-site"
+    if not any(i.vm == vm for i in _mover.list_backups(site["repository"])[0]):  # run alone: back up first
+        p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
+        assert p.returncode == 0, p.stdout + p.stderr
+    seen = {str(r.id) for a in AGENTS for r in _flow_runs(env, a)}
+    args = [PREFECT, "deployment", "run", "restore_site/restore", "--param", f'vms=["{vm}"]']
+    p = _run([*args, "--param", f"restored_as={new}", "--watch"], env)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+    (planner,) = _flow_runs(env, "restore")
+    assert planner.state.is_completed() and planner.work_pool_name == "vmbackup-control", planner.state
+    started = {a: [r for r in _flow_runs(env, a) if str(r.id) not in seen] for a in AGENTS}
+    assert started[AGENTS[0]] == [], started
+    (run,) = started[agent]
+    assert run.state.is_completed() and run.work_pool_name == agent, (run.work_pool_name, run.state)
+    assert run.parameters["agent"] == agent and run.parameters["vms"] == [vm], run.parameters
+    assert str(run.id) in site["workers"][agent][1].read_text()
+    assert str(run.id) not in site["workers"][AGENTS[0]][1].read_text()
+
+    (row,) = _report(env, planner.id, "vmbackup-restore-report")
+    assert row["status"] == "ok" and row["restored_as"] == new and row["host"] == "esx2", row
+    assert row["agent"] == agent and row["flow_run"] == str(run.id), row
+    summary = _markdown(env, planner.id, "vmbackup-restore-summary")
+    assert f"| {vm} | {new} | {row['point']} | esx2 |" in summary, summary
+    tmp = Path(site["plan"]).parent
+    image, point = tmp / f"site-restore-{new}.img", tmp / f"site-restore-{vm}-point.img"
+    lab.disk_image(new, "scsi0:0", image)
+    _mover.restore_disk(site["repository"], row["point"], str(point), disk="scsi0:0")
+    assert _sha(image) == _sha(point)

@@ -406,6 +406,58 @@ def drill_choice(plan: Any, vms: Sequence[str] | None, sample: int | None) -> li
     return restore_input.drill_sample(sorted(candidates), last, sample or plan.drill.sample)
 
 
+def drill_jobs(
+    plan: Any, vms: Sequence[str] | None, sample: int | None, agents: Sequence[Any], run_id: str
+) -> tuple[list[str], list[RestoreJob], list[dict]]:
+    """What a drill takes: the VMs chosen, their jobs (under drill names, each
+    given an agent of ``agents`` that reaches its target host, the least
+    loaded) and the failed rows of those that cannot be drilled (a VM the
+    user named that cannot: ``RestoreInputError``)."""
+    if plan.drill is None:
+        raise InvalidInputError("the plan has no drill: section (where drill VMs go: docs/plan.md)")
+    if sample is not None and sample < 1:
+        raise InvalidInputError("sample must be at least 1")
+    chosen = drill_choice(plan, vms, sample)
+    if not chosen:
+        raise NothingSelectedError(
+            f"the repository has no backup point of a VM the drill takes ({', '.join(plan.drill.vms)})"
+        )
+    jobs: list[RestoreJob] = []
+    early: list[dict] = []
+    for vm in chosen:
+        try:
+            job = restore_input.resolve(plan, [vm], assign=False)[0]
+            restore_input.drill_requests(plan, [job], run_id)
+            restore_input.assign_agents([job], agents)  # one no agent reaches fails here
+            jobs.append(job)
+        except RestoreInputError as e:
+            if vms:  # the user named it: bad input
+                raise
+            early.append(results.empty_row(results.RestoreResult, vm=vm, status="failed", error=str(e)))
+    restore_input.assign_agents(jobs, agents)  # spread over the agents that reach them
+    return chosen, jobs, early
+
+
+def finish_drill(plan: Any, rows: list[dict], run_id: str, *, record: bool = True) -> dict:
+    """The drill record updated (``record``), then the report; raises
+    ``DrillFailedError`` with it when a drill failed."""
+    if record:
+        state = restore_input.load_drill_state(str(plan.repository))
+        now = time.time()
+        for r in rows:
+            state[r["vm"]] = {"unix": now, "point": r.get("point"), "passed": reports.drill_passed(r), "run": run_id}
+        try:
+            restore_input.save_drill_state(str(plan.repository), state)
+        except OSError as e:
+            get_run_logger().warning("could not record the drill in the repository: %s", e)
+    passed = [r["vm"] for r in rows if reports.drill_passed(r)]
+    failed = [r["vm"] for r in rows if not reports.drill_passed(r)]
+    report = {"vms": rows, "passed": passed, "failed": failed, "repository": str(plan.repository)}
+    if failed:
+        raise DrillFailedError(f"{len(failed)} of {len(rows)} drill(s) failed: {', '.join(failed)}", report)
+    return report
+
+
 def run_drill(
     plan: Any,
     vms: Sequence[str] | None,
@@ -413,33 +465,14 @@ def run_drill(
     vm_deadline_seconds: float | None,
     lease_seconds: float,
     agent: str | None = None,
+    record: bool = True,
 ) -> dict:
     """The body of ``drill``: choose, restore into the isolated target,
     compare, remove, record, report."""
     log = get_run_logger()
-    if plan.drill is None:
-        raise InvalidInputError("the plan has no drill: section (where drill VMs go: docs/plan.md)")
-    if sample is not None and sample < 1:
-        raise InvalidInputError("sample must be at least 1")
     usable = only_agent(plan, agent)
-    chosen = drill_choice(plan, vms, sample)
-    if not chosen:
-        raise NothingSelectedError(
-            f"the repository has no backup point of a VM the drill takes ({', '.join(plan.drill.vms)})"
-        )
     run_id = str(flow_run.get_id() or f"local{int(time.time())}")
-    jobs: list[RestoreJob] = []
-    early: list[dict] = []
-    for vm in chosen:
-        try:
-            job = restore_input.resolve(plan, [vm], assign=False)[0]
-            restore_input.drill_requests(plan, [job], run_id)
-            restore_input.assign_agents([job], usable)
-            jobs.append(job)
-        except RestoreInputError as e:
-            if vms:  # the user named it: bad input
-                raise
-            early.append(results.empty_row(results.RestoreResult, vm=vm, status="failed", error=str(e)))
+    chosen, jobs, early = drill_jobs(plan, vms, sample, usable, run_id)
     log.info("drilling %s", ", ".join(chosen))
     rows = run_restores(
         plan,
@@ -450,20 +483,7 @@ def run_drill(
         lease_seconds=lease_seconds,
         early=early,
     )
-    state = restore_input.load_drill_state(str(plan.repository))
-    now = time.time()
-    for r in rows:
-        state[r["vm"]] = {"unix": now, "point": r.get("point"), "passed": reports.drill_passed(r), "run": run_id}
-    try:
-        restore_input.save_drill_state(str(plan.repository), state)
-    except OSError as e:
-        log.warning("could not record the drill in the repository: %s", e)
-    passed = [r["vm"] for r in rows if reports.drill_passed(r)]
-    failed = [r["vm"] for r in rows if not reports.drill_passed(r)]
-    report = {"vms": rows, "passed": passed, "failed": failed, "repository": str(plan.repository)}
-    if failed:
-        raise DrillFailedError(f"{len(failed)} of {len(rows)} drill(s) failed: {', '.join(failed)}", report)
-    return report
+    return finish_drill(plan, rows, run_id, record=record)
 
 
 @flow(name="drill", flow_run_name=reports.run_name("drill"), log_prints=False, validate_parameters=True)
@@ -476,6 +496,7 @@ def drill(
     password_secret: str | None = None,
     hyperv_password_secret: str | None = None,
     agent: str | None = None,
+    record: bool = True,
 ) -> dict:
     """A restore drill: the newest point of a sample of VMs restored under a
     drill name into the plan's isolated target (``drill:``), its disks
@@ -490,6 +511,8 @@ def drill(
         password_secret: the name of the Secret block with the vSphere password (not a password).
         hyperv_password_secret: the same for every Hyper-V host.
         agent: only this agent of the plan writes and reads the disks (a deployment run on its worker).
+        record: update the repository's drill record (a site's drill, ``drill_site``, records its
+            agents' runs once itself).
 
     Returns ``{"vms": [rows], "passed": [...], "failed": [...]}``; raises
     ``DrillFailedError`` (with that report) when a drill failed, after the
@@ -500,7 +523,7 @@ def drill(
 
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
     unlock_plan_repository(plan)  # once per run, as restore_vm
-    return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds, agent)
+    return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds, agent, record)
 
 
-__all__ = ["restore_vm", "drill", "run_restores", "run_drill", "DrillFailedError"]
+__all__ = ["restore_vm", "drill", "run_restores", "run_drill", "drill_jobs", "finish_drill", "DrillFailedError"]

@@ -20,6 +20,13 @@ that protects nothing fails it before any agent's run starts (``select``
 raises: a name no hypervisor has, or a selection matching no VM), so the
 ``vmbackup-nightly-failed`` automation (deployments/automations.yaml)
 alerts on it.
+
+``restore_site`` is the same for a person's restore (the ``restore``
+deployment, run from the UI's form): the points are read and every VM given
+the agent that reaches its target host (``restore_input.assign_agents``, as
+``restore_vm`` gives them), then each agent's VMs are restored in a flow run
+of ``restore_vm/<agent>`` on that agent's worker, and their rows collected
+into one report (table and markdown, as ``restore_vm``'s).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from . import limits, reports
+from . import limits, reports, restore_input
 from .backup import (
     DEFAULT_VM_DEADLINE,
     HYPERV,
@@ -48,9 +55,15 @@ from .backup import (
     with_secret,
 )
 from .backup_vsphere import REPORT_KEY
+from .restore import DEFAULT_DRILL_DEADLINE as DRILL_DEADLINE
+from .restore import DEFAULT_VM_DEADLINE as RESTORE_DEADLINE
+from .restore import DRILL_KEYS
+from .restore import KEYS as RESTORE_KEYS
 
 DEFAULT_AGENT_DEPLOYMENT = "backup_vms/{agent}"
 VSPHERE_AGENT_DEPLOYMENT = "backup_vsphere_vms/{agent}"
+RESTORE_AGENT_DEPLOYMENT = "restore_vm/{agent}"
+DRILL_AGENT_DEPLOYMENT = "drill/{agent}"
 POLL_SECONDS = 2.0
 
 
@@ -239,3 +252,254 @@ def backup_vsphere_site(
         (VSPHERE,),
         report_key="vmbackup-vsphere-site-report",
     )
+
+
+# --- a person's restore, each VM on the worker of an agent that reaches its target ---
+
+
+def _restore_rows(client: Any, run: Any, vms: list[str], key: str = RESTORE_KEYS.report) -> list[dict]:
+    """The rows of one agent's restore run, from its table artifact (the
+    ``restore_vm`` report); a VM it lacks failed, with the run's state and
+    message as its reason (a restore that could not start: a name in use...)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from .. import results
+
+    arts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=[key])
+        )
+    )
+    got: dict[str, dict] = {}
+    for art in arts:
+        data = json.loads(art.data) if isinstance(art.data, str) else art.data
+        for r in data or []:
+            got[r["vm"]] = r
+    state = run.state.name if run.state else "unknown"
+    why = " ".join(((run.state.message if run.state else None) or "").split())
+    out = []
+    for vm in vms:
+        if vm in got:
+            out.append(got[vm])
+        else:
+            error = f"the agent's flow run {run.name} ended {state} without restoring {vm}" + (
+                f": {why}" if why else ""
+            )
+            out.append(results.empty_row(results.RestoreResult, vm=vm, status="failed", error=error))
+    return out
+
+
+def _wait(client: Any, runs: dict[str, Any], log: Any) -> dict[str, Any]:
+    """The agents' runs, once each has ended."""
+    runs = dict(runs)
+    pending = dict(runs)
+    while pending:
+        for agent, run in list(pending.items()):
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                runs[agent] = run
+                del pending[agent]
+                log.info("%s: flow run %s ended %s", agent, run.name, run.state.name)
+        if pending:
+            time.sleep(POLL_SECONDS)
+    return runs
+
+
+def _publish(keys: Any, rows: list[dict], agents: int, *, drill: bool) -> None:
+    """The site's restore (or drill) report: the agents' rows in one table
+    and one markdown, as ``restore_vm`` (or ``drill``) publishes them."""
+    if drill:
+        what = f"{sum(reports.drill_passed(r) for r in rows)} of {len(rows)} drill(s) passed over {agents} agent(s)"
+    else:
+        what = f"{sum(r.get('status') == 'ok' for r in rows)} of {len(rows)} VM(s) restored over {agents} agent(s)"
+    table = [
+        {**t, "agent": r.get("agent"), "flow_run": r.get("flow_run")}
+        for t, r in zip(reports.restore_table_rows(rows), rows, strict=True)
+    ]
+    reports.publish_table(keys.report, table, description=what)
+    reports.publish_markdown(
+        keys.summary,
+        f"{keys.title}: {what}",
+        reports.restore_markdown(rows, title=keys.title, drill=drill)
+        + "\n\nEach agent's flow run (under this one) has its VMs' full report: the disks, what was changed and why.\n",
+    )
+
+
+@flow(name="restore_site", log_prints=False, validate_parameters=True)
+def restore_site(
+    plan_path: str,
+    vms: list[str],
+    point: str | None = None,
+    before: str | None = None,
+    restored_as: str | None = None,
+    host: str | None = None,
+    datastore: str | None = None,
+    path: str | None = None,
+    network_map: dict[str, str] | None = None,
+    power_on: bool = False,
+    in_place: bool = False,
+    folder: str | None = None,
+    resource_pool: str | None = None,
+    repo: str | None = None,
+    vm_deadline_seconds: float | None = RESTORE_DEADLINE,
+    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    password_secret: str | None = None,
+    hyperv_password_secret: str | None = None,
+    agent_deployment: str = RESTORE_AGENT_DEPLOYMENT,
+) -> list[dict]:
+    """Restore VMs from their backup points, each on the worker of an agent
+    that reaches its target host: the form of ``restore_vm`` (the same
+    parameters but ``agent`` and ``fail_on_error``), then each agent's VMs
+    in a flow run of ``agent_deployment`` (``{agent}`` is the agent's name; a
+    ``restore_vm`` deployment in that agent's work pool).
+
+    The request is checked here against the repository (an unknown VM or
+    point, --point or --as with several VMs, a host no agent reaches: one
+    line, nothing started); each agent's run then checks its VMs on their
+    targets before it makes anything (a name in use fails that agent's
+    run). Returns every VM's row (``results.RestoreResult`` plus ``flow_run``,
+    the agent's run), in one table and one markdown report; fails when any
+    VM failed or an agent's run did not complete."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from ..plan import load_plan
+
+    log = get_run_logger()
+    source = restore_input.restore_source(
+        with_secret(load_plan(plan_path), password_secret, hyperv_password_secret), repo
+    )
+    plan = source.plan
+    jobs = restore_input.resolve(
+        plan,
+        vms,
+        point=point,
+        before=restore_input.parse_before(before),
+        restored_as=restored_as,
+        host=host,
+        datastore=datastore,
+        path=path,
+        network_map=network_map,
+        power_on=power_on,
+        in_place=in_place,
+        folder=folder,
+        resource_pool=resource_pool,
+        assign=False,
+    )
+    restore_input.assign_agents(jobs, list(plan.agents))
+    per_agent: dict[str, list[str]] = {}
+    for j in jobs:
+        per_agent.setdefault(j.agent.name, []).append(j.vm)
+
+    runs = {}
+    for agent, names in sorted(per_agent.items()):
+        name = agent_deployment.format(agent=agent)
+        parameters = {
+            "plan_path": plan_path,
+            "vms": names,
+            "point": point,
+            "before": before,
+            "restored_as": restored_as,
+            "host": host,
+            "datastore": datastore,
+            "path": path,
+            "network_map": network_map,
+            "power_on": power_on,
+            "in_place": in_place,
+            "folder": folder,
+            "resource_pool": resource_pool,
+            "repo": repo,
+            "vm_deadline_seconds": vm_deadline_seconds,
+            "lease_seconds": lease_seconds,
+            "password_secret": password_secret,
+            "hyperv_password_secret": hyperv_password_secret,
+            "fail_on_error": True,
+            "agent": agent,
+        }
+        runs[agent] = run_deployment(
+            name=name, parameters=parameters, timeout=0, flow_run_name=f"{agent}: restore {', '.join(names)}"
+        )
+        log.info("%s: restoring %s in flow run %s of %s", agent, ", ".join(names), runs[agent].name, name)
+
+    rows: list[dict] = []
+    with get_client(sync_client=True) as client:
+        runs = _wait(client, runs, log)
+        for agent, run in sorted(runs.items()):
+            for r in _restore_rows(client, run, per_agent[agent]):
+                rows.append({**r, "agent": agent, "flow_run": str(run.id)})
+    order = {j.vm: i for i, j in enumerate(jobs)}
+    rows.sort(key=lambda r: order.get(r["vm"], 0))
+    _publish(RESTORE_KEYS, rows, len(runs), drill=False)
+    failed = [r["vm"] for r in rows if r.get("status") != "ok"]
+    if failed:
+        raise VmsFailedError(f"{len(failed)} of {len(rows)} restore(s) failed: {', '.join(failed)}")
+    return rows
+
+
+@flow(name="drill_site", log_prints=False, validate_parameters=True)
+def drill_site(
+    plan_path: str,
+    vms: list[str] | None = None,
+    sample: int | None = None,
+    vm_deadline_seconds: float | None = DRILL_DEADLINE,
+    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
+    password_secret: str | None = None,
+    hyperv_password_secret: str | None = None,
+    agent_deployment: str = DRILL_AGENT_DEPLOYMENT,
+) -> dict:
+    """A restore drill over the site: the VMs chosen here (``drill``'s
+    sample, the least recently drilled first), each given an agent that
+    reaches its drill target's host, each agent's VMs drilled in a flow run
+    of ``agent_deployment`` (a ``drill`` deployment in that agent's pool)
+    with ``record`` off; their rows collected into one report, the drill
+    record written once here. Returns ``drill``'s report; raises
+    ``DrillFailedError`` when a drill failed or an agent's run did not
+    complete."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run
+
+    from ..keys import unlock_plan_repository
+    from ..plan import load_plan
+    from .restore import drill_jobs, finish_drill
+
+    log = get_run_logger()
+    plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
+    unlock_plan_repository(plan)
+    run_id = str(flow_run.get_id() or f"local{int(time.time())}")
+    chosen, jobs, early = drill_jobs(plan, vms, sample, list(plan.agents), run_id)
+    per_agent: dict[str, list[str]] = {}
+    for j in jobs:
+        per_agent.setdefault(j.agent.name, []).append(j.vm)
+    log.info("drilling %s", ", ".join(chosen))
+
+    runs = {}
+    for agent, names in sorted(per_agent.items()):
+        name = agent_deployment.format(agent=agent)
+        parameters = {
+            "plan_path": plan_path,
+            "vms": names,
+            "vm_deadline_seconds": vm_deadline_seconds,
+            "lease_seconds": lease_seconds,
+            "password_secret": password_secret,
+            "hyperv_password_secret": hyperv_password_secret,
+            "agent": agent,
+            "record": False,
+        }
+        runs[agent] = run_deployment(
+            name=name, parameters=parameters, timeout=0, flow_run_name=f"{agent}: drill {', '.join(names)}"
+        )
+        log.info("%s: drilling %s in flow run %s of %s", agent, ", ".join(names), runs[agent].name, name)
+
+    rows: list[dict] = list(early)
+    with get_client(sync_client=True) as client:
+        runs = _wait(client, runs, log)
+        for agent, run in sorted(runs.items()):
+            for r in _restore_rows(client, run, per_agent[agent], DRILL_KEYS.report):
+                # A drill's row is ok only when its disks compared equal (restore_one verify=True).
+                verified = True if r.get("status") == "ok" else r.get("verified")
+                rows.append({**r, "verified": verified, "agent": agent, "flow_run": str(run.id)})
+    order = {vm: i for i, vm in enumerate(chosen)}
+    rows.sort(key=lambda r: order.get(r["vm"], 0))
+    _publish(DRILL_KEYS, rows, len(runs), drill=True)
+    return finish_drill(plan, rows, run_id)
