@@ -220,7 +220,7 @@ def site(tmp_path_factory):
             {**{k: v for k, v in h.items() if k != "password_env"}, "password_secret": HV_SECRET}
             for h in plan["hyperv"]
         ]
-        # Restore drills (drill_site gives each VM an agent that reaches its host).
+        # Restore drills (the site's drill gives each VM an agent that reaches its host).
         plan["drill"] = {
             "vsphere": {"network": "VM Network"},
             "hyperv": {"switch": "Isolated"},
@@ -588,7 +588,7 @@ def test_no_entry_without_the_credentials(site):
 
 
 def test_drill_deployment_passes_then_fails_on_a_corrupted_restore(site):
-    """`prefect deployment run drill_site/drill --watch` as CI runs it: the drill VMs
+    """`prefect deployment run drill/drill --watch` as CI runs it: the drill VMs
     restored on the isolated network and switch, each by an agent that reaches
     its host, equal to their backups, removed; then, with the lab corrupting what a restore writes on esx1, the
     run fails and names the VM."""
@@ -600,7 +600,7 @@ def test_drill_deployment_passes_then_fails_on_a_corrupted_restore(site):
         p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
         assert p.returncode == 0, p.stdout + p.stderr
     before = sorted(v["name"] for v in lab.status()["vms"]), sorted(_hyperv_host(lab).vm_names())
-    p = _run([PREFECT, "deployment", "run", "drill_site/drill", "--watch"], env)
+    p = _run([PREFECT, "deployment", "run", "drill/drill", "--watch"], env)
     assert p.returncode == 0, p.stdout + p.stderr
     record = json.loads((Path(site["repository"]) / "drills.json").read_text())["vms"]
     assert sorted(record) == sorted(DRILL_VMS) and all(r["passed"] for r in record.values()), record
@@ -615,7 +615,7 @@ def test_drill_deployment_passes_then_fails_on_a_corrupted_restore(site):
 
     lab.set_faults(host="esx1", corrupt_restore=True)
     try:
-        p = _run([PREFECT, "deployment", "run", "drill_site/drill", "--param", 'vms=["s-web01"]', "--watch"], env)
+        p = _run([PREFECT, "deployment", "run", "drill/drill", "--param", 'vms=["s-web01"]', "--watch"], env)
     finally:
         lab.set_faults(host="esx1")
     assert p.returncode == 1, p.stdout + p.stderr
@@ -887,7 +887,7 @@ def test_missing_hyperv_secret_block_is_one_line_naming_it(site):
 
 
 def test_restore_deployment_restores_on_the_worker_of_the_agent_that_reaches_the_host(site):
-    """`prefect deployment run restore_site/restore --watch`, the form a person
+    """`prefect deployment run restore_vm/restore --watch`, the form a person
     fills in the UI, on the control worker: a VM on esx2, which only agent
     esx2 reaches (not esx1, the first agent), restored by a flow run of
     restore_vm/<that agent> in that agent's pool on its worker, equal to its
@@ -900,7 +900,7 @@ def test_restore_deployment_restores_on_the_worker_of_the_agent_that_reaches_the
         p = _run([PREFECT, "deployment", "run", "backup_site/nightly", "--watch"], env)
         assert p.returncode == 0, p.stdout + p.stderr
     seen = {str(r.id) for a in AGENTS for r in _flow_runs(env, a)}
-    args = [PREFECT, "deployment", "run", "restore_site/restore", "--param", f'vms=["{vm}"]']
+    args = [PREFECT, "deployment", "run", "restore_vm/restore", "--param", f'vms=["{vm}"]']
     p = _run([*args, "--param", f"restored_as={new}", "--watch"], env)
     assert p.returncode == 0, p.stdout + p.stderr
 

@@ -313,6 +313,7 @@ def restore_vm(
     hyperv_password_secret: str | None = None,
     fail_on_error: bool = False,
     agent: str | None = None,
+    agent_deployment: str | None = None,
 ) -> list[dict]:
     """Restore VMs from their backup points, one task per VM, one report.
 
@@ -340,6 +341,10 @@ def restore_vm(
         hyperv_password_secret: the same for every Hyper-V host.
         fail_on_error: end the run Failed when a VM failed (after the report).
         agent: only this agent of the plan writes the disks (a deployment run on that agent's worker).
+        agent_deployment: a site's restore (the ``restore`` deployment, on the control pool): each VM is
+            restored by an agent that reaches its target host, each agent's VMs in a flow run of this
+            deployment (``{agent}``: the agent's name; ``restore_vm/{agent}``, in that agent's work
+            pool), their rows in one report (``site.restore_over_agents``); fails when any VM failed.
 
     Returns a row per VM (``results.RestoreResult``: ``vmbackup restore
     --json`` prints them). Raises ``RestoreInputError`` (exit 2) when a VM's
@@ -348,6 +353,30 @@ def restore_vm(
     """
     from ..plan import load_plan
 
+    if agent_deployment and agent is None:
+        from .site import restore_over_agents
+
+        return restore_over_agents(
+            plan_path,
+            vms,
+            point=point,
+            before=before,
+            restored_as=restored_as,
+            host=host,
+            datastore=datastore,
+            path=path,
+            network_map=network_map,
+            power_on=power_on,
+            in_place=in_place,
+            folder=folder,
+            resource_pool=resource_pool,
+            repo=repo,
+            vm_deadline_seconds=vm_deadline_seconds,
+            lease_seconds=lease_seconds,
+            password_secret=password_secret,
+            hyperv_password_secret=hyperv_password_secret,
+            agent_deployment=agent_deployment,
+        )
     # The points' repository (or its offsite copy's mirror), unlocked once per
     # run when encrypted: a missing or wrong passphrase fails the run here (exit 2).
     source = restore_input.restore_source(
@@ -466,6 +495,7 @@ def run_drill(
     lease_seconds: float,
     agent: str | None = None,
     record: bool = True,
+    agent_deployment: str | None = None,
 ) -> dict:
     """The body of ``drill``: choose, restore into the isolated target,
     compare, remove, record, report."""
@@ -497,6 +527,7 @@ def drill(
     hyperv_password_secret: str | None = None,
     agent: str | None = None,
     record: bool = True,
+    agent_deployment: str | None = None,
 ) -> dict:
     """A restore drill: the newest point of a sample of VMs restored under a
     drill name into the plan's isolated target (``drill:``), its disks
@@ -511,8 +542,12 @@ def drill(
         password_secret: the name of the Secret block with the vSphere password (not a password).
         hyperv_password_secret: the same for every Hyper-V host.
         agent: only this agent of the plan writes and reads the disks (a deployment run on its worker).
-        record: update the repository's drill record (a site's drill, ``drill_site``, records its
-            agents' runs once itself).
+        record: update the repository's drill record (a site's drill records its agents' runs
+            once itself).
+        agent_deployment: a site's drill (the ``drill`` deployment, on the control pool): the VMs
+            chosen here, each drilled by an agent that reaches its drill target, each agent's VMs in
+            a flow run of this deployment (``drill/{agent}``, in that agent's work pool), with
+            ``record`` off; one report, the drill record written once (``site.drill_over_agents``).
 
     Returns ``{"vms": [rows], "passed": [...], "failed": [...]}``; raises
     ``DrillFailedError`` (with that report) when a drill failed, after the
@@ -521,6 +556,19 @@ def drill(
     from ..keys import unlock_plan_repository
     from ..plan import load_plan
 
+    if agent_deployment and agent is None:
+        from .site import drill_over_agents
+
+        return drill_over_agents(
+            plan_path,
+            vms,
+            sample,
+            vm_deadline_seconds=vm_deadline_seconds,
+            lease_seconds=lease_seconds,
+            password_secret=password_secret,
+            hyperv_password_secret=hyperv_password_secret,
+            agent_deployment=agent_deployment,
+        )
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
     unlock_plan_repository(plan)  # once per run, as restore_vm
     return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds, agent, record)

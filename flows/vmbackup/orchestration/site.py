@@ -21,12 +21,15 @@ raises: a name no hypervisor has, or a selection matching no VM), so the
 ``vmbackup-nightly-failed`` automation (deployments/automations.yaml)
 alerts on it.
 
-``restore_site`` is the same for a person's restore (the ``restore``
-deployment, run from the UI's form): the points are read and every VM given
-the agent that reaches its target host (``restore_input.assign_agents``, as
-``restore_vm`` gives them), then each agent's VMs are restored in a flow run
-of ``restore_vm/<agent>`` on that agent's worker, and their rows collected
-into one report (table and markdown, as ``restore_vm``'s).
+``restore_over_agents`` is the same for a person's restore: the site's
+``restore`` deployment (run from the UI's form) runs ``restore_vm`` on the
+control pool with an ``agent_deployment``, and ``restore_vm`` hands over to
+it: the points are read and every VM given the agent that reaches its
+target host (``restore_input.assign_agents``, as ``restore_vm`` gives them),
+then each agent's VMs are restored in a flow run of ``restore_vm/<agent>``
+on that agent's worker, and their rows collected into one report (table and
+markdown, as ``restore_vm``'s). ``drill_over_agents`` does the same for the
+``drill`` deployment (``drill/<agent>``).
 """
 
 from __future__ import annotations
@@ -325,8 +328,7 @@ def _publish(keys: Any, rows: list[dict], agents: int, *, drill: bool) -> None:
     )
 
 
-@flow(name="restore_site", log_prints=False, validate_parameters=True)
-def restore_site(
+def restore_over_agents(
     plan_path: str,
     vms: list[str],
     point: str | None = None,
@@ -347,11 +349,11 @@ def restore_site(
     hyperv_password_secret: str | None = None,
     agent_deployment: str = RESTORE_AGENT_DEPLOYMENT,
 ) -> list[dict]:
-    """Restore VMs from their backup points, each on the worker of an agent
-    that reaches its target host: the form of ``restore_vm`` (the same
-    parameters but ``agent`` and ``fail_on_error``), then each agent's VMs
-    in a flow run of ``agent_deployment`` (``{agent}`` is the agent's name; a
-    ``restore_vm`` deployment in that agent's work pool).
+    """``restore_vm`` with an ``agent_deployment`` (the site's ``restore``
+    deployment, on the control pool): VMs restored from their backup points,
+    each on the worker of an agent that reaches its target host, each
+    agent's VMs in a flow run of ``agent_deployment`` (``{agent}`` is the
+    agent's name; a ``restore_vm`` deployment in that agent's work pool).
 
     The request is checked here against the repository (an unknown VM or
     point, --point or --as with several VMs, a host no agent reaches: one
@@ -436,8 +438,7 @@ def restore_site(
     return rows
 
 
-@flow(name="drill_site", log_prints=False, validate_parameters=True)
-def drill_site(
+def drill_over_agents(
     plan_path: str,
     vms: list[str] | None = None,
     sample: int | None = None,
@@ -447,7 +448,8 @@ def drill_site(
     hyperv_password_secret: str | None = None,
     agent_deployment: str = DRILL_AGENT_DEPLOYMENT,
 ) -> dict:
-    """A restore drill over the site: the VMs chosen here (``drill``'s
+    """``drill`` with an ``agent_deployment`` (the site's ``drill``
+    deployment, on the control pool): a restore drill over the site, the VMs chosen here (``drill``'s
     sample, the least recently drilled first), each given an agent that
     reaches its drill target's host, each agent's VMs drilled in a flow run
     of ``agent_deployment`` (a ``drill`` deployment in that agent's pool)
