@@ -55,7 +55,7 @@ test-rust:
 	cargo test -q -p vmbackup-mover
 
 test-python:
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 demo: dev
 	$(VENV)/bin/vmbackup demo --dir demo-output

@@ -32,21 +32,6 @@ REQUIRED_TOOLS = [
 ]
 
 
-# `make test` runs the tests on two pytest-xdist workers (`--dist loadgroup`).
-# The tests of a directory whose session fixtures start servers and labs (a
-# Prefect server, the vSphere simulator, Hyper-V hosts, SeaweedFS) stay on one
-# worker, so each is started once; the other tests go wherever a worker is free.
-SHARED_FIXTURE_DIRS = {"e2e", "site_deploy", "orchestration", "hyperv", "vsphere", "lab"}
-
-
-def pytest_collection_modifyitems(config, items):
-    tests = Path(__file__).parent
-    for item in items:
-        parts = Path(str(item.path)).relative_to(tests).parts
-        if len(parts) > 1 and parts[0] in SHARED_FIXTURE_DIRS:
-            item.add_marker(pytest.mark.xdist_group(parts[0]))
-
-
 def pytest_sessionstart(session):
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
