@@ -28,7 +28,11 @@ record key (``records.py``, docs/format.md §1.1), so whoever can write the
 repository cannot forge an entry that names a VM to destroy or a disk to
 detach: an entry that fails authentication is skipped by every reader
 (reconcile, the sweeper, restores), with one warning line, and nothing it
-names is touched. The heartbeat only sets the mtime, so it costs no sealing.
+names is touched. The heartbeat only sets the mtime, so it costs no sealing,
+and liveness needs no key: an entry that cannot be authenticated (swept
+without the passphrase, or altered) whose file is fresh still holds the VM
+its file name says (``Ledger.unread_holds``), so no reader removes what a
+live run it cannot read is using.
 """
 
 from __future__ import annotations
