@@ -137,3 +137,79 @@ def test_a_sealed_record_is_not_believed_in_an_unencrypted_repository(encrypted,
     shutil.copy(encrypted / DRILL_STATE, plain / DRILL_STATE)
     with pytest.raises(records.UntrustedRecord, match="sealed, but the repository is unencrypted"):
         records.decode(plain, plain / DRILL_STATE, (plain / DRILL_STATE).read_text())
+
+
+def test_a_deep_file_a_fifo_and_a_symlink_in_the_ledger_are_each_skipped_in_one_line(tmp_path, caplog):
+    """Read with bounds (records.read): JSON nested past the parser's depth, a
+    FIFO (which a plain read would wait on forever) and a symlink (here to
+    /dev/zero) are untrusted, one line each; the good entry is still read."""
+    repo = tmp_path / "plain"
+    ledger = Ledger(repo)
+    ledger.write(Entry(run_id="ok", vm="web01", vm_moref="vm-1"))
+    (ledger.dir / "deep--r1.json").write_text("[" * 200000)
+    os.mkfifo(ledger.dir / "fifo--r1.json")
+    os.symlink("/dev/zero", ledger.dir / "link--r1.json")
+    big = ledger.dir / "big--r1.json"
+    big.write_text(" " * (records.MAX_RECORD_BYTES + 1))
+    with caplog.at_level(logging.WARNING):
+        assert [e.run_id for e in ledger.entries()] == ["ok"]
+    lines = skipped(caplog)
+    assert len(lines) == 4 and all("\n" not in x for x in lines)
+    by = {n: next(x for x in lines if n in x) for n in ("deep", "fifo", "link", "big")}
+    assert "not JSON" in by["deep"] and "not a regular file" in by["fifo"]
+    assert "symlink" in by["link"] and "larger than a record" in by["big"]
+    # none of them holds a VM: only a regular file can be an entry
+    assert ledger.unread_holders() == ["big--r1.json", "deep--r1.json"]
+
+
+def test_a_drills_record_whose_vms_is_no_dict_restarts_the_rotation(tmp_path, caplog):
+    repo = tmp_path / "plain"
+    repo.mkdir()
+    (repo / DRILL_STATE).write_text(json.dumps({"version": 1, "vms": ["web01"]}))
+    with caplog.at_level(logging.WARNING):
+        assert load_drill_state(str(repo)) == {}
+    (repo / DRILL_STATE).write_text("[" * 200000)
+    assert load_drill_state(str(repo)) == {}
+
+
+KEYLESS = """
+import json, sys
+from vmbackup.vsphere.ledger import Ledger
+ledger = Ledger(sys.argv[1])
+print(json.dumps([len(ledger.entries()), ledger.untrusted(), ledger.unread_holds("web01")]))
+"""
+
+
+def test_a_sealed_entry_read_without_the_key_holds_its_vm_while_its_heartbeat_is_fresh(encrypted, tmp_path):
+    """Liveness needs no key: a sweeper without the passphrase (another process,
+    the repository never unlocked there) cannot read the entry, but its file's
+    mtime is fresh, so the VM its file name says is held; stale, it is not.
+    Altered, the same (reconcile of the VM is busy, without touching a hypervisor)."""
+    import subprocess
+    import sys
+    import time
+
+    from vmbackup.errors import HypervisorBusyError
+    from vmbackup.vsphere.ledger import CLOCK_SKEW_SECONDS, STALE_AFTER_SECONDS
+    from vmbackup.vsphere.reconcile import reconcile_vm
+
+    entry = Entry(run_id="r1", vm="web01", vm_moref="vm-17", pid=1, created_unix=time.time() - 6 * 3600)
+    entry.space = "another-boot/1"
+    Ledger(encrypted).write(entry)
+
+    def keyless():
+        out = subprocess.run(
+            [sys.executable, "-c", KEYLESS, str(encrypted)], capture_output=True, text=True, timeout=60, check=True
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert keyless() == [0, ["web01--r1.json"], "web01--r1.json"]
+    flip(entry.path)
+    ledger = Ledger(encrypted)
+    assert ledger.entries() == [] and ledger.unread_holds("web01") == "web01--r1.json"
+    assert ledger.unread_holds("web0") is None and ledger.unread_vm_names() == {"web01"}
+    with pytest.raises(HypervisorBusyError, match="web01--r1.json cannot be authenticated here"):
+        reconcile_vm(None, None, "web01", None, ledger, current_run=None)
+    t = time.time() - STALE_AFTER_SECONDS - CLOCK_SKEW_SECONDS - 30
+    os.utime(entry.path, (t, t))
+    assert ledger.unread_holds("web01") is None and keyless()[2] is None

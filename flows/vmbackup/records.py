@@ -17,6 +17,11 @@ sealed record copied under another name does not open. A record that does
 not open (altered, moved, plain JSON where a sealed one belongs, or the
 repository is locked in this process) is :class:`UntrustedRecord`: callers
 never act on it. An unencrypted repository keeps plain JSON, as before.
+
+Every reader reads a record with :func:`read`: a regular file, not followed
+through a symlink, opened without blocking (a FIFO never hangs it), of at most
+``MAX_RECORD_BYTES``; a JSON document nested too deeply for the parser is
+untrusted too, never an exception that stops the reader.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import base64
 import binascii
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,8 @@ from .errors import KeyRequiredError, NotFoundError, RepositoryError, TamperedRe
 ENVELOPE_FORMAT = "vmbackup-sealed-record"
 ENVELOPE_VERSION = 1
 AEAD = "aes-256-gcm"
+#: The largest record read: a ledger entry or the drills' record is a few KiB.
+MAX_RECORD_BYTES = 1 << 20
 
 
 class UntrustedRecord(Exception):
@@ -107,6 +115,60 @@ def encode(root: str | os.PathLike, path: Path, doc: Any, **dump: Any) -> str:
     return json.dumps(envelope)
 
 
+def _json(text: str | bytes) -> Any:
+    """``json.loads``; ``ValueError`` for anything it cannot parse, however deep or large."""
+    try:
+        return json.loads(text)
+    except (RecursionError, MemoryError) as err:
+        raise ValueError(f"{type(err).__name__}") from None
+
+
+def read_bytes(root: str | os.PathLike, path: Path) -> bytes:
+    """The bytes of the record at ``path``, read with bounds.
+
+    ``FileNotFoundError`` when there is none; ``UntrustedRecord`` for a
+    symlink, anything but a regular file (a FIFO, a device), a file larger
+    than ``MAX_RECORD_BYTES``, or one that cannot be read."""
+    name = name_of(root, path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if os.path.islink(path):
+            raise UntrustedRecord(f"{name}: a symlink, not a record") from None
+        raise UntrustedRecord(f"{name}: cannot be opened ({err.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedRecord(f"{name}: not a regular file")
+        if st.st_size > MAX_RECORD_BYTES:
+            raise UntrustedRecord(f"{name}: {st.st_size} bytes, larger than a record ({MAX_RECORD_BYTES})")
+        chunks = []
+        size = 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_RECORD_BYTES:
+                raise UntrustedRecord(f"{name}: larger than a record ({MAX_RECORD_BYTES} bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as err:
+        raise UntrustedRecord(f"{name}: cannot be read ({err.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def read(root: str | os.PathLike, path: Path) -> Any:
+    """The JSON document of the record at ``path`` (``read_bytes``, then ``decode``).
+
+    ``FileNotFoundError`` when there is none, ``UntrustedRecord`` when it
+    cannot be read within bounds or authenticated."""
+    return decode(root, path, read_bytes(root, path))
+
+
 def decode(root: str | os.PathLike, path: Path, text: str | bytes) -> Any:
     """The JSON document stored at ``path``; ``UntrustedRecord`` if it cannot be trusted."""
     name = name_of(root, path)
@@ -119,9 +181,9 @@ def decode(root: str | os.PathLike, path: Path, text: str | bytes) -> Any:
     except RepositoryError as err:
         raise UntrustedRecord(f"{name}: {err}") from None
     try:
-        doc = json.loads(text)
+        doc = _json(text)
     except ValueError:
-        raise UntrustedRecord(f"{name}: not JSON (torn or foreign)") from None
+        raise UntrustedRecord(f"{name}: not JSON (torn, foreign, or nested too deeply)") from None
     sealed = isinstance(doc, dict) and doc.get("format") == ENVELOPE_FORMAT
     if s is None:
         if sealed:
@@ -144,6 +206,6 @@ def decode(root: str | os.PathLike, path: Path, text: str | bytes) -> Any:
             f"{name}: fails authentication (altered, moved from another name, or sealed under another key)"
         )
     try:
-        return json.loads(plain)
+        return _json(plain)
     except ValueError:
         raise UntrustedRecord(f"{name}: authentic, but not JSON") from None

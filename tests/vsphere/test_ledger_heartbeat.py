@@ -237,3 +237,74 @@ def test_a_tampered_sealed_entry_is_skipped_by_sweep_and_reconcile_and_nothing_i
     finally:
         decoy.kill()
         decoy.wait()
+
+
+def _flip_sealed(path) -> None:
+    import base64
+
+    envelope = json.loads(path.read_text())
+    raw = bytearray(base64.b64decode(envelope["sealed"]))
+    raw[20] ^= 0x01
+    path.write_text(json.dumps(envelope | {"sealed": base64.b64encode(bytes(raw)).decode()}))
+
+
+def test_an_unreadable_entry_with_a_fresh_heartbeat_keeps_the_sweeper_from_its_vms_snapshot(
+    client, plan, tmp_path, caplog
+):
+    """A sealed entry the sweeper cannot authenticate (here altered; as well:
+    swept without the passphrase) may be a live 6-hour run's: its file's mtime
+    is fresh, so the VM its file name says is left whole (one line), though the
+    snapshot is older than the threshold. Once the mtime is stale it is swept."""
+    import logging
+
+    from vmbackup import _mover
+    from vmbackup.vsphere.sweep import sweep
+
+    repo = tmp_path / "enc"
+    _mover.init_repository(str(repo), key=os.urandom(32))
+    plan = plan.model_copy(update={"repository": repo})
+    info = vm_info(client, "crash01")
+    entry = Entry(run_id="unread1", vm="crash01", vm_moref=info.moref, pid=_dead_pid(), created_unix=time.time() - 7200)
+    entry.machine, entry.space = ELSEWHERE["machine"], ELSEWHERE["space"]
+    Ledger(repo).write(entry)
+    snapshots.create(
+        client.find_vm("crash01"), "crash01", "unread1", quiesce_policy="off", tools_running=True, timeout=60
+    )
+    _flip_sealed(entry.path)  # fresh mtime: the heartbeat of a live run
+
+    with caplog.at_level(logging.INFO):
+        sweep(client, plan, older_than_seconds=0)
+    assert _ours(client, "crash01") == [snapshots.snapshot_name("unread1")]
+    lines = [r.getMessage() for r in caplog.records if "heartbeat is fresh" in r.getMessage()]
+    assert lines == [
+        "VM crash01: skipped, ledger entry crash01--unread1.json cannot be authenticated here and its heartbeat is fresh"
+    ]
+
+    _backdate(entry, STALE + 30)  # the run is dead: its snapshot is swept, the entry it cannot read stays
+    sweep(client, plan, older_than_seconds=0)
+    assert _ours(client, "crash01") == [] and entry.path.exists()
+    entry.path.unlink()
+
+
+def test_a_forged_entry_naming_a_vm_that_is_no_clone_never_destroys_it(client, plan, tmp_path, caplog):
+    """A plain entry (an unencrypted repository, or one downgraded to it) whose
+    ``clones[].moref`` is another VM's: reconcile finds it by moref, sees its
+    name lacks the clone prefix, says so in one line and destroys nothing."""
+    import logging
+
+    from vmbackup.vsphere.inventory import CLONE_PREFIX
+    from vmbackup.vsphere.sweep import sweep
+
+    victim = vm_info(client, "off03")
+    info = vm_info(client, "crash01")
+    entry = Entry(run_id="forged1", vm="crash01", vm_moref=info.moref, pid=_dead_pid(), created_unix=time.time() - 7200)
+    entry.machine, entry.space = ELSEWHERE["machine"], ELSEWHERE["space"]
+    entry.clones = [{"name": f"{CLONE_PREFIX}crash01-forged1", "moref": victim.moref}]
+    Ledger(plan.repository).write(entry)
+    _backdate(entry, STALE + 30)
+
+    with caplog.at_level(logging.WARNING):
+        sweep(client, plan, older_than_seconds=0)
+    assert client.find_vm("off03") is not None and vm_info(client, "off03").moref == victim.moref
+    lines = [r.getMessage() for r in caplog.records if "lacks the prefix" in r.getMessage()]
+    assert len(lines) == 1 and "off03" in lines[0] and victim.moref in lines[0]

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -234,20 +235,38 @@ def _drop_entry(e: RestoreEntry, *, remove: bool) -> None:
         e.file.unlink(missing_ok=True)
 
 
-def restore_entries(repository: str | os.PathLike, host: str) -> list[RestoreEntry]:
+def restore_entries(repository: str | os.PathLike, host: str, *, unread: set[str] | None = None) -> list[RestoreEntry]:
+    """The host's restore entries that can be trusted. ``unread`` given, the
+    restore id (from the file name) of each entry that cannot be authenticated
+    here but is a regular file with a fresh heartbeat (its mtime) is added to
+    it: that restore may be running."""
     d = restore_ledger(repository)
     out = []
     for p in sorted(d.glob(f"hyperv--{host}--*.json")) if d.is_dir() else []:
         try:
-            e = RestoreEntry(**records.decode(repository, p, p.read_bytes()))
+            doc = records.read(repository, p)
+            if not isinstance(doc, dict):
+                raise records.UntrustedRecord(f"{records.name_of(repository, p)}: not a restore entry")
+            e = RestoreEntry(**doc)
         except records.UntrustedRecord as err:
             log.warning("restore ledger entry skipped, nothing it names is touched: %s", err)
+            if unread is not None and _fresh_file(p):
+                unread.add(p.name.removesuffix(".json")[len(f"hyperv--{host}--") :])
             continue
         except (OSError, ValueError, TypeError):
             continue  # a torn or foreign file: not ours to act on
         e.file = p
         out.append(e)
     return out
+
+
+def _fresh_file(p: Path) -> bool:
+    """A regular file whose mtime (the heartbeat) is within the liveness bound."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime <= STALE_AFTER_SECONDS + CLOCK_SKEW_SECONDS
 
 
 def undo(client: HypervClient, restore_id: str, *, keep_vm: bool = False) -> dict[str, Any]:
@@ -266,8 +285,8 @@ def sweep_restores(
     longest restore, as for backups). Returns one ``{"RunId", "Kind":
     "restore", "VMs", "Created", "Deleted": []}`` per restore undone."""
     removed: list[dict[str, Any]] = []
-    live = set()
-    for e in restore_entries(repository, host) if repository else []:
+    live: set[str] = set()  # restore ids that may be running; an unreadable entry with a fresh heartbeat too
+    for e in restore_entries(repository, host, unread=live) if repository else []:
         if e.alive():
             live.add(e.restore_id)
             continue

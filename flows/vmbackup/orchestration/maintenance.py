@@ -106,7 +106,9 @@ def _repository_of(plan_path: str, key_required: bool = True) -> str:
 def _unlock_for_sweep(plan: Any) -> None:
     """Unlocks an encrypted repository when the plan gives its passphrase: its
     ledger entries are sealed (records.py) and trusted only with the key.
-    Without one the sweep goes on with what the hypervisors show."""
+    Without one the sweep goes on with what the hypervisors show, and an entry
+    it cannot read whose heartbeat (the file's mtime) is fresh keeps its VM
+    busy (vsphere/ledger.py)."""
     from ..errors import KeyRequiredError
     from ..keys import unlock_plan_repository
 
@@ -115,7 +117,7 @@ def _unlock_for_sweep(plan: Any) -> None:
     except KeyRequiredError:
         get_run_logger().warning(
             "the repository is encrypted and the plan gives no passphrase: its ledger entries cannot be "
-            "authenticated and are skipped"
+            "authenticated and are skipped (a VM whose entry has a fresh heartbeat is left alone)"
         )
 
 

@@ -493,7 +493,7 @@ def load_drill_state(repository: str) -> dict[str, dict[str, Any]]:
     an encrypted repository) restarts the rotation, with a warning."""
     path = Path(repository) / DRILL_STATE
     try:
-        data = records.decode(repository, path, path.read_bytes())
+        data = records.read(repository, path)
     except FileNotFoundError:
         return {}
     except OSError as err:
@@ -503,7 +503,11 @@ def load_drill_state(repository: str) -> dict[str, dict[str, Any]]:
         log.warning("the drills' record is not trusted, the rotation starts again: %s", err)
         return {}
     vms = data.get("vms") if isinstance(data, dict) else None
-    return {k: v for k, v in (vms or {}).items() if isinstance(v, dict)}
+    if not isinstance(vms, dict):
+        if vms is not None or not isinstance(data, dict):
+            log.warning("the drills' record %s is not a drills' record: the rotation starts again", path)
+        return {}
+    return {k: v for k, v in vms.items() if isinstance(k, str) and isinstance(v, dict)}
 
 
 def save_drill_state(repository: str, state: dict[str, dict[str, Any]]) -> None:

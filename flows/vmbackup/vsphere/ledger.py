@@ -28,7 +28,11 @@ record key (``records.py``, docs/format.md §1.1), so whoever can write the
 repository cannot forge an entry that names a VM to destroy or a disk to
 detach: an entry that fails authentication is skipped by every reader
 (reconcile, the sweeper, restores), with one warning line, and nothing it
-names is touched. The heartbeat only sets the mtime, so it costs no sealing.
+names is touched. The heartbeat only sets the mtime, so it costs no sealing,
+and liveness needs no key: an entry that cannot be authenticated (swept
+without the passphrase, or altered) whose file is fresh still holds the VM
+its file name says (``Ledger.unread_holds``), so no reader removes what a
+live run it cannot read is using.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -241,6 +246,7 @@ class Ledger:
         self.root = Path(repository)
         self.dir = ledger_dir(repository)
         self._untrusted: set[str] = set()  # said once per ledger: skipped entries
+        self._unread: dict[str, Path] = {}  # the entries the last reads could not trust, by file name
 
     def path(self, run_id: str, vm: str, attempt: str | None = None) -> Path:
         # One file per attempt: a retry never overwrites what an earlier attempt left.
@@ -300,7 +306,9 @@ class Ledger:
         pattern = f"{_safe(vm)}--*.json" if vm is not None else "*.json"
         for p in sorted(self.dir.glob(pattern)):
             try:
-                d = records.decode(self.root, p, p.read_bytes())
+                d = records.read(self.root, p)
+                if not _well_formed(d):
+                    raise records.UntrustedRecord(f"{records.name_of(self.root, p)}: not a ledger entry")
                 d.setdefault("space", None)  # written before entries said where their pid runs
                 d.setdefault("restore", None)
                 d.setdefault("started", None)  # written before entries said when their process started
@@ -310,6 +318,7 @@ class Ledger:
                 continue
             except (OSError, ValueError, TypeError, AttributeError):
                 continue  # a torn or foreign file, or gone meanwhile: not ours to act on
+            self._unread.pop(p.name, None)
             if vm is not None and e.vm != vm:
                 continue
             e.path = p
@@ -318,6 +327,7 @@ class Ledger:
 
     def _skip(self, path: Path, why: str) -> None:
         """Says once per ledger (one line) that an entry is not acted upon."""
+        self._unread[path.name] = path
         if path.name in self._untrusted:
             return
         self._untrusted.add(path.name)
@@ -326,3 +336,55 @@ class Ledger:
     def untrusted(self) -> list[str]:
         """The names of the entries this ledger skipped as untrusted so far."""
         return sorted(self._untrusted)
+
+    def unread_holders(self, now: float | None = None) -> list[str]:
+        """The entries ``entries`` could not authenticate (sealed and read
+        without the key, altered, foreign) whose file is a regular file with a
+        fresh heartbeat (its mtime, within the bound a trusted entry's
+        liveness uses): the run that holds one may be alive, so the VMs its
+        file name may name are busy (``unread_holds``)."""
+        t = time.time() if now is None else now
+        out = []
+        for name, p in sorted(self._unread.items()):
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and t - st.st_mtime <= STALE_AFTER_SECONDS + CLOCK_SKEW_SECONDS:
+                out.append(name)
+        return out
+
+    def unread_holds(self, vm: str, now: float | None = None) -> str | None:
+        """The name of an unread entry with a fresh heartbeat whose file name is
+        one of ``vm``'s (``<safe vm>--*.json``), or None. Liveness needs no
+        key: the heartbeat is the file's mtime and the VM is in its name."""
+        prefix = f"{_safe(vm)}--"
+        return next((n for n in self.unread_holders(now) if n.startswith(prefix)), None)
+
+    def unread_vm_names(self, now: float | None = None) -> set[str]:
+        """Every safe VM name an unread entry with a fresh heartbeat may be of: its file
+        name up to each ``--`` (a VM's name may hold ``--`` itself)."""
+        out = set()
+        for n in self.unread_holders(now):
+            parts = n.removesuffix(".json").split("--")
+            out |= {"--".join(parts[:i]) for i in range(1, len(parts))}
+        return out
+
+
+def safe_name(name: str) -> str:
+    """A VM's name as it is in its ledger entries' file names."""
+    return _safe(name)
+
+
+_LISTS = ("attachments", "clones", "controllers", "nbd")
+
+
+def _well_formed(d: Any) -> bool:
+    """Whether an authentic document has the shape of an entry (the readers index into it)."""
+    if not isinstance(d, dict) or not isinstance(d.get("vm"), str) or not isinstance(d.get("run_id"), str):
+        return False
+    if not all(isinstance(x, dict) for k in _LISTS for x in (d.get(k) or [])):
+        return False
+    if not all(isinstance(d.get(k) or [], list) for k in _LISTS):
+        return False
+    return all(d.get(k) is None or isinstance(d.get(k), dict) for k in ("snapshot", "restore"))

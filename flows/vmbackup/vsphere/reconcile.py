@@ -152,6 +152,12 @@ def reconcile_vm(
         # Alive is a fresh heartbeat, whichever machine the run is on (ledger.py).
         if not current(e.run_id, e.attempt) and e.alive():
             raise HypervisorBusyError(f"VM {vm_name} is held by {e.holder()}")
+    unread = ledger.unread_holds(vm_name)
+    if unread is not None:  # liveness needs no key: the file's mtime is the heartbeat (ledger.py)
+        raise HypervisorBusyError(
+            f"VM {vm_name} may be held by a live run: ledger entry {unread} cannot be authenticated here "
+            "and its heartbeat is fresh"
+        )
     found: list[Leftover] = []
     removing = False  # a snapshot removal timed out and goes on: no consolidation now
 
@@ -189,6 +195,16 @@ def reconcile_vm(
         and c._moId not in theirs
         and clone_devices[c._moId][0] not in theirs
     ]
+    for c in [c for c in clones if not str(clone_devices[c._moId][0]).startswith(CLONE_PREFIX)]:
+        # a ledger entry names a VM that is no clone of ours (forged, or its moref reused): never destroyed
+        log.warning(
+            "VM %s: the ledger names VM %s (%s) as a clone, but its name lacks the prefix %s: not touched",
+            vm_name,
+            clone_devices[c._moId][0],
+            c._moId,
+            CLONE_PREFIX,
+        )
+        clones.remove(c)
     for c in clones:
         files |= {f for _, dev in disks_of(clone_devices[c._moId][1]) for f in chain_files(dev.backing)}
     agents = agent_objects(client, plan)
@@ -247,6 +263,10 @@ def remove_added_controllers(
         if e.alive() and e.path not in {x.path for x in entries}
         for c in e.controllers
     }
+    unread = ledger.unread_holders()
+    if unread:  # a live run's entry this process cannot read may name any of them
+        log.info("agent SCSI controllers kept: ledger entries %s cannot be authenticated here and are fresh", unread)
+        return []
     devices = _devices(client, agents)  # read again: the detaches above emptied them
     out: list[tuple[str, Any]] = []
     for agent in agents:

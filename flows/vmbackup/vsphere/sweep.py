@@ -4,7 +4,11 @@ It looks in three places: the ledger (runs that are dead: their heartbeat is
 stale, or their process is gone from this machine; see ledger.py), every VM's
 snapshot tree (our prefix and a run id in the description), and the
 inventory (our linked clones). A VM that a live run holds (a fresh heartbeat
-in the repository, whichever machine the run is on) is skipped whole.
+in the repository, whichever machine the run is on) is skipped whole, and
+so is one an entry names that cannot be authenticated here (sealed and
+swept without the passphrase, or altered) while its file's mtime, the
+heartbeat, is fresh: its file name says the VM. A clone the ledger names
+whose name lacks ``CLONE_PREFIX`` is never destroyed (reconcile.py).
 Anything younger than the threshold may belong to a run in progress and is
 left alone.
 """
@@ -21,7 +25,7 @@ from ..errors import BackupError
 from ..plan import Plan
 from . import snapshots
 from .inventory import CLONE_PREFIX
-from .ledger import Ledger
+from .ledger import Ledger, safe_name
 from .reconcile import Leftover, reconcile_vm
 
 log = logging.getLogger(__name__)
@@ -40,9 +44,15 @@ def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftove
     # A run whose heartbeat is fresh is alive, on whichever machine: its VM is
     # not swept at all (not its snapshots, not its clones), however old it is.
     held = {e.vm for e in every if e.alive(now)}
+    # An entry this process cannot authenticate (sealed and no key here, or altered) whose
+    # heartbeat is fresh may be a live run's: the VMs its file name may name are left alone.
+    unread = ledger.unread_vm_names(now)
     # A dead restore's half-made VM (its entry names it): detached, destroyed (vsphere/restore.py).
     for e in every:
         if e.restore is not None and not e.alive(now) and now - e.created_unix >= older_than_seconds:
+            if safe_name(e.vm) in unread:
+                log.info("VM %s: skipped, an unreadable ledger entry with a fresh heartbeat may hold it", e.vm)
+                continue
             from .restore import reconcile_restore
 
             problems = reconcile_restore(client, plan, ledger, e)
@@ -81,6 +91,8 @@ def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftove
                 owner = _clone_owner(name, vms)
                 if owner is not None:
                     by_vm.setdefault(owner, [])
+                elif any(safe_name(name[len(CLONE_PREFIX) :]).startswith(u + "-") for u in unread):
+                    log.info("clone %s: skipped, an unreadable ledger entry with a fresh heartbeat may hold it", name)
                 else:  # its VM is gone: the clone alone
                     found += _remove_orphan_clone(client, plan, vm)
     young = {e.vm for e in every if now - e.created_unix < older_than_seconds}
@@ -88,6 +100,13 @@ def sweep(client: Any, plan: Plan, *, older_than_seconds: float) -> list[Leftove
         vm = vms.get(name)
         if name in held:
             log.info("VM %s: skipped, a run that is alive holds it", name)
+            continue
+        if safe_name(name) in unread:
+            log.info(
+                "VM %s: skipped, ledger entry %s cannot be authenticated here and its heartbeat is fresh",
+                name,
+                ledger.unread_holds(name, now),
+            )
             continue
         if name in young:  # a run may be at work on it: its leftovers wait for the next sweep
             continue
