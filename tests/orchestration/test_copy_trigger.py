@@ -1,7 +1,7 @@
 """deployments/prefect.yaml's ``copy-nightly`` starts when a run of
 ``backup_site/nightly`` ends, on a real Prefect server: its trigger, loaded
 and turned into an automation by Prefect's own deploy code (as `prefect
-deploy` does), fires on that run's Completed and Failed events, and not on
+deploy` does), fires on that run's Completed, Failed and Crashed events, and not on
 another deployment's run of the same flow."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _copy_runs(client, deployment_id: UUID, n: int, timeout: float = 90) -> list
 def test_copy_nightly_runs_when_a_nightly_run_ends(prefect_server):
     from prefect.cli.deploy._triggers import _initialize_deployment_triggers
     from prefect.client.orchestration import get_client
-    from prefect.states import Completed, Failed
+    from prefect.states import Completed, Crashed, Failed
 
     spec = {d["name"]: d for d in yaml.safe_load(SHIPPED.read_text())["deployments"]}
     copy = spec["copy-nightly"]
@@ -64,8 +64,11 @@ def test_copy_nightly_runs_when_a_nightly_run_ends(prefect_server):
             assert len(runs) == 1, "a nightly run that completed started no copy"
             _end_run(client, nightly, Failed(message="1 of 7 VM(s) failed"))
             runs = _copy_runs(client, target, 2)
-            # one copy per nightly run that ended, none for the other deployment's
             assert len(runs) == 2, [r.name for r in runs]
+            _end_run(client, nightly, Crashed(message="the control worker died"))
+            runs = _copy_runs(client, target, 3)
+            # one copy per nightly run that ended, none for the other deployment's
+            assert len(runs) == 3, [r.name for r in runs]
             assert {str(r.deployment_id) for r in runs} == {str(target)}
             # with the deployment's own parameters (the plan's path), none from the trigger
             assert all(r.parameters == {} for r in runs), [r.parameters for r in runs]

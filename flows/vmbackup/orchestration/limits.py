@@ -52,6 +52,9 @@ MIN_LEASE_SECONDS = 60.0
 FIRST_RETRY_SECONDS = 0.25
 MAX_RETRY_SECONDS = 30.0
 DEFAULT_PATIENCE_SECONDS = 600.0
+# A refused request that had waited longer than this for its slots (the
+# server answering "wait") starts a new streak of refusals, with its own patience.
+STREAK_GAP_SECONDS = MAX_RETRY_SECONDS
 # HTTP answers that say "not now" rather than "no": timeout, too early, too
 # many requests, and every 5xx (a proxy's 502/504, the server's 503).
 _TRANSIENT_STATUS = (408, 425, 429)
@@ -171,10 +174,12 @@ def hold(
     from ..errors import LimitsUnavailableError, RunInterruptedError
 
     logger = logger or log
-    give_up = time.monotonic() + (DEFAULT_PATIENCE_SECONDS if patience is None else max(0.0, patience))
+    patience = DEFAULT_PATIENCE_SECONDS if patience is None else max(0.0, patience)
+    give_up: float | None = None  # set by the first refusal of a streak
     with contextlib.ExitStack() as stack:
         attempt = 0
         while True:
+            asked = time.monotonic()
             try:
                 stack.enter_context(
                     concurrency(
@@ -194,7 +199,13 @@ def hold(
                 if e.__cause__ is None:
                     raise
                 what = f"the Prefect server did not grant the limits {', '.join(names)}"
-                left = give_up - time.monotonic()
+                now = time.monotonic()
+                # Patience counts from the first refusal of a streak: a VM that
+                # queued for its slots (the server answering "wait" for minutes)
+                # and is then refused once starts a new streak.
+                if give_up is None or now - asked > STREAK_GAP_SECONDS:
+                    give_up, attempt = now + patience, 0
+                left = give_up - now
                 if not transient(e) or left <= 0:
                     tries = f" ({attempt + 1} requests)" if attempt else ""
                     raise LimitsUnavailableError(f"{what}{tries}: {e}") from e

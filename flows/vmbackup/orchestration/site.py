@@ -68,6 +68,9 @@ VSPHERE_AGENT_DEPLOYMENT = "backup_vsphere_vms/{agent}"
 RESTORE_AGENT_DEPLOYMENT = "restore_vm/{agent}"
 DRILL_AGENT_DEPLOYMENT = "drill/{agent}"
 POLL_SECONDS = 2.0
+# An agent's run that no worker has started this long after the site's run
+# started it is cancelled (the worker is down); its VMs' rows say so.
+AGENT_START_SECONDS = 3600.0
 
 
 def _agent_rows(client: Any, run: Any, vms: dict[str, str]) -> list[dict]:
@@ -172,16 +175,7 @@ def _site(
 
     rows: list[dict] = []
     with get_client(sync_client=True) as client:
-        pending = dict(runs)
-        while pending:
-            for agent, run in list(pending.items()):
-                run = client.read_flow_run(run.id)
-                if run.state is not None and run.state.is_final():
-                    runs[agent] = run
-                    del pending[agent]
-                    log.info("%s: flow run %s ended %s", agent, run.name, run.state.name)
-            if pending:
-                time.sleep(POLL_SECONDS)
+        runs = _wait(client, runs, log)
         for agent, run in sorted(runs.items()):
             for r in _agent_rows(client, run, per_agent[agent]):
                 rows.append({**r, "agent": agent, "flow_run": str(run.id)})
@@ -292,13 +286,27 @@ def _restore_rows(client: Any, run: Any, vms: list[str], key: str = RESTORE_KEYS
     return out
 
 
-def _wait(client: Any, runs: dict[str, Any], log: Any) -> dict[str, Any]:
-    """The agents' runs, once each has ended."""
+def _wait(client: Any, runs: dict[str, Any], log: Any, start_seconds: float | None = None) -> dict[str, Any]:
+    """The agents' runs, once each has ended. A run that no worker has
+    started ``start_seconds`` (:data:`AGENT_START_SECONDS`) after this wait
+    began (its agent's worker is down: the run stays Scheduled or Late) is
+    cancelled, so the site's run ends and says which VMs were not done;
+    once started, the agent's run is bounded by its VMs' deadlines."""
+    from prefect.states import Cancelled
+
+    limit = AGENT_START_SECONDS if start_seconds is None else start_seconds
+    began = time.monotonic()
     runs = dict(runs)
     pending = dict(runs)
     while pending:
+        late = time.monotonic() - began > limit
         for agent, run in list(pending.items()):
             run = client.read_flow_run(run.id)
+            if late and run.state is not None and (run.state.is_scheduled() or run.state.is_pending()):
+                why = f"no worker of {agent} started it within {limit:g} s (is the agent's worker running?)"
+                log.error("%s: flow run %s cancelled: %s", agent, run.name, why)
+                client.set_flow_run_state(run.id, Cancelled(message=why), force=True)
+                run = client.read_flow_run(run.id)
             if run.state is not None and run.state.is_final():
                 runs[agent] = run
                 del pending[agent]
