@@ -73,6 +73,7 @@ EXPECTED = {
     "CbtMismatchError": (False, 1),
     "DrillFailedError": (False, 1),
     "TamperedRepositoryError": (False, 2),
+    "UntrustedRecord": (False, 1),
     "CopyError": (False, 1),
     "CopyUnavailableError": (True, 1),
 }

@@ -114,6 +114,12 @@ class TamperedRepositoryError(RepositoryError):
     exit_code = 2
 
 
+class UntrustedRecord(RepositoryError):
+    """A record of the repository (a ledger entry, the drills' record) that
+    cannot be authenticated or read as one: never acted upon. Its readers
+    skip it with this one line; it never ends a command."""
+
+
 class TargetError(MoverError):
     """Writing the restore target failed."""
 

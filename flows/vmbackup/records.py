@@ -34,17 +34,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import KeyRequiredError, NotFoundError, RepositoryError, TamperedRepositoryError
+from .errors import KeyRequiredError, NotFoundError, RepositoryError, TamperedRepositoryError, UntrustedRecord
 
 ENVELOPE_FORMAT = "vmbackup-sealed-record"
 ENVELOPE_VERSION = 1
 AEAD = "aes-256-gcm"
 #: The largest record read: a ledger entry or the drills' record is a few KiB.
 MAX_RECORD_BYTES = 1 << 20
-
-
-class UntrustedRecord(Exception):
-    """A record that cannot be authenticated: never acted upon. Its text says why, in one line."""
 
 
 # Each repository's record sealer (None: unencrypted), by real path, with the

@@ -98,6 +98,23 @@ def state_dir(tmp_path_factory):
     )
 
 
+@pytest.fixture(autouse=True)
+def _this_sessions_server(state_dir, monkeypatch):
+    """Each test here sees this directory's Prefect settings, whatever another
+    directory's session fixtures set in this process: `make test` runs the
+    files on two pytest-xdist workers, so a worker may run a file of
+    tests/orchestration (whose server's address, auth string and state
+    directory it sets for its session) between two files of this one."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    from vmbackup.localserver import server
+
+    monkeypatch.delenv("VMBACKUP_STATE_DIR", raising=False)
+    with temporary_settings(
+        updates={PREFECT_API_AUTH_STRING: server.ensure_auth(state_dir)}, restore_defaults={PREFECT_API_URL}
+    ):
+        yield
+
+
 def base_env(state: Path) -> dict[str, str]:
     """A user's environment for vmbackup's state directory ``state``; with
     the auth string of its server once there is one, for the Prefect

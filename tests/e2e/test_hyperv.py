@@ -139,34 +139,42 @@ def test_twenty_vms_on_two_hyperv_hosts_never_exceed_the_limits(hyperv20_lab, st
         tmp_path / "plan.yaml", repository=repo, limits=limits, selection=dict(data["selection"], vms=sorted(hv_vms))
     )
     env = dict(e2e.env(state_dir), VMBACKUP_HYPERV_SHARED_SETS=shared)
-    for hv in hosts:
-        hv.reset_counters()
-    before = {hv.host: hv.status() for hv in hosts}
-
-    t0 = time.monotonic()
-    rows = backup("--plan", str(plan), env=env)
-    elapsed = time.monotonic() - t0
-    print(f"20 Hyper-V VMs on 2 hosts in {elapsed:.1f} s: {20 * 60 / elapsed:.1f} VMs/min")
-
-    assert sorted(r["vm"] for r in rows) == sorted(hv_vms)
-    assert all(r["status"] == "ok" and r["hypervisor"] == "hyperv" for r in rows), [
-        (r["vm"], r["error"]) for r in rows if r["status"] != "ok"
-    ]
-    peaks_host, peaks_volume = {}, {}
-    for hv in hosts:
-        st = hv.status()
-        assert st["shadow_copies"] == [] and st["runs"] == [], st["shadow_copies"]
-        peaks_host[hv.host] = st["peak_shadow_copies"]
-        peaks_volume.update({f"{hv.host}:{v}": n for v, n in st["peak_shadow_copies_per_volume"].items()})
-    assert all(n <= limits["per_host"] for n in peaks_host.values()), peaks_host
-    assert all(n <= limits["per_datastore"] for n in peaks_volume.values()), peaks_volume
-    if shared == "1":  # D: and E: on each host: 2 sets per host, one quiesce per guest
+    # With a set per VM the bounds prove something only if VMs did run at
+    # once on a volume; on a loaded machine one run may happen to go one VM
+    # at a time, so it is run again (at most three times) until they did,
+    # the bounds checked on every run.
+    peaks_volume: dict[str, int] = {}
+    for _ in range(3):
         for hv in hosts:
-            st, b = hv.status(), before[hv.host]
-            assert st["counters"]["shadow_sets_created"] - b["counters"]["shadow_sets_created"] == 2
-            q0 = {v["name"]: v["quiesce_count"] for v in b["vms"]}
-            assert all(v["quiesce_count"] - q0[v["name"]] == 1 for v in st["vms"]), st["vms"]
-        return
+            hv.reset_counters()
+        before = {hv.host: hv.status() for hv in hosts}
+
+        t0 = time.monotonic()
+        rows = backup("--plan", str(plan), env=env)
+        elapsed = time.monotonic() - t0
+        print(f"20 Hyper-V VMs on 2 hosts in {elapsed:.1f} s: {20 * 60 / elapsed:.1f} VMs/min")
+
+        assert sorted(r["vm"] for r in rows) == sorted(hv_vms)
+        assert all(r["status"] == "ok" and r["hypervisor"] == "hyperv" for r in rows), [
+            (r["vm"], r["error"]) for r in rows if r["status"] != "ok"
+        ]
+        peaks_host, peaks_volume = {}, {}
+        for hv in hosts:
+            st = hv.status()
+            assert st["shadow_copies"] == [] and st["runs"] == [], st["shadow_copies"]
+            peaks_host[hv.host] = st["peak_shadow_copies"]
+            peaks_volume.update({f"{hv.host}:{v}": n for v, n in st["peak_shadow_copies_per_volume"].items()})
+        assert all(n <= limits["per_host"] for n in peaks_host.values()), peaks_host
+        assert all(n <= limits["per_datastore"] for n in peaks_volume.values()), peaks_volume
+        if shared == "1":  # D: and E: on each host: 2 sets per host, one quiesce per guest
+            for hv in hosts:
+                st, b = hv.status(), before[hv.host]
+                assert st["counters"]["shadow_sets_created"] - b["counters"]["shadow_sets_created"] == 2
+                q0 = {v["name"]: v["quiesce_count"] for v in b["vms"]}
+                assert all(v["quiesce_count"] - q0[v["name"]] == 1 for v in st["vms"]), st["vms"]
+            return
+        if max(peaks_volume.values()) == limits["per_datastore"]:
+            return
     # VMs did run at once (else the bounds above prove nothing).
     assert max(peaks_volume.values()) == limits["per_datastore"], peaks_volume
     assert min(peaks_host.values()) >= 2, peaks_host

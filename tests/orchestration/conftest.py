@@ -4,6 +4,7 @@ manages (the embedded default), in a state directory of its own."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,33 @@ def prefect_server(tmp_path_factory):
             os.environ.pop("VMBACKUP_STATE_DIR", None)
         else:
             os.environ["VMBACKUP_STATE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _this_sessions_server(request, monkeypatch):
+    """A test that uses ``prefect_server`` sees its settings and state
+    directory, whatever another directory's session fixtures set in this
+    process meanwhile (`make test` runs files on two pytest-xdist workers, so
+    a worker may run a file of tests/e2e between two files of this one)."""
+    if "prefect_server" not in request.fixturenames:
+        yield
+        return
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+        temporary_settings,
+    )
+    from vmbackup.localserver import server
+
+    info = request.getfixturevalue("prefect_server")
+    state = os.fspath(info.state_dir)
+    monkeypatch.setenv("VMBACKUP_STATE_DIR", state)
+    with temporary_settings(
+        updates={
+            PREFECT_API_URL: info.api_url,
+            PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False,
+            PREFECT_API_AUTH_STRING: server.read_auth(Path(state)),
+        }
+    ):
+        yield
