@@ -351,32 +351,9 @@ def restore_vm(
     restore cannot start (a name in use, an unknown point, host, datastore,
     path or network): nothing is made then.
     """
+    arguments = dict(locals())  # the run's parameters, as a site's run forwards them to its agents' runs
     from ..plan import load_plan
 
-    if agent_deployment and agent is None:
-        from .site import restore_over_agents
-
-        return restore_over_agents(
-            plan_path,
-            vms,
-            point=point,
-            before=before,
-            restored_as=restored_as,
-            host=host,
-            datastore=datastore,
-            path=path,
-            network_map=network_map,
-            power_on=power_on,
-            in_place=in_place,
-            folder=folder,
-            resource_pool=resource_pool,
-            repo=repo,
-            vm_deadline_seconds=vm_deadline_seconds,
-            lease_seconds=lease_seconds,
-            password_secret=password_secret,
-            hyperv_password_secret=hyperv_password_secret,
-            agent_deployment=agent_deployment,
-        )
     # The points' repository (or its offsite copy's mirror), unlocked once per
     # run when encrypted: a missing or wrong passphrase fails the run here (exit 2).
     source = restore_input.restore_source(
@@ -401,6 +378,10 @@ def restore_vm(
         resource_pool=resource_pool,
         assign=False,
     )
+    if agent_deployment and agent is None:  # the site's restore: each agent restores its VMs
+        from .site import restore_over_agents
+
+        return restore_over_agents(plan, jobs, arguments)
     restore_input.assign_agents(jobs, only_agent(plan, agent))
     source.fetch(jobs)  # from a copy: the points' chunks into its mirror
     rows = run_restores(
@@ -553,24 +534,16 @@ def drill(
     ``DrillFailedError`` (with that report) when a drill failed, after the
     report and the ``vmbackup.drill.failed`` events.
     """
+    arguments = dict(locals())  # the run's parameters, as a site's run forwards them to its agents' runs
     from ..keys import unlock_plan_repository
     from ..plan import load_plan
 
-    if agent_deployment and agent is None:
-        from .site import drill_over_agents
-
-        return drill_over_agents(
-            plan_path,
-            vms,
-            sample,
-            vm_deadline_seconds=vm_deadline_seconds,
-            lease_seconds=lease_seconds,
-            password_secret=password_secret,
-            hyperv_password_secret=hyperv_password_secret,
-            agent_deployment=agent_deployment,
-        )
     plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
     unlock_plan_repository(plan)  # once per run, as restore_vm
+    if agent_deployment and agent is None:  # the site's drill: each agent drills its VMs
+        from .site import drill_over_agents
+
+        return drill_over_agents(plan, arguments)
     return run_drill(plan, vms, sample, vm_deadline_seconds, lease_seconds, agent, record)
 
 

@@ -58,15 +58,11 @@ from .backup import (
     with_secret,
 )
 from .backup_vsphere import REPORT_KEY
-from .restore import DEFAULT_DRILL_DEADLINE as DRILL_DEADLINE
-from .restore import DEFAULT_VM_DEADLINE as RESTORE_DEADLINE
 from .restore import DRILL_KEYS
 from .restore import KEYS as RESTORE_KEYS
 
 DEFAULT_AGENT_DEPLOYMENT = "backup_vms/{agent}"
 VSPHERE_AGENT_DEPLOYMENT = "backup_vsphere_vms/{agent}"
-RESTORE_AGENT_DEPLOYMENT = "restore_vm/{agent}"
-DRILL_AGENT_DEPLOYMENT = "drill/{agent}"
 POLL_SECONDS = 2.0
 # An agent's run that no worker has started this long after the site's run
 # started it is cancelled (the worker is down); its VMs' rows say so.
@@ -336,100 +332,50 @@ def _publish(keys: Any, rows: list[dict], agents: int, *, drill: bool) -> None:
     )
 
 
-def restore_over_agents(
-    plan_path: str,
-    vms: list[str],
-    point: str | None = None,
-    before: str | None = None,
-    restored_as: str | None = None,
-    host: str | None = None,
-    datastore: str | None = None,
-    path: str | None = None,
-    network_map: dict[str, str] | None = None,
-    power_on: bool = False,
-    in_place: bool = False,
-    folder: str | None = None,
-    resource_pool: str | None = None,
-    repo: str | None = None,
-    vm_deadline_seconds: float | None = RESTORE_DEADLINE,
-    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
-    password_secret: str | None = None,
-    hyperv_password_secret: str | None = None,
-    agent_deployment: str = RESTORE_AGENT_DEPLOYMENT,
-) -> list[dict]:
-    """``restore_vm`` with an ``agent_deployment`` (the site's ``restore``
-    deployment, on the control pool): VMs restored from their backup points,
-    each on the worker of an agent that reaches its target host, each
-    agent's VMs in a flow run of ``agent_deployment`` (``{agent}`` is the
-    agent's name; a ``restore_vm`` deployment in that agent's work pool).
-
-    The request is checked here against the repository (an unknown VM or
-    point, --point or --as with several VMs, a host no agent reaches: one
-    line, nothing started); each agent's run then checks its VMs on their
-    targets before it makes anything (a name in use fails that agent's
-    run). Returns every VM's row (``results.RestoreResult`` plus ``flow_run``,
-    the agent's run), in one table and one markdown report; fails when any
-    VM failed or an agent's run did not complete."""
-    from prefect.client.orchestration import get_client
+def _start_per_agent(
+    per_agent: dict[str, list[str]], agent_deployment: str, arguments: dict, what: str, log: Any
+) -> dict[str, Any]:
+    """One flow run of ``agent_deployment`` (``{agent}``: the agent's name) per
+    agent, with the site run's own ``arguments`` for that agent's VMs; started,
+    not waited for."""
     from prefect.deployments import run_deployment
-
-    from ..plan import load_plan
-
-    log = get_run_logger()
-    source = restore_input.restore_source(
-        with_secret(load_plan(plan_path), password_secret, hyperv_password_secret), repo
-    )
-    plan = source.plan
-    jobs = restore_input.resolve(
-        plan,
-        vms,
-        point=point,
-        before=restore_input.parse_before(before),
-        restored_as=restored_as,
-        host=host,
-        datastore=datastore,
-        path=path,
-        network_map=network_map,
-        power_on=power_on,
-        in_place=in_place,
-        folder=folder,
-        resource_pool=resource_pool,
-        assign=False,
-    )
-    restore_input.assign_agents(jobs, list(plan.agents))
-    per_agent: dict[str, list[str]] = {}
-    for j in jobs:
-        per_agent.setdefault(j.agent.name, []).append(j.vm)
 
     runs = {}
     for agent, names in sorted(per_agent.items()):
         name = agent_deployment.format(agent=agent)
-        parameters = {
-            "plan_path": plan_path,
-            "vms": names,
-            "point": point,
-            "before": before,
-            "restored_as": restored_as,
-            "host": host,
-            "datastore": datastore,
-            "path": path,
-            "network_map": network_map,
-            "power_on": power_on,
-            "in_place": in_place,
-            "folder": folder,
-            "resource_pool": resource_pool,
-            "repo": repo,
-            "vm_deadline_seconds": vm_deadline_seconds,
-            "lease_seconds": lease_seconds,
-            "password_secret": password_secret,
-            "hyperv_password_secret": hyperv_password_secret,
-            "fail_on_error": True,
-            "agent": agent,
-        }
+        parameters = {**arguments, "vms": names, "agent": agent, "agent_deployment": None}
         runs[agent] = run_deployment(
-            name=name, parameters=parameters, timeout=0, flow_run_name=f"{agent}: restore {', '.join(names)}"
+            name=name, parameters=parameters, timeout=0, flow_run_name=f"{agent}: {what} {', '.join(names)}"
         )
-        log.info("%s: restoring %s in flow run %s of %s", agent, ", ".join(names), runs[agent].name, name)
+        log.info("%s: %s %s in flow run %s of %s", agent, what, ", ".join(names), runs[agent].name, name)
+    return runs
+
+
+def restore_over_agents(plan: Any, jobs: Sequence[Any], arguments: dict[str, Any]) -> list[dict]:
+    """``restore_vm`` with an ``agent_deployment`` (the site's ``restore``
+    deployment, on the control pool): ``jobs`` (resolved by ``restore_vm``
+    from its ``arguments``), each on the worker of an agent that reaches its
+    target host, each agent's VMs in a flow run of ``agent_deployment``
+    (``{agent}`` is the agent's name; a ``restore_vm`` deployment in that
+    agent's work pool) with the same arguments.
+
+    The request was checked against the repository (an unknown VM or point,
+    --point or --as with several VMs: one line, nothing started); a host no
+    agent reaches is one line here; each agent's run then checks its VMs on
+    their targets before it makes anything (a name in use fails that agent's
+    run). Returns every VM's row (``results.RestoreResult`` plus ``flow_run``,
+    the agent's run), in one table and one markdown report; fails when any
+    VM failed or an agent's run did not complete."""
+    from prefect.client.orchestration import get_client
+
+    log = get_run_logger()
+    restore_input.assign_agents(jobs, list(plan.agents))
+    per_agent: dict[str, list[str]] = {}
+    for j in jobs:
+        per_agent.setdefault(j.agent.name, []).append(j.vm)
+    runs = _start_per_agent(
+        per_agent, arguments["agent_deployment"], {**arguments, "fail_on_error": True}, "restore", log
+    )
 
     rows: list[dict] = []
     with get_client(sync_client=True) as client:
@@ -446,60 +392,32 @@ def restore_over_agents(
     return rows
 
 
-def drill_over_agents(
-    plan_path: str,
-    vms: list[str] | None = None,
-    sample: int | None = None,
-    vm_deadline_seconds: float | None = DRILL_DEADLINE,
-    lease_seconds: float = limits.DEFAULT_LEASE_SECONDS,
-    password_secret: str | None = None,
-    hyperv_password_secret: str | None = None,
-    agent_deployment: str = DRILL_AGENT_DEPLOYMENT,
-) -> dict:
+def drill_over_agents(plan: Any, arguments: dict[str, Any]) -> dict:
     """``drill`` with an ``agent_deployment`` (the site's ``drill``
-    deployment, on the control pool): a restore drill over the site, the VMs chosen here (``drill``'s
-    sample, the least recently drilled first), each given an agent that
-    reaches its drill target's host, each agent's VMs drilled in a flow run
-    of ``agent_deployment`` (a ``drill`` deployment in that agent's pool)
-    with ``record`` off; their rows collected into one report, the drill
-    record written once here. Returns ``drill``'s report; raises
-    ``DrillFailedError`` when a drill failed or an agent's run did not
-    complete."""
+    deployment, on the control pool; ``plan`` loaded and unlocked by
+    ``drill`` from its ``arguments``): a restore drill over the site, the
+    VMs chosen here (``drill``'s sample, the least recently drilled first),
+    each given an agent that reaches its drill target's host, each agent's
+    VMs drilled in a flow run of ``agent_deployment`` (a ``drill``
+    deployment in that agent's pool) with ``record`` off; their rows
+    collected into one report, the drill record written once here. Returns
+    ``drill``'s report; raises ``DrillFailedError`` when a drill failed or
+    an agent's run did not complete."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
-    from ..keys import unlock_plan_repository
-    from ..plan import load_plan
     from .restore import drill_jobs, finish_drill
 
     log = get_run_logger()
-    plan = with_secret(load_plan(plan_path), password_secret, hyperv_password_secret)
-    unlock_plan_repository(plan)
     run_id = str(flow_run.get_id() or f"local{int(time.time())}")
-    chosen, jobs, early = drill_jobs(plan, vms, sample, list(plan.agents), run_id)
+    chosen, jobs, early = drill_jobs(plan, arguments["vms"], arguments["sample"], list(plan.agents), run_id)
     per_agent: dict[str, list[str]] = {}
     for j in jobs:
         per_agent.setdefault(j.agent.name, []).append(j.vm)
     log.info("drilling %s", ", ".join(chosen))
-
-    runs = {}
-    for agent, names in sorted(per_agent.items()):
-        name = agent_deployment.format(agent=agent)
-        parameters = {
-            "plan_path": plan_path,
-            "vms": names,
-            "vm_deadline_seconds": vm_deadline_seconds,
-            "lease_seconds": lease_seconds,
-            "password_secret": password_secret,
-            "hyperv_password_secret": hyperv_password_secret,
-            "agent": agent,
-            "record": False,
-        }
-        runs[agent] = run_deployment(
-            name=name, parameters=parameters, timeout=0, flow_run_name=f"{agent}: drill {', '.join(names)}"
-        )
-        log.info("%s: drilling %s in flow run %s of %s", agent, ", ".join(names), runs[agent].name, name)
+    runs = _start_per_agent(
+        per_agent, arguments["agent_deployment"], {**arguments, "sample": None, "record": False}, "drill", log
+    )
 
     rows: list[dict] = list(early)
     with get_client(sync_client=True) as client:
